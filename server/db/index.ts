@@ -1,0 +1,81 @@
+import { mkdirSync } from 'node:fs';
+import path from 'node:path';
+import { Kysely, PostgresDialect, sql } from 'kysely';
+import pg from 'pg';
+import type { Database } from './schema.ts';
+import { PGlitePool } from './pglite-pool.ts';
+
+// Same JavaScript types on both databases: int8 (counts, bigserial ids) and numeric as numbers.
+pg.types.setTypeParser(pg.types.builtins.INT8, (v) => Number(v));
+pg.types.setTypeParser(pg.types.builtins.NUMERIC, (v) => Number(v));
+
+export type Db = Kysely<Database>;
+
+export interface DatabaseOptions {
+  /** `postgres://...` to use PostgreSQL; absent to use embedded PGlite. */
+  databaseUrl?: string;
+  /** Directory for PGlite's files (`<dataDir>/pglite`); `memory://` keeps it in memory. */
+  dataDir: string;
+  /** PostgreSQL schema to use (created when missing); tests use one per run. */
+  schema?: string;
+  /** Pool size for PostgreSQL. */
+  poolSize?: number;
+}
+
+export interface DatabaseHandle {
+  db: Db;
+  kind: 'postgres' | 'pglite';
+  /** A `pg` connection string for LISTEN/NOTIFY, when running on PostgreSQL. */
+  databaseUrl?: string;
+  schema?: string;
+  /** The PGlite instance, when embedded (it supports LISTEN/NOTIFY in-process). */
+  pglite?: PGlitePool['pglite'];
+  close(): Promise<void>;
+}
+
+/** Opens the database chosen by configuration: `pg` when a URL is given, PGlite otherwise. */
+export async function openDatabase(options: DatabaseOptions): Promise<DatabaseHandle> {
+  if (options.databaseUrl) {
+    const schema = options.schema;
+    if (schema) {
+      // Create the schema on a throwaway connection so every pooled connection can use it.
+      const client = new pg.Client({ connectionString: options.databaseUrl });
+      await client.connect();
+      try {
+        await client.query(`CREATE SCHEMA IF NOT EXISTS ${quoteIdent(schema)}`);
+      } finally {
+        await client.end();
+      }
+    }
+    const pool = new pg.Pool({
+      connectionString: options.databaseUrl,
+      max: options.poolSize ?? 10,
+      ...(schema ? { options: `-c search_path=${schema}` } : {}),
+    });
+    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+    return { db, kind: 'postgres', databaseUrl: options.databaseUrl, schema, close: () => db.destroy() };
+  }
+  const dir = options.dataDir === 'memory://' ? 'memory://' : path.join(options.dataDir, 'pglite');
+  if (dir !== 'memory://') mkdirSync(dir, { recursive: true });
+  const pool = await PGlitePool.open(dir);
+  const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+  return { db, kind: 'pglite', pglite: pool.pglite, close: () => db.destroy() };
+}
+
+/** Drops a schema created for a test run (PostgreSQL only). */
+export async function dropSchema(databaseUrl: string, schema: string): Promise<void> {
+  const client = new pg.Client({ connectionString: databaseUrl });
+  await client.connect();
+  try {
+    await client.query(`DROP SCHEMA IF EXISTS ${quoteIdent(schema)} CASCADE`);
+  } finally {
+    await client.end();
+  }
+}
+
+function quoteIdent(name: string): string {
+  if (!/^[a-z_][a-z0-9_]*$/i.test(name)) throw new Error(`invalid schema name ${JSON.stringify(name)}`);
+  return `"${name}"`;
+}
+
+export { sql };

@@ -1,0 +1,48 @@
+import { readdir } from 'node:fs/promises';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { Migrator, type Migration, type MigrationProvider, type MigrationResultSet } from 'kysely';
+import type { Db } from './index.ts';
+
+const MIGRATIONS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../migrations');
+
+/** Loads every `migrations/*.ts` file; names sort by their date-and-number prefix. */
+class DirectoryMigrationProvider implements MigrationProvider {
+  async getMigrations(): Promise<Record<string, Migration>> {
+    const files = (await readdir(MIGRATIONS_DIR)).filter((f) => /^\d.*\.ts$/.test(f) && !f.endsWith('.d.ts')).sort();
+    const migrations: Record<string, Migration> = {};
+    for (const file of files) {
+      const mod = (await import(pathToFileURL(path.join(MIGRATIONS_DIR, file)).href)) as Migration;
+      migrations[file.replace(/\.ts$/, '')] = mod;
+    }
+    return migrations;
+  }
+}
+
+export function migrator(db: Db): Migrator {
+  return new Migrator({ db, provider: new DirectoryMigrationProvider(), migrationTableName: 'fleethub_migrations', migrationLockTableName: 'fleethub_migrations_lock' });
+}
+
+function check({ error, results }: MigrationResultSet): MigrationResultSet {
+  if (error) {
+    const failed = results?.find((r) => r.status === 'Error');
+    throw new Error(`migration ${failed?.migrationName ?? '(unknown)'} failed: ${error instanceof Error ? error.message : String(error)}`, { cause: error });
+  }
+  return { error, results };
+}
+
+/** Applies every pending migration. */
+export async function migrateToLatest(db: Db): Promise<MigrationResultSet> {
+  return check(await migrator(db).migrateToLatest());
+}
+
+/** Reverts the most recent migration. */
+export async function migrateDown(db: Db): Promise<MigrationResultSet> {
+  return check(await migrator(db).migrateDown());
+}
+
+/** Lists every migration with the time it was applied, if it was. */
+export async function migrationStatus(db: Db): Promise<{ name: string; executedAt?: Date }[]> {
+  const list = await migrator(db).getMigrations();
+  return list.map((m) => ({ name: m.name, executedAt: m.executedAt }));
+}
