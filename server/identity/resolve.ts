@@ -1,0 +1,230 @@
+import { X509Certificate } from 'node:crypto';
+import type { DetailedPeerCertificate, PeerCertificate } from 'node:tls';
+import { sql } from 'kysely';
+import { audit, SYSTEM } from '../audit.ts';
+import type { Db } from '../db/index.ts';
+import type { DeviceProtocol } from '../db/schema.ts';
+import { fingerprintOfDer, parseCertificateDer } from './certificate.ts';
+import { inTransaction } from './signer-cas.ts';
+
+/** Who is on the other end of a mutual-TLS connection. */
+export interface DeviceIdentity {
+  deviceId: string;
+  orgId: string;
+  productId: string;
+  /** The device's serial (certificate CN for devices registered just in time). */
+  identifier: string;
+  certificateId: string;
+  /** SHA-256 of the presented certificate's DER, lowercase hex. */
+  fingerprint: string;
+}
+
+export type IdentityResult =
+  | { ok: true; identity: DeviceIdentity; created: boolean }
+  | { ok: false; status: 401 | 403; reason: string };
+
+export interface ResolveOptions {
+  /** Protocol recorded on devices registered just in time (default 'phoenix'). */
+  protocol?: DeviceProtocol;
+}
+
+// last_used_at is bookkeeping, not an audit trail: one write per certificate per minute is plenty.
+const LAST_USED_RESOLUTION = sql<Date>`now() - interval '1 minute'`;
+
+/**
+ * Maps a client certificate to its device. A registered certificate (by SHA-256 of its DER)
+ * maps to its device; an unknown one signed by a registered signer CA registers the device
+ * just in time in that CA's org and product (identifier = CN), once even under concurrent
+ * first connects. Revoked certificates and revoked devices answer 403, no certificate 401.
+ * The caller has already rejected certificates that failed TLS verification.
+ */
+export async function resolveDeviceIdentity(
+  db: Db,
+  peer: PeerCertificate | DetailedPeerCertificate | null | undefined,
+  opts: ResolveOptions = {},
+): Promise<IdentityResult> {
+  if (!peer || !peer.raw || peer.raw.length === 0) {
+    return { ok: false, status: 401, reason: 'no client certificate presented' };
+  }
+  const fingerprint = fingerprintOfDer(peer.raw);
+
+  const known = await findByFingerprint(db, fingerprint);
+  if (known) {
+    const refused = refusal(known);
+    if (refused) return refused;
+    await db
+      .updateTable('device_certificates')
+      .set({ last_used_at: sql<Date>`now()` })
+      .where('id', '=', known.certificate_id)
+      .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', LAST_USED_RESOLUTION)]))
+      .execute();
+    return { ok: true, identity: identityOf(known, fingerprint), created: false };
+  }
+
+  const signer = await findSignerCa(db, peer);
+  if (!signer.ok) return signer;
+  return registerJustInTime(db, peer, fingerprint, signer.ca, opts.protocol ?? 'phoenix');
+}
+
+interface KnownCertificate {
+  certificate_id: string;
+  revoked_at: Date | null;
+  device_id: string;
+  org_id: string;
+  product_id: string;
+  identifier: string;
+  approval: string;
+}
+
+async function findByFingerprint(db: Db, fingerprint: string): Promise<KnownCertificate | undefined> {
+  return db
+    .selectFrom('device_certificates')
+    .innerJoin('devices', 'devices.id', 'device_certificates.device_id')
+    .select([
+      'device_certificates.id as certificate_id',
+      'device_certificates.revoked_at',
+      'devices.id as device_id',
+      'devices.org_id',
+      'devices.product_id',
+      'devices.identifier',
+      'devices.approval',
+    ])
+    .where('device_certificates.fingerprint_sha256', '=', fingerprint)
+    .executeTakeFirst();
+}
+
+function refusal(known: KnownCertificate): IdentityResult | undefined {
+  if (known.revoked_at) return { ok: false, status: 403, reason: `certificate ${known.certificate_id} was revoked` };
+  if (known.approval === 'revoked') return { ok: false, status: 403, reason: `device ${known.device_id} is revoked` };
+  return undefined;
+}
+
+function identityOf(known: KnownCertificate, fingerprint: string): DeviceIdentity {
+  return {
+    deviceId: known.device_id,
+    orgId: known.org_id,
+    productId: known.product_id,
+    identifier: known.identifier,
+    certificateId: known.certificate_id,
+    fingerprint,
+  };
+}
+
+interface SignerCaRow {
+  id: string;
+  org_id: string;
+  product_id: string;
+}
+
+/**
+ * The nearest registered signer CA in the peer's issuer chain (as Node built it from the
+ * handshake and the trust store), after checking each link's signature up to it.
+ */
+async function findSignerCa(
+  db: Db,
+  peer: PeerCertificate | DetailedPeerCertificate,
+): Promise<{ ok: true; ca: SignerCaRow } | { ok: false; status: 403; reason: string }> {
+  const chain: X509Certificate[] = [];
+  let link: DetailedPeerCertificate | undefined = 'issuerCertificate' in peer ? peer.issuerCertificate : undefined;
+  let child: Buffer = peer.raw;
+  // Node ends the chain with a self-signed certificate whose issuerCertificate is itself.
+  while (link && link.raw && link.raw.length > 0 && !link.raw.equals(child) && chain.length < 8) {
+    chain.push(new X509Certificate(link.raw));
+    child = link.raw;
+    link = link.issuerCertificate;
+  }
+  const notRegistered = { ok: false as const, status: 403 as const, reason: 'certificate is not registered and no registered signer CA issued it' };
+  if (chain.length === 0) return notRegistered;
+
+  const fingerprints = chain.map((c) => fingerprintOfDer(c.raw));
+  const rows = await db
+    .selectFrom('signer_cas')
+    .select(['id', 'org_id', 'product_id', 'fingerprint_sha256', 'not_after'])
+    .where('fingerprint_sha256', 'in', fingerprints)
+    .execute();
+  const index = fingerprints.findIndex((f) => rows.some((r) => r.fingerprint_sha256 === f));
+  if (index < 0) return notRegistered;
+  const row = rows.find((r) => r.fingerprint_sha256 === fingerprints[index])!;
+  if (row.not_after.getTime() <= Date.now()) return { ok: false, status: 403, reason: `signer CA ${row.id} has expired` };
+
+  // Defence in depth: the TLS layer verified the chain, but this function may be called by others.
+  let subject = new X509Certificate(peer.raw);
+  for (const issuer of chain.slice(0, index + 1)) {
+    if (!subject.checkIssued(issuer) || !subject.verify(issuer.publicKey)) {
+      return { ok: false, status: 403, reason: 'certificate chain does not verify up to the registered signer CA' };
+    }
+    subject = issuer;
+  }
+  return { ok: true, ca: { id: row.id, org_id: row.org_id, product_id: row.product_id } };
+}
+
+async function registerJustInTime(
+  db: Db,
+  peer: PeerCertificate | DetailedPeerCertificate,
+  fingerprint: string,
+  ca: SignerCaRow,
+  protocol: DeviceProtocol,
+): Promise<IdentityResult> {
+  const cert = parseCertificateDer(peer.raw);
+  if (!cert.commonName) return { ok: false, status: 403, reason: 'certificate has no subject CN to use as the device serial' };
+  const identifier = cert.commonName;
+
+  return inTransaction(db, async (trx) => {
+    // ON CONFLICT: concurrent first connects of one device create it once; the loser reads it.
+    const inserted = await trx
+      .insertInto('devices')
+      .values({ org_id: ca.org_id, product_id: ca.product_id, identifier, protocol })
+      .onConflict((oc) => oc.columns(['product_id', 'identifier']).doNothing())
+      .returning(['id'])
+      .executeTakeFirst();
+    const device = await trx
+      .selectFrom('devices')
+      .select(['id', 'org_id', 'product_id', 'identifier', 'approval'])
+      .where('product_id', '=', ca.product_id)
+      .where('identifier', '=', identifier)
+      .executeTakeFirstOrThrow();
+
+    const certRow = await trx
+      .insertInto('device_certificates')
+      .values({
+        device_id: device.id,
+        fingerprint_sha256: fingerprint,
+        serial: cert.serialNumber,
+        subject: cert.subject,
+        issuer: cert.issuer,
+        not_before: cert.notBefore,
+        not_after: cert.notAfter,
+        pem: cert.pem,
+        last_used_at: new Date(),
+      })
+      .onConflict((oc) => oc.column('fingerprint_sha256').doNothing())
+      .returning(['id'])
+      .executeTakeFirst();
+
+    if (inserted) {
+      await audit(trx, SYSTEM, {
+        orgId: device.org_id,
+        action: 'device.registered',
+        resourceType: 'device',
+        resourceId: device.id,
+        details: { identifier, product_id: device.product_id, protocol, signer_ca_id: ca.id, fingerprint, via: 'signer_ca' },
+      });
+    } else if (certRow) {
+      // An existing device (created by an operator, or holding another certificate) gains this one.
+      await audit(trx, SYSTEM, {
+        orgId: device.org_id,
+        action: 'device_certificate.added',
+        resourceType: 'device',
+        resourceId: device.id,
+        details: { certificate_id: certRow.id, fingerprint, subject: cert.subject, signer_ca_id: ca.id, via: 'signer_ca' },
+      });
+    }
+
+    // A concurrent connect may have registered the certificate first: use what is stored.
+    const known = await findByFingerprint(trx, fingerprint);
+    if (!known) throw new Error(`device certificate ${fingerprint} vanished during registration`);
+    const refused = refusal(known);
+    if (refused) return refused;
+    return { ok: true as const, identity: identityOf(known, fingerprint), created: inserted !== undefined };
+  });
+}
