@@ -1,0 +1,142 @@
+import { sql } from 'kysely';
+import { audit } from '../audit.ts';
+import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
+import { inTransaction, Topics, type FleetContext } from './context.ts';
+import { deviceGroupTopics } from './devices.ts';
+import { FleetError, isUuid, validVersion } from './errors.ts';
+import { reconcileAttempts } from './reconcile.ts';
+import { deviceActor, firmwareUpdatePayload, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
+
+/** The device a connection belongs to, as its certificate says (identity/ resolves it). */
+export interface ConnectedDevice {
+  deviceId: string;
+  orgId: string;
+  productId: string;
+}
+
+export interface JoinOutcome {
+  /** Group topics the device should join. */
+  groups: string[];
+  /** Push this after the join reply: the device does not run its target. */
+  update?: FirmwareUpdatePayload;
+  firmware: { id: string; version: string };
+  /** When this connection was recorded; pass it back to `deviceDisconnected`. */
+  connectedAt: string;
+}
+
+/**
+ * A device joined with `firmwareUuid` (the firmware it runs). Records the running firmware
+ * (an unknown uuid is recorded from the join params `version/platform/architecture`, without an
+ * image), marks the device online on this node, settles in-flight updates (running the target →
+ * succeeded; back on old firmware after `finish` → rolled_back), and returns the group topics
+ * plus the update to push when the device does not run its target (its attempt becomes `sent`).
+ */
+export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, firmwareUuid: string, params: DeviceJoinParams = {}): Promise<JoinOutcome> {
+  if (!isUuid(firmwareUuid)) throw new FleetError('invalid', 'join device:<firmware uuid> with the UUID of the firmware you run', { topic_uuid: firmwareUuid });
+  const uuid = firmwareUuid.toLowerCase();
+  const connectedAt = new Date();
+  return inTransaction(ctx, async (trx, outbox) => {
+    const current = await trx.selectFrom('devices').selectAll().where('id', '=', device.deviceId).forUpdate().executeTakeFirst();
+    if (!current) throw new FleetError('not_found', 'this device is not registered', { device_id: device.deviceId });
+    if (current.approval !== 'approved') throw new FleetError('forbidden', `this device is ${current.approval}; an operator must approve it`, { approval: current.approval });
+
+    let firmware = await trx.selectFrom('firmware').select(['id', 'version', 'product_id', 'platform', 'architecture']).where('id', '=', uuid).executeTakeFirst();
+    if (firmware && firmware.product_id !== current.product_id) {
+      throw new FleetError('invalid', 'the firmware uuid in the topic belongs to another product', { firmware_uuid: uuid });
+    }
+    if (!firmware) {
+      if (!params.version || !params.platform || !params.architecture) {
+        throw new FleetError('invalid', 'unknown firmware uuid: join with params {version, platform, architecture} describing the firmware you run', { firmware_uuid: uuid });
+      }
+      const version = validVersion(params.version);
+      // A concurrent join may have recorded it; a different uuid with the same version keeps its record.
+      await trx
+        .insertInto('firmware')
+        .values({
+          id: uuid,
+          org_id: current.org_id,
+          product_id: current.product_id,
+          version,
+          platform: String(params.platform),
+          architecture: String(params.architecture),
+          metadata: JSON.stringify({ reported_by: current.id }),
+          has_blob: false,
+        })
+        .onConflict((oc) => oc.doNothing())
+        .execute();
+      firmware = { id: uuid, version, product_id: current.product_id, platform: String(params.platform), architecture: String(params.architecture) };
+    }
+
+    await trx
+      .updateTable('devices')
+      .set({
+        firmware_uuid: firmware.id,
+        firmware_version: firmware.version,
+        platform: firmware.platform ?? current.platform,
+        architecture: firmware.architecture ?? current.architecture,
+        connection_status: 'online',
+        connected_node: ctx.nodeName,
+        last_seen_at: connectedAt,
+        updated_at: connectedAt,
+      })
+      .where('id', '=', current.id)
+      .execute();
+    const known = await trx.selectFrom('firmware').select('id').where('id', '=', firmware.id).executeTakeFirst();
+    await trx
+      .insertInto('device_components')
+      .values({ device_id: current.id, component: 'firmware', version: firmware.version, firmware_id: known ? firmware.id : null })
+      .onConflict((oc) => oc.columns(['device_id', 'component']).doUpdateSet({ version: firmware.version, firmware_id: known ? firmware.id : null, updated_at: sql`now()` }))
+      .execute();
+    if (current.firmware_uuid !== firmware.id) {
+      await audit(trx, deviceActor(device), {
+        orgId: current.org_id,
+        action: 'device.firmware_changed',
+        resourceType: 'device',
+        resourceId: current.id,
+        details: { from_version: current.firmware_version, to_version: firmware.version, firmware_uuid: firmware.id },
+      });
+    }
+
+    await settleAttemptsOnJoin(trx, device, firmware.id, outbox);
+    await reconcileAttempts(trx, { ids: [current.id] });
+    // What is still open now is for the resolved target: (re)send it.
+    const pending = await trx
+      .updateTable('update_attempts')
+      .set({ state: 'sent', sent_at: connectedAt, updated_at: connectedAt })
+      .where('device_id', '=', current.id)
+      .where('component', '=', 'firmware')
+      .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])
+      .returningAll()
+      .execute();
+    let update: FirmwareUpdatePayload | undefined;
+    const attempt = pending.sort((a, b) => b.created_at.getTime() - a.created_at.getTime())[0];
+    if (attempt) {
+      const target = await trx.selectFrom('firmware').selectAll().where('id', '=', attempt.firmware_id).executeTakeFirstOrThrow();
+      update = firmwareUpdatePayload(ctx, target);
+      outbox.push(transitionEvent(attempt));
+    }
+
+    outbox.push({ topic: Topics.operator(current.org_id), event: 'device_status', payload: { device_id: current.id, status: 'online', version: firmware.version, node: ctx.nodeName } });
+    const groups = await deviceGroupTopics(trx, current.id);
+    return { groups, ...(update ? { update } : {}), firmware: { id: firmware.id, version: firmware.version }, connectedAt: connectedAt.toISOString() };
+  });
+}
+
+/**
+ * The device's connection on this node ended: mark it offline, unless a newer connection (on any
+ * node) has taken over since `connectedAt`.
+ */
+export async function deviceDisconnected(ctx: FleetContext, deviceId: string, connectedAt?: string): Promise<boolean> {
+  if (!isUuid(deviceId)) return false;
+  return inTransaction(ctx, async (trx, outbox) => {
+    let query = trx
+      .updateTable('devices')
+      .set({ connection_status: 'offline', connected_node: null, updated_at: new Date() })
+      .where('id', '=', deviceId)
+      .where('connected_node', '=', ctx.nodeName);
+    if (connectedAt) query = query.where('last_seen_at', '=', new Date(connectedAt));
+    const row = await query.returning(['id', 'org_id']).executeTakeFirst();
+    if (row) outbox.push({ topic: Topics.operator(row.org_id), event: 'device_status', payload: { device_id: row.id, status: 'offline' } });
+    return row !== undefined;
+  });
+}

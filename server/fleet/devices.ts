@@ -1,0 +1,176 @@
+import { sql } from 'kysely';
+import { audit, type Actor } from '../audit.ts';
+import type { Db } from '../db/index.ts';
+import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol } from '../db/schema.ts';
+import { groupTopic } from '../../shared/protocol.ts';
+import { inTransaction, Topics, type FleetContext } from './context.ts';
+import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound, pageBounds } from './errors.ts';
+import { getProduct } from './orgs.ts';
+
+export interface Page<T> {
+  items: T[];
+  total: number;
+}
+
+export interface CreateDeviceInput {
+  orgId: string;
+  productId: string;
+  /** Serial number: the certificate CN for Phoenix devices; unique per product. */
+  identifier: string;
+  description?: string | null;
+  tags?: string[];
+  protocol?: DeviceProtocol;
+  approval?: DeviceApproval;
+}
+
+export interface DeviceFilter {
+  orgId: string;
+  productId?: string;
+  groupId?: string;
+  /** Running firmware version (exact). */
+  version?: string;
+  status?: ConnectionStatus;
+  tag?: string;
+  /** Substring of the identifier or description (case-insensitive). */
+  q?: string;
+  limit?: number;
+  offset?: number;
+}
+
+const PROTOCOLS: readonly DeviceProtocol[] = ['phoenix', 'grisp', 'wifidogx', 'main-server', 'keyauth'];
+const APPROVALS: readonly DeviceApproval[] = ['approved', 'pending', 'revoked'];
+
+/** Pre-registers a device (its certificates are registered by identity/). */
+export async function createDevice(ctx: FleetContext, actor: Actor, input: CreateDeviceInput): Promise<Device> {
+  const identifier = validIdentifier(input.identifier);
+  const product = await getProduct(ctx, input.orgId, input.productId);
+  const tags = validTags(input.tags ?? []);
+  const description = validDescription(input.description);
+  if (input.protocol !== undefined && !PROTOCOLS.includes(input.protocol)) throw new FleetError('invalid', `protocol must be one of ${PROTOCOLS.join(', ')}`, { field: 'protocol' });
+  if (input.approval !== undefined && !APPROVALS.includes(input.approval)) throw new FleetError('invalid', `approval must be one of ${APPROVALS.join(', ')}`, { field: 'approval' });
+  try {
+    return await inTransaction(ctx, async (trx) => {
+      const device = await trx
+        .insertInto('devices')
+        .values({
+          org_id: product.org_id,
+          product_id: product.id,
+          identifier,
+          description,
+          tags: JSON.stringify(tags),
+          protocol: input.protocol,
+          approval: input.approval,
+        })
+        .returningAll()
+        .executeTakeFirstOrThrow();
+      await audit(trx, actor, { orgId: device.org_id, action: 'device.create', resourceType: 'device', resourceId: device.id, details: { identifier, product: product.name } });
+      return device;
+    });
+  } catch (err) {
+    if (isUniqueViolation(err)) throw new FleetError('conflict', `a device with identifier ${JSON.stringify(identifier)} already exists in this product`, { field: 'identifier' });
+    throw err;
+  }
+}
+
+/** Devices of an organization matching every given filter, newest first, with the total count. */
+export async function listDevices(ctx: FleetContext, filter: DeviceFilter): Promise<Page<Device>> {
+  const { limit, offset } = pageBounds(filter.limit, filter.offset);
+  if (!isUuid(filter.orgId)) return { items: [], total: 0 };
+  for (const key of ['productId', 'groupId'] as const) {
+    if (filter[key] !== undefined && !isUuid(filter[key])) return { items: [], total: 0 };
+  }
+  let query = ctx.db.selectFrom('devices').where('devices.org_id', '=', filter.orgId);
+  if (filter.productId) query = query.where('devices.product_id', '=', filter.productId);
+  if (filter.groupId) {
+    const groupId = filter.groupId;
+    query = query.where((eb) => eb.exists(eb.selectFrom('group_devices').select('group_devices.device_id').whereRef('group_devices.device_id', '=', 'devices.id').where('group_devices.group_id', '=', groupId)));
+  }
+  if (filter.version) query = query.where('devices.firmware_version', '=', filter.version);
+  if (filter.status) query = query.where('devices.connection_status', '=', filter.status);
+  if (filter.tag) query = query.where(sql<boolean>`devices.tags @> ${JSON.stringify([filter.tag])}::jsonb`);
+  if (filter.q) {
+    const pattern = `%${filter.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
+    query = query.where((eb) => eb.or([eb('devices.identifier', 'ilike', pattern), eb('devices.description', 'ilike', pattern)]));
+  }
+  const [items, count] = await Promise.all([
+    query.selectAll('devices').orderBy('devices.created_at', 'desc').orderBy('devices.id').limit(limit).offset(offset).execute(),
+    query.select((eb) => eb.fn.countAll<number>().as('n')).executeTakeFirstOrThrow(),
+  ]);
+  return { items, total: Number(count.n) };
+}
+
+/** One device of `orgId`. */
+export async function getDevice(ctx: FleetContext, orgId: string, deviceId: string): Promise<Device> {
+  const device = await findDevice(ctx.db, orgId, deviceId);
+  if (!device) throw notFound('device', deviceId);
+  return device;
+}
+
+export async function findDevice(db: Db, orgId: string, deviceId: string): Promise<Device | undefined> {
+  if (!isUuid(orgId) || !isUuid(deviceId)) return undefined;
+  return db.selectFrom('devices').selectAll().where('id', '=', deviceId).where('org_id', '=', orgId).executeTakeFirst();
+}
+
+/** Changes a device's description and/or tags. */
+export async function updateDevice(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, patch: { description?: string | null; tags?: string[] }): Promise<Device> {
+  const device = await getDevice(ctx, orgId, deviceId);
+  const set: { description?: string | null; tags?: string; updated_at: Date } = { updated_at: new Date() };
+  if (patch.description !== undefined) set.description = validDescription(patch.description);
+  if (patch.tags !== undefined) set.tags = JSON.stringify(validTags(patch.tags));
+  return inTransaction(ctx, async (trx) => {
+    const updated = await trx.updateTable('devices').set(set).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
+    await audit(trx, actor, {
+      orgId,
+      action: 'device.update',
+      resourceType: 'device',
+      resourceId: device.id,
+      details: { ...(patch.description !== undefined ? { description: set.description } : {}), ...(patch.tags !== undefined ? { tags: patch.tags } : {}) },
+    });
+    return updated;
+  });
+}
+
+/** Deletes a device with its certificates, memberships and update history; a connected device is told `deleted` (its channel stops). */
+export async function deleteDevice(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string): Promise<void> {
+  const device = await getDevice(ctx, orgId, deviceId);
+  await inTransaction(ctx, async (trx, outbox) => {
+    await trx.deleteFrom('devices').where('id', '=', device.id).execute();
+    await audit(trx, actor, { orgId, action: 'device.delete', resourceType: 'device', resourceId: device.id, details: { identifier: device.identifier } });
+    outbox.push({ topic: Topics.device(device.id), event: 'device_deleted', payload: {} });
+  });
+}
+
+/** The group topics (`group:<org>:<product>:<group>`) of a device, sorted. */
+export async function deviceGroupTopics(db: Db, deviceId: string): Promise<string[]> {
+  const rows = await db
+    .selectFrom('group_devices')
+    .innerJoin('groups', 'groups.id', 'group_devices.group_id')
+    .innerJoin('products', 'products.id', 'groups.product_id')
+    .innerJoin('orgs', 'orgs.id', 'groups.org_id')
+    .select(['orgs.name as org', 'products.name as product', 'groups.name as group'])
+    .where('group_devices.device_id', '=', deviceId)
+    .orderBy('groups.name')
+    .execute();
+  return rows.map((r) => groupTopic(r.org, r.product, r.group));
+}
+
+function validIdentifier(value: unknown): string {
+  // Identifiers come from certificate CNs and other protocols' serials: printable, bounded.
+  if (typeof value !== 'string' || value.length < 1 || value.length > 200 || /[\u0000-\u001f\u007f]/.test(value)) {
+    throw new FleetError('invalid', 'identifier must be 1-200 printable characters', { field: 'identifier' });
+  }
+  return value;
+}
+
+function validTags(tags: unknown): string[] {
+  if (!Array.isArray(tags) || tags.length > 50 || !tags.every((t) => typeof t === 'string' && NAME_PATTERN.test(t))) {
+    throw new FleetError('invalid', "tags must be a list of at most 50 names (letters, digits, '_', '.', '-')", { field: 'tags' });
+  }
+  return [...new Set(tags as string[])];
+}
+
+function validDescription(value: unknown): string | null {
+  if (value === undefined || value === null) return null;
+  if (typeof value !== 'string' || value.length > 1000) throw new FleetError('invalid', 'description must be a string of at most 1000 characters', { field: 'description' });
+  return value;
+}

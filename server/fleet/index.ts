@@ -1,0 +1,71 @@
+/**
+ * The fleet domain: orgs, products, devices, groups, firmware, targets, the update state machine
+ * and the audit log. Plain async functions over a `FleetContext`; no transport code. Every
+ * operator mutation takes an `Actor` and writes its audit record in the same transaction; events
+ * are published through `ctx.bus` after the commit.
+ *
+ * Topics published:
+ * - `device_id:<deviceId>`: `join {channel}`, `leave {channel}`, `firmware_update {...}`, `device_deleted {}`
+ * - `group:<org>:<product>:<group>`: `firmware_update {url, version, sha256, size, signature?, firmware_uuid}`, `group_deleted {}`
+ * - `operator:<orgId>`: `device_status`, `update_transition`, `target_changed`, `group_deleted`, `firmware_created`
+ * - `fleet:targets`: `target_changed {org_id, product_id, group_id?, device_id?, component, firmware_id}`
+ */
+export type { Actor } from '../audit.ts';
+export { SYSTEM } from '../audit.ts';
+export type { Device, Firmware, Group, UpdateAttempt, UpdateState, ConnectionStatus } from '../db/schema.ts';
+export { inTransaction, pubsubBus, Topics, type FleetBus, type FleetContext, type FleetEvent } from './context.ts';
+export { FleetError, NAME_PATTERN, isUuid, validName, validVersion, type FleetErrorCode } from './errors.ts';
+export { createOrg, listOrgs, getOrg, createProduct, listProducts, getProduct, updateProduct, type Org, type Product } from './orgs.ts';
+export {
+  createDevice,
+  listDevices,
+  getDevice,
+  updateDevice,
+  deleteDevice,
+  deviceGroupTopics,
+  type CreateDeviceInput,
+  type DeviceFilter,
+  type Page,
+} from './devices.ts';
+export {
+  createGroup,
+  listGroups,
+  getGroup,
+  updateGroup,
+  deleteGroup,
+  addDevicesToGroup,
+  removeDevicesFromGroup,
+  listGroupMembers,
+  isGroupMember,
+  type CreateGroupInput,
+  type GroupWithCount,
+} from './groups.ts';
+export { createFirmware, listFirmware, getFirmware, deleteFirmware, isBlobReferenced, type CreateFirmwareInput } from './firmware.ts';
+export {
+  setGroupTarget,
+  clearGroupTarget,
+  setDeviceTarget,
+  clearDeviceTarget,
+  resolveTarget,
+  listTargets,
+  type ResolvedTarget,
+  type Target,
+  type TargetChange,
+} from './targets.ts';
+export {
+  applyUpdateReport,
+  validateReport,
+  firmwareUpdatePayload,
+  sweepStaleUpdates,
+  listUpdateAttempts,
+  countUpdateStates,
+  OPEN_STATES,
+  UPDATE_STATES,
+  UPDATE_REPORT_EVENTS,
+  type AttemptFilter,
+  type DeviceRef,
+  type UpdateReportEvent,
+} from './updates.ts';
+export { deviceJoined, deviceDisconnected, type ConnectedDevice, type JoinOutcome } from './connections.ts';
+export { markNodeAlive, removeNode, reconcileOfflineDevices } from './nodes.ts';
+export { listAuditLog, type AuditFilter, type AuditRecord } from './audit-log.ts';

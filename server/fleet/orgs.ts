@@ -1,0 +1,102 @@
+import type { Selectable } from 'kysely';
+import { audit, type Actor } from '../audit.ts';
+import type { Db } from '../db/index.ts';
+import type { OrgsTable, ProductsTable } from '../db/schema.ts';
+import { inTransaction, type FleetContext } from './context.ts';
+import { FleetError, isUniqueViolation, isUuid, notFound, validName } from './errors.ts';
+
+export type Org = Selectable<OrgsTable>;
+export type Product = Selectable<ProductsTable>;
+
+/** Creates an organization; `conflict` when the name is taken. */
+export async function createOrg(ctx: FleetContext, actor: Actor, input: { name: string }): Promise<Org> {
+  const name = validName('organization', input.name);
+  try {
+    return await inTransaction(ctx, async (trx) => {
+      const org = await trx.insertInto('orgs').values({ name }).returningAll().executeTakeFirstOrThrow();
+      await audit(trx, actor, { orgId: org.id, action: 'org.create', resourceType: 'org', resourceId: org.id, details: { name } });
+      return org;
+    });
+  } catch (err) {
+    if (isUniqueViolation(err)) throw new FleetError('conflict', `organization ${JSON.stringify(name)} already exists; choose another name`, { field: 'name' });
+    throw err;
+  }
+}
+
+export async function listOrgs(ctx: FleetContext): Promise<Org[]> {
+  return ctx.db.selectFrom('orgs').selectAll().orderBy('name').execute();
+}
+
+/** An organization by id or by name. */
+export async function getOrg(ctx: FleetContext, ref: string): Promise<Org> {
+  const org = await ctx.db
+    .selectFrom('orgs')
+    .selectAll()
+    .where((eb) => (isUuid(ref) ? eb.or([eb('id', '=', ref), eb('name', '=', ref)]) : eb('name', '=', ref)))
+    .executeTakeFirst();
+  if (!org) throw notFound('organization', ref);
+  return org;
+}
+
+/** Creates a product in an organization; `requiresSignature` makes uploads without a signature fail. */
+export async function createProduct(ctx: FleetContext, actor: Actor, input: { orgId: string; name: string; requiresSignature?: boolean }): Promise<Product> {
+  const name = validName('product', input.name);
+  await getOrg(ctx, input.orgId);
+  try {
+    return await inTransaction(ctx, async (trx) => {
+      const product = await trx
+        .insertInto('products')
+        .values({ org_id: input.orgId, name, requires_signature: input.requiresSignature ?? false })
+        .returningAll()
+        .executeTakeFirstOrThrow();
+      await audit(trx, actor, {
+        orgId: input.orgId,
+        action: 'product.create',
+        resourceType: 'product',
+        resourceId: product.id,
+        details: { name, requires_signature: product.requires_signature },
+      });
+      return product;
+    });
+  } catch (err) {
+    if (isUniqueViolation(err)) throw new FleetError('conflict', `product ${JSON.stringify(name)} already exists in this organization`, { field: 'name' });
+    throw err;
+  }
+}
+
+export async function listProducts(ctx: FleetContext, orgId: string): Promise<Product[]> {
+  return ctx.db.selectFrom('products').selectAll().where('org_id', '=', orgId).orderBy('name').execute();
+}
+
+/** A product of `orgId` by id or by name. */
+export async function getProduct(ctx: FleetContext, orgId: string, ref: string): Promise<Product> {
+  const product = await productQuery(ctx.db, orgId, ref);
+  if (!product) throw notFound('product', ref);
+  return product;
+}
+
+/** Changes whether a product's firmware must be signed. */
+export async function updateProduct(ctx: FleetContext, actor: Actor, orgId: string, productId: string, patch: { requiresSignature?: boolean }): Promise<Product> {
+  const product = await getProduct(ctx, orgId, productId);
+  if (patch.requiresSignature === undefined) return product;
+  return inTransaction(ctx, async (trx) => {
+    const updated = await trx
+      .updateTable('products')
+      .set({ requires_signature: patch.requiresSignature })
+      .where('id', '=', product.id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
+    await audit(trx, actor, { orgId, action: 'product.update', resourceType: 'product', resourceId: product.id, details: { requires_signature: patch.requiresSignature } });
+    return updated;
+  });
+}
+
+function productQuery(db: Db, orgId: string, ref: string): Promise<Product | undefined> {
+  if (!isUuid(orgId)) return Promise.resolve(undefined);
+  return db
+    .selectFrom('products')
+    .selectAll()
+    .where('org_id', '=', orgId)
+    .where((eb) => (isUuid(ref) ? eb.or([eb('id', '=', ref), eb('name', '=', ref)]) : eb('name', '=', ref)))
+    .executeTakeFirst();
+}

@@ -1,0 +1,185 @@
+import type { Selectable } from 'kysely';
+import { audit, type Actor } from '../audit.ts';
+import type { Db } from '../db/index.ts';
+import type { Firmware, TargetsTable } from '../db/schema.ts';
+import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
+import { getDevice } from './devices.ts';
+import { FleetError, isUuid, notFound } from './errors.ts';
+import { getFirmware } from './firmware.ts';
+import { getGroup } from './groups.ts';
+import { countGroupMembersResolvingElsewhere, reconcileAttempts, resolveTargets, type CreatedAttempt } from './reconcile.ts';
+import { firmwareUpdatePayload } from './updates.ts';
+
+export type Target = Selectable<TargetsTable>;
+
+export interface ResolvedTarget {
+  firmware: Firmware;
+  /** `device` when a device-level target applies, else the winning group. */
+  source: { type: 'device' } | { type: 'group'; groupId: string };
+}
+
+/**
+ * The firmware a device should run for `component`.
+ * Rule: a device-level target overrides group targets; if the device's groups target different
+ * firmware, the group with the lowest `priority` wins, ties → the most recently set target.
+ * Devices not approved resolve nothing.
+ */
+export async function resolveTarget(db: Db, deviceId: string, component = 'firmware'): Promise<ResolvedTarget | undefined> {
+  if (!isUuid(deviceId)) return undefined;
+  const [row] = await resolveTargets(db, { ids: [deviceId] }, component);
+  if (!row?.target_id) return undefined;
+  const firmware = await db.selectFrom('firmware').selectAll().where('id', '=', row.target_id).executeTakeFirstOrThrow();
+  const source = row.via === 'device' ? { type: 'device' as const } : { type: 'group' as const, groupId: row.via!.slice('group:'.length) };
+  return { firmware, source };
+}
+
+export interface TargetChange {
+  target: Target;
+  /** Attempts created (sent to online devices, queued for offline ones). */
+  attempts: { sent: number; queued: number };
+  /** How online devices were told: one group broadcast, or one push per device. */
+  delivery: 'group' | 'devices' | 'none';
+}
+
+/**
+ * Sets a group's target firmware (its component comes from the firmware record). Members not
+ * running it get an attempt (open attempts for other firmware are cancelled), and online ones are
+ * told with ONE `firmware_update` on the group topic — unless some online member resolves another
+ * target (a device target or a group with lower priority), in which case each device whose
+ * target this is gets its own push instead. Setting the same target again retries failed devices.
+ */
+export async function setGroupTarget(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, firmwareId: string): Promise<TargetChange> {
+  const group = await getGroup(ctx, orgId, groupId);
+  const firmware = await getFirmware(ctx, orgId, firmwareId);
+  if (firmware.product_id !== group.product_id) throw new FleetError('invalid', 'the firmware belongs to another product than the group', { firmware_id: firmware.id, group_id: group.id });
+  if (!firmware.has_blob) throw new FleetError('invalid', `firmware ${firmware.version} has no uploaded image; upload it before targeting it`, { firmware_id: firmware.id });
+  return inTransaction(ctx, async (trx, outbox) => {
+    const target = await upsertTarget(trx, { org_id: orgId, group_id: group.id, firmware, actor });
+    await audit(trx, actor, { orgId, action: 'target.set', resourceType: 'group', resourceId: group.id, details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component } });
+    const { created } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component);
+    const toPush = created.filter((a) => a.state === 'sent');
+    let delivery: TargetChange['delivery'] = 'none';
+    if (toPush.length > 0 || (await anyOnlineMemberNotRunning(trx, group.id, firmware))) {
+      const elsewhere = await countGroupMembersResolvingElsewhere(trx, group.id, firmware.id, firmware.component);
+      if (elsewhere === 0) {
+        outbox.push({ topic: group.topic, event: 'firmware_update', payload: { ...firmwareUpdatePayload(ctx, firmware) } });
+        delivery = 'group';
+      } else {
+        await pushCreatedAttempts(ctx, trx, outbox, toPush);
+        delivery = toPush.length ? 'devices' : 'none';
+      }
+    }
+    const attempts = { sent: toPush.length, queued: created.length - toPush.length };
+    targetChanged(outbox, { org_id: orgId, product_id: group.product_id, group_id: group.id, component: firmware.component, firmware_id: firmware.id }, attempts);
+    return { target, attempts, delivery };
+  });
+}
+
+/** Removes a group's target for `component`; members re-resolve (attempts for it are cancelled). */
+export async function clearGroupTarget(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, component = 'firmware'): Promise<void> {
+  const group = await getGroup(ctx, orgId, groupId);
+  await inTransaction(ctx, async (trx, outbox) => {
+    const deleted = await trx.deleteFrom('targets').where('group_id', '=', group.id).where('component', '=', component).returning('id').executeTakeFirst();
+    if (!deleted) throw new FleetError('not_found', `group ${group.name} has no ${component} target`, { group_id: group.id, component });
+    await audit(trx, actor, { orgId, action: 'target.clear', resourceType: 'group', resourceId: group.id, details: { component } });
+    const { created } = await reconcileAttempts(trx, { groupId: group.id }, component);
+    await pushCreatedAttempts(ctx, trx, outbox, created);
+    targetChanged(outbox, { org_id: orgId, product_id: group.product_id, group_id: group.id, component, firmware_id: null }, countAttempts(created));
+  });
+}
+
+/** Sets a device-level target (overrides its groups); the device is told on its own topic. */
+export async function setDeviceTarget(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, firmwareId: string): Promise<TargetChange> {
+  const device = await getDevice(ctx, orgId, deviceId);
+  const firmware = await getFirmware(ctx, orgId, firmwareId);
+  if (firmware.product_id !== device.product_id) throw new FleetError('invalid', 'the firmware belongs to another product than the device', { firmware_id: firmware.id, device_id: device.id });
+  if (!firmware.has_blob) throw new FleetError('invalid', `firmware ${firmware.version} has no uploaded image; upload it before targeting it`, { firmware_id: firmware.id });
+  return inTransaction(ctx, async (trx, outbox) => {
+    const target = await upsertTarget(trx, { org_id: orgId, device_id: device.id, firmware, actor });
+    await audit(trx, actor, { orgId, action: 'target.set', resourceType: 'device', resourceId: device.id, details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component } });
+    const { created } = await reconcileAttempts(trx, { ids: [device.id] }, firmware.component);
+    await pushCreatedAttempts(ctx, trx, outbox, created);
+    const attempts = countAttempts(created);
+    targetChanged(outbox, { org_id: orgId, product_id: device.product_id, device_id: device.id, component: firmware.component, firmware_id: firmware.id }, attempts);
+    return { target, attempts, delivery: attempts.sent ? 'devices' : 'none' };
+  });
+}
+
+/** Removes a device-level target; the device falls back to its groups' targets. */
+export async function clearDeviceTarget(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, component = 'firmware'): Promise<void> {
+  const device = await getDevice(ctx, orgId, deviceId);
+  await inTransaction(ctx, async (trx, outbox) => {
+    const deleted = await trx.deleteFrom('targets').where('device_id', '=', device.id).where('component', '=', component).returning('id').executeTakeFirst();
+    if (!deleted) throw new FleetError('not_found', `device ${device.identifier} has no ${component} target of its own`, { device_id: device.id, component });
+    await audit(trx, actor, { orgId, action: 'target.clear', resourceType: 'device', resourceId: device.id, details: { component } });
+    const { created } = await reconcileAttempts(trx, { ids: [device.id] }, component);
+    await pushCreatedAttempts(ctx, trx, outbox, created);
+    targetChanged(outbox, { org_id: orgId, product_id: device.product_id, device_id: device.id, component, firmware_id: null }, countAttempts(created));
+  });
+}
+
+/** Targets of an organization, optionally one group's or one device's. */
+export async function listTargets(ctx: FleetContext, orgId: string, filter: { groupId?: string; deviceId?: string } = {}): Promise<Target[]> {
+  if (!isUuid(orgId) || (filter.groupId && !isUuid(filter.groupId)) || (filter.deviceId && !isUuid(filter.deviceId))) return [];
+  let query = ctx.db.selectFrom('targets').selectAll().where('org_id', '=', orgId);
+  if (filter.groupId) query = query.where('group_id', '=', filter.groupId);
+  if (filter.deviceId) query = query.where('device_id', '=', filter.deviceId);
+  return query.orderBy('set_at', 'desc').execute();
+}
+
+/** Queues `firmware_update` on the device topic of every `sent` attempt (one payload per firmware). */
+export async function pushCreatedAttempts(ctx: FleetContext, trx: Db, outbox: FleetEvent[], created: CreatedAttempt[]): Promise<void> {
+  const sent = created.filter((a) => a.state === 'sent');
+  if (sent.length === 0) return;
+  const ids = [...new Set(sent.map((a) => a.firmware_id))];
+  const firmware = await trx.selectFrom('firmware').selectAll().where('id', 'in', ids).execute();
+  const payloads = new Map(firmware.map((f) => [f.id, firmwareUpdatePayload(ctx, f)]));
+  for (const a of sent) {
+    const payload = payloads.get(a.firmware_id);
+    if (!payload) throw notFound('firmware', a.firmware_id);
+    outbox.push({ topic: Topics.device(a.device_id), event: 'firmware_update', payload: { ...payload } });
+  }
+}
+
+async function upsertTarget(trx: Db, t: { org_id: string; group_id?: string; device_id?: string; firmware: Firmware; actor: Actor }): Promise<Target> {
+  const scope = t.group_id ? ('group_id' as const) : ('device_id' as const);
+  const scopeId = (t.group_id ?? t.device_id)!;
+  const setBy = `${t.actor.type}:${t.actor.id ?? ''}`;
+  const now = new Date();
+  const existing = await trx.selectFrom('targets').select('id').where(scope, '=', scopeId).where('component', '=', t.firmware.component).forUpdate().executeTakeFirst();
+  if (existing) {
+    return trx.updateTable('targets').set({ firmware_id: t.firmware.id, set_by: setBy, set_at: now }).where('id', '=', existing.id).returningAll().executeTakeFirstOrThrow();
+  }
+  return trx
+    .insertInto('targets')
+    .values({ org_id: t.org_id, group_id: t.group_id ?? null, device_id: t.device_id ?? null, component: t.firmware.component, firmware_id: t.firmware.id, set_by: setBy, set_at: now })
+    .returningAll()
+    .executeTakeFirstOrThrow();
+}
+
+/** Online members that may still need `firmware` (e.g. an earlier `sent` they never acted on). */
+async function anyOnlineMemberNotRunning(trx: Db, groupId: string, firmware: Firmware): Promise<boolean> {
+  let query = trx
+    .selectFrom('group_devices')
+    .innerJoin('devices', 'devices.id', 'group_devices.device_id')
+    .select('devices.id')
+    .where('group_devices.group_id', '=', groupId)
+    .where('devices.connection_status', '=', 'online');
+  if (firmware.component === 'firmware') query = query.where((eb) => eb.or([eb('devices.firmware_uuid', 'is', null), eb('devices.firmware_uuid', '!=', firmware.id)]));
+  const row = await query.limit(1).executeTakeFirst();
+  return row !== undefined;
+}
+
+function countAttempts(created: CreatedAttempt[]): { sent: number; queued: number } {
+  const sent = created.filter((a) => a.state === 'sent').length;
+  return { sent, queued: created.length - sent };
+}
+
+function targetChanged(
+  outbox: FleetEvent[],
+  change: { org_id: string; product_id: string; group_id?: string; device_id?: string; component: string; firmware_id: string | null },
+  attempts: { sent: number; queued: number },
+): void {
+  outbox.push({ topic: Topics.targets, event: 'target_changed', payload: change });
+  outbox.push({ topic: Topics.operator(change.org_id), event: 'target_changed', payload: { ...change, attempts } });
+}
