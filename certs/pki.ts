@@ -173,6 +173,19 @@ export function writeDeviceCredentials(material: PkiMaterial, serial: string, ou
   return { certPath, keyPath, caPath };
 }
 
+/** A self-signed CA certificate and key unrelated to any PKI directory (tests, placeholders). */
+export function createSelfSignedCa(commonName: string, opts: { notAfter?: Date } = {}): CertifiedKey {
+  const key = generateRsaKey();
+  const cert = buildCertificate({
+    subjectCn: commonName,
+    publicKey: key.publicKey,
+    signer: { key: key.privateKey },
+    ca: { pathLen: 0 },
+    notAfter: opts.notAfter ?? new Date(Date.now() + YEAR_MS),
+  });
+  return { certPem: forge.pki.certificateToPem(cert), keyPem: forge.pki.privateKeyToPem(key.privateKey) };
+}
+
 /** SHA-256 fingerprint of a PEM certificate's DER, lowercase hex without separators. */
 export function fingerprintOfPem(pem: string): string {
   const der = forge.asn1.toDer(forge.pki.certificateToAsn1(forge.pki.certificateFromPem(pem))).getBytes();

@@ -23,12 +23,13 @@ export interface AddSignerCaInput {
   description?: string;
 }
 
-type SignerCasListener = () => void;
+type SignerCasListener = () => void | Promise<void>;
 const listeners = new Set<SignerCasListener>();
 
 /**
  * Calls `listener` after a signer CA is added or removed in this process, so TLS listeners can
- * refresh their trust store. Returns the unsubscribe function. (Other nodes learn through PubSub.)
+ * refresh their trust store; `addSignerCa`/`removeSignerCa` resolve once every listener has.
+ * Returns the unsubscribe function. (Other nodes will learn through PubSub.)
  */
 export function onSignerCasChanged(listener: SignerCasListener): () => void {
   listeners.add(listener);
@@ -36,14 +37,10 @@ export function onSignerCasChanged(listener: SignerCasListener): () => void {
 }
 
 /** Tells subscribers the set of signer CAs changed (also for callers relaying a PubSub message). */
-export function notifySignerCasChanged(): void {
-  for (const listener of listeners) {
-    try {
-      listener();
-    } catch {
-      // A failing subscriber must not break the operator's request nor the other subscribers.
-    }
-  }
+export async function notifySignerCasChanged(): Promise<void> {
+  // A failing subscriber must not fail the operator's request nor starve the other subscribers;
+  // subscribers log their own failures.
+  await Promise.allSettled([...listeners].map(async (listener) => listener()));
 }
 
 /**
@@ -97,7 +94,7 @@ export async function addSignerCa(db: Db, actor: Actor, input: AddSignerCaInput)
     });
     return inserted;
   });
-  if (!db.isTransaction) notifySignerCasChanged();
+  if (!db.isTransaction) await notifySignerCasChanged();
   return toRecord(row);
 }
 
@@ -128,7 +125,7 @@ export async function removeSignerCa(db: Db, actor: Actor, id: string, scope: { 
     });
     return deleted;
   });
-  if (!db.isTransaction) notifySignerCasChanged();
+  if (!db.isTransaction) await notifySignerCasChanged();
   return toRecord(row);
 }
 

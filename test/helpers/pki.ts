@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import forge from 'node-forge';
-import { initDevPki, issueDeviceCertificate, type CertifiedKey, type PkiMaterial } from '../../certs/pki.ts';
+import { createSelfSignedCa, initDevPki, issueDeviceCertificate, type CertifiedKey, type PkiMaterial } from '../../certs/pki.ts';
 
 export type { CertifiedKey, PkiMaterial };
 
@@ -35,24 +35,9 @@ export async function deviceCert(serial: string, opts: { notBefore?: Date; notAf
   return issueDeviceCertificate(await getTestPki(), serial, { ...opts, keyPem: testKeyPem() });
 }
 
-/** A CA unrelated to the test PKI (self-signed root usable as a signer CA). */
+/** A CA unrelated to the test PKI (self-signed, usable as a signer CA). */
 export function otherCa(name = 'unrelated test CA'): CertifiedKey {
-  const key = forge.pki.rsa.generateKeyPair({ bits: 2048 });
-  const cert = forge.pki.createCertificate();
-  cert.publicKey = key.publicKey;
-  cert.serialNumber = '0' + forge.util.bytesToHex(forge.random.getBytesSync(15));
-  cert.validity.notBefore = new Date(Date.now() - 3600_000);
-  cert.validity.notAfter = new Date(Date.now() + 365 * 24 * 3600_000);
-  const subject = [{ name: 'commonName', value: name }];
-  cert.setSubject(subject);
-  cert.setIssuer(subject);
-  cert.setExtensions([
-    { name: 'basicConstraints', cA: true, critical: true },
-    { name: 'keyUsage', keyCertSign: true, cRLSign: true, critical: true },
-    { name: 'subjectKeyIdentifier' },
-  ]);
-  cert.sign(key.privateKey, forge.md.sha256.create());
-  return { certPem: forge.pki.certificateToPem(cert), keyPem: forge.pki.privateKeyToPem(key.privateKey) };
+  return createSelfSignedCa(name);
 }
 
 /** A device certificate (CN = serial) signed by `ca` instead of the test signer CA. */
