@@ -47,8 +47,9 @@ export function toErrorResponse(err: unknown): { status: number; body: ErrorBody
     return { status: err.status, body: body(err.code, err.message, err.details) };
   }
   const e = err as Partial<FastifyError> & { name?: string; code?: string; details?: unknown };
-  // FleetError (server/fleet) is matched by name so this module does not depend on the domain.
-  if (e && e.name === 'FleetError' && typeof e.code === 'string' && e.code in FLEET_STATUS) {
+  // Domain errors (server/fleet FleetError, server/identity IdentityError) are matched by name so
+  // this module depends on neither.
+  if (e && (e.name === 'FleetError' || e.name === 'IdentityError') && typeof e.code === 'string' && e.code in FLEET_STATUS) {
     const details = isRecord(e.details) ? e.details : undefined;
     return { status: FLEET_STATUS[e.code]!, body: body(e.code, e.message ?? e.code, details) };
   }

@@ -51,22 +51,22 @@ export function dummyPasswordHash(): Promise<string> {
   return dummyHash;
 }
 
-/** A user as the API shows it (never the password hash). */
+/** A user as the API shows it (never the password hash); API bodies use snake_case like the database. */
 export interface UserSummary {
   id: string;
   email: string;
   name: string | null;
   role: Role;
-  orgId: string | null;
+  org_id: string | null;
   disabled: boolean;
-  createdAt: string;
+  created_at: string;
 }
 
 export interface NewUser {
   email: string;
   password: string;
   role: Role;
-  /** null or absent: an instance user who sees every org. */
+  /** Org id or name; null or absent: an instance user who sees every org. */
   orgId?: string | null;
   name?: string | null;
 }
@@ -82,10 +82,16 @@ export async function createUser(db: Db, input: NewUser, actor: Actor = SYSTEM):
     throw new ApiError(400, 'invalid', `the password must have at least ${MIN_PASSWORD_LENGTH} characters`);
   }
   if (!isRole(input.role)) throw new ApiError(400, 'invalid', `role must be one of ${ROLES.join(', ')}`);
-  const orgId = input.orgId ?? null;
-  if (orgId !== null) {
-    const org = await db.selectFrom('orgs').select('id').where('id', '=', orgId).executeTakeFirst();
-    if (!org) throw new ApiError(404, 'not_found', `org ${orgId} does not exist`);
+  let orgId: string | null = null;
+  if (input.orgId) {
+    const ref = input.orgId;
+    const org = await db
+      .selectFrom('orgs')
+      .select('id')
+      .where((eb) => (isUuid(ref) ? eb('id', '=', ref) : eb('name', '=', ref)))
+      .executeTakeFirst();
+    if (!org) throw new ApiError(404, 'not_found', `org ${JSON.stringify(ref)} does not exist; create it first or omit --org for an instance user`);
+    orgId = org.id;
   }
   const existing = await db.selectFrom('users').select('id').where('email', '=', email).executeTakeFirst();
   if (existing) throw new ApiError(409, 'conflict', `a user with email ${email} already exists`);
@@ -118,9 +124,9 @@ export function toUserSummary(row: UserRow): UserSummary {
     email: row.email,
     name: row.name,
     role: row.role,
-    orgId: row.org_id,
+    org_id: row.org_id,
     disabled: row.disabled_at !== null,
-    createdAt: new Date(row.created_at).toISOString(),
+    created_at: new Date(row.created_at).toISOString(),
   };
 }
 
@@ -189,14 +195,14 @@ export const API_TOKEN_PREFIX = 'fht_';
 
 export interface ApiTokenSummary {
   id: string;
-  userId: string;
+  user_id: string;
   name: string;
   role: Role;
-  orgId: string | null;
-  expiresAt: string | null;
-  lastUsedAt: string | null;
+  org_id: string | null;
+  expires_at: string | null;
+  last_used_at: string | null;
   revoked: boolean;
-  createdAt: string;
+  created_at: string;
 }
 
 export function hashApiToken(token: string): string {
@@ -248,14 +254,14 @@ interface TokenRow {
 export function toTokenSummary(row: TokenRow): ApiTokenSummary {
   return {
     id: row.id,
-    userId: row.user_id,
+    user_id: row.user_id,
     name: row.name,
     role: row.role,
-    orgId: row.org_id,
-    expiresAt: row.expires_at ? new Date(row.expires_at).toISOString() : null,
-    lastUsedAt: row.last_used_at ? new Date(row.last_used_at).toISOString() : null,
+    org_id: row.org_id,
+    expires_at: row.expires_at ? new Date(row.expires_at).toISOString() : null,
+    last_used_at: row.last_used_at ? new Date(row.last_used_at).toISOString() : null,
     revoked: row.revoked_at !== null,
-    createdAt: new Date(row.created_at).toISOString(),
+    created_at: new Date(row.created_at).toISOString(),
   };
 }
 
@@ -286,7 +292,7 @@ export async function revokeApiToken(db: Db, id: string, actor: Actor): Promise<
   if (!token) throw new ApiError(404, 'not_found', `API token ${id} does not exist`);
   await db.transaction().execute(async (trx) => {
     await trx.updateTable('api_tokens').set({ revoked_at: new Date() }).where('id', '=', id).where('revoked_at', 'is', null).execute();
-    await audit(trx, actor, { orgId: token.orgId, action: 'api_token.revoke', resourceType: 'api_token', resourceId: id, details: { name: token.name } });
+    await audit(trx, actor, { orgId: token.org_id, action: 'api_token.revoke', resourceType: 'api_token', resourceId: id, details: { name: token.name } });
   });
 }
 

@@ -1,0 +1,118 @@
+/**
+ * The operator REST API: `/api/v1/...` (JWT or API token bearer, roles, org scoping), the
+ * OpenAPI document and UI at `/api/docs`, and `/healthz`. Routes are thin: validate by schema,
+ * check the principal, call server/fleet or server/identity, answer.
+ */
+import type { FastifyInstance } from 'fastify';
+import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
+import type { PubSub } from '../channels/types.ts';
+import type { Db } from '../db/index.ts';
+import type { FleetContext } from '../fleet/index.ts';
+import type { Logger } from '../log.ts';
+import { registerAuth, type OperatorAuth } from './auth.ts';
+import { apiErrorHandler, apiNotFoundHandler } from './errors.ts';
+import { schemas } from './schemas.ts';
+import { registerSessionRoutes } from './routes/session.ts';
+import { registerOrgRoutes } from './routes/orgs.ts';
+import { registerDeviceRoutes } from './routes/devices.ts';
+import { registerGroupRoutes } from './routes/groups.ts';
+import { registerCatalogRoutes } from './routes/catalog.ts';
+
+export interface ApiDeps {
+  fleet: FleetContext;
+  db: Db;
+  log: Logger;
+  pubsub: PubSub;
+  /** HS256 key for operator JWTs. */
+  secret: string;
+  /** Called after a signer CA is added or removed so the device listener refreshes its trust. */
+  onSignerCasChanged?: () => void | Promise<void>;
+  /** The firmware blob store: deleting a firmware record removes its image when nothing else shares it. */
+  blobs?: { delete(sha256: string): Promise<boolean> };
+  /** Readiness probe for /healthz (defaults to a `SELECT 1`). */
+  healthy?: () => Promise<boolean>;
+}
+
+/** What a route module receives. */
+export interface RouteDeps extends ApiDeps {
+  auth: OperatorAuth;
+}
+
+/** A function that registers more routes inside the `/api/v1` scope (e.g. firmware upload). */
+export type ApiPlugin = (api: FastifyInstance, deps: RouteDeps) => Promise<void>;
+
+export const API_PREFIX = '/api/v1';
+
+/**
+ * Mounts the API on `app` (the root instance: the auth decoration and OpenAPI hooks must see
+ * every route). `extra` plugins run inside the `/api/v1` scope with the same error handling.
+ */
+export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: ApiPlugin[] = []): Promise<void> {
+  const auth = registerAuth(app, { db: deps.db, secret: deps.secret });
+  const routeDeps: RouteDeps = { ...deps, auth };
+
+  for (const schema of schemas) if (!app.getSchema(schema.$id)) app.addSchema(schema);
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.0.3',
+      info: {
+        title: 'fleethub operator API',
+        description:
+          'Fleet management for over-the-air updates. Authenticate with `POST /api/v1/auth/login` (JWT, 12 h) or an API token (`POST /api/v1/tokens`), then send `Authorization: Bearer <token>`. Errors are `{"error": {"code", "message", "details"}}`.',
+        version: '1.0.0',
+      },
+      components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
+      security: [{ bearer: [] }],
+    },
+    // Only the API belongs in the document (the dashboard and device endpoints share the listener).
+    transform: ({ schema, url }) => {
+      const documented = url.startsWith('/api/v1') || url === '/healthz';
+      return { schema: documented ? schema : { ...(schema ?? {}), hide: true }, url } as never;
+    },
+  });
+  await app.register(swaggerUi, { routePrefix: '/api/docs' });
+
+  app.get(
+    '/healthz',
+    {
+      schema: {
+        tags: ['health'],
+        summary: 'Liveness and database readiness',
+        security: [],
+        response: {
+          200: { type: 'object', properties: { status: { type: 'string' } } },
+          503: { type: 'object', properties: { status: { type: 'string' } } },
+        },
+      },
+    },
+    async (_request, reply) => {
+      const ok = await (deps.healthy ?? (() => pingDatabase(deps.db)))().catch(() => false);
+      return reply.status(ok ? 200 : 503).send({ status: ok ? 'ok' : 'unavailable' });
+    },
+  );
+
+  await app.register(
+    async (api) => {
+      api.setErrorHandler(apiErrorHandler);
+      api.setNotFoundHandler(apiNotFoundHandler);
+      await registerSessionRoutes(api, routeDeps);
+      await registerOrgRoutes(api, routeDeps);
+      await registerDeviceRoutes(api, routeDeps);
+      await registerGroupRoutes(api, routeDeps);
+      await registerCatalogRoutes(api, routeDeps);
+      for (const plugin of extra) await plugin(api, routeDeps);
+    },
+    { prefix: API_PREFIX },
+  );
+}
+
+async function pingDatabase(db: Db): Promise<boolean> {
+  await db.selectNoFrom((eb) => eb.lit(1).as('one')).execute();
+  return true;
+}
+
+export { requireRole, assertOrgAccess, canAccessOrg, type OperatorPrincipal } from './auth.ts';
+export { ApiError } from './errors.ts';
+export { createUser } from './operators.ts';

@@ -1,0 +1,244 @@
+/**
+ * Firmware records (list, show, delete; the upload is server/api/firmware.ts), targets for groups
+ * and devices, and live status counts (by version, connection and update state).
+ */
+import type { FastifyInstance } from 'fastify';
+import type { Firmware } from '../../db/schema.ts';
+import { listDevices, deleteFirmware, getFirmware, isBlobReferenced, listFirmware, getProduct, clearDeviceTarget, clearGroupTarget, listTargets, setDeviceTarget, setGroupTarget, countUpdateStates, type FleetContext } from '../../fleet/index.ts';
+import { requireRole } from '../auth.ts';
+import { ApiError } from '../errors.ts';
+import { isUuid } from '../operators.ts';
+import { authErrors, conflictError, emptyOk, listOf, orgParam, ref } from '../schemas.ts';
+import type { RouteDeps } from '../index.ts';
+import { resolveOrg } from './common.ts';
+import { deviceParams, resolveDevice } from './devices.ts';
+import { groupParams, resolveGroup } from './groups.ts';
+
+type OrgParams = { org: string };
+const orgParams = { type: 'object', required: ['org'], properties: orgParam } as const;
+const firmwareParams = { type: 'object', required: ['org', 'id'], properties: { ...orgParam, id: { type: 'string', format: 'uuid' } } } as const;
+
+/** `{firmware_id}` or `{version, component?}` naming the firmware to target. */
+const targetBody = {
+  type: 'object',
+  additionalProperties: false,
+  properties: {
+    firmware_id: { type: 'string', format: 'uuid' },
+    version: { type: 'string', minLength: 1, maxLength: 100, description: 'firmware version of the group\'s or device\'s product (instead of firmware_id)' },
+    component: { type: 'string', minLength: 1, maxLength: 100, default: 'firmware' },
+  },
+  oneOf: [{ required: ['firmware_id'] }, { required: ['version'] }],
+} as const;
+type TargetBody = { firmware_id?: string; version?: string; component?: string };
+
+const targetChangeSchema = {
+  type: 'object',
+  properties: {
+    target: ref('Target'),
+    attempts: { type: 'object', properties: { sent: { type: 'integer' }, queued: { type: 'integer' } } },
+    delivery: { type: 'string', enum: ['group', 'devices', 'none'] },
+  },
+} as const;
+
+/** The firmware a target body names, within a product. */
+async function resolveTargetFirmware(fleet: FleetContext, orgId: string, productId: string, body: TargetBody): Promise<Firmware> {
+  if (body.firmware_id) return getFirmware(fleet, orgId, body.firmware_id);
+  const component = body.component ?? 'firmware';
+  const found = (await listFirmware(fleet, orgId, { productId, component })).find((f) => f.version === body.version);
+  if (!found) throw new ApiError(404, 'not_found', `no ${component} version ${body.version} in this product; upload it first (fleethub firmware upload)`);
+  return found;
+}
+
+export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
+  const { fleet } = deps;
+
+  // ---- firmware records
+
+  api.get<{ Params: OrgParams; Querystring: { product?: string; component?: string } }>(
+    '/orgs/:org/firmware',
+    {
+      preHandler: requireRole('viewer'),
+      schema: {
+        tags: ['firmware'],
+        summary: 'Firmware of an organization, newest first',
+        params: orgParams,
+        querystring: { type: 'object', properties: { product: { type: 'string', description: 'product id or name' }, component: { type: 'string' } } },
+        response: { 200: listOf('Firmware'), ...authErrors },
+      },
+    },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const productId = request.query.product ? (await getProduct(fleet, org.id, request.query.product)).id : undefined;
+      return { items: await listFirmware(fleet, org.id, { productId, component: request.query.component }) };
+    },
+  );
+
+  api.get<{ Params: OrgParams & { id: string } }>(
+    '/orgs/:org/firmware/:id',
+    { preHandler: requireRole('viewer'), schema: { tags: ['firmware'], summary: 'One firmware record', params: firmwareParams, response: { 200: ref('Firmware'), ...authErrors } } },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      return getFirmware(fleet, org.id, request.params.id);
+    },
+  );
+
+  api.delete<{ Params: OrgParams & { id: string } }>(
+    '/orgs/:org/firmware/:id',
+    {
+      preHandler: requireRole('operator'),
+      schema: { tags: ['firmware'], summary: 'Delete a firmware record (409 while a group or device targets it)', params: firmwareParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } },
+    },
+    async (request, reply) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const deleted = await deleteFirmware(fleet, request.operator.actor, org.id, request.params.id);
+      if (deleted.sha256 && deleted.has_blob && deps.blobs && !(await isBlobReferenced(fleet, deleted.sha256))) {
+        await deps.blobs.delete(deleted.sha256).catch((err: unknown) => request.log.error({ err, sha256: deleted.sha256 }, 'removing an unreferenced firmware blob failed'));
+      }
+      return reply.status(204).send();
+    },
+  );
+
+  // ---- targets
+
+  api.get<{ Params: OrgParams }>(
+    '/orgs/:org/targets',
+    { preHandler: requireRole('viewer'), schema: { tags: ['targets'], summary: 'Every target of an organization', params: orgParams, response: { 200: listOf('Target'), ...authErrors } } },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      return { items: await listTargets(fleet, org.id) };
+    },
+  );
+
+  const reply200 = { 200: targetChangeSchema, ...authErrors, ...conflictError };
+
+  api.put<{ Params: OrgParams & { group: string }; Body: TargetBody }>(
+    '/orgs/:org/groups/:group/target',
+    { preHandler: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware a group should run', params: groupParams, body: targetBody, response: reply200 } },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const group = await resolveGroup(fleet, org.id, request.params.group);
+      const firmware = await resolveTargetFirmware(fleet, org.id, group.product_id, request.body);
+      return setGroupTarget(fleet, request.operator.actor, org.id, group.id, firmware.id);
+    },
+  );
+
+  api.delete<{ Params: OrgParams & { group: string }; Querystring: { component?: string } }>(
+    '/orgs/:org/groups/:group/target',
+    {
+      preHandler: requireRole('operator'),
+      schema: {
+        tags: ['targets'],
+        summary: 'Clear a group\'s target',
+        params: groupParams,
+        querystring: { type: 'object', properties: { component: { type: 'string', default: 'firmware' } } },
+        response: { 200: emptyOk, ...authErrors, ...conflictError },
+      },
+    },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const group = await resolveGroup(fleet, org.id, request.params.group);
+      await clearGroupTarget(fleet, request.operator.actor, org.id, group.id, request.query.component);
+      return { ok: true };
+    },
+  );
+
+  api.put<{ Params: OrgParams & { device: string }; Body: TargetBody }>(
+    '/orgs/:org/devices/:device/target',
+    { preHandler: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware one device should run (overrides its groups)', params: deviceParams, body: targetBody, response: reply200 } },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const device = await resolveDevice(fleet, org.id, request.params.device);
+      const firmware = await resolveTargetFirmware(fleet, org.id, device.product_id, request.body);
+      return setDeviceTarget(fleet, request.operator.actor, org.id, device.id, firmware.id);
+    },
+  );
+
+  api.delete<{ Params: OrgParams & { device: string }; Querystring: { component?: string } }>(
+    '/orgs/:org/devices/:device/target',
+    {
+      preHandler: requireRole('operator'),
+      schema: {
+        tags: ['targets'],
+        summary: 'Clear a device\'s own target (it falls back to its groups\')',
+        params: deviceParams,
+        querystring: { type: 'object', properties: { component: { type: 'string', default: 'firmware' } } },
+        response: { 200: emptyOk, ...authErrors, ...conflictError },
+      },
+    },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const device = await resolveDevice(fleet, org.id, request.params.device);
+      await clearDeviceTarget(fleet, request.operator.actor, org.id, device.id, request.query.component);
+      return { ok: true };
+    },
+  );
+
+  // ---- status
+
+  const statusSchema = {
+    type: 'object',
+    properties: {
+      devices: { type: 'integer' },
+      online: { type: 'integer' },
+      offline: { type: 'integer' },
+      versions: { type: 'object', additionalProperties: { type: 'integer' }, description: 'devices per running version ("unknown" when none reported)' },
+      updates: { type: 'object', additionalProperties: { type: 'integer' }, description: 'update attempts per state' },
+      target: { anyOf: [ref('Target'), { type: 'null' }] },
+    },
+  } as const;
+
+  api.get<{ Params: OrgParams; Querystring: { group?: string } }>(
+    '/orgs/:org/status',
+    {
+      preHandler: requireRole('viewer'),
+      schema: {
+        tags: ['status'],
+        summary: 'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
+        params: orgParams,
+        querystring: { type: 'object', properties: { group: { type: 'string', description: 'group id or name' } } },
+        response: { 200: statusSchema, ...authErrors, ...conflictError },
+      },
+    },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const group = request.query.group ? await resolveGroup(fleet, org.id, request.query.group) : undefined;
+      return fleetStatus(fleet, org.id, group?.id);
+    },
+  );
+
+  api.get<{ Params: OrgParams & { group: string } }>(
+    '/orgs/:org/groups/:group/status',
+    {
+      preHandler: requireRole('viewer'),
+      schema: { tags: ['status'], summary: 'Counts by running version and update state for a group, with its target', params: groupParams, response: { 200: statusSchema, ...authErrors, ...conflictError } },
+    },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const group = await resolveGroup(fleet, org.id, request.params.group);
+      return fleetStatus(fleet, org.id, group.id);
+    },
+  );
+}
+
+/**
+ * Counts for a status view. Devices are paged through the domain's list (1000 at a time) so the
+ * API writes no fleet SQL; fine for the fleets this serves, a domain aggregate would be faster.
+ */
+async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string) {
+  const versions: Record<string, number> = {};
+  let online = 0;
+  let total = 0;
+  for (let offset = 0; ; offset += 1000) {
+    const page = await listDevices(fleet, { orgId, groupId, limit: 1000, offset });
+    total = page.total;
+    for (const d of page.items) {
+      const v = d.firmware_version ?? 'unknown';
+      versions[v] = (versions[v] ?? 0) + 1;
+      if (d.connection_status === 'online') online++;
+    }
+    if (page.items.length < 1000) break;
+  }
+  const updates = await countUpdateStates(fleet, { orgId, groupId });
+  const target = groupId && isUuid(groupId) ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === 'firmware') ?? null) : null;
+  return { devices: total, online, offline: total - online, versions, updates, target };
+}

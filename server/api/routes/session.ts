@@ -1,0 +1,248 @@
+/** Login, the caller's identity, users (admin) and API tokens. */
+import type { FastifyInstance } from 'fastify';
+import type { Role } from '../../db/schema.ts';
+import { assertOrgAccess, orgFilter, requireRole, type OperatorPrincipal } from '../auth.ts';
+import { ApiError } from '../errors.ts';
+import {
+  createApiToken,
+  createUser,
+  deleteUser,
+  dummyPasswordHash,
+  findApiTokenById,
+  findUserByEmail,
+  findUserById,
+  listApiTokens,
+  listUsers,
+  revokeApiToken,
+  roleRank,
+  toUserSummary,
+  updateUser,
+  verifyPassword,
+} from '../operators.ts';
+import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../schemas.ts';
+import type { RouteDeps } from '../index.ts';
+
+const principalSchema = {
+  type: 'object',
+  properties: {
+    user: ref('User'),
+    role: roleSchema,
+    org_id: { type: ['string', 'null'] },
+    token_id: { type: ['string', 'null'] },
+  },
+} as const;
+
+export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
+  const { db, auth } = deps;
+
+  api.post<{ Body: { email: string; password: string } }>(
+    '/auth/login',
+    {
+      schema: {
+        tags: ['auth'],
+        summary: 'Exchange email and password for a JWT (12 h)',
+        security: [],
+        body: {
+          type: 'object',
+          required: ['email', 'password'],
+          additionalProperties: false,
+          properties: { email: { type: 'string', minLength: 3, maxLength: 320 }, password: { type: 'string', minLength: 1, maxLength: 1024 } },
+        },
+        response: {
+          200: { type: 'object', required: ['token', 'expires_at'], properties: { token: { type: 'string' }, expires_at: { type: 'string', format: 'date-time' }, user: ref('User') } },
+          400: ref('ApiErrorBody'),
+          401: ref('ApiErrorBody'),
+        },
+      },
+    },
+    async (request) => {
+      const user = await findUserByEmail(db, request.body.email);
+      // Hash even for unknown emails so response time does not reveal which emails exist.
+      const ok = await verifyPassword(request.body.password, user?.password_hash ?? (await dummyPasswordHash()));
+      if (!user || !ok || user.disabled_at !== null) {
+        request.log.info({ email: request.body.email }, 'login refused');
+        throw new ApiError(401, 'unauthorized', 'wrong email or password (or the account is disabled)');
+      }
+      const { token, expiresAt } = await auth.issueJwt(user.id);
+      return { token, expires_at: expiresAt.toISOString(), user: toUserSummary(user) };
+    },
+  );
+
+  api.get(
+    '/auth/me',
+    { preHandler: requireRole('viewer'), schema: { tags: ['auth'], summary: 'Who the bearer token stands for', response: { 200: principalSchema, ...authErrors } } },
+    async (request) => {
+      const p = request.operator;
+      const user = await findUserById(db, p.userId);
+      if (!user) throw new ApiError(401, 'unauthorized', 'the user of this token no longer exists');
+      return { user: toUserSummary(user), role: p.role, org_id: p.orgId, token_id: p.tokenId ?? null };
+    },
+  );
+
+  // ---- users (admin)
+
+  api.get<{ Querystring: { org?: string } }>(
+    '/users',
+    {
+      preHandler: requireRole('admin'),
+      schema: { tags: ['users'], summary: 'List users (org admins see their org)', querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } }, response: { 200: listOf('User'), ...authErrors } },
+    },
+    async (request) => {
+      const org = orgFilter(request.operator, request.query.org);
+      return { items: await listUsers(db, org ?? null) };
+    },
+  );
+
+  api.post<{ Body: { email: string; password: string; role: Role; org_id?: string | null; name?: string | null } }>(
+    '/users',
+    {
+      preHandler: requireRole('admin'),
+      schema: {
+        tags: ['users'],
+        summary: 'Create a user',
+        body: {
+          type: 'object',
+          required: ['email', 'password', 'role'],
+          additionalProperties: false,
+          properties: {
+            email: { type: 'string', minLength: 3, maxLength: 320 },
+            password: { type: 'string', minLength: 8, maxLength: 1024 },
+            role: roleSchema,
+            org_id: { type: ['string', 'null'], description: 'org id or name; null for an instance user (instance admins only)' },
+            name: { type: ['string', 'null'], maxLength: 200 },
+          },
+        },
+        response: { 201: ref('User'), ...authErrors, ...conflictError },
+      },
+    },
+    async (request, reply) => {
+      const p = request.operator;
+      const body = request.body;
+      // Org admins create users in their own org only; instance users need an instance admin.
+      const orgId = p.orgId ?? body.org_id ?? null;
+      if (p.orgId !== null && body.org_id != null && body.org_id !== p.orgId) throw new ApiError(404, 'not_found', `org ${body.org_id} not found`);
+      const user = await createUser(db, { email: body.email, password: body.password, role: body.role, orgId, name: body.name ?? null }, p.actor);
+      return reply.status(201).send(user);
+    },
+  );
+
+  const userIdParams = { type: 'object', required: ['id'], properties: { id: { type: 'string', format: 'uuid' } } } as const;
+
+  api.patch<{ Params: { id: string }; Body: { name?: string | null; role?: Role; password?: string; disabled?: boolean } }>(
+    '/users/:id',
+    {
+      preHandler: requireRole('admin'),
+      schema: {
+        tags: ['users'],
+        summary: 'Change a user\'s name, role, password or disabled flag',
+        params: userIdParams,
+        body: {
+          type: 'object',
+          additionalProperties: false,
+          minProperties: 1,
+          properties: { name: { type: ['string', 'null'], maxLength: 200 }, role: roleSchema, password: { type: 'string', minLength: 8, maxLength: 1024 }, disabled: { type: 'boolean' } },
+        },
+        response: { 200: ref('User'), ...authErrors },
+      },
+    },
+    async (request) => {
+      await userInScope(request.operator, request.params.id);
+      return updateUser(db, request.params.id, request.body, request.operator.actor);
+    },
+  );
+
+  api.delete<{ Params: { id: string } }>(
+    '/users/:id',
+    { preHandler: requireRole('admin'), schema: { tags: ['users'], summary: 'Delete a user and their API tokens', params: userIdParams, response: { 204: { type: 'null' }, ...authErrors } } },
+    async (request, reply) => {
+      await userInScope(request.operator, request.params.id);
+      if (request.params.id === request.operator.userId) throw new ApiError(409, 'conflict', 'you cannot delete yourself; ask another admin');
+      await deleteUser(db, request.params.id, request.operator.actor);
+      return reply.status(204).send();
+    },
+  );
+
+  async function userInScope(p: OperatorPrincipal, id: string): Promise<void> {
+    const user = await findUserById(db, id);
+    // Org admins may not touch instance users nor other orgs' users: those look absent.
+    if (!user || (p.orgId !== null && user.org_id !== p.orgId)) throw new ApiError(404, 'not_found', `user ${id} not found`);
+  }
+
+  // ---- API tokens
+
+  api.get<{ Querystring: { all?: boolean } }>(
+    '/tokens',
+    {
+      preHandler: requireRole('viewer'),
+      schema: {
+        tags: ['tokens'],
+        summary: 'List your API tokens (admins: `all=true` lists every token in their scope)',
+        querystring: { type: 'object', properties: { all: { type: 'boolean', default: false } } },
+        response: { 200: listOf('ApiToken'), ...authErrors },
+      },
+    },
+    async (request) => {
+      const p = request.operator;
+      if (request.query.all) {
+        if (roleRank(p.role) < roleRank('admin')) throw new ApiError(403, 'forbidden', 'listing every token needs the admin role');
+        return { items: await listApiTokens(db, { userId: null, orgId: p.orgId }) };
+      }
+      return { items: await listApiTokens(db, { userId: p.userId, orgId: null }) };
+    },
+  );
+
+  api.post<{ Body: { name: string; role?: Role; org_id?: string | null; expires_in_days?: number } }>(
+    '/tokens',
+    {
+      preHandler: requireRole('viewer'),
+      schema: {
+        tags: ['tokens'],
+        summary: 'Create an API token; the token is shown only in this response',
+        body: {
+          type: 'object',
+          required: ['name'],
+          additionalProperties: false,
+          properties: {
+            name: { type: 'string', minLength: 1, maxLength: 100 },
+            role: { ...roleSchema, description: 'defaults to your role; cannot exceed it' },
+            org_id: { type: ['string', 'null'], format: 'uuid', description: 'instance users may scope the token to one org' },
+            expires_in_days: { type: 'integer', minimum: 1, maximum: 3650 },
+          },
+        },
+        response: {
+          201: { type: 'object', required: ['token', 'api_token'], properties: { token: { type: 'string' }, api_token: ref('ApiToken') } },
+          ...authErrors,
+        },
+      },
+    },
+    async (request, reply) => {
+      const p = request.operator;
+      const role = request.body.role ?? p.role;
+      if (roleRank(role) > roleRank(p.role)) throw new ApiError(403, 'forbidden', `a token cannot have more rights than you: you are ${p.role}`);
+      let orgId = p.orgId;
+      if (request.body.org_id) {
+        assertOrgAccess(p, request.body.org_id, 'org');
+        orgId = request.body.org_id;
+        const org = await db.selectFrom('orgs').select('id').where('id', '=', orgId).executeTakeFirst();
+        if (!org) throw new ApiError(404, 'not_found', `org ${orgId} not found`);
+      }
+      const expiresAt = request.body.expires_in_days ? new Date(Date.now() + request.body.expires_in_days * 86_400_000) : null;
+      const { token, record } = await createApiToken(db, { userId: p.userId, name: request.body.name, role, orgId, expiresAt }, p.actor);
+      return reply.status(201).send({ token, api_token: record });
+    },
+  );
+
+  api.delete<{ Params: { id: string } }>(
+    '/tokens/:id',
+    { preHandler: requireRole('viewer'), schema: { tags: ['tokens'], summary: 'Revoke an API token (yours, or any in scope for admins)', params: userIdParams, response: { 200: emptyOk, ...authErrors } } },
+    async (request) => {
+      const p = request.operator;
+      const token = await findApiTokenById(db, request.params.id);
+      const mine = token?.user_id === p.userId;
+      const asAdmin = token && roleRank(p.role) >= roleRank('admin') && (p.orgId === null || token.org_id === p.orgId);
+      if (!token || !(mine || asAdmin)) throw new ApiError(404, 'not_found', `API token ${request.params.id} not found`);
+      await revokeApiToken(db, token.id, p.actor);
+      return { ok: true };
+    },
+  );
+}

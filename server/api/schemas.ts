@@ -1,0 +1,189 @@
+/**
+ * JSON schemas shared by the API routes: they validate requests and make up the OpenAPI
+ * document at /api/docs. Response bodies use the database's snake_case names.
+ * Entity schemas allow additional properties so a new column does not break serialisation.
+ */
+import { errorSchema } from './errors.ts';
+
+const uuid = { type: 'string', format: 'uuid' } as const;
+const nullableString = { type: ['string', 'null'] } as const;
+const dateTime = { type: 'string', format: 'date-time' } as const;
+const nullableDateTime = { type: ['string', 'null'], format: 'date-time' } as const;
+export const roleSchema = { type: 'string', enum: ['viewer', 'operator', 'admin'] } as const;
+
+function entity(id: string, properties: Record<string, unknown>, required: string[] = ['id']) {
+  return { $id: id, type: 'object', required, additionalProperties: true, properties } as const;
+}
+
+export const schemas = [
+  errorSchema,
+  entity('User', {
+    id: uuid,
+    email: { type: 'string' },
+    name: nullableString,
+    role: roleSchema,
+    org_id: { type: ['string', 'null'] },
+    disabled: { type: 'boolean' },
+    created_at: dateTime,
+  }),
+  entity('ApiToken', {
+    id: uuid,
+    user_id: uuid,
+    name: { type: 'string' },
+    role: roleSchema,
+    org_id: { type: ['string', 'null'] },
+    expires_at: nullableDateTime,
+    last_used_at: nullableDateTime,
+    revoked: { type: 'boolean' },
+    created_at: dateTime,
+  }),
+  entity('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
+  entity('Product', { id: uuid, org_id: uuid, name: { type: 'string' }, requires_signature: { type: 'boolean' }, created_at: dateTime }),
+  entity('Device', {
+    id: uuid,
+    org_id: uuid,
+    product_id: uuid,
+    identifier: { type: 'string' },
+    protocol: { type: 'string' },
+    approval: { type: 'string' },
+    description: nullableString,
+    tags: { type: 'array', items: { type: 'string' } },
+    firmware_uuid: nullableString,
+    firmware_version: nullableString,
+    platform: nullableString,
+    architecture: nullableString,
+    connection_status: { type: 'string', enum: ['online', 'offline'] },
+    connected_node: nullableString,
+    last_seen_at: nullableDateTime,
+    created_at: dateTime,
+    updated_at: dateTime,
+  }),
+  entity('DeviceCertificate', {
+    id: uuid,
+    device_id: uuid,
+    fingerprint: { type: 'string' },
+    serial: { type: 'string' },
+    subject: { type: 'string' },
+    issuer: { type: 'string' },
+    not_before: dateTime,
+    not_after: dateTime,
+    pem: nullableString,
+    revoked_at: nullableDateTime,
+    last_used_at: nullableDateTime,
+    created_at: dateTime,
+  }),
+  entity('SignerCa', {
+    id: uuid,
+    org_id: uuid,
+    product_id: uuid,
+    fingerprint: { type: 'string' },
+    subject: { type: 'string' },
+    pem: { type: 'string' },
+    not_after: dateTime,
+    description: nullableString,
+    created_at: dateTime,
+  }),
+  entity('Group', {
+    id: uuid,
+    org_id: uuid,
+    product_id: uuid,
+    name: { type: 'string' },
+    description: nullableString,
+    priority: { type: 'integer' },
+    created_at: dateTime,
+  }),
+  entity('Firmware', {
+    id: uuid,
+    org_id: uuid,
+    product_id: uuid,
+    component: { type: 'string' },
+    version: { type: 'string' },
+    platform: nullableString,
+    architecture: nullableString,
+    format: { type: 'string' },
+    sha256: nullableString,
+    size: { type: ['integer', 'null'] },
+    signature: nullableString,
+    metadata: { type: 'object', additionalProperties: true },
+    has_blob: { type: 'boolean' },
+    uploaded_at: dateTime,
+  }),
+  entity('Target', {
+    id: uuid,
+    org_id: uuid,
+    group_id: { type: ['string', 'null'] },
+    device_id: { type: ['string', 'null'] },
+    component: { type: 'string' },
+    firmware_id: uuid,
+    set_by: nullableString,
+    set_at: dateTime,
+  }),
+  entity('UpdateAttempt', {
+    id: uuid,
+    org_id: uuid,
+    device_id: uuid,
+    firmware_id: uuid,
+    component: { type: 'string' },
+    from_version: nullableString,
+    to_version: { type: 'string' },
+    state: { type: 'string' },
+    percent: { type: ['integer', 'null'] },
+    bytes: { type: ['integer', 'null'] },
+    total: { type: ['integer', 'null'] },
+    errors: { type: 'array', items: { type: 'string' } },
+    via: nullableString,
+    created_at: dateTime,
+    updated_at: dateTime,
+  }),
+  entity(
+    'AuditEntry',
+    {
+      id: { type: 'integer' },
+      at: dateTime,
+      org_id: { type: ['string', 'null'] },
+      actor_type: { type: 'string' },
+      actor_id: nullableString,
+      action: { type: 'string' },
+      resource_type: nullableString,
+      resource_id: nullableString,
+      details: { type: 'object', additionalProperties: true },
+    },
+    ['id', 'action'],
+  ),
+];
+
+/** `{ $ref: 'Name#' }` for a shared schema. */
+export function ref(name: string) {
+  return { $ref: `${name}#` } as const;
+}
+
+/** `{ items: [Name], total }`: one page of a list. */
+export function pageOf(name: string) {
+  return {
+    type: 'object',
+    required: ['items', 'total'],
+    properties: { items: { type: 'array', items: ref(name) }, total: { type: 'integer' } },
+  } as const;
+}
+
+export function listOf(name: string) {
+  return { type: 'object', required: ['items'], properties: { items: { type: 'array', items: ref(name) } } } as const;
+}
+
+const errorRef = ref('ApiErrorBody');
+
+/** Error responses every authenticated route can answer. */
+export const authErrors = { 400: errorRef, 401: errorRef, 403: errorRef, 404: errorRef } as const;
+export const conflictError = { 409: errorRef } as const;
+
+export const paginationQuery = {
+  limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100 },
+  offset: { type: 'integer', minimum: 0, default: 0 },
+} as const;
+
+/** The `:org` path parameter: an org id or name. */
+export const orgParam = { org: { type: 'string', minLength: 1, description: 'organization id or name' } } as const;
+
+export const idParam = (name: string, description: string) => ({ [name]: { type: 'string', minLength: 1, description } }) as const;
+
+export const emptyOk = { type: 'object', properties: { ok: { type: 'boolean' } } } as const;
