@@ -1,0 +1,142 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { createWriteStream } from 'node:fs';
+import { mkdir, open, rename, rm, stat, unlink } from 'node:fs/promises';
+import path from 'node:path';
+import type { Readable } from 'node:stream';
+import { pipeline } from 'node:stream/promises';
+
+/** What the store knows of one blob. */
+export interface BlobInfo {
+  sha256: string;
+  size: number;
+}
+
+/** An inclusive byte range, as HTTP `Range: bytes=start-end` means it. */
+export interface ByteRange {
+  start: number;
+  end: number;
+}
+
+export interface PutOptions {
+  /** Refuse (BLOB_TOO_LARGE) once more than this many bytes arrived. */
+  maxBytes?: number;
+}
+
+/**
+ * Content-addressed firmware storage. Blobs are named by their SHA-256, computed while the
+ * bytes stream in; nothing holds a whole image in memory. An object store can implement this.
+ */
+export interface BlobStore {
+  /** Streams `source` into the store and returns its digest and size; identical bytes share one blob. */
+  put(source: Readable | AsyncIterable<Uint8Array>, options?: PutOptions): Promise<BlobInfo>;
+  /** A readable stream of the blob (or of `range` of it); BLOB_NOT_FOUND when absent. */
+  open(sha256: string, range?: ByteRange): Promise<Readable>;
+  stat(sha256: string): Promise<BlobInfo | null>;
+  /** Removes the blob; false when it was not there. */
+  delete(sha256: string): Promise<boolean>;
+}
+
+export class BlobStoreError extends Error {
+  constructor(
+    readonly code: 'BLOB_NOT_FOUND' | 'BLOB_TOO_LARGE' | 'BLOB_BAD_DIGEST',
+    message: string,
+  ) {
+    super(message);
+    this.name = 'BlobStoreError';
+  }
+}
+
+const SHA256_HEX = /^[0-9a-f]{64}$/;
+
+/** Blobs as files `<dir>/<aa>/<sha256>`, written to `<dir>/tmp/` first and renamed into place atomically. */
+export class LocalBlobStore implements BlobStore {
+  readonly #dir: string;
+
+  constructor(dir: string) {
+    this.#dir = path.resolve(dir);
+  }
+
+  get dir(): string {
+    return this.#dir;
+  }
+
+  /** Where the blob lives on disk (tests tamper with it; nothing else should need it). */
+  pathOf(sha256: string): string {
+    assertDigest(sha256);
+    return path.join(this.#dir, sha256.slice(0, 2), sha256);
+  }
+
+  async put(source: Readable | AsyncIterable<Uint8Array>, options: PutOptions = {}): Promise<BlobInfo> {
+    const tmpDir = path.join(this.#dir, 'tmp');
+    await mkdir(tmpDir, { recursive: true });
+    const tmp = path.join(tmpDir, `${Date.now()}-${randomBytes(8).toString('hex')}.part`);
+    const hash = createHash('sha256');
+    let size = 0;
+    const maxBytes = options.maxBytes ?? Number.POSITIVE_INFINITY;
+    try {
+      await pipeline(
+        source,
+        async function* digest(chunks: AsyncIterable<Uint8Array>) {
+          for await (const chunk of chunks) {
+            size += chunk.byteLength;
+            if (size > maxBytes) throw new BlobStoreError('BLOB_TOO_LARGE', `the image is larger than the ${maxBytes}-byte limit`);
+            hash.update(chunk);
+            yield chunk;
+          }
+        },
+        createWriteStream(tmp, { flags: 'wx' }),
+      );
+      // Durable before it becomes visible under its name.
+      const handle = await open(tmp, 'r');
+      try {
+        await handle.sync();
+      } finally {
+        await handle.close();
+      }
+      const sha256 = hash.digest('hex');
+      const final = this.pathOf(sha256);
+      await mkdir(path.dirname(final), { recursive: true });
+      // Same name means same bytes: replacing an existing blob is harmless and atomic.
+      await rename(tmp, final);
+      return { sha256, size };
+    } catch (err) {
+      await rm(tmp, { force: true });
+      throw err;
+    }
+  }
+
+  async open(sha256: string, range?: ByteRange): Promise<Readable> {
+    const file = this.pathOf(sha256);
+    const handle = await open(file, 'r').catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') throw new BlobStoreError('BLOB_NOT_FOUND', `firmware blob ${sha256} is not in the store; upload the image again`);
+      throw err;
+    });
+    // Opened before the stream exists so a missing file fails here, not mid-response.
+    return handle.createReadStream({ start: range?.start, end: range?.end, highWaterMark: 256 * 1024, autoClose: true });
+  }
+
+  async stat(sha256: string): Promise<BlobInfo | null> {
+    try {
+      const s = await stat(this.pathOf(sha256));
+      return { sha256, size: s.size };
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+      throw err;
+    }
+  }
+
+  async delete(sha256: string): Promise<boolean> {
+    try {
+      await unlink(this.pathOf(sha256));
+      return true;
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw err;
+    }
+  }
+}
+
+function assertDigest(sha256: string): void {
+  // The digest becomes a path: anything but 64 hex digits could escape the directory.
+  if (!SHA256_HEX.test(sha256)) throw new BlobStoreError('BLOB_BAD_DIGEST', `${JSON.stringify(sha256)} is not a lowercase hex SHA-256 digest`);
+}
