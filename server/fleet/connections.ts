@@ -102,7 +102,7 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
     // What is still open now is for the resolved target: (re)send it.
     const pending = await trx
       .updateTable('update_attempts')
-      .set({ state: 'sent', sent_at: connectedAt, updated_at: connectedAt })
+      .set({ state: 'sent', sent_at: connectedAt, updated_at: connectedAt, from_version: firmware.version })
       .where('device_id', '=', current.id)
       .where('component', '=', 'firmware')
       .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])

@@ -103,7 +103,7 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
       AND NOT EXISTS (
         SELECT 1 FROM update_attempts x
         WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
-          AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.created_at >= r.target_set_at)))
+          AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at)))
     RETURNING id, device_id, firmware_id, state`.execute(trx);
   return { created, cancelled: Number(cancelled.numAffectedRows ?? 0) };
 }

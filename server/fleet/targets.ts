@@ -1,4 +1,4 @@
-import type { Selectable } from 'kysely';
+import { sql, type Selectable } from 'kysely';
 import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Firmware, TargetsTable } from '../db/schema.ts';
@@ -145,7 +145,7 @@ async function upsertTarget(trx: Db, t: { org_id: string; group_id?: string; dev
   const scope = t.group_id ? ('group_id' as const) : ('device_id' as const);
   const scopeId = (t.group_id ?? t.device_id)!;
   const setBy = `${t.actor.type}:${t.actor.id ?? ''}`;
-  const now = new Date();
+  const now = sql<Date>`now()`;
   const existing = await trx.selectFrom('targets').select('id').where(scope, '=', scopeId).where('component', '=', t.firmware.component).forUpdate().executeTakeFirst();
   if (existing) {
     return trx.updateTable('targets').set({ firmware_id: t.firmware.id, set_by: setBy, set_at: now }).where('id', '=', existing.id).returningAll().executeTakeFirstOrThrow();

@@ -124,7 +124,8 @@ export async function applyUpdateReport(ctx: FleetContext, device: DeviceRef, ev
     if (!transition.from.includes(attempt.state)) {
       throw new FleetError('conflict', `${event} is not allowed while the update is ${attempt.state}`, { state: attempt.state, event });
     }
-    const now = new Date();
+    // Database time everywhere: targets' set_at is compared with completed_at across nodes.
+    const now = sql<Date>`now()`;
     const updated = await trx
       .updateTable('update_attempts')
       .set({
@@ -170,8 +171,8 @@ export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId
     .updateTable('update_attempts')
     .set({
       state: sql`CASE WHEN firmware_id = ${runningId} THEN 'succeeded' ELSE 'rolled_back' END`,
-      completed_at: new Date(),
-      updated_at: new Date(),
+      completed_at: sql<Date>`now()`,
+      updated_at: sql<Date>`now()`,
     })
     .where('device_id', '=', device.deviceId)
     .where('component', '=', component)
@@ -200,7 +201,7 @@ export async function sweepStaleUpdates(ctx: FleetContext, options: { staleAfter
   return inTransaction(ctx, async (trx, outbox) => {
     const rows = await trx
       .updateTable('update_attempts')
-      .set({ state: 'timed_out', completed_at: new Date(), updated_at: new Date() })
+      .set({ state: 'timed_out', completed_at: sql<Date>`now()`, updated_at: sql<Date>`now()` })
       .where('state', 'in', ['sent', 'begun', 'downloading', 'finished'])
       .where('updated_at', '<', cutoff)
       .returningAll()
