@@ -29,8 +29,11 @@ function tlsConnectionOptions(tls: TlsClientOptions): ConnectionOptions {
   return rest;
 }
 
+/** What phoenix constructs: `new transport(endPointURL, protocols)`. */
+export type TlsWebSocketClass = new (url: string | URL, protocols?: string | string[]) => WebSocket;
+
 /** A `ws` WebSocket class with these TLS options, usable as phoenix's `transport` option. */
-export function tlsWebSocket(tls: TlsClientOptions): typeof WebSocket {
+export function tlsWebSocket(tls: TlsClientOptions): TlsWebSocketClass {
   const options = { ...tlsConnectionOptions(tls), perMessageDeflate: false };
   return class TlsWebSocket extends WebSocket {
     constructor(url: string | URL, protocols?: string | string[]) {
