@@ -1,0 +1,64 @@
+/**
+ * The Phoenix socket devices connect to over mutual TLS (seed 002): identity from the client
+ * certificate only, then the `device:*` and `group:*` channels. Thin: every callback calls the
+ * fleet domain and turns its result into a reply and effects.
+ */
+import type { IncomingMessage } from 'node:http';
+import type { SocketDefinition } from '../channels/types.ts';
+import type { FleetContext } from '../fleet/index.ts';
+import { createDeviceChannel } from './device-channel.ts';
+import { createGroupChannel } from './group-channel.ts';
+
+/** What a device socket carries: who the certificate says the device is (plain data). */
+export interface DeviceAssigns {
+  deviceId: string;
+  orgId: string;
+  productId: string;
+  identifier: string;
+}
+
+/** Counters of the device socket (the engine counts protocol-level events itself). */
+export interface DeviceSocketStats {
+  /** Events a device sent that no channel understands (answered `unknown event`). */
+  unknownEvents: number;
+  /** Update reports refused (bad payload, no update in flight, transition not allowed). */
+  rejectedReports: number;
+}
+
+export interface DeviceSocketOptions {
+  /** The identity the device listener attached to the request (`deviceIdentityOf` from listeners/device.ts). */
+  identityOf(request: IncomingMessage): { deviceId: string; orgId: string; productId: string; identifier: string } | undefined;
+  /** Closes every socket with this id on every node (`endpoint.disconnect`); wired after the endpoint exists. */
+  disconnect(socketId: string): Promise<void>;
+}
+
+export type DeviceSocket = SocketDefinition<DeviceAssigns> & { readonly stats: DeviceSocketStats };
+
+/** The socket id of a device's connection: one per device, across nodes. */
+export function deviceSocketId(deviceId: string): string {
+  return `device_socket:${deviceId}`;
+}
+
+/** Builds the device socket definition for the channel engine (`createEndpoint(createDeviceSocket(ctx, opts), ...)`). */
+export function createDeviceSocket(ctx: FleetContext, opts: DeviceSocketOptions): DeviceSocket {
+  const stats: DeviceSocketStats = { unknownEvents: 0, rejectedReports: 0 };
+  return {
+    stats,
+    async connect(info) {
+      const identity = opts.identityOf(info.request);
+      if (!identity) return { ok: false, status: 401, reason: 'a device client certificate is required' };
+      const id = deviceSocketId(identity.deviceId);
+      // A device has one connection: a new one closes the previous (on whichever node it is).
+      // The new socket is not registered yet, so only older ones are closed.
+      await opts.disconnect(id).catch((err: unknown) => ctx.log.warn({ err, device_id: identity.deviceId }, 'could not close the previous connection'));
+      const assigns: DeviceAssigns = { deviceId: identity.deviceId, orgId: identity.orgId, productId: identity.productId, identifier: identity.identifier };
+      return { ok: true, assigns, id };
+    },
+    channels: [
+      { pattern: 'device:*', channel: createDeviceChannel(ctx, stats, opts) },
+      { pattern: 'group:*', channel: createGroupChannel(ctx, stats) },
+    ],
+  };
+}
+
+export { deviceErrorReply } from './replies.ts';
