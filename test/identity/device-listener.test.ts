@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import https from 'node:https';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import os from 'node:os';
@@ -9,7 +10,9 @@ import { SYSTEM } from '../../server/audit.ts';
 import type { DatabaseHandle } from '../../server/db/index.ts';
 import { addSignerCa, revokeDeviceCertificate, addDeviceCertificate, type DeviceIdentity } from '../../server/identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from '../../server/listeners/device.ts';
-import { createLogger } from '../../server/log.ts';
+import { Writable } from 'node:stream';
+import pino from 'pino';
+import { REDACT_PATHS } from '../../server/log.ts';
 import { createTestDatabase, DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, deviceCertFromCa, expiredDeviceCert, getTestPki, otherCa, selfSignedCert, type PkiMaterial } from '../helpers/pki.ts';
 import { wsAttempt } from './tls-client.ts';
@@ -22,6 +25,7 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
   let orgId: string;
   let productId: string;
   let upgrades = 0;
+  const logLines: string[] = [];
 
   before(async () => {
     handle = await createTestDatabase();
@@ -31,11 +35,14 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     orgId = org.id;
     productId = product.id;
     // Started with no signer CA at all: the listener must still come up (placeholder trust).
-    listener = await createDeviceListener({ db: handle.db, log: createLogger({ level: 'silent' }), tls: pki.server });
+    const sink = new Writable({ write: (chunk: Buffer, _enc, done) => (logLines.push(String(chunk)), done()) });
+    const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, sink);
+    listener = await createDeviceListener({ db: handle.db, log, tls: pki.server });
     listener.app.get('/socket/websocket', { websocket: true }, (socket, request) => {
       upgrades++;
       socket.send(JSON.stringify({ fastify: request.deviceIdentity, raw: deviceIdentityOf(request.raw) }));
     });
+    listener.app.get('/whoami', async (request) => request.deviceIdentity);
     await listener.app.listen({ port: 0, host: '127.0.0.1' });
     url = `wss://127.0.0.1:${(listener.app.server.address() as AddressInfo).port}/socket/websocket`;
     await addSignerCa(handle.db, SYSTEM, { orgId, productId, pem: pki.signerCa.certPem, description: 'dev signer' });
@@ -55,6 +62,20 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     return Number(row.n);
   }
 
+  function httpsGet(pathname: string, cred?: { certPem: string; keyPem: string }): Promise<{ status: number; body: string }> {
+    const { port } = listener.app.server.address() as AddressInfo;
+    return new Promise((resolve, reject) => {
+      https
+        .get({ host: '127.0.0.1', port, path: pathname, agent: false, ca: pki.rootCa.certPem, ...(cred ? { cert: cred.certPem, key: cred.keyPem } : {}) }, (res) => {
+          let body = '';
+          res.setEncoding('utf8');
+          res.on('data', (chunk: string) => (body += chunk));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+        })
+        .on('error', reject);
+    });
+  }
+
   async function refusedBeforeUpgrade(cred: Parameters<typeof wsAttempt>[2], expected: 401 | 403): Promise<string> {
     const before = upgrades;
     const attempt = await wsAttempt(url, pki.rootCa.certPem, cred);
@@ -66,6 +87,18 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
   test('a connection without a client certificate is refused with 401 before the upgrade', async () => {
     const body = await refusedBeforeUpgrade(undefined, 401);
     assert.match(body, /no client certificate/);
+  });
+
+  test('a refused connection is logged once with its status and reason and no key material', async () => {
+    logLines.length = 0;
+    const cred = await deviceCertFromCa(otherCa('log test CA'), 'LOGGED-1');
+    await refusedBeforeUpgrade(cred, 403);
+    const refusals = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === 'device connection refused');
+    assert.equal(refusals.length, 1);
+    assert.equal(refusals[0]!.status, 403);
+    assert.equal(refusals[0]!.subject_cn, 'LOGGED-1');
+    assert.match(String(refusals[0]!.reason), /not a registered signer CA/);
+    assert.doesNotMatch(logLines.join(''), /PRIVATE KEY|BEGIN CERTIFICATE/);
   });
 
   test('a self-signed client certificate is refused with 403 before the upgrade', async () => {
@@ -118,6 +151,14 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     assert.equal(await countDevices('SN-RACE'), 1);
     const certs = await handle.db.selectFrom('device_certificates').select('id').where('device_id', '=', [...ids][0]!).execute();
     assert.equal(certs.length, 1);
+  });
+
+  test('plain HTTPS requests are authenticated too, including requests for unknown routes', async () => {
+    assert.equal((await httpsGet('/no-such-route')).status, 401);
+    const cred = await deviceCert('SN-HTTP');
+    const whoami = await httpsGet('/whoami', cred);
+    assert.equal(whoami.status, 200);
+    assert.equal((JSON.parse(whoami.body) as DeviceIdentity).identifier, 'SN-HTTP');
   });
 
   test('a revoked certificate is refused with 403 before the upgrade', async () => {
