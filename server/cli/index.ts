@@ -7,6 +7,7 @@ type Command = (argv: string[]) => Promise<number>;
 const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = {
   serve: { help: 'run the server (fleethub serve --help lists every option)', run: async () => (await import('./serve.ts')).runServeCommand },
   migrate: { help: 'database migrations: up | down | status', run: async () => (await import('./migrate.ts')).runMigrateCommand },
+  certs: { help: 'development PKI: init | device <serial> --out DIR', run: async () => (await import('./certs.ts')).runCertsCommand },
 };
 
 function usage(): string {

@@ -1,0 +1,248 @@
+/**
+ * Wiring and process lifecycle: database, PKI, PubSub, the fleet context, and the listeners.
+ * Everything here is composition; behaviour lives in the layers it wires.
+ */
+import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import type { AddressInfo } from 'node:net';
+import path from 'node:path';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { fingerprintOfPem, initDevPki, type PkiMaterial } from '../certs/pki.ts';
+import { SYSTEM } from './audit.ts';
+import { createEndpoint, createPubSub, phoenixProtocolHandler, type Endpoint, type PubSubWithStats } from './channels/index.ts';
+import type { Config } from './config.ts';
+import { openDatabase, type DatabaseHandle } from './db/index.ts';
+import { migrateToLatest } from './db/migrate.ts';
+import { createDeviceSocket } from './device-socket/index.ts';
+import { firmwareApiRoutes } from './api/firmware.ts';
+import { registerApi } from './api/index.ts';
+import { registerOperatorSocket } from './api/socket.ts';
+import { LocalBlobStore } from './firmware/blob-store.ts';
+import { createFirmwareUrlSigner, registerFirmwareDownload } from './firmware/download.ts';
+import {
+  createOrg,
+  createProduct,
+  FleetError,
+  getOrg,
+  getProduct,
+  markNodeAlive,
+  pubsubBus,
+  reconcileOfflineDevices,
+  removeNode,
+  sweepStaleUpdates,
+  type FleetContext,
+} from './fleet/index.ts';
+import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
+import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
+import { createLogger, type Logger } from './log.ts';
+
+export interface StartOptions {
+  /** An already-open database (tests); otherwise opened from the config. */
+  database?: DatabaseHandle;
+  log?: Logger;
+}
+
+export interface RunningServer {
+  config: Config;
+  log: Logger;
+  database: DatabaseHandle;
+  pubsub: PubSubWithStats;
+  fleet: FleetContext;
+  pki: PkiMaterial;
+  secret: string;
+  deviceListener: DeviceListener;
+  deviceEndpoint: Endpoint;
+  operatorEndpoint: Endpoint;
+  api: FastifyInstance;
+  blobs: LocalBlobStore;
+  /** `https://localhost:<port>` of the mutual-TLS device listener. */
+  deviceUrl: string;
+  /** `http(s)://127.0.0.1:<port>` of the operator API. */
+  apiUrl: string;
+  /** Closes device sockets with 1012 (devices reconnect elsewhere) and stops everything. */
+  close(): Promise<void>;
+}
+
+const NODE_HEARTBEAT_MS = 10_000;
+const UPDATE_SWEEP_MS = 60_000;
+
+/** Starts a fleethub node: migrations, PKI, listeners. Resolves once every listener is bound. */
+export async function startServer(config: Config, options: StartOptions = {}): Promise<RunningServer> {
+  const log = options.log ?? createLogger({ level: config.logLevel });
+  mkdirSync(config.dataDir, { recursive: true });
+
+  const database = options.database ?? (await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir }));
+  const ownsDatabase = !options.database;
+  await migrateToLatest(database.db);
+
+  const secret = config.secret ?? loadOrCreateSecret(config.dataDir);
+  const { created, material: pki } = await initDevPki(config.certsDir);
+  if (created.length) log.info({ dir: config.certsDir, created }, 'created development PKI');
+
+  const pubsub = createPubSub({ log: log.child({ component: 'pubsub' }) });
+  const blobs = new LocalBlobStore(path.join(config.dataDir, 'blobs'));
+
+  // The device listener's port is known only after listen(); signed URLs use it lazily.
+  let devicePublicUrl = config.devicePublicUrl;
+  let signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
+  const fleet: FleetContext = {
+    db: database.db,
+    bus: pubsubBus(pubsub),
+    log: log.child({ component: 'fleet' }),
+    nodeName: config.nodeName,
+    firmwareUrl: (firmware) => signUrl(firmware),
+  };
+
+  if (config.bootstrapDev) await bootstrapDevelopmentTenant(fleet, pki, log);
+
+  // Devices: mutual TLS, Phoenix socket and firmware downloads.
+  const deviceListener = await createDeviceListener({
+    db: database.db,
+    log: log.child({ listener: 'device' }),
+    tls: pki.server,
+    handleProtocols: (protocols) => phoenixProtocolHandler(protocols),
+  });
+  const deviceSocket = createDeviceSocket(fleet, {
+    identityOf: deviceIdentityOf,
+    disconnect: (socketId) => deviceEndpoint.disconnect(socketId),
+  });
+  const deviceEndpoint: Endpoint = createEndpoint(deviceSocket, {
+    pubsub,
+    log: log.child({ socket: 'device' }),
+    idleTimeoutMs: config.heartbeatTimeoutMs,
+    checkOrigin: config.allowedOrigins.length ? config.allowedOrigins : undefined,
+  });
+  await deviceEndpoint.register(deviceListener.app, { path: '/socket' });
+  registerFirmwareDownload(deviceListener.app, { db: database.db, blobs, secret });
+
+  // Several nodes: a signer CA added on one node must be trusted by all.
+  const stopCaRelay = relaySignerCaChanges(pubsub, config.nodeName);
+
+  // Operators: REST API, OpenAPI, live socket.
+  const api = Fastify({ loggerInstance: log.child({ listener: 'api' }), bodyLimit: 1024 * 1024 }) as unknown as FastifyInstance;
+  await registerApi(
+    api,
+    // identity's addSignerCa/removeSignerCa notify the listener themselves after commit.
+    { fleet, db: database.db, log, pubsub, secret, blobs },
+    [async (scope) => firmwareApiRoutes(scope, { fleet, blobs })],
+  );
+  const operatorEndpoint = await registerOperatorSocket(api, {
+    db: database.db,
+    secret,
+    pubsub,
+    log,
+    idleTimeoutMs: config.heartbeatTimeoutMs,
+    checkOrigin: config.allowedOrigins.length ? config.allowedOrigins : undefined,
+  });
+
+  // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
+  await markNodeAlive(fleet);
+  const markedOffline = await reconcileOfflineDevices(fleet, { ownConnections: true });
+  if (markedOffline) log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
+  const timers = [
+    setInterval(() => {
+      markNodeAlive(fleet)
+        .then(() => reconcileOfflineDevices(fleet))
+        .catch((err: unknown) => log.error({ err }, 'node heartbeat failed'));
+    }, NODE_HEARTBEAT_MS),
+    setInterval(() => {
+      sweepStaleUpdates(fleet).catch((err: unknown) => log.error({ err }, 'update sweep failed'));
+    }, UPDATE_SWEEP_MS),
+  ];
+  for (const t of timers) t.unref();
+
+  await deviceListener.app.listen({ host: config.host, port: config.devicePort });
+  await api.listen({ host: config.host, port: config.apiPort });
+  const devicePort = (deviceListener.app.server.address() as AddressInfo).port;
+  const apiPort = (api.server.address() as AddressInfo).port;
+  if (config.devicePort === 0 && config.devicePublicUrl.endsWith(':0')) {
+    devicePublicUrl = `https://localhost:${devicePort}`;
+    signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
+  }
+
+  let closed = false;
+  return {
+    config,
+    log,
+    database,
+    pubsub,
+    fleet,
+    pki,
+    secret,
+    deviceListener,
+    deviceEndpoint,
+    operatorEndpoint,
+    api,
+    blobs,
+    deviceUrl: `https://localhost:${devicePort}`,
+    apiUrl: `http://${hostForUrl(config.host)}:${apiPort}`,
+    async close() {
+      if (closed) return;
+      closed = true;
+      for (const t of timers) clearInterval(t);
+      stopCaRelay();
+      await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
+      await deviceEndpoint.close();
+      await operatorEndpoint.close();
+      await Promise.allSettled([deviceListener.close(), api.close()]);
+      await reconcileOfflineDevices(fleet, { ownConnections: true }).catch(() => 0);
+      await removeNode(fleet).catch(() => undefined);
+      await pubsub.close();
+      if (ownsDatabase) await database.close();
+    },
+  };
+}
+
+function hostForUrl(host: string): string {
+  if (host === '0.0.0.0' || host === '::') return '127.0.0.1';
+  return host.includes(':') ? `[${host}]` : host;
+}
+
+/** The signing secret for firmware URLs and JWTs: generated once into the data directory. */
+function loadOrCreateSecret(dataDir: string): string {
+  const file = path.join(dataDir, 'secret');
+  if (existsSync(file)) return readFileSync(file, 'utf8').trim();
+  const secret = randomBytes(32).toString('base64url');
+  writeFileSync(file, `${secret}\n`, { mode: 0o600, flag: 'wx' });
+  return secret;
+}
+
+/** First start: an org and product named `default`, with the development signer CA registered for them. */
+async function bootstrapDevelopmentTenant(fleet: FleetContext, pki: PkiMaterial, log: Logger): Promise<void> {
+  const org = await getOrg(fleet, 'default').catch(async (err: unknown) => {
+    if (err instanceof FleetError && err.code === 'not_found') return createOrg(fleet, SYSTEM, { name: 'default' });
+    throw err;
+  });
+  const product = await getProduct(fleet, org.id, 'default').catch(async (err: unknown) => {
+    if (err instanceof FleetError && err.code === 'not_found') return createProduct(fleet, SYSTEM, { orgId: org.id, name: 'default' });
+    throw err;
+  });
+  const registered = await listSignerCas(fleet.db, { orgId: org.id });
+  const fingerprint = fingerprintOfPem(pki.signerCa.certPem);
+  if (!registered.some((ca) => ca.fingerprint === fingerprint)) {
+    await addSignerCa(fleet.db, SYSTEM, { orgId: org.id, productId: product.id, pem: pki.signerCa.certPem, description: 'development signer CA' });
+    log.info({ org: org.name, product: product.name }, 'registered the development signer CA');
+  }
+}
+
+const SIGNER_CA_TOPIC = 'fleethub:signer_cas';
+
+/** Local CA changes are published to other nodes; their changes refresh our trust. */
+function relaySignerCaChanges(pubsub: PubSubWithStats, nodeName: string): () => void {
+  // Listeners run synchronously inside notify, so this flag stops a relayed change from echoing back.
+  let relaying = false;
+  const stopLocal = onSignerCasChanged(() => {
+    if (!relaying) void pubsub.broadcast(SIGNER_CA_TOPIC, 'changed', { node: nodeName });
+  });
+  const stopRemote = pubsub.subscribe(SIGNER_CA_TOPIC, (message) => {
+    if (message.payload.node === nodeName) return;
+    relaying = true;
+    const done = notifySignerCasChanged();
+    relaying = false;
+    void done;
+  });
+  return () => {
+    stopLocal();
+    stopRemote();
+  };
+}
