@@ -205,11 +205,12 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   function onWsClose(this: WebSocket, code: number): void {
     const socket = wsSockets.get(this);
     if (!socket) return;
-    if (code === 1009) stats.oversizedFrames++;
     socket.transportClosed(`websocket closed (${code})`);
   }
 
-  function onWsError(this: WebSocket, err: Error): void {
+  function onWsError(this: WebSocket, err: Error & { code?: string }): void {
+    // ws enforces its own maxPayload (closing with 1009) before our message handler sees the frame.
+    if (err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') stats.oversizedFrames++;
     wsSockets.get(this)?.log.debug({ err }, 'websocket error');
   }
 

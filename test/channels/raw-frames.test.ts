@@ -211,8 +211,10 @@ describe('the channel engine with raw frames', () => {
   test('a frame over 1 MiB closes that socket with 1009 and the server keeps serving others', async () => {
     const big = await raw();
     const bystander = await raw();
+    const oversizedBefore = fx.endpoint.stats.oversizedFrames;
     big.send(['1', '1', 'room:big', 'ping', { blob: 'x'.repeat(1024 * 1024 + 10) }]);
     assert.equal(await big.closed, 1009);
+    assert.equal(fx.endpoint.stats.oversizedFrames - oversizedBefore, 1);
     bystander.send([null, '1', 'phoenix', 'heartbeat', {}]);
     await bystander.waitArray((f) => f[1] === '1');
   });
@@ -255,6 +257,48 @@ describe('the channel engine with raw frames', () => {
     assert.equal(await client.closed, 1008);
     other.send([null, '1', 'phoenix', 'heartbeat', {}]);
     await other.waitArray((f) => f[1] === '1');
+  });
+
+  test('a binary broadcast is one binary frame of kind 2 for V2 sockets', async () => {
+    const { binaryPayload } = await import('../../server/channels/index.ts');
+    const client = await raw();
+    await rawJoin(client, 'room:binary-cast', '1');
+    await fx.pubsub.broadcast('room:binary-cast', 'blob', binaryPayload(Buffer.from('hi')));
+    const frame = await client.waitFrame((f) => f.binary);
+    assert.ok(frame.binary);
+    const parsed = parseBinary(frame.data);
+    assert.deepEqual({ kind: parsed.kind, fields: parsed.fields, data: parsed.data.toString() }, { kind: 2, fields: ['room:binary-cast', 'blob'], data: 'hi' });
+  });
+
+  test('an endpoint mounted where @fastify/websocket is already registered keeps the listener setup and its own limits', async () => {
+    const Fastify = (await import('fastify')).default;
+    const websocket = (await import('@fastify/websocket')).default;
+    const pino = (await import('pino')).default;
+    const { createEndpoint, createPubSub, phoenixProtocolHandler } = await import('../../server/channels/index.ts');
+    const { getTestPki } = await import('../helpers/pki.ts');
+    const pki = await getTestPki();
+    const log = pino({ level: 'silent' });
+    const pubsub = createPubSub({ log });
+    const app = Fastify({ https: { key: pki.server.keyPem, cert: pki.server.certPem, ca: [pki.rootCa.certPem, pki.signerCa.certPem], requestCert: true } });
+    // The listener's own registration: another route needs another subprotocol, and a larger maxPayload.
+    await app.register(websocket, {
+      options: { maxPayload: 8 * 1024 * 1024, handleProtocols: (p: Set<string>) => (p.has('grisp-io-v1') ? 'grisp-io-v1' : phoenixProtocolHandler(p)) },
+    });
+    const endpoint = createEndpoint({ connect: async () => ({ ok: true, assigns: {} }), channels: [] }, { pubsub, log });
+    await endpoint.register(app, { path: '/socket' });
+    await app.listen({ port: 0, host: '127.0.0.1' });
+    try {
+      const port = (app.server.address() as { port: number }).port;
+      const client = await RawClient.connect(`wss://127.0.0.1:${port}/socket/websocket?vsn=2.0.0`, fx.tls, { protocols: ['phoenix', 'base64url.bearer.phx.dG9r'] });
+      assert.equal(client.ws.protocol, 'phoenix');
+      client.send([null, '1', 'phoenix', 'heartbeat', { blob: 'x'.repeat(1024 * 1024 + 10) }]);
+      assert.equal(await client.closed, 1009);
+      assert.equal(endpoint.stats.oversizedFrames, 1);
+    } finally {
+      await endpoint.drain();
+      await app.close();
+      await pubsub.close();
+    }
   });
 
   test('a socket that sends nothing is closed after the idle timeout', async () => {
