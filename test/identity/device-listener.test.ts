@@ -37,7 +37,12 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     // Started with no signer CA at all: the listener must still come up (placeholder trust).
     const sink = new Writable({ write: (chunk: Buffer, _enc, done) => (logLines.push(String(chunk)), done()) });
     const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, sink);
-    listener = await createDeviceListener({ db: handle.db, log, tls: pki.server });
+    listener = await createDeviceListener({
+      db: handle.db,
+      log,
+      tls: pki.server,
+      handleProtocols: (offered) => (offered.has('grisp-io-v1') ? 'grisp-io-v1' : false),
+    });
     listener.app.get('/socket/websocket', { websocket: true }, (socket, request) => {
       upgrades++;
       socket.send(JSON.stringify({ fastify: request.deviceIdentity, raw: deviceIdentityOf(request.raw) }));
@@ -159,6 +164,12 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     const whoami = await httpsGet('/whoami', cred);
     assert.equal(whoami.status, 200);
     assert.equal((JSON.parse(whoami.body) as DeviceIdentity).identifier, 'SN-HTTP');
+  });
+
+  test('the WebSocket subprotocol is chosen by the handleProtocols function the caller passed', async () => {
+    const attempt = await wsAttempt(url, pki.rootCa.certPem, await deviceCert('SN-GRISP'), undefined, ['grisp-io-v1']);
+    assert.equal(attempt.status, 101);
+    assert.equal(attempt.protocol, 'grisp-io-v1');
   });
 
   test('a revoked certificate is refused with 403 before the upgrade', async () => {

@@ -10,6 +10,8 @@ export interface WsAttempt {
   /** The HTTP body of a refused upgrade. */
   body?: string;
   sessionReused: boolean;
+  /** The subprotocol the server selected. */
+  protocol?: string;
   /** A TLS session to resume with, when the server issued a ticket. */
   session?: Buffer;
 }
@@ -18,11 +20,11 @@ export interface WsAttempt {
  * Opens a WebSocket over TLS to `url` with the given client credentials (or none), as a device
  * would, and reports how the handshake ended. The socket is closed before resolving.
  */
-export function wsAttempt(url: string, ca: string, cred?: CertifiedKey, session?: Buffer): Promise<WsAttempt> {
+export function wsAttempt(url: string, ca: string, cred?: CertifiedKey, session?: Buffer, protocols?: string[]): Promise<WsAttempt> {
   return new Promise((resolve, reject) => {
     let latestSession: Buffer | undefined;
     let tlsSocket: tls.TLSSocket | undefined;
-    const ws = new WebSocket(url, {
+    const ws = new WebSocket(url, protocols ?? [], {
       ca,
       ...(cred ? { cert: cred.certPem, key: cred.keyPem } : {}),
       ...(session ? { session } : {}),
@@ -45,7 +47,7 @@ export function wsAttempt(url: string, ca: string, cred?: CertifiedKey, session?
     ws.on('message', (data) => {
       const sessionReused = tlsSocket?.isSessionReused() ?? false;
       ws.close();
-      resolve({ status: 101, message: JSON.parse(String(data)), sessionReused, session: latestSession });
+      resolve({ status: 101, message: JSON.parse(String(data)), sessionReused, session: latestSession, protocol: ws.protocol });
     });
     ws.on('error', reject);
   });
