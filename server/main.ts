@@ -64,6 +64,7 @@ export interface RunningServer {
 }
 
 const NODE_HEARTBEAT_MS = 10_000;
+const GRISP_SUBPROTOCOL = 'grisp-io-v1';
 const UPDATE_SWEEP_MS = 60_000;
 
 /** Starts a fleethub node: migrations, PKI, listeners. Resolves once every listener is bound. */
@@ -100,7 +101,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     db: database.db,
     log: log.child({ listener: 'device' }),
     tls: pki.server,
-    handleProtocols: (protocols) => phoenixProtocolHandler(protocols),
+    // GRiSP boards offer `grisp-io-v1` (echoed); Phoenix clients may offer a bearer token.
+    handleProtocols: (protocols) => (protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : phoenixProtocolHandler(protocols)),
   });
   const deviceSocket = createDeviceSocket(fleet, {
     identityOf: deviceIdentityOf,
