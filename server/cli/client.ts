@@ -16,6 +16,8 @@ export interface CliIo {
   out(text: string): void;
   err(text: string): void;
   env: NodeJS.ProcessEnv;
+  /** Stops long-running commands (`status --watch`); the real CLI stops on Ctrl-C instead. */
+  signal?: AbortSignal;
 }
 
 export const processIo: CliIo = {
@@ -47,6 +49,8 @@ export interface SavedCredentials {
   token: string;
   email?: string;
   expiresAt?: string;
+  /** The user's org (org-scoped users): the default `--org`. */
+  org?: string;
 }
 
 /** `$XDG_CONFIG_HOME/fleethub/credentials.json`, default `~/.config/fleethub/credentials.json`. */
@@ -222,6 +226,45 @@ export function printRecord(io: CliIo, json: boolean | undefined, record: Record
 
 export function printJson(io: CliIo, value: unknown): void {
   io.out(JSON.stringify(value, null, 2) + '\n');
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operator command helpers
+
+export interface CommonFlags {
+  url?: string;
+  token?: string;
+  org?: string;
+  json?: boolean;
+}
+
+/** The API client for a command's flags (then environment, then the saved login). */
+export function clientFor(flags: CommonFlags, io: CliIo): ApiClient {
+  return new ApiClient(resolveClientOptions(flags, io.env));
+}
+
+/** The org a command works on: `--org`, FLEETHUB_ORG, the saved login's org, or the only org visible. */
+export async function orgOf(client: ApiClient, flags: CommonFlags, io: CliIo): Promise<string> {
+  const explicit = flags.org || io.env.FLEETHUB_ORG || loadCredentials(io.env)?.org;
+  if (explicit) return explicit;
+  const { items } = await client.get<{ items: { id: string; name: string }[] }>('/api/v1/orgs');
+  if (items.length === 1) return items[0]!.name;
+  throw new CliError(items.length === 0 ? 'no organization is visible to you; create one with `fleethub orgs create <name>`' : `you can see ${items.length} organizations; pass --org <name> (or set FLEETHUB_ORG)`, 2);
+}
+
+export function orgPath(org: string): string {
+  return `/api/v1/orgs/${encodeURIComponent(org)}`;
+}
+
+/** Prints usage and returns 0 when `--help` was given, else undefined. */
+export function helpRequested(values: { help?: boolean }, usage: string, io: CliIo): number | undefined {
+  if (!values.help) return undefined;
+  io.out(usage + '\n');
+  return 0;
+}
+
+export function usageError(message: string, usage: string): CliError {
+  return new CliError(`${message}\n\n${usage}`, 2);
 }
 
 /**

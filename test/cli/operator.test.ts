@@ -1,0 +1,175 @@
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync, statSync, readFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import { createUser } from '../../server/api/operators.ts';
+import { runOperatorCommand } from '../../server/cli/operator.ts';
+import type { CliIo } from '../../server/cli/client.ts';
+import { DATABASE_KIND } from '../helpers/db.ts';
+import { waitFor } from '../helpers/phoenix.ts';
+import { startTestServer, type TestServer } from '../helpers/server.ts';
+
+interface Run {
+  code: number;
+  out: string;
+  err: string;
+}
+
+describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
+  let server: TestServer;
+  let configHome: string;
+  const env = (): NodeJS.ProcessEnv => ({ XDG_CONFIG_HOME: configHome, HOME: configHome });
+
+  /** Runs `fleethub <argv>` in-process with captured output. */
+  async function cli(argv: string[], extraEnv: NodeJS.ProcessEnv = {}, signal?: AbortSignal): Promise<Run> {
+    let out = '';
+    let err = '';
+    const io: CliIo = { out: (t) => void (out += t), err: (t) => void (err += t), env: { ...env(), ...extraEnv }, signal };
+    const code = await runOperatorCommand(argv, io);
+    return { code, out, err };
+  }
+
+  before(async () => {
+    server = await startTestServer();
+    configHome = mkdtempSync(path.join(os.tmpdir(), 'fleethub-cli-'));
+    await createUser(server.database.db, { email: 'ops@example.com', password: 'operator-password', role: 'operator' });
+    for (const serial of ['cli-1', 'cli-2', 'cli-3']) {
+      await server.call('POST', '/api/v1/orgs/default/devices', { product: 'default', identifier: serial });
+    }
+  });
+  after(async () => {
+    await server.close();
+    rmSync(configHome, { recursive: true, force: true });
+  });
+
+  test('login saves the token in a 0600 credentials file that later commands use', async () => {
+    const res = await cli(['login', '--url', server.apiUrl, '--email', 'ops@example.com', '--password', 'operator-password']);
+    assert.equal(res.code, 0, res.err);
+    assert.match(res.out, /logged in to .* as ops@example.com \(operator\)/);
+    const file = path.join(configHome, 'fleethub', 'credentials.json');
+    assert.equal(statSync(file).mode & 0o777, 0o600);
+    assert.equal(JSON.parse(readFileSync(file, 'utf8')).url, server.apiUrl);
+
+    const orgs = await cli(['orgs']);
+    assert.equal(orgs.code, 0, orgs.err);
+    assert.match(orgs.out, /^NAME\s+ID\s+CREATED\ndefault\s+[0-9a-f-]{36}/);
+  });
+
+  test('a wrong password exits 1 with the server\'s message', async () => {
+    const res = await cli(['login', '--url', server.apiUrl, '--email', 'ops@example.com', '--password', 'nope']);
+    assert.equal(res.code, 1);
+    assert.match(res.err, /^error: wrong email or password/);
+  });
+
+  test('devices list prints a table, --json a page, and show finds a device by identifier', async () => {
+    const table = await cli(['devices', 'list']);
+    assert.equal(table.code, 0, table.err);
+    assert.match(table.out, /^IDENTIFIER\s+STATUS\s+VERSION/);
+    assert.match(table.out, /cli-2\s+offline/);
+    const json = await cli(['devices', 'list', '--search', 'cli-', '--json']);
+    assert.equal(JSON.parse(json.out).total, 3);
+    const show = await cli(['devices', 'show', 'cli-3', '--json']);
+    assert.equal(JSON.parse(show.out).identifier, 'cli-3');
+    const missing = await cli(['devices', 'show', 'nope']);
+    assert.equal(missing.code, 1);
+    assert.match(missing.err, /device "nope" not found/);
+  });
+
+  test('groups are created, filled, listed, emptied and deleted from the CLI', async () => {
+    assert.equal((await cli(['groups', 'create', 'lab', '--product', 'default'])).code, 0);
+    const added = await cli(['groups', 'add', 'lab', 'cli-1', 'cli-2', 'cli-3']);
+    assert.equal(added.code, 0, added.err);
+    assert.match(added.out, /added 3 device\(s\) to lab/);
+    const list = await cli(['groups', 'list', '--json']);
+    assert.equal(JSON.parse(list.out).find((g: { name: string }) => g.name === 'lab').device_count, 3);
+    const removed = await cli(['groups', 'remove', 'lab', 'cli-3']);
+    assert.match(removed.out, /removed 1 device\(s\) from lab/);
+    const members = await cli(['groups', 'members', 'lab', '--json']);
+    assert.equal(JSON.parse(members.out).total, 2);
+    const filtered = await cli(['devices', 'list', '--group', 'lab', '--json']);
+    assert.equal(JSON.parse(filtered.out).total, 2);
+  });
+
+  test('firmware is listed, a group is retargeted by version, status counts it, and the target is cleared', async () => {
+    const upload = await fetch(`${server.apiUrl}/api/v1/firmware?org=default&product=default&version=1.2.0`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+      body: Buffer.alloc(4096, 7),
+    });
+    assert.equal(upload.status, 201, await upload.clone().text());
+
+    const firmware = await cli(['firmware', 'list']);
+    assert.equal(firmware.code, 0, firmware.err);
+    assert.match(firmware.out, /1\.2\.0\s+firmware/);
+
+    const set = await cli(['target', 'set', '1.2.0', '--group', 'lab']);
+    assert.equal(set.code, 0, set.err);
+    assert.match(set.out, /group lab now targets 1\.2\.0: 0 device\(s\) told now, 2 queued/);
+
+    const status = await cli(['status', '--group', 'lab']);
+    assert.equal(status.code, 0, status.err);
+    assert.match(status.out, /lab: 2 device\(s\), 0 online, 2 offline/);
+    assert.match(status.out, /queued\s+2/);
+    const json = JSON.parse((await cli(['status', '--group', 'lab', '--json'])).out);
+    assert.equal(json.updates.queued, 2);
+
+    assert.equal((await cli(['target', 'clear', '--group', 'lab'])).code, 0);
+    const again = await cli(['target', 'clear', '--group', 'lab']);
+    assert.equal(again.code, 1);
+    assert.match(again.err, /has no firmware target/);
+  });
+
+  test('status --watch redraws when a live event arrives on the operator socket', async () => {
+    const controller = new AbortController();
+    let out = '';
+    const io: CliIo = { out: (t) => void (out += t), err: () => undefined, env: env(), signal: controller.signal };
+    const running = runOperatorCommand(['status', '--watch', '--json'], io);
+    await waitFor(() => out.split('\n').filter(Boolean).length >= 1, 10_000, 'first render');
+    // Give the socket time to join, then cause an operator event (group deletion).
+    await new Promise((r) => setTimeout(r, 500));
+    await cli(['groups', 'create', 'ephemeral', '--product', 'default']);
+    await cli(['groups', 'delete', 'ephemeral']);
+    await waitFor(() => out.split('\n').filter(Boolean).length >= 2, 10_000, 'a redraw after the event');
+    controller.abort();
+    assert.equal(await running, 0);
+    for (const line of out.split('\n').filter(Boolean)) assert.equal(typeof JSON.parse(line).devices, 'number');
+  });
+
+  test('tokens are created with a lower role, used, listed and revoked; a viewer token cannot retarget', async () => {
+    const created = await cli(['tokens', 'create', 'read-only', '--role', 'viewer', '--json']);
+    assert.equal(created.code, 0, created.err);
+    const { token, api_token } = JSON.parse(created.out);
+    assert.match(token, /^fht_/);
+
+    const asViewer = await cli(['devices', 'list', '--json'], { FLEETHUB_TOKEN: token });
+    assert.equal(asViewer.code, 0);
+    const refused = await cli(['target', 'set', '1.2.0', '--group', 'lab'], { FLEETHUB_TOKEN: token });
+    assert.equal(refused.code, 1);
+    assert.match(refused.err, /needs the operator role; you are viewer/);
+
+    const list = await cli(['tokens', 'list']);
+    assert.match(list.out, new RegExp(`${api_token.id}\\s+read-only\\s+viewer`));
+    assert.equal((await cli(['tokens', 'revoke', api_token.id])).code, 0);
+    const revoked = await cli(['devices', 'list'], { FLEETHUB_TOKEN: token });
+    assert.equal(revoked.code, 1);
+    assert.match(revoked.err, /invalid, expired or revoked/);
+  });
+
+  test('--help prints usage with exit 0; bad usage exits 2', async () => {
+    for (const command of ['login', 'orgs', 'products', 'devices', 'groups', 'firmware', 'target', 'status', 'tokens']) {
+      const res = await cli([command, '--help']);
+      assert.equal(res.code, 0, command);
+      assert.match(res.out, /Usage/, command);
+    }
+    assert.equal((await cli(['devices', 'list', '--colour'])).code, 2);
+    assert.equal((await cli(['target', 'set', '1.0.0'])).code, 2);
+    assert.equal((await cli(['frobnicate'])).code, 2);
+  });
+
+  test('without a reachable server the CLI says where it tried', async () => {
+    const res = await cli(['orgs'], { FLEETHUB_URL: 'http://127.0.0.1:9', FLEETHUB_TOKEN: 'x' });
+    assert.equal(res.code, 1);
+    assert.match(res.err, /cannot reach http:\/\/127\.0\.0\.1:9/);
+  });
+});
