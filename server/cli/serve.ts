@@ -13,23 +13,24 @@ export async function runServeCommand(argv: string[]): Promise<number> {
   const users = await server.database.db.selectFrom('users').select((eb) => eb.fn.countAll<number>().as('n')).executeTakeFirstOrThrow();
   const rel = (p: string) => path.relative(process.cwd(), p) || '.';
   const certsDir = rel(config.certsDir);
+  const socketUrl = `${server.deviceUrl.replace(/^https:/, 'wss:')}/socket`;
   const banner = [
     '',
     `fleethub is running (node ${config.nodeName}, database: ${server.database.kind === 'pglite' ? `embedded PGlite in ${rel(config.dataDir)}` : 'PostgreSQL'})`,
     '',
     `  operator API      ${server.apiUrl}/api/v1   (OpenAPI: ${server.apiUrl}/api/docs)`,
-    `  devices (mTLS)    ${server.deviceUrl}/socket   (development PKI in ${certsDir})`,
+    `  devices (mTLS)    ${socketUrl}   (development PKI in ${certsDir})`,
     config.keyauthPort ? `  keyauth (TCP)     ${config.host}:${config.keyauthPort}` : '',
     '',
     Number(users.n) === 0
       ? `Create the first admin:\n  npx fleethub users create --email admin@example.com --password 'choose-a-long-one' --role admin\n`
       : '',
     'Connect 10 simulated devices (certificates are issued from the development PKI):',
-    `  npx fleethub-device simulate --count 10 --url ${server.deviceUrl}/socket --pki ${certsDir} --certs ${rel(path.join(config.dataDir, 'sim-certs'))}`,
+    `  npx fleethub-device simulate --count 10 --url ${socketUrl} --pki ${certsDir} --certs ${rel(path.join(config.dataDir, 'sim-certs'))}`,
     '',
     'Connect one device with its own certificate:',
     `  npx fleethub certs device dev-0001 --out ${rel(path.join(config.dataDir, 'dev-0001'))}`,
-    `  npx fleethub-device connect --url ${server.deviceUrl}/socket --cert ${rel(path.join(config.dataDir, 'dev-0001/cert.pem'))} --key ${rel(path.join(config.dataDir, 'dev-0001/key.pem'))} --ca ${rel(path.join(config.dataDir, 'dev-0001/ca.pem'))} --version 1.0.0`,
+    `  npx fleethub-device connect --url ${socketUrl} --cert ${rel(path.join(config.dataDir, 'dev-0001/cert.pem'))} --key ${rel(path.join(config.dataDir, 'dev-0001/key.pem'))} --ca ${rel(path.join(config.dataDir, 'dev-0001/ca.pem'))}`,
     '',
   ]
     .filter((line, i, all) => line !== '' || all[i - 1] !== '')
