@@ -1,0 +1,358 @@
+/**
+ * Fleet functions for devices that speak other protocols than Phoenix (the edges: GRiSP, WiFiDogX,
+ * Main Server, keyauth). Edges know versions, not firmware uuids, and send their own update
+ * commands; the state machine, targets and audit log stay the fleet's (updates.ts, targets.ts).
+ *
+ * Lifecycle an edge follows:
+ *   findOrRegisterEdgeDevice → (operator) approveDevice → edgeDeviceOnline → recordUpdateSent
+ *   → applyUpdateReport / transitionAttempt → edgeDeviceOnline (new version: settles) → edgeDeviceOffline
+ */
+import { sql } from 'kysely';
+import { audit, type Actor } from '../audit.ts';
+import type { Db } from '../db/index.ts';
+import type { Device, DeviceApproval, DeviceProtocol, Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
+import { inTransaction, Topics, type FleetContext } from './context.ts';
+import { deviceDisconnected } from './connections.ts';
+import { getDevice } from './devices.ts';
+import { FleetError, isUuid, validVersion } from './errors.ts';
+import { OPEN_STATES, reconcileAttempts } from './reconcile.ts';
+import { deviceActor, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
+
+/** The device an edge connection speaks for (from a certificate, a token or an approved claim). */
+export interface EdgeDeviceRef {
+  deviceId: string;
+  orgId: string;
+}
+
+export interface RegisterEdgeDeviceInput {
+  orgId: string;
+  productId: string;
+  /** The device's own name for itself (GRiSP serial, WiFiDogX device_id, ...); unique per product. */
+  identifier: string;
+  protocol: DeviceProtocol;
+  /** Approval of a device seen for the first time: `pending` until an operator approves (default). */
+  approval?: Extract<DeviceApproval, 'approved' | 'pending'>;
+  description?: string | null;
+}
+
+/**
+ * The device `identifier` names in the product, registering it (with `approval`, default pending)
+ * when unknown. Concurrent first contacts create it once. An existing device keeps its approval.
+ */
+export async function findOrRegisterEdgeDevice(ctx: FleetContext, input: RegisterEdgeDeviceInput): Promise<{ device: Device; created: boolean }> {
+  const identifier = validEdgeIdentifier(input.identifier);
+  return inTransaction(ctx, async (trx, outbox) => {
+    const inserted = await trx
+      .insertInto('devices')
+      .values({
+        org_id: input.orgId,
+        product_id: input.productId,
+        identifier,
+        protocol: input.protocol,
+        approval: input.approval ?? 'pending',
+        description: input.description ?? null,
+      })
+      .onConflict((oc) => oc.columns(['product_id', 'identifier']).doNothing())
+      .returningAll()
+      .executeTakeFirst();
+    if (inserted) {
+      await audit(trx, { type: 'system', id: null }, {
+        orgId: inserted.org_id,
+        action: 'device.registered',
+        resourceType: 'device',
+        resourceId: inserted.id,
+        details: { identifier, product_id: inserted.product_id, protocol: input.protocol, approval: inserted.approval, via: 'edge' },
+      });
+      outbox.push({ topic: Topics.operator(inserted.org_id), event: 'device_registered', payload: { device_id: inserted.id, identifier, protocol: input.protocol, approval: inserted.approval } });
+      return { device: inserted, created: true };
+    }
+    const device = await trx.selectFrom('devices').selectAll().where('product_id', '=', input.productId).where('identifier', '=', identifier).executeTakeFirstOrThrow();
+    if (device.org_id !== input.orgId) throw new FleetError('conflict', 'the product belongs to another organization', { product_id: input.productId });
+    return { device, created: false };
+  });
+}
+
+/**
+ * An operator approves a pending (or revoked) device: it may now receive commands and updates.
+ * Connected edges hear `device_approved` on the device topic.
+ */
+export async function approveDevice(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string): Promise<Device> {
+  return setApproval(ctx, actor, orgId, deviceId, 'approved');
+}
+
+/** An operator revokes a device: it is refused from now on; connected edges hear `device_revoked` and disconnect it. */
+export async function revokeDevice(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string): Promise<Device> {
+  return setApproval(ctx, actor, orgId, deviceId, 'revoked');
+}
+
+async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, approval: 'approved' | 'revoked'): Promise<Device> {
+  const device = await getDevice(ctx, orgId, deviceId);
+  return inTransaction(ctx, async (trx, outbox) => {
+    const updated = await trx.updateTable('devices').set({ approval, updated_at: new Date() }).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
+    if (device.approval === approval) return updated;
+    await audit(trx, actor, { orgId, action: approval === 'approved' ? 'device.approve' : 'device.revoke', resourceType: 'device', resourceId: device.id, details: { from: device.approval, identifier: device.identifier } });
+    if (approval === 'revoked') {
+      // A revoked device gets nothing more: its in-flight updates end here.
+      const cancelled = await trx
+        .updateTable('update_attempts')
+        .set({ state: 'cancelled', completed_at: sql<Date>`now()`, updated_at: sql<Date>`now()` })
+        .where('device_id', '=', device.id)
+        .where('state', 'in', OPEN_STATES)
+        .returningAll()
+        .execute();
+      for (const a of cancelled) outbox.push(transitionEvent(a));
+    }
+    const event = approval === 'approved' ? 'device_approved' : 'device_revoked';
+    outbox.push({ topic: Topics.device(device.id), event, payload: { device_id: device.id } });
+    outbox.push({ topic: Topics.operator(orgId), event, payload: { device_id: device.id, identifier: device.identifier } });
+    return updated;
+  });
+}
+
+/** Records which protocol a device speaks (e.g. a GRiSP board registered just in time by its certificate). */
+export async function setDeviceProtocol(ctx: FleetContext, deviceId: string, protocol: DeviceProtocol): Promise<void> {
+  await ctx.db.updateTable('devices').set({ protocol }).where('id', '=', deviceId).where('protocol', '!=', protocol).execute();
+}
+
+export interface EdgeOnlineInput {
+  /** The version the device runs (a semantic version). */
+  version: string;
+  component?: string;
+  /** Node holding the connection (default: this node). */
+  node?: string;
+  platform?: string | null;
+  architecture?: string | null;
+  /**
+   * false: record the running version and presence only, leave in-flight attempts alone (GRiSP
+   * before `validate`: the new image runs but is not committed yet). Default true.
+   */
+  settle?: boolean;
+}
+
+export interface EdgeOnlineOutcome {
+  device: Device;
+  /** The firmware record of the running version (created without an image when unknown). */
+  running: Firmware;
+  /** The firmware the device should update to, when it does not run its target (approved devices only). */
+  target?: Firmware;
+  /** The open attempt for `target` (queued/sent/begun/downloading), to mark sent when the edge sends. */
+  attempt?: UpdateAttempt;
+  /** When this connection was recorded; pass it to `edgeDeviceOffline`. */
+  connectedAt: string;
+}
+
+/**
+ * An edge device is connected here and runs `version`: records the running version (firmware row
+ * by product+component+version, created with has_blob=false when unknown), marks it online on
+ * this node, settles in-flight attempts (running the target → succeeded; finished then back on
+ * another version → rolled_back), reconciles attempts with its target, and returns the target
+ * the device should update to. Pending devices are recorded online but resolve no target;
+ * revoked devices are refused (`forbidden`).
+ */
+export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, input: EdgeOnlineInput): Promise<EdgeOnlineOutcome> {
+  const version = validVersion(input.version);
+  const component = input.component ?? 'firmware';
+  const connectedAt = new Date();
+  return inTransaction(ctx, async (trx, outbox) => {
+    const current = await trx.selectFrom('devices').selectAll().where('id', '=', ref.deviceId).forUpdate().executeTakeFirst();
+    if (!current || current.org_id !== ref.orgId) throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
+    if (current.approval === 'revoked') throw new FleetError('forbidden', 'this device is revoked; an operator must approve it again', { approval: current.approval });
+
+    const running = await firmwareForVersion(trx, current, component, version, input);
+    const previous = component === 'firmware' ? current.firmware_version : (await trx.selectFrom('device_components').select('version').where('device_id', '=', current.id).where('component', '=', component).executeTakeFirst())?.version;
+    const device = await trx
+      .updateTable('devices')
+      .set({
+        ...(component === 'firmware'
+          ? { firmware_uuid: running.id, firmware_version: version, platform: running.platform ?? current.platform, architecture: running.architecture ?? current.architecture }
+          : {}),
+        connection_status: 'online',
+        connected_node: input.node ?? ctx.nodeName,
+        last_seen_at: connectedAt,
+        updated_at: connectedAt,
+      })
+      .where('id', '=', current.id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
+    await trx
+      .insertInto('device_components')
+      .values({ device_id: current.id, component, version, firmware_id: running.id })
+      .onConflict((oc) => oc.columns(['device_id', 'component']).doUpdateSet({ version, firmware_id: running.id, updated_at: sql`now()` }))
+      .execute();
+    if (previous !== version) {
+      await audit(trx, deviceActor(ref), {
+        orgId: current.org_id,
+        action: 'device.firmware_changed',
+        resourceType: 'device',
+        resourceId: current.id,
+        details: { component, from_version: previous ?? null, to_version: version, firmware_id: running.id, protocol: current.protocol },
+      });
+    }
+    outbox.push({ topic: Topics.operator(current.org_id), event: 'device_status', payload: { device_id: current.id, status: 'online', version, node: input.node ?? ctx.nodeName, protocol: current.protocol } });
+
+    if (current.approval !== 'approved' || input.settle === false) return { device, running, connectedAt: connectedAt.toISOString() };
+
+    await settleAttemptsOnJoin(trx, ref, running.id, outbox, component);
+    await reconcileAttempts(trx, { ids: [current.id] }, component);
+    const attempt = await trx
+      .selectFrom('update_attempts')
+      .selectAll()
+      .where('device_id', '=', current.id)
+      .where('component', '=', component)
+      .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])
+      .orderBy('created_at', 'desc')
+      .limit(1)
+      .executeTakeFirst();
+    if (!attempt || attempt.firmware_id === running.id) return { device, running, connectedAt: connectedAt.toISOString() };
+    const target = await trx.selectFrom('firmware').selectAll().where('id', '=', attempt.firmware_id).executeTakeFirstOrThrow();
+    return { device, running, target, attempt, connectedAt: connectedAt.toISOString() };
+  });
+}
+
+/** The firmware row for a reported version; unknown versions are recorded without an image. */
+async function firmwareForVersion(trx: Db, device: Device, component: string, version: string, input: EdgeOnlineInput): Promise<Firmware> {
+  const find = () => trx.selectFrom('firmware').selectAll().where('product_id', '=', device.product_id).where('component', '=', component).where('version', '=', version).executeTakeFirst();
+  const found = await find();
+  if (found) return found;
+  await trx
+    .insertInto('firmware')
+    .values({
+      org_id: device.org_id,
+      product_id: device.product_id,
+      component,
+      version,
+      platform: input.platform ?? null,
+      architecture: input.architecture ?? null,
+      metadata: JSON.stringify({ reported_by: device.id, protocol: device.protocol }),
+      has_blob: false,
+    })
+    .onConflict((oc) => oc.doNothing())
+    .execute();
+  const created = await find();
+  if (!created) throw new Error(`firmware ${component} ${version} vanished while recording it`);
+  return created;
+}
+
+/**
+ * The edge sent the update command for `firmware`: the device's open attempt for it becomes
+ * `sent` (created when the device has none, e.g. a resend after an operator retry).
+ */
+export async function recordUpdateSent(ctx: FleetContext, ref: EdgeDeviceRef, firmware: Firmware, via: string): Promise<UpdateAttempt> {
+  return inTransaction(ctx, async (trx, outbox) => {
+    const device = await trx.selectFrom('devices').select(['id', 'org_id', 'firmware_version', 'product_id']).where('id', '=', ref.deviceId).forUpdate().executeTakeFirst();
+    if (!device || device.org_id !== ref.orgId) throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
+    const running = firmware.component === 'firmware'
+      ? device.firmware_version
+      : ((await trx.selectFrom('device_components').select('version').where('device_id', '=', device.id).where('component', '=', firmware.component).executeTakeFirst())?.version ?? null);
+    const now = sql<Date>`now()`;
+    const open = await trx
+      .selectFrom('update_attempts')
+      .select('id')
+      .where('device_id', '=', device.id)
+      .where('firmware_id', '=', firmware.id)
+      .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])
+      .orderBy('created_at', 'desc')
+      .executeTakeFirst();
+    const attempt = open
+      ? await trx.updateTable('update_attempts').set({ state: 'sent', sent_at: now, updated_at: now, from_version: running, via }).where('id', '=', open.id).returningAll().executeTakeFirstOrThrow()
+      : await trx
+          .insertInto('update_attempts')
+          .values({ org_id: device.org_id, device_id: device.id, firmware_id: firmware.id, component: firmware.component, from_version: running, to_version: firmware.version, state: 'sent', via, sent_at: new Date() })
+          .returningAll()
+          .executeTakeFirstOrThrow();
+    outbox.push(transitionEvent(attempt));
+    return attempt;
+  });
+}
+
+export interface TransitionInput {
+  to: UpdateState;
+  /** Only attempts in these states move (default: any open state). */
+  from?: readonly UpdateState[];
+  component?: string;
+  /** Only the attempt for this firmware (default: the newest open attempt). */
+  firmwareId?: string;
+  errors?: string[];
+  percent?: number;
+  /** Audit action detail (why), e.g. `no report within 600 s`. */
+  reason?: string;
+}
+
+const FINAL_STATES: readonly UpdateState[] = ['succeeded', 'failed', 'rolled_back', 'timed_out', 'cancelled'];
+
+/**
+ * Moves the device's newest open attempt to `to`, for states the report events cannot express
+ * (`timed_out`, `failed` from an edge-specific error, `succeeded` after an edge's validation).
+ * Returns the attempt, or undefined when no attempt was in a `from` state.
+ */
+export async function transitionAttempt(ctx: FleetContext, ref: EdgeDeviceRef, input: TransitionInput): Promise<UpdateAttempt | undefined> {
+  const from = input.from ?? OPEN_STATES;
+  return inTransaction(ctx, async (trx, outbox) => {
+    let query = trx
+      .selectFrom('update_attempts')
+      .selectAll()
+      .where('device_id', '=', ref.deviceId)
+      .where('component', '=', input.component ?? 'firmware')
+      .where('state', 'in', from);
+    if (input.firmwareId) query = query.where('firmware_id', '=', input.firmwareId);
+    const attempt = await query.orderBy('created_at', 'desc').limit(1).forUpdate().executeTakeFirst();
+    if (!attempt) return undefined;
+    const now = sql<Date>`now()`;
+    const final = FINAL_STATES.includes(input.to);
+    const updated = await trx
+      .updateTable('update_attempts')
+      .set({
+        state: input.to,
+        updated_at: now,
+        ...(final ? { completed_at: now } : {}),
+        ...(input.to === 'begun' ? { begun_at: now } : {}),
+        ...(input.to === 'finished' ? { finished_at: now, percent: 100 } : {}),
+        ...(input.percent !== undefined ? { percent: input.percent } : {}),
+        ...(input.errors ? { errors: JSON.stringify(input.errors) } : {}),
+      })
+      .where('id', '=', attempt.id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
+    await audit(trx, deviceActor(ref), {
+      orgId: ref.orgId,
+      action: `update.${input.to}`,
+      resourceType: 'update_attempt',
+      resourceId: attempt.id,
+      details: { device_id: ref.deviceId, version: attempt.to_version, from_state: attempt.state, ...(input.reason ? { reason: input.reason } : {}), ...(input.errors ? { errors: input.errors } : {}) },
+    });
+    outbox.push(transitionEvent(updated));
+    return updated;
+  });
+}
+
+/** The edge connection of a device ended on this node: offline unless a newer connection took over. */
+export async function edgeDeviceOffline(ctx: FleetContext, deviceId: string, connectedAt?: string): Promise<boolean> {
+  return deviceDisconnected(ctx, deviceId, connectedAt);
+}
+
+/** Devices (ids) among `deviceIds` that a target change for `change` concerns: members of its group, or the device itself. */
+export async function devicesConcernedByTargetChange(
+  db: Db,
+  change: { product_id?: unknown; group_id?: unknown; device_id?: unknown },
+  deviceIds: readonly string[],
+): Promise<string[]> {
+  const ids = deviceIds.filter(isUuid);
+  if (ids.length === 0) return [];
+  if (typeof change.device_id === 'string') return ids.includes(change.device_id) ? [change.device_id] : [];
+  if (typeof change.group_id === 'string' && isUuid(change.group_id)) {
+    const rows = await db.selectFrom('group_devices').select('device_id').where('group_id', '=', change.group_id).where('device_id', 'in', ids).execute();
+    return rows.map((r) => r.device_id);
+  }
+  if (typeof change.product_id === 'string' && isUuid(change.product_id)) {
+    const rows = await db.selectFrom('devices').select('id').where('product_id', '=', change.product_id).where('id', 'in', ids).execute();
+    return rows.map((r) => r.id);
+  }
+  return [];
+}
+
+function validEdgeIdentifier(value: unknown): string {
+  if (typeof value !== 'string' || value.length < 1 || value.length > 200 || /[\u0000-\u001f\u007f]/.test(value)) {
+    throw new FleetError('invalid', 'a device identifier must be 1-200 printable characters', { field: 'identifier' });
+  }
+  return value;
+}
