@@ -76,6 +76,8 @@ export interface DeviceClientEvents {
   update_error: [{ version: string; errors: string[] }];
   rebooted: [RunningFirmware];
   warning: [string];
+  /** Every report pushed to the server (begin, progress, finish, error). */
+  reported: [{ event: string; payload: Record<string, unknown> }];
 }
 
 export class DeviceClientError extends Error {
@@ -385,11 +387,13 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
 
   #push(event: string, payload: Record<string, unknown>): void {
     this.#deviceChannel?.push(event, payload);
+    this.emit('reported', { event, payload });
   }
 
   #pushAndWait(event: string, payload: Record<string, unknown>, timeoutMs = 10_000): Promise<void> {
     const channel = this.#deviceChannel;
     if (!channel) return Promise.reject(new UpdateFailure(`not connected: cannot report ${event}`));
+    this.emit('reported', { event, payload });
     return new Promise((resolve, reject) => {
       channel
         .push(event, payload, timeoutMs)

@@ -1,0 +1,353 @@
+/**
+ * Many simulated devices in one process. A protocol adapter (`registerSimulatorProtocol`) turns
+ * one device spec into something that starts, stops and reports `SimEvent`s; the simulator
+ * staggers the starts, injects faults through the adapter and keeps the counts.
+ * `phoenix` (seed 002, this package's DeviceClient) is built in; other edges register theirs.
+ */
+import { EventEmitter } from 'node:events';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import https from 'node:https';
+import path from 'node:path';
+import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { DeviceClient, deviceStateDir, type UpdateFaults } from './index.ts';
+import type { DeviceTls } from './download.ts';
+
+/** What every simulated device reports, whatever protocol it speaks. */
+export type SimEvent =
+  | { type: 'connected' }
+  | { type: 'disconnected' }
+  | { type: 'joined' }
+  | { type: 'update_begin'; version: string }
+  | { type: 'update_succeeded'; version: string }
+  | { type: 'update_failed'; version: string; errors: string[] }
+  | { type: 'download_resumed' }
+  | { type: 'url_refreshed' };
+
+export interface FaultRates {
+  failDownload: number;
+  corrupt: number;
+  dropConnection: number;
+  rejectInstall: number;
+  /** Throttle every download to this many kbit/s (0: unthrottled). */
+  slowLinkKbps: number;
+}
+
+export interface SimDeviceSpec {
+  serial: string;
+  index: number;
+  url: string;
+  tls: DeviceTls;
+  stateDir: string;
+  firmware: { uuid: string; version: string };
+  /** Decides the faults of one update (seeded, so runs are reproducible). */
+  faults: () => UpdateFaults | undefined;
+}
+
+/** What the simulator needs from a device of any protocol. */
+export interface SimDevice {
+  start(): Promise<void>;
+  stop(): Promise<void>;
+}
+
+export interface SimShared {
+  /** One HTTPS agent for every download (TLS session cache). */
+  agent: https.Agent;
+  /** TLS sessions of every device's socket, for cheap reconnects. */
+  sessions: Map<string, Buffer>;
+}
+
+export interface SimulatorProtocol {
+  name: string;
+  createDevice(spec: SimDeviceSpec, shared: SimShared, report: (event: SimEvent) => void): SimDevice;
+}
+
+const protocols = new Map<string, SimulatorProtocol>();
+
+/** Makes `--protocol <name>` available to `fleethub-device simulate`. */
+export function registerSimulatorProtocol(protocol: SimulatorProtocol): void {
+  protocols.set(protocol.name, protocol);
+}
+
+export function simulatorProtocols(): string[] {
+  return [...protocols.keys()];
+}
+
+registerSimulatorProtocol({
+  name: 'phoenix',
+  createDevice(spec, shared, report) {
+    const client = new DeviceClient({
+      url: spec.url,
+      tls: spec.tls,
+      stateDir: spec.stateDir,
+      firmware: spec.firmware,
+      agent: shared.agent,
+      sessionCache: shared.sessions,
+      sessionKey: spec.serial,
+      faults: spec.faults,
+      downloadRetryDelayMs: (n) => Math.min(100 * 2 ** (n - 1), 2000),
+    });
+    client.on('connected', () => report({ type: 'connected' }));
+    client.on('disconnected', () => report({ type: 'disconnected' }));
+    client.on('joined', () => report({ type: 'joined' }));
+    client.on('update_begin', ({ version }) => report({ type: 'update_begin', version }));
+    client.on('update_error', ({ version, errors }) => report({ type: 'update_failed', version, errors }));
+    client.on('url_refused', () => report({ type: 'url_refreshed' }));
+    client.on('update_finished', ({ attempts }) => {
+      if (attempts > 1) report({ type: 'download_resumed' });
+    });
+    client.on('rebooted', (running) => report({ type: 'update_succeeded', version: running.version }));
+    return { start: () => client.start(), stop: () => client.stop() };
+  },
+});
+
+export interface SimulationOptions {
+  protocol?: string;
+  count: number;
+  url: string;
+  /** `<certsDir>/<serial>/{cert,key,ca}.pem`; created through `pkiDir` when missing. */
+  certsDir: string;
+  pkiDir?: string;
+  /** Where each device keeps its slots (`<slotsDir>/<serial>`). */
+  slotsDir: string;
+  serialPrefix?: string;
+  firmware?: { uuid: string; version: string };
+  faults?: Partial<FaultRates>;
+  /** Milliseconds between two device starts. */
+  staggerMs?: number;
+  seed?: number;
+}
+
+export interface DeviceTally {
+  serial: string;
+  connected: boolean;
+  joined: boolean;
+  updating: string | null;
+  succeeded: number;
+  failed: number;
+  lastError: string | null;
+}
+
+export interface SimulationSummary {
+  devices: number;
+  connected: number;
+  joined: number;
+  updating: number;
+  /** Updates that ended with the device running the new firmware. */
+  succeeded: number;
+  /** Updates that ended with `firmware_update_error`. */
+  failed: number;
+  resumedDownloads: number;
+  urlRefreshes: number;
+  errors: Record<string, number>;
+}
+
+/** A running simulation: `summary()` any time, `stop()` at the end. */
+export class Simulation extends EventEmitter<{ change: [] }> {
+  readonly tallies: DeviceTally[] = [];
+  #devices: SimDevice[] = [];
+  #resumed = 0;
+  #refreshes = 0;
+  #agent = new https.Agent({ keepAlive: false, maxCachedSessions: 10_000 });
+  #startTimers: NodeJS.Timeout[] = [];
+
+  constructor(readonly options: SimulationOptions) {
+    super();
+  }
+
+  /** Enrolls missing certificates, then starts the devices `staggerMs` apart (resolves when all started). */
+  async start(): Promise<void> {
+    const o = this.options;
+    const protocol = protocols.get(o.protocol ?? 'phoenix');
+    if (!protocol) throw new Error(`unknown protocol ${JSON.stringify(o.protocol)}; available: ${simulatorProtocols().join(', ')}`);
+    const creds = await enrollDevices(o);
+    const random = mulberry32(o.seed ?? 1);
+    const rates: FaultRates = { failDownload: 0, corrupt: 0, dropConnection: 0, rejectInstall: 0, slowLinkKbps: 0, ...o.faults };
+    const shared: SimShared = { agent: this.#agent, sessions: new Map() };
+    const firmware = o.firmware ?? { uuid: randomUUID(), version: '0.0.1' };
+    const starts: Promise<void>[] = [];
+    creds.forEach((cred, index) => {
+      const tally: DeviceTally = { serial: cred.serial, connected: false, joined: false, updating: null, succeeded: 0, failed: 0, lastError: null };
+      this.tallies.push(tally);
+      const spec: SimDeviceSpec = {
+        serial: cred.serial,
+        index,
+        url: o.url,
+        tls: cred.tls,
+        stateDir: deviceStateDir(o.slotsDir, cred.serial),
+        firmware,
+        faults: () => pickFaults(rates, random),
+      };
+      const device = protocol.createDevice(spec, shared, (event) => this.#record(tally, event));
+      this.#devices.push(device);
+      starts.push(
+        new Promise<void>((resolve, reject) => {
+          this.#startTimers.push(setTimeout(() => device.start().then(resolve, reject), index * (o.staggerMs ?? 10)));
+        }),
+      );
+    });
+    await Promise.all(starts);
+  }
+
+  #record(tally: DeviceTally, event: SimEvent): void {
+    switch (event.type) {
+      case 'connected':
+        tally.connected = true;
+        break;
+      case 'disconnected':
+        tally.connected = false;
+        tally.joined = false;
+        break;
+      case 'joined':
+        tally.joined = true;
+        break;
+      case 'update_begin':
+        tally.updating = event.version;
+        break;
+      case 'update_succeeded':
+        tally.updating = null;
+        tally.succeeded++;
+        break;
+      case 'update_failed':
+        tally.updating = null;
+        tally.failed++;
+        tally.lastError = event.errors[0] ?? 'unknown error';
+        break;
+      case 'download_resumed':
+        this.#resumed++;
+        break;
+      case 'url_refreshed':
+        this.#refreshes++;
+        break;
+      default:
+        assertNever(event);
+    }
+    this.emit('change');
+  }
+
+  summary(): SimulationSummary {
+    const errors: Record<string, number> = {};
+    for (const t of this.tallies) {
+      if (t.failed && t.lastError) {
+        const kind = errorKind(t.lastError);
+        errors[kind] = (errors[kind] ?? 0) + t.failed;
+      }
+    }
+    return {
+      devices: this.tallies.length,
+      connected: this.tallies.filter((t) => t.connected).length,
+      joined: this.tallies.filter((t) => t.joined).length,
+      updating: this.tallies.filter((t) => t.updating !== null).length,
+      succeeded: sum(this.tallies.map((t) => t.succeeded)),
+      failed: sum(this.tallies.map((t) => t.failed)),
+      resumedDownloads: this.#resumed,
+      urlRefreshes: this.#refreshes,
+      errors,
+    };
+  }
+
+  /** Resolves when `predicate(summary)` holds (checked on every change), or rejects after `timeoutMs`. */
+  waitFor(predicate: (s: SimulationSummary) => boolean, timeoutMs = 120_000): Promise<SimulationSummary> {
+    return new Promise((resolve, reject) => {
+      const check = () => {
+        const s = this.summary();
+        if (!predicate(s)) return;
+        cleanup();
+        resolve(s);
+      };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new Error(`simulation did not reach the expected state within ${timeoutMs} ms: ${JSON.stringify(this.summary())}`));
+      }, timeoutMs);
+      const cleanup = () => {
+        clearTimeout(timer);
+        this.off('change', check);
+      };
+      this.on('change', check);
+      check();
+    });
+  }
+
+  async stop(): Promise<void> {
+    for (const t of this.#startTimers) clearTimeout(t);
+    await Promise.all(this.#devices.map((d) => d.stop().catch(() => undefined)));
+    this.#agent.destroy();
+  }
+}
+
+/** Buckets an error message for the summary (the first words before any detail). */
+function errorKind(message: string): string {
+  if (/sha256 mismatch/.test(message)) return 'sha256_mismatch';
+  if (/signature/.test(message)) return 'signature';
+  if (/installer|install command/.test(message)) return 'install_rejected';
+  if (/download|connection/.test(message)) return 'download_failed';
+  if (/refused the download/.test(message)) return 'url_refused';
+  return 'other';
+}
+
+function pickFaults(rates: FaultRates, random: () => number): UpdateFaults | undefined {
+  const faults: UpdateFaults = {};
+  if (random() < rates.failDownload) faults.failDownload = true;
+  if (random() < rates.corrupt) faults.corrupt = true;
+  if (random() < rates.dropConnection) faults.dropAfterBytes = 16 * 1024;
+  if (random() < rates.rejectInstall) faults.rejectInstall = true;
+  if (rates.slowLinkKbps > 0) faults.kbps = rates.slowLinkKbps;
+  return Object.keys(faults).length ? faults : undefined;
+}
+
+interface EnrolledDevice {
+  serial: string;
+  tls: DeviceTls;
+}
+
+/**
+ * Reads `<certsDir>/<serial>/{cert,key,ca}.pem` for every simulated device, issuing missing ones
+ * through the development PKI. Simulated devices share one RSA key (generating 2048-bit keys for
+ * thousands of devices would dominate start-up); identity is the certificate's CN.
+ */
+export async function enrollDevices(o: Pick<SimulationOptions, 'count' | 'certsDir' | 'pkiDir' | 'serialPrefix'>): Promise<EnrolledDevice[]> {
+  const prefix = o.serialPrefix ?? 'sim';
+  const width = String(o.count - 1).length;
+  const out: EnrolledDevice[] = [];
+  let issuer: { material: import('../certs/pki.ts').PkiMaterial; issue: typeof import('../certs/pki.ts').issueDeviceCertificate } | undefined;
+  let sharedKeyPem: string | undefined;
+  for (let i = 0; i < o.count; i++) {
+    const serial = `${prefix}-${String(i).padStart(Math.max(width, 4), '0')}`;
+    const dir = path.join(o.certsDir, serial);
+    const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') };
+    if (!existsSync(files.cert) || !existsSync(files.key) || !existsSync(files.ca)) {
+      if (!o.pkiDir) throw new Error(`${dir} has no device certificate; pass --pki <dir> to issue one from the development PKI (fleethub certs init)`);
+      if (!issuer) {
+        const pki = await import('../certs/pki.ts');
+        issuer = { material: pki.loadPki(o.pkiDir), issue: pki.issueDeviceCertificate };
+      }
+      sharedKeyPem ??= generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs1', format: 'pem' }).toString();
+      const issued = issuer.issue(issuer.material, serial, { keyPem: sharedKeyPem });
+      mkdirSync(dir, { recursive: true });
+      writeFileSync(files.key, issued.keyPem, { mode: 0o600 });
+      writeFileSync(files.cert, issued.certPem);
+      writeFileSync(files.ca, issuer.material.rootCa.certPem);
+    }
+    out.push({ serial, tls: { cert: readFileSync(files.cert, 'utf8'), key: readFileSync(files.key, 'utf8'), ca: readFileSync(files.ca, 'utf8') } });
+  }
+  return out;
+}
+
+/** Small seeded PRNG: fault injection must be reproducible with --seed. */
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function sum(values: number[]): number {
+  return values.reduce((a, b) => a + b, 0);
+}
+
+function assertNever(value: never): never {
+  throw new Error(`unexpected simulator event ${JSON.stringify(value)}`);
+}
