@@ -9,7 +9,7 @@ import path from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { fingerprintOfPem, initDevPki, type PkiMaterial } from '../certs/pki.ts';
 import { SYSTEM } from './audit.ts';
-import { createEndpoint, createPubSub, phoenixProtocolHandler, type Endpoint, type PubSubWithStats } from './channels/index.ts';
+import { createEndpoint, createPubSub, phoenixProtocolHandler, type Endpoint, type PubSubAdapter, type PubSubWithStats } from './channels/index.ts';
 import type { Config } from './config.ts';
 import { openDatabase, type DatabaseHandle } from './db/index.ts';
 import { migrateToLatest } from './db/migrate.ts';
@@ -40,6 +40,8 @@ export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
   database?: DatabaseHandle;
   log?: Logger;
+  /** How PubSub reaches other nodes (e.g. `PgAdapter`); default: in-process only. Stopped by `close()`. */
+  pubsubAdapter?: PubSubAdapter;
 }
 
 export interface RunningServer {
@@ -80,7 +82,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   const { created, material: pki } = await initDevPki(config.certsDir);
   if (created.length) log.info({ dir: config.certsDir, created }, 'created development PKI');
 
-  const pubsub = createPubSub({ log: log.child({ component: 'pubsub' }) });
+  const pubsub = createPubSub({ adapter: options.pubsubAdapter, log: log.child({ component: 'pubsub' }) });
   const blobs = new LocalBlobStore(path.join(config.dataDir, 'blobs'));
 
   // The device listener's port is known only after listen(); signed URLs use it lazily.
