@@ -216,6 +216,7 @@ const FIRMWARE_USAGE = `Usage:
   fleethub firmware list [--product P] [--component C]
   fleethub firmware show <id>
   fleethub firmware delete <id>      (refused while a group or device targets it)
+Uploads and signing keys: fleethub firmware upload | keys | sign | keygen --help
 Options: --org O --json --url --token`;
 
 interface FirmwareRow {

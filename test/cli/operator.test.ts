@@ -1,4 +1,5 @@
 import assert from 'node:assert/strict';
+import { execFile } from 'node:child_process';
 import { mkdtempSync, rmSync, statSync, readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -165,6 +166,19 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.equal((await cli(['devices', 'list', '--colour'])).code, 2);
     assert.equal((await cli(['target', 'set', '1.0.0'])).code, 2);
     assert.equal((await cli(['frobnicate'])).code, 2);
+  });
+
+  test('the fleethub binary dispatches operator commands to the same code', async () => {
+    const result = await new Promise<{ code: number; stdout: string; stderr: string }>((resolve) => {
+      execFile(
+        process.execPath,
+        ['--import', 'tsx', 'server/cli/index.ts', 'devices', 'list', '--json', '--search', 'cli-'],
+        { env: { ...process.env, ...env(), FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken }, timeout: 60_000 },
+        (err, stdout, stderr) => resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+      );
+    });
+    assert.equal(result.code, 0, result.stderr);
+    assert.equal(JSON.parse(result.stdout).total, 3);
   });
 
   test('without a reachable server the CLI says where it tried', async () => {
