@@ -17,6 +17,7 @@ import { createDeviceSocket } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
 import { registerOperatorSocket } from './api/socket.ts';
+import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
 import { createFirmwareUrlSigner, registerFirmwareDownload } from './firmware/download.ts';
 import {
@@ -138,6 +139,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     idleTimeoutMs: config.heartbeatTimeoutMs,
     checkOrigin: config.allowedOrigins.length ? config.allowedOrigins : undefined,
   });
+  // Operator dashboard at `/` (H10): static ES modules, live over the operator socket above.
+  await registerDashboard(api);
 
   // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
   await markNodeAlive(fleet);
