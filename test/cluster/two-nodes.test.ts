@@ -1,0 +1,147 @@
+/**
+ * Two full fleethub nodes on one PostgreSQL schema: an operator acts through node A's REST API,
+ * the device is connected to node B with the official phoenix client over mutual TLS. Every
+ * push crosses nodes through the PgAdapter. Skipped on PGlite (single-node by design).
+ */
+import assert from 'node:assert/strict';
+import { randomUUID } from 'node:crypto';
+import { after, before, describe, test } from 'node:test';
+import type { Channel, Socket } from 'phoenix';
+import { createUser } from '../../server/api/index.ts';
+import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
+import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
+import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
+
+const SKIP = process.env.DATABASE_URL ? false : 'needs DATABASE_URL=postgres://… (PGlite has no LISTEN/NOTIFY between processes, so a PGlite server is single-node)';
+
+const IMAGE_V1 = Buffer.alloc(1000, 1);
+const IMAGE_V2 = Buffer.from(Array.from({ length: 3000 }, (_, i) => (i * 31) % 256));
+
+interface FirmwareJson {
+  id: string;
+  version: string;
+  sha256: string | null;
+  size: number | null;
+}
+
+describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
+  let cluster: Cluster;
+  let nodeA: ClusterNode;
+  let nodeB: ClusterNode;
+  let token: string;
+  let v1: FirmwareJson;
+  let v2: FirmwareJson;
+  const sockets: Socket[] = [];
+
+  /** Calls node A's operator API as an admin; throws with the server's error on a non-2xx answer. */
+  async function callA<T>(method: string, url: string, body?: unknown): Promise<T> {
+    const res = await fetch(`${nodeA.apiUrl}/api/v1${url}`, {
+      method,
+      headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
+    return (text ? JSON.parse(text) : undefined) as T;
+  }
+
+  /** A device with a certificate from the registered signer CA, on node B, joined to its device channel. */
+  async function deviceOnNodeB(firmwareUuid: string): Promise<{ serial: string; socket: Socket; channel: Channel }> {
+    const serial = `cluster-${randomUUID().slice(0, 8)}`;
+    const socket = await openSocket(nodeB.socketUrl, { tls: await deviceTlsOptions(await deviceCert(serial)) });
+    sockets.push(socket);
+    const channel = socket.channel(`device:${firmwareUuid}`, {});
+    await joinChannel(channel);
+    return { serial, socket, channel };
+  }
+
+  /** Streams an image to node A's firmware upload. */
+  async function uploadViaNodeA(version: string, image: Buffer): Promise<FirmwareJson> {
+    const res = await fetch(`${nodeA.apiUrl}/api/v1/firmware?org=default&product=default&version=${version}`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' },
+      body: image,
+    });
+    assert.equal(res.status, 201, await res.clone().text());
+    return (await res.json()) as FirmwareJson;
+  }
+
+  /** A unique group of the default product, created through node A. */
+  async function groupViaNodeA(): Promise<{ id: string; name: string; topic: string }> {
+    return callA('POST', '/orgs/default/groups', { product: 'default', name: `g-${randomUUID().slice(0, 8)}` });
+  }
+
+  before(async () => {
+    cluster = await startCluster(2);
+    [nodeA, nodeB] = cluster.nodes as [ClusterNode, ClusterNode];
+    const email = `admin-${randomUUID().slice(0, 8)}@example.com`;
+    const password = 'cluster-password-123456';
+    await createUser(nodeA.database.db, { email, password, role: 'admin' });
+    const login = await fetch(`${nodeA.apiUrl}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email, password }) });
+    assert.equal(login.status, 200, await login.clone().text());
+    token = ((await login.json()) as { token: string }).token;
+    v1 = await uploadViaNodeA('1.0.0', IMAGE_V1);
+    v2 = await uploadViaNodeA('2.0.0', IMAGE_V2);
+  });
+
+  after(async () => {
+    await Promise.allSettled(sockets.map((s) => disconnectSocket(s)));
+    await cluster?.close();
+  });
+
+  test('each node has its own listeners and PubSub, and both listen on one NOTIFY channel', () => {
+    assert.notEqual(nodeA.deviceUrl, nodeB.deviceUrl);
+    assert.notEqual(nodeA.adapter.origin, nodeB.adapter.origin);
+    assert.equal(nodeA.adapter.channel, nodeB.adapter.channel);
+    assert.notEqual(nodeA.pubsub, nodeB.pubsub);
+  });
+
+  test('a device on node B gets a join push when node A adds it to a group', async () => {
+    const device = await deviceOnNodeB(v1.id);
+    const group = await groupViaNodeA();
+    const [joinPush] = await Promise.all([
+      nextEvent(device.channel, 'join'),
+      callA('POST', `/orgs/default/groups/${group.name}/devices`, { devices: [device.serial] }),
+    ]);
+    assert.deepEqual(joinPush, { channel: group.topic });
+    // The group channel it was told about is joinable on node B.
+    await joinChannel(device.socket.channel(group.topic, {}));
+  });
+
+  test('a device on node B gets firmware_update once when an operator retargets its group through node A', async () => {
+    const device = await deviceOnNodeB(v1.id);
+    const group = await groupViaNodeA();
+    await Promise.all([nextEvent(device.channel, 'join'), callA('POST', `/orgs/default/groups/${group.name}/devices`, { devices: [device.serial] })]);
+    const groupChannel = device.socket.channel(group.topic, {});
+    const updates: Record<string, unknown>[] = [];
+    groupChannel.on('firmware_update', (payload: Record<string, unknown>) => {
+      updates.push(payload);
+    });
+    const deviceChannelUpdates: Record<string, unknown>[] = [];
+    device.channel.on('firmware_update', (payload: Record<string, unknown>) => {
+      deviceChannelUpdates.push(payload);
+    });
+    await joinChannel(groupChannel);
+
+    const [payload] = await Promise.all([
+      nextEvent(groupChannel, 'firmware_update'),
+      callA('PUT', `/orgs/default/groups/${group.name}/target`, { version: '2.0.0' }),
+    ]);
+    assert.equal(payload.version, '2.0.0');
+    assert.equal(payload.firmware_uuid, v2.id);
+    assert.equal(payload.sha256, v2.sha256);
+    assert.equal(payload.size, IMAGE_V2.length);
+    assert.match(String(payload.url), new RegExp(`^${nodeA.deviceUrl}/firmware/${v2.id}\\?`), 'node A signed the download URL');
+
+    // A round trip on the socket: a duplicate still in flight would arrive before this reply.
+    await pushAndWait(device.channel, 'no_such_event', {});
+    assert.equal(updates.length + deviceChannelUpdates.length, 1, 'exactly one firmware_update');
+    const attempt = await nodeB.database.db
+      .selectFrom('update_attempts')
+      .innerJoin('devices', 'devices.id', 'update_attempts.device_id')
+      .select('update_attempts.state')
+      .where('devices.identifier', '=', device.serial)
+      .executeTakeFirstOrThrow();
+    assert.equal(attempt.state, 'sent');
+  });
+});
