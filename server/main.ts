@@ -36,6 +36,7 @@ import {
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
 import { createLogger, type Logger } from './log.ts';
+import { registerGrispEdge } from './edges/grisp/index.ts'; // H6: GRiSP edge
 
 export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
@@ -141,6 +142,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   });
   // Operator dashboard at `/` (H10): static ES modules, live over the operator socket above.
   await registerDashboard(api);
+  await registerGrispEdge({ fleet, pubsub, log, blobs, secret, deviceApp: deviceListener.app, api, deviceBaseUrl: () => devicePublicUrl, urlTtlSeconds: config.firmwareUrlTtlSeconds }); // H6: GRiSP edge (lead: tidy)
 
   // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
   await markNodeAlive(fleet);
