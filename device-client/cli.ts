@@ -6,7 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { DeviceClient, ExecInstaller } from './index.ts';
-import { Simulation, simulatorProtocols, type SimulationSummary } from './simulator.ts';
+import { Simulation, simulatorProtocols, summaryTable } from './simulator.ts';
 
 const USAGE = `Usage:
   fleethub-device connect --cert cert.pem --key key.pem --ca ca.pem --url wss://host:4001/socket
@@ -187,23 +187,6 @@ async function simulate(argv: string[]): Promise<number> {
   return 0;
 }
 
-/** The final table: one line per count, then failures by kind. */
-export function summaryTable(s: SimulationSummary): string {
-  const rows: [string, number][] = [
-    ['devices', s.devices],
-    ['connected', s.connected],
-    ['joined', s.joined],
-    ['updating', s.updating],
-    ['succeeded', s.succeeded],
-    ['failed', s.failed],
-    ['resumed downloads', s.resumedDownloads],
-    ['url refreshes', s.urlRefreshes],
-    ...Object.entries(s.errors).map(([k, v]): [string, number] => [`failed: ${k}`, v]),
-  ];
-  const width = Math.max(...rows.map(([k]) => k.length));
-  return ['METRIC'.padEnd(width) + '  COUNT', ...rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`)].join('\n') + '\n';
-}
-
 /** A one-line progress bar on stderr when it is a terminal; silent otherwise. */
 function progressBar() {
   const tty = process.stderr.isTTY;
@@ -238,8 +221,8 @@ function int(flag: string, value: string, min: number): number {
   return n;
 }
 
-// bin/fleethub-device.js imports this module; `tsx device-client/cli.ts ...` runs it directly too.
-main(process.argv.slice(2)).then(
+// Runs when started as the program (bin/fleethub-device.js or `tsx device-client/cli.ts`), not when imported.
+if (process.argv[1] && /(fleethub-device(\.js)?|device-client[\\/]cli\.ts)$/.test(process.argv[1])) main(process.argv.slice(2)).then(
   (code) => {
     process.exitCode = code;
   },

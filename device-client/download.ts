@@ -178,20 +178,21 @@ async function consume(response: IncomingMessage, options: DownloadOptions, stat
         }
         state.fetched += chunk.length;
         let data = chunk;
+        // Injected cut: keep only the bytes before the cut point, then drop the connection.
+        const cut = dropAt !== undefined && receivedThisAttempt + data.length >= dropAt;
+        if (cut) data = data.subarray(0, Math.max(0, dropAt! - receivedThisAttempt));
         if (corruptPending) {
           data = Buffer.from(chunk);
           data[data.length >> 1]! ^= 0xff;
           corruptPending = false;
         }
-        await handle.write(data, 0, data.length, state.have);
+        if (data.length > 0) await handle.write(data, 0, data.length, state.have);
         // Hash only what is on disk, so a resume continues the digest exactly.
         state.hash.update(data);
         state.have += data.length;
         receivedThisAttempt += data.length;
         options.onProgress?.(state.have, options.size);
-        if (dropAt !== undefined && receivedThisAttempt >= dropAt) {
-          response.destroy(new Error('connection dropped (injected fault)'));
-        }
+        if (cut) response.destroy(new Error('connection dropped (injected fault)'));
         if (faults?.kbps) {
           const due = startedAt + (receivedThisAttempt * 8) / faults.kbps;
           const wait = due - Date.now();

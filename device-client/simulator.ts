@@ -274,6 +274,23 @@ export class Simulation extends EventEmitter<{ change: [] }> {
   }
 }
 
+/** The final table: one line per count, then failures by kind. */
+export function summaryTable(s: SimulationSummary): string {
+  const rows: [string, number][] = [
+    ['devices', s.devices],
+    ['connected', s.connected],
+    ['joined', s.joined],
+    ['updating', s.updating],
+    ['succeeded', s.succeeded],
+    ['failed', s.failed],
+    ['resumed downloads', s.resumedDownloads],
+    ['url refreshes', s.urlRefreshes],
+    ...Object.entries(s.errors).map(([k, v]): [string, number] => [`failed: ${k}`, v]),
+  ];
+  const width = Math.max(...rows.map(([k]) => k.length));
+  return ['METRIC'.padEnd(width) + '  COUNT', ...rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`)].join('\n') + '\n';
+}
+
 /** Buckets an error message for the summary (the first words before any detail). */
 function errorKind(message: string): string {
   if (/sha256 mismatch/.test(message)) return 'sha256_mismatch';
