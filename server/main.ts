@@ -16,6 +16,8 @@ import { migrateToLatest } from './db/migrate.ts';
 import { createDeviceSocket } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
+import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts'; // H7 edges (lead: tidy)
+import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts'; // H7 edges
 import { registerOperatorSocket } from './api/socket.ts';
 import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
@@ -59,6 +61,8 @@ export interface RunningServer {
   operatorEndpoint: Endpoint;
   api: FastifyInstance;
   blobs: LocalBlobStore;
+  /** The seed-003 TCP listener (H7), when enabled. */
+  keyauth?: KeyauthServer;
   /** `https://localhost:<port>` of the mutual-TLS device listener. */
   deviceUrl: string;
   /** `http(s)://127.0.0.1:<port>` of the operator API. */
@@ -130,8 +134,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     api,
     // identity's addSignerCa/removeSignerCa notify the listener themselves after commit.
     { fleet, db: database.db, log, pubsub, secret, blobs },
-    [async (scope) => firmwareApiRoutes(scope, { fleet, blobs })],
+    [async (scope) => firmwareApiRoutes(scope, { fleet, blobs }), mainServerApiPlugin({ fleet, blobs }), keyauthApiPlugin({ fleet })],
   );
+  const mainServer = await registerMainServer(api, { fleet, blobs, log }); registerKeyauthDownloads(api, { fleet, blobs, secret }); // H7 edges
   const operatorEndpoint = await registerOperatorSocket(api, {
     db: database.db,
     secret,
@@ -164,6 +169,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await api.listen({ host: config.host, port: config.apiPort });
   const devicePort = (deviceListener.app.server.address() as AddressInfo).port;
   const apiPort = (api.server.address() as AddressInfo).port;
+  const keyauth: KeyauthServer | undefined = config.keyauthPort >= 0 ? await startKeyauth({ fleet, pubsub, log, secret, host: config.host, port: config.keyauthPort, downloadBaseUrl: () => `http://${hostForUrl(config.host)}:${apiPort}` }) : undefined; // H7 edges (0 = ephemeral, -1 = off)
   if (config.devicePort === 0 && config.devicePublicUrl.endsWith(':0')) {
     devicePublicUrl = `https://localhost:${devicePort}`;
     signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
@@ -183,6 +189,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     operatorEndpoint,
     api,
     blobs,
+    keyauth, // H7 edges
     deviceUrl: `https://localhost:${devicePort}`,
     apiUrl: `http://${hostForUrl(config.host)}:${apiPort}`,
     async close() {
@@ -193,6 +200,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
       await deviceEndpoint.close();
       await operatorEndpoint.close();
+      await Promise.allSettled([mainServer.close(), keyauth?.close()]); // H7 edges
       await Promise.allSettled([deviceListener.close(), api.close()]);
       await reconcileOfflineDevices(fleet, { ownConnections: true }).catch(() => 0);
       await removeNode(fleet).catch(() => undefined);
