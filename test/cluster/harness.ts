@@ -36,20 +36,19 @@ export async function startCluster(count: number): Promise<Cluster> {
   const schema = shared.schema!;
   // Nodes of one cluster share the signing secret (signed firmware URLs and JWTs work on any node).
   const secret = `cluster-secret-${Math.random().toString(36).slice(2)}`;
+  // One data directory for all, like a shared volume: a blob uploaded to one node downloads from any.
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-cluster-'));
   const nodes: ClusterNode[] = [];
   const handles: DatabaseHandle[] = [];
-  const dirs: string[] = [];
   const closeAll = async () => {
     for (const node of nodes.reverse()) await node.close().catch(() => undefined);
     for (const handle of handles) await handle.close().catch(() => undefined);
     await shared.close();
-    for (const dir of dirs) rmSync(dir, { recursive: true, force: true });
+    rmSync(dataDir, { recursive: true, force: true });
   };
   try {
     for (let i = 0; i < count; i++) {
       const nodeName = `node-${String.fromCharCode(97 + i)}-${process.pid}`;
-      const dataDir = mkdtempSync(path.join(os.tmpdir(), `fleethub-${nodeName}-`));
-      dirs.push(dataDir);
       const config = loadConfig([], {}, {
         dataDir,
         certsDir: pki.dir,

@@ -4,7 +4,8 @@
  * push crosses nodes through the PgAdapter. Skipped on PGlite (single-node by design).
  */
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
+import https from 'node:https';
 import { after, before, describe, test } from 'node:test';
 import type { Channel, Socket } from 'phoenix';
 import { createUser } from '../../server/api/index.ts';
@@ -55,12 +56,27 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     return { serial, socket, channel };
   }
 
+  /** GETs `url` over mutual TLS as a device; resolves with the status and body. */
+  async function downloadAsDevice(url: string, serial: string): Promise<{ status: number; body: Buffer }> {
+    const tls = await deviceTlsOptions(await deviceCert(serial));
+    return new Promise((resolve, reject) => {
+      https
+        .get(url, { ...tls, agent: false }, (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body: Buffer.concat(chunks) }));
+          res.on('error', reject);
+        })
+        .on('error', reject);
+    });
+  }
+
   /** Streams an image to node A's firmware upload. */
   async function uploadViaNodeA(version: string, image: Buffer): Promise<FirmwareJson> {
     const res = await fetch(`${nodeA.apiUrl}/api/v1/firmware?org=default&product=default&version=${version}`, {
       method: 'POST',
       headers: { authorization: `Bearer ${token}`, 'content-type': 'application/octet-stream' },
-      body: image,
+      body: new Uint8Array(image),
     });
     assert.equal(res.status, 201, await res.clone().text());
     return (await res.json()) as FirmwareJson;
@@ -143,5 +159,11 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
       .where('devices.identifier', '=', device.serial)
       .executeTakeFirstOrThrow();
     assert.equal(attempt.state, 'sent');
+
+    // Behind a load balancer the download may land on either node: node B serves node A's signed URL.
+    const viaNodeB = String(payload.url).replace(nodeA.deviceUrl, nodeB.deviceUrl);
+    const download = await downloadAsDevice(viaNodeB, device.serial);
+    assert.equal(download.status, 200);
+    assert.equal(createHash('sha256').update(download.body).digest('hex'), v2.sha256);
   });
 });
