@@ -147,5 +147,6 @@ function route() {
 
 api.whenUnauthorized(() => showLogin('Your session has expired. Sign in again.'));
 window.addEventListener('hashchange', route);
-if (api.token()) start().catch((err) => (err.status === 401 ? showLogin() : failed(err)));
+// A refused token already went back to the sign-in form through whenUnauthorized.
+if (api.token()) start().catch((err) => err.status !== 401 && failed(err));
 else showLogin();

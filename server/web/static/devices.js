@@ -93,13 +93,25 @@ export function devicesView(ctx) {
   };
 }
 
-/** Routes this server offers to approve or reject a device, from its OpenAPI document (null when none). */
-async function approvalRoutes() {
-  const paths = Object.keys(await apiPaths());
-  const find = (pattern) => paths.find((p) => pattern.test(p))?.replace(/^\/api\/v1/, '');
-  const approve = find(/\/orgs\/\{org\}\/devices\/\{[^}]+\}\/approve$/);
-  const reject = find(/\/orgs\/\{org\}\/devices\/\{[^}]+\}\/(reject|revoke)$/);
+const escapeRegExp = (text) => text.replace(/[.*+?^${}()|[\]\\/]/g, '\\$&');
+
+/** An approve route and a reject (or revoke) route under `base` + `{device}/`, or null. */
+function routePair(paths, base) {
+  const find = (verbs) => paths.find((p) => new RegExp(`^${escapeRegExp(base)}\\{[^}]+\\}/(${verbs})$`).test(p));
+  const approve = find('approve');
+  const reject = find('reject|revoke');
   return approve && reject ? { approve, reject } : null;
+}
+
+/**
+ * How to approve a device on this server, read from its OpenAPI document: a generic
+ * `/orgs/{org}/devices/{device}/approve` when there is one, else its edge's own
+ * `/<protocol>/devices/{device}/approve` (e.g. Main Server). Null when neither exists.
+ */
+async function approvalRoutes() {
+  const paths = Object.keys(await apiPaths()).map((p) => p.replace(/^\/api\/v1/, ''));
+  const generic = routePair(paths, '/orgs/{org}/devices/');
+  return (device) => generic ?? routePair(paths, `/${device.protocol}/devices/`);
 }
 
 /** Devices whose approval is `pending` (edge devices that registered themselves), with Approve and Reject. */
@@ -115,8 +127,9 @@ export function pendingView(ctx) {
   }
 
   async function refresh() {
-    const [routes, pending] = await Promise.all([approvalRoutes(), pendingDevices(ctx)]);
-    fill(note, routes ? '' : 'This server has no approval route in its API yet, so the buttons are disabled. Approve devices with the CLI meanwhile.');
+    const [routesFor, pending] = await Promise.all([approvalRoutes(), pendingDevices(ctx)]);
+    const without = [...new Set(pending.filter((d) => !routesFor(d)).map((d) => d.protocol))];
+    fill(note, without.length ? `This server's API has no approval route for ${without.join(', ')} devices yet, so their buttons are disabled. Approve them with the CLI meanwhile.` : '');
     const button = (label, verb, route, d) =>
       h(
         'button',
@@ -130,8 +143,9 @@ export function pendingView(ctx) {
         },
         label,
       );
-    const rows = pending.map((d) =>
-      h(
+    const rows = pending.map((d) => {
+      const routes = routesFor(d);
+      return h(
         'tr',
         { 'data-device-id': d.id },
         h('th', { scope: 'row' }, d.identifier),
@@ -139,8 +153,8 @@ export function pendingView(ctx) {
         h('td', {}, d.protocol),
         h('td', {}, time(d.created_at)),
         h('td', { class: 'actions' }, button('Approve', 'approved', routes?.approve, d), button('Reject', 'rejected', routes?.reject, d)),
-      ),
-    );
+      );
+    });
     fill(results, table('Pending devices', ['Identifier', 'Product', 'Protocol', 'Registered', 'Actions'], rows, 'No device is waiting for approval.'));
   }
 
