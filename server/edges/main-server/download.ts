@@ -8,7 +8,7 @@ import type { Firmware } from '../../db/schema.ts';
 import type { BlobStore, ByteRange } from '../../firmware/blob-store.ts';
 import { parseRange } from '../../firmware/download.ts';
 
-export type PackageRow = Pick<Firmware, 'id' | 'sha256' | 'size' | 'has_blob' | 'component' | 'version'>;
+export type PackageRow = Pick<Firmware, 'id' | 'sha256' | 'size' | 'has_blob' | 'component' | 'version' | 'format'>;
 
 /** Starts streaming the package (the route then returns `reply`); false (nothing sent) when its image is not stored. */
 export async function servePackage(request: FastifyRequest, reply: FastifyReply, blobs: BlobStore, firmware: PackageRow): Promise<boolean> {
@@ -22,8 +22,8 @@ export async function servePackage(request: FastifyRequest, reply: FastifyReply,
     .header('etag', etag)
     .header('x-checksum-sha256', sha256)
     .header('digest', `sha-256=${Buffer.from(sha256, 'hex').toString('base64')}`)
-    .header('content-type', 'application/zip')
-    .header('content-disposition', `attachment; filename="${safeName(firmware.component)}-${safeName(firmware.version)}.zip"`)
+    .header('content-type', firmware.format === 'main-server-zip' ? 'application/zip' : 'application/octet-stream')
+    .header('content-disposition', `attachment; filename="${safeName(firmware.component)}-${safeName(firmware.version)}${firmware.format === 'main-server-zip' ? '.zip' : '.bin'}"`)
     .header('cache-control', 'private, max-age=0');
   let range: ByteRange | 'unsatisfiable' | undefined = parseRange(request.headers.range, size);
   const ifRange = request.headers['if-range'];

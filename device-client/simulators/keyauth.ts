@@ -1,0 +1,211 @@
+/**
+ * A simulated seed-003 client: keeps an RSA-2048 key in `stateDir`, authorises with 101 (on 102
+ * it retries until an operator approves the key), then over AES-256-GCM/RSA-OAEP envelopes
+ * reports `status`, polls `check_update`, downloads the offered URL, verifies its sha256,
+ * "installs" it and reports progress / error / success. Heartbeats keep it online.
+ */
+import { createHash, createPrivateKey, createPublicKey, generateKeyPairSync, type KeyObject } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { existsSync, readFileSync } from 'node:fs';
+import { mkdir, writeFile } from 'node:fs/promises';
+import net from 'node:net';
+import path from 'node:path';
+import { open, seal } from '../../server/edges/keyauth/envelope.ts';
+import { registerSimulatorProtocol } from '../simulator.ts';
+
+export interface KeyauthClientOptions {
+  host: string;
+  port: number;
+  stateDir: string;
+  version: string;
+  component?: string;
+  name?: string;
+  /** Resend 101 this often while the key is pending; poll check_update this often once authorised. */
+  pollIntervalMs?: number;
+  heartbeatIntervalMs?: number;
+  faults?: () => { corrupt?: boolean } | undefined;
+}
+
+interface Reply {
+  code: number;
+  data?: Record<string, unknown>;
+  error?: { msg: string; type: string };
+}
+
+export class KeyauthClient extends EventEmitter {
+  readonly o: KeyauthClientOptions;
+  version: string;
+  readonly privateKey: KeyObject;
+  readonly publicKeyPem: string;
+  socket: net.Socket | undefined;
+  serverKey: KeyObject | undefined;
+  #buffer = '';
+  #waiting: Array<(reply: Reply) => void> = [];
+  #timers = new Set<NodeJS.Timeout>();
+  #stopped = false;
+  #busy = false;
+
+  constructor(options: KeyauthClientOptions) {
+    super();
+    this.o = options;
+    const keyFile = path.join(options.stateDir, 'keyauth-key.pem');
+    const versionFile = path.join(options.stateDir, 'keyauth-version');
+    const pem = existsSync(keyFile) ? readFileSync(keyFile, 'utf8') : generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+    this.privateKey = createPrivateKey(pem);
+    this.publicKeyPem = createPublicKey(this.privateKey).export({ type: 'spki', format: 'pem' }).toString();
+    this.version = existsSync(versionFile) ? readFileSync(versionFile, 'utf8').trim() : options.version;
+    if (!existsSync(keyFile)) void mkdir(options.stateDir, { recursive: true }).then(() => writeFile(keyFile, pem, { mode: 0o600 }));
+  }
+
+  get component(): string {
+    return this.o.component ?? 'firmware';
+  }
+
+  /** Sends one line and waits for the one response it gets. */
+  #request(message: unknown): Promise<Reply> {
+    return new Promise((resolve, reject) => {
+      if (!this.socket || this.socket.destroyed) return reject(new Error('not connected'));
+      this.#waiting.push(resolve);
+      this.socket.write(JSON.stringify(message) + '\n');
+    });
+  }
+
+  /** An encrypted action; the response is opened with our key. */
+  async action(action: string, data: Record<string, unknown> = {}): Promise<Reply> {
+    if (!this.serverKey) throw new Error('not authorised');
+    const raw = await this.#request(seal(this.serverKey, { action, data }));
+    return ('enc' in raw ? open(this.privateKey, raw) : raw) as Reply;
+  }
+
+  async start(): Promise<void> {
+    await mkdir(this.o.stateDir, { recursive: true });
+    await this.#connect();
+  }
+
+  async #connect(): Promise<void> {
+    if (this.#stopped) return;
+    const socket = net.connect({ host: this.o.host, port: this.o.port });
+    this.socket = socket;
+    socket.setEncoding('utf8');
+    socket.on('data', (chunk: string) => {
+      this.#buffer += chunk;
+      let nl: number;
+      while ((nl = this.#buffer.indexOf('\n')) >= 0) {
+        const line = this.#buffer.slice(0, nl);
+        this.#buffer = this.#buffer.slice(nl + 1);
+        this.#waiting.shift()?.(JSON.parse(line) as Reply);
+      }
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => {
+      this.serverKey = undefined;
+      this.#waiting = [];
+      this.emit('disconnected');
+      if (!this.#stopped) this.#later(1000, () => this.#connect());
+    });
+    await new Promise<void>((resolve, reject) => {
+      socket.once('connect', resolve);
+      socket.once('error', reject);
+    }).catch(() => undefined);
+    if (!socket.destroyed) await this.#authorise();
+  }
+
+  #later(ms: number, fn: () => Promise<void>): void {
+    const t = setTimeout(() => {
+      this.#timers.delete(t);
+      void fn().catch((err: unknown) => this.emit('warning', (err as Error).message));
+    }, ms);
+    this.#timers.add(t);
+  }
+
+  async #authorise(): Promise<void> {
+    if (this.#stopped || !this.socket || this.socket.destroyed) return;
+    const reply = await this.#request({ code: 101, data: { key: this.publicKeyPem, ...(this.o.name ? { name: this.o.name } : {}) } });
+    if (reply.code === 102) {
+      this.emit('pending', reply);
+      this.#later(this.o.pollIntervalMs ?? 30_000, () => this.#authorise());
+      return;
+    }
+    if (reply.code !== 103 || typeof reply.data?.key !== 'string') return void this.emit('warning', `unexpected answer to 101: ${JSON.stringify(reply)}`);
+    this.serverKey = createPublicKey(reply.data.key);
+    this.emit('authorised');
+    await this.action('status', { version: this.version, component: this.component });
+    await this.checkForUpdate();
+    const poll = setInterval(() => void this.checkForUpdate().catch(() => undefined), this.o.pollIntervalMs ?? 30_000);
+    const beat = setInterval(() => void this.action('heartbeat').catch(() => undefined), this.o.heartbeatIntervalMs ?? 60_000);
+    this.#timers.add(poll).add(beat);
+    this.socket.once('close', () => {
+      clearInterval(poll);
+      clearInterval(beat);
+    });
+  }
+
+  /** Asks for an update and installs it when one is offered. */
+  async checkForUpdate(): Promise<void> {
+    if (!this.serverKey || this.#busy) return;
+    this.#busy = true;
+    try {
+      const reply = await this.action('check_update', { version: this.version, component: this.component });
+      const update = reply.data?.update as { version: string; url: string; sha256: string; size: number } | null | undefined;
+      if (reply.code !== 200 || !update) return;
+      const report = (data: Record<string, unknown>) => this.action('report', { component: this.component, version: update.version, ...data });
+      this.emit('update_begin', update);
+      await report({ type: 'progress', percent: 0 });
+      const res = await fetch(update.url);
+      if (!res.ok) {
+        await report({ type: 'error', message: `download failed: HTTP ${res.status}` });
+        return void this.emit('update_failed', { version: update.version, error: `HTTP ${res.status}` });
+      }
+      const data = Buffer.from(await res.arrayBuffer());
+      if (this.o.faults?.()?.corrupt && data.length) data[0] ^= 0xff;
+      const sha256 = createHash('sha256').update(data).digest('hex');
+      if (sha256 !== update.sha256) {
+        const error = `sha256 mismatch: expected ${update.sha256}, got ${sha256}`;
+        await report({ type: 'error', message: error });
+        return void this.emit('update_failed', { version: update.version, error });
+      }
+      await report({ type: 'progress', percent: 100, bytes: data.length, total: data.length });
+      await writeFile(path.join(this.o.stateDir, 'keyauth-image.bin'), data);
+      await writeFile(path.join(this.o.stateDir, 'keyauth-version'), update.version);
+      this.version = update.version;
+      const done = await report({ type: 'success' });
+      this.emit('update_succeeded', { version: update.version, state: done.data?.state });
+    } finally {
+      this.#busy = false;
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    for (const t of this.#timers) clearTimeout(t);
+    this.#timers.clear();
+    this.socket?.destroy();
+  }
+}
+
+/** `fleethub-device simulate --protocol keyauth --url tcp://host:4002`. */
+registerSimulatorProtocol({
+  name: 'keyauth',
+  createDevice(spec, _shared, report) {
+    const url = new URL(spec.url.replace(/^(wss?|https?):/, 'tcp:'));
+    const client = new KeyauthClient({
+      host: url.hostname,
+      port: Number(url.port || 4002),
+      stateDir: spec.stateDir,
+      version: spec.firmware.version,
+      name: spec.serial,
+      pollIntervalMs: 2000,
+      faults: () => ({ corrupt: spec.faults()?.corrupt }),
+    });
+    client.on('authorised', () => {
+      report({ type: 'connected' });
+      report({ type: 'joined' });
+    });
+    client.on('disconnected', () => report({ type: 'disconnected' }));
+    client.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
+    client.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
+    client.on('update_failed', ({ version, error }: { version: string; error: string }) => report({ type: 'update_failed', version, errors: [error] }));
+    client.on('warning', () => undefined);
+    return { start: () => client.start(), stop: () => client.stop() };
+  },
+});

@@ -1,0 +1,254 @@
+/**
+ * A simulated Raspberry Pi speaking seed 000 (Main Server REST): registers, waits for approval
+ * (or uses a pre-approved token), collects its device token with its claim, heartbeats, polls
+ * `/updates`, downloads the package, verifies its sha256, backs up the extension, installs the
+ * ZIP, reports `update-status`, and restores the backup (`rolled_back`) when the install fails.
+ * State (token, claim, installed versions and files) lives in `stateDir`.
+ */
+import { createHash } from 'node:crypto';
+import { EventEmitter } from 'node:events';
+import { existsSync, readFileSync } from 'node:fs';
+import { cp, mkdir, rm, writeFile, rename } from 'node:fs/promises';
+import path from 'node:path';
+import { extractZip, parseManifest, MANIFEST_NAME } from '../../server/edges/main-server/package.ts';
+import { registerSimulatorProtocol } from '../simulator.ts';
+
+export interface MainServerDeviceOptions {
+  /** API listener base URL, e.g. `http://127.0.0.1:4000` (`/api/main-server` is appended). */
+  url: string;
+  deviceId: string;
+  name?: string;
+  ip?: string;
+  stateDir: string;
+  /** Extensions installed on first start. */
+  extensions: Array<{ name: string; version: string }>;
+  /** A pre-approved device token (`fleethub main-server add`). */
+  token?: string;
+  pollIntervalMs?: number;
+  heartbeatIntervalMs?: number;
+  /** Faults for one update. */
+  faults?: () => { corrupt?: boolean; rejectInstall?: boolean } | undefined;
+}
+
+interface SavedState {
+  token?: string;
+  claim?: string;
+  versions: Record<string, string>;
+}
+
+interface UpdateOffer {
+  extension_id: number;
+  name: string;
+  current_version: string | null;
+  available_version: string;
+  is_compatible: boolean;
+  update_available: boolean;
+  sha256?: string;
+  download_url?: string;
+}
+
+export class MainServerDevice extends EventEmitter {
+  readonly o: MainServerDeviceOptions;
+  state: SavedState;
+  #timers = new Set<NodeJS.Timeout>();
+  #stopped = false;
+  #busy = false;
+
+  constructor(options: MainServerDeviceOptions) {
+    super();
+    this.o = options;
+    const file = this.#stateFile();
+    this.state = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as SavedState) : { versions: Object.fromEntries(options.extensions.map((e) => [e.name, e.version])) };
+    if (options.token) this.state.token = options.token;
+  }
+
+  #stateFile(): string {
+    return path.join(this.o.stateDir, 'main-server.json');
+  }
+
+  async #save(): Promise<void> {
+    await mkdir(this.o.stateDir, { recursive: true });
+    const tmp = `${this.#stateFile()}.tmp`;
+    await writeFile(tmp, JSON.stringify(this.state, null, 2), { mode: 0o600 });
+    await rename(tmp, this.#stateFile());
+  }
+
+  async #call<T>(method: string, pathname: string, body?: unknown): Promise<{ status: number; body: T }> {
+    const res = await fetch(`${this.o.url.replace(/\/+$/, '')}/api/main-server${pathname}`, {
+      method,
+      headers: { ...(body !== undefined ? { 'content-type': 'application/json' } : {}), ...(this.state.token ? { authorization: `Bearer ${this.state.token}` } : {}) },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    return { status: res.status, body: (text ? JSON.parse(text) : {}) as T };
+  }
+
+  #extensions(): Array<{ name: string; version: string }> {
+    return Object.entries(this.state.versions).map(([name, version]) => ({ name, version }));
+  }
+
+  #every(ms: number, fn: () => Promise<void>): void {
+    const t = setInterval(() => void fn().catch((err: unknown) => this.emit('warning', (err as Error).message)), ms);
+    this.#timers.add(t);
+  }
+
+  /** Registers (or resumes with a saved token), then heartbeats and polls for updates. */
+  async start(): Promise<void> {
+    await this.#save();
+    const poll = this.o.pollIntervalMs ?? 30_000;
+    if (!this.state.token) {
+      await this.#register();
+      if (!this.state.token) this.#every(poll, () => this.#register());
+    }
+    this.#every(this.o.heartbeatIntervalMs ?? 60_000, () => this.heartbeat());
+    this.#every(poll, () => this.checkForUpdates());
+    if (this.state.token) {
+      this.emit('approved');
+      await this.heartbeat();
+      await this.checkForUpdates();
+    }
+  }
+
+  async stop(): Promise<void> {
+    this.#stopped = true;
+    for (const t of this.#timers) clearInterval(t);
+    this.#timers.clear();
+  }
+
+  async #register(): Promise<void> {
+    if (this.state.token || this.#stopped) return;
+    const res = await this.#call<{ status?: string; claim_token?: string; device_token?: string; error?: string; details?: string }>('POST', '/register-device', {
+      device_id: this.o.deviceId,
+      name: this.o.name ?? this.o.deviceId,
+      ip: this.o.ip ?? '127.0.0.1',
+      extensions: this.#extensions(),
+      ...(this.state.claim ? { claim_token: this.state.claim } : {}),
+    });
+    if (res.status === 202) {
+      if (res.body.claim_token) this.state.claim = res.body.claim_token;
+      await this.#save();
+      this.emit('pending');
+      return;
+    }
+    if (res.status === 200 && res.body.device_token) {
+      this.state.token = res.body.device_token;
+      delete this.state.claim;
+      await this.#save();
+      this.emit('approved');
+      await this.heartbeat();
+      await this.checkForUpdates();
+      return;
+    }
+    this.emit('warning', `register-device answered ${res.status}: ${res.body.error ?? ''} ${res.body.details ?? ''}`);
+  }
+
+  async heartbeat(): Promise<void> {
+    if (!this.state.token || this.#stopped) return;
+    const res = await this.#call('POST', '/heartbeat', { device_id: this.o.deviceId, status: 'online', timestamp: new Date().toISOString() });
+    if (res.status !== 200) this.emit('warning', `heartbeat answered ${res.status}`);
+  }
+
+  /** Polls `/updates` and installs every compatible update offered, one at a time. */
+  async checkForUpdates(): Promise<void> {
+    if (!this.state.token || this.#stopped || this.#busy) return;
+    this.#busy = true;
+    try {
+      const res = await this.#call<{ updates: UpdateOffer[] }>('GET', '/updates');
+      if (res.status !== 200) return void this.emit('warning', `GET /updates answered ${res.status}`);
+      for (const offer of res.body.updates) {
+        if (!offer.update_available || !offer.download_url || !offer.sha256) continue;
+        if (!offer.is_compatible) {
+          this.emit('incompatible', offer);
+          continue;
+        }
+        await this.#install(offer);
+      }
+    } finally {
+      this.#busy = false;
+    }
+  }
+
+  async #status(offer: UpdateOffer, status: string, extra: Record<string, unknown> = {}): Promise<void> {
+    const res = await this.#call('POST', '/update-status', { device_id: this.o.deviceId, extension_id: offer.extension_id, version: offer.available_version, status, timestamp: new Date().toISOString(), ...extra });
+    if (res.status !== 200) this.emit('warning', `update-status ${status} answered ${res.status}`);
+  }
+
+  async #install(offer: UpdateOffer): Promise<void> {
+    const faults = this.o.faults?.() ?? {};
+    const version = offer.available_version;
+    this.emit('update_begin', { name: offer.name, version });
+    await this.#status(offer, 'in_progress', { progress: 0 });
+    const fail = async (status: 'failed' | 'rolled_back', error: string) => {
+      await this.#status(offer, status, { error });
+      this.emit('update_failed', { name: offer.name, version, status, error });
+    };
+    // 1. download and verify.
+    const res = await fetch(offer.download_url!, { headers: { authorization: `Bearer ${this.state.token}` } });
+    if (!res.ok) return fail('failed', `download failed: HTTP ${res.status}`);
+    const data = Buffer.from(await res.arrayBuffer());
+    if (faults.corrupt && data.length) data[data.length >> 1] ^= 0xff;
+    const sha256 = createHash('sha256').update(data).digest('hex');
+    const header = res.headers.get('x-checksum-sha256');
+    if (sha256 !== offer.sha256 || (header && header !== sha256)) return fail('failed', `sha256 mismatch: expected ${offer.sha256}, got ${sha256}`);
+    await this.#status(offer, 'in_progress', { progress: 50 });
+    // 2. back up the current extension.
+    const dir = path.join(this.o.stateDir, 'extensions', offer.name);
+    const current = path.join(dir, 'current');
+    const backup = path.join(dir, 'backup');
+    await mkdir(current, { recursive: true });
+    await rm(backup, { recursive: true, force: true });
+    await cp(current, backup, { recursive: true });
+    // 3. extract and install; 4. "restart" — a failure restores the backup.
+    try {
+      const files = await extractZip(data);
+      const manifest = parseManifest(JSON.parse(files.get(MANIFEST_NAME)?.toString('utf8') ?? 'null'));
+      if (manifest.extension !== offer.name || manifest.version !== version) throw new Error(`package is ${manifest.extension} ${manifest.version}, expected ${offer.name} ${version}`);
+      await rm(current, { recursive: true, force: true });
+      for (const [name, bytes] of files) {
+        const target = path.join(current, name);
+        if (!target.startsWith(current + path.sep)) throw new Error(`unsafe path ${name} in package`);
+        await mkdir(path.dirname(target), { recursive: true });
+        await writeFile(target, bytes);
+      }
+      if (faults.rejectInstall) throw new Error('install script failed (simulated)');
+    } catch (err) {
+      await rm(current, { recursive: true, force: true });
+      await rename(backup, current);
+      return fail('rolled_back', `install failed, backup restored: ${(err as Error).message}`);
+    }
+    this.state.versions[offer.name] = version;
+    await this.#save();
+    await this.#status(offer, 'success');
+    this.emit('update_succeeded', { name: offer.name, version });
+  }
+}
+
+/** `fleethub-device simulate --protocol main-server`: `--url` is the API listener; each device runs extension `firmware` at `--version`. */
+registerSimulatorProtocol({
+  name: 'main-server',
+  createDevice(spec, _shared, report) {
+    const tokenFile = path.join(spec.stateDir, 'main-server-token');
+    const device = new MainServerDevice({
+      url: spec.url.replace(/^ws/, 'http').replace(/\/socket.*$/, ''),
+      deviceId: spec.serial,
+      stateDir: spec.stateDir,
+      extensions: [{ name: process.env.FLEETHUB_SIM_EXTENSION ?? 'firmware', version: spec.firmware.version }],
+      token: existsSync(tokenFile) ? readFileSync(tokenFile, 'utf8').trim() : undefined,
+      pollIntervalMs: 2000,
+      heartbeatIntervalMs: 60_000,
+      faults: () => {
+        const f = spec.faults();
+        return f ? { corrupt: f.corrupt, rejectInstall: f.rejectInstall } : undefined;
+      },
+    });
+    device.on('approved', () => {
+      report({ type: 'connected' });
+      report({ type: 'joined' });
+    });
+    device.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
+    device.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
+    device.on('update_failed', ({ version, error }: { version: string; error: string }) => report({ type: 'update_failed', version, errors: [error] }));
+    device.on('warning', () => undefined);
+    return { start: () => device.start(), stop: () => device.stop() };
+  },
+});

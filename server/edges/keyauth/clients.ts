@@ -1,0 +1,125 @@
+/**
+ * Client keys of the keyauth edge: each RSA public key (named by the SHA-256 fingerprint of its
+ * SPKI DER) is one fleet device of protocol `keyauth`, identifier `key-<first 16 hex digits>`.
+ * Approval is the device's (`devices.approval`): operators approve or revoke by fingerprint.
+ */
+import type { ColumnType } from 'kysely';
+import type { Actor } from '../../audit.ts';
+import type { Db } from '../../db/index.ts';
+import type { Device } from '../../db/schema.ts';
+import type { FleetContext } from '../../fleet/context.ts';
+import { approveDevice, findOrRegisterEdgeDevice, revokeDevice } from '../../fleet/edge-devices.ts';
+import { FleetError } from '../../fleet/errors.ts';
+import type { Product } from '../../fleet/orgs.ts';
+
+declare module '../../db/schema.ts' {
+  interface Database {
+    keyauth_clients: KeyauthClientsTable;
+  }
+}
+
+export interface KeyauthClientsTable {
+  fingerprint: string;
+  device_id: string;
+  public_key_pem: string;
+  name: string | null;
+  remote_address: string | null;
+  first_seen_at: ColumnType<Date, Date | string | undefined, never>;
+  last_seen_at: ColumnType<Date, Date | string | undefined, Date | string>;
+}
+
+export const PROTOCOL = 'keyauth' as const;
+
+export interface KeyauthClient {
+  fingerprint: string;
+  device_id: string;
+  identifier: string;
+  name: string | null;
+  approval: Device['approval'];
+  status: Device['connection_status'];
+  remote_address: string | null;
+  first_seen_at: Date;
+  last_seen_at: Date;
+}
+
+export function identifierFor(fingerprint: string): string {
+  return `key-${fingerprint.slice(0, 16)}`;
+}
+
+/**
+ * The device a client key stands for, recording an unknown key as a pending device (and its key).
+ * Returns the device with its current approval.
+ */
+export async function clientDevice(fleet: FleetContext, product: Product, key: { fingerprint: string; pem: string }, seen: { name: string | null; remote: string | null }): Promise<Device> {
+  const known = await fleet.db
+    .selectFrom('keyauth_clients')
+    .innerJoin('devices', 'devices.id', 'keyauth_clients.device_id')
+    .selectAll('devices')
+    .where('keyauth_clients.fingerprint', '=', key.fingerprint)
+    .executeTakeFirst();
+  if (known) {
+    await fleet.db.updateTable('keyauth_clients').set({ last_seen_at: new Date(), remote_address: seen.remote }).where('fingerprint', '=', key.fingerprint).execute();
+    return known;
+  }
+  const { device } = await findOrRegisterEdgeDevice(fleet, {
+    orgId: product.org_id,
+    productId: product.id,
+    identifier: identifierFor(key.fingerprint),
+    protocol: PROTOCOL,
+    approval: 'pending',
+    description: seen.name,
+  });
+  if (device.protocol !== PROTOCOL) throw new FleetError('conflict', `identifier ${device.identifier} is taken by a ${device.protocol} device`);
+  await fleet.db
+    .insertInto('keyauth_clients')
+    .values({ fingerprint: key.fingerprint, device_id: device.id, public_key_pem: key.pem, name: seen.name, remote_address: seen.remote })
+    .onConflict((oc) => oc.column('fingerprint').doNothing())
+    .execute();
+  return device;
+}
+
+/** Client keys of a product, newest first, optionally by approval. */
+export async function listClients(db: Db, productId: string, approval?: Device['approval']): Promise<KeyauthClient[]> {
+  let q = db
+    .selectFrom('keyauth_clients')
+    .innerJoin('devices', 'devices.id', 'keyauth_clients.device_id')
+    .select([
+      'keyauth_clients.fingerprint',
+      'keyauth_clients.device_id',
+      'devices.identifier',
+      'keyauth_clients.name',
+      'devices.approval',
+      'devices.connection_status as status',
+      'keyauth_clients.remote_address',
+      'keyauth_clients.first_seen_at',
+      'keyauth_clients.last_seen_at',
+    ])
+    .where('devices.product_id', '=', productId);
+  if (approval) q = q.where('devices.approval', '=', approval);
+  return q.orderBy('keyauth_clients.first_seen_at', 'desc').execute();
+}
+
+/** The client whose fingerprint is `ref` or starts with it (at least 8 hex digits, unambiguous). */
+export async function findClient(db: Db, productId: string, ref: string): Promise<KeyauthClient> {
+  const prefix = ref.toLowerCase().replace(/^sha256:/, '').replace(/:/g, '');
+  if (!/^[0-9a-f]{8,64}$/.test(prefix)) throw new FleetError('invalid', 'name the key by its SHA-256 fingerprint (hex; at least the first 8 digits)', { field: 'fingerprint' });
+  const rows = (await listClients(db, productId)).filter((c) => c.fingerprint.startsWith(prefix));
+  if (rows.length === 0) throw new FleetError('not_found', `no client key with fingerprint ${prefix}; list them with "fleethub keyauth list"`, { fingerprint: prefix });
+  if (rows.length > 1) throw new FleetError('conflict', `${rows.length} client keys start with ${prefix}; give more digits`, { fingerprint: prefix });
+  return rows[0]!;
+}
+
+export async function approveClient(fleet: FleetContext, actor: Actor, productId: string, ref: string): Promise<KeyauthClient> {
+  const client = await findClient(fleet.db, productId, ref);
+  const device = await fleet.db.selectFrom('devices').select('org_id').where('id', '=', client.device_id).executeTakeFirstOrThrow();
+  await approveDevice(fleet, actor, device.org_id, client.device_id);
+  return findClient(fleet.db, productId, client.fingerprint);
+}
+
+/** Revokes a key: connected sessions of it are closed (the fleet publishes `device_revoked`). */
+export async function revokeClient(fleet: FleetContext, actor: Actor, productId: string, ref: string): Promise<KeyauthClient> {
+  const client = await findClient(fleet.db, productId, ref);
+  const device = await fleet.db.selectFrom('devices').select('org_id').where('id', '=', client.device_id).executeTakeFirstOrThrow();
+  await revokeDevice(fleet, actor, device.org_id, client.device_id);
+  return findClient(fleet.db, productId, client.fingerprint);
+}

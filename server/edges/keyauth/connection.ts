@@ -1,0 +1,224 @@
+/**
+ * One keyauth TCP connection: framing, the 101 → 102/103 handshake, envelopes both ways after
+ * 103, limits. Requests are handled one at a time (the socket is paused meanwhile, so a flooding
+ * client meets TCP backpressure); the idle timer restarts only on complete messages, so a client
+ * dribbling bytes without newlines (slowloris) is closed; repeated bad messages close it too.
+ */
+import type { KeyObject } from 'node:crypto';
+import type { Socket } from 'node:net';
+import type { Logger } from '../../log.ts';
+import type { FleetContext } from '../../fleet/context.ts';
+import { edgeDeviceOffline } from '../../fleet/edge-devices.ts';
+import type { Product } from '../../fleet/orgs.ts';
+import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
+import { clientDevice } from './clients.ts';
+import { EnvelopeError, isEnvelope, KeyError, open, parseClientKey, seal } from './envelope.ts';
+import { encodeLine, LineReader, LineTooLongError } from './framing.ts';
+
+export interface ConnectionLimits {
+  maxLineBytes: number;
+  /** The 101 must arrive within this long. */
+  handshakeTimeoutMs: number;
+  /** Close a connection that sent no complete message for this long. */
+  idleTimeoutMs: number;
+  /** Bad messages (plaintext after 103, undecryptable, malformed) before the connection is closed. */
+  maxFailures: number;
+  /** Requests per second a connection may average (burst: twice that). */
+  maxRequestsPerSecond: number;
+  /** Close a client that does not read its responses once this much output is queued. */
+  maxBufferedBytes: number;
+}
+
+export interface ConnectionDeps extends ActionDeps {
+  fleet: FleetContext;
+  log: Logger;
+  tenant: () => Promise<Product>;
+  serverKey: { privateKey: KeyObject; publicKeyPem: string };
+  limits: ConnectionLimits;
+  /** Subscribe to a device's fleet topic; returns the unsubscribe function. */
+  watchDevice(deviceId: string, onEvent: (event: string) => void): () => void;
+}
+
+type State = { phase: 'hello' } | { phase: 'authorised'; session: ActionSession; clientKey: KeyObject; unwatch: () => void };
+
+/** Drives one socket until it closes; resolves when it has. */
+export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<void> {
+  const { limits } = deps;
+  const reader = new LineReader(limits.maxLineBytes);
+  const remote = socket.remoteAddress ?? null;
+  const log = deps.log.child({ remote });
+  let state: State = { phase: 'hello' };
+  let failures = 0;
+  let queue: string[] = [];
+  let busy = false;
+  let closed = false;
+  let tokens = limits.maxRequestsPerSecond * 2;
+  let refilledAt = Date.now();
+  let timer: NodeJS.Timeout | undefined;
+
+  const armTimer = (ms: number, why: string) => {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(() => close(why), ms);
+    timer.unref();
+  };
+
+  const close = (why: string) => {
+    if (closed) return;
+    closed = true;
+    log.debug({ why }, 'keyauth connection closing');
+    if (timer) clearTimeout(timer);
+    socket.end();
+    // A client that stops reading would keep the socket half-open.
+    setTimeout(() => socket.destroy(), 1000).unref();
+  };
+
+  const send = (message: unknown) => {
+    if (closed || socket.destroyed) return;
+    socket.write(encodeLine(message));
+    if (socket.writableLength > limits.maxBufferedBytes) {
+      log.warn('keyauth client does not read its responses; disconnecting');
+      socket.destroy();
+    }
+  };
+
+  /** Replies to an authorised client inside an envelope; before 103, or when sealing is impossible, in plaintext. */
+  const reply = (response: Response) => {
+    if (state.phase === 'authorised') send(seal(state.clientKey, response));
+    else send(response);
+  };
+
+  /** Counts a bad message; answers it in plaintext (the client may not be able to decrypt anything) and closes after too many. */
+  const fail = (code: number, type: string, msg: string) => {
+    failures++;
+    send(errorResponse(code, type, failures >= limits.maxFailures ? `${msg} (closing after ${failures} bad messages)` : msg));
+    if (failures >= limits.maxFailures) close('too many bad messages');
+  };
+
+  const takeToken = (): boolean => {
+    const now = Date.now();
+    tokens = Math.min(limits.maxRequestsPerSecond * 2, tokens + ((now - refilledAt) / 1000) * limits.maxRequestsPerSecond);
+    refilledAt = now;
+    if (tokens < 1) return false;
+    tokens -= 1;
+    return true;
+  };
+
+  const hello = async (message: unknown) => {
+    const m = (typeof message === 'object' && message !== null ? message : {}) as Record<string, unknown>;
+    if (m.code !== 101) return fail(400, 'InvalidRequest', 'authorise first: send {"code": 101, "data": {"key": "<your RSA-2048 public key, SPKI PEM>"}}');
+    const data = (typeof m.data === 'object' && m.data !== null ? m.data : {}) as Record<string, unknown>;
+    let key: ReturnType<typeof parseClientKey>;
+    try {
+      key = parseClientKey(data.key);
+    } catch (err) {
+      if (err instanceof KeyError) return fail(400, 'InvalidKey', err.message);
+      throw err;
+    }
+    const name = typeof data.name === 'string' && data.name.length <= 100 ? data.name : null;
+    const device = await clientDevice(deps.fleet, await deps.tenant(), key, { name, remote });
+    if (device.approval !== 'approved') {
+      const revoked = device.approval === 'revoked';
+      log.info({ fingerprint: key.fingerprint, approval: device.approval }, 'keyauth key not authorised');
+      return send({
+        code: 102,
+        error: {
+          msg: revoked ? 'this key has been revoked' : `this key is not authorised yet; an operator must approve fingerprint ${key.fingerprint} ("fleethub keyauth approve ${key.fingerprint.slice(0, 16)}")`,
+          type: revoked ? 'KeyRevoked' : 'KeyPending',
+        },
+        data: { fingerprint: key.fingerprint },
+      });
+    }
+    const now = new Date();
+    await deps.fleet.db.updateTable('devices').set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now }).where('id', '=', device.id).execute();
+    const session: ActionSession = { deviceId: device.id, orgId: device.org_id, identifier: device.identifier, connectedAt: now.toISOString() };
+    const unwatch = deps.watchDevice(device.id, (event) => {
+      if (event === 'device_revoked' || event === 'device_deleted') close(`device ${event}`);
+    });
+    state = { phase: 'authorised', session, clientKey: key.key, unwatch };
+    failures = 0;
+    log.info({ fingerprint: key.fingerprint, device_id: device.id }, 'keyauth client authorised');
+    send({ code: 103, data: { key: deps.serverKey.publicKeyPem } });
+  };
+
+  const authorised = async (message: unknown, s: Extract<State, { phase: 'authorised' }>) => {
+    if (!isEnvelope(message)) return fail(400, 'NotEncrypted', 'after code 103 every message must be an envelope {"enc": {key, iv, ct, tag}} encrypted to the server key');
+    let request: unknown;
+    try {
+      request = open(deps.serverKey.privateKey, message);
+    } catch (err) {
+      if (err instanceof EnvelopeError) return fail(400, err.type, err.message);
+      throw err;
+    }
+    failures = 0;
+    reply(await runAction(deps, s.session, request));
+  };
+
+  const handle = async (line: string) => {
+    let message: unknown;
+    try {
+      message = JSON.parse(line);
+    } catch {
+      return fail(400, 'InvalidJson', 'each line must be one JSON object');
+    }
+    if (!takeToken()) return fail(400, 'RateLimited', `more than ${limits.maxRequestsPerSecond} requests per second; slow down`);
+    if (state.phase === 'hello') await hello(message);
+    else await authorised(message, state);
+  };
+
+  const drain = async () => {
+    if (busy) return;
+    busy = true;
+    socket.pause();
+    try {
+      while (queue.length && !closed) {
+        const line = queue.shift()!;
+        try {
+          await handle(line);
+        } catch (err) {
+          log.error({ err }, 'keyauth request failed');
+          reply(errorResponse(500, 'ServerError', 'the server failed to handle the message; try again later'));
+        }
+      }
+    } finally {
+      busy = false;
+      if (!closed) socket.resume();
+    }
+  };
+
+  return new Promise<void>((resolve) => {
+    armTimer(limits.handshakeTimeoutMs, 'no 101 in time');
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => {
+      if (closed) return;
+      let lines: string[];
+      try {
+        lines = reader.push(chunk);
+      } catch (err) {
+        if (err instanceof LineTooLongError) {
+          send(errorResponse(400, 'LineTooLong', err.message));
+          close('line too long');
+          return;
+        }
+        throw err;
+      }
+      if (lines.length === 0) return;
+      armTimer(limits.idleTimeoutMs, 'idle');
+      queue = queue.concat(lines);
+      void drain();
+    });
+    socket.on('error', () => undefined);
+    socket.on('close', () => {
+      closed = true;
+      if (timer) clearTimeout(timer);
+      const s = state;
+      if (s.phase === 'authorised') {
+        s.unwatch();
+        edgeDeviceOffline(deps.fleet, s.session.deviceId, s.session.connectedAt)
+          .catch((err: unknown) => log.error({ err }, 'marking a keyauth client offline failed'))
+          .finally(resolve);
+      } else {
+        resolve();
+      }
+    });
+  });
+}
