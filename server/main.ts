@@ -82,7 +82,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   const database = options.database ?? (await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir }));
   const ownsDatabase = !options.database;
-  await migrateToLatest(database.db);
+  await migrateToLatest(database.db, database.schema);
 
   const secret = config.secret ?? loadOrCreateSecret(config.dataDir);
   const { created, material: pki } = await initDevPki(config.certsDir);

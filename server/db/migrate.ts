@@ -19,8 +19,18 @@ class DirectoryMigrationProvider implements MigrationProvider {
   }
 }
 
-export function migrator(db: Db): Migrator {
-  return new Migrator({ db, provider: new DirectoryMigrationProvider(), migrationTableName: 'fleethub_migrations', migrationLockTableName: 'fleethub_migrations_lock' });
+/**
+ * The migrator for `schema` (default `public`). The schema must be explicit: without it Kysely
+ * finds its bookkeeping tables in ANY schema of the database (other test runs' schemas, say).
+ */
+export function migrator(db: Db, schema = 'public'): Migrator {
+  return new Migrator({
+    db,
+    provider: new DirectoryMigrationProvider(),
+    migrationTableName: 'fleethub_migrations',
+    migrationLockTableName: 'fleethub_migrations_lock',
+    migrationTableSchema: schema,
+  });
 }
 
 function check({ error, results }: MigrationResultSet): MigrationResultSet {
@@ -32,17 +42,17 @@ function check({ error, results }: MigrationResultSet): MigrationResultSet {
 }
 
 /** Applies every pending migration. */
-export async function migrateToLatest(db: Db): Promise<MigrationResultSet> {
-  return check(await migrator(db).migrateToLatest());
+export async function migrateToLatest(db: Db, schema?: string): Promise<MigrationResultSet> {
+  return check(await migrator(db, schema).migrateToLatest());
 }
 
 /** Reverts the most recent migration. */
-export async function migrateDown(db: Db): Promise<MigrationResultSet> {
-  return check(await migrator(db).migrateDown());
+export async function migrateDown(db: Db, schema?: string): Promise<MigrationResultSet> {
+  return check(await migrator(db, schema).migrateDown());
 }
 
 /** Lists every migration with the time it was applied, if it was. */
-export async function migrationStatus(db: Db): Promise<{ name: string; executedAt?: Date }[]> {
-  const list = await migrator(db).getMigrations();
+export async function migrationStatus(db: Db, schema?: string): Promise<{ name: string; executedAt?: Date }[]> {
+  const list = await migrator(db, schema).getMigrations();
   return list.map((m) => ({ name: m.name, executedAt: m.executedAt }));
 }
