@@ -196,31 +196,31 @@ export class PgAdapter implements PubSubAdapter {
 
   /** The next statement's worth: inline notifications packed greedily, or one oversized message. */
   #takeOutgoing(): Outgoing {
-    const first = this.#queue[0]!;
-    if (this.#envelopeBytes(first.bytes) > NOTIFY_PAYLOAD_LIMIT) return { kind: 'table', item: this.#queue.shift()! };
+    const queue = this.#queue;
+    if (this.#envelopeBytes(queue[0]!.bytes) > NOTIFY_PAYLOAD_LIMIT) return { kind: 'table', item: queue.shift()! };
     const notify: string[] = [];
-    const items: Pending[] = [];
-    let chunk: Pending[] = [];
+    let start = 0; // first message of the open chunk
+    let end = 0; // one past the last message taken
     let chunkBytes = 0;
     const close = () => {
-      notify.push(this.#envelope(`"m":[${chunk.map((p) => p.json).join(',')}]`));
-      items.push(...chunk);
-      chunk = [];
+      notify.push(this.#envelope(`"m":[${queue.slice(start, end).map((p) => p.json).join(',')}]`));
+      start = end;
       chunkBytes = 0;
     };
-    while (this.#queue.length && notify.length < NOTIFICATIONS_PER_STATEMENT) {
-      const next = this.#queue[0]!;
+    while (end < queue.length && notify.length < NOTIFICATIONS_PER_STATEMENT) {
+      const next = queue[end]!;
       if (this.#envelopeBytes(next.bytes) > NOTIFY_PAYLOAD_LIMIT) break; // goes by table, in order, next round
-      const withNext = chunkBytes + next.bytes + (chunk.length ? 1 : 0);
-      if (chunk.length && this.#envelopeBytes(withNext) > NOTIFY_PAYLOAD_LIMIT) {
+      const withNext = chunkBytes + next.bytes + (end > start ? 1 : 0);
+      if (end > start && this.#envelopeBytes(withNext) > NOTIFY_PAYLOAD_LIMIT) {
         close();
         continue;
       }
-      chunk.push(this.#queue.shift()!);
+      end++;
       chunkBytes = withNext;
     }
-    if (chunk.length) close();
-    return { kind: 'inline', notify, items };
+    if (end > start) close();
+    // One splice, not a shift per message: a group change can queue 20,000 messages.
+    return { kind: 'inline', notify, items: queue.splice(0, end) };
   }
 
   /** Upper bound of an inline envelope's size around `bytes` of messages (seq up to 16 digits). */
