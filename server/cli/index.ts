@@ -8,7 +8,34 @@ const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = 
   serve: { help: 'run the server (fleethub serve --help lists every option)', run: async () => (await import('./serve.ts')).runServeCommand },
   migrate: { help: 'database migrations: up | down | status', run: async () => (await import('./migrate.ts')).runMigrateCommand },
   certs: { help: 'development PKI: init | device <serial> --out DIR', run: async () => (await import('./certs.ts')).runCertsCommand },
+  users: { help: 'operator accounts: create --email --password --role [--org] | list', run: async () => (await import('./users.ts')).runUsersCommand },
 };
+
+// Operator commands talk to a running server over the REST API (server/cli/operator.ts).
+const OPERATOR_HELP: Record<string, string> = {
+  login: 'log in to a fleethub server and save the token',
+  orgs: 'organizations',
+  products: 'products',
+  devices: 'devices: list | show',
+  groups: 'groups: create | list | add | remove | delete',
+  firmware: 'firmware: upload | list | show | delete | keys | sign | keygen',
+  target: 'targets: set | clear for a group or a device',
+  status: 'counts by version and update state (--watch)',
+  tokens: 'API tokens for automation',
+};
+for (const [name, help] of Object.entries(OPERATOR_HELP)) {
+  COMMANDS[name] = { help, run: async () => (argv) => runOperator(name, argv) };
+}
+
+/** Firmware image commands (upload, signing keys) live with the firmware store's CLI. */
+const FIRMWARE_STORE_ACTIONS = new Set(['upload', 'keys', 'sign', 'keygen']);
+
+async function runOperator(name: string, argv: string[]): Promise<number> {
+  if (name === 'firmware' && argv[0] && FIRMWARE_STORE_ACTIONS.has(argv[0])) {
+    return (await import('./firmware.ts')).runFirmwareCommand(argv);
+  }
+  return (await import('./operator.ts')).runOperatorCommand([name, ...argv]);
+}
 
 function usage(): string {
   const lines = ['Usage: fleethub <command> [options]', '', 'Commands:'];
