@@ -250,7 +250,7 @@ export class GrispConnection {
       .selectFrom('update_attempts')
       .select(['to_version', 'firmware_id'])
       .where('device_id', '=', this.ref.deviceId)
-      .where('state', 'in', ['sent', 'begun', 'downloading', 'finished'])
+      .where('state', '=', 'finished')
       .orderBy('created_at', 'desc')
       .executeTakeFirst();
     const verdict = await this.#deps.healthCheck({ deviceId: this.ref.deviceId, systemInfo: info, ...(open ? { expectedVersion: open.to_version } : {}) }).catch((err: Error) => `health check failed: ${err.message}`);

@@ -188,13 +188,15 @@ export type LinkOutcome = { ok: true } | { ok: false; error: { code: number; mes
  * `post device_linking_token {token}`: links the board to the org that issued the token.
  * -4 malformed/unknown/used/other org, -2 expired, -3 board already linked, -1 board not approved.
  */
-export async function linkDevice(db: Db, device: { deviceId: string; orgId: string; approval: string }, token: unknown): Promise<LinkOutcome> {
+export async function linkDevice(db: Db, device: { deviceId: string; orgId: string }, token: unknown): Promise<LinkOutcome> {
   if (typeof token !== 'string' || !TOKEN_PATTERN.test(token)) return { ok: false, error: LinkErrors.invalid };
   return db.transaction().execute(async (trx) => {
     const row = await trx.selectFrom('grisp_link_tokens').selectAll().where('token_hash', '=', tokenHash(token)).forUpdate().executeTakeFirst();
     if (!row || row.org_id !== device.orgId || row.used_at) return { ok: false as const, error: LinkErrors.invalid };
     if (row.expires_at.getTime() <= Date.now()) return { ok: false as const, error: LinkErrors.expired };
-    if (device.approval !== 'approved') return { ok: false as const, error: LinkErrors.notLinked };
+    // Read now, not from the connection: an operator may have changed it since the board connected.
+    const approval = (await trx.selectFrom('devices').select('approval').where('id', '=', device.deviceId).executeTakeFirst())?.approval;
+    if (approval !== 'approved') return { ok: false as const, error: LinkErrors.notLinked };
     const state = await trx.selectFrom('grisp_devices').select('linked_at').where('device_id', '=', device.deviceId).forUpdate().executeTakeFirst();
     if (state?.linked_at) return { ok: false as const, error: LinkErrors.alreadyLinked };
     await trx.updateTable('grisp_link_tokens').set({ used_at: new Date(), used_by_device: device.deviceId }).where('id', '=', row.id).execute();
