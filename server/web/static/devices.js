@@ -129,7 +129,7 @@ export function pendingView(ctx) {
   async function refresh() {
     const [routesFor, pending] = await Promise.all([approvalRoutes(), pendingDevices(ctx)]);
     const without = [...new Set(pending.filter((d) => !routesFor(d)).map((d) => d.protocol))];
-    fill(note, without.length ? `This server's API has no approval route for ${without.join(', ')} devices yet, so their buttons are disabled. Approve them with the CLI meanwhile.` : '');
+    fill(note, without.length ? `This server's API has no approval route for ${without.join(', ')} devices yet, so their buttons are disabled. Use the edge's CLI command meanwhile (e.g. fleethub keyauth approve).` : '');
     const button = (label, verb, route, d) =>
       h(
         'button',
