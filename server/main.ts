@@ -9,7 +9,7 @@ import path from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { fingerprintOfPem, initDevPki, type PkiMaterial } from '../certs/pki.ts';
 import { SYSTEM } from './audit.ts';
-import { createEndpoint, createPubSub, phoenixProtocolHandler, type Endpoint, type PubSubAdapter, type PubSubWithStats } from './channels/index.ts';
+import { createEndpoint, createPubSub, phoenixProtocolHandler, pubsubAdapterFor, type Endpoint, type PubSubAdapter, type PubSubWithStats } from './channels/index.ts';
 import type { Config } from './config.ts';
 import { openDatabase, type DatabaseHandle } from './db/index.ts';
 import { migrateToLatest } from './db/migrate.ts';
@@ -88,7 +88,11 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   const { created, material: pki } = await initDevPki(config.certsDir);
   if (created.length) log.info({ dir: config.certsDir, created }, 'created development PKI');
 
-  const pubsub = createPubSub({ adapter: options.pubsubAdapter, log: log.child({ component: 'pubsub' }) });
+  // On PostgreSQL, nodes share PubSub through LISTEN/NOTIFY; embedded PGlite is single-node.
+  const adapter = options.pubsubAdapter ?? pubsubAdapterFor(database, { log: log.child({ component: 'pubsub' }), nodeName: config.nodeName });
+  const pubsub = createPubSub({ adapter, log: log.child({ component: 'pubsub' }) });
+  // Listen before serving: a node must not miss other nodes' messages, and a bad URL must stop start-up.
+  await pubsub.ready;
   const blobs = new LocalBlobStore(path.join(config.dataDir, 'blobs'));
 
   // The device listener's port is known only after listen(); signed URLs use it lazily.
