@@ -97,8 +97,8 @@ export class MainServerDevice extends EventEmitter {
     await this.#save();
     const poll = this.o.pollIntervalMs ?? 30_000;
     if (!this.state.token) {
-      await this.#register();
-      if (!this.state.token) this.#every(poll, () => this.#register());
+      await this.register();
+      if (!this.state.token) this.#every(poll, () => this.register());
     }
     this.#every(this.o.heartbeatIntervalMs ?? 60_000, () => this.heartbeat());
     this.#every(poll, () => this.checkForUpdates());
@@ -115,7 +115,8 @@ export class MainServerDevice extends EventEmitter {
     this.#timers.clear();
   }
 
-  async #register(): Promise<void> {
+  /** Registers, or presents the claim to collect the token once approved. */
+  async register(): Promise<void> {
     if (this.state.token || this.#stopped) return;
     const res = await this.#call<{ status?: string; claim_token?: string; device_token?: string; error?: string; details?: string }>('POST', '/register-device', {
       device_id: this.o.deviceId,

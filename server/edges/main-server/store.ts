@@ -77,7 +77,9 @@ export interface RegistrationDetails {
 export async function recordRegistration(db: Db, deviceId: string, details: RegistrationDetails): Promise<{ claim?: string }> {
   const existing = await db.selectFrom('main_server_devices').select(['device_id', 'claim_hash', 'token_hash']).where('device_id', '=', deviceId).executeTakeFirst();
   if (existing) {
-    await db.updateTable('main_server_devices').set({ name: details.name, ip: details.ip }).where('device_id', '=', deviceId).execute();
+    // Fields a repeat registration leaves out keep their values.
+    const set = { ...(details.name !== null ? { name: details.name } : {}), ...(details.ip !== null ? { ip: details.ip } : {}) };
+    if (Object.keys(set).length) await db.updateTable('main_server_devices').set(set).where('device_id', '=', deviceId).execute();
     return {};
   }
   const claim = newSecret(CLAIM_PREFIX);
