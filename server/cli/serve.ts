@@ -1,4 +1,8 @@
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
 import path from 'node:path';
+import { createUser } from '../api/operators.ts';
+import type { Db } from '../db/index.ts';
 import { configHelp, loadConfig } from '../config.ts';
 import { startServer } from '../main.ts';
 
@@ -10,7 +14,7 @@ export async function runServeCommand(argv: string[]): Promise<number> {
   }
   const config = loadConfig(argv);
   const server = await startServer(config);
-  const users = await server.database.db.selectFrom('users').select((eb) => eb.fn.countAll<number>().as('n')).executeTakeFirstOrThrow();
+  const firstAdmin = await bootstrapFirstAdmin(server.database.db, config.dataDir, process.env);
   const rel = (p: string) => path.relative(process.cwd(), p) || '.';
   const certsDir = rel(config.certsDir);
   const socketUrl = `${server.deviceUrl.replace(/^https:/, 'wss:')}/socket`;
@@ -22,9 +26,9 @@ export async function runServeCommand(argv: string[]): Promise<number> {
     `  devices (mTLS)    ${socketUrl}   (development PKI in ${certsDir})`,
     config.keyauthPort ? `  keyauth (TCP)     ${config.host}:${config.keyauthPort}` : '',
     '',
-    Number(users.n) === 0
-      ? `Create the first admin:\n  npx fleethub users create --email admin@example.com --password 'choose-a-long-one' --role admin\n`
-      : '',
+    firstAdmin
+      ? `First start: created the admin ${firstAdmin.email}; the password is in ${rel(firstAdmin.passwordFile)}. Log in with\n  npx fleethub login --url ${server.apiUrl} --email ${firstAdmin.email} --password "$(cat ${rel(firstAdmin.passwordFile)})"\n`
+      : `Log in: npx fleethub login --url ${server.apiUrl} --email <your email>\n`,
     'Connect 10 simulated devices (certificates are issued from the development PKI):',
     `  npx fleethub-device simulate --count 10 --url ${socketUrl} --pki ${certsDir} --certs ${rel(path.join(config.dataDir, 'sim-certs'))}`,
     '',
@@ -53,4 +57,20 @@ export async function runServeCommand(argv: string[]): Promise<number> {
   process.once('SIGTERM', () => stop('SIGTERM'));
   process.once('SIGINT', () => stop('SIGINT'));
   return 0;
+}
+
+/**
+ * With no operator at all, creates the first admin (FLEETHUB_ADMIN_EMAIL, FLEETHUB_ADMIN_PASSWORD
+ * or a random password written to `<data-dir>/initial-admin-password`, mode 0600). The embedded
+ * database belongs to the server process, so this cannot be left to a second process.
+ */
+async function bootstrapFirstAdmin(db: Db, dataDir: string, env: NodeJS.ProcessEnv): Promise<{ email: string; passwordFile: string } | undefined> {
+  const existing = await db.selectFrom('users').select('id').limit(1).executeTakeFirst();
+  if (existing) return undefined;
+  const email = env.FLEETHUB_ADMIN_EMAIL || 'admin@fleethub.local';
+  const password = env.FLEETHUB_ADMIN_PASSWORD || randomBytes(18).toString('base64url');
+  const passwordFile = path.join(dataDir, 'initial-admin-password');
+  writeFileSync(passwordFile, `${password}\n`, { mode: 0o600 });
+  await createUser(db, { email, password, role: 'admin' });
+  return { email, passwordFile };
 }

@@ -3,6 +3,7 @@ import path from 'node:path';
 import { Kysely, PostgresDialect, sql } from 'kysely';
 import pg from 'pg';
 import type { Database } from './schema.ts';
+import { lockDataDir } from './data-dir-lock.ts';
 import { PGlitePool } from './pglite-pool.ts';
 
 // Same JavaScript types on both databases: int8 (counts, bigserial ids) and numeric as numbers.
@@ -55,11 +56,33 @@ export async function openDatabase(options: DatabaseOptions): Promise<DatabaseHa
     const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
     return { db, kind: 'postgres', databaseUrl: options.databaseUrl, schema, close: () => db.destroy() };
   }
-  const dir = options.dataDir === 'memory://' ? 'memory://' : path.join(options.dataDir, 'pglite');
-  if (dir !== 'memory://') mkdirSync(dir, { recursive: true });
-  const pool = await PGlitePool.open(dir);
-  const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
-  return { db, kind: 'pglite', pglite: pool.pglite, close: () => db.destroy() };
+  if (options.dataDir === 'memory://') {
+    const pool = await PGlitePool.open('memory://');
+    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+    return { db, kind: 'pglite', pglite: pool.pglite, close: () => db.destroy() };
+  }
+  const dir = path.join(options.dataDir, 'pglite');
+  mkdirSync(dir, { recursive: true });
+  const unlock = lockDataDir(dir);
+  try {
+    const pool = await PGlitePool.open(dir);
+    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+    return {
+      db,
+      kind: 'pglite',
+      pglite: pool.pglite,
+      async close() {
+        try {
+          await db.destroy();
+        } finally {
+          unlock();
+        }
+      },
+    };
+  } catch (err) {
+    unlock();
+    throw err;
+  }
 }
 
 /** Drops a schema created for a test run (PostgreSQL only). */
