@@ -10,7 +10,7 @@ import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { generateSigningKeyPair, parseSigningPublicKey, signFirmwareDigest } from '../firmware/signing.ts';
-import { ApiClient, CliError, parseCommand, printJson, printRecord, printRows, processIo, resolveClientOptions, runCommand, type CliIo, type ClientOptions } from './client.ts';
+import { ApiClient, CliError, orgOf, parseCommand, printJson, printRecord, printRows, processIo, resolveClientOptions, runCommand, type CliIo, type ClientOptions } from './client.ts';
 
 const USAGE = `Usage:
   fleethub firmware upload <file> --product P --version V [--org O] [--platform P] [--architecture A]
@@ -74,13 +74,16 @@ async function upload(argv: string[], io: CliIo): Promise<number> {
     signature = signFirmwareDigest(await sha256OfFile(file), readFileSync(values['sign-key'], 'utf8'));
   }
   const size = statSync(file).size;
+  const clientOptions = resolveClientOptions(values, io.env);
+  // A product named (not by id) needs its org: --org, FLEETHUB_ORG, the login's, or the only one visible.
+  const org = await orgOf(new ApiClient(clientOptions), values, io);
   const bar = progressBar(io);
   const firmware = await uploadFirmwareStream({
-    client: resolveClientOptions(values, io.env),
+    client: clientOptions,
     query: {
       product: values.product,
       version: values.version,
-      org: values.org,
+      org,
       platform: values.platform,
       architecture: values.architecture,
       component: values.component,
@@ -163,7 +166,7 @@ async function keys(argv: string[], io: CliIo): Promise<number> {
   if (!values.product) throw new CliError(`--product is required\n\n${USAGE}`, 2);
   const client = new ApiClient(resolveClientOptions(values, io.env));
   const base = `/api/v1/products/${encodeURIComponent(values.product)}/signing-keys`;
-  const query = values.org ? `?org=${encodeURIComponent(values.org)}` : '';
+  const query = `?org=${encodeURIComponent(await orgOf(client, values, io))}`;
   switch (action) {
     case 'add': {
       if (!values.name || !values['public-key']) throw new CliError(`keys add needs --name and --public-key\n\n${USAGE}`, 2);

@@ -45,9 +45,12 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
       throw new FleetError('invalid', 'the firmware uuid in the topic belongs to another product', { firmware_uuid: uuid });
     }
     if (!firmware) {
-      if (!params.version || !params.platform || !params.architecture) {
-        throw new FleetError('invalid', 'unknown firmware uuid: join with params {version, platform, architecture} describing the firmware you run', { firmware_uuid: uuid });
+      // The version is what targets compare; platform and architecture are recorded when given.
+      if (!params.version) {
+        throw new FleetError('invalid', 'unknown firmware uuid: join with params {version, platform?, architecture?} describing the firmware you run', { firmware_uuid: uuid });
       }
+      const platform = params.platform ? String(params.platform) : null;
+      const architecture = params.architecture ? String(params.architecture) : null;
       const version = validVersion(params.version);
       // A concurrent join may have recorded it; a different uuid with the same version keeps its record.
       await trx
@@ -57,14 +60,14 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
           org_id: current.org_id,
           product_id: current.product_id,
           version,
-          platform: String(params.platform),
-          architecture: String(params.architecture),
+          platform,
+          architecture,
           metadata: JSON.stringify({ reported_by: current.id }),
           has_blob: false,
         })
         .onConflict((oc) => oc.doNothing())
         .execute();
-      firmware = { id: uuid, version, product_id: current.product_id, platform: String(params.platform), architecture: String(params.architecture) };
+      firmware = { id: uuid, version, product_id: current.product_id, platform, architecture };
     }
 
     await trx
