@@ -9,6 +9,8 @@ const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = 
   migrate: { help: 'database migrations: up | down | status', run: async () => (await import('./migrate.ts')).runMigrateCommand },
   certs: { help: 'development PKI: init | device <serial> --out DIR', run: async () => (await import('./certs.ts')).runCertsCommand },
   users: { help: 'operator accounts: create --email --password --role [--org] | list', run: async () => (await import('./users.ts')).runUsersCommand },
+  'main-server': { help: 'Main Server devices (seed 000): devices | approve | revoke | rotate-token | pack | upload | schedule | deploy', run: async () => (await import('./main-server.ts')).runMainServerCommand },
+  keyauth: { help: 'public-key TCP clients (seed 003): list | approve | revoke <fingerprint>', run: async () => (await import('./keyauth.ts')).runKeyauthCommand },
 };
 
 // Operator commands talk to a running server over the REST API (server/cli/operator.ts).
