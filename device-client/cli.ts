@@ -7,12 +7,17 @@ import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { DeviceClient, ExecInstaller } from './index.ts';
 import { Simulation, simulatorProtocols, summaryTable } from './simulator.ts';
+// Each import registers one more `--protocol` for `simulate`.
+import './simulators/grisp.ts';
+import './simulators/wifidogx.ts';
+import './simulators/main-server.ts';
+import './simulators/keyauth.ts';
 
 const USAGE = `Usage:
   fleethub-device connect --cert cert.pem --key key.pem --ca ca.pem --url wss://host:4001/socket
                           [--firmware-uuid UUID --version V] [--slots DIR] [--platform P] [--architecture A]
                           [--product P] [--signing-key pub.pem ...] [--require-signature] [--install-command CMD]
-  fleethub-device simulate --count N --certs DIR --url wss://host:4001/socket [--pki DIR] [--slots DIR]
+  fleethub-device simulate --count N --url wss://host:4001/socket [--certs DIR] [--pki DIR] [--slots DIR]
                           [--protocol ${simulatorProtocols().join('|')}] [--firmware-uuid UUID --version V]
                           [--fail-download-rate R] [--corrupt-rate R] [--drop-connection-rate R]
                           [--reject-install-rate R] [--slow-link KBPS] [--stagger-ms MS] [--seed N]
@@ -129,7 +134,9 @@ async function simulate(argv: string[]): Promise<number> {
       json: { type: 'boolean' },
     },
   });
-  for (const flag of ['count', 'certs', 'url'] as const) if (!values[flag]) throw new Error(`--${flag} is required\n\n${USAGE}`);
+  for (const flag of ['count', 'url'] as const) if (!values[flag]) throw new Error(`--${flag} is required\n\n${USAGE}`);
+  // Certificates are kept per device under --certs (default ./sim-certs) and issued through --pki when missing.
+  values.certs ??= 'sim-certs';
   const count = int('count', values.count!, 1);
   const rate = (flag: string, v: string | undefined) => {
     if (v === undefined) return 0;

@@ -58,6 +58,8 @@ export interface SimShared {
 
 export interface SimulatorProtocol {
   name: string;
+  /** False for protocols that authenticate otherwise (tokens, keys): no certificates are enrolled. */
+  clientCertificates?: boolean;
   createDevice(spec: SimDeviceSpec, shared: SimShared, report: (event: SimEvent) => void): SimDevice;
 }
 
@@ -159,7 +161,7 @@ export class Simulation extends EventEmitter<{ change: [] }> {
     const o = this.options;
     const protocol = protocols.get(o.protocol ?? 'phoenix');
     if (!protocol) throw new Error(`unknown protocol ${JSON.stringify(o.protocol)}; available: ${simulatorProtocols().join(', ')}`);
-    const creds = await enrollDevices(o);
+    const creds = protocol.clientCertificates === false ? serialsOnly(o) : await enrollDevices(o);
     const random = mulberry32(o.seed ?? 1);
     const rates: FaultRates = { failDownload: 0, corrupt: 0, dropConnection: 0, rejectInstall: 0, slowLinkKbps: 0, ...o.faults };
     const shared: SimShared = { agent: this.#agent, sessions: new Map() };
@@ -311,6 +313,15 @@ function pickFaults(rates: FaultRates, random: () => number): UpdateFaults | und
   return Object.keys(faults).length ? faults : undefined;
 }
 
+/** Device names without certificates, for protocols that do not use client certificates. */
+function serialsOnly(o: Pick<SimulationOptions, 'count' | 'serialPrefix'>): EnrolledDevice[] {
+  return Array.from({ length: o.count }, (_, i) => ({ serial: simSerial(o.serialPrefix ?? 'sim', i, o.count), tls: { cert: '', key: '', ca: '' } }));
+}
+
+function simSerial(prefix: string, index: number, count: number): string {
+  return `${prefix}-${String(index).padStart(Math.max(String(count - 1).length, 4), '0')}`;
+}
+
 interface EnrolledDevice {
   serial: string;
   tls: DeviceTls;
@@ -322,13 +333,11 @@ interface EnrolledDevice {
  * thousands of devices would dominate start-up); identity is the certificate's CN.
  */
 export async function enrollDevices(o: Pick<SimulationOptions, 'count' | 'certsDir' | 'pkiDir' | 'serialPrefix'>): Promise<EnrolledDevice[]> {
-  const prefix = o.serialPrefix ?? 'sim';
-  const width = String(o.count - 1).length;
   const out: EnrolledDevice[] = [];
   let issuer: { material: import('../certs/pki.ts').PkiMaterial; issue: typeof import('../certs/pki.ts').issueDeviceCertificate } | undefined;
   let sharedKeyPem: string | undefined;
   for (let i = 0; i < o.count; i++) {
-    const serial = `${prefix}-${String(i).padStart(Math.max(width, 4), '0')}`;
+    const serial = simSerial(o.serialPrefix ?? 'sim', i, o.count);
     const dir = path.join(o.certsDir, serial);
     const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') };
     if (!existsSync(files.cert) || !existsSync(files.key) || !existsSync(files.ca)) {

@@ -186,6 +186,7 @@ export class KeyauthClient extends EventEmitter {
 /** `fleethub-device simulate --protocol keyauth --url tcp://host:4002`. */
 registerSimulatorProtocol({
   name: 'keyauth',
+  clientCertificates: false,
   createDevice(spec, _shared, report) {
     const url = new URL(spec.url.replace(/^(wss?|https?):/, 'tcp:'));
     const client = new KeyauthClient({

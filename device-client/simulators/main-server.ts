@@ -227,6 +227,7 @@ export class MainServerDevice extends EventEmitter {
 /** `fleethub-device simulate --protocol main-server`: `--url` is the API listener; each device runs extension `firmware` at `--version`. */
 registerSimulatorProtocol({
   name: 'main-server',
+  clientCertificates: false,
   createDevice(spec, _shared, report) {
     const tokenFile = path.join(spec.stateDir, 'main-server-token');
     const device = new MainServerDevice({
