@@ -80,7 +80,16 @@ export class ChannelProcess<A, S = unknown> {
     readonly joinRef: string | null,
     readonly definition: ChannelDefinition<A, S>,
   ) {
-    this.ctx = { socketId: socket.id, assigns: socket.assigns, topic, joinRef: joinRef ?? '', log: socket.log };
+    // `log` is a getter: the socket's logger is only created when a callback logs.
+    this.ctx = {
+      socketId: socket.id,
+      assigns: socket.assigns,
+      topic,
+      joinRef: joinRef ?? '',
+      get log() {
+        return socket.log;
+      },
+    };
   }
 
   intercepts(event: string): boolean {

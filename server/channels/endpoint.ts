@@ -4,6 +4,8 @@
  * sockets, ONE shared sweep for idle sockets and dead LongPoll sessions, drain and disconnect.
  */
 import { randomBytes, randomUUID } from 'node:crypto';
+import type { ServerResponse } from 'node:http';
+import type { Socket } from 'node:net';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import websocketPlugin from '@fastify/websocket';
 import type { RawData, WebSocket } from 'ws';
@@ -183,7 +185,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   }
 
   function newSocket(hs: Handshake<A> & { ok: true }, connection: WsConnection | LongPollSession<A>): PhoenixSocket<A> {
-    const socket = new PhoenixSocket<A>(engine, hs.id, hs.assigns, hs.serializer, connection, log.child({ socket_id: hs.id }));
+    const socket = new PhoenixSocket<A>(engine, hs.id, hs.assigns, hs.serializer, connection, log);
     addSocket(socket);
     return socket;
   }
@@ -212,6 +214,8 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     // ws enforces its own maxPayload (closing with 1009) before our message handler sees the frame.
     if (err.code === 'WS_ERR_UNSUPPORTED_MESSAGE_LENGTH') stats.oversizedFrames++;
     wsSockets.get(this)?.log.debug({ err }, 'websocket error');
+    // What @fastify/websocket's default error handler did (its listener is removed in releaseUpgrade).
+    this.terminate();
   }
 
   async function wsPreValidation(request: FastifyRequest, reply: FastifyReply): Promise<void> {
@@ -229,6 +233,20 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     accepted.set(request.raw, hs);
   }
 
+  /**
+   * After the upgrade nothing needs the HTTP request any more, but @fastify/websocket leaves it
+   * reachable for the socket's whole life: a ServerResponse attached to the TLS socket (with
+   * Fastify's request, reply and per-request logger behind it) and an error listener closing
+   * over request and reply — about 5 KiB per connection. Detach both; onWsError terminates
+   * on error as the plugin's default handler did.
+   */
+  function releaseUpgrade(ws: WebSocket, request: FastifyRequest): void {
+    ws.removeAllListeners('error');
+    const socket = request.raw.socket as (Socket & { _httpMessage?: ServerResponse | null }) | null;
+    const response = socket?._httpMessage;
+    if (socket && response) response.detachSocket(socket);
+  }
+
   function wsHandler(ws: WebSocket, request: FastifyRequest): void {
     const hs = accepted.get(request.raw);
     accepted.delete(request.raw);
@@ -236,6 +254,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
       ws.close(1011, 'handshake state lost');
       return;
     }
+    releaseUpgrade(ws, request);
     const socket = newSocket(hs, new WsConnection(ws, maxBufferedBytes, stats, log));
     wsSockets.set(ws, socket);
     ws.on('message', onWsMessage);

@@ -88,6 +88,7 @@ export class PhoenixSocket<A> {
   /** Settles once terminate and disconnected callbacks ran (set when the transport closes). */
   finished: Promise<void> | undefined;
   #terminations: Promise<void>[] = [];
+  #log: Logger | undefined;
 
   constructor(
     readonly engine: Engine<A>,
@@ -95,8 +96,14 @@ export class PhoenixSocket<A> {
     readonly assigns: A,
     readonly serializer: Serializer,
     readonly connection: Connection,
-    readonly log: Logger,
+    readonly parentLog: Logger,
   ) {}
+
+  /** This socket's logger (bound to its id), created on first use: most sockets never log. */
+  get log(): Logger {
+    this.#log ??= this.parentLog.child({ socket_id: this.id });
+    return this.#log;
+  }
 
   /** A frame from the client (text or binary). Never throws. */
   handleFrame(data: Buffer, isBinary: boolean): void {
