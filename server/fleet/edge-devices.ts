@@ -356,3 +356,23 @@ function validEdgeIdentifier(value: unknown): string {
   }
   return value;
 }
+
+/**
+ * Marks an edge device online on this node before its version is known (e.g. a WiFiDogX gateway
+ * that has not answered get_firmware_info yet, or a pending device). Returns the connection time
+ * to pass to `edgeDeviceOffline`.
+ */
+export async function markEdgeDeviceConnected(ctx: FleetContext, ref: EdgeDeviceRef): Promise<string> {
+  const connectedAt = new Date();
+  await inTransaction(ctx, async (trx, outbox) => {
+    const row = await trx
+      .updateTable('devices')
+      .set({ connection_status: 'online', connected_node: ctx.nodeName, last_seen_at: connectedAt, updated_at: connectedAt })
+      .where('id', '=', ref.deviceId)
+      .where('org_id', '=', ref.orgId)
+      .returning(['id', 'protocol', 'approval'])
+      .executeTakeFirst();
+    if (row) outbox.push({ topic: Topics.operator(ref.orgId), event: 'device_status', payload: { device_id: row.id, status: 'online', node: ctx.nodeName, protocol: row.protocol, approval: row.approval } });
+  });
+  return connectedAt.toISOString();
+}

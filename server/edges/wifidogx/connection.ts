@@ -1,0 +1,373 @@
+/**
+ * One WiFiDogX gateway's WebSocket. The gateway claims its `device_id` in its first message;
+ * unknown ids are registered pending and get nothing until approved. Every frame goes through
+ * one paced queue: one frame per write, never two back to back, never over MAX_FRAME_BYTES.
+ */
+import type { Socket } from 'node:net';
+import type { WebSocket } from 'ws';
+import type { Firmware } from '../../db/schema.ts';
+import { applyUpdateReport, type FleetContext } from '../../fleet/index.ts';
+import {
+  edgeDeviceOffline,
+  edgeDeviceOnline,
+  findOrRegisterEdgeDevice,
+  markEdgeDeviceConnected,
+  recordUpdateSent,
+  transitionAttempt,
+  type EdgeDeviceRef,
+} from '../../fleet/edge-devices.ts';
+import type { Logger } from '../../log.ts';
+import { encodeFrame, gatewayReplies, gatewayVersion, isSafeFirmwareUrl } from './frames.ts';
+import { commandForResponse, gatewaySettings, getCommand, isRecord, saveFirmwareInfo, saveReport, updateCommand } from './store.ts';
+
+export interface WifidogxTimings {
+  /** Offline after this long without a heartbeat (default 150 s; the gateway beats every 60 s). */
+  livenessMs: number;
+  /** Pause between two frames so the gateway reads them one at a time (default 100 ms). */
+  frameGapMs: number;
+}
+
+export interface WifidogxConnectionDeps {
+  fleet: FleetContext;
+  log: Logger;
+  timings: WifidogxTimings;
+  autoApprove: boolean;
+  /** Where unknown gateways are registered. */
+  home(): Promise<{ orgId: string; productId: string }>;
+  /** The safe, signed image URL for a firmware. */
+  firmwareUrl(firmware: Firmware): string;
+  /** Claims `deviceId` for this connection; false when another live connection holds it. */
+  claim(deviceId: string, conn: WifidogxConnection): Promise<boolean>;
+  onClose(conn: WifidogxConnection): void;
+}
+
+const DEVICE_ID = /^[\x21-\x7e]{1,128}$/;
+
+export class WifidogxConnection {
+  ref: (EdgeDeviceRef & { identifier: string }) | undefined;
+  approved = false;
+  readonly #ws: WebSocket;
+  readonly #deps: WifidogxConnectionDeps;
+  #log: Logger;
+  #queue: Buffer[] = [];
+  #writing = false;
+  #closed = false;
+  #liveness: NodeJS.Timeout | undefined;
+  #chain: Promise<void> = Promise.resolve();
+  #connectedAt: string | undefined;
+  #reqN = 0;
+  #upgrading: Firmware | undefined;
+  /** Frames written, for tests and metrics. */
+  framesSent = 0;
+  readonly ignored = new Map<string, number>();
+
+  constructor(ws: WebSocket, socket: Socket | undefined, deps: WifidogxConnectionDeps) {
+    this.#ws = ws;
+    this.#deps = deps;
+    this.#log = deps.log;
+    // Each frame leaves in its own segment as soon as it is written.
+    socket?.setNoDelay(true);
+  }
+
+  start(): void {
+    this.#ws.on('message', (data, isBinary) => {
+      if (isBinary) return this.#count('binary');
+      const text = data.toString();
+      this.#enqueue(() => this.#onText(text));
+    });
+    this.#ws.on('close', () => this.#onClose());
+    this.#ws.on('error', (err) => this.#log.warn({ err }, 'wifidogx socket error'));
+    this.#armLiveness();
+  }
+
+  close(code = 1000, reason = ''): void {
+    this.#ws.close(code, reason);
+  }
+
+  #enqueue(step: () => Promise<void>): Promise<void> {
+    const run = this.#chain.then(async () => {
+      if (this.#closed) return;
+      try {
+        await step();
+      } catch (err) {
+        this.#log.error({ err }, 'wifidogx step failed');
+      }
+    });
+    this.#chain = run;
+    return run;
+  }
+
+  /** Runs `step` in this connection's order (commands from operators, target changes). */
+  run(step: () => Promise<void>): Promise<void> {
+    return this.#enqueue(step);
+  }
+
+  // --- writing ------------------------------------------------------------------------------------
+
+  /** Queues one message; false (and a logged error) when it cannot fit in a frame the gateway can read. */
+  send(message: Record<string, unknown>): boolean {
+    const frame = encodeFrame(message);
+    if (!frame) {
+      this.#log.error({ type: message.type, bytes: JSON.stringify(message).length }, 'wifidogx message refused: its frame would exceed what the gateway can read (1000 bytes)');
+      return false;
+    }
+    this.#queueFrame(frame);
+    return true;
+  }
+
+  #queueFrame(frame: Buffer): void {
+    this.#queue.push(frame);
+    this.#pump();
+  }
+
+  #pump(): void {
+    if (this.#writing || this.#closed) return;
+    const frame = this.#queue.shift();
+    if (!frame) return;
+    this.#writing = true;
+    // Text frame, never fragmented, never compressed; the next one waits for this write plus a gap.
+    this.#ws.send(frame, { binary: false, compress: false, fin: true }, () => {
+      this.framesSent++;
+      setTimeout(() => {
+        this.#writing = false;
+        this.#pump();
+      }, this.#deps.timings.frameGapMs).unref();
+    });
+  }
+
+  #reqId(): string {
+    return `fh-${Date.now().toString(36)}-${++this.#reqN}`;
+  }
+
+  /** `{type, op, req_id, ...fields}`: old firmware reads `type`, new reads `op` and echoes `req_id`. */
+  message(type: string, fields: Record<string, unknown> = {}, reqId = this.#reqId()): Record<string, unknown> {
+    return { type, op: type, req_id: reqId, ...fields };
+  }
+
+  // --- reading ------------------------------------------------------------------------------------
+
+  async #onText(text: string): Promise<void> {
+    let m: unknown;
+    try {
+      m = JSON.parse(text);
+    } catch {
+      this.#log.warn('wifidogx message is not JSON; ignored');
+      return this.#count('invalid_json');
+    }
+    if (!isRecord(m)) return this.#count('not_an_object');
+    const type = typeof m.type === 'string' ? m.type : typeof m.op === 'string' ? m.op : undefined;
+    if (!type) return this.#count('no_type');
+    if (!this.ref) {
+      if (type !== 'connect' && type !== 'heartbeat') return this.#count(`before_connect:${type}`);
+      if (!(await this.#identify(m))) return;
+    }
+    switch (type) {
+      case 'connect':
+      case 'heartbeat':
+        return this.#onReport(type, m);
+      case 'firmware_info_response':
+        return this.#onFirmwareInfo(m);
+      case 'firmware_info_error':
+        await this.#complete('get_firmware_info', m, 'failed');
+        return;
+      case 'firmware_upgrade_response':
+        return this.#onUpgradeResponse(m);
+      case 'firmware_upgrade_error':
+        return this.#onUpgradeError(m);
+      case 'kickoff_response':
+        await this.#complete('kickoff', m, m.status === 'success' ? 'succeeded' : 'failed');
+        return;
+      case 'kickoff_error':
+        await this.#complete('kickoff', m, 'failed');
+        return;
+      default:
+        this.#log.info({ type }, 'unknown wifidogx message type; ignored');
+        return this.#count(`unknown:${type}`);
+    }
+  }
+
+  /** The first message names the device: register or find it, apply the takeover rule. */
+  async #identify(m: Record<string, unknown>): Promise<boolean> {
+    const deviceId = m.device_id;
+    if (typeof deviceId !== 'string' || !DEVICE_ID.test(deviceId)) {
+      this.#log.warn('wifidogx connect without a valid device_id; closing');
+      this.close(4000, 'device_id required');
+      return false;
+    }
+    const home = await this.#deps.home();
+    const { device, created } = await findOrRegisterEdgeDevice(this.#deps.fleet, {
+      ...home,
+      identifier: deviceId,
+      protocol: 'wifidogx',
+      approval: this.#deps.autoApprove ? 'approved' : 'pending',
+    });
+    this.#log = this.#deps.log.child({ device_id: device.id, identifier: deviceId });
+    if (device.approval === 'revoked') {
+      this.#log.warn('revoked wifidogx gateway tried to connect');
+      this.close(4003, 'revoked');
+      return false;
+    }
+    if (!(await this.#deps.claim(device.id, this))) {
+      // Takeover rule: an approved device connected elsewhere keeps its link until an operator releases it.
+      this.#log.error('wifidogx device_id is already connected elsewhere; refusing this claim (operator: release the device to let it move)');
+      this.close(4009, 'device_id connected elsewhere');
+      return false;
+    }
+    this.ref = { deviceId: device.id, orgId: device.org_id, identifier: deviceId };
+    this.approved = device.approval === 'approved';
+    if (created) this.#log.info({ approval: device.approval }, 'wifidogx gateway registered');
+    this.#connectedAt = await markEdgeDeviceConnected(this.#deps.fleet, this.ref);
+    return true;
+  }
+
+  async #onReport(type: 'connect' | 'heartbeat', m: Record<string, unknown>): Promise<void> {
+    const ref = this.ref!;
+    this.#armLiveness();
+    await saveReport(this.#deps.fleet.db, ref.deviceId, m, true);
+    // Pending devices get nothing at all, not even their gateway settings.
+    if (!this.approved) return;
+    await this.pushGatewaySettings(type, typeof m.req_id === 'string' ? m.req_id : undefined, m.gateway);
+    if (type === 'connect') this.send(this.message('get_firmware_info'));
+  }
+
+  /** Sends `{type, gateway:[{gw_id, auth_mode}]}` in as many frames as it takes. */
+  async pushGatewaySettings(type: string, reqId?: string, reported?: unknown): Promise<void> {
+    const settings = await gatewaySettings(this.#deps.fleet.db, this.ref!.deviceId, reported);
+    const { frames, dropped } = gatewayReplies(type, reqId ?? this.#reqId(), settings);
+    if (dropped.length) this.#log.error({ gateways: dropped }, 'gateway entries too large for a frame were left out of the reply');
+    for (const f of frames) this.#queueFrame(f);
+  }
+
+  /** Called when an operator approves this (pending) device. */
+  async becomeApproved(): Promise<void> {
+    if (this.approved || !this.ref) return;
+    this.approved = true;
+    await this.pushGatewaySettings('connect');
+    this.send(this.message('get_firmware_info'));
+  }
+
+  async #onFirmwareInfo(m: Record<string, unknown>): Promise<void> {
+    const ref = this.ref!;
+    const data = isRecord(m.data) ? m.data : {};
+    await saveFirmwareInfo(this.#deps.fleet.db, ref.deviceId, data);
+    await this.#complete('get_firmware_info', m, 'succeeded');
+    const version = gatewayVersion(data);
+    if (!version) {
+      this.#log.warn({ release: data.DISTRIB_RELEASE }, 'the gateway reports no usable firmware version; it cannot be updated');
+      return;
+    }
+    if (!this.approved) return;
+    const online = await edgeDeviceOnline(this.#deps.fleet, ref, { version, platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null });
+    this.#connectedAt = online.connectedAt;
+    if (online.target) await this.#upgrade(online.target);
+  }
+
+  /** Sends firmware_upgrade for `target`, after checking the URL is shell-safe. */
+  async #upgrade(target: Firmware): Promise<void> {
+    const ref = this.ref!;
+    const url = target.has_blob ? this.#deps.firmwareUrl(target) : '';
+    if (!isSafeFirmwareUrl(url)) {
+      this.#log.error({ firmware_id: target.id }, 'refusing to send firmware_upgrade: the URL is not made of safe characters or is too long');
+      await transitionAttempt(this.#deps.fleet, ref, { to: 'failed', firmwareId: target.id, errors: ['the firmware URL is not shell-safe (or over 500 characters); not sent'] });
+      return;
+    }
+    if (!this.send(this.message('firmware_upgrade', { url, force: false }))) {
+      await transitionAttempt(this.#deps.fleet, ref, { to: 'failed', firmwareId: target.id, errors: ['firmware_upgrade does not fit in a frame the gateway can read'] });
+      return;
+    }
+    this.#upgrading = target;
+    await recordUpdateSent(this.#deps.fleet, ref, target, 'edge:wifidogx');
+  }
+
+  async #openUpgrade(): Promise<Firmware | undefined> {
+    if (this.#upgrading) return this.#upgrading;
+    const row = await this.#deps.fleet.db
+      .selectFrom('update_attempts')
+      .innerJoin('firmware', 'firmware.id', 'update_attempts.firmware_id')
+      .selectAll('firmware')
+      .where('update_attempts.device_id', '=', this.ref!.deviceId)
+      .where('update_attempts.state', 'in', ['sent', 'begun', 'downloading'])
+      .orderBy('update_attempts.created_at', 'desc')
+      .executeTakeFirst();
+    return row as Firmware | undefined;
+  }
+
+  async #onUpgradeResponse(m: Record<string, unknown>): Promise<void> {
+    const operatorCommand = await this.#complete('firmware_upgrade', m, m.status === 'success' ? 'succeeded' : 'failed');
+    if (operatorCommand) return;
+    const target = await this.#openUpgrade();
+    if (!target) return this.#count('upgrade_response_without_update');
+    if (m.status !== 'success') return this.#onUpgradeError({ error: m.message ?? 'firmware upgrade refused' });
+    // sysupgrade runs and the gateway reboots: the outcome is decided when it reports its version again.
+    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_begin', { version: target.version });
+    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_finish', { version: target.version });
+    this.#upgrading = undefined;
+  }
+
+  async #onUpgradeError(m: Record<string, unknown>): Promise<void> {
+    const operatorCommand = await this.#complete('firmware_upgrade', m, 'failed');
+    if (operatorCommand) return;
+    const target = await this.#openUpgrade();
+    if (!target) return this.#count('upgrade_error_without_update');
+    this.#upgrading = undefined;
+    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_error', { version: target.version, errors: [String(m.error ?? 'firmware upgrade failed').slice(0, 2000)] });
+  }
+
+  /** Records a device response on the operator command it answers; returns whether there was one. */
+  async #complete(type: string, m: Record<string, unknown>, status: 'succeeded' | 'failed'): Promise<boolean> {
+    const command = await commandForResponse(this.#deps.fleet.db, this.ref!.deviceId, type, m.req_id);
+    if (!command) return false;
+    await updateCommand(this.#deps.fleet.db, command.id, { status, response: m, ...(status === 'failed' ? { error: String(m.error ?? m.message ?? 'failed') } : {}) });
+    return true;
+  }
+
+  /** Sends an operator's command (recorded by the REST route) if this gateway may receive it. */
+  async runCommand(commandId: string): Promise<void> {
+    const db = this.#deps.fleet.db;
+    const command = await getCommand(db, commandId);
+    if (!command || command.status !== 'queued') return;
+    if (!this.approved) return updateCommand(db, command.id, { status: 'refused', error: 'the device is pending approval' });
+    if (command.type === 'firmware_upgrade' && !isSafeFirmwareUrl(command.payload.url)) {
+      this.#log.error({ command_id: command.id }, 'refusing firmware_upgrade with an unsafe URL');
+      return updateCommand(db, command.id, { status: 'refused', error: 'the URL is not shell-safe or is over 500 characters' });
+    }
+    if (command.type === 'set_auth_mode') {
+      await this.pushGatewaySettings('heartbeat');
+      return updateCommand(db, command.id, { status: 'delivered' });
+    }
+    if (!this.send(this.message(command.type, command.payload, command.req_id))) {
+      return updateCommand(db, command.id, { status: 'refused', error: 'the command does not fit in a frame the gateway can read (1000 bytes)' });
+    }
+    // auth and tmp_pass have no response in the protocol.
+    await updateCommand(db, command.id, { status: command.type === 'auth' || command.type === 'tmp_pass' ? 'delivered' : 'sent' });
+  }
+
+  /** A target change concerns this gateway: ask for its firmware info (the answer triggers the upgrade). */
+  async recheckFirmware(): Promise<void> {
+    if (this.approved) this.send(this.message('get_firmware_info'));
+  }
+
+  #armLiveness(): void {
+    clearTimeout(this.#liveness);
+    this.#liveness = setTimeout(() => {
+      this.#log.info('no heartbeat from the wifidogx gateway; closing its link');
+      this.#ws.terminate();
+    }, this.#deps.timings.livenessMs);
+  }
+
+  #count(what: string): void {
+    this.ignored.set(what, (this.ignored.get(what) ?? 0) + 1);
+  }
+
+  #onClose(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    clearTimeout(this.#liveness);
+    this.#queue = [];
+    this.#deps.onClose(this);
+    const ref = this.ref;
+    if (ref) {
+      void this.#chain.then(() => edgeDeviceOffline(this.#deps.fleet, ref.deviceId, this.#connectedAt).catch((err: unknown) => this.#log.error({ err }, 'marking the gateway offline failed')));
+    }
+  }
+}
