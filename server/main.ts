@@ -39,6 +39,7 @@ import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged 
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
 import { createLogger, type Logger } from './log.ts';
 import { registerGrispEdge } from './edges/grisp/index.ts'; // H6: GRiSP edge
+import { registerWifidogxEdge } from './edges/wifidogx/index.ts'; // H6: WiFiDogX edge
 
 export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
@@ -152,6 +153,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // Operator dashboard at `/` (H10): static ES modules, live over the operator socket above.
   await registerDashboard(api);
   await registerGrispEdge({ fleet, pubsub, log, blobs, secret, deviceApp: deviceListener.app, api, deviceBaseUrl: () => devicePublicUrl, urlTtlSeconds: config.firmwareUrlTtlSeconds }); // H6: GRiSP edge (lead: tidy)
+  await registerWifidogxEdge({ fleet, pubsub, log, blobs, secret, api, autoApprove: config.wifidogxAutoApprove, urlTtlSeconds: config.firmwareUrlTtlSeconds, apiBaseUrl: () => `${config.apiTls ? 'https' : 'http'}://${hostForUrl(config.host)}:${(api.server.address() as AddressInfo).port}` }); // H6: WiFiDogX edge (lead: tidy)
 
   // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
   await markNodeAlive(fleet);
