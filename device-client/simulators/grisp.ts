@@ -320,7 +320,7 @@ export class GrispBoard extends EventEmitter {
 }
 
 /** A GRiSP package as the server accepts it: a tar with a JSON MANIFEST.sealed and `blocks/<n>.bin`. */
-export async function buildGrispPackage(o: { version: string; relname?: string; blocks: Buffer[]; corruptBlock?: number }): Promise<Buffer> {
+export async function buildGrispPackage(o: { version: string; relname?: string; blocks: Buffer[]; corruptBlock?: number; leading?: Array<{ name: string; data: Buffer }> }): Promise<Buffer> {
   const blocks = o.blocks.map((data, i) => ({ path: `blocks/${i}.bin`, sha256: createHash('sha256').update(data).digest('hex'), size: data.length }));
   const manifest = Buffer.from(JSON.stringify({ version: o.version, relname: o.relname ?? 'fleethub_sim', blocks }));
   const p = pack();
@@ -330,6 +330,7 @@ export async function buildGrispPackage(o: { version: string; relname?: string; 
     p.on('end', () => resolve());
     p.on('error', reject);
   });
+  for (const extra of o.leading ?? []) p.entry({ name: extra.name }, extra.data);
   p.entry({ name: 'MANIFEST.sealed' }, manifest);
   o.blocks.forEach((data, i) => {
     const bytes = o.corruptBlock === i ? Buffer.concat([data, Buffer.from('x')]) : data;
