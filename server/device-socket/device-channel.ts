@@ -48,9 +48,9 @@ export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats,
     },
 
     async handleInfo(message, _session, { assigns, socketId, log }) {
-      if (message.event === 'device_deleted') {
+      if (DISCONNECTING.has(message.event)) {
         await opts.disconnect(socketId);
-        return { effects: [{ type: 'stop', reason: 'device deleted' }] };
+        return { effects: [{ type: 'stop', reason: message.event }] };
       }
       if (FORWARDED.has(message.event)) return { effects: [{ type: 'push', event: message.event, payload: message.payload }] };
       log.debug({ event: message.event, device_id: assigns.deviceId }, 'device topic event not forwarded');
@@ -62,6 +62,9 @@ export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats,
     },
   };
 }
+
+/** Operator actions after which the device's live connection must end (its next connect is refused or recreated). */
+const DISCONNECTING = new Set(['device_deleted', 'device_revoked', 'certificate_revoked']);
 
 function isReport(event: string): event is UpdateReportEvent {
   return (UPDATE_REPORT_EVENTS as readonly string[]).includes(event);

@@ -1,7 +1,7 @@
 /** Devices: list with filters, show, create, update, delete, certificates, own target, update history. */
 import type { FastifyInstance } from 'fastify';
 import type { ConnectionStatus, Device, UpdateState } from '../../db/schema.ts';
-import { createDevice, deleteDevice, getDevice, listDevices, updateDevice, getProduct, listUpdateAttempts, UPDATE_STATES, type FleetContext } from '../../fleet/index.ts';
+import { createDevice, deleteDevice, getDevice, listDevices, updateDevice, getProduct, listUpdateAttempts, UPDATE_STATES, Topics, type FleetContext } from '../../fleet/index.ts';
 import { addDeviceCertificate, listDeviceCertificates, revokeDeviceCertificate } from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
@@ -188,7 +188,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       preHandler: requireRole('operator'),
       schema: {
         tags: ['devices'],
-        summary: 'Revoke a device certificate (its next connection is refused)',
+        summary: 'Revoke a device certificate: the device is disconnected and that certificate refused from now on',
         params: { type: 'object', required: ['org', 'device', 'id'], properties: { ...deviceParams.properties, id: { type: 'string', format: 'uuid' } } },
         response: { 200: ref('DeviceCertificate'), ...authErrors },
       },
@@ -198,7 +198,10 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       const device = await resolveDevice(fleet, org.id, request.params.device);
       const certs = await listDeviceCertificates(db, device.id);
       if (!certs.some((c) => c.id === request.params.id)) throw new ApiError(404, 'not_found', `certificate ${request.params.id} is not registered to device ${device.identifier}`);
-      return snakeKeys(await revokeDeviceCertificate(db, request.operator.actor, request.params.id, { orgId: org.id }));
+      const revoked = await revokeDeviceCertificate(db, request.operator.actor, request.params.id, { orgId: org.id });
+      // Refusal happens at the TLS/HTTP layer on the next connect; a live connection is closed now, on whichever node holds it.
+      await fleet.bus.publish(Topics.device(device.id), 'certificate_revoked', { certificate_id: request.params.id });
+      return snakeKeys(revoked);
     },
   );
 
