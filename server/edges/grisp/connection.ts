@@ -67,7 +67,6 @@ export interface GrispConnectionDeps {
 export interface GrispIdentity extends EdgeDeviceRef {
   productId: string;
   identifier: string;
-  approval: string;
 }
 
 interface Pending {

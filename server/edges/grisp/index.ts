@@ -88,15 +88,15 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
     (socket: WebSocket, request: FastifyRequest) => {
       const identity = (request as FastifyRequest & { deviceIdentity?: DeviceIdentity }).deviceIdentity;
       if (!identity) return socket.close(1008, 'no device identity');
-      void attach(socket, identity);
+      attach(socket, identity);
     },
   );
 
-  async function attach(socket: WebSocket, identity: DeviceIdentity): Promise<void> {
-    const device = await deps.fleet.db.selectFrom('devices').select('approval').where('id', '=', identity.deviceId).executeTakeFirst();
+  // Synchronous: the board may send its first frame right after the upgrade; listeners must be there.
+  function attach(socket: WebSocket, identity: DeviceIdentity): void {
     const conn = new GrispConnection(
       socket,
-      { deviceId: identity.deviceId, orgId: identity.orgId, productId: identity.productId, identifier: identity.identifier, approval: device?.approval ?? 'pending' },
+      { deviceId: identity.deviceId, orgId: identity.orgId, productId: identity.productId, identifier: identity.identifier },
       {
         fleet: deps.fleet,
         log,
