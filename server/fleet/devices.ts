@@ -30,6 +30,9 @@ export interface DeviceFilter {
   /** Running firmware version (exact). */
   version?: string;
   status?: ConnectionStatus;
+  /** approved | pending | revoked (edges register pending devices until an operator approves). */
+  approval?: DeviceApproval;
+  protocol?: DeviceProtocol;
   tag?: string;
   /** Substring of the identifier or description (case-insensitive). */
   q?: string;
@@ -87,6 +90,8 @@ export async function listDevices(ctx: FleetContext, filter: DeviceFilter): Prom
   }
   if (filter.version) query = query.where('devices.firmware_version', '=', filter.version);
   if (filter.status) query = query.where('devices.connection_status', '=', filter.status);
+  if (filter.approval) query = query.where('devices.approval', '=', filter.approval);
+  if (filter.protocol) query = query.where('devices.protocol', '=', filter.protocol);
   if (filter.tag) query = query.where(sql<boolean>`devices.tags @> ${JSON.stringify([filter.tag])}::jsonb`);
   if (filter.q) {
     const pattern = `%${filter.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;

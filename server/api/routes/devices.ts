@@ -1,6 +1,7 @@
 /** Devices: list with filters, show, create, update, delete, certificates, own target, update history. */
 import type { FastifyInstance } from 'fastify';
-import type { ConnectionStatus, Device, UpdateState } from '../../db/schema.ts';
+import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol, UpdateState } from '../../db/schema.ts';
+import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
 import { createDevice, deleteDevice, getDevice, listDevices, updateDevice, getProduct, listUpdateAttempts, UPDATE_STATES, Topics, type FleetContext } from '../../fleet/index.ts';
 import { addDeviceCertificate, listDeviceCertificates, revokeDeviceCertificate } from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
@@ -35,7 +36,7 @@ export async function resolveDevice(fleet: FleetContext, orgId: string, ref: str
 export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
   const { fleet, db } = deps;
 
-  type ListQuery = { product?: string; group?: string; version?: string; status?: ConnectionStatus; tag?: string; q?: string; limit: number; offset: number };
+  type ListQuery = { product?: string; group?: string; version?: string; status?: ConnectionStatus; approval?: DeviceApproval; protocol?: DeviceProtocol; tag?: string; q?: string; limit: number; offset: number };
   api.get<{ Params: OrgParams; Querystring: ListQuery }>(
     '/orgs/:org/devices',
     {
@@ -52,6 +53,8 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
             group: { type: 'string', format: 'uuid', description: 'group id' },
             version: { type: 'string', description: 'running firmware version (exact)' },
             status: { type: 'string', enum: ['online', 'offline'] },
+            approval: { type: 'string', enum: ['approved', 'pending', 'revoked'], description: 'pending: registered by an edge, waiting for an operator' },
+            protocol: { type: 'string', enum: ['phoenix', 'grisp', 'wifidogx', 'main-server', 'keyauth'] },
             tag: { type: 'string' },
             q: { type: 'string', maxLength: 200, description: 'substring of identifier or description' },
             ...paginationQuery,
@@ -204,6 +207,22 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       return snakeKeys(revoked);
     },
   );
+
+  // ---- approval (any protocol: pending devices of the edges, or revoking a device outright)
+  for (const [action, apply, summary] of [
+    ['approve', approveDevice, 'Approve a device: a pending device may now connect, receive commands and updates'],
+    ['revoke', revokeDevice, 'Revoke a device: it is disconnected, refused from now on, and its open updates are cancelled'],
+  ] as const) {
+    api.post<{ Params: DeviceParams }>(
+      `/orgs/:org/devices/:device/${action}`,
+      { preHandler: requireRole('operator'), schema: { tags: ['devices'], summary, params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
+      async (request) => {
+        const org = await resolveOrg(fleet, request.operator, request.params.org);
+        const device = await resolveDevice(fleet, org.id, request.params.device);
+        return apply(fleet, request.operator.actor, org.id, device.id);
+      },
+    );
+  }
 
   // ---- update history
 
