@@ -109,6 +109,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   if (config.bootstrapDev) await bootstrapDevelopmentTenant(fleet, pki, log);
 
+  // `--allowed-origins '*'` allows any Origin; an empty list means the Origin's host must be the Host.
+  const checkOrigin = config.allowedOrigins.includes('*') ? '*' : config.allowedOrigins.length ? config.allowedOrigins : undefined;
+
   // Devices: mutual TLS, Phoenix socket and firmware downloads.
   const deviceListener = await createDeviceListener({
     db: database.db,
@@ -125,7 +128,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     pubsub,
     log: log.child({ socket: 'device' }),
     idleTimeoutMs: config.heartbeatTimeoutMs,
-    checkOrigin: config.allowedOrigins.length ? config.allowedOrigins : undefined,
+    checkOrigin,
   });
   await deviceEndpoint.register(deviceListener.app, { path: '/socket' });
   registerFirmwareDownload(deviceListener.app, { db: database.db, blobs, secret });
@@ -148,7 +151,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     pubsub,
     log,
     idleTimeoutMs: config.heartbeatTimeoutMs,
-    checkOrigin: config.allowedOrigins.length ? config.allowedOrigins : undefined,
+    checkOrigin,
   });
   // Operator dashboard at `/` (H10): static ES modules, live over the operator socket above.
   await registerDashboard(api);
