@@ -11,6 +11,8 @@ const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = 
   users: { help: 'operator accounts: create --email --password --role [--org] | list', run: async () => (await import('./users.ts')).runUsersCommand },
   'main-server': { help: 'Main Server devices (seed 000): devices | approve | revoke | rotate-token | pack | upload | schedule | deploy', run: async () => (await import('./main-server.ts')).runMainServerCommand },
   keyauth: { help: 'public-key TCP clients (seed 003): list | approve | revoke <fingerprint>', run: async () => (await import('./keyauth.ts')).runKeyauthCommand },
+  grisp: { help: 'GRiSP boards (seed 004): firmware packages, logs, linking tokens, validation', run: async () => (await import('./grisp.ts')).runGrispCommand },
+  wifidogx: { help: 'WiFiDogX gateways (seed 001): approve | auth-mode | auth | kickoff | tmp-pass | firmware-info | upgrade | release', run: async () => (await import('./wifidogx.ts')).runWifidogxCommand },
 };
 
 // Operator commands talk to a running server over the REST API (server/cli/operator.ts).
@@ -18,7 +20,7 @@ const OPERATOR_HELP: Record<string, string> = {
   login: 'log in to a fleethub server and save the token',
   orgs: 'organizations',
   products: 'products',
-  devices: 'devices: list | show',
+  devices: 'devices: list | show | updates | logs | link-token',
   groups: 'groups: create | list | add | remove | delete',
   firmware: 'firmware: upload | list | show | delete | keys | sign | keygen',
   target: 'targets: set | clear for a group or a device',
@@ -32,16 +34,22 @@ for (const [name, help] of Object.entries(OPERATOR_HELP)) {
 /** Firmware image commands (upload, signing keys) live with the firmware store's CLI. */
 const FIRMWARE_STORE_ACTIONS = new Set(['upload', 'keys', 'sign', 'keygen']);
 
+/** Device commands that GRiSP boards answer (logs from `log.get`, linking tokens). */
+const GRISP_DEVICE_ACTIONS = new Set(['logs', 'link-token']);
+
 async function runOperator(name: string, argv: string[]): Promise<number> {
   if (name === 'firmware' && argv[0] && FIRMWARE_STORE_ACTIONS.has(argv[0])) {
     return (await import('./firmware.ts')).runFirmwareCommand(argv);
+  }
+  if (name === 'devices' && argv[0] && GRISP_DEVICE_ACTIONS.has(argv[0])) {
+    return (await import('./grisp.ts')).runGrispCommand(argv);
   }
   return (await import('./operator.ts')).runOperatorCommand([name, ...argv]);
 }
 
 function usage(): string {
   const lines = ['Usage: fleethub <command> [options]', '', 'Commands:'];
-  for (const [name, c] of Object.entries(COMMANDS)) lines.push(`  ${name.padEnd(10)} ${c.help}`);
+  for (const [name, c] of Object.entries(COMMANDS)) lines.push(`  ${name.padEnd(12)} ${c.help}`);
   lines.push('', 'Run `fleethub <command> --help` for a command\'s options.');
   return lines.join('\n');
 }
