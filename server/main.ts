@@ -16,8 +16,10 @@ import { migrateToLatest } from './db/migrate.ts';
 import { createDeviceSocket } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
-import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts'; // H7 edges (lead: tidy)
-import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts'; // H7 edges
+import { registerGrispEdge } from './edges/grisp/index.ts';
+import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
+import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
+import { registerWifidogxEdge } from './edges/wifidogx/index.ts';
 import { registerOperatorSocket } from './api/socket.ts';
 import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
@@ -38,8 +40,6 @@ import {
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
 import { createLogger, type Logger } from './log.ts';
-import { registerGrispEdge } from './edges/grisp/index.ts'; // H6: GRiSP edge
-import { registerWifidogxEdge } from './edges/wifidogx/index.ts'; // H6: WiFiDogX edge
 
 export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
@@ -62,11 +62,11 @@ export interface RunningServer {
   operatorEndpoint: Endpoint;
   api: FastifyInstance;
   blobs: LocalBlobStore;
-  /** The seed-003 TCP listener (H7), when enabled. */
+  /** The seed-003 TCP listener, unless disabled (`--keyauth-port -1`). */
   keyauth?: KeyauthServer;
   /** `https://localhost:<port>` of the mutual-TLS device listener. */
   deviceUrl: string;
-  /** `http(s)://127.0.0.1:<port>` of the operator API. */
+  /** `http(s)://<host>:<port>` of the operator API (https with `--api-tls`). */
   apiUrl: string;
   /** Closes device sockets with 1012 (devices reconnect elsewhere) and stops everything. */
   close(): Promise<void>;
@@ -137,14 +137,21 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   const stopCaRelay = relaySignerCaChanges(pubsub, config.nodeName);
 
   // Operators: REST API, OpenAPI, live socket.
-  const api = Fastify({ loggerInstance: log.child({ listener: 'api' }), bodyLimit: 1024 * 1024 }) as unknown as FastifyInstance;
+  // Plain HTTP by default (behind a TLS-terminating proxy, or on loopback); `--api-tls` serves the server certificate.
+  const api = Fastify({
+    loggerInstance: log.child({ listener: 'api' }),
+    bodyLimit: 1024 * 1024,
+    ...(config.apiTls ? { https: { cert: pki.server.certPem, key: pki.server.keyPem, minVersion: 'TLSv1.2' as const } } : {}),
+  }) as unknown as FastifyInstance;
+  const apiScheme = config.apiTls ? 'https' : 'http';
+  // Known once listening (port 0 in tests): edges build download URLs from it lazily.
+  const apiBaseUrl = () => `${apiScheme}://${hostForUrl(config.host)}:${(api.server.address() as AddressInfo).port}`;
   await registerApi(
     api,
     // identity's addSignerCa/removeSignerCa notify the listener themselves after commit.
     { fleet, db: database.db, log, pubsub, secret, blobs },
     [async (scope) => firmwareApiRoutes(scope, { fleet, blobs }), mainServerApiPlugin({ fleet, blobs }), keyauthApiPlugin({ fleet })],
   );
-  const mainServer = await registerMainServer(api, { fleet, blobs, log }); registerKeyauthDownloads(api, { fleet, blobs, secret }); // H7 edges
   const operatorEndpoint = await registerOperatorSocket(api, {
     db: database.db,
     secret,
@@ -153,10 +160,15 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     idleTimeoutMs: config.heartbeatTimeoutMs,
     checkOrigin,
   });
-  // Operator dashboard at `/` (H10): static ES modules, live over the operator socket above.
+  // Operator dashboard at `/`: static ES modules, live over the operator socket above.
   await registerDashboard(api);
-  await registerGrispEdge({ fleet, pubsub, log, blobs, secret, deviceApp: deviceListener.app, api, deviceBaseUrl: () => devicePublicUrl, urlTtlSeconds: config.firmwareUrlTtlSeconds }); // H6: GRiSP edge (lead: tidy)
-  await registerWifidogxEdge({ fleet, pubsub, log, blobs, secret, api, autoApprove: config.wifidogxAutoApprove, urlTtlSeconds: config.firmwareUrlTtlSeconds, apiBaseUrl: () => `${config.apiTls ? 'https' : 'http'}://${hostForUrl(config.host)}:${(api.server.address() as AddressInfo).port}` }); // H6: WiFiDogX edge (lead: tidy)
+
+  // Edges: the other protocols, translated into the same fleet (each closes with its listener).
+  const urlTtlSeconds = config.firmwareUrlTtlSeconds;
+  await registerGrispEdge({ fleet, pubsub, log, blobs, secret, deviceApp: deviceListener.app, api, deviceBaseUrl: () => devicePublicUrl, urlTtlSeconds });
+  await registerWifidogxEdge({ fleet, pubsub, log, blobs, secret, api, autoApprove: config.wifidogxAutoApprove, urlTtlSeconds, apiBaseUrl });
+  const mainServer = await registerMainServer(api, { fleet, blobs, log });
+  registerKeyauthDownloads(api, { fleet, blobs, secret });
 
   // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
   await markNodeAlive(fleet);
@@ -177,8 +189,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await deviceListener.app.listen({ host: config.host, port: config.devicePort });
   await api.listen({ host: config.host, port: config.apiPort });
   const devicePort = (deviceListener.app.server.address() as AddressInfo).port;
-  const apiPort = (api.server.address() as AddressInfo).port;
-  const keyauth: KeyauthServer | undefined = config.keyauthPort >= 0 ? await startKeyauth({ fleet, pubsub, log, secret, host: config.host, port: config.keyauthPort, downloadBaseUrl: () => `http://${hostForUrl(config.host)}:${apiPort}` }) : undefined; // H7 edges (0 = ephemeral, -1 = off)
+  const keyauth = config.keyauthPort >= 0 ? await startKeyauth({ fleet, pubsub, log, secret, host: config.host, port: config.keyauthPort, downloadBaseUrl: apiBaseUrl }) : undefined;
   if (config.devicePort === 0 && config.devicePublicUrl.endsWith(':0')) {
     devicePublicUrl = `https://localhost:${devicePort}`;
     signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
@@ -198,9 +209,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     operatorEndpoint,
     api,
     blobs,
-    keyauth, // H7 edges
+    keyauth,
     deviceUrl: `https://localhost:${devicePort}`,
-    apiUrl: `http://${hostForUrl(config.host)}:${apiPort}`,
+    apiUrl: apiBaseUrl(),
     async close() {
       if (closed) return;
       closed = true;
@@ -209,7 +220,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
       await deviceEndpoint.close();
       await operatorEndpoint.close();
-      await Promise.allSettled([mainServer.close(), keyauth?.close()]); // H7 edges
+      await Promise.allSettled([mainServer.close(), keyauth?.close()]);
       await Promise.allSettled([deviceListener.close(), api.close()]);
       await reconcileOfflineDevices(fleet, { ownConnections: true }).catch(() => 0);
       await removeNode(fleet).catch(() => undefined);

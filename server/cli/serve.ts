@@ -24,7 +24,11 @@ export async function runServeCommand(argv: string[]): Promise<number> {
     '',
     `  operator API      ${server.apiUrl}/api/v1   (OpenAPI: ${server.apiUrl}/api/docs)`,
     `  devices (mTLS)    ${socketUrl}   (development PKI in ${certsDir})`,
-    config.keyauthPort ? `  keyauth (TCP)     ${config.host}:${config.keyauthPort}` : '',
+    `  GRiSP boards      ${server.deviceUrl.replace(/^https:/, 'wss:')}/grisp-connect/ws   (mTLS, subprotocol grisp-io-v1)`,
+    `  WiFiDogX          ${server.apiUrl.replace(/^http/, 'ws')}/ws/wifidogx`,
+    `  Main Server REST  ${server.apiUrl}/api/main-server`,
+    server.keyauth ? `  keyauth (TCP)     ${config.host}:${server.keyauth.port}` : '',
+    `  dashboard         ${server.apiUrl}/`,
     '',
     firstAdmin
       ? `First start: created the admin ${firstAdmin.email}; the password is in ${rel(firstAdmin.passwordFile)}. Log in with\n  npx fleethub login --url ${server.apiUrl} --email ${firstAdmin.email} --password "$(cat ${rel(firstAdmin.passwordFile)})"\n`
