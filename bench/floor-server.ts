@@ -54,7 +54,7 @@ serveRpc({
     gc?.();
     gc?.();
     const m = process.memoryUsage();
-    return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, sockets: clients.size };
+    return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, sockets: clients.size };
   },
   /** One frame of `bytes` (sequence number first), the same Buffer written to every connection. */
   broadcast(request) {

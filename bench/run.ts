@@ -40,7 +40,7 @@ const CONCURRENCY = 24;
 const DOWNLOADS = 50;
 const IMAGE_MIB = 64;
 const INGEST_DEVICES = Number(argv.find((a) => a.startsWith('--ingest-devices='))?.split('=')[1] ?? 1000);
-const INGEST_SECONDS = scale ? 30 : 10;
+const INGEST_SECONDS = scale ? 20 : 10;
 const PG_URL = process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:5432/postgres';
 /** Database of the main fleethub phase (connections, handshakes, fanout, firmware). */
 const MAIN_DB = (argv.find((a) => a.startsWith('--db='))?.slice(5) ?? 'pglite') as 'pglite' | 'postgres';
@@ -162,6 +162,7 @@ const kib = (bytes: number) => bytes / 1024;
 interface Memory {
   rss: number;
   heapUsed: number;
+  arrayBuffers: number;
   external: number;
   sockets: number;
 }
@@ -250,6 +251,20 @@ async function addToGroup(server: FleethubServer, group: string, from: number, t
   for (let i = 0; i < ids.length; i += 2000) {
     await server.api.call('POST', `/api/v1/orgs/default/groups/${group}/devices`, { devices: ids.slice(i, i + 2000) });
   }
+}
+
+/** Waits until the server stopped sending statements for a second (disconnects written), at most 5 minutes. */
+async function settle(server: FleethubServer): Promise<void> {
+  const started = nowMs();
+  let last = -1;
+  for (;;) {
+    const { statements, endpoint } = await server.rpc.call<{ statements: number; endpoint: { sockets: number } }>('stats');
+    if (statements === last && endpoint.sockets === 0) break;
+    if (nowMs() - started > 300_000) break;
+    last = statements;
+    await new Promise((r) => setTimeout(r, 1000));
+  }
+  log(`server settled after ${round((nowMs() - started) / 1000, 1)} s`);
 }
 
 async function snapshot(server: FleethubServer, name: string): Promise<void> {
@@ -341,6 +356,9 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           rss_mib: round(m.rss / 1048576),
           per_conn_kib: round(kib(m.rss - base.rss) / m.sockets),
           heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
+          // ArrayBuffers include PGlite's WebAssembly memory, which grows with the database's working set.
+          array_buffers_per_conn_kib: round(kib(m.arrayBuffers - base.arrayBuffers) / m.sockets),
+          per_conn_excl_array_buffers_kib: round(kib(m.rss - base.rss - (m.arrayBuffers - base.arrayBuffers)) / m.sockets),
         };
         log(`memory at ${n}: ${JSON.stringify(results.connections[n])}`);
         if (heapSnapshots && n === MAX) await snapshot(server, `joined-${n}`);
@@ -348,15 +366,19 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
       // Handshake storms once HS_COUNT devices are joined: the server closes every socket with 1012.
       if (n === HS_COUNT && runs('handshake')) {
         for (const resume of [false, true]) {
+          const before = await server.rpc.call<{ statements: number }>('stats');
           await server.rpc.call('drain');
           await Promise.all(workers.map((w) => w.rpc.call('awaitClosed')));
           const storm = await profiled(server, resume ? 'storm-resumed' : 'storm-full', () => connectUpTo(workers, 'phoenix', server.devicePort, 0, HS_COUNT, { firmwareUuid, resume }));
+          await waitFor('devices back in their group channel', async () => (await workersStatus(workers)).groupJoined >= HS_COUNT - storm.failed);
+          const after = await server.rpc.call<{ statements: number }>('stats');
+          // Drain (disconnect) + connect + device join + group join, per device.
+          if (MAIN_DB === 'pglite') results.handshake.statements_per_reconnect = round((after.statements - before.statements) / HS_COUNT, 1);
           const key = resume ? 'resumed' : 'full';
           results.handshake[`${key}_per_s`] = round(storm.perS);
           results.handshake[`${key}_p99_ms`] = round(storm.p99);
           if (resume) results.handshake.resumed_sessions = storm.resumed;
           log(`${key} storm: ${storm.connected} in ${round(storm.elapsedMs)} ms = ${round(storm.perS)}/s (${storm.resumed} resumed)`);
-          await waitFor('devices back in their group channel', async () => (await workersStatus(workers)).groupJoined >= HS_COUNT - storm.failed);
         }
       }
       if (FANOUT_SIZES.includes(n) && n !== lastSize) await fleethubFanout(server, workers, group, topic, n, versions.get(n)!, true);
@@ -365,6 +387,7 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
     const last = await fleethubFanout(server, workers, group, topic, lastSize, versions.get(lastSize)!, false);
     if (runs('ingest') && MAIN_DB === 'pglite') await ingestPhase(server, workers, versions.get(lastSize)!, 'pglite');
     await Promise.all(workers.map((w) => w.rpc.call('closeAll')));
+    await settle(server);
 
     if (runs('firmware') && last.url) {
       await server.rpc.call('sampleRss', { on: true });

@@ -22,6 +22,17 @@ await createUser(server.database.db, { email, password, role: 'admin' });
 
 const gc = (globalThis as { gc?: () => void }).gc;
 
+// Statements sent to the database (PGlite only): the cost model of a connect + join.
+let statements = 0;
+const pglite = server.database.pglite as unknown as { query: (...args: unknown[]) => Promise<unknown> } | undefined;
+if (pglite) {
+  const query = pglite.query.bind(pglite);
+  pglite.query = (...args: unknown[]) => {
+    statements++;
+    return query(...args);
+  };
+}
+
 function memory() {
   if (gc) {
     // Twice: the first pass may only promote.
@@ -40,7 +51,7 @@ let profiler: Session | undefined;
 
 serveRpc({
   memory,
-  stats: () => ({ endpoint: server.deviceEndpoint.stats, pubsub: server.pubsub.stats }),
+  stats: () => ({ endpoint: server.deviceEndpoint.stats, pubsub: server.pubsub.stats, statements }),
   async drain() {
     const started = nowMs();
     await server.deviceEndpoint.drain(1012);

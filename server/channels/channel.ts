@@ -64,11 +64,35 @@ function checkJoinResult<S>(result: unknown): JoinResult<S> {
 
 type ChannelState = 'joining' | 'joined' | 'closed';
 
+/** One settled promise every channel's callback queue starts from (not one per channel). */
+const SETTLED: Promise<void> = Promise.resolve();
+
+/** What callbacks see; `log` is a prototype getter so the socket's logger is created only when used. */
+class Context<A> implements ChannelContext<A> {
+  readonly socketId: string;
+  readonly assigns: A;
+  readonly #socket: PhoenixSocket<A>;
+
+  constructor(
+    socket: PhoenixSocket<A>,
+    readonly topic: string,
+    readonly joinRef: string,
+  ) {
+    this.#socket = socket;
+    this.socketId = socket.id;
+    this.assigns = socket.assigns;
+  }
+
+  get log(): ChannelContext<A>['log'] {
+    return this.#socket.log;
+  }
+}
+
 export class ChannelProcess<A, S = unknown> {
   state: ChannelState = 'joining';
   session: S | undefined;
   readonly ctx: ChannelContext<A>;
-  #queue: Promise<void> = Promise.resolve();
+  #queue: Promise<void> = SETTLED;
   #timers: Map<string, NodeJS.Timeout> | undefined;
   /** Topics subscribed by effect (delivered to handleInfo). */
   #infoTopics: Set<string> | undefined;
@@ -80,16 +104,7 @@ export class ChannelProcess<A, S = unknown> {
     readonly joinRef: string | null,
     readonly definition: ChannelDefinition<A, S>,
   ) {
-    // `log` is a getter: the socket's logger is only created when a callback logs.
-    this.ctx = {
-      socketId: socket.id,
-      assigns: socket.assigns,
-      topic,
-      joinRef: joinRef ?? '',
-      get log() {
-        return socket.log;
-      },
-    };
+    this.ctx = new Context(socket, topic, joinRef ?? '');
   }
 
   intercepts(event: string): boolean {
