@@ -1,24 +1,41 @@
 /**
- * `tsx bench/profile-summary.ts <file.cpuprofile> [top]`: self time per function (and per
- * file), the evidence docs/performance.md quotes for each bound.
+ * `tsx bench/profile-summary.ts <file.cpuprofile> [top] [--under=<function>]`: self time per
+ * function (and per file or package), optionally only below one function (`--under=#deliver`:
+ * the broadcast loop), the evidence docs/performance.md quotes for each bound.
  */
 import { readFileSync } from 'node:fs';
 
 interface Node {
   id: number;
+  children?: number[];
   callFrame: { functionName: string; url: string; lineNumber: number };
   hitCount?: number;
 }
 
-const [file, topArg] = process.argv.slice(2);
+const args = process.argv.slice(2);
+const under = args.find((a) => a.startsWith('--under='))?.slice(8);
+const [file, topArg] = args.filter((a) => !a.startsWith('--'));
 if (!file) {
   console.error('usage: tsx bench/profile-summary.ts <file.cpuprofile> [top]');
   process.exit(2);
 }
 const profile = JSON.parse(readFileSync(file, 'utf8')) as { nodes: Node[]; samples: number[]; timeDeltas: number[] };
 const top = Number(topArg ?? 25);
+// --under=<function>: only samples whose stack contains that function (e.g. the broadcast loop).
+const keep = new Set<number>();
+if (under) {
+  const byId = new Map(profile.nodes.map((n) => [n.id, n]));
+  const mark = (id: number) => {
+    keep.add(id);
+    for (const child of byId.get(id)?.children ?? []) mark(child);
+  };
+  for (const n of profile.nodes) if (n.callFrame.functionName === under && !keep.has(n.id)) mark(n.id);
+}
 const selfByNode = new Map<number, number>();
-profile.samples.forEach((id, i) => selfByNode.set(id, (selfByNode.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0)));
+profile.samples.forEach((id, i) => {
+  if (under && !keep.has(id)) return;
+  selfByNode.set(id, (selfByNode.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0));
+});
 const total = [...selfByNode.values()].reduce((a, b) => a + b, 0);
 const byFunction = new Map<string, number>();
 const byFile = new Map<string, number>();

@@ -356,9 +356,6 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           rss_mib: round(m.rss / 1048576),
           per_conn_kib: round(kib(m.rss - base.rss) / m.sockets),
           heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
-          // ArrayBuffers include PGlite's WebAssembly memory, which grows with the database's working set.
-          array_buffers_per_conn_kib: round(kib(m.arrayBuffers - base.arrayBuffers) / m.sockets),
-          per_conn_excl_array_buffers_kib: round(kib(m.rss - base.rss - (m.arrayBuffers - base.arrayBuffers)) / m.sockets),
         };
         log(`memory at ${n}: ${JSON.stringify(results.connections[n])}`);
         if (heapSnapshots && n === MAX) await snapshot(server, `joined-${n}`);
@@ -604,8 +601,11 @@ const workers = await startWorkers();
 try {
   if (MAIN_DB === 'postgres') await withPostgres((url) => fleethubPhase(workers, url));
   else await fleethubPhase(workers);
-  await floorPhase(workers);
-  await mosquittoPhase(workers);
+  // --fleethub-only: profiling runs without the baselines (their table has no ratios).
+  if (!argv.includes('--fleethub-only')) {
+    await floorPhase(workers);
+    await mosquittoPhase(workers);
+  }
   if (runs('ingest')) {
     if (MAIN_DB === 'postgres') await ingestOnlyPhase(workers, 'pglite');
     await withPostgres((url) => ingestOnlyPhase(workers, 'postgres', url));
@@ -622,6 +622,7 @@ const dir = path.join(ROOT, 'bench', 'results');
 mkdirSync(dir, { recursive: true });
 const json = JSON.stringify({ ...summary, details: results }, null, 2);
 writeFileSync(path.join(dir, `${new Date().toISOString().slice(0, 10)}-${sha}.json`), json);
-writeFileSync(path.join(dir, 'latest.json'), json);
+// A run without baselines has no ratios: it must not replace the latest full results.
+if (!argv.includes('--fleethub-only')) writeFileSync(path.join(dir, 'latest.json'), json);
 log(`done in ${results.meta.duration_s} s; results in bench/results/latest.json`);
 process.exit(0);
