@@ -1,10 +1,10 @@
 import { sql } from 'kysely';
 import { audit } from '../audit.ts';
-import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
-import { inTransaction, Topics, type FleetContext } from './context.ts';
+import { groupTopic, type DeviceJoinParams, type FirmwareUpdatePayload } from '../../shared/protocol.ts';
+import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
 import { deviceGroupTopics } from './devices.ts';
 import { FleetError, isUuid, validVersion } from './errors.ts';
-import { reconcileAttempts } from './reconcile.ts';
+import { OPEN, reconcileAttempts, resolvedSql } from './reconcile.ts';
 import { deviceActor, firmwareUpdatePayload, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
 
 /** The device a connection belongs to, as its certificate says (identity/ resolves it). */
@@ -35,6 +35,8 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
   if (!isUuid(firmwareUuid)) throw new FleetError('invalid', 'join device:<firmware uuid> with the UUID of the firmware you run', { topic_uuid: firmwareUuid });
   const uuid = firmwareUuid.toLowerCase();
   const connectedAt = new Date();
+  const unchanged = await rejoinUnchanged(ctx, device.deviceId, uuid, connectedAt);
+  if (unchanged) return unchanged;
   return inTransaction(ctx, async (trx, outbox) => {
     const current = await trx.selectFrom('devices').selectAll().where('id', '=', device.deviceId).forUpdate().executeTakeFirst();
     if (!current) throw new FleetError('not_found', 'this device is not registered', { device_id: device.deviceId });
@@ -119,10 +121,47 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
       outbox.push(transitionEvent(attempt));
     }
 
-    outbox.push({ topic: Topics.operator(current.org_id), event: 'device_status', payload: { device_id: current.id, status: 'online', version: firmware.version, node: ctx.nodeName } });
+    outbox.push(onlineEvent(ctx, current.org_id, current.id, firmware.version));
     const groups = await deviceGroupTopics(trx, current.id);
     return { groups, ...(update ? { update } : {}), firmware: { id: firmware.id, version: firmware.version }, connectedAt: connectedAt.toISOString() };
   });
+}
+
+/**
+ * The common reconnect, in one statement: the device runs the firmware it ran last time (its
+ * component row agrees), no attempt is open, and reconciling would create none (no target, the
+ * target is running, or it failed since it was set). Then the full join would only mark the
+ * device online and read its groups, so this does exactly that. Anything else (a new firmware,
+ * an update in flight, a device not approved) returns undefined and takes the full path.
+ */
+async function rejoinUnchanged(ctx: FleetContext, deviceId: string, uuid: string, connectedAt: Date): Promise<JoinOutcome | undefined> {
+  const { rows } = await sql<{ org_id: string; firmware_version: string; groups: [string, string, string][] }>`
+    UPDATE devices d
+    SET connection_status = 'online', connected_node = ${ctx.nodeName}, last_seen_at = ${connectedAt}, updated_at = ${connectedAt}
+    FROM (${resolvedSql({ ids: [deviceId] }, 'firmware')}) r
+    WHERE d.id = ${deviceId} AND r.device_id = d.id AND d.firmware_uuid = ${uuid}
+      AND EXISTS (
+        SELECT 1 FROM device_components dc
+        WHERE dc.device_id = d.id AND dc.component = 'firmware' AND dc.version = d.firmware_version
+          AND dc.firmware_id IS NOT DISTINCT FROM (SELECT f.id FROM firmware f WHERE f.id = d.firmware_uuid))
+      AND NOT EXISTS (SELECT 1 FROM update_attempts ua WHERE ua.device_id = d.id AND ua.component = 'firmware' AND ua.state IN (${OPEN}))
+      AND (r.target_id IS NULL OR r.target_id = r.running_id OR EXISTS (
+        SELECT 1 FROM update_attempts x
+        WHERE x.device_id = d.id AND x.component = 'firmware' AND x.firmware_id = r.target_id
+          AND x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at))
+    RETURNING d.org_id, d.firmware_version, (
+      SELECT coalesce(json_agg(json_build_array(o.name, p.name, g.name) ORDER BY g.name), '[]')
+      FROM group_devices gd JOIN groups g ON g.id = gd.group_id JOIN products p ON p.id = g.product_id JOIN orgs o ON o.id = g.org_id
+      WHERE gd.device_id = d.id) AS groups`.execute(ctx.db);
+  const row = rows[0];
+  if (!row) return undefined;
+  await publishAll(ctx, [onlineEvent(ctx, row.org_id, deviceId, row.firmware_version)]);
+  const groups = row.groups.map(([org, product, group]) => groupTopic(org, product, group));
+  return { groups, firmware: { id: uuid, version: row.firmware_version }, connectedAt: connectedAt.toISOString() };
+}
+
+function onlineEvent(ctx: FleetContext, orgId: string, deviceId: string, version: string): FleetEvent {
+  return { topic: Topics.operator(orgId), event: 'device_status', payload: { device_id: deviceId, status: 'online', version, node: ctx.nodeName } };
 }
 
 /**
@@ -131,15 +170,14 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
  */
 export async function deviceDisconnected(ctx: FleetContext, deviceId: string, connectedAt?: string): Promise<boolean> {
   if (!isUuid(deviceId)) return false;
-  return inTransaction(ctx, async (trx, outbox) => {
-    let query = trx
-      .updateTable('devices')
-      .set({ connection_status: 'offline', connected_node: null, updated_at: new Date() })
-      .where('id', '=', deviceId)
-      .where('connected_node', '=', ctx.nodeName);
-    if (connectedAt) query = query.where('last_seen_at', '=', new Date(connectedAt));
-    const row = await query.returning(['id', 'org_id']).executeTakeFirst();
-    if (row) outbox.push({ topic: Topics.operator(row.org_id), event: 'device_status', payload: { device_id: row.id, status: 'offline' } });
-    return row !== undefined;
-  });
+  // One statement is atomic on its own: no transaction needed.
+  let query = ctx.db
+    .updateTable('devices')
+    .set({ connection_status: 'offline', connected_node: null, updated_at: new Date() })
+    .where('id', '=', deviceId)
+    .where('connected_node', '=', ctx.nodeName);
+  if (connectedAt) query = query.where('last_seen_at', '=', new Date(connectedAt));
+  const row = await query.returning(['id', 'org_id']).executeTakeFirst();
+  if (row) await publishAll(ctx, [{ topic: Topics.operator(row.org_id), event: 'device_status', payload: { device_id: row.id, status: 'offline' } }]);
+  return row !== undefined;
 }

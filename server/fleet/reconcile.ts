@@ -4,7 +4,8 @@ import type { ConnectionStatus } from '../db/schema.ts';
 
 /** States of an attempt that is still in flight (anything else is final). */
 export const OPEN_STATES = ['queued', 'sent', 'begun', 'downloading', 'finished'] as const;
-const OPEN = sql.join(OPEN_STATES.map((s) => sql.lit(s)));
+/** `OPEN_STATES` as an SQL list, for `state IN (${OPEN})`. */
+export const OPEN = sql.join(OPEN_STATES.map((s) => sql.lit(s)));
 
 /** Which devices a reconcile covers: explicit ids or every member of a group. */
 export type DeviceSet = { ids: string[] } | { groupId: string };
@@ -34,7 +35,7 @@ function scopeSql(set: DeviceSet): RawBuilder<unknown> {
  *    `priority` wins; on a tie, the most recently set target wins.
  * Only approved devices resolve a target.
  */
-function resolvedSql(set: DeviceSet, component: string): RawBuilder<unknown> {
+export function resolvedSql(set: DeviceSet, component: string): RawBuilder<unknown> {
   return sql`
     SELECT d.id AS device_id, d.org_id, d.connection_status,
            CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END AS running_id,

@@ -48,18 +48,8 @@ export async function resolveDeviceIdentity(
   }
   const fingerprint = fingerprintOfDer(peer.raw);
 
-  const known = await findByFingerprint(db, fingerprint);
-  if (known) {
-    const refused = refusal(known);
-    if (refused) return refused;
-    await db
-      .updateTable('device_certificates')
-      .set({ last_used_at: sql<Date>`now()` })
-      .where('id', '=', known.certificate_id)
-      .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', LAST_USED_RESOLUTION)]))
-      .execute();
-    return { ok: true, identity: identityOf(known, fingerprint), created: false };
-  }
+  const known = await findAndTouchByFingerprint(db, fingerprint);
+  if (known) return refusal(known) ?? { ok: true, identity: identityOf(known, fingerprint), created: false };
 
   const signer = await findSignerCa(db, peer);
   if (!signer.ok) return signer;
@@ -76,7 +66,31 @@ interface KnownCertificate {
   approval: string;
 }
 
+/**
+ * `findByFingerprint`, and in the same statement (every connect runs it) the `last_used_at`
+ * touch of a certificate that will be accepted.
+ */
+async function findAndTouchByFingerprint(db: Db, fingerprint: string): Promise<KnownCertificate | undefined> {
+  return db
+    .with('known', () => knownCertificateQuery(db, fingerprint))
+    .with('touch', (qb) =>
+      qb
+        .updateTable('device_certificates')
+        .set({ last_used_at: sql<Date>`now()` })
+        .where('id', 'in', (eb) => eb.selectFrom('known').select('certificate_id').where('revoked_at', 'is', null).where('approval', '<>', 'revoked'))
+        .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', LAST_USED_RESOLUTION)]))
+        .returning('id'),
+    )
+    .selectFrom('known')
+    .selectAll()
+    .executeTakeFirst();
+}
+
 async function findByFingerprint(db: Db, fingerprint: string): Promise<KnownCertificate | undefined> {
+  return knownCertificateQuery(db, fingerprint).executeTakeFirst();
+}
+
+function knownCertificateQuery(db: Db, fingerprint: string) {
   return db
     .selectFrom('device_certificates')
     .innerJoin('devices', 'devices.id', 'device_certificates.device_id')
@@ -89,8 +103,7 @@ async function findByFingerprint(db: Db, fingerprint: string): Promise<KnownCert
       'devices.identifier',
       'devices.approval',
     ])
-    .where('device_certificates.fingerprint_sha256', '=', fingerprint)
-    .executeTakeFirst();
+    .where('device_certificates.fingerprint_sha256', '=', fingerprint);
 }
 
 function refusal(known: KnownCertificate): IdentityResult | undefined {

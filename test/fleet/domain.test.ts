@@ -336,6 +336,34 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
       assert.equal((await fleet.getDevice(ctx, t.org.id, d!.id)).connection_status, 'offline');
     });
 
+    test('a reconnect that changes nothing is one statement with the full join\'s outcome', async () => {
+      const { t, v1, v2, d, g } = await setup();
+      await fleet.deviceJoined(ctx, ref(d), v1.id);
+      await fleet.applyUpdateReport(ctx, { deviceId: d.id, orgId: d.org_id }, 'firmware_update_error', { version: '2.0.0', errors: ['disk full'] });
+      await fleet.deviceDisconnected(ctx, d.id);
+      let statements = 0;
+      const counting = recordingContext(
+        handle.db.withPlugin({ transformQuery: (args) => (statements++, args.node), transformResult: async (args) => args.result }),
+      );
+      const rejoined = await fleet.deviceJoined(counting, ref(d), v1.id);
+      assert.equal(statements, 1);
+      assert.deepEqual(rejoined.groups, [`group:${t.org.name}:${t.product.name}:${g.name}`]);
+      assert.equal(rejoined.update, undefined, 'the failed update is not retried on rejoin');
+      assert.deepEqual(rejoined.firmware, { id: v1.id, version: '1.0.0' });
+      assert.deepEqual(counting.events.map((e) => [e.event, e.payload.status]), [['device_status', 'online']]);
+      assert.equal((await fleet.getDevice(ctx, t.org.id, d.id)).connection_status, 'online');
+      assert.equal(await fleet.deviceDisconnected(counting, d.id, rejoined.connectedAt), true);
+
+      // Retargeting again while the device is offline queues an attempt: the next join is the full one.
+      await new Promise((r) => setTimeout(r, 5));
+      await fleet.setGroupTarget(ctx, OPERATOR, t.org.id, g.id, v2.id);
+      statements = 0;
+      const updated = await fleet.deviceJoined(counting, ref(d), v1.id);
+      assert.ok(statements > 1);
+      assert.equal(updated.update?.firmware_uuid, v2.id);
+      assert.deepEqual((await attemptsOf(d.id)).map((a) => a.state), ['failed', 'sent']);
+    });
+
     test('devices connected to a node that stopped beating are marked offline', async () => {
       const t = await tenant(ctx);
       const fw = await firmware(ctx, t, '1.0.0');
