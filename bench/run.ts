@@ -9,7 +9,7 @@
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { createReadStream, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { createReadStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
@@ -104,9 +104,10 @@ async function connectUpTo(workers: Worker[], mode: string, port: number, fromIn
   const connected = answers.reduce((s, a) => s + a.connected, 0);
   const failed = answers.reduce((s, a) => s + a.failed, 0);
   const resumed = answers.reduce((s, a) => s + a.resumed, 0);
+  const clientCpuMs = answers.reduce((s, a) => s + a.cpuMs, 0);
   const firstError = answers.find((a) => a.firstError)?.firstError;
   if (failed) log(`${failed} ${mode} connections failed; first error: ${firstError}`);
-  return { connected, failed, resumed, elapsedMs, perS: connected / (elapsedMs / 1000), p99: Math.max(...answers.map((a) => a.latencies.p99)) };
+  return { connected, failed, resumed, elapsedMs, clientCpuMs, perS: connected / (elapsedMs / 1000), p99: Math.max(...answers.map((a) => a.latencies.p99)) };
 }
 
 interface ConnectAnswer {
@@ -114,6 +115,8 @@ interface ConnectAnswer {
   failed: number;
   resumed: number;
   elapsedMs: number;
+  /** CPU time the worker process spent in this connect (user + system). */
+  cpuMs: number;
   firstError?: string;
   latencies: { p50: number; p99: number; max: number };
 }
@@ -154,6 +157,12 @@ function percentiles(values: number[]): { p50: number; p99: number; max: number 
   const sorted = [...values].sort((a, b) => a - b);
   const at = (q: number) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))] ?? NaN;
   return { p50: round(at(0.5)), p99: round(at(0.99)), max: round(sorted[sorted.length - 1] ?? NaN) };
+}
+
+/** CPU time (user + system) of another process so far, from /proc (Linux clock ticks, 100 Hz). */
+function processCpuMs(pid: number): number {
+  const fields = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(fields[11]) + Number(fields[12])) * 10;
 }
 
 const round = (n: number, digits = 2) => Math.round(n * 10 ** digits) / 10 ** digits;
@@ -366,15 +375,19 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           const before = await server.rpc.call<{ statements: number }>('stats');
           await server.rpc.call('drain');
           await Promise.all(workers.map((w) => w.rpc.call('awaitClosed')));
+          const cpuBefore = (await server.rpc.call<{ cpuMs: number }>('stats')).cpuMs;
           const storm = await profiled(server, resume ? 'storm-resumed' : 'storm-full', () => connectUpTo(workers, 'phoenix', server.devicePort, 0, HS_COUNT, { firmwareUuid, resume }));
           await waitFor('devices back in their group channel', async () => (await workersStatus(workers)).groupJoined >= HS_COUNT - storm.failed);
-          const after = await server.rpc.call<{ statements: number }>('stats');
+          const after = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
           // Drain (disconnect) + connect + device join + group join, per device.
           if (MAIN_DB === 'pglite') results.handshake.statements_per_reconnect = round((after.statements - before.statements) / HS_COUNT, 1);
           const key = resume ? 'resumed' : 'full';
           results.handshake[`${key}_per_s`] = round(storm.perS);
           results.handshake[`${key}_p99_ms`] = round(storm.p99);
           if (resume) results.handshake.resumed_sessions = storm.resumed;
+          // Where the time goes: both sides share the machine's cores.
+          results.handshake[`${key}_server_cpu_ms`] = round((after.cpuMs - cpuBefore) / HS_COUNT, 2);
+          results.handshake[`${key}_client_cpu_ms`] = round(storm.clientCpuMs / HS_COUNT, 2);
           log(`${key} storm: ${storm.connected} in ${round(storm.elapsedMs)} ms = ${round(storm.perS)}/s (${storm.resumed} resumed)`);
         }
       }
@@ -540,7 +553,10 @@ async function mosquittoPhase(workers: Worker[]): Promise<void> {
     }
     if (runs('handshake')) {
       await Promise.all(workers.map((w) => w.rpc.call('closeAll')));
+      const cpuBefore = processCpuMs(child.pid!);
       const storm = await connectUpTo(workers, 'mqtt', port, 0, HS_COUNT);
+      results.handshake.mosquitto_server_cpu_ms = round((processCpuMs(child.pid!) - cpuBefore) / HS_COUNT, 2);
+      results.handshake.mosquitto_client_cpu_ms = round(storm.clientCpuMs / HS_COUNT, 2);
       results.handshake.mosquitto_per_s = round(storm.perS);
       results.handshake.mosquitto_p99_ms = round(storm.p99);
       results.handshake.storm_devices = HS_COUNT;

@@ -22,14 +22,23 @@ await createUser(server.database.db, { email, password, role: 'admin' });
 
 const gc = (globalThis as { gc?: () => void }).gc;
 
-// Statements sent to the database (PGlite only): the cost model of a connect + join.
+// Statements executed by the database (PGlite only): the cost model of a connect + join. The pool
+// runs data statements as prepared statements (one exchange starting with a Bind message each) and
+// everything else through `query`.
 let statements = 0;
-const pglite = server.database.pglite as unknown as { query: (...args: unknown[]) => Promise<unknown> } | undefined;
+const BIND = 0x42;
+type Pglite = { query: (...args: unknown[]) => Promise<unknown>; execProtocol: (message: Uint8Array, ...rest: unknown[]) => Promise<unknown> };
+const pglite = server.database.pglite as unknown as Pglite | undefined;
 if (pglite) {
   const query = pglite.query.bind(pglite);
   pglite.query = (...args: unknown[]) => {
     statements++;
     return query(...args);
+  };
+  const execProtocol = pglite.execProtocol.bind(pglite);
+  pglite.execProtocol = (message: Uint8Array, ...rest: unknown[]) => {
+    if (message[0] === BIND) statements++;
+    return execProtocol(message, ...rest);
   };
 }
 
@@ -51,7 +60,10 @@ let profiler: Session | undefined;
 
 serveRpc({
   memory,
-  stats: () => ({ endpoint: server.deviceEndpoint.stats, pubsub: server.pubsub.stats, statements }),
+  stats: () => {
+    const cpu = process.cpuUsage();
+    return { endpoint: server.deviceEndpoint.stats, pubsub: server.pubsub.stats, statements, cpuMs: (cpu.user + cpu.system) / 1000 };
+  },
   async drain() {
     const started = nowMs();
     await server.deviceEndpoint.drain(1012);

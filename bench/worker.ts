@@ -213,6 +213,7 @@ async function connectRange(request: Request): Promise<unknown> {
   let resumed = 0;
   let firstError: string | undefined;
   const started = nowMs();
+  const cpuBefore = process.cpuUsage();
   const latencies: number[] = [];
   let next = 0;
   async function lane(): Promise<void> {
@@ -249,7 +250,8 @@ async function connectRange(request: Request): Promise<unknown> {
     }
   }
   await Promise.all(Array.from({ length: concurrency }, lane));
-  return { connected: indexes.length - failed, failed, resumed, elapsedMs: nowMs() - started, firstError, latencies: summary(latencies) };
+  const cpu = process.cpuUsage(cpuBefore);
+  return { connected: indexes.length - failed, failed, resumed, elapsedMs: nowMs() - started, cpuMs: (cpu.user + cpu.system) / 1000, firstError, latencies: summary(latencies) };
 }
 
 function summary(values: number[]): { p50: number; p99: number; max: number } {
