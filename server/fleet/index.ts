@@ -54,6 +54,7 @@ export {
 } from './targets.ts';
 export {
   applyUpdateReport,
+  progressIngestStats,
   validateReport,
   firmwareUpdatePayload,
   sweepStaleUpdates,

@@ -13,9 +13,10 @@ import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
 import type { FirmwareUpdatePayload } from '../../shared/protocol.ts';
-import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
+import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
 import { FleetError, isUuid, pageBounds } from './errors.ts';
 import type { Page } from './devices.ts';
+import { ProgressBatcher, type ProgressBatchStats, type ProgressReport } from './progress-batch.ts';
 import { OPEN_STATES } from './reconcile.ts';
 
 export { OPEN_STATES };
@@ -100,11 +101,30 @@ export function validateReport(event: UpdateReportEvent, payload: unknown): Vali
  * checks the transition, persists it with an audit record (progress is persisted on the attempt
  * but not audited), then tells operators. Throws `invalid` (payload), `not_found` (no update to
  * that version in flight) or `conflict` (transition not allowed from the current state).
+ * Progress reports are written in batches (progress-batch.ts) with the same answers and errors.
  */
 export async function applyUpdateReport(ctx: FleetContext, device: DeviceRef, event: UpdateReportEvent, payload: unknown, component = 'firmware'): Promise<UpdateAttempt> {
   const transition = TRANSITIONS[event];
   if (!transition) throw new FleetError('invalid', `unknown update report ${JSON.stringify(event)}`, { event });
   const report = validateReport(event, payload);
+  // A malformed id would fail the whole batch's uuid[] cast; alone it fails only its own report.
+  if (event === 'firmware_update_progress' && isUuid(device.deviceId)) {
+    return progressBatcherOf(ctx).submit({
+      device,
+      deviceId: device.deviceId,
+      component,
+      version: report.version,
+      percent: report.percent!,
+      bytes: report.bytes!,
+      total: report.total!,
+    });
+  }
+  return applyOneReport(ctx, device, event, report, component);
+}
+
+/** The single-report path: one transaction that locks the attempt, checks the transition and writes it. */
+async function applyOneReport(ctx: FleetContext, device: DeviceRef, event: UpdateReportEvent, report: ValidReport, component: string): Promise<UpdateAttempt> {
+  const transition = TRANSITIONS[event];
   return inTransaction(ctx, async (trx, outbox) => {
     const attempt = await trx
       .selectFrom('update_attempts')
@@ -151,6 +171,32 @@ export async function applyUpdateReport(ctx: FleetContext, device: DeviceRef, ev
     outbox.push(transitionEvent(updated));
     return updated;
   });
+}
+
+/** A progress report waiting for its batch, with the device it came from (for the single-report path). */
+interface QueuedProgress extends ProgressReport {
+  device: DeviceRef;
+}
+
+const progressBatchers = new WeakMap<FleetContext, ProgressBatcher<QueuedProgress>>();
+
+/** The context's progress batcher, created on first use (a context is one process's fleet). */
+function progressBatcherOf(ctx: FleetContext): ProgressBatcher<QueuedProgress> {
+  let batcher = progressBatchers.get(ctx);
+  if (!batcher) {
+    batcher = new ProgressBatcher<QueuedProgress>({
+      db: ctx.db,
+      applyOne: (r) => applyOneReport(ctx, r.device, 'firmware_update_progress', { version: r.version, percent: r.percent, bytes: r.bytes, total: r.total }, r.component),
+      committed: (attempts) => publishAll(ctx, attempts.map(transitionEvent)),
+    });
+    progressBatchers.set(ctx, batcher);
+  }
+  return batcher;
+}
+
+/** How progress ingest has gone for this context: reports, batch statements, fallbacks to the single-report path. */
+export function progressIngestStats(ctx: FleetContext): ProgressBatchStats {
+  return { ...(progressBatchers.get(ctx)?.stats ?? { reports: 0, batches: 0, applied: 0, fallbacks: 0, failed: 0 }) };
 }
 
 export function deviceActor(device: { deviceId: string }): Actor {
