@@ -171,6 +171,7 @@ const kib = (bytes: number) => bytes / 1024;
 interface Memory {
   rss: number;
   heapUsed: number;
+  heapTotal: number;
   arrayBuffers: number;
   external: number;
   sockets: number;
@@ -365,6 +366,8 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           rss_mib: round(m.rss / 1048576),
           per_conn_kib: round(kib(m.rss - base.rss) / m.sockets),
           heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
+          external_per_conn_kib: round(kib(m.external - base.external) / m.sockets),
+          heap_total_per_conn_kib: round(kib(m.heapTotal - base.heapTotal) / m.sockets),
         };
         log(`memory at ${n}: ${JSON.stringify(results.connections[n])}`);
         if (heapSnapshots && n === MAX) await snapshot(server, `joined-${n}`);
@@ -494,7 +497,15 @@ async function floorPhase(workers: Worker[]): Promise<void> {
       connected = n;
       if (n === 10_000 || n === MAX) {
         const m = await rpc.call<Memory>('memory');
-        results.connections[n] = { ...(results.connections[n] ?? {}), floor_devices: m.sockets, floor_rss_mib: round(m.rss / 1048576), floor_per_conn_kib: round(kib(m.rss - base.rss) / m.sockets), floor_heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets) };
+        results.connections[n] = {
+          ...(results.connections[n] ?? {}),
+          floor_devices: m.sockets,
+          floor_rss_mib: round(m.rss / 1048576),
+          floor_per_conn_kib: round(kib(m.rss - base.rss) / m.sockets),
+          floor_heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
+          floor_external_per_conn_kib: round(kib(m.external - base.external) / m.sockets),
+          floor_heap_total_per_conn_kib: round(kib(m.heapTotal - base.heapTotal) / m.sockets),
+        };
       }
       if (FANOUT_SIZES.includes(n) && runs('fanout')) {
         seq++;

@@ -36,6 +36,10 @@ export function summarize(results: Results, max: number): Summary {
     floor_per_conn_kib: at.floor_per_conn_kib,
     heap_per_conn_kib: at.heap_per_conn_kib,
     floor_heap_per_conn_kib: at.floor_heap_per_conn_kib,
+    external_per_conn_kib: at.external_per_conn_kib,
+    floor_external_per_conn_kib: at.floor_external_per_conn_kib,
+    heap_total_per_conn_kib: at.heap_total_per_conn_kib,
+    floor_heap_total_per_conn_kib: at.floor_heap_total_per_conn_kib,
     rss_mib: at.rss_mib,
     floor_rss_mib: at.floor_rss_mib,
   };
