@@ -105,6 +105,8 @@ async function connectUpTo(workers: Worker[], mode: string, port: number, fromIn
   const failed = answers.reduce((s, a) => s + a.failed, 0);
   const resumed = answers.reduce((s, a) => s + a.resumed, 0);
   const clientCpuMs = answers.reduce((s, a) => s + a.cpuMs, 0);
+  const retries = answers.reduce((s, a) => s + a.retries, 0);
+  if (retries) log(`${retries} ${mode} connection attempts were retried; first reason: ${answers.find((a) => a.retryError)?.retryError}`);
   const firstError = answers.find((a) => a.firstError)?.firstError;
   if (failed) log(`${failed} ${mode} connections failed; first error: ${firstError}`);
   return { connected, failed, resumed, elapsedMs, clientCpuMs, perS: connected / (elapsedMs / 1000), p99: Math.max(...answers.map((a) => a.latencies.p99)) };
@@ -117,6 +119,9 @@ interface ConnectAnswer {
   elapsedMs: number;
   /** CPU time the worker process spent in this connect (user + system). */
   cpuMs: number;
+  /** Attempts that failed and were tried again (50 ms × attempt later). */
+  retries: number;
+  retryError?: string;
   firstError?: string;
   latencies: { p50: number; p99: number; max: number };
 }

@@ -214,6 +214,8 @@ async function connectRange(request: Request): Promise<unknown> {
   let firstError: string | undefined;
   const started = nowMs();
   const cpuBefore = process.cpuUsage();
+  let retries = 0;
+  let retryError: string | undefined;
   const latencies: number[] = [];
   let next = 0;
   async function lane(): Promise<void> {
@@ -239,6 +241,8 @@ async function connectRange(request: Request): Promise<unknown> {
         } catch (err) {
           device.ws?.terminate();
           device.mqtt?.destroy();
+          retries++;
+          retryError ??= (err as Error).message;
           if (attempt >= 5) {
             failed++;
             firstError ??= (err as Error).message;
@@ -251,7 +255,7 @@ async function connectRange(request: Request): Promise<unknown> {
   }
   await Promise.all(Array.from({ length: concurrency }, lane));
   const cpu = process.cpuUsage(cpuBefore);
-  return { connected: indexes.length - failed, failed, resumed, elapsedMs: nowMs() - started, cpuMs: (cpu.user + cpu.system) / 1000, firstError, latencies: summary(latencies) };
+  return { connected: indexes.length - failed, failed, resumed, elapsedMs: nowMs() - started, cpuMs: (cpu.user + cpu.system) / 1000, retries, retryError, firstError, latencies: summary(latencies) };
 }
 
 function summary(values: number[]): { p50: number; p99: number; max: number } {
