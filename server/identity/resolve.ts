@@ -26,6 +26,11 @@ export type IdentityResult =
 export interface ResolveOptions {
   /** Protocol recorded on devices registered just in time (default 'phoenix'). */
   protocol?: DeviceProtocol;
+  /**
+   * The peer's issuer chain, asked for only when the certificate is not registered (building it
+   * costs more than the lookup of a known certificate); default: the chain `peer` carries.
+   */
+  detailedPeer?: () => DetailedPeerCertificate;
 }
 
 // last_used_at is bookkeeping, not an audit trail: one write per certificate per minute is plenty.
@@ -51,7 +56,7 @@ export async function resolveDeviceIdentity(
   const known = await findAndTouchByFingerprint(db, fingerprint);
   if (known) return refusal(known) ?? { ok: true, identity: identityOf(known, fingerprint), created: false };
 
-  const signer = await findSignerCa(db, peer);
+  const signer = await findSignerCa(db, opts.detailedPeer?.() ?? peer);
   if (!signer.ok) return signer;
   return registerJustInTime(db, peer, fingerprint, signer.ca, opts.protocol ?? 'phoenix');
 }

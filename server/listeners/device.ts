@@ -152,14 +152,15 @@ async function authenticate(socket: TLSSocket, db: Db, protocol: DeviceProtocol 
   if (typeof socket.getPeerCertificate !== 'function') {
     return { status: 401, reason: 'not a TLS connection' };
   }
-  const peer = socket.getPeerCertificate(true);
+  // The leaf only: the issuer chain is built only for a certificate that is not registered yet.
+  const peer = socket.getPeerCertificate(false);
   if (!peer || !peer.raw) return { status: 401, reason: 'no client certificate presented' };
   const commonName = Array.isArray(peer.subject?.CN) ? peer.subject.CN[0] : peer.subject?.CN;
   const fingerprint = peer.fingerprint256?.replaceAll(':', '').toLowerCase();
   if (!socket.authorized) {
     return { status: 403, reason: verificationReason(socket.authorizationError), commonName, fingerprint };
   }
-  const result = await resolveDeviceIdentity(db, peer, { protocol });
+  const result = await resolveDeviceIdentity(db, peer, { protocol, detailedPeer: () => socket.getPeerCertificate(true) });
   if (!result.ok) return { status: result.status, reason: result.reason, commonName, fingerprint };
   return { identity: result.identity, created: result.created };
 }
