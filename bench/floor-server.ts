@@ -12,6 +12,7 @@ import { randomBytes } from 'node:crypto';
 import { WebSocketServer, type WebSocket } from 'ws';
 import { loadPki } from '../certs/pki.ts';
 import { nowMs, serveRpc } from './lib/ipc.ts';
+import { residentByMapping } from './lib/smaps.ts';
 
 const pki = loadPki(process.env.BENCH_PKI_DIR!);
 const firmwareFile = process.env.BENCH_FIRMWARE_FILE;
@@ -54,7 +55,7 @@ serveRpc({
     gc?.();
     gc?.();
     const m = process.memoryUsage();
-    return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, sockets: clients.size };
+    return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, mappings: residentByMapping(), sockets: clients.size };
   },
   /** One frame of `bytes` (sequence number first), the same Buffer written to every connection. */
   broadcast(request) {

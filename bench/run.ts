@@ -175,6 +175,7 @@ const kib = (bytes: number) => bytes / 1024;
 
 interface Memory {
   rss: number;
+  mappings: { malloc: number; reservations: number; files: number };
   heapUsed: number;
   heapTotal: number;
   arrayBuffers: number;
@@ -373,6 +374,8 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
           external_per_conn_kib: round(kib(m.external - base.external) / m.sockets),
           heap_total_per_conn_kib: round(kib(m.heapTotal - base.heapTotal) / m.sockets),
+          malloc_per_conn_kib: round(kib(m.mappings.malloc - base.mappings.malloc) / m.sockets),
+          reservations_per_conn_kib: round(kib(m.mappings.reservations - base.mappings.reservations) / m.sockets),
         };
         log(`memory at ${n}: ${JSON.stringify(results.connections[n])}`);
         if (heapSnapshots && n === MAX) await snapshot(server, `joined-${n}`);
@@ -510,6 +513,8 @@ async function floorPhase(workers: Worker[]): Promise<void> {
           floor_heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
           floor_external_per_conn_kib: round(kib(m.external - base.external) / m.sockets),
           floor_heap_total_per_conn_kib: round(kib(m.heapTotal - base.heapTotal) / m.sockets),
+          floor_malloc_per_conn_kib: round(kib(m.mappings.malloc - base.mappings.malloc) / m.sockets),
+          floor_reservations_per_conn_kib: round(kib(m.mappings.reservations - base.mappings.reservations) / m.sockets),
         };
       }
       if (FANOUT_SIZES.includes(n) && runs('fanout')) {

@@ -12,6 +12,7 @@ import { createUser } from '../server/api/index.ts';
 import { parseCertificatePem } from '../server/identity/index.ts';
 import { deviceCredentials } from './lib/certs.ts';
 import { nowMs, serveRpc } from './lib/ipc.ts';
+import { residentByMapping } from './lib/smaps.ts';
 
 const argv = process.argv.slice(2);
 const config = loadConfig(argv);
@@ -49,7 +50,7 @@ function memory() {
     gc();
   }
   const m = process.memoryUsage();
-  return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, sockets: server.deviceEndpoint.stats.sockets, channels: server.deviceEndpoint.stats.channels };
+  return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, mappings: residentByMapping(), sockets: server.deviceEndpoint.stats.sockets, channels: server.deviceEndpoint.stats.channels };
 }
 
 /** Broadcast start times per topic: this listener is subscribed before any device joins, so it runs first. */

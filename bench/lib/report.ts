@@ -40,6 +40,10 @@ export function summarize(results: Results, max: number): Summary {
     floor_external_per_conn_kib: at.floor_external_per_conn_kib,
     heap_total_per_conn_kib: at.heap_total_per_conn_kib,
     floor_heap_total_per_conn_kib: at.floor_heap_total_per_conn_kib,
+    malloc_per_conn_kib: at.malloc_per_conn_kib,
+    floor_malloc_per_conn_kib: at.floor_malloc_per_conn_kib,
+    reservations_per_conn_kib: at.reservations_per_conn_kib,
+    floor_reservations_per_conn_kib: at.floor_reservations_per_conn_kib,
     rss_mib: at.rss_mib,
     floor_rss_mib: at.floor_rss_mib,
   };
