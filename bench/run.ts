@@ -183,6 +183,22 @@ interface Memory {
   sockets: number;
 }
 
+/** Memory of `m.sockets` connections over `base` (before the first), each key prefixed with `prefix`. */
+function memoryFigures(m: Memory, base: Memory, prefix = ''): Record<string, number> {
+  const perConn = (bytes: number) => round(kib(bytes) / m.sockets);
+  const figures = {
+    devices: m.sockets,
+    rss_mib: round(m.rss / 1048576),
+    per_conn_kib: perConn(m.rss - base.rss),
+    heap_per_conn_kib: perConn(m.heapUsed - base.heapUsed),
+    external_per_conn_kib: perConn(m.external - base.external),
+    heap_total_per_conn_kib: perConn(m.heapTotal - base.heapTotal),
+    malloc_per_conn_kib: perConn(m.mappings.malloc - base.mappings.malloc),
+    reservations_per_conn_kib: perConn(m.mappings.reservations - base.mappings.reservations),
+  };
+  return Object.fromEntries(Object.entries(figures).map(([key, value]) => [`${prefix}${key}`, value]));
+}
+
 /** Memory after GC once allocator pages freed by set-up (uploads, seeding) went back: the lowest of a few samples. */
 async function settledMemory(rpc: Rpc): Promise<Memory> {
   let best: Memory | undefined;
@@ -367,16 +383,7 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
       await waitFor(`${n} devices in their group channel`, async () => (await workersStatus(workers)).groupJoined >= n - ramp.failed);
       if (memorySizes.includes(n)) {
         const m = await server.rpc.call<Memory>('memory');
-        results.connections[n] = {
-          devices: m.sockets,
-          rss_mib: round(m.rss / 1048576),
-          per_conn_kib: round(kib(m.rss - base.rss) / m.sockets),
-          heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
-          external_per_conn_kib: round(kib(m.external - base.external) / m.sockets),
-          heap_total_per_conn_kib: round(kib(m.heapTotal - base.heapTotal) / m.sockets),
-          malloc_per_conn_kib: round(kib(m.mappings.malloc - base.mappings.malloc) / m.sockets),
-          reservations_per_conn_kib: round(kib(m.mappings.reservations - base.mappings.reservations) / m.sockets),
-        };
+        results.connections[n] = memoryFigures(m, base);
         log(`memory at ${n}: ${JSON.stringify(results.connections[n])}`);
         if (heapSnapshots && n === MAX) await snapshot(server, `joined-${n}`);
       }
@@ -505,17 +512,7 @@ async function floorPhase(workers: Worker[]): Promise<void> {
       connected = n;
       if (n === 10_000 || n === MAX) {
         const m = await rpc.call<Memory>('memory');
-        results.connections[n] = {
-          ...(results.connections[n] ?? {}),
-          floor_devices: m.sockets,
-          floor_rss_mib: round(m.rss / 1048576),
-          floor_per_conn_kib: round(kib(m.rss - base.rss) / m.sockets),
-          floor_heap_per_conn_kib: round(kib(m.heapUsed - base.heapUsed) / m.sockets),
-          floor_external_per_conn_kib: round(kib(m.external - base.external) / m.sockets),
-          floor_heap_total_per_conn_kib: round(kib(m.heapTotal - base.heapTotal) / m.sockets),
-          floor_malloc_per_conn_kib: round(kib(m.mappings.malloc - base.mappings.malloc) / m.sockets),
-          floor_reservations_per_conn_kib: round(kib(m.mappings.reservations - base.mappings.reservations) / m.sockets),
-        };
+        results.connections[n] = { ...(results.connections[n] ?? {}), ...memoryFigures(m, base, 'floor_') };
       }
       if (FANOUT_SIZES.includes(n) && runs('fanout')) {
         seq++;
