@@ -45,6 +45,17 @@ const PG_URL = process.env.BENCH_DATABASE_URL ?? 'postgres://postgres@127.0.0.1:
 /** Database of the main fleethub phase (connections, handshakes, fanout, firmware). */
 const MAIN_DB = (argv.find((a) => a.startsWith('--db='))?.slice(5) ?? 'pglite') as 'pglite' | 'postgres';
 
+/**
+ * The allocator of the server processes (fleethub and the floors, never one without the other):
+ * jemalloc when Debian's libjemalloc2 is installed, as the Docker image ships it; `--allocator=glibc`
+ * measures plain `npm start`. glibc's malloc fragments under per-connection TLS buffer churn.
+ */
+const JEMALLOC = `/usr/lib/${process.arch === 'arm64' ? 'aarch64' : 'x86_64'}-linux-gnu/libjemalloc.so.2`;
+const ALLOCATOR = argv.find((a) => a.startsWith('--allocator='))?.slice('--allocator='.length) ?? (existsSync(JEMALLOC) ? 'jemalloc' : 'glibc');
+if (ALLOCATOR !== 'glibc' && ALLOCATOR !== 'jemalloc') throw new Error(`--allocator=${ALLOCATOR}: use glibc or jemalloc`);
+if (ALLOCATOR === 'jemalloc' && !existsSync(JEMALLOC)) throw new Error(`--allocator=jemalloc needs ${JEMALLOC} (apt-get install libjemalloc2)`);
+const SERVER_ENV: NodeJS.ProcessEnv = ALLOCATOR === 'jemalloc' ? { LD_PRELOAD: JEMALLOC } : {};
+
 const runs = (phase: string) => !only || only.includes(phase);
 const log = (...args: unknown[]) => console.error(`[bench ${new Date().toISOString().slice(11, 19)}]`, ...args);
 
@@ -261,7 +272,7 @@ async function startFleethub(name: string, databaseUrl?: string): Promise<Fleeth
   const args = ['--data-dir', dataDir, '--certs-dir', pkiDir, '--api-port', '0', '--device-port', '0', '--keyauth-port', '0', '--log-level', 'warn', '--node-name', name];
   if (databaseUrl) args.push('--database-url', databaseUrl);
   const nodeFlags = ['--expose-gc'];
-  const { rpc, ready, child } = await forkTs<{ apiUrl: string; deviceUrl: string; email: string; password: string }>(name, path.join(ROOT, 'bench/server-process.ts'), args, { nodeFlags });
+  const { rpc, ready, child } = await forkTs<{ apiUrl: string; deviceUrl: string; email: string; password: string }>(name, path.join(ROOT, 'bench/server-process.ts'), args, { nodeFlags, env: SERVER_ENV });
   const api = new Api(ready.apiUrl);
   await api.login(ready.email, ready.password);
   return {
@@ -499,7 +510,7 @@ async function ingestPhase(server: FleethubServer, workers: Worker[], version: s
 async function floorPhase(workers: Worker[]): Promise<void> {
   log('floor: raw ws+TLS and plain https');
   const { rpc, ready, child } = await forkTs<{ port: number }>('floor', path.join(ROOT, 'bench/floor-server.ts'), [], {
-    env: { BENCH_PKI_DIR: pkiDir, BENCH_FIRMWARE_FILE: firmwareFile },
+    env: { ...SERVER_ENV, BENCH_PKI_DIR: pkiDir, BENCH_FIRMWARE_FILE: firmwareFile },
     nodeFlags: ['--expose-gc'],
   });
   try {
@@ -531,7 +542,7 @@ async function floorPhase(workers: Worker[]): Promise<void> {
 /** The plain https floor for firmware, run right after fleethub's downloads so both see the same machine. */
 async function floorFirmware(workers: Worker[]): Promise<void> {
   const { rpc, ready, child } = await forkTs<{ port: number }>('floor-https', path.join(ROOT, 'bench/floor-server.ts'), [], {
-    env: { BENCH_PKI_DIR: pkiDir, BENCH_FIRMWARE_FILE: firmwareFile },
+    env: { ...SERVER_ENV, BENCH_PKI_DIR: pkiDir, BENCH_FIRMWARE_FILE: firmwareFile },
     nodeFlags: ['--expose-gc'],
   });
   try {
@@ -630,7 +641,7 @@ try {
 } catch {
   // not a git checkout
 }
-results.meta = { date: new Date().toISOString(), git_sha: sha, mode: scale ? 'scale' : 'quick', max_devices: MAX, workers: WORKERS, cpus: os.cpus().length, node: process.version, loadavg_start: os.loadavg().map((l) => round(l)) };
+results.meta = { date: new Date().toISOString(), git_sha: sha, mode: scale ? 'scale' : 'quick', max_devices: MAX, workers: WORKERS, cpus: os.cpus().length, node: process.version, allocator: ALLOCATOR, loadavg_start: os.loadavg().map((l) => round(l)) };
 
 const workers = await startWorkers();
 try {
