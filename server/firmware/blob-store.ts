@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
-import { mkdir, open, rename, rm, stat, unlink } from 'node:fs/promises';
+import { mkdir, open, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -32,8 +32,18 @@ export interface BlobStore {
   /** A readable stream of the blob (or of `range` of it); BLOB_NOT_FOUND when absent. */
   open(sha256: string, range?: ByteRange): Promise<Readable>;
   stat(sha256: string): Promise<BlobInfo | null>;
+  /** Reads at positions into the caller's buffers (optional: stores that only stream leave it out). */
+  reader?(sha256: string): Promise<BlobReader>;
   /** Removes the blob; false when it was not there. */
   delete(sha256: string): Promise<boolean>;
+}
+
+/** An open blob read at positions into buffers the caller reuses; close it when done. */
+export interface BlobReader {
+  readonly size: number;
+  /** Reads up to `length` bytes at `position` into the start of `buffer`; 0 at the end. */
+  read(buffer: Buffer, length: number, position: number): Promise<number>;
+  close(): Promise<void>;
 }
 
 export class BlobStoreError extends Error {
@@ -106,13 +116,29 @@ export class LocalBlobStore implements BlobStore {
   }
 
   async open(sha256: string, range?: ByteRange): Promise<Readable> {
-    const file = this.pathOf(sha256);
-    const handle = await open(file, 'r').catch((err: NodeJS.ErrnoException) => {
+    // Opened before the stream exists so a missing file fails here, not mid-response.
+    const handle = await this.#openFile(sha256);
+    return handle.createReadStream({ start: range?.start, end: range?.end, highWaterMark: 256 * 1024, autoClose: true });
+  }
+
+  async reader(sha256: string): Promise<BlobReader> {
+    const handle = await this.#openFile(sha256);
+    const { size } = await handle.stat().catch(async (err: unknown) => {
+      await handle.close();
+      throw err;
+    });
+    return {
+      size,
+      read: async (buffer, length, position) => (await handle.read(buffer, 0, length, position)).bytesRead,
+      close: () => handle.close(),
+    };
+  }
+
+  async #openFile(sha256: string): Promise<FileHandle> {
+    return open(this.pathOf(sha256), 'r').catch((err: NodeJS.ErrnoException) => {
       if (err.code === 'ENOENT') throw new BlobStoreError('BLOB_NOT_FOUND', `firmware blob ${sha256} is not in the store; upload the image again`);
       throw err;
     });
-    // Opened before the stream exists so a missing file fails here, not mid-response.
-    return handle.createReadStream({ start: range?.start, end: range?.end, highWaterMark: 256 * 1024, autoClose: true });
   }
 
   async stat(sha256: string): Promise<BlobInfo | null> {

@@ -3,6 +3,7 @@ import type { Db } from '../db/index.ts';
 import type { Firmware } from '../db/schema.ts';
 import { isUuid } from '../fleet/errors.ts';
 import type { BlobStore, ByteRange } from './blob-store.ts';
+import { sendBlob } from './send-blob.ts';
 import { signFirmwareUrl, verifyFirmwareUrl } from './signing.ts';
 
 /**
@@ -91,8 +92,8 @@ async function serveBlob(request: FastifyRequest, reply: FastifyReply, blobs: Bl
     reply.status(200).header('content-length', size);
   }
   if (request.method === 'HEAD') return reply.send();
-  // Fastify pipes the stream into the socket: backpressure holds the disk reads.
-  return reply.send(await blobs.open(sha256, range));
+  // Backpressure holds the disk reads (see sendBlob).
+  return sendBlob(reply, blobs, sha256, range);
 }
 
 /**

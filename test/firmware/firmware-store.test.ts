@@ -1,5 +1,6 @@
 import assert from 'node:assert/strict';
 import { createHash } from 'node:crypto';
+import https from 'node:https';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { updateProduct, SYSTEM } from '../../server/fleet/index.ts';
@@ -203,6 +204,38 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
         break;
       }
       assert.deepEqual(res.body, expected);
+    });
+
+    test('the whole image and a range across read-chunk boundaries arrive byte for byte', async () => {
+      const cred = await h.deviceFor('a', 'dl-bytes');
+      const whole = await h.fetchAsDevice(cred, h.signUrl(firmwareId));
+      assert.equal(whole.sha256, sha256);
+      const part = await h.fetchAsDevice(cred, h.signUrl(firmwareId), { headers: { range: 'bytes=262000-800000' } });
+      assert.equal(part.status, 206);
+      assert.deepEqual(part.body, whole.body.subarray(262000, 800001));
+      const tail = await h.fetchAsDevice(cred, h.signUrl(firmwareId), { headers: { range: `bytes=${size - 300000}-` } });
+      let image = Buffer.alloc(0);
+      for await (const chunk of imageChunks(size, 41)) image = Buffer.concat([image, chunk]);
+      assert.equal(tail.sha256, createHash('sha256').update(image.subarray(size - 300000)).digest('hex'));
+    });
+
+    test('a download the device abandons mid-stream leaves the listener serving the next one', async () => {
+      const cred = await h.deviceFor('a', 'dl-abandon');
+      const received = await new Promise<number>((resolve, reject) => {
+        const req = https.request(h.signUrl(firmwareId), { cert: cred.certPem, key: cred.keyPem, ca: h.pki.rootCa.certPem, agent: false });
+        req.once('error', reject);
+        req.once('response', (res) => {
+          res.once('data', (chunk: Buffer) => {
+            req.destroy();
+            resolve(chunk.length);
+          });
+        });
+        req.end();
+      });
+      assert.ok(received > 0 && received < size);
+      const again = await h.fetchAsDevice(cred, h.signUrl(firmwareId));
+      assert.equal(again.status, 200);
+      assert.equal(again.sha256, sha256);
     });
 
     test('an open-ended Range resumes to the end', async () => {

@@ -4,7 +4,7 @@
  * download route (ephemeral port), a local blob store in a temp dir, and two products, each with
  * its own signer CA so devices of each product can be minted.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import https from 'node:https';
 import type { AddressInfo } from 'node:net';
@@ -42,8 +42,12 @@ export interface FirmwareHarness {
   signUrl: (firmwareId: string, ttlSeconds?: number) => string;
   token(role: Role): Promise<string>;
   deviceFor(product: 'a' | 'b', serial: string): Promise<CertifiedKey>;
-  /** An HTTPS GET/HEAD with a device certificate; the body is counted, not kept. */
-  fetchAsDevice(cred: CertifiedKey, url: string, opts?: { method?: string; headers?: Record<string, string> }): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; bytes: number; body: Buffer }>;
+  /** An HTTPS GET/HEAD with a device certificate; the body is counted and digested, its first MiB kept. */
+  fetchAsDevice(
+    cred: CertifiedKey,
+    url: string,
+    opts?: { method?: string; headers?: Record<string, string> },
+  ): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; bytes: number; body: Buffer; sha256: string }>;
   close(): Promise<void>;
 }
 
@@ -114,12 +118,14 @@ export async function startFirmwareHarness(): Promise<FirmwareHarness> {
         req.once('response', (res) => {
           let bytes = 0;
           const kept: Buffer[] = [];
+          const digest = createHash('sha256');
           res.on('data', (chunk: Buffer) => {
             bytes += chunk.length;
+            digest.update(chunk);
             if (bytes <= 1024 * 1024) kept.push(chunk);
           });
           res.once('error', reject);
-          res.once('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, bytes, body: Buffer.concat(kept) }));
+          res.once('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, bytes, body: Buffer.concat(kept), sha256: digest.digest('hex') }));
         });
         req.end();
       });

@@ -12,6 +12,7 @@ import { devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
 import { Topics, type FleetContext } from '../../fleet/index.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
+import { sendBlob } from '../../firmware/send-blob.ts';
 import type { DeviceIdentity } from '../../identity/resolve.ts';
 import type { Logger } from '../../log.ts';
 import { DEFAULT_TIMINGS, defaultHealthCheck, GrispConnection, type GrispTimings, type HealthCheck } from './connection.ts';
@@ -155,7 +156,7 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
       if (!entry) return refuse(reply, 404, 'not_found', `the package has no member ${JSON.stringify(member)}`);
       reply.header('content-type', 'application/octet-stream').header('content-length', entry.size).header('etag', `"${firmware.sha256}:${member}"`);
       if (request.method === 'HEAD' || entry.size === 0) return reply.send(request.method === 'HEAD' ? undefined : Buffer.alloc(0));
-      return reply.send(await deps.blobs.open(firmware.sha256, { start: entry.offset, end: entry.offset + entry.size - 1 }));
+      return sendBlob(reply, deps.blobs, firmware.sha256, { start: entry.offset, end: entry.offset + entry.size - 1 });
     },
   });
 

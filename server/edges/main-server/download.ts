@@ -7,6 +7,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 import type { Firmware } from '../../db/schema.ts';
 import type { BlobStore, ByteRange } from '../../firmware/blob-store.ts';
 import { parseRange } from '../../firmware/download.ts';
+import { sendBlob } from '../../firmware/send-blob.ts';
 
 export type PackageRow = Pick<Firmware, 'id' | 'sha256' | 'size' | 'has_blob' | 'component' | 'version' | 'format'>;
 
@@ -34,9 +35,9 @@ export async function servePackage(request: FastifyRequest, reply: FastifyReply,
   }
   if (range) reply.status(206).header('content-range', `bytes ${range.start}-${range.end}/${size}`).header('content-length', range.end - range.start + 1);
   else reply.status(200).header('content-length', size);
-  // The route returns `reply`: Fastify pipes the stream with backpressure.
+  // sendBlob streams the bytes with backpressure; the route then returns `reply`.
   if (request.method === 'HEAD') reply.send();
-  else reply.send(await blobs.open(sha256, range));
+  else await sendBlob(reply, blobs, sha256, range);
   return true;
 }
 

@@ -14,6 +14,7 @@ import { isUuid } from '../../fleet/errors.ts';
 import { getOrg, getProduct, Topics, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { parseRange } from '../../firmware/download.ts';
+import { sendBlob } from '../../firmware/send-blob.ts';
 import type { Logger } from '../../log.ts';
 import { bucketedExpiry, signPathUrl, verifyPathSignature } from '../grisp/package.ts';
 import { WifidogxConnection, type WifidogxTimings } from './connection.ts';
@@ -149,7 +150,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
         if (range) reply.status(206).header('content-range', `bytes ${range.start}-${range.end}/${stat.size}`).header('content-length', range.end - range.start + 1);
         else reply.header('content-length', stat.size);
         if (request.method === 'HEAD') return reply.send();
-        return reply.send(await deps.blobs.open(firmware.sha256, range));
+        return sendBlob(reply, deps.blobs, firmware.sha256, range);
       },
     });
   });

@@ -1,0 +1,63 @@
+import { once } from 'node:events';
+import type { ServerResponse } from 'node:http';
+import type { FastifyReply } from 'fastify';
+import type { BlobReader, BlobStore, ByteRange } from './blob-store.ts';
+
+/** Bytes per read; two buffers per download take turns, so a download allocates nothing per chunk. */
+const CHUNK = 256 * 1024;
+
+/**
+ * Sends blob `sha256` (or `range` of it) as the body of `reply`, whose status and headers
+ * (Content-Length included) the caller has set. With a store that reads at positions, the bytes
+ * go straight to the socket through two recycled buffers: a 64 MiB image streamed as fresh
+ * 256 KiB chunks made garbage collection a quarter of the server's time under 50 concurrent
+ * downloads. A buffer is read into again only once its previous write has completed, and the
+ * next read waits for the socket to drain, so backpressure holds the disk reads. Other stores
+ * stream through Fastify as before.
+ */
+export async function sendBlob(reply: FastifyReply, blobs: BlobStore, sha256: string, range?: ByteRange): Promise<FastifyReply> {
+  if (!blobs.reader) return reply.send(await blobs.open(sha256, range));
+  const reader = await blobs.reader(sha256);
+  const res = reply.raw;
+  const headers = reply.getHeaders();
+  reply.hijack();
+  res.writeHead(reply.statusCode, headers as Record<string, string | number | string[]>);
+  const start = range?.start ?? 0;
+  const end = range ? range.end + 1 : reader.size;
+  void pump(res, reader, start, end).catch((err: unknown) => {
+    reply.log.warn({ err, sha256 }, 'firmware download aborted');
+    res.destroy();
+  });
+  return reply;
+}
+
+async function pump(res: ServerResponse, reader: BlobReader, start: number, end: number): Promise<void> {
+  const buffers = [Buffer.allocUnsafeSlow(CHUNK), Buffer.allocUnsafeSlow(CHUNK)];
+  // Each buffer's last write: resolves with its error (undefined when written).
+  const written: Promise<Error | null | undefined>[] = [Promise.resolve(undefined), Promise.resolve(undefined)];
+  let isClosed = false;
+  const closed = once(res, 'close').then(() => {
+    isClosed = true;
+    return undefined;
+  });
+  try {
+    for (let position = start, turn = 0; position < end; turn ^= 1) {
+      const failed = await Promise.race([written[turn], closed]);
+      if (failed) throw failed;
+      if (isClosed) return;
+      const buffer = buffers[turn]!;
+      const n = await reader.read(buffer, Math.min(CHUNK, end - position), position);
+      if (n === 0) throw new Error(`blob ended at byte ${position} of ${end}`);
+      position += n;
+      written[turn] = new Promise((resolve) => res.write(n === CHUNK ? buffer : buffer.subarray(0, n), resolve));
+      if (res.writableNeedDrain) await Promise.race([once(res, 'drain'), closed]);
+    }
+    for (const last of written) {
+      const failed = await Promise.race([last, closed]);
+      if (failed) throw failed;
+    }
+    if (!isClosed) res.end();
+  } finally {
+    await reader.close();
+  }
+}
