@@ -106,6 +106,10 @@ export function printTable(s: Summary): string {
   const h = s.handshake;
   row('full mTLS handshake + join, /s', h.full_per_s, 'Mosquitto mTLS connect+subscribe', h.mosquitto_per_s, '≥ 1×');
   row('resumed handshake + join, /s', h.resumed_per_s, 'full handshake + join', h.full_per_s, '≥ 1.5×');
+  // What bounds the storms: both sides share the machine's cores.
+  row('server CPU per full connect, ms', h.full_server_cpu_ms, 'Mosquitto', h.mosquitto_server_cpu_ms, '');
+  row('load generator CPU per full connect, ms', h.full_client_cpu_ms, 'MQTT clients', h.mosquitto_client_cpu_ms, '');
+  row('server CPU per resumed connect, ms', h.resumed_server_cpu_ms, 'full connect', h.full_server_cpu_ms, '');
   for (const [n, f] of Object.entries(s.fanout)) {
     row(`fanout ${n}: p50 ms`, f.p50_ms, 'raw ws broadcast', f.floor_p50_ms, '');
     row(`fanout ${n}: p99 ms`, f.p99_ms, 'raw ws broadcast', f.floor_p99_ms, n === '10000' ? '≤ 1.25×' : '');
