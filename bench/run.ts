@@ -564,7 +564,7 @@ async function floorFirmware(workers: Worker[]): Promise<void> {
 
 async function mosquittoPhase(workers: Worker[]): Promise<void> {
   log('mosquitto (mTLS)');
-  const { port, child } = await startMosquitto(pkiDir, path.join(work, 'mosquitto'));
+  const { port, child } = await startMosquitto(pkiDir);
   try {
     let connected = 0;
     let seq = 100;

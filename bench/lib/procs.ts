@@ -4,8 +4,9 @@
  * them all (by pid) whatever happens.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { chmodSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { Rpc } from './ipc.ts';
 
@@ -70,16 +71,21 @@ export function freePort(): Promise<number> {
  * A second Mosquitto on a free loopback port with mutual TLS from the dev PKI: server cert,
  * client certificates verified against root + signer CA, TLS 1.3 as on fleethub's device port.
  */
-export async function startMosquitto(pkiDir: string, workDir: string): Promise<{ port: number; child: ChildProcess }> {
-  mkdirSync(workDir, { recursive: true });
+export async function startMosquitto(pkiDir: string): Promise<{ port: number; child: ChildProcess }> {
+  // Mosquitto started as root drops to its own user, which cannot read a checkout inside a
+  // private (0700) directory: its configuration and the copies of the PKI go to /tmp.
+  const workDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-bench-mosquitto-'));
+  chmodSync(workDir, 0o755);
+  process.once('exit', () => rmSync(workDir, { recursive: true, force: true }));
   const port = await freePort();
   const conf = path.join(workDir, 'mosquitto.conf');
   const caFile = path.join(workDir, 'ca.pem');
-  const { readFileSync } = await import('node:fs');
   writeFileSync(caFile, readFileSync(path.join(pkiDir, 'root-ca.pem'), 'utf8') + readFileSync(path.join(pkiDir, 'signer-ca.pem'), 'utf8'));
-  // Mosquitto drops to its own user and cannot read the 0600 dev key: a copy in the run's dir.
+  // Nor the 0600 dev key: copies, readable.
   const keyFile = path.join(workDir, 'server.key');
   writeFileSync(keyFile, readFileSync(path.join(pkiDir, 'server.key')), { mode: 0o644 });
+  const certFile = path.join(workDir, 'server.pem');
+  writeFileSync(certFile, readFileSync(path.join(pkiDir, 'server.pem')), { mode: 0o644 });
   writeFileSync(
     conf,
     [
@@ -91,7 +97,7 @@ export async function startMosquitto(pkiDir: string, workDir: string): Promise<{
       'max_connections -1',
       `listener ${port} 127.0.0.1`,
       `cafile ${caFile}`,
-      `certfile ${path.join(pkiDir, 'server.pem')}`,
+      `certfile ${certFile}`,
       `keyfile ${keyFile}`,
       'require_certificate true',
       'tls_version tlsv1.3',
