@@ -4,7 +4,8 @@ import { readFileSync } from 'node:fs';
  * This process's resident memory by kind of mapping, from /proc/self/smaps (Linux): the malloc
  * heap (`[heap]` and anonymous mappings under 1 GiB: glibc's arenas, where OpenSSL allocates, and
  * V8's heap pages), the large anonymous reservations (over 1 GiB of address space: WebAssembly
- * memories such as PGlite's), and files (code, mapped data). Bytes.
+ * memories such as PGlite's — and jemalloc's extents when it is preloaded), and files (code,
+ * mapped data). Bytes.
  */
 export function residentByMapping(): { malloc: number; reservations: number; files: number } {
   const out = { malloc: 0, reservations: 0, files: 0 };
