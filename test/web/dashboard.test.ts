@@ -244,7 +244,12 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
   });
 
   test('a session the server no longer accepts returns to the sign-in form', async () => {
-    await page.evaluate(() => sessionStorage.setItem('fleethub.token', 'not-a-valid-token'));
+    // Set before the app's scripts run on the reload: set from the running page, a request that
+    // page still makes with the bad token gets its 401 and signs out (clearing storage) first.
+    await page.addInitScript(() => {
+      sessionStorage.setItem('fleethub.token', 'not-a-valid-token');
+      sessionStorage.setItem('fleethub.expires_at', new Date(Date.now() + 3_600_000).toISOString());
+    });
     await page.reload();
     await page.getByRole('button', { name: 'Sign in' }).waitFor();
     await page.getByRole('alert').filter({ hasText: 'expired' }).waitFor();
