@@ -1,4 +1,3 @@
-import { once } from 'node:events';
 import type { ServerResponse } from 'node:http';
 import type { FastifyReply } from 'fastify';
 import type { BlobReader, BlobStore, ByteRange } from './blob-store.ts';
@@ -36,10 +35,13 @@ async function pump(res: ServerResponse, reader: BlobReader, start: number, end:
   // Each buffer's last write: resolves with its error (undefined when written).
   const written: Promise<Error | null | undefined>[] = [Promise.resolve(undefined), Promise.resolve(undefined)];
   let isClosed = false;
-  const closed = once(res, 'close').then(() => {
-    isClosed = true;
-    return undefined;
-  });
+  // Never rejects: a response that closes (client gone) just ends the loop.
+  const closed = new Promise<undefined>((resolve) =>
+    res.once('close', () => {
+      isClosed = true;
+      resolve(undefined);
+    }),
+  );
   try {
     for (let position = start, turn = 0; position < end; turn ^= 1) {
       const failed = await Promise.race([written[turn], closed]);
@@ -50,7 +52,7 @@ async function pump(res: ServerResponse, reader: BlobReader, start: number, end:
       if (n === 0) throw new Error(`blob ended at byte ${position} of ${end}`);
       position += n;
       written[turn] = new Promise((resolve) => res.write(n === CHUNK ? buffer : buffer.subarray(0, n), resolve));
-      if (res.writableNeedDrain) await Promise.race([once(res, 'drain'), closed]);
+      if (res.writableNeedDrain) await Promise.race([new Promise((resolve) => res.once('drain', resolve)), closed]);
     }
     for (const last of written) {
       const failed = await Promise.race([last, closed]);
