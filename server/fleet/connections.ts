@@ -1,8 +1,8 @@
 import { sql } from 'kysely';
 import { audit } from '../audit.ts';
-import { groupTopic, type DeviceJoinParams, type FirmwareUpdatePayload } from '../../shared/protocol.ts';
+import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { deviceGroupTopics } from './devices.ts';
+import { deviceGroupNamesSql, deviceGroupTopics, groupTopicsOf } from './devices.ts';
 import { FleetError, isUuid, validVersion } from './errors.ts';
 import { OPEN, reconcileAttempts, resolvedSql } from './reconcile.ts';
 import { deviceActor, firmwareUpdatePayload, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
@@ -149,15 +149,11 @@ async function rejoinUnchanged(ctx: FleetContext, deviceId: string, uuid: string
         SELECT 1 FROM update_attempts x
         WHERE x.device_id = d.id AND x.component = 'firmware' AND x.firmware_id = r.target_id
           AND x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at))
-    RETURNING d.org_id, d.firmware_version, (
-      SELECT coalesce(json_agg(json_build_array(o.name, p.name, g.name) ORDER BY g.name), '[]')
-      FROM group_devices gd JOIN groups g ON g.id = gd.group_id JOIN products p ON p.id = g.product_id JOIN orgs o ON o.id = g.org_id
-      WHERE gd.device_id = d.id) AS groups`.execute(ctx.db);
+    RETURNING d.org_id, d.firmware_version, ${deviceGroupNamesSql(sql.ref('d.id'))} AS groups`.execute(ctx.db);
   const row = rows[0];
   if (!row) return undefined;
   await publishAll(ctx, [onlineEvent(ctx, row.org_id, deviceId, row.firmware_version)]);
-  const groups = row.groups.map(([org, product, group]) => groupTopic(org, product, group));
-  return { groups, firmware: { id: uuid, version: row.firmware_version }, connectedAt: connectedAt.toISOString() };
+  return { groups: groupTopicsOf(row.groups), firmware: { id: uuid, version: row.firmware_version }, connectedAt: connectedAt.toISOString() };
 }
 
 function onlineEvent(ctx: FleetContext, orgId: string, deviceId: string, version: string): FleetEvent {

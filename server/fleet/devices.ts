@@ -1,4 +1,4 @@
-import { sql } from 'kysely';
+import { sql, type RawBuilder } from 'kysely';
 import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol } from '../db/schema.ts';
@@ -145,18 +145,27 @@ export async function deleteDevice(ctx: FleetContext, actor: Actor, orgId: strin
   });
 }
 
+/**
+ * SQL for the `[org, product, group]` names of `deviceId`'s groups as a JSON array sorted by
+ * group name: a scalar subquery, so a statement can return it beside other columns
+ * (`groupTopicsOf` turns it into topics).
+ */
+export function deviceGroupNamesSql(deviceId: RawBuilder<unknown>): RawBuilder<[string, string, string][]> {
+  return sql<[string, string, string][]>`(
+    SELECT coalesce(json_agg(json_build_array(o.name, p.name, g.name) ORDER BY g.name), '[]')
+    FROM group_devices gd JOIN groups g ON g.id = gd.group_id JOIN products p ON p.id = g.product_id JOIN orgs o ON o.id = g.org_id
+    WHERE gd.device_id = ${deviceId})`;
+}
+
+/** Group topics (`group:<org>:<product>:<group>`) from `deviceGroupNamesSql`'s names. */
+export function groupTopicsOf(names: [string, string, string][]): string[] {
+  return names.map(([org, product, group]) => groupTopic(org, product, group));
+}
+
 /** The group topics (`group:<org>:<product>:<group>`) of a device, sorted. */
 export async function deviceGroupTopics(db: Db, deviceId: string): Promise<string[]> {
-  const rows = await db
-    .selectFrom('group_devices')
-    .innerJoin('groups', 'groups.id', 'group_devices.group_id')
-    .innerJoin('products', 'products.id', 'groups.product_id')
-    .innerJoin('orgs', 'orgs.id', 'groups.org_id')
-    .select(['orgs.name as org', 'products.name as product', 'groups.name as group'])
-    .where('group_devices.device_id', '=', deviceId)
-    .orderBy('groups.name')
-    .execute();
-  return rows.map((r) => groupTopic(r.org, r.product, r.group));
+  const { rows } = await sql<{ names: [string, string, string][] }>`SELECT ${deviceGroupNamesSql(sql`${deviceId}::uuid`)} AS names`.execute(db);
+  return groupTopicsOf(rows[0]?.names ?? []);
 }
 
 function validIdentifier(value: unknown): string {
