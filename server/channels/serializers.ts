@@ -1,6 +1,7 @@
 /**
  * Phoenix wire serializers: V1 JSON objects, V2 JSON arrays and V2 binary frames.
- * Pure functions: no I/O, no logger, no state. Layouts are in shared/design/PROTOCOL.md.
+ * Pure functions: no I/O, no logger, no state. JSON frames are `[join_ref, ref, topic, event, payload]`
+ * (V2) or `{join_ref, ref, topic, event, payload}` (V1); the binary layouts are described at their encoders below.
  */
 import type { Payload, Reply } from './types.ts';
 
