@@ -37,7 +37,7 @@ interface Frame {
 
 /**
  * The first string (value or object key) inside a parsed JSON value that holds NUL or a lone
- * surrogate, with its path from `root`; undefined when every string is clean. Only plain objects
+ * surrogate, with its path from `root` (may be ''); undefined when every string is clean. Only plain objects
  * and arrays are walked (a stream, Buffer or binary payload is not text). Iterative: a 1 MiB body
  * can nest deeper than the call stack.
  */
@@ -138,5 +138,6 @@ function pathOf(root: string, frame: Frame, last: string | number): string {
     const k = keys[i]!;
     path += typeof k === 'number' ? `[${k}]` : IDENTIFIER.test(k) ? `.${k}` : `[${JSON.stringify(k)}]`;
   }
-  return path;
+  // Root '': paths read as the message's own fields (`gateway[0].gw_id`).
+  return root === '' && path.startsWith('.') ? path.slice(1) : path;
 }

@@ -47,8 +47,29 @@ export interface MainServerRouteDeps {
 
 type Caller = { kind: 'operator'; principal: OperatorPrincipal } | { kind: 'device'; device: Device };
 
-/** Who calls: a device token, an operator bearer, or nobody (undefined). 401 for a bearer that authenticates nobody. */
+/** Callers authenticated by the onRequest hook, so handlers do not authenticate twice. */
+const callers = new WeakMap<FastifyRequest, Caller | undefined>();
+
+/** Who calls (authenticated once per request): a device token, an operator bearer, or nobody. */
 async function callerOf(request: FastifyRequest, fleet: FleetContext): Promise<Caller | undefined> {
+  if (callers.has(request)) return callers.get(request);
+  const caller = await authenticate(request, fleet);
+  callers.set(request, caller);
+  return caller;
+}
+
+/**
+ * onRequest hook of every route but register-device: 401 before the body is parsed or
+ * validated when no bearer authenticates anyone (roles and kinds are checked by the handler).
+ */
+function requireCaller(fleet: FleetContext) {
+  return async (request: FastifyRequest): Promise<void> => {
+    if (!(await callerOf(request, fleet))) throw unauthorized('send an operator token (POST /api/v1/auth/login) or the device token as "Authorization: Bearer <token>"');
+  };
+}
+
+/** A device token, an operator bearer, or nobody (undefined). 401 for a bearer that authenticates nobody. */
+async function authenticate(request: FastifyRequest, fleet: FleetContext): Promise<Caller | undefined> {
   const token = bearerToken(request);
   if (!token) return undefined;
   if (token.startsWith(DEVICE_TOKEN_PREFIX)) {
@@ -118,10 +139,12 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
     async (scope) => {
       scope.setErrorHandler(mainServerErrorHandler);
       scope.setNotFoundHandler(mainServerNotFound);
+      // Authentication before validation (register-device alone takes anonymous callers).
+      const authenticated = requireCaller(deps.fleet);
 
       // --- operators ---------------------------------------------------------------------
 
-      scope.get('/updates', { schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
+      scope.get('/updates', { onRequest: authenticated, schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
         const caller = await callerOf(request, deps.fleet);
         if (!caller) throw unauthorized('send an operator token or the device token as "Authorization: Bearer <token>"');
         const product = await deps.tenant();
@@ -140,7 +163,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         return { updates: rows.map((r) => updateJson(r, caller.kind === 'operator', request, deps)) };
       });
 
-      scope.post('/schedule-update', { schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
+      scope.post('/schedule-update', { onRequest: authenticated, schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
         const { principal, product } = await requireOperator(request, deps, 'operator');
         const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
         const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'new_version'));
@@ -148,7 +171,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         return { message: 'Update scheduled', extension_id: extension.id, new_version: firmware.version, package_id: firmware.id, group_id: groupId, attempts: change.attempts };
       });
 
-      scope.post('/deploy-update', { schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
+      scope.post('/deploy-update', { onRequest: authenticated, schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
         const { principal, product } = await requireOperator(request, deps, 'operator');
         const device = await findDevice(deps.fleet.db, product, param(request, 'device_id'));
         const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
@@ -166,7 +189,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         };
       });
 
-      scope.get('/devices', { schema: schema('Main Server devices with their status') }, async (request) => {
+      scope.get('/devices', { onRequest: authenticated, schema: schema('Main Server devices with their status') }, async (request) => {
         const { product } = await requireOperator(request, deps, 'viewer');
         const devices = await deps.fleet.db.selectFrom('devices').selectAll().where('product_id', '=', product.id).where('protocol', '=', PROTOCOL).orderBy('identifier').execute();
         const details = await deviceDetails(deps.fleet.db, devices.map((d) => d.id));
@@ -190,6 +213,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         method: ['GET', 'HEAD'],
         url: '/download-update',
         exposeHeadRoute: false,
+        onRequest: authenticated,
         schema: schema('Download an update package (sha256 in X-Checksum-SHA256 and Digest; Range supported)'),
         handler: async (request, reply) => {
           const caller = await callerOf(request, deps.fleet);
@@ -204,7 +228,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         },
       });
 
-      scope.post('/update-status', { schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
+      scope.post('/update-status', { onRequest: authenticated, schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
         const deviceId = param(request, 'device_id');
         const device = await requireDevice(request, deps, deviceId);
         const product = await deps.tenant();
@@ -254,7 +278,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         });
       });
 
-      scope.post('/heartbeat', { schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
+      scope.post('/heartbeat', { onRequest: authenticated, schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
         const device = await requireDevice(request, deps, param(request, 'device_id'));
         const extensions = parseExtensions(param(request, 'extensions'));
         await markSeen(deps.fleet, device);
