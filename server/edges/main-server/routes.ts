@@ -59,13 +59,23 @@ async function callerOf(request: FastifyRequest, fleet: FleetContext): Promise<C
 }
 
 /**
- * onRequest hook of every route but register-device: 401 before the body is parsed or
- * validated when no bearer authenticates anyone (roles and kinds are checked by the handler).
+ * onRequest hook of every route but register-device, run before the body is parsed or validated:
+ * 401 when no bearer authenticates anyone, 403 for the wrong kind of caller or an operator below
+ * `access` (a role: operators with it, and devices for their own data; 'device': devices only).
+ * Carries `requiredRole` like `requireRole`, so the route table shows it.
  */
-function requireCaller(fleet: FleetContext) {
-  return async (request: FastifyRequest): Promise<void> => {
-    if (!(await callerOf(request, fleet))) throw unauthorized('send an operator token (POST /api/v1/auth/login) or the device token as "Authorization: Bearer <token>"');
+function requireCaller(fleet: FleetContext, access: Role | 'device') {
+  const hook = async (request: FastifyRequest): Promise<void> => {
+    const caller = await callerOf(request, fleet);
+    if (!caller) throw unauthorized('send an operator token (POST /api/v1/auth/login) or the device token as "Authorization: Bearer <token>"');
+    if (caller.kind === 'device') {
+      if (access === 'operator' || access === 'admin') throw forbidden('this endpoint is for operators; a device token cannot use it');
+      return;
+    }
+    if (access === 'device') throw forbidden('this endpoint is for devices; authenticate with the device token');
+    if (roleRank(caller.principal.role) < roleRank(access)) throw forbidden(`this needs the ${access} role; you are ${caller.principal.role}`);
   };
+  return access === 'device' ? hook : Object.assign(hook, { requiredRole: access });
 }
 
 /** A device token, an operator bearer, or nobody (undefined). 401 for a bearer that authenticates nobody. */
@@ -140,11 +150,13 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
       scope.setErrorHandler(mainServerErrorHandler);
       scope.setNotFoundHandler(mainServerNotFound);
       // Authentication before validation (register-device alone takes anonymous callers).
-      const authenticated = requireCaller(deps.fleet);
+      const viewerOrDevice = requireCaller(deps.fleet, 'viewer');
+      const operatorOnly = requireCaller(deps.fleet, 'operator');
+      const deviceOnly = requireCaller(deps.fleet, 'device');
 
       // --- operators ---------------------------------------------------------------------
 
-      scope.get('/updates', { onRequest: authenticated, schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
+      scope.get('/updates', { onRequest: viewerOrDevice, schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
         const caller = await callerOf(request, deps.fleet);
         if (!caller) throw unauthorized('send an operator token or the device token as "Authorization: Bearer <token>"');
         const product = await deps.tenant();
@@ -163,7 +175,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         return { updates: rows.map((r) => updateJson(r, caller.kind === 'operator', request, deps)) };
       });
 
-      scope.post('/schedule-update', { onRequest: authenticated, schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
+      scope.post('/schedule-update', { onRequest: operatorOnly, schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
         const { principal, product } = await requireOperator(request, deps, 'operator');
         const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
         const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'new_version'));
@@ -171,7 +183,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         return { message: 'Update scheduled', extension_id: extension.id, new_version: firmware.version, package_id: firmware.id, group_id: groupId, attempts: change.attempts };
       });
 
-      scope.post('/deploy-update', { onRequest: authenticated, schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
+      scope.post('/deploy-update', { onRequest: operatorOnly, schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
         const { principal, product } = await requireOperator(request, deps, 'operator');
         const device = await findDevice(deps.fleet.db, product, param(request, 'device_id'));
         const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
@@ -189,7 +201,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         };
       });
 
-      scope.get('/devices', { onRequest: authenticated, schema: schema('Main Server devices with their status') }, async (request) => {
+      scope.get('/devices', { onRequest: viewerOrDevice, schema: schema('Main Server devices with their status') }, async (request) => {
         const { product } = await requireOperator(request, deps, 'viewer');
         const devices = await deps.fleet.db.selectFrom('devices').selectAll().where('product_id', '=', product.id).where('protocol', '=', PROTOCOL).orderBy('identifier').execute();
         const details = await deviceDetails(deps.fleet.db, devices.map((d) => d.id));
@@ -213,7 +225,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         method: ['GET', 'HEAD'],
         url: '/download-update',
         exposeHeadRoute: false,
-        onRequest: authenticated,
+        onRequest: viewerOrDevice,
         schema: schema('Download an update package (sha256 in X-Checksum-SHA256 and Digest; Range supported)'),
         handler: async (request, reply) => {
           const caller = await callerOf(request, deps.fleet);
@@ -228,7 +240,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         },
       });
 
-      scope.post('/update-status', { onRequest: authenticated, schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
+      scope.post('/update-status', { onRequest: deviceOnly, schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
         const deviceId = param(request, 'device_id');
         const device = await requireDevice(request, deps, deviceId);
         const product = await deps.tenant();
@@ -278,7 +290,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         });
       });
 
-      scope.post('/heartbeat', { onRequest: authenticated, schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
+      scope.post('/heartbeat', { onRequest: deviceOnly, schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
         const device = await requireDevice(request, deps, param(request, 'device_id'));
         const extensions = parseExtensions(param(request, 'extensions'));
         await markSeen(deps.fleet, device);
