@@ -16,6 +16,7 @@ import { migrateToLatest } from './db/migrate.ts';
 import { createDeviceSocket } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
+import { registerInputGate } from './input-gate.ts';
 import { registerGrispEdge } from './edges/grisp/index.ts';
 import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
 import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
@@ -120,6 +121,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     // GRiSP boards offer `grisp-io-v1` (echoed); Phoenix clients may offer a bearer token.
     handleProtocols: (protocols) => (protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : phoenixProtocolHandler(protocols)),
   });
+  // Before any device route: the same string gate as the API listener (registerApi adds it there).
+  registerInputGate(deviceListener.app as unknown as FastifyInstance);
   const deviceSocket = createDeviceSocket(fleet, {
     identityOf: deviceIdentityOf,
     disconnect: (socketId) => deviceEndpoint.disconnect(socketId),

@@ -7,9 +7,10 @@
  * is scoped to one org or (orgId null) to every org; other orgs' resources answer 404, not 403,
  * so their existence does not leak.
  *
- * Routes use `{ preHandler: requireRole('operator') }` and then read `request.operator`.
+ * Routes use `{ onRequest: requireRole('operator') }` and then read `request.operator`: the check
+ * runs before the body is parsed or validated, so an anonymous caller gets 401 whatever it sent.
  */
-import type { FastifyInstance, FastifyReply, FastifyRequest, preHandlerAsyncHookHandler } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest, onRequestAsyncHookHandler, RouteOptions } from 'fastify';
 import { jwtVerify, SignJWT } from 'jose';
 import type { Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
@@ -40,6 +41,8 @@ export interface AuthDeps {
 declare module 'fastify' {
   interface FastifyInstance {
     fleethubAuth: OperatorAuth;
+    /** Every route of this listener with the role its guard demands (filled by `registerAuth`'s onRoute hook). */
+    fleethubRoutes: readonly RouteRequirement[];
   }
   interface FastifyRequest {
     /** The authenticated operator; only set on routes guarded by `requireRole`. */
@@ -129,11 +132,33 @@ export class OperatorAuth {
   }
 }
 
-/** Decorates the app with the authenticator `requireRole` uses; call once on the root instance. */
+/** One route of the listener and the role its `requireRole` guard demands (none: public, or its own credential). */
+export interface RouteRequirement {
+  method: string;
+  url: string;
+  role: Role | undefined;
+}
+
+/**
+ * Decorates the app with the authenticator `requireRole` uses and the route table; call once on
+ * the root instance before routes are added. Guarded routes say their role in the OpenAPI document.
+ */
 export function registerAuth(app: FastifyInstance, deps: AuthDeps): OperatorAuth {
   const auth = new OperatorAuth(deps);
   if (!app.hasDecorator('fleethubAuth')) app.decorate('fleethubAuth', auth);
   if (!app.hasRequestDecorator('operator')) app.decorateRequest('operator', null as unknown as OperatorPrincipal);
+  if (!app.hasDecorator('fleethubRoutes')) {
+    const routes: RouteRequirement[] = [];
+    app.decorate('fleethubRoutes', routes);
+    app.addHook('onRoute', (route) => {
+      const role = requiredRoleOf(route);
+      for (const method of Array.isArray(route.method) ? route.method : [route.method]) routes.push({ method, url: route.url, role });
+      if (role && route.schema) {
+        const needs = `Needs the ${role} role or higher.`;
+        route.schema = { ...route.schema, description: route.schema.description ? `${route.schema.description}\n\n${needs}` : needs };
+      }
+    });
+  }
   return auth;
 }
 
@@ -145,12 +170,15 @@ export function bearerToken(request: FastifyRequest): string | undefined {
   return match?.[1];
 }
 
+/** A `requireRole` hook: the role it demands is readable from the route table (`requiredRoleOf`). */
+export type RoleGuard = onRequestAsyncHookHandler & { readonly requiredRole: Role };
+
 /**
- * Fastify preHandler: 401 without a valid bearer, 403 when the principal's role is below `role`.
- * Sets `request.operator`.
+ * Fastify onRequest hook: 401 without a valid bearer, 403 when the principal's role is below
+ * `role`. Sets `request.operator`. Runs before body parsing and validation.
  */
-export function requireRole(role: Role): preHandlerAsyncHookHandler {
-  return async function checkRole(this: FastifyInstance, request: FastifyRequest, _reply: FastifyReply): Promise<void> {
+export function requireRole(role: Role): RoleGuard {
+  const checkRole = async function checkRole(this: FastifyInstance, request: FastifyRequest, _reply: FastifyReply): Promise<void> {
     const auth = request.server.fleethubAuth;
     if (!auth) throw new Error('requireRole used before registerAuth(app, ...)');
     const token = bearerToken(request);
@@ -162,6 +190,17 @@ export function requireRole(role: Role): preHandlerAsyncHookHandler {
       throw new ApiError(403, 'forbidden', `this needs the ${role} role; you are ${principal.role}`);
     }
   };
+  return Object.assign(checkRole, { requiredRole: role });
+}
+
+/** The role a route's `requireRole` guard demands (from its onRequest hooks), or undefined when it has none. */
+export function requiredRoleOf(route: Pick<RouteOptions, 'onRequest'>): Role | undefined {
+  const hooks = route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest];
+  for (const hook of hooks) {
+    const role = (hook as Partial<RoleGuard>).requiredRole;
+    if (role !== undefined) return role;
+  }
+  return undefined;
 }
 
 /** Whether a principal may see an org's resources. */

@@ -62,7 +62,8 @@ export function toErrorResponse(err: unknown): { status: number; body: ErrorBody
     return { status: 400, body: body('invalid', e.message ?? 'request is invalid', { issues }) };
   }
   if (e && typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
-    return { status: e.statusCode, body: body(codeForStatus(e.statusCode), e.message ?? 'bad request') };
+    // The input gate's InvalidStringError names the field in `details`.
+    return { status: e.statusCode, body: body(codeForStatus(e.statusCode), e.message ?? 'bad request', isRecord(e.details) ? e.details : undefined) };
   }
   return { status: 500, body: body('internal', 'internal server error; the server log has the details') };
 }

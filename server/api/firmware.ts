@@ -58,13 +58,15 @@ const signingKeySchema = {
 export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiDeps): Promise<void> {
   // Own scope: the pass-through octet-stream parser must not leak to other routes.
   await api.register(async (scope) => {
+    // JSON (metadata) or the raw image; any other type is 415 (text/plain would reach the store as a string).
+    scope.removeContentTypeParser('text/plain');
     // Hand the raw request stream to the route: no buffering, and no body limit (the store has one).
-    scope.addContentTypeParser('application/octet-stream', (_request: FastifyRequest, payload: IncomingMessage, done: (err: Error | null, body?: unknown) => void) => done(null, payload));
+    scope.addContentTypeParser('application/octet-stream', passThroughStream);
 
     scope.post(
       '/firmware',
       {
-        preHandler: requireRole('operator'),
+        onRequest: requireRole('operator'),
         schema: {
           tags: ['firmware'],
           summary: 'Upload a firmware image (streamed) or register firmware metadata',
@@ -73,7 +75,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
             'The server computes sha256 and size while streaming, verifies the ed25519 signature (over the raw sha256 digest) against the product\'s signing keys, and answers 201 (created), 200 (identical image already uploaded) or 409 (same version, different bytes). ' +
             'A JSON body `{product, version, sha256?, size?, ...}` registers firmware stored elsewhere (no image).',
           querystring: { type: 'object', properties: Object.fromEntries(UPLOAD_FIELDS.map((f) => [f, { type: 'string' }])) },
-          response: { 200: firmwareSchema, 201: firmwareSchema, 400: errorResponse, 401: errorResponse, 403: errorResponse, 404: errorResponse, 409: errorResponse, 413: errorResponse },
+          response: { 200: firmwareSchema, 201: firmwareSchema, 400: errorResponse, 401: errorResponse, 403: errorResponse, 404: errorResponse, 409: errorResponse, 413: errorResponse, 415: errorResponse },
         },
       },
       async (request, reply) => {
@@ -93,7 +95,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
           const field = (f: UploadField) => str((request.query as Record<string, unknown>)[f]) ?? str(request.headers[`x-firmware-${f}`]);
           const product = await resolveProduct(deps.fleet, principal, field('product'), field('org'));
           const meta = metadataFrom(field);
-          const { firmware, created } = await ingestFirmware(deps, principal.actor, product, meta, request.body as IncomingMessage);
+          const { firmware, created } = await ingestFirmware(deps, principal.actor, product, meta, uploadStream(request, 'image', 'application/octet-stream (or JSON metadata as application/json)'));
           request.log.info({ firmware_id: firmware.id, version: firmware.version, sha256: firmware.sha256, size: firmware.size, created }, 'firmware uploaded');
           return reply.status(created ? 201 : 200).send(firmwareJson(firmware));
         } catch (err) {
@@ -106,7 +108,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
   api.get(
     '/products/:id/signing-keys',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['firmware'],
         summary: "List a product's firmware signing keys (ed25519 public keys)",
@@ -125,7 +127,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
   api.post(
     '/products/:id/signing-keys',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['firmware'],
         summary: 'Register a firmware signing key for a product',
@@ -155,7 +157,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
   api.delete(
     '/products/:id/signing-keys/:key',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['firmware'],
         summary: 'Remove a firmware signing key (by id or name)',
@@ -221,6 +223,18 @@ function toApiError(err: unknown): unknown {
   }
   if (err instanceof BlobStoreError) return new ApiError(err.code === 'BLOB_TOO_LARGE' ? 413 : 400, err.code.toLowerCase(), err.message);
   return err;
+}
+
+/** A content-type parser that hands the raw request stream to the route (uploads are streamed, never buffered). */
+export function passThroughStream(_request: FastifyRequest, payload: IncomingMessage, done: (err: Error | null, body?: unknown) => void): void {
+  done(null, payload);
+}
+
+/** The streamed request body of an upload route, or 415 naming the type to send (no body, or a parsed one). */
+export function uploadStream(request: FastifyRequest, what: string, contentType: string): IncomingMessage {
+  const body = request.body as { pipe?: unknown } | undefined;
+  if (typeof body?.pipe !== 'function') throw new ApiError(415, 'unsupported_media_type', `send the ${what} as the request body with Content-Type: ${contentType}`);
+  return body as IncomingMessage;
 }
 
 /** A firmware row as the API shows it. */

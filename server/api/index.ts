@@ -12,6 +12,7 @@ import type { FleetContext } from '../fleet/index.ts';
 import type { Logger } from '../log.ts';
 import { registerAuth, type OperatorAuth } from './auth.ts';
 import { apiErrorHandler, apiNotFoundHandler } from './errors.ts';
+import { registerInputGate } from '../input-gate.ts';
 import { schemas } from './schemas.ts';
 import { registerSessionRoutes } from './routes/session.ts';
 import { registerOrgRoutes } from './routes/orgs.ts';
@@ -49,6 +50,8 @@ export const API_PREFIX = '/api/v1';
  * every route). `extra` plugins run inside the `/api/v1` scope with the same error handling.
  */
 export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: ApiPlugin[] = []): Promise<void> {
+  // Before any route: strings with NUL or lone surrogates are refused on every route of this listener.
+  registerInputGate(app);
   const auth = registerAuth(app, { db: deps.db, secret: deps.secret });
   const routeDeps: RouteDeps = { ...deps, auth };
 

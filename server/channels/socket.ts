@@ -4,6 +4,7 @@
  * Each protocol edge case is its own small branch (PROTOCOL.md "Lifecycle").
  */
 import type { Logger } from 'pino';
+import { describeBadString, findBadString } from '../input-gate.ts';
 import { ChannelProcess } from './channel.ts';
 import type { OutFrame, Serializer, InboundMessage } from './serializers.ts';
 import type { TopicRegistry } from './registry.ts';
@@ -125,6 +126,15 @@ export class PhoenixSocket<A> {
 
   dispatch(msg: InboundMessage): void {
     const { topic, event } = msg;
+
+    // Invalid string: NUL or a lone surrogate in the topic, event or payload never reaches a channel.
+    const bad = findBadString(topic, 'topic') ?? findBadString(event, 'event') ?? findBadString(msg.payload, 'payload');
+    if (bad) {
+      this.engine.stats.invalidFrames++;
+      this.log.warn({ field: bad.path, problem: bad.problem, event }, 'message refused: invalid string');
+      this.reply(msg.joinRef, msg.ref, topic, { status: 'error', response: { reason: describeBadString(bad), details: { code: 'invalid', field: bad.path } } });
+      return;
+    }
 
     // Heartbeat: always ok, whatever is joined.
     if (topic === 'phoenix' && event === 'heartbeat') {

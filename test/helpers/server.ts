@@ -2,7 +2,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../server/config.ts';
-import { createLogger } from '../../server/log.ts';
+import { createLogger, type Logger } from '../../server/log.ts';
 import { startServer, type RunningServer } from '../../server/main.ts';
 import { createUser } from '../../server/api/index.ts';
 import { createTestDatabase } from './db.ts';
@@ -22,7 +22,7 @@ export interface TestServer extends RunningServer {
  * The whole server in-process on ephemeral ports: a fresh database (PGlite in memory, or a fresh
  * PostgreSQL schema), the shared test PKI, a temporary data directory. `close()` removes it all.
  */
-export async function startTestServer(overrides: Partial<Config> = {}): Promise<TestServer> {
+export async function startTestServer(overrides: Partial<Config> = {}, options: { log?: Logger } = {}): Promise<TestServer> {
   const pki = await getTestPki();
   const dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-server-'));
   const database = await createTestDatabase();
@@ -39,7 +39,7 @@ export async function startTestServer(overrides: Partial<Config> = {}): Promise<
     allowedOrigins: ['*'],
     ...overrides,
   });
-  const server = await startServer(config, { database, log: createLogger({ level: config.logLevel }) });
+  const server = await startServer(config, { database, log: options.log ?? createLogger({ level: config.logLevel }) });
   const org = await server.database.db.selectFrom('orgs').selectAll().where('name', '=', 'default').executeTakeFirstOrThrow();
   const product = await server.database.db.selectFrom('products').selectAll().where('org_id', '=', org.id).where('name', '=', 'default').executeTakeFirstOrThrow();
   const email = `admin-${Math.random().toString(36).slice(2)}@example.com`;

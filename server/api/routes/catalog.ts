@@ -57,7 +57,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   api.get<{ Params: OrgParams; Querystring: { product?: string; component?: string } }>(
     '/orgs/:org/firmware',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['firmware'],
         summary: 'Firmware of an organization, newest first',
@@ -75,7 +75,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.get<{ Params: OrgParams & { id: string } }>(
     '/orgs/:org/firmware/:id',
-    { preHandler: requireRole('viewer'), schema: { tags: ['firmware'], summary: 'One firmware record', params: firmwareParams, response: { 200: ref('Firmware'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['firmware'], summary: 'One firmware record', params: firmwareParams, response: { 200: ref('Firmware'), ...authErrors } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return getFirmware(fleet, org.id, request.params.id);
@@ -85,7 +85,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   api.delete<{ Params: OrgParams & { id: string } }>(
     '/orgs/:org/firmware/:id',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: { tags: ['firmware'], summary: 'Delete a firmware record (409 while a group or device targets it)', params: firmwareParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } },
     },
     async (request, reply) => {
@@ -102,7 +102,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.get<{ Params: OrgParams }>(
     '/orgs/:org/targets',
-    { preHandler: requireRole('viewer'), schema: { tags: ['targets'], summary: 'Every target of an organization', params: orgParams, response: { 200: listOf('Target'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['targets'], summary: 'Every target of an organization', params: orgParams, response: { 200: listOf('Target'), ...authErrors } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return { items: await listTargets(fleet, org.id) };
@@ -113,7 +113,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.put<{ Params: OrgParams & { group: string }; Body: TargetBody }>(
     '/orgs/:org/groups/:group/target',
-    { preHandler: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware a group should run', params: groupParams, body: targetBody, response: reply200 } },
+    { onRequest: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware a group should run', params: groupParams, body: targetBody, response: reply200 } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
@@ -125,7 +125,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   api.delete<{ Params: OrgParams & { group: string }; Querystring: { component?: string } }>(
     '/orgs/:org/groups/:group/target',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['targets'],
         summary: 'Clear a group\'s target',
@@ -144,7 +144,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.put<{ Params: OrgParams & { device: string }; Body: TargetBody }>(
     '/orgs/:org/devices/:device/target',
-    { preHandler: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware one device should run (overrides its groups)', params: deviceParams, body: targetBody, response: reply200 } },
+    { onRequest: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware one device should run (overrides its groups)', params: deviceParams, body: targetBody, response: reply200 } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -156,7 +156,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   api.delete<{ Params: OrgParams & { device: string }; Querystring: { component?: string } }>(
     '/orgs/:org/devices/:device/target',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['targets'],
         summary: 'Clear a device\'s own target (it falls back to its groups\')',
@@ -190,7 +190,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   api.get<{ Params: OrgParams; Querystring: { group?: string } }>(
     '/orgs/:org/status',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['status'],
         summary: 'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
@@ -209,7 +209,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   api.get<{ Params: OrgParams & { group: string } }>(
     '/orgs/:org/groups/:group/status',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: { tags: ['status'], summary: 'Counts by running version and update state for a group, with its target', params: groupParams, response: { 200: statusSchema, ...authErrors, ...conflictError } },
     },
     async (request) => {

@@ -40,7 +40,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   api.get<{ Params: OrgParams; Querystring: ListQuery }>(
     '/orgs/:org/devices',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['devices'],
         summary: 'Devices of an organization, newest first, filtered and paginated',
@@ -74,7 +74,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   api.post<{ Params: OrgParams; Body: { product: string; identifier: string; description?: string | null; tags?: string[] } }>(
     '/orgs/:org/devices',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
         summary: 'Pre-register a device (devices signed by a registered signer CA register themselves)',
@@ -109,7 +109,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
 
   api.get<{ Params: DeviceParams }>(
     '/orgs/:org/devices/:device',
-    { preHandler: requireRole('viewer'), schema: { tags: ['devices'], summary: 'One device', params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['devices'], summary: 'One device', params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return resolveDevice(fleet, org.id, request.params.device);
@@ -119,7 +119,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   api.patch<{ Params: DeviceParams; Body: { description?: string | null; tags?: string[] } }>(
     '/orgs/:org/devices/:device',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
         summary: 'Change a device\'s description or tags',
@@ -145,7 +145,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
 
   api.delete<{ Params: DeviceParams }>(
     '/orgs/:org/devices/:device',
-    { preHandler: requireRole('operator'), schema: { tags: ['devices'], summary: 'Delete a device with its certificates and history', params: deviceParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } } },
+    { onRequest: requireRole('operator'), schema: { tags: ['devices'], summary: 'Delete a device with its certificates and history', params: deviceParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } } },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -158,7 +158,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
 
   api.get<{ Params: DeviceParams }>(
     '/orgs/:org/devices/:device/certificates',
-    { preHandler: requireRole('viewer'), schema: { tags: ['devices'], summary: 'Certificates registered to a device', params: deviceParams, response: { 200: listOf('DeviceCertificate'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['devices'], summary: 'Certificates registered to a device', params: deviceParams, response: { 200: listOf('DeviceCertificate'), ...authErrors } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -169,7 +169,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   api.post<{ Params: DeviceParams; Body: { pem: string } }>(
     '/orgs/:org/devices/:device/certificates',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
         summary: 'Register a certificate (PEM) to a device',
@@ -188,7 +188,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   api.post<{ Params: DeviceParams & { id: string } }>(
     '/orgs/:org/devices/:device/certificates/:id/revoke',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
         summary: 'Revoke a device certificate: the device is disconnected and that certificate refused from now on',
@@ -215,7 +215,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   ] as const) {
     api.post<{ Params: DeviceParams }>(
       `/orgs/:org/devices/:device/${action}`,
-      { preHandler: requireRole('operator'), schema: { tags: ['devices'], summary, params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
+      { onRequest: requireRole('operator'), schema: { tags: ['devices'], summary, params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
       async (request) => {
         const org = await resolveOrg(fleet, request.operator, request.params.org);
         const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -229,7 +229,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   api.get<{ Params: DeviceParams; Querystring: { state?: UpdateState; limit: number; offset: number } }>(
     '/orgs/:org/devices/:device/updates',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['updates'],
         summary: 'Update attempts of a device, newest first',

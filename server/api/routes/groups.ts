@@ -48,7 +48,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.get<{ Params: OrgParams; Querystring: { product?: string } }>(
     '/orgs/:org/groups',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['groups'],
         summary: 'Groups of an organization with member counts',
@@ -67,7 +67,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.post<{ Params: OrgParams; Body: { product: string; name: string; description?: string | null; priority?: number } }>(
     '/orgs/:org/groups',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['groups'],
         summary: 'Create a group in a product',
@@ -102,7 +102,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
 
   api.get<{ Params: GroupParams }>(
     '/orgs/:org/groups/:group',
-    { preHandler: requireRole('viewer'), schema: { tags: ['groups'], summary: 'One group', params: groupParams, response: { 200: ref('Group'), ...authErrors, ...conflictError } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['groups'], summary: 'One group', params: groupParams, response: { 200: ref('Group'), ...authErrors, ...conflictError } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return resolveGroup(fleet, org.id, request.params.group);
@@ -112,7 +112,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.patch<{ Params: GroupParams; Body: { description?: string | null; priority?: number } }>(
     '/orgs/:org/groups/:group',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['groups'],
         summary: 'Change a group\'s description or priority',
@@ -136,7 +136,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
 
   api.delete<{ Params: GroupParams }>(
     '/orgs/:org/groups/:group',
-    { preHandler: requireRole('operator'), schema: { tags: ['groups'], summary: 'Delete a group (members leave its channel)', params: groupParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } } },
+    { onRequest: requireRole('operator'), schema: { tags: ['groups'], summary: 'Delete a group (members leave its channel)', params: groupParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } } },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
@@ -150,7 +150,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.get<{ Params: GroupParams; Querystring: { limit: number; offset: number } }>(
     '/orgs/:org/groups/:group/devices',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: { tags: ['groups'], summary: 'Members of a group', params: groupParams, querystring: { type: 'object', properties: paginationQuery }, response: { 200: pageOf('Device'), ...authErrors, ...conflictError } },
     },
     async (request) => {
@@ -163,7 +163,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.post<{ Params: GroupParams; Body: { devices: string[] } }>(
     '/orgs/:org/groups/:group/devices',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['groups'],
         summary: 'Add devices to a group (bulk; devices already in it are skipped)',
@@ -182,7 +182,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.post<{ Params: GroupParams; Body: { devices: string[] } }>(
     '/orgs/:org/groups/:group/devices/remove',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['groups'],
         summary: 'Remove devices from a group (bulk; devices not in it are skipped)',
@@ -203,7 +203,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   api.get<{ Params: GroupParams; Querystring: { state?: UpdateState; limit: number; offset: number } }>(
     '/orgs/:org/groups/:group/updates',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['updates'],
         summary: 'Update attempts of a group\'s members, newest first',

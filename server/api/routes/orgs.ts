@@ -16,7 +16,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
 
   api.get(
     '/orgs',
-    { preHandler: requireRole('viewer'), schema: { tags: ['orgs'], summary: 'Organizations you can see', response: { 200: listOf('Org'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['orgs'], summary: 'Organizations you can see', response: { 200: listOf('Org'), ...authErrors } } },
     async (request) => {
       const p = request.operator;
       const orgs = await listOrgs(fleet);
@@ -27,7 +27,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.post<{ Body: { name: string } }>(
     '/orgs',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['orgs'],
         summary: 'Create an organization (instance admins)',
@@ -43,7 +43,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
 
   api.get<{ Params: OrgParams }>(
     '/orgs/:org',
-    { preHandler: requireRole('viewer'), schema: { tags: ['orgs'], summary: 'One organization', params: orgParams, response: { 200: ref('Org'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['orgs'], summary: 'One organization', params: orgParams, response: { 200: ref('Org'), ...authErrors } } },
     async (request) => resolveOrg(fleet, request.operator, request.params.org),
   );
 
@@ -51,7 +51,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
 
   api.get<{ Params: OrgParams }>(
     '/orgs/:org/products',
-    { preHandler: requireRole('viewer'), schema: { tags: ['products'], summary: 'Products of an organization', params: orgParams, response: { 200: listOf('Product'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['products'], summary: 'Products of an organization', params: orgParams, response: { 200: listOf('Product'), ...authErrors } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return { items: await listProducts(fleet, org.id) };
@@ -61,7 +61,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.post<{ Params: OrgParams; Body: { name: string; requires_signature?: boolean } }>(
     '/orgs/:org/products',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['products'],
         summary: 'Create a product',
@@ -86,7 +86,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
 
   api.get<{ Params: OrgParams & { product: string } }>(
     '/orgs/:org/products/:product',
-    { preHandler: requireRole('viewer'), schema: { tags: ['products'], summary: 'One product', params: productParams, response: { 200: ref('Product'), ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['products'], summary: 'One product', params: productParams, response: { 200: ref('Product'), ...authErrors } } },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return getProduct(fleet, org.id, request.params.product);
@@ -96,7 +96,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.patch<{ Params: OrgParams & { product: string }; Body: { requires_signature?: boolean } }>(
     '/orgs/:org/products/:product',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['products'],
         summary: 'Change whether firmware uploads must be signed',
@@ -117,7 +117,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.get<{ Params: OrgParams; Querystring: { product?: string } }>(
     '/orgs/:org/signer-cas',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['signer CAs'],
         summary: 'Signer CAs of an organization',
@@ -136,7 +136,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.post<{ Params: OrgParams; Body: { product: string; pem: string; description?: string } }>(
     '/orgs/:org/signer-cas',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['signer CAs'],
         summary: 'Register a signer CA certificate (PEM) for a product',
@@ -166,7 +166,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.delete<{ Params: OrgParams & { id: string } }>(
     '/orgs/:org/signer-cas/:id',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['signer CAs'],
         summary: 'Remove a signer CA; the device listener stops trusting it',
@@ -198,7 +198,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.get<{ Params: OrgParams; Querystring: AuditQuery }>(
     '/orgs/:org/audit',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: { tags: ['audit'], summary: 'Audit log of an organization, newest first', params: orgParams, querystring: auditQuery, response: { 200: pageOf('AuditEntry'), ...authErrors } },
     },
     async (request) => {
@@ -210,7 +210,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
   api.get<{ Querystring: AuditQuery }>(
     '/audit',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: { tags: ['audit'], summary: 'Audit log of the whole instance (instance admins)', querystring: auditQuery, response: { 200: pageOf('AuditEntry'), ...authErrors } },
     },
     async (request) => {

@@ -70,7 +70,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
 
   api.get(
     '/auth/me',
-    { preHandler: requireRole('viewer'), schema: { tags: ['auth'], summary: 'Who the bearer token stands for', response: { 200: principalSchema, ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['auth'], summary: 'Who the bearer token stands for', response: { 200: principalSchema, ...authErrors } } },
     async (request) => {
       const p = request.operator;
       const user = await findUserById(db, p.userId);
@@ -84,7 +84,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
   api.get<{ Querystring: { org?: string } }>(
     '/users',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: { tags: ['users'], summary: 'List users (org admins see their org)', querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } }, response: { 200: listOf('User'), ...authErrors } },
     },
     async (request) => {
@@ -96,7 +96,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
   api.post<{ Body: { email: string; password: string; role: Role; org_id?: string | null; name?: string | null } }>(
     '/users',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['users'],
         summary: 'Create a user',
@@ -131,7 +131,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
   api.patch<{ Params: { id: string }; Body: { name?: string | null; role?: Role; password?: string; disabled?: boolean } }>(
     '/users/:id',
     {
-      preHandler: requireRole('admin'),
+      onRequest: requireRole('admin'),
       schema: {
         tags: ['users'],
         summary: 'Change a user\'s name, role, password or disabled flag',
@@ -153,7 +153,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
 
   api.delete<{ Params: { id: string } }>(
     '/users/:id',
-    { preHandler: requireRole('admin'), schema: { tags: ['users'], summary: 'Delete a user and their API tokens', params: userIdParams, response: { 204: { type: 'null' }, ...authErrors } } },
+    { onRequest: requireRole('admin'), schema: { tags: ['users'], summary: 'Delete a user and their API tokens', params: userIdParams, response: { 204: { type: 'null' }, ...authErrors } } },
     async (request, reply) => {
       await userInScope(request.operator, request.params.id);
       if (request.params.id === request.operator.userId) throw new ApiError(409, 'conflict', 'you cannot delete yourself; ask another admin');
@@ -173,7 +173,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
   api.get<{ Querystring: { all?: boolean } }>(
     '/tokens',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['tokens'],
         summary: 'List your API tokens (admins: `all=true` lists every token in their scope)',
@@ -194,7 +194,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
   api.post<{ Body: { name: string; role?: Role; org_id?: string | null; expires_in_days?: number } }>(
     '/tokens',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['tokens'],
         summary: 'Create an API token; the token is shown only in this response',
@@ -234,7 +234,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
 
   api.delete<{ Params: { id: string } }>(
     '/tokens/:id',
-    { preHandler: requireRole('viewer'), schema: { tags: ['tokens'], summary: 'Revoke an API token (yours, or any in scope for admins)', params: userIdParams, response: { 200: emptyOk, ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['tokens'], summary: 'Revoke an API token (yours, or any in scope for admins)', params: userIdParams, response: { 200: emptyOk, ...authErrors } } },
     async (request) => {
       const p = request.operator;
       const token = await findApiTokenById(db, request.params.id);

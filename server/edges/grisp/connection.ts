@@ -138,7 +138,8 @@ export class GrispConnection {
       try {
         await step();
       } catch (err) {
-        if (!this.#closed) this.#log.error({ err }, 'grisp step failed');
+        // The board answering with an error is its problem (warn); anything else is ours.
+        if (!this.#closed) this.#log[err instanceof RpcError ? 'warn' : 'error']({ err }, 'grisp step failed');
       }
     });
     this.#chain = run;

@@ -4,6 +4,8 @@
  * such as "-576460752303423487"); notifications never get a reply.
  */
 
+import { describeBadString, findBadString } from '../../input-gate.ts';
+
 export type RpcId = string | number | null;
 
 export const RpcErrors = {
@@ -74,6 +76,13 @@ function decodeMessage(value: unknown): Incoming {
   const hasId = 'id' in m;
   const id = validId(m.id) ? (m.id as RpcId) : null;
   if (m.jsonrpc !== '2.0' || (hasId && !validId(m.id))) return { kind: 'invalid', id, error: RpcErrors.invalidRequest };
+  // NUL or a lone surrogate anywhere never reaches a handler: a request (or notification) is answered
+  // invalid params naming the field; a response to one of ours becomes that error for the caller.
+  const bad = findBadString(m, '');
+  if (bad) {
+    const error = { ...RpcErrors.invalidParams, data: describeBadString(bad) };
+    return typeof m.method !== 'string' && hasId ? { kind: 'error', id, error } : { kind: 'invalid', id, error };
+  }
   if (typeof m.method === 'string') {
     if ('params' in m && (typeof m.params !== 'object' || m.params === null)) return { kind: 'invalid', id, error: RpcErrors.invalidRequest };
     return hasId ? { kind: 'request', id, method: m.method, params: m.params } : { kind: 'notification', method: m.method, params: m.params };

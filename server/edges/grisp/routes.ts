@@ -1,8 +1,8 @@
 /** Operator REST routes of the GRiSP edge (mounted inside /api/v1). */
-import type { IncomingMessage } from 'node:http';
-import type { FastifyInstance, FastifyRequest } from 'fastify';
+import type { FastifyInstance } from 'fastify';
 import { requireRole } from '../../api/auth.ts';
 import { ApiError } from '../../api/errors.ts';
+import { passThroughStream, uploadStream } from '../../api/firmware.ts';
 import { resolveOrg } from '../../api/routes/common.ts';
 import { resolveDevice } from '../../api/routes/devices.ts';
 import { authErrors, orgParam } from '../../api/schemas.ts';
@@ -44,7 +44,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
   api.get<{ Params: { org: string; device: string }; Querystring: { limit: number; before?: string; level?: string } }>(
     '/orgs/:org/devices/:device/logs',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['grisp'],
         summary: "A GRiSP board's stored log events, newest first (page with before=<id>)",
@@ -67,7 +67,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
   api.get<{ Params: { org: string; device: string } }>(
     '/orgs/:org/devices/:device/grisp',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['grisp'],
         summary: "A GRiSP board's state: system_info, update status, action required, link",
@@ -87,7 +87,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
   api.post<{ Params: { org: string }; Body: { ttl_seconds?: number } }>(
     '/orgs/:org/grisp/link-tokens',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['grisp'],
         summary: 'Create a single-use device linking token (boards send it with post device_linking_token)',
@@ -106,7 +106,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
   api.delete<{ Params: { org: string; device: string } }>(
     '/orgs/:org/devices/:device/link',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: { tags: ['grisp'], summary: 'Unlink a GRiSP board (it may link again with a new token)', params: deviceParams, response: { 200: { type: 'object', properties: { ok: { type: 'boolean' } } }, ...authErrors } },
     },
     async (request) => {
@@ -118,11 +118,13 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
   );
 
   await api.register(async (scope) => {
-    scope.addContentTypeParser('application/octet-stream', (_request: FastifyRequest, payload: IncomingMessage, done: (err: Error | null, body?: unknown) => void) => done(null, payload));
+    // The tar only: JSON or any other type is 415 before the handler runs.
+    scope.removeAllContentTypeParsers();
+    scope.addContentTypeParser('application/octet-stream', passThroughStream);
     scope.post<{ Querystring: { product: string; org?: string; version: string; platform?: string; architecture?: string } }>(
       '/grisp/firmware',
       {
-        preHandler: requireRole('operator'),
+        onRequest: requireRole('operator'),
         schema: {
           tags: ['grisp'],
           summary: 'Upload a GRiSP update package (an uncompressed tar with MANIFEST.sealed and its block files)',
@@ -132,7 +134,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
             required: ['product', 'version'],
             properties: { product: { type: 'string', minLength: 1 }, org: { type: 'string' }, version: { type: 'string', minLength: 1 }, platform: { type: 'string' }, architecture: { type: 'string' } },
           },
-          response: { 200: { type: 'object', additionalProperties: true }, 201: { type: 'object', additionalProperties: true }, 409: errorRef, 413: errorRef, ...authErrors },
+          response: { 200: { type: 'object', additionalProperties: true }, 201: { type: 'object', additionalProperties: true }, 409: errorRef, 413: errorRef, 415: errorRef, ...authErrors },
         },
       },
       async (request, reply) => {
@@ -143,7 +145,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
         const product = await getProduct(fleet, org.id, q.product);
         let result;
         try {
-          result = await ingestFirmware(deps, request.operator.actor, product, { version: q.version, platform: q.platform ?? 'grisp2', architecture: q.architecture ?? 'arm', format: GRISP_FORMAT }, request.body as IncomingMessage);
+          result = await ingestFirmware(deps, request.operator.actor, product, { version: q.version, platform: q.platform ?? 'grisp2', architecture: q.architecture ?? 'arm', format: GRISP_FORMAT }, uploadStream(request, 'package (a tar archive)', 'application/octet-stream'));
         } catch (err) {
           if (err instanceof FirmwareError) throw new ApiError(err.status, err.code, err.message, err.details);
           throw err;

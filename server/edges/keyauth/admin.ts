@@ -33,7 +33,7 @@ export async function keyauthAdminRoutes(api: FastifyInstance, deps: { fleet: Fl
   api.get(
     '/keyauth/clients',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['keyauth'],
         summary: 'Client keys of the public-key TCP protocol (approval=pending: the approval queue)',
@@ -55,7 +55,7 @@ export async function keyauthAdminRoutes(api: FastifyInstance, deps: { fleet: Fl
     api.post(
       `/keyauth/clients/:fingerprint/${action}`,
       {
-        preHandler: requireRole('operator'),
+        onRequest: requireRole('operator'),
         schema: {
           tags: ['keyauth'],
           summary: action === 'approve' ? 'Approve a client key: its next 101 gets 103' : 'Revoke a client key: its connections close, its next 101 gets 102',

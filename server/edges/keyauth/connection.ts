@@ -6,6 +6,7 @@
  */
 import type { KeyObject } from 'node:crypto';
 import type { Socket } from 'node:net';
+import { describeBadString, findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import { edgeDeviceOffline } from '../../fleet/edge-devices.ts';
@@ -149,6 +150,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       if (err instanceof EnvelopeError) return fail(400, err.type, err.message);
       throw err;
     }
+    const bad = findBadString(request, '');
+    if (bad) return fail(400, 'InvalidString', describeBadString(bad));
     failures = 0;
     reply(await runAction(deps, s.session, request));
   };
@@ -160,6 +163,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     } catch {
       return fail(400, 'InvalidJson', 'each line must be one JSON object');
     }
+    const bad = findBadString(message, '');
+    if (bad) return fail(400, 'InvalidString', describeBadString(bad));
     if (!takeToken()) return fail(400, 'RateLimited', `more than ${limits.maxRequestsPerSecond} requests per second; slow down`);
     if (state.phase === 'hello') await hello(message);
     else await authorised(message, state);

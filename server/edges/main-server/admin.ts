@@ -5,13 +5,13 @@
  */
 import { createReadStream, createWriteStream } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import type { IncomingMessage } from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { pipeline } from 'node:stream/promises';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { assertOrgAccess, requireRole } from '../../api/auth.ts';
 import { ApiError } from '../../api/errors.ts';
+import { passThroughStream, uploadStream } from '../../api/firmware.ts';
 import type { Device } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { DEFAULT_MAX_IMAGE_BYTES, FirmwareError, ingestFirmware } from '../../firmware/ingest.ts';
@@ -79,7 +79,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   api.get(
     '/main-server/devices',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['main-server'],
         summary: 'Main Server devices (filter approval=pending for the approval queue)',
@@ -99,7 +99,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   api.post(
     '/main-server/devices',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['main-server'],
         summary: 'Pre-provision an approved device; its token is in the answer, once',
@@ -119,7 +119,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   api.post(
     '/main-server/devices/:device/approve',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['main-server'],
         summary: 'Approve a pending device; it collects its token on its next register-device with its claim_token',
@@ -137,7 +137,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   api.post(
     '/main-server/devices/:device/revoke',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: { tags: ['main-server'], summary: 'Revoke a device: its token stops working at once', params: deviceParams, response: { 200: { type: 'object', properties: { device: deviceJson } }, 401: err, 403: err, 404: err } },
     },
     async (request) => {
@@ -151,7 +151,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   api.post(
     '/main-server/devices/:device/token',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: { tags: ['main-server'], summary: 'Rotate the device token (the old one stops working); the new one is in the answer, once', params: deviceParams, response: { 200: withToken, 401: err, 403: err, 404: err, 409: err } },
     },
     async (request) => {
@@ -165,18 +165,20 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   api.get(
     '/main-server/extensions',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: { tags: ['main-server'], summary: 'Extensions and their integer extension_id', response: { 200: { type: 'object', properties: { items: { type: 'array', items: { type: 'object', properties: { id: { type: 'integer' }, name: { type: 'string' } } } } } }, 401: err } },
     },
     async (request) => ({ items: await listExtensions(deps.fleet.db, (await product(request)).id) }),
   );
 
   await api.register(async (scope) => {
-    scope.addContentTypeParser(['application/zip', 'application/octet-stream'], (_request: FastifyRequest, payload: IncomingMessage, done: (e: Error | null, body?: unknown) => void) => done(null, payload));
+    // The ZIP only: JSON or any other type is 415 before the handler runs.
+    scope.removeAllContentTypeParsers();
+    scope.addContentTypeParser(['application/zip', 'application/octet-stream'], passThroughStream);
     scope.post(
       '/main-server/packages',
       {
-        preHandler: requireRole('operator'),
+        onRequest: requireRole('operator'),
         schema: {
           tags: ['main-server'],
           summary: 'Upload an update package: a ZIP with device_update.json {extension, version, compatible_with?}',
@@ -185,16 +187,14 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
       },
       async (request, reply) => {
         const p = await product(request);
-        if (typeof (request.body as { pipe?: unknown } | undefined)?.pipe !== 'function') {
-          throw new ApiError(415, 'unsupported_media_type', 'send the ZIP as the request body with Content-Type: application/zip');
-        }
+        const upload = uploadStream(request, 'ZIP', 'application/zip');
         const dir = await mkdtemp(path.join(os.tmpdir(), 'fleethub-package-'));
         const file = path.join(dir, 'package.zip');
         try {
           const max = deps.maxPackageBytes ?? DEFAULT_MAX_IMAGE_BYTES;
           let size = 0;
           await pipeline(
-            request.body as IncomingMessage,
+            upload,
             async function* limit(chunks: AsyncIterable<Buffer>) {
               for await (const c of chunks) {
                 size += c.length;

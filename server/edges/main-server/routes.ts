@@ -47,8 +47,39 @@ export interface MainServerRouteDeps {
 
 type Caller = { kind: 'operator'; principal: OperatorPrincipal } | { kind: 'device'; device: Device };
 
-/** Who calls: a device token, an operator bearer, or nobody (undefined). 401 for a bearer that authenticates nobody. */
+/** Callers authenticated by the onRequest hook, so handlers do not authenticate twice. */
+const callers = new WeakMap<FastifyRequest, Caller | undefined>();
+
+/** Who calls (authenticated once per request): a device token, an operator bearer, or nobody. */
 async function callerOf(request: FastifyRequest, fleet: FleetContext): Promise<Caller | undefined> {
+  if (callers.has(request)) return callers.get(request);
+  const caller = await authenticate(request, fleet);
+  callers.set(request, caller);
+  return caller;
+}
+
+/**
+ * onRequest hook of every route but register-device, run before the body is parsed or validated:
+ * 401 when no bearer authenticates anyone, 403 for the wrong kind of caller or an operator below
+ * `access` (a role: operators with it, and devices for their own data; 'device': devices only).
+ * Carries `requiredRole` like `requireRole`, so the route table shows it.
+ */
+function requireCaller(fleet: FleetContext, access: Role | 'device') {
+  const hook = async (request: FastifyRequest): Promise<void> => {
+    const caller = await callerOf(request, fleet);
+    if (!caller) throw unauthorized('send an operator token (POST /api/v1/auth/login) or the device token as "Authorization: Bearer <token>"');
+    if (caller.kind === 'device') {
+      if (access === 'operator' || access === 'admin') throw forbidden('this endpoint is for operators; a device token cannot use it');
+      return;
+    }
+    if (access === 'device') throw forbidden('this endpoint is for devices; authenticate with the device token');
+    if (roleRank(caller.principal.role) < roleRank(access)) throw forbidden(`this needs the ${access} role; you are ${caller.principal.role}`);
+  };
+  return access === 'device' ? hook : Object.assign(hook, { requiredRole: access });
+}
+
+/** A device token, an operator bearer, or nobody (undefined). 401 for a bearer that authenticates nobody. */
+async function authenticate(request: FastifyRequest, fleet: FleetContext): Promise<Caller | undefined> {
   const token = bearerToken(request);
   if (!token) return undefined;
   if (token.startsWith(DEVICE_TOKEN_PREFIX)) {
@@ -118,10 +149,14 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
     async (scope) => {
       scope.setErrorHandler(mainServerErrorHandler);
       scope.setNotFoundHandler(mainServerNotFound);
+      // Authentication before validation (register-device alone takes anonymous callers).
+      const viewerOrDevice = requireCaller(deps.fleet, 'viewer');
+      const operatorOnly = requireCaller(deps.fleet, 'operator');
+      const deviceOnly = requireCaller(deps.fleet, 'device');
 
       // --- operators ---------------------------------------------------------------------
 
-      scope.get('/updates', { schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
+      scope.get('/updates', { onRequest: viewerOrDevice, schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
         const caller = await callerOf(request, deps.fleet);
         if (!caller) throw unauthorized('send an operator token or the device token as "Authorization: Bearer <token>"');
         const product = await deps.tenant();
@@ -140,7 +175,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         return { updates: rows.map((r) => updateJson(r, caller.kind === 'operator', request, deps)) };
       });
 
-      scope.post('/schedule-update', { schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
+      scope.post('/schedule-update', { onRequest: operatorOnly, schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
         const { principal, product } = await requireOperator(request, deps, 'operator');
         const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
         const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'new_version'));
@@ -148,7 +183,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         return { message: 'Update scheduled', extension_id: extension.id, new_version: firmware.version, package_id: firmware.id, group_id: groupId, attempts: change.attempts };
       });
 
-      scope.post('/deploy-update', { schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
+      scope.post('/deploy-update', { onRequest: operatorOnly, schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
         const { principal, product } = await requireOperator(request, deps, 'operator');
         const device = await findDevice(deps.fleet.db, product, param(request, 'device_id'));
         const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
@@ -166,7 +201,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         };
       });
 
-      scope.get('/devices', { schema: schema('Main Server devices with their status') }, async (request) => {
+      scope.get('/devices', { onRequest: viewerOrDevice, schema: schema('Main Server devices with their status') }, async (request) => {
         const { product } = await requireOperator(request, deps, 'viewer');
         const devices = await deps.fleet.db.selectFrom('devices').selectAll().where('product_id', '=', product.id).where('protocol', '=', PROTOCOL).orderBy('identifier').execute();
         const details = await deviceDetails(deps.fleet.db, devices.map((d) => d.id));
@@ -190,6 +225,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         method: ['GET', 'HEAD'],
         url: '/download-update',
         exposeHeadRoute: false,
+        onRequest: viewerOrDevice,
         schema: schema('Download an update package (sha256 in X-Checksum-SHA256 and Digest; Range supported)'),
         handler: async (request, reply) => {
           const caller = await callerOf(request, deps.fleet);
@@ -204,7 +240,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         },
       });
 
-      scope.post('/update-status', { schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
+      scope.post('/update-status', { onRequest: deviceOnly, schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
         const deviceId = param(request, 'device_id');
         const device = await requireDevice(request, deps, deviceId);
         const product = await deps.tenant();
@@ -254,7 +290,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         });
       });
 
-      scope.post('/heartbeat', { schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
+      scope.post('/heartbeat', { onRequest: deviceOnly, schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
         const device = await requireDevice(request, deps, param(request, 'device_id'));
         const extensions = parseExtensions(param(request, 'extensions'));
         await markSeen(deps.fleet, device);

@@ -16,6 +16,7 @@ import {
   transitionAttempt,
   type EdgeDeviceRef,
 } from '../../fleet/edge-devices.ts';
+import { findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import { encodeFrame, gatewayReplies, gatewayVersion, isSafeFirmwareUrl } from './frames.ts';
 import { commandForResponse, gatewaySettings, getCommand, isRecord, saveFirmwareInfo, saveReport, updateCommand } from './store.ts';
@@ -155,6 +156,15 @@ export class WifidogxConnection {
       return this.#count('invalid_json');
     }
     if (!isRecord(m)) return this.#count('not_an_object');
+    // The gateway's only error channel is the close frame: name the field there (reason ≤ 123 bytes).
+    const bad = findBadString(m, '');
+    if (bad) {
+      this.#log.warn({ field: bad.path, problem: bad.problem }, 'wifidogx message refused: invalid string; closing');
+      let reason = `invalid string in ${bad.path}`;
+      while (Buffer.byteLength(reason) > 123) reason = reason.slice(0, -1);
+      this.close(4000, reason);
+      return this.#count('invalid_string');
+    }
     const type = typeof m.type === 'string' ? m.type : typeof m.op === 'string' ? m.op : undefined;
     if (!type) return this.#count('no_type');
     if (!this.ref) {
@@ -209,7 +219,7 @@ export class WifidogxConnection {
     }
     if (!(await this.#deps.claim(device.id, this))) {
       // Takeover rule: an approved device connected elsewhere keeps its link until an operator releases it.
-      this.#log.error('wifidogx device_id is already connected elsewhere; refusing this claim (operator: release the device to let it move)');
+      this.#log.warn('wifidogx device_id is already connected elsewhere; refusing this claim (operator: release the device to let it move)');
       this.close(4009, 'device_id connected elsewhere');
       return false;
     }
@@ -234,7 +244,8 @@ export class WifidogxConnection {
   async pushGatewaySettings(type: string, reqId?: string, reported?: unknown): Promise<void> {
     const settings = await gatewaySettings(this.#deps.fleet.db, this.ref!.deviceId, reported);
     const { frames, dropped } = gatewayReplies(type, reqId ?? this.#reqId(), settings);
-    if (dropped.length) this.#log.error({ gateways: dropped }, 'gateway entries too large for a frame were left out of the reply');
+    // The gateway reported the oversize gw_ids itself: its problem, not the server's.
+    if (dropped.length) this.#log.warn({ gateways: dropped }, 'gateway entries too large for a frame were left out of the reply');
     for (const f of frames) this.#queueFrame(f);
   }
 

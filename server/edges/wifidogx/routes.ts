@@ -57,7 +57,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     api.post<{ Params: P }>(
       `/orgs/:org/wifidogx/devices/:device/${action}`,
       {
-        preHandler: requireRole('operator'),
+        onRequest: requireRole('operator'),
         schema: { tags: ['wifidogx'], summary: action === 'approve' ? 'Approve a pending gateway (it then gets its settings, commands and updates)' : 'Revoke a gateway (its link is closed, it is refused from now on)', params: deviceParams, response: { 200: anyObject, ...authErrors } },
       },
       async (request) => {
@@ -70,7 +70,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
   api.post<{ Params: P }>(
     '/orgs/:org/wifidogx/devices/:device/release',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: { tags: ['wifidogx'], summary: "Close the gateway's current link wherever it is, so the next claim of its device_id may connect", params: deviceParams, response: { 200: anyObject, ...authErrors } },
     },
     async (request) => {
@@ -84,7 +84,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
   api.get<{ Params: P }>(
     '/orgs/:org/wifidogx/devices/:device',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: { tags: ['wifidogx'], summary: 'A gateway: device info, gateways, auth-mode settings, firmware info, recent commands', params: deviceParams, response: { 200: anyObject, ...authErrors } },
     },
     async (request) => {
@@ -97,7 +97,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
   api.get<{ Params: P; Querystring: { limit: number } }>(
     '/orgs/:org/wifidogx/devices/:device/commands',
     {
-      preHandler: requireRole('viewer'),
+      onRequest: requireRole('viewer'),
       schema: {
         tags: ['wifidogx'],
         summary: 'Commands sent to a gateway with their responses and errors, newest first',
@@ -115,7 +115,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
   api.put<{ Params: P & { gw: string }; Body: { auth_mode: number } }>(
     '/orgs/:org/wifidogx/devices/:device/gateways/:gw/auth-mode',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['wifidogx'],
         summary: "Set a gateway's auth mode (sent now when the device is connected, and in every connect/heartbeat reply)",
@@ -137,7 +137,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
   api.post<{ Params: P; Body: Record<string, unknown> & { type: string } }>(
     '/orgs/:org/wifidogx/devices/:device/commands',
     {
-      preHandler: requireRole('operator'),
+      onRequest: requireRole('operator'),
       schema: {
         tags: ['wifidogx'],
         summary: 'Send a command to a connected, approved gateway: auth | kickoff | tmp_pass | get_firmware_info | firmware_upgrade',
