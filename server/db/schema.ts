@@ -152,7 +152,10 @@ export interface DeviceComponentsTable {
   device_id: string;
   component: string;
   version: string | null;
+  /** The catalogue record of the running version; null when the device runs firmware the catalogue does not hold. */
   firmware_id: string | null;
+  /** The catalogue firmware the audit log last recorded this component running (`device.firmware_changed`). */
+  audited_firmware_id: ColumnType<string | null, string | null | undefined, string | null>;
   updated_at: ColumnType<Date, Date | string | undefined, Date | string>;
 }
 

@@ -74,7 +74,7 @@ export async function ingestFirmware(
     const existing = await findVersion(deps.fleet, product.id, component, meta.version);
     if (existing) {
       if (existing.has_blob && existing.sha256 === sha256) return { firmware: existing, created: false };
-      // Known only from a device's report so far: the upload supplies its image.
+      // Registered without an image so far (metadata of firmware stored elsewhere): the upload supplies it.
       if (!existing.has_blob && (existing.sha256 === null || existing.sha256 === sha256)) {
         const signature = await checkSignature(deps.fleet, product, sha256, meta.signature);
         return { firmware: await attachBlob(deps.fleet, actor, existing, { sha256, size, signature }), created: false };

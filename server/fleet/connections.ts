@@ -1,11 +1,11 @@
 import { sql } from 'kysely';
-import { audit } from '../audit.ts';
 import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
 import { deviceGroupNamesSql, deviceGroupTopics, groupTopicsOf } from './devices.ts';
 import { FleetError, isUuid, validVersion } from './errors.ts';
 import { OPEN, reconcileAttempts, resolvedSql } from './reconcile.ts';
-import { deviceActor, firmwareUpdatePayload, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
+import { reportedLabel, recordRunningComponent } from './running-firmware.ts';
+import { firmwareUpdatePayload, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
 
 /** The device a connection belongs to, as its certificate says (identity/ resolves it). */
 export interface ConnectedDevice {
@@ -25,11 +25,12 @@ export interface JoinOutcome {
 }
 
 /**
- * A device joined with `firmwareUuid` (the firmware it runs). Records the running firmware
- * (an unknown uuid is recorded from the join params `version/platform/architecture`, without an
- * image), marks the device online on this node, settles in-flight updates (running the target →
- * succeeded; back on old firmware after `finish` → rolled_back), and returns the group topics
- * plus the update to push when the device does not run its target (its attempt becomes `sent`).
+ * A device joined with `firmwareUuid` (the firmware it runs). Records the running firmware on
+ * the device (for a uuid the catalogue does not hold, from the join params `version/platform/
+ * architecture`; it never becomes a catalogue row), marks the device online on this node,
+ * settles in-flight updates (running the target → succeeded; back on other firmware after
+ * `finish` → rolled_back), and returns the group topics plus the update to push when the device
+ * does not run its target (its attempt becomes `sent`).
  */
 export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, firmwareUuid: string, params: DeviceJoinParams = {}): Promise<JoinOutcome> {
   if (!isUuid(firmwareUuid)) throw new FleetError('invalid', 'join device:<firmware uuid> with the UUID of the firmware you run', { topic_uuid: firmwareUuid });
@@ -42,43 +43,25 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
     if (!current) throw new FleetError('not_found', 'this device is not registered', { device_id: device.deviceId });
     if (current.approval !== 'approved') throw new FleetError('forbidden', `this device is ${current.approval}; an operator must approve it`, { approval: current.approval });
 
-    let firmware = await trx.selectFrom('firmware').select(['id', 'version', 'product_id', 'platform', 'architecture']).where('id', '=', uuid).executeTakeFirst();
-    if (firmware && firmware.product_id !== current.product_id) {
+    const catalogued = await trx.selectFrom('firmware').select(['id', 'version', 'product_id', 'platform', 'architecture']).where('id', '=', uuid).executeTakeFirst();
+    if (catalogued && catalogued.product_id !== current.product_id) {
       throw new FleetError('invalid', 'the firmware uuid in the topic belongs to another product', { firmware_uuid: uuid });
     }
-    if (!firmware) {
-      // The version is what targets compare; platform and architecture are recorded when given.
-      if (!params.version) {
-        throw new FleetError('invalid', 'unknown firmware uuid: join with params {version, platform?, architecture?} describing the firmware you run', { firmware_uuid: uuid });
-      }
-      const platform = params.platform ? String(params.platform) : null;
-      const architecture = params.architecture ? String(params.architecture) : null;
-      const version = validVersion(params.version);
-      // A concurrent join may have recorded it; a different uuid with the same version keeps its record.
-      await trx
-        .insertInto('firmware')
-        .values({
-          id: uuid,
-          org_id: current.org_id,
-          product_id: current.product_id,
-          version,
-          platform,
-          architecture,
-          metadata: JSON.stringify({ reported_by: current.id }),
-          has_blob: false,
-        })
-        .onConflict((oc) => oc.doNothing())
-        .execute();
-      firmware = { id: uuid, version, product_id: current.product_id, platform, architecture };
+    // Firmware the catalogue does not hold is recorded on the device only (running-firmware.ts).
+    if (!catalogued && !params.version) {
+      throw new FleetError('invalid', 'unknown firmware uuid: join with params {version, platform?, architecture?} describing the firmware you run', { firmware_uuid: uuid });
     }
+    const firmware = { id: uuid, version: catalogued?.version ?? validVersion(params.version) };
+    const platform = catalogued?.platform ?? reportedLabel('platform', params.platform);
+    const architecture = catalogued?.architecture ?? reportedLabel('architecture', params.architecture);
 
     await trx
       .updateTable('devices')
       .set({
         firmware_uuid: firmware.id,
         firmware_version: firmware.version,
-        platform: firmware.platform ?? current.platform,
-        architecture: firmware.architecture ?? current.architecture,
+        platform: platform ?? current.platform,
+        architecture: architecture ?? current.architecture,
         connection_status: 'online',
         connected_node: ctx.nodeName,
         last_seen_at: connectedAt,
@@ -86,21 +69,7 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
       })
       .where('id', '=', current.id)
       .execute();
-    const known = await trx.selectFrom('firmware').select('id').where('id', '=', firmware.id).executeTakeFirst();
-    await trx
-      .insertInto('device_components')
-      .values({ device_id: current.id, component: 'firmware', version: firmware.version, firmware_id: known ? firmware.id : null })
-      .onConflict((oc) => oc.columns(['device_id', 'component']).doUpdateSet({ version: firmware.version, firmware_id: known ? firmware.id : null, updated_at: sql`now()` }))
-      .execute();
-    if (current.firmware_uuid !== firmware.id) {
-      await audit(trx, deviceActor(device), {
-        orgId: current.org_id,
-        action: 'device.firmware_changed',
-        resourceType: 'device',
-        resourceId: current.id,
-        details: { from_version: current.firmware_version, to_version: firmware.version, firmware_uuid: firmware.id },
-      });
-    }
+    await recordRunningComponent(trx, device, { component: 'firmware', version: firmware.version, firmwareId: catalogued ? uuid : null }, { firmware_uuid: uuid });
 
     await settleAttemptsOnJoin(trx, device, firmware.id, outbox);
     await reconcileAttempts(trx, { ids: [current.id] });

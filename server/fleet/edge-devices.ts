@@ -16,6 +16,7 @@ import { deviceDisconnected } from './connections.ts';
 import { getDevice } from './devices.ts';
 import { FleetError, isUuid, validVersion } from './errors.ts';
 import { OPEN_STATES, reconcileAttempts } from './reconcile.ts';
+import { catalogueFirmwareByVersion, recordRunningComponent, reportedLabel } from './running-firmware.ts';
 import { deviceActor, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
 
 /** The device an edge connection speaks for (from a certificate, a token or an approved claim). */
@@ -131,8 +132,8 @@ export interface EdgeOnlineInput {
 
 export interface EdgeOnlineOutcome {
   device: Device;
-  /** The firmware record of the running version (created without an image when unknown). */
-  running: Firmware;
+  /** What the device runs: the version, and its catalogue record's id (null when the catalogue has none). */
+  running: { id: string | null; component: string; version: string };
   /** The firmware the device should update to, when it does not run its target (approved devices only). */
   target?: Firmware;
   /** The open attempt for `target` (queued/sent/begun/downloading), to mark sent when the edge sends. */
@@ -142,29 +143,36 @@ export interface EdgeOnlineOutcome {
 }
 
 /**
- * An edge device is connected here and runs `version`: records the running version (firmware row
- * by product+component+version, created with has_blob=false when unknown), marks it online on
- * this node, settles in-flight attempts (running the target → succeeded; finished then back on
- * another version → rolled_back), reconciles attempts with its target, and returns the target
- * the device should update to. Pending devices are recorded online but resolve no target;
- * revoked devices are refused (`forbidden`).
+ * An edge device is connected here and runs `version`: records the running version on the device
+ * (with the catalogue record of that version of its product when there is one; an unknown version
+ * creates no firmware row), marks it online on this node, settles in-flight attempts (running the
+ * target → succeeded; finished then on another version → rolled_back), reconciles attempts with
+ * its target, and returns the target the device should update to. Pending devices are recorded
+ * online but resolve no target; revoked devices are refused (`forbidden`).
  */
 export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, input: EdgeOnlineInput): Promise<EdgeOnlineOutcome> {
   const version = validVersion(input.version);
   const component = input.component ?? 'firmware';
+  const platform = reportedLabel('platform', input.platform);
+  const architecture = reportedLabel('architecture', input.architecture);
   const connectedAt = new Date();
   return inTransaction(ctx, async (trx, outbox) => {
     const current = await trx.selectFrom('devices').selectAll().where('id', '=', ref.deviceId).forUpdate().executeTakeFirst();
     if (!current || current.org_id !== ref.orgId) throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
     if (current.approval === 'revoked') throw new FleetError('forbidden', 'this device is revoked; an operator must approve it again', { approval: current.approval });
 
-    const running = await firmwareForVersion(trx, current, component, version, input);
-    const previous = component === 'firmware' ? current.firmware_version : (await trx.selectFrom('device_components').select('version').where('device_id', '=', current.id).where('component', '=', component).executeTakeFirst())?.version;
+    const catalogued = await catalogueFirmwareByVersion(trx, current.product_id, component, version);
+    const running = { id: catalogued?.id ?? null, component, version };
     const device = await trx
       .updateTable('devices')
       .set({
         ...(component === 'firmware'
-          ? { firmware_uuid: running.id, firmware_version: version, platform: running.platform ?? current.platform, architecture: running.architecture ?? current.architecture }
+          ? {
+              firmware_uuid: running.id,
+              firmware_version: version,
+              platform: catalogued?.platform ?? platform ?? current.platform,
+              architecture: catalogued?.architecture ?? architecture ?? current.architecture,
+            }
           : {}),
         connection_status: 'online',
         connected_node: input.node ?? ctx.nodeName,
@@ -174,20 +182,7 @@ export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, in
       .where('id', '=', current.id)
       .returningAll()
       .executeTakeFirstOrThrow();
-    await trx
-      .insertInto('device_components')
-      .values({ device_id: current.id, component, version, firmware_id: running.id })
-      .onConflict((oc) => oc.columns(['device_id', 'component']).doUpdateSet({ version, firmware_id: running.id, updated_at: sql`now()` }))
-      .execute();
-    if (previous !== version) {
-      await audit(trx, deviceActor(ref), {
-        orgId: current.org_id,
-        action: 'device.firmware_changed',
-        resourceType: 'device',
-        resourceId: current.id,
-        details: { component, from_version: previous ?? null, to_version: version, firmware_id: running.id, protocol: current.protocol },
-      });
-    }
+    await recordRunningComponent(trx, ref, { component, version, firmwareId: running.id }, { protocol: current.protocol });
     outbox.push({ topic: Topics.operator(current.org_id), event: 'device_status', payload: { device_id: current.id, status: 'online', version, node: input.node ?? ctx.nodeName, protocol: current.protocol } });
 
     if (current.approval !== 'approved' || input.settle === false) return { device, running, connectedAt: connectedAt.toISOString() };
@@ -207,30 +202,6 @@ export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, in
     const target = await trx.selectFrom('firmware').selectAll().where('id', '=', attempt.firmware_id).executeTakeFirstOrThrow();
     return { device, running, target, attempt, connectedAt: connectedAt.toISOString() };
   });
-}
-
-/** The firmware row for a reported version; unknown versions are recorded without an image. */
-async function firmwareForVersion(trx: Db, device: Device, component: string, version: string, input: EdgeOnlineInput): Promise<Firmware> {
-  const find = () => trx.selectFrom('firmware').selectAll().where('product_id', '=', device.product_id).where('component', '=', component).where('version', '=', version).executeTakeFirst();
-  const found = await find();
-  if (found) return found;
-  await trx
-    .insertInto('firmware')
-    .values({
-      org_id: device.org_id,
-      product_id: device.product_id,
-      component,
-      version,
-      platform: input.platform ?? null,
-      architecture: input.architecture ?? null,
-      metadata: JSON.stringify({ reported_by: device.id, protocol: device.protocol }),
-      has_blob: false,
-    })
-    .onConflict((oc) => oc.doNothing())
-    .execute();
-  const created = await find();
-  if (!created) throw new Error(`firmware ${component} ${version} vanished while recording it`);
-  return created;
 }
 
 /**

@@ -3,6 +3,7 @@ import type { Firmware } from '../db/schema.ts';
 import { inTransaction, type FleetContext } from './context.ts';
 import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound, validUuid, validVersion } from './errors.ts';
 import { getProduct } from './orgs.ts';
+import { linkRunningDevices } from './running-firmware.ts';
 
 export interface CreateFirmwareInput {
   orgId: string;
@@ -20,7 +21,7 @@ export interface CreateFirmwareInput {
   /** Detached signature of the image, base64 (required by products with requires_signature). */
   signature?: string | null;
   metadata?: Record<string, unknown>;
-  /** True when the image is stored in the blob store (false: only known from a device's report). */
+  /** True when the image is stored in the blob store (false: metadata of firmware stored elsewhere). */
   hasBlob?: boolean;
 }
 
@@ -58,6 +59,7 @@ export async function createFirmware(ctx: FleetContext, actor: Actor, input: Cre
         })
         .returningAll()
         .executeTakeFirstOrThrow();
+      await linkRunningDevices(trx, firmware);
       await audit(trx, actor, {
         orgId: product.org_id,
         action: 'firmware.create',

@@ -208,11 +208,12 @@ export function transitionEvent(attempt: UpdateAttempt): FleetEvent {
 }
 
 /**
- * Decides the outcome of in-flight attempts when a device (re)joins running `runningId`:
- * an attempt for the running firmware → succeeded; an attempt that reached `finished` for other
- * firmware → rolled_back (the device came back on its old image). Returns the changed attempts.
+ * Decides the outcome of in-flight attempts when a device (re)joins running `runningId` (null:
+ * firmware the catalogue does not hold): an attempt for the running firmware → succeeded; an
+ * attempt that reached `finished` for other firmware → rolled_back (the device came back on
+ * another image). Returns the changed attempts.
  */
-export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId: string, outbox: FleetEvent[], component = 'firmware'): Promise<UpdateAttempt[]> {
+export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId: string | null, outbox: FleetEvent[], component = 'firmware'): Promise<UpdateAttempt[]> {
   const changed = await trx
     .updateTable('update_attempts')
     .set({
@@ -222,7 +223,7 @@ export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId
     })
     .where('device_id', '=', device.deviceId)
     .where('component', '=', component)
-    .where((eb) => eb.or([eb.and([eb('firmware_id', '=', runningId), eb('state', 'in', OPEN_STATES)]), eb('state', '=', 'finished')]))
+    .where((eb) => (runningId === null ? eb('state', '=', 'finished') : eb.or([eb.and([eb('firmware_id', '=', runningId), eb('state', 'in', OPEN_STATES)]), eb('state', '=', 'finished')])))
     .returningAll()
     .execute();
   for (const a of changed) {

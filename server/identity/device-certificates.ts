@@ -1,7 +1,8 @@
+import { X509Certificate } from 'node:crypto';
 import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { DeviceCertificate } from '../db/schema.ts';
-import { IdentityError, parseCertificatePem } from './certificate.ts';
+import { IdentityError, parseCertificatePem, type ParsedCertificate } from './certificate.ts';
 import { inTransaction } from './signer-cas.ts';
 
 /** A certificate registered to a device; the device is whoever presents it over mutual TLS. */
@@ -20,7 +21,12 @@ export interface DeviceCertificateRecord {
   createdAt: Date;
 }
 
-/** Registers a certificate (PEM, RSA or EC) to an existing device; audited. */
+/**
+ * Registers a certificate (PEM, RSA or EC) to an existing device; audited. A certificate belongs
+ * to the org of its issuer: it must be signed by one of the device's org's (unexpired) signer
+ * CAs, so no org can claim a device certificate another org's CA issued. A certificate already
+ * registered answers `conflict`, naming its device only when that device is in the same org.
+ */
 export async function addDeviceCertificate(db: Db, actor: Actor, deviceId: string, pem: string): Promise<DeviceCertificateRecord> {
   const cert = parseCertificatePem(pem, 'device certificate');
   if (cert.isCa) {
@@ -29,6 +35,15 @@ export async function addDeviceCertificate(db: Db, actor: Actor, deviceId: strin
   return inTransaction(db, async (trx) => {
     const device = await trx.selectFrom('devices').select(['id', 'org_id']).where('id', '=', deviceId).executeTakeFirst();
     if (!device) throw new IdentityError('not_found', `device ${deviceId} does not exist`);
+    const issuer = await issuingSignerCa(trx, device.org_id, cert);
+    if (!issuer) {
+      // One answer for "unknown issuer" and "another org's issuer": no oracle for other orgs' CAs.
+      throw new IdentityError(
+        'invalid',
+        `certificate "${cert.subject}" (issuer "${cert.issuer}") was not issued by a signer CA of this organization; register the CA that signs your devices' certificates first (POST /api/v1/orgs/:org/signer-cas)`,
+        { field: 'pem' },
+      );
+    }
     const inserted = await trx
       .insertInto('device_certificates')
       .values({
@@ -44,22 +59,42 @@ export async function addDeviceCertificate(db: Db, actor: Actor, deviceId: strin
       .onConflict((oc) => oc.column('fingerprint_sha256').doNothing())
       .returningAll()
       .executeTakeFirst();
-    if (!inserted) {
-      const owner = await trx.selectFrom('device_certificates').select(['device_id']).where('fingerprint_sha256', '=', cert.fingerprint).executeTakeFirst();
-      throw new IdentityError('conflict', `certificate sha256 ${cert.fingerprint} is already registered to device ${owner?.device_id ?? '(unknown)'}; a certificate identifies one device`, {
-        fingerprint: cert.fingerprint,
-        device_id: owner?.device_id,
-      });
-    }
+    if (!inserted) throw await alreadyRegistered(trx, device.org_id, cert.fingerprint);
     await audit(trx, actor, {
       orgId: device.org_id,
       action: 'device_certificate.added',
       resourceType: 'device',
       resourceId: deviceId,
-      details: { certificate_id: inserted.id, fingerprint: cert.fingerprint, subject: cert.subject, issuer: cert.issuer },
+      details: { certificate_id: inserted.id, fingerprint: cert.fingerprint, subject: cert.subject, issuer: cert.issuer, signer_ca_id: issuer.id },
     });
     return toRecord(inserted);
   });
+}
+
+/** The signer CA of `orgId` that signed `cert` (issuer name and signature both checked), if any. */
+async function issuingSignerCa(db: Db, orgId: string, cert: ParsedCertificate): Promise<{ id: string } | undefined> {
+  const cas = await db.selectFrom('signer_cas').select(['id', 'pem']).where('org_id', '=', orgId).where('not_after', '>', new Date()).execute();
+  return cas.find((ca) => {
+    const x509 = new X509Certificate(ca.pem);
+    return cert.x509.checkIssued(x509) && cert.x509.verify(x509.publicKey);
+  });
+}
+
+/** The `conflict` for a certificate registered already: the device is named only within the caller's org. */
+async function alreadyRegistered(db: Db, orgId: string, fingerprint: string): Promise<IdentityError> {
+  const owner = await db
+    .selectFrom('device_certificates')
+    .innerJoin('devices', 'devices.id', 'device_certificates.device_id')
+    .select(['devices.id', 'devices.org_id', 'devices.identifier'])
+    .where('device_certificates.fingerprint_sha256', '=', fingerprint)
+    .executeTakeFirst();
+  if (owner?.org_id === orgId) {
+    return new IdentityError('conflict', `certificate sha256 ${fingerprint} is already registered to device ${owner.identifier} (${owner.id}); a certificate identifies one device`, {
+      fingerprint,
+      device_id: owner.id,
+    });
+  }
+  return new IdentityError('conflict', `certificate sha256 ${fingerprint} is already registered to another device; a certificate identifies one device, issue this device its own`, { fingerprint });
 }
 
 /** A device's certificates, newest first. */

@@ -141,6 +141,9 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
   });
 
   test('device certificates are registered from PEM, listed and revoked', async () => {
+    // Only a certificate one of the org's signer CAs issued can be registered to its devices.
+    const signer = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, { product: 'sensor', pem: (await getTestPki()).signerCa.certPem });
+    assert.equal(signer.status, 201, JSON.stringify(signer.body));
     const cert = await deviceCert('sn-004');
     const added = await api.call('POST', '/api/v1/orgs/acme/devices/sn-004/certificates', operator, { pem: cert.certPem });
     assert.equal(added.status, 201, JSON.stringify(added.body));
@@ -153,6 +156,7 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     assert.notEqual(revoked.body.revoked_at, null);
     const garbage = await api.call('POST', '/api/v1/orgs/acme/devices/sn-004/certificates', operator, { pem: 'not a certificate' });
     assert.equal(garbage.status, 400);
+    assert.equal((await api.call('DELETE', `/api/v1/orgs/acme/signer-cas/${signer.body.id}`, admin)).status, 200);
   });
 
   test('signer CAs are added and removed by admins and each change notifies the device listener', async () => {

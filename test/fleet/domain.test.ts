@@ -311,16 +311,28 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
       assert.deepEqual((await attemptsOf(d.id)).map((a) => a.state), ['failed', 'sent']);
     });
 
-    test('an unknown firmware uuid is recorded from the join params, and rejected without them', async () => {
+    test('an unknown firmware uuid is recorded on the device from the join params, not in the catalogue, and rejected without them', async () => {
       const t = await tenant(ctx);
       const [d] = await devices(ctx, t, 1);
       const uuid = randomUUID();
       await assert.rejects(fleet.deviceJoined(ctx, ref(d!), uuid, {}), (e: unknown) => e instanceof fleet.FleetError && e.code === 'invalid' && /join with params \{version/.test(e.message));
+      await assert.rejects(fleet.deviceJoined(ctx, ref(d!), uuid, { version: '0.3.0', platform: 'x'.repeat(101) }), (e: unknown) => e instanceof fleet.FleetError && e.code === 'invalid' && e.details?.field === 'platform');
       const joined = await fleet.deviceJoined(ctx, ref(d!), uuid, { version: '0.3.0', platform: 'rpi0', architecture: 'arm' });
       assert.deepEqual(joined.firmware, { id: uuid, version: '0.3.0' });
-      const fw = await fleet.getFirmware(ctx, t.org.id, uuid);
-      assert.equal(fw.has_blob, false);
-      assert.equal(fw.platform, 'rpi0');
+      await assert.rejects(fleet.getFirmware(ctx, t.org.id, uuid), (e: unknown) => e instanceof fleet.FleetError && e.code === 'not_found');
+      assert.deepEqual(await fleet.listFirmware(ctx, t.org.id), []);
+      const device = await fleet.getDevice(ctx, t.org.id, d!.id);
+      assert.deepEqual([device.firmware_uuid, device.firmware_version, device.platform, device.architecture], [uuid, '0.3.0', 'rpi0', 'arm']);
+    });
+
+    test('rejoining on firmware the catalogue does not hold after finish marks the update rolled back', async () => {
+      const { v1, d } = await setup();
+      await fleet.deviceJoined(ctx, ref(d), v1.id);
+      const dev = { deviceId: d.id, orgId: d.org_id };
+      await fleet.applyUpdateReport(ctx, dev, 'firmware_update_begin', { version: '2.0.0' });
+      await fleet.applyUpdateReport(ctx, dev, 'firmware_update_finish', { version: '2.0.0' });
+      await fleet.deviceJoined(ctx, ref(d), randomUUID(), { version: '2.0.0' });
+      assert.deepEqual((await attemptsOf(d.id)).map((a) => a.state), ['rolled_back']);
     });
 
     test('disconnect marks the device offline only while this node owns its connection', async () => {

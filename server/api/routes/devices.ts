@@ -172,7 +172,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
-        summary: 'Register a certificate (PEM) to a device',
+        summary: 'Register a certificate (PEM) to a device: one of the org\'s signer CAs must have issued it (400 otherwise; 409 when registered already)',
         params: deviceParams,
         body: { type: 'object', required: ['pem'], additionalProperties: false, properties: { pem: { type: 'string', minLength: 1, maxLength: 65536 } } },
         response: { 201: ref('DeviceCertificate'), ...authErrors, ...conflictError },

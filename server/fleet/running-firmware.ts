@@ -1,0 +1,82 @@
+/**
+ * What a device reports running, kept on the device (`devices.firmware_uuid/firmware_version/
+ * platform/architecture`, one `device_components` row per component), never as catalogue rows:
+ * only operators add firmware. A device making up uuids or versions changes its own rows and
+ * nothing else. Targets are catalogue firmware, so "runs its target" compares the running uuid
+ * (Phoenix) or the catalogue record of the running version (edges) with the target's id.
+ */
+import { sql } from 'kysely';
+import { audit } from '../audit.ts';
+import type { Db } from '../db/index.ts';
+import type { Firmware } from '../db/schema.ts';
+import { FleetError } from './errors.ts';
+import { deviceActor, type DeviceRef } from './updates.ts';
+
+export interface RunningComponent {
+  component: string;
+  version: string;
+  /** Its catalogue record; null when the catalogue has none (reported only). */
+  firmwareId: string | null;
+}
+
+/** The catalogue firmware of a product for a reported `version` (edges report versions, not uuids). */
+export async function catalogueFirmwareByVersion(db: Db, productId: string, component: string, version: string): Promise<Firmware | undefined> {
+  return db.selectFrom('firmware').selectAll().where('product_id', '=', productId).where('component', '=', component).where('version', '=', version).executeTakeFirst();
+}
+
+/**
+ * Records the component a device runs and audits `device.firmware_changed` when it now runs
+ * catalogue firmware other than the one it was last audited running. Firmware outside the
+ * catalogue is not audited (the device row shows it), so made-up versions or uuids, even
+ * alternating with a real one, add no audit rows. `details` go into the audit record.
+ */
+export async function recordRunningComponent(trx: Db, device: DeviceRef, running: RunningComponent, details: Record<string, unknown> = {}): Promise<void> {
+  const { component, version, firmwareId } = running;
+  const before = await trx
+    .selectFrom('device_components')
+    .select(['version', 'audited_firmware_id'])
+    .where('device_id', '=', device.deviceId)
+    .where('component', '=', component)
+    .executeTakeFirst();
+  const audited = firmwareId ?? before?.audited_firmware_id ?? null;
+  await trx
+    .insertInto('device_components')
+    .values({ device_id: device.deviceId, component, version, firmware_id: firmwareId, audited_firmware_id: audited })
+    .onConflict((oc) => oc.columns(['device_id', 'component']).doUpdateSet({ version, firmware_id: firmwareId, audited_firmware_id: audited, updated_at: sql`now()` }))
+    .execute();
+  if (firmwareId === null || before?.audited_firmware_id === firmwareId) return;
+  await audit(trx, deviceActor(device), {
+    orgId: device.orgId,
+    action: 'device.firmware_changed',
+    resourceType: 'device',
+    resourceId: device.deviceId,
+    details: { component, from_version: before?.version ?? null, to_version: version, firmware_id: firmwareId, ...details },
+  });
+}
+
+/** A label a device reports about its firmware (`platform`, `architecture`): 1-100 printable characters, or null when absent. */
+export function reportedLabel(field: string, value: unknown): string | null {
+  if (value === undefined || value === null || value === '') return null;
+  if (typeof value !== 'string' || value.length > 100 || /[\u0000-\u001f\u007f]/.test(value)) {
+    throw new FleetError('invalid', `${field} must be a string of at most 100 printable characters`, { field });
+  }
+  return value;
+}
+
+/**
+ * New catalogue firmware: devices of its product that already run it point at its record, so
+ * targeting it sends them nothing. Edges match by version (their running firmware had no record),
+ * Phoenix devices by the uuid they joined with. Not audited: what they run did not change.
+ */
+export async function linkRunningDevices(trx: Db, firmware: Pick<Firmware, 'id' | 'product_id' | 'component' | 'version'>): Promise<void> {
+  if (firmware.component === 'firmware') {
+    await sql`
+      UPDATE devices SET firmware_uuid = ${firmware.id}
+      WHERE product_id = ${firmware.product_id} AND protocol <> 'phoenix' AND firmware_uuid IS NULL AND firmware_version = ${firmware.version}`.execute(trx);
+  }
+  await sql`
+    UPDATE device_components dc SET firmware_id = ${firmware.id}, audited_firmware_id = ${firmware.id}
+    FROM devices d
+    WHERE d.id = dc.device_id AND d.product_id = ${firmware.product_id} AND dc.component = ${firmware.component} AND dc.firmware_id IS NULL
+      AND CASE WHEN d.protocol = 'phoenix' AND dc.component = 'firmware' THEN d.firmware_uuid = ${firmware.id} ELSE dc.version = ${firmware.version} END`.execute(trx);
+}
