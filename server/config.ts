@@ -27,8 +27,12 @@ export interface Config {
   firmwareUrlTtlSeconds: number;
   /** Create the default org/product and register the dev signer CA on first start. */
   bootstrapDev: boolean;
-  /** WiFiDogX lab mode: approve unknown gateways automatically. */
+  /** WiFiDogX lab mode: approve unknown gateways automatically (needs wifidogxAuth `open`). */
   wifidogxAutoApprove: boolean;
+  /** WiFiDogX gateway authentication: `secure` (approved gateways need their credential) or `open`. */
+  wifidogxAuth: string;
+  /** WiFiDogX connections that have not sent `connect` yet, at most. */
+  wifidogxMaxUnidentified: number;
 }
 
 interface Setting {
@@ -57,7 +61,9 @@ export const SETTINGS: Setting[] = [
   { key: 'secret', flag: 'secret', env: 'FLEETHUB_SECRET', kind: 'string', help: 'signing secret (generated into the data dir when absent)', default: () => undefined },
   { key: 'firmwareUrlTtlSeconds', flag: 'firmware-url-ttl', env: 'FLEETHUB_FIRMWARE_URL_TTL', kind: 'number', help: 'lifetime of signed firmware URLs in seconds', default: () => 86_400 },
   { key: 'bootstrapDev', flag: 'bootstrap-dev', env: 'FLEETHUB_BOOTSTRAP_DEV', kind: 'boolean', help: 'create the default org/product and register the dev signer CA', default: () => true },
-  { key: 'wifidogxAutoApprove', flag: 'wifidogx-auto-approve', env: 'FLEETHUB_WIFIDOGX_AUTO_APPROVE', kind: 'boolean', help: 'approve unknown WiFiDogX gateways automatically (labs)', default: () => false },
+  { key: 'wifidogxAutoApprove', flag: 'wifidogx-auto-approve', env: 'FLEETHUB_WIFIDOGX_AUTO_APPROVE', kind: 'boolean', help: 'approve unknown WiFiDogX gateways automatically (labs; needs --wifidogx-auth open)', default: () => false },
+  { key: 'wifidogxAuth', flag: 'wifidogx-auth', env: 'FLEETHUB_WIFIDOGX_AUTH', kind: 'string', help: 'secure: approved gateways connect with their credential; open: a device_id claim suffices (labs)', default: () => 'secure' },
+  { key: 'wifidogxMaxUnidentified', flag: 'wifidogx-max-unidentified', env: 'FLEETHUB_WIFIDOGX_MAX_UNIDENTIFIED', kind: 'number', help: 'WiFiDogX connections waiting for their first connect, at most', default: () => 1000 },
 ];
 
 function parseValue(setting: Setting, raw: string): unknown {

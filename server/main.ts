@@ -20,7 +20,7 @@ import { registerInputGate } from './input-gate.ts';
 import { registerGrispEdge } from './edges/grisp/index.ts';
 import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
 import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
-import { registerWifidogxEdge } from './edges/wifidogx/index.ts';
+import { registerWifidogxEdge, type WifidogxAuthPolicy } from './edges/wifidogx/index.ts';
 import { registerOperatorSocket } from './api/socket.ts';
 import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
@@ -169,7 +169,12 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // Edges: the other protocols, translated into the same fleet (each closes with its listener).
   const urlTtlSeconds = config.firmwareUrlTtlSeconds;
   await registerGrispEdge({ fleet, pubsub, log, blobs, secret, deviceApp: deviceListener.app, api, deviceBaseUrl: () => devicePublicUrl, urlTtlSeconds });
-  await registerWifidogxEdge({ fleet, pubsub, log, blobs, secret, api, autoApprove: config.wifidogxAutoApprove, urlTtlSeconds, apiBaseUrl });
+  await registerWifidogxEdge({
+    fleet, pubsub, log, blobs, secret, api, urlTtlSeconds, apiBaseUrl,
+    autoApprove: config.wifidogxAutoApprove,
+    auth: config.wifidogxAuth as WifidogxAuthPolicy,
+    maxUnidentified: config.wifidogxMaxUnidentified,
+  });
   const mainServer = await registerMainServer(api, { fleet, blobs, log });
   registerKeyauthDownloads(api, { fleet, blobs, secret });
 

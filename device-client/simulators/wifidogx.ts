@@ -29,6 +29,11 @@ export interface GatewayOptions {
   ca?: string;
   /** Newer firmware uses `op` + `req_id`; older only `type` (default: newer). */
   legacy?: boolean;
+  /**
+   * The gateway's credential (issued on approval): sent as `?credential=` on the upgrade path,
+   * as a real gateway does with `WSServerPath /ws/wifidogx?credential=<it>`.
+   */
+  credential?: string;
 }
 
 export function simulatorImage(version: string, size = 4096): Buffer {
@@ -36,7 +41,7 @@ export function simulatorImage(version: string, size = 4096): Buffer {
 }
 
 export class WifidogxGateway extends EventEmitter {
-  readonly o: Required<Omit<GatewayOptions, 'ca'>> & { ca?: string };
+  readonly o: Required<Omit<GatewayOptions, 'ca' | 'credential'>> & { ca?: string; credential?: string };
   version: string;
   socket: net.Socket | undefined;
   /** Every message the server sent, decoded, in order. */
@@ -47,6 +52,8 @@ export class WifidogxGateway extends EventEmitter {
   /** Protocol violations by the server (a real gateway would misbehave on each). */
   readonly violations: string[] = [];
   authModes = new Map<string, number>();
+  /** The close frame of the last link the server closed, if it sent one. */
+  lastClose: { code: number; reason: string } | undefined;
   #stopped = false;
   #handshaken = false;
   #heartbeat: NodeJS.Timeout | undefined;
@@ -70,6 +77,12 @@ export class WifidogxGateway extends EventEmitter {
     return this.#connect();
   }
 
+  /** Carries `credential` from the next link on, and drops the current link so it reconnects. */
+  useCredential(credential: string): void {
+    this.o.credential = credential;
+    this.socket?.destroy();
+  }
+
   async stop(): Promise<void> {
     this.#stopped = true;
     clearInterval(this.#heartbeat);
@@ -88,7 +101,8 @@ export class WifidogxGateway extends EventEmitter {
       this.#handshaken = false;
       const key = randomBytes(16).toString('base64');
       socket.once(secure ? 'secureConnect' : 'connect', () => {
-        socket.write(`GET ${u.pathname} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+        const target = this.o.credential ? `${u.pathname}?credential=${encodeURIComponent(this.o.credential)}` : `${u.pathname}${u.search}`;
+        socket.write(`GET ${target} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
       });
       socket.on('data', (chunk: Buffer) => {
         // One read of the real client: at most READ_BUFFER_BYTES.
@@ -153,7 +167,12 @@ export class WifidogxGateway extends EventEmitter {
     if (total < chunk.length) return this.#violation('two frames in one read');
     if (!fin || opcode === 0) return this.#violation('a fragmented frame');
     if (rsv) return this.#violation('a compressed frame (RSV bits set)');
-    if (opcode === 8) return void this.socket?.destroy();
+    if (opcode === 8) {
+      const body = chunk.subarray(offset);
+      this.lastClose = body.length >= 2 ? { code: body.readUInt16BE(0), reason: body.subarray(2).toString('utf8') } : { code: 1005, reason: '' };
+      this.emit('closed', this.lastClose);
+      return void this.socket?.destroy();
+    }
     if (opcode !== 1) return; // older firmware ignores ping/pong
     let message: Record<string, unknown>;
     try {

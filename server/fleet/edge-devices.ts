@@ -8,7 +8,7 @@
  *   → applyUpdateReport / transitionAttempt → edgeDeviceOnline (new version: settles) → edgeDeviceOffline
  */
 import { sql } from 'kysely';
-import { audit, type Actor } from '../audit.ts';
+import { audit, SYSTEM, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Device, DeviceApproval, DeviceProtocol, Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext } from './context.ts';
@@ -39,10 +39,15 @@ export interface RegisterEdgeDeviceInput {
 /**
  * The device `identifier` names in the product, registering it (with `approval`, default pending)
  * when unknown. Concurrent first contacts create it once. An existing device keeps its approval.
+ *
+ * The identity rule: an identifier belongs to the protocol that registered it (and so to that
+ * protocol's credential kind: a certificate, a device token, a key, a gateway credential). A claim
+ * of it through another protocol is refused (`conflict`, naming no device) and audited as
+ * `device.claim_refused` in the product's org — one place for every edge.
  */
 export async function findOrRegisterEdgeDevice(ctx: FleetContext, input: RegisterEdgeDeviceInput): Promise<{ device: Device; created: boolean }> {
   const identifier = validEdgeIdentifier(input.identifier);
-  return inTransaction(ctx, async (trx, outbox) => {
+  const found = await inTransaction(ctx, async (trx, outbox) => {
     const inserted = await trx
       .insertInto('devices')
       .values({
@@ -70,6 +75,43 @@ export async function findOrRegisterEdgeDevice(ctx: FleetContext, input: Registe
     const device = await trx.selectFrom('devices').selectAll().where('product_id', '=', input.productId).where('identifier', '=', identifier).executeTakeFirstOrThrow();
     if (device.org_id !== input.orgId) throw new FleetError('conflict', 'the product belongs to another organization', { product_id: input.productId });
     return { device, created: false };
+  });
+  if (found.device.protocol !== input.protocol) {
+    await auditClaimRefused(ctx, { orgId: input.orgId, protocol: input.protocol, identifier, reason: 'registered_to_another_protocol', deviceId: found.device.id, owner: found.device.protocol });
+    throw new FleetError('conflict', `identifier ${identifier} is registered to another kind of device; choose another identifier`, { field: 'identifier' });
+  }
+  return found;
+}
+
+export interface ClaimRefusal {
+  /** The org of the product the claim was made in. */
+  orgId: string;
+  /** The protocol the claim came through. */
+  protocol: DeviceProtocol;
+  identifier: string;
+  /** Why, as a code: registered_to_another_protocol, credential_required, credential_invalid, ... */
+  reason: string;
+  /** The device the identifier names, when there is one (for operators; never told to the claimant). */
+  deviceId?: string;
+  /** The protocol that owns the identifier, when it is another. */
+  owner?: DeviceProtocol;
+  remote?: string | null;
+}
+
+/** Records that a claim of an identity was refused (audit `device.claim_refused`). */
+export async function auditClaimRefused(ctx: FleetContext, refusal: ClaimRefusal): Promise<void> {
+  await audit(ctx.db, SYSTEM, {
+    orgId: refusal.orgId,
+    action: 'device.claim_refused',
+    resourceType: 'device',
+    ...(refusal.deviceId ? { resourceId: refusal.deviceId } : {}),
+    details: {
+      protocol: refusal.protocol,
+      identifier: refusal.identifier,
+      reason: refusal.reason,
+      ...(refusal.owner ? { owner_protocol: refusal.owner } : {}),
+      ...(refusal.remote ? { remote: refusal.remote } : {}),
+    },
   });
 }
 
@@ -110,9 +152,24 @@ async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, devic
   });
 }
 
-/** Records which protocol a device speaks (e.g. a GRiSP board registered just in time by its certificate). */
-export async function setDeviceProtocol(ctx: FleetContext, deviceId: string, protocol: DeviceProtocol): Promise<void> {
-  await ctx.db.updateTable('devices').set({ protocol }).where('id', '=', deviceId).where('protocol', '!=', protocol).execute();
+/**
+ * A certificate device speaks `protocol` from now on, if it may: it already does, or it was
+ * registered just in time by the device listener and has never been seen online (the listener
+ * records certificate devices as `phoenix` before it knows which endpoint they use). A device
+ * another protocol has used keeps it; the refusal is audited and false returned.
+ */
+export async function claimCertificateDevice(ctx: FleetContext, ref: EdgeDeviceRef & { identifier: string }, protocol: DeviceProtocol): Promise<boolean> {
+  const claimed = await ctx.db
+    .updateTable('devices')
+    .set({ protocol })
+    .where('id', '=', ref.deviceId)
+    .where((eb) => eb.or([eb('protocol', '=', protocol), eb.and([eb('protocol', '=', 'phoenix'), eb('last_seen_at', 'is', null)])]))
+    .returning('protocol')
+    .executeTakeFirst();
+  if (claimed) return true;
+  const owner = await ctx.db.selectFrom('devices').select('protocol').where('id', '=', ref.deviceId).executeTakeFirst();
+  await auditClaimRefused(ctx, { orgId: ref.orgId, protocol, identifier: ref.identifier, reason: 'registered_to_another_protocol', deviceId: ref.deviceId, ...(owner ? { owner: owner.protocol } : {}) });
+  return false;
 }
 
 export interface EdgeOnlineInput {

@@ -113,6 +113,7 @@ const ROUTES: Record<string, Guard> = {
   'POST /api/v1/orgs/:org/wifidogx/devices/:device/approve': 'operator',
   'POST /api/v1/orgs/:org/wifidogx/devices/:device/revoke': 'operator',
   'POST /api/v1/orgs/:org/wifidogx/devices/:device/release': 'operator',
+  'POST /api/v1/orgs/:org/wifidogx/devices/:device/credential': 'operator',
   'GET /api/v1/orgs/:org/wifidogx/devices/:device': 'viewer',
   'GET /api/v1/orgs/:org/wifidogx/devices/:device/commands': 'viewer',
   'PUT /api/v1/orgs/:org/wifidogx/devices/:device/gateways/:gw/auth-mode': 'operator',

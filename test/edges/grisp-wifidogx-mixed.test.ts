@@ -30,7 +30,8 @@ async function until(fn: () => Promise<boolean> | boolean, what: string, timeout
 
 describe(`a mixed group retargeted once (${DATABASE_KIND})`, () => {
   before(async () => {
-    server = await startTestServer({ wifidogxAutoApprove: true });
+    // Labs: auto-approval trusts the bare device_id claim, which only the open policy allows.
+    server = await startTestServer({ wifidogxAutoApprove: true, wifidogxAuth: 'open' });
     tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-mixed-'));
   });
   after(async () => {

@@ -39,7 +39,9 @@ async function approved(o: Partial<ConstructorParameters<typeof WifidogxGateway>
   const g = gateway(o);
   await g.start();
   await until(async () => (await deviceOf(g))?.approval === 'pending', 'registered pending');
-  await server.call('POST', `${base(g)}/approve`);
+  // Approval issues the gateway its credential; it is served once it connects with it.
+  const { credential } = await server.call<{ credential: { token: string } }>('POST', `${base(g)}/approve`);
+  g.useCredential(credential.token);
   await until(async () => (await deviceOf(g))?.firmware_version === g.version, 'version recorded');
   return g;
 }
@@ -217,9 +219,18 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     await server.call('POST', `${base(g)}/release`);
     await until(() => g.socket?.destroyed, 'original released');
     await g.stop();
-    const again = gateway({ deviceId: g.o.deviceId });
+    const again = gateway({ deviceId: g.o.deviceId, credential: g.o.credential });
     await again.start();
     await until(() => again.received.some((m) => m.type === 'connect'), 'the new link served');
+  });
+
+  it('lets a newer link on the gateway’s own credential replace its stale one', async () => {
+    const g = await approved();
+    const fresh = gateway({ deviceId: g.o.deviceId, credential: g.o.credential });
+    await fresh.start();
+    await until(() => fresh.received.some((m) => m.type === 'connect'), 'the newer link served');
+    await until(() => g.lastClose?.code === 4009, 'the stale link closed');
+    await g.stop();
   });
 
   it('marks a gateway offline when heartbeats stop', async () => {

@@ -6,7 +6,7 @@
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
 import { applyUpdateReport, type FleetContext, type UpdateReportEvent } from '../../fleet/index.ts';
-import { edgeDeviceOffline, edgeDeviceOnline, recordUpdateSent, setDeviceProtocol, transitionAttempt, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
+import { edgeDeviceOffline, edgeDeviceOnline, recordUpdateSent, transitionAttempt, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import type { Logger } from '../../log.ts';
 import { decodeFrame, encodeError, encodeNotification, encodeRequest, encodeResult, paramsObject, RpcError, RpcErrors, type Incoming, type RpcId } from './jsonrpc.ts';
 import { isLinked, linkDevice, parseLogBatch, saveGrispState, storeLogBatch } from './store.ts';
@@ -125,7 +125,6 @@ export class GrispConnection {
     if (timings.logIntervalMs > 0) this.#timers.push(setInterval(() => this.enqueue(async () => void (await this.fetchLogs())), timings.logIntervalMs));
     this.#ws.ping();
     this.enqueue(async () => {
-      await setDeviceProtocol(this.#deps.fleet, this.ref.deviceId, 'grisp');
       await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, { serial: serialFromCommonName(this.ref.identifier) });
       await this.refresh();
     });

@@ -8,7 +8,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
-import { devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
+import { claimCertificateDevice, devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
 import { Topics, type FleetContext } from '../../fleet/index.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
@@ -83,6 +83,12 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
       preValidation: async (request: FastifyRequest, reply: FastifyReply) => {
         if (!offeredProtocols(request).has(GRISP_SUBPROTOCOL)) {
           return reply.code(400).header('connection', 'close').send({ error: { code: 'invalid', message: `offer the WebSocket subprotocol ${GRISP_SUBPROTOCOL} (Sec-WebSocket-Protocol)` } });
+        }
+        // The certificate's device must be (or become) a GRiSP board: a Phoenix device's certificate is not a GRiSP credential.
+        const identity = (request as FastifyRequest & { deviceIdentity?: DeviceIdentity }).deviceIdentity;
+        if (identity && !(await claimCertificateDevice(deps.fleet, identity, 'grisp'))) {
+          log.warn({ device_id: identity.deviceId, identifier: identity.identifier }, 'refused a GRiSP link for a device registered to another protocol');
+          return reply.code(409).header('connection', 'close').send({ error: { code: 'conflict', message: 'this certificate belongs to a device registered to another protocol; a GRiSP board needs its own certificate' } });
         }
       },
     },

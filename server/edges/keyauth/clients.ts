@@ -69,7 +69,6 @@ export async function clientDevice(fleet: FleetContext, product: Product, key: {
     approval: 'pending',
     description: seen.name,
   });
-  if (device.protocol !== PROTOCOL) throw new FleetError('conflict', `identifier ${device.identifier} is taken by a ${device.protocol} device`);
   await fleet.db
     .insertInto('keyauth_clients')
     .values({ fingerprint: key.fingerprint, device_id: device.id, public_key_pem: key.pem, name: seen.name, remote_address: seen.remote })

@@ -10,9 +10,10 @@ import { describeBadString, findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import { edgeDeviceOffline } from '../../fleet/edge-devices.ts';
+import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
-import { clientDevice } from './clients.ts';
+import { clientDevice, identifierFor } from './clients.ts';
 import { EnvelopeError, isEnvelope, KeyError, open, parseClientKey, seal } from './envelope.ts';
 import { encodeLine, LineReader, LineTooLongError } from './framing.ts';
 
@@ -116,7 +117,17 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       throw err;
     }
     const name = typeof data.name === 'string' && data.name.length <= 100 ? data.name : null;
-    const device = await clientDevice(deps.fleet, await deps.tenant(), key, { name, remote });
+    let device: Awaited<ReturnType<typeof clientDevice>>;
+    try {
+      device = await clientDevice(deps.fleet, await deps.tenant(), key, { name, remote });
+    } catch (err) {
+      // The key's identifier belongs to a device of another protocol (fleet identity rule, audited there).
+      if (err instanceof FleetError && err.code === 'conflict') {
+        log.warn({ fingerprint: key.fingerprint }, 'keyauth key refused: its identifier belongs to another kind of device');
+        return fail(409, 'IdentityTaken', `this key's identifier ${identifierFor(key.fingerprint)} is registered to another kind of device; use another key`);
+      }
+      throw err;
+    }
     if (device.approval !== 'approved') {
       const revoked = device.approval === 'revoked';
       log.info({ fingerprint: key.fingerprint, approval: device.approval }, 'keyauth key not authorised');

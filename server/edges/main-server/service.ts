@@ -94,7 +94,6 @@ export async function registerDevice(fleet: FleetContext, product: Product, inpu
     approval: 'pending',
     description: input.name,
   });
-  if (device.protocol !== PROTOCOL) throw conflict(`device_id ${input.deviceId} is taken by a ${device.protocol} device; choose another device_id`);
   if (device.approval === 'revoked') throw forbidden(`device ${input.deviceId} is revoked; ask an operator to approve it again`);
   if (created) {
     const { claim } = await recordRegistration(fleet.db, device.id, { name: input.name, ip: input.ip });
@@ -119,7 +118,6 @@ export async function registerDevice(fleet: FleetContext, product: Product, inpu
 /** An operator pre-registers an approved device and receives its token (shown once). */
 export async function provisionDevice(fleet: FleetContext, actor: Actor, product: Product, input: { deviceId: string; name: string | null }): Promise<{ device: Device; token: string }> {
   const { device } = await findOrRegisterEdgeDevice(fleet, { orgId: product.org_id, productId: product.id, identifier: input.deviceId, protocol: PROTOCOL, approval: 'approved', description: input.name });
-  if (device.protocol !== PROTOCOL) throw conflict(`device_id ${input.deviceId} is taken by a ${device.protocol} device`);
   const approved = device.approval === 'approved' ? device : await approveDevice(fleet, actor, device.org_id, device.id);
   await recordRegistration(fleet.db, device.id, { name: input.name, ip: null });
   const token = await issueDeviceToken(fleet, actor, approved, 'provisioned');

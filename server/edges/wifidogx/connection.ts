@@ -1,13 +1,16 @@
 /**
- * One WiFiDogX gateway's WebSocket. The gateway claims its `device_id` in its first message;
- * unknown ids are registered pending and get nothing until approved. Every frame goes through
- * one paced queue: one frame per write, never two back to back, never over MAX_FRAME_BYTES.
+ * One WiFiDogX gateway's WebSocket. The gateway claims its `device_id` in its first message
+ * (within `identifyTimeoutMs`); unknown ids are registered pending and get nothing until
+ * approved; an approved gateway is served only on its credential (credentials.ts). Every frame
+ * goes through one paced queue: one frame per write, never two back to back, never over
+ * MAX_FRAME_BYTES.
  */
 import type { Socket } from 'node:net';
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
 import { applyUpdateReport, type FleetContext } from '../../fleet/index.ts';
 import {
+  auditClaimRefused,
   edgeDeviceOffline,
   edgeDeviceOnline,
   findOrRegisterEdgeDevice,
@@ -18,6 +21,8 @@ import {
 } from '../../fleet/edge-devices.ts';
 import { findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
+import { FleetError } from '../../fleet/errors.ts';
+import { admitClaim, CLOSE, credentialOwner, hasCredential, type WifidogxAuthPolicy } from './credentials.ts';
 import { encodeFrame, gatewayReplies, gatewayVersion, isSafeFirmwareUrl } from './frames.ts';
 import { commandForResponse, gatewaySettings, getCommand, isRecord, saveFirmwareInfo, saveReport, updateCommand } from './store.ts';
 
@@ -26,6 +31,8 @@ export interface WifidogxTimings {
   livenessMs: number;
   /** Pause between two frames so the gateway reads them one at a time (default 100 ms). */
   frameGapMs: number;
+  /** A connection that has not sent `connect` within this long is closed (default 10 s). */
+  identifyTimeoutMs: number;
 }
 
 export interface WifidogxConnectionDeps {
@@ -33,6 +40,10 @@ export interface WifidogxConnectionDeps {
   log: Logger;
   timings: WifidogxTimings;
   autoApprove: boolean;
+  policy: WifidogxAuthPolicy;
+  /** The `credential` the upgrade request carried, if any. */
+  credential: string | undefined;
+  remote: string | null;
   /** Where unknown gateways are registered. */
   home(): Promise<{ orgId: string; productId: string }>;
   /** The safe, signed image URL for a firmware. */
@@ -47,6 +58,8 @@ const DEVICE_ID = /^[\x21-\x7e]{1,128}$/;
 export class WifidogxConnection {
   ref: (EdgeDeviceRef & { identifier: string }) | undefined;
   approved = false;
+  /** The link carried the gateway's own credential. */
+  authenticated = false;
   readonly #ws: WebSocket;
   readonly #deps: WifidogxConnectionDeps;
   #log: Logger;
@@ -54,6 +67,7 @@ export class WifidogxConnection {
   #writing = false;
   #closed = false;
   #liveness: NodeJS.Timeout | undefined;
+  #identifyDeadline: NodeJS.Timeout | undefined;
   #chain: Promise<void> = Promise.resolve();
   #connectedAt: string | undefined;
   #reqN = 0;
@@ -79,6 +93,13 @@ export class WifidogxConnection {
     this.#ws.on('close', () => this.#onClose());
     this.#ws.on('error', (err) => this.#log.warn({ err }, 'wifidogx socket error'));
     this.#armLiveness();
+    const { identifyTimeoutMs } = this.#deps.timings;
+    this.#identifyDeadline = setTimeout(() => {
+      if (this.ref) return;
+      this.#log.info({ remote: this.#deps.remote }, 'wifidogx connection sent no connect in time; closing it');
+      this.close(CLOSE.identifyTimeout, `send connect within ${Math.ceil(identifyTimeoutMs / 1000)} s`);
+    }, identifyTimeoutMs);
+    this.#identifyDeadline.unref();
   }
 
   close(code = 1000, reason = ''): void {
@@ -196,37 +217,57 @@ export class WifidogxConnection {
     }
   }
 
-  /** The first message names the device: register or find it, apply the takeover rule. */
+  /**
+   * The first message names the device. In order: a presented credential must be the claimed
+   * gateway's; the identifier must belong to a WiFiDogX device (fleet rule, audited there);
+   * the admission rule (credentials.ts); the takeover rule (claim). Nothing about the device
+   * changes before the claim is admitted.
+   */
   async #identify(m: Record<string, unknown>): Promise<boolean> {
     const deviceId = m.device_id;
     if (typeof deviceId !== 'string' || !DEVICE_ID.test(deviceId)) {
       this.#log.warn('wifidogx connect without a valid device_id; closing');
-      this.close(4000, 'device_id required');
+      this.close(CLOSE.deviceIdRequired, 'device_id required');
       return false;
     }
+    const { fleet } = this.#deps;
     const home = await this.#deps.home();
-    const { device, created } = await findOrRegisterEdgeDevice(this.#deps.fleet, {
-      ...home,
-      identifier: deviceId,
-      protocol: 'wifidogx',
-      approval: this.#deps.autoApprove ? 'approved' : 'pending',
-    });
-    this.#log = this.#deps.log.child({ device_id: device.id, identifier: deviceId });
-    if (device.approval === 'revoked') {
-      this.#log.warn('revoked wifidogx gateway tried to connect');
-      this.close(4003, 'revoked');
+    const refuse = async (code: number, reason: string, audit: string, device?: { id: string }) => {
+      this.#log.warn({ identifier: deviceId, remote: this.#deps.remote, why: audit }, 'wifidogx claim refused');
+      await auditClaimRefused(fleet, { orgId: home.orgId, protocol: 'wifidogx', identifier: deviceId, reason: audit, ...(device ? { deviceId: device.id } : {}), remote: this.#deps.remote });
+      this.close(code, reason);
+      return false;
+    };
+    const presented = this.#deps.credential;
+    const owner = presented === undefined ? undefined : await credentialOwner(fleet.db, presented);
+    if (presented !== undefined && owner?.identifier !== deviceId) return refuse(CLOSE.credential, 'credential invalid for this device_id', 'credential_invalid');
+
+    let found: Awaited<ReturnType<typeof findOrRegisterEdgeDevice>>;
+    try {
+      found = await findOrRegisterEdgeDevice(fleet, { ...home, identifier: deviceId, protocol: 'wifidogx', approval: this.#deps.autoApprove ? 'approved' : 'pending' });
+    } catch (err) {
+      if (!(err instanceof FleetError) || err.code !== 'conflict') throw err;
+      this.#log.warn({ identifier: deviceId, remote: this.#deps.remote }, 'wifidogx claim of an identifier another protocol owns; refused');
+      this.close(CLOSE.otherProtocol, 'device_id is registered to another kind of device');
       return false;
     }
+    const { device, created } = found;
+    this.#log = this.#deps.log.child({ device_id: device.id, identifier: deviceId });
+    const authenticated = owner?.deviceId === device.id;
+    const verdict = admitClaim({ approval: device.approval, credentialIssued: authenticated || (await hasCredential(fleet.db, device.id)), authenticated, policy: this.#deps.policy });
+    if (!verdict.admit) return refuse(verdict.code, verdict.reason, verdict.audit, device);
+    this.authenticated = authenticated;
     if (!(await this.#deps.claim(device.id, this))) {
       // Takeover rule: an approved device connected elsewhere keeps its link until an operator releases it.
       this.#log.warn('wifidogx device_id is already connected elsewhere; refusing this claim (operator: release the device to let it move)');
-      this.close(4009, 'device_id connected elsewhere');
+      this.close(CLOSE.connectedElsewhere, 'device_id connected elsewhere');
       return false;
     }
+    clearTimeout(this.#identifyDeadline);
     this.ref = { deviceId: device.id, orgId: device.org_id, identifier: deviceId };
     this.approved = device.approval === 'approved';
     if (created) this.#log.info({ approval: device.approval }, 'wifidogx gateway registered');
-    this.#connectedAt = await markEdgeDeviceConnected(this.#deps.fleet, this.ref);
+    this.#connectedAt = await markEdgeDeviceConnected(fleet, this.ref);
     return true;
   }
 
@@ -252,6 +293,11 @@ export class WifidogxConnection {
   /** Called when an operator approves this (pending) device. */
   async becomeApproved(): Promise<void> {
     if (this.approved || !this.ref) return;
+    if (!this.authenticated && this.#deps.policy === 'secure') {
+      // Approved gateways are served on their credential: this link carried none.
+      this.close(CLOSE.credential, 'approved: reconnect with your credential (WSServerPath /ws/wifidogx?credential=...)');
+      return;
+    }
     this.approved = true;
     await this.pushGatewaySettings('connect');
     this.send(this.message('get_firmware_info'));
@@ -374,6 +420,7 @@ export class WifidogxConnection {
     if (this.#closed) return;
     this.#closed = true;
     clearTimeout(this.#liveness);
+    clearTimeout(this.#identifyDeadline);
     this.#queue = [];
     this.#deps.onClose(this);
     const ref = this.ref;

@@ -1,6 +1,6 @@
 /**
  * The WiFiDogX edge (seed 001): `/ws/wifidogx` on the API listener (plain or TLS, as the
- * listener is), the gateway firmware downloads `/fw/<id>/<expires>/<hex hmac>` on the same
+ * listener is; approved gateways add `?credential=<theirs>`, credentials.ts), the gateway firmware downloads `/fw/<id>/<expires>/<hex hmac>` on the same
  * listener (gateways have no client certificate: the signed, expiring path is the credential),
  * and the operator REST routes (routes.ts).
  */
@@ -18,9 +18,11 @@ import { sendBlob } from '../../firmware/send-blob.ts';
 import type { Logger } from '../../log.ts';
 import { bucketedExpiry, signPathUrl, verifyPathSignature } from '../grisp/package.ts';
 import { WifidogxConnection, type WifidogxTimings } from './connection.ts';
+import { CLOSE, WIFIDOGX_AUTH_POLICIES, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './credentials.ts';
+
+export { WIFIDOGX_PATH };
 import { registerWifidogxRoutes } from './routes.ts';
 
-export const WIFIDOGX_PATH = '/ws/wifidogx';
 const URL_PREFIX = 'fw';
 
 export interface WifidogxEdgeDeps {
@@ -33,8 +35,12 @@ export interface WifidogxEdgeDeps {
   api: FastifyInstance;
   /** Public base URL of the API listener as gateways reach it (known after listen). */
   apiBaseUrl: () => string;
-  /** Config `wifidogxAutoApprove`: approve unknown gateways automatically (labs). */
+  /** Config `wifidogxAutoApprove`: approve unknown gateways automatically (labs; needs `auth: 'open'`). */
   autoApprove: boolean;
+  /** Config `wifidogxAuth` (default `secure`): see credentials.ts. */
+  auth?: WifidogxAuthPolicy;
+  /** Config `wifidogxMaxUnidentified`: connections that have not sent `connect` yet, at most (default 1000). */
+  maxUnidentified?: number;
   /** Org and product (names or ids) unknown gateways are registered in (default: `default`/`default`). */
   home?: { org: string; product: string };
   urlTtlSeconds?: number;
@@ -46,7 +52,9 @@ export interface WifidogxEdgeDeps {
 export interface WifidogxEdge {
   connections: Map<string, WifidogxConnection>;
   firmwareUrl(firmware: Pick<Firmware, 'id'>): string;
-  configure(o: { timings?: Partial<WifidogxTimings>; upgradeTimeoutMs?: number; autoApprove?: boolean }): void;
+  configure(o: { timings?: Partial<WifidogxTimings>; upgradeTimeoutMs?: number; autoApprove?: boolean; auth?: WifidogxAuthPolicy; maxUnidentified?: number }): void;
+  /** Connections open now that have not identified themselves. */
+  unidentified(): number;
   /** Times out upgrades without an outcome (runs periodically; safe on every node). */
   sweepUpgrades(): Promise<number>;
   close(): Promise<void>;
@@ -63,9 +71,11 @@ export function wifidogxEdgeOf(api: object): WifidogxEdge | undefined {
 export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<WifidogxEdge> {
   const log = deps.log.child({ edge: 'wifidogx' });
   const { fleet } = deps;
-  const timings: WifidogxTimings = { livenessMs: 150_000, frameGapMs: 100, ...deps.timings };
-  const settings = { autoApprove: deps.autoApprove, upgradeTimeoutMs: deps.upgradeTimeoutMs ?? 15 * 60_000 };
+  const timings: WifidogxTimings = { livenessMs: 150_000, frameGapMs: 100, identifyTimeoutMs: 10_000, ...deps.timings };
+  const settings = { autoApprove: deps.autoApprove, auth: deps.auth ?? 'secure', maxUnidentified: deps.maxUnidentified ?? 1000, upgradeTimeoutMs: deps.upgradeTimeoutMs ?? 15 * 60_000 };
+  checkSettings(settings);
   const connections = new Map<string, WifidogxConnection>();
+  const unidentified = new Set<WifidogxConnection>();
   const ttl = deps.urlTtlSeconds ?? 86_400;
   const firmwareUrl = (firmware: Pick<Firmware, 'id'>) => signPathUrl({ baseUrl: deps.apiBaseUrl(), prefix: URL_PREFIX, secret: deps.secret, firmwareId: firmware.id, expiresAt: bucketedExpiry(ttl) });
   let home: Promise<{ orgId: string; productId: string }> | undefined;
@@ -81,15 +91,16 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   const unsubscribers = new Map<WifidogxConnection, () => void>();
 
-  /** The takeover rule (docs/edges/wifidogx.md). */
+  /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
     const device = await fleet.db.selectFrom('devices').select(['approval', 'connection_status', 'connected_node']).where('id', '=', deviceId).executeTakeFirst();
     const local = connections.get(deviceId);
     const approved = device?.approval === 'approved';
     if (local && local !== conn) {
-      if (approved) return false;
-      local.close(4009, 'replaced by a newer claim');
+      if (approved && !conn.authenticated) return false;
+      local.close(CLOSE.connectedElsewhere, 'replaced by a newer claim');
     }
+    unidentified.delete(conn);
     if (approved && device.connection_status === 'online' && device.connected_node && device.connected_node !== fleet.nodeName) return false;
     connections.set(deviceId, conn);
     unsubscribers.set(
@@ -99,7 +110,11 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
           case 'device_revoked':
           case 'device_deleted':
           case 'wifidogx_release':
-            conn.close(4003, message.event);
+            conn.close(CLOSE.revoked, message.event);
+            return;
+          case 'wifidogx_credential_issued':
+            // The link on the old credential (or on none) ends; the gateway comes back on the new one.
+            conn.close(CLOSE.credential, 'credential issued: reconnect with it');
             return;
           case 'device_approved':
             void conn.run(() => conn.becomeApproved());
@@ -115,20 +130,34 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   await deps.api.register(async (scope) => {
     scope.get(WIFIDOGX_PATH, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
+      const remote = request.raw.socket.remoteAddress ?? null;
+      if (unidentified.size >= settings.maxUnidentified) {
+        log.warn({ remote, limit: settings.maxUnidentified }, 'too many wifidogx connections waiting for their connect; refusing one');
+        socket.close(CLOSE.tooManyUnidentified, 'too many unidentified connections; try again later');
+        return;
+      }
+      const query = request.query as Record<string, unknown>;
+      // A repeated or non-string credential is presented but matches nothing.
+      const credential = query.credential === undefined ? undefined : typeof query.credential === 'string' ? query.credential : '';
       const conn = new WifidogxConnection(socket, request.raw.socket as Socket, {
         fleet,
         log,
         timings: { ...timings },
         autoApprove: settings.autoApprove,
+        policy: settings.auth,
+        credential,
+        remote,
         home: resolveHome,
         firmwareUrl,
         claim,
         onClose: (c) => {
+          unidentified.delete(c);
           if (c.ref && connections.get(c.ref.deviceId) === c) connections.delete(c.ref.deviceId);
           unsubscribers.get(c)?.();
           unsubscribers.delete(c);
         },
       });
+      unidentified.add(conn);
       conn.start();
     });
 
@@ -159,7 +188,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     async (scope) => {
       const { apiErrorHandler } = await import('../../api/errors.ts');
       scope.setErrorHandler(apiErrorHandler);
-      await registerWifidogxRoutes(scope, { fleet, pubsub: deps.pubsub, connections });
+      await registerWifidogxRoutes(scope, { fleet, pubsub: deps.pubsub, connections, policy: () => settings.auth });
     },
     { prefix: '/api/v1' },
   );
@@ -207,10 +236,16 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     connections,
     firmwareUrl,
     configure(o) {
+      const next = { ...settings };
+      if (o.upgradeTimeoutMs !== undefined) next.upgradeTimeoutMs = o.upgradeTimeoutMs;
+      if (o.autoApprove !== undefined) next.autoApprove = o.autoApprove;
+      if (o.auth !== undefined) next.auth = o.auth;
+      if (o.maxUnidentified !== undefined) next.maxUnidentified = o.maxUnidentified;
+      checkSettings(next);
+      Object.assign(settings, next);
       Object.assign(timings, o.timings);
-      if (o.upgradeTimeoutMs !== undefined) settings.upgradeTimeoutMs = o.upgradeTimeoutMs;
-      if (o.autoApprove !== undefined) settings.autoApprove = o.autoApprove;
     },
+    unidentified: () => unidentified.size,
     sweepUpgrades,
     async close() {
       if (closed) return;
@@ -225,5 +260,14 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
   return edge;
 }
 
+/** Options are checked when the edge is mounted (and reconfigured), not when a gateway shows up. */
+function checkSettings(s: { autoApprove: boolean; auth: string; maxUnidentified: number }): void {
+  if (!WIFIDOGX_AUTH_POLICIES.includes(s.auth as WifidogxAuthPolicy)) throw new Error(`--wifidogx-auth must be one of ${WIFIDOGX_AUTH_POLICIES.join(', ')}, got ${JSON.stringify(s.auth)}`);
+  if (!Number.isInteger(s.maxUnidentified) || s.maxUnidentified < 1) throw new Error(`--wifidogx-max-unidentified must be a positive integer, got ${s.maxUnidentified}`);
+  // Auto-approval trusts a bare device_id claim, which is exactly what the secure policy refuses to do.
+  if (s.autoApprove && s.auth === 'secure') throw new Error('--wifidogx-auto-approve approves gateways on their bare claim: it needs --wifidogx-auth open (labs only)');
+}
+
 export { isSafeFirmwareUrl, gatewayVersion, MAX_FRAME_BYTES } from './frames.ts';
+export { CLOSE as WIFIDOGX_CLOSE, type WifidogxAuthPolicy } from './credentials.ts';
 

@@ -13,12 +13,15 @@ import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
 import { Topics, type FleetContext } from '../../fleet/index.ts';
 import type { WifidogxConnection } from './connection.ts';
 import { isSafeFirmwareUrl } from './frames.ts';
+import { credentialPath, hasCredential, issueCredential, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './credentials.ts';
 import { createCommand, getGatewayState, listCommands, setAuthMode, type WifidogxCommand } from './store.ts';
 
 export interface WifidogxRouteDeps {
   fleet: FleetContext;
   pubsub: PubSub;
   connections: Map<string, WifidogxConnection>;
+  /** The edge's current authentication policy. */
+  policy: () => WifidogxAuthPolicy;
 }
 
 const deviceParams = {
@@ -53,19 +56,56 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     return resolveDevice(fleet, org.id, request.params.device);
   }
 
+  /** A new credential for the gateway (shown once, hash stored); its current link is closed so it returns on the new one. */
+  async function credential(d: Device, actor: { type: string; id: string | null }) {
+    const rotated = await hasCredential(fleet.db, d.id);
+    const { token, issuedAt } = await issueCredential(fleet.db, d.id);
+    await audit(fleet.db, actor as never, { orgId: d.org_id, action: 'wifidogx.credential_issued', resourceType: 'device', resourceId: d.id, details: { rotated } });
+    await deps.pubsub.broadcast(Topics.device(d.id), 'wifidogx_credential_issued', { device_id: d.id });
+    return { device_id: d.id, identifier: d.identifier, token, ws_path: credentialPath(WIFIDOGX_PATH, token), issued_at: issuedAt.toISOString(), rotated };
+  }
+
   for (const action of ['approve', 'revoke'] as const) {
     api.post<{ Params: P }>(
       `/orgs/:org/wifidogx/devices/:device/${action}`,
       {
         onRequest: requireRole('operator'),
-        schema: { tags: ['wifidogx'], summary: action === 'approve' ? 'Approve a pending gateway (it then gets its settings, commands and updates)' : 'Revoke a gateway (its link is closed, it is refused from now on)', params: deviceParams, response: { 200: anyObject, ...authErrors } },
+        schema: {
+          tags: ['wifidogx'],
+          summary: action === 'approve' ? 'Approve a pending gateway (it then gets its settings, commands and updates)' : 'Revoke a gateway (its link is closed, it is refused from now on)',
+          description: action === 'approve' ? 'Under the secure policy, a gateway without a credential is issued one: `credential.ws_path` goes into its WSServerPath (shown once).' : undefined,
+          params: deviceParams,
+          response: { 200: anyObject, ...authErrors },
+        },
       },
       async (request) => {
         const d = await device(request);
-        return (action === 'approve' ? approveDevice : revokeDevice)(fleet, request.operator.actor, d.org_id, d.id);
+        if (action === 'revoke') return revokeDevice(fleet, request.operator.actor, d.org_id, d.id);
+        const approved = await approveDevice(fleet, request.operator.actor, d.org_id, d.id);
+        if (d.protocol !== 'wifidogx' || deps.policy() !== 'secure' || (await hasCredential(fleet.db, d.id))) return approved;
+        return { ...approved, credential: await credential(approved, request.operator.actor) };
       },
     );
   }
+
+  api.post<{ Params: P }>(
+    '/orgs/:org/wifidogx/devices/:device/credential',
+    {
+      onRequest: requireRole('operator'),
+      schema: {
+        tags: ['wifidogx'],
+        summary: "Issue or rotate a gateway's credential (shown once); the gateway connects on `ws_path` from now on",
+        description: 'The previous credential stops working and the current link is closed (4001). Put `ws_path` into the gateway\'s WSServerPath.',
+        params: deviceParams,
+        response: { 201: anyObject, ...authErrors },
+      },
+    },
+    async (request, reply) => {
+      const d = await device(request);
+      if (d.protocol !== 'wifidogx') throw new ApiError(409, 'conflict', `device ${d.identifier} is not a WiFiDogX gateway`);
+      return reply.status(201).send(await credential(d, request.operator.actor));
+    },
+  );
 
   api.post<{ Params: P }>(
     '/orgs/:org/wifidogx/devices/:device/release',

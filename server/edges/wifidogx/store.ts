@@ -18,6 +18,9 @@ export interface WifidogxGatewaysTable {
   auth_modes: Json<Record<string, number>>;
   firmware_info: ColumnType<Record<string, unknown> | null, string | null | undefined, string | null>;
   last_heartbeat_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
+  /** SHA-256 (hex) of the gateway's credential (credentials.ts); null until one is issued. */
+  credential_hash: ColumnType<string | null, string | null | undefined, string | null>;
+  credential_issued_at: ColumnType<Date | null, Date | string | null | undefined, Date | string | null>;
   updated_at: ColumnType<Date, Date | string | undefined, Date | string>;
 }
 
@@ -63,8 +66,13 @@ export async function saveFirmwareInfo(db: Db, deviceId: string, info: Record<st
     .execute();
 }
 
+/** What the operator sees of a gateway (never its credential hash: only when one was issued). */
 export async function getGatewayState(db: Db, deviceId: string) {
-  return db.selectFrom('wifidogx_gateways').selectAll().where('device_id', '=', deviceId).executeTakeFirst();
+  return db
+    .selectFrom('wifidogx_gateways')
+    .select(['device_id', 'device_info', 'gateways', 'auth_modes', 'firmware_info', 'last_heartbeat_at', 'credential_issued_at', 'updated_at'])
+    .where('device_id', '=', deviceId)
+    .executeTakeFirst();
 }
 
 /** The operator's auth mode for `gwId` (persisted; sent in every connect/heartbeat reply). */
