@@ -179,12 +179,28 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       await g.start();
       await until(async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending', 'registered pending');
       const approved = await server.call<{ credential?: { token: string; ws_path: string } }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`);
-      assert.ok(approved.credential, 'approval issues a credential');
-      assert.equal(approved.credential.ws_path, `/ws/wifidogx?credential=${approved.credential.token}`);
-      g.useCredential(approved.credential.token);
-      await until(async () => (await deviceBy(g.o.deviceId)).firmware_version === '9.9.9', 'served on its credential');
-      return { g, credential: approved.credential.token };
+      if (approved.credential) g.useCredential(approved.credential.token);
+      await until(async () => (await deviceBy(g.o.deviceId)).firmware_version === '9.9.9', 'served');
+      return { g, credential: approved.credential?.token ?? '' };
     }
+
+    it('issues a credential on approval, for the gateway’s WSServerPath, and serves the gateway on it', async () => {
+      const g = gateway(`gw-${randomBytes(4).toString('hex')}`, { reconnectMs: 100 });
+      await g.start();
+      await until(async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending', 'registered pending');
+      const approved = await server.call<{ credential?: { token: string; ws_path: string } }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`);
+      assert.ok(approved.credential, 'approval issues a credential');
+      assert.match(approved.credential.token, /^[A-Za-z0-9_-]{43}$/);
+      assert.equal(approved.credential.ws_path, `/ws/wifidogx?credential=${approved.credential.token}`);
+      // The link without it is not served as approved: it is closed so the gateway comes back with it.
+      await until(() => g.lastClose?.code === 4001, 'the uncredentialed link closed');
+      assert.deepEqual(g.received, []);
+      g.useCredential(approved.credential.token);
+      await until(() => g.received.some((m) => m.type === 'connect'), 'served on its credential');
+      const state = await server.call<{ gateway: Record<string, unknown> }>('GET', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}`);
+      assert.equal(state.gateway.credential_hash, undefined, 'the hash is never shown');
+      assert.equal(typeof state.gateway.credential_issued_at, 'string');
+    });
 
     it('refuses an uncredentialed claim of an offline approved gateway, which then works on its credential', async () => {
       const { g } = await approvedGateway();
