@@ -279,7 +279,9 @@ registerSimulatorProtocol({
     const u = new URL(spec.url);
     const scheme = u.protocol === 'https:' || u.protocol === 'wss:' ? 'wss' : 'ws';
     const url = `${scheme}://${u.host}${u.pathname.startsWith('/ws/wifidogx') ? u.pathname : '/ws/wifidogx'}`;
-    const gw = new WifidogxGateway({ url, deviceId: spec.serial, version: spec.firmware.version, ca: spec.tls.ca, reconnectMs: 2000 });
+    // `--url ws://host:4000/ws/wifidogx?credential=<issued>` carries an approved gateway's credential.
+    const credential = u.searchParams.get('credential') ?? undefined;
+    const gw = new WifidogxGateway({ url, deviceId: spec.serial, version: spec.firmware.version, ca: spec.tls.ca, reconnectMs: 2000, ...(credential ? { credential } : {}) });
     gw.on('connected', () => report({ type: 'connected' }));
     gw.on('disconnected', () => report({ type: 'disconnected' }));
     gw.on('message', (m: Record<string, unknown>) => {

@@ -3,7 +3,8 @@ import { clientFor, helpRequested, orgOf, orgPath, parseCommand, printJson, prin
 
 const USAGE = `Usage:
   fleethub wifidogx show <device>                         device info, gateways, auth modes, firmware info, recent commands
-  fleethub wifidogx approve|revoke <device>               approve a pending gateway / revoke one
+  fleethub wifidogx approve|revoke <device>               approve a pending gateway (prints its credential, secure policy) / revoke one
+  fleethub wifidogx credential <device>                   issue or rotate the gateway's credential (shown once; closes its link)
   fleethub wifidogx release <device>                      close its current link so another claim of its device_id may connect
   fleethub wifidogx auth-mode <device> <gw_id> <mode>     set a gateway's auth mode (integer)
   fleethub wifidogx auth <device> --auth-token T --client-ip IP --client-mac MAC --gw-id G [--once]
@@ -45,7 +46,15 @@ export async function runWifidogxCommand(argv: string[], io: CliIo = processIo):
     switch (sub) {
       case 'show':
         return void (values.json ? printJson(io, await client.get(base)) : printRecord(io, false, await client.get<Record<string, unknown>>(base)));
-      case 'approve':
+      case 'approve': {
+        const { credential, ...device } = await client.post<Record<string, unknown> & { credential?: Record<string, unknown> }>(`${base}/approve`);
+        if (values.json) return void printJson(io, credential ? { ...device, credential } : device);
+        printRecord(io, false, device);
+        if (credential) printCredential(io, credential);
+        return 0;
+      }
+      case 'credential':
+        return void (values.json ? printJson(io, await client.post(`${base}/credential`)) : printCredential(io, await client.post<Record<string, unknown>>(`${base}/credential`)));
       case 'revoke':
       case 'release':
         printRecord(io, values.json, await client.post<Record<string, unknown>>(`${base}/${sub}`));
@@ -83,4 +92,10 @@ export async function runWifidogxCommand(argv: string[], io: CliIo = processIo):
         throw usageError(`unknown subcommand ${JSON.stringify(sub)}`, USAGE);
     }
   });
+}
+
+/** The credential as the operator needs it: what to put into the gateway's configuration, once. */
+function printCredential(io: CliIo, credential: Record<string, unknown>): void {
+  io.out(`\ncredential issued for ${String(credential.identifier)} (shown once; only its hash is stored)\n`);
+  io.out(`put this in the gateway's wifidog.conf, then restart wifidog:\n  WSServerPath ${String(credential.ws_path)}\n`);
 }

@@ -15,6 +15,7 @@ import WebSocket from 'ws';
 import { DeviceClient } from '../../device-client/index.ts';
 import { GrispBoard } from '../../device-client/simulators/grisp.ts';
 import { WifidogxGateway } from '../../device-client/simulators/wifidogx.ts';
+import { runWifidogxCommand } from '../../server/cli/wifidogx.ts';
 import { wifidogxEdgeOf } from '../../server/edges/wifidogx/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, deviceTlsOptions, getTestPki } from '../helpers/pki.ts';
@@ -200,6 +201,19 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       const state = await server.call<{ gateway: Record<string, unknown> }>('GET', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}`);
       assert.equal(state.gateway.credential_hash, undefined, 'the hash is never shown');
       assert.equal(typeof state.gateway.credential_issued_at, 'string');
+    });
+
+    it('approves from the CLI, printing the WSServerPath line the gateway needs, and serves the gateway on it', async () => {
+      const g = gateway(`gw-${randomBytes(4).toString('hex')}`, { reconnectMs: 100 });
+      await g.start();
+      await until(async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending', 'registered pending');
+      const out: string[] = [];
+      const io = { out: (t: string) => void out.push(t), err: (t: string) => void out.push(t), env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp } };
+      assert.equal(await runWifidogxCommand(['approve', g.o.deviceId], io), 0);
+      const line = /WSServerPath \/ws\/wifidogx\?credential=([A-Za-z0-9_-]{43})/.exec(out.join(''));
+      assert.ok(line, out.join(''));
+      g.useCredential(line[1]!);
+      await until(() => g.received.some((m) => m.type === 'connect'), 'served on the printed credential');
     });
 
     it('refuses an uncredentialed claim of an offline approved gateway, which then works on its credential', async () => {
