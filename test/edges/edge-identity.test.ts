@@ -20,21 +20,12 @@ import { wifidogxEdgeOf } from '../../server/edges/wifidogx/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, deviceTlsOptions, getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 let tmp: string;
 let baseFirmwareId: string;
 const stops: Array<() => Promise<void>> = [];
-
-async function until<T>(fn: () => Promise<T | undefined | false> | T | undefined | false, what: string, timeoutMs = 10_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 const wsUrl = () => `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`;
 const deviceBy = (identifier: string) => server.database.db.selectFrom('devices').selectAll().where('identifier', '=', identifier).executeTakeFirstOrThrow();

@@ -12,6 +12,7 @@ import { buildGrispPackage, GrispBoard } from '../../device-client/simulators/gr
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 const boards: GrispBoard[] = [];
@@ -35,15 +36,6 @@ async function deviceOf(b: GrispBoard) {
   return server.database.db.selectFrom('devices').selectAll().where('identifier', '=', `GRiSP2 device ${b.o.serial.split(' ').pop()}`).executeTakeFirst();
 }
 
-async function until<T>(fn: () => Promise<T | undefined | false>, what: string, timeoutMs = 10_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
-}
 
 async function uploadPackage(version: string, blocks = [randomBytes(3000), randomBytes(5000)]) {
   const body = await buildGrispPackage({ version, blocks });

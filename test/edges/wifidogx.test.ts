@@ -11,6 +11,7 @@ import { gatewayReplies, gatewayVersion, isSafeFirmwareUrl, MAX_FRAME_BYTES } fr
 import { simulatorImage, WifidogxGateway } from '../../device-client/simulators/wifidogx.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 const gateways: WifidogxGateway[] = [];
@@ -19,16 +20,6 @@ function gateway(o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = 
   const g = new WifidogxGateway({ url: `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`, deviceId: `gw-${randomBytes(4).toString('hex')}`, version: '1.0.0', reconnectMs: 100, ...o });
   gateways.push(g);
   return g;
-}
-
-async function until<T>(fn: () => Promise<T | undefined | false> | T | undefined | false, what: string, timeoutMs = 10_000): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 const deviceOf = (g: WifidogxGateway) => server.database.db.selectFrom('devices').selectAll().where('identifier', '=', g.o.deviceId).executeTakeFirst();
