@@ -26,21 +26,33 @@ export const REDACT_PATHS = [
   'url_signature',
 ];
 
+/**
+ * The `<expires>/<64 hex hmac>` of a path-signed download URL (`/fw/...`, GRiSP packages): the
+ * HMAC is a bearer credential, so request lines keep the path with the signature replaced.
+ */
+const PATH_SIGNATURE = /(\/\d{1,12}\/)[0-9a-f]{64}(?=\/|$)/gi;
+
+/** A request URL as logged: no query string, no path signature. */
+export function loggedUrl(url: string | undefined): string | undefined {
+  return url?.split('?')[0]!.replace(PATH_SIGNATURE, '$1[redacted]');
+}
+
 export interface LogOptions {
   level?: string;
   name?: string;
 }
 
-export function createLogger(options: LogOptions = {}): Logger {
+/** The process logger; `destination` (default stdout) lets tests read the lines as written. */
+export function createLogger(options: LogOptions = {}, destination?: pino.DestinationStream): Logger {
   return pino({
     name: options.name ?? 'fleethub',
     level: options.level ?? process.env.FLEETHUB_LOG_LEVEL ?? 'info',
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
-    // Signed download URLs carry an HMAC: log the path only.
+    // Signed download URLs carry an HMAC (in the query or the path): it is never logged.
     serializers: {
       req(req: { id?: string; method?: string; url?: string; socket?: { remoteAddress?: string } }) {
-        return { id: req.id, method: req.method, url: req.url?.split('?')[0], remote: req.socket?.remoteAddress };
+        return { id: req.id, method: req.method, url: loggedUrl(req.url), remote: req.socket?.remoteAddress };
       },
     },
-  });
+  }, destination);
 }

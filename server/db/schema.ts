@@ -59,6 +59,8 @@ export interface DevicesTable {
   connection_status: ColumnType<ConnectionStatus, ConnectionStatus | undefined, ConnectionStatus>;
   connected_node: string | null;
   last_seen_at: Timestamp | null;
+  /** When the device was last revoked (kept when it is approved again): credentials issued before it are void. */
+  revoked_at: Timestamp | null;
   created_at: CreatedAt;
   updated_at: ColumnType<Date, Date | string | undefined, Date | string>;
 }

@@ -131,8 +131,10 @@ export async function revokeDevice(ctx: FleetContext, actor: Actor, orgId: strin
 async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, approval: 'approved' | 'revoked'): Promise<Device> {
   const device = await getDevice(ctx, orgId, deviceId);
   return inTransaction(ctx, async (trx, outbox) => {
-    const updated = await trx.updateTable('devices').set({ approval, updated_at: new Date() }).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
-    if (device.approval === approval) return updated;
+    if (device.approval === approval) return trx.updateTable('devices').set({ updated_at: new Date() }).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
+    // revoked_at (database time, like the credentials it voids) stays when the device is approved again.
+    const set = approval === 'revoked' ? { approval, revoked_at: sql<Date>`now()`, updated_at: new Date() } : { approval, updated_at: new Date() };
+    const updated = await trx.updateTable('devices').set(set).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
     await audit(trx, actor, { orgId, action: approval === 'approved' ? 'device.approve' : 'device.revoke', resourceType: 'device', resourceId: device.id, details: { from: device.approval, identifier: device.identifier } });
     if (approval === 'revoked') {
       // A revoked device gets nothing more: its in-flight updates end here.

@@ -257,6 +257,29 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       const count = g.received.length;
       await until(() => g.received.slice(count).some((m) => m.type === 'connect'), 'served on the new credential');
     });
+
+    // Revoking voids the credential: a leaked one does not survive revoke + re-approve.
+    for (const via of ['generic', 'wifidogx'] as const) {
+      it(`refuses the old credential after revoke (${via} route) and re-approval, and serves the new one`, async () => {
+        const { g, credential } = await approvedGateway();
+        const device = await deviceBy(g.o.deviceId);
+        const revoke = via === 'generic' ? `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke` : `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/revoke`;
+        await server.call('POST', revoke);
+        await until(() => g.lastClose?.code === 4003, 'the revoked link closed');
+        await g.stop();
+        const approved = await server.call<{ credential?: { token: string } }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`);
+        assert.ok(approved.credential, 're-approval issues a new credential');
+        assert.notEqual(approved.credential.token, credential);
+        const old = gateway(g.o.deviceId, { credential });
+        await old.start();
+        await until(() => old.lastClose, 'old credential refused');
+        assert.equal(old.lastClose!.code, 4001);
+        assert.deepEqual(old.received, []);
+        const fresh = gateway(g.o.deviceId, { credential: approved.credential.token });
+        await fresh.start();
+        await until(() => fresh.received.some((m) => m.type === 'connect'), 'served on the new credential');
+      });
+    }
   });
 
   describe('unidentified WiFiDogX sockets', () => {

@@ -10,11 +10,14 @@ import { wifidogxEdgeOf } from '../../server/edges/wifidogx/index.ts';
 import { gatewayReplies, gatewayVersion, isSafeFirmwareUrl, MAX_FRAME_BYTES } from '../../server/edges/wifidogx/frames.ts';
 import { simulatorImage, WifidogxGateway } from '../../device-client/simulators/wifidogx.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
+import { createLogger } from '../../server/log.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 const gateways: WifidogxGateway[] = [];
+/** Every line the server logged (info and up), parsed. */
+const logLines: Array<Record<string, any>> = [];
 
 function gateway(o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = {}): WifidogxGateway {
   const g = new WifidogxGateway({ url: `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`, deviceId: `gw-${randomBytes(4).toString('hex')}`, version: '1.0.0', reconnectMs: 100, ...o });
@@ -49,7 +52,8 @@ async function uploadImage(version: string, image = simulatorImage(version)) {
 
 describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   before(async () => {
-    server = await startTestServer();
+    const log = createLogger({ level: 'info' }, { write: (line: string) => void logLines.push(JSON.parse(line)) });
+    server = await startTestServer({}, { log });
   });
   after(async () => {
     for (const g of gateways) {
@@ -172,13 +176,79 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     await server.call('PUT', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`, { firmware_id: fw.id });
     await until(async () => (await deviceOf(g))?.firmware_version === '2.0.0', 'back on 2.0.0');
     const upgrade = g.received.find((m) => m.type === 'firmware_upgrade')!;
-    assert.match(String(upgrade.url), /^http:\/\/127\.0\.0\.1:\d+\/fw\/[0-9a-f-]{36}\/\d+\/[0-9a-f]{64}$/);
+    assert.equal(String(upgrade.url).split('/')[5], device.id, 'the URL names the gateway');
+    assert.match(String(upgrade.url), /^http:\/\/127\.0\.0\.1:\d+\/fw\/[0-9a-f-]{36}\/[0-9a-f-]{36}\/\d+\/[0-9a-f]{64}$/);
     assert.equal(upgrade.force, false);
     const attempt = await until(async () => {
       const a = await server.database.db.selectFrom('update_attempts').selectAll().where('device_id', '=', device.id).executeTakeFirst();
       return a?.state === 'succeeded' ? a : undefined;
     }, 'succeeded');
     assert.equal(attempt.via, 'edge:wifidogx');
+  });
+
+  describe('firmware URLs are bound to their gateway and its approval', () => {
+    const download = (url: string, init: RequestInit = {}) => fetch(url, init);
+    const error = async (res: Response) => ((await res.json()) as { error: { code: string; message: string } }).error;
+
+    it('serves an approved gateway its URL with Range, HEAD and ETag as before', async () => {
+      const g = await approved();
+      const device = (await deviceOf(g))!;
+      const image = simulatorImage('3.0.0');
+      const fw = await uploadImage('3.0.0', image);
+      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
+      assert.ok(isSafeFirmwareUrl(url), url);
+      const part = await download(url, { headers: { range: 'bytes=10-19' } });
+      assert.equal(part.status, 206);
+      assert.equal(part.headers.get('content-range'), `bytes 10-19/${image.length}`);
+      assert.deepEqual(Buffer.from(await part.arrayBuffer()), image.subarray(10, 20));
+      const head = await download(url, { method: 'HEAD' });
+      assert.equal(head.status, 200);
+      assert.equal(head.headers.get('content-length'), String(image.length));
+      assert.match(head.headers.get('etag') ?? '', /^"[0-9a-f]{64}"$/);
+      assert.equal((await download(url, { headers: { range: `bytes=${image.length}-` } })).status, 416);
+    });
+
+    it('refuses a URL signed for gateway A with A’s id swapped for B’s (403)', async () => {
+      const [a, b] = [await approved(), await approved()];
+      const [devA, devB] = [(await deviceOf(a))!, (await deviceOf(b))!];
+      const fw = await uploadImage('3.0.1');
+      const urlA = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, devA.id);
+      assert.equal((await download(urlA, { method: 'HEAD' })).status, 200);
+      const swapped = urlA.replace(`/${devA.id}/`, `/${devB.id}/`);
+      assert.notEqual(swapped, urlA, 'the URL names gateway A');
+      const res = await download(swapped);
+      assert.equal(res.status, 403);
+      assert.deepEqual(await error(res), { code: 'forbidden', message: 'the firmware URL signature is invalid' });
+    });
+
+    it('refuses a revoked gateway’s previously issued URL (403) although it has not expired', async () => {
+      const g = await approved();
+      const device = (await deviceOf(g))!;
+      const fw = await uploadImage('3.0.2');
+      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
+      assert.equal((await download(url, { headers: { range: 'bytes=0-9' } })).status, 206);
+      await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke`);
+      const res = await download(url, { headers: { range: 'bytes=0-9' } });
+      assert.equal(res.status, 403);
+      assert.deepEqual(await error(res), { code: 'forbidden', message: 'the gateway is revoked: it may not download firmware' });
+      assert.equal((await download(url, { method: 'HEAD' })).status, 403);
+    });
+
+    it('logs a download request without the URL’s signature', async () => {
+      const g = await approved();
+      const device = (await deviceOf(g))!;
+      const fw = await uploadImage('3.0.3');
+      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
+      const sig = url.split('/').pop()!;
+      const from = logLines.length;
+      assert.equal((await download(url, { method: 'HEAD' })).status, 200);
+      const lines = await until(() => {
+        const mine = logLines.slice(from).filter((l) => l.reqId !== undefined && JSON.stringify(l).includes(`/fw/${fw.id}/`));
+        return mine.length ? mine : undefined;
+      }, 'the request logged');
+      assert.equal(lines[0]!.req.url, `/fw/${fw.id}/${device.id}/${url.split('/').at(-2)}/[redacted]`);
+      for (const line of logLines) assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
+    });
   });
 
   it('times out an upgrade when the gateway does not come back reporting the target version', async () => {

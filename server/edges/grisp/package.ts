@@ -149,27 +149,32 @@ class ChunkReader {
 // --- path-signed URLs -------------------------------------------------------------------------
 
 /**
- * `<base>/<prefix>/<firmware-id>/<expires>/<hex hmac>`: the signature lives in the path because
- * GRiSP appends member paths to the URL and WiFiDogX passes it to a shell (no `?`, `&`, `=`, `%`).
+ * `<base>/<prefix>/<firmware-id>[/<device-id>]/<expires>/<hex hmac>`: the signature lives in the
+ * path because GRiSP appends member paths to the URL and WiFiDogX passes it to a shell (no `?`,
+ * `&`, `=`, `%`). With `deviceId` the URL is bound to that device too (WiFiDogX gateways, which
+ * have no certificate to show at download time); GRiSP boards show theirs, so their URLs are not.
  */
-export function signPathUrl(o: { baseUrl: string; prefix: string; secret: string | Buffer; firmwareId: string; expiresAt: Date }): string {
+export function signPathUrl(o: { baseUrl: string; prefix: string; secret: string | Buffer; firmwareId: string; deviceId?: string; expiresAt: Date }): string {
   const expires = Math.floor(o.expiresAt.getTime() / 1000);
-  return `${o.baseUrl.replace(/\/+$/, '')}/${o.prefix}/${o.firmwareId}/${expires}/${pathSignature(o.secret, o.prefix, o.firmwareId, expires)}`;
+  const subject = o.deviceId === undefined ? [o.firmwareId] : [o.firmwareId, o.deviceId];
+  return `${o.baseUrl.replace(/\/+$/, '')}/${o.prefix}/${subject.join('/')}/${expires}/${pathSignature(o.secret, o.prefix, subject, expires)}`;
 }
 
 export type PathVerdict = { ok: true } | { ok: false; reason: 'malformed' | 'bad_signature' | 'expired' };
 
 /** Checks the `<expires>/<hex hmac>` of a path-signed URL (constant time; expiry after the MAC). */
-export function verifyPathSignature(o: { secret: string | Buffer; prefix: string; firmwareId: string; expires: string; sig: string; now?: Date }): PathVerdict {
+export function verifyPathSignature(o: { secret: string | Buffer; prefix: string; firmwareId: string; deviceId?: string; expires: string; sig: string; now?: Date }): PathVerdict {
   if (!/^\d{1,12}$/.test(o.expires) || !/^[0-9a-f]{64}$/.test(o.sig)) return { ok: false, reason: 'malformed' };
-  const expected = Buffer.from(pathSignature(o.secret, o.prefix, o.firmwareId, Number(o.expires)));
+  const subject = o.deviceId === undefined ? [o.firmwareId] : [o.firmwareId, o.deviceId];
+  const expected = Buffer.from(pathSignature(o.secret, o.prefix, subject, Number(o.expires)));
   if (!timingSafeEqual(expected, Buffer.from(o.sig))) return { ok: false, reason: 'bad_signature' };
   if (Number(o.expires) * 1000 <= (o.now ?? new Date()).getTime()) return { ok: false, reason: 'expired' };
   return { ok: true };
 }
 
-function pathSignature(secret: string | Buffer, prefix: string, firmwareId: string, expires: number): string {
-  return createHmac('sha256', secret).update(`fleethub-path-url\n${prefix}\n${firmwareId}\n${expires}`).digest('hex');
+function pathSignature(secret: string | Buffer, prefix: string, subject: string[], expires: number): string {
+  // Path segments never hold a newline; a firmware-only and a device-bound message differ in length of the list.
+  return createHmac('sha256', secret).update(`fleethub-path-url\n${prefix}\n${subject.join('\n')}\n${expires}`).digest('hex');
 }
 
 /** An expiry rounded up to a tenth of the TTL, so a group's devices get identical URLs for a while. */

@@ -46,8 +46,8 @@ export interface WifidogxConnectionDeps {
   remote: string | null;
   /** Where unknown gateways are registered. */
   home(): Promise<{ orgId: string; productId: string }>;
-  /** The safe, signed image URL for a firmware. */
-  firmwareUrl(firmware: Firmware): string;
+  /** The safe, signed image URL of a firmware for one gateway (device id). */
+  firmwareUrl(firmware: Firmware, deviceId: string): string;
   /** Claims `deviceId` for this connection; false when another live connection holds it. */
   claim(deviceId: string, conn: WifidogxConnection): Promise<boolean>;
   onClose(conn: WifidogxConnection): void;
@@ -322,7 +322,7 @@ export class WifidogxConnection {
   /** Sends firmware_upgrade for `target`, after checking the URL is shell-safe. */
   async #upgrade(target: Firmware): Promise<void> {
     const ref = this.ref!;
-    const url = target.has_blob ? this.#deps.firmwareUrl(target) : '';
+    const url = target.has_blob ? this.#deps.firmwareUrl(target, ref.deviceId) : '';
     if (!isSafeFirmwareUrl(url)) {
       this.#log.error({ firmware_id: target.id }, 'refusing to send firmware_upgrade: the URL is not made of safe characters or is too long');
       await transitionAttempt(this.#deps.fleet, ref, { to: 'failed', firmwareId: target.id, errors: ['the firmware URL is not shell-safe (or over 500 characters); not sent'] });

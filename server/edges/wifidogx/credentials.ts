@@ -32,20 +32,35 @@ export function credentialPath(basePath: string, credential: string): string {
 export async function issueCredential(db: Db, deviceId: string): Promise<{ token: string; issuedAt: Date }> {
   // base64url: letters, digits, '-' and '_' only, safe in a URL query and in wifidog.conf.
   const token = randomBytes(32).toString('base64url');
-  const issuedAt = new Date();
-  const set = { credential_hash: hashCredential(token), credential_issued_at: issuedAt };
-  await db
+  // Database time, as devices.revoked_at is: the two are compared (liveCredential).
+  const set = { credential_hash: hashCredential(token), credential_issued_at: sql<Date>`now()` };
+  const row = await db
     .insertInto('wifidogx_gateways')
     .values({ device_id: deviceId, ...set })
     .onConflict((oc) => oc.column('device_id').doUpdateSet({ ...set, updated_at: sql`now()` }))
-    .execute();
-  return { token, issuedAt };
+    .returning('credential_issued_at')
+    .executeTakeFirstOrThrow();
+  return { token, issuedAt: new Date(row.credential_issued_at!) };
 }
 
-/** Whether the gateway has been issued a credential. */
+/**
+ * A credential counts only if it was issued after the device was last revoked: revoking voids
+ * it, on every route and whichever node holds (or no node holds) the gateway's link, and a
+ * re-approval issues a new one.
+ */
+const liveCredential = sql<boolean>`(devices.revoked_at IS NULL OR wifidogx_gateways.credential_issued_at > devices.revoked_at)`;
+
+/** Whether the gateway holds a credential that still counts (issued, and not voided by a revocation since). */
 export async function hasCredential(db: Db, deviceId: string): Promise<boolean> {
-  const row = await db.selectFrom('wifidogx_gateways').select('credential_hash').where('device_id', '=', deviceId).executeTakeFirst();
-  return Boolean(row?.credential_hash);
+  const row = await db
+    .selectFrom('wifidogx_gateways')
+    .innerJoin('devices', 'devices.id', 'wifidogx_gateways.device_id')
+    .select('wifidogx_gateways.device_id')
+    .where('wifidogx_gateways.device_id', '=', deviceId)
+    .where('wifidogx_gateways.credential_hash', 'is not', null)
+    .where(liveCredential)
+    .executeTakeFirst();
+  return row !== undefined;
 }
 
 /** The gateway (device id and identifier) a presented credential was issued to, if any. */
@@ -56,6 +71,7 @@ export async function credentialOwner(db: Db, credential: string): Promise<{ dev
     .innerJoin('devices', 'devices.id', 'wifidogx_gateways.device_id')
     .select(['devices.id', 'devices.identifier'])
     .where('wifidogx_gateways.credential_hash', '=', hashCredential(credential))
+    .where(liveCredential)
     .executeTakeFirst();
   return row ? { deviceId: row.id, identifier: row.identifier } : undefined;
 }
