@@ -7,7 +7,7 @@ import websocket from '@fastify/websocket';
 import { createSelfSignedCa } from '../../certs/pki.ts';
 import type { Db } from '../db/index.ts';
 import type { DeviceProtocol } from '../db/schema.ts';
-import type { Logger } from '../log.ts';
+import { loggedUrl, type Logger } from '../log.ts';
 import { onSignerCasChanged, trustedCaPems } from '../identity/signer-cas.ts';
 import { resolveDeviceIdentity, type DeviceIdentity } from '../identity/resolve.ts';
 
@@ -114,7 +114,7 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
         reason: refused.reason,
         subject_cn: refused.commonName,
         fingerprint: refused.fingerprint,
-        url: request.url.split('?')[0],
+        url: loggedUrl(request.url),
       },
       'device connection refused',
     );

@@ -4,6 +4,7 @@
  */
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
+import https from 'node:https';
 import { after, before, describe, it } from 'node:test';
 import WebSocket from 'ws';
 import { createLinkToken } from '../../server/edges/grisp/store.ts';
@@ -11,11 +12,14 @@ import { grispEdgeOf } from '../../server/edges/grisp/index.ts';
 import { buildGrispPackage, GrispBoard } from '../../device-client/simulators/grisp.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
+import { createLogger } from '../../server/log.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 const boards: GrispBoard[] = [];
+/** Every line the server logged (info and up), parsed. */
+const logLines: Array<Record<string, any>> = [];
 let serialN = 0;
 
 async function tlsFor(serial: string) {
@@ -57,7 +61,8 @@ async function attempts(deviceId: string) {
 
 describe(`GRiSP edge (${DATABASE_KIND})`, () => {
   before(async () => {
-    server = await startTestServer();
+    const log = createLogger({ level: 'info' }, { write: (line: string) => void logLines.push(JSON.parse(line)) });
+    server = await startTestServer({}, { log });
     grispEdgeOf(server.deviceListener.app)!.configure({ timings: { pingIntervalMs: 300, logIntervalMs: 400 } });
   });
   after(async () => {
@@ -144,6 +149,30 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
     assert.match(String(start.params.url), /^https:\/\/localhost:\d+\/grisp\/fw\/[0-9a-f-]{36}\/\d+\/[0-9a-f]{64}$/);
     assert.ok(b.updateEvents.some((e) => e.event === 'progress'));
     assert.equal((await deviceOf(b))!.firmware_version, '2.0.0');
+  });
+
+  it('never logs a package URL’s signature, also when it refuses the request (revoked board)', async () => {
+    const pkg = await uploadPackage('2.0.5');
+    const b = await board({ version: '1.0.0' });
+    const device = await until(async () => ((await deviceOf(b))?.connection_status === 'online' ? deviceOf(b) : undefined), 'online');
+    const validated = new Promise((r) => b.once('validated', r));
+    await targetDevice(device.id, pkg.body.id);
+    await validated;
+    const url = String(b.received.find((r) => r.params.type === 'start_update')!.params.url);
+    const sig = url.split('/').pop()!;
+    await b.stop();
+    await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke`);
+    const status = await new Promise<number>((resolve, reject) => {
+      const req = https.get(`${url}/MANIFEST.sealed`, { ...b.o.tls, servername: 'localhost' }, (res) => {
+        res.resume();
+        resolve(res.statusCode!);
+      });
+      req.on('error', reject);
+    });
+    assert.equal(status, 403);
+    const refused = await until(() => logLines.find((l) => l.msg === 'device connection refused' && String(l.url).includes(pkg.body.id)), 'the refusal logged');
+    assert.equal(refused.url, `${new URL(url).pathname.replace(sig, '[redacted]')}/MANIFEST.sealed`);
+    for (const line of logLines) assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
   });
 
   it('does not validate an unhealthy image: the board reboots back and the attempt failed', async () => {
