@@ -1,3 +1,4 @@
+import { LogController, type FastifyRequest } from 'fastify';
 import pino, { type Logger } from 'pino';
 
 export type { Logger };
@@ -35,6 +36,14 @@ const PATH_SIGNATURE = /(\/\d{1,12}\/)[0-9a-f]{64}(?=\/|$)/gi;
 /** A request URL as logged: no query string, no path signature. */
 export function loggedUrl(url: string | undefined): string | undefined {
   return url?.split('?')[0]!.replace(PATH_SIGNATURE, '$1[redacted]');
+}
+
+/** Fastify's log controller, with the "route not found" line's URL as `loggedUrl` makes it (a mistyped path still carries its secrets). */
+export class RedactingLogController extends LogController {
+  override routeNotFound(request: FastifyRequest): void {
+    if (this.isLogDisabled(request)) return;
+    request.log.info(`Route ${request.raw.method}:${loggedUrl(request.raw.url)} not found`);
+  }
 }
 
 export interface LogOptions {

@@ -40,7 +40,7 @@ import {
 } from './fleet/index.ts';
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
-import { createLogger, type Logger } from './log.ts';
+import { createLogger, RedactingLogController, type Logger } from './log.ts';
 
 export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
@@ -143,6 +143,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // Plain HTTP by default (behind a TLS-terminating proxy, or on loopback); `--api-tls` serves the server certificate.
   const api = Fastify({
     loggerInstance: log.child({ listener: 'api' }),
+    logController: new RedactingLogController(),
     bodyLimit: 1024 * 1024,
     ...(config.apiTls ? { https: { cert: pki.server.certPem, key: pki.server.keyPem, minVersion: 'TLSv1.2' as const } } : {}),
   }) as unknown as FastifyInstance;

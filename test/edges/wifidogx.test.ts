@@ -249,6 +249,27 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       assert.equal(lines[0]!.req.url, `/fw/${fw.id}/${device.id}/${url.split('/').at(-2)}/[redacted]`);
       for (const line of logLines) assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
     });
+
+    it('logs a mistyped path (404) without its credential query or path signature', async () => {
+      const g = await approved();
+      const device = (await deviceOf(g))!;
+      const fw = await uploadImage('3.0.4');
+      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
+      const sig = url.split('/').pop()!;
+      const from = logLines.length;
+      // A trailing slash in WSServerPath, an extra segment after a download path.
+      assert.equal((await fetch(`${server.apiUrl}/ws/wifidogx/?credential=${g.o.credential}`)).status, 404);
+      assert.equal((await download(`${url}/extra`)).status, 404);
+      const notFound = await until(() => {
+        const lines = logLines.slice(from).filter((l) => /^Route GET:.* not found$/.test(l.msg));
+        return lines.length === 2 ? lines : undefined;
+      }, 'both 404s logged');
+      assert.deepEqual(notFound.map((l) => l.msg), ['Route GET:/ws/wifidogx/ not found', `Route GET:${new URL(url).pathname.replace(sig, '[redacted]')}/extra not found`]);
+      for (const line of logLines.slice(from)) {
+        const text = JSON.stringify(line);
+        assert.ok(!text.includes(sig) && !text.includes(g.o.credential!), `a log line carries a secret: ${text}`);
+      }
+    });
   });
 
   it('times out an upgrade when the gateway does not come back reporting the target version', async () => {
