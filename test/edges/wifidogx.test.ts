@@ -189,13 +189,18 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   describe('firmware URLs are bound to their gateway and its approval', () => {
     const download = (url: string, init: RequestInit = {}) => fetch(url, init);
     const error = async (res: Response) => ((await res.json()) as { error: { code: string; message: string } }).error;
-
-    it('serves an approved gateway its URL with Range, HEAD and ETag as before', async () => {
+    /** An approved gateway, an image uploaded as `version`, and the gateway's signed URL for it. */
+    async function gatewayWithUrl(version: string, image = simulatorImage(version)) {
       const g = await approved();
       const device = (await deviceOf(g))!;
-      const image = simulatorImage('3.0.0');
-      const fw = await uploadImage('3.0.0', image);
+      const fw = await uploadImage(version, image);
       const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
+      return { g, device, fw, url, sig: url.split('/').pop()! };
+    }
+
+    it('serves an approved gateway its URL with Range, HEAD and ETag as before', async () => {
+      const image = simulatorImage('3.0.0');
+      const { url } = await gatewayWithUrl('3.0.0', image);
       assert.ok(isSafeFirmwareUrl(url), url);
       const part = await download(url, { headers: { range: 'bytes=10-19' } });
       assert.equal(part.status, 206);
@@ -222,10 +227,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     });
 
     it('refuses a revoked gateway’s previously issued URL (403) although it has not expired', async () => {
-      const g = await approved();
-      const device = (await deviceOf(g))!;
-      const fw = await uploadImage('3.0.2');
-      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
+      const { device, url } = await gatewayWithUrl('3.0.2');
       assert.equal((await download(url, { headers: { range: 'bytes=0-9' } })).status, 206);
       await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke`);
       const res = await download(url, { headers: { range: 'bytes=0-9' } });
@@ -235,11 +237,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     });
 
     it('logs a download request without the URL’s signature', async () => {
-      const g = await approved();
-      const device = (await deviceOf(g))!;
-      const fw = await uploadImage('3.0.3');
-      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
-      const sig = url.split('/').pop()!;
+      const { device, fw, url, sig } = await gatewayWithUrl('3.0.3');
       const from = logLines.length;
       assert.equal((await download(url, { method: 'HEAD' })).status, 200);
       const lines = await until(() => {
@@ -251,11 +249,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     });
 
     it('logs a mistyped path (404) without its credential query or path signature', async () => {
-      const g = await approved();
-      const device = (await deviceOf(g))!;
-      const fw = await uploadImage('3.0.4');
-      const url = wifidogxEdgeOf(server.api)!.firmwareUrl(fw, device.id);
-      const sig = url.split('/').pop()!;
+      const { g, url, sig } = await gatewayWithUrl('3.0.4');
       const from = logLines.length;
       // A trailing slash in WSServerPath, an extra segment after a download path.
       assert.equal((await fetch(`${server.apiUrl}/ws/wifidogx/?credential=${g.o.credential}`)).status, 404);
