@@ -38,6 +38,8 @@ const ROUTES: Record<string, Guard> = {
   'GET /socket/longpoll': 'credential',
   'POST /socket/longpoll': 'credential',
   'GET /ws/wifidogx': 'credential',
+  'GET /fw/:id/:device/:expires/:sig': 'credential',
+  // The earlier, firmware-only form: always 403 now.
   'GET /fw/:id/:expires/:sig': 'credential',
   'GET /api/keyauth/firmware/:id': 'credential',
 
