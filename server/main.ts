@@ -36,6 +36,7 @@ import {
   reconcileOfflineDevices,
   removeNode,
   sweepStaleUpdates,
+  Topics,
   type FleetContext,
 } from './fleet/index.ts';
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
@@ -138,6 +139,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Several nodes: a signer CA added on one node must be trusted by all.
   const stopCaRelay = relaySignerCaChanges(pubsub, config.nodeName);
+  const stopRevocations = closeRevokedConnections(pubsub, deviceListener);
 
   // Operators: REST API, OpenAPI, live socket.
   // Plain HTTP by default (behind a TLS-terminating proxy, or on loopback); `--api-tls` serves the server certificate.
@@ -225,6 +227,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       closed = true;
       for (const t of timers) clearInterval(t);
       stopCaRelay();
+      stopRevocations();
       await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
       await deviceEndpoint.close();
       await operatorEndpoint.close();
@@ -290,4 +293,16 @@ function relaySignerCaChanges(pubsub: PubSubWithStats, nodeName: string): () => 
     stopLocal();
     stopRemote();
   };
+}
+
+/**
+ * Every node closes the device connections (sockets before and after join, GRiSP links,
+ * downloads) that a revoked certificate or device authenticated on it.
+ */
+function closeRevokedConnections(pubsub: PubSubWithStats, listener: DeviceListener): () => void {
+  return pubsub.subscribe(Topics.revocations, ({ event, payload }) => {
+    if (typeof payload.device_id !== 'string') return;
+    const certificateId = typeof payload.certificate_id === 'string' ? payload.certificate_id : undefined;
+    listener.closeConnections({ deviceId: payload.device_id, ...(certificateId ? { certificateId } : {}) }, event);
+  });
 }

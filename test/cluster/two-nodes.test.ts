@@ -9,7 +9,7 @@ import https from 'node:https';
 import { after, before, describe, test } from 'node:test';
 import type { Channel, Socket } from 'phoenix';
 import { createUser } from '../../server/api/index.ts';
-import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
+import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
 
@@ -166,4 +166,20 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     assert.equal(download.status, 200);
     assert.equal(createHash('sha256').update(download.body).digest('hex'), v2.sha256);
   });
+
+  test("a certificate revoked through node A closes the device's not yet joined socket on node B", async () => {
+    const serial = `cluster-revoked-${randomUUID().slice(0, 8)}`;
+    const socket = await openSocket(nodeB.socketUrl, { tls: await deviceTlsOptions(await deviceCert(serial)), reconnectAfterMs: () => 60_000 });
+    sockets.push(socket);
+    let closed = false;
+    socket.onClose(() => {
+      closed = true;
+    });
+    const device = await nodeA.database.db.selectFrom('devices').select('id').where('identifier', '=', serial).executeTakeFirstOrThrow();
+    const certificate = await nodeA.database.db.selectFrom('device_certificates').select('id').where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    await callA('POST', `/orgs/default/devices/${device.id}/certificates/${certificate.id}/revoke`);
+    await waitFor(() => closed, 5000, 'node B to close the revoked device');
+    socket.disconnect();
+  });
+
 });
