@@ -154,7 +154,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await registerApi(
     api,
     // identity's addSignerCa/removeSignerCa notify the listener themselves after commit.
-    { fleet, db: database.db, log, pubsub, secret, blobs },
+    { fleet, db: database.db, log, pubsub, secret, blobs, disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason) },
     [async (scope) => firmwareApiRoutes(scope, { fleet, blobs }), mainServerApiPlugin({ fleet, blobs }), keyauthApiPlugin({ fleet })],
   );
   const operatorEndpoint = await registerOperatorSocket(api, {

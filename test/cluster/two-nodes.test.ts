@@ -9,7 +9,7 @@ import https from 'node:https';
 import { after, before, describe, test } from 'node:test';
 import type { Channel, Socket } from 'phoenix';
 import { createUser } from '../../server/api/index.ts';
-import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait, waitFor } from '../helpers/phoenix.ts';
+import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait, RawClient, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
 
@@ -182,4 +182,12 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     socket.disconnect();
   });
 
+  test('an API token revoked through node A closes its operator socket on node B', async () => {
+    const created = await callA<{ token: string; api_token: { id: string } }>('POST', '/tokens', { name: `wall-${randomUUID().slice(0, 8)}` });
+    const client = await RawClient.connect(`${nodeB.apiUrl.replace('http', 'ws')}/socket/websocket?vsn=2.0.0&token=${encodeURIComponent(created.token)}`, {});
+    const closed = new Promise<string>((resolve) => client.ws.once('close', (_code: number, reason: Buffer) => resolve(reason.toString())));
+    await callA('DELETE', `/tokens/${created.api_token.id}`);
+    const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('the operator socket on node B stayed open')), 5000).unref());
+    assert.equal(await Promise.race([closed, timeout]), 'API token revoked');
+  });
 });
