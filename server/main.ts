@@ -77,6 +77,8 @@ export interface RunningServer {
 const NODE_HEARTBEAT_MS = 10_000;
 const GRISP_SUBPROTOCOL = 'grisp-io-v1';
 const UPDATE_SWEEP_MS = 60_000;
+/** A partial upload in a shared blob store not written to for this long was left by a dead node. */
+const ABANDONED_UPLOAD_MS = 60 * 60_000;
 
 /** Starts a fleethub node: migrations, PKI, listeners. Resolves once every listener is bound. */
 export async function startServer(config: Config, options: StartOptions = {}): Promise<RunningServer> {
@@ -97,6 +99,10 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // Listen before serving: a node must not miss other nodes' messages, and a bad URL must stop start-up.
   await pubsub.ready;
   const blobs = new LocalBlobStore(path.join(config.dataDir, 'blobs'));
+  // Uploads a killed process left half-written. On PGlite this process owns the data directory;
+  // on PostgreSQL the blob store may be shared with live nodes, whose uploads are still being written.
+  const abandoned = await blobs.removeAbandonedUploads(database.kind === 'pglite' ? 0 : ABANDONED_UPLOAD_MS);
+  if (abandoned) log.info({ files: abandoned }, 'removed partial uploads left by a stopped process');
 
   // The device listener's port is known only after listen(); signed URLs use it lazily.
   let devicePublicUrl = config.devicePublicUrl;
@@ -182,7 +188,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
   await markNodeAlive(fleet);
-  const markedOffline = await reconcileOfflineDevices(fleet, { ownConnections: true });
+  // Embedded PGlite belongs to this process alone, so whatever node held a device before is dead:
+  // no waiting for its heartbeat to go stale. On PostgreSQL other nodes may be alive.
+  const markedOffline = await reconcileOfflineDevices(fleet, { ownConnections: true, soleNode: database.kind === 'pglite' });
   if (markedOffline) log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
   const timers = [
     setInterval(() => {
