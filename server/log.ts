@@ -29,10 +29,12 @@ export const REDACT_PATHS = [
 export interface LogOptions {
   level?: string;
   name?: string;
+  /** Where the JSON lines go (default stdout); tests read them. */
+  destination?: pino.DestinationStream;
 }
 
 export function createLogger(options: LogOptions = {}): Logger {
-  return pino({
+  const logOptions: pino.LoggerOptions = {
     name: options.name ?? 'fleethub',
     level: options.level ?? process.env.FLEETHUB_LOG_LEVEL ?? 'info',
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
@@ -42,5 +44,6 @@ export function createLogger(options: LogOptions = {}): Logger {
         return { id: req.id, method: req.method, url: req.url?.split('?')[0], remote: req.socket?.remoteAddress };
       },
     },
-  });
+  };
+  return options.destination ? pino(logOptions, options.destination) : pino(logOptions);
 }
