@@ -12,8 +12,12 @@ import { simulatorImage, WifidogxGateway } from '../../device-client/simulators/
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
+import { createLogger } from '../../server/log.ts';
+import WebSocket from 'ws';
 
 let server: TestServer;
+/** The server's log lines (info and up). */
+const logs: { msg?: string; identifier?: string }[] = [];
 const gateways: WifidogxGateway[] = [];
 
 function gateway(o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = {}): WifidogxGateway {
@@ -49,7 +53,7 @@ async function uploadImage(version: string, image = simulatorImage(version)) {
 
 describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   before(async () => {
-    server = await startTestServer();
+    server = await startTestServer({}, { log: createLogger({ level: 'info', destination: { write: (line: string) => void logs.push(JSON.parse(line)) } }) });
   });
   after(async () => {
     for (const g of gateways) {
@@ -231,6 +235,23 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       await g.start();
       await until(async () => (await deviceOf(g))?.connection_status === 'online', 'online');
       await until(async () => (await deviceOf(g))?.connection_status === 'offline', 'offline');
+    } finally {
+      wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 150_000 } });
+    }
+  });
+
+  it('arms no liveness timer for a link that closed while its first report was handled', async () => {
+    wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 300 } });
+    try {
+      const deviceId = `gw-gone-${randomBytes(4).toString('hex')}`;
+      const ws = new WebSocket(`${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`);
+      await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
+      // Gone before the server has looked the device up: the step finishes after the close.
+      ws.send(JSON.stringify({ type: 'connect', device_id: deviceId, gateway: [] }));
+      ws.terminate();
+      await until(async () => (await server.database.db.selectFrom('devices').select('id').where('identifier', '=', deviceId).executeTakeFirst()) !== undefined, 'the report handled');
+      await new Promise((r) => setTimeout(r, 700));
+      assert.deepEqual(logs.filter((l) => l.identifier === deviceId && /no heartbeat/.test(l.msg ?? '')), [], 'a timer outlived its link');
     } finally {
       wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 150_000 } });
     }
