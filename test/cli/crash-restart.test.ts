@@ -7,7 +7,6 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Socket } from 'phoenix';
 import pg from 'pg';
-import { dropSchema } from '../../server/db/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, joinChannel, openSocket, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions, getTestPki } from '../helpers/pki.ts';
@@ -36,16 +35,14 @@ before(async () => {
   dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-crash-'));
   certsDir = (await getTestPki()).dir;
   if (process.env.DATABASE_URL) {
-    // A fresh, empty schema, reached by the server process through the URL's search_path.
-    const schema = `t_${randomBytes(6).toString('hex')}`;
-    const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
-    await client.connect();
-    await client.query(`CREATE SCHEMA ${schema}`);
-    await client.end();
+    // A fresh database of its own: the server process knows no schema setting, and its migrations
+    // keep their bookkeeping in `public`.
+    const name = `t_crash_${randomBytes(6).toString('hex')}`;
+    await adminQuery(`CREATE DATABASE ${name}`);
     const url = new URL(process.env.DATABASE_URL);
-    url.searchParams.set('options', `-c search_path=${schema}`);
+    url.pathname = `/${name}`;
     databaseUrl = url.toString();
-    closeDatabase = () => dropSchema(process.env.DATABASE_URL!, schema);
+    closeDatabase = () => adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
   }
 });
 after(async () => {
@@ -54,6 +51,16 @@ after(async () => {
   await closeDatabase?.();
   rmSync(dataDir, { recursive: true, force: true });
 });
+
+async function adminQuery(text: string): Promise<void> {
+  const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
+  await client.connect();
+  try {
+    await client.query(text);
+  } finally {
+    await client.end();
+  }
+}
 
 async function start(options: Partial<ServerProcessOptions> = {}): Promise<Session> {
   const server = await startServerProcess({

@@ -19,7 +19,7 @@ export interface ServerProcess {
 export interface ServerProcessOptions {
   dataDir: string;
   certsDir: string;
-  /** PostgreSQL URL (with `?options=-c search_path=<schema>` for a test schema); PGlite when absent. */
+  /** PostgreSQL URL; PGlite when absent. */
   databaseUrl?: string;
   nodeName?: string;
   env?: NodeJS.ProcessEnv;
