@@ -45,8 +45,8 @@ before(async () => {
       },
     },
   });
-  // Approved gateways get the full WiFiDogX conversation, so fuzzed ones reach more of it.
-  server = await startTestServer({ wifidogxAutoApprove: true }, { log });
+  // The production settings: WiFiDogX gateways need their credential once approved.
+  server = await startTestServer({}, { log });
   const socket = await openSocket(`${server.deviceUrl.replace('https:', 'wss:')}/socket`, { tls: await deviceTlsOptions(await deviceCert('fuzz-bystander')) });
   const channel = socket.channel(`device:${GOOD_FIRMWARE}`, { version: '1.0.0' });
   await joinChannel(channel);
@@ -164,10 +164,16 @@ describe(`fuzzing the device-facing protocols (${DATABASE_KIND})`, () => {
     const gateway = messageOf({ gw_id: field(nastyString), gw_channel: field(nastyString), auth_mode: field(fc.integer()), gw_address_v4: field(nastyString) });
     const message = messageOf({ type, op: type, device_id: field(fc.constantFrom('fuzz-gw-1', 'fuzz-gw-2')), req_id: field(fc.integer()), gateway: field(fc.array(gateway, { maxLength: 3 })), data: field(messageOf({ DISTRIB_RELEASE: field(nastyString), DISTRIB_REVISION: field(nastyString), error: nastyString })), device_info: jsonValue });
     const messages = fc.array(frameText(message), { minLength: 1, maxLength: 4 });
+    // No credential, or any string as one (percent-encoded into the upgrade path).
+    const credential = fc.option(fc.oneof(fc.base64String({ maxLength: 60 }), nastyString).map(percentEncoded), { nil: undefined });
     const url = `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`;
     await fc.assert(
-      fc.asyncProperty(messages, checked('wifidogx', async (texts: string[]) => {
-        await sendFrames(await RawClient.connect(url, {}), texts);
+      fc.asyncProperty(credential, messages, checked('wifidogx', async (secret: string | undefined, texts: string[]) => {
+        const gw = await RawClient.connect(secret === undefined ? url : `${url}?credential=${secret}`, {}).catch((err: { status?: number }) => {
+          assert.ok((err.status ?? 0) < 500, `the upgrade answered ${err.status}`);
+          return undefined;
+        });
+        if (gw) await sendFrames(gw, texts);
       })),
       params(),
     );
