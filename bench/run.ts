@@ -6,6 +6,7 @@
  *   4. firmware throughput      50 × 64 MiB over mTLS vs a plain Node https server
  *   5. report ingest            progress events at 1/s per device, PGlite and PostgreSQL
  * Prints a markdown table; writes bench/results/<date>-<sha>.json and bench/results/latest.json.
+ * `--fuzz`: instead, the device-protocol fuzz test at length (bench/fuzz.ts).
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
@@ -20,10 +21,13 @@ import { benchSerial } from './lib/certs.ts';
 import type { Rpc } from './lib/ipc.ts';
 import { nowMs } from './lib/ipc.ts';
 import { forkTs, killAll, startMosquitto, stopChild } from './lib/procs.ts';
+import { runFuzz } from './fuzz.ts';
 import { printTable, summarize, type Results } from './lib/report.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const argv = process.argv.slice(2);
+// The long protocol fuzz is its own mode: no floors, no servers of this file.
+if (argv.includes('--fuzz')) process.exit(runFuzz(argv));
 const scale = argv.includes('--scale');
 const profile = argv.includes('--profile');
 const heapSnapshots = argv.includes('--heap-snapshot');

@@ -49,11 +49,12 @@ export class RedactingLogController extends LogController {
 export interface LogOptions {
   level?: string;
   name?: string;
+  /** Where the JSON lines go (default stdout); tests read them. */
+  destination?: pino.DestinationStream;
 }
 
-/** The process logger; `destination` (default stdout) lets tests read the lines as written. */
-export function createLogger(options: LogOptions = {}, destination?: pino.DestinationStream): Logger {
-  return pino({
+export function createLogger(options: LogOptions = {}): Logger {
+  const logOptions: pino.LoggerOptions = {
     name: options.name ?? 'fleethub',
     level: options.level ?? process.env.FLEETHUB_LOG_LEVEL ?? 'info',
     redact: { paths: REDACT_PATHS, censor: '[redacted]' },
@@ -63,5 +64,6 @@ export function createLogger(options: LogOptions = {}, destination?: pino.Destin
         return { id: req.id, method: req.method, url: loggedUrl(req.url), remote: req.socket?.remoteAddress };
       },
     },
-  }, destination);
+  };
+  return options.destination ? pino(logOptions, options.destination) : pino(logOptions);
 }

@@ -36,6 +36,7 @@ import {
   reconcileOfflineDevices,
   removeNode,
   sweepStaleUpdates,
+  Topics,
   type FleetContext,
 } from './fleet/index.ts';
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
@@ -76,6 +77,8 @@ export interface RunningServer {
 const NODE_HEARTBEAT_MS = 10_000;
 const GRISP_SUBPROTOCOL = 'grisp-io-v1';
 const UPDATE_SWEEP_MS = 60_000;
+/** A partial upload in a shared blob store not written to for this long was left by a dead node. */
+const ABANDONED_UPLOAD_MS = 60 * 60_000;
 
 /** Starts a fleethub node: migrations, PKI, listeners. Resolves once every listener is bound. */
 export async function startServer(config: Config, options: StartOptions = {}): Promise<RunningServer> {
@@ -96,6 +99,10 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // Listen before serving: a node must not miss other nodes' messages, and a bad URL must stop start-up.
   await pubsub.ready;
   const blobs = new LocalBlobStore(path.join(config.dataDir, 'blobs'));
+  // Uploads a killed process left half-written. On PGlite this process owns the data directory;
+  // on PostgreSQL the blob store may be shared with live nodes, whose uploads are still being written.
+  const abandoned = await blobs.removeAbandonedUploads(database.kind === 'pglite' ? 0 : ABANDONED_UPLOAD_MS);
+  if (abandoned) log.info({ files: abandoned }, 'removed partial uploads left by a stopped process');
 
   // The device listener's port is known only after listen(); signed URLs use it lazily.
   let devicePublicUrl = config.devicePublicUrl;
@@ -138,6 +145,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Several nodes: a signer CA added on one node must be trusted by all.
   const stopCaRelay = relaySignerCaChanges(pubsub, config.nodeName);
+  const stopRevocations = closeRevokedConnections(pubsub, deviceListener);
 
   // Operators: REST API, OpenAPI, live socket.
   // Plain HTTP by default (behind a TLS-terminating proxy, or on loopback); `--api-tls` serves the server certificate.
@@ -153,7 +161,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await registerApi(
     api,
     // identity's addSignerCa/removeSignerCa notify the listener themselves after commit.
-    { fleet, db: database.db, log, pubsub, secret, blobs },
+    { fleet, db: database.db, log, pubsub, secret, blobs, disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason) },
     [async (scope) => firmwareApiRoutes(scope, { fleet, blobs }), mainServerApiPlugin({ fleet, blobs }), keyauthApiPlugin({ fleet })],
   );
   const operatorEndpoint = await registerOperatorSocket(api, {
@@ -181,7 +189,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Node liveness: devices whose node is gone are offline (this process restarted, or a peer died).
   await markNodeAlive(fleet);
-  const markedOffline = await reconcileOfflineDevices(fleet, { ownConnections: true });
+  // Embedded PGlite belongs to this process alone, so whatever node held a device before is dead:
+  // no waiting for its heartbeat to go stale. On PostgreSQL other nodes may be alive.
+  const markedOffline = await reconcileOfflineDevices(fleet, { ownConnections: true, soleNode: database.kind === 'pglite' });
   if (markedOffline) log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
   const timers = [
     setInterval(() => {
@@ -226,6 +236,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       closed = true;
       for (const t of timers) clearInterval(t);
       stopCaRelay();
+      stopRevocations();
       await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
       await deviceEndpoint.close();
       await operatorEndpoint.close();
@@ -291,4 +302,16 @@ function relaySignerCaChanges(pubsub: PubSubWithStats, nodeName: string): () => 
     stopLocal();
     stopRemote();
   };
+}
+
+/**
+ * Every node closes the device connections (sockets before and after join, GRiSP links,
+ * downloads) that a revoked certificate or device authenticated on it.
+ */
+function closeRevokedConnections(pubsub: PubSubWithStats, listener: DeviceListener): () => void {
+  return pubsub.subscribe(Topics.revocations, ({ event, payload }) => {
+    if (typeof payload.device_id !== 'string') return;
+    const certificateId = typeof payload.certificate_id === 'string' ? payload.certificate_id : undefined;
+    listener.closeConnections({ deviceId: payload.device_id, ...(certificateId ? { certificateId } : {}) }, event);
+  });
 }

@@ -31,6 +31,12 @@ export interface ApiDeps {
   onSignerCasChanged?: () => void | Promise<void>;
   /** The firmware blob store: deleting a firmware record removes its image when nothing else shares it. */
   blobs?: { delete(sha256: string): Promise<boolean> };
+  /**
+   * Closes live operator sockets on every node (the operator endpoint's `disconnect`), called
+   * after a user is disabled, deleted or changes role, or an API token is revoked. Wired after
+   * the socket exists, hence a function; without it live sockets outlive those changes.
+   */
+  disconnectOperatorSocket?: (socketId: string, reason: string) => Promise<void>;
   /** Readiness probe for /healthz (defaults to a `SELECT 1`). */
   healthy?: () => Promise<boolean>;
 }

@@ -45,6 +45,23 @@ export const operatorChannel: ChannelDefinition<OperatorSocketAssigns, Record<st
   },
 };
 
+/**
+ * The socket id of an operator's live sockets, one per credential: an API token's sockets, or
+ * the sockets a user opened with login JWTs. Revoking a token disconnects exactly its sockets.
+ */
+export function operatorSocketId(principal: Pick<OperatorPrincipal, 'userId' | 'tokenId'>): string {
+  return `operator_socket:${principal.tokenId ?? principal.userId}`;
+}
+
+/**
+ * Every socket id a user's credentials may hold: their logins and each of their API tokens
+ * (read before deleting the user, whose tokens go with it).
+ */
+export async function operatorSocketIdsOfUser(db: Db, userId: string): Promise<string[]> {
+  const tokens = await db.selectFrom('api_tokens').select('id').where('user_id', '=', userId).execute();
+  return [operatorSocketId({ userId }), ...tokens.map((t) => operatorSocketId({ userId, tokenId: t.id }))];
+}
+
 /** The socket definition: bearer → principal, one channel pattern. */
 export function operatorSocket(auth: OperatorAuth): SocketDefinition<OperatorSocketAssigns> {
   return {
@@ -53,8 +70,7 @@ export function operatorSocket(auth: OperatorAuth): SocketDefinition<OperatorSoc
       if (!token) return { ok: false, status: 401, reason: 'a bearer token is required (subprotocol base64url.bearer.phx.<token> or ?token=)' };
       const principal = await auth.authenticate(token);
       if (!principal) return { ok: false, status: 403, reason: 'invalid, expired or revoked token' };
-      // Socket id per credential: revoking a token can disconnect exactly its sockets.
-      return { ok: true, assigns: { principal }, id: `operator_socket:${principal.tokenId ?? principal.userId}` };
+      return { ok: true, assigns: { principal }, id: operatorSocketId(principal) };
     },
     channels: [{ pattern: `${OPERATOR_TOPIC_PREFIX}*`, channel: operatorChannel }],
   };

@@ -42,8 +42,11 @@ export interface Endpoint {
   drain(code?: number): Promise<void>;
   /** Accepts connections again after `drain()`. */
   resume(): void;
-  /** Closes every socket whose connect returned this id, on every node (through PubSub). */
-  disconnect(socketId: string): Promise<void>;
+  /**
+   * Closes every socket whose connect returned this id, on every node (through PubSub), with
+   * 1008 and `reason` (default 'disconnected'; at most 123 bytes) in the close frame.
+   */
+  disconnect(socketId: string, reason?: string): Promise<void>;
   readonly stats: Readonly<EndpointStats>;
   /** Topics this node listens on for its channels. */
   readonly topicCount: number;
@@ -122,9 +125,9 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   }
 
   const unsubscribeDisconnect = options.pubsub.subscribe(DISCONNECT_TOPIC, (message) => {
-    const id = message.payload.id;
+    const { id, reason } = message.payload;
     if (typeof id !== 'string') return;
-    for (const socket of socketsById.get(id) ?? []) socket.close(1008, 'disconnected');
+    for (const socket of socketsById.get(id) ?? []) socket.close(1008, typeof reason === 'string' ? reason : 'disconnected');
   });
 
   // One sweep for every socket instead of a timer per socket.
@@ -370,8 +373,8 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
       draining = false;
     },
 
-    async disconnect(socketId) {
-      await options.pubsub.broadcast(DISCONNECT_TOPIC, 'disconnect', { id: socketId });
+    async disconnect(socketId, reason) {
+      await options.pubsub.broadcast(DISCONNECT_TOPIC, 'disconnect', reason === undefined ? { id: socketId } : { id: socketId, reason });
     },
   };
 }

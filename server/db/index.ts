@@ -63,7 +63,7 @@ export async function openDatabase(options: DatabaseOptions): Promise<DatabaseHa
   }
   const dir = path.join(options.dataDir, 'pglite');
   mkdirSync(dir, { recursive: true });
-  const unlock = lockDataDir(dir);
+  const unlock = await lockDataDir(dir);
   try {
     const pool = await PGlitePool.open(dir);
     const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
@@ -75,12 +75,12 @@ export async function openDatabase(options: DatabaseOptions): Promise<DatabaseHa
         try {
           await db.destroy();
         } finally {
-          unlock();
+          await unlock();
         }
       },
     };
   } catch (err) {
-    unlock();
+    await unlock();
     throw err;
   }
 }

@@ -48,7 +48,7 @@ export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats,
     },
 
     async handleInfo(message, _session, { assigns, socketId, log }) {
-      if (DISCONNECTING.has(message.event)) {
+      if (DISCONNECTING.has(message.event) && !otherCertificate(message.payload, assigns)) {
         await opts.disconnect(socketId);
         return { effects: [{ type: 'stop', reason: message.event }] };
       }
@@ -65,6 +65,11 @@ export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats,
 
 /** Operator actions after which the device's live connection must end (its next connect is refused or recreated). */
 const DISCONNECTING = new Set(['device_deleted', 'device_revoked', 'certificate_revoked']);
+
+/** A certificate revocation of the device's other certificate leaves this connection alone. */
+function otherCertificate(payload: Record<string, unknown>, assigns: DeviceAssigns): boolean {
+  return typeof payload.certificate_id === 'string' && payload.certificate_id !== assigns.certificateId;
+}
 
 function isReport(event: string): event is UpdateReportEvent {
   return (UPDATE_REPORT_EVENTS as readonly string[]).includes(event);

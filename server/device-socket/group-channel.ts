@@ -18,7 +18,7 @@ export function createGroupChannel(ctx: FleetContext, stats: DeviceSocketStats):
 
     async join(topic, _params, { assigns }) {
       const names = parseGroupTopic(topic);
-      if (!names || !(await isGroupMember(ctx.db, assigns.deviceId, names))) return { status: 'error', response: UNAUTHORIZED };
+      if (!names || !(await isGroupMember(ctx.db, assigns.deviceId, names, assigns.certificateId))) return { status: 'error', response: UNAUTHORIZED };
       // Removal from the group arrives on the device's own topic as `leave {channel}`.
       return { status: 'ok', response: {}, session: {}, effects: [{ type: 'subscribe', topic: Topics.device(assigns.deviceId) }] };
     },

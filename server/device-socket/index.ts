@@ -15,6 +15,8 @@ export interface DeviceAssigns {
   orgId: string;
   productId: string;
   identifier: string;
+  /** The certificate that authenticated this connection: its revocation ends it, and joins check it. */
+  certificateId: string;
 }
 
 /** Counters of the device socket (the engine counts protocol-level events itself). */
@@ -27,7 +29,7 @@ export interface DeviceSocketStats {
 
 export interface DeviceSocketOptions {
   /** The identity the device listener attached to the request (`deviceIdentityOf` from listeners/device.ts). */
-  identityOf(request: IncomingMessage): { deviceId: string; orgId: string; productId: string; identifier: string } | undefined;
+  identityOf(request: IncomingMessage): DeviceAssigns | undefined;
   /** Closes every socket with this id on every node (`endpoint.disconnect`); wired after the endpoint exists. */
   disconnect(socketId: string): Promise<void>;
 }
@@ -51,7 +53,8 @@ export function createDeviceSocket(ctx: FleetContext, opts: DeviceSocketOptions)
       // A device has one connection: a new one closes the previous (on whichever node it is).
       // The new socket is not registered yet, so only older ones are closed.
       await opts.disconnect(id).catch((err: unknown) => ctx.log.warn({ err, device_id: identity.deviceId }, 'could not close the previous connection'));
-      const assigns: DeviceAssigns = { deviceId: identity.deviceId, orgId: identity.orgId, productId: identity.productId, identifier: identity.identifier };
+      const { deviceId, orgId, productId, identifier, certificateId } = identity;
+      const assigns: DeviceAssigns = { deviceId, orgId, productId, identifier, certificateId };
       return { ok: true, assigns, id };
     },
     channels: [

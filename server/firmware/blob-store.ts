@@ -1,6 +1,6 @@
 import { createHash, randomBytes } from 'node:crypto';
 import { createWriteStream } from 'node:fs';
-import { mkdir, open, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
+import { mkdir, open, readdir, rename, rm, stat, unlink, type FileHandle } from 'node:fs/promises';
 import path from 'node:path';
 import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
@@ -76,8 +76,35 @@ export class LocalBlobStore implements BlobStore {
     return path.join(this.#dir, sha256.slice(0, 2), sha256);
   }
 
+  get #tmpDir(): string {
+    return path.join(this.#dir, 'tmp');
+  }
+
+  /**
+   * Removes the partial uploads a killed process left in `<dir>/tmp/`: the `.part` files not
+   * written to for `olderThanMs` (0: all of them, when no other process can be writing here).
+   * Returns how many went.
+   */
+  async removeAbandonedUploads(olderThanMs: number): Promise<number> {
+    const names = await readdir(this.#tmpDir).catch((err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') return [];
+      throw err;
+    });
+    const cutoff = Date.now() - olderThanMs;
+    let removed = 0;
+    for (const name of names) {
+      if (!name.endsWith('.part')) continue;
+      const file = path.join(this.#tmpDir, name);
+      const s = await stat(file).catch(() => undefined);
+      if (!s?.isFile() || (olderThanMs > 0 && s.mtimeMs > cutoff)) continue;
+      await rm(file, { force: true });
+      removed++;
+    }
+    return removed;
+  }
+
   async put(source: Readable | AsyncIterable<Uint8Array>, options: PutOptions = {}): Promise<BlobInfo> {
-    const tmpDir = path.join(this.#dir, 'tmp');
+    const tmpDir = this.#tmpDir;
     await mkdir(tmpDir, { recursive: true });
     const tmp = path.join(tmpDir, `${Date.now()}-${randomBytes(8).toString('hex')}.part`);
     const hash = createHash('sha256');

@@ -1,7 +1,8 @@
 import { sql } from 'kysely';
+import type { Db } from '../db/index.ts';
 import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { deviceGroupNamesSql, deviceGroupTopics, groupTopicsOf } from './devices.ts';
+import { certificateUsableSql, deviceGroupNamesSql, deviceGroupTopics, groupTopicsOf } from './devices.ts';
 import { FleetError, isUuid, validVersion } from './errors.ts';
 import { OPEN, reconcileAttempts, resolvedSql } from './reconcile.ts';
 import { reportedLabel, recordRunningComponent } from './running-firmware.ts';
@@ -12,6 +13,8 @@ export interface ConnectedDevice {
   deviceId: string;
   orgId: string;
   productId: string;
+  /** The certificate that authenticated the connection: a join is refused once it is revoked or outside its validity. */
+  certificateId?: string;
 }
 
 export interface JoinOutcome {
@@ -36,12 +39,13 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
   if (!isUuid(firmwareUuid)) throw new FleetError('invalid', 'join device:<firmware uuid> with the UUID of the firmware you run', { topic_uuid: firmwareUuid });
   const uuid = firmwareUuid.toLowerCase();
   const connectedAt = new Date();
-  const unchanged = await rejoinUnchanged(ctx, device.deviceId, uuid, connectedAt);
+  const unchanged = await rejoinUnchanged(ctx, device, uuid, connectedAt);
   if (unchanged) return unchanged;
   return inTransaction(ctx, async (trx, outbox) => {
     const current = await trx.selectFrom('devices').selectAll().where('id', '=', device.deviceId).forUpdate().executeTakeFirst();
     if (!current) throw new FleetError('not_found', 'this device is not registered', { device_id: device.deviceId });
     if (current.approval !== 'approved') throw new FleetError('forbidden', `this device is ${current.approval}; an operator must approve it`, { approval: current.approval });
+    if (device.certificateId) await assertCertificateUsable(trx, device.deviceId, device.certificateId);
 
     const catalogued = await trx.selectFrom('firmware').select(['id', 'version', 'product_id', 'platform', 'architecture']).where('id', '=', uuid).executeTakeFirst();
     if (catalogued && catalogued.product_id !== current.product_id) {
@@ -97,18 +101,30 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
 }
 
 /**
+ * Refuses a join over a connection whose certificate was revoked (or expired) after the
+ * connection was authenticated: revocation holds at every step, not only at the upgrade.
+ */
+async function assertCertificateUsable(db: Db, deviceId: string, certificateId: string): Promise<void> {
+  const { rows } = await sql<{ usable: boolean }>`SELECT ${certificateUsableSql(certificateId, sql`${deviceId}::uuid`)} AS usable`.execute(db);
+  if (!rows[0]?.usable) throw new FleetError('forbidden', "this connection's certificate is revoked or no longer valid; reconnect with a valid certificate", { certificate_id: certificateId });
+}
+
+/**
  * The common reconnect, in one statement: the device runs the firmware it ran last time (its
  * component row agrees), no attempt is open, and reconciling would create none (no target, the
  * target is running, or it failed since it was set). Then the full join would only mark the
  * device online and read its groups, so this does exactly that. Anything else (a new firmware,
- * an update in flight, a device not approved) returns undefined and takes the full path.
+ * an update in flight, a device not approved, a certificate no longer usable) returns undefined
+ * and takes the full path, which refuses or does the work.
  */
-async function rejoinUnchanged(ctx: FleetContext, deviceId: string, uuid: string, connectedAt: Date): Promise<JoinOutcome | undefined> {
+async function rejoinUnchanged(ctx: FleetContext, device: ConnectedDevice, uuid: string, connectedAt: Date): Promise<JoinOutcome | undefined> {
+  const { deviceId, certificateId } = device;
+  const certificateUsable = certificateId ? sql`AND ${certificateUsableSql(certificateId, sql.ref('d.id'))}` : sql``;
   const { rows } = await sql<{ org_id: string; firmware_version: string; groups: [string, string, string][] }>`
     UPDATE devices d
     SET connection_status = 'online', connected_node = ${ctx.nodeName}, last_seen_at = ${connectedAt}, updated_at = ${connectedAt}
     FROM (${resolvedSql({ ids: [deviceId] }, 'firmware')}) r
-    WHERE d.id = ${deviceId} AND r.device_id = d.id AND d.firmware_uuid = ${uuid}
+    WHERE d.id = ${deviceId} AND r.device_id = d.id AND d.firmware_uuid = ${uuid} ${certificateUsable}
       AND EXISTS (
         SELECT 1 FROM device_components dc
         WHERE dc.device_id = d.id AND dc.component = 'firmware' AND dc.version = d.firmware_version

@@ -33,6 +33,11 @@ export const Topics = {
   operator: (orgId: string) => `operator:${orgId}`,
   /** Every target change, for edges speaking other protocols. */
   targets: 'fleet:targets',
+  /**
+   * Every revocation, for each node's listeners to close the connections it authenticated:
+   * `device_revoked {device_id}`, `device_deleted {device_id}`, `certificate_revoked {device_id, certificate_id}`.
+   */
+  revocations: 'fleet:revocations',
 } as const;
 
 /** A bus backed by the engine's PubSub (`broadcast` reaches every node). */

@@ -3,7 +3,7 @@ import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol } from '../db/schema.ts';
 import { groupTopic } from '../../shared/protocol.ts';
-import { inTransaction, Topics, type FleetContext } from './context.ts';
+import { inTransaction, publishAll, Topics, type FleetContext } from './context.ts';
 import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound, pageBounds } from './errors.ts';
 import { getProduct } from './orgs.ts';
 
@@ -142,7 +142,20 @@ export async function deleteDevice(ctx: FleetContext, actor: Actor, orgId: strin
     await trx.deleteFrom('devices').where('id', '=', device.id).execute();
     await audit(trx, actor, { orgId, action: 'device.delete', resourceType: 'device', resourceId: device.id, details: { identifier: device.identifier } });
     outbox.push({ topic: Topics.device(device.id), event: 'device_deleted', payload: {} });
+    outbox.push({ topic: Topics.revocations, event: 'device_deleted', payload: { device_id: device.id } });
   });
+}
+
+/**
+ * Announces a certificate revocation that has committed: the device's channels and links that
+ * this certificate authenticated stop, and every node's listener closes its connections.
+ */
+export async function publishCertificateRevoked(ctx: FleetContext, deviceId: string, certificateId: string): Promise<void> {
+  const payload = { device_id: deviceId, certificate_id: certificateId };
+  await publishAll(ctx, [
+    { topic: Topics.device(deviceId), event: 'certificate_revoked', payload },
+    { topic: Topics.revocations, event: 'certificate_revoked', payload },
+  ]);
 }
 
 /**
@@ -155,6 +168,16 @@ export function deviceGroupNamesSql(deviceId: RawBuilder<unknown>): RawBuilder<[
     SELECT coalesce(json_agg(json_build_array(o.name, p.name, g.name) ORDER BY g.name), '[]')
     FROM group_devices gd JOIN groups g ON g.id = gd.group_id JOIN products p ON p.id = g.product_id JOIN orgs o ON o.id = g.org_id
     WHERE gd.device_id = ${deviceId})`;
+}
+
+/**
+ * SQL: `certificateId` is a certificate of `deviceId`, not revoked, and within its validity now:
+ * what every join checks of the certificate that authenticated the connection.
+ */
+export function certificateUsableSql(certificateId: string, deviceId: RawBuilder<unknown>): RawBuilder<boolean> {
+  return sql<boolean>`EXISTS (
+    SELECT 1 FROM device_certificates c
+    WHERE c.id = ${certificateId} AND c.device_id = ${deviceId} AND c.revoked_at IS NULL AND c.not_before <= now() AND c.not_after > now())`;
 }
 
 /** Group topics (`group:<org>:<product>:<group>`) from `deviceGroupNamesSql`'s names. */

@@ -149,6 +149,7 @@ async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, devic
     }
     const event = approval === 'approved' ? 'device_approved' : 'device_revoked';
     outbox.push({ topic: Topics.device(device.id), event, payload: { device_id: device.id } });
+    if (approval === 'revoked') outbox.push({ topic: Topics.revocations, event, payload: { device_id: device.id } });
     outbox.push({ topic: Topics.operator(orgId), event, payload: { device_id: device.id, identifier: device.identifier } });
     return updated;
   });

@@ -1,9 +1,10 @@
+import { sql } from 'kysely';
 import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Device, Group } from '../db/schema.ts';
 import { groupTopic } from '../../shared/protocol.ts';
 import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { listDevices, type Page } from './devices.ts';
+import { certificateUsableSql, listDevices, type Page } from './devices.ts';
 import { FleetError, isUniqueViolation, isUuid, notFound, validName } from './errors.ts';
 import { getProduct } from './orgs.ts';
 import { pushCreatedAttempts } from './targets.ts';
@@ -147,9 +148,14 @@ export async function listGroupMembers(ctx: FleetContext, orgId: string, groupId
   return listDevices(ctx, { orgId, groupId: group.id, ...page });
 }
 
-/** Whether a device belongs to the group named by org, product and group names (the group channel's authorization). */
-export async function isGroupMember(db: Db, deviceId: string, names: { org: string; product: string; group: string }): Promise<boolean> {
-  const row = await db
+/**
+ * Whether a device belongs to the group named by org, product and group names (the group
+ * channel's authorization). With the connection's `certificateId`, also that the device is
+ * approved and the certificate neither revoked nor outside its validity (one statement: the
+ * check runs on every group join).
+ */
+export async function isGroupMember(db: Db, deviceId: string, names: { org: string; product: string; group: string }, certificateId?: string): Promise<boolean> {
+  let query = db
     .selectFrom('group_devices')
     .innerJoin('groups', 'groups.id', 'group_devices.group_id')
     .innerJoin('products', 'products.id', 'groups.product_id')
@@ -161,8 +167,11 @@ export async function isGroupMember(db: Db, deviceId: string, names: { org: stri
     .where('products.name', '=', names.product)
     .where('groups.name', '=', names.group)
     .whereRef('devices.org_id', '=', 'groups.org_id')
-    .whereRef('devices.product_id', '=', 'groups.product_id')
-    .executeTakeFirst();
+    .whereRef('devices.product_id', '=', 'groups.product_id');
+  if (certificateId) {
+    query = query.where('devices.approval', '=', 'approved').where(certificateUsableSql(certificateId, sql.ref('devices.id')));
+  }
+  const row = await query.executeTakeFirst();
   return row !== undefined;
 }
 

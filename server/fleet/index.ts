@@ -5,10 +5,12 @@
  * are published through `ctx.bus` after the commit.
  *
  * Topics published:
- * - `device_id:<deviceId>`: `join {channel}`, `leave {channel}`, `firmware_update {...}`, `device_deleted {}`
+ * - `device_id:<deviceId>`: `join {channel}`, `leave {channel}`, `firmware_update {...}`, `device_deleted {}`,
+ *   `device_revoked {device_id}`, `certificate_revoked {device_id, certificate_id}`
  * - `group:<org>:<product>:<group>`: `firmware_update {url, version, sha256, size, signature?, firmware_uuid}`, `group_deleted {}`
  * - `operator:<orgId>`: `device_status`, `update_transition`, `target_changed`, `group_deleted`, `firmware_created`
  * - `fleet:targets`: `target_changed {org_id, product_id, group_id?, device_id?, component, firmware_id}`
+ * - `fleet:revocations`: `device_revoked {device_id}`, `device_deleted {device_id}`, `certificate_revoked {device_id, certificate_id}`
  */
 export type { Actor } from '../audit.ts';
 export { SYSTEM } from '../audit.ts';
@@ -22,6 +24,7 @@ export {
   getDevice,
   updateDevice,
   deleteDevice,
+  publishCertificateRevoked,
   deviceGroupTopics,
   type CreateDeviceInput,
   type DeviceFilter,

@@ -27,16 +27,26 @@ export async function removeNode(ctx: FleetContext): Promise<void> {
   await ctx.db.deleteFrom('nodes').where('name', '=', ctx.nodeName).execute();
 }
 
+export interface ReconcileOfflineOptions {
+  staleAfterMs?: number;
+  /** Devices this node name held count as dead too (at boot: what this name held before a crash). */
+  ownConnections?: boolean;
+  /** No other node can be alive (embedded PGlite belongs to one process): forget every other node now. */
+  soleNode?: boolean;
+}
+
 /**
  * Marks offline every device whose connection belongs to a node that stopped beating for
  * `staleAfterMs` (or is not known at all), and forgets those nodes. At boot, pass
  * `ownConnections: true` so devices this node name held before a crash are cleared too.
  * Returns how many devices went offline.
  */
-export async function reconcileOfflineDevices(ctx: FleetContext, options: { staleAfterMs?: number; ownConnections?: boolean } = {}): Promise<number> {
+export async function reconcileOfflineDevices(ctx: FleetContext, options: ReconcileOfflineOptions = {}): Promise<number> {
   const cutoff = new Date(Date.now() - (options.staleAfterMs ?? 90_000));
   return inTransaction(ctx, async (trx, outbox) => {
-    await trx.deleteFrom('nodes').where('heartbeat_at', '<', cutoff).where('name', '!=', ctx.nodeName).execute();
+    let deadNodes = trx.deleteFrom('nodes').where('name', '!=', ctx.nodeName);
+    if (!options.soleNode) deadNodes = deadNodes.where('heartbeat_at', '<', cutoff);
+    await deadNodes.execute();
     const rows = await trx
       .updateTable('devices')
       .set({ connection_status: 'offline', connected_node: null, updated_at: new Date() })

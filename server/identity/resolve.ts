@@ -40,7 +40,8 @@ const LAST_USED_RESOLUTION = sql<Date>`now() - interval '1 minute'`;
  * Maps a client certificate to its device. A registered certificate (by SHA-256 of its DER)
  * maps to its device; an unknown one signed by a registered signer CA registers the device
  * just in time in that CA's org and product (identifier = CN), once even under concurrent
- * first connects. Revoked certificates and revoked devices answer 403, no certificate 401.
+ * first connects. Revoked, expired or not yet valid certificates, CA certificates and revoked
+ * devices answer 403, no certificate 401.
  * The caller has already rejected certificates that failed TLS verification.
  */
 export async function resolveDeviceIdentity(
@@ -51,6 +52,8 @@ export async function resolveDeviceIdentity(
   if (!peer || !peer.raw || peer.raw.length === 0) {
     return { ok: false, status: 401, reason: 'no client certificate presented' };
   }
+  // A CA certificate identifies a signer, not a device: it could mint device identities of its own.
+  if (peer.ca) return { ok: false, status: 403, reason: CA_LEAF_REASON };
   const fingerprint = fingerprintOfDer(peer.raw);
 
   const known = await findAndTouchByFingerprint(db, fingerprint);
@@ -61,9 +64,13 @@ export async function resolveDeviceIdentity(
   return registerJustInTime(db, peer, fingerprint, signer.ca, opts.protocol ?? 'phoenix');
 }
 
+const CA_LEAF_REASON = 'the client certificate is a CA certificate (basicConstraints CA:TRUE); a device identity needs an end-entity certificate (CA:FALSE) issued by the signer CA';
+
 interface KnownCertificate {
   certificate_id: string;
   revoked_at: Date | null;
+  not_before: Date;
+  not_after: Date;
   device_id: string;
   org_id: string;
   product_id: string;
@@ -82,7 +89,15 @@ async function findAndTouchByFingerprint(db: Db, fingerprint: string): Promise<K
       qb
         .updateTable('device_certificates')
         .set({ last_used_at: sql<Date>`now()` })
-        .where('id', 'in', (eb) => eb.selectFrom('known').select('certificate_id').where('revoked_at', 'is', null).where('approval', '<>', 'revoked'))
+        .where('id', 'in', (eb) =>
+          eb
+            .selectFrom('known')
+            .select('certificate_id')
+            .where('revoked_at', 'is', null)
+            .where('approval', '<>', 'revoked')
+            .where('not_before', '<=', sql<Date>`now()`)
+            .where('not_after', '>', sql<Date>`now()`),
+        )
         .where((eb) => eb.or([eb('last_used_at', 'is', null), eb('last_used_at', '<', LAST_USED_RESOLUTION)]))
         .returning('id'),
     )
@@ -102,6 +117,8 @@ function knownCertificateQuery(db: Db, fingerprint: string) {
     .select([
       'device_certificates.id as certificate_id',
       'device_certificates.revoked_at',
+      'device_certificates.not_before',
+      'device_certificates.not_after',
       'devices.id as device_id',
       'devices.org_id',
       'devices.product_id',
@@ -111,8 +128,14 @@ function knownCertificateQuery(db: Db, fingerprint: string) {
     .where('device_certificates.fingerprint_sha256', '=', fingerprint);
 }
 
-function refusal(known: KnownCertificate): IdentityResult | undefined {
+/**
+ * Why a registered certificate is refused now. The validity window is checked here too: a
+ * resumed TLS session is not re-verified by OpenSSL, and must not outlive its certificate.
+ */
+function refusal(known: KnownCertificate, now = Date.now()): IdentityResult | undefined {
   if (known.revoked_at) return { ok: false, status: 403, reason: `certificate ${known.certificate_id} was revoked` };
+  if (known.not_after.getTime() <= now) return { ok: false, status: 403, reason: `client certificate has expired (not after ${known.not_after.toISOString()})` };
+  if (known.not_before.getTime() > now) return { ok: false, status: 403, reason: `client certificate is not valid yet (not before ${known.not_before.toISOString()}); check the device clock` };
   if (known.approval === 'revoked') return { ok: false, status: 403, reason: `device ${known.device_id} is revoked` };
   return undefined;
 }
@@ -126,6 +149,20 @@ function identityOf(known: KnownCertificate, fingerprint: string): DeviceIdentit
     certificateId: known.certificate_id,
     fingerprint,
   };
+}
+
+/** The issuers above the peer's certificate, nearest first, as Node built the chain (at most 8). */
+export function issuerChain(peer: PeerCertificate | DetailedPeerCertificate): X509Certificate[] {
+  const chain: X509Certificate[] = [];
+  let link: DetailedPeerCertificate | undefined = 'issuerCertificate' in peer ? peer.issuerCertificate : undefined;
+  let child: Buffer = peer.raw;
+  // Node ends the chain with a self-signed certificate whose issuerCertificate is itself.
+  while (link && link.raw && link.raw.length > 0 && !link.raw.equals(child) && chain.length < 8) {
+    chain.push(new X509Certificate(link.raw));
+    child = link.raw;
+    link = link.issuerCertificate;
+  }
+  return chain;
 }
 
 interface SignerCaRow {
@@ -142,15 +179,7 @@ async function findSignerCa(
   db: Db,
   peer: PeerCertificate | DetailedPeerCertificate,
 ): Promise<{ ok: true; ca: SignerCaRow } | { ok: false; status: 403; reason: string }> {
-  const chain: X509Certificate[] = [];
-  let link: DetailedPeerCertificate | undefined = 'issuerCertificate' in peer ? peer.issuerCertificate : undefined;
-  let child: Buffer = peer.raw;
-  // Node ends the chain with a self-signed certificate whose issuerCertificate is itself.
-  while (link && link.raw && link.raw.length > 0 && !link.raw.equals(child) && chain.length < 8) {
-    chain.push(new X509Certificate(link.raw));
-    child = link.raw;
-    link = link.issuerCertificate;
-  }
+  const chain = issuerChain(peer);
   const notRegistered = { ok: false as const, status: 403 as const, reason: 'certificate is not registered and no registered signer CA issued it' };
   if (chain.length === 0) return notRegistered;
 

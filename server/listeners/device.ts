@@ -9,7 +9,7 @@ import type { Db } from '../db/index.ts';
 import type { DeviceProtocol } from '../db/schema.ts';
 import { loggedUrl, type Logger } from '../log.ts';
 import { onSignerCasChanged, trustedCaPems } from '../identity/signer-cas.ts';
-import { resolveDeviceIdentity, type DeviceIdentity } from '../identity/resolve.ts';
+import { issuerChain, resolveDeviceIdentity, type DeviceIdentity } from '../identity/resolve.ts';
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -42,7 +42,19 @@ export interface DeviceListener {
   app: DeviceApp;
   /** Reloads the trusted signer CAs from the database into the running server. */
   refreshTrust(): Promise<void>;
+  /**
+   * Closes this node's connections (WebSockets, downloads, idle keep-alives) authenticated as the
+   * device — or, with `certificateId`, by that one certificate — and refuses an authentication
+   * of them that was in flight. Returns how many connections it closed.
+   */
+  closeConnections(revoked: RevokedIdentity, reason: string): number;
   close(): Promise<void>;
+}
+
+/** A revoked device, or one revoked certificate of it. */
+export interface RevokedIdentity {
+  deviceId: string;
+  certificateId?: string;
 }
 
 const identities = new WeakMap<IncomingMessage, DeviceIdentity>();
@@ -72,14 +84,21 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
   const ticketKeys = randomBytes(48);
   const sessionTimeout = opts.sessionTimeoutSeconds ?? 300;
 
-  const secureOptions = async () => ({
-    cert: opts.tls.certPem,
-    key: opts.tls.keyPem,
-    ca: await trustAnchors(db),
-    minVersion: 'TLSv1.3' as const,
-    ticketKeys,
-    sessionTimeout,
-  });
+  // The signer CAs of the current secure context: a resumed session is checked against these.
+  let trusted: X509Certificate[] = [];
+  const secureOptions = async () => {
+    const pems = await trustedCaPems(db);
+    trusted = pems.map((pem) => new X509Certificate(pem));
+    return {
+      cert: opts.tls.certPem,
+      key: opts.tls.keyPem,
+      ca: trustAnchors(pems),
+      minVersion: 'TLSv1.3' as const,
+      ticketKeys,
+      sessionTimeout,
+    };
+  };
+  const live = new LiveConnections();
 
   const app = Fastify({
     https: { ...(await secureOptions()), requestCert: true, rejectUnauthorized: false },
@@ -100,7 +119,11 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
   // the socket of a refused upgrade once the 401/403 response is written).
   app.addHook('onRequest', async (request, reply) => {
     const socket = request.raw.socket as TLSSocket;
-    const refused = await authenticate(socket, db, opts.protocol);
+    const startedAt = performance.now();
+    let refused = await authenticate(socket, db, opts.protocol, trusted);
+    if ('identity' in refused && !live.track(socket, refused.identity, startedAt)) {
+      refused = { status: 403, reason: `certificate ${refused.identity.certificateId} was revoked`, fingerprint: refused.identity.fingerprint };
+    }
     if ('identity' in refused) {
       request.deviceIdentity = refused.identity;
       identities.set(request.raw, refused.identity);
@@ -136,6 +159,11 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
   return {
     app,
     refreshTrust,
+    closeConnections(revoked, reason) {
+      const closed = live.close(revoked);
+      if (closed > 0) log.info({ device_id: revoked.deviceId, certificate_id: revoked.certificateId, connections: closed, reason }, 'device connections closed');
+      return closed;
+    },
     async close() {
       unsubscribe();
       await app.close();
@@ -147,8 +175,11 @@ type AuthOutcome =
   | { identity: DeviceIdentity; created: boolean }
   | { status: 401 | 403; reason: string; commonName?: string; fingerprint?: string };
 
-/** The early-return chain: certificate present, TLS verification passed, identity resolves. */
-async function authenticate(socket: TLSSocket, db: Db, protocol: DeviceProtocol | undefined): Promise<AuthOutcome> {
+/**
+ * The early-return chain: certificate present, TLS verification passed (and, for a resumed
+ * session, still passes against today's signer CAs), identity resolves.
+ */
+async function authenticate(socket: TLSSocket, db: Db, protocol: DeviceProtocol | undefined, trusted: readonly X509Certificate[]): Promise<AuthOutcome> {
   if (typeof socket.getPeerCertificate !== 'function') {
     return { status: 401, reason: 'not a TLS connection' };
   }
@@ -159,6 +190,11 @@ async function authenticate(socket: TLSSocket, db: Db, protocol: DeviceProtocol 
   const fingerprint = peer.fingerprint256?.replaceAll(':', '').toLowerCase();
   if (!socket.authorized) {
     return { status: 403, reason: verificationReason(socket.authorizationError), commonName, fingerprint };
+  }
+  // `authorized` of a resumed session is the verdict of the handshake that created it.
+  if (socket.isSessionReused()) {
+    const stale = resumedSessionRefusal(socket, peer.raw, trusted);
+    if (stale) return { status: 403, reason: stale, commonName, fingerprint };
   }
   const result = await resolveDeviceIdentity(db, peer, { protocol, detailedPeer: () => socket.getPeerCertificate(true) });
   if (!result.ok) return { status: result.status, reason: result.reason, commonName, fingerprint };
@@ -193,14 +229,79 @@ function refuse(reply: FastifyReply, status: 401 | 403, reason: string): Fastify
     .send({ error: { code, message: status === 401 ? `${reason}; connect with the device certificate and key` : reason } });
 }
 
+/**
+ * Why a resumed TLS session may not authenticate, or undefined when it may: OpenSSL does not
+ * verify the certificate again on resumption, so the leaf must still be within its validity
+ * window and chain to a signer CA trusted now (one removed or expired since fails here).
+ */
+function resumedSessionRefusal(socket: TLSSocket, raw: Buffer, trusted: readonly X509Certificate[]): string | undefined {
+  const now = Date.now();
+  const leaf = new X509Certificate(raw);
+  if (Date.parse(leaf.validTo) <= now) return 'client certificate has expired (resumed TLS session)';
+  if (Date.parse(leaf.validFrom) > now) return 'client certificate is not valid yet (resumed TLS session); check the device clock';
+  const valid = (ca: X509Certificate) => Date.parse(ca.validFrom) <= now && Date.parse(ca.validTo) > now;
+  // Common case: a signer CA issued the leaf directly (no chain to build).
+  if (trusted.some((ca) => valid(ca) && leaf.checkIssued(ca) && leaf.verify(ca.publicKey))) return undefined;
+  // Otherwise the chain Node completes from the current trust store must reach one.
+  const chain = issuerChain(socket.getPeerCertificate(true));
+  let subject = leaf;
+  for (const issuer of chain) {
+    if (!subject.checkIssued(issuer) || !subject.verify(issuer.publicKey)) break;
+    if (trusted.some((ca) => ca.raw.equals(issuer.raw) && valid(ca))) return undefined;
+    subject = issuer;
+  }
+  return 'resumed TLS session: the client certificate no longer chains to a registered signer CA';
+}
+
+/**
+ * The connections this node authenticated, by device, so a revocation closes every one of them.
+ * A revocation that arrives while a connection of that device is being authenticated (its
+ * lookup may have read the database before the revocation committed) refuses it.
+ */
+class LiveConnections {
+  readonly #byDevice = new Map<string, Map<TLSSocket, string>>();
+  /** When recent revocations arrived (performance.now()), by device id and by certificate id. */
+  readonly #recent = new Map<string, number>();
+
+  /** Remembers `socket` as authenticated by `identity`; false when it was revoked since `startedAt`. */
+  track(socket: TLSSocket, identity: DeviceIdentity, startedAt: number): boolean {
+    const revokedAt = Math.max(this.#recent.get(identity.deviceId) ?? -1, this.#recent.get(identity.certificateId) ?? -1);
+    if (revokedAt >= startedAt) return false;
+    let sockets = this.#byDevice.get(identity.deviceId);
+    if (!sockets) this.#byDevice.set(identity.deviceId, (sockets = new Map()));
+    if (sockets.has(socket)) return true;
+    sockets.set(socket, identity.certificateId);
+    socket.once('close', () => {
+      sockets.delete(socket);
+      if (sockets.size === 0 && this.#byDevice.get(identity.deviceId) === sockets) this.#byDevice.delete(identity.deviceId);
+    });
+    return true;
+  }
+
+  close(revoked: RevokedIdentity): number {
+    const now = performance.now();
+    for (const [key, at] of this.#recent) if (now - at > RECENT_REVOCATION_MS) this.#recent.delete(key);
+    this.#recent.set(revoked.certificateId ?? revoked.deviceId, now);
+    let closed = 0;
+    for (const [socket, certificateId] of this.#byDevice.get(revoked.deviceId) ?? []) {
+      if (revoked.certificateId !== undefined && certificateId !== revoked.certificateId) continue;
+      socket.destroy();
+      closed++;
+    }
+    return closed;
+  }
+}
+
+/** Longer than any authentication takes: after that, a revocation is in the database for every lookup. */
+const RECENT_REVOCATION_MS = 60_000;
+
 let placeholderCa: string | undefined;
 
 /**
  * The registered signer CAs, or — when none is registered yet — a throwaway CA whose key was
  * never kept: Node needs a non-empty `ca`, and without one it would fall back to the public roots.
  */
-async function trustAnchors(db: Db): Promise<string[]> {
-  const pems = await trustedCaPems(db);
+function trustAnchors(pems: string[]): string[] {
   if (pems.length > 0) return pems.map(trustedForClientAuth);
   placeholderCa ??= createSelfSignedCa('fleethub placeholder CA (no signer CA registered)').certPem;
   return [placeholderCa];

@@ -48,7 +48,15 @@ export async function startTestApi(): Promise<TestApi> {
   const app = Fastify({ logger: false });
   const api: Partial<TestApi> = { signerCaChanges: 0 };
   const secret = randomBytes(32).toString('base64url');
-  await registerApi(app, { fleet, db: handle.db, log, pubsub, secret, onSignerCasChanged: () => void api.signerCaChanges!++ });
+  await registerApi(app, {
+    fleet,
+    db: handle.db,
+    log,
+    pubsub,
+    secret,
+    onSignerCasChanged: () => void api.signerCaChanges!++,
+    disconnectOperatorSocket: (id, reason) => socket.disconnect(id, reason),
+  });
   const socket = await registerOperatorSocket(app, { db: handle.db, secret, pubsub, log });
   await app.listen({ port: 0, host: '127.0.0.1' });
   const address = app.server.address();

@@ -9,7 +9,7 @@ import https from 'node:https';
 import { after, before, describe, test } from 'node:test';
 import type { Channel, Socket } from 'phoenix';
 import { createUser } from '../../server/api/index.ts';
-import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
+import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait, RawClient, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
 
@@ -165,5 +165,29 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     const download = await downloadAsDevice(viaNodeB, device.serial);
     assert.equal(download.status, 200);
     assert.equal(createHash('sha256').update(download.body).digest('hex'), v2.sha256);
+  });
+
+  test("a certificate revoked through node A closes the device's not yet joined socket on node B", async () => {
+    const serial = `cluster-revoked-${randomUUID().slice(0, 8)}`;
+    const socket = await openSocket(nodeB.socketUrl, { tls: await deviceTlsOptions(await deviceCert(serial)), reconnectAfterMs: () => 60_000 });
+    sockets.push(socket);
+    let closed = false;
+    socket.onClose(() => {
+      closed = true;
+    });
+    const device = await nodeA.database.db.selectFrom('devices').select('id').where('identifier', '=', serial).executeTakeFirstOrThrow();
+    const certificate = await nodeA.database.db.selectFrom('device_certificates').select('id').where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    await callA('POST', `/orgs/default/devices/${device.id}/certificates/${certificate.id}/revoke`);
+    await waitFor(() => closed, 5000, 'node B to close the revoked device');
+    socket.disconnect();
+  });
+
+  test('an API token revoked through node A closes its operator socket on node B', async () => {
+    const created = await callA<{ token: string; api_token: { id: string } }>('POST', '/tokens', { name: `wall-${randomUUID().slice(0, 8)}` });
+    const client = await RawClient.connect(`${nodeB.apiUrl.replace('http', 'ws')}/socket/websocket?vsn=2.0.0&token=${encodeURIComponent(created.token)}`, {});
+    const closed = new Promise<string>((resolve) => client.ws.once('close', (_code: number, reason: Buffer) => resolve(reason.toString())));
+    await callA('DELETE', `/tokens/${created.api_token.id}`);
+    const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('the operator socket on node B stayed open')), 5000).unref());
+    assert.equal(await Promise.race([closed, timeout]), 'API token revoked');
   });
 });

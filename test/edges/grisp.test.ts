@@ -61,7 +61,7 @@ async function attempts(deviceId: string) {
 
 describe(`GRiSP edge (${DATABASE_KIND})`, () => {
   before(async () => {
-    const log = createLogger({ level: 'info' }, { write: (line: string) => void logLines.push(JSON.parse(line)) });
+    const log = createLogger({ level: 'info', destination: { write: (line: string) => void logLines.push(JSON.parse(line)) } });
     server = await startTestServer({}, { log });
     grispEdgeOf(server.deviceListener.app)!.configure({ timings: { pingIntervalMs: 300, logIntervalMs: 400 } });
   });
@@ -91,6 +91,19 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
     assert.equal(state.serial, b.o.serial.split(' ').pop());
     assert.equal(state.hardware_serial, b.o.serial);
     assert.equal(state.update_status, 'ready');
+  });
+
+  it("revoking the board's certificate closes its link, and its reconnects are refused", async () => {
+    const b = await board();
+    const device = await until(async () => ((await deviceOf(b))?.connection_status === 'online' ? deviceOf(b) : undefined), 'online');
+    const certificate = await server.database.db.selectFrom('device_certificates').select('id').where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    const disconnected = new Promise((r) => b.once('disconnected', r));
+    await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.id}/certificates/${certificate.id}/revoke`);
+    await Promise.race([disconnected, new Promise((_, reject) => setTimeout(() => reject(new Error('the link stayed open')), 5000).unref())]);
+    // The board keeps retrying every 100-200 ms; none of its attempts may get a link.
+    await new Promise((r) => setTimeout(r, 500));
+    assert.equal(grispEdgeOf(server.deviceListener.app)!.connections.has(device.id), false);
+    await b.stop();
   });
 
   it('pings often enough that the board never drops the link for lack of pings', async () => {

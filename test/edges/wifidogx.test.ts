@@ -10,14 +10,15 @@ import { wifidogxEdgeOf } from '../../server/edges/wifidogx/index.ts';
 import { gatewayReplies, gatewayVersion, isSafeFirmwareUrl, MAX_FRAME_BYTES } from '../../server/edges/wifidogx/frames.ts';
 import { simulatorImage, WifidogxGateway } from '../../device-client/simulators/wifidogx.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
-import { createLogger } from '../../server/log.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
+import { createLogger } from '../../server/log.ts';
+import WebSocket from 'ws';
 
 let server: TestServer;
+/** The server's log lines (info and up). */
+const logs: Array<Record<string, any>> = [];
 const gateways: WifidogxGateway[] = [];
-/** Every line the server logged (info and up), parsed. */
-const logLines: Array<Record<string, any>> = [];
 
 function gateway(o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = {}): WifidogxGateway {
   const g = new WifidogxGateway({ url: `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`, deviceId: `gw-${randomBytes(4).toString('hex')}`, version: '1.0.0', reconnectMs: 100, ...o });
@@ -52,8 +53,7 @@ async function uploadImage(version: string, image = simulatorImage(version)) {
 
 describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   before(async () => {
-    const log = createLogger({ level: 'info' }, { write: (line: string) => void logLines.push(JSON.parse(line)) });
-    server = await startTestServer({}, { log });
+    server = await startTestServer({}, { log: createLogger({ level: 'info', destination: { write: (line: string) => void logs.push(JSON.parse(line)) } }) });
   });
   after(async () => {
     for (const g of gateways) {
@@ -238,28 +238,28 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
 
     it('logs a download request without the URL’s signature', async () => {
       const { device, fw, url, sig } = await gatewayWithUrl('3.0.3');
-      const from = logLines.length;
+      const from = logs.length;
       assert.equal((await download(url, { method: 'HEAD' })).status, 200);
       const lines = await until(() => {
-        const mine = logLines.slice(from).filter((l) => l.reqId !== undefined && JSON.stringify(l).includes(`/fw/${fw.id}/`));
+        const mine = logs.slice(from).filter((l) => l.reqId !== undefined && JSON.stringify(l).includes(`/fw/${fw.id}/`));
         return mine.length ? mine : undefined;
       }, 'the request logged');
       assert.equal(lines[0]!.req.url, `/fw/${fw.id}/${device.id}/${url.split('/').at(-2)}/[redacted]`);
-      for (const line of logLines) assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
+      for (const line of logs) assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
     });
 
     it('logs a mistyped path (404) without its credential query or path signature', async () => {
       const { g, url, sig } = await gatewayWithUrl('3.0.4');
-      const from = logLines.length;
+      const from = logs.length;
       // A trailing slash in WSServerPath, an extra segment after a download path.
       assert.equal((await fetch(`${server.apiUrl}/ws/wifidogx/?credential=${g.o.credential}`)).status, 404);
       assert.equal((await download(`${url}/extra`)).status, 404);
       const notFound = await until(() => {
-        const lines = logLines.slice(from).filter((l) => /^Route GET:.* not found$/.test(l.msg));
+        const lines = logs.slice(from).filter((l) => /^Route GET:.* not found$/.test(l.msg));
         return lines.length === 2 ? lines : undefined;
       }, 'both 404s logged');
       assert.deepEqual(notFound.map((l) => l.msg), ['Route GET:/ws/wifidogx/ not found', `Route GET:${new URL(url).pathname.replace(sig, '[redacted]')}/extra not found`]);
-      for (const line of logLines.slice(from)) {
+      for (const line of logs.slice(from)) {
         const text = JSON.stringify(line);
         assert.ok(!text.includes(sig) && !text.includes(g.o.credential!), `a log line carries a secret: ${text}`);
       }
@@ -316,6 +316,23 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       await g.start();
       await until(async () => (await deviceOf(g))?.connection_status === 'online', 'online');
       await until(async () => (await deviceOf(g))?.connection_status === 'offline', 'offline');
+    } finally {
+      wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 150_000 } });
+    }
+  });
+
+  it('arms no liveness timer for a link that closed while its first report was handled', async () => {
+    wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 300 } });
+    try {
+      const deviceId = `gw-gone-${randomBytes(4).toString('hex')}`;
+      const ws = new WebSocket(`${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`);
+      await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
+      // Gone before the server has looked the device up: the step finishes after the close.
+      ws.send(JSON.stringify({ type: 'connect', device_id: deviceId, gateway: [] }));
+      ws.terminate();
+      await until(async () => (await server.database.db.selectFrom('devices').select('id').where('identifier', '=', deviceId).executeTakeFirst()) !== undefined, 'the report handled');
+      await new Promise((r) => setTimeout(r, 700));
+      assert.deepEqual(logs.filter((l) => l.identifier === deviceId && /no heartbeat/.test(l.msg ?? '')), [], 'a timer outlived its link');
     } finally {
       wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 150_000 } });
     }

@@ -1,7 +1,11 @@
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
-import { after, before, describe, test } from 'node:test';
+import { randomBytes, randomUUID } from 'node:crypto';
+import https from 'node:https';
+import { after, afterEach, before, describe, test } from 'node:test';
+import type { Socket } from 'phoenix';
 import WebSocket from 'ws';
+import { SYSTEM } from '../../server/audit.ts';
+import { revokeDeviceCertificate } from '../../server/identity/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, joinChannel, openSocket, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
@@ -52,5 +56,126 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     socket.disconnect();
     assert.equal(await upgradeStatus(`${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`, tls), 403);
     await disconnectSocket(socket).catch(() => undefined);
+  });
+
+  const opened: Socket[] = [];
+  afterEach(() => {
+    for (const socket of opened.splice(0)) socket.disconnect();
+  });
+
+  /** A device connected over the official client (no automatic reconnect), with its ids. */
+  async function connectedDevice(prefix: string) {
+    const pki = await getTestPki();
+    const identifier = `${prefix}-${randomUUID().slice(0, 8)}`;
+    const cred = await deviceCert(identifier);
+    const tls = { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem };
+    const socket = await openSocket(`${server.deviceUrl}/socket`, { tls, reconnectAfterMs: () => 60_000, rejoinAfterMs: () => 60_000 });
+    const state = { closed: false };
+    socket.onClose(() => {
+      state.closed = true;
+    });
+    opened.push(socket);
+    const device = await server.database.db.selectFrom('devices').select(['id']).where('identifier', '=', identifier).executeTakeFirstOrThrow();
+    const certificate = await server.database.db.selectFrom('device_certificates').select(['id']).where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    return { socket, state, tls, deviceId: device.id, certificateId: certificate.id };
+  }
+
+  const revokeUrl = (deviceId: string, certificateId: string) => `/api/v1/orgs/${server.orgId}/devices/${deviceId}/certificates/${certificateId}/revoke`;
+
+  async function joinError(socket: Socket, topic: string, params: object = {}): Promise<Record<string, unknown>> {
+    const channel = socket.channel(topic, params);
+    const err = await joinChannel(channel).then(
+      () => assert.fail(`the join of ${topic} must be refused`),
+      (e: { response?: Record<string, unknown> }) => e,
+    );
+    channel.leave(); // no rejoin timer left behind
+    return err.response ?? {};
+  }
+
+  test('a connected socket that has not joined yet is closed when its certificate is revoked', async () => {
+    const device = await connectedDevice('unjoined-cert');
+    await server.call('POST', revokeUrl(device.deviceId, device.certificateId));
+    await waitFor(() => device.state.closed, 5000, 'the unjoined socket to be closed');
+    device.socket.disconnect();
+  });
+
+  test('a connected socket that has not joined yet is closed when its device is revoked', async () => {
+    const device = await connectedDevice('unjoined-device');
+    await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.deviceId}/revoke`);
+    await waitFor(() => device.state.closed, 5000, 'the unjoined socket to be closed');
+    device.socket.disconnect();
+  });
+
+  test("a phx_join over a connection whose certificate was revoked is refused", async () => {
+    const device = await connectedDevice('join-after-cert');
+    // Straight in the database: no broadcast closes the socket, so the join itself must refuse.
+    await revokeDeviceCertificate(server.database.db, SYSTEM, device.certificateId);
+    const refused = await joinError(device.socket, `device:${randomUUID()}`, { version: '1.0.0' });
+    assert.match(String(refused.reason), /certificate is revoked/);
+    await disconnectSocket(device.socket);
+  });
+
+  test('a phx_join of a device revoked since it connected is refused, also on the unchanged-rejoin path', async () => {
+    const device = await connectedDevice('join-after-device');
+    const topic = `device:${randomUUID()}`;
+    const channel = device.socket.channel(topic, { version: '1.0.0' });
+    await joinChannel(channel);
+    await new Promise<void>((resolve) => channel.leave().receive('ok', () => resolve()));
+    await server.database.db.updateTable('devices').set({ approval: 'revoked' }).where('id', '=', device.deviceId).execute();
+    const refused = await joinError(device.socket, topic, { version: '1.0.0' });
+    assert.match(String(refused.reason), /revoked/);
+    await disconnectSocket(device.socket);
+  });
+
+  test("a group join over a connection whose certificate was revoked is refused", async () => {
+    const device = await connectedDevice('group-after-cert');
+    const group = await server.call<{ id: string; name: string }>('POST', `/api/v1/orgs/${server.orgId}/groups`, { product: server.productId, name: `g-${randomUUID().slice(0, 8)}` });
+    await server.call('POST', `/api/v1/orgs/${server.orgId}/groups/${group.id}/devices`, { devices: [device.deviceId] });
+    const joined = await joinChannel(device.socket.channel(`device:${randomUUID()}`, { version: '1.0.0' }));
+    const [groupTopic] = joined.groups as string[];
+    assert.ok(groupTopic, 'the device is told its group');
+    await revokeDeviceCertificate(server.database.db, SYSTEM, device.certificateId);
+    assert.equal((await joinError(device.socket, groupTopic)).reason, 'unauthorized');
+    await disconnectSocket(device.socket);
+  });
+
+  test('a firmware download in progress is cut when its certificate is revoked, and the next one is refused', async () => {
+    const device = await connectedDevice('download');
+    device.socket.disconnect();
+    const size = 24 * 1024 * 1024;
+    const upload = await fetch(`${server.apiUrl}/api/v1/firmware?org=${server.orgId}&product=${server.productId}&version=9.${Date.now() % 100000}.0`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+      body: randomBytes(size),
+    });
+    assert.equal(upload.status, 201, await upload.clone().text());
+    const firmware = (await upload.json()) as { id: string };
+    const url = new URL(server.fleet.firmwareUrl({ id: firmware.id } as never).replace('localhost', '127.0.0.1'));
+    const get = () => https.get(url, { agent: false, ...device.tls, servername: 'localhost' });
+
+    const outcome = await new Promise<{ received: number; cut: boolean }>((resolve, reject) => {
+      get()
+        .on('response', (res) => {
+          assert.equal(res.statusCode, 200);
+          let received = 0;
+          let revoked = false;
+          res.on('data', (chunk: Buffer) => {
+            received += chunk.length;
+            if (revoked) return;
+            revoked = true;
+            // Hold the stream while the revocation lands: the server is mid-way through the image.
+            res.pause();
+            server.call('POST', revokeUrl(device.deviceId, device.certificateId)).then(() => setTimeout(() => res.resume(), 200), reject);
+          });
+          res.on('end', () => resolve({ received, cut: false }));
+          res.on('aborted', () => resolve({ received, cut: true }));
+          res.on('error', () => resolve({ received, cut: true }));
+        })
+        .on('error', reject);
+    });
+    assert.equal(outcome.cut, true, `the download must be cut (received ${outcome.received} of ${size} bytes)`);
+    assert.ok(outcome.received < size);
+    const next = await new Promise<number>((resolve, reject) => get().on('response', (res) => (res.resume(), resolve(res.statusCode ?? 0))).on('error', reject));
+    assert.equal(next, 403);
   });
 });

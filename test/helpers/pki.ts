@@ -72,3 +72,28 @@ export async function deviceTlsOptions(cred?: CertifiedKey): Promise<{ ca: strin
   const pki = await getTestPki();
   return cred ? { ca: pki.rootCa.certPem, cert: cred.certPem, key: cred.keyPem } : { ca: pki.rootCa.certPem };
 }
+
+/**
+ * A certificate signed by the test signer CA that says it is a CA itself (basicConstraints
+ * CA:TRUE), with the clientAuth usage a device certificate has: TLS accepts it as a client.
+ */
+export async function caLeafCert(serial: string): Promise<CertifiedKey> {
+  const pki = await getTestPki();
+  const key = forge.pki.privateKeyFromPem(testKeyPem()) as forge.pki.rsa.PrivateKey;
+  const signer = forge.pki.certificateFromPem(pki.signerCa.certPem);
+  const cert = forge.pki.createCertificate();
+  cert.publicKey = forge.pki.setRsaPublicKey(key.n, key.e);
+  cert.serialNumber = '0' + forge.util.bytesToHex(forge.random.getBytesSync(15));
+  cert.validity.notBefore = new Date(Date.now() - 3600_000);
+  cert.validity.notAfter = new Date(Date.now() + 365 * 24 * 3600_000);
+  cert.setSubject([{ name: 'commonName', value: serial }]);
+  cert.setIssuer(signer.subject.attributes);
+  cert.setExtensions([
+    { name: 'basicConstraints', cA: true, critical: true },
+    { name: 'keyUsage', digitalSignature: true, keyCertSign: true, critical: true },
+    { name: 'extKeyUsage', clientAuth: true },
+    { name: 'authorityKeyIdentifier', keyIdentifier: signer.generateSubjectKeyIdentifier().getBytes() },
+  ]);
+  cert.sign(forge.pki.privateKeyFromPem(pki.signerCa.keyPem) as forge.pki.rsa.PrivateKey, forge.md.sha256.create());
+  return { certPem: forge.pki.certificateToPem(cert), keyPem: testKeyPem() };
+}

@@ -8,13 +8,14 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { SYSTEM } from '../../server/audit.ts';
 import type { DatabaseHandle } from '../../server/db/index.ts';
-import { addSignerCa, revokeDeviceCertificate, addDeviceCertificate, type DeviceIdentity } from '../../server/identity/index.ts';
+import { addSignerCa, removeSignerCa, revokeDeviceCertificate, addDeviceCertificate, type DeviceIdentity } from '../../server/identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from '../../server/listeners/device.ts';
 import { Writable } from 'node:stream';
 import pino from 'pino';
 import { REDACT_PATHS } from '../../server/log.ts';
 import { createTestDatabase, DATABASE_KIND } from '../helpers/db.ts';
-import { deviceCert, deviceCertFromCa, expiredDeviceCert, getTestPki, otherCa, selfSignedCert, type PkiMaterial } from '../helpers/pki.ts';
+import { caLeafCert, deviceCert, deviceCertFromCa, expiredDeviceCert, getTestPki, otherCa, selfSignedCert, type PkiMaterial } from '../helpers/pki.ts';
+import { issueDeviceCertificate } from '../../certs/pki.ts';
 import { wsAttempt } from './tls-client.ts';
 
 describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
@@ -257,5 +258,39 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     const second = await wsAttempt(url, pki.rootCa.certPem, cred, first.session);
     assert.equal(second.status, 101, second.body);
     assert.equal(second.sessionReused, true);
+  });
+
+  test('a CA:TRUE certificate from the signer CA is refused with 403 and registers no device', async () => {
+    const body = await refusedBeforeUpgrade(await caLeafCert('CA-LEAF-1'), 403);
+    assert.match(body, /CA certificate \(basicConstraints CA:TRUE\)/);
+    assert.equal(await countDevices('CA-LEAF-1'), 0);
+  });
+
+  test('a resumed TLS session is refused once the signer CA that verified it is removed', async () => {
+    const ca = otherCa('retired factory CA');
+    const signer = await addSignerCa(handle.db, SYSTEM, { orgId, productId, pem: ca.certPem });
+    const cred = await deviceCertFromCa(ca, 'RETIRED-1');
+    const first = await wsAttempt(url, pki.rootCa.certPem, cred);
+    assert.equal(first.status, 101, first.body);
+    assert.ok(first.session);
+    await removeSignerCa(handle.db, SYSTEM, signer.id);
+    assert.equal((await wsAttempt(url, pki.rootCa.certPem, cred)).status, 403, 'a full handshake is refused');
+    const resumed = await wsAttempt(url, pki.rootCa.certPem, cred, first.session);
+    assert.equal(resumed.sessionReused, true, 'the session was resumed (TLS did not verify again)');
+    assert.equal(resumed.status, 403, resumed.body);
+    assert.match(resumed.body ?? '', /no longer chains to a registered signer CA/);
+  });
+
+  test('a resumed TLS session is refused once its certificate has expired', async () => {
+    const notAfter = new Date(Math.ceil(Date.now() / 1000) * 1000 + 2000);
+    const cred = issueDeviceCertificate(pki, 'SHORT-LIVED-1', { notBefore: new Date(Date.now() - 3600_000), notAfter });
+    const first = await wsAttempt(url, pki.rootCa.certPem, cred);
+    assert.equal(first.status, 101, first.body);
+    assert.ok(first.session);
+    await new Promise((resolve) => setTimeout(resolve, notAfter.getTime() - Date.now() + 50));
+    const resumed = await wsAttempt(url, pki.rootCa.certPem, cred, first.session);
+    assert.equal(resumed.sessionReused, true, 'the session was resumed (TLS did not verify again)');
+    assert.equal(resumed.status, 403, resumed.body);
+    assert.match(resumed.body ?? '', /expired/);
   });
 });

@@ -2,7 +2,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol, UpdateState } from '../../db/schema.ts';
 import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
-import { createDevice, deleteDevice, getDevice, listDevices, updateDevice, getProduct, listUpdateAttempts, UPDATE_STATES, Topics, type FleetContext } from '../../fleet/index.ts';
+import { createDevice, deleteDevice, getDevice, listDevices, updateDevice, getProduct, listUpdateAttempts, publishCertificateRevoked, UPDATE_STATES, type FleetContext } from '../../fleet/index.ts';
 import { addDeviceCertificate, listDeviceCertificates, revokeDeviceCertificate } from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
@@ -202,8 +202,8 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       const certs = await listDeviceCertificates(db, device.id);
       if (!certs.some((c) => c.id === request.params.id)) throw new ApiError(404, 'not_found', `certificate ${request.params.id} is not registered to device ${device.identifier}`);
       const revoked = await revokeDeviceCertificate(db, request.operator.actor, request.params.id, { orgId: org.id });
-      // Refusal happens at the TLS/HTTP layer on the next connect; a live connection is closed now, on whichever node holds it.
-      await fleet.bus.publish(Topics.device(device.id), 'certificate_revoked', { certificate_id: request.params.id });
+      // Refusal happens at the TLS/HTTP layer on the next connect; live connections are closed now, on whichever node holds them.
+      await publishCertificateRevoked(fleet, device.id, request.params.id);
       return snakeKeys(revoked);
     },
   );

@@ -21,6 +21,7 @@ import {
 } from '../operators.ts';
 import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../schemas.ts';
 import type { RouteDeps } from '../index.ts';
+import { operatorSocketId, operatorSocketIdsOfUser } from '../socket.ts';
 
 const principalSchema = {
   type: 'object',
@@ -134,7 +135,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       onRequest: requireRole('admin'),
       schema: {
         tags: ['users'],
-        summary: 'Change a user\'s name, role, password or disabled flag',
+        summary: 'Change a user\'s name, role, password or disabled flag (disabling or a new role closes their live operator sockets)',
         params: userIdParams,
         body: {
           type: 'object',
@@ -146,26 +147,42 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       },
     },
     async (request) => {
-      await userInScope(request.operator, request.params.id);
-      return updateUser(db, request.params.id, request.body, request.operator.actor);
+      const before = await userInScope(request.operator, request.params.id);
+      const updated = await updateUser(db, request.params.id, request.body, request.operator.actor);
+      // What the user's live sockets were authorised with no longer holds: they reconnect (or not) under the new rules.
+      const reason = request.body.disabled === true && before.disabled_at === null ? 'user disabled' : request.body.role !== undefined && request.body.role !== before.role ? 'role changed' : undefined;
+      if (reason) await disconnectOperatorSockets(await operatorSocketIdsOfUser(db, before.id), reason);
+      return updated;
     },
   );
 
   api.delete<{ Params: { id: string } }>(
     '/users/:id',
-    { onRequest: requireRole('admin'), schema: { tags: ['users'], summary: 'Delete a user and their API tokens', params: userIdParams, response: { 204: { type: 'null' }, ...authErrors } } },
+    { onRequest: requireRole('admin'), schema: { tags: ['users'], summary: 'Delete a user and their API tokens (their live operator sockets close)', params: userIdParams, response: { 204: { type: 'null' }, ...authErrors } } },
     async (request, reply) => {
       await userInScope(request.operator, request.params.id);
       if (request.params.id === request.operator.userId) throw new ApiError(409, 'conflict', 'you cannot delete yourself; ask another admin');
+      // Read before the delete: the user's tokens go with it.
+      const socketIds = await operatorSocketIdsOfUser(db, request.params.id);
       await deleteUser(db, request.params.id, request.operator.actor);
+      await disconnectOperatorSockets(socketIds, 'user deleted');
       return reply.status(204).send();
     },
   );
 
-  async function userInScope(p: OperatorPrincipal, id: string): Promise<void> {
+  async function userInScope(p: OperatorPrincipal, id: string) {
     const user = await findUserById(db, id);
     // Org admins may not touch instance users nor other orgs' users: those look absent.
     if (!user || (p.orgId !== null && user.org_id !== p.orgId)) throw new ApiError(404, 'not_found', `user ${id} not found`);
+    return user;
+  }
+
+  /** After the change committed: live sockets of revoked credentials close on every node. A failure is logged; the change stands. */
+  async function disconnectOperatorSockets(socketIds: string[], reason: string): Promise<void> {
+    const disconnect = deps.disconnectOperatorSocket;
+    if (!disconnect) return;
+    const results = await Promise.allSettled(socketIds.map((id) => disconnect(id, reason)));
+    for (const r of results) if (r.status === 'rejected') deps.log.error({ err: r.reason, reason }, 'closing operator sockets failed');
   }
 
   // ---- API tokens
@@ -234,7 +251,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
 
   api.delete<{ Params: { id: string } }>(
     '/tokens/:id',
-    { onRequest: requireRole('viewer'), schema: { tags: ['tokens'], summary: 'Revoke an API token (yours, or any in scope for admins)', params: userIdParams, response: { 200: emptyOk, ...authErrors } } },
+    { onRequest: requireRole('viewer'), schema: { tags: ['tokens'], summary: 'Revoke an API token (yours, or any in scope for admins); sockets opened with it close', params: userIdParams, response: { 200: emptyOk, ...authErrors } } },
     async (request) => {
       const p = request.operator;
       const token = await findApiTokenById(db, request.params.id);
@@ -242,6 +259,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       const asAdmin = token && roleRank(p.role) >= roleRank('admin') && (p.orgId === null || token.org_id === p.orgId);
       if (!token || !(mine || asAdmin)) throw new ApiError(404, 'not_found', `API token ${request.params.id} not found`);
       await revokeApiToken(db, token.id, p.actor);
+      await disconnectOperatorSockets([operatorSocketId({ userId: token.user_id, tokenId: token.id })], 'API token revoked');
       return { ok: true };
     },
   );

@@ -5,7 +5,7 @@
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { applyUpdateReport, type FleetContext, type UpdateReportEvent } from '../../fleet/index.ts';
+import { applyUpdateReport, FleetError, type FleetContext, type UpdateReportEvent } from '../../fleet/index.ts';
 import { edgeDeviceOffline, edgeDeviceOnline, recordUpdateSent, transitionAttempt, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import type { Logger } from '../../log.ts';
 import { decodeFrame, encodeError, encodeNotification, encodeRequest, encodeResult, paramsObject, RpcError, RpcErrors, type Incoming, type RpcId } from './jsonrpc.ts';
@@ -137,8 +137,10 @@ export class GrispConnection {
       try {
         await step();
       } catch (err) {
-        // The board answering with an error is its problem (warn); anything else is ours.
-        if (!this.#closed) this.#log[err instanceof RpcError ? 'warn' : 'error']({ err }, 'grisp step failed');
+        // The board answering with an error, or reporting what the fleet refuses (a relvsn that is
+        // no version), is its problem (warn); anything else is ours.
+        const boards = err instanceof RpcError || err instanceof FleetError;
+        if (!this.#closed) this.#log[boards ? 'warn' : 'error']({ err }, 'grisp step failed');
       }
     });
     this.#chain = run;

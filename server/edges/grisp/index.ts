@@ -121,6 +121,8 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
     connections.set(identity.deviceId, conn);
     const unsubscribe = deps.pubsub.subscribe(Topics.device(identity.deviceId), (message) => {
       if (message.event === 'device_revoked' || message.event === 'device_deleted') conn.close(4003, message.event);
+      // Only the certificate this link authenticated with ends it; the board's other certificates do not.
+      if (message.event === 'certificate_revoked' && message.payload.certificate_id === identity.certificateId) conn.close(4003, message.event);
     });
     conn.start();
   }

@@ -406,6 +406,8 @@ export class WifidogxConnection {
 
   #armLiveness(): void {
     clearTimeout(this.#liveness);
+    // A report handled after the link closed must not leave a timer holding the connection.
+    if (this.#closed) return;
     this.#liveness = setTimeout(() => {
       this.#log.info('no heartbeat from the wifidogx gateway; closing its link');
       this.#ws.terminate();
