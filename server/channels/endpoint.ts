@@ -288,7 +288,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     const hs = await handshake(request, 'longpoll', typeof authHeader === 'string' ? authHeader : undefined);
     if (!hs.ok) {
       refused(hs, 'longpoll');
-      return { status: hs.status === 403 || hs.status === 401 ? 403 : 500 };
+      return { status: hs.status === 403 || hs.status === 401 || hs.status === 409 ? 403 : 500 };
     }
     // 32 random bytes: unguessable, and the map key binds it to exactly this session.
     const sessionToken = randomBytes(32).toString('base64url');
