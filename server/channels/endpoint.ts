@@ -35,7 +35,7 @@ export interface EndpointOptions {
   drainTimeoutMs?: number;
 }
 
-export interface Endpoint {
+export interface Endpoint<A = unknown> {
   /** Mounts `<path>/websocket` and `<path>/longpoll`; registers @fastify/websocket only if absent. */
   register(app: FastifyInstance<any, any, any, any, any>, opts: { path: string }): Promise<void>;
   /** Closes every socket with `code` (1012 by default; never 1000, clients must reconnect) and refuses new ones until `resume()`. */
@@ -47,6 +47,11 @@ export interface Endpoint {
    * 1008 and `reason` (default 'disconnected'; at most 123 bytes) in the close frame.
    */
   disconnect(socketId: string, reason?: string): Promise<void>;
+  /**
+   * Closes this node's sockets with this id (those whose assigns `match`, when given) with 1008
+   * and `reason`, at once on every transport (a LongPoll session too); returns how many.
+   */
+  closeSockets(socketId: string, reason: string, match?: (assigns: A) => boolean): number;
   readonly stats: Readonly<EndpointStats>;
   /** Topics this node listens on for its channels. */
   readonly topicCount: number;
@@ -78,7 +83,7 @@ function rawToBuffer(data: RawData): Buffer {
 }
 
 /** Creates an endpoint for `definition`; mount it with `endpoint.register(app, { path: '/socket' })`. */
-export function createEndpoint<A>(definition: SocketDefinition<A>, options: EndpointOptions): Endpoint {
+export function createEndpoint<A>(definition: SocketDefinition<A>, options: EndpointOptions): Endpoint<A> {
   const log = options.log;
   const idleTimeoutMs = options.idleTimeoutMs ?? 60_000;
   const maxFrameBytes = options.maxFrameBytes ?? 1024 * 1024;
@@ -375,6 +380,16 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
 
     async disconnect(socketId, reason) {
       await options.pubsub.broadcast(DISCONNECT_TOPIC, 'disconnect', reason === undefined ? { id: socketId } : { id: socketId, reason });
+    },
+
+    closeSockets(socketId, reason, match) {
+      let closed = 0;
+      for (const socket of [...(socketsById.get(socketId) ?? [])]) {
+        if (match && !match(socket.assigns)) continue;
+        socket.close(1008, reason);
+        closed++;
+      }
+      return closed;
     },
   };
 }
