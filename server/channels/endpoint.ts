@@ -60,7 +60,7 @@ export interface Endpoint<A = unknown> {
 }
 
 type Handshake<A> =
-  | { ok: true; serializer: Serializer; assigns: A; id: string }
+  | { ok: true; serializer: Serializer; assigns: A; id: string; expiresAt?: number }
   | { ok: false; status: number; code: string; reason: string };
 
 const DISCONNECT_TOPIC = 'phx:disconnect';
@@ -98,6 +98,8 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   const sockets = new Set<PhoenixSocket<A>>();
   const socketsById = new Map<string, Set<PhoenixSocket<A>>>();
   const wsSockets = new WeakMap<WebSocket, PhoenixSocket<A>>();
+  /** Sockets whose credential expires (connect returned `expiresAt`), and when; the sweep closes them. */
+  const expiring = new Map<PhoenixSocket<A>, number>();
   const accepted = new WeakMap<object, Handshake<A> & { ok: true }>();
   const longpolls = new Map<string, LongPollSession<A>>();
   let draining = false;
@@ -112,6 +114,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     socketClosed(socket) {
       if (!sockets.delete(socket)) return;
       stats.sockets--;
+      expiring.delete(socket);
       const same = socketsById.get(socket.id);
       if (same) {
         same.delete(socket);
@@ -152,6 +155,13 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     for (const session of longpolls.values()) {
       if (!session.polling && now - session.lastPoll > timings.sessionTimeoutMs) session.close(1001, 'longpoll session expired');
     }
+    for (const [socket, expiresAt] of expiring) {
+      if (expiresAt > now) continue;
+      expiring.delete(socket);
+      socket.log.info({ expired_at: new Date(expiresAt).toISOString() }, 'socket closed: its credential expired');
+      // 1008: a client that reconnects is refused until it has a current credential.
+      socket.close(1008, 'credential expired');
+    }
   }, sweepEveryMs);
   sweep.unref();
 
@@ -180,7 +190,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     try {
       const result = await definition.connect({ params, token, request: request.raw, transport });
       if (!result.ok) return { ok: false, status: result.status, code: 'CONNECT_REFUSED', reason: result.reason };
-      return { ok: true, serializer, assigns: result.assigns, id: result.id ?? `anon:${randomUUID()}` };
+      return { ok: true, serializer, assigns: result.assigns, id: result.id ?? `anon:${randomUUID()}`, ...(result.expiresAt === undefined ? {} : { expiresAt: result.expiresAt }) };
     } catch (err) {
       log.error({ err }, 'socket connect crashed');
       return { ok: false, status: 500, code: 'CONNECT_CRASHED', reason: 'connect failed on the server' };
@@ -195,6 +205,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   function newSocket(hs: Handshake<A> & { ok: true }, connection: WsConnection | LongPollSession<A>): PhoenixSocket<A> {
     const socket = new PhoenixSocket<A>(engine, hs.id, hs.assigns, hs.serializer, connection, log);
     addSocket(socket);
+    if (hs.expiresAt !== undefined) expiring.set(socket, hs.expiresAt);
     return socket;
   }
 
