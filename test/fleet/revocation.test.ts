@@ -98,8 +98,18 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     const identifier = `longpoll-${randomUUID().slice(0, 8)}`;
     const cred = await deviceCert(identifier);
     const tls = { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem };
-    const socket = await openSocket(`${server.deviceUrl}/socket`, { tls, longpoll: true, reconnectAfterMs: () => 60_000, rejoinAfterMs: () => 60_000 });
-    opened.push(socket);
+    // The LongPoll protocol by hand: the official client would keep polling and retrying around
+    // the revocation; what is under test is the server's session.
+    const first = await new Promise<string>((resolve, reject) =>
+      https
+        .get(`${server.deviceUrl}/socket/longpoll?vsn=2.0.0`, { ...tls, agent: false }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve(body));
+        })
+        .on('error', reject),
+    );
+    assert.equal((JSON.parse(first) as { status: number }).status, 410, first);
     // Not joined: a joined device channel stops on the revocation by itself; the session must end too.
     const device = await server.database.db.selectFrom('devices').select(['id']).where('identifier', '=', identifier).executeTakeFirstOrThrow();
     const certificate = await server.database.db.selectFrom('device_certificates').select(['id']).where('device_id', '=', device.id).executeTakeFirstOrThrow();
