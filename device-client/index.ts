@@ -179,10 +179,15 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     if (!cache) return tlsWebSocket(tls);
     const key = this.options.sessionKey ?? `${this.options.url}\n${tls.cert}`;
     const onSession = (session: Buffer) => void cache.set(key, session);
+    // A refused credential may be a stale session's verdict (a resumed session is checked against
+    // today's trust and certificate): the next attempt must do a full handshake.
+    const onRefused = (status: number) => {
+      if (status === 401 || status === 403) cache.delete(key);
+    };
     // phoenix constructs the transport on every reconnect: read the cache then, not now.
     return function ResumingTlsWebSocket(url: string | URL, protocols?: string | string[]) {
       const session = cache.get(key);
-      const Transport = tlsWebSocket({ ...tls, onSession, ...(session ? { session } : {}) });
+      const Transport = tlsWebSocket({ ...tls, onSession, onRefused, ...(session ? { session } : {}) });
       return new Transport(url, protocols);
     } as unknown as TlsWebSocketClass;
   }

@@ -8,7 +8,8 @@
  */
 import http from 'node:http';
 import https from 'node:https';
-import type { ConnectionOptions, TLSSocket } from 'node:tls';
+import { isIP } from 'node:net';
+import { connect as tlsConnect, type ConnectionOptions } from 'node:tls';
 import WebSocket from 'ws';
 
 export interface TlsClientOptions {
@@ -21,27 +22,48 @@ export interface TlsClientOptions {
   session?: Buffer;
   /** Called with each new TLS session ticket, to pass as `session` next time. */
   onSession?: (session: Buffer) => void;
+  /** Called with the HTTP status when the server refuses the WebSocket upgrade (401, 403, ...). */
+  onRefused?: (status: number) => void;
   rejectUnauthorized?: boolean;
 }
 
 function tlsConnectionOptions(tls: TlsClientOptions): ConnectionOptions {
-  const { onSession: _onSession, ...rest } = tls;
+  const { onSession: _onSession, onRefused: _onRefused, ...rest } = tls;
   return rest;
 }
+
+// How ws reports a refused upgrade when nobody listens for 'unexpected-response' (phoenix does not).
+const REFUSED_UPGRADE = /^Unexpected server response: (\d{3})$/;
 
 /** What phoenix constructs: `new transport(endPointURL, protocols)`. */
 export type TlsWebSocketClass = new (url: string | URL, protocols?: string | string[]) => WebSocket;
 
 /** A `ws` WebSocket class with these TLS options, usable as phoenix's `transport` option. */
 export function tlsWebSocket(tls: TlsClientOptions): TlsWebSocketClass {
-  const options = { ...tlsConnectionOptions(tls), perMessageDeflate: false };
+  const onSession = tls.onSession;
+  const options: WebSocket.ClientOptions = {
+    ...tlsConnectionOptions(tls),
+    perMessageDeflate: false,
+    // TLS 1.3 tickets arrive right after the handshake, before the HTTP answer: listen from the start.
+    ...(onSession
+      ? {
+          createConnection: (o: ConnectionOptions) => {
+            // As ws's own tlsConnect: `path` is the HTTP path here, not a unix socket.
+            const socket = tlsConnect({ ...o, path: undefined, servername: o.servername ?? (isIP(o.host ?? '') ? undefined : o.host) });
+            socket.on('session', onSession);
+            return socket;
+          },
+        }
+      : {}),
+  } as WebSocket.ClientOptions;
   return class TlsWebSocket extends WebSocket {
     constructor(url: string | URL, protocols?: string | string[]) {
       super(url, protocols, options);
-      if (tls.onSession) {
-        const onSession = tls.onSession;
-        this.once('upgrade', (response: http.IncomingMessage) => {
-          (response.socket as TLSSocket).on('session', onSession);
+      if (tls.onRefused) {
+        const onRefused = tls.onRefused;
+        this.once('error', (err: Error) => {
+          const refused = REFUSED_UPGRADE.exec(err.message);
+          if (refused) onRefused(Number(refused[1]));
         });
       }
     }

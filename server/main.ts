@@ -13,7 +13,7 @@ import { createEndpoint, createPubSub, phoenixProtocolHandler, pubsubAdapterFor,
 import type { Config } from './config.ts';
 import { openDatabase, type DatabaseHandle } from './db/index.ts';
 import { migrateToLatest } from './db/migrate.ts';
-import { createDeviceSocket } from './device-socket/index.ts';
+import { createDeviceSocket, deviceSocketId } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
 import { registerInputGate } from './input-gate.ts';
@@ -127,6 +127,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     tls: pki.server,
     // GRiSP boards offer `grisp-io-v1` (echoed); Phoenix clients may offer a bearer token.
     handleProtocols: (protocols) => (protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : phoenixProtocolHandler(protocols)),
+    // A LongPoll session outlives the TLS connections its polls came on: end it with them.
+    onConnectionsClosed: ({ deviceId, certificateId }, reason) =>
+      deviceEndpoint.closeSockets(deviceSocketId(deviceId), reason, (assigns) => certificateId === undefined || assigns.certificateId === certificateId),
   });
   // Before any device route: the same string gate as the API listener (registerApi adds it there).
   registerInputGate(deviceListener.app as unknown as FastifyInstance);
@@ -134,7 +137,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     identityOf: deviceIdentityOf,
     disconnect: (socketId) => deviceEndpoint.disconnect(socketId),
   });
-  const deviceEndpoint: Endpoint = createEndpoint(deviceSocket, {
+  const deviceEndpoint = createEndpoint(deviceSocket, {
     pubsub,
     log: log.child({ socket: 'device' }),
     idleTimeoutMs: config.heartbeatTimeoutMs,

@@ -30,6 +30,8 @@ export interface OperatorPrincipal {
   orgId: string | null;
   /** For audit records: `operator` (user id) or `api_token` (token id). */
   actor: Actor;
+  /** When the bearer expires (a JWT's exp, an API token's expires_at); unset when it does not. */
+  expiresAt?: Date;
 }
 
 export interface AuthDeps {
@@ -88,16 +90,18 @@ export class OperatorAuth {
 
   async #fromJwt(token: string): Promise<OperatorPrincipal | null> {
     let sub: string | undefined;
+    let exp: number | undefined;
     try {
       const { payload } = await jwtVerify(token, this.#key, { algorithms: ['HS256'], issuer: JWT_ISSUER, audience: JWT_AUDIENCE });
       sub = payload.sub;
+      exp = payload.exp;
     } catch {
       return null;
     }
     if (!sub) return null;
     const user = await findUserById(this.#db, sub);
     if (!user || user.disabled_at !== null || !isRole(user.role)) return null;
-    return { userId: user.id, role: user.role, orgId: user.org_id, actor: { type: 'operator', id: user.id } };
+    return { userId: user.id, role: user.role, orgId: user.org_id, actor: { type: 'operator', id: user.id }, ...(exp === undefined ? {} : { expiresAt: new Date(exp * 1000) }) };
   }
 
   async #fromApiToken(token: string): Promise<OperatorPrincipal | null> {
@@ -128,7 +132,7 @@ export class OperatorAuth {
     if (row.lastUsedAt === null || Date.now() - new Date(row.lastUsedAt).getTime() > 60_000) {
       await this.#db.updateTable('api_tokens').set({ last_used_at: new Date() }).where('id', '=', row.tokenId).execute();
     }
-    return { userId: row.userId, tokenId: row.tokenId, role, orgId, actor: { type: 'api_token', id: row.tokenId } };
+    return { userId: row.userId, tokenId: row.tokenId, role, orgId, actor: { type: 'api_token', id: row.tokenId }, ...(row.expiresAt === null ? {} : { expiresAt: new Date(row.expiresAt) }) };
   }
 }
 

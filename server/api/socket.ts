@@ -70,7 +70,8 @@ export function operatorSocket(auth: OperatorAuth): SocketDefinition<OperatorSoc
       if (!token) return { ok: false, status: 401, reason: 'a bearer token is required (subprotocol base64url.bearer.phx.<token> or ?token=)' };
       const principal = await auth.authenticate(token);
       if (!principal) return { ok: false, status: 403, reason: 'invalid, expired or revoked token' };
-      return { ok: true, assigns: { principal }, id: operatorSocketId(principal) };
+      // The socket ends with its bearer (a login JWT after 12 h, an API token at its expires_at).
+      return { ok: true, assigns: { principal }, id: operatorSocketId(principal), ...(principal.expiresAt ? { expiresAt: principal.expiresAt.getTime() } : {}) };
     },
     channels: [{ pattern: `${OPERATOR_TOPIC_PREFIX}*`, channel: operatorChannel }],
   };

@@ -35,7 +35,7 @@ export interface EndpointOptions {
   drainTimeoutMs?: number;
 }
 
-export interface Endpoint {
+export interface Endpoint<A = unknown> {
   /** Mounts `<path>/websocket` and `<path>/longpoll`; registers @fastify/websocket only if absent. */
   register(app: FastifyInstance<any, any, any, any, any>, opts: { path: string }): Promise<void>;
   /** Closes every socket with `code` (1012 by default; never 1000, clients must reconnect) and refuses new ones until `resume()`. */
@@ -47,6 +47,11 @@ export interface Endpoint {
    * 1008 and `reason` (default 'disconnected'; at most 123 bytes) in the close frame.
    */
   disconnect(socketId: string, reason?: string): Promise<void>;
+  /**
+   * Closes this node's sockets with this id (those whose assigns `match`, when given) with 1008
+   * and `reason`, at once on every transport (a LongPoll session too); returns how many.
+   */
+  closeSockets(socketId: string, reason: string, match?: (assigns: A) => boolean): number;
   readonly stats: Readonly<EndpointStats>;
   /** Topics this node listens on for its channels. */
   readonly topicCount: number;
@@ -55,7 +60,7 @@ export interface Endpoint {
 }
 
 type Handshake<A> =
-  | { ok: true; serializer: Serializer; assigns: A; id: string }
+  | { ok: true; serializer: Serializer; assigns: A; id: string; expiresAt?: number }
   | { ok: false; status: number; code: string; reason: string };
 
 const DISCONNECT_TOPIC = 'phx:disconnect';
@@ -78,7 +83,7 @@ function rawToBuffer(data: RawData): Buffer {
 }
 
 /** Creates an endpoint for `definition`; mount it with `endpoint.register(app, { path: '/socket' })`. */
-export function createEndpoint<A>(definition: SocketDefinition<A>, options: EndpointOptions): Endpoint {
+export function createEndpoint<A>(definition: SocketDefinition<A>, options: EndpointOptions): Endpoint<A> {
   const log = options.log;
   const idleTimeoutMs = options.idleTimeoutMs ?? 60_000;
   const maxFrameBytes = options.maxFrameBytes ?? 1024 * 1024;
@@ -93,6 +98,8 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   const sockets = new Set<PhoenixSocket<A>>();
   const socketsById = new Map<string, Set<PhoenixSocket<A>>>();
   const wsSockets = new WeakMap<WebSocket, PhoenixSocket<A>>();
+  /** Sockets whose credential expires (connect returned `expiresAt`), and when; the sweep closes them. */
+  const expiring = new Map<PhoenixSocket<A>, number>();
   const accepted = new WeakMap<object, Handshake<A> & { ok: true }>();
   const longpolls = new Map<string, LongPollSession<A>>();
   let draining = false;
@@ -107,6 +114,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     socketClosed(socket) {
       if (!sockets.delete(socket)) return;
       stats.sockets--;
+      expiring.delete(socket);
       const same = socketsById.get(socket.id);
       if (same) {
         same.delete(socket);
@@ -147,6 +155,13 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     for (const session of longpolls.values()) {
       if (!session.polling && now - session.lastPoll > timings.sessionTimeoutMs) session.close(1001, 'longpoll session expired');
     }
+    for (const [socket, expiresAt] of expiring) {
+      if (expiresAt > now) continue;
+      expiring.delete(socket);
+      socket.log.info({ expired_at: new Date(expiresAt).toISOString() }, 'socket closed: its credential expired');
+      // 1008: a client that reconnects is refused until it has a current credential.
+      socket.close(1008, 'credential expired');
+    }
   }, sweepEveryMs);
   sweep.unref();
 
@@ -175,7 +190,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     try {
       const result = await definition.connect({ params, token, request: request.raw, transport });
       if (!result.ok) return { ok: false, status: result.status, code: 'CONNECT_REFUSED', reason: result.reason };
-      return { ok: true, serializer, assigns: result.assigns, id: result.id ?? `anon:${randomUUID()}` };
+      return { ok: true, serializer, assigns: result.assigns, id: result.id ?? `anon:${randomUUID()}`, ...(result.expiresAt === undefined ? {} : { expiresAt: result.expiresAt }) };
     } catch (err) {
       log.error({ err }, 'socket connect crashed');
       return { ok: false, status: 500, code: 'CONNECT_CRASHED', reason: 'connect failed on the server' };
@@ -190,6 +205,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   function newSocket(hs: Handshake<A> & { ok: true }, connection: WsConnection | LongPollSession<A>): PhoenixSocket<A> {
     const socket = new PhoenixSocket<A>(engine, hs.id, hs.assigns, hs.serializer, connection, log);
     addSocket(socket);
+    if (hs.expiresAt !== undefined) expiring.set(socket, hs.expiresAt);
     return socket;
   }
 
@@ -288,7 +304,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     const hs = await handshake(request, 'longpoll', typeof authHeader === 'string' ? authHeader : undefined);
     if (!hs.ok) {
       refused(hs, 'longpoll');
-      return { status: hs.status === 403 || hs.status === 401 ? 403 : 500 };
+      return { status: hs.status === 403 || hs.status === 401 || hs.status === 409 ? 403 : 500 };
     }
     // 32 random bytes: unguessable, and the map key binds it to exactly this session.
     const sessionToken = randomBytes(32).toString('base64url');
@@ -375,6 +391,16 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
 
     async disconnect(socketId, reason) {
       await options.pubsub.broadcast(DISCONNECT_TOPIC, 'disconnect', reason === undefined ? { id: socketId } : { id: socketId, reason });
+    },
+
+    closeSockets(socketId, reason, match) {
+      let closed = 0;
+      for (const socket of [...(socketsById.get(socketId) ?? [])]) {
+        if (match && !match(socket.assigns)) continue;
+        socket.close(1008, reason);
+        closed++;
+      }
+      return closed;
     },
   };
 }

@@ -21,8 +21,15 @@ export interface ConnectInfo {
 }
 
 export type ConnectResult<A> =
-  | { ok: true; assigns: A; /** Socket id: used to disconnect every socket of one identity. */ id?: string }
-  | { ok: false; status: 401 | 403; reason: string };
+  | {
+      ok: true;
+      assigns: A;
+      /** Socket id: used to disconnect every socket of one identity. */
+      id?: string;
+      /** When the credential expires (epoch ms): the socket is closed then, within the endpoint's sweep interval. */
+      expiresAt?: number;
+    }
+  | { ok: false; /** 409: the credential belongs to another kind of client. */ status: 401 | 403 | 409; reason: string };
 
 /** A message delivered through PubSub. */
 export interface Message {

@@ -5,7 +5,9 @@
  */
 import type { IncomingMessage } from 'node:http';
 import type { SocketDefinition } from '../channels/types.ts';
+import { claimCertificateDevice } from '../fleet/edge-devices.ts';
 import type { FleetContext } from '../fleet/index.ts';
+import type { DeviceProtocol } from '../db/schema.ts';
 import { createDeviceChannel } from './device-channel.ts';
 import { createGroupChannel } from './group-channel.ts';
 
@@ -29,7 +31,7 @@ export interface DeviceSocketStats {
 
 export interface DeviceSocketOptions {
   /** The identity the device listener attached to the request (`deviceIdentityOf` from listeners/device.ts). */
-  identityOf(request: IncomingMessage): DeviceAssigns | undefined;
+  identityOf(request: IncomingMessage): (DeviceAssigns & { protocol?: DeviceProtocol }) | undefined;
   /** Closes every socket with this id on every node (`endpoint.disconnect`); wired after the endpoint exists. */
   disconnect(socketId: string): Promise<void>;
 }
@@ -49,6 +51,11 @@ export function createDeviceSocket(ctx: FleetContext, opts: DeviceSocketOptions)
     async connect(info) {
       const identity = opts.identityOf(info.request);
       if (!identity) return { ok: false, status: 401, reason: 'a device client certificate is required' };
+      // One identifier, one protocol: a GRiSP board's certificate is not a Phoenix credential.
+      if (!(await claimCertificateDevice(ctx, identity, 'phoenix'))) {
+        ctx.log.warn({ device_id: identity.deviceId, identifier: identity.identifier, protocol: identity.protocol }, 'refused a Phoenix socket for a device registered to another protocol');
+        return { ok: false, status: 409, reason: 'this certificate belongs to a device registered to another protocol; a Phoenix device needs its own certificate' };
+      }
       const id = deviceSocketId(identity.deviceId);
       // A device has one connection: a new one closes the previous (on whichever node it is).
       // The new socket is not registered yet, so only older ones are closed.

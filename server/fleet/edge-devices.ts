@@ -159,9 +159,13 @@ async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, devic
  * A certificate device speaks `protocol` from now on, if it may: it already does, or it was
  * registered just in time by the device listener and has never been seen online (the listener
  * records certificate devices as `phoenix` before it knows which endpoint they use). A device
- * another protocol has used keeps it; the refusal is audited and false returned.
+ * another protocol has used keeps it; the refusal is audited and false returned. Both directions
+ * go through here: a Phoenix device's certificate on the GRiSP socket, a board's on the Phoenix
+ * socket. `ref.protocol` (read when the certificate was authenticated) answers the common case,
+ * the device using its own protocol, without a statement.
  */
-export async function claimCertificateDevice(ctx: FleetContext, ref: EdgeDeviceRef & { identifier: string }, protocol: DeviceProtocol): Promise<boolean> {
+export async function claimCertificateDevice(ctx: FleetContext, ref: EdgeDeviceRef & { identifier: string; protocol?: DeviceProtocol }, protocol: DeviceProtocol): Promise<boolean> {
+  if (ref.protocol === protocol) return true;
   const claimed = await ctx.db
     .updateTable('devices')
     .set({ protocol })

@@ -17,6 +17,10 @@ export interface DeviceIdentity {
   certificateId: string;
   /** SHA-256 of the presented certificate's DER, lowercase hex. */
   fingerprint: string;
+  /** The protocol the device is registered to (an identity belongs to one protocol). */
+  protocol: DeviceProtocol;
+  /** End of the certificate's validity: a live connection is closed then. */
+  notAfter: Date;
 }
 
 export type IdentityResult =
@@ -76,6 +80,7 @@ interface KnownCertificate {
   product_id: string;
   identifier: string;
   approval: string;
+  protocol: DeviceProtocol;
 }
 
 /**
@@ -124,6 +129,7 @@ function knownCertificateQuery(db: Db, fingerprint: string) {
       'devices.product_id',
       'devices.identifier',
       'devices.approval',
+      'devices.protocol',
     ])
     .where('device_certificates.fingerprint_sha256', '=', fingerprint);
 }
@@ -148,6 +154,8 @@ function identityOf(known: KnownCertificate, fingerprint: string): DeviceIdentit
     identifier: known.identifier,
     certificateId: known.certificate_id,
     fingerprint,
+    protocol: known.protocol,
+    notAfter: known.not_after,
   };
 }
 

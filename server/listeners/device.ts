@@ -36,6 +36,13 @@ export interface DeviceListenerOptions {
   maxPayload?: number;
   /** How long TLS sessions can be resumed (seconds, default 300). */
   sessionTimeoutSeconds?: number;
+  /**
+   * How often connections whose certificate has expired are closed (ms, default 5000): one sweep
+   * over the live connections, so a connection outlives its certificate by at most this long.
+   */
+  expirySweepMs?: number;
+  /** Called after connections closed on a revocation or an expiry (to end what outlives a TLS socket). */
+  onConnectionsClosed?: (ended: RevokedIdentity, reason: string) => void;
 }
 
 export interface DeviceListener {
@@ -99,6 +106,13 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
     };
   };
   const live = new LiveConnections();
+  const sweep = setInterval(() => {
+    for (const ended of live.closeExpired(Date.now())) {
+      log.info({ device_id: ended.deviceId, certificate_id: ended.certificateId, connections: ended.connections, reason: 'certificate expired' }, 'device connections closed');
+      opts.onConnectionsClosed?.(ended, 'certificate expired');
+    }
+  }, opts.expirySweepMs ?? 5_000);
+  sweep.unref();
 
   const app = Fastify({
     https: { ...(await secureOptions()), requestCert: true, rejectUnauthorized: false },
@@ -162,9 +176,11 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
     closeConnections(revoked, reason) {
       const closed = live.close(revoked);
       if (closed > 0) log.info({ device_id: revoked.deviceId, certificate_id: revoked.certificateId, connections: closed, reason }, 'device connections closed');
+      opts.onConnectionsClosed?.(revoked, reason);
       return closed;
     },
     async close() {
+      clearInterval(sweep);
       unsubscribe();
       await app.close();
     },
@@ -259,7 +275,8 @@ function resumedSessionRefusal(socket: TLSSocket, raw: Buffer, trusted: readonly
  * lookup may have read the database before the revocation committed) refuses it.
  */
 class LiveConnections {
-  readonly #byDevice = new Map<string, Map<TLSSocket, string>>();
+  /** Per connection: the certificate that authenticated it and when that expires (small: 20,000 per process). */
+  readonly #byDevice = new Map<string, Map<TLSSocket, Authenticated>>();
   /** When recent revocations arrived (performance.now()), by device id and by certificate id. */
   readonly #recent = new Map<string, number>();
 
@@ -270,7 +287,7 @@ class LiveConnections {
     let sockets = this.#byDevice.get(identity.deviceId);
     if (!sockets) this.#byDevice.set(identity.deviceId, (sockets = new Map()));
     if (sockets.has(socket)) return true;
-    sockets.set(socket, identity.certificateId);
+    sockets.set(socket, { certificateId: identity.certificateId, notAfter: identity.notAfter.getTime() });
     socket.once('close', () => {
       sockets.delete(socket);
       if (sockets.size === 0 && this.#byDevice.get(identity.deviceId) === sockets) this.#byDevice.delete(identity.deviceId);
@@ -283,13 +300,35 @@ class LiveConnections {
     for (const [key, at] of this.#recent) if (now - at > RECENT_REVOCATION_MS) this.#recent.delete(key);
     this.#recent.set(revoked.certificateId ?? revoked.deviceId, now);
     let closed = 0;
-    for (const [socket, certificateId] of this.#byDevice.get(revoked.deviceId) ?? []) {
+    for (const [socket, { certificateId }] of this.#byDevice.get(revoked.deviceId) ?? []) {
       if (revoked.certificateId !== undefined && certificateId !== revoked.certificateId) continue;
       socket.destroy();
       closed++;
     }
     return closed;
   }
+
+  /** Closes the connections whose certificate is no longer valid at `now` (epoch ms), by certificate. */
+  closeExpired(now: number): Array<Required<RevokedIdentity> & { connections: number }> {
+    const ended = new Map<string, Required<RevokedIdentity> & { connections: number }>();
+    for (const [deviceId, sockets] of this.#byDevice) {
+      for (const [socket, { certificateId, notAfter }] of sockets) {
+        if (notAfter > now) continue;
+        // The close listener removes it from `sockets`; deleting during iteration is safe for a Map.
+        socket.destroy();
+        const entry = ended.get(certificateId);
+        if (entry) entry.connections++;
+        else ended.set(certificateId, { deviceId, certificateId, connections: 1 });
+      }
+    }
+    return [...ended.values()];
+  }
+}
+
+interface Authenticated {
+  certificateId: string;
+  /** The certificate's not_after, epoch ms. */
+  notAfter: number;
 }
 
 /** Longer than any authentication takes: after that, a revocation is in the database for every lookup. */

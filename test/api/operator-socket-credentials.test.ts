@@ -70,6 +70,21 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
     viaLogin.client.ws.close();
   });
 
+  test('an operator socket is closed when its API token expires', async () => {
+    const user = await newOperator();
+    const created = await api.call('POST', '/api/v1/tokens', user.token, { name: 'short-lived', expires_in_days: 1 });
+    assert.equal(created.status, 201);
+    const expiresAt = new Date(Date.now() + 1500);
+    await api.handle.db.updateTable('api_tokens').set({ expires_at: expiresAt }).where('id', '=', created.body.api_token.id).execute();
+    const viaToken = await connect(created.body.token);
+    const viaLogin = await connect(user.token);
+    // Within the endpoint's sweep interval (under 4 s) after the expiry.
+    assert.deepEqual(await closedWithin(viaToken, 1500 + 6000), { code: 1008, reason: 'credential expired' });
+    assert.ok(Date.now() >= expiresAt.getTime(), 'not before the token expired');
+    await stillOpen(viaLogin);
+    viaLogin.client.ws.close();
+  });
+
   test("changing a user's role closes the sockets of its logins and of its API tokens", async () => {
     const user = await newOperator();
     const created = await api.call('POST', '/api/v1/tokens', user.token, { name: 'automation' });

@@ -4,12 +4,14 @@ import { mkdtempSync, openSync, readSync, rmSync, writeSync, closeSync, existsSy
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
+import type { TLSSocket } from 'node:tls';
 import { after, before, describe, test } from 'node:test';
 import { DeviceClient, SlotInstaller, type DeviceClientOptions } from '../../device-client/index.ts';
 import { generateSigningKeyPair, signFirmwareDigest, signFirmwareUrl } from '../../server/firmware/signing.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { until } from '../helpers/until.ts';
 import { imageChunks } from '../firmware/harness.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 
@@ -269,6 +271,37 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
       assert.ok(growth < 40 * MiB, `RSS grew by ${(growth / MiB).toFixed(1)} MiB while moving a 100 MiB image twice`);
     } finally {
       clearInterval(sampler);
+    }
+  });
+
+  test('the device client does a full handshake after a 403 on a resumed session', async () => {
+    const serial = 'stale-session-0';
+    const sessions = new Map<string, Buffer>();
+    // Whether each TLS connection of this device resumed a session, in order (server side).
+    const resumed: boolean[] = [];
+    const onSecure = (socket: TLSSocket) => {
+      const peer = socket.getPeerCertificate();
+      if (peer?.subject?.CN === serial) resumed.push(socket.isSessionReused());
+    };
+    server.deviceListener.app.server.on('secureConnection', onSecure);
+    try {
+      await device(serial, { sessionCache: sessions, sessionKey: serial, reconnectAfterMs: () => 100 });
+      await until(() => sessions.has(serial), 'a TLS session ticket cached');
+      const row = await server.database.db
+        .selectFrom('device_certificates')
+        .innerJoin('devices', 'devices.id', 'device_certificates.device_id')
+        .select(['devices.id as device_id', 'device_certificates.id as certificate_id'])
+        .where('devices.identifier', '=', serial)
+        .executeTakeFirstOrThrow();
+      const before = resumed.length;
+      await call('POST', `/api/v1/orgs/${server.orgId}/devices/${row.device_id}/certificates/${row.certificate_id}/revoke`);
+      await until(() => resumed.length >= before + 2, `two reconnect attempts (${JSON.stringify(resumed)})`);
+      const [first, second] = resumed.slice(before);
+      assert.equal(first, true, 'the first reconnect resumed the cached session (and was refused with 403)');
+      assert.equal(second, false, 'after the 403 the client dropped the session: a full handshake');
+      assert.equal(sessions.has(serial), false);
+    } finally {
+      server.deviceListener.app.server.off('secureConnection', onSecure);
     }
   });
 });

@@ -7,6 +7,7 @@
 import assert from 'node:assert/strict';
 import { createHash, generateKeyPairSync, randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
+import https from 'node:https';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
@@ -162,6 +163,48 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       await assert.rejects(board.start(), /409/);
       assert.equal((await deviceBy(serial)).protocol, 'phoenix');
       assert.ok((await refusals(serial)).some((r) => (r.details as Record<string, unknown>).protocol === 'grisp'));
+    });
+
+    it('refuses a GRiSP board’s certificate on the Phoenix socket (WebSocket and LongPoll), audits it, and leaves the board alone', async () => {
+      const serial = `GRiSP2 device b${randomBytes(4).toString('hex')}`;
+      const tls = await deviceTlsOptions(await deviceCert(serial));
+      const board = new GrispBoard({ url: `${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`, tls: { cert: tls.cert!, key: tls.key!, ca: tls.ca }, serial, version: '1.0.0', reconnectMs: 60_000 });
+      stops.push(() => board.stop());
+      await board.start();
+      await until(async () => (await deviceBy(serial).catch(() => undefined))?.connection_status === 'online', 'the board online');
+      const before = await deviceBy(serial);
+      assert.equal(before.protocol, 'grisp');
+
+      const ws = new WebSocket(`${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`, { cert: tls.cert, key: tls.key, ca: tls.ca });
+      const upgrade = await new Promise<{ status: number; body: string }>((resolve, reject) => {
+        ws.once('open', () => reject(new Error('the Phoenix socket accepted a GRiSP board’s certificate')));
+        ws.once('unexpected-response', (_req, res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+        });
+        ws.once('error', () => undefined);
+      });
+      assert.equal(upgrade.status, 409, upgrade.body);
+      assert.match(upgrade.body, /registered to another protocol/);
+
+      const poll = await new Promise<string>((resolve, reject) => {
+        const req = https.get(`${server.deviceUrl}/socket/longpoll?vsn=2.0.0`, { cert: tls.cert, key: tls.key, ca: tls.ca, agent: false }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve(body));
+        });
+        req.once('error', reject);
+      });
+      assert.equal((JSON.parse(poll) as { status: number }).status, 403, poll);
+
+      const refused = (await refusals(serial)).filter((r) => (r.details as Record<string, unknown>).protocol === 'phoenix');
+      assert.equal(refused.length, 2, 'both refusals audited');
+      assert.equal((refused[0]!.details as Record<string, unknown>).owner_protocol, 'grisp');
+      const afterwards = await deviceBy(serial);
+      assert.equal(afterwards.protocol, 'grisp');
+      assert.equal(afterwards.connection_status, 'online', 'the board is still connected');
+      assert.equal(afterwards.updated_at.getTime(), before.updated_at.getTime(), 'the board’s row is untouched');
     });
   });
 

@@ -10,6 +10,7 @@ import { DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, joinChannel, openSocket, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { until } from '../helpers/until.ts';
 
 /** Opens a raw WebSocket with a client certificate and resolves the HTTP status of a refused upgrade (or 101). */
 function upgradeStatus(url: string, tls: { cert: string; key: string; ca: string }): Promise<number> {
@@ -91,6 +92,34 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     channel.leave(); // no rejoin timer left behind
     return err.response ?? {};
   }
+
+  test('a LongPoll session that has not joined is closed at once when its certificate is revoked, not at its session timeout', async () => {
+    const pki = await getTestPki();
+    const identifier = `longpoll-${randomUUID().slice(0, 8)}`;
+    const cred = await deviceCert(identifier);
+    const tls = { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem };
+    // The LongPoll protocol by hand: the official client would keep polling and retrying around
+    // the revocation; what is under test is the server's session.
+    const first = await new Promise<string>((resolve, reject) =>
+      https
+        .get(`${server.deviceUrl}/socket/longpoll?vsn=2.0.0`, { ...tls, agent: false }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve(body));
+        })
+        .on('error', reject),
+    );
+    assert.equal((JSON.parse(first) as { status: number }).status, 410, first);
+    // Not joined: a joined device channel stops on the revocation by itself; the session must end too.
+    const device = await server.database.db.selectFrom('devices').select(['id']).where('identifier', '=', identifier).executeTakeFirstOrThrow();
+    const certificate = await server.database.db.selectFrom('device_certificates').select(['id']).where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    const sessions = server.deviceEndpoint.stats.longpollSessions;
+    assert.ok(sessions >= 1, 'the LongPoll session is open');
+
+    await server.call('POST', revokeUrl(device.id, certificate.id));
+    // Well inside the 15 s LongPoll session timeout.
+    await until(() => server.deviceEndpoint.stats.longpollSessions === sessions - 1, 'the LongPoll session to end', 2000);
+  });
 
   test('a connected socket that has not joined yet is closed when its certificate is revoked', async () => {
     const device = await connectedDevice('unjoined-cert');

@@ -6,6 +6,7 @@ import type { AddressInfo } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
+import WebSocket from 'ws';
 import { SYSTEM } from '../../server/audit.ts';
 import type { DatabaseHandle } from '../../server/db/index.ts';
 import { addSignerCa, removeSignerCa, revokeDeviceCertificate, addDeviceCertificate, type DeviceIdentity } from '../../server/identity/index.ts';
@@ -17,6 +18,8 @@ import { createTestDatabase, DATABASE_KIND } from '../helpers/db.ts';
 import { caLeafCert, deviceCert, deviceCertFromCa, expiredDeviceCert, getTestPki, otherCa, selfSignedCert, type PkiMaterial } from '../helpers/pki.ts';
 import { issueDeviceCertificate } from '../../certs/pki.ts';
 import { wsAttempt } from './tls-client.ts';
+
+const EXPIRY_SWEEP_MS = 200;
 
 describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
   let handle: DatabaseHandle;
@@ -43,6 +46,7 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
       log,
       tls: pki.server,
       handleProtocols: (offered) => (offered.has('grisp-io-v1') ? 'grisp-io-v1' : false),
+      expirySweepMs: EXPIRY_SWEEP_MS,
     });
     listener.app.get('/socket/websocket', { websocket: true }, (socket, request) => {
       upgrades++;
@@ -292,5 +296,23 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     assert.equal(resumed.sessionReused, true, 'the session was resumed (TLS did not verify again)');
     assert.equal(resumed.status, 403, resumed.body);
     assert.match(resumed.body ?? '', /expired/);
+  });
+
+  test('a live connection is closed within the sweep interval once its certificate expires', { timeout: 10_000 }, async () => {
+    const notAfter = new Date(Math.ceil(Date.now() / 1000) * 1000 + 2000);
+    const cred = issueDeviceCertificate(pki, 'SHORT-LIVED-LIVE-1', { notBefore: new Date(Date.now() - 3600_000), notAfter });
+    const ws = new WebSocket(url, { ca: pki.rootCa.certPem, cert: cred.certPem, key: cred.keyPem });
+    const closed = new Promise<number>((resolve) => ws.once('close', () => resolve(Date.now())));
+    await new Promise((resolve, reject) => {
+      ws.once('message', resolve);
+      ws.once('error', reject);
+    });
+    const closedAt = await closed;
+    assert.ok(closedAt >= notAfter.getTime(), `closed ${notAfter.getTime() - closedAt} ms before the certificate expired`);
+    // One sweep interval, plus scheduling slack on a busy machine.
+    assert.ok(closedAt - notAfter.getTime() < EXPIRY_SWEEP_MS + 800, `closed ${closedAt - notAfter.getTime()} ms after expiry`);
+    const line = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'device connections closed' && l.reason === 'certificate expired');
+    assert.ok(line, 'the close is logged with its reason');
+    assert.equal(line.level, 30, 'at info');
   });
 });
