@@ -155,7 +155,7 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
       },
       'device connection refused',
     );
-    return refuse(reply, refused.status, refused.reason);
+    return refuse(reply, refused.status, refused.reason, request.url.split('?')[0].endsWith('/longpoll'));
   });
 
   const refreshTrust = async (): Promise<void> => {
@@ -237,12 +237,17 @@ function verificationReason(error: Error | string | undefined): string {
   }
 }
 
-function refuse(reply: FastifyReply, status: 401 | 403, reason: string): FastifyReply {
+/**
+ * A LongPoll client reads the outcome from the body's `status`, and knows only 403 as a refusal
+ * (the official client throws on any other), so LongPoll refusals carry `status: 403`.
+ */
+function refuse(reply: FastifyReply, status: 401 | 403, reason: string, longPoll: boolean): FastifyReply {
   const code = status === 401 ? 'unauthorized' : 'forbidden';
+  const error = { code, message: status === 401 ? `${reason}; connect with the device certificate and key` : reason };
   return reply
     .code(status)
     .header('connection', 'close')
-    .send({ error: { code, message: status === 401 ? `${reason}; connect with the device certificate and key` : reason } });
+    .send(longPoll ? { status: 403, error } : { error });
 }
 
 /**

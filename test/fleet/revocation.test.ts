@@ -121,6 +121,25 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     await until(() => server.deviceEndpoint.stats.longpollSessions === sessions - 1, 'the LongPoll session to end', 2000);
   });
 
+  test('a LongPoll request with a revoked certificate is refused in words the official client understands', async () => {
+    const device = await connectedDevice('longpoll-refused');
+    device.socket.disconnect();
+    await server.call('POST', revokeUrl(device.deviceId, device.certificateId));
+    const refused = await new Promise<{ status?: number; body: string }>((resolve, reject) =>
+      https
+        .get(`${server.deviceUrl}/socket/longpoll?vsn=2.0.0`, { ...device.tls, agent: false }, (res) => {
+          let body = '';
+          res.on('data', (c: Buffer) => (body += c.toString()));
+          res.on('end', () => resolve({ status: res.statusCode, body }));
+        })
+        .on('error', reject),
+    );
+    assert.equal(refused.status, 403, refused.body);
+    // phoenix's LongPoll reads the outcome from the body and throws on any status it does not know.
+    assert.equal((JSON.parse(refused.body) as { status: number }).status, 403, refused.body);
+    await assert.rejects(openSocket(`${server.deviceUrl}/socket`, { tls: device.tls, longpoll: true, reconnectAfterMs: () => 60_000 }), /socket error: 403/);
+  });
+
   test('a connected socket that has not joined yet is closed when its certificate is revoked', async () => {
     const device = await connectedDevice('unjoined-cert');
     await server.call('POST', revokeUrl(device.deviceId, device.certificateId));
