@@ -55,7 +55,15 @@ serveRpc({
     gc?.();
     gc?.();
     const m = process.memoryUsage();
-    return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, mappings: residentByMapping(), sockets: clients.size };
+    return {
+      rss: m.rss,
+      heapUsed: m.heapUsed,
+      heapTotal: m.heapTotal,
+      external: m.external,
+      arrayBuffers: m.arrayBuffers,
+      mappings: residentByMapping(),
+      sockets: clients.size,
+    };
   },
   /** One frame of `bytes` (sequence number first), the same Buffer written to every connection. */
   broadcast(request) {

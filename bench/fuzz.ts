@@ -14,11 +14,17 @@ export function runFuzz(argv: string[]): number {
   const value = (name: string) => argv.find((a) => a.startsWith(`--${name}=`))?.split('=')[1];
   const runs = value('fuzz-runs') ?? '2000';
   const seed = value('fuzz-seed') ?? String(Math.floor(Math.random() * 2 ** 31));
-  console.error(`[bench fuzz] ${runs} inputs per protocol, seed ${seed}${process.env.DATABASE_URL ? ', PostgreSQL' : ', PGlite'}`);
-  const result = spawnSync(process.execPath, ['--import', 'tsx', '--test', '--test-timeout=0', path.join(ROOT, 'test/fuzz/protocols.test.ts')], {
-    cwd: ROOT,
-    stdio: 'inherit',
-    env: { ...process.env, FUZZ_RUNS: runs, FUZZ_SEED: seed, FUZZ_REPORT: '1' },
-  });
+  console.error(
+    `[bench fuzz] ${runs} inputs per protocol, seed ${seed}${process.env.DATABASE_URL ? ', PostgreSQL' : ', PGlite'}`,
+  );
+  const result = spawnSync(
+    process.execPath,
+    ['--import', 'tsx', '--test', '--test-timeout=0', path.join(ROOT, 'test/fuzz/protocols.test.ts')],
+    {
+      cwd: ROOT,
+      stdio: 'inherit',
+      env: { ...process.env, FUZZ_RUNS: runs, FUZZ_SEED: seed, FUZZ_REPORT: '1' },
+    },
+  );
   return result.status ?? 1;
 }

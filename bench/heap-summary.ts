@@ -22,7 +22,10 @@ function bySize(file: string): Map<string, { count: number; bytes: number }> {
   const out = new Map<string, { count: number; bytes: number }>();
   for (let i = 0; i < snap.nodes.length; i += width) {
     const type = types[snap.nodes[i + typeAt]!]!;
-    let name = type === 'object' || type === 'closure' || type === 'native' ? snap.strings[snap.nodes[i + nameAt]!]! : `(${type})`;
+    let name =
+      type === 'object' || type === 'closure' || type === 'native'
+        ? snap.strings[snap.nodes[i + nameAt]!]!
+        : `(${type})`;
     if (type === 'closure') name = `closure ${name}`;
     const entry = out.get(name) ?? { count: 0, bytes: 0 };
     entry.count++;
@@ -47,5 +50,7 @@ const rows = [...after].map(([name, a]) => {
 const total = rows.reduce((s, r) => s + r.bytesPerDevice, 0);
 console.log(`heap growth per device: ${(total / 1024).toFixed(2)} KiB`);
 for (const r of rows.sort((x, y) => y.bytesPerDevice - x.bytesPerDevice).slice(0, 40)) {
-  console.log(`${r.bytesPerDevice.toFixed(0).padStart(7)} B  ${r.perDevice.toFixed(2).padStart(6)} ×  ${r.name.slice(0, 100)}`);
+  console.log(
+    `${r.bytesPerDevice.toFixed(0).padStart(7)} B  ${r.perDevice.toFixed(2).padStart(6)} ×  ${r.name.slice(0, 100)}`,
+  );
 }

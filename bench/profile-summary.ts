@@ -44,12 +44,18 @@ for (const node of profile.nodes) {
   const url = node.callFrame.url.replace(/^file:\/\/.*?\/(node_modules|server|bench)\//, '$1/');
   const name = `${node.callFrame.functionName || '(anonymous)'} ${url}:${node.callFrame.lineNumber + 1}`;
   byFunction.set(name, (byFunction.get(name) ?? 0) + self);
-  const key = url.startsWith('node_modules/') ? url.split('/').slice(0, url.startsWith('node_modules/@') ? 3 : 2).join('/') : url || node.callFrame.functionName;
+  const key = url.startsWith('node_modules/')
+    ? url
+        .split('/')
+        .slice(0, url.startsWith('node_modules/@') ? 3 : 2)
+        .join('/')
+    : url || node.callFrame.functionName;
   byFile.set(key, (byFile.get(key) ?? 0) + self);
 }
 const show = (title: string, map: Map<string, number>) => {
   console.log(`\n${title} (total ${(total / 1000).toFixed(0)} ms)`);
-  for (const [name, us] of [...map].sort((a, b) => b[1] - a[1]).slice(0, top)) console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
+  for (const [name, us] of [...map].sort((a, b) => b[1] - a[1]).slice(0, top))
+    console.log(`${((100 * us) / total).toFixed(1).padStart(5)}%  ${name}`);
 };
 show('self time by function', byFunction);
 show('self time by file / package', byFile);

@@ -10,7 +10,16 @@
  */
 import { execFileSync } from 'node:child_process';
 import { randomBytes, randomUUID } from 'node:crypto';
-import { createReadStream, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import {
+  createReadStream,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readFileSync,
+  rmSync,
+  statSync,
+  writeFileSync,
+} from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
@@ -31,7 +40,10 @@ if (argv.includes('--fuzz')) process.exit(runFuzz(argv));
 const scale = argv.includes('--scale');
 const profile = argv.includes('--profile');
 const heapSnapshots = argv.includes('--heap-snapshot');
-const only = argv.find((a) => a.startsWith('--only='))?.slice('--only='.length).split(',');
+const only = argv
+  .find((a) => a.startsWith('--only='))
+  ?.slice('--only='.length)
+  .split(',');
 const countArg = argv.find((a) => a.startsWith('--max='));
 
 // --quick (default): N up to 10k, under 5 minutes. --scale: as far as one process allows.
@@ -55,9 +67,13 @@ const MAIN_DB = (argv.find((a) => a.startsWith('--db='))?.slice(5) ?? 'pglite') 
  * measures plain `npm start`. glibc's malloc fragments under per-connection TLS buffer churn.
  */
 const JEMALLOC = `/usr/lib/${process.arch === 'arm64' ? 'aarch64' : 'x86_64'}-linux-gnu/libjemalloc.so.2`;
-const ALLOCATOR = argv.find((a) => a.startsWith('--allocator='))?.slice('--allocator='.length) ?? (existsSync(JEMALLOC) ? 'jemalloc' : 'glibc');
-if (ALLOCATOR !== 'glibc' && ALLOCATOR !== 'jemalloc') throw new Error(`--allocator=${ALLOCATOR}: use glibc or jemalloc`);
-if (ALLOCATOR === 'jemalloc' && !existsSync(JEMALLOC)) throw new Error(`--allocator=jemalloc needs ${JEMALLOC} (apt-get install libjemalloc2)`);
+const ALLOCATOR =
+  argv.find((a) => a.startsWith('--allocator='))?.slice('--allocator='.length) ??
+  (existsSync(JEMALLOC) ? 'jemalloc' : 'glibc');
+if (ALLOCATOR !== 'glibc' && ALLOCATOR !== 'jemalloc')
+  throw new Error(`--allocator=${ALLOCATOR}: use glibc or jemalloc`);
+if (ALLOCATOR === 'jemalloc' && !existsSync(JEMALLOC))
+  throw new Error(`--allocator=jemalloc needs ${JEMALLOC} (apt-get install libjemalloc2)`);
 const SERVER_ENV: NodeJS.ProcessEnv = ALLOCATOR === 'jemalloc' ? { LD_PRELOAD: JEMALLOC } : {};
 
 const runs = (phase: string) => !only || only.includes(phase);
@@ -98,7 +114,12 @@ async function startWorkers(): Promise<Worker[]> {
       const to = Math.min(MAX, from + per);
       // Extra certificates past MAX for downloads and the MQTT publisher come from worker 0's range.
       const { rpc } = await forkTs(`worker-${w}`, path.join(ROOT, 'bench/worker.ts'), [], {
-        env: { BENCH_PKI_DIR: pkiDir, BENCH_FROM: String(from), BENCH_TO: String(to), BENCH_LOCAL_ADDRESS: `127.0.0.${11 + w}` },
+        env: {
+          BENCH_PKI_DIR: pkiDir,
+          BENCH_FROM: String(from),
+          BENCH_TO: String(to),
+          BENCH_LOCAL_ADDRESS: `127.0.0.${11 + w}`,
+        },
         nodeFlags: ['--max-old-space-size=4096'],
       });
       return { rpc, from, to };
@@ -107,13 +128,29 @@ async function startWorkers(): Promise<Worker[]> {
 }
 
 /** Connects devices [0, upTo) not connected yet, spread over the workers owning them. */
-async function connectUpTo(workers: Worker[], mode: string, port: number, fromIndex: number, upTo: number, extra: Record<string, unknown> = {}) {
+async function connectUpTo(
+  workers: Worker[],
+  mode: string,
+  port: number,
+  fromIndex: number,
+  upTo: number,
+  extra: Record<string, unknown> = {},
+) {
   const started = nowMs();
   const answers = await Promise.all(
     workers
       .map((w) => ({ w, from: Math.max(w.from, fromIndex), to: Math.min(w.to, upTo) }))
       .filter((r) => r.to > r.from)
-      .map((r) => r.w.rpc.call<ConnectAnswer>('connect', { mode, port, from: r.from, to: r.to, concurrency: CONCURRENCY, ...extra })),
+      .map((r) =>
+        r.w.rpc.call<ConnectAnswer>('connect', {
+          mode,
+          port,
+          from: r.from,
+          to: r.to,
+          concurrency: CONCURRENCY,
+          ...extra,
+        }),
+      ),
   );
   const elapsedMs = nowMs() - started;
   const connected = answers.reduce((s, a) => s + a.connected, 0);
@@ -121,10 +158,21 @@ async function connectUpTo(workers: Worker[], mode: string, port: number, fromIn
   const resumed = answers.reduce((s, a) => s + a.resumed, 0);
   const clientCpuMs = answers.reduce((s, a) => s + a.cpuMs, 0);
   const retries = answers.reduce((s, a) => s + a.retries, 0);
-  if (retries) log(`${retries} ${mode} connection attempts were retried; first reason: ${answers.find((a) => a.retryError)?.retryError}`);
+  if (retries)
+    log(
+      `${retries} ${mode} connection attempts were retried; first reason: ${answers.find((a) => a.retryError)?.retryError}`,
+    );
   const firstError = answers.find((a) => a.firstError)?.firstError;
   if (failed) log(`${failed} ${mode} connections failed; first error: ${firstError}`);
-  return { connected, failed, resumed, elapsedMs, clientCpuMs, perS: connected / (elapsedMs / 1000), p99: Math.max(...answers.map((a) => a.latencies.p99)) };
+  return {
+    connected,
+    failed,
+    resumed,
+    elapsedMs,
+    clientCpuMs,
+    perS: connected / (elapsedMs / 1000),
+    p99: Math.max(...answers.map((a) => a.latencies.p99)),
+  };
 }
 
 interface ConnectAnswer {
@@ -142,8 +190,17 @@ interface ConnectAnswer {
 }
 
 async function workersStatus(workers: Worker[]) {
-  const all = await Promise.all(workers.map((w) => w.rpc.call<{ open: number; deviceJoined: number; groupJoined: number }>('status')));
-  return all.reduce((s, a) => ({ open: s.open + a.open, deviceJoined: s.deviceJoined + a.deviceJoined, groupJoined: s.groupJoined + a.groupJoined }), { open: 0, deviceJoined: 0, groupJoined: 0 });
+  const all = await Promise.all(
+    workers.map((w) => w.rpc.call<{ open: number; deviceJoined: number; groupJoined: number }>('status')),
+  );
+  return all.reduce(
+    (s, a) => ({
+      open: s.open + a.open,
+      deviceJoined: s.deviceJoined + a.deviceJoined,
+      groupJoined: s.groupJoined + a.groupJoined,
+    }),
+    { open: 0, deviceJoined: 0, groupJoined: 0 },
+  );
 }
 
 async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 120_000): Promise<void> {
@@ -157,11 +214,19 @@ async function waitFor(what: string, check: () => Promise<boolean>, timeoutMs = 
 /** Receipt times of `key` for devices [0, n) from every worker, relative to `t0`. */
 type Pct = { p50: number; p99: number; max: number };
 
-async function collect<K extends string>(workers: Worker[], key: string, n: number, t0s: Record<K, number>, timeoutMs = 60_000) {
+async function collect<K extends string>(
+  workers: Worker[],
+  key: string,
+  n: number,
+  t0s: Record<K, number>,
+  timeoutMs = 60_000,
+) {
   const deadline = Date.now() + timeoutMs;
   let answers: { times: number[]; missing: number; frameBytes: number; url?: string }[] = [];
   for (;;) {
-    answers = await Promise.all(workers.map((w) => w.rpc.call<(typeof answers)[number]>('received', { key, from: 0, to: n })));
+    answers = await Promise.all(
+      workers.map((w) => w.rpc.call<(typeof answers)[number]>('received', { key, from: 0, to: n })),
+    );
     const missing = answers.reduce((s, a) => s + a.missing, 0);
     if (missing === 0 || Date.now() > deadline) break;
     await new Promise((r) => setTimeout(r, 250));
@@ -170,7 +235,13 @@ async function collect<K extends string>(workers: Worker[], key: string, n: numb
   const missing = answers.reduce((s, a) => s + a.missing, 0);
   const out = {} as Record<K, Pct>;
   for (const name of Object.keys(t0s) as K[]) out[name] = percentiles(times.map((t) => t - t0s[name]));
-  return { ...out, received: times.length, missing, frameBytes: answers.find((a) => a.frameBytes)?.frameBytes ?? 0, url: answers.find((a) => a.url)?.url };
+  return {
+    ...out,
+    received: times.length,
+    missing,
+    frameBytes: answers.find((a) => a.frameBytes)?.frameBytes ?? 0,
+    url: answers.find((a) => a.url)?.url,
+  };
 }
 
 function percentiles(values: number[]): { p50: number; p99: number; max: number } {
@@ -237,7 +308,10 @@ class Api {
   async call<T>(method: string, url: string, body?: unknown): Promise<T> {
     const res = await fetch(`${this.base}${url}`, {
       method,
-      headers: { ...(this.token ? { authorization: `Bearer ${this.token}` } : {}), ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      headers: {
+        ...(this.token ? { authorization: `Bearer ${this.token}` } : {}),
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const text = await res.text();
@@ -247,17 +321,31 @@ class Api {
 
   /** Streams an image file to `POST /api/v1/firmware`. */
   upload(version: string, file: string): Promise<{ id: string }> {
-    const url = new URL(`${this.base}/api/v1/firmware?org=default&product=default&version=${version}&platform=bench&architecture=x86_64`);
+    const url = new URL(
+      `${this.base}/api/v1/firmware?org=default&product=default&version=${version}&platform=bench&architecture=x86_64`,
+    );
     return new Promise((resolve, reject) => {
-      const req = http.request(url, { method: 'POST', headers: { authorization: `Bearer ${this.token}`, 'content-type': 'application/octet-stream', 'content-length': statSync(file).size } }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => {
-          const text = Buffer.concat(chunks).toString('utf8');
-          if ((res.statusCode ?? 500) >= 300) reject(new Error(`upload ${version} answered ${res.statusCode}: ${text}`));
-          else resolve(JSON.parse(text) as { id: string });
-        });
-      });
+      const req = http.request(
+        url,
+        {
+          method: 'POST',
+          headers: {
+            authorization: `Bearer ${this.token}`,
+            'content-type': 'application/octet-stream',
+            'content-length': statSync(file).size,
+          },
+        },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () => {
+            const text = Buffer.concat(chunks).toString('utf8');
+            if ((res.statusCode ?? 500) >= 300)
+              reject(new Error(`upload ${version} answered ${res.statusCode}: ${text}`));
+            else resolve(JSON.parse(text) as { id: string });
+          });
+        },
+      );
       req.on('error', reject);
       createReadStream(file).pipe(req);
     });
@@ -273,10 +361,30 @@ interface FleethubServer {
 
 async function startFleethub(name: string, databaseUrl?: string): Promise<FleethubServer> {
   const dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-bench-'));
-  const args = ['--data-dir', dataDir, '--certs-dir', pkiDir, '--api-port', '0', '--device-port', '0', '--keyauth-port', '0', '--log-level', 'warn', '--node-name', name];
+  const args = [
+    '--data-dir',
+    dataDir,
+    '--certs-dir',
+    pkiDir,
+    '--api-port',
+    '0',
+    '--device-port',
+    '0',
+    '--keyauth-port',
+    '0',
+    '--log-level',
+    'warn',
+    '--node-name',
+    name,
+  ];
   if (databaseUrl) args.push('--database-url', databaseUrl);
   const nodeFlags = ['--expose-gc'];
-  const { rpc, ready, child } = await forkTs<{ apiUrl: string; deviceUrl: string; email: string; password: string }>(name, path.join(ROOT, 'bench/server-process.ts'), args, { nodeFlags, env: SERVER_ENV });
+  const { rpc, ready, child } = await forkTs<{ apiUrl: string; deviceUrl: string; email: string; password: string }>(
+    name,
+    path.join(ROOT, 'bench/server-process.ts'),
+    args,
+    { nodeFlags, env: SERVER_ENV },
+  );
   const api = new Api(ready.apiUrl);
   await api.login(ready.email, ready.password);
   return {
@@ -305,7 +413,9 @@ async function settle(server: FleethubServer): Promise<void> {
   const started = nowMs();
   let last = -1;
   for (;;) {
-    const { statements, endpoint } = await server.rpc.call<{ statements: number; endpoint: { sockets: number } }>('stats');
+    const { statements, endpoint } = await server.rpc.call<{ statements: number; endpoint: { sockets: number } }>(
+      'stats',
+    );
     if (statements === last && endpoint.sockets === 0) break;
     if (nowMs() - started > 300_000) break;
     last = statements;
@@ -350,7 +460,9 @@ async function withPostgres<T>(fn: (url: string) => Promise<T>): Promise<T | und
   try {
     return await fn(url.toString());
   } finally {
-    await admin.query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`).catch((err: unknown) => log(`could not drop ${dbName}: ${(err as Error).message}`));
+    await admin
+      .query(`DROP DATABASE IF EXISTS ${dbName} WITH (FORCE)`)
+      .catch((err: unknown) => log(`could not drop ${dbName}: ${(err as Error).message}`));
     await admin.end();
   }
 }
@@ -364,7 +476,10 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
   try {
     const firmwareUuid = randomUUID();
     const group = 'bench';
-    const created = await server.api.call<{ topic: string }>('POST', '/api/v1/orgs/default/groups', { product: 'default', name: group });
+    const created = await server.api.call<{ topic: string }>('POST', '/api/v1/orgs/default/groups', {
+      product: 'default',
+      name: group,
+    });
     const topic = created.topic;
     await server.rpc.call('watch', { topic });
     const seedStarted = nowMs();
@@ -376,7 +491,8 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
     writeFileSync(tiny, randomBytes(1024));
     const versions = new Map<number, string>();
     for (const [i, n] of FANOUT_SIZES.entries()) {
-      const version = i === FANOUT_SIZES.length - 1 ? `2.0.${Date.now() % 100000}` : `1.${i + 1}.${Date.now() % 100000}`;
+      const version =
+        i === FANOUT_SIZES.length - 1 ? `2.0.${Date.now() % 100000}` : `1.${i + 1}.${Date.now() % 100000}`;
       versions.set(n, version);
       const file = i === FANOUT_SIZES.length - 1 ? firmwareFile : `${tiny}`;
       // Distinct bytes per version: identical images would be the same firmware.
@@ -391,11 +507,16 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
     const memorySizes = [...new Set([10_000, MAX].filter((n) => n <= MAX))];
     const stops = [...new Set([...FANOUT_SIZES, ...memorySizes, HS_COUNT])].sort((a, b) => a - b);
     for (const n of stops) {
-      const ramp = await profiled(server, `connect-${n}`, () => connectUpTo(workers, 'phoenix', server.devicePort, connected, n, { firmwareUuid }));
+      const ramp = await profiled(server, `connect-${n}`, () =>
+        connectUpTo(workers, 'phoenix', server.devicePort, connected, n, { firmwareUuid }),
+      );
       log(`connected ${connected}→${n}: ${ramp.connected} ok, ${ramp.failed} failed, ${round(ramp.perS)}/s`);
       if (connected === 0) results.handshake.ramp_per_s = round(ramp.perS);
       connected = n;
-      await waitFor(`${n} devices in their group channel`, async () => (await workersStatus(workers)).groupJoined >= n - ramp.failed);
+      await waitFor(
+        `${n} devices in their group channel`,
+        async () => (await workersStatus(workers)).groupJoined >= n - ramp.failed,
+      );
       if (memorySizes.includes(n)) {
         const m = await server.rpc.call<Memory>('memory');
         results.connections[n] = memoryFigures(m, base);
@@ -409,11 +530,17 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           await server.rpc.call('drain');
           await Promise.all(workers.map((w) => w.rpc.call('awaitClosed')));
           const cpuBefore = (await server.rpc.call<{ cpuMs: number }>('stats')).cpuMs;
-          const storm = await profiled(server, resume ? 'storm-resumed' : 'storm-full', () => connectUpTo(workers, 'phoenix', server.devicePort, 0, HS_COUNT, { firmwareUuid, resume }));
-          await waitFor('devices back in their group channel', async () => (await workersStatus(workers)).groupJoined >= HS_COUNT - storm.failed);
+          const storm = await profiled(server, resume ? 'storm-resumed' : 'storm-full', () =>
+            connectUpTo(workers, 'phoenix', server.devicePort, 0, HS_COUNT, { firmwareUuid, resume }),
+          );
+          await waitFor(
+            'devices back in their group channel',
+            async () => (await workersStatus(workers)).groupJoined >= HS_COUNT - storm.failed,
+          );
           const after = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
           // Drain (disconnect) + connect + device join + group join, per device.
-          if (MAIN_DB === 'pglite') results.handshake.statements_per_reconnect = round((after.statements - before.statements) / HS_COUNT, 1);
+          if (MAIN_DB === 'pglite')
+            results.handshake.statements_per_reconnect = round((after.statements - before.statements) / HS_COUNT, 1);
           const key = resume ? 'resumed' : 'full';
           results.handshake[`${key}_per_s`] = round(storm.perS);
           results.handshake[`${key}_p99_ms`] = round(storm.p99);
@@ -421,10 +548,13 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
           // Where the time goes: both sides share the machine's cores.
           results.handshake[`${key}_server_cpu_ms`] = round((after.cpuMs - cpuBefore) / HS_COUNT, 2);
           results.handshake[`${key}_client_cpu_ms`] = round(storm.clientCpuMs / HS_COUNT, 2);
-          log(`${key} storm: ${storm.connected} in ${round(storm.elapsedMs)} ms = ${round(storm.perS)}/s (${storm.resumed} resumed)`);
+          log(
+            `${key} storm: ${storm.connected} in ${round(storm.elapsedMs)} ms = ${round(storm.perS)}/s (${storm.resumed} resumed)`,
+          );
         }
       }
-      if (FANOUT_SIZES.includes(n) && n !== lastSize) await fleethubFanout(server, workers, group, topic, n, versions.get(n)!, true);
+      if (FANOUT_SIZES.includes(n) && n !== lastSize)
+        await fleethubFanout(server, workers, group, topic, n, versions.get(n)!, true);
     }
 
     const last = await fleethubFanout(server, workers, group, topic, lastSize, versions.get(lastSize)!, false);
@@ -435,7 +565,11 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
     if (runs('firmware') && last.url) {
       await server.rpc.call('sampleRss', { on: true });
       const before = await server.rpc.call<Memory>('memory');
-      const dl = await profiled(server, 'firmware', () => workers[0]!.rpc.call<{ mibPerS: number; downloads: number; bytes: number }>('download', { urls: Array(DOWNLOADS).fill(last.url) }));
+      const dl = await profiled(server, 'firmware', () =>
+        workers[0]!.rpc.call<{ mibPerS: number; downloads: number; bytes: number }>('download', {
+          urls: Array(DOWNLOADS).fill(last.url),
+        }),
+      );
       const { peakRss } = await server.rpc.call<{ peakRss: number }>('sampleRss', { on: false });
       results.firmware.mib_s = round(dl.mibPerS);
       results.firmware.rss_before_mib = round(before.rss / 1048576);
@@ -449,10 +583,20 @@ async function fleethubPhase(workers: Worker[], databaseUrl?: string): Promise<v
   }
 }
 
-async function fleethubFanout(server: FleethubServer, workers: Worker[], group: string, topic: string, n: number, version: string, clear: boolean) {
+async function fleethubFanout(
+  server: FleethubServer,
+  workers: Worker[],
+  group: string,
+  topic: string,
+  n: number,
+  version: string,
+  clear: boolean,
+) {
   if (!runs('fanout') && clear) return { url: undefined };
   const issued = nowMs();
-  await profiled(server, `fanout-${n}`, () => server.api.call('PUT', `/api/v1/orgs/default/groups/${group}/target`, { version }));
+  await profiled(server, `fanout-${n}`, () =>
+    server.api.call('PUT', `/api/v1/orgs/default/groups/${group}/target`, { version }),
+  );
   const returned = nowMs();
   const starts = await server.rpc.call<number[]>('broadcastStarts', { topic });
   const broadcastAt = starts[starts.length - 1] ?? returned;
@@ -478,14 +622,32 @@ async function fleethubFanout(server: FleethubServer, workers: Worker[], group: 
 
 let lastFrameBytes = 300;
 
-async function ingestPhase(server: FleethubServer, workers: Worker[], version: string, db: 'pglite' | 'postgres'): Promise<void> {
+async function ingestPhase(
+  server: FleethubServer,
+  workers: Worker[],
+  version: string,
+  db: 'pglite' | 'postgres',
+): Promise<void> {
   const count = Math.min(INGEST_DEVICES, MAX);
   log(`ingest on ${db}: ${count} devices × 1 progress event/s for ${INGEST_SECONDS} s`);
   const answers = await profiled(server, `ingest-${db}`, () =>
     Promise.all(
       workers
         .map((w) => ({ w, from: w.from, to: Math.min(w.to, w.from + Math.ceil(count / workers.length)) }))
-        .map((r) => r.w.rpc.call<{ devices: number; begun: number; beginErrors: number; sent: number; acked: number; errors: number; firstError?: string; sendingMs: number; totalMs: number; latencies: { p50: number; p99: number; max: number } }>('ingest', { version, seconds: INGEST_SECONDS, from: r.from, to: r.to })),
+        .map((r) =>
+          r.w.rpc.call<{
+            devices: number;
+            begun: number;
+            beginErrors: number;
+            sent: number;
+            acked: number;
+            errors: number;
+            firstError?: string;
+            sendingMs: number;
+            totalMs: number;
+            latencies: { p50: number; p99: number; max: number };
+          }>('ingest', { version, seconds: INGEST_SECONDS, from: r.from, to: r.to }),
+        ),
     ),
   );
   const acked = answers.reduce((s, a) => s + a.acked, 0);
@@ -533,7 +695,13 @@ async function floorPhase(workers: Worker[]): Promise<void> {
         seq++;
         const b = await rpc.call<{ t0: number; done: number }>('broadcast', { bytes: lastFrameBytes, seq });
         const r = await collect(workers, String(seq), n, { t0: b.t0 });
-        results.fanout[n] = { ...(results.fanout[n] ?? {}), floor_p50_ms: r.t0.p50, floor_p99_ms: r.t0.p99, floor_max_ms: r.t0.max, floor_missing: r.missing };
+        results.fanout[n] = {
+          ...(results.fanout[n] ?? {}),
+          floor_p50_ms: r.t0.p50,
+          floor_p99_ms: r.t0.p99,
+          floor_max_ms: r.t0.max,
+          floor_missing: r.missing,
+        };
         log(`floor fanout ${n}: p50 ${r.t0.p50} p99 ${r.t0.p99} max ${r.t0.max} missing ${r.missing}`);
       }
     }
@@ -545,14 +713,21 @@ async function floorPhase(workers: Worker[]): Promise<void> {
 
 /** The plain https floor for firmware, run right after fleethub's downloads so both see the same machine. */
 async function floorFirmware(workers: Worker[]): Promise<void> {
-  const { rpc, ready, child } = await forkTs<{ port: number }>('floor-https', path.join(ROOT, 'bench/floor-server.ts'), [], {
-    env: { ...SERVER_ENV, BENCH_PKI_DIR: pkiDir, BENCH_FIRMWARE_FILE: firmwareFile },
-    nodeFlags: ['--expose-gc'],
-  });
+  const { rpc, ready, child } = await forkTs<{ port: number }>(
+    'floor-https',
+    path.join(ROOT, 'bench/floor-server.ts'),
+    [],
+    {
+      env: { ...SERVER_ENV, BENCH_PKI_DIR: pkiDir, BENCH_FIRMWARE_FILE: firmwareFile },
+      nodeFlags: ['--expose-gc'],
+    },
+  );
   try {
     const before = await rpc.call<Memory>('memory');
     await rpc.call('sampleRss', { on: true });
-    const dl = await workers[0]!.rpc.call<{ mibPerS: number }>('download', { urls: Array(DOWNLOADS).fill(`https://localhost:${ready.port}/firmware`) });
+    const dl = await workers[0]!.rpc.call<{ mibPerS: number }>('download', {
+      urls: Array(DOWNLOADS).fill(`https://localhost:${ready.port}/firmware`),
+    });
     const { peakRss } = await rpc.call<{ peakRss: number }>('sampleRss', { on: false });
     results.firmware.floor_mib_s = round(dl.mibPerS);
     results.firmware.floor_rss_before_mib = round(before.rss / 1048576);
@@ -574,9 +749,21 @@ async function mosquittoPhase(workers: Worker[]): Promise<void> {
     let seq = 100;
     const fanout = async (n: number) => {
       seq++;
-      const p = await workers[0]!.rpc.call<{ t0: number }>('mqttPublish', { port, bytes: lastFrameBytes, seq, publisherIndex: workers[0]!.from, clientId: `publisher-${seq}` });
+      const p = await workers[0]!.rpc.call<{ t0: number }>('mqttPublish', {
+        port,
+        bytes: lastFrameBytes,
+        seq,
+        publisherIndex: workers[0]!.from,
+        clientId: `publisher-${seq}`,
+      });
       const r = await collect(workers, String(seq), n, { t0: p.t0 });
-      results.fanout[n] = { ...(results.fanout[n] ?? {}), mosquitto_p50_ms: r.t0.p50, mosquitto_p99_ms: r.t0.p99, mosquitto_max_ms: r.t0.max, mosquitto_missing: r.missing };
+      results.fanout[n] = {
+        ...(results.fanout[n] ?? {}),
+        mosquitto_p50_ms: r.t0.p50,
+        mosquitto_p99_ms: r.t0.p99,
+        mosquitto_max_ms: r.t0.max,
+        mosquitto_missing: r.missing,
+      };
       log(`mosquitto fanout ${n}: p50 ${r.t0.p50} p99 ${r.t0.p99} max ${r.t0.max} missing ${r.missing}`);
     };
     for (const n of FANOUT_SIZES.filter((n) => n < MAX)) {
@@ -622,11 +809,29 @@ async function ingestOnlyPhase(workers: Worker[], db: 'pglite' | 'postgres', dat
       await server.rpc.call('seed', { from: w.from, to: w.from + per });
       await addToGroup(server, group, w.from, w.from + per);
     }
-    await Promise.all(workers.map((w) => w.rpc.call('connect', { mode: 'phoenix', port: server.devicePort, from: w.from, to: w.from + per, concurrency: CONCURRENCY, firmwareUuid })));
-    await waitFor('ingest devices in their group', async () => (await workersStatus(workers)).groupJoined >= per * workers.length);
+    await Promise.all(
+      workers.map((w) =>
+        w.rpc.call('connect', {
+          mode: 'phoenix',
+          port: server.devicePort,
+          from: w.from,
+          to: w.from + per,
+          concurrency: CONCURRENCY,
+          firmwareUuid,
+        }),
+      ),
+    );
+    await waitFor(
+      'ingest devices in their group',
+      async () => (await workersStatus(workers)).groupJoined >= per * workers.length,
+    );
     await server.api.call('PUT', `/api/v1/orgs/default/groups/${group}/target`, { version });
     await waitFor('firmware_update at every ingest device', async () => {
-      const answers = await Promise.all(workers.map((w) => w.rpc.call<{ missing: number }>('received', { key: version, from: w.from, to: w.from + per })));
+      const answers = await Promise.all(
+        workers.map((w) =>
+          w.rpc.call<{ missing: number }>('received', { key: version, from: w.from, to: w.from + per }),
+        ),
+      );
       return answers.every((a) => a.missing === 0);
     });
     await ingestPhase(server, workers, version, db);
@@ -645,7 +850,17 @@ try {
 } catch {
   // not a git checkout
 }
-results.meta = { date: new Date().toISOString(), git_sha: sha, mode: scale ? 'scale' : 'quick', max_devices: MAX, workers: WORKERS, cpus: os.cpus().length, node: process.version, allocator: ALLOCATOR, loadavg_start: os.loadavg().map((l) => round(l)) };
+results.meta = {
+  date: new Date().toISOString(),
+  git_sha: sha,
+  mode: scale ? 'scale' : 'quick',
+  max_devices: MAX,
+  workers: WORKERS,
+  cpus: os.cpus().length,
+  node: process.version,
+  allocator: ALLOCATOR,
+  loadavg_start: os.loadavg().map((l) => round(l)),
+};
 
 const workers = await startWorkers();
 try {

@@ -28,7 +28,10 @@ const gc = (globalThis as { gc?: () => void }).gc;
 // everything else through `query`.
 let statements = 0;
 const BIND = 0x42;
-type Pglite = { query: (...args: unknown[]) => Promise<unknown>; execProtocol: (message: Uint8Array, ...rest: unknown[]) => Promise<unknown> };
+type Pglite = {
+  query: (...args: unknown[]) => Promise<unknown>;
+  execProtocol: (message: Uint8Array, ...rest: unknown[]) => Promise<unknown>;
+};
 const pglite = server.database.pglite as unknown as Pglite | undefined;
 if (pglite) {
   const query = pglite.query.bind(pglite);
@@ -50,7 +53,16 @@ function memory() {
     gc();
   }
   const m = process.memoryUsage();
-  return { rss: m.rss, heapUsed: m.heapUsed, heapTotal: m.heapTotal, external: m.external, arrayBuffers: m.arrayBuffers, mappings: residentByMapping(), sockets: server.deviceEndpoint.stats.sockets, channels: server.deviceEndpoint.stats.channels };
+  return {
+    rss: m.rss,
+    heapUsed: m.heapUsed,
+    heapTotal: m.heapTotal,
+    external: m.external,
+    arrayBuffers: m.arrayBuffers,
+    mappings: residentByMapping(),
+    sockets: server.deviceEndpoint.stats.sockets,
+    channels: server.deviceEndpoint.stats.channels,
+  };
 }
 
 /** Broadcast start times per topic: this listener is subscribed before any device joins, so it runs first. */
@@ -63,7 +75,12 @@ serveRpc({
   memory,
   stats: () => {
     const cpu = process.cpuUsage();
-    return { endpoint: server.deviceEndpoint.stats, pubsub: server.pubsub.stats, statements, cpuMs: (cpu.user + cpu.system) / 1000 };
+    return {
+      endpoint: server.deviceEndpoint.stats,
+      pubsub: server.pubsub.stats,
+      statements,
+      cpuMs: (cpu.user + cpu.system) / 1000,
+    };
   },
   async drain() {
     const started = nowMs();
@@ -86,14 +103,26 @@ serveRpc({
   async seed(request) {
     const db = server.database.db;
     const org = await db.selectFrom('orgs').select('id').where('name', '=', 'default').executeTakeFirstOrThrow();
-    const product = await db.selectFrom('products').select('id').where('org_id', '=', org.id).where('name', '=', 'default').executeTakeFirstOrThrow();
+    const product = await db
+      .selectFrom('products')
+      .select('id')
+      .where('org_id', '=', org.id)
+      .where('name', '=', 'default')
+      .executeTakeFirstOrThrow();
     const creds = deviceCredentials(config.certsDir, Number(request.from), Number(request.to));
     const entries = [...creds.certs.entries()];
     for (let i = 0; i < entries.length; i += 500) {
       const chunk = entries.slice(i, i + 500).map(([, pem]) => parseCertificatePem(pem));
       const devices = await db
         .insertInto('devices')
-        .values(chunk.map((c) => ({ org_id: org.id, product_id: product.id, identifier: c.commonName!, protocol: 'phoenix' as const })))
+        .values(
+          chunk.map((c) => ({
+            org_id: org.id,
+            product_id: product.id,
+            identifier: c.commonName!,
+            protocol: 'phoenix' as const,
+          })),
+        )
         .onConflict((oc) => oc.columns(['product_id', 'identifier']).doNothing())
         .returning(['id', 'identifier'])
         .execute();
@@ -102,7 +131,18 @@ serveRpc({
       if (certs.length === 0) continue;
       await db
         .insertInto('device_certificates')
-        .values(certs.map((c) => ({ device_id: ids.get(c.commonName!)!, fingerprint_sha256: c.fingerprint, serial: c.serialNumber, subject: c.subject, issuer: c.issuer, not_before: c.notBefore, not_after: c.notAfter, pem: c.pem })))
+        .values(
+          certs.map((c) => ({
+            device_id: ids.get(c.commonName!)!,
+            fingerprint_sha256: c.fingerprint,
+            serial: c.serialNumber,
+            subject: c.subject,
+            issuer: c.issuer,
+            not_before: c.notBefore,
+            not_after: c.notAfter,
+            pem: c.pem,
+          })),
+        )
         .onConflict((oc) => oc.column('fingerprint_sha256').doNothing())
         .execute();
     }
@@ -111,7 +151,11 @@ serveRpc({
   /** Device ids by identifier (the bench adds devices to groups by id: no lookup per device). */
   async deviceIds(request) {
     const identifiers = request.identifiers as string[];
-    const rows = await server.database.db.selectFrom('devices').select(['id', 'identifier']).where('identifier', 'in', identifiers).execute();
+    const rows = await server.database.db
+      .selectFrom('devices')
+      .select(['id', 'identifier'])
+      .where('identifier', 'in', identifiers)
+      .execute();
     const byIdentifier = new Map(rows.map((r) => [r.identifier, r.id]));
     return identifiers.map((i) => byIdentifier.get(i) ?? null);
   },

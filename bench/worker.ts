@@ -71,7 +71,13 @@ function withSessionCapture(device: Device) {
 
 // ---- phoenix ------------------------------------------------------------------------------
 
-function send(device: Device, joinRef: string | null, topic: string, event: string, payload: Record<string, unknown>): Promise<{ status: string; response: Record<string, unknown>; at: number }> {
+function send(
+  device: Device,
+  joinRef: string | null,
+  topic: string,
+  event: string,
+  payload: Record<string, unknown>,
+): Promise<{ status: string; response: Record<string, unknown>; at: number }> {
   const ref = String(++device.ref);
   const sentAt = nowMs();
   return new Promise((resolve) => {
@@ -91,12 +97,22 @@ function joinGroup(device: Device, topic: string): void {
 function onPhoenixFrame(device: Device, data: Buffer): void {
   const at = nowMs();
   device.bytesReceived += data.length;
-  const [, ref, topic, event, payload] = JSON.parse(data.toString('utf8')) as [string | null, string | null, string, string, Record<string, unknown>];
+  const [, ref, topic, event, payload] = JSON.parse(data.toString('utf8')) as [
+    string | null,
+    string | null,
+    string,
+    string,
+    Record<string, unknown>,
+  ];
   if (event === 'phx_reply' && ref !== null) {
     const pending = device.pending.get(ref);
     if (pending) {
       device.pending.delete(ref);
-      pending.resolve({ status: String(payload.status), response: (payload.response ?? {}) as Record<string, unknown>, at });
+      pending.resolve({
+        status: String(payload.status),
+        response: (payload.response ?? {}) as Record<string, unknown>,
+        at,
+      });
     }
     return;
   }
@@ -107,7 +123,8 @@ function onPhoenixFrame(device: Device, data: Buffer): void {
     lastFrameBytes = data.length;
     return;
   }
-  if (event === 'join' && typeof payload.channel === 'string' && topic.startsWith('device:')) joinGroup(device, payload.channel);
+  if (event === 'join' && typeof payload.channel === 'string' && topic.startsWith('device:'))
+    joinGroup(device, payload.channel);
 }
 
 let lastFrameBytes = 0;
@@ -136,7 +153,11 @@ function connectPhoenix(device: Device): Promise<void> {
     ws.on('open', () => {
       device.open = true;
       device.deviceJoinRef = String(device.ref + 1);
-      send(device, device.deviceJoinRef, `device:${firmwareUuid}`, 'phx_join', { version: '1.0.0', platform: 'bench', architecture: 'x86_64' }).then((reply) => {
+      send(device, device.deviceJoinRef, `device:${firmwareUuid}`, 'phx_join', {
+        version: '1.0.0',
+        platform: 'bench',
+        architecture: 'x86_64',
+      }).then((reply) => {
         if (reply.status !== 'ok') return reject(new Error(`device join refused: ${JSON.stringify(reply.response)}`));
         device.deviceJoined = true;
         const groups = reply.response.groups;
@@ -151,7 +172,11 @@ function connectPhoenix(device: Device): Promise<void> {
 
 function connectWs(device: Device): Promise<void> {
   return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`wss://localhost:${target.port}/`, { ...tlsOptions(device), perMessageDeflate: false, createConnection: withSessionCapture(device) } as WebSocket.ClientOptions);
+    const ws = new WebSocket(`wss://localhost:${target.port}/`, {
+      ...tlsOptions(device),
+      perMessageDeflate: false,
+      createConnection: withSessionCapture(device),
+    } as WebSocket.ClientOptions);
     device.ws = ws;
     ws.on('error', reject);
     ws.on('message', (data: Buffer) => {
@@ -223,7 +248,18 @@ async function connectRange(request: Request): Promise<unknown> {
       const index = indexes[next++]!;
       let device = devices.get(index);
       if (!device) {
-        device = { index, mode, open: false, deviceJoined: false, groupJoined: false, ref: 0, deviceJoinRef: '', pending: new Map(), received: new Map(), bytesReceived: 0 };
+        device = {
+          index,
+          mode,
+          open: false,
+          deviceJoined: false,
+          groupJoined: false,
+          ref: 0,
+          deviceJoinRef: '',
+          pending: new Map(),
+          received: new Map(),
+          bytesReceived: 0,
+        };
         devices.set(index, device);
       }
       if (!resume) device.session = undefined;
@@ -235,7 +271,9 @@ async function connectRange(request: Request): Promise<unknown> {
           else if (mode === 'ws') await connectWs(device);
           else await connectMqtt(device);
           latencies.push(nowMs() - t0);
-          const socket = (mode === 'mqtt' ? device.mqtt : (device.ws as unknown as { _socket?: TLSSocket })._socket) as TLSSocket | undefined;
+          const socket = (mode === 'mqtt' ? device.mqtt : (device.ws as unknown as { _socket?: TLSSocket })._socket) as
+            | TLSSocket
+            | undefined;
           if (socket?.isSessionReused()) resumed++;
           break;
         } catch (err) {
@@ -255,7 +293,17 @@ async function connectRange(request: Request): Promise<unknown> {
   }
   await Promise.all(Array.from({ length: concurrency }, lane));
   const cpu = process.cpuUsage(cpuBefore);
-  return { connected: indexes.length - failed, failed, resumed, elapsedMs: nowMs() - started, cpuMs: (cpu.user + cpu.system) / 1000, retries, retryError, firstError, latencies: summary(latencies) };
+  return {
+    connected: indexes.length - failed,
+    failed,
+    resumed,
+    elapsedMs: nowMs() - started,
+    cpuMs: (cpu.user + cpu.system) / 1000,
+    retries,
+    retryError,
+    firstError,
+    latencies: summary(latencies),
+  };
 }
 
 function summary(values: number[]): { p50: number; p99: number; max: number } {
@@ -287,7 +335,12 @@ function received(request: Request): unknown {
     if (at === undefined) missing++;
     else times.push(at);
   }
-  return { times, missing, frameBytes: lastFrameBytes, url: [...devices.values()].find((d) => d.firmwareUrl)?.firmwareUrl };
+  return {
+    times,
+    missing,
+    frameBytes: lastFrameBytes,
+    url: [...devices.values()].find((d) => d.firmwareUrl)?.firmwareUrl,
+  };
 }
 
 function closeAll(): Promise<unknown> {
@@ -318,7 +371,18 @@ async function awaitClosed(request: Request): Promise<unknown> {
 
 /** Publishes one QoS 0 message of `bytes` to the fanout topic from a fresh publisher connection. */
 async function mqttPublish(request: Request): Promise<unknown> {
-  const device: Device = { index: Number(request.publisherIndex), mode: 'mqtt', open: false, deviceJoined: false, groupJoined: false, ref: 0, deviceJoinRef: '', pending: new Map(), received: new Map(), bytesReceived: 0 };
+  const device: Device = {
+    index: Number(request.publisherIndex),
+    mode: 'mqtt',
+    open: false,
+    deviceJoined: false,
+    groupJoined: false,
+    ref: 0,
+    deviceJoinRef: '',
+    pending: new Map(),
+    received: new Map(),
+    bytesReceived: 0,
+  };
   target = { host: '127.0.0.1', port: Number(request.port) };
   await connectMqtt(device, String(request.clientId));
   const payload = Buffer.alloc(Number(request.bytes), 0x61);
@@ -339,7 +403,9 @@ async function mqttPublish(request: Request): Promise<unknown> {
 async function ingest(request: Request): Promise<unknown> {
   const version = String(request.version);
   const seconds = Number(request.seconds);
-  const chosen = [...devices.values()].filter((d) => d.index >= Number(request.from) && d.index < Number(request.to) && d.deviceJoined);
+  const chosen = [...devices.values()].filter(
+    (d) => d.index >= Number(request.from) && d.index < Number(request.to) && d.deviceJoined,
+  );
   let begun = 0;
   let beginErrors = 0;
   let firstError: string | undefined;
@@ -367,7 +433,12 @@ async function ingest(request: Request): Promise<unknown> {
         const sentAt = nowMs();
         sent++;
         pendingAcks.push(
-          send(d, d.deviceJoinRef, `device:${firmwareUuid}`, 'firmware_update_progress', { version, percent: tick % 100, bytes: tick * 1024, total: 100 * 1024 }).then((reply) => {
+          send(d, d.deviceJoinRef, `device:${firmwareUuid}`, 'firmware_update_progress', {
+            version,
+            percent: tick % 100,
+            bytes: tick * 1024,
+            total: 100 * 1024,
+          }).then((reply) => {
             if (reply.status === 'ok') {
               acked++;
               latencies.push(reply.at - sentAt);
@@ -385,7 +456,18 @@ async function ingest(request: Request): Promise<unknown> {
   const sendingEnded = nowMs();
   await Promise.race([Promise.all(pendingAcks), new Promise((r) => setTimeout(r, 30_000))]);
   const drainedAt = nowMs();
-  return { devices: chosen.length, begun, beginErrors, sent, acked, errors, firstError, sendingMs: sendingEnded - start, totalMs: drainedAt - start, latencies: summary(latencies) };
+  return {
+    devices: chosen.length,
+    begun,
+    beginErrors,
+    sent,
+    acked,
+    errors,
+    firstError,
+    sendingMs: sendingEnded - start,
+    totalMs: drainedAt - start,
+    latencies: summary(latencies),
+  };
 }
 
 /** 50 (or `count`) concurrent mTLS downloads of `url`; aggregate throughput. */

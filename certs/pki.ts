@@ -69,7 +69,10 @@ const ORGANIZATION = 'fleethub development';
  * existing key is never overwritten (files are created exclusively); a certificate whose key
  * exists is re-issued for that key. Returns the paths it created.
  */
-export async function initDevPki(dir: string, opts: InitDevPkiOptions = {}): Promise<{ created: string[]; material: PkiMaterial }> {
+export async function initDevPki(
+  dir: string,
+  opts: InitDevPkiOptions = {},
+): Promise<{ created: string[]; material: PkiMaterial }> {
   mkdirSync(dir, { recursive: true });
   const created: string[] = [];
   const hosts = opts.hosts && opts.hosts.length > 0 ? opts.hosts : DEFAULT_SERVER_HOSTS;
@@ -92,7 +95,10 @@ export async function initDevPki(dir: string, opts: InitDevPkiOptions = {}): Pro
       notAfter: new Date(Date.now() + 20 * YEAR_MS),
     }),
   );
-  const rootSigner = { cert: forge.pki.certificateFromPem(root.certPem), key: forge.pki.privateKeyFromPem(root.keyPem) };
+  const rootSigner = {
+    cert: forge.pki.certificateFromPem(root.certPem),
+    key: forge.pki.privateKeyFromPem(root.keyPem),
+  };
 
   const signer = ensureCertifiedKey(dir, PKI_FILES.signerCert, PKI_FILES.signerKey, created, (key) =>
     buildCertificate({
@@ -135,9 +141,16 @@ export function loadPki(dir: string): PkiMaterial {
 }
 
 /** Issues a client certificate with CN = serial, signed by the dev signer CA unless `issuer` says otherwise. */
-export function issueDeviceCertificate(material: PkiMaterial, serial: string, opts: IssueDeviceOptions = {}): CertifiedKey {
+export function issueDeviceCertificate(
+  material: PkiMaterial,
+  serial: string,
+  opts: IssueDeviceOptions = {},
+): CertifiedKey {
   if (!serial || /[\u0000-\u001f]/.test(serial)) {
-    throw new PkiError('PKI_BAD_SERIAL', `device serial ${JSON.stringify(serial)} must be a non-empty printable string`);
+    throw new PkiError(
+      'PKI_BAD_SERIAL',
+      `device serial ${JSON.stringify(serial)} must be a non-empty printable string`,
+    );
   }
   const issuer = opts.issuer === undefined || opts.issuer === 'signer' ? material.signerCa : opts.issuer;
   const key = opts.keyPem ? keyPairFromPem(opts.keyPem) : generateRsaKey();
@@ -158,11 +171,18 @@ export function issueDeviceCertificate(material: PkiMaterial, serial: string, op
  * CA that signed the server certificate, so the device can verify the server. Refuses to
  * overwrite an existing key.
  */
-export function writeDeviceCredentials(material: PkiMaterial, serial: string, outDir: string): { certPath: string; keyPath: string; caPath: string } {
+export function writeDeviceCredentials(
+  material: PkiMaterial,
+  serial: string,
+  outDir: string,
+): { certPath: string; keyPath: string; caPath: string } {
   mkdirSync(outDir, { recursive: true });
   const keyPath = path.join(outDir, 'key.pem');
   if (existsSync(keyPath)) {
-    throw new PkiError('PKI_KEY_EXISTS', `${keyPath} already exists; choose another --out directory or remove it first`);
+    throw new PkiError(
+      'PKI_KEY_EXISTS',
+      `${keyPath} already exists; choose another --out directory or remove it first`,
+    );
   }
   const device = issueDeviceCertificate(material, serial);
   const certPath = path.join(outDir, 'cert.pem');
@@ -218,7 +238,10 @@ function ensureCertifiedKey(
   const hasCert = existsSync(certPath);
   if (hasKey && hasCert) return { certPem: readFileSync(certPath, 'utf8'), keyPem: readFileSync(keyPath, 'utf8') };
   if (!hasKey && hasCert) {
-    throw new PkiError('PKI_KEY_MISSING', `${certPath} exists without its key ${keyPath}; restore the key or remove the certificate`);
+    throw new PkiError(
+      'PKI_KEY_MISSING',
+      `${certPath} exists without its key ${keyPath}; restore the key or remove the certificate`,
+    );
   }
   let key: forge.pki.rsa.KeyPair;
   let keyPem: string;
@@ -243,7 +266,10 @@ function writeExclusive(file: string, content: string, mode: number): void {
     writeFileSync(file, content, { flag: 'wx', mode });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
-      throw new PkiError('PKI_FILE_EXISTS', `${file} appeared while it was being created (another "certs init" running?); run again`);
+      throw new PkiError(
+        'PKI_FILE_EXISTS',
+        `${file} appeared while it was being created (another "certs init" running?); run again`,
+      );
     }
     throw err;
   }

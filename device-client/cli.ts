@@ -60,14 +60,22 @@ async function connect(argv: string[]): Promise<number> {
       'install-command': { type: 'string' },
     },
   });
-  for (const flag of ['cert', 'key', 'ca', 'url'] as const) if (!values[flag]) throw new Error(`--${flag} is required\n\n${USAGE}`);
-  if (Boolean(values['firmware-uuid']) !== Boolean(values.version)) throw new Error('--firmware-uuid and --version go together');
+  for (const flag of ['cert', 'key', 'ca', 'url'] as const)
+    if (!values[flag]) throw new Error(`--${flag} is required\n\n${USAGE}`);
+  if (Boolean(values['firmware-uuid']) !== Boolean(values.version))
+    throw new Error('--firmware-uuid and --version go together');
   const slots = path.resolve(values.slots ?? path.join(os.homedir(), '.fleethub-device'));
   const client = new DeviceClient({
     url: values.url!,
-    tls: { cert: readFileSync(values.cert!, 'utf8'), key: readFileSync(values.key!, 'utf8'), ca: readFileSync(values.ca!, 'utf8') },
+    tls: {
+      cert: readFileSync(values.cert!, 'utf8'),
+      key: readFileSync(values.key!, 'utf8'),
+      ca: readFileSync(values.ca!, 'utf8'),
+    },
     stateDir: slots,
-    installer: values['install-command'] ? new ExecInstaller({ command: values['install-command'], stateDir: slots }) : undefined,
+    installer: values['install-command']
+      ? new ExecInstaller({ command: values['install-command'], stateDir: slots })
+      : undefined,
     firmware: values['firmware-uuid'] ? { uuid: values['firmware-uuid'], version: values.version! } : undefined,
     metadata: { platform: values.platform, architecture: values.architecture, product: values.product },
     signingKeys: (values['signing-key'] ?? []).map((f) => readFileSync(f, 'utf8')),
@@ -152,7 +160,9 @@ async function simulate(argv: string[]): Promise<number> {
     pkiDir: values.pki ? path.resolve(values.pki) : undefined,
     slotsDir: path.resolve(values.slots ?? path.join(values.certs!, '..', 'slots')),
     serialPrefix: values['serial-prefix'],
-    firmware: values['firmware-uuid'] ? { uuid: values['firmware-uuid'], version: values.version ?? '0.0.1' } : undefined,
+    firmware: values['firmware-uuid']
+      ? { uuid: values['firmware-uuid'], version: values.version ?? '0.0.1' }
+      : undefined,
     faults: {
       failDownload: rate('fail-download-rate', values['fail-download-rate']),
       corrupt: rate('corrupt-rate', values['corrupt-rate']),
@@ -168,7 +178,10 @@ async function simulate(argv: string[]): Promise<number> {
     const s = sim.summary();
     return `devices ${s.devices}  connected ${s.connected}  joined ${s.joined}  updating ${s.updating}  succeeded ${s.succeeded}  failed ${s.failed}`;
   };
-  const ticker = setInterval(() => process.stderr.write(live ? `\r${line()}\u001b[K` : `${line()}\n`), live ? 250 : 5000);
+  const ticker = setInterval(
+    () => process.stderr.write(live ? `\r${line()}\u001b[K` : `${line()}\n`),
+    live ? 250 : 5000,
+  );
   ticker.unref();
 
   const untilVersion = values['until-version'];
@@ -178,7 +191,9 @@ async function simulate(argv: string[]): Promise<number> {
     if (values.duration) setTimeout(resolve, int('duration', values.duration, 1) * 1000).unref();
     if (untilVersion) {
       // Every device either runs the version or failed its last attempt at it.
-      const settled = () => sim.tallies.length === count && sim.tallies.every((t) => t.updating === null && (t.succeeded > 0 || t.failed > 0));
+      const settled = () =>
+        sim.tallies.length === count &&
+        sim.tallies.every((t) => t.updating === null && (t.succeeded > 0 || t.failed > 0));
       sim.on('change', () => {
         if (settled()) resolve();
       });
@@ -190,7 +205,9 @@ async function simulate(argv: string[]): Promise<number> {
   if (live) process.stderr.write(`\r${line()}\u001b[K\n`);
   const summary = sim.summary();
   await sim.stop();
-  process.stdout.write(values.json ? JSON.stringify({ summary, devices: sim.tallies }, null, 2) + '\n' : summaryTable(summary));
+  process.stdout.write(
+    values.json ? `${JSON.stringify({ summary, devices: sim.tallies }, null, 2)}\n` : summaryTable(summary),
+  );
   return 0;
 }
 
@@ -209,7 +226,9 @@ function progressBar() {
       const pct = total ? bytes / total : 1;
       const width = 30;
       const filled = Math.round(pct * width);
-      process.stderr.write(`\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(pct * 100).toFixed(1).padStart(5)}%  ${mib(bytes)}/${mib(total)} MiB\u001b[K`);
+      process.stderr.write(
+        `\r[${'#'.repeat(filled)}${'.'.repeat(width - filled)}] ${(pct * 100).toFixed(1).padStart(5)}%  ${mib(bytes)}/${mib(total)} MiB\u001b[K`,
+      );
     },
     done() {
       if (shown) process.stderr.write('\n');
@@ -224,17 +243,19 @@ function mib(n: number): string {
 
 function int(flag: string, value: string, min: number): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < min) throw new Error(`--${flag} must be an integer ≥ ${min}, got ${JSON.stringify(value)}`);
+  if (!Number.isInteger(n) || n < min)
+    throw new Error(`--${flag} must be an integer ≥ ${min}, got ${JSON.stringify(value)}`);
   return n;
 }
 
 // Runs when started as the program (bin/fleethub-device.js or `tsx device-client/cli.ts`), not when imported.
-if (process.argv[1] && /(fleethub-device(\.js)?|device-client[\\/]cli\.ts)$/.test(process.argv[1])) main(process.argv.slice(2)).then(
-  (code) => {
-    process.exitCode = code;
-  },
-  (err: unknown) => {
-    process.stderr.write(`${(err as Error).message}\n`);
-    process.exitCode = 1;
-  },
-);
+if (process.argv[1] && /(fleethub-device(\.js)?|device-client[\\/]cli\.ts)$/.test(process.argv[1]))
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (err: unknown) => {
+      process.stderr.write(`${(err as Error).message}\n`);
+      process.exitCode = 1;
+    },
+  );

@@ -91,7 +91,8 @@ export async function downloadFirmware(options: DownloadOptions): Promise<Downlo
         dropAt = undefined;
         lastError = err as Error;
       }
-      if (attempt < maxAttempts) await sleep(retryDelay(attempt), undefined, { signal: options.signal }).catch(() => undefined);
+      if (attempt < maxAttempts)
+        await sleep(retryDelay(attempt), undefined, { signal: options.signal }).catch(() => undefined);
     }
   } finally {
     await handle.close();
@@ -133,15 +134,29 @@ function request(options: DownloadOptions, state: SinkState): Promise<IncomingMe
 }
 
 /** Writes one response into the staging file; 'complete' when the whole image is there. */
-async function consume(response: IncomingMessage, options: DownloadOptions, state: SinkState, handle: FileHandle, dropAt: number | undefined): Promise<'complete' | 'partial'> {
+async function consume(
+  response: IncomingMessage,
+  options: DownloadOptions,
+  state: SinkState,
+  handle: FileHandle,
+  dropAt: number | undefined,
+): Promise<'complete' | 'partial'> {
   const status = response.statusCode ?? 0;
   if (status === 403) {
     response.resume();
-    throw new DownloadError('URL_REFUSED', 'the server refused the download URL (403: expired, tampered with, or firmware of another product)', 403);
+    throw new DownloadError(
+      'URL_REFUSED',
+      'the server refused the download URL (403: expired, tampered with, or firmware of another product)',
+      403,
+    );
   }
   if (status === 404) {
     response.resume();
-    throw new DownloadError('NOT_FOUND', 'the firmware image is not on the server (404); ask an operator to upload it again', 404);
+    throw new DownloadError(
+      'NOT_FOUND',
+      'the firmware image is not on the server (404); ask an operator to upload it again',
+      404,
+    );
   }
   if (status === 416) {
     response.resume();
@@ -174,7 +189,10 @@ async function consume(response: IncomingMessage, options: DownloadOptions, stat
     write(chunk: Buffer, _enc, callback) {
       void (async () => {
         if (state.have + chunk.length > options.size) {
-          throw new DownloadError('TOO_LARGE', `the server sent more than the announced ${options.size} bytes; the image does not match its update message`);
+          throw new DownloadError(
+            'TOO_LARGE',
+            `the server sent more than the announced ${options.size} bytes; the image does not match its update message`,
+          );
         }
         state.fetched += chunk.length;
         let data = chunk;

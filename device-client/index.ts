@@ -14,7 +14,14 @@ import { tlsWebSocket, type TlsWebSocketClass } from './phoenix-transport.ts';
 import { firmwareSignatureValid } from './verify.ts';
 
 export { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';
-export { ExecInstaller, InstallError, SlotInstaller, type Installer, type RunningFirmware, type StagedImage } from './installer.ts';
+export {
+  ExecInstaller,
+  InstallError,
+  SlotInstaller,
+  type Installer,
+  type RunningFirmware,
+  type StagedImage,
+} from './installer.ts';
 export { firmwareSignatureValid } from './verify.ts';
 
 /** Faults injected into one update (simulator); `undefined` means none. */
@@ -109,7 +116,8 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
 
   constructor(options: DeviceClientOptions) {
     super();
-    if (!options.installer && !options.stateDir) throw new DeviceClientError('give the device a state directory (--slots DIR) or an installer');
+    if (!options.installer && !options.stateDir)
+      throw new DeviceClientError('give the device a state directory (--slots DIR) or an installer');
     this.options = options;
     this.installer = options.installer ?? new SlotInstaller(options.stateDir!);
   }
@@ -136,7 +144,10 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     this.#stopped = false;
     let running = await this.installer.boot();
     if (!running) {
-      if (!this.options.firmware) throw new DeviceClientError('the state directory has no running firmware: pass --firmware-uuid and --version on first start');
+      if (!this.options.firmware)
+        throw new DeviceClientError(
+          'the state directory has no running firmware: pass --firmware-uuid and --version on first start',
+        );
       running = this.options.firmware;
       await this.installer.setRunning(running);
     }
@@ -155,7 +166,8 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     const running = this.#running!;
     const socket = new Socket(this.options.url, {
       transport: this.#transportClass(),
-      reconnectAfterMs: this.options.reconnectAfterMs ?? ((tries) => Math.min(100 * 2 ** tries, 15_000) * (0.5 + Math.random())),
+      reconnectAfterMs:
+        this.options.reconnectAfterMs ?? ((tries) => Math.min(100 * 2 ** tries, 15_000) * (0.5 + Math.random())),
       rejoinAfterMs: this.options.rejoinAfterMs ?? ((tries) => [1000, 2000, 5000][tries - 1] ?? 10_000),
       ...(this.options.heartbeatIntervalMs ? { heartbeatIntervalMs: this.options.heartbeatIntervalMs } : {}),
     });
@@ -209,11 +221,15 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     channel
       .join()
       .receive('ok', (reply: { groups?: unknown }) => {
-        const groups = Array.isArray(reply?.groups) ? reply.groups.filter((g): g is string => typeof g === 'string') : [];
+        const groups = Array.isArray(reply?.groups)
+          ? reply.groups.filter((g): g is string => typeof g === 'string')
+          : [];
         this.#reconcileGroups(groups);
         this.emit('joined', { topic, groups });
       })
-      .receive('error', (reply: { reason?: unknown }) => this.emit('join_error', { topic, reason: String(reply?.reason ?? 'unknown') }));
+      .receive('error', (reply: { reason?: unknown }) =>
+        this.emit('join_error', { topic, reason: String(reply?.reason ?? 'unknown') }),
+      );
   }
 
   #reconcileGroups(groups: string[]): void {
@@ -229,7 +245,9 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     channel
       .join()
       .receive('ok', () => this.emit('group_joined', topic))
-      .receive('error', (reply: { reason?: unknown }) => this.emit('join_error', { topic, reason: String(reply?.reason ?? 'unknown') }));
+      .receive('error', (reply: { reason?: unknown }) =>
+        this.emit('join_error', { topic, reason: String(reply?.reason ?? 'unknown') }),
+      );
   }
 
   #leaveGroup(topic: string): void {
@@ -246,8 +264,10 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
       this.emit('warning', `ignored a malformed firmware_update: ${JSON.stringify(raw)}`);
       return;
     }
-    if (update.version === this.#running?.version) return void this.emit('update_ignored', { version: update.version, reason: 'running' });
-    if (update.version === this.#updating) return void this.emit('update_ignored', { version: update.version, reason: 'in_progress' });
+    if (update.version === this.#running?.version)
+      return void this.emit('update_ignored', { version: update.version, reason: 'running' });
+    if (update.version === this.#updating)
+      return void this.emit('update_ignored', { version: update.version, reason: 'in_progress' });
     if (this.#updating) {
       // One update at a time; the newest request waits for the current one to end.
       this.#pending = update;
@@ -265,17 +285,34 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     try {
       this.#push(Events.updateBegin, { version });
       this.emit('update_begin', { version, size: update.size });
-      if (faults?.failDownload) throw new UpdateFailure(`download of ${version} failed: the connection to the server kept failing (injected fault)`);
+      if (faults?.failDownload)
+        throw new UpdateFailure(
+          `download of ${version} failed: the connection to the server kept failing (injected fault)`,
+        );
       staging = await this.installer.stagingPath();
       const result = await this.#download(update, staging, faults);
       if (result === 'refreshing') return;
-      if (result.size !== update.size) throw new UpdateFailure(`image size mismatch for ${version}: expected ${update.size} bytes, got ${result.size}; re-upload the firmware`);
+      if (result.size !== update.size)
+        throw new UpdateFailure(
+          `image size mismatch for ${version}: expected ${update.size} bytes, got ${result.size}; re-upload the firmware`,
+        );
       if (result.sha256 !== update.sha256.toLowerCase()) {
-        throw new UpdateFailure(`sha256 mismatch for ${version}: expected ${update.sha256}, got ${result.sha256}; the image was corrupted in transit or in storage — re-upload it and retarget`);
+        throw new UpdateFailure(
+          `sha256 mismatch for ${version}: expected ${update.sha256}, got ${result.sha256}; the image was corrupted in transit or in storage — re-upload it and retarget`,
+        );
       }
       this.#checkSignature(update);
-      if (faults?.rejectInstall) throw new UpdateFailure(`the installer rejected ${version} (injected fault); the running firmware is unchanged`);
-      await this.installer.install({ path: staging, uuid: update.firmware_uuid, version, sha256: result.sha256, size: result.size });
+      if (faults?.rejectInstall)
+        throw new UpdateFailure(
+          `the installer rejected ${version} (injected fault); the running firmware is unchanged`,
+        );
+      await this.installer.install({
+        path: staging,
+        uuid: update.firmware_uuid,
+        version,
+        sha256: result.sha256,
+        size: result.size,
+      });
       staging = undefined;
       // The server must have the finish recorded before the device goes away.
       await this.#pushAndWait(Events.updateFinish, { version });
@@ -321,7 +358,11 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
         },
       });
     } catch (err) {
-      if (err instanceof DownloadError && err.code === 'URL_REFUSED' && this.#urlRefreshes < (this.options.urlRefreshLimit ?? 3)) {
+      if (
+        err instanceof DownloadError &&
+        err.code === 'URL_REFUSED' &&
+        this.#urlRefreshes < (this.options.urlRefreshLimit ?? 3)
+      ) {
         this.#urlRefreshes++;
         this.emit('url_refused', { version, refresh: this.#urlRefreshes });
         this.#updating = null;
@@ -329,7 +370,9 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
         return 'refreshing' as const;
       }
       if (err instanceof DownloadError && err.code === 'URL_REFUSED') {
-        throw new UpdateFailure(`the server refused the download of ${version} ${this.#urlRefreshes + 1} times (403); check that the firmware belongs to this device's product and the server clock`);
+        throw new UpdateFailure(
+          `the server refused the download of ${version} ${this.#urlRefreshes + 1} times (403); check that the firmware belongs to this device's product and the server clock`,
+        );
       }
       throw err;
     }
@@ -339,15 +382,25 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     const keys = this.options.signingKeys ?? [];
     if (update.signature) {
       if (keys.length === 0) {
-        if (this.options.requireSignature) throw new UpdateFailure(`cannot verify the signature of ${update.version}: the device has no signing keys configured`);
-        this.emit('warning', `firmware ${update.version} is signed but the device has no signing keys to verify it with`);
+        if (this.options.requireSignature)
+          throw new UpdateFailure(
+            `cannot verify the signature of ${update.version}: the device has no signing keys configured`,
+          );
+        this.emit(
+          'warning',
+          `firmware ${update.version} is signed but the device has no signing keys to verify it with`,
+        );
         return;
       }
       if (!firmwareSignatureValid(update.sha256, update.signature, keys)) {
-        throw new UpdateFailure(`the signature of ${update.version} does not verify against the device's signing keys; sign the image with a key the device trusts`);
+        throw new UpdateFailure(
+          `the signature of ${update.version} does not verify against the device's signing keys; sign the image with a key the device trusts`,
+        );
       }
     } else if (this.options.requireSignature) {
-      throw new UpdateFailure(`firmware ${update.version} is unsigned and this device requires signed firmware; upload it with --sign-key`);
+      throw new UpdateFailure(
+        `firmware ${update.version} is unsigned and this device requires signed firmware; upload it with --sign-key`,
+      );
     }
   }
 
@@ -403,8 +456,12 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
       channel
         .push(event, payload, timeoutMs)
         .receive('ok', () => resolve())
-        .receive('error', (r: unknown) => reject(new UpdateFailure(`the server refused ${event}: ${JSON.stringify(r)}`)))
-        .receive('timeout', () => reject(new UpdateFailure(`the server did not acknowledge ${event} within ${timeoutMs} ms`)));
+        .receive('error', (r: unknown) =>
+          reject(new UpdateFailure(`the server refused ${event}: ${JSON.stringify(r)}`)),
+        )
+        .receive('timeout', () =>
+          reject(new UpdateFailure(`the server did not acknowledge ${event} within ${timeoutMs} ms`)),
+        );
     });
   }
 }
@@ -412,10 +469,23 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
 function parseUpdate(raw: unknown): FirmwareUpdatePayload | null {
   const p = raw as Partial<FirmwareUpdatePayload> | null;
   if (!p || typeof p !== 'object') return null;
-  if (typeof p.url !== 'string' || typeof p.version !== 'string' || typeof p.sha256 !== 'string' || typeof p.firmware_uuid !== 'string') return null;
+  if (
+    typeof p.url !== 'string' ||
+    typeof p.version !== 'string' ||
+    typeof p.sha256 !== 'string' ||
+    typeof p.firmware_uuid !== 'string'
+  )
+    return null;
   const size = Number(p.size);
   if (!Number.isSafeInteger(size) || size < 0) return null;
-  return { url: p.url, version: p.version, sha256: p.sha256, size, firmware_uuid: p.firmware_uuid, ...(typeof p.signature === 'string' && p.signature ? { signature: p.signature } : {}) };
+  return {
+    url: p.url,
+    version: p.version,
+    sha256: p.sha256,
+    size,
+    firmware_uuid: p.firmware_uuid,
+    ...(typeof p.signature === 'string' && p.signature ? { signature: p.signature } : {}),
+  };
 }
 
 /** `<dir>/<serial>` — where the simulator and CLI keep one device's slots. */

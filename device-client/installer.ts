@@ -101,7 +101,9 @@ export class SlotInstaller implements Installer {
       await fsyncFile(image.path);
       await rename(image.path, this.slotPath(target));
     } catch (err) {
-      throw new InstallError(`writing slot ${target} in ${this.#dir} failed (${(err as Error).message}); check free space and permissions`);
+      throw new InstallError(
+        `writing slot ${target} in ${this.#dir} failed (${(err as Error).message}); check free space and permissions`,
+      );
     }
     state.slots[target] = { uuid: image.uuid, version: image.version, sha256: image.sha256, size: image.size };
     await this.#write(state);
@@ -113,13 +115,15 @@ export class SlotInstaller implements Installer {
       return JSON.parse(await readFile(path.join(this.#dir, 'state.json'), 'utf8')) as SlotState;
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return { active: 'a', slots: {} };
-      throw new InstallError(`${path.join(this.#dir, 'state.json')} is unreadable (${(err as Error).message}); remove it to start over`);
+      throw new InstallError(
+        `${path.join(this.#dir, 'state.json')} is unreadable (${(err as Error).message}); remove it to start over`,
+      );
     }
   }
 
   async #write(state: SlotState): Promise<void> {
     await mkdir(this.#dir, { recursive: true });
-    await writeAtomic(path.join(this.#dir, 'state.json'), JSON.stringify(state, null, 2) + '\n');
+    await writeAtomic(path.join(this.#dir, 'state.json'), `${JSON.stringify(state, null, 2)}\n`);
   }
 }
 
@@ -150,7 +154,7 @@ export class ExecInstaller implements Installer {
 
   async setRunning(firmware: RunningFirmware): Promise<void> {
     await mkdir(this.#stateDir, { recursive: true });
-    await writeAtomic(path.join(this.#stateDir, 'running.json'), JSON.stringify(firmware) + '\n');
+    await writeAtomic(path.join(this.#stateDir, 'running.json'), `${JSON.stringify(firmware)}\n`);
   }
 
   async stagingPath(): Promise<string> {
@@ -178,14 +182,19 @@ export class ExecInstaller implements Installer {
     });
     if (code !== 0) {
       const tail = stderr.trim().split('\n').slice(-3).join(' | ');
-      throw new InstallError(`install command exited with ${code}${tail ? `: ${tail}` : ''}; the running firmware is unchanged`);
+      throw new InstallError(
+        `install command exited with ${code}${tail ? `: ${tail}` : ''}; the running firmware is unchanged`,
+      );
     }
-    await writeAtomic(path.join(this.#stateDir, 'next.json'), JSON.stringify({ uuid: image.uuid, version: image.version }) + '\n');
+    await writeAtomic(
+      path.join(this.#stateDir, 'next.json'),
+      `${JSON.stringify({ uuid: image.uuid, version: image.version })}\n`,
+    );
   }
 }
 
 function pick(slot: RunningFirmware | undefined): RunningFirmware | null {
-  return slot && slot.uuid && slot.version ? { uuid: slot.uuid, version: slot.version } : null;
+  return slot?.uuid && slot.version ? { uuid: slot.uuid, version: slot.version } : null;
 }
 
 async function fsyncFile(file: string): Promise<void> {

@@ -49,7 +49,11 @@ export function tlsWebSocket(tls: TlsClientOptions): TlsWebSocketClass {
       ? {
           createConnection: (o: ConnectionOptions) => {
             // As ws's own tlsConnect: `path` is the HTTP path here, not a unix socket.
-            const socket = tlsConnect({ ...o, path: undefined, servername: o.servername ?? (isIP(o.host ?? '') ? undefined : o.host) });
+            const socket = tlsConnect({
+              ...o,
+              path: undefined,
+              servername: o.servername ?? (isIP(o.host ?? '') ? undefined : o.host),
+            });
             socket.on('session', onSession);
             return socket;
           },

@@ -160,15 +160,31 @@ export class Simulation extends EventEmitter<{ change: [] }> {
   async start(): Promise<void> {
     const o = this.options;
     const protocol = protocols.get(o.protocol ?? 'phoenix');
-    if (!protocol) throw new Error(`unknown protocol ${JSON.stringify(o.protocol)}; available: ${simulatorProtocols().join(', ')}`);
+    if (!protocol)
+      throw new Error(`unknown protocol ${JSON.stringify(o.protocol)}; available: ${simulatorProtocols().join(', ')}`);
     const creds = protocol.clientCertificates === false ? serialsOnly(o) : await enrollDevices(o);
     const random = mulberry32(o.seed ?? 1);
-    const rates: FaultRates = { failDownload: 0, corrupt: 0, dropConnection: 0, rejectInstall: 0, slowLinkKbps: 0, ...o.faults };
+    const rates: FaultRates = {
+      failDownload: 0,
+      corrupt: 0,
+      dropConnection: 0,
+      rejectInstall: 0,
+      slowLinkKbps: 0,
+      ...o.faults,
+    };
     const shared: SimShared = { agent: this.#agent, sessions: new Map() };
     const firmware = o.firmware ?? { uuid: randomUUID(), version: '0.0.1' };
     const starts: Promise<void>[] = [];
     creds.forEach((cred, index) => {
-      const tally: DeviceTally = { serial: cred.serial, connected: false, joined: false, updating: null, succeeded: 0, failed: 0, lastError: null };
+      const tally: DeviceTally = {
+        serial: cred.serial,
+        connected: false,
+        joined: false,
+        updating: null,
+        succeeded: 0,
+        failed: 0,
+        lastError: null,
+      };
       this.tallies.push(tally);
       const spec: SimDeviceSpec = {
         serial: cred.serial,
@@ -258,7 +274,11 @@ export class Simulation extends EventEmitter<{ change: [] }> {
       };
       const timer = setTimeout(() => {
         cleanup();
-        reject(new Error(`simulation did not reach the expected state within ${timeoutMs} ms: ${JSON.stringify(this.summary())}`));
+        reject(
+          new Error(
+            `simulation did not reach the expected state within ${timeoutMs} ms: ${JSON.stringify(this.summary())}`,
+          ),
+        );
       }, timeoutMs);
       const cleanup = () => {
         clearTimeout(timer);
@@ -290,7 +310,7 @@ export function summaryTable(s: SimulationSummary): string {
     ...Object.entries(s.errors).map(([k, v]): [string, number] => [`failed: ${k}`, v]),
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
-  return ['METRIC'.padEnd(width) + '  COUNT', ...rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`)].join('\n') + '\n';
+  return `${[`${'METRIC'.padEnd(width)}  COUNT`, ...rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`)].join('\n')}\n`;
 }
 
 /** Buckets an error message for the summary (the first words before any detail). */
@@ -315,7 +335,10 @@ function pickFaults(rates: FaultRates, random: () => number): UpdateFaults | und
 
 /** Device names without certificates, for protocols that do not use client certificates. */
 function serialsOnly(o: Pick<SimulationOptions, 'count' | 'serialPrefix'>): EnrolledDevice[] {
-  return Array.from({ length: o.count }, (_, i) => ({ serial: simSerial(o.serialPrefix ?? 'sim', i, o.count), tls: { cert: '', key: '', ca: '' } }));
+  return Array.from({ length: o.count }, (_, i) => ({
+    serial: simSerial(o.serialPrefix ?? 'sim', i, o.count),
+    tls: { cert: '', key: '', ca: '' },
+  }));
 }
 
 function simSerial(prefix: string, index: number, count: number): string {
@@ -332,28 +355,47 @@ interface EnrolledDevice {
  * through the development PKI. Simulated devices share one RSA key (generating 2048-bit keys for
  * thousands of devices would dominate start-up); identity is the certificate's CN.
  */
-export async function enrollDevices(o: Pick<SimulationOptions, 'count' | 'certsDir' | 'pkiDir' | 'serialPrefix'>): Promise<EnrolledDevice[]> {
+export async function enrollDevices(
+  o: Pick<SimulationOptions, 'count' | 'certsDir' | 'pkiDir' | 'serialPrefix'>,
+): Promise<EnrolledDevice[]> {
   const out: EnrolledDevice[] = [];
-  let issuer: { material: import('../certs/pki.ts').PkiMaterial; issue: typeof import('../certs/pki.ts').issueDeviceCertificate } | undefined;
+  let issuer:
+    | {
+        material: import('../certs/pki.ts').PkiMaterial;
+        issue: typeof import('../certs/pki.ts').issueDeviceCertificate;
+      }
+    | undefined;
   let sharedKeyPem: string | undefined;
   for (let i = 0; i < o.count; i++) {
     const serial = simSerial(o.serialPrefix ?? 'sim', i, o.count);
     const dir = path.join(o.certsDir, serial);
     const files = { cert: path.join(dir, 'cert.pem'), key: path.join(dir, 'key.pem'), ca: path.join(dir, 'ca.pem') };
     if (!existsSync(files.cert) || !existsSync(files.key) || !existsSync(files.ca)) {
-      if (!o.pkiDir) throw new Error(`${dir} has no device certificate; pass --pki <dir> to issue one from the development PKI (fleethub certs init)`);
+      if (!o.pkiDir)
+        throw new Error(
+          `${dir} has no device certificate; pass --pki <dir> to issue one from the development PKI (fleethub certs init)`,
+        );
       if (!issuer) {
         const pki = await import('../certs/pki.ts');
         issuer = { material: pki.loadPki(o.pkiDir), issue: pki.issueDeviceCertificate };
       }
-      sharedKeyPem ??= generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs1', format: 'pem' }).toString();
+      sharedKeyPem ??= generateKeyPairSync('rsa', { modulusLength: 2048 })
+        .privateKey.export({ type: 'pkcs1', format: 'pem' })
+        .toString();
       const issued = issuer.issue(issuer.material, serial, { keyPem: sharedKeyPem });
       mkdirSync(dir, { recursive: true });
       writeFileSync(files.key, issued.keyPem, { mode: 0o600 });
       writeFileSync(files.cert, issued.certPem);
       writeFileSync(files.ca, issuer.material.rootCa.certPem);
     }
-    out.push({ serial, tls: { cert: readFileSync(files.cert, 'utf8'), key: readFileSync(files.key, 'utf8'), ca: readFileSync(files.ca, 'utf8') } });
+    out.push({
+      serial,
+      tls: {
+        cert: readFileSync(files.cert, 'utf8'),
+        key: readFileSync(files.key, 'utf8'),
+        ca: readFileSync(files.ca, 'utf8'),
+      },
+    });
   }
   return out;
 }

@@ -45,7 +45,11 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addUniqueConstraint('devices_product_identifier', ['product_id', 'identifier'])
     .execute();
   await db.schema.createIndex('devices_org_idx').on('devices').column('org_id').execute();
-  await db.schema.createIndex('devices_status_idx').on('devices').columns(['connection_status', 'connected_node']).execute();
+  await db.schema
+    .createIndex('devices_status_idx')
+    .on('devices')
+    .columns(['connection_status', 'connected_node'])
+    .execute();
 
   await db.schema
     .createTable('signer_cas')
@@ -92,7 +96,11 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('details', 'jsonb', (c) => c.notNull().defaultTo(sql`'{}'::jsonb`))
     .execute();
   await db.schema.createIndex('audit_log_org_at_idx').on('audit_log').columns(['org_id', 'at']).execute();
-  await db.schema.createIndex('audit_log_resource_idx').on('audit_log').columns(['resource_type', 'resource_id']).execute();
+  await db.schema
+    .createIndex('audit_log_resource_idx')
+    .on('audit_log')
+    .columns(['resource_type', 'resource_id'])
+    .execute();
 }
 
 export async function down(db: Kysely<any>): Promise<void> {

@@ -59,8 +59,20 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('set_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
     .addCheckConstraint('targets_one_scope', sql`(group_id IS NULL) <> (device_id IS NULL)`)
     .execute();
-  await db.schema.createIndex('targets_group_component').unique().on('targets').columns(['group_id', 'component']).where('group_id', 'is not', null).execute();
-  await db.schema.createIndex('targets_device_component').unique().on('targets').columns(['device_id', 'component']).where('device_id', 'is not', null).execute();
+  await db.schema
+    .createIndex('targets_group_component')
+    .unique()
+    .on('targets')
+    .columns(['group_id', 'component'])
+    .where('group_id', 'is not', null)
+    .execute();
+  await db.schema
+    .createIndex('targets_device_component')
+    .unique()
+    .on('targets')
+    .columns(['device_id', 'component'])
+    .where('device_id', 'is not', null)
+    .execute();
 
   await db.schema
     .createTable('device_components')
@@ -95,7 +107,11 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('completed_at', 'timestamptz')
     .addColumn('updated_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
     .execute();
-  await db.schema.createIndex('update_attempts_device_idx').on('update_attempts').columns(['device_id', 'created_at']).execute();
+  await db.schema
+    .createIndex('update_attempts_device_idx')
+    .on('update_attempts')
+    .columns(['device_id', 'created_at'])
+    .execute();
   await db.schema.createIndex('update_attempts_state_idx').on('update_attempts').columns(['org_id', 'state']).execute();
 }
 

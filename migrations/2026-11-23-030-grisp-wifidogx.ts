@@ -33,7 +33,11 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('meta', 'jsonb', (c) => c.notNull().defaultTo(sql`'{}'::jsonb`))
     .addColumn('received_at', 'timestamptz', (c) => c.notNull().defaultTo(sql`now()`))
     .execute();
-  await db.schema.createIndex('grisp_log_events_device_idx').on('grisp_log_events').columns(['device_id', 'id']).execute();
+  await db.schema
+    .createIndex('grisp_log_events_device_idx')
+    .on('grisp_log_events')
+    .columns(['device_id', 'id'])
+    .execute();
 
   await db.schema
     .createTable('grisp_link_tokens')
@@ -77,11 +81,21 @@ export async function up(db: Kysely<any>): Promise<void> {
     .addColumn('sent_at', 'timestamptz')
     .addColumn('completed_at', 'timestamptz')
     .execute();
-  await db.schema.createIndex('wifidogx_commands_device_idx').on('wifidogx_commands').columns(['device_id', 'created_at']).execute();
+  await db.schema
+    .createIndex('wifidogx_commands_device_idx')
+    .on('wifidogx_commands')
+    .columns(['device_id', 'created_at'])
+    .execute();
 }
 
 export async function down(db: Kysely<any>): Promise<void> {
-  for (const table of ['wifidogx_commands', 'wifidogx_gateways', 'grisp_link_tokens', 'grisp_log_events', 'grisp_devices']) {
+  for (const table of [
+    'wifidogx_commands',
+    'wifidogx_gateways',
+    'grisp_link_tokens',
+    'grisp_log_events',
+    'grisp_devices',
+  ]) {
     await db.schema.dropTable(table).execute();
   }
 }

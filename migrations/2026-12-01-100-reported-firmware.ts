@@ -22,7 +22,9 @@ export async function up(db: Kysely<any>): Promise<void> {
     f.has_blob = false AND f.metadata ? 'reported_by'
     AND NOT EXISTS (SELECT 1 FROM update_attempts ua WHERE ua.firmware_id = f.id)
     AND NOT EXISTS (SELECT 1 FROM targets t WHERE t.firmware_id = f.id)`;
-  await sql`UPDATE devices SET firmware_uuid = NULL WHERE protocol <> 'phoenix' AND firmware_uuid IN (SELECT f.id FROM firmware f WHERE ${reportedOnly})`.execute(db);
+  await sql`UPDATE devices SET firmware_uuid = NULL WHERE protocol <> 'phoenix' AND firmware_uuid IN (SELECT f.id FROM firmware f WHERE ${reportedOnly})`.execute(
+    db,
+  );
   await sql`DELETE FROM firmware f WHERE ${reportedOnly}`.execute(db);
 }
 

@@ -45,25 +45,158 @@ interface Setting {
 }
 
 export const SETTINGS: Setting[] = [
-  { key: 'dataDir', flag: 'data-dir', env: 'FLEETHUB_DATA_DIR', kind: 'string', help: 'data directory (PGlite files, firmware blobs, secrets)', default: () => path.resolve('data') },
-  { key: 'databaseUrl', flag: 'database-url', env: 'DATABASE_URL', kind: 'string', help: 'PostgreSQL URL; embedded PGlite when absent', default: () => undefined },
-  { key: 'host', flag: 'host', env: 'FLEETHUB_HOST', kind: 'string', help: 'address the listeners bind to', default: () => '127.0.0.1' },
-  { key: 'apiPort', flag: 'api-port', env: 'FLEETHUB_API_PORT', kind: 'number', help: 'operator API / dashboard port', default: () => 4000 },
-  { key: 'devicePort', flag: 'device-port', env: 'FLEETHUB_DEVICE_PORT', kind: 'number', help: 'mutual-TLS device port', default: () => 4001 },
-  { key: 'keyauthPort', flag: 'keyauth-port', env: 'FLEETHUB_KEYAUTH_PORT', kind: 'number', help: 'public-key TCP protocol port (0 picks a free port, -1 disables)', default: () => 4002 },
-  { key: 'certsDir', flag: 'certs-dir', env: 'FLEETHUB_CERTS_DIR', kind: 'string', help: 'PKI directory (default <data-dir>/pki)', default: (c) => path.join(c.dataDir ?? 'data', 'pki') },
-  { key: 'apiTls', flag: 'api-tls', env: 'FLEETHUB_API_TLS', kind: 'boolean', help: 'serve the API listener over TLS', default: () => false },
-  { key: 'devicePublicUrl', flag: 'device-public-url', env: 'FLEETHUB_DEVICE_PUBLIC_URL', kind: 'string', help: 'base URL devices reach the device listener at', default: (c) => `https://localhost:${c.devicePort ?? 4001}` },
-  { key: 'nodeName', flag: 'node-name', env: 'FLEETHUB_NODE_NAME', kind: 'string', help: 'this node\'s name in a cluster', default: () => `${os.hostname()}-${process.pid}` },
-  { key: 'logLevel', flag: 'log-level', env: 'FLEETHUB_LOG_LEVEL', kind: 'string', help: 'pino log level', default: () => 'info' },
-  { key: 'allowedOrigins', flag: 'allowed-origins', env: 'FLEETHUB_ALLOWED_ORIGINS', kind: 'list', help: 'comma-separated WebSocket Origins allowed (* for any)', default: () => [] },
-  { key: 'heartbeatTimeoutMs', flag: 'idle-timeout-ms', env: 'FLEETHUB_IDLE_TIMEOUT_MS', kind: 'number', help: 'close sockets silent for this long', default: () => 60_000 },
-  { key: 'secret', flag: 'secret', env: 'FLEETHUB_SECRET', kind: 'string', help: 'signing secret (generated into the data dir when absent)', default: () => undefined },
-  { key: 'firmwareUrlTtlSeconds', flag: 'firmware-url-ttl', env: 'FLEETHUB_FIRMWARE_URL_TTL', kind: 'number', help: 'lifetime of signed firmware URLs in seconds', default: () => 86_400 },
-  { key: 'bootstrapDev', flag: 'bootstrap-dev', env: 'FLEETHUB_BOOTSTRAP_DEV', kind: 'boolean', help: 'create the default org/product and register the dev signer CA', default: () => true },
-  { key: 'wifidogxAutoApprove', flag: 'wifidogx-auto-approve', env: 'FLEETHUB_WIFIDOGX_AUTO_APPROVE', kind: 'boolean', help: 'approve unknown WiFiDogX gateways automatically (labs; needs --wifidogx-auth open)', default: () => false },
-  { key: 'wifidogxAuth', flag: 'wifidogx-auth', env: 'FLEETHUB_WIFIDOGX_AUTH', kind: 'string', help: 'secure: approved gateways connect with their credential; open: a device_id claim suffices (labs)', default: () => 'secure' },
-  { key: 'wifidogxMaxUnidentified', flag: 'wifidogx-max-unidentified', env: 'FLEETHUB_WIFIDOGX_MAX_UNIDENTIFIED', kind: 'number', help: 'WiFiDogX connections waiting for their first connect, at most', default: () => 1000 },
+  {
+    key: 'dataDir',
+    flag: 'data-dir',
+    env: 'FLEETHUB_DATA_DIR',
+    kind: 'string',
+    help: 'data directory (PGlite files, firmware blobs, secrets)',
+    default: () => path.resolve('data'),
+  },
+  {
+    key: 'databaseUrl',
+    flag: 'database-url',
+    env: 'DATABASE_URL',
+    kind: 'string',
+    help: 'PostgreSQL URL; embedded PGlite when absent',
+    default: () => undefined,
+  },
+  {
+    key: 'host',
+    flag: 'host',
+    env: 'FLEETHUB_HOST',
+    kind: 'string',
+    help: 'address the listeners bind to',
+    default: () => '127.0.0.1',
+  },
+  {
+    key: 'apiPort',
+    flag: 'api-port',
+    env: 'FLEETHUB_API_PORT',
+    kind: 'number',
+    help: 'operator API / dashboard port',
+    default: () => 4000,
+  },
+  {
+    key: 'devicePort',
+    flag: 'device-port',
+    env: 'FLEETHUB_DEVICE_PORT',
+    kind: 'number',
+    help: 'mutual-TLS device port',
+    default: () => 4001,
+  },
+  {
+    key: 'keyauthPort',
+    flag: 'keyauth-port',
+    env: 'FLEETHUB_KEYAUTH_PORT',
+    kind: 'number',
+    help: 'public-key TCP protocol port (0 picks a free port, -1 disables)',
+    default: () => 4002,
+  },
+  {
+    key: 'certsDir',
+    flag: 'certs-dir',
+    env: 'FLEETHUB_CERTS_DIR',
+    kind: 'string',
+    help: 'PKI directory (default <data-dir>/pki)',
+    default: (c) => path.join(c.dataDir ?? 'data', 'pki'),
+  },
+  {
+    key: 'apiTls',
+    flag: 'api-tls',
+    env: 'FLEETHUB_API_TLS',
+    kind: 'boolean',
+    help: 'serve the API listener over TLS',
+    default: () => false,
+  },
+  {
+    key: 'devicePublicUrl',
+    flag: 'device-public-url',
+    env: 'FLEETHUB_DEVICE_PUBLIC_URL',
+    kind: 'string',
+    help: 'base URL devices reach the device listener at',
+    default: (c) => `https://localhost:${c.devicePort ?? 4001}`,
+  },
+  {
+    key: 'nodeName',
+    flag: 'node-name',
+    env: 'FLEETHUB_NODE_NAME',
+    kind: 'string',
+    help: "this node's name in a cluster",
+    default: () => `${os.hostname()}-${process.pid}`,
+  },
+  {
+    key: 'logLevel',
+    flag: 'log-level',
+    env: 'FLEETHUB_LOG_LEVEL',
+    kind: 'string',
+    help: 'pino log level',
+    default: () => 'info',
+  },
+  {
+    key: 'allowedOrigins',
+    flag: 'allowed-origins',
+    env: 'FLEETHUB_ALLOWED_ORIGINS',
+    kind: 'list',
+    help: 'comma-separated WebSocket Origins allowed (* for any)',
+    default: () => [],
+  },
+  {
+    key: 'heartbeatTimeoutMs',
+    flag: 'idle-timeout-ms',
+    env: 'FLEETHUB_IDLE_TIMEOUT_MS',
+    kind: 'number',
+    help: 'close sockets silent for this long',
+    default: () => 60_000,
+  },
+  {
+    key: 'secret',
+    flag: 'secret',
+    env: 'FLEETHUB_SECRET',
+    kind: 'string',
+    help: 'signing secret (generated into the data dir when absent)',
+    default: () => undefined,
+  },
+  {
+    key: 'firmwareUrlTtlSeconds',
+    flag: 'firmware-url-ttl',
+    env: 'FLEETHUB_FIRMWARE_URL_TTL',
+    kind: 'number',
+    help: 'lifetime of signed firmware URLs in seconds',
+    default: () => 86_400,
+  },
+  {
+    key: 'bootstrapDev',
+    flag: 'bootstrap-dev',
+    env: 'FLEETHUB_BOOTSTRAP_DEV',
+    kind: 'boolean',
+    help: 'create the default org/product and register the dev signer CA',
+    default: () => true,
+  },
+  {
+    key: 'wifidogxAutoApprove',
+    flag: 'wifidogx-auto-approve',
+    env: 'FLEETHUB_WIFIDOGX_AUTO_APPROVE',
+    kind: 'boolean',
+    help: 'approve unknown WiFiDogX gateways automatically (labs; needs --wifidogx-auth open)',
+    default: () => false,
+  },
+  {
+    key: 'wifidogxAuth',
+    flag: 'wifidogx-auth',
+    env: 'FLEETHUB_WIFIDOGX_AUTH',
+    kind: 'string',
+    help: 'secure: approved gateways connect with their credential; open: a device_id claim suffices (labs)',
+    default: () => 'secure',
+  },
+  {
+    key: 'wifidogxMaxUnidentified',
+    flag: 'wifidogx-max-unidentified',
+    env: 'FLEETHUB_WIFIDOGX_MAX_UNIDENTIFIED',
+    kind: 'number',
+    help: 'WiFiDogX connections waiting for their first connect, at most',
+    default: () => 1000,
+  },
 ];
 
 function parseValue(setting: Setting, raw: string): unknown {
@@ -76,14 +209,21 @@ function parseValue(setting: Setting, raw: string): unknown {
     case 'boolean':
       return !/^(0|false|no|off)$/i.test(raw);
     case 'list':
-      return raw.split(',').map((s) => s.trim()).filter(Boolean);
+      return raw
+        .split(',')
+        .map((s) => s.trim())
+        .filter(Boolean);
     case 'string':
       return raw;
   }
 }
 
 /** Resolves configuration: explicit overrides, then `--flags`, then environment, then defaults. */
-export function loadConfig(argv: string[] = [], env: NodeJS.ProcessEnv = process.env, overrides: Partial<Config> = {}): Config {
+export function loadConfig(
+  argv: string[] = [],
+  env: NodeJS.ProcessEnv = process.env,
+  overrides: Partial<Config> = {},
+): Config {
   const flags = new Map<string, string>();
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
@@ -103,7 +243,8 @@ export function loadConfig(argv: string[] = [], env: NodeJS.ProcessEnv = process
   for (const setting of SETTINGS) {
     let value: unknown = overrides[setting.key];
     if (value === undefined && flags.has(setting.flag)) value = parseValue(setting, flags.get(setting.flag)!);
-    if (value === undefined && env[setting.env] !== undefined && env[setting.env] !== '') value = parseValue(setting, env[setting.env]!);
+    if (value === undefined && env[setting.env] !== undefined && env[setting.env] !== '')
+      value = parseValue(setting, env[setting.env]!);
     if (value === undefined) value = setting.default(config);
     (config as Record<string, unknown>)[setting.key] = value;
   }

@@ -95,8 +95,14 @@ export class InvalidStringError extends Error {
 }
 
 /** The first bad string of a request's path parameters, query string and parsed body. */
-export function findBadRequestString(request: Pick<FastifyRequest, 'params' | 'query' | 'body'>): BadString | undefined {
-  return findBadString(request.params, 'params') ?? findBadString(request.query, 'query') ?? findBadString(request.body, 'body');
+export function findBadRequestString(
+  request: Pick<FastifyRequest, 'params' | 'query' | 'body'>,
+): BadString | undefined {
+  return (
+    findBadString(request.params, 'params') ??
+    findBadString(request.query, 'query') ??
+    findBadString(request.body, 'body')
+  );
 }
 
 const GATE_REGISTERED = 'fleethubInputGate';

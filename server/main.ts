@@ -9,7 +9,15 @@ import path from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
 import { fingerprintOfPem, initDevPki, type PkiMaterial } from '../certs/pki.ts';
 import { SYSTEM } from './audit.ts';
-import { createEndpoint, createPubSub, phoenixProtocolHandler, pubsubAdapterFor, type Endpoint, type PubSubAdapter, type PubSubWithStats } from './channels/index.ts';
+import {
+  createEndpoint,
+  createPubSub,
+  phoenixProtocolHandler,
+  pubsubAdapterFor,
+  type Endpoint,
+  type PubSubAdapter,
+  type PubSubWithStats,
+} from './channels/index.ts';
 import type { Config } from './config.ts';
 import { openDatabase, type DatabaseHandle } from './db/index.ts';
 import { migrateToLatest } from './db/migrate.ts';
@@ -85,7 +93,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   const log = options.log ?? createLogger({ level: config.logLevel });
   mkdirSync(config.dataDir, { recursive: true });
 
-  const database = options.database ?? (await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir }));
+  const database =
+    options.database ?? (await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir }));
   const ownsDatabase = !options.database;
   await migrateToLatest(database.db, database.schema);
 
@@ -94,7 +103,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   if (created.length) log.info({ dir: config.certsDir, created }, 'created development PKI');
 
   // On PostgreSQL, nodes share PubSub through LISTEN/NOTIFY; embedded PGlite is single-node.
-  const adapter = options.pubsubAdapter ?? pubsubAdapterFor(database, { log: log.child({ component: 'pubsub' }), nodeName: config.nodeName });
+  const adapter =
+    options.pubsubAdapter ??
+    pubsubAdapterFor(database, { log: log.child({ component: 'pubsub' }), nodeName: config.nodeName });
   const pubsub = createPubSub({ adapter, log: log.child({ component: 'pubsub' }) });
   // Listen before serving: a node must not miss other nodes' messages, and a bad URL must stop start-up.
   await pubsub.ready;
@@ -118,7 +129,11 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   if (config.bootstrapDev) await bootstrapDevelopmentTenant(fleet, pki, log);
 
   // `--allowed-origins '*'` allows any Origin; an empty list means the Origin's host must be the Host.
-  const checkOrigin = config.allowedOrigins.includes('*') ? '*' : config.allowedOrigins.length ? config.allowedOrigins : undefined;
+  const checkOrigin = config.allowedOrigins.includes('*')
+    ? '*'
+    : config.allowedOrigins.length
+      ? config.allowedOrigins
+      : undefined;
 
   // Devices: mutual TLS, Phoenix socket and firmware downloads.
   const deviceListener = await createDeviceListener({
@@ -126,10 +141,15 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     log: log.child({ listener: 'device' }),
     tls: pki.server,
     // GRiSP boards offer `grisp-io-v1` (echoed); Phoenix clients may offer a bearer token.
-    handleProtocols: (protocols) => (protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : phoenixProtocolHandler(protocols)),
+    handleProtocols: (protocols) =>
+      protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : phoenixProtocolHandler(protocols),
     // A LongPoll session outlives the TLS connections its polls came on: end it with them.
     onConnectionsClosed: ({ deviceId, certificateId }, reason) =>
-      deviceEndpoint.closeSockets(deviceSocketId(deviceId), reason, (assigns) => certificateId === undefined || assigns.certificateId === certificateId),
+      deviceEndpoint.closeSockets(
+        deviceSocketId(deviceId),
+        reason,
+        (assigns) => certificateId === undefined || assigns.certificateId === certificateId,
+      ),
   });
   // Before any device route: the same string gate as the API listener (registerApi adds it there).
   registerInputGate(deviceListener.app as unknown as FastifyInstance);
@@ -156,7 +176,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     loggerInstance: log.child({ listener: 'api' }),
     logController: new RedactingLogController(),
     bodyLimit: 1024 * 1024,
-    ...(config.apiTls ? { https: { cert: pki.server.certPem, key: pki.server.keyPem, minVersion: 'TLSv1.2' as const } } : {}),
+    ...(config.apiTls
+      ? { https: { cert: pki.server.certPem, key: pki.server.keyPem, minVersion: 'TLSv1.2' as const } }
+      : {}),
   }) as unknown as FastifyInstance;
   const apiScheme = config.apiTls ? 'https' : 'http';
   // Known once listening (port 0 in tests): edges build download URLs from it lazily.
@@ -164,8 +186,20 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await registerApi(
     api,
     // identity's addSignerCa/removeSignerCa notify the listener themselves after commit.
-    { fleet, db: database.db, log, pubsub, secret, blobs, disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason) },
-    [async (scope) => firmwareApiRoutes(scope, { fleet, blobs }), mainServerApiPlugin({ fleet, blobs }), keyauthApiPlugin({ fleet })],
+    {
+      fleet,
+      db: database.db,
+      log,
+      pubsub,
+      secret,
+      blobs,
+      disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason),
+    },
+    [
+      async (scope) => firmwareApiRoutes(scope, { fleet, blobs }),
+      mainServerApiPlugin({ fleet, blobs }),
+      keyauthApiPlugin({ fleet }),
+    ],
   );
   const operatorEndpoint = await registerOperatorSocket(api, {
     db: database.db,
@@ -180,9 +214,26 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Edges: the other protocols, translated into the same fleet (each closes with its listener).
   const urlTtlSeconds = config.firmwareUrlTtlSeconds;
-  await registerGrispEdge({ fleet, pubsub, log, blobs, secret, deviceApp: deviceListener.app, api, deviceBaseUrl: () => devicePublicUrl, urlTtlSeconds });
+  await registerGrispEdge({
+    fleet,
+    pubsub,
+    log,
+    blobs,
+    secret,
+    deviceApp: deviceListener.app,
+    api,
+    deviceBaseUrl: () => devicePublicUrl,
+    urlTtlSeconds,
+  });
   await registerWifidogxEdge({
-    fleet, pubsub, log, blobs, secret, api, urlTtlSeconds, apiBaseUrl,
+    fleet,
+    pubsub,
+    log,
+    blobs,
+    secret,
+    api,
+    urlTtlSeconds,
+    apiBaseUrl,
     autoApprove: config.wifidogxAutoApprove,
     auth: config.wifidogxAuth as WifidogxAuthPolicy,
     maxUnidentified: config.wifidogxMaxUnidentified,
@@ -194,8 +245,12 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await markNodeAlive(fleet);
   // Embedded PGlite belongs to this process alone, so whatever node held a device before is dead:
   // no waiting for its heartbeat to go stale. On PostgreSQL other nodes may be alive.
-  const markedOffline = await reconcileOfflineDevices(fleet, { ownConnections: true, soleNode: database.kind === 'pglite' });
-  if (markedOffline) log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
+  const markedOffline = await reconcileOfflineDevices(fleet, {
+    ownConnections: true,
+    soleNode: database.kind === 'pglite',
+  });
+  if (markedOffline)
+    log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
   const timers = [
     setInterval(() => {
       markNodeAlive(fleet)
@@ -211,7 +266,18 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await deviceListener.app.listen({ host: config.host, port: config.devicePort });
   await api.listen({ host: config.host, port: config.apiPort });
   const devicePort = (deviceListener.app.server.address() as AddressInfo).port;
-  const keyauth = config.keyauthPort >= 0 ? await startKeyauth({ fleet, pubsub, log, secret, host: config.host, port: config.keyauthPort, downloadBaseUrl: apiBaseUrl }) : undefined;
+  const keyauth =
+    config.keyauthPort >= 0
+      ? await startKeyauth({
+          fleet,
+          pubsub,
+          log,
+          secret,
+          host: config.host,
+          port: config.keyauthPort,
+          downloadBaseUrl: apiBaseUrl,
+        })
+      : undefined;
   if (config.devicePort === 0 && config.devicePublicUrl.endsWith(':0')) {
     devicePublicUrl = `https://localhost:${devicePort}`;
     signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
@@ -274,13 +340,19 @@ async function bootstrapDevelopmentTenant(fleet: FleetContext, pki: PkiMaterial,
     throw err;
   });
   const product = await getProduct(fleet, org.id, 'default').catch(async (err: unknown) => {
-    if (err instanceof FleetError && err.code === 'not_found') return createProduct(fleet, SYSTEM, { orgId: org.id, name: 'default' });
+    if (err instanceof FleetError && err.code === 'not_found')
+      return createProduct(fleet, SYSTEM, { orgId: org.id, name: 'default' });
     throw err;
   });
   const registered = await listSignerCas(fleet.db, { orgId: org.id });
   const fingerprint = fingerprintOfPem(pki.signerCa.certPem);
   if (!registered.some((ca) => ca.fingerprint === fingerprint)) {
-    await addSignerCa(fleet.db, SYSTEM, { orgId: org.id, productId: product.id, pem: pki.signerCa.certPem, description: 'development signer CA' });
+    await addSignerCa(fleet.db, SYSTEM, {
+      orgId: org.id,
+      productId: product.id,
+      pem: pki.signerCa.certPem,
+      description: 'development signer CA',
+    });
     log.info({ org: org.name, product: product.name }, 'registered the development signer CA');
   }
 }

@@ -53,14 +53,31 @@ function tlv(tag: number, body: Buffer): Buffer {
 function buildTemplate(pki: PkiMaterial, keyPem: string): Template {
   const pem = issueDeviceCertificate(pki, TEMPLATE_CN, { keyPem }).certPem;
   const cert = forge.pki.certificateFromPem(pem);
-  const tbs = Buffer.from(forge.asn1.toDer((forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(cert)).getBytes(), 'binary');
+  const tbs = Buffer.from(
+    forge.asn1
+      .toDer(
+        (forge.pki as unknown as { getTBSCertificate(c: forge.pki.Certificate): forge.asn1.Asn1 }).getTBSCertificate(
+          cert,
+        ),
+      )
+      .getBytes(),
+    'binary',
+  );
   const cnOffset = tbs.indexOf(Buffer.from(TEMPLATE_CN, 'ascii'));
   const serial = Buffer.from(cert.serialNumber, 'hex');
   const serialOffset = tbs.indexOf(serial);
-  if (cnOffset < 0 || serialOffset < 0) throw new Error('BENCH_CERT_TEMPLATE: could not locate serial/CN in the template certificate');
+  if (cnOffset < 0 || serialOffset < 0)
+    throw new Error('BENCH_CERT_TEMPLATE: could not locate serial/CN in the template certificate');
   // AlgorithmIdentifier { sha256WithRSAEncryption, NULL }
   const algorithm = Buffer.from('300d06092a864886f70d01010b0500', 'hex');
-  return { tbs, cnOffset, serialOffset, serialLength: serial.length, signerKey: createPrivateKey(pki.signerCa.keyPem), algorithm };
+  return {
+    tbs,
+    cnOffset,
+    serialOffset,
+    serialLength: serial.length,
+    signerKey: createPrivateKey(pki.signerCa.keyPem),
+    algorithm,
+  };
 }
 
 function issueFromTemplate(t: Template, index: number, salt: Buffer): string {

@@ -17,7 +17,10 @@ export class Rpc {
   #next = 1;
   readonly #pending = new Map<number, { resolve: (v: unknown) => void; reject: (e: Error) => void }>();
 
-  constructor(readonly child: ChildProcess, readonly name: string) {
+  constructor(
+    readonly child: ChildProcess,
+    readonly name: string,
+  ) {
     child.on('message', (message: unknown) => {
       const answer = message as Answer;
       if (typeof answer?.id !== 'number') return;
@@ -28,7 +31,8 @@ export class Rpc {
       else pending.reject(new Error(`${this.name}: ${answer.error}`));
     });
     child.once('exit', (code, signal) => {
-      for (const p of this.#pending.values()) p.reject(new Error(`${this.name} exited (${code ?? signal}) with a call pending`));
+      for (const p of this.#pending.values())
+        p.reject(new Error(`${this.name} exited (${code ?? signal}) with a call pending`));
       this.#pending.clear();
     });
   }
@@ -55,7 +59,12 @@ export function serveRpc(handlers: Record<string, (request: Request) => unknown>
       })
       .then(
         (value) => process.send?.({ id: request.id, ok: true, value: value ?? null }),
-        (err: unknown) => process.send?.({ id: request.id, ok: false, error: err instanceof Error ? `${err.message}\n${err.stack}` : String(err) }),
+        (err: unknown) =>
+          process.send?.({
+            id: request.id,
+            ok: false,
+            error: err instanceof Error ? `${err.message}\n${err.stack}` : String(err),
+          }),
       );
   });
   process.on('disconnect', () => process.exit(0));

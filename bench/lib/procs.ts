@@ -25,7 +25,12 @@ function track(child: ChildProcess): ChildProcess {
 }
 
 /** Forks a TypeScript entry point (through tsx) with an IPC channel; resolves with its ready message. */
-export async function forkTs<Ready>(name: string, script: string, args: string[], opts: { env?: NodeJS.ProcessEnv; nodeFlags?: string[] } = {}): Promise<{ rpc: Rpc; ready: Ready; child: ChildProcess }> {
+export async function forkTs<Ready>(
+  name: string,
+  script: string,
+  args: string[],
+  opts: { env?: NodeJS.ProcessEnv; nodeFlags?: string[] } = {},
+): Promise<{ rpc: Rpc; ready: Ready; child: ChildProcess }> {
   const child = track(
     spawn(process.execPath, [...(opts.nodeFlags ?? []), '--import', 'tsx', script, ...args], {
       stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
@@ -80,7 +85,10 @@ export async function startMosquitto(pkiDir: string): Promise<{ port: number; ch
   const port = await freePort();
   const conf = path.join(workDir, 'mosquitto.conf');
   const caFile = path.join(workDir, 'ca.pem');
-  writeFileSync(caFile, readFileSync(path.join(pkiDir, 'root-ca.pem'), 'utf8') + readFileSync(path.join(pkiDir, 'signer-ca.pem'), 'utf8'));
+  writeFileSync(
+    caFile,
+    readFileSync(path.join(pkiDir, 'root-ca.pem'), 'utf8') + readFileSync(path.join(pkiDir, 'signer-ca.pem'), 'utf8'),
+  );
   // Nor the 0600 dev key: copies, readable.
   const keyFile = path.join(workDir, 'server.key');
   writeFileSync(keyFile, readFileSync(path.join(pkiDir, 'server.key')), { mode: 0o644 });

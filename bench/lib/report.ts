@@ -96,7 +96,13 @@ export function printTable(s: Summary): string {
   const row = (what: string, fleethub: unknown, baselineName: string, baseline: unknown, target: string) =>
     rows.push([what, fmt(fleethub), baselineName, fmt(baseline), ratio(fleethub, baseline), target]);
   const c = s.connections;
-  row(`RSS per joined device, KiB (${fmt(c.devices)} devices)`, c.per_conn_kib, 'raw ws+TLS', c.floor_per_conn_kib, '≤ 1.3×');
+  row(
+    `RSS per joined device, KiB (${fmt(c.devices)} devices)`,
+    c.per_conn_kib,
+    'raw ws+TLS',
+    c.floor_per_conn_kib,
+    '≤ 1.3×',
+  );
   row('heap per joined device, KiB', c.heap_per_conn_kib, 'raw ws+TLS', c.floor_heap_per_conn_kib, '');
   for (const key of Object.keys(c).filter((k) => /^at_\d+_per_conn_kib$/.test(k))) {
     const n = key.split('_')[1];
@@ -118,12 +124,28 @@ export function printTable(s: Summary): string {
   }
   const fw = s.firmware;
   row('firmware 50 × 64 MiB, MiB/s', fw.mib_s, 'plain https', fw.floor_mib_s, '≥ 0.9×');
-  row('firmware: server RSS growth while serving, MiB', fw.rss_growth_mib, 'plain https', fw.floor_rss_growth_mib, 'bounded');
+  row(
+    'firmware: server RSS growth while serving, MiB',
+    fw.rss_growth_mib,
+    'plain https',
+    fw.floor_rss_growth_mib,
+    'bounded',
+  );
   const i = s.ingest;
   row(`report ingest PGlite, events/s (offered ${fmt(i.offered_per_s)}/s)`, i.events_s, 'offered', i.offered_per_s, '');
   row('report ingest PGlite, p99 ack ms', i.p99_ack_ms, '', undefined, '');
-  row(`report ingest PostgreSQL, events/s (offered ${fmt(i.postgres_offered_per_s)}/s)`, i.postgres_events_s, 'offered', i.postgres_offered_per_s, '');
+  row(
+    `report ingest PostgreSQL, events/s (offered ${fmt(i.postgres_offered_per_s)}/s)`,
+    i.postgres_events_s,
+    'offered',
+    i.postgres_offered_per_s,
+    '',
+  );
   row('report ingest PostgreSQL, p99 ack ms', i.postgres_p99_ack_ms, '', undefined, '');
   const header = ['figure', 'fleethub', 'baseline', 'baseline value', 'ratio', 'target'];
-  return [`| ${header.join(' | ')} |`, `|${header.map(() => '---').join('|')}|`, ...rows.map((r) => `| ${r.join(' | ')} |`)].join('\n');
+  return [
+    `| ${header.join(' | ')} |`,
+    `|${header.map(() => '---').join('|')}|`,
+    ...rows.map((r) => `| ${r.join(' | ')} |`),
+  ].join('\n');
 }

@@ -37,7 +37,8 @@ export interface GrispBoardOptions {
 type Pending = { resolve(v: unknown): void; reject(e: Error): void };
 
 export class GrispBoard extends EventEmitter {
-  readonly o: Required<Omit<GrispBoardOptions, 'faults' | 'noSubprotocol'>> & Pick<GrispBoardOptions, 'faults' | 'noSubprotocol'>;
+  readonly o: Required<Omit<GrispBoardOptions, 'faults' | 'noSubprotocol'>> &
+    Pick<GrispBoardOptions, 'faults' | 'noSubprotocol'>;
   ws: WebSocket | undefined;
   /** What the board runs, and what it would boot next. */
   running: string;
@@ -60,7 +61,14 @@ export class GrispBoard extends EventEmitter {
 
   constructor(options: GrispBoardOptions) {
     super();
-    this.o = { relname: 'fleethub_sim', pingTimeoutMs: 60_000, reconnectMs: 200, progressThrottleMs: 100, ...options, url: grispUrl(options.url) };
+    this.o = {
+      relname: 'fleethub_sim',
+      pingTimeoutMs: 60_000,
+      reconnectMs: 200,
+      progressThrottleMs: 100,
+      ...options,
+      url: grispUrl(options.url),
+    };
     this.running = options.version;
   }
 
@@ -137,13 +145,21 @@ export class GrispBoard extends EventEmitter {
         for (const p of this.#pending.values()) p.reject(new Error('disconnected'));
         this.#pending.clear();
         this.emit('disconnected');
-        if (!this.#stopped) this.#reconnectTimer = setTimeout(() => this.#connect().catch(() => this.#scheduleRetry()), this.o.reconnectMs);
+        if (!this.#stopped)
+          this.#reconnectTimer = setTimeout(
+            () => this.#connect().catch(() => this.#scheduleRetry()),
+            this.o.reconnectMs,
+          );
       });
     });
   }
 
   #scheduleRetry(): void {
-    if (!this.#stopped) this.#reconnectTimer = setTimeout(() => this.#connect().catch(() => this.#scheduleRetry()), this.o.reconnectMs * 2);
+    if (!this.#stopped)
+      this.#reconnectTimer = setTimeout(
+        () => this.#connect().catch(() => this.#scheduleRetry()),
+        this.o.reconnectMs * 2,
+      );
   }
 
   #armPingWatchdog(): void {
@@ -184,7 +200,12 @@ export class GrispBoard extends EventEmitter {
           continue;
         }
         this.#pending.delete(m.id);
-        if ('error' in m) p.reject(Object.assign(new Error(String((m.error as { message?: unknown }).message)), { code: (m.error as { code?: unknown }).code }));
+        if ('error' in m)
+          p.reject(
+            Object.assign(new Error(String((m.error as { message?: unknown }).message)), {
+              code: (m.error as { code?: unknown }).code,
+            }),
+          );
         else p.resolve(m.result);
       } else {
         this.emit('server_message', m);
@@ -192,8 +213,13 @@ export class GrispBoard extends EventEmitter {
     }
   }
 
-  async #answer(method: string, params: Record<string, unknown>): Promise<{ result: unknown } | { error: Record<string, unknown> }> {
-    const err = (code: number, message: string, data?: unknown) => ({ error: { code, message, ...(data !== undefined ? { data } : {}) } });
+  async #answer(
+    method: string,
+    params: Record<string, unknown>,
+  ): Promise<{ result: unknown } | { error: Record<string, unknown> }> {
+    const err = (code: number, message: string, data?: unknown) => ({
+      error: { code, message, ...(data !== undefined ? { data } : {}) },
+    });
     if (method === 'log.get') {
       const max = Number(params.max_batch_size ?? 100);
       return { result: { events: this.#logs.slice(0, max), dropped: 0 } };
@@ -223,7 +249,12 @@ export class GrispBoard extends EventEmitter {
             this.actionRequired = 'validate';
             this.#previous = this.running;
           }
-          return err(fault, { [-10]: 'grisp_updater_unavailable', [-11]: 'already_updating', [-12]: 'boot_system_not_validated' }[fault] ?? 'error');
+          return err(
+            fault,
+            { [-10]: 'grisp_updater_unavailable', [-11]: 'already_updating', [-12]: 'boot_system_not_validated' }[
+              fault
+            ] ?? 'error',
+          );
         }
         if (this.actionRequired === 'validate') return err(-12, 'boot_system_not_validated');
         if (this.updateStatus === 'updating') return err(-11, 'already_updating');
@@ -238,7 +269,11 @@ export class GrispBoard extends EventEmitter {
         const fault = this.o.faults?.validate;
         if (fault !== undefined) {
           delete this.o.faults!.validate;
-          return err(fault, fault === -13 ? 'validate_from_unbooted' : 'grisp_updater_unavailable', fault === -13 ? 0 : undefined);
+          return err(
+            fault,
+            fault === -13 ? 'validate_from_unbooted' : 'grisp_updater_unavailable',
+            fault === -13 ? 0 : undefined,
+          );
         }
         if (this.actionRequired !== 'validate') return err(-13, 'validate_from_unbooted', 0);
         this.actionRequired = null;
@@ -263,13 +298,17 @@ export class GrispBoard extends EventEmitter {
       this.#send({ jsonrpc: '2.0', method: 'update', params: { type: 'software_update_event', ...e } });
     };
     try {
-      const manifest = JSON.parse((await this.#fetch(`${url}/MANIFEST.sealed`)).toString('utf8')) as { version: string; blocks: Array<{ path: string; sha256: string; size: number }> };
+      const manifest = JSON.parse((await this.#fetch(`${url}/MANIFEST.sealed`)).toString('utf8')) as {
+        version: string;
+        blocks: Array<{ path: string; sha256: string; size: number }>;
+      };
       const total = manifest.blocks.reduce((n, b) => n + b.size, 0) || 1;
       let done = 0;
       for (const block of manifest.blocks) {
         const bytes = await this.#fetch(`${url}/${block.path}`);
         const digest = createHash('sha256').update(bytes).digest('hex');
-        if (digest !== block.sha256) throw new Error(`block ${block.path} has sha256 ${digest}, the manifest says ${block.sha256}`);
+        if (digest !== block.sha256)
+          throw new Error(`block ${block.path} has sha256 ${digest}, the manifest says ${block.sha256}`);
         done += bytes.length;
         if (Date.now() - lastProgress >= this.o.progressThrottleMs) {
           lastProgress = Date.now();
@@ -290,12 +329,20 @@ export class GrispBoard extends EventEmitter {
 
   #fetch(url: string): Promise<Buffer> {
     return new Promise((resolve, reject) => {
-      const req = https.get(url, { cert: this.o.tls.cert, key: this.o.tls.key, ca: this.o.tls.ca, servername: this.o.tls.servername }, (res) => {
-        const chunks: Buffer[] = [];
-        res.on('data', (c: Buffer) => chunks.push(c));
-        res.on('end', () => (res.statusCode === 200 ? resolve(Buffer.concat(chunks)) : reject(new Error(`GET ${new URL(url).pathname.split('/').pop()} answered ${res.statusCode}`))));
-        res.on('error', reject);
-      });
+      const req = https.get(
+        url,
+        { cert: this.o.tls.cert, key: this.o.tls.key, ca: this.o.tls.ca, servername: this.o.tls.servername },
+        (res) => {
+          const chunks: Buffer[] = [];
+          res.on('data', (c: Buffer) => chunks.push(c));
+          res.on('end', () =>
+            res.statusCode === 200
+              ? resolve(Buffer.concat(chunks))
+              : reject(new Error(`GET ${new URL(url).pathname.split('/').pop()} answered ${res.statusCode}`)),
+          );
+          res.on('error', reject);
+        },
+      );
       req.on('error', reject);
     });
   }
@@ -320,8 +367,18 @@ export class GrispBoard extends EventEmitter {
 }
 
 /** A GRiSP package as the server accepts it: a tar with a JSON MANIFEST.sealed and `blocks/<n>.bin`. */
-export async function buildGrispPackage(o: { version: string; relname?: string; blocks: Buffer[]; corruptBlock?: number; leading?: Array<{ name: string; data: Buffer }> }): Promise<Buffer> {
-  const blocks = o.blocks.map((data, i) => ({ path: `blocks/${i}.bin`, sha256: createHash('sha256').update(data).digest('hex'), size: data.length }));
+export async function buildGrispPackage(o: {
+  version: string;
+  relname?: string;
+  blocks: Buffer[];
+  corruptBlock?: number;
+  leading?: Array<{ name: string; data: Buffer }>;
+}): Promise<Buffer> {
+  const blocks = o.blocks.map((data, i) => ({
+    path: `blocks/${i}.bin`,
+    sha256: createHash('sha256').update(data).digest('hex'),
+    size: data.length,
+  }));
   const manifest = Buffer.from(JSON.stringify({ version: o.version, relname: o.relname ?? 'fleethub_sim', blocks }));
   const p = pack();
   const chunks: Buffer[] = [];
@@ -351,7 +408,13 @@ function grispUrl(url: string): string {
 registerSimulatorProtocol({
   name: 'grisp',
   createDevice(spec, _shared, report) {
-    const board = new GrispBoard({ url: spec.url, tls: spec.tls, serial: spec.serial, version: spec.firmware.version, reconnectMs: 1000 + Math.floor(Math.random() * 1000) });
+    const board = new GrispBoard({
+      url: spec.url,
+      tls: spec.tls,
+      serial: spec.serial,
+      version: spec.firmware.version,
+      reconnectMs: 1000 + Math.floor(Math.random() * 1000),
+    });
     let updating: string | undefined;
     board.on('connected', () => {
       report({ type: 'connected' });
@@ -362,7 +425,9 @@ registerSimulatorProtocol({
       updating = version;
       report({ type: 'update_begin', version });
     });
-    board.on('install_failed', (reason: string) => report({ type: 'update_failed', version: updating ?? '?', errors: [reason] }));
+    board.on('install_failed', (reason: string) =>
+      report({ type: 'update_failed', version: updating ?? '?', errors: [reason] }),
+    );
     board.on('validated', (version: string) => report({ type: 'update_succeeded', version }));
     return { start: () => board.start().catch(() => undefined), stop: () => board.stop() };
   },

@@ -50,11 +50,16 @@ export class KeyauthClient extends EventEmitter {
     this.o = options;
     const keyFile = path.join(options.stateDir, 'keyauth-key.pem');
     const versionFile = path.join(options.stateDir, 'keyauth-version');
-    const pem = existsSync(keyFile) ? readFileSync(keyFile, 'utf8') : generateKeyPairSync('rsa', { modulusLength: 2048 }).privateKey.export({ type: 'pkcs8', format: 'pem' }).toString();
+    const pem = existsSync(keyFile)
+      ? readFileSync(keyFile, 'utf8')
+      : generateKeyPairSync('rsa', { modulusLength: 2048 })
+          .privateKey.export({ type: 'pkcs8', format: 'pem' })
+          .toString();
     this.privateKey = createPrivateKey(pem);
     this.publicKeyPem = createPublicKey(this.privateKey).export({ type: 'spki', format: 'pem' }).toString();
     this.version = existsSync(versionFile) ? readFileSync(versionFile, 'utf8').trim() : options.version;
-    if (!existsSync(keyFile)) void mkdir(options.stateDir, { recursive: true }).then(() => writeFile(keyFile, pem, { mode: 0o600 }));
+    if (!existsSync(keyFile))
+      void mkdir(options.stateDir, { recursive: true }).then(() => writeFile(keyFile, pem, { mode: 0o600 }));
   }
 
   get component(): string {
@@ -66,7 +71,7 @@ export class KeyauthClient extends EventEmitter {
     return new Promise((resolve, reject) => {
       if (!this.socket || this.socket.destroyed) return reject(new Error('not connected'));
       this.#waiting.push(resolve);
-      this.socket.write(JSON.stringify(message) + '\n');
+      this.socket.write(`${JSON.stringify(message)}\n`);
     });
   }
 
@@ -120,19 +125,26 @@ export class KeyauthClient extends EventEmitter {
 
   async #authorise(): Promise<void> {
     if (this.#stopped || !this.socket || this.socket.destroyed) return;
-    const reply = await this.#request({ code: 101, data: { key: this.publicKeyPem, ...(this.o.name ? { name: this.o.name } : {}) } });
+    const reply = await this.#request({
+      code: 101,
+      data: { key: this.publicKeyPem, ...(this.o.name ? { name: this.o.name } : {}) },
+    });
     if (reply.code === 102) {
       this.emit('pending', reply);
       this.#later(this.o.pollIntervalMs ?? 30_000, () => this.#authorise());
       return;
     }
-    if (reply.code !== 103 || typeof reply.data?.key !== 'string') return void this.emit('warning', `unexpected answer to 101: ${JSON.stringify(reply)}`);
+    if (reply.code !== 103 || typeof reply.data?.key !== 'string')
+      return void this.emit('warning', `unexpected answer to 101: ${JSON.stringify(reply)}`);
     this.serverKey = createPublicKey(reply.data.key);
     this.emit('authorised');
     await this.action('status', { version: this.version, component: this.component });
     await this.checkForUpdate();
     const poll = setInterval(() => void this.checkForUpdate().catch(() => undefined), this.o.pollIntervalMs ?? 30_000);
-    const beat = setInterval(() => void this.action('heartbeat').catch(() => undefined), this.o.heartbeatIntervalMs ?? 60_000);
+    const beat = setInterval(
+      () => void this.action('heartbeat').catch(() => undefined),
+      this.o.heartbeatIntervalMs ?? 60_000,
+    );
     this.#timers.add(poll).add(beat);
     this.socket.once('close', () => {
       clearInterval(poll);
@@ -146,9 +158,13 @@ export class KeyauthClient extends EventEmitter {
     this.#busy = true;
     try {
       const reply = await this.action('check_update', { version: this.version, component: this.component });
-      const update = reply.data?.update as { version: string; url: string; sha256: string; size: number } | null | undefined;
+      const update = reply.data?.update as
+        | { version: string; url: string; sha256: string; size: number }
+        | null
+        | undefined;
       if (reply.code !== 200 || !update) return;
-      const report = (data: Record<string, unknown>) => this.action('report', { component: this.component, version: update.version, ...data });
+      const report = (data: Record<string, unknown>) =>
+        this.action('report', { component: this.component, version: update.version, ...data });
       this.emit('update_begin', update);
       await report({ type: 'progress', percent: 0 });
       const res = await fetch(update.url);
@@ -205,7 +221,9 @@ registerSimulatorProtocol({
     client.on('disconnected', () => report({ type: 'disconnected' }));
     client.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     client.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
-    client.on('update_failed', ({ version, error }: { version: string; error: string }) => report({ type: 'update_failed', version, errors: [error] }));
+    client.on('update_failed', ({ version, error }: { version: string; error: string }) =>
+      report({ type: 'update_failed', version, errors: [error] }),
+    );
     client.on('warning', () => undefined);
     return { start: () => client.start(), stop: () => client.stop() };
   },

@@ -58,7 +58,9 @@ export class MainServerDevice extends EventEmitter {
     super();
     this.o = options;
     const file = this.#stateFile();
-    this.state = existsSync(file) ? (JSON.parse(readFileSync(file, 'utf8')) as SavedState) : { versions: Object.fromEntries(options.extensions.map((e) => [e.name, e.version])) };
+    this.state = existsSync(file)
+      ? (JSON.parse(readFileSync(file, 'utf8')) as SavedState)
+      : { versions: Object.fromEntries(options.extensions.map((e) => [e.name, e.version])) };
     if (options.token) this.state.token = options.token;
   }
 
@@ -76,7 +78,10 @@ export class MainServerDevice extends EventEmitter {
   async #call<T>(method: string, pathname: string, body?: unknown): Promise<{ status: number; body: T }> {
     const res = await fetch(`${this.o.url.replace(/\/+$/, '')}/api/main-server${pathname}`, {
       method,
-      headers: { ...(body !== undefined ? { 'content-type': 'application/json' } : {}), ...(this.state.token ? { authorization: `Bearer ${this.state.token}` } : {}) },
+      headers: {
+        ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+        ...(this.state.token ? { authorization: `Bearer ${this.state.token}` } : {}),
+      },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const text = await res.text();
@@ -118,7 +123,13 @@ export class MainServerDevice extends EventEmitter {
   /** Registers, or presents the claim to collect the token once approved. */
   async register(): Promise<void> {
     if (this.state.token || this.#stopped) return;
-    const res = await this.#call<{ status?: string; claim_token?: string; device_token?: string; error?: string; details?: string }>('POST', '/register-device', {
+    const res = await this.#call<{
+      status?: string;
+      claim_token?: string;
+      device_token?: string;
+      error?: string;
+      details?: string;
+    }>('POST', '/register-device', {
       device_id: this.o.deviceId,
       name: this.o.name ?? this.o.deviceId,
       ip: this.o.ip ?? '127.0.0.1',
@@ -145,7 +156,11 @@ export class MainServerDevice extends EventEmitter {
 
   async heartbeat(): Promise<void> {
     if (!this.state.token || this.#stopped) return;
-    const res = await this.#call('POST', '/heartbeat', { device_id: this.o.deviceId, status: 'online', timestamp: new Date().toISOString() });
+    const res = await this.#call('POST', '/heartbeat', {
+      device_id: this.o.deviceId,
+      status: 'online',
+      timestamp: new Date().toISOString(),
+    });
     if (res.status !== 200) this.emit('warning', `heartbeat answered ${res.status}`);
   }
 
@@ -170,7 +185,14 @@ export class MainServerDevice extends EventEmitter {
   }
 
   async #status(offer: UpdateOffer, status: string, extra: Record<string, unknown> = {}): Promise<void> {
-    const res = await this.#call('POST', '/update-status', { device_id: this.o.deviceId, extension_id: offer.extension_id, version: offer.available_version, status, timestamp: new Date().toISOString(), ...extra });
+    const res = await this.#call('POST', '/update-status', {
+      device_id: this.o.deviceId,
+      extension_id: offer.extension_id,
+      version: offer.available_version,
+      status,
+      timestamp: new Date().toISOString(),
+      ...extra,
+    });
     if (res.status !== 200) this.emit('warning', `update-status ${status} answered ${res.status}`);
   }
 
@@ -190,7 +212,8 @@ export class MainServerDevice extends EventEmitter {
     if (faults.corrupt && data.length) data[data.length >> 1] ^= 0xff;
     const sha256 = createHash('sha256').update(data).digest('hex');
     const header = res.headers.get('x-checksum-sha256');
-    if (sha256 !== offer.sha256 || (header && header !== sha256)) return fail('failed', `sha256 mismatch: expected ${offer.sha256}, got ${sha256}`);
+    if (sha256 !== offer.sha256 || (header && header !== sha256))
+      return fail('failed', `sha256 mismatch: expected ${offer.sha256}, got ${sha256}`);
     await this.#status(offer, 'in_progress', { progress: 50 });
     // 2. back up the current extension.
     const dir = path.join(this.o.stateDir, 'extensions', offer.name);
@@ -203,7 +226,8 @@ export class MainServerDevice extends EventEmitter {
     try {
       const files = await extractZip(data);
       const manifest = parseManifest(JSON.parse(files.get(MANIFEST_NAME)?.toString('utf8') ?? 'null'));
-      if (manifest.extension !== offer.name || manifest.version !== version) throw new Error(`package is ${manifest.extension} ${manifest.version}, expected ${offer.name} ${version}`);
+      if (manifest.extension !== offer.name || manifest.version !== version)
+        throw new Error(`package is ${manifest.extension} ${manifest.version}, expected ${offer.name} ${version}`);
       await rm(current, { recursive: true, force: true });
       for (const [name, bytes] of files) {
         const target = path.join(current, name);
@@ -249,7 +273,9 @@ registerSimulatorProtocol({
     });
     device.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     device.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
-    device.on('update_failed', ({ version, error }: { version: string; error: string }) => report({ type: 'update_failed', version, errors: [error] }));
+    device.on('update_failed', ({ version, error }: { version: string; error: string }) =>
+      report({ type: 'update_failed', version, errors: [error] }),
+    );
     device.on('warning', () => undefined);
     return { start: () => device.start(), stop: () => device.stop() };
   },

@@ -62,7 +62,13 @@ export class WifidogxGateway extends EventEmitter {
 
   constructor(options: GatewayOptions) {
     super();
-    this.o = { gateways: [{ gw_id: 'gw-1', auth_mode: 1 }], heartbeatMs: 60_000, reconnectMs: 200, legacy: false, ...options };
+    this.o = {
+      gateways: [{ gw_id: 'gw-1', auth_mode: 1 }],
+      heartbeatMs: 60_000,
+      reconnectMs: 200,
+      legacy: false,
+      ...options,
+    };
     this.version = options.version;
     for (const gw of this.o.gateways) this.authModes.set(gw.gw_id, gw.auth_mode);
   }
@@ -96,13 +102,24 @@ export class WifidogxGateway extends EventEmitter {
     const secure = u.protocol === 'wss:';
     const port = Number(u.port || (secure ? 443 : 80));
     return new Promise((resolve, reject) => {
-      const socket = secure ? tls.connect({ host: u.hostname, port, ca: this.o.ca, servername: u.hostname === 'localhost' ? 'localhost' : undefined }) : net.connect({ host: u.hostname, port });
+      const socket = secure
+        ? tls.connect({
+            host: u.hostname,
+            port,
+            ca: this.o.ca,
+            servername: u.hostname === 'localhost' ? 'localhost' : undefined,
+          })
+        : net.connect({ host: u.hostname, port });
       this.socket = socket;
       this.#handshaken = false;
       const key = randomBytes(16).toString('base64');
       socket.once(secure ? 'secureConnect' : 'connect', () => {
-        const target = this.o.credential ? `${u.pathname}?credential=${encodeURIComponent(this.o.credential)}` : `${u.pathname}${u.search}`;
-        socket.write(`GET ${target} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`);
+        const target = this.o.credential
+          ? `${u.pathname}?credential=${encodeURIComponent(this.o.credential)}`
+          : `${u.pathname}${u.search}`;
+        socket.write(
+          `GET ${target} HTTP/1.1\r\nHost: ${u.host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: ${key}\r\nSec-WebSocket-Version: 13\r\n\r\n`,
+        );
       });
       socket.on('data', (chunk: Buffer) => {
         // One read of the real client: at most READ_BUFFER_BYTES.
@@ -115,7 +132,8 @@ export class WifidogxGateway extends EventEmitter {
             socket.destroy();
             return reject(new Error(`upgrade refused: ${text.split('\r\n')[0]}`));
           }
-          if (/sec-websocket-extensions/i.test(text.slice(0, end))) this.#violation('the server negotiated an extension (compression)');
+          if (/sec-websocket-extensions/i.test(text.slice(0, end)))
+            this.#violation('the server negotiated an extension (compression)');
           const accept = createHash('sha1').update(`${key}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest('base64');
           if (!text.includes(accept)) this.#violation('bad Sec-WebSocket-Accept');
           if (end + 4 !== chunk.length) this.#violation('a frame arrived in the same read as the 101 response');
@@ -137,7 +155,8 @@ export class WifidogxGateway extends EventEmitter {
         const was = this.#handshaken;
         this.#handshaken = false;
         if (was) this.emit('disconnected');
-        if (!this.#stopped) this.#reconnect = setTimeout(() => this.#connect().catch(() => undefined), this.o.reconnectMs);
+        if (!this.#stopped)
+          this.#reconnect = setTimeout(() => this.#connect().catch(() => undefined), this.o.reconnectMs);
       });
     });
   }
@@ -150,7 +169,8 @@ export class WifidogxGateway extends EventEmitter {
 
   /** One read: exactly one complete, unfragmented, uncompressed frame, or a loud failure. */
   #onRead(chunk: Buffer): void {
-    if (chunk.length > READ_BUFFER_BYTES) return this.#violation(`a read of ${chunk.length} bytes exceeds the ${READ_BUFFER_BYTES}-byte buffer`);
+    if (chunk.length > READ_BUFFER_BYTES)
+      return this.#violation(`a read of ${chunk.length} bytes exceeds the ${READ_BUFFER_BYTES}-byte buffer`);
     if (chunk.length < 2) return this.#violation('a read holds less than a frame header');
     const fin = (chunk[0]! & 0x80) !== 0;
     const rsv = chunk[0]! & 0x70;
@@ -169,7 +189,10 @@ export class WifidogxGateway extends EventEmitter {
     if (rsv) return this.#violation('a compressed frame (RSV bits set)');
     if (opcode === 8) {
       const body = chunk.subarray(offset);
-      this.lastClose = body.length >= 2 ? { code: body.readUInt16BE(0), reason: body.subarray(2).toString('utf8') } : { code: 1005, reason: '' };
+      this.lastClose =
+        body.length >= 2
+          ? { code: body.readUInt16BE(0), reason: body.subarray(2).toString('utf8') }
+          : { code: 1005, reason: '' };
       this.emit('closed', this.lastClose);
       return void this.socket?.destroy();
     }
@@ -189,14 +212,21 @@ export class WifidogxGateway extends EventEmitter {
   send(message: Record<string, unknown>): void {
     const payload = Buffer.from(JSON.stringify(message));
     const mask = randomBytes(4);
-    const header = payload.length < 126 ? Buffer.from([0x81, 0x80 | payload.length]) : Buffer.from([0x81, 0x80 | 126, payload.length >> 8, payload.length & 0xff]);
+    const header =
+      payload.length < 126
+        ? Buffer.from([0x81, 0x80 | payload.length])
+        : Buffer.from([0x81, 0x80 | 126, payload.length >> 8, payload.length & 0xff]);
     const masked = Buffer.from(payload.map((b, i) => b ^ mask[i % 4]!));
     this.socket?.write(Buffer.concat([header, mask, masked]));
   }
 
   #reply(request: Record<string, unknown>, message: Record<string, unknown>): void {
     const type = message.type as string;
-    this.send(this.o.legacy ? message : { ...message, op: type, ...(request.req_id !== undefined ? { req_id: request.req_id } : {}) });
+    this.send(
+      this.o.legacy
+        ? message
+        : { ...message, op: type, ...(request.req_id !== undefined ? { req_id: request.req_id } : {}) },
+    );
   }
 
   #report(type: 'connect' | 'heartbeat'): void {
@@ -204,8 +234,20 @@ export class WifidogxGateway extends EventEmitter {
       type,
       ...(this.o.legacy ? {} : { op: type }),
       device_id: this.o.deviceId,
-      device_info: { ap_device_id: this.o.deviceId, ap_mac_address: '02:00:00:00:00:01', ap_longitude: '0', ap_latitude: '0', location_id: 'lab' },
-      gateway: [...this.authModes].map(([gw_id, auth_mode]) => ({ gw_id, gw_channel: 'lan', gw_address_v4: '192.168.1.1', auth_mode, gw_interface: 'br-lan' })),
+      device_info: {
+        ap_device_id: this.o.deviceId,
+        ap_mac_address: '02:00:00:00:00:01',
+        ap_longitude: '0',
+        ap_latitude: '0',
+        location_id: 'lab',
+      },
+      gateway: [...this.authModes].map(([gw_id, auth_mode]) => ({
+        gw_id,
+        gw_channel: 'lan',
+        gw_address_v4: '192.168.1.1',
+        auth_mode,
+        gw_interface: 'br-lan',
+      })),
     });
   }
 
@@ -220,7 +262,15 @@ export class WifidogxGateway extends EventEmitter {
         }
         return;
       case 'get_firmware_info':
-        return this.#reply(m, { type: 'firmware_info_response', data: { DISTRIB_ID: 'ChaWrt', DISTRIB_RELEASE: this.version, DISTRIB_TARGET: 'ramips/mt7621', DISTRIB_DESCRIPTION: `ChaWrt ${this.version}` } });
+        return this.#reply(m, {
+          type: 'firmware_info_response',
+          data: {
+            DISTRIB_ID: 'ChaWrt',
+            DISTRIB_RELEASE: this.version,
+            DISTRIB_TARGET: 'ramips/mt7621',
+            DISTRIB_DESCRIPTION: `ChaWrt ${this.version}`,
+          },
+        });
       case 'firmware_upgrade': {
         const url = m.url;
         if (typeof url !== 'string' || !/^https?:\/\/[A-Za-z0-9.:/_~-]+$/.test(url) || url.length >= 500) {
@@ -231,10 +281,17 @@ export class WifidogxGateway extends EventEmitter {
         try {
           image = await fetchUrl(url, this.o.ca);
         } catch (err) {
-          return this.#reply(m, { type: 'firmware_upgrade_error', error: `Failed to execute sysupgrade command: ${(err as Error).message}` });
+          return this.#reply(m, {
+            type: 'firmware_upgrade_error',
+            error: `Failed to execute sysupgrade command: ${(err as Error).message}`,
+          });
         }
-        this.#reply(m, { type: 'firmware_upgrade_response', status: 'success', message: 'Firmware upgrade initiated successfully' });
-        const declared = /WIFIDOGX-SIM-FIRMWARE version=(\S+?)\n/.exec(image.subarray(0, 4096).toString("latin1"))?.[1];
+        this.#reply(m, {
+          type: 'firmware_upgrade_response',
+          status: 'success',
+          message: 'Firmware upgrade initiated successfully',
+        });
+        const declared = /WIFIDOGX-SIM-FIRMWARE version=(\S+?)\n/.exec(image.subarray(0, 4096).toString('latin1'))?.[1];
         this.emit('upgrading', declared);
         setTimeout(() => {
           if (declared) this.version = declared;
@@ -245,9 +302,22 @@ export class WifidogxGateway extends EventEmitter {
       }
       case 'kickoff': {
         const mac = String(m.client_mac ?? '').toLowerCase();
-        if (!m.client_ip || !m.client_mac || !m.gw_id) return this.#reply(m, { type: 'kickoff_error', error: 'Missing required fields in request' });
-        if (!this.#clients.delete(mac)) return this.#reply(m, { type: 'kickoff_error', error: 'Client not found', client_ip: m.client_ip, client_mac: m.client_mac });
-        return this.#reply(m, { type: 'kickoff_response', status: 'success', client_ip: m.client_ip, client_mac: m.client_mac, message: 'Client kicked off successfully' });
+        if (!m.client_ip || !m.client_mac || !m.gw_id)
+          return this.#reply(m, { type: 'kickoff_error', error: 'Missing required fields in request' });
+        if (!this.#clients.delete(mac))
+          return this.#reply(m, {
+            type: 'kickoff_error',
+            error: 'Client not found',
+            client_ip: m.client_ip,
+            client_mac: m.client_mac,
+          });
+        return this.#reply(m, {
+          type: 'kickoff_response',
+          status: 'success',
+          client_ip: m.client_ip,
+          client_mac: m.client_mac,
+          message: 'Client kicked off successfully',
+        });
       }
       case 'auth':
         if (typeof m.client_mac === 'string') this.#clients.add(m.client_mac.toLowerCase());
@@ -263,11 +333,17 @@ export class WifidogxGateway extends EventEmitter {
 
 function fetchUrl(url: string, ca?: string): Promise<Buffer> {
   return new Promise((resolve, reject) => {
-    const get = url.startsWith('https:') ? (u: string, cb: (res: http.IncomingMessage) => void) => https.get(u, { ca }, cb) : (u: string, cb: (res: http.IncomingMessage) => void) => http.get(u, cb);
+    const get = url.startsWith('https:')
+      ? (u: string, cb: (res: http.IncomingMessage) => void) => https.get(u, { ca }, cb)
+      : (u: string, cb: (res: http.IncomingMessage) => void) => http.get(u, cb);
     const req = get(url, (res) => {
       const chunks: Buffer[] = [];
       res.on('data', (c: Buffer) => chunks.push(c));
-      res.on('end', () => (res.statusCode === 200 ? resolve(Buffer.concat(chunks)) : reject(new Error(`download answered ${res.statusCode}`))));
+      res.on('end', () =>
+        res.statusCode === 200
+          ? resolve(Buffer.concat(chunks))
+          : reject(new Error(`download answered ${res.statusCode}`)),
+      );
     });
     req.on('error', reject);
   });
@@ -281,7 +357,14 @@ registerSimulatorProtocol({
     const url = `${scheme}://${u.host}${u.pathname.startsWith('/ws/wifidogx') ? u.pathname : '/ws/wifidogx'}`;
     // `--url ws://host:4000/ws/wifidogx?credential=<issued>` carries an approved gateway's credential.
     const credential = u.searchParams.get('credential') ?? undefined;
-    const gw = new WifidogxGateway({ url, deviceId: spec.serial, version: spec.firmware.version, ca: spec.tls.ca, reconnectMs: 2000, ...(credential ? { credential } : {}) });
+    const gw = new WifidogxGateway({
+      url,
+      deviceId: spec.serial,
+      version: spec.firmware.version,
+      ca: spec.tls.ca,
+      reconnectMs: 2000,
+      ...(credential ? { credential } : {}),
+    });
     gw.on('connected', () => report({ type: 'connected' }));
     gw.on('disconnected', () => report({ type: 'disconnected' }));
     gw.on('message', (m: Record<string, unknown>) => {
@@ -289,7 +372,9 @@ registerSimulatorProtocol({
     });
     gw.on('upgrading', (version?: string) => report({ type: 'update_begin', version: version ?? '?' }));
     gw.on('rebooted', (version: string) => report({ type: 'update_succeeded', version }));
-    gw.on('violation', (what: string) => report({ type: 'update_failed', version: gw.version, errors: [`protocol violation: ${what}`] }));
+    gw.on('violation', (what: string) =>
+      report({ type: 'update_failed', version: gw.version, errors: [`protocol violation: ${what}`] }),
+    );
     return { start: () => gw.start().catch(() => undefined), stop: () => gw.stop() };
   },
 });

@@ -63,7 +63,10 @@ export class OperatorAuth {
   readonly #key: Uint8Array;
 
   constructor(deps: AuthDeps) {
-    if (!deps.secret || deps.secret.length < 16) throw new Error('the API secret must have at least 16 characters (set FLEETHUB_SECRET or let the server generate one)');
+    if (!deps.secret || deps.secret.length < 16)
+      throw new Error(
+        'the API secret must have at least 16 characters (set FLEETHUB_SECRET or let the server generate one)',
+      );
     this.#db = deps.db;
     this.#key = new TextEncoder().encode(deps.secret);
   }
@@ -92,7 +95,11 @@ export class OperatorAuth {
     let sub: string | undefined;
     let exp: number | undefined;
     try {
-      const { payload } = await jwtVerify(token, this.#key, { algorithms: ['HS256'], issuer: JWT_ISSUER, audience: JWT_AUDIENCE });
+      const { payload } = await jwtVerify(token, this.#key, {
+        algorithms: ['HS256'],
+        issuer: JWT_ISSUER,
+        audience: JWT_AUDIENCE,
+      });
       sub = payload.sub;
       exp = payload.exp;
     } catch {
@@ -101,7 +108,13 @@ export class OperatorAuth {
     if (!sub) return null;
     const user = await findUserById(this.#db, sub);
     if (!user || user.disabled_at !== null || !isRole(user.role)) return null;
-    return { userId: user.id, role: user.role, orgId: user.org_id, actor: { type: 'operator', id: user.id }, ...(exp === undefined ? {} : { expiresAt: new Date(exp * 1000) }) };
+    return {
+      userId: user.id,
+      role: user.role,
+      orgId: user.org_id,
+      actor: { type: 'operator', id: user.id },
+      ...(exp === undefined ? {} : { expiresAt: new Date(exp * 1000) }),
+    };
   }
 
   async #fromApiToken(token: string): Promise<OperatorPrincipal | null> {
@@ -130,9 +143,20 @@ export class OperatorAuth {
     const orgId = row.userOrg ?? row.tokenOrg;
     // Record use at most once a minute so reads do not turn into writes.
     if (row.lastUsedAt === null || Date.now() - new Date(row.lastUsedAt).getTime() > 60_000) {
-      await this.#db.updateTable('api_tokens').set({ last_used_at: new Date() }).where('id', '=', row.tokenId).execute();
+      await this.#db
+        .updateTable('api_tokens')
+        .set({ last_used_at: new Date() })
+        .where('id', '=', row.tokenId)
+        .execute();
     }
-    return { userId: row.userId, tokenId: row.tokenId, role, orgId, actor: { type: 'api_token', id: row.tokenId }, ...(row.expiresAt === null ? {} : { expiresAt: new Date(row.expiresAt) }) };
+    return {
+      userId: row.userId,
+      tokenId: row.tokenId,
+      role,
+      orgId,
+      actor: { type: 'api_token', id: row.tokenId },
+      ...(row.expiresAt === null ? {} : { expiresAt: new Date(row.expiresAt) }),
+    };
   }
 }
 
@@ -156,10 +180,14 @@ export function registerAuth(app: FastifyInstance, deps: AuthDeps): OperatorAuth
     app.decorate('fleethubRoutes', routes);
     app.addHook('onRoute', (route) => {
       const role = requiredRoleOf(route);
-      for (const method of Array.isArray(route.method) ? route.method : [route.method]) routes.push({ method, url: route.url, role });
+      for (const method of Array.isArray(route.method) ? route.method : [route.method])
+        routes.push({ method, url: route.url, role });
       if (role && route.schema) {
         const needs = `Needs the ${role} role or higher.`;
-        route.schema = { ...route.schema, description: route.schema.description ? `${route.schema.description}\n\n${needs}` : needs };
+        route.schema = {
+          ...route.schema,
+          description: route.schema.description ? `${route.schema.description}\n\n${needs}` : needs,
+        };
       }
     });
   }
@@ -182,13 +210,23 @@ export type RoleGuard = onRequestAsyncHookHandler & { readonly requiredRole: Rol
  * `role`. Sets `request.operator`. Runs before body parsing and validation.
  */
 export function requireRole(role: Role): RoleGuard {
-  const checkRole = async function checkRole(this: FastifyInstance, request: FastifyRequest, _reply: FastifyReply): Promise<void> {
+  const checkRole = async function checkRole(
+    this: FastifyInstance,
+    request: FastifyRequest,
+    _reply: FastifyReply,
+  ): Promise<void> {
     const auth = request.server.fleethubAuth;
     if (!auth) throw new Error('requireRole used before registerAuth(app, ...)');
     const token = bearerToken(request);
-    if (!token) throw new ApiError(401, 'unauthorized', 'missing bearer token: log in (POST /api/v1/auth/login) or pass an API token as "Authorization: Bearer <token>"');
+    if (!token)
+      throw new ApiError(
+        401,
+        'unauthorized',
+        'missing bearer token: log in (POST /api/v1/auth/login) or pass an API token as "Authorization: Bearer <token>"',
+      );
     const principal = await auth.authenticate(token);
-    if (!principal) throw new ApiError(401, 'unauthorized', 'the bearer token is invalid, expired or revoked: log in again');
+    if (!principal)
+      throw new ApiError(401, 'unauthorized', 'the bearer token is invalid, expired or revoked: log in again');
     request.operator = principal;
     if (roleRank(principal.role) < roleRank(role)) {
       throw new ApiError(403, 'forbidden', `this needs the ${role} role; you are ${principal.role}`);
@@ -199,7 +237,8 @@ export function requireRole(role: Role): RoleGuard {
 
 /** The role a route's `requireRole` guard demands (from its onRequest hooks), or undefined when it has none. */
 export function requiredRoleOf(route: Pick<RouteOptions, 'onRequest'>): Role | undefined {
-  const hooks = route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest];
+  const hooks =
+    route.onRequest === undefined ? [] : Array.isArray(route.onRequest) ? route.onRequest : [route.onRequest];
   for (const hook of hooks) {
     const role = (hook as Partial<RoleGuard>).requiredRole;
     if (role !== undefined) return role;
@@ -219,7 +258,8 @@ export function assertOrgAccess(principal: OperatorPrincipal, orgId: string, wha
 
 /** Throws 403 unless the principal has at least `role` (for checks inside a handler). */
 export function assertRole(principal: OperatorPrincipal, role: Role): void {
-  if (roleRank(principal.role) < roleRank(role)) throw new ApiError(403, 'forbidden', `this needs the ${role} role; you are ${principal.role}`);
+  if (roleRank(principal.role) < roleRank(role))
+    throw new ApiError(403, 'forbidden', `this needs the ${role} role; you are ${principal.role}`);
 }
 
 /**
@@ -228,6 +268,7 @@ export function assertRole(principal: OperatorPrincipal, role: Role): void {
  */
 export function orgFilter(principal: OperatorPrincipal, requested?: string): string | undefined {
   if (principal.orgId === null) return requested;
-  if (requested !== undefined && requested !== principal.orgId) throw new ApiError(404, 'not_found', `org ${requested} not found`);
+  if (requested !== undefined && requested !== principal.orgId)
+    throw new ApiError(404, 'not_found', `org ${requested} not found`);
   return principal.orgId;
 }

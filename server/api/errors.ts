@@ -49,7 +49,12 @@ export function toErrorResponse(err: unknown): { status: number; body: ErrorBody
   const e = err as Partial<FastifyError> & { name?: string; code?: string; details?: unknown };
   // Domain errors (server/fleet FleetError, server/identity IdentityError) are matched by name so
   // this module depends on neither.
-  if (e && (e.name === 'FleetError' || e.name === 'IdentityError') && typeof e.code === 'string' && e.code in FLEET_STATUS) {
+  if (
+    e &&
+    (e.name === 'FleetError' || e.name === 'IdentityError') &&
+    typeof e.code === 'string' &&
+    e.code in FLEET_STATUS
+  ) {
     const details = isRecord(e.details) ? e.details : undefined;
     return { status: FLEET_STATUS[e.code]!, body: body(e.code, e.message ?? e.code, details) };
   }
@@ -63,13 +68,21 @@ export function toErrorResponse(err: unknown): { status: number; body: ErrorBody
   }
   if (e && typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500) {
     // The input gate's InvalidStringError names the field in `details`.
-    return { status: e.statusCode, body: body(codeForStatus(e.statusCode), e.message ?? 'bad request', isRecord(e.details) ? e.details : undefined) };
+    return {
+      status: e.statusCode,
+      body: body(codeForStatus(e.statusCode), e.message ?? 'bad request', isRecord(e.details) ? e.details : undefined),
+    };
   }
   return { status: 500, body: body('internal', 'internal server error; the server log has the details') };
 }
 
 /** Fastify error handler producing `{error: {code, message, details?}}`. */
-export function apiErrorHandler(this: FastifyInstance, err: unknown, request: FastifyRequest, reply: FastifyReply): void {
+export function apiErrorHandler(
+  this: FastifyInstance,
+  err: unknown,
+  request: FastifyRequest,
+  reply: FastifyReply,
+): void {
   const { status, body: payload } = toErrorResponse(err);
   if (status >= 500) request.log.error({ err }, 'request failed');
   void reply.status(status).send(payload);
@@ -77,7 +90,9 @@ export function apiErrorHandler(this: FastifyInstance, err: unknown, request: Fa
 
 /** Answers unknown routes under the API prefix in the same shape. */
 export function apiNotFoundHandler(request: FastifyRequest, reply: FastifyReply): void {
-  void reply.status(404).send(body('not_found', `no route ${request.method} ${request.url.split('?')[0]}; see /api/docs`));
+  void reply
+    .status(404)
+    .send(body('not_found', `no route ${request.method} ${request.url.split('?')[0]}; see /api/docs`));
 }
 
 /** JSON schema of the error body, for every route's non-2xx responses. */

@@ -9,8 +9,20 @@ import type { FleetContext } from '../fleet/context.ts';
 import { isUuid } from '../fleet/errors.ts';
 import { getProduct, type Product } from '../fleet/orgs.ts';
 import { BlobStoreError } from '../firmware/blob-store.ts';
-import { FirmwareError, ingestFirmware, registerFirmwareMetadata, type FirmwareMetadata, type FirmwareStoreDeps } from '../firmware/ingest.ts';
-import { addSigningKey, listSigningKeys, removeSigningKey, SigningKeyError, type ProductSigningKey } from '../firmware/signing-keys.ts';
+import {
+  FirmwareError,
+  ingestFirmware,
+  registerFirmwareMetadata,
+  type FirmwareMetadata,
+  type FirmwareStoreDeps,
+} from '../firmware/ingest.ts';
+import {
+  addSigningKey,
+  listSigningKeys,
+  removeSigningKey,
+  SigningKeyError,
+  type ProductSigningKey,
+} from '../firmware/signing-keys.ts';
 import { SigningError } from '../firmware/signing.ts';
 import { assertOrgAccess, requireRole, type OperatorPrincipal } from './auth.ts';
 import { ApiError } from './errors.ts';
@@ -19,7 +31,17 @@ import { resolveOrg } from './routes/common.ts';
 export type FirmwareApiDeps = FirmwareStoreDeps;
 
 /** Metadata an upload may carry in the query string or as `X-Firmware-<Name>` headers. */
-const UPLOAD_FIELDS = ['product', 'org', 'version', 'component', 'platform', 'architecture', 'format', 'uuid', 'signature'] as const;
+const UPLOAD_FIELDS = [
+  'product',
+  'org',
+  'version',
+  'component',
+  'platform',
+  'architecture',
+  'format',
+  'uuid',
+  'signature',
+] as const;
 type UploadField = (typeof UPLOAD_FIELDS)[number];
 
 const errorResponse = { $ref: 'ApiErrorBody#' };
@@ -72,10 +94,23 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
           summary: 'Upload a firmware image (streamed) or register firmware metadata',
           description:
             'Send the image as `application/octet-stream` with metadata in the query string (`product`, `version`, `org`, `component`, `platform`, `architecture`, `format`, `uuid`, `signature`) or as `X-Firmware-<Name>` headers. ' +
-            'The server computes sha256 and size while streaming, verifies the ed25519 signature (over the raw sha256 digest) against the product\'s signing keys, and answers 201 (created), 200 (identical image already uploaded) or 409 (same version, different bytes). ' +
+            "The server computes sha256 and size while streaming, verifies the ed25519 signature (over the raw sha256 digest) against the product's signing keys, and answers 201 (created), 200 (identical image already uploaded) or 409 (same version, different bytes). " +
             'A JSON body `{product, version, sha256?, size?, ...}` registers firmware stored elsewhere (no image).',
-          querystring: { type: 'object', properties: Object.fromEntries(UPLOAD_FIELDS.map((f) => [f, { type: 'string' }])) },
-          response: { 200: firmwareSchema, 201: firmwareSchema, 400: errorResponse, 401: errorResponse, 403: errorResponse, 404: errorResponse, 409: errorResponse, 413: errorResponse, 415: errorResponse },
+          querystring: {
+            type: 'object',
+            properties: Object.fromEntries(UPLOAD_FIELDS.map((f) => [f, { type: 'string' }])),
+          },
+          response: {
+            200: firmwareSchema,
+            201: firmwareSchema,
+            400: errorResponse,
+            401: errorResponse,
+            403: errorResponse,
+            404: errorResponse,
+            409: errorResponse,
+            413: errorResponse,
+            415: errorResponse,
+          },
         },
       },
       async (request, reply) => {
@@ -92,11 +127,27 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
             });
             return reply.status(201).send(firmwareJson(firmware));
           }
-          const field = (f: UploadField) => str((request.query as Record<string, unknown>)[f]) ?? str(request.headers[`x-firmware-${f}`]);
+          const field = (f: UploadField) =>
+            str((request.query as Record<string, unknown>)[f]) ?? str(request.headers[`x-firmware-${f}`]);
           const product = await resolveProduct(deps.fleet, principal, field('product'), field('org'));
           const meta = metadataFrom(field);
-          const { firmware, created } = await ingestFirmware(deps, principal.actor, product, meta, uploadStream(request, 'image', 'application/octet-stream (or JSON metadata as application/json)'));
-          request.log.info({ firmware_id: firmware.id, version: firmware.version, sha256: firmware.sha256, size: firmware.size, created }, 'firmware uploaded');
+          const { firmware, created } = await ingestFirmware(
+            deps,
+            principal.actor,
+            product,
+            meta,
+            uploadStream(request, 'image', 'application/octet-stream (or JSON metadata as application/json)'),
+          );
+          request.log.info(
+            {
+              firmware_id: firmware.id,
+              version: firmware.version,
+              sha256: firmware.sha256,
+              size: firmware.size,
+              created,
+            },
+            'firmware uploaded',
+          );
           return reply.status(created ? 201 : 200).send(firmwareJson(firmware));
         } catch (err) {
           throw toApiError(err);
@@ -136,9 +187,19 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
         body: {
           type: 'object',
           required: ['name', 'public_key_pem'],
-          properties: { name: { type: 'string', minLength: 1, maxLength: 100 }, public_key_pem: { type: 'string', minLength: 1 } },
+          properties: {
+            name: { type: 'string', minLength: 1, maxLength: 100 },
+            public_key_pem: { type: 'string', minLength: 1 },
+          },
         },
-        response: { 201: signingKeySchema, 400: errorResponse, 401: errorResponse, 403: errorResponse, 404: errorResponse, 409: errorResponse },
+        response: {
+          201: signingKeySchema,
+          400: errorResponse,
+          401: errorResponse,
+          403: errorResponse,
+          404: errorResponse,
+          409: errorResponse,
+        },
       },
     },
     async (request, reply) => {
@@ -146,7 +207,10 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
       const body = request.body as { name: string; public_key_pem: string };
       const product = await resolveProduct(deps.fleet, request.operator, id, (request.query as { org?: string }).org);
       try {
-        const key = await addSigningKey(deps.fleet.db, request.operator.actor, product.id, { name: body.name, publicKeyPem: body.public_key_pem });
+        const key = await addSigningKey(deps.fleet.db, request.operator.actor, product.id, {
+          name: body.name,
+          publicKeyPem: body.public_key_pem,
+        });
         return reply.status(201).send(signingKeyJson(key));
       } catch (err) {
         throw toApiError(err);
@@ -161,7 +225,11 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
       schema: {
         tags: ['firmware'],
         summary: 'Remove a firmware signing key (by id or name)',
-        params: { type: 'object', properties: { id: { type: 'string' }, key: { type: 'string' } }, required: ['id', 'key'] },
+        params: {
+          type: 'object',
+          properties: { id: { type: 'string' }, key: { type: 'string' } },
+          required: ['id', 'key'],
+        },
         querystring: { type: 'object', properties: { org: { type: 'string' } } },
         response: { 200: signingKeySchema, 401: errorResponse, 403: errorResponse, 404: errorResponse },
       },
@@ -182,8 +250,19 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
  * The product a request names: a product UUID, or a name together with `org` (or the caller's
  * own org). Other orgs' products answer 404.
  */
-async function resolveProduct(fleet: FleetContext, principal: OperatorPrincipal, ref: string | undefined, orgRef: string | undefined): Promise<Product> {
-  if (!ref) throw new ApiError(400, 'invalid', 'name the product: pass product=<id or name> (with org=<org> when using a name)', { field: 'product' });
+async function resolveProduct(
+  fleet: FleetContext,
+  principal: OperatorPrincipal,
+  ref: string | undefined,
+  orgRef: string | undefined,
+): Promise<Product> {
+  if (!ref)
+    throw new ApiError(
+      400,
+      'invalid',
+      'name the product: pass product=<id or name> (with org=<org> when using a name)',
+      { field: 'product' },
+    );
   let orgId: string | undefined;
   if (orgRef) orgId = (await resolveOrg(fleet, principal, orgRef)).id;
   else if (principal.orgId) orgId = principal.orgId;
@@ -191,7 +270,12 @@ async function resolveProduct(fleet: FleetContext, principal: OperatorPrincipal,
     orgId = (await fleet.db.selectFrom('products').select('org_id').where('id', '=', ref).executeTakeFirst())?.org_id;
     if (!orgId) throw new ApiError(404, 'not_found', `product ${ref} not found`);
   } else {
-    throw new ApiError(400, 'invalid', `product ${JSON.stringify(ref)} is a name: also pass org=<org id or name>, or use the product id`, { field: 'org' });
+    throw new ApiError(
+      400,
+      'invalid',
+      `product ${JSON.stringify(ref)} is a name: also pass org=<org id or name>, or use the product id`,
+      { field: 'org' },
+    );
   }
   assertOrgAccess(principal, orgId, 'product');
   return getProduct(fleet, orgId, ref);
@@ -201,7 +285,8 @@ function metadataFrom(field: (f: UploadField) => string | undefined): FirmwareMe
   const version = field('version');
   if (!version) throw new ApiError(400, 'invalid', 'pass the firmware version (version=1.2.3)', { field: 'version' });
   const uuid = field('uuid');
-  if (uuid !== undefined && !isUuid(uuid)) throw new ApiError(400, 'invalid', 'uuid must be a UUID (the firmware\'s meta-uuid)', { field: 'uuid' });
+  if (uuid !== undefined && !isUuid(uuid))
+    throw new ApiError(400, 'invalid', "uuid must be a UUID (the firmware's meta-uuid)", { field: 'uuid' });
   return {
     version,
     component: field('component'),
@@ -221,19 +306,29 @@ function toApiError(err: unknown): unknown {
     const status = err.code === 'SIGNING_KEY_EXISTS' ? 409 : 404;
     return new ApiError(status, status === 409 ? 'conflict' : 'not_found', err.message);
   }
-  if (err instanceof BlobStoreError) return new ApiError(err.code === 'BLOB_TOO_LARGE' ? 413 : 400, err.code.toLowerCase(), err.message);
+  if (err instanceof BlobStoreError)
+    return new ApiError(err.code === 'BLOB_TOO_LARGE' ? 413 : 400, err.code.toLowerCase(), err.message);
   return err;
 }
 
 /** A content-type parser that hands the raw request stream to the route (uploads are streamed, never buffered). */
-export function passThroughStream(_request: FastifyRequest, payload: IncomingMessage, done: (err: Error | null, body?: unknown) => void): void {
+export function passThroughStream(
+  _request: FastifyRequest,
+  payload: IncomingMessage,
+  done: (err: Error | null, body?: unknown) => void,
+): void {
   done(null, payload);
 }
 
 /** The streamed request body of an upload route, or 415 naming the type to send (no body, or a parsed one). */
 export function uploadStream(request: FastifyRequest, what: string, contentType: string): IncomingMessage {
   const body = request.body as { pipe?: unknown } | undefined;
-  if (typeof body?.pipe !== 'function') throw new ApiError(415, 'unsupported_media_type', `send the ${what} as the request body with Content-Type: ${contentType}`);
+  if (typeof body?.pipe !== 'function')
+    throw new ApiError(
+      415,
+      'unsupported_media_type',
+      `send the ${what} as the request body with Content-Type: ${contentType}`,
+    );
   return body as IncomingMessage;
 }
 

@@ -23,13 +23,20 @@ export function isRole(value: unknown): value is Role {
 const SCRYPT = { N: 32768, r: 8, p: 1, keylen: 64, maxmem: 64 * 1024 * 1024 } as const;
 
 function scrypt(password: string, salt: Buffer, keylen: number, options: ScryptOptions): Promise<Buffer> {
-  return new Promise((resolve, reject) => scryptCb(password, salt, keylen, options, (err, key) => (err ? reject(err) : resolve(key))));
+  return new Promise((resolve, reject) =>
+    scryptCb(password, salt, keylen, options, (err, key) => (err ? reject(err) : resolve(key))),
+  );
 }
 
 /** Hashes a password as `scrypt$N$r$p$<salt>$<hash>` (base64url) with a fresh 16-byte salt. */
 export async function hashPassword(password: string): Promise<string> {
   const salt = randomBytes(16);
-  const key = await scrypt(password, salt, SCRYPT.keylen, { N: SCRYPT.N, r: SCRYPT.r, p: SCRYPT.p, maxmem: SCRYPT.maxmem });
+  const key = await scrypt(password, salt, SCRYPT.keylen, {
+    N: SCRYPT.N,
+    r: SCRYPT.r,
+    p: SCRYPT.p,
+    maxmem: SCRYPT.maxmem,
+  });
   return ['scrypt', SCRYPT.N, SCRYPT.r, SCRYPT.p, salt.toString('base64url'), key.toString('base64url')].join('$');
 }
 
@@ -90,7 +97,12 @@ export async function createUser(db: Db, input: NewUser, actor: Actor = SYSTEM):
       .select('id')
       .where((eb) => (isUuid(ref) ? eb('id', '=', ref) : eb('name', '=', ref)))
       .executeTakeFirst();
-    if (!org) throw new ApiError(404, 'not_found', `org ${JSON.stringify(ref)} does not exist; create it first or omit --org for an instance user`);
+    if (!org)
+      throw new ApiError(
+        404,
+        'not_found',
+        `org ${JSON.stringify(ref)} does not exist; create it first or omit --org for an instance user`,
+      );
     orgId = org.id;
   }
   const existing = await db.selectFrom('users').select('id').where('email', '=', email).executeTakeFirst();
@@ -102,7 +114,13 @@ export async function createUser(db: Db, input: NewUser, actor: Actor = SYSTEM):
       .values({ email, name: input.name ?? null, password_hash: passwordHash, role: input.role, org_id: orgId })
       .returningAll()
       .executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId, action: 'user.create', resourceType: 'user', resourceId: created.id, details: { email, role: input.role } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'user.create',
+      resourceType: 'user',
+      resourceId: created.id,
+      details: { email, role: input.role },
+    });
     return created;
   });
   return toUserSummary(row);
@@ -142,7 +160,10 @@ export async function findUserById(db: Db, id: string): Promise<(UserRow & { pas
   return db.selectFrom('users').selectAll().where('id', '=', id).executeTakeFirst();
 }
 
-export async function findUserByEmail(db: Db, email: string): Promise<(UserRow & { password_hash: string }) | undefined> {
+export async function findUserByEmail(
+  db: Db,
+  email: string,
+): Promise<(UserRow & { password_hash: string }) | undefined> {
   return db.selectFrom('users').selectAll().where('email', '=', email.trim().toLowerCase()).executeTakeFirst();
 }
 
@@ -169,9 +190,20 @@ export async function updateUser(db: Db, id: string, changes: UserChanges, actor
   if (changes.disabled !== undefined) values.disabled_at = changes.disabled ? new Date() : null;
   if (Object.keys(values).length === 0) return toUserSummary(user);
   const row = await db.transaction().execute(async (trx) => {
-    const updated = await trx.updateTable('users').set(values).where('id', '=', id).returningAll().executeTakeFirstOrThrow();
+    const updated = await trx
+      .updateTable('users')
+      .set(values)
+      .where('id', '=', id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
     const { password: _omit, ...logged } = changes;
-    await audit(trx, actor, { orgId: user.org_id, action: 'user.update', resourceType: 'user', resourceId: id, details: { ...logged, passwordChanged: changes.password !== undefined } });
+    await audit(trx, actor, {
+      orgId: user.org_id,
+      action: 'user.update',
+      resourceType: 'user',
+      resourceId: id,
+      details: { ...logged, passwordChanged: changes.password !== undefined },
+    });
     return updated;
   });
   return toUserSummary(row);
@@ -183,7 +215,13 @@ export async function deleteUser(db: Db, id: string, actor: Actor): Promise<void
   if (!user) throw new ApiError(404, 'not_found', `user ${id} does not exist`);
   await db.transaction().execute(async (trx) => {
     await trx.deleteFrom('users').where('id', '=', id).execute();
-    await audit(trx, actor, { orgId: user.org_id, action: 'user.delete', resourceType: 'user', resourceId: id, details: { email: user.email } });
+    await audit(trx, actor, {
+      orgId: user.org_id,
+      action: 'user.delete',
+      resourceType: 'user',
+      resourceId: id,
+      details: { email: user.email },
+    });
   });
 }
 
@@ -218,7 +256,11 @@ export interface NewApiToken {
 }
 
 /** Creates an API token; the returned `token` is the only time it exists in clear. */
-export async function createApiToken(db: Db, input: NewApiToken, actor: Actor): Promise<{ token: string; record: ApiTokenSummary }> {
+export async function createApiToken(
+  db: Db,
+  input: NewApiToken,
+  actor: Actor,
+): Promise<{ token: string; record: ApiTokenSummary }> {
   const token = API_TOKEN_PREFIX + randomBytes(32).toString('base64url');
   const row = await db.transaction().execute(async (trx) => {
     const created = await trx
@@ -233,7 +275,13 @@ export async function createApiToken(db: Db, input: NewApiToken, actor: Actor): 
       })
       .returningAll()
       .executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId: input.orgId, action: 'api_token.create', resourceType: 'api_token', resourceId: created.id, details: { name: input.name, role: input.role } });
+    await audit(trx, actor, {
+      orgId: input.orgId,
+      action: 'api_token.create',
+      resourceType: 'api_token',
+      resourceId: created.id,
+      details: { name: input.name, role: input.role },
+    });
     return created;
   });
   return { token, record: toTokenSummary(row) };
@@ -266,7 +314,10 @@ export function toTokenSummary(row: TokenRow): ApiTokenSummary {
 }
 
 /** Tokens of one user, or (userId null) of every user in `orgId` (null: all). */
-export async function listApiTokens(db: Db, filter: { userId: string | null; orgId: string | null }): Promise<ApiTokenSummary[]> {
+export async function listApiTokens(
+  db: Db,
+  filter: { userId: string | null; orgId: string | null },
+): Promise<ApiTokenSummary[]> {
   let q = db
     .selectFrom('api_tokens')
     .select(['id', 'user_id', 'name', 'role', 'org_id', 'expires_at', 'last_used_at', 'revoked_at', 'created_at'])
@@ -291,8 +342,19 @@ export async function revokeApiToken(db: Db, id: string, actor: Actor): Promise<
   const token = await findApiTokenById(db, id);
   if (!token) throw new ApiError(404, 'not_found', `API token ${id} does not exist`);
   await db.transaction().execute(async (trx) => {
-    await trx.updateTable('api_tokens').set({ revoked_at: new Date() }).where('id', '=', id).where('revoked_at', 'is', null).execute();
-    await audit(trx, actor, { orgId: token.org_id, action: 'api_token.revoke', resourceType: 'api_token', resourceId: id, details: { name: token.name } });
+    await trx
+      .updateTable('api_tokens')
+      .set({ revoked_at: new Date() })
+      .where('id', '=', id)
+      .where('revoked_at', 'is', null)
+      .execute();
+    await audit(trx, actor, {
+      orgId: token.org_id,
+      action: 'api_token.revoke',
+      resourceType: 'api_token',
+      resourceId: id,
+      details: { name: token.name },
+    });
   });
 }
 

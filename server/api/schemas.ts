@@ -38,7 +38,13 @@ export const schemas = [
     created_at: dateTime,
   }),
   entity('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
-  entity('Product', { id: uuid, org_id: uuid, name: { type: 'string' }, requires_signature: { type: 'boolean' }, created_at: dateTime }),
+  entity('Product', {
+    id: uuid,
+    org_id: uuid,
+    name: { type: 'string' },
+    requires_signature: { type: 'boolean' },
+    created_at: dateTime,
+  }),
   entity('Device', {
     id: uuid,
     org_id: uuid,
@@ -184,6 +190,7 @@ export const paginationQuery = {
 /** The `:org` path parameter: an org id or name. */
 export const orgParam = { org: { type: 'string', minLength: 1, description: 'organization id or name' } } as const;
 
-export const idParam = (name: string, description: string) => ({ [name]: { type: 'string', minLength: 1, description } }) as const;
+export const idParam = (name: string, description: string) =>
+  ({ [name]: { type: 'string', minLength: 1, description } }) as const;
 
 export const emptyOk = { type: 'object', properties: { ok: { type: 'boolean' } } } as const;

@@ -36,7 +36,8 @@ export const operatorChannel: ChannelDefinition<OperatorSocketAssigns, Record<st
   async join(topic, _params, ctx) {
     const orgId = topic.slice(OPERATOR_TOPIC_PREFIX.length);
     // Same answer for a malformed id, an unknown org and another org: nothing to probe.
-    if (!isUuid(orgId) || !canAccessOrg(ctx.assigns.principal, orgId)) return { status: 'error', response: { reason: 'unauthorized' } };
+    if (!isUuid(orgId) || !canAccessOrg(ctx.assigns.principal, orgId))
+      return { status: 'error', response: { reason: 'unauthorized' } };
     return { status: 'ok', response: { org_id: orgId }, session: {} };
   },
   async handleIn() {
@@ -67,11 +68,21 @@ export function operatorSocket(auth: OperatorAuth): SocketDefinition<OperatorSoc
   return {
     async connect(info) {
       const token = info.token ?? info.params.token;
-      if (!token) return { ok: false, status: 401, reason: 'a bearer token is required (subprotocol base64url.bearer.phx.<token> or ?token=)' };
+      if (!token)
+        return {
+          ok: false,
+          status: 401,
+          reason: 'a bearer token is required (subprotocol base64url.bearer.phx.<token> or ?token=)',
+        };
       const principal = await auth.authenticate(token);
       if (!principal) return { ok: false, status: 403, reason: 'invalid, expired or revoked token' };
       // The socket ends with its bearer (a login JWT after 12 h, an API token at its expires_at).
-      return { ok: true, assigns: { principal }, id: operatorSocketId(principal), ...(principal.expiresAt ? { expiresAt: principal.expiresAt.getTime() } : {}) };
+      return {
+        ok: true,
+        assigns: { principal },
+        id: operatorSocketId(principal),
+        ...(principal.expiresAt ? { expiresAt: principal.expiresAt.getTime() } : {}),
+      };
     },
     channels: [{ pattern: `${OPERATOR_TOPIC_PREFIX}*`, channel: operatorChannel }],
   };
@@ -79,7 +90,9 @@ export function operatorSocket(auth: OperatorAuth): SocketDefinition<OperatorSoc
 
 /** Mounts the operator socket at `/socket` (by default) on the API listener; returns the endpoint for drain/close. */
 export async function registerOperatorSocket(app: FastifyInstance, deps: OperatorSocketDeps): Promise<Endpoint> {
-  const auth = deps.auth ?? (app.hasDecorator('fleethubAuth') ? app.fleethubAuth : new OperatorAuth({ db: deps.db, secret: deps.secret }));
+  const auth =
+    deps.auth ??
+    (app.hasDecorator('fleethubAuth') ? app.fleethubAuth : new OperatorAuth({ db: deps.db, secret: deps.secret }));
   const endpoint = createEndpoint(operatorSocket(auth), {
     pubsub: deps.pubsub,
     log: deps.log.child({ socket: 'operator' }),

@@ -44,7 +44,11 @@ function checkReply(reply: unknown): reply is Reply | undefined {
 }
 
 function checkHandleResult<S>(callback: string, result: unknown): HandleResult<S> {
-  if (!isPlainObject(result) || !checkReply(result.reply) || !(result.effects === undefined || Array.isArray(result.effects))) {
+  if (
+    !isPlainObject(result) ||
+    !checkReply(result.reply) ||
+    !(result.effects === undefined || Array.isArray(result.effects))
+  ) {
     throw new ChannelResultError(callback, HANDLE_SHAPE, result);
   }
   return result as HandleResult<S>;
@@ -52,7 +56,11 @@ function checkHandleResult<S>(callback: string, result: unknown): HandleResult<S
 
 function checkJoinResult<S>(result: unknown): JoinResult<S> {
   if (isPlainObject(result)) {
-    if (result.status === 'ok' && (result.response === undefined || isPlainObject(result.response)) && (result.effects === undefined || Array.isArray(result.effects))) {
+    if (
+      result.status === 'ok' &&
+      (result.response === undefined || isPlainObject(result.response)) &&
+      (result.effects === undefined || Array.isArray(result.effects))
+    ) {
       return result as JoinResult<S>;
     }
     if (result.status === 'error' && isPlainObject(result.response) && typeof result.response.reason === 'string') {
@@ -108,7 +116,7 @@ export class ChannelProcess<A, S = unknown> {
   }
 
   intercepts(event: string): boolean {
-    return this.definition.intercept !== undefined && this.definition.intercept.includes(event);
+    return this.definition.intercept?.includes(event) ?? false;
   }
 
   /** Runs `work` after every earlier callback of this channel; a throw crashes the channel. */
@@ -156,7 +164,10 @@ export class ChannelProcess<A, S = unknown> {
         this.socket.reply(this.joinRef, ref, this.topic, { status: 'error', response: { reason: 'unhandled event' } });
         return;
       }
-      const result = checkHandleResult<S>('handleIn', await handleIn.call(this.definition, event, payload, this.session as S, this.ctx));
+      const result = checkHandleResult<S>(
+        'handleIn',
+        await handleIn.call(this.definition, event, payload, this.session as S, this.ctx),
+      );
       this.#apply(result, ref);
     });
   }
@@ -169,7 +180,10 @@ export class ChannelProcess<A, S = unknown> {
         this.socket.engine.stats.unknownEvents++;
         return;
       }
-      const result = checkHandleResult<S>('handleInfo', await handleInfo.call(this.definition, message, this.session as S, this.ctx));
+      const result = checkHandleResult<S>(
+        'handleInfo',
+        await handleInfo.call(this.definition, message, this.session as S, this.ctx),
+      );
       this.#apply(result, null);
     });
   }
@@ -183,7 +197,10 @@ export class ChannelProcess<A, S = unknown> {
         this.socket.push(this.joinRef, this.topic, message.event, message.payload);
         return;
       }
-      const result = checkHandleResult<S>('handleOut', await handleOut.call(this.definition, message, this.session as S, this.ctx));
+      const result = checkHandleResult<S>(
+        'handleOut',
+        await handleOut.call(this.definition, message, this.session as S, this.ctx),
+      );
       this.#apply(result, null);
     });
   }

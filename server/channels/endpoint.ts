@@ -135,7 +135,8 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   const unsubscribeDisconnect = options.pubsub.subscribe(DISCONNECT_TOPIC, (message) => {
     const { id, reason } = message.payload;
     if (typeof id !== 'string') return;
-    for (const socket of socketsById.get(id) ?? []) socket.close(1008, typeof reason === 'string' ? reason : 'disconnected');
+    for (const socket of socketsById.get(id) ?? [])
+      socket.close(1008, typeof reason === 'string' ? reason : 'disconnected');
   });
 
   // One sweep for every socket instead of a timer per socket.
@@ -153,7 +154,8 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
       }
     }
     for (const session of longpolls.values()) {
-      if (!session.polling && now - session.lastPoll > timings.sessionTimeoutMs) session.close(1001, 'longpoll session expired');
+      if (!session.polling && now - session.lastPoll > timings.sessionTimeoutMs)
+        session.close(1001, 'longpoll session expired');
     }
     for (const [socket, expiresAt] of expiring) {
       if (expiresAt > now) continue;
@@ -176,12 +178,28 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     }
   }
 
-  async function handshake(request: FastifyRequest, transport: ConnectInfo['transport'], token: string | undefined): Promise<Handshake<A>> {
-    if (draining) return { ok: false, status: 503, code: 'DRAINING', reason: 'server is draining; reconnect to another node or retry later' };
+  async function handshake(
+    request: FastifyRequest,
+    transport: ConnectInfo['transport'],
+    token: string | undefined,
+  ): Promise<Handshake<A>> {
+    if (draining)
+      return {
+        ok: false,
+        status: 503,
+        code: 'DRAINING',
+        reason: 'server is draining; reconnect to another node or retry later',
+      };
     const query = (request.query ?? {}) as Record<string, unknown>;
     const vsn = typeof query.vsn === 'string' ? query.vsn : undefined;
     const serializer = serializerFor(vsn);
-    if (!serializer) return { ok: false, status: 403, code: 'UNSUPPORTED_VSN', reason: `protocol version ${vsn} is not supported; use vsn=2.0.0 or 1.0.0` };
+    if (!serializer)
+      return {
+        ok: false,
+        status: 403,
+        code: 'UNSUPPORTED_VSN',
+        reason: `protocol version ${vsn} is not supported; use vsn=2.0.0 or 1.0.0`,
+      };
     const origin = request.headers.origin;
     if (origin !== undefined && !originAllowed(origin, request.headers.host)) {
       return { ok: false, status: 403, code: 'ORIGIN_REFUSED', reason: `origin ${origin} is not allowed` };
@@ -190,7 +208,13 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     try {
       const result = await definition.connect({ params, token, request: request.raw, transport });
       if (!result.ok) return { ok: false, status: result.status, code: 'CONNECT_REFUSED', reason: result.reason };
-      return { ok: true, serializer, assigns: result.assigns, id: result.id ?? `anon:${randomUUID()}`, ...(result.expiresAt === undefined ? {} : { expiresAt: result.expiresAt }) };
+      return {
+        ok: true,
+        serializer,
+        assigns: result.assigns,
+        id: result.id ?? `anon:${randomUUID()}`,
+        ...(result.expiresAt === undefined ? {} : { expiresAt: result.expiresAt }),
+      };
     } catch (err) {
       log.error({ err }, 'socket connect crashed');
       return { ok: false, status: 500, code: 'CONNECT_CRASHED', reason: 'connect failed on the server' };
@@ -325,7 +349,12 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     if (!session?.socket) return { status: 410 };
     const body = request.body;
     // Current clients send newline-delimited frames; older ones one JSON frame.
-    const lines = typeof body === 'string' ? body.split(/\r?\n/) : body === undefined || body === null ? [] : [JSON.stringify(body)];
+    const lines =
+      typeof body === 'string'
+        ? body.split(/\r?\n/)
+        : body === undefined || body === null
+          ? []
+          : [JSON.stringify(body)];
     for (const line of lines) {
       if (line.length === 0) continue;
       if (Buffer.byteLength(line) > maxFrameBytes) {
@@ -353,12 +382,20 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     async register(app, { path }) {
       if (!app.hasDecorator('websocketServer')) {
         await app.register(websocketPlugin, {
-          options: { maxPayload: maxFrameBytes, perMessageDeflate: false, handleProtocols: (protocols: Set<string>) => phoenixProtocolHandler(protocols) },
+          options: {
+            maxPayload: maxFrameBytes,
+            perMessageDeflate: false,
+            handleProtocols: (protocols: Set<string>) => phoenixProtocolHandler(protocols),
+          },
         });
       }
       const base = path.replace(/\/$/, '');
       await app.register(async (scope: FastifyInstance<any, any, any, any, any>) => {
-        scope.addContentTypeParser('application/x-ndjson', { parseAs: 'string', bodyLimit: maxFrameBytes * 2 }, (_req, body, done) => done(null, body));
+        scope.addContentTypeParser(
+          'application/x-ndjson',
+          { parseAs: 'string', bodyLimit: maxFrameBytes * 2 },
+          (_req, body, done) => done(null, body),
+        );
         scope.get(`${base}/websocket`, { websocket: true, preValidation: wsPreValidation }, wsHandler);
         scope.get(`${base}/longpoll`, longpollGet);
         scope.post(`${base}/longpoll`, { bodyLimit: maxFrameBytes * 2 }, longpollPost);
@@ -390,7 +427,11 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     },
 
     async disconnect(socketId, reason) {
-      await options.pubsub.broadcast(DISCONNECT_TOPIC, 'disconnect', reason === undefined ? { id: socketId } : { id: socketId, reason });
+      await options.pubsub.broadcast(
+        DISCONNECT_TOPIC,
+        'disconnect',
+        reason === undefined ? { id: socketId } : { id: socketId, reason },
+      );
     },
 
     closeSockets(socketId, reason, match) {

@@ -102,7 +102,15 @@ type Outgoing = { kind: 'inline'; notify: string[]; items: Pending[] } | { kind:
 
 /** PubSub between nodes sharing one PostgreSQL database. */
 export class PgAdapter implements PubSubAdapter {
-  readonly stats: PgAdapterStats = { published: 0, notifications: 0, viaTable: 0, received: 0, dropped: 0, gaps: 0, reconnects: 0 };
+  readonly stats: PgAdapterStats = {
+    published: 0,
+    notifications: 0,
+    viaTable: 0,
+    received: 0,
+    dropped: 0,
+    gaps: 0,
+    reconnects: 0,
+  };
   /** This adapter's origin id: random per process, so two nodes with one name still see each other. */
   readonly origin = randomBytes(8).toString('hex');
   readonly channel: string;
@@ -126,9 +134,13 @@ export class PgAdapter implements PubSubAdapter {
   constructor(options: PgAdapterOptions) {
     this.#options = options;
     this.#log = options.log;
-    this.channel = (options.channel ?? (options.schema ? `fleethub_pubsub_${options.schema}` : 'fleethub_pubsub')).toLowerCase();
+    this.channel = (
+      options.channel ?? (options.schema ? `fleethub_pubsub_${options.schema}` : 'fleethub_pubsub')
+    ).toLowerCase();
     if (!/^[a-z_][a-z0-9_]{0,62}$/.test(this.channel)) {
-      throw new Error(`PUBSUB_CHANNEL_INVALID: channel ${JSON.stringify(this.channel)} must be letters, digits and _ (at most 63); pass a shorter \`channel\``);
+      throw new Error(
+        `PUBSUB_CHANNEL_INVALID: channel ${JSON.stringify(this.channel)} must be letters, digits and _ (at most 63); pass a shorter \`channel\``,
+      );
     }
   }
 
@@ -142,14 +154,18 @@ export class PgAdapter implements PubSubAdapter {
     // The first connection must work: a wrong URL should fail the start, not retry forever.
     await this.#connect();
     const health = setInterval(() => void this.#checkHealth(), this.#options.healthCheckMs ?? 15_000);
-    const cleanup = setInterval(() => void this.#deleteOldPayloads(), Math.max(1000, Math.min(60_000, this.#retentionMs())));
+    const cleanup = setInterval(
+      () => void this.#deleteOldPayloads(),
+      Math.max(1000, Math.min(60_000, this.#retentionMs())),
+    );
     for (const t of [health, cleanup]) t.unref();
     this.#timers.push(health, cleanup);
     this.#log.info({ channel: this.channel, origin: this.origin }, 'pubsub listening on PostgreSQL');
   }
 
   publish(message: Message): Promise<void> {
-    if (this.#stopped) return Promise.reject(new Error('PUBSUB_ADAPTER_STOPPED: publish after stop; create a new PubSub'));
+    if (this.#stopped)
+      return Promise.reject(new Error('PUBSUB_ADAPTER_STOPPED: publish after stop; create a new PubSub'));
     this.stats.published++;
     const json = JSON.stringify(toWire(message));
     return new Promise<void>((resolve, reject) => {
@@ -203,7 +219,14 @@ export class PgAdapter implements PubSubAdapter {
     let end = 0; // one past the last message taken
     let chunkBytes = 0;
     const close = () => {
-      notify.push(this.#envelope(`"m":[${queue.slice(start, end).map((p) => p.json).join(',')}]`));
+      notify.push(
+        this.#envelope(
+          `"m":[${queue
+            .slice(start, end)
+            .map((p) => p.json)
+            .join(',')}]`,
+        ),
+      );
       start = end;
       chunkBytes = 0;
     };
@@ -234,14 +257,20 @@ export class PgAdapter implements PubSubAdapter {
 
   async #notify(payloads: string[]): Promise<void> {
     // unnest yields the array in order and NOTIFY keeps the order of one transaction.
-    await sql`SELECT count(pg_notify(${this.channel}, n)) FROM unnest(${payloads}::text[]) AS n`.execute(this.#options.db);
+    await sql`SELECT count(pg_notify(${this.channel}, n)) FROM unnest(${payloads}::text[]) AS n`.execute(
+      this.#options.db,
+    );
     this.stats.notifications += payloads.length;
   }
 
   async #notifyViaTable(messageJson: string): Promise<void> {
     const origin = this.origin;
     await this.#options.db.transaction().execute(async (trx) => {
-      const row = await trx.insertInto('pubsub_payloads').values({ origin, body: `[${messageJson}]` }).returning('id').executeTakeFirstOrThrow();
+      const row = await trx
+        .insertInto('pubsub_payloads')
+        .values({ origin, body: `[${messageJson}]` })
+        .returning('id')
+        .executeTakeFirstOrThrow();
       // Delivered at commit, when the row is visible to the receivers.
       await sql`SELECT pg_notify(${this.channel}, ${this.#envelope(`"r":${Number(row.id)}`)})`.execute(trx);
     });
@@ -268,7 +297,8 @@ export class PgAdapter implements PubSubAdapter {
     let envelope: Envelope;
     try {
       envelope = JSON.parse(raw) as Envelope;
-      if (typeof envelope.o !== 'string' || typeof envelope.s !== 'number') throw new Error('envelope without origin or sequence');
+      if (typeof envelope.o !== 'string' || typeof envelope.s !== 'number')
+        throw new Error('envelope without origin or sequence');
     } catch (err) {
       this.stats.dropped++;
       this.#log.warn({ err, bytes: raw.length }, 'dropped a malformed pubsub notification');
@@ -278,7 +308,10 @@ export class PgAdapter implements PubSubAdapter {
     const last = this.#lastSeq.get(envelope.o);
     if (last !== undefined && envelope.s !== last + 1) {
       this.stats.gaps++;
-      this.#log.warn({ from: envelope.o, expected: last + 1, got: envelope.s }, 'missed pubsub notifications from another node');
+      this.#log.warn(
+        { from: envelope.o, expected: last + 1, got: envelope.s },
+        'missed pubsub notifications from another node',
+      );
     }
     this.#lastSeq.set(envelope.o, envelope.s);
     this.#inbox.push(envelope);
@@ -314,9 +347,16 @@ export class PgAdapter implements PubSubAdapter {
 
   async #readPayload(id: number): Promise<WireMessage[] | undefined> {
     try {
-      const row = await this.#options.db.selectFrom('pubsub_payloads').select('body').where('id', '=', id).executeTakeFirst();
+      const row = await this.#options.db
+        .selectFrom('pubsub_payloads')
+        .select('body')
+        .where('id', '=', id)
+        .executeTakeFirst();
       if (row) return JSON.parse(row.body) as WireMessage[];
-      this.#log.error({ payload_id: id }, 'pubsub payload row is gone (deleted before this node read it); message lost');
+      this.#log.error(
+        { payload_id: id },
+        'pubsub payload row is gone (deleted before this node read it); message lost',
+      );
     } catch (err) {
       this.#log.error({ err, payload_id: id }, 'could not read a pubsub payload row; message lost');
     }
@@ -356,7 +396,10 @@ export class PgAdapter implements PubSubAdapter {
     if (client !== this.#client || this.#stopped) return;
     this.#client = undefined;
     this.#listenerPid = undefined;
-    this.#log.warn({ err, channel: this.channel }, 'pubsub LISTEN connection lost; messages from other nodes are missed until it reconnects');
+    this.#log.warn(
+      { err, channel: this.channel },
+      'pubsub LISTEN connection lost; messages from other nodes are missed until it reconnects',
+    );
     void client.end().catch(() => undefined);
     this.#scheduleReconnect();
   }
@@ -407,7 +450,12 @@ export class PgAdapter implements PubSubAdapter {
 
 function toWire(message: Message): WireMessage {
   const { topic: t, event: e, payload } = message;
-  if (isBinaryPayload(payload)) return { t, e, b: Buffer.from(payload.binary.buffer, payload.binary.byteOffset, payload.binary.byteLength).toString('base64') };
+  if (isBinaryPayload(payload))
+    return {
+      t,
+      e,
+      b: Buffer.from(payload.binary.buffer, payload.binary.byteOffset, payload.binary.byteLength).toString('base64'),
+    };
   return { t, e, p: payload };
 }
 
@@ -430,7 +478,16 @@ export interface PubSubDatabase {
  * The adapter for a node on `database`: `PgAdapter` on PostgreSQL, none (LocalAdapter) on
  * embedded PGlite, whose notifications never leave the process.
  */
-export function pubsubAdapterFor(database: PubSubDatabase, options: { log: Logger; nodeName?: string }): PgAdapter | undefined {
+export function pubsubAdapterFor(
+  database: PubSubDatabase,
+  options: { log: Logger; nodeName?: string },
+): PgAdapter | undefined {
   if (database.kind !== 'postgres' || !database.databaseUrl) return undefined;
-  return new PgAdapter({ connectionString: database.databaseUrl, db: database.db, schema: database.schema, nodeName: options.nodeName, log: options.log });
+  return new PgAdapter({
+    connectionString: database.databaseUrl,
+    db: database.db,
+    schema: database.schema,
+    nodeName: options.nodeName,
+    log: options.log,
+  });
 }

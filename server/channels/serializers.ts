@@ -85,7 +85,8 @@ function validated(joinRef: unknown, ref: unknown, topic: unknown, event: unknow
   const jr = refOf(joinRef);
   const r = refOf(ref);
   if (jr === undefined || r === undefined) return invalid('join_ref and ref must be strings or null', null, null, null);
-  if (typeof topic !== 'string' || typeof event !== 'string') return invalid('topic and event must be strings', jr, r, topic);
+  if (typeof topic !== 'string' || typeof event !== 'string')
+    return invalid('topic and event must be strings', jr, r, topic);
   if (!isPlainObject(payload)) return invalid('payload must be an object', jr, r, topic);
   return { ok: true, message: { joinRef: jr, ref: r, topic, event, payload } };
 }
@@ -131,7 +132,13 @@ function binaryDecode(data: Buffer): DecodeResult {
   // Binary payloads are opaque bytes; copy so the frame buffer can be released.
   return {
     ok: true,
-    message: { joinRef: joinRef || null, ref: ref || null, topic, event, payload: { binary: Buffer.from(data.subarray(offset)) } },
+    message: {
+      joinRef: joinRef || null,
+      ref: ref || null,
+      topic,
+      event,
+      payload: { binary: Buffer.from(data.subarray(offset)) },
+    },
   };
 }
 
@@ -162,18 +169,31 @@ export const v2Json: Serializer = {
     const parsed = parseJson(data);
     if (!parsed.ok) return invalid('frame is not valid JSON', null, null, null);
     const v = parsed.value;
-    if (!Array.isArray(v)) return invalid('a V2 frame must be a JSON array [join_ref, ref, topic, event, payload]', null, null, null);
-    if (v.length < 5) return invalid('a V2 frame needs 5 elements [join_ref, ref, topic, event, payload]', v[0], v[1], v[2]);
+    if (!Array.isArray(v))
+      return invalid('a V2 frame must be a JSON array [join_ref, ref, topic, event, payload]', null, null, null);
+    if (v.length < 5)
+      return invalid('a V2 frame needs 5 elements [join_ref, ref, topic, event, payload]', v[0], v[1], v[2]);
     // Extra trailing elements are ignored (PROTOCOL.md).
     return validated(v[0], v[1], v[2], v[3], v[4]);
   },
   message(joinRef, ref, topic, event, payload) {
     if (isBinaryPayload(payload)) {
       if (joinRef === null && ref === null) {
-        return binaryEncode(KIND_BROADCAST, [{ value: topic, field: 'topic' }, { value: event, field: 'event' }], payload.binary);
+        return binaryEncode(
+          KIND_BROADCAST,
+          [
+            { value: topic, field: 'topic' },
+            { value: event, field: 'event' },
+          ],
+          payload.binary,
+        );
       }
       if (ref === null) {
-        const strings = [{ value: joinRef ?? '', field: 'join_ref' }, { value: topic, field: 'topic' }, { value: event, field: 'event' }];
+        const strings = [
+          { value: joinRef ?? '', field: 'join_ref' },
+          { value: topic, field: 'topic' },
+          { value: event, field: 'event' },
+        ];
         return binaryEncode(KIND_PUSH, strings, payload.binary);
       }
     }

@@ -117,7 +117,10 @@ export class PhoenixSocket<A> {
       this.log.warn({ error: decoded.error, topic: decoded.topic }, 'invalid frame');
       // Answer where the protocol has a place for it (a ref to reply to); otherwise ignore.
       if (decoded.ref !== null && decoded.topic !== null) {
-        this.reply(decoded.joinRef, decoded.ref, decoded.topic, { status: 'error', response: { reason: `invalid message: ${decoded.error}` } });
+        this.reply(decoded.joinRef, decoded.ref, decoded.topic, {
+          status: 'error',
+          response: { reason: `invalid message: ${decoded.error}` },
+        });
       }
       return;
     }
@@ -132,7 +135,10 @@ export class PhoenixSocket<A> {
     if (bad) {
       this.engine.stats.invalidFrames++;
       this.log.warn({ field: bad.path, problem: bad.problem, event }, 'message refused: invalid string');
-      this.reply(msg.joinRef, msg.ref, topic, { status: 'error', response: { reason: describeBadString(bad), details: { code: 'invalid', field: bad.path } } });
+      this.reply(msg.joinRef, msg.ref, topic, {
+        status: 'error',
+        response: { reason: describeBadString(bad), details: { code: 'invalid', field: bad.path } },
+      });
       return;
     }
 

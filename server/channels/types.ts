@@ -29,7 +29,11 @@ export type ConnectResult<A> =
       /** When the credential expires (epoch ms): the socket is closed then, within the endpoint's sweep interval. */
       expiresAt?: number;
     }
-  | { ok: false; /** 409: the credential belongs to another kind of client. */ status: 401 | 403 | 409; reason: string };
+  | {
+      ok: false /** 409: the credential belongs to another kind of client. */;
+      status: 401 | 403 | 409;
+      reason: string;
+    };
 
 /** A message delivered through PubSub. */
 export interface Message {
@@ -62,7 +66,7 @@ export interface HandleResult<S> {
 }
 
 export type JoinResult<S> =
-  | { status: 'ok'; response?: Payload; session: S; /** Applied after the join reply is written. */ effects?: Effect[] }
+  | { status: 'ok'; response?: Payload; session: S /** Applied after the join reply is written. */; effects?: Effect[] }
   | { status: 'error'; response: { reason: string } & Payload };
 
 export interface ChannelContext<A> {

@@ -43,7 +43,8 @@ function parseArgs(argv: string[]): ParsedArgs {
     }
     const [name, inline] = arg.slice(2).split(/=(.*)/s, 2) as [string, string | undefined];
     const value = inline ?? argv[++i];
-    if (value === undefined || (inline === undefined && value.startsWith('--'))) throw new UsageError(`--${name} needs a value`);
+    if (value === undefined || (inline === undefined && value.startsWith('--')))
+      throw new UsageError(`--${name} needs a value`);
     switch (name) {
       case 'dir':
         parsed.dir = value;
@@ -52,7 +53,12 @@ function parseArgs(argv: string[]): ParsedArgs {
         parsed.out = value;
         break;
       case 'host':
-        parsed.hosts.push(...value.split(',').map((h) => h.trim()).filter(Boolean));
+        parsed.hosts.push(
+          ...value
+            .split(',')
+            .map((h) => h.trim())
+            .filter(Boolean),
+        );
         break;
       case 'data-dir':
       case 'certs-dir':

@@ -73,7 +73,7 @@ export function loadCredentials(env: NodeJS.ProcessEnv = process.env): SavedCred
 export function saveCredentials(credentials: SavedCredentials, env: NodeJS.ProcessEnv = process.env): string {
   const file = credentialsPath(env);
   mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-  writeFileSync(file, JSON.stringify(credentials, null, 2) + '\n', { mode: 0o600 });
+  writeFileSync(file, `${JSON.stringify(credentials, null, 2)}\n`, { mode: 0o600 });
   chmodSync(file, 0o600); // an existing file keeps its old mode on write
   return file;
 }
@@ -87,7 +87,10 @@ export interface ClientOptions {
 }
 
 /** Resolves server URL and token: flags, then environment, then the saved login. */
-export function resolveClientOptions(flags: { url?: string; token?: string }, env: NodeJS.ProcessEnv = process.env): ClientOptions {
+export function resolveClientOptions(
+  flags: { url?: string; token?: string },
+  env: NodeJS.ProcessEnv = process.env,
+): ClientOptions {
   const saved = loadCredentials(env);
   const url = flags.url || env.FLEETHUB_URL || saved?.url || DEFAULT_URL;
   // A saved token belongs to the server it was issued by.
@@ -126,7 +129,8 @@ export class ApiClient {
       if (contentType) {
         headers['content-type'] = contentType;
         payload = body as BodyInit;
-        if (typeof (body as { pipe?: unknown }).pipe === 'function' || body instanceof ReadableStream) init.duplex = 'half';
+        if (typeof (body as { pipe?: unknown }).pipe === 'function' || body instanceof ReadableStream)
+          init.duplex = 'half';
       } else {
         headers['content-type'] = 'application/json';
         payload = JSON.stringify(body);
@@ -138,10 +142,12 @@ export class ApiClient {
       response = await fetch(this.options.url + pathname, init);
     } catch (err) {
       const cause = (err as { cause?: { code?: string; message?: string } }).cause;
-      throw new CliError(`cannot reach ${this.options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`);
+      throw new CliError(
+        `cannot reach ${this.options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`,
+      );
     }
     const text = await response.text();
-    let parsed: unknown = undefined;
+    let parsed: unknown;
     if (text) {
       try {
         parsed = JSON.parse(text);
@@ -152,7 +158,8 @@ export class ApiClient {
     if (!response.ok) {
       const error = (parsed as { error?: { code?: string; message?: string; details?: unknown } } | undefined)?.error;
       let message = error?.message ?? `${response.status} ${response.statusText}`;
-      if (response.status === 401 && !this.options.token) message = 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN';
+      if (response.status === 401 && !this.options.token)
+        message = 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN';
       throw new CliError(message, 1, response.status, error?.code, error?.details);
     }
     return parsed as T;
@@ -179,7 +186,11 @@ export const COMMON_OPTIONS = {
 } as const satisfies ParseArgsConfig['options'];
 
 /** `node:util` parseArgs with the common options; unknown flags become a CliError naming the fix. */
-export function parseCommand<O extends NonNullable<ParseArgsConfig['options']>>(argv: string[], options: O, usage: string) {
+export function parseCommand<O extends NonNullable<ParseArgsConfig['options']>>(
+  argv: string[],
+  options: O,
+  usage: string,
+) {
   try {
     return parseArgs({ args: argv, options: { ...COMMON_OPTIONS, ...options }, allowPositionals: true, strict: true });
   } catch (err) {
@@ -199,8 +210,12 @@ export interface Column<T> {
 export function formatTable<T>(rows: readonly T[], columns: readonly Column<T>[]): string {
   const cells = rows.map((row) => columns.map((c) => formatCell(c.value(row))));
   const widths = columns.map((c, i) => Math.max(c.header.length, ...cells.map((r) => r[i]!.length)));
-  const line = (values: string[]) => values.map((v, i) => (i === values.length - 1 ? v : v.padEnd(widths[i]!))).join('  ').trimEnd();
-  return [line(columns.map((c) => c.header.toUpperCase())), ...cells.map(line)].join('\n') + '\n';
+  const line = (values: string[]) =>
+    values
+      .map((v, i) => (i === values.length - 1 ? v : v.padEnd(widths[i]!)))
+      .join('  ')
+      .trimEnd();
+  return `${[line(columns.map((c) => c.header.toUpperCase())), ...cells.map(line)].join('\n')}\n`;
 }
 
 function formatCell(value: unknown): string {
@@ -212,20 +227,30 @@ function formatCell(value: unknown): string {
 }
 
 /** Prints `value` as JSON with `--json`, otherwise as a table (or `empty` when there are no rows). */
-export function printRows<T>(io: CliIo, json: boolean | undefined, rows: readonly T[], columns: readonly Column<T>[], empty = '(none)'): void {
+export function printRows<T>(
+  io: CliIo,
+  json: boolean | undefined,
+  rows: readonly T[],
+  columns: readonly Column<T>[],
+  empty = '(none)',
+): void {
   if (json) return printJson(io, rows);
-  io.out(rows.length ? formatTable(rows, columns) : empty + '\n');
+  io.out(rows.length ? formatTable(rows, columns) : `${empty}\n`);
 }
 
 /** Prints one record as `key: value` lines, or JSON with `--json`. */
 export function printRecord(io: CliIo, json: boolean | undefined, record: Record<string, unknown>): void {
   if (json) return printJson(io, record);
   const width = Math.max(...Object.keys(record).map((k) => k.length));
-  io.out(Object.entries(record).map(([k, v]) => `${k.padEnd(width)}  ${formatCell(v)}`).join('\n') + '\n');
+  io.out(
+    `${Object.entries(record)
+      .map(([k, v]) => `${k.padEnd(width)}  ${formatCell(v)}`)
+      .join('\n')}\n`,
+  );
 }
 
 export function printJson(io: CliIo, value: unknown): void {
-  io.out(JSON.stringify(value, null, 2) + '\n');
+  io.out(`${JSON.stringify(value, null, 2)}\n`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -249,7 +274,12 @@ export async function orgOf(client: ApiClient, flags: CommonFlags, io: CliIo): P
   if (explicit) return explicit;
   const { items } = await client.get<{ items: { id: string; name: string }[] }>('/api/v1/orgs');
   if (items.length === 1) return items[0]!.name;
-  throw new CliError(items.length === 0 ? 'no organization is visible to you; create one with `fleethub orgs create <name>`' : `you can see ${items.length} organizations; pass --org <name> (or set FLEETHUB_ORG)`, 2);
+  throw new CliError(
+    items.length === 0
+      ? 'no organization is visible to you; create one with `fleethub orgs create <name>`'
+      : `you can see ${items.length} organizations; pass --org <name> (or set FLEETHUB_ORG)`,
+    2,
+  );
 }
 
 export function orgPath(org: string): string {
@@ -259,7 +289,7 @@ export function orgPath(org: string): string {
 /** Prints usage and returns 0 when `--help` was given, else undefined. */
 export function helpRequested(values: { help?: boolean }, usage: string, io: CliIo): number | undefined {
   if (!values.help) return undefined;
-  io.out(usage + '\n');
+  io.out(`${usage}\n`);
   return 0;
 }
 

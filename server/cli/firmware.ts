@@ -10,7 +10,20 @@ import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { generateSigningKeyPair, parseSigningPublicKey, signFirmwareDigest } from '../firmware/signing.ts';
-import { ApiClient, CliError, orgOf, parseCommand, printJson, printRecord, printRows, processIo, resolveClientOptions, runCommand, type CliIo, type ClientOptions } from './client.ts';
+import {
+  ApiClient,
+  CliError,
+  orgOf,
+  parseCommand,
+  printJson,
+  printRecord,
+  printRows,
+  processIo,
+  resolveClientOptions,
+  runCommand,
+  type CliIo,
+  type ClientOptions,
+} from './client.ts';
 
 const USAGE = `Usage:
   fleethub firmware upload <file> --product P --version V [--org O] [--platform P] [--architecture A]
@@ -40,7 +53,7 @@ export async function runFirmwareCommand(argv: string[], io: CliIo = processIo):
       case 'help':
       case '--help':
       case '-h':
-        io.out(USAGE + '\n');
+        io.out(`${USAGE}\n`);
         return sub === undefined ? 2 : 0;
       default:
         throw new CliError(`unknown firmware command ${JSON.stringify(sub)}\n\n${USAGE}`, 2);
@@ -66,7 +79,8 @@ async function upload(argv: string[], io: CliIo): Promise<number> {
     USAGE,
   );
   const file = positionals[0];
-  if (!file || !values.product || !values.version) throw new CliError(`upload needs <file>, --product and --version\n\n${USAGE}`, 2);
+  if (!file || !values.product || !values.version)
+    throw new CliError(`upload needs <file>, --product and --version\n\n${USAGE}`, 2);
   if (!existsSync(file)) throw new CliError(`${file} does not exist`);
   let signature = values.signature;
   if (values['sign-key']) {
@@ -117,7 +131,10 @@ export async function uploadFirmwareStream(options: UploadStreamOptions): Promis
   const params = new URLSearchParams();
   for (const [k, v] of Object.entries(options.query)) if (v !== undefined && v !== '') params.set(k, v);
   const url = new URL(`${options.client.url}/api/v1/firmware?${params}`);
-  const headers: Record<string, string | number> = { 'content-type': 'application/octet-stream', accept: 'application/json' };
+  const headers: Record<string, string | number> = {
+    'content-type': 'application/octet-stream',
+    accept: 'application/json',
+  };
   if (options.client.token) headers.authorization = `Bearer ${options.client.token}`;
   if (options.size !== undefined) headers['content-length'] = options.size;
   const request = (url.protocol === 'https:' ? https : http).request(url, { method: 'POST', headers });
@@ -139,7 +156,9 @@ export async function uploadFirmwareStream(options: UploadStreamOptions): Promis
   try {
     res = await response;
   } catch (err) {
-    throw new CliError(`cannot reach ${options.client.url} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); check --url or FLEETHUB_URL`);
+    throw new CliError(
+      `cannot reach ${options.client.url} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); check --url or FLEETHUB_URL`,
+    );
   }
   const chunks: Buffer[] = [];
   for await (const chunk of res) chunks.push(chunk as Buffer);
@@ -150,7 +169,10 @@ export async function uploadFirmwareStream(options: UploadStreamOptions): Promis
   const status = res.statusCode ?? 0;
   if (status >= 400) {
     const error = (body as { error?: { code?: string; message?: string; details?: unknown } }).error;
-    const message = status === 401 && !options.client.token ? 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN' : (error?.message ?? `HTTP ${status}`);
+    const message =
+      status === 401 && !options.client.token
+        ? 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN'
+        : (error?.message ?? `HTTP ${status}`);
     throw new CliError(message, 1, status, error?.code, error?.details);
   }
   return body;
@@ -160,7 +182,12 @@ async function keys(argv: string[], io: CliIo): Promise<number> {
   const [action, ...rest] = argv;
   const { values, positionals } = parseCommand(
     rest,
-    { product: { type: 'string' }, org: { type: 'string' }, name: { type: 'string' }, 'public-key': { type: 'string' } },
+    {
+      product: { type: 'string' },
+      org: { type: 'string' },
+      name: { type: 'string' },
+      'public-key': { type: 'string' },
+    },
     USAGE,
   );
   if (!values.product) throw new CliError(`--product is required\n\n${USAGE}`, 2);
@@ -169,10 +196,15 @@ async function keys(argv: string[], io: CliIo): Promise<number> {
   const query = `?org=${encodeURIComponent(await orgOf(client, values, io))}`;
   switch (action) {
     case 'add': {
-      if (!values.name || !values['public-key']) throw new CliError(`keys add needs --name and --public-key\n\n${USAGE}`, 2);
+      if (!values.name || !values['public-key'])
+        throw new CliError(`keys add needs --name and --public-key\n\n${USAGE}`, 2);
       const pem = readFileSync(values['public-key'], 'utf8');
       parseSigningPublicKey(pem); // a clear local error beats a round trip
-      printRecord(io, values.json, await client.post<Record<string, unknown>>(base + query, { name: values.name, public_key_pem: pem }));
+      printRecord(
+        io,
+        values.json,
+        await client.post<Record<string, unknown>>(base + query, { name: values.name, public_key_pem: pem }),
+      );
       return 0;
     }
     case 'list': {
@@ -205,7 +237,7 @@ async function sign(argv: string[], io: CliIo): Promise<number> {
   const sha256 = await sha256OfFile(file);
   const signature = signFirmwareDigest(sha256, readFileSync(values.key, 'utf8'));
   if (values.json) printJson(io, { sha256, signature });
-  else io.out(signature + '\n');
+  else io.out(`${signature}\n`);
   return 0;
 }
 
@@ -222,7 +254,10 @@ async function keygen(argv: string[], io: CliIo): Promise<number> {
   writeFileSync(pubPath, pair.publicKeyPem);
   const { fingerprint } = parseSigningPublicKey(pair.publicKeyPem);
   if (values.json) printJson(io, { private_key: keyPath, public_key: pubPath, fingerprint });
-  else io.out(`private key ${keyPath} (keep it secret)\npublic key  ${pubPath}\nfingerprint ${fingerprint}\nregister it: fleethub firmware keys add --product P --name ${name} --public-key ${pubPath}\n`);
+  else
+    io.out(
+      `private key ${keyPath} (keep it secret)\npublic key  ${pubPath}\nfingerprint ${fingerprint}\nregister it: fleethub firmware keys add --product P --name ${name} --public-key ${pubPath}\n`,
+    );
   return 0;
 }
 
@@ -244,7 +279,9 @@ function progressBar(io: CliIo) {
       shown = true;
       const pct = total ? sent / total : 1;
       const filled = Math.round(pct * 30);
-      io.err(`\r[${'#'.repeat(filled)}${'.'.repeat(30 - filled)}] ${(pct * 100).toFixed(1).padStart(5)}%  ${(sent / 1048576).toFixed(1)}/${(total / 1048576).toFixed(1)} MiB\u001b[K`);
+      io.err(
+        `\r[${'#'.repeat(filled)}${'.'.repeat(30 - filled)}] ${(pct * 100).toFixed(1).padStart(5)}%  ${(sent / 1048576).toFixed(1)}/${(total / 1048576).toFixed(1)} MiB\u001b[K`,
+      );
     },
     done() {
       if (shown) io.err('\n');

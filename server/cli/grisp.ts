@@ -4,7 +4,20 @@
  * and `fleethub grisp <subcommand>` as a whole.
  */
 import { readFileSync } from 'node:fs';
-import { clientFor, helpRequested, orgOf, orgPath, parseCommand, printJson, printRecord, printRows, processIo, runCommand, usageError, type CliIo } from './client.ts';
+import {
+  clientFor,
+  helpRequested,
+  orgOf,
+  orgPath,
+  parseCommand,
+  printJson,
+  printRecord,
+  printRows,
+  processIo,
+  runCommand,
+  usageError,
+  type CliIo,
+} from './client.ts';
 
 const USAGE = `Usage:
   fleethub grisp logs <device> [--limit N] [--before ID] [--level L]   stored board log events, newest first
@@ -21,7 +34,15 @@ export async function runGrispCommand(argv: string[], io: CliIo = processIo): Pr
   return runCommand(io, async () => {
     const { values, positionals } = parseCommand(
       argv,
-      { org: { type: 'string' }, limit: { type: 'string' }, before: { type: 'string' }, level: { type: 'string' }, ttl: { type: 'string' }, product: { type: 'string' }, version: { type: 'string' } },
+      {
+        org: { type: 'string' },
+        limit: { type: 'string' },
+        before: { type: 'string' },
+        level: { type: 'string' },
+        ttl: { type: 'string' },
+        product: { type: 'string' },
+        version: { type: 'string' },
+      },
       USAGE,
     );
     const help = helpRequested(values, USAGE, io);
@@ -32,7 +53,9 @@ export async function runGrispCommand(argv: string[], io: CliIo = processIo): Pr
     switch (sub) {
       case 'logs': {
         if (!arg) throw usageError('name the device', USAGE);
-        const { items } = await client.get<{ items: Array<{ id: string; seq: number; time: string | null; level: string | null; msg: unknown }> }>(`${orgPath(org)}/devices/${enc(arg)}/logs`, {
+        const { items } = await client.get<{
+          items: Array<{ id: string; seq: number; time: string | null; level: string | null; msg: unknown }>;
+        }>(`${orgPath(org)}/devices/${enc(arg)}/logs`, {
           limit: values.limit,
           before: values.before,
           level: values.level,
@@ -47,9 +70,15 @@ export async function runGrispCommand(argv: string[], io: CliIo = processIo): Pr
         return 0;
       }
       case 'link-token': {
-        const created = await client.post<Record<string, unknown>>(`${orgPath(org)}/grisp/link-tokens`, values.ttl ? { ttl_seconds: Number(values.ttl) } : {});
+        const created = await client.post<Record<string, unknown>>(
+          `${orgPath(org)}/grisp/link-tokens`,
+          values.ttl ? { ttl_seconds: Number(values.ttl) } : {},
+        );
         if (values.json) printJson(io, created);
-        else io.out(`token:   ${String(created.token)}\nexpires: ${String(created.expires_at)}\n(shown once; give it to the board's owner for post device_linking_token)\n`);
+        else
+          io.out(
+            `token:   ${String(created.token)}\nexpires: ${String(created.expires_at)}\n(shown once; give it to the board's owner for post device_linking_token)\n`,
+          );
         return 0;
       }
       case 'unlink':
@@ -59,13 +88,27 @@ export async function runGrispCommand(argv: string[], io: CliIo = processIo): Pr
         return 0;
       case 'show':
         if (!arg) throw usageError('name the device', USAGE);
-        printRecord(io, values.json, await client.get<Record<string, unknown>>(`${orgPath(org)}/devices/${enc(arg)}/grisp`));
+        printRecord(
+          io,
+          values.json,
+          await client.get<Record<string, unknown>>(`${orgPath(org)}/devices/${enc(arg)}/grisp`),
+        );
         return 0;
       case 'upload': {
-        if (!arg || !values.product || !values.version) throw usageError('upload needs <package.tar> --product P --version V', USAGE);
+        if (!arg || !values.product || !values.version)
+          throw usageError('upload needs <package.tar> --product P --version V', USAGE);
         const body = readFileSync(arg);
         const qs = new URLSearchParams({ product: values.product, version: values.version, org }).toString();
-        printRecord(io, values.json, await client.request<Record<string, unknown>>('POST', `/api/v1/grisp/firmware?${qs}`, body, 'application/octet-stream'));
+        printRecord(
+          io,
+          values.json,
+          await client.request<Record<string, unknown>>(
+            'POST',
+            `/api/v1/grisp/firmware?${qs}`,
+            body,
+            'application/octet-stream',
+          ),
+        );
         return 0;
       }
       default:

@@ -5,14 +5,38 @@
 type Command = (argv: string[]) => Promise<number>;
 
 const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = {
-  serve: { help: 'run the server (fleethub serve --help lists every option)', run: async () => (await import('./serve.ts')).runServeCommand },
-  migrate: { help: 'database migrations: up | down | status', run: async () => (await import('./migrate.ts')).runMigrateCommand },
-  certs: { help: 'development PKI: init | device <serial> --out DIR', run: async () => (await import('./certs.ts')).runCertsCommand },
-  users: { help: 'operator accounts: create --email --password --role [--org] | list', run: async () => (await import('./users.ts')).runUsersCommand },
-  'main-server': { help: 'Main Server devices (seed 000): devices | approve | revoke | rotate-token | pack | upload | schedule | deploy', run: async () => (await import('./main-server.ts')).runMainServerCommand },
-  keyauth: { help: 'public-key TCP clients (seed 003): list | approve | revoke <fingerprint>', run: async () => (await import('./keyauth.ts')).runKeyauthCommand },
-  grisp: { help: 'GRiSP boards (seed 004): firmware packages, logs, linking tokens, validation', run: async () => (await import('./grisp.ts')).runGrispCommand },
-  wifidogx: { help: 'WiFiDogX gateways (seed 001): approve | auth-mode | auth | kickoff | tmp-pass | firmware-info | upgrade | release', run: async () => (await import('./wifidogx.ts')).runWifidogxCommand },
+  serve: {
+    help: 'run the server (fleethub serve --help lists every option)',
+    run: async () => (await import('./serve.ts')).runServeCommand,
+  },
+  migrate: {
+    help: 'database migrations: up | down | status',
+    run: async () => (await import('./migrate.ts')).runMigrateCommand,
+  },
+  certs: {
+    help: 'development PKI: init | device <serial> --out DIR',
+    run: async () => (await import('./certs.ts')).runCertsCommand,
+  },
+  users: {
+    help: 'operator accounts: create --email --password --role [--org] | list',
+    run: async () => (await import('./users.ts')).runUsersCommand,
+  },
+  'main-server': {
+    help: 'Main Server devices (seed 000): devices | approve | revoke | rotate-token | pack | upload | schedule | deploy',
+    run: async () => (await import('./main-server.ts')).runMainServerCommand,
+  },
+  keyauth: {
+    help: 'public-key TCP clients (seed 003): list | approve | revoke <fingerprint>',
+    run: async () => (await import('./keyauth.ts')).runKeyauthCommand,
+  },
+  grisp: {
+    help: 'GRiSP boards (seed 004): firmware packages, logs, linking tokens, validation',
+    run: async () => (await import('./grisp.ts')).runGrispCommand,
+  },
+  wifidogx: {
+    help: 'WiFiDogX gateways (seed 001): approve | auth-mode | auth | kickoff | tmp-pass | firmware-info | upgrade | release',
+    run: async () => (await import('./wifidogx.ts')).runWifidogxCommand,
+  },
 };
 
 // Operator commands talk to a running server over the REST API (server/cli/operator.ts).
@@ -50,7 +74,7 @@ async function runOperator(name: string, argv: string[]): Promise<number> {
 function usage(): string {
   const lines = ['Usage: fleethub <command> [options]', '', 'Commands:'];
   for (const [name, c] of Object.entries(COMMANDS)) lines.push(`  ${name.padEnd(12)} ${c.help}`);
-  lines.push('', 'Run `fleethub <command> --help` for a command\'s options.');
+  lines.push('', "Run `fleethub <command> --help` for a command's options.");
   return lines.join('\n');
 }
 

@@ -1,5 +1,15 @@
 /** `fleethub keyauth list [--pending] | approve <fingerprint> | revoke <fingerprint>`: client keys of the public-key TCP protocol (seed 003). */
-import { clientFor, helpRequested, parseCommand, printJson, printRows, processIo, runCommand, usageError, type CliIo } from './client.ts';
+import {
+  clientFor,
+  helpRequested,
+  parseCommand,
+  printJson,
+  printRows,
+  processIo,
+  runCommand,
+  usageError,
+  type CliIo,
+} from './client.ts';
 
 const USAGE = `Usage:
   fleethub keyauth list [--pending]          client keys (the approval queue with --pending)
@@ -26,7 +36,9 @@ export async function runKeyauthCommand(argv: string[], io: CliIo = processIo): 
     const [sub, ref] = positionals;
     switch (sub ?? 'list') {
       case 'list': {
-        const { items } = await client.get<{ items: ClientRow[] }>('/api/v1/keyauth/clients', { approval: values.pending ? 'pending' : undefined });
+        const { items } = await client.get<{ items: ClientRow[] }>('/api/v1/keyauth/clients', {
+          approval: values.pending ? 'pending' : undefined,
+        });
         printRows(io, values.json, items, [
           { header: 'fingerprint', value: (c) => c.fingerprint },
           { header: 'device', value: (c) => c.identifier },

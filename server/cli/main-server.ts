@@ -6,7 +6,20 @@
 import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createZip, MANIFEST_NAME, parseManifest } from '../edges/main-server/package.ts';
-import { CliError, clientFor, helpRequested, parseCommand, printJson, printRecord, printRows, processIo, runCommand, usageError, type ApiClient, type CliIo } from './client.ts';
+import {
+  CliError,
+  clientFor,
+  helpRequested,
+  parseCommand,
+  printJson,
+  printRecord,
+  printRows,
+  processIo,
+  runCommand,
+  usageError,
+  type ApiClient,
+  type CliIo,
+} from './client.ts';
 
 const USAGE = `Usage:
   fleethub main-server devices [--pending]              Main Server devices (the approval queue with --pending)
@@ -40,7 +53,11 @@ async function seedCall<T>(client: ApiClient, method: string, pathname: string, 
   if (body !== undefined) headers['content-type'] = 'application/json';
   let res: Response;
   try {
-    res = await fetch(`${client.options.url}/api/main-server${pathname}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+    res = await fetch(`${client.options.url}/api/main-server${pathname}`, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
   } catch (err) {
     throw new CliError(`cannot reach ${client.options.url} (${(err as Error).message}); check --url or FLEETHUB_URL`);
   }
@@ -63,7 +80,11 @@ function filesOf(dir: string, prefix = ''): Array<{ name: string; data: Buffer }
 
 export async function runMainServerCommand(argv: string[], io: CliIo = processIo): Promise<number> {
   return runCommand(io, async () => {
-    const { values, positionals } = parseCommand(argv, { pending: { type: 'boolean' }, name: { type: 'string' }, out: { type: 'string' }, device: { type: 'string' } }, USAGE);
+    const { values, positionals } = parseCommand(
+      argv,
+      { pending: { type: 'boolean' }, name: { type: 'string' }, out: { type: 'string' }, device: { type: 'string' } },
+      USAGE,
+    );
     const help = helpRequested(values, USAGE, io);
     if (help !== undefined) return help;
     const [sub, a, b, c] = positionals;
@@ -76,13 +97,17 @@ export async function runMainServerCommand(argv: string[], io: CliIo = processIo
       const manifest = parseManifest(JSON.parse(readFileSync(path.join(dir, MANIFEST_NAME), 'utf8')));
       const out = values.out ?? `${manifest.extension}-${manifest.version}.zip`;
       writeFileSync(out, createZip(filesOf(dir)));
-      io.out(`${out}: ${manifest.extension} ${manifest.version}${manifest.compatible_with ? ` (compatible with ${manifest.compatible_with})` : ''}\n`);
+      io.out(
+        `${out}: ${manifest.extension} ${manifest.version}${manifest.compatible_with ? ` (compatible with ${manifest.compatible_with})` : ''}\n`,
+      );
       return 0;
     }
     const client = clientFor(values, io);
     switch (sub) {
       case 'devices': {
-        const { items } = await client.get<{ items: DeviceRow[] }>('/api/v1/main-server/devices', { approval: values.pending ? 'pending' : undefined });
+        const { items } = await client.get<{ items: DeviceRow[] }>('/api/v1/main-server/devices', {
+          approval: values.pending ? 'pending' : undefined,
+        });
         printRows(io, values.json, items, [
           { header: 'device_id', value: (d) => d.device_id },
           { header: 'name', value: (d) => d.name },
@@ -95,7 +120,9 @@ export async function runMainServerCommand(argv: string[], io: CliIo = processIo
       }
       case 'approve':
       case 'revoke': {
-        const r = await client.post<{ device: DeviceRow; message?: string }>(`/api/v1/main-server/devices/${enc(need(a, '<device_id>'))}/${sub}`);
+        const r = await client.post<{ device: DeviceRow; message?: string }>(
+          `/api/v1/main-server/devices/${enc(need(a, '<device_id>'))}/${sub}`,
+        );
         if (values.json) printJson(io, r);
         else io.out(`${r.device.device_id}: ${r.device.approval}${r.message ? `\n${r.message}` : ''}\n`);
         return 0;
@@ -104,20 +131,32 @@ export async function runMainServerCommand(argv: string[], io: CliIo = processIo
       case 'add': {
         const r =
           sub === 'add'
-            ? await client.post<{ device: DeviceRow; device_token: string }>('/api/v1/main-server/devices', { device_id: need(a, '<device_id>'), ...(values.name ? { name: values.name } : {}) })
-            : await client.post<{ device: DeviceRow; device_token: string }>(`/api/v1/main-server/devices/${enc(need(a, '<device_id>'))}/token`);
+            ? await client.post<{ device: DeviceRow; device_token: string }>('/api/v1/main-server/devices', {
+                device_id: need(a, '<device_id>'),
+                ...(values.name ? { name: values.name } : {}),
+              })
+            : await client.post<{ device: DeviceRow; device_token: string }>(
+                `/api/v1/main-server/devices/${enc(need(a, '<device_id>'))}/token`,
+              );
         if (values.json) printJson(io, r);
         else io.out(`device ${r.device.device_id} token (shown once; give it to the device):\n${r.device_token}\n`);
         return 0;
       }
       case 'upload': {
         const file = need(a, '<package.zip>');
-        const r = await client.request<Record<string, unknown>>('POST', '/api/v1/main-server/packages', readFileSync(file), 'application/zip');
+        const r = await client.request<Record<string, unknown>>(
+          'POST',
+          '/api/v1/main-server/packages',
+          readFileSync(file),
+          'application/zip',
+        );
         printRecord(io, values.json, r);
         return 0;
       }
       case 'extensions': {
-        const { items } = await client.get<{ items: Array<{ id: number; name: string }> }>('/api/v1/main-server/extensions');
+        const { items } = await client.get<{ items: Array<{ id: number; name: string }> }>(
+          '/api/v1/main-server/extensions',
+        );
         printRows(io, values.json, items, [
           { header: 'extension_id', value: (e) => e.id },
           { header: 'name', value: (e) => e.name },
@@ -125,7 +164,11 @@ export async function runMainServerCommand(argv: string[], io: CliIo = processIo
         return 0;
       }
       case 'updates': {
-        const { updates } = await seedCall<{ updates: Array<Record<string, unknown>> }>(client, 'GET', values.device ? `/updates?device_id=${enc(values.device)}` : '/updates');
+        const { updates } = await seedCall<{ updates: Array<Record<string, unknown>> }>(
+          client,
+          'GET',
+          values.device ? `/updates?device_id=${enc(values.device)}` : '/updates',
+        );
         printRows(io, values.json, updates, [
           { header: 'device', value: (u) => u.device_id },
           { header: 'extension_id', value: (u) => u.extension_id },
@@ -137,12 +180,19 @@ export async function runMainServerCommand(argv: string[], io: CliIo = processIo
         return 0;
       }
       case 'schedule': {
-        const r = await seedCall<Record<string, unknown>>(client, 'POST', '/schedule-update', { extension_id: Number(need(a, '<extension_id>')), new_version: need(b, '<version>') });
+        const r = await seedCall<Record<string, unknown>>(client, 'POST', '/schedule-update', {
+          extension_id: Number(need(a, '<extension_id>')),
+          new_version: need(b, '<version>'),
+        });
         printRecord(io, values.json, r);
         return 0;
       }
       case 'deploy': {
-        const r = await seedCall<Record<string, unknown>>(client, 'POST', '/deploy-update', { device_id: need(a, '<device_id>'), extension_id: Number(need(b, '<extension_id>')), version: need(c, '<version>') });
+        const r = await seedCall<Record<string, unknown>>(client, 'POST', '/deploy-update', {
+          device_id: need(a, '<device_id>'),
+          extension_id: Number(need(b, '<extension_id>')),
+          version: need(c, '<version>'),
+        });
         printRecord(io, values.json, r);
         return 0;
       }

@@ -21,7 +21,8 @@ export async function runMigrateCommand(argv: string[]): Promise<number> {
     switch (action) {
       case 'up': {
         const { results } = await migrateToLatest(handle.db);
-        for (const r of results ?? []) console.log(`${r.status === 'Success' ? 'applied' : r.status}  ${r.migrationName}`);
+        for (const r of results ?? [])
+          console.log(`${r.status === 'Success' ? 'applied' : r.status}  ${r.migrationName}`);
         if (!results?.length) console.log('database is up to date');
         return 0;
       }

@@ -1,7 +1,21 @@
 /** Operator CLI commands over the fleet: devices, groups, firmware records, targets, status (with --watch). */
 import { Socket, type SocketConnectOption } from 'phoenix';
 import WebSocket from 'ws';
-import { clientFor, helpRequested, orgOf, orgPath, parseCommand, printJson, printRecord, printRows, processIo, usageError, type ApiClient, type CliIo, type Column } from './client.ts';
+import {
+  clientFor,
+  helpRequested,
+  orgOf,
+  orgPath,
+  parseCommand,
+  printJson,
+  printRecord,
+  printRows,
+  processIo,
+  usageError,
+  type ApiClient,
+  type CliIo,
+  type Column,
+} from './client.ts';
 
 const ORG_OPTION = { org: { type: 'string' } } as const;
 const enc = encodeURIComponent;
@@ -31,7 +45,8 @@ interface Page<T> {
 }
 
 function footer(io: CliIo, json: boolean | undefined, page: Page<unknown>, offset: number): void {
-  if (!json && page.total > page.items.length) io.out(`(${offset + 1}-${offset + page.items.length} of ${page.total}; use --limit/--offset)\n`);
+  if (!json && page.total > page.items.length)
+    io.out(`(${offset + 1}-${offset + page.items.length} of ${page.total}; use --limit/--offset)\n`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -65,7 +80,9 @@ export async function runDevicesCommand(argv: string[], io: CliIo): Promise<numb
   const [sub = 'list', ref] = positionals;
   switch (sub) {
     case 'list': {
-      const group = values.group ? (await client.get<{ id: string }>(`${orgPath(org)}/groups/${enc(values.group)}`)).id : undefined;
+      const group = values.group
+        ? (await client.get<{ id: string }>(`${orgPath(org)}/groups/${enc(values.group)}`)).id
+        : undefined;
       const offset = Number(values.offset ?? 0);
       const page = await client.get<Page<Device>>(`${orgPath(org)}/devices`, {
         group,
@@ -92,7 +109,10 @@ export async function runDevicesCommand(argv: string[], io: CliIo): Promise<numb
     }
     case 'updates': {
       if (!ref) throw usageError('devices updates needs a device id or identifier', DEVICES_USAGE);
-      const page = await client.get<Page<Attempt>>(`${orgPath(org)}/devices/${enc(ref)}/updates`, { limit: values.limit, offset: values.offset });
+      const page = await client.get<Page<Attempt>>(`${orgPath(org)}/devices/${enc(ref)}/updates`, {
+        limit: values.limit,
+        offset: values.offset,
+      });
       printRows(io, values.json, page.items, ATTEMPT_COLUMNS, '(no update attempts)');
       return 0;
     }
@@ -145,7 +165,14 @@ interface Group {
 export async function runGroupsCommand(argv: string[], io: CliIo): Promise<number> {
   const { values, positionals } = parseCommand(
     argv,
-    { ...ORG_OPTION, product: { type: 'string' }, description: { type: 'string' }, priority: { type: 'string' }, limit: { type: 'string' }, offset: { type: 'string' } },
+    {
+      ...ORG_OPTION,
+      product: { type: 'string' },
+      description: { type: 'string' },
+      priority: { type: 'string' },
+      limit: { type: 'string' },
+      offset: { type: 'string' },
+    },
     GROUPS_USAGE,
   );
   const help = helpRequested(values, GROUPS_USAGE, io);
@@ -160,20 +187,31 @@ export async function runGroupsCommand(argv: string[], io: CliIo): Promise<numbe
   switch (sub) {
     case 'list': {
       const { items } = await client.get<{ items: Group[] }>(`${orgPath(org)}/groups`, { product: values.product });
-      printRows(io, values.json, items, [
-        { header: 'name', value: (g) => g.name },
-        { header: 'devices', value: (g) => g.device_count },
-        { header: 'priority', value: (g) => g.priority },
-        { header: 'topic', value: (g) => g.topic },
-        { header: 'id', value: (g) => g.id },
-      ], '(no groups)');
+      printRows(
+        io,
+        values.json,
+        items,
+        [
+          { header: 'name', value: (g) => g.name },
+          { header: 'devices', value: (g) => g.device_count },
+          { header: 'priority', value: (g) => g.priority },
+          { header: 'topic', value: (g) => g.topic },
+          { header: 'id', value: (g) => g.id },
+        ],
+        '(no groups)',
+      );
       return 0;
     }
     case 'create': {
       if (!name) throw usageError('groups create needs a name', GROUPS_USAGE);
       if (!values.product) throw usageError('groups create needs --product', GROUPS_USAGE);
       const priority = values.priority === undefined ? undefined : Number(values.priority);
-      const group = await client.post<Group>(`${orgPath(org)}/groups`, { product: values.product, name, description: values.description, priority });
+      const group = await client.post<Group>(`${orgPath(org)}/groups`, {
+        product: values.product,
+        name,
+        description: values.description,
+        priority,
+      });
       if (values.json) printJson(io, group);
       else io.out(`created group ${group.name} (${group.id})\n`);
       return 0;
@@ -182,7 +220,10 @@ export async function runGroupsCommand(argv: string[], io: CliIo): Promise<numbe
       printRecord(io, values.json, await client.get<Record<string, unknown>>(needName()));
       return 0;
     case 'members': {
-      const page = await client.get<Page<Device>>(`${needName()}/devices`, { limit: values.limit, offset: values.offset });
+      const page = await client.get<Page<Device>>(`${needName()}/devices`, {
+        limit: values.limit,
+        offset: values.offset,
+      });
       if (values.json) printJson(io, page);
       else {
         printRows(io, false, page.items, DEVICE_COLUMNS, '(no members)');
@@ -194,10 +235,16 @@ export async function runGroupsCommand(argv: string[], io: CliIo): Promise<numbe
     case 'remove': {
       const path = needName();
       if (devices.length === 0) throw usageError(`groups ${sub} needs at least one device`, GROUPS_USAGE);
-      const result = await client.post<{ added?: string[]; removed?: string[] }>(sub === 'add' ? `${path}/devices` : `${path}/devices/remove`, { devices });
+      const result = await client.post<{ added?: string[]; removed?: string[] }>(
+        sub === 'add' ? `${path}/devices` : `${path}/devices/remove`,
+        { devices },
+      );
       const changed = (sub === 'add' ? result.added : result.removed) ?? [];
       if (values.json) printJson(io, result);
-      else io.out(`${sub === 'add' ? 'added' : 'removed'} ${changed.length} device(s) ${sub === 'add' ? 'to' : 'from'} ${name}${changed.length < devices.length ? ` (${devices.length - changed.length} already ${sub === 'add' ? 'in' : 'not in'} it)` : ''}\n`);
+      else
+        io.out(
+          `${sub === 'add' ? 'added' : 'removed'} ${changed.length} device(s) ${sub === 'add' ? 'to' : 'from'} ${name}${changed.length < devices.length ? ` (${devices.length - changed.length} already ${sub === 'add' ? 'in' : 'not in'} it)` : ''}\n`,
+        );
       return 0;
     }
     case 'delete':
@@ -233,7 +280,11 @@ interface FirmwareRow {
 
 /** `fleethub firmware list|show|delete` (uploads are server/cli/firmware.ts). */
 export async function runFirmwareCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(argv, { ...ORG_OPTION, product: { type: 'string' }, component: { type: 'string' } }, FIRMWARE_USAGE);
+  const { values, positionals } = parseCommand(
+    argv,
+    { ...ORG_OPTION, product: { type: 'string' }, component: { type: 'string' } },
+    FIRMWARE_USAGE,
+  );
   const help = helpRequested(values, FIRMWARE_USAGE, io);
   if (help !== undefined) return help;
   const client = clientFor(values, io);
@@ -241,17 +292,26 @@ export async function runFirmwareCommand(argv: string[], io: CliIo): Promise<num
   const [sub = 'list', id] = positionals;
   switch (sub) {
     case 'list': {
-      const { items } = await client.get<{ items: FirmwareRow[] }>(`${orgPath(org)}/firmware`, { product: values.product, component: values.component });
-      printRows(io, values.json, items, [
-        { header: 'version', value: (f) => f.version },
-        { header: 'component', value: (f) => f.component },
-        { header: 'platform', value: (f) => f.platform },
-        { header: 'arch', value: (f) => f.architecture },
-        { header: 'size', value: (f) => f.size },
-        { header: 'image', value: (f) => (f.has_blob ? 'yes' : 'no') },
-        { header: 'uploaded', value: (f) => f.uploaded_at },
-        { header: 'id', value: (f) => f.id },
-      ], '(no firmware)');
+      const { items } = await client.get<{ items: FirmwareRow[] }>(`${orgPath(org)}/firmware`, {
+        product: values.product,
+        component: values.component,
+      });
+      printRows(
+        io,
+        values.json,
+        items,
+        [
+          { header: 'version', value: (f) => f.version },
+          { header: 'component', value: (f) => f.component },
+          { header: 'platform', value: (f) => f.platform },
+          { header: 'arch', value: (f) => f.architecture },
+          { header: 'size', value: (f) => f.size },
+          { header: 'image', value: (f) => (f.has_blob ? 'yes' : 'no') },
+          { header: 'uploaded', value: (f) => f.uploaded_at },
+          { header: 'id', value: (f) => f.id },
+        ],
+        '(no firmware)',
+      );
       return 0;
     }
     case 'show':
@@ -277,10 +337,15 @@ const TARGET_USAGE = `Usage:
 Options: --org O --json --url --token`;
 
 export async function runTargetCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(argv, { ...ORG_OPTION, group: { type: 'string' }, device: { type: 'string' }, component: { type: 'string' } }, TARGET_USAGE);
+  const { values, positionals } = parseCommand(
+    argv,
+    { ...ORG_OPTION, group: { type: 'string' }, device: { type: 'string' }, component: { type: 'string' } },
+    TARGET_USAGE,
+  );
   const help = helpRequested(values, TARGET_USAGE, io);
   if (help !== undefined) return help;
-  if (Boolean(values.group) === Boolean(values.device)) throw usageError('pass exactly one of --group or --device', TARGET_USAGE);
+  if (Boolean(values.group) === Boolean(values.device))
+    throw usageError('pass exactly one of --group or --device', TARGET_USAGE);
   const client = clientFor(values, io);
   const org = await orgOf(client, values, io);
   const scope = values.group ? `groups/${enc(values.group)}` : `devices/${enc(values.device!)}`;
@@ -291,13 +356,21 @@ export async function runTargetCommand(argv: string[], io: CliIo): Promise<numbe
       if (!firmware) throw usageError('target set needs a version or firmware id', TARGET_USAGE);
       const isId = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(firmware);
       const body = isId ? { firmware_id: firmware } : { version: firmware, component: values.component };
-      const change = await client.put<{ attempts: { sent: number; queued: number }; delivery: string }>(`${orgPath(org)}/${scope}/target`, body);
+      const change = await client.put<{ attempts: { sent: number; queued: number }; delivery: string }>(
+        `${orgPath(org)}/${scope}/target`,
+        body,
+      );
       if (values.json) printJson(io, change);
-      else io.out(`${what} now targets ${firmware}: ${change.attempts.sent} device(s) told now, ${change.attempts.queued} queued until they connect\n`);
+      else
+        io.out(
+          `${what} now targets ${firmware}: ${change.attempts.sent} device(s) told now, ${change.attempts.queued} queued until they connect\n`,
+        );
       return 0;
     }
     case 'clear':
-      await client.delete(`${orgPath(org)}/${scope}/target${values.component ? `?component=${enc(values.component)}` : ''}`);
+      await client.delete(
+        `${orgPath(org)}/${scope}/target${values.component ? `?component=${enc(values.component)}` : ''}`,
+      );
       if (values.json) printJson(io, { ok: true });
       else io.out(`cleared the target of ${what}\n`);
       return 0;
@@ -324,7 +397,11 @@ interface Status {
 }
 
 export async function runStatusCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values } = parseCommand(argv, { ...ORG_OPTION, group: { type: 'string' }, watch: { type: 'boolean' } }, STATUS_USAGE);
+  const { values } = parseCommand(
+    argv,
+    { ...ORG_OPTION, group: { type: 'string' }, watch: { type: 'boolean' } },
+    STATUS_USAGE,
+  );
   const help = helpRequested(values, STATUS_USAGE, io);
   if (help !== undefined) return help;
   const client = clientFor(values, io);
@@ -332,7 +409,7 @@ export async function runStatusCommand(argv: string[], io: CliIo): Promise<numbe
   const path = values.group ? `${orgPath(org)}/groups/${enc(values.group)}/status` : `${orgPath(org)}/status`;
   const render = async () => {
     const status = await client.get<Status>(path);
-    if (values.json) return io.out(JSON.stringify(status) + '\n');
+    if (values.json) return io.out(`${JSON.stringify(status)}\n`);
     if (values.watch && io === processIo && process.stdout.isTTY) io.out('\x1b[2J\x1b[H');
     io.out(formatStatus(status, values.group ?? org));
   };
@@ -342,13 +419,17 @@ export async function runStatusCommand(argv: string[], io: CliIo): Promise<numbe
 }
 
 function formatStatus(s: Status, scope: string): string {
-  const lines = [`${scope}: ${s.devices} device(s), ${s.online} online, ${s.offline} offline`, '', 'VERSION      DEVICES'];
+  const lines = [
+    `${scope}: ${s.devices} device(s), ${s.online} online, ${s.offline} offline`,
+    '',
+    'VERSION      DEVICES',
+  ];
   for (const [v, n] of Object.entries(s.versions).sort((a, b) => b[1] - a[1])) lines.push(`${v.padEnd(12)} ${n}`);
   lines.push('', 'UPDATE STATE DEVICES');
   const states = Object.entries(s.updates).filter(([, n]) => n > 0);
   if (states.length === 0) lines.push('(no update attempts)');
   for (const [state, n] of states) lines.push(`${state.padEnd(12)} ${n}`);
-  return lines.join('\n') + '\n';
+  return `${lines.join('\n')}\n`;
 }
 
 /** Re-renders on every event of `operator:<orgId>` (and every 10 s) until Ctrl-C or `io.signal`. */
@@ -362,7 +443,7 @@ async function watch(client: ApiClient, org: string, render: () => Promise<void>
       render().catch((err: Error) => io.err(`error: ${err.message}\n`));
     }, 200);
   };
-  const socket = new Socket(client.options.url.replace(/^http/, 'ws') + '/socket', {
+  const socket = new Socket(`${client.options.url.replace(/^http/, 'ws')}/socket`, {
     transport: WebSocket as unknown as SocketConnectOption['transport'],
     authToken: client.options.token,
     reconnectAfterMs: (tries: number) => Math.min(10_000, 500 * tries),
@@ -374,7 +455,11 @@ async function watch(client: ApiClient, org: string, render: () => Promise<void>
     if (!event.startsWith('phx_')) refresh();
     return payload;
   };
-  channel.join().receive('error', (resp: { reason?: string }) => io.err(`live updates unavailable (${resp.reason ?? 'join refused'}); polling\n`));
+  channel
+    .join()
+    .receive('error', (resp: { reason?: string }) =>
+      io.err(`live updates unavailable (${resp.reason ?? 'join refused'}); polling\n`),
+    );
   const poll = setInterval(refresh, 10_000);
   try {
     await new Promise<void>((resolve) => {

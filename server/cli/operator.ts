@@ -23,7 +23,13 @@ import {
   type CliIo,
   type Column,
 } from './client.ts';
-import { runDevicesCommand, runFirmwareCommand, runGroupsCommand, runStatusCommand, runTargetCommand } from './operator-fleet.ts';
+import {
+  runDevicesCommand,
+  runFirmwareCommand,
+  runGroupsCommand,
+  runStatusCommand,
+  runTargetCommand,
+} from './operator-fleet.ts';
 
 /** Commands this module runs, with their one-line help (for the dispatcher's usage text). */
 export const OPERATOR_COMMANDS: Record<string, string> = {
@@ -63,7 +69,10 @@ export async function runOperatorCommand(argv: string[], io: CliIo = processIo):
         return runStatusCommand(rest, io);
       default: {
         const lines = Object.entries(OPERATOR_COMMANDS).map(([name, help]) => `  ${name.padEnd(10)} ${help}`);
-        throw new CliError(`unknown operator command ${JSON.stringify(command ?? '')}\n\nOperator commands:\n${lines.join('\n')}`, 2);
+        throw new CliError(
+          `unknown operator command ${JSON.stringify(command ?? '')}\n\nOperator commands:\n${lines.join('\n')}`,
+          2,
+        );
       }
     }
   });
@@ -86,19 +95,48 @@ async function login(argv: string[], io: CliIo): Promise<number> {
   if (!email) throw usageError('--email is required', LOGIN_USAGE);
   const password = values.password ?? io.env.FLEETHUB_PASSWORD ?? (await readPassword(io));
   const client = clientFor({ url: values.url }, io);
-  const session = await client.post<{ token: string; expires_at: string; user: { email: string; org_id: string | null; role: string } }>('/api/v1/auth/login', { email, password });
-  const file = saveCredentials({ url: client.options.url, token: session.token, email: session.user.email, expiresAt: session.expires_at, org: session.user.org_id ?? undefined }, io.env);
-  if (values.json) printJson(io, { url: client.options.url, email: session.user.email, role: session.user.role, org_id: session.user.org_id, expires_at: session.expires_at, credentials: file });
-  else io.out(`logged in to ${client.options.url} as ${session.user.email} (${session.user.role}); token saved in ${file}, valid until ${session.expires_at}\n`);
+  const session = await client.post<{
+    token: string;
+    expires_at: string;
+    user: { email: string; org_id: string | null; role: string };
+  }>('/api/v1/auth/login', { email, password });
+  const file = saveCredentials(
+    {
+      url: client.options.url,
+      token: session.token,
+      email: session.user.email,
+      expiresAt: session.expires_at,
+      org: session.user.org_id ?? undefined,
+    },
+    io.env,
+  );
+  if (values.json)
+    printJson(io, {
+      url: client.options.url,
+      email: session.user.email,
+      role: session.user.role,
+      org_id: session.user.org_id,
+      expires_at: session.expires_at,
+      credentials: file,
+    });
+  else
+    io.out(
+      `logged in to ${client.options.url} as ${session.user.email} (${session.user.role}); token saved in ${file}, valid until ${session.expires_at}\n`,
+    );
   return 0;
 }
 
 /** Reads one line from stdin; on a terminal the typed characters are not echoed. */
 async function readPassword(io: CliIo): Promise<string> {
-  if (!process.stdin.isTTY && process.stdin.readableEnded) throw new CliError('no password given: pass --password or set FLEETHUB_PASSWORD', 2);
+  if (!process.stdin.isTTY && process.stdin.readableEnded)
+    throw new CliError('no password given: pass --password or set FLEETHUB_PASSWORD', 2);
   io.err('Password: ');
   const muted = new Writable({ write: (_chunk, _enc, done) => done() });
-  const rl = createInterface({ input: process.stdin, output: process.stdin.isTTY ? muted : undefined, terminal: Boolean(process.stdin.isTTY) });
+  const rl = createInterface({
+    input: process.stdin,
+    output: process.stdin.isTTY ? muted : undefined,
+    terminal: Boolean(process.stdin.isTTY),
+  });
   try {
     const line = await new Promise<string>((resolve, reject) => {
       rl.once('line', resolve);
@@ -168,7 +206,11 @@ interface Product {
 }
 
 async function products(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(argv, { ...ORG_OPTION, 'requires-signature': { type: 'boolean' } }, PRODUCTS_USAGE);
+  const { values, positionals } = parseCommand(
+    argv,
+    { ...ORG_OPTION, 'requires-signature': { type: 'boolean' } },
+    PRODUCTS_USAGE,
+  );
   const help = helpRequested(values, PRODUCTS_USAGE, io);
   if (help !== undefined) return help;
   const client = clientFor(values, io);
@@ -186,7 +228,10 @@ async function products(argv: string[], io: CliIo): Promise<number> {
     }
     case 'create': {
       if (!name) throw usageError('products create needs a name', PRODUCTS_USAGE);
-      const product = await client.post<Product>(`${orgPath(org)}/products`, { name, requires_signature: values['requires-signature'] ?? false });
+      const product = await client.post<Product>(`${orgPath(org)}/products`, {
+        name,
+        requires_signature: values['requires-signature'] ?? false,
+      });
       if (values.json) printJson(io, product);
       else io.out(`created product ${product.name} (${product.id})\n`);
       return 0;
@@ -215,14 +260,20 @@ interface ApiTokenRow {
 }
 
 async function tokens(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(argv, { role: { type: 'string' }, 'expires-days': { type: 'string' }, all: { type: 'boolean' } }, TOKENS_USAGE);
+  const { values, positionals } = parseCommand(
+    argv,
+    { role: { type: 'string' }, 'expires-days': { type: 'string' }, all: { type: 'boolean' } },
+    TOKENS_USAGE,
+  );
   const help = helpRequested(values, TOKENS_USAGE, io);
   if (help !== undefined) return help;
   const client = clientFor(values, io);
   const [sub = 'list', arg] = positionals;
   switch (sub) {
     case 'list': {
-      const { items } = await client.get<{ items: ApiTokenRow[] }>('/api/v1/tokens', { all: values.all ? 'true' : undefined });
+      const { items } = await client.get<{ items: ApiTokenRow[] }>('/api/v1/tokens', {
+        all: values.all ? 'true' : undefined,
+      });
       printRows(io, values.json, items, [
         { header: 'id', value: (t) => t.id },
         { header: 'name', value: (t) => t.name },
@@ -236,11 +287,21 @@ async function tokens(argv: string[], io: CliIo): Promise<number> {
     case 'create': {
       if (!arg) throw usageError('tokens create needs a name', TOKENS_USAGE);
       const days = values['expires-days'] === undefined ? undefined : Number(values['expires-days']);
-      if (days !== undefined && !Number.isInteger(days)) throw usageError('--expires-days must be a whole number of days', TOKENS_USAGE);
-      const created = await client.post<{ token: string; api_token: ApiTokenRow }>('/api/v1/tokens', { name: arg, role: values.role, expires_in_days: days });
+      if (days !== undefined && !Number.isInteger(days))
+        throw usageError('--expires-days must be a whole number of days', TOKENS_USAGE);
+      const created = await client.post<{ token: string; api_token: ApiTokenRow }>('/api/v1/tokens', {
+        name: arg,
+        role: values.role,
+        expires_in_days: days,
+      });
       if (values.json) printJson(io, created);
       else {
-        printRecord(io, false, { id: created.api_token.id, name: created.api_token.name, role: created.api_token.role, expires: created.api_token.expires_at });
+        printRecord(io, false, {
+          id: created.api_token.id,
+          name: created.api_token.name,
+          role: created.api_token.role,
+          expires: created.api_token.expires_at,
+        });
         io.out(`\ntoken (shown only now; use it as FLEETHUB_TOKEN or --token):\n${created.token}\n`);
       }
       return 0;

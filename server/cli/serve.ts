@@ -68,7 +68,11 @@ export async function runServeCommand(argv: string[]): Promise<number> {
  * or a random password written to `<data-dir>/initial-admin-password`, mode 0600). The embedded
  * database belongs to the server process, so this cannot be left to a second process.
  */
-async function bootstrapFirstAdmin(db: Db, dataDir: string, env: NodeJS.ProcessEnv): Promise<{ email: string; passwordFile: string } | undefined> {
+async function bootstrapFirstAdmin(
+  db: Db,
+  dataDir: string,
+  env: NodeJS.ProcessEnv,
+): Promise<{ email: string; passwordFile: string } | undefined> {
   const existing = await db.selectFrom('users').select('id').limit(1).executeTakeFirst();
   if (existing) return undefined;
   const email = env.FLEETHUB_ADMIN_EMAIL || 'admin@fleethub.local';

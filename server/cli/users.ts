@@ -7,7 +7,16 @@ import { openDatabase } from '../db/index.ts';
 import { migrateToLatest } from '../db/migrate.ts';
 import { ApiError } from '../api/errors.ts';
 import { createUser, isRole, listUsers, ROLES } from '../api/operators.ts';
-import { CliError, parseCommand, printJson, printRows, processIo, runCommand, usageError, type CliIo } from './client.ts';
+import {
+  CliError,
+  parseCommand,
+  printJson,
+  printRows,
+  processIo,
+  runCommand,
+  usageError,
+  type CliIo,
+} from './client.ts';
 
 const USAGE = `Usage:
   fleethub users create --email <email> --password <password> --role admin|operator|viewer [--org <org>] [--name <name>]
@@ -35,15 +44,17 @@ export async function runUsersCommand(argv: string[], io: CliIo = processIo): Pr
       USAGE,
     );
     if (values.help) {
-      io.out(USAGE + '\n');
+      io.out(`${USAGE}\n`);
       return 0;
     }
     const [sub] = positionals;
-    if (sub !== 'create' && sub !== 'list') throw usageError(sub ? `unknown subcommand ${JSON.stringify(sub)}` : 'users needs create or list', USAGE);
+    if (sub !== 'create' && sub !== 'list')
+      throw usageError(sub ? `unknown subcommand ${JSON.stringify(sub)}` : 'users needs create or list', USAGE);
     if (sub === 'create') {
       if (!values.email) throw usageError('--email is required', USAGE);
       if (!values.role || !isRole(values.role)) throw usageError(`--role must be one of ${ROLES.join(', ')}`, USAGE);
-      if (!(values.password ?? io.env.FLEETHUB_PASSWORD)) throw usageError('--password (or FLEETHUB_PASSWORD) is required', USAGE);
+      if (!(values.password ?? io.env.FLEETHUB_PASSWORD))
+        throw usageError('--password (or FLEETHUB_PASSWORD) is required', USAGE);
     }
 
     const config = loadConfig([], io.env, {
@@ -55,13 +66,19 @@ export async function runUsersCommand(argv: string[], io: CliIo = processIo): Pr
       await migrateToLatest(handle.db);
       if (sub === 'list') {
         const users = await listUsers(handle.db, null);
-        printRows(io, values.json, users, [
-          { header: 'email', value: (u) => u.email },
-          { header: 'role', value: (u) => u.role },
-          { header: 'org', value: (u) => u.org_id ?? '(all)' },
-          { header: 'state', value: (u) => (u.disabled ? 'disabled' : 'active') },
-          { header: 'id', value: (u) => u.id },
-        ], '(no users)');
+        printRows(
+          io,
+          values.json,
+          users,
+          [
+            { header: 'email', value: (u) => u.email },
+            { header: 'role', value: (u) => u.role },
+            { header: 'org', value: (u) => u.org_id ?? '(all)' },
+            { header: 'state', value: (u) => (u.disabled ? 'disabled' : 'active') },
+            { header: 'id', value: (u) => u.id },
+          ],
+          '(no users)',
+        );
         return 0;
       }
       try {
@@ -73,7 +90,10 @@ export async function runUsersCommand(argv: string[], io: CliIo = processIo): Pr
           name: values.name ?? null,
         });
         if (values.json) printJson(io, user);
-        else io.out(`created ${user.role} ${user.email}${user.org_id ? ` in org ${user.org_id}` : ' (all organizations)'} (${user.id})\n`);
+        else
+          io.out(
+            `created ${user.role} ${user.email}${user.org_id ? ` in org ${user.org_id}` : ' (all organizations)'} (${user.id})\n`,
+          );
         return 0;
       } catch (err) {
         if (err instanceof ApiError) throw new CliError(err.message, 1, err.status, err.code);

@@ -1,5 +1,18 @@
 /** WiFiDogX operator commands: `fleethub wifidogx <subcommand>` (the lead adds it to the dispatcher). */
-import { clientFor, helpRequested, orgOf, orgPath, parseCommand, printJson, printRecord, printRows, processIo, runCommand, usageError, type CliIo } from './client.ts';
+import {
+  clientFor,
+  helpRequested,
+  orgOf,
+  orgPath,
+  parseCommand,
+  printJson,
+  printRecord,
+  printRows,
+  processIo,
+  runCommand,
+  usageError,
+  type CliIo,
+} from './client.ts';
 
 const USAGE = `Usage:
   fleethub wifidogx show <device>                         device info, gateways, auth modes, firmware info, recent commands
@@ -42,42 +55,78 @@ export async function runWifidogxCommand(argv: string[], io: CliIo = processIo):
     if (!device) throw usageError('name the device', USAGE);
     const client = clientFor(values, io);
     const base = `${orgPath(await orgOf(client, values, io))}/wifidogx/devices/${enc(device)}`;
-    const command = async (body: Record<string, unknown>) => printRecord(io, values.json, await client.post<Record<string, unknown>>(`${base}/commands`, body));
+    const command = async (body: Record<string, unknown>) =>
+      printRecord(io, values.json, await client.post<Record<string, unknown>>(`${base}/commands`, body));
     switch (sub) {
       case 'show':
-        return void (values.json ? printJson(io, await client.get(base)) : printRecord(io, false, await client.get<Record<string, unknown>>(base)));
+        return void (values.json
+          ? printJson(io, await client.get(base))
+          : printRecord(io, false, await client.get<Record<string, unknown>>(base)));
       case 'approve': {
-        const { credential, ...device } = await client.post<Record<string, unknown> & { credential?: Record<string, unknown> }>(`${base}/approve`);
+        const { credential, ...device } = await client.post<
+          Record<string, unknown> & { credential?: Record<string, unknown> }
+        >(`${base}/approve`);
         if (values.json) return void printJson(io, credential ? { ...device, credential } : device);
         printRecord(io, false, device);
         if (credential) printCredential(io, credential);
         return 0;
       }
       case 'credential':
-        return void (values.json ? printJson(io, await client.post(`${base}/credential`)) : printCredential(io, await client.post<Record<string, unknown>>(`${base}/credential`)));
+        return void (values.json
+          ? printJson(io, await client.post(`${base}/credential`))
+          : printCredential(io, await client.post<Record<string, unknown>>(`${base}/credential`)));
       case 'revoke':
       case 'release':
         printRecord(io, values.json, await client.post<Record<string, unknown>>(`${base}/${sub}`));
         return 0;
       case 'auth-mode': {
         const [gw, mode] = rest;
-        if (!gw || mode === undefined || !/^\d+$/.test(mode)) throw usageError('auth-mode needs <gw_id> <integer mode>', USAGE);
-        printRecord(io, values.json, await client.put<Record<string, unknown>>(`${base}/gateways/${enc(gw)}/auth-mode`, { auth_mode: Number(mode) }));
+        if (!gw || mode === undefined || !/^\d+$/.test(mode))
+          throw usageError('auth-mode needs <gw_id> <integer mode>', USAGE);
+        printRecord(
+          io,
+          values.json,
+          await client.put<Record<string, unknown>>(`${base}/gateways/${enc(gw)}/auth-mode`, {
+            auth_mode: Number(mode),
+          }),
+        );
         return 0;
       }
       case 'auth':
         // --token is the API bearer; the client's auth token is --auth-token.
-        return void (await command({ type: 'auth', token: values['auth-token'], client_ip: values['client-ip'], client_mac: values['client-mac'], gw_id: values['gw-id'], once_auth: values.once ?? false }));
+        return void (await command({
+          type: 'auth',
+          token: values['auth-token'],
+          client_ip: values['client-ip'],
+          client_mac: values['client-mac'],
+          gw_id: values['gw-id'],
+          once_auth: values.once ?? false,
+        }));
       case 'kickoff':
-        return void (await command({ type: 'kickoff', client_ip: values['client-ip'], client_mac: values['client-mac'], gw_id: values['gw-id'] }));
+        return void (await command({
+          type: 'kickoff',
+          client_ip: values['client-ip'],
+          client_mac: values['client-mac'],
+          gw_id: values['gw-id'],
+        }));
       case 'tmp-pass':
-        return void (await command({ type: 'tmp_pass', client_mac: values['client-mac'], ...(values.timeout ? { timeout: Number(values.timeout) } : {}) }));
+        return void (await command({
+          type: 'tmp_pass',
+          client_mac: values['client-mac'],
+          ...(values.timeout ? { timeout: Number(values.timeout) } : {}),
+        }));
       case 'firmware-info':
         return void (await command({ type: 'get_firmware_info' }));
       case 'upgrade':
-        return void (await command({ type: 'firmware_upgrade', url: values['firmware-url'], force: values.force ?? false }));
+        return void (await command({
+          type: 'firmware_upgrade',
+          url: values['firmware-url'],
+          force: values.force ?? false,
+        }));
       case 'commands': {
-        const { items } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base}/commands`, { limit: values.limit });
+        const { items } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base}/commands`, {
+          limit: values.limit,
+        });
         printRows(io, values.json, items, [
           { header: 'created', value: (c) => c.created_at },
           { header: 'type', value: (c) => c.type },
@@ -97,5 +146,7 @@ export async function runWifidogxCommand(argv: string[], io: CliIo = processIo):
 /** The credential as the operator needs it: what to put into the gateway's configuration, once. */
 function printCredential(io: CliIo, credential: Record<string, unknown>): void {
   io.out(`\ncredential issued for ${String(credential.identifier)} (shown once; only its hash is stored)\n`);
-  io.out(`put this in the gateway's wifidog.conf, then restart wifidog:\n  WSServerPath ${String(credential.ws_path)}\n`);
+  io.out(
+    `put this in the gateway's wifidog.conf, then restart wifidog:\n  WSServerPath ${String(credential.ws_path)}\n`,
+  );
 }

@@ -36,7 +36,10 @@ export function migrator(db: Db, schema = 'public'): Migrator {
 function check({ error, results }: MigrationResultSet): MigrationResultSet {
   if (error) {
     const failed = results?.find((r) => r.status === 'Error');
-    throw new Error(`migration ${failed?.migrationName ?? '(unknown)'} failed: ${error instanceof Error ? error.message : String(error)}`, { cause: error });
+    throw new Error(
+      `migration ${failed?.migrationName ?? '(unknown)'} failed: ${error instanceof Error ? error.message : String(error)}`,
+      { cause: error },
+    );
   }
   return { error, results };
 }

@@ -118,7 +118,12 @@ class StatementCache {
         return serialize ? serialize(value) : String(value);
       });
       const S = protocol.serialize;
-      const messages = await this.#exchange(S.bind({ statement: statement.name, values }), S.describe({ type: 'P' }), S.execute({}), S.sync()).catch((err: unknown) => {
+      const messages = await this.#exchange(
+        S.bind({ statement: statement.name, values }),
+        S.describe({ type: 'P' }),
+        S.execute({}),
+        S.sync(),
+      ).catch((err: unknown) => {
         // A statement the server no longer knows is prepared afresh next time.
         if ((err as { code?: string }).code === '26000') this.#prepared.delete(sql);
         throw err;

@@ -1,5 +1,14 @@
 import type { ChannelDefinition, Effect } from '../channels/types.ts';
-import { applyUpdateReport, deviceDisconnected, deviceJoined, FleetError, Topics, UPDATE_REPORT_EVENTS, type FleetContext, type UpdateReportEvent } from '../fleet/index.ts';
+import {
+  applyUpdateReport,
+  deviceDisconnected,
+  deviceJoined,
+  FleetError,
+  Topics,
+  UPDATE_REPORT_EVENTS,
+  type FleetContext,
+  type UpdateReportEvent,
+} from '../fleet/index.ts';
 import type { DeviceJoinParams } from '../../shared/protocol.ts';
 import type { DeviceAssigns, DeviceSocketOptions, DeviceSocketStats } from './index.ts';
 import { deviceErrorReply, UNKNOWN_EVENT } from './replies.ts';
@@ -18,7 +27,11 @@ const FORWARDED = new Set(['firmware_update', 'join', 'leave', 'reboot', 'identi
  * `device:<firmware uuid>`: the identity comes from the certificate (socket assigns); the topic
  * only says which firmware the device runs.
  */
-export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats, opts: Pick<DeviceSocketOptions, 'disconnect'>): ChannelDefinition<DeviceAssigns, DeviceSession> {
+export function createDeviceChannel(
+  ctx: FleetContext,
+  stats: DeviceSocketStats,
+  opts: Pick<DeviceSocketOptions, 'disconnect'>,
+): ChannelDefinition<DeviceAssigns, DeviceSession> {
   return {
     async join(topic, params, { assigns }) {
       const firmwareUuid = topic.slice('device:'.length);
@@ -26,9 +39,18 @@ export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats,
         const joined = await deviceJoined(ctx, assigns, firmwareUuid, joinParams(params));
         const effects: Effect[] = [{ type: 'subscribe', topic: Topics.device(assigns.deviceId) }];
         if (joined.update) effects.push({ type: 'push', event: 'firmware_update', payload: { ...joined.update } });
-        return { status: 'ok', response: { groups: joined.groups }, session: { firmwareUuid, connectedAt: joined.connectedAt }, effects };
+        return {
+          status: 'ok',
+          response: { groups: joined.groups },
+          session: { firmwareUuid, connectedAt: joined.connectedAt },
+          effects,
+        };
       } catch (err) {
-        if (err instanceof FleetError) return { status: 'error', response: { reason: err.message, details: { code: err.code, ...(err.details ?? {}) } } };
+        if (err instanceof FleetError)
+          return {
+            status: 'error',
+            response: { reason: err.message, details: { code: err.code, ...(err.details ?? {}) } },
+          };
         throw err;
       }
     },
@@ -52,7 +74,8 @@ export function createDeviceChannel(ctx: FleetContext, stats: DeviceSocketStats,
         await opts.disconnect(socketId);
         return { effects: [{ type: 'stop', reason: message.event }] };
       }
-      if (FORWARDED.has(message.event)) return { effects: [{ type: 'push', event: message.event, payload: message.payload }] };
+      if (FORWARDED.has(message.event))
+        return { effects: [{ type: 'push', event: message.event, payload: message.payload }] };
       log.debug({ event: message.event, device_id: assigns.deviceId }, 'device topic event not forwarded');
       return {};
     },

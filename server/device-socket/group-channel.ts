@@ -12,15 +12,24 @@ const UNAUTHORIZED = { reason: 'unauthorized' } as const;
  * exactly that group. Carries the group-wide `firmware_update` untouched (fastlane, one encode);
  * stops on `group_deleted`, and when the device is removed from the group.
  */
-export function createGroupChannel(ctx: FleetContext, stats: DeviceSocketStats): ChannelDefinition<DeviceAssigns, GroupSession> {
+export function createGroupChannel(
+  ctx: FleetContext,
+  stats: DeviceSocketStats,
+): ChannelDefinition<DeviceAssigns, GroupSession> {
   return {
     intercept: ['group_deleted'],
 
     async join(topic, _params, { assigns }) {
       const names = parseGroupTopic(topic);
-      if (!names || !(await isGroupMember(ctx.db, assigns.deviceId, names, assigns.certificateId))) return { status: 'error', response: UNAUTHORIZED };
+      if (!names || !(await isGroupMember(ctx.db, assigns.deviceId, names, assigns.certificateId)))
+        return { status: 'error', response: UNAUTHORIZED };
       // Removal from the group arrives on the device's own topic as `leave {channel}`.
-      return { status: 'ok', response: {}, session: {}, effects: [{ type: 'subscribe', topic: Topics.device(assigns.deviceId) }] };
+      return {
+        status: 'ok',
+        response: {},
+        session: {},
+        effects: [{ type: 'subscribe', topic: Topics.device(assigns.deviceId) }],
+      };
     },
 
     async handleIn() {
@@ -29,7 +38,8 @@ export function createGroupChannel(ctx: FleetContext, stats: DeviceSocketStats):
     },
 
     async handleInfo(message, _session, { topic }) {
-      if (message.event === 'leave' && message.payload.channel === topic) return { effects: [{ type: 'stop', reason: 'removed from group' }] };
+      if (message.event === 'leave' && message.payload.channel === topic)
+        return { effects: [{ type: 'stop', reason: 'removed from group' }] };
       return {};
     },
 

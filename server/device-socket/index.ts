@@ -53,13 +53,25 @@ export function createDeviceSocket(ctx: FleetContext, opts: DeviceSocketOptions)
       if (!identity) return { ok: false, status: 401, reason: 'a device client certificate is required' };
       // One identifier, one protocol: a GRiSP board's certificate is not a Phoenix credential.
       if (!(await claimCertificateDevice(ctx, identity, 'phoenix'))) {
-        ctx.log.warn({ device_id: identity.deviceId, identifier: identity.identifier, protocol: identity.protocol }, 'refused a Phoenix socket for a device registered to another protocol');
-        return { ok: false, status: 409, reason: 'this certificate belongs to a device registered to another protocol; a Phoenix device needs its own certificate' };
+        ctx.log.warn(
+          { device_id: identity.deviceId, identifier: identity.identifier, protocol: identity.protocol },
+          'refused a Phoenix socket for a device registered to another protocol',
+        );
+        return {
+          ok: false,
+          status: 409,
+          reason:
+            'this certificate belongs to a device registered to another protocol; a Phoenix device needs its own certificate',
+        };
       }
       const id = deviceSocketId(identity.deviceId);
       // A device has one connection: a new one closes the previous (on whichever node it is).
       // The new socket is not registered yet, so only older ones are closed.
-      await opts.disconnect(id).catch((err: unknown) => ctx.log.warn({ err, device_id: identity.deviceId }, 'could not close the previous connection'));
+      await opts
+        .disconnect(id)
+        .catch((err: unknown) =>
+          ctx.log.warn({ err, device_id: identity.deviceId }, 'could not close the previous connection'),
+        );
       const { deviceId, orgId, productId, identifier, certificateId } = identity;
       const assigns: DeviceAssigns = { deviceId, orgId, productId, identifier, certificateId };
       return { ok: true, assigns, id };

@@ -116,7 +116,8 @@ export class LocalBlobStore implements BlobStore {
         async function* digest(chunks: AsyncIterable<Uint8Array>) {
           for await (const chunk of chunks) {
             size += chunk.byteLength;
-            if (size > maxBytes) throw new BlobStoreError('BLOB_TOO_LARGE', `the image is larger than the ${maxBytes}-byte limit`);
+            if (size > maxBytes)
+              throw new BlobStoreError('BLOB_TOO_LARGE', `the image is larger than the ${maxBytes}-byte limit`);
             hash.update(chunk);
             yield chunk;
           }
@@ -145,7 +146,12 @@ export class LocalBlobStore implements BlobStore {
   async open(sha256: string, range?: ByteRange): Promise<Readable> {
     // Opened before the stream exists so a missing file fails here, not mid-response.
     const handle = await this.#openFile(sha256);
-    return handle.createReadStream({ start: range?.start, end: range?.end, highWaterMark: 256 * 1024, autoClose: true });
+    return handle.createReadStream({
+      start: range?.start,
+      end: range?.end,
+      highWaterMark: 256 * 1024,
+      autoClose: true,
+    });
   }
 
   async reader(sha256: string): Promise<BlobReader> {
@@ -163,7 +169,11 @@ export class LocalBlobStore implements BlobStore {
 
   async #openFile(sha256: string): Promise<FileHandle> {
     return open(this.pathOf(sha256), 'r').catch((err: NodeJS.ErrnoException) => {
-      if (err.code === 'ENOENT') throw new BlobStoreError('BLOB_NOT_FOUND', `firmware blob ${sha256} is not in the store; upload the image again`);
+      if (err.code === 'ENOENT')
+        throw new BlobStoreError(
+          'BLOB_NOT_FOUND',
+          `firmware blob ${sha256} is not in the store; upload the image again`,
+        );
       throw err;
     });
   }
@@ -191,5 +201,6 @@ export class LocalBlobStore implements BlobStore {
 
 function assertDigest(sha256: string): void {
   // The digest becomes a path: anything but 64 hex digits could escape the directory.
-  if (!SHA256_HEX.test(sha256)) throw new BlobStoreError('BLOB_BAD_DIGEST', `${JSON.stringify(sha256)} is not a lowercase hex SHA-256 digest`);
+  if (!SHA256_HEX.test(sha256))
+    throw new BlobStoreError('BLOB_BAD_DIGEST', `${JSON.stringify(sha256)} is not a lowercase hex SHA-256 digest`);
 }

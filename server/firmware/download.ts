@@ -56,29 +56,62 @@ export function registerFirmwareDownload(deviceApp: FastifyInstance, deps: Firmw
     handler: async (request, reply) => {
       const { id } = request.params as { id: string };
       const query = request.query as Record<string, unknown>;
-      const verdict = verifyFirmwareUrl({ secret: deps.secret, firmwareId: id, expires: query.expires, sig: query.sig });
+      const verdict = verifyFirmwareUrl({
+        secret: deps.secret,
+        firmwareId: id,
+        expires: query.expires,
+        sig: query.sig,
+      });
       if (!verdict.ok) {
-        const why = verdict.reason === 'expired' ? 'the download URL has expired; rejoin the device channel to get a fresh one' : 'the download URL signature is invalid';
+        const why =
+          verdict.reason === 'expired'
+            ? 'the download URL has expired; rejoin the device channel to get a fresh one'
+            : 'the download URL signature is invalid';
         return refuse(reply, 403, 'forbidden', why);
       }
       const identity = (request as FastifyRequest & { deviceIdentity?: DeviceRequestIdentity }).deviceIdentity;
       if (!identity) return refuse(reply, 401, 'unauthorized', 'connect with the device certificate');
-      const firmware = isUuid(id) ? await deps.db.selectFrom('firmware').select(['id', 'product_id', 'sha256', 'size', 'has_blob']).where('id', '=', id).executeTakeFirst() : undefined;
+      const firmware = isUuid(id)
+        ? await deps.db
+            .selectFrom('firmware')
+            .select(['id', 'product_id', 'sha256', 'size', 'has_blob'])
+            .where('id', '=', id)
+            .executeTakeFirst()
+        : undefined;
       // Same answer for "absent" and "another product's": a device cannot probe other products.
       if (!firmware || firmware.product_id !== identity.productId) {
-        request.log.warn({ device_id: identity.deviceId, firmware_id: id }, 'firmware download refused: not this device\'s product');
-        return refuse(reply, 403, 'forbidden', 'this firmware does not belong to the device\'s product');
+        request.log.warn(
+          { device_id: identity.deviceId, firmware_id: id },
+          "firmware download refused: not this device's product",
+        );
+        return refuse(reply, 403, 'forbidden', "this firmware does not belong to the device's product");
       }
       const stat = firmware.has_blob && firmware.sha256 ? await deps.blobs.stat(firmware.sha256) : null;
-      if (!stat || !firmware.sha256) return refuse(reply, 404, 'not_found', 'the firmware image is not stored on the server; ask an operator to upload it');
+      if (!stat || !firmware.sha256)
+        return refuse(
+          reply,
+          404,
+          'not_found',
+          'the firmware image is not stored on the server; ask an operator to upload it',
+        );
       return serveBlob(request, reply, deps.blobs, firmware.sha256, stat.size);
     },
   });
 }
 
-async function serveBlob(request: FastifyRequest, reply: FastifyReply, blobs: BlobStore, sha256: string, size: number): Promise<FastifyReply> {
+async function serveBlob(
+  request: FastifyRequest,
+  reply: FastifyReply,
+  blobs: BlobStore,
+  sha256: string,
+  size: number,
+): Promise<FastifyReply> {
   const etag = `"${sha256}"`;
-  reply.header('accept-ranges', 'bytes').header('etag', etag).header('content-type', 'application/octet-stream').header('cache-control', 'private, max-age=0');
+  reply
+    .header('accept-ranges', 'bytes')
+    .header('etag', etag)
+    .header('content-type', 'application/octet-stream')
+    .header('cache-control', 'private, max-age=0');
   let range: ByteRange | 'unsatisfiable' | undefined = parseRange(request.headers.range, size);
   // If-Range with another validator: the client's partial copy is stale, send everything.
   const ifRange = request.headers['if-range'];
@@ -87,7 +120,10 @@ async function serveBlob(request: FastifyRequest, reply: FastifyReply, blobs: Bl
     return reply.status(416).header('content-range', `bytes */${size}`).header('content-length', 0).send();
   }
   if (range) {
-    reply.status(206).header('content-range', `bytes ${range.start}-${range.end}/${size}`).header('content-length', range.end - range.start + 1);
+    reply
+      .status(206)
+      .header('content-range', `bytes ${range.start}-${range.end}/${size}`)
+      .header('content-length', range.end - range.start + 1);
   } else {
     reply.status(200).header('content-length', size);
   }

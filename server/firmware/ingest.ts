@@ -33,7 +33,13 @@ export interface FirmwareMetadata {
   metadata?: Record<string, unknown>;
 }
 
-export type FirmwareErrorCode = 'duplicate_version' | 'signature_required' | 'signature_invalid' | 'no_signing_keys' | 'image_too_large' | 'image_empty';
+export type FirmwareErrorCode =
+  | 'duplicate_version'
+  | 'signature_required'
+  | 'signature_invalid'
+  | 'no_signing_keys'
+  | 'image_too_large'
+  | 'image_empty';
 
 export class FirmwareError extends Error {
   constructor(
@@ -61,16 +67,24 @@ export async function ingestFirmware(
   body: Readable | AsyncIterable<Uint8Array>,
 ): Promise<{ firmware: Firmware; created: boolean }> {
   const component = meta.component ?? 'firmware';
-  const { sha256, size } = await deps.blobs.put(body, { maxBytes: deps.maxImageBytes ?? DEFAULT_MAX_IMAGE_BYTES }).catch((err: unknown) => {
-    if ((err as { code?: string }).code === 'BLOB_TOO_LARGE') throw new FirmwareError(413, 'image_too_large', (err as Error).message);
-    throw err;
-  });
+  const { sha256, size } = await deps.blobs
+    .put(body, { maxBytes: deps.maxImageBytes ?? DEFAULT_MAX_IMAGE_BYTES })
+    .catch((err: unknown) => {
+      if ((err as { code?: string }).code === 'BLOB_TOO_LARGE')
+        throw new FirmwareError(413, 'image_too_large', (err as Error).message);
+      throw err;
+    });
   // The blob may be shared with other firmware rows: only remove it when nothing else uses it.
   const discard = async () => {
     if (!(await isBlobReferenced(deps.fleet, sha256))) await deps.blobs.delete(sha256);
   };
   try {
-    if (size === 0) throw new FirmwareError(400, 'image_empty', 'the uploaded image is empty; send the firmware file as the request body (application/octet-stream)');
+    if (size === 0)
+      throw new FirmwareError(
+        400,
+        'image_empty',
+        'the uploaded image is empty; send the firmware file as the request body (application/octet-stream)',
+      );
     const existing = await findVersion(deps.fleet, product.id, component, meta.version);
     if (existing) {
       if (existing.has_blob && existing.sha256 === sha256) return { firmware: existing, created: false };
@@ -99,9 +113,14 @@ export async function ingestFirmware(
     });
     return { firmware, created: true };
   } catch (err) {
-    await discard().catch((e: unknown) => deps.fleet.log.error({ err: e, sha256 }, 'removing an unused firmware blob failed'));
+    await discard().catch((e: unknown) =>
+      deps.fleet.log.error({ err: e, sha256 }, 'removing an unused firmware blob failed'),
+    );
     // A concurrent upload of the same version won the insert: answer like a duplicate.
-    if ((err as { name?: string; code?: string }).name === 'FleetError' && (err as { code?: string }).code === 'conflict') {
+    if (
+      (err as { name?: string; code?: string }).name === 'FleetError' &&
+      (err as { code?: string }).code === 'conflict'
+    ) {
       const winner = await findVersion(deps.fleet, product.id, component, meta.version);
       if (winner?.has_blob && winner.sha256 === sha256) return { firmware: winner, created: false };
       if (winner) throw duplicate(winner, sha256);
@@ -140,17 +159,30 @@ export async function registerFirmwareMetadata(
  * Verifies `signature` against the product's registered keys: required when the product says so,
  * checked whenever one is given. Returns the normalised signature (or null).
  */
-export async function checkSignature(fleet: FleetContext, product: Product, sha256: string, signature: string | null | undefined): Promise<string | null> {
+export async function checkSignature(
+  fleet: FleetContext,
+  product: Product,
+  sha256: string,
+  signature: string | null | undefined,
+): Promise<string | null> {
   const given = signature?.trim() || null;
   if (!given) {
     if (product.requires_signature) {
-      throw new FirmwareError(400, 'signature_required', `product ${product.name} requires signed firmware; sign the image ("fleethub firmware sign <file> --key key.pem") and upload it with --sign-key or the signature parameter`);
+      throw new FirmwareError(
+        400,
+        'signature_required',
+        `product ${product.name} requires signed firmware; sign the image ("fleethub firmware sign <file> --key key.pem") and upload it with --sign-key or the signature parameter`,
+      );
     }
     return null;
   }
   const keys = await signingKeyPems(fleet.db, product.id);
   if (keys.length === 0) {
-    throw new FirmwareError(400, 'no_signing_keys', `product ${product.name} has no signing keys to verify the signature with; register the public key first ("fleethub firmware keys add")`);
+    throw new FirmwareError(
+      400,
+      'no_signing_keys',
+      `product ${product.name} has no signing keys to verify the signature with; register the public key first ("fleethub firmware keys add")`,
+    );
   }
   let match: number;
   try {
@@ -160,26 +192,43 @@ export async function checkSignature(fleet: FleetContext, product: Product, sha2
     throw err;
   }
   if (match < 0) {
-    throw new FirmwareError(400, 'signature_invalid', `the signature does not verify against any of product ${product.name}'s ${keys.length} signing key(s); sign with a registered key or register its public key`);
+    throw new FirmwareError(
+      400,
+      'signature_invalid',
+      `the signature does not verify against any of product ${product.name}'s ${keys.length} signing key(s); sign with a registered key or register its public key`,
+    );
   }
   return given;
 }
 
 /** Deletes the firmware blob when no firmware record references its sha256 any more. */
-export async function deleteFirmwareBlobIfUnreferenced(deps: Pick<FirmwareStoreDeps, 'fleet' | 'blobs'>, firmware: Pick<Firmware, 'sha256' | 'has_blob'>): Promise<boolean> {
+export async function deleteFirmwareBlobIfUnreferenced(
+  deps: Pick<FirmwareStoreDeps, 'fleet' | 'blobs'>,
+  firmware: Pick<Firmware, 'sha256' | 'has_blob'>,
+): Promise<boolean> {
   if (!firmware.has_blob || !firmware.sha256) return false;
   if (await isBlobReferenced(deps.fleet, firmware.sha256)) return false;
   return deps.blobs.delete(firmware.sha256);
 }
 
 /** Deletes a firmware record through the domain (refused while targeted), then its blob if unshared. */
-export async function deleteFirmwareAndBlob(deps: Pick<FirmwareStoreDeps, 'fleet' | 'blobs'>, actor: Actor, orgId: string, firmwareId: string): Promise<Firmware> {
+export async function deleteFirmwareAndBlob(
+  deps: Pick<FirmwareStoreDeps, 'fleet' | 'blobs'>,
+  actor: Actor,
+  orgId: string,
+  firmwareId: string,
+): Promise<Firmware> {
   const firmware = await deleteFirmware(deps.fleet, actor, orgId, firmwareId);
   await deleteFirmwareBlobIfUnreferenced(deps, firmware);
   return firmware;
 }
 
-async function attachBlob(fleet: FleetContext, actor: Actor, firmware: Firmware, blob: { sha256: string; size: number; signature: string | null }): Promise<Firmware> {
+async function attachBlob(
+  fleet: FleetContext,
+  actor: Actor,
+  firmware: Firmware,
+  blob: { sha256: string; size: number; signature: string | null },
+): Promise<Firmware> {
   return fleet.db.transaction().execute(async (trx) => {
     const row = await trx
       .updateTable('firmware')
@@ -188,12 +237,23 @@ async function attachBlob(fleet: FleetContext, actor: Actor, firmware: Firmware,
       .where('has_blob', '=', false)
       .returningAll()
       .executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId: firmware.org_id, action: 'firmware.attach_image', resourceType: 'firmware', resourceId: firmware.id, details: { version: firmware.version, sha256: blob.sha256, size: blob.size } });
+    await audit(trx, actor, {
+      orgId: firmware.org_id,
+      action: 'firmware.attach_image',
+      resourceType: 'firmware',
+      resourceId: firmware.id,
+      details: { version: firmware.version, sha256: blob.sha256, size: blob.size },
+    });
     return row;
   });
 }
 
-async function findVersion(fleet: FleetContext, productId: string, component: string, version: string): Promise<Firmware | undefined> {
+async function findVersion(
+  fleet: FleetContext,
+  productId: string,
+  component: string,
+  version: string,
+): Promise<Firmware | undefined> {
   return fleet.db
     .selectFrom('firmware')
     .selectAll()

@@ -14,7 +14,12 @@ const CHUNK = 256 * 1024;
  * next read waits for the socket to drain, so backpressure holds the disk reads. Other stores
  * stream through Fastify as before.
  */
-export async function sendBlob(reply: FastifyReply, blobs: BlobStore, sha256: string, range?: ByteRange): Promise<FastifyReply> {
+export async function sendBlob(
+  reply: FastifyReply,
+  blobs: BlobStore,
+  sha256: string,
+  range?: ByteRange,
+): Promise<FastifyReply> {
   if (!blobs.reader) return reply.send(await blobs.open(sha256, range));
   const reader = await blobs.reader(sha256);
   const res = reply.raw;

@@ -1,4 +1,14 @@
-import { createHash, createHmac, createPrivateKey, createPublicKey, generateKeyPairSync, sign, timingSafeEqual, verify, type KeyObject } from 'node:crypto';
+import {
+  createHash,
+  createHmac,
+  createPrivateKey,
+  createPublicKey,
+  generateKeyPairSync,
+  sign,
+  timingSafeEqual,
+  verify,
+  type KeyObject,
+} from 'node:crypto';
 
 /**
  * Two kinds of signatures around firmware:
@@ -43,7 +53,9 @@ export interface VerifyFirmwareUrlInput {
   now?: Date;
 }
 
-export type UrlVerdict = { ok: true; expiresAt: Date } | { ok: false; reason: 'malformed' | 'bad_signature' | 'expired' };
+export type UrlVerdict =
+  | { ok: true; expiresAt: Date }
+  | { ok: false; reason: 'malformed' | 'bad_signature' | 'expired' };
 
 /** Checks a download URL's `expires` and `sig` query parameters (constant-time comparison). */
 export function verifyFirmwareUrl(input: VerifyFirmwareUrlInput): UrlVerdict {
@@ -53,7 +65,8 @@ export function verifyFirmwareUrl(input: VerifyFirmwareUrlInput): UrlVerdict {
   const expires = Number(input.expires);
   const expected = Buffer.from(urlSignature(input.secret, input.firmwareId, expires));
   const given = Buffer.from(input.sig);
-  if (given.length !== expected.length || !timingSafeEqual(given, expected)) return { ok: false, reason: 'bad_signature' };
+  if (given.length !== expected.length || !timingSafeEqual(given, expected))
+    return { ok: false, reason: 'bad_signature' };
   // Checked after the MAC so an attacker learns nothing about expiry of forged URLs.
   if (expires * 1000 <= (input.now ?? new Date()).getTime()) return { ok: false, reason: 'expired' };
   return { ok: true, expiresAt: new Date(expires * 1000) };
@@ -78,13 +91,22 @@ export function parseSigningPublicKey(pem: string): SigningPublicKey {
   try {
     key = createPublicKey(pem);
   } catch {
-    throw new SigningError('SIGNING_KEY_INVALID', 'the signing key is not a PEM public key; give the "-----BEGIN PUBLIC KEY-----" file from "fleethub firmware keygen"');
+    throw new SigningError(
+      'SIGNING_KEY_INVALID',
+      'the signing key is not a PEM public key; give the "-----BEGIN PUBLIC KEY-----" file from "fleethub firmware keygen"',
+    );
   }
   if (key.asymmetricKeyType !== 'ed25519') {
-    throw new SigningError('SIGNING_KEY_INVALID', `firmware signing keys must be ed25519, got ${key.asymmetricKeyType ?? 'unknown'}; create one with "fleethub firmware keygen"`);
+    throw new SigningError(
+      'SIGNING_KEY_INVALID',
+      `firmware signing keys must be ed25519, got ${key.asymmetricKeyType ?? 'unknown'}; create one with "fleethub firmware keygen"`,
+    );
   }
   const der = key.export({ type: 'spki', format: 'der' });
-  return { pem: key.export({ type: 'spki', format: 'pem' }).toString(), fingerprint: createHash('sha256').update(der.subarray(-32)).digest('hex') };
+  return {
+    pem: key.export({ type: 'spki', format: 'pem' }).toString(),
+    fingerprint: createHash('sha256').update(der.subarray(-32)).digest('hex'),
+  };
 }
 
 /** A fresh ed25519 key pair, PEM encoded (PKCS#8 private, SPKI public). */
@@ -100,7 +122,10 @@ export function generateSigningKeyPair(): { publicKeyPem: string; privateKeyPem:
 export function signFirmwareDigest(sha256: string, privateKeyPem: string): string {
   const key = createPrivateKey(privateKeyPem);
   if (key.asymmetricKeyType !== 'ed25519') {
-    throw new SigningError('SIGNING_KEY_INVALID', `firmware signing keys must be ed25519, got ${key.asymmetricKeyType ?? 'unknown'}; create one with "fleethub firmware keygen"`);
+    throw new SigningError(
+      'SIGNING_KEY_INVALID',
+      `firmware signing keys must be ed25519, got ${key.asymmetricKeyType ?? 'unknown'}; create one with "fleethub firmware keygen"`,
+    );
   }
   return sign(null, digestBytes(sha256), key).toString('base64');
 }
@@ -119,7 +144,10 @@ function decodeSignature(signature: string): Buffer {
   const trimmed = signature.trim();
   const sig = /^[A-Za-z0-9+/_-]+={0,2}$/.test(trimmed) ? Buffer.from(trimmed, 'base64') : Buffer.alloc(0);
   if (sig.length !== 64) {
-    throw new SigningError('SIGNATURE_MALFORMED', 'the firmware signature must be a base64 ed25519 signature (64 bytes); create it with "fleethub firmware sign <file> --key key.pem"');
+    throw new SigningError(
+      'SIGNATURE_MALFORMED',
+      'the firmware signature must be a base64 ed25519 signature (64 bytes); create it with "fleethub firmware sign <file> --key key.pem"',
+    );
   }
   return sig;
 }

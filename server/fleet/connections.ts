@@ -35,25 +35,51 @@ export interface JoinOutcome {
  * `finish` → rolled_back), and returns the group topics plus the update to push when the device
  * does not run its target (its attempt becomes `sent`).
  */
-export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, firmwareUuid: string, params: DeviceJoinParams = {}): Promise<JoinOutcome> {
-  if (!isUuid(firmwareUuid)) throw new FleetError('invalid', 'join device:<firmware uuid> with the UUID of the firmware you run', { topic_uuid: firmwareUuid });
+export async function deviceJoined(
+  ctx: FleetContext,
+  device: ConnectedDevice,
+  firmwareUuid: string,
+  params: DeviceJoinParams = {},
+): Promise<JoinOutcome> {
+  if (!isUuid(firmwareUuid))
+    throw new FleetError('invalid', 'join device:<firmware uuid> with the UUID of the firmware you run', {
+      topic_uuid: firmwareUuid,
+    });
   const uuid = firmwareUuid.toLowerCase();
   const connectedAt = new Date();
   const unchanged = await rejoinUnchanged(ctx, device, uuid, connectedAt);
   if (unchanged) return unchanged;
   return inTransaction(ctx, async (trx, outbox) => {
-    const current = await trx.selectFrom('devices').selectAll().where('id', '=', device.deviceId).forUpdate().executeTakeFirst();
+    const current = await trx
+      .selectFrom('devices')
+      .selectAll()
+      .where('id', '=', device.deviceId)
+      .forUpdate()
+      .executeTakeFirst();
     if (!current) throw new FleetError('not_found', 'this device is not registered', { device_id: device.deviceId });
-    if (current.approval !== 'approved') throw new FleetError('forbidden', `this device is ${current.approval}; an operator must approve it`, { approval: current.approval });
+    if (current.approval !== 'approved')
+      throw new FleetError('forbidden', `this device is ${current.approval}; an operator must approve it`, {
+        approval: current.approval,
+      });
     if (device.certificateId) await assertCertificateUsable(trx, device.deviceId, device.certificateId);
 
-    const catalogued = await trx.selectFrom('firmware').select(['id', 'version', 'product_id', 'platform', 'architecture']).where('id', '=', uuid).executeTakeFirst();
+    const catalogued = await trx
+      .selectFrom('firmware')
+      .select(['id', 'version', 'product_id', 'platform', 'architecture'])
+      .where('id', '=', uuid)
+      .executeTakeFirst();
     if (catalogued && catalogued.product_id !== current.product_id) {
-      throw new FleetError('invalid', 'the firmware uuid in the topic belongs to another product', { firmware_uuid: uuid });
+      throw new FleetError('invalid', 'the firmware uuid in the topic belongs to another product', {
+        firmware_uuid: uuid,
+      });
     }
     // Firmware the catalogue does not hold is recorded on the device only (running-firmware.ts).
     if (!catalogued && !params.version) {
-      throw new FleetError('invalid', 'unknown firmware uuid: join with params {version, platform?, architecture?} describing the firmware you run', { firmware_uuid: uuid });
+      throw new FleetError(
+        'invalid',
+        'unknown firmware uuid: join with params {version, platform?, architecture?} describing the firmware you run',
+        { firmware_uuid: uuid },
+      );
     }
     const firmware = { id: uuid, version: catalogued?.version ?? validVersion(params.version) };
     const platform = catalogued?.platform ?? reportedLabel('platform', params.platform);
@@ -73,7 +99,12 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
       })
       .where('id', '=', current.id)
       .execute();
-    await recordRunningComponent(trx, device, { component: 'firmware', version: firmware.version, firmwareId: catalogued ? uuid : null }, { firmware_uuid: uuid });
+    await recordRunningComponent(
+      trx,
+      device,
+      { component: 'firmware', version: firmware.version, firmwareId: catalogued ? uuid : null },
+      { firmware_uuid: uuid },
+    );
 
     await settleAttemptsOnJoin(trx, device, firmware.id, outbox);
     await reconcileAttempts(trx, { ids: [current.id] });
@@ -89,14 +120,23 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
     let update: FirmwareUpdatePayload | undefined;
     const attempt = pending.sort((a, b) => b.created_at.getTime() - a.created_at.getTime())[0];
     if (attempt) {
-      const target = await trx.selectFrom('firmware').selectAll().where('id', '=', attempt.firmware_id).executeTakeFirstOrThrow();
+      const target = await trx
+        .selectFrom('firmware')
+        .selectAll()
+        .where('id', '=', attempt.firmware_id)
+        .executeTakeFirstOrThrow();
       update = firmwareUpdatePayload(ctx, target);
       outbox.push(transitionEvent(attempt));
     }
 
     outbox.push(onlineEvent(ctx, current.org_id, current.id, firmware.version));
     const groups = await deviceGroupTopics(trx, current.id);
-    return { groups, ...(update ? { update } : {}), firmware: { id: firmware.id, version: firmware.version }, connectedAt: connectedAt.toISOString() };
+    return {
+      groups,
+      ...(update ? { update } : {}),
+      firmware: { id: firmware.id, version: firmware.version },
+      connectedAt: connectedAt.toISOString(),
+    };
   });
 }
 
@@ -105,8 +145,15 @@ export async function deviceJoined(ctx: FleetContext, device: ConnectedDevice, f
  * connection was authenticated: revocation holds at every step, not only at the upgrade.
  */
 async function assertCertificateUsable(db: Db, deviceId: string, certificateId: string): Promise<void> {
-  const { rows } = await sql<{ usable: boolean }>`SELECT ${certificateUsableSql(certificateId, sql`${deviceId}::uuid`)} AS usable`.execute(db);
-  if (!rows[0]?.usable) throw new FleetError('forbidden', "this connection's certificate is revoked or no longer valid; reconnect with a valid certificate", { certificate_id: certificateId });
+  const { rows } = await sql<{
+    usable: boolean;
+  }>`SELECT ${certificateUsableSql(certificateId, sql`${deviceId}::uuid`)} AS usable`.execute(db);
+  if (!rows[0]?.usable)
+    throw new FleetError(
+      'forbidden',
+      "this connection's certificate is revoked or no longer valid; reconnect with a valid certificate",
+      { certificate_id: certificateId },
+    );
 }
 
 /**
@@ -117,7 +164,12 @@ async function assertCertificateUsable(db: Db, deviceId: string, certificateId: 
  * an update in flight, a device not approved, a certificate no longer usable) returns undefined
  * and takes the full path, which refuses or does the work.
  */
-async function rejoinUnchanged(ctx: FleetContext, device: ConnectedDevice, uuid: string, connectedAt: Date): Promise<JoinOutcome | undefined> {
+async function rejoinUnchanged(
+  ctx: FleetContext,
+  device: ConnectedDevice,
+  uuid: string,
+  connectedAt: Date,
+): Promise<JoinOutcome | undefined> {
   const { deviceId, certificateId } = device;
   const certificateUsable = certificateId ? sql`AND ${certificateUsableSql(certificateId, sql.ref('d.id'))}` : sql``;
   const { rows } = await sql<{ org_id: string; firmware_version: string; groups: [string, string, string][] }>`
@@ -138,11 +190,19 @@ async function rejoinUnchanged(ctx: FleetContext, device: ConnectedDevice, uuid:
   const row = rows[0];
   if (!row) return undefined;
   await publishAll(ctx, [onlineEvent(ctx, row.org_id, deviceId, row.firmware_version)]);
-  return { groups: groupTopicsOf(row.groups), firmware: { id: uuid, version: row.firmware_version }, connectedAt: connectedAt.toISOString() };
+  return {
+    groups: groupTopicsOf(row.groups),
+    firmware: { id: uuid, version: row.firmware_version },
+    connectedAt: connectedAt.toISOString(),
+  };
 }
 
 function onlineEvent(ctx: FleetContext, orgId: string, deviceId: string, version: string): FleetEvent {
-  return { topic: Topics.operator(orgId), event: 'device_status', payload: { device_id: deviceId, status: 'online', version, node: ctx.nodeName } };
+  return {
+    topic: Topics.operator(orgId),
+    event: 'device_status',
+    payload: { device_id: deviceId, status: 'online', version, node: ctx.nodeName },
+  };
 }
 
 /**
@@ -159,6 +219,9 @@ export async function deviceDisconnected(ctx: FleetContext, deviceId: string, co
     .where('connected_node', '=', ctx.nodeName);
   if (connectedAt) query = query.where('last_seen_at', '=', new Date(connectedAt));
   const row = await query.returning(['id', 'org_id']).executeTakeFirst();
-  if (row) await publishAll(ctx, [{ topic: Topics.operator(row.org_id), event: 'device_status', payload: { device_id: row.id, status: 'offline' } }]);
+  if (row)
+    await publishAll(ctx, [
+      { topic: Topics.operator(row.org_id), event: 'device_status', payload: { device_id: row.id, status: 'offline' } },
+    ]);
   return row !== undefined;
 }

@@ -41,7 +41,9 @@ export const Topics = {
 } as const;
 
 /** A bus backed by the engine's PubSub (`broadcast` reaches every node). */
-export function pubsubBus(pubsub: { broadcast(topic: string, event: string, payload: Record<string, unknown>): Promise<void> }): FleetBus {
+export function pubsubBus(pubsub: {
+  broadcast(topic: string, event: string, payload: Record<string, unknown>): Promise<void>;
+}): FleetBus {
   return { publish: (topic, event, payload) => pubsub.broadcast(topic, event, payload) };
 }
 
@@ -50,7 +52,10 @@ export function pubsubBus(pubsub: { broadcast(topic: string, event: string, payl
  * receiver that reads the database sees the change. Publishing is best-effort after the commit:
  * a failure is logged, the change stands.
  */
-export async function inTransaction<T>(ctx: FleetContext, fn: (trx: Db, outbox: FleetEvent[]) => Promise<T>): Promise<T> {
+export async function inTransaction<T>(
+  ctx: FleetContext,
+  fn: (trx: Db, outbox: FleetEvent[]) => Promise<T>,
+): Promise<T> {
   const outbox: FleetEvent[] = [];
   const result = await ctx.db.transaction().execute((trx) => fn(trx, outbox));
   await publishAll(ctx, outbox);
@@ -64,7 +69,8 @@ export async function publishAll(ctx: FleetContext, events: FleetEvent[]): Promi
     const batch = events.slice(i, i + BATCH);
     const results = await Promise.allSettled(batch.map((e) => ctx.bus.publish(e.topic, e.event, e.payload)));
     for (const [j, r] of results.entries()) {
-      if (r.status === 'rejected') ctx.log.error({ err: r.reason, topic: batch[j]!.topic, event: batch[j]!.event }, 'fleet event publish failed');
+      if (r.status === 'rejected')
+        ctx.log.error({ err: r.reason, topic: batch[j]!.topic, event: batch[j]!.event }, 'fleet event publish failed');
     }
   }
 }

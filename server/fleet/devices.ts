@@ -49,8 +49,10 @@ export async function createDevice(ctx: FleetContext, actor: Actor, input: Creat
   const product = await getProduct(ctx, input.orgId, input.productId);
   const tags = validTags(input.tags ?? []);
   const description = validDescription(input.description);
-  if (input.protocol !== undefined && !PROTOCOLS.includes(input.protocol)) throw new FleetError('invalid', `protocol must be one of ${PROTOCOLS.join(', ')}`, { field: 'protocol' });
-  if (input.approval !== undefined && !APPROVALS.includes(input.approval)) throw new FleetError('invalid', `approval must be one of ${APPROVALS.join(', ')}`, { field: 'approval' });
+  if (input.protocol !== undefined && !PROTOCOLS.includes(input.protocol))
+    throw new FleetError('invalid', `protocol must be one of ${PROTOCOLS.join(', ')}`, { field: 'protocol' });
+  if (input.approval !== undefined && !APPROVALS.includes(input.approval))
+    throw new FleetError('invalid', `approval must be one of ${APPROVALS.join(', ')}`, { field: 'approval' });
   try {
     return await inTransaction(ctx, async (trx) => {
       const device = await trx
@@ -66,11 +68,22 @@ export async function createDevice(ctx: FleetContext, actor: Actor, input: Creat
         })
         .returningAll()
         .executeTakeFirstOrThrow();
-      await audit(trx, actor, { orgId: device.org_id, action: 'device.create', resourceType: 'device', resourceId: device.id, details: { identifier, product: product.name } });
+      await audit(trx, actor, {
+        orgId: device.org_id,
+        action: 'device.create',
+        resourceType: 'device',
+        resourceId: device.id,
+        details: { identifier, product: product.name },
+      });
       return device;
     });
   } catch (err) {
-    if (isUniqueViolation(err)) throw new FleetError('conflict', `a device with identifier ${JSON.stringify(identifier)} already exists in this product`, { field: 'identifier' });
+    if (isUniqueViolation(err))
+      throw new FleetError(
+        'conflict',
+        `a device with identifier ${JSON.stringify(identifier)} already exists in this product`,
+        { field: 'identifier' },
+      );
     throw err;
   }
 }
@@ -86,7 +99,15 @@ export async function listDevices(ctx: FleetContext, filter: DeviceFilter): Prom
   if (filter.productId) query = query.where('devices.product_id', '=', filter.productId);
   if (filter.groupId) {
     const groupId = filter.groupId;
-    query = query.where((eb) => eb.exists(eb.selectFrom('group_devices').select('group_devices.device_id').whereRef('group_devices.device_id', '=', 'devices.id').where('group_devices.group_id', '=', groupId)));
+    query = query.where((eb) =>
+      eb.exists(
+        eb
+          .selectFrom('group_devices')
+          .select('group_devices.device_id')
+          .whereRef('group_devices.device_id', '=', 'devices.id')
+          .where('group_devices.group_id', '=', groupId),
+      ),
+    );
   }
   if (filter.version) query = query.where('devices.firmware_version', '=', filter.version);
   if (filter.status) query = query.where('devices.connection_status', '=', filter.status);
@@ -95,10 +116,18 @@ export async function listDevices(ctx: FleetContext, filter: DeviceFilter): Prom
   if (filter.tag) query = query.where(sql<boolean>`devices.tags @> ${JSON.stringify([filter.tag])}::jsonb`);
   if (filter.q) {
     const pattern = `%${filter.q.replace(/[\\%_]/g, (c) => `\\${c}`)}%`;
-    query = query.where((eb) => eb.or([eb('devices.identifier', 'ilike', pattern), eb('devices.description', 'ilike', pattern)]));
+    query = query.where((eb) =>
+      eb.or([eb('devices.identifier', 'ilike', pattern), eb('devices.description', 'ilike', pattern)]),
+    );
   }
   const [items, count] = await Promise.all([
-    query.selectAll('devices').orderBy('devices.created_at', 'desc').orderBy('devices.id').limit(limit).offset(offset).execute(),
+    query
+      .selectAll('devices')
+      .orderBy('devices.created_at', 'desc')
+      .orderBy('devices.id')
+      .limit(limit)
+      .offset(offset)
+      .execute(),
     query.select((eb) => eb.fn.countAll<number>().as('n')).executeTakeFirstOrThrow(),
   ]);
   return { items, total: Number(count.n) };
@@ -117,19 +146,33 @@ export async function findDevice(db: Db, orgId: string, deviceId: string): Promi
 }
 
 /** Changes a device's description and/or tags. */
-export async function updateDevice(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, patch: { description?: string | null; tags?: string[] }): Promise<Device> {
+export async function updateDevice(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  deviceId: string,
+  patch: { description?: string | null; tags?: string[] },
+): Promise<Device> {
   const device = await getDevice(ctx, orgId, deviceId);
   const set: { description?: string | null; tags?: string; updated_at: Date } = { updated_at: new Date() };
   if (patch.description !== undefined) set.description = validDescription(patch.description);
   if (patch.tags !== undefined) set.tags = JSON.stringify(validTags(patch.tags));
   return inTransaction(ctx, async (trx) => {
-    const updated = await trx.updateTable('devices').set(set).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
+    const updated = await trx
+      .updateTable('devices')
+      .set(set)
+      .where('id', '=', device.id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
     await audit(trx, actor, {
       orgId,
       action: 'device.update',
       resourceType: 'device',
       resourceId: device.id,
-      details: { ...(patch.description !== undefined ? { description: set.description } : {}), ...(patch.tags !== undefined ? { tags: patch.tags } : {}) },
+      details: {
+        ...(patch.description !== undefined ? { description: set.description } : {}),
+        ...(patch.tags !== undefined ? { tags: patch.tags } : {}),
+      },
     });
     return updated;
   });
@@ -140,7 +183,13 @@ export async function deleteDevice(ctx: FleetContext, actor: Actor, orgId: strin
   const device = await getDevice(ctx, orgId, deviceId);
   await inTransaction(ctx, async (trx, outbox) => {
     await trx.deleteFrom('devices').where('id', '=', device.id).execute();
-    await audit(trx, actor, { orgId, action: 'device.delete', resourceType: 'device', resourceId: device.id, details: { identifier: device.identifier } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'device.delete',
+      resourceType: 'device',
+      resourceId: device.id,
+      details: { identifier: device.identifier },
+    });
     outbox.push({ topic: Topics.device(device.id), event: 'device_deleted', payload: {} });
     outbox.push({ topic: Topics.revocations, event: 'device_deleted', payload: { device_id: device.id } });
   });
@@ -150,7 +199,11 @@ export async function deleteDevice(ctx: FleetContext, actor: Actor, orgId: strin
  * Announces a certificate revocation that has committed: the device's channels and links that
  * this certificate authenticated stop, and every node's listener closes its connections.
  */
-export async function publishCertificateRevoked(ctx: FleetContext, deviceId: string, certificateId: string): Promise<void> {
+export async function publishCertificateRevoked(
+  ctx: FleetContext,
+  deviceId: string,
+  certificateId: string,
+): Promise<void> {
   const payload = { device_id: deviceId, certificate_id: certificateId };
   await publishAll(ctx, [
     { topic: Topics.device(deviceId), event: 'certificate_revoked', payload },
@@ -187,7 +240,9 @@ export function groupTopicsOf(names: [string, string, string][]): string[] {
 
 /** The group topics (`group:<org>:<product>:<group>`) of a device, sorted. */
 export async function deviceGroupTopics(db: Db, deviceId: string): Promise<string[]> {
-  const { rows } = await sql<{ names: [string, string, string][] }>`SELECT ${deviceGroupNamesSql(sql`${deviceId}::uuid`)} AS names`.execute(db);
+  const { rows } = await sql<{
+    names: [string, string, string][];
+  }>`SELECT ${deviceGroupNamesSql(sql`${deviceId}::uuid`)} AS names`.execute(db);
   return groupTopicsOf(rows[0]?.names ?? []);
 }
 
@@ -201,13 +256,18 @@ function validIdentifier(value: unknown): string {
 
 function validTags(tags: unknown): string[] {
   if (!Array.isArray(tags) || tags.length > 50 || !tags.every((t) => typeof t === 'string' && NAME_PATTERN.test(t))) {
-    throw new FleetError('invalid', "tags must be a list of at most 50 names (letters, digits, '_', '.', '-')", { field: 'tags' });
+    throw new FleetError('invalid', "tags must be a list of at most 50 names (letters, digits, '_', '.', '-')", {
+      field: 'tags',
+    });
   }
   return [...new Set(tags as string[])];
 }
 
 function validDescription(value: unknown): string | null {
   if (value === undefined || value === null) return null;
-  if (typeof value !== 'string' || value.length > 1000) throw new FleetError('invalid', 'description must be a string of at most 1000 characters', { field: 'description' });
+  if (typeof value !== 'string' || value.length > 1000)
+    throw new FleetError('invalid', 'description must be a string of at most 1000 characters', {
+      field: 'description',
+    });
   return value;
 }

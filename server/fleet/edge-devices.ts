@@ -45,7 +45,10 @@ export interface RegisterEdgeDeviceInput {
  * of it through another protocol is refused (`conflict`, naming no device) and audited as
  * `device.claim_refused` in the product's org — one place for every edge.
  */
-export async function findOrRegisterEdgeDevice(ctx: FleetContext, input: RegisterEdgeDeviceInput): Promise<{ device: Device; created: boolean }> {
+export async function findOrRegisterEdgeDevice(
+  ctx: FleetContext,
+  input: RegisterEdgeDeviceInput,
+): Promise<{ device: Device; created: boolean }> {
   const identifier = validEdgeIdentifier(input.identifier);
   const found = await inTransaction(ctx, async (trx, outbox) => {
     const inserted = await trx
@@ -62,23 +65,54 @@ export async function findOrRegisterEdgeDevice(ctx: FleetContext, input: Registe
       .returningAll()
       .executeTakeFirst();
     if (inserted) {
-      await audit(trx, { type: 'system', id: null }, {
-        orgId: inserted.org_id,
-        action: 'device.registered',
-        resourceType: 'device',
-        resourceId: inserted.id,
-        details: { identifier, product_id: inserted.product_id, protocol: input.protocol, approval: inserted.approval, via: 'edge' },
+      await audit(
+        trx,
+        { type: 'system', id: null },
+        {
+          orgId: inserted.org_id,
+          action: 'device.registered',
+          resourceType: 'device',
+          resourceId: inserted.id,
+          details: {
+            identifier,
+            product_id: inserted.product_id,
+            protocol: input.protocol,
+            approval: inserted.approval,
+            via: 'edge',
+          },
+        },
+      );
+      outbox.push({
+        topic: Topics.operator(inserted.org_id),
+        event: 'device_registered',
+        payload: { device_id: inserted.id, identifier, protocol: input.protocol, approval: inserted.approval },
       });
-      outbox.push({ topic: Topics.operator(inserted.org_id), event: 'device_registered', payload: { device_id: inserted.id, identifier, protocol: input.protocol, approval: inserted.approval } });
       return { device: inserted, created: true };
     }
-    const device = await trx.selectFrom('devices').selectAll().where('product_id', '=', input.productId).where('identifier', '=', identifier).executeTakeFirstOrThrow();
-    if (device.org_id !== input.orgId) throw new FleetError('conflict', 'the product belongs to another organization', { product_id: input.productId });
+    const device = await trx
+      .selectFrom('devices')
+      .selectAll()
+      .where('product_id', '=', input.productId)
+      .where('identifier', '=', identifier)
+      .executeTakeFirstOrThrow();
+    if (device.org_id !== input.orgId)
+      throw new FleetError('conflict', 'the product belongs to another organization', { product_id: input.productId });
     return { device, created: false };
   });
   if (found.device.protocol !== input.protocol) {
-    await auditClaimRefused(ctx, { orgId: input.orgId, protocol: input.protocol, identifier, reason: 'registered_to_another_protocol', deviceId: found.device.id, owner: found.device.protocol });
-    throw new FleetError('conflict', `identifier ${identifier} is registered to another kind of device; choose another identifier`, { field: 'identifier' });
+    await auditClaimRefused(ctx, {
+      orgId: input.orgId,
+      protocol: input.protocol,
+      identifier,
+      reason: 'registered_to_another_protocol',
+      deviceId: found.device.id,
+      owner: found.device.protocol,
+    });
+    throw new FleetError(
+      'conflict',
+      `identifier ${identifier} is registered to another kind of device; choose another identifier`,
+      { field: 'identifier' },
+    );
   }
   return found;
 }
@@ -128,14 +162,40 @@ export async function revokeDevice(ctx: FleetContext, actor: Actor, orgId: strin
   return setApproval(ctx, actor, orgId, deviceId, 'revoked');
 }
 
-async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, approval: 'approved' | 'revoked'): Promise<Device> {
+async function setApproval(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  deviceId: string,
+  approval: 'approved' | 'revoked',
+): Promise<Device> {
   const device = await getDevice(ctx, orgId, deviceId);
   return inTransaction(ctx, async (trx, outbox) => {
-    if (device.approval === approval) return trx.updateTable('devices').set({ updated_at: new Date() }).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
+    if (device.approval === approval)
+      return trx
+        .updateTable('devices')
+        .set({ updated_at: new Date() })
+        .where('id', '=', device.id)
+        .returningAll()
+        .executeTakeFirstOrThrow();
     // revoked_at (database time, like the credentials it voids) stays when the device is approved again.
-    const set = approval === 'revoked' ? { approval, revoked_at: sql<Date>`now()`, updated_at: new Date() } : { approval, updated_at: new Date() };
-    const updated = await trx.updateTable('devices').set(set).where('id', '=', device.id).returningAll().executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId, action: approval === 'approved' ? 'device.approve' : 'device.revoke', resourceType: 'device', resourceId: device.id, details: { from: device.approval, identifier: device.identifier } });
+    const set =
+      approval === 'revoked'
+        ? { approval, revoked_at: sql<Date>`now()`, updated_at: new Date() }
+        : { approval, updated_at: new Date() };
+    const updated = await trx
+      .updateTable('devices')
+      .set(set)
+      .where('id', '=', device.id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
+    await audit(trx, actor, {
+      orgId,
+      action: approval === 'approved' ? 'device.approve' : 'device.revoke',
+      resourceType: 'device',
+      resourceId: device.id,
+      details: { from: device.approval, identifier: device.identifier },
+    });
     if (approval === 'revoked') {
       // A revoked device gets nothing more: its in-flight updates end here.
       const cancelled = await trx
@@ -150,7 +210,11 @@ async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, devic
     const event = approval === 'approved' ? 'device_approved' : 'device_revoked';
     outbox.push({ topic: Topics.device(device.id), event, payload: { device_id: device.id } });
     if (approval === 'revoked') outbox.push({ topic: Topics.revocations, event, payload: { device_id: device.id } });
-    outbox.push({ topic: Topics.operator(orgId), event, payload: { device_id: device.id, identifier: device.identifier } });
+    outbox.push({
+      topic: Topics.operator(orgId),
+      event,
+      payload: { device_id: device.id, identifier: device.identifier },
+    });
     return updated;
   });
 }
@@ -164,18 +228,31 @@ async function setApproval(ctx: FleetContext, actor: Actor, orgId: string, devic
  * socket. `ref.protocol` (read when the certificate was authenticated) answers the common case,
  * the device using its own protocol, without a statement.
  */
-export async function claimCertificateDevice(ctx: FleetContext, ref: EdgeDeviceRef & { identifier: string; protocol?: DeviceProtocol }, protocol: DeviceProtocol): Promise<boolean> {
+export async function claimCertificateDevice(
+  ctx: FleetContext,
+  ref: EdgeDeviceRef & { identifier: string; protocol?: DeviceProtocol },
+  protocol: DeviceProtocol,
+): Promise<boolean> {
   if (ref.protocol === protocol) return true;
   const claimed = await ctx.db
     .updateTable('devices')
     .set({ protocol })
     .where('id', '=', ref.deviceId)
-    .where((eb) => eb.or([eb('protocol', '=', protocol), eb.and([eb('protocol', '=', 'phoenix'), eb('last_seen_at', 'is', null)])]))
+    .where((eb) =>
+      eb.or([eb('protocol', '=', protocol), eb.and([eb('protocol', '=', 'phoenix'), eb('last_seen_at', 'is', null)])]),
+    )
     .returning('protocol')
     .executeTakeFirst();
   if (claimed) return true;
   const owner = await ctx.db.selectFrom('devices').select('protocol').where('id', '=', ref.deviceId).executeTakeFirst();
-  await auditClaimRefused(ctx, { orgId: ref.orgId, protocol, identifier: ref.identifier, reason: 'registered_to_another_protocol', deviceId: ref.deviceId, ...(owner ? { owner: owner.protocol } : {}) });
+  await auditClaimRefused(ctx, {
+    orgId: ref.orgId,
+    protocol,
+    identifier: ref.identifier,
+    reason: 'registered_to_another_protocol',
+    deviceId: ref.deviceId,
+    ...(owner ? { owner: owner.protocol } : {}),
+  });
   return false;
 }
 
@@ -214,16 +291,29 @@ export interface EdgeOnlineOutcome {
  * its target, and returns the target the device should update to. Pending devices are recorded
  * online but resolve no target; revoked devices are refused (`forbidden`).
  */
-export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, input: EdgeOnlineInput): Promise<EdgeOnlineOutcome> {
+export async function edgeDeviceOnline(
+  ctx: FleetContext,
+  ref: EdgeDeviceRef,
+  input: EdgeOnlineInput,
+): Promise<EdgeOnlineOutcome> {
   const version = validVersion(input.version);
   const component = input.component ?? 'firmware';
   const platform = reportedLabel('platform', input.platform);
   const architecture = reportedLabel('architecture', input.architecture);
   const connectedAt = new Date();
   return inTransaction(ctx, async (trx, outbox) => {
-    const current = await trx.selectFrom('devices').selectAll().where('id', '=', ref.deviceId).forUpdate().executeTakeFirst();
-    if (!current || current.org_id !== ref.orgId) throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
-    if (current.approval === 'revoked') throw new FleetError('forbidden', 'this device is revoked; an operator must approve it again', { approval: current.approval });
+    const current = await trx
+      .selectFrom('devices')
+      .selectAll()
+      .where('id', '=', ref.deviceId)
+      .forUpdate()
+      .executeTakeFirst();
+    if (!current || current.org_id !== ref.orgId)
+      throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
+    if (current.approval === 'revoked')
+      throw new FleetError('forbidden', 'this device is revoked; an operator must approve it again', {
+        approval: current.approval,
+      });
 
     const catalogued = await catalogueFirmwareByVersion(trx, current.product_id, component, version);
     const running = { id: catalogued?.id ?? null, component, version };
@@ -246,10 +336,26 @@ export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, in
       .where('id', '=', current.id)
       .returningAll()
       .executeTakeFirstOrThrow();
-    await recordRunningComponent(trx, ref, { component, version, firmwareId: running.id }, { protocol: current.protocol });
-    outbox.push({ topic: Topics.operator(current.org_id), event: 'device_status', payload: { device_id: current.id, status: 'online', version, node: input.node ?? ctx.nodeName, protocol: current.protocol } });
+    await recordRunningComponent(
+      trx,
+      ref,
+      { component, version, firmwareId: running.id },
+      { protocol: current.protocol },
+    );
+    outbox.push({
+      topic: Topics.operator(current.org_id),
+      event: 'device_status',
+      payload: {
+        device_id: current.id,
+        status: 'online',
+        version,
+        node: input.node ?? ctx.nodeName,
+        protocol: current.protocol,
+      },
+    });
 
-    if (current.approval !== 'approved' || input.settle === false) return { device, running, connectedAt: connectedAt.toISOString() };
+    if (current.approval !== 'approved' || input.settle === false)
+      return { device, running, connectedAt: connectedAt.toISOString() };
 
     await settleAttemptsOnJoin(trx, ref, running.id, outbox, component);
     await reconcileAttempts(trx, { ids: [current.id] }, component);
@@ -262,8 +368,13 @@ export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, in
       .orderBy('created_at', 'desc')
       .limit(1)
       .executeTakeFirst();
-    if (!attempt || attempt.firmware_id === running.id) return { device, running, connectedAt: connectedAt.toISOString() };
-    const target = await trx.selectFrom('firmware').selectAll().where('id', '=', attempt.firmware_id).executeTakeFirstOrThrow();
+    if (!attempt || attempt.firmware_id === running.id)
+      return { device, running, connectedAt: connectedAt.toISOString() };
+    const target = await trx
+      .selectFrom('firmware')
+      .selectAll()
+      .where('id', '=', attempt.firmware_id)
+      .executeTakeFirstOrThrow();
     return { device, running, target, attempt, connectedAt: connectedAt.toISOString() };
   });
 }
@@ -272,13 +383,32 @@ export async function edgeDeviceOnline(ctx: FleetContext, ref: EdgeDeviceRef, in
  * The edge sent the update command for `firmware`: the device's open attempt for it becomes
  * `sent` (created when the device has none, e.g. a resend after an operator retry).
  */
-export async function recordUpdateSent(ctx: FleetContext, ref: EdgeDeviceRef, firmware: Firmware, via: string): Promise<UpdateAttempt> {
+export async function recordUpdateSent(
+  ctx: FleetContext,
+  ref: EdgeDeviceRef,
+  firmware: Firmware,
+  via: string,
+): Promise<UpdateAttempt> {
   return inTransaction(ctx, async (trx, outbox) => {
-    const device = await trx.selectFrom('devices').select(['id', 'org_id', 'firmware_version', 'product_id']).where('id', '=', ref.deviceId).forUpdate().executeTakeFirst();
-    if (!device || device.org_id !== ref.orgId) throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
-    const running = firmware.component === 'firmware'
-      ? device.firmware_version
-      : ((await trx.selectFrom('device_components').select('version').where('device_id', '=', device.id).where('component', '=', firmware.component).executeTakeFirst())?.version ?? null);
+    const device = await trx
+      .selectFrom('devices')
+      .select(['id', 'org_id', 'firmware_version', 'product_id'])
+      .where('id', '=', ref.deviceId)
+      .forUpdate()
+      .executeTakeFirst();
+    if (!device || device.org_id !== ref.orgId)
+      throw new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId });
+    const running =
+      firmware.component === 'firmware'
+        ? device.firmware_version
+        : ((
+            await trx
+              .selectFrom('device_components')
+              .select('version')
+              .where('device_id', '=', device.id)
+              .where('component', '=', firmware.component)
+              .executeTakeFirst()
+          )?.version ?? null);
     const now = sql<Date>`now()`;
     const open = await trx
       .selectFrom('update_attempts')
@@ -289,10 +419,25 @@ export async function recordUpdateSent(ctx: FleetContext, ref: EdgeDeviceRef, fi
       .orderBy('created_at', 'desc')
       .executeTakeFirst();
     const attempt = open
-      ? await trx.updateTable('update_attempts').set({ state: 'sent', sent_at: now, updated_at: now, from_version: running, via }).where('id', '=', open.id).returningAll().executeTakeFirstOrThrow()
+      ? await trx
+          .updateTable('update_attempts')
+          .set({ state: 'sent', sent_at: now, updated_at: now, from_version: running, via })
+          .where('id', '=', open.id)
+          .returningAll()
+          .executeTakeFirstOrThrow()
       : await trx
           .insertInto('update_attempts')
-          .values({ org_id: device.org_id, device_id: device.id, firmware_id: firmware.id, component: firmware.component, from_version: running, to_version: firmware.version, state: 'sent', via, sent_at: new Date() })
+          .values({
+            org_id: device.org_id,
+            device_id: device.id,
+            firmware_id: firmware.id,
+            component: firmware.component,
+            from_version: running,
+            to_version: firmware.version,
+            state: 'sent',
+            via,
+            sent_at: new Date(),
+          })
           .returningAll()
           .executeTakeFirstOrThrow();
     outbox.push(transitionEvent(attempt));
@@ -320,7 +465,11 @@ const FINAL_STATES: readonly UpdateState[] = ['succeeded', 'failed', 'rolled_bac
  * (`timed_out`, `failed` from an edge-specific error, `succeeded` after an edge's validation).
  * Returns the attempt, or undefined when no attempt was in a `from` state.
  */
-export async function transitionAttempt(ctx: FleetContext, ref: EdgeDeviceRef, input: TransitionInput): Promise<UpdateAttempt | undefined> {
+export async function transitionAttempt(
+  ctx: FleetContext,
+  ref: EdgeDeviceRef,
+  input: TransitionInput,
+): Promise<UpdateAttempt | undefined> {
   const from = input.from ?? OPEN_STATES;
   return inTransaction(ctx, async (trx, outbox) => {
     let query = trx
@@ -353,7 +502,13 @@ export async function transitionAttempt(ctx: FleetContext, ref: EdgeDeviceRef, i
       action: `update.${input.to}`,
       resourceType: 'update_attempt',
       resourceId: attempt.id,
-      details: { device_id: ref.deviceId, version: attempt.to_version, from_state: attempt.state, ...(input.reason ? { reason: input.reason } : {}), ...(input.errors ? { errors: input.errors } : {}) },
+      details: {
+        device_id: ref.deviceId,
+        version: attempt.to_version,
+        from_state: attempt.state,
+        ...(input.reason ? { reason: input.reason } : {}),
+        ...(input.errors ? { errors: input.errors } : {}),
+      },
     });
     outbox.push(transitionEvent(updated));
     return updated;
@@ -375,11 +530,21 @@ export async function devicesConcernedByTargetChange(
   if (ids.length === 0) return [];
   if (typeof change.device_id === 'string') return ids.includes(change.device_id) ? [change.device_id] : [];
   if (typeof change.group_id === 'string' && isUuid(change.group_id)) {
-    const rows = await db.selectFrom('group_devices').select('device_id').where('group_id', '=', change.group_id).where('device_id', 'in', ids).execute();
+    const rows = await db
+      .selectFrom('group_devices')
+      .select('device_id')
+      .where('group_id', '=', change.group_id)
+      .where('device_id', 'in', ids)
+      .execute();
     return rows.map((r) => r.device_id);
   }
   if (typeof change.product_id === 'string' && isUuid(change.product_id)) {
-    const rows = await db.selectFrom('devices').select('id').where('product_id', '=', change.product_id).where('id', 'in', ids).execute();
+    const rows = await db
+      .selectFrom('devices')
+      .select('id')
+      .where('product_id', '=', change.product_id)
+      .where('id', 'in', ids)
+      .execute();
     return rows.map((r) => r.id);
   }
   return [];
@@ -402,12 +567,28 @@ export async function markEdgeDeviceConnected(ctx: FleetContext, ref: EdgeDevice
   await inTransaction(ctx, async (trx, outbox) => {
     const row = await trx
       .updateTable('devices')
-      .set({ connection_status: 'online', connected_node: ctx.nodeName, last_seen_at: connectedAt, updated_at: connectedAt })
+      .set({
+        connection_status: 'online',
+        connected_node: ctx.nodeName,
+        last_seen_at: connectedAt,
+        updated_at: connectedAt,
+      })
       .where('id', '=', ref.deviceId)
       .where('org_id', '=', ref.orgId)
       .returning(['id', 'protocol', 'approval'])
       .executeTakeFirst();
-    if (row) outbox.push({ topic: Topics.operator(ref.orgId), event: 'device_status', payload: { device_id: row.id, status: 'online', node: ctx.nodeName, protocol: row.protocol, approval: row.approval } });
+    if (row)
+      outbox.push({
+        topic: Topics.operator(ref.orgId),
+        event: 'device_status',
+        payload: {
+          device_id: row.id,
+          status: 'online',
+          node: ctx.nodeName,
+          protocol: row.protocol,
+          approval: row.approval,
+        },
+      });
   });
   return connectedAt.toISOString();
 }

@@ -27,10 +27,14 @@ export function isUuid(value: unknown): value is string {
 /** Returns `name` when it is a valid org/product/group name, throws `invalid` otherwise. */
 export function validName(kind: string, name: unknown): string {
   if (typeof name !== 'string' || !NAME_PATTERN.test(name)) {
-    throw new FleetError('invalid', `${kind} name must be 1-63 characters of letters, digits, '_', '.', '-' and start with a letter or digit`, {
-      field: 'name',
-      value: typeof name === 'string' ? name : null,
-    });
+    throw new FleetError(
+      'invalid',
+      `${kind} name must be 1-63 characters of letters, digits, '_', '.', '-' and start with a letter or digit`,
+      {
+        field: 'name',
+        value: typeof name === 'string' ? name : null,
+      },
+    );
   }
   return name;
 }
@@ -38,18 +42,28 @@ export function validName(kind: string, name: unknown): string {
 /** Returns `version` when it is a semantic version (e.g. 1.4.0, 2.0.0-rc.1), throws `invalid` otherwise. */
 export function validVersion(version: unknown): string {
   if (typeof version !== 'string' || semver.valid(version) === null) {
-    throw new FleetError('invalid', 'version must be a semantic version such as 1.2.3', { field: 'version', value: typeof version === 'string' ? version : null });
+    throw new FleetError('invalid', 'version must be a semantic version such as 1.2.3', {
+      field: 'version',
+      value: typeof version === 'string' ? version : null,
+    });
   }
   return version;
 }
 
 export function validUuid(field: string, value: unknown): string {
-  if (!isUuid(value)) throw new FleetError('invalid', `${field} must be a UUID`, { field, value: typeof value === 'string' ? value : null });
+  if (!isUuid(value))
+    throw new FleetError('invalid', `${field} must be a UUID`, {
+      field,
+      value: typeof value === 'string' ? value : null,
+    });
   return value.toLowerCase();
 }
 
 export function notFound(kind: string, ref: string): FleetError {
-  return new FleetError('not_found', `${kind} ${JSON.stringify(ref)} does not exist (or is not in this organization)`, { resource: kind, ref });
+  return new FleetError('not_found', `${kind} ${JSON.stringify(ref)} does not exist (or is not in this organization)`, {
+    resource: kind,
+    ref,
+  });
 }
 
 /** True for PostgreSQL unique violations (SQLSTATE 23505) on both `pg` and PGlite. */
@@ -66,7 +80,9 @@ export function isForeignKeyViolation(err: unknown): boolean {
 export function pageBounds(limit: unknown, offset: unknown): { limit: number; offset: number } {
   const l = limit === undefined ? 100 : Number(limit);
   const o = offset === undefined ? 0 : Number(offset);
-  if (!Number.isInteger(l) || l < 1 || l > 1000) throw new FleetError('invalid', 'limit must be an integer from 1 to 1000', { field: 'limit' });
-  if (!Number.isInteger(o) || o < 0) throw new FleetError('invalid', 'offset must be a non-negative integer', { field: 'offset' });
+  if (!Number.isInteger(l) || l < 1 || l > 1000)
+    throw new FleetError('invalid', 'limit must be an integer from 1 to 1000', { field: 'limit' });
+  if (!Number.isInteger(o) || o < 0)
+    throw new FleetError('invalid', 'offset must be a non-negative integer', { field: 'offset' });
   return { limit: l, offset: o };
 }

@@ -30,13 +30,23 @@ export async function createFirmware(ctx: FleetContext, actor: Actor, input: Cre
   const product = await getProduct(ctx, input.orgId, input.productId);
   const version = validVersion(input.version);
   const component = input.component ?? 'firmware';
-  if (!NAME_PATTERN.test(component)) throw new FleetError('invalid', "component must be a name (letters, digits, '_', '.', '-')", { field: 'component' });
+  if (!NAME_PATTERN.test(component))
+    throw new FleetError('invalid', "component must be a name (letters, digits, '_', '.', '-')", {
+      field: 'component',
+    });
   const hasBlob = input.hasBlob ?? false;
-  if (input.sha256 != null && !/^[0-9a-f]{64}$/.test(input.sha256)) throw new FleetError('invalid', 'sha256 must be 64 lowercase hex digits', { field: 'sha256' });
-  if (input.size != null && (!Number.isSafeInteger(input.size) || input.size < 0)) throw new FleetError('invalid', 'size must be a non-negative integer', { field: 'size' });
-  if (hasBlob && (input.sha256 == null || input.size == null)) throw new FleetError('invalid', 'firmware with an image needs its sha256 and size', { field: 'sha256' });
+  if (input.sha256 != null && !/^[0-9a-f]{64}$/.test(input.sha256))
+    throw new FleetError('invalid', 'sha256 must be 64 lowercase hex digits', { field: 'sha256' });
+  if (input.size != null && (!Number.isSafeInteger(input.size) || input.size < 0))
+    throw new FleetError('invalid', 'size must be a non-negative integer', { field: 'size' });
+  if (hasBlob && (input.sha256 == null || input.size == null))
+    throw new FleetError('invalid', 'firmware with an image needs its sha256 and size', { field: 'sha256' });
   if (hasBlob && product.requires_signature && !input.signature) {
-    throw new FleetError('invalid', `product ${product.name} requires signed firmware; sign the image and upload it with its signature`, { field: 'signature' });
+    throw new FleetError(
+      'invalid',
+      `product ${product.name} requires signed firmware; sign the image and upload it with its signature`,
+      { field: 'signature' },
+    );
   }
   try {
     return await inTransaction(ctx, async (trx, outbox) => {
@@ -67,17 +77,30 @@ export async function createFirmware(ctx: FleetContext, actor: Actor, input: Cre
         resourceId: firmware.id,
         details: { product: product.name, component, version, has_blob: hasBlob, sha256: firmware.sha256 },
       });
-      outbox.push({ topic: `operator:${product.org_id}`, event: 'firmware_created', payload: { firmware_id: firmware.id, product_id: product.id, version, component } });
+      outbox.push({
+        topic: `operator:${product.org_id}`,
+        event: 'firmware_created',
+        payload: { firmware_id: firmware.id, product_id: product.id, version, component },
+      });
       return firmware;
     });
   } catch (err) {
-    if (isUniqueViolation(err)) throw new FleetError('conflict', `firmware ${component} ${version} (or uuid ${input.uuid ?? ''}) already exists for product ${product.name}; bump the version`, { field: 'version' });
+    if (isUniqueViolation(err))
+      throw new FleetError(
+        'conflict',
+        `firmware ${component} ${version} (or uuid ${input.uuid ?? ''}) already exists for product ${product.name}; bump the version`,
+        { field: 'version' },
+      );
     throw err;
   }
 }
 
 /** Firmware of an organization, newest first, optionally one product's or one component's. */
-export async function listFirmware(ctx: FleetContext, orgId: string, filter: { productId?: string; component?: string } = {}): Promise<Firmware[]> {
+export async function listFirmware(
+  ctx: FleetContext,
+  orgId: string,
+  filter: { productId?: string; component?: string } = {},
+): Promise<Firmware[]> {
   if (!isUuid(orgId) || (filter.productId && !isUuid(filter.productId))) return [];
   let query = ctx.db.selectFrom('firmware').selectAll().where('org_id', '=', orgId);
   if (filter.productId) query = query.where('product_id', '=', filter.productId);
@@ -88,7 +111,14 @@ export async function listFirmware(ctx: FleetContext, orgId: string, filter: { p
 /** One firmware record of `orgId`. */
 export async function getFirmware(ctx: FleetContext, orgId: string, firmwareId: string): Promise<Firmware> {
   const firmware =
-    isUuid(orgId) && isUuid(firmwareId) ? await ctx.db.selectFrom('firmware').selectAll().where('org_id', '=', orgId).where('id', '=', firmwareId).executeTakeFirst() : undefined;
+    isUuid(orgId) && isUuid(firmwareId)
+      ? await ctx.db
+          .selectFrom('firmware')
+          .selectAll()
+          .where('org_id', '=', orgId)
+          .where('id', '=', firmwareId)
+          .executeTakeFirst()
+      : undefined;
   if (!firmware) throw notFound('firmware', firmwareId);
   return firmware;
 }
@@ -97,25 +127,51 @@ export async function getFirmware(ctx: FleetContext, orgId: string, firmwareId: 
  * Deletes a firmware record and its (finished) update history; `conflict` while a group or device
  * targets it. The caller removes the blob when no other record shares its sha256.
  */
-export async function deleteFirmware(ctx: FleetContext, actor: Actor, orgId: string, firmwareId: string): Promise<Firmware> {
+export async function deleteFirmware(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  firmwareId: string,
+): Promise<Firmware> {
   const firmware = await getFirmware(ctx, orgId, firmwareId);
   return inTransaction(ctx, async (trx) => {
-    const targets = await trx.selectFrom('targets').select(['group_id', 'device_id']).where('firmware_id', '=', firmware.id).forUpdate().execute();
+    const targets = await trx
+      .selectFrom('targets')
+      .select(['group_id', 'device_id'])
+      .where('firmware_id', '=', firmware.id)
+      .forUpdate()
+      .execute();
     if (targets.length) {
-      throw new FleetError('conflict', `firmware ${firmware.version} is the target of ${targets.length} group(s)/device(s); retarget them first`, {
-        group_ids: targets.flatMap((t) => (t.group_id ? [t.group_id] : [])),
-        device_ids: targets.flatMap((t) => (t.device_id ? [t.device_id] : [])),
-      });
+      throw new FleetError(
+        'conflict',
+        `firmware ${firmware.version} is the target of ${targets.length} group(s)/device(s); retarget them first`,
+        {
+          group_ids: targets.flatMap((t) => (t.group_id ? [t.group_id] : [])),
+          device_ids: targets.flatMap((t) => (t.device_id ? [t.device_id] : [])),
+        },
+      );
     }
     await trx.deleteFrom('update_attempts').where('firmware_id', '=', firmware.id).execute();
     await trx.deleteFrom('firmware').where('id', '=', firmware.id).execute();
-    await audit(trx, actor, { orgId, action: 'firmware.delete', resourceType: 'firmware', resourceId: firmware.id, details: { version: firmware.version, component: firmware.component } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'firmware.delete',
+      resourceType: 'firmware',
+      resourceId: firmware.id,
+      details: { version: firmware.version, component: firmware.component },
+    });
     return firmware;
   });
 }
 
 /** Whether another firmware record still references this image (blob stores share by sha256). */
 export async function isBlobReferenced(ctx: FleetContext, sha256: string): Promise<boolean> {
-  const row = await ctx.db.selectFrom('firmware').select('id').where('sha256', '=', sha256).where('has_blob', '=', true).limit(1).executeTakeFirst();
+  const row = await ctx.db
+    .selectFrom('firmware')
+    .select('id')
+    .where('sha256', '=', sha256)
+    .where('has_blob', '=', true)
+    .limit(1)
+    .executeTakeFirst();
   return row !== undefined;
 }

@@ -30,20 +30,39 @@ export async function createGroup(ctx: FleetContext, actor: Actor, input: Create
     return await inTransaction(ctx, async (trx) => {
       const group = await trx
         .insertInto('groups')
-        .values({ org_id: product.org_id, product_id: product.id, name, description: input.description ?? null, priority })
+        .values({
+          org_id: product.org_id,
+          product_id: product.id,
+          name,
+          description: input.description ?? null,
+          priority,
+        })
         .returningAll()
         .executeTakeFirstOrThrow();
-      await audit(trx, actor, { orgId: group.org_id, action: 'group.create', resourceType: 'group', resourceId: group.id, details: { name, product: product.name, priority } });
+      await audit(trx, actor, {
+        orgId: group.org_id,
+        action: 'group.create',
+        resourceType: 'group',
+        resourceId: group.id,
+        details: { name, product: product.name, priority },
+      });
       return group;
     });
   } catch (err) {
-    if (isUniqueViolation(err)) throw new FleetError('conflict', `group ${JSON.stringify(name)} already exists in product ${product.name}`, { field: 'name' });
+    if (isUniqueViolation(err))
+      throw new FleetError('conflict', `group ${JSON.stringify(name)} already exists in product ${product.name}`, {
+        field: 'name',
+      });
     throw err;
   }
 }
 
 /** Groups of an organization (optionally one product), with member counts and their channel topic. */
-export async function listGroups(ctx: FleetContext, orgId: string, filter: { productId?: string } = {}): Promise<GroupWithCount[]> {
+export async function listGroups(
+  ctx: FleetContext,
+  orgId: string,
+  filter: { productId?: string } = {},
+): Promise<GroupWithCount[]> {
   if (!isUuid(orgId) || (filter.productId && !isUuid(filter.productId))) return [];
   let query = groupQuery(ctx.db).where('groups.org_id', '=', orgId);
   if (filter.productId) query = query.where('groups.product_id', '=', filter.productId);
@@ -60,23 +79,42 @@ export async function getGroup(ctx: FleetContext, orgId: string, groupId: string
 
 export async function findGroup(db: Db, orgId: string, groupId: string): Promise<GroupWithCount | undefined> {
   if (!isUuid(orgId) || !isUuid(groupId)) return undefined;
-  const row = await groupQuery(db).where('groups.org_id', '=', orgId).where('groups.id', '=', groupId).executeTakeFirst();
+  const row = await groupQuery(db)
+    .where('groups.org_id', '=', orgId)
+    .where('groups.id', '=', groupId)
+    .executeTakeFirst();
   return row && withTopic(row);
 }
 
 /** Changes a group's description or priority (a priority change can change resolved targets). */
-export async function updateGroup(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, patch: { description?: string | null; priority?: number }): Promise<Group> {
+export async function updateGroup(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  groupId: string,
+  patch: { description?: string | null; priority?: number },
+): Promise<Group> {
   const group = await getGroup(ctx, orgId, groupId);
   const priority = patch.priority === undefined ? undefined : validPriority(patch.priority);
   return inTransaction(ctx, async (trx, outbox) => {
     const updated = await trx
       .updateTable('groups')
-      .set({ ...(patch.description !== undefined ? { description: patch.description } : {}), ...(priority !== undefined ? { priority } : {}) })
+      .set({
+        ...(patch.description !== undefined ? { description: patch.description } : {}),
+        ...(priority !== undefined ? { priority } : {}),
+      })
       .where('id', '=', group.id)
       .returningAll()
       .executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId, action: 'group.update', resourceType: 'group', resourceId: group.id, details: { ...patch } });
-    if (priority !== undefined && priority !== group.priority) await reconcileAndPush(ctx, trx, outbox, { groupId: group.id });
+    await audit(trx, actor, {
+      orgId,
+      action: 'group.update',
+      resourceType: 'group',
+      resourceId: group.id,
+      details: { ...patch },
+    });
+    if (priority !== undefined && priority !== group.priority)
+      await reconcileAndPush(ctx, trx, outbox, { groupId: group.id });
     return updated;
   });
 }
@@ -88,10 +126,23 @@ export async function updateGroup(ctx: FleetContext, actor: Actor, orgId: string
 export async function deleteGroup(ctx: FleetContext, actor: Actor, orgId: string, groupId: string): Promise<void> {
   const group = await getGroup(ctx, orgId, groupId);
   await inTransaction(ctx, async (trx, outbox) => {
-    const members = await trx.selectFrom('group_devices').innerJoin('devices', 'devices.id', 'group_devices.device_id').select(['devices.id', 'devices.connection_status']).where('group_id', '=', group.id).execute();
+    const members = await trx
+      .selectFrom('group_devices')
+      .innerJoin('devices', 'devices.id', 'group_devices.device_id')
+      .select(['devices.id', 'devices.connection_status'])
+      .where('group_id', '=', group.id)
+      .execute();
     await trx.deleteFrom('groups').where('id', '=', group.id).execute();
-    await audit(trx, actor, { orgId, action: 'group.delete', resourceType: 'group', resourceId: group.id, details: { name: group.name, members: members.length } });
-    for (const m of members) if (m.connection_status === 'online') outbox.push({ topic: Topics.device(m.id), event: 'leave', payload: { channel: group.topic } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'group.delete',
+      resourceType: 'group',
+      resourceId: group.id,
+      details: { name: group.name, members: members.length },
+    });
+    for (const m of members)
+      if (m.connection_status === 'online')
+        outbox.push({ topic: Topics.device(m.id), event: 'leave', payload: { channel: group.topic } });
     outbox.push({ topic: group.topic, event: 'group_deleted', payload: {} });
     outbox.push({ topic: Topics.operator(orgId), event: 'group_deleted', payload: { group_id: group.id } });
     await reconcileAndPush(ctx, trx, outbox, { ids: members.map((m) => m.id) });
@@ -99,15 +150,32 @@ export async function deleteGroup(ctx: FleetContext, actor: Actor, orgId: string
 }
 
 /** Adds devices (same product as the group) to a group; online newcomers get `join {channel}`. Returns the ids actually added. */
-export async function addDevicesToGroup(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, deviceIds: string[]): Promise<{ added: string[] }> {
+export async function addDevicesToGroup(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  groupId: string,
+  deviceIds: string[],
+): Promise<{ added: string[] }> {
   const group = await getGroup(ctx, orgId, groupId);
   const ids = validIds(deviceIds);
   return inTransaction(ctx, async (trx, outbox) => {
-    const devices = await trx.selectFrom('devices').select(['id', 'product_id', 'connection_status']).where('org_id', '=', orgId).where('id', 'in', ids.length ? ids : [NO_ID]).execute();
+    const devices = await trx
+      .selectFrom('devices')
+      .select(['id', 'product_id', 'connection_status'])
+      .where('org_id', '=', orgId)
+      .where('id', 'in', ids.length ? ids : [NO_ID])
+      .execute();
     const missing = ids.filter((id) => !devices.some((d) => d.id === id));
-    if (missing.length) throw new FleetError('not_found', `${missing.length} device(s) do not exist in this organization`, { device_ids: missing.slice(0, 20) });
+    if (missing.length)
+      throw new FleetError('not_found', `${missing.length} device(s) do not exist in this organization`, {
+        device_ids: missing.slice(0, 20),
+      });
     const foreign = devices.filter((d) => d.product_id !== group.product_id).map((d) => d.id);
-    if (foreign.length) throw new FleetError('invalid', 'devices can only join groups of their own product', { device_ids: foreign.slice(0, 20) });
+    if (foreign.length)
+      throw new FleetError('invalid', 'devices can only join groups of their own product', {
+        device_ids: foreign.slice(0, 20),
+      });
     const added = ids.length
       ? await trx
           .insertInto('group_devices')
@@ -117,25 +185,57 @@ export async function addDevicesToGroup(ctx: FleetContext, actor: Actor, orgId: 
           .execute()
       : [];
     const addedIds = added.map((r) => r.device_id);
-    await audit(trx, actor, { orgId, action: 'group.add_devices', resourceType: 'group', resourceId: group.id, details: { device_ids: addedIds.slice(0, 100), count: addedIds.length } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'group.add_devices',
+      resourceType: 'group',
+      resourceId: group.id,
+      details: { device_ids: addedIds.slice(0, 100), count: addedIds.length },
+    });
     const online = new Set(devices.filter((d) => d.connection_status === 'online').map((d) => d.id));
-    for (const id of addedIds) if (online.has(id)) outbox.push({ topic: Topics.device(id), event: 'join', payload: { channel: group.topic } });
+    for (const id of addedIds)
+      if (online.has(id)) outbox.push({ topic: Topics.device(id), event: 'join', payload: { channel: group.topic } });
     if (addedIds.length) await reconcileAndPush(ctx, trx, outbox, { ids: addedIds });
     return { added: addedIds };
   });
 }
 
 /** Removes devices from a group; online leavers get `leave {channel}`. Returns the ids actually removed. */
-export async function removeDevicesFromGroup(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, deviceIds: string[]): Promise<{ removed: string[] }> {
+export async function removeDevicesFromGroup(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  groupId: string,
+  deviceIds: string[],
+): Promise<{ removed: string[] }> {
   const group = await getGroup(ctx, orgId, groupId);
   const ids = validIds(deviceIds);
   return inTransaction(ctx, async (trx, outbox) => {
-    const removed = ids.length ? await trx.deleteFrom('group_devices').where('group_id', '=', group.id).where('device_id', 'in', ids).returning('device_id').execute() : [];
+    const removed = ids.length
+      ? await trx
+          .deleteFrom('group_devices')
+          .where('group_id', '=', group.id)
+          .where('device_id', 'in', ids)
+          .returning('device_id')
+          .execute()
+      : [];
     const removedIds = removed.map((r) => r.device_id);
-    await audit(trx, actor, { orgId, action: 'group.remove_devices', resourceType: 'group', resourceId: group.id, details: { device_ids: removedIds.slice(0, 100), count: removedIds.length } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'group.remove_devices',
+      resourceType: 'group',
+      resourceId: group.id,
+      details: { device_ids: removedIds.slice(0, 100), count: removedIds.length },
+    });
     if (removedIds.length) {
-      const online = await trx.selectFrom('devices').select('id').where('id', 'in', removedIds).where('connection_status', '=', 'online').execute();
-      for (const d of online) outbox.push({ topic: Topics.device(d.id), event: 'leave', payload: { channel: group.topic } });
+      const online = await trx
+        .selectFrom('devices')
+        .select('id')
+        .where('id', 'in', removedIds)
+        .where('connection_status', '=', 'online')
+        .execute();
+      for (const d of online)
+        outbox.push({ topic: Topics.device(d.id), event: 'leave', payload: { channel: group.topic } });
       await reconcileAndPush(ctx, trx, outbox, { ids: removedIds });
     }
     return { removed: removedIds };
@@ -143,7 +243,12 @@ export async function removeDevicesFromGroup(ctx: FleetContext, actor: Actor, or
 }
 
 /** Members of a group, newest first. */
-export async function listGroupMembers(ctx: FleetContext, orgId: string, groupId: string, page: { limit?: number; offset?: number } = {}): Promise<Page<Device>> {
+export async function listGroupMembers(
+  ctx: FleetContext,
+  orgId: string,
+  groupId: string,
+  page: { limit?: number; offset?: number } = {},
+): Promise<Page<Device>> {
   const group = await getGroup(ctx, orgId, groupId);
   return listDevices(ctx, { orgId, groupId: group.id, ...page });
 }
@@ -154,7 +259,12 @@ export async function listGroupMembers(ctx: FleetContext, orgId: string, groupId
  * approved and the certificate neither revoked nor outside its validity (one statement: the
  * check runs on every group join).
  */
-export async function isGroupMember(db: Db, deviceId: string, names: { org: string; product: string; group: string }, certificateId?: string): Promise<boolean> {
+export async function isGroupMember(
+  db: Db,
+  deviceId: string,
+  names: { org: string; product: string; group: string },
+  certificateId?: string,
+): Promise<boolean> {
   let query = db
     .selectFrom('group_devices')
     .innerJoin('groups', 'groups.id', 'group_devices.group_id')
@@ -169,7 +279,9 @@ export async function isGroupMember(db: Db, deviceId: string, names: { org: stri
     .whereRef('devices.org_id', '=', 'groups.org_id')
     .whereRef('devices.product_id', '=', 'groups.product_id');
   if (certificateId) {
-    query = query.where('devices.approval', '=', 'approved').where(certificateUsableSql(certificateId, sql.ref('devices.id')));
+    query = query
+      .where('devices.approval', '=', 'approved')
+      .where(certificateUsableSql(certificateId, sql.ref('devices.id')));
   }
   const row = await query.executeTakeFirst();
   return row !== undefined;
@@ -177,7 +289,12 @@ export async function isGroupMember(db: Db, deviceId: string, names: { org: stri
 
 const NO_ID = '00000000-0000-0000-0000-000000000000';
 
-async function reconcileAndPush(ctx: FleetContext, trx: Db, outbox: FleetEvent[], set: { ids: string[] } | { groupId: string }): Promise<void> {
+async function reconcileAndPush(
+  ctx: FleetContext,
+  trx: Db,
+  outbox: FleetEvent[],
+  set: { ids: string[] } | { groupId: string },
+): Promise<void> {
   if ('ids' in set && set.ids.length === 0) return;
   // Membership and priority decide targets for every component a device may have.
   const components = await trx.selectFrom('targets').select('component').distinct().execute();
@@ -194,20 +311,32 @@ function groupQuery(db: Db) {
     .innerJoin('products', 'products.id', 'groups.product_id')
     .selectAll('groups')
     .select(['orgs.name as org_name', 'products.name as product_name'])
-    .select((eb) => eb.selectFrom('group_devices').select((e) => e.fn.countAll<number>().as('n')).whereRef('group_devices.group_id', '=', 'groups.id').as('device_count'));
+    .select((eb) =>
+      eb
+        .selectFrom('group_devices')
+        .select((e) => e.fn.countAll<number>().as('n'))
+        .whereRef('group_devices.group_id', '=', 'groups.id')
+        .as('device_count'),
+    );
 }
 
-function withTopic<T extends Group & { org_name: string; product_name: string; device_count: number | null }>(row: T): GroupWithCount {
+function withTopic<T extends Group & { org_name: string; product_name: string; device_count: number | null }>(
+  row: T,
+): GroupWithCount {
   const { org_name, product_name, ...group } = row;
   return { ...group, device_count: Number(row.device_count ?? 0), topic: groupTopic(org_name, product_name, row.name) };
 }
 
 function validPriority(value: unknown): number {
-  if (!Number.isInteger(value) || (value as number) < 0 || (value as number) > 1_000_000) throw new FleetError('invalid', 'priority must be an integer from 0 to 1000000 (lower wins)', { field: 'priority' });
+  if (!Number.isInteger(value) || (value as number) < 0 || (value as number) > 1_000_000)
+    throw new FleetError('invalid', 'priority must be an integer from 0 to 1000000 (lower wins)', {
+      field: 'priority',
+    });
   return value as number;
 }
 
 function validIds(ids: unknown): string[] {
-  if (!Array.isArray(ids) || ids.length > 20_000 || !ids.every(isUuid)) throw new FleetError('invalid', 'device_ids must be a list of at most 20000 device UUIDs', { field: 'device_ids' });
+  if (!Array.isArray(ids) || ids.length > 20_000 || !ids.every(isUuid))
+    throw new FleetError('invalid', 'device_ids must be a list of at most 20000 device UUIDs', { field: 'device_ids' });
   return [...new Set((ids as string[]).map((id) => id.toLowerCase()))];
 }

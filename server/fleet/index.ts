@@ -17,7 +17,17 @@ export { SYSTEM } from '../audit.ts';
 export type { Device, Firmware, Group, UpdateAttempt, UpdateState, ConnectionStatus } from '../db/schema.ts';
 export { inTransaction, pubsubBus, Topics, type FleetBus, type FleetContext, type FleetEvent } from './context.ts';
 export { FleetError, NAME_PATTERN, isUuid, validName, validVersion, type FleetErrorCode } from './errors.ts';
-export { createOrg, listOrgs, getOrg, createProduct, listProducts, getProduct, updateProduct, type Org, type Product } from './orgs.ts';
+export {
+  createOrg,
+  listOrgs,
+  getOrg,
+  createProduct,
+  listProducts,
+  getProduct,
+  updateProduct,
+  type Org,
+  type Product,
+} from './orgs.ts';
 export {
   createDevice,
   listDevices,
@@ -43,7 +53,14 @@ export {
   type CreateGroupInput,
   type GroupWithCount,
 } from './groups.ts';
-export { createFirmware, listFirmware, getFirmware, deleteFirmware, isBlobReferenced, type CreateFirmwareInput } from './firmware.ts';
+export {
+  createFirmware,
+  listFirmware,
+  getFirmware,
+  deleteFirmware,
+  isBlobReferenced,
+  type CreateFirmwareInput,
+} from './firmware.ts';
 export {
   setGroupTarget,
   clearGroupTarget,

@@ -41,7 +41,10 @@ export interface ReconcileOfflineOptions {
  * `ownConnections: true` so devices this node name held before a crash are cleared too.
  * Returns how many devices went offline.
  */
-export async function reconcileOfflineDevices(ctx: FleetContext, options: ReconcileOfflineOptions = {}): Promise<number> {
+export async function reconcileOfflineDevices(
+  ctx: FleetContext,
+  options: ReconcileOfflineOptions = {},
+): Promise<number> {
   const cutoff = new Date(Date.now() - (options.staleAfterMs ?? 90_000));
   return inTransaction(ctx, async (trx, outbox) => {
     let deadNodes = trx.deleteFrom('nodes').where('name', '!=', ctx.nodeName);
@@ -60,7 +63,12 @@ export async function reconcileOfflineDevices(ctx: FleetContext, options: Reconc
       )
       .returning(['id', 'org_id'])
       .execute();
-    for (const d of rows) outbox.push({ topic: Topics.operator(d.org_id), event: 'device_status', payload: { device_id: d.id, status: 'offline' } });
+    for (const d of rows)
+      outbox.push({
+        topic: Topics.operator(d.org_id),
+        event: 'device_status',
+        payload: { device_id: d.id, status: 'offline' },
+      });
     if (rows.length) ctx.log.info({ count: rows.length }, 'devices of dead nodes marked offline');
     return rows.length;
   });

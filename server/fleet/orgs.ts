@@ -14,11 +14,20 @@ export async function createOrg(ctx: FleetContext, actor: Actor, input: { name: 
   try {
     return await inTransaction(ctx, async (trx) => {
       const org = await trx.insertInto('orgs').values({ name }).returningAll().executeTakeFirstOrThrow();
-      await audit(trx, actor, { orgId: org.id, action: 'org.create', resourceType: 'org', resourceId: org.id, details: { name } });
+      await audit(trx, actor, {
+        orgId: org.id,
+        action: 'org.create',
+        resourceType: 'org',
+        resourceId: org.id,
+        details: { name },
+      });
       return org;
     });
   } catch (err) {
-    if (isUniqueViolation(err)) throw new FleetError('conflict', `organization ${JSON.stringify(name)} already exists; choose another name`, { field: 'name' });
+    if (isUniqueViolation(err))
+      throw new FleetError('conflict', `organization ${JSON.stringify(name)} already exists; choose another name`, {
+        field: 'name',
+      });
     throw err;
   }
 }
@@ -39,7 +48,11 @@ export async function getOrg(ctx: FleetContext, ref: string): Promise<Org> {
 }
 
 /** Creates a product in an organization; `requiresSignature` makes uploads without a signature fail. */
-export async function createProduct(ctx: FleetContext, actor: Actor, input: { orgId: string; name: string; requiresSignature?: boolean }): Promise<Product> {
+export async function createProduct(
+  ctx: FleetContext,
+  actor: Actor,
+  input: { orgId: string; name: string; requiresSignature?: boolean },
+): Promise<Product> {
   const name = validName('product', input.name);
   await getOrg(ctx, input.orgId);
   try {
@@ -59,7 +72,10 @@ export async function createProduct(ctx: FleetContext, actor: Actor, input: { or
       return product;
     });
   } catch (err) {
-    if (isUniqueViolation(err)) throw new FleetError('conflict', `product ${JSON.stringify(name)} already exists in this organization`, { field: 'name' });
+    if (isUniqueViolation(err))
+      throw new FleetError('conflict', `product ${JSON.stringify(name)} already exists in this organization`, {
+        field: 'name',
+      });
     throw err;
   }
 }
@@ -76,7 +92,13 @@ export async function getProduct(ctx: FleetContext, orgId: string, ref: string):
 }
 
 /** Changes whether a product's firmware must be signed. */
-export async function updateProduct(ctx: FleetContext, actor: Actor, orgId: string, productId: string, patch: { requiresSignature?: boolean }): Promise<Product> {
+export async function updateProduct(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  productId: string,
+  patch: { requiresSignature?: boolean },
+): Promise<Product> {
   const product = await getProduct(ctx, orgId, productId);
   if (patch.requiresSignature === undefined) return product;
   return inTransaction(ctx, async (trx) => {
@@ -86,7 +108,13 @@ export async function updateProduct(ctx: FleetContext, actor: Actor, orgId: stri
       .where('id', '=', product.id)
       .returningAll()
       .executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId, action: 'product.update', resourceType: 'product', resourceId: product.id, details: { requires_signature: patch.requiresSignature } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'product.update',
+      resourceType: 'product',
+      resourceId: product.id,
+      details: { requires_signature: patch.requiresSignature },
+    });
     return updated;
   });
 }

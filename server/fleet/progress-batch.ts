@@ -128,7 +128,11 @@ export class ProgressBatcher<R extends ProgressReport> {
     this.#published = published.catch(() => {});
     for (const [key, same] of byKey) {
       const attempt = applied.get(key);
-      if (attempt) void published.then(() => same.forEach((p) => p.resolve(attempt)), (err: unknown) => same.forEach((p) => p.reject(err)));
+      if (attempt)
+        void published.then(
+          () => same.forEach((p) => p.resolve(attempt)),
+          (err: unknown) => same.forEach((p) => p.reject(err)),
+        );
       else void this.#applyEach(same);
     }
   }

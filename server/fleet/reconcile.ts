@@ -114,7 +114,12 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
  * `firmwareId`: they resolve another target and do not run that firmware. When there are none,
  * one broadcast on the group topic serves the whole group.
  */
-export async function countGroupMembersResolvingElsewhere(trx: Db, groupId: string, firmwareId: string, component = 'firmware'): Promise<number> {
+export async function countGroupMembersResolvingElsewhere(
+  trx: Db,
+  groupId: string,
+  firmwareId: string,
+  component = 'firmware',
+): Promise<number> {
   const { rows } = await sql<{ n: number }>`
     SELECT count(*)::int AS n FROM (${resolvedSql({ groupId }, component)}) r
     WHERE r.connection_status = 'online'

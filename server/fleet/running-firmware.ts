@@ -20,8 +20,19 @@ export interface RunningComponent {
 }
 
 /** The catalogue firmware of a product for a reported `version` (edges report versions, not uuids). */
-export async function catalogueFirmwareByVersion(db: Db, productId: string, component: string, version: string): Promise<Firmware | undefined> {
-  return db.selectFrom('firmware').selectAll().where('product_id', '=', productId).where('component', '=', component).where('version', '=', version).executeTakeFirst();
+export async function catalogueFirmwareByVersion(
+  db: Db,
+  productId: string,
+  component: string,
+  version: string,
+): Promise<Firmware | undefined> {
+  return db
+    .selectFrom('firmware')
+    .selectAll()
+    .where('product_id', '=', productId)
+    .where('component', '=', component)
+    .where('version', '=', version)
+    .executeTakeFirst();
 }
 
 /**
@@ -30,7 +41,12 @@ export async function catalogueFirmwareByVersion(db: Db, productId: string, comp
  * catalogue is not audited (the device row shows it), so made-up versions or uuids, even
  * alternating with a real one, add no audit rows. `details` go into the audit record.
  */
-export async function recordRunningComponent(trx: Db, device: DeviceRef, running: RunningComponent, details: Record<string, unknown> = {}): Promise<void> {
+export async function recordRunningComponent(
+  trx: Db,
+  device: DeviceRef,
+  running: RunningComponent,
+  details: Record<string, unknown> = {},
+): Promise<void> {
   const { component, version, firmwareId } = running;
   const before = await trx
     .selectFrom('device_components')
@@ -42,7 +58,11 @@ export async function recordRunningComponent(trx: Db, device: DeviceRef, running
   await trx
     .insertInto('device_components')
     .values({ device_id: device.deviceId, component, version, firmware_id: firmwareId, audited_firmware_id: audited })
-    .onConflict((oc) => oc.columns(['device_id', 'component']).doUpdateSet({ version, firmware_id: firmwareId, audited_firmware_id: audited, updated_at: sql`now()` }))
+    .onConflict((oc) =>
+      oc
+        .columns(['device_id', 'component'])
+        .doUpdateSet({ version, firmware_id: firmwareId, audited_firmware_id: audited, updated_at: sql`now()` }),
+    )
     .execute();
   if (firmwareId === null || before?.audited_firmware_id === firmwareId) return;
   await audit(trx, deviceActor(device), {
@@ -50,7 +70,13 @@ export async function recordRunningComponent(trx: Db, device: DeviceRef, running
     action: 'device.firmware_changed',
     resourceType: 'device',
     resourceId: device.deviceId,
-    details: { component, from_version: before?.version ?? null, to_version: version, firmware_id: firmwareId, ...details },
+    details: {
+      component,
+      from_version: before?.version ?? null,
+      to_version: version,
+      firmware_id: firmwareId,
+      ...details,
+    },
   });
 }
 
@@ -68,15 +94,22 @@ export function reportedLabel(field: string, value: unknown): string | null {
  * targeting it sends them nothing. Edges match by version (their running firmware had no record),
  * Phoenix devices by the uuid they joined with. Not audited: what they run did not change.
  */
-export async function linkRunningDevices(trx: Db, firmware: Pick<Firmware, 'id' | 'product_id' | 'component' | 'version'>): Promise<void> {
+export async function linkRunningDevices(
+  trx: Db,
+  firmware: Pick<Firmware, 'id' | 'product_id' | 'component' | 'version'>,
+): Promise<void> {
   if (firmware.component === 'firmware') {
     await sql`
       UPDATE devices SET firmware_uuid = ${firmware.id}
-      WHERE product_id = ${firmware.product_id} AND protocol <> 'phoenix' AND firmware_uuid IS NULL AND firmware_version = ${firmware.version}`.execute(trx);
+      WHERE product_id = ${firmware.product_id} AND protocol <> 'phoenix' AND firmware_uuid IS NULL AND firmware_version = ${firmware.version}`.execute(
+      trx,
+    );
   }
   await sql`
     UPDATE device_components dc SET firmware_id = ${firmware.id}, audited_firmware_id = ${firmware.id}
     FROM devices d
     WHERE d.id = dc.device_id AND d.product_id = ${firmware.product_id} AND dc.component = ${firmware.component} AND dc.firmware_id IS NULL
-      AND CASE WHEN d.protocol = 'phoenix' AND dc.component = 'firmware' THEN d.firmware_uuid = ${firmware.id} ELSE dc.version = ${firmware.version} END`.execute(trx);
+      AND CASE WHEN d.protocol = 'phoenix' AND dc.component = 'firmware' THEN d.firmware_uuid = ${firmware.id} ELSE dc.version = ${firmware.version} END`.execute(
+    trx,
+  );
 }

@@ -7,7 +7,12 @@ import { getDevice } from './devices.ts';
 import { FleetError, isUuid, notFound } from './errors.ts';
 import { getFirmware } from './firmware.ts';
 import { getGroup } from './groups.ts';
-import { countGroupMembersResolvingElsewhere, reconcileAttempts, resolveTargets, type CreatedAttempt } from './reconcile.ts';
+import {
+  countGroupMembersResolvingElsewhere,
+  reconcileAttempts,
+  resolveTargets,
+  type CreatedAttempt,
+} from './reconcile.ts';
 import { firmwareUpdatePayload } from './updates.ts';
 
 export type Target = Selectable<TargetsTable>;
@@ -24,12 +29,23 @@ export interface ResolvedTarget {
  * firmware, the group with the lowest `priority` wins, ties → the most recently set target.
  * Devices not approved resolve nothing.
  */
-export async function resolveTarget(db: Db, deviceId: string, component = 'firmware'): Promise<ResolvedTarget | undefined> {
+export async function resolveTarget(
+  db: Db,
+  deviceId: string,
+  component = 'firmware',
+): Promise<ResolvedTarget | undefined> {
   if (!isUuid(deviceId)) return undefined;
   const [row] = await resolveTargets(db, { ids: [deviceId] }, component);
   if (!row?.target_id) return undefined;
-  const firmware = await db.selectFrom('firmware').selectAll().where('id', '=', row.target_id).executeTakeFirstOrThrow();
-  const source = row.via === 'device' ? { type: 'device' as const } : { type: 'group' as const, groupId: row.via!.slice('group:'.length) };
+  const firmware = await db
+    .selectFrom('firmware')
+    .selectAll()
+    .where('id', '=', row.target_id)
+    .executeTakeFirstOrThrow();
+  const source =
+    row.via === 'device'
+      ? { type: 'device' as const }
+      : { type: 'group' as const, groupId: row.via!.slice('group:'.length) };
   return { firmware, source };
 }
 
@@ -48,21 +64,46 @@ export interface TargetChange {
  * target (a device target or a group with lower priority), in which case each device whose
  * target this is gets its own push instead. Setting the same target again retries failed devices.
  */
-export async function setGroupTarget(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, firmwareId: string): Promise<TargetChange> {
+export async function setGroupTarget(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  groupId: string,
+  firmwareId: string,
+): Promise<TargetChange> {
   const group = await getGroup(ctx, orgId, groupId);
   const firmware = await getFirmware(ctx, orgId, firmwareId);
-  if (firmware.product_id !== group.product_id) throw new FleetError('invalid', 'the firmware belongs to another product than the group', { firmware_id: firmware.id, group_id: group.id });
-  if (!firmware.has_blob) throw new FleetError('invalid', `firmware ${firmware.version} has no uploaded image; upload it before targeting it`, { firmware_id: firmware.id });
+  if (firmware.product_id !== group.product_id)
+    throw new FleetError('invalid', 'the firmware belongs to another product than the group', {
+      firmware_id: firmware.id,
+      group_id: group.id,
+    });
+  if (!firmware.has_blob)
+    throw new FleetError(
+      'invalid',
+      `firmware ${firmware.version} has no uploaded image; upload it before targeting it`,
+      { firmware_id: firmware.id },
+    );
   return inTransaction(ctx, async (trx, outbox) => {
     const target = await upsertTarget(trx, { org_id: orgId, group_id: group.id, firmware, actor });
-    await audit(trx, actor, { orgId, action: 'target.set', resourceType: 'group', resourceId: group.id, details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'target.set',
+      resourceType: 'group',
+      resourceId: group.id,
+      details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component },
+    });
     const { created } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component);
     const toPush = created.filter((a) => a.state === 'sent');
     let delivery: TargetChange['delivery'] = 'none';
     if (toPush.length > 0 || (await anyOnlineMemberNotRunning(trx, group.id, firmware))) {
       const elsewhere = await countGroupMembersResolvingElsewhere(trx, group.id, firmware.id, firmware.component);
       if (elsewhere === 0) {
-        outbox.push({ topic: group.topic, event: 'firmware_update', payload: { ...firmwareUpdatePayload(ctx, firmware) } });
+        outbox.push({
+          topic: group.topic,
+          event: 'firmware_update',
+          payload: { ...firmwareUpdatePayload(ctx, firmware) },
+        });
         delivery = 'group';
       } else {
         await pushCreatedAttempts(ctx, trx, outbox, toPush);
@@ -70,57 +111,153 @@ export async function setGroupTarget(ctx: FleetContext, actor: Actor, orgId: str
       }
     }
     const attempts = { sent: toPush.length, queued: created.length - toPush.length };
-    targetChanged(outbox, { org_id: orgId, product_id: group.product_id, group_id: group.id, component: firmware.component, firmware_id: firmware.id }, attempts);
+    targetChanged(
+      outbox,
+      {
+        org_id: orgId,
+        product_id: group.product_id,
+        group_id: group.id,
+        component: firmware.component,
+        firmware_id: firmware.id,
+      },
+      attempts,
+    );
     return { target, attempts, delivery };
   });
 }
 
 /** Removes a group's target for `component`; members re-resolve (attempts for it are cancelled). */
-export async function clearGroupTarget(ctx: FleetContext, actor: Actor, orgId: string, groupId: string, component = 'firmware'): Promise<void> {
+export async function clearGroupTarget(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  groupId: string,
+  component = 'firmware',
+): Promise<void> {
   const group = await getGroup(ctx, orgId, groupId);
   await inTransaction(ctx, async (trx, outbox) => {
-    const deleted = await trx.deleteFrom('targets').where('group_id', '=', group.id).where('component', '=', component).returning('id').executeTakeFirst();
-    if (!deleted) throw new FleetError('not_found', `group ${group.name} has no ${component} target`, { group_id: group.id, component });
-    await audit(trx, actor, { orgId, action: 'target.clear', resourceType: 'group', resourceId: group.id, details: { component } });
+    const deleted = await trx
+      .deleteFrom('targets')
+      .where('group_id', '=', group.id)
+      .where('component', '=', component)
+      .returning('id')
+      .executeTakeFirst();
+    if (!deleted)
+      throw new FleetError('not_found', `group ${group.name} has no ${component} target`, {
+        group_id: group.id,
+        component,
+      });
+    await audit(trx, actor, {
+      orgId,
+      action: 'target.clear',
+      resourceType: 'group',
+      resourceId: group.id,
+      details: { component },
+    });
     const { created } = await reconcileAttempts(trx, { groupId: group.id }, component);
     await pushCreatedAttempts(ctx, trx, outbox, created);
-    targetChanged(outbox, { org_id: orgId, product_id: group.product_id, group_id: group.id, component, firmware_id: null }, countAttempts(created));
+    targetChanged(
+      outbox,
+      { org_id: orgId, product_id: group.product_id, group_id: group.id, component, firmware_id: null },
+      countAttempts(created),
+    );
   });
 }
 
 /** Sets a device-level target (overrides its groups); the device is told on its own topic. */
-export async function setDeviceTarget(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, firmwareId: string): Promise<TargetChange> {
+export async function setDeviceTarget(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  deviceId: string,
+  firmwareId: string,
+): Promise<TargetChange> {
   const device = await getDevice(ctx, orgId, deviceId);
   const firmware = await getFirmware(ctx, orgId, firmwareId);
-  if (firmware.product_id !== device.product_id) throw new FleetError('invalid', 'the firmware belongs to another product than the device', { firmware_id: firmware.id, device_id: device.id });
-  if (!firmware.has_blob) throw new FleetError('invalid', `firmware ${firmware.version} has no uploaded image; upload it before targeting it`, { firmware_id: firmware.id });
+  if (firmware.product_id !== device.product_id)
+    throw new FleetError('invalid', 'the firmware belongs to another product than the device', {
+      firmware_id: firmware.id,
+      device_id: device.id,
+    });
+  if (!firmware.has_blob)
+    throw new FleetError(
+      'invalid',
+      `firmware ${firmware.version} has no uploaded image; upload it before targeting it`,
+      { firmware_id: firmware.id },
+    );
   return inTransaction(ctx, async (trx, outbox) => {
     const target = await upsertTarget(trx, { org_id: orgId, device_id: device.id, firmware, actor });
-    await audit(trx, actor, { orgId, action: 'target.set', resourceType: 'device', resourceId: device.id, details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'target.set',
+      resourceType: 'device',
+      resourceId: device.id,
+      details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component },
+    });
     const { created } = await reconcileAttempts(trx, { ids: [device.id] }, firmware.component);
     await pushCreatedAttempts(ctx, trx, outbox, created);
     const attempts = countAttempts(created);
-    targetChanged(outbox, { org_id: orgId, product_id: device.product_id, device_id: device.id, component: firmware.component, firmware_id: firmware.id }, attempts);
+    targetChanged(
+      outbox,
+      {
+        org_id: orgId,
+        product_id: device.product_id,
+        device_id: device.id,
+        component: firmware.component,
+        firmware_id: firmware.id,
+      },
+      attempts,
+    );
     return { target, attempts, delivery: attempts.sent ? 'devices' : 'none' };
   });
 }
 
 /** Removes a device-level target; the device falls back to its groups' targets. */
-export async function clearDeviceTarget(ctx: FleetContext, actor: Actor, orgId: string, deviceId: string, component = 'firmware'): Promise<void> {
+export async function clearDeviceTarget(
+  ctx: FleetContext,
+  actor: Actor,
+  orgId: string,
+  deviceId: string,
+  component = 'firmware',
+): Promise<void> {
   const device = await getDevice(ctx, orgId, deviceId);
   await inTransaction(ctx, async (trx, outbox) => {
-    const deleted = await trx.deleteFrom('targets').where('device_id', '=', device.id).where('component', '=', component).returning('id').executeTakeFirst();
-    if (!deleted) throw new FleetError('not_found', `device ${device.identifier} has no ${component} target of its own`, { device_id: device.id, component });
-    await audit(trx, actor, { orgId, action: 'target.clear', resourceType: 'device', resourceId: device.id, details: { component } });
+    const deleted = await trx
+      .deleteFrom('targets')
+      .where('device_id', '=', device.id)
+      .where('component', '=', component)
+      .returning('id')
+      .executeTakeFirst();
+    if (!deleted)
+      throw new FleetError('not_found', `device ${device.identifier} has no ${component} target of its own`, {
+        device_id: device.id,
+        component,
+      });
+    await audit(trx, actor, {
+      orgId,
+      action: 'target.clear',
+      resourceType: 'device',
+      resourceId: device.id,
+      details: { component },
+    });
     const { created } = await reconcileAttempts(trx, { ids: [device.id] }, component);
     await pushCreatedAttempts(ctx, trx, outbox, created);
-    targetChanged(outbox, { org_id: orgId, product_id: device.product_id, device_id: device.id, component, firmware_id: null }, countAttempts(created));
+    targetChanged(
+      outbox,
+      { org_id: orgId, product_id: device.product_id, device_id: device.id, component, firmware_id: null },
+      countAttempts(created),
+    );
   });
 }
 
 /** Targets of an organization, optionally one group's or one device's. */
-export async function listTargets(ctx: FleetContext, orgId: string, filter: { groupId?: string; deviceId?: string } = {}): Promise<Target[]> {
-  if (!isUuid(orgId) || (filter.groupId && !isUuid(filter.groupId)) || (filter.deviceId && !isUuid(filter.deviceId))) return [];
+export async function listTargets(
+  ctx: FleetContext,
+  orgId: string,
+  filter: { groupId?: string; deviceId?: string } = {},
+): Promise<Target[]> {
+  if (!isUuid(orgId) || (filter.groupId && !isUuid(filter.groupId)) || (filter.deviceId && !isUuid(filter.deviceId)))
+    return [];
   let query = ctx.db.selectFrom('targets').selectAll().where('org_id', '=', orgId);
   if (filter.groupId) query = query.where('group_id', '=', filter.groupId);
   if (filter.deviceId) query = query.where('device_id', '=', filter.deviceId);
@@ -128,7 +265,12 @@ export async function listTargets(ctx: FleetContext, orgId: string, filter: { gr
 }
 
 /** Queues `firmware_update` on the device topic of every `sent` attempt (one payload per firmware). */
-export async function pushCreatedAttempts(ctx: FleetContext, trx: Db, outbox: FleetEvent[], created: CreatedAttempt[]): Promise<void> {
+export async function pushCreatedAttempts(
+  ctx: FleetContext,
+  trx: Db,
+  outbox: FleetEvent[],
+  created: CreatedAttempt[],
+): Promise<void> {
   const sent = created.filter((a) => a.state === 'sent');
   if (sent.length === 0) return;
   const ids = [...new Set(sent.map((a) => a.firmware_id))];
@@ -141,18 +283,40 @@ export async function pushCreatedAttempts(ctx: FleetContext, trx: Db, outbox: Fl
   }
 }
 
-async function upsertTarget(trx: Db, t: { org_id: string; group_id?: string; device_id?: string; firmware: Firmware; actor: Actor }): Promise<Target> {
+async function upsertTarget(
+  trx: Db,
+  t: { org_id: string; group_id?: string; device_id?: string; firmware: Firmware; actor: Actor },
+): Promise<Target> {
   const scope = t.group_id ? ('group_id' as const) : ('device_id' as const);
   const scopeId = (t.group_id ?? t.device_id)!;
   const setBy = `${t.actor.type}:${t.actor.id ?? ''}`;
   const now = sql<Date>`now()`;
-  const existing = await trx.selectFrom('targets').select('id').where(scope, '=', scopeId).where('component', '=', t.firmware.component).forUpdate().executeTakeFirst();
+  const existing = await trx
+    .selectFrom('targets')
+    .select('id')
+    .where(scope, '=', scopeId)
+    .where('component', '=', t.firmware.component)
+    .forUpdate()
+    .executeTakeFirst();
   if (existing) {
-    return trx.updateTable('targets').set({ firmware_id: t.firmware.id, set_by: setBy, set_at: now }).where('id', '=', existing.id).returningAll().executeTakeFirstOrThrow();
+    return trx
+      .updateTable('targets')
+      .set({ firmware_id: t.firmware.id, set_by: setBy, set_at: now })
+      .where('id', '=', existing.id)
+      .returningAll()
+      .executeTakeFirstOrThrow();
   }
   return trx
     .insertInto('targets')
-    .values({ org_id: t.org_id, group_id: t.group_id ?? null, device_id: t.device_id ?? null, component: t.firmware.component, firmware_id: t.firmware.id, set_by: setBy, set_at: now })
+    .values({
+      org_id: t.org_id,
+      group_id: t.group_id ?? null,
+      device_id: t.device_id ?? null,
+      component: t.firmware.component,
+      firmware_id: t.firmware.id,
+      set_by: setBy,
+      set_at: now,
+    })
     .returningAll()
     .executeTakeFirstOrThrow();
 }
@@ -165,7 +329,10 @@ async function anyOnlineMemberNotRunning(trx: Db, groupId: string, firmware: Fir
     .select('devices.id')
     .where('group_devices.group_id', '=', groupId)
     .where('devices.connection_status', '=', 'online');
-  if (firmware.component === 'firmware') query = query.where((eb) => eb.or([eb('devices.firmware_uuid', 'is', null), eb('devices.firmware_uuid', '!=', firmware.id)]));
+  if (firmware.component === 'firmware')
+    query = query.where((eb) =>
+      eb.or([eb('devices.firmware_uuid', 'is', null), eb('devices.firmware_uuid', '!=', firmware.id)]),
+    );
   const row = await query.limit(1).executeTakeFirst();
   return row !== undefined;
 }
@@ -177,7 +344,14 @@ function countAttempts(created: CreatedAttempt[]): { sent: number; queued: numbe
 
 function targetChanged(
   outbox: FleetEvent[],
-  change: { org_id: string; product_id: string; group_id?: string; device_id?: string; component: string; firmware_id: string | null },
+  change: {
+    org_id: string;
+    product_id: string;
+    group_id?: string;
+    device_id?: string;
+    component: string;
+    firmware_id: string | null;
+  },
   attempts: { sent: number; queued: number },
 ): void {
   outbox.push({ topic: Topics.targets, event: 'target_changed', payload: change });

@@ -21,11 +21,31 @@ import { OPEN_STATES } from './reconcile.ts';
 
 export { OPEN_STATES };
 
-export const UPDATE_STATES: readonly UpdateState[] = ['queued', 'sent', 'begun', 'downloading', 'finished', 'succeeded', 'failed', 'rolled_back', 'timed_out', 'cancelled'];
+export const UPDATE_STATES: readonly UpdateState[] = [
+  'queued',
+  'sent',
+  'begun',
+  'downloading',
+  'finished',
+  'succeeded',
+  'failed',
+  'rolled_back',
+  'timed_out',
+  'cancelled',
+];
 
-export type UpdateReportEvent = 'firmware_update_begin' | 'firmware_update_progress' | 'firmware_update_finish' | 'firmware_update_error';
+export type UpdateReportEvent =
+  | 'firmware_update_begin'
+  | 'firmware_update_progress'
+  | 'firmware_update_finish'
+  | 'firmware_update_error';
 
-export const UPDATE_REPORT_EVENTS: readonly UpdateReportEvent[] = ['firmware_update_begin', 'firmware_update_progress', 'firmware_update_finish', 'firmware_update_error'];
+export const UPDATE_REPORT_EVENTS: readonly UpdateReportEvent[] = [
+  'firmware_update_begin',
+  'firmware_update_progress',
+  'firmware_update_finish',
+  'firmware_update_error',
+];
 
 /** Which states each report may move an attempt from. */
 const TRANSITIONS: Record<UpdateReportEvent, { from: readonly UpdateState[]; to: UpdateState }> = {
@@ -75,12 +95,18 @@ interface ValidReport {
 
 /** Validates a report payload; throws `invalid` naming the bad field. */
 export function validateReport(event: UpdateReportEvent, payload: unknown): ValidReport {
-  const p = (typeof payload === 'object' && payload !== null && !Array.isArray(payload) ? payload : {}) as Record<string, unknown>;
-  const bad = (field: string, expected: string) => new FleetError('invalid', `${event}: ${field} must be ${expected}`, { field });
-  if (typeof p.version !== 'string' || p.version.length === 0 || p.version.length > 100) throw bad('version', 'the version being installed (a string)');
+  const p = (typeof payload === 'object' && payload !== null && !Array.isArray(payload) ? payload : {}) as Record<
+    string,
+    unknown
+  >;
+  const bad = (field: string, expected: string) =>
+    new FleetError('invalid', `${event}: ${field} must be ${expected}`, { field });
+  if (typeof p.version !== 'string' || p.version.length === 0 || p.version.length > 100)
+    throw bad('version', 'the version being installed (a string)');
   const report: ValidReport = { version: p.version };
   if (event === 'firmware_update_progress') {
-    if (!Number.isInteger(p.percent) || (p.percent as number) < 0 || (p.percent as number) > 100) throw bad('percent', 'an integer from 0 to 100');
+    if (!Number.isInteger(p.percent) || (p.percent as number) < 0 || (p.percent as number) > 100)
+      throw bad('percent', 'an integer from 0 to 100');
     if (!Number.isSafeInteger(p.bytes) || (p.bytes as number) < 0) throw bad('bytes', 'a non-negative integer');
     if (!Number.isSafeInteger(p.total) || (p.total as number) < 0) throw bad('total', 'a non-negative integer');
     if ((p.total as number) > 0 && (p.bytes as number) > (p.total as number)) throw bad('bytes', 'at most total');
@@ -88,7 +114,12 @@ export function validateReport(event: UpdateReportEvent, payload: unknown): Vali
   }
   if (event === 'firmware_update_error') {
     const errors = p.errors;
-    if (!Array.isArray(errors) || errors.length === 0 || errors.length > 50 || !errors.every((e) => typeof e === 'string' && e.length <= 2000)) {
+    if (
+      !Array.isArray(errors) ||
+      errors.length === 0 ||
+      errors.length > 50 ||
+      !errors.every((e) => typeof e === 'string' && e.length <= 2000)
+    ) {
       throw bad('errors', 'a non-empty list of at most 50 strings');
     }
     report.errors = errors as string[];
@@ -103,7 +134,13 @@ export function validateReport(event: UpdateReportEvent, payload: unknown): Vali
  * that version in flight) or `conflict` (transition not allowed from the current state).
  * Progress reports are written in batches (progress-batch.ts) with the same answers and errors.
  */
-export async function applyUpdateReport(ctx: FleetContext, device: DeviceRef, event: UpdateReportEvent, payload: unknown, component = 'firmware'): Promise<UpdateAttempt> {
+export async function applyUpdateReport(
+  ctx: FleetContext,
+  device: DeviceRef,
+  event: UpdateReportEvent,
+  payload: unknown,
+  component = 'firmware',
+): Promise<UpdateAttempt> {
   const transition = TRANSITIONS[event];
   if (!transition) throw new FleetError('invalid', `unknown update report ${JSON.stringify(event)}`, { event });
   const report = validateReport(event, payload);
@@ -123,7 +160,13 @@ export async function applyUpdateReport(ctx: FleetContext, device: DeviceRef, ev
 }
 
 /** The single-report path: one transaction that locks the attempt, checks the transition and writes it. */
-async function applyOneReport(ctx: FleetContext, device: DeviceRef, event: UpdateReportEvent, report: ValidReport, component: string): Promise<UpdateAttempt> {
+async function applyOneReport(
+  ctx: FleetContext,
+  device: DeviceRef,
+  event: UpdateReportEvent,
+  report: ValidReport,
+  component: string,
+): Promise<UpdateAttempt> {
   const transition = TRANSITIONS[event];
   return inTransaction(ctx, async (trx, outbox) => {
     const attempt = await trx
@@ -137,12 +180,19 @@ async function applyOneReport(ctx: FleetContext, device: DeviceRef, event: Updat
       .forUpdate()
       .executeTakeFirst();
     if (!attempt) {
-      throw new FleetError('not_found', `no update to version ${report.version} is in progress for this device; report the version from the firmware_update message`, {
-        version: report.version,
-      });
+      throw new FleetError(
+        'not_found',
+        `no update to version ${report.version} is in progress for this device; report the version from the firmware_update message`,
+        {
+          version: report.version,
+        },
+      );
     }
     if (!transition.from.includes(attempt.state)) {
-      throw new FleetError('conflict', `${event} is not allowed while the update is ${attempt.state}`, { state: attempt.state, event });
+      throw new FleetError('conflict', `${event} is not allowed while the update is ${attempt.state}`, {
+        state: attempt.state,
+        event,
+      });
     }
     // Database time everywhere: targets' set_at is compared with completed_at across nodes.
     const now = sql<Date>`now()`;
@@ -152,7 +202,9 @@ async function applyOneReport(ctx: FleetContext, device: DeviceRef, event: Updat
         state: transition.to,
         updated_at: now,
         ...(event === 'firmware_update_begin' ? { begun_at: now } : {}),
-        ...(event === 'firmware_update_progress' ? { percent: report.percent, bytes: report.bytes, total: report.total } : {}),
+        ...(event === 'firmware_update_progress'
+          ? { percent: report.percent, bytes: report.bytes, total: report.total }
+          : {}),
         ...(event === 'firmware_update_finish' ? { finished_at: now, percent: 100 } : {}),
         ...(event === 'firmware_update_error' ? { completed_at: now, errors: JSON.stringify(report.errors) } : {}),
       })
@@ -165,7 +217,11 @@ async function applyOneReport(ctx: FleetContext, device: DeviceRef, event: Updat
         action: `update.${transition.to}`,
         resourceType: 'update_attempt',
         resourceId: attempt.id,
-        details: { device_id: device.deviceId, version: report.version, ...(report.errors ? { errors: report.errors } : {}) },
+        details: {
+          device_id: device.deviceId,
+          version: report.version,
+          ...(report.errors ? { errors: report.errors } : {}),
+        },
       });
     }
     outbox.push(transitionEvent(updated));
@@ -186,7 +242,14 @@ function progressBatcherOf(ctx: FleetContext): ProgressBatcher<QueuedProgress> {
   if (!batcher) {
     batcher = new ProgressBatcher<QueuedProgress>({
       db: ctx.db,
-      applyOne: (r) => applyOneReport(ctx, r.device, 'firmware_update_progress', { version: r.version, percent: r.percent, bytes: r.bytes, total: r.total }, r.component),
+      applyOne: (r) =>
+        applyOneReport(
+          ctx,
+          r.device,
+          'firmware_update_progress',
+          { version: r.version, percent: r.percent, bytes: r.bytes, total: r.total },
+          r.component,
+        ),
       committed: (attempts) => publishAll(ctx, attempts.map(transitionEvent)),
     });
     progressBatchers.set(ctx, batcher);
@@ -213,7 +276,13 @@ export function transitionEvent(attempt: UpdateAttempt): FleetEvent {
  * attempt that reached `finished` for other firmware → rolled_back (the device came back on
  * another image). Returns the changed attempts.
  */
-export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId: string | null, outbox: FleetEvent[], component = 'firmware'): Promise<UpdateAttempt[]> {
+export async function settleAttemptsOnJoin(
+  trx: Db,
+  device: DeviceRef,
+  runningId: string | null,
+  outbox: FleetEvent[],
+  component = 'firmware',
+): Promise<UpdateAttempt[]> {
   const changed = await trx
     .updateTable('update_attempts')
     .set({
@@ -223,7 +292,14 @@ export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId
     })
     .where('device_id', '=', device.deviceId)
     .where('component', '=', component)
-    .where((eb) => (runningId === null ? eb('state', '=', 'finished') : eb.or([eb.and([eb('firmware_id', '=', runningId), eb('state', 'in', OPEN_STATES)]), eb('state', '=', 'finished')])))
+    .where((eb) =>
+      runningId === null
+        ? eb('state', '=', 'finished')
+        : eb.or([
+            eb.and([eb('firmware_id', '=', runningId), eb('state', 'in', OPEN_STATES)]),
+            eb('state', '=', 'finished'),
+          ]),
+    )
     .returningAll()
     .execute();
   for (const a of changed) {
@@ -243,7 +319,10 @@ export async function settleAttemptsOnJoin(trx: Db, device: DeviceRef, runningId
  * Marks attempts that made no progress for `staleAfterMs` as timed_out (`queued` attempts wait
  * for their device and never time out). Safe to run on every node. Returns how many changed.
  */
-export async function sweepStaleUpdates(ctx: FleetContext, options: { staleAfterMs?: number; now?: Date } = {}): Promise<number> {
+export async function sweepStaleUpdates(
+  ctx: FleetContext,
+  options: { staleAfterMs?: number; now?: Date } = {},
+): Promise<number> {
   const cutoff = new Date((options.now ?? new Date()).getTime() - (options.staleAfterMs ?? 30 * 60_000));
   return inTransaction(ctx, async (trx, outbox) => {
     const rows = await trx
@@ -254,7 +333,17 @@ export async function sweepStaleUpdates(ctx: FleetContext, options: { staleAfter
       .returningAll()
       .execute();
     for (const a of rows) {
-      await audit(trx, { type: 'system', id: null }, { orgId: a.org_id, action: 'update.timed_out', resourceType: 'update_attempt', resourceId: a.id, details: { device_id: a.device_id, last_state_at: cutoff.toISOString() } });
+      await audit(
+        trx,
+        { type: 'system', id: null },
+        {
+          orgId: a.org_id,
+          action: 'update.timed_out',
+          resourceType: 'update_attempt',
+          resourceId: a.id,
+          details: { device_id: a.device_id, last_state_at: cutoff.toISOString() },
+        },
+      );
       outbox.push(transitionEvent(a));
     }
     if (rows.length > 0) ctx.log.info({ count: rows.length }, 'update attempts timed out');
@@ -274,13 +363,21 @@ export interface AttemptFilter {
 /** Update attempts of an organization (optionally one device's, or a group's members'), newest first. */
 export async function listUpdateAttempts(ctx: FleetContext, filter: AttemptFilter): Promise<Page<UpdateAttempt>> {
   const { limit, offset } = pageBounds(filter.limit, filter.offset);
-  if (!isUuid(filter.orgId) || (filter.deviceId && !isUuid(filter.deviceId)) || (filter.groupId && !isUuid(filter.groupId))) return { items: [], total: 0 };
-  if (filter.state && !UPDATE_STATES.includes(filter.state)) throw new FleetError('invalid', `state must be one of ${UPDATE_STATES.join(', ')}`, { field: 'state' });
+  if (
+    !isUuid(filter.orgId) ||
+    (filter.deviceId && !isUuid(filter.deviceId)) ||
+    (filter.groupId && !isUuid(filter.groupId))
+  )
+    return { items: [], total: 0 };
+  if (filter.state && !UPDATE_STATES.includes(filter.state))
+    throw new FleetError('invalid', `state must be one of ${UPDATE_STATES.join(', ')}`, { field: 'state' });
   let query = ctx.db.selectFrom('update_attempts').where('update_attempts.org_id', '=', filter.orgId);
   if (filter.deviceId) query = query.where('update_attempts.device_id', '=', filter.deviceId);
   if (filter.groupId) {
     const groupId = filter.groupId;
-    query = query.where('update_attempts.device_id', 'in', (eb) => eb.selectFrom('group_devices').select('device_id').where('group_id', '=', groupId));
+    query = query.where('update_attempts.device_id', 'in', (eb) =>
+      eb.selectFrom('group_devices').select('device_id').where('group_id', '=', groupId),
+    );
   }
   if (filter.state) query = query.where('update_attempts.state', '=', filter.state);
   const [items, count] = await Promise.all([
@@ -291,16 +388,29 @@ export async function listUpdateAttempts(ctx: FleetContext, filter: AttemptFilte
 }
 
 /** How many attempts are in each state, for an organization or one group's members (every state present, 0 when none). */
-export async function countUpdateStates(ctx: FleetContext, scope: { orgId: string; groupId?: string; firmwareId?: string }): Promise<Record<UpdateState, number>> {
+export async function countUpdateStates(
+  ctx: FleetContext,
+  scope: { orgId: string; groupId?: string; firmwareId?: string },
+): Promise<Record<UpdateState, number>> {
   const counts = Object.fromEntries(UPDATE_STATES.map((s) => [s, 0])) as Record<UpdateState, number>;
-  if (!isUuid(scope.orgId) || (scope.groupId && !isUuid(scope.groupId)) || (scope.firmwareId && !isUuid(scope.firmwareId))) return counts;
+  if (
+    !isUuid(scope.orgId) ||
+    (scope.groupId && !isUuid(scope.groupId)) ||
+    (scope.firmwareId && !isUuid(scope.firmwareId))
+  )
+    return counts;
   let query = ctx.db.selectFrom('update_attempts').where('org_id', '=', scope.orgId);
   if (scope.groupId) {
     const groupId = scope.groupId;
-    query = query.where('device_id', 'in', (eb) => eb.selectFrom('group_devices').select('device_id').where('group_id', '=', groupId));
+    query = query.where('device_id', 'in', (eb) =>
+      eb.selectFrom('group_devices').select('device_id').where('group_id', '=', groupId),
+    );
   }
   if (scope.firmwareId) query = query.where('firmware_id', '=', scope.firmwareId);
-  const rows = await query.select(['state', (eb) => eb.fn.countAll<number>().as('n')]).groupBy('state').execute();
+  const rows = await query
+    .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
+    .groupBy('state')
+    .execute();
   for (const r of rows) counts[r.state] = Number(r.n);
   return counts;
 }

@@ -27,13 +27,25 @@ export interface DeviceCertificateRecord {
  * CAs, so no org can claim a device certificate another org's CA issued. A certificate already
  * registered answers `conflict`, naming its device only when that device is in the same org.
  */
-export async function addDeviceCertificate(db: Db, actor: Actor, deviceId: string, pem: string): Promise<DeviceCertificateRecord> {
+export async function addDeviceCertificate(
+  db: Db,
+  actor: Actor,
+  deviceId: string,
+  pem: string,
+): Promise<DeviceCertificateRecord> {
   const cert = parseCertificatePem(pem, 'device certificate');
   if (cert.isCa) {
-    throw new IdentityError('invalid', `"${cert.subject}" is a CA certificate; register it as a signer CA instead of a device certificate`);
+    throw new IdentityError(
+      'invalid',
+      `"${cert.subject}" is a CA certificate; register it as a signer CA instead of a device certificate`,
+    );
   }
   return inTransaction(db, async (trx) => {
-    const device = await trx.selectFrom('devices').select(['id', 'org_id']).where('id', '=', deviceId).executeTakeFirst();
+    const device = await trx
+      .selectFrom('devices')
+      .select(['id', 'org_id'])
+      .where('id', '=', deviceId)
+      .executeTakeFirst();
     if (!device) throw new IdentityError('not_found', `device ${deviceId} does not exist`);
     const issuer = await issuingSignerCa(trx, device.org_id, cert);
     if (!issuer) {
@@ -65,7 +77,13 @@ export async function addDeviceCertificate(db: Db, actor: Actor, deviceId: strin
       action: 'device_certificate.added',
       resourceType: 'device',
       resourceId: deviceId,
-      details: { certificate_id: inserted.id, fingerprint: cert.fingerprint, subject: cert.subject, issuer: cert.issuer, signer_ca_id: issuer.id },
+      details: {
+        certificate_id: inserted.id,
+        fingerprint: cert.fingerprint,
+        subject: cert.subject,
+        issuer: cert.issuer,
+        signer_ca_id: issuer.id,
+      },
     });
     return toRecord(inserted);
   });
@@ -73,7 +91,12 @@ export async function addDeviceCertificate(db: Db, actor: Actor, deviceId: strin
 
 /** The signer CA of `orgId` that signed `cert` (issuer name and signature both checked), if any. */
 async function issuingSignerCa(db: Db, orgId: string, cert: ParsedCertificate): Promise<{ id: string } | undefined> {
-  const cas = await db.selectFrom('signer_cas').select(['id', 'pem']).where('org_id', '=', orgId).where('not_after', '>', new Date()).execute();
+  const cas = await db
+    .selectFrom('signer_cas')
+    .select(['id', 'pem'])
+    .where('org_id', '=', orgId)
+    .where('not_after', '>', new Date())
+    .execute();
   return cas.find((ca) => {
     const x509 = new X509Certificate(ca.pem);
     return cert.x509.checkIssued(x509) && cert.x509.verify(x509.publicKey);
@@ -89,12 +112,20 @@ async function alreadyRegistered(db: Db, orgId: string, fingerprint: string): Pr
     .where('device_certificates.fingerprint_sha256', '=', fingerprint)
     .executeTakeFirst();
   if (owner?.org_id === orgId) {
-    return new IdentityError('conflict', `certificate sha256 ${fingerprint} is already registered to device ${owner.identifier} (${owner.id}); a certificate identifies one device`, {
-      fingerprint,
-      device_id: owner.id,
-    });
+    return new IdentityError(
+      'conflict',
+      `certificate sha256 ${fingerprint} is already registered to device ${owner.identifier} (${owner.id}); a certificate identifies one device`,
+      {
+        fingerprint,
+        device_id: owner.id,
+      },
+    );
   }
-  return new IdentityError('conflict', `certificate sha256 ${fingerprint} is already registered to another device; a certificate identifies one device, issue this device its own`, { fingerprint });
+  return new IdentityError(
+    'conflict',
+    `certificate sha256 ${fingerprint} is already registered to another device; a certificate identifies one device, issue this device its own`,
+    { fingerprint },
+  );
 }
 
 /** A device's certificates, newest first. */
@@ -113,7 +144,12 @@ export async function listDeviceCertificates(db: Db, deviceId: string): Promise<
  * Revokes a certificate: the next connection presenting it is refused with 403. Idempotent (a
  * second call keeps the first revocation time); audited once. `scope.orgId` limits it to an org.
  */
-export async function revokeDeviceCertificate(db: Db, actor: Actor, id: string, scope: { orgId?: string } = {}): Promise<DeviceCertificateRecord> {
+export async function revokeDeviceCertificate(
+  db: Db,
+  actor: Actor,
+  id: string,
+  scope: { orgId?: string } = {},
+): Promise<DeviceCertificateRecord> {
   return inTransaction(db, async (trx) => {
     let query = trx
       .selectFrom('device_certificates')

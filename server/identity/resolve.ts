@@ -53,7 +53,7 @@ export async function resolveDeviceIdentity(
   peer: PeerCertificate | DetailedPeerCertificate | null | undefined,
   opts: ResolveOptions = {},
 ): Promise<IdentityResult> {
-  if (!peer || !peer.raw || peer.raw.length === 0) {
+  if (!peer?.raw || peer.raw.length === 0) {
     return { ok: false, status: 401, reason: 'no client certificate presented' };
   }
   // A CA certificate identifies a signer, not a device: it could mint device identities of its own.
@@ -68,7 +68,8 @@ export async function resolveDeviceIdentity(
   return registerJustInTime(db, peer, fingerprint, signer.ca, opts.protocol ?? 'phoenix');
 }
 
-const CA_LEAF_REASON = 'the client certificate is a CA certificate (basicConstraints CA:TRUE); a device identity needs an end-entity certificate (CA:FALSE) issued by the signer CA';
+const CA_LEAF_REASON =
+  'the client certificate is a CA certificate (basicConstraints CA:TRUE); a device identity needs an end-entity certificate (CA:FALSE) issued by the signer CA';
 
 interface KnownCertificate {
   certificate_id: string;
@@ -140,8 +141,18 @@ function knownCertificateQuery(db: Db, fingerprint: string) {
  */
 function refusal(known: KnownCertificate, now = Date.now()): IdentityResult | undefined {
   if (known.revoked_at) return { ok: false, status: 403, reason: `certificate ${known.certificate_id} was revoked` };
-  if (known.not_after.getTime() <= now) return { ok: false, status: 403, reason: `client certificate has expired (not after ${known.not_after.toISOString()})` };
-  if (known.not_before.getTime() > now) return { ok: false, status: 403, reason: `client certificate is not valid yet (not before ${known.not_before.toISOString()}); check the device clock` };
+  if (known.not_after.getTime() <= now)
+    return {
+      ok: false,
+      status: 403,
+      reason: `client certificate has expired (not after ${known.not_after.toISOString()})`,
+    };
+  if (known.not_before.getTime() > now)
+    return {
+      ok: false,
+      status: 403,
+      reason: `client certificate is not valid yet (not before ${known.not_before.toISOString()}); check the device clock`,
+    };
   if (known.approval === 'revoked') return { ok: false, status: 403, reason: `device ${known.device_id} is revoked` };
   return undefined;
 }
@@ -165,7 +176,7 @@ export function issuerChain(peer: PeerCertificate | DetailedPeerCertificate): X5
   let link: DetailedPeerCertificate | undefined = 'issuerCertificate' in peer ? peer.issuerCertificate : undefined;
   let child: Buffer = peer.raw;
   // Node ends the chain with a self-signed certificate whose issuerCertificate is itself.
-  while (link && link.raw && link.raw.length > 0 && !link.raw.equals(child) && chain.length < 8) {
+  while (link?.raw && link.raw.length > 0 && !link.raw.equals(child) && chain.length < 8) {
     chain.push(new X509Certificate(link.raw));
     child = link.raw;
     link = link.issuerCertificate;
@@ -188,7 +199,11 @@ async function findSignerCa(
   peer: PeerCertificate | DetailedPeerCertificate,
 ): Promise<{ ok: true; ca: SignerCaRow } | { ok: false; status: 403; reason: string }> {
   const chain = issuerChain(peer);
-  const notRegistered = { ok: false as const, status: 403 as const, reason: 'certificate is not registered and no registered signer CA issued it' };
+  const notRegistered = {
+    ok: false as const,
+    status: 403 as const,
+    reason: 'certificate is not registered and no registered signer CA issued it',
+  };
   if (chain.length === 0) return notRegistered;
 
   const fingerprints = chain.map((c) => fingerprintOfDer(c.raw));
@@ -200,7 +215,8 @@ async function findSignerCa(
   const index = fingerprints.findIndex((f) => rows.some((r) => r.fingerprint_sha256 === f));
   if (index < 0) return notRegistered;
   const row = rows.find((r) => r.fingerprint_sha256 === fingerprints[index])!;
-  if (row.not_after.getTime() <= Date.now()) return { ok: false, status: 403, reason: `signer CA ${row.id} has expired` };
+  if (row.not_after.getTime() <= Date.now())
+    return { ok: false, status: 403, reason: `signer CA ${row.id} has expired` };
 
   // Defence in depth: the TLS layer verified the chain, but this function may be called by others.
   let subject = new X509Certificate(peer.raw);
@@ -221,7 +237,8 @@ async function registerJustInTime(
   protocol: DeviceProtocol,
 ): Promise<IdentityResult> {
   const cert = parseCertificateDer(peer.raw);
-  if (!cert.commonName) return { ok: false, status: 403, reason: 'certificate has no subject CN to use as the device serial' };
+  if (!cert.commonName)
+    return { ok: false, status: 403, reason: 'certificate has no subject CN to use as the device serial' };
   const identifier = cert.commonName;
 
   return inTransaction(db, async (trx) => {
@@ -262,7 +279,14 @@ async function registerJustInTime(
         action: 'device.registered',
         resourceType: 'device',
         resourceId: device.id,
-        details: { identifier, product_id: device.product_id, protocol, signer_ca_id: ca.id, fingerprint, via: 'signer_ca' },
+        details: {
+          identifier,
+          product_id: device.product_id,
+          protocol,
+          signer_ca_id: ca.id,
+          fingerprint,
+          via: 'signer_ca',
+        },
       });
     } else if (certRow) {
       // An existing device (created by an operator, or holding another certificate) gains this one.
@@ -271,7 +295,13 @@ async function registerJustInTime(
         action: 'device_certificate.added',
         resourceType: 'device',
         resourceId: device.id,
-        details: { certificate_id: certRow.id, fingerprint, subject: cert.subject, signer_ca_id: ca.id, via: 'signer_ca' },
+        details: {
+          certificate_id: certRow.id,
+          fingerprint,
+          subject: cert.subject,
+          signer_ca_id: ca.id,
+          via: 'signer_ca',
+        },
       });
     }
 

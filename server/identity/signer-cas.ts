@@ -51,10 +51,16 @@ export async function notifySignerCasChanged(): Promise<void> {
 export async function addSignerCa(db: Db, actor: Actor, input: AddSignerCaInput): Promise<SignerCaRecord> {
   const cert = parseCertificatePem(input.pem, 'signer CA');
   if (!cert.isCa) {
-    throw new IdentityError('invalid', `"${cert.subject}" is not a CA certificate (basicConstraints CA:TRUE is required); upload the CA that signs device certificates, not a device certificate`);
+    throw new IdentityError(
+      'invalid',
+      `"${cert.subject}" is not a CA certificate (basicConstraints CA:TRUE is required); upload the CA that signs device certificates, not a device certificate`,
+    );
   }
   if (cert.notAfter.getTime() <= Date.now()) {
-    throw new IdentityError('invalid', `signer CA "${cert.subject}" expired on ${cert.notAfter.toISOString()}; upload a valid CA certificate`);
+    throw new IdentityError(
+      'invalid',
+      `signer CA "${cert.subject}" expired on ${cert.notAfter.toISOString()}; upload a valid CA certificate`,
+    );
   }
   const product = await db
     .selectFrom('products')
@@ -81,9 +87,13 @@ export async function addSignerCa(db: Db, actor: Actor, input: AddSignerCaInput)
       .returningAll()
       .executeTakeFirst();
     if (!inserted) {
-      throw new IdentityError('conflict', `signer CA "${cert.subject}" (sha256 ${cert.fingerprint}) is already registered; remove it first to move it to another product`, {
-        fingerprint: cert.fingerprint,
-      });
+      throw new IdentityError(
+        'conflict',
+        `signer CA "${cert.subject}" (sha256 ${cert.fingerprint}) is already registered; remove it first to move it to another product`,
+        {
+          fingerprint: cert.fingerprint,
+        },
+      );
     }
     await audit(trx, actor, {
       orgId: input.orgId,
@@ -99,7 +109,10 @@ export async function addSignerCa(db: Db, actor: Actor, input: AddSignerCaInput)
 }
 
 /** Signer CAs, optionally of one org and/or product, oldest first. */
-export async function listSignerCas(db: Db, filter: { orgId?: string; productId?: string } = {}): Promise<SignerCaRecord[]> {
+export async function listSignerCas(
+  db: Db,
+  filter: { orgId?: string; productId?: string } = {},
+): Promise<SignerCaRecord[]> {
   let query = db.selectFrom('signer_cas').selectAll().orderBy('created_at').orderBy('id');
   if (filter.orgId) query = query.where('org_id', '=', filter.orgId);
   if (filter.productId) query = query.where('product_id', '=', filter.productId);
@@ -110,12 +123,18 @@ export async function listSignerCas(db: Db, filter: { orgId?: string; productId?
  * Removes a signer CA (within `scope.orgId` when given); audited. Devices it registered keep
  * their certificate rows, but the TLS layer stops trusting the CA at the next refresh.
  */
-export async function removeSignerCa(db: Db, actor: Actor, id: string, scope: { orgId?: string } = {}): Promise<SignerCaRecord> {
+export async function removeSignerCa(
+  db: Db,
+  actor: Actor,
+  id: string,
+  scope: { orgId?: string } = {},
+): Promise<SignerCaRecord> {
   const row = await inTransaction(db, async (trx) => {
     let query = trx.deleteFrom('signer_cas').where('id', '=', id);
     if (scope.orgId) query = query.where('org_id', '=', scope.orgId);
     const deleted = await query.returningAll().executeTakeFirst();
-    if (!deleted) throw new IdentityError('not_found', `signer CA ${id} does not exist; list them with GET /api/v1/signer-cas`);
+    if (!deleted)
+      throw new IdentityError('not_found', `signer CA ${id} does not exist; list them with GET /api/v1/signer-cas`);
     await audit(trx, actor, {
       orgId: deleted.org_id,
       action: 'signer_ca.removed',
@@ -131,7 +150,12 @@ export async function removeSignerCa(db: Db, actor: Actor, id: string, scope: { 
 
 /** The CA certificates (PEM) the device listener trusts for client certificates. */
 export async function trustedCaPems(db: Db): Promise<string[]> {
-  const rows = await db.selectFrom('signer_cas').select(['pem']).where('not_after', '>', new Date()).orderBy('created_at').execute();
+  const rows = await db
+    .selectFrom('signer_cas')
+    .select(['pem'])
+    .where('not_after', '>', new Date())
+    .orderBy('created_at')
+    .execute();
   return rows.map((r) => r.pem);
 }
 

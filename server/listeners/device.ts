@@ -2,7 +2,13 @@ import { randomBytes, X509Certificate } from 'node:crypto';
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { Server as HttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
-import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance, type FastifyReply, type FastifyRequest } from 'fastify';
+import Fastify, {
+  LogController,
+  type FastifyBaseLogger,
+  type FastifyInstance,
+  type FastifyReply,
+  type FastifyRequest,
+} from 'fastify';
 import websocket from '@fastify/websocket';
 import { createSelfSignedCa } from '../../certs/pki.ts';
 import type { Db } from '../db/index.ts';
@@ -74,7 +80,8 @@ export function deviceIdentityOf(request: IncomingMessage): DeviceIdentity | und
 /** `request.deviceIdentity`, or an error when a route was mounted outside the device listener. */
 export function requireDeviceIdentity(request: FastifyRequest): DeviceIdentity {
   const identity = request.deviceIdentity;
-  if (!identity) throw new Error('no device identity on this request: the route must be mounted on the device listener');
+  if (!identity)
+    throw new Error('no device identity on this request: the route must be mounted on the device listener');
   return identity;
 }
 
@@ -108,7 +115,15 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
   const live = new LiveConnections();
   const sweep = setInterval(() => {
     for (const ended of live.closeExpired(Date.now())) {
-      log.info({ device_id: ended.deviceId, certificate_id: ended.certificateId, connections: ended.connections, reason: 'certificate expired' }, 'device connections closed');
+      log.info(
+        {
+          device_id: ended.deviceId,
+          certificate_id: ended.certificateId,
+          connections: ended.connections,
+          reason: 'certificate expired',
+        },
+        'device connections closed',
+      );
       opts.onConnectionsClosed?.(ended, 'certificate expired');
     }
   }, opts.expirySweepMs ?? 5_000);
@@ -136,12 +151,20 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
     const startedAt = performance.now();
     let refused = await authenticate(socket, db, opts.protocol, trusted);
     if ('identity' in refused && !live.track(socket, refused.identity, startedAt)) {
-      refused = { status: 403, reason: `certificate ${refused.identity.certificateId} was revoked`, fingerprint: refused.identity.fingerprint };
+      refused = {
+        status: 403,
+        reason: `certificate ${refused.identity.certificateId} was revoked`,
+        fingerprint: refused.identity.fingerprint,
+      };
     }
     if ('identity' in refused) {
       request.deviceIdentity = refused.identity;
       identities.set(request.raw, refused.identity);
-      if (refused.created) request.log.info({ device_id: refused.identity.deviceId, identifier: refused.identity.identifier }, 'device registered just in time');
+      if (refused.created)
+        request.log.info(
+          { device_id: refused.identity.deviceId, identifier: refused.identity.identifier },
+          'device registered just in time',
+        );
       return;
     }
     request.log.warn(
@@ -175,7 +198,11 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
     refreshTrust,
     closeConnections(revoked, reason) {
       const closed = live.close(revoked);
-      if (closed > 0) log.info({ device_id: revoked.deviceId, certificate_id: revoked.certificateId, connections: closed, reason }, 'device connections closed');
+      if (closed > 0)
+        log.info(
+          { device_id: revoked.deviceId, certificate_id: revoked.certificateId, connections: closed, reason },
+          'device connections closed',
+        );
       opts.onConnectionsClosed?.(revoked, reason);
       return closed;
     },
@@ -195,13 +222,18 @@ type AuthOutcome =
  * The early-return chain: certificate present, TLS verification passed (and, for a resumed
  * session, still passes against today's signer CAs), identity resolves.
  */
-async function authenticate(socket: TLSSocket, db: Db, protocol: DeviceProtocol | undefined, trusted: readonly X509Certificate[]): Promise<AuthOutcome> {
+async function authenticate(
+  socket: TLSSocket,
+  db: Db,
+  protocol: DeviceProtocol | undefined,
+  trusted: readonly X509Certificate[],
+): Promise<AuthOutcome> {
   if (typeof socket.getPeerCertificate !== 'function') {
     return { status: 401, reason: 'not a TLS connection' };
   }
   // The leaf only: the issuer chain is built only for a certificate that is not registered yet.
   const peer = socket.getPeerCertificate(false);
-  if (!peer || !peer.raw) return { status: 401, reason: 'no client certificate presented' };
+  if (!peer?.raw) return { status: 401, reason: 'no client certificate presented' };
   const commonName = Array.isArray(peer.subject?.CN) ? peer.subject.CN[0] : peer.subject?.CN;
   const fingerprint = peer.fingerprint256?.replaceAll(':', '').toLowerCase();
   if (!socket.authorized) {
@@ -212,14 +244,18 @@ async function authenticate(socket: TLSSocket, db: Db, protocol: DeviceProtocol 
     const stale = resumedSessionRefusal(socket, peer.raw, trusted);
     if (stale) return { status: 403, reason: stale, commonName, fingerprint };
   }
-  const result = await resolveDeviceIdentity(db, peer, { protocol, detailedPeer: () => socket.getPeerCertificate(true) });
+  const result = await resolveDeviceIdentity(db, peer, {
+    protocol,
+    detailedPeer: () => socket.getPeerCertificate(true),
+  });
   if (!result.ok) return { status: result.status, reason: result.reason, commonName, fingerprint };
   return { identity: result.identity, created: result.created };
 }
 
 /** Why OpenSSL refused the client certificate, in words an operator can act on. */
 function verificationReason(error: Error | string | undefined): string {
-  const code = typeof error === 'string' ? error : ((error as { code?: string } | undefined)?.code ?? error?.message ?? 'unknown');
+  const code =
+    typeof error === 'string' ? error : ((error as { code?: string } | undefined)?.code ?? error?.message ?? 'unknown');
   switch (code) {
     case 'DEPTH_ZERO_SELF_SIGNED_CERT':
     case 'SELF_SIGNED_CERT_IN_CHAIN':
@@ -255,11 +291,16 @@ function refuse(reply: FastifyReply, status: 401 | 403, reason: string, longPoll
  * verify the certificate again on resumption, so the leaf must still be within its validity
  * window and chain to a signer CA trusted now (one removed or expired since fails here).
  */
-function resumedSessionRefusal(socket: TLSSocket, raw: Buffer, trusted: readonly X509Certificate[]): string | undefined {
+function resumedSessionRefusal(
+  socket: TLSSocket,
+  raw: Buffer,
+  trusted: readonly X509Certificate[],
+): string | undefined {
   const now = Date.now();
   const leaf = new X509Certificate(raw);
   if (Date.parse(leaf.validTo) <= now) return 'client certificate has expired (resumed TLS session)';
-  if (Date.parse(leaf.validFrom) > now) return 'client certificate is not valid yet (resumed TLS session); check the device clock';
+  if (Date.parse(leaf.validFrom) > now)
+    return 'client certificate is not valid yet (resumed TLS session); check the device clock';
   const valid = (ca: X509Certificate) => Date.parse(ca.validFrom) <= now && Date.parse(ca.validTo) > now;
   // Common case: a signer CA issued the leaf directly (no chain to build).
   if (trusted.some((ca) => valid(ca) && leaf.checkIssued(ca) && leaf.verify(ca.publicKey))) return undefined;
@@ -287,7 +328,10 @@ class LiveConnections {
 
   /** Remembers `socket` as authenticated by `identity`; false when it was revoked since `startedAt`. */
   track(socket: TLSSocket, identity: DeviceIdentity, startedAt: number): boolean {
-    const revokedAt = Math.max(this.#recent.get(identity.deviceId) ?? -1, this.#recent.get(identity.certificateId) ?? -1);
+    const revokedAt = Math.max(
+      this.#recent.get(identity.deviceId) ?? -1,
+      this.#recent.get(identity.certificateId) ?? -1,
+    );
     if (revokedAt >= startedAt) return false;
     let sockets = this.#byDevice.get(identity.deviceId);
     if (!sockets) this.#byDevice.set(identity.deviceId, (sockets = new Map()));
@@ -295,7 +339,8 @@ class LiveConnections {
     sockets.set(socket, { certificateId: identity.certificateId, notAfter: identity.notAfter.getTime() });
     socket.once('close', () => {
       sockets.delete(socket);
-      if (sockets.size === 0 && this.#byDevice.get(identity.deviceId) === sockets) this.#byDevice.delete(identity.deviceId);
+      if (sockets.size === 0 && this.#byDevice.get(identity.deviceId) === sockets)
+        this.#byDevice.delete(identity.deviceId);
     });
     return true;
   }

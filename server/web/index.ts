@@ -76,7 +76,8 @@ export async function registerDashboard(app: FastifyInstance): Promise<void> {
   const prefix = DASHBOARD_ASSETS;
   const assets = loadAssets();
   const html = assets.get('index.html');
-  if (!html) throw new Error(`the dashboard page is missing: ${path.join(STATIC_DIR, 'index.html')}; reinstall fleethub`);
+  if (!html)
+    throw new Error(`the dashboard page is missing: ${path.join(STATIC_DIR, 'index.html')}; reinstall fleethub`);
   const phoenix = phoenixModule();
 
   const hidden = { schema: { hide: true } };

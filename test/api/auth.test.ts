@@ -20,7 +20,10 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
   after(() => api.close());
 
   test('login with the right password returns a JWT that authenticates later requests', async () => {
-    const login = await api.call('POST', '/api/v1/auth/login', undefined, { email: 'root@example.com', password: PASSWORD });
+    const login = await api.call('POST', '/api/v1/auth/login', undefined, {
+      email: 'root@example.com',
+      password: PASSWORD,
+    });
     assert.equal(login.status, 200);
     assert.match(login.body.token, /^[\w-]+\.[\w-]+\.[\w-]+$/);
     assert.ok(Date.parse(login.body.expires_at) > Date.now() + 11 * 3600_000);
@@ -32,7 +35,10 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
   });
 
   test('login with a wrong password or an unknown email is refused with 401 and the error shape', async () => {
-    for (const body of [{ email: 'root@example.com', password: 'wrong password' }, { email: 'nobody@example.com', password: PASSWORD }]) {
+    for (const body of [
+      { email: 'root@example.com', password: 'wrong password' },
+      { email: 'nobody@example.com', password: PASSWORD },
+    ]) {
       const res = await api.call('POST', '/api/v1/auth/login', undefined, body);
       assert.equal(res.status, 401);
       assert.equal(res.body.error.code, 'unauthorized');
@@ -58,14 +64,21 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
 
     const orgs = await api.call('GET', '/api/v1/orgs', token);
     assert.equal(orgs.status, 200);
-    assert.deepEqual(orgs.body.items.map((o: { name: string }) => o.name), ['acme']);
+    assert.deepEqual(
+      orgs.body.items.map((o: { name: string }) => o.name),
+      ['acme'],
+    );
 
     const listed = await api.call('GET', '/api/v1/tokens', token);
     assert.equal(listed.body.items.length, 1);
     assert.equal(JSON.stringify(listed.body).includes(token), false);
     assert.equal(listed.body.items[0].token_hash, undefined);
 
-    const row = await api.handle.db.selectFrom('api_tokens').select('token_hash').where('id', '=', created.body.api_token.id).executeTakeFirstOrThrow();
+    const row = await api.handle.db
+      .selectFrom('api_tokens')
+      .select('token_hash')
+      .where('id', '=', created.body.api_token.id)
+      .executeTakeFirstOrThrow();
     assert.match(row.token_hash, /^[0-9a-f]{64}$/);
     assert.notEqual(row.token_hash, token);
 
@@ -87,9 +100,14 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
     assert.equal(group.status, 403);
     assert.equal(group.body.error.code, 'forbidden');
 
-    const created = await api.call('POST', `/api/v1/orgs/${orgA.id}/groups`, admin, { product: 'sensor', name: 'canary' });
+    const created = await api.call('POST', `/api/v1/orgs/${orgA.id}/groups`, admin, {
+      product: 'sensor',
+      name: 'canary',
+    });
     assert.equal(created.status, 201);
-    const retarget = await api.call('PUT', `/api/v1/orgs/${orgA.id}/groups/canary/target`, viewer, { version: '1.0.0' });
+    const retarget = await api.call('PUT', `/api/v1/orgs/${orgA.id}/groups/canary/target`, viewer, {
+      version: '1.0.0',
+    });
     assert.equal(retarget.status, 403);
     assert.match(retarget.body.error.message, /operator role/);
   });
@@ -97,13 +115,19 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
   test('an operator cannot manage users or signer CAs (admin only)', async () => {
     const operator = await api.userToken('ops2@acme.example', 'operator', orgA.id);
     assert.equal((await api.call('GET', '/api/v1/users', operator)).status, 403);
-    assert.equal((await api.call('POST', `/api/v1/orgs/${orgA.id}/signer-cas`, operator, { product: 'sensor', pem: 'x' })).status, 403);
+    assert.equal(
+      (await api.call('POST', `/api/v1/orgs/${orgA.id}/signer-cas`, operator, { product: 'sensor', pem: 'x' })).status,
+      403,
+    );
   });
 
   test('a token for org A gets 404, not 403, for org B and its resources', async () => {
     const adminA = await api.userToken('admin@acme.example', 'admin', orgA.id);
     const tokenA = (await api.call('POST', '/api/v1/tokens', adminA, { name: 'a-only' })).body.token as string;
-    const device = await api.call('POST', `/api/v1/orgs/${orgB.id}/devices`, admin, { product: 'router', identifier: 'rt-1' });
+    const device = await api.call('POST', `/api/v1/orgs/${orgB.id}/devices`, admin, {
+      product: 'router',
+      identifier: 'rt-1',
+    });
     assert.equal(device.status, 201);
 
     for (const path of [
@@ -136,14 +160,27 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
   });
 
   test('admins create users; duplicates answer 409 and the password hash never leaves the server', async () => {
-    const created = await api.call('POST', '/api/v1/users', admin, { email: 'New@Acme.example', password: 'long enough pw', role: 'viewer', org_id: orgA.id });
+    const created = await api.call('POST', '/api/v1/users', admin, {
+      email: 'New@Acme.example',
+      password: 'long enough pw',
+      role: 'viewer',
+      org_id: orgA.id,
+    });
     assert.equal(created.status, 201);
     assert.equal(created.body.email, 'new@acme.example');
     assert.equal(created.body.password_hash, undefined);
-    const again = await api.call('POST', '/api/v1/users', admin, { email: 'new@acme.example', password: 'long enough pw', role: 'viewer' });
+    const again = await api.call('POST', '/api/v1/users', admin, {
+      email: 'new@acme.example',
+      password: 'long enough pw',
+      role: 'viewer',
+    });
     assert.equal(again.status, 409);
     assert.equal(again.body.error.code, 'conflict');
-    const row = await api.handle.db.selectFrom('users').select('password_hash').where('email', '=', 'new@acme.example').executeTakeFirstOrThrow();
+    const row = await api.handle.db
+      .selectFrom('users')
+      .select('password_hash')
+      .where('email', '=', 'new@acme.example')
+      .executeTakeFirstOrThrow();
     assert.match(row.password_hash, /^scrypt\$/);
   });
 
@@ -159,7 +196,10 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
     assert.equal(badQuery.status, 400);
     assert.match(badQuery.body.error.details.issues[0].path, /^querystring/);
 
-    const domain = await api.call('POST', `/api/v1/orgs/${orgA.id}/groups`, admin, { product: 'sensor', name: 'has space' });
+    const domain = await api.call('POST', `/api/v1/orgs/${orgA.id}/groups`, admin, {
+      product: 'sensor',
+      name: 'has space',
+    });
     assert.equal(domain.status, 400);
     assert.equal(domain.body.error.code, 'invalid');
     assert.equal(domain.body.error.details.field, 'name');
@@ -176,13 +216,25 @@ describe(`operator API authentication and authorisation (${DATABASE_KIND})`, () 
     assert.equal(res.status, 200);
     const doc = res.body;
     assert.match(doc.openapi, /^3\./);
-    for (const path of ['/api/v1/auth/login', '/api/v1/orgs/{org}/devices', '/api/v1/orgs/{org}/groups/{group}/devices', '/api/v1/orgs/{org}/groups/{group}/target', '/api/v1/tokens', '/healthz']) {
+    for (const path of [
+      '/api/v1/auth/login',
+      '/api/v1/orgs/{org}/devices',
+      '/api/v1/orgs/{org}/groups/{group}/devices',
+      '/api/v1/orgs/{org}/groups/{group}/target',
+      '/api/v1/tokens',
+      '/healthz',
+    ]) {
       assert.ok(doc.paths[path], `missing ${path}`);
     }
-    assert.ok(doc.paths['/api/v1/orgs/{org}/devices'].get.parameters.some((p: { name: string }) => p.name === 'status'));
+    assert.ok(
+      doc.paths['/api/v1/orgs/{org}/devices'].get.parameters.some((p: { name: string }) => p.name === 'status'),
+    );
     assert.deepEqual(doc.paths['/api/v1/auth/login'].post.security, []);
     assert.ok(doc.components.securitySchemes.bearer);
-    assert.equal(Object.keys(doc.paths).some((p) => p.startsWith('/socket')), false);
+    assert.equal(
+      Object.keys(doc.paths).some((p) => p.startsWith('/socket')),
+      false,
+    );
     const ui = await fetch(`${api.url}/api/docs`, { redirect: 'manual' });
     assert.ok(ui.status === 200 || ui.status === 302, `docs UI answered ${ui.status}`);
   });

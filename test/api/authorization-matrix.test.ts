@@ -150,7 +150,11 @@ const ids: Record<string, string> = {};
 async function login(email: string, role: Role, orgId: string | null): Promise<string> {
   const password = 'matrix-password-123';
   await createUser(server.database.db, { email, password, role, orgId });
-  const res = await fetch(`${server.apiUrl}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email, password }) });
+  const res = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ email, password }),
+  });
   assert.equal(res.status, 200);
   return ((await res.json()) as { token: string }).token;
 }
@@ -174,7 +178,10 @@ async function call(method: string, url: string, caller: Caller): Promise<{ stat
   const withBody = hasBody(method);
   const res = await fetch(`${server.apiUrl}${url}`, {
     method,
-    headers: { ...(caller.token ? { authorization: `Bearer ${caller.token}` } : {}), ...(withBody ? { 'content-type': 'application/json' } : {}) },
+    headers: {
+      ...(caller.token ? { authorization: `Bearer ${caller.token}` } : {}),
+      ...(withBody ? { 'content-type': 'application/json' } : {}),
+    },
     body: withBody ? '["not an object"]' : undefined,
   });
   return { status: res.status, text: await res.text() };
@@ -186,7 +193,12 @@ async function call(method: string, url: string, caller: Caller): Promise<{ stat
  * after validation, so with the invalid body a route that takes one may answer 400 (or 415)
  * there instead: that says nothing about the other org.
  */
-function expected(guard: Exclude<Guard, 'public' | 'credential'>, method: string, url: string, caller: Caller): number[] | 'allowed' {
+function expected(
+  guard: Exclude<Guard, 'public' | 'credential'>,
+  method: string,
+  url: string,
+  caller: Caller,
+): number[] | 'allowed' {
   if (!caller.token) return [401];
   if (guard === 'device') return [403]; // every caller here is an operator
   const invalidBody = hasBody(method) ? [400, 415] : [];
@@ -213,7 +225,12 @@ describe(`authorization matrix over the API route table (${DATABASE_KIND})`, () 
     assert.equal(apiToken.status, 201);
     // The other org's admin goes first, so what the others change or delete is still there for it.
     callers.push(
-      { name: 'other-org admin', token: await login('matrix-other@example.com', 'admin', other.id), role: 'admin', scope: 'other-org' },
+      {
+        name: 'other-org admin',
+        token: await login('matrix-other@example.com', 'admin', other.id),
+        role: 'admin',
+        scope: 'other-org',
+      },
       { name: 'nobody', token: undefined },
       { name: 'viewer', token: await login('matrix-viewer@example.com', 'viewer', server.orgId), role: 'viewer' },
       { name: 'API token (operator)', token: ((await apiToken.json()) as { token: string }).token, role: 'operator' },
@@ -222,12 +239,28 @@ describe(`authorization matrix over the API route table (${DATABASE_KIND})`, () 
       { name: 'instance admin', token: server.adminToken, role: 'admin', scope: 'instance' },
     );
     ids.product = server.productId;
-    ids.device = (await server.call<{ identifier: string }>('POST', '/api/v1/orgs/default/devices', { product: 'default', identifier: 'matrix-device' })).identifier;
-    ids.group = (await server.call<{ name: string }>('POST', '/api/v1/orgs/default/groups', { product: 'default', name: 'matrix-group' })).name;
+    ids.device = (
+      await server.call<{ identifier: string }>('POST', '/api/v1/orgs/default/devices', {
+        product: 'default',
+        identifier: 'matrix-device',
+      })
+    ).identifier;
+    ids.group = (
+      await server.call<{ name: string }>('POST', '/api/v1/orgs/default/groups', {
+        product: 'default',
+        name: 'matrix-group',
+      })
+    ).name;
     const firmware = await fetch(`${server.apiUrl}/api/v1/firmware`, {
       method: 'POST',
       headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
-      body: JSON.stringify({ product: server.productId, org: server.orgId, version: '1.0.0', sha256: 'b'.repeat(64), size: 10 }),
+      body: JSON.stringify({
+        product: server.productId,
+        org: server.orgId,
+        version: '1.0.0',
+        sha256: 'b'.repeat(64),
+        size: 10,
+      }),
     });
     assert.equal(firmware.status, 201);
     ids.firmware = ((await firmware.json()) as { id: string }).id;
@@ -247,15 +280,28 @@ describe(`authorization matrix over the API route table (${DATABASE_KIND})`, () 
 
   test('every route of the API listener is in the explicit list, and every listed route exists', () => {
     const keys = routes().map((r) => r.key);
-    assert.deepEqual(keys.filter((k) => !(k in ROUTES)), [], 'routes nobody classified: add them to ROUTES');
-    assert.deepEqual(Object.keys(ROUTES).filter((k) => !keys.includes(k)), [], 'listed routes that no longer exist');
+    assert.deepEqual(
+      keys.filter((k) => !(k in ROUTES)),
+      [],
+      'routes nobody classified: add them to ROUTES',
+    );
+    assert.deepEqual(
+      Object.keys(ROUTES).filter((k) => !keys.includes(k)),
+      [],
+      'listed routes that no longer exist',
+    );
   });
 
   test("each route's declared guard is the role the list expects", () => {
     const wrong = routes()
       .map((r) => {
         const guard = ROUTES[r.key];
-        const want = guard === 'instance' ? 'admin' : guard === 'viewer' || guard === 'operator' || guard === 'admin' ? guard : undefined;
+        const want =
+          guard === 'instance'
+            ? 'admin'
+            : guard === 'viewer' || guard === 'operator' || guard === 'admin'
+              ? guard
+              : undefined;
         return r.role === want ? undefined : `${r.key}: declares ${r.role ?? 'no role'}, the list says ${guard}`;
       })
       .filter(Boolean);
@@ -273,8 +319,12 @@ describe(`authorization matrix over the API route table (${DATABASE_KIND})`, () 
         const want = expected(guard, r.method, r.url, caller);
         const got = await call(r.method, url, caller);
         calls++;
-        const ok = want === 'allowed' ? got.status !== 401 && got.status !== 403 && got.status < 500 : want.includes(got.status);
-        if (!ok) failures.push(`${caller.name} ${r.method} ${url}: want ${String(want)}, got ${got.status} ${got.text.slice(0, 160)}`);
+        const ok =
+          want === 'allowed' ? got.status !== 401 && got.status !== 403 && got.status < 500 : want.includes(got.status);
+        if (!ok)
+          failures.push(
+            `${caller.name} ${r.method} ${url}: want ${String(want)}, got ${got.status} ${got.text.slice(0, 160)}`,
+          );
       }
     }
     assert.ok(calls > 500, `${calls} calls`);
@@ -287,7 +337,8 @@ describe(`authorization matrix over the API route table (${DATABASE_KIND})`, () 
       if (ROUTES[r.key] !== 'public' || r.url.includes('*')) continue;
       const url = concrete(r.url).replace(/\/ui\/[^/]*$/, '/ui/app.js');
       const got = await call(r.method, url, { name: 'nobody', token: undefined });
-      if (got.status === 401 || got.status === 403 || got.status >= 500) failures.push(`${r.method} ${url}: ${got.status}`);
+      if (got.status === 401 || got.status === 403 || got.status >= 500)
+        failures.push(`${r.method} ${url}: ${got.status}`);
     }
     assert.deepEqual(failures, []);
   });

@@ -20,7 +20,11 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     product = (await api.call('POST', `/api/v1/orgs/acme/products`, admin, { name: 'sensor' })).body;
     operator = await api.userToken('ops@acme.example', 'operator', org.id);
     for (let i = 1; i <= 5; i++) {
-      const res = await api.call('POST', `/api/v1/orgs/acme/devices`, operator, { product: 'sensor', identifier: `sn-00${i}`, tags: i % 2 ? ['odd'] : [] });
+      const res = await api.call('POST', `/api/v1/orgs/acme/devices`, operator, {
+        product: 'sensor',
+        identifier: `sn-00${i}`,
+        tags: i % 2 ? ['odd'] : [],
+      });
       assert.equal(res.status, 201, JSON.stringify(res.body));
       devices.push(res.body);
     }
@@ -36,7 +40,10 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     assert.equal(page3.body.items.length, 1);
 
     const search = await api.call('GET', '/api/v1/orgs/acme/devices?q=003', operator);
-    assert.deepEqual(search.body.items.map((d: { identifier: string }) => d.identifier), ['sn-003']);
+    assert.deepEqual(
+      search.body.items.map((d: { identifier: string }) => d.identifier),
+      ['sn-003'],
+    );
     const odd = await api.call('GET', '/api/v1/orgs/acme/devices?tag=odd', operator);
     assert.equal(odd.body.total, 3);
     const online = await api.call('GET', '/api/v1/orgs/acme/devices?status=online', operator);
@@ -49,15 +56,23 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     const byName = await api.call('GET', '/api/v1/orgs/acme/devices/sn-001', operator);
     assert.equal(byName.status, 200);
     assert.equal(byName.body.id, devices[0]!.id);
-    const patched = await api.call('PATCH', `/api/v1/orgs/acme/devices/${devices[0]!.id}`, operator, { description: 'on the roof', tags: ['roof'] });
+    const patched = await api.call('PATCH', `/api/v1/orgs/acme/devices/${devices[0]!.id}`, operator, {
+      description: 'on the roof',
+      tags: ['roof'],
+    });
     assert.equal(patched.status, 200);
     assert.equal(patched.body.description, 'on the roof');
     assert.deepEqual(patched.body.tags, ['roof']);
 
-    const extra = (await api.call('POST', '/api/v1/orgs/acme/devices', operator, { product: 'sensor', identifier: 'temp-1' })).body;
+    const extra = (
+      await api.call('POST', '/api/v1/orgs/acme/devices', operator, { product: 'sensor', identifier: 'temp-1' })
+    ).body;
     assert.equal((await api.call('DELETE', `/api/v1/orgs/acme/devices/temp-1`, operator)).status, 204);
     assert.equal((await api.call('GET', `/api/v1/orgs/acme/devices/${extra.id}`, operator)).status, 404);
-    const duplicate = await api.call('POST', '/api/v1/orgs/acme/devices', operator, { product: 'sensor', identifier: 'sn-001' });
+    const duplicate = await api.call('POST', '/api/v1/orgs/acme/devices', operator, {
+      product: 'sensor',
+      identifier: 'sn-001',
+    });
     assert.equal(duplicate.status, 409);
   });
 
@@ -66,10 +81,14 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     assert.equal(group.status, 201);
     assert.equal(group.body.device_count, 0);
 
-    const added = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, { devices: [devices[0]!.id, devices[1]!.id, 'sn-003'] });
+    const added = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, {
+      devices: [devices[0]!.id, devices[1]!.id, 'sn-003'],
+    });
     assert.equal(added.status, 200);
     assert.equal(added.body.added.length, 3);
-    const again = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, { devices: [devices[0]!.id] });
+    const again = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, {
+      devices: [devices[0]!.id],
+    });
     assert.deepEqual(again.body.added, []);
 
     const members = await api.call('GET', '/api/v1/orgs/acme/groups/field/devices', operator);
@@ -77,13 +96,17 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     const filtered = await api.call('GET', `/api/v1/orgs/acme/devices?group=${group.body.id}`, operator);
     assert.equal(filtered.body.total, 3);
 
-    const removed = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices/remove', operator, { devices: ['sn-001', devices[1]!.id] });
+    const removed = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices/remove', operator, {
+      devices: ['sn-001', devices[1]!.id],
+    });
     assert.equal(removed.status, 200);
     assert.equal(removed.body.removed.length, 2);
     const shown = await api.call('GET', `/api/v1/orgs/acme/groups/${group.body.id}`, operator);
     assert.equal(shown.body.device_count, 1);
 
-    const unknown = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, { devices: ['00000000-0000-4000-8000-000000000000'] });
+    const unknown = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, {
+      devices: ['00000000-0000-4000-8000-000000000000'],
+    });
     assert.equal(unknown.status, 404);
     const empty = await api.call('POST', '/api/v1/orgs/acme/groups/field/devices', operator, { devices: [] });
     assert.equal(empty.status, 400);
@@ -142,19 +165,30 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
 
   test('device certificates are registered from PEM, listed and revoked', async () => {
     // Only a certificate one of the org's signer CAs issued can be registered to its devices.
-    const signer = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, { product: 'sensor', pem: (await getTestPki()).signerCa.certPem });
+    const signer = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, {
+      product: 'sensor',
+      pem: (await getTestPki()).signerCa.certPem,
+    });
     assert.equal(signer.status, 201, JSON.stringify(signer.body));
     const cert = await deviceCert('sn-004');
-    const added = await api.call('POST', '/api/v1/orgs/acme/devices/sn-004/certificates', operator, { pem: cert.certPem });
+    const added = await api.call('POST', '/api/v1/orgs/acme/devices/sn-004/certificates', operator, {
+      pem: cert.certPem,
+    });
     assert.equal(added.status, 201, JSON.stringify(added.body));
     assert.match(added.body.fingerprint, /^[0-9a-f]{64}$/);
     assert.equal(added.body.revoked_at, null);
     const listed = await api.call('GET', '/api/v1/orgs/acme/devices/sn-004/certificates', operator);
     assert.equal(listed.body.items.length, 1);
-    const revoked = await api.call('POST', `/api/v1/orgs/acme/devices/sn-004/certificates/${added.body.id}/revoke`, operator);
+    const revoked = await api.call(
+      'POST',
+      `/api/v1/orgs/acme/devices/sn-004/certificates/${added.body.id}/revoke`,
+      operator,
+    );
     assert.equal(revoked.status, 200);
     assert.notEqual(revoked.body.revoked_at, null);
-    const garbage = await api.call('POST', '/api/v1/orgs/acme/devices/sn-004/certificates', operator, { pem: 'not a certificate' });
+    const garbage = await api.call('POST', '/api/v1/orgs/acme/devices/sn-004/certificates', operator, {
+      pem: 'not a certificate',
+    });
     assert.equal(garbage.status, 400);
     assert.equal((await api.call('DELETE', `/api/v1/orgs/acme/signer-cas/${signer.body.id}`, admin)).status, 200);
   });
@@ -162,10 +196,17 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
   test('signer CAs are added and removed by admins and each change notifies the device listener', async () => {
     const pki = await getTestPki();
     const before = api.signerCaChanges;
-    const added = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, { product: 'sensor', pem: pki.signerCa.certPem, description: 'factory' });
+    const added = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, {
+      product: 'sensor',
+      pem: pki.signerCa.certPem,
+      description: 'factory',
+    });
     assert.equal(added.status, 201, JSON.stringify(added.body));
     assert.equal(api.signerCaChanges, before + 1);
-    const again = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, { product: 'sensor', pem: pki.signerCa.certPem });
+    const again = await api.call('POST', '/api/v1/orgs/acme/signer-cas', admin, {
+      product: 'sensor',
+      pem: pki.signerCa.certPem,
+    });
     assert.equal(again.status, 409);
     const listed = await api.call('GET', '/api/v1/orgs/acme/signer-cas', operator);
     assert.equal(listed.body.items.length, 1);
@@ -175,7 +216,8 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
   });
 
   test('the audit log records operator actions and filters by resource', async () => {
-    const group = (await api.call('POST', '/api/v1/orgs/acme/groups', operator, { product: 'sensor', name: 'audited' })).body;
+    const group = (await api.call('POST', '/api/v1/orgs/acme/groups', operator, { product: 'sensor', name: 'audited' }))
+      .body;
     const log = await api.call('GET', `/api/v1/orgs/acme/audit?resource_type=group&resource_id=${group.id}`, operator);
     assert.equal(log.status, 200);
     assert.equal(log.body.total, 1);
@@ -186,14 +228,16 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
     assert.ok(paged.body.total > 1);
   });
 
-  test('an operator socket joined to operator:<org> receives the org\'s live events; other orgs are refused', async () => {
+  test("an operator socket joined to operator:<org> receives the org's live events; other orgs are refused", async () => {
     const other = (await api.call('POST', '/api/v1/orgs', admin, { name: 'globex' })).body;
     const socket = await openSocket(`${api.url.replace('http', 'ws')}/socket`, { tls: {}, authToken: operator });
     try {
       const channel = socket.channel(`operator:${org.id}`);
       assert.deepEqual(await joinChannel(channel), { org_id: org.id });
       const event = nextEvent(channel, 'group_deleted');
-      const group = (await api.call('POST', '/api/v1/orgs/acme/groups', operator, { product: 'sensor', name: 'doomed' })).body;
+      const group = (
+        await api.call('POST', '/api/v1/orgs/acme/groups', operator, { product: 'sensor', name: 'doomed' })
+      ).body;
       assert.equal((await api.call('DELETE', `/api/v1/orgs/acme/groups/doomed`, operator)).status, 204);
       assert.equal((await event).group_id, group.id);
 
@@ -205,7 +249,10 @@ describe(`operator API fleet resources (${DATABASE_KIND})`, () => {
 
   test('the operator socket refuses connections without a valid token', async () => {
     const base = `${api.url.replace('http', 'ws')}/socket/websocket?vsn=2.0.0`;
-    await assert.rejects(RawClient.connect(`${base}&token=bogus`, {}), (err: { status?: number }) => err.status === 403);
+    await assert.rejects(
+      RawClient.connect(`${base}&token=bogus`, {}),
+      (err: { status?: number }) => err.status === 403,
+    );
     await assert.rejects(RawClient.connect(base, {}), (err: { status?: number }) => err.status === 401);
   });
 });

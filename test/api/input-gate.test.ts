@@ -22,25 +22,45 @@ const logLines: Array<{ level: number; msg: string }> = [];
 const sockets: Socket[] = [];
 
 /** A raw request: `body` is sent as written, so `\u0000` and `\ud800` escapes reach the server's JSON parser. */
-async function raw(method: string, url: string, body?: string, o: { token?: string | null; type?: string } = {}): Promise<{ status: number; body: any }> {
+async function raw(
+  method: string,
+  url: string,
+  body?: string,
+  o: { token?: string | null; type?: string } = {},
+): Promise<{ status: number; body: any }> {
   const token = o.token === undefined ? server.adminToken : o.token;
   const res = await fetch(`${server.apiUrl}${url}`, {
     method,
-    headers: { ...(token ? { authorization: `Bearer ${token}` } : {}), ...(body !== undefined ? { 'content-type': o.type ?? 'application/json' } : {}) },
+    headers: {
+      ...(token ? { authorization: `Bearer ${token}` } : {}),
+      ...(body !== undefined ? { 'content-type': o.type ?? 'application/json' } : {}),
+    },
     body,
   });
   const text = await res.text();
   return { status: res.status, body: text ? JSON.parse(text) : undefined };
 }
 
-function assertRefused(res: { status: number; body: any }, field: string, problem: 'nul' | 'lone_surrogate' = 'nul'): void {
+function assertRefused(
+  res: { status: number; body: any },
+  field: string,
+  problem: 'nul' | 'lone_surrogate' = 'nul',
+): void {
   assert.equal(res.status, 400, JSON.stringify(res.body));
   assert.equal(res.body.error.code, 'invalid');
   assert.deepEqual(res.body.error.details, { field, problem });
   assert.ok(res.body.error.message.startsWith(field), res.body.error.message);
 }
 
-const count = async (table: 'orgs' | 'devices' | 'audit_log') => Number((await server.database.db.selectFrom(table).select((eb) => eb.fn.countAll().as('n')).executeTakeFirstOrThrow()).n);
+const count = async (table: 'orgs' | 'devices' | 'audit_log') =>
+  Number(
+    (
+      await server.database.db
+        .selectFrom(table)
+        .select((eb) => eb.fn.countAll().as('n'))
+        .executeTakeFirstOrThrow()
+    ).n,
+  );
 
 describe(`the input gate (${DATABASE_KIND})`, () => {
   before(async () => {
@@ -54,14 +74,32 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
 
   describe('findBadString', () => {
     test('names the first bad value by its path, array indexes and odd keys included', () => {
-      assert.deepEqual(findBadString({ a: [{ b: 'ok' }, { 'c d': 'x\u0000' }] }, 'body'), { path: 'body.a[1]["c d"]', problem: 'nul', key: false });
-      assert.deepEqual(findBadString({ gateway: [{ gw_id: '\udc00' }] }, ''), { path: 'gateway[0].gw_id', problem: 'lone_surrogate', key: false });
+      assert.deepEqual(findBadString({ a: [{ b: 'ok' }, { 'c d': 'x\u0000' }] }, 'body'), {
+        path: 'body.a[1]["c d"]',
+        problem: 'nul',
+        key: false,
+      });
+      assert.deepEqual(findBadString({ gateway: [{ gw_id: '\udc00' }] }, ''), {
+        path: 'gateway[0].gw_id',
+        problem: 'lone_surrogate',
+        key: false,
+      });
     });
     test('checks object keys, and escapes them in the path', () => {
-      assert.deepEqual(findBadString({ ['k\u0000']: 1 }, 'body'), { path: 'body["k\\u0000"]', problem: 'nul', key: true });
+      assert.deepEqual(findBadString({ 'k\u0000': 1 }, 'body'), {
+        path: 'body["k\\u0000"]',
+        problem: 'nul',
+        key: true,
+      });
     });
     test('accepts surrogate pairs, other control characters and non-text values', () => {
-      assert.equal(findBadString({ emoji: '\ud83d\ude00', tab: '\t\u0001', n: 1, b: Buffer.from([0]), bytes: new Uint8Array([0]) }, 'body'), undefined);
+      assert.equal(
+        findBadString(
+          { emoji: '\ud83d\ude00', tab: '\t\u0001', n: 1, b: Buffer.from([0]), bytes: new Uint8Array([0]) },
+          'body',
+        ),
+        undefined,
+      );
     });
     test('walks nesting deeper than the call stack without throwing', () => {
       const deep = JSON.parse(`${'['.repeat(200_000)}"\\u0000"${']'.repeat(200_000)}`);
@@ -80,7 +118,11 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
       const orgs = await count('orgs');
       assertRefused(await raw('POST', '/api/v1/orgs', '{"name":"evil\\ud800"}'), 'body.name', 'lone_surrogate');
       assert.equal(await count('orgs'), orgs);
-      const res = await raw('POST', '/api/v1/orgs/default/groups', '{"product":"default","name":"ok-group","description":"\\ud83d\\ude00"}');
+      const res = await raw(
+        'POST',
+        '/api/v1/orgs/default/groups',
+        '{"product":"default","name":"ok-group","description":"\\ud83d\\ude00"}',
+      );
       assert.equal(res.status, 201, JSON.stringify(res.body));
     });
 
@@ -93,7 +135,10 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
     });
 
     test('a NUL in the login email is 400 for an anonymous caller', async () => {
-      assertRefused(await raw('POST', '/api/v1/auth/login', '{"email":"a\\u0000@example.com","password":"x"}', { token: null }), 'body.email');
+      assertRefused(
+        await raw('POST', '/api/v1/auth/login', '{"email":"a\\u0000@example.com","password":"x"}', { token: null }),
+        'body.email',
+      );
     });
 
     test('a NUL in an authenticated route body from an anonymous caller is 401: authentication comes first', async () => {
@@ -103,7 +148,12 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
 
     test('a NUL in the Main Server register-device name is 400 in the seed shape, and no device is registered', async () => {
       const devices = await count('devices');
-      const res = await raw('POST', '/api/main-server/register-device', '{"device_id":"pi-nul","name":"kiosk\\u0000"}', { token: null });
+      const res = await raw(
+        'POST',
+        '/api/main-server/register-device',
+        '{"device_id":"pi-nul","name":"kiosk\\u0000"}',
+        { token: null },
+      );
       assert.equal(res.status, 400, JSON.stringify(res.body));
       assert.equal(res.body.error, 'Bad request');
       assert.match(res.body.details, /^body\.name contains a NUL character/);
@@ -111,7 +161,9 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
     });
 
     test('a NUL in the Main Server query-string fallback is 400 naming query.name', async () => {
-      const res = await raw('POST', '/api/main-server/register-device?device_id=pi-q&name=%00', undefined, { token: null });
+      const res = await raw('POST', '/api/main-server/register-device?device_id=pi-q&name=%00', undefined, {
+        token: null,
+      });
       assert.equal(res.status, 400, JSON.stringify(res.body));
       assert.match(res.body.details, /^query\.name contains a NUL character/);
     });
@@ -130,7 +182,9 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
     });
 
     test('POST /api/v1/firmware with text/plain is 415', async () => {
-      const res = await raw('POST', `/api/v1/firmware?product=default&org=default&version=9.9.9`, 'hello', { type: 'text/plain' });
+      const res = await raw('POST', `/api/v1/firmware?product=default&org=default&version=9.9.9`, 'hello', {
+        type: 'text/plain',
+      });
       assert.equal(res.status, 415, JSON.stringify(res.body));
     });
 
@@ -146,14 +200,22 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
       const res = await fetch(`${server.apiUrl}/api/v1/firmware`, {
         method: 'POST',
         headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ product: server.productId, org: server.orgId, version: '1.0.0', sha256: 'a'.repeat(64), size: 10 }),
+        body: JSON.stringify({
+          product: server.productId,
+          org: server.orgId,
+          version: '1.0.0',
+          sha256: 'a'.repeat(64),
+          size: 10,
+        }),
       });
       assert.equal(res.status, 201, await res.clone().text());
       firmwareId = ((await res.json()) as { id: string }).id;
     });
 
     async function deviceSocket(serial: string): Promise<Socket> {
-      const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, { tls: await deviceTlsOptions(await deviceCert(serial)) });
+      const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, {
+        tls: await deviceTlsOptions(await deviceCert(serial)),
+      });
       sockets.push(socket);
       return socket;
     }
@@ -176,7 +238,11 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
       assert.equal(outcome.status, 'error');
       assert.match(outcome.response.reason, /^payload\.version contains a NUL character/);
       assert.deepEqual(outcome.response.details, { code: 'invalid', field: 'payload.version' });
-      const device = await server.database.db.selectFrom('devices').select(['firmware_version', 'connection_status']).where('identifier', '=', 'SN-GATE-JOIN').executeTakeFirst();
+      const device = await server.database.db
+        .selectFrom('devices')
+        .select(['firmware_version', 'connection_status'])
+        .where('identifier', '=', 'SN-GATE-JOIN')
+        .executeTakeFirst();
       assert.notEqual(device?.connection_status, 'online');
       assert.equal(device?.firmware_version ?? null, null);
     });
@@ -192,7 +258,10 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
       const socket = await deviceSocket('SN-GATE-EVENT');
       const channel = socket.channel(`device:${firmwareId}`, { version: '1.0.0' });
       assert.equal((await joinOutcome(channel)).status, 'ok');
-      const reply = await pushAndWait(channel, 'firmware_update_error', { version: '1.0.0', errors: ['disk\u0000full'] });
+      const reply = await pushAndWait(channel, 'firmware_update_error', {
+        version: '1.0.0',
+        errors: ['disk\u0000full'],
+      });
       assert.equal(reply.status, 'error');
       assert.equal((reply.response as any).details.field, 'payload.errors[0]');
     });
@@ -202,16 +271,29 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
     test('WiFiDogX: a NUL in connect fields closes the link with 4000 naming the field, and registers nothing', async () => {
       const ws = new WebSocket(`${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`);
       await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
-      const closed = new Promise<{ code: number; reason: string }>((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })));
+      const closed = new Promise<{ code: number; reason: string }>((resolve) =>
+        ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() })),
+      );
       ws.send('{"type":"connect","device_id":"gw-gate","device_info":{"ap_device_id":"ap\\u0000"},"gateway":[]}');
       assert.deepEqual(await closed, { code: 4000, reason: 'invalid string in device_info.ap_device_id' });
-      assert.equal(await server.database.db.selectFrom('devices').select('id').where('identifier', '=', 'gw-gate').executeTakeFirst(), undefined);
+      assert.equal(
+        await server.database.db
+          .selectFrom('devices')
+          .select('id')
+          .where('identifier', '=', 'gw-gate')
+          .executeTakeFirst(),
+        undefined,
+      );
     });
 
     test('GRiSP: a NUL in JSON-RPC params is an invalid-params error naming params.token', async () => {
       const cred = await deviceCert('GRiSP2 device gate-1');
       const tls = await deviceTlsOptions(cred);
-      const ws = new WebSocket(`${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`, ['grisp-io-v1'], { cert: tls.cert, key: tls.key, ca: tls.ca });
+      const ws = new WebSocket(`${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`, ['grisp-io-v1'], {
+        cert: tls.cert,
+        key: tls.key,
+        ca: tls.ca,
+      });
       const reply = new Promise<any>((resolve) =>
         ws.on('message', (data) => {
           const m = JSON.parse(data.toString());
@@ -219,7 +301,9 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
         }),
       );
       await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
-      ws.send('{"jsonrpc":"2.0","id":"gate-1","method":"post","params":{"type":"device_linking_token","token":"tok\\u0000"}}');
+      ws.send(
+        '{"jsonrpc":"2.0","id":"gate-1","method":"post","params":{"type":"device_linking_token","token":"tok\\u0000"}}',
+      );
       const m = await reply;
       ws.terminate();
       assert.equal(m.error.code, -32602);
@@ -229,7 +313,9 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
     test('keyauth: a NUL in the 101 line is a 400 InvalidString naming data.name, and no client is recorded', async () => {
       const { publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
       const pem = publicKey.export({ type: 'spki', format: 'pem' }).toString();
-      const fingerprint = createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('hex');
+      const fingerprint = createHash('sha256')
+        .update(publicKey.export({ type: 'spki', format: 'der' }))
+        .digest('hex');
       const socket = net.connect({ host: '127.0.0.1', port: server.keyauth!.port });
       let buffer = '';
       const line = new Promise<any>((resolve) =>
@@ -245,13 +331,20 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
       assert.equal(answer.code, 400);
       assert.equal(answer.error.type, 'InvalidString');
       assert.match(answer.error.msg, /^data\.name contains a NUL character/);
-      const recorded = await server.database.db.selectFrom('devices').select('id').where('identifier', 'like', `%${fingerprint.slice(0, 16)}%`).executeTakeFirst();
+      const recorded = await server.database.db
+        .selectFrom('devices')
+        .select('id')
+        .where('identifier', 'like', `%${fingerprint.slice(0, 16)}%`)
+        .executeTakeFirst();
       assert.equal(recorded, undefined);
     });
   });
 
   test('nothing in this file produced an error-level log line', () => {
     const errors = logLines.filter((l) => l.level >= 50);
-    assert.deepEqual(errors.map((l) => l.msg), []);
+    assert.deepEqual(
+      errors.map((l) => l.msg),
+      [],
+    );
   });
 });

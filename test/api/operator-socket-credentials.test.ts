@@ -32,8 +32,13 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
   }
 
   async function connect(token: string): Promise<LiveOperator> {
-    const client = await RawClient.connect(`${api.url.replace('http', 'ws')}/socket/websocket?vsn=2.0.0&token=${encodeURIComponent(token)}`, {});
-    const closed = new Promise<{ code: number; reason: string }>((resolve) => client.ws.once('close', (code: number, reason: Buffer) => resolve({ code, reason: reason.toString() })));
+    const client = await RawClient.connect(
+      `${api.url.replace('http', 'ws')}/socket/websocket?vsn=2.0.0&token=${encodeURIComponent(token)}`,
+      {},
+    );
+    const closed = new Promise<{ code: number; reason: string }>((resolve) =>
+      client.ws.once('close', (code: number, reason: Buffer) => resolve({ code, reason: reason.toString() })),
+    );
     client.send(['1', '1', `operator:${org.id}`, 'phx_join', {}]);
     const reply = await client.waitFrame((f) => !f.binary && Array.isArray(f.json) && f.json[3] === 'phx_reply');
     assert.equal((reply as { json: [unknown, unknown, unknown, unknown, { status: string }] }).json[4].status, 'ok');
@@ -41,7 +46,9 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
   }
 
   async function closedWithin(live: LiveOperator, ms = 5000): Promise<{ code: number; reason: string }> {
-    const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`the operator socket stayed open for ${ms} ms`)), ms).unref());
+    const timeout = new Promise<never>((_, reject) =>
+      setTimeout(() => reject(new Error(`the operator socket stayed open for ${ms} ms`)), ms).unref(),
+    );
     return Promise.race([live.closed, timeout]);
   }
 
@@ -75,7 +82,11 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
     const created = await api.call('POST', '/api/v1/tokens', user.token, { name: 'short-lived', expires_in_days: 1 });
     assert.equal(created.status, 201);
     const expiresAt = new Date(Date.now() + 1500);
-    await api.handle.db.updateTable('api_tokens').set({ expires_at: expiresAt }).where('id', '=', created.body.api_token.id).execute();
+    await api.handle.db
+      .updateTable('api_tokens')
+      .set({ expires_at: expiresAt })
+      .where('id', '=', created.body.api_token.id)
+      .execute();
     const viaToken = await connect(created.body.token);
     const viaLogin = await connect(user.token);
     // Within the endpoint's sweep interval (under 4 s) after the expiry.
@@ -105,7 +116,7 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
     assert.deepEqual(await closedWithin(live), { code: 1008, reason: 'user deleted' });
   });
 
-  test("renaming a user leaves its live sockets open", async () => {
+  test('renaming a user leaves its live sockets open', async () => {
     const user = await newOperator();
     const live = await connect(user.token);
     assert.equal((await api.call('PATCH', `/api/v1/users/${user.id}`, admin, { name: 'Renamed' })).status, 200);

@@ -78,7 +78,10 @@ export async function startFixture(options: Partial<EndpointOptions> = {}): Prom
         case 'ping':
           return { reply: { status: 'ok', response: { pong: payload } } };
         case 'count':
-          return { session: { count: session.count + 1 }, reply: { status: 'ok', response: { count: session.count + 1 } } };
+          return {
+            session: { count: session.count + 1 },
+            reply: { status: 'ok', response: { count: session.count + 1 } },
+          };
         case 'crash':
           throw new Error('handleIn exploded on purpose');
         case 'stop':
@@ -89,11 +92,21 @@ export async function startFixture(options: Partial<EndpointOptions> = {}): Prom
         case 'timer':
           return {
             reply: { status: 'ok', response: {} },
-            effects: [{ type: 'timer', key: 'k', afterMs: Number(payload.after_ms ?? 10), message: { topic: ctx.topic, event: 'tick', payload: { n: payload.n ?? 1 } } }],
+            effects: [
+              {
+                type: 'timer',
+                key: 'k',
+                afterMs: Number(payload.after_ms ?? 10),
+                message: { topic: ctx.topic, event: 'tick', payload: { n: payload.n ?? 1 } },
+              },
+            ],
           };
         case 'echo_binary':
           if (!isBinaryPayload(payload)) return { reply: { status: 'error', response: { reason: 'expected binary' } } };
-          return { reply: { status: 'ok', response: { bytes: payload.binary.length } }, effects: [{ type: 'push', event: 'bin', payload: binaryPayload(Buffer.from(payload.binary).reverse()) }] };
+          return {
+            reply: { status: 'ok', response: { bytes: payload.binary.length } },
+            effects: [{ type: 'push', event: 'bin', payload: binaryPayload(Buffer.from(payload.binary).reverse()) }],
+          };
         case 'bad_shape':
           return 'not a result' as never;
         case 'silent':
@@ -128,7 +141,13 @@ export async function startFixture(options: Partial<EndpointOptions> = {}): Prom
 
   const endpoint = createEndpoint(definition, { pubsub, log, ...options });
   const app = Fastify({
-    https: { key: pki.server.keyPem, cert: pki.server.certPem, ca: [pki.rootCa.certPem, pki.signerCa.certPem], requestCert: true, rejectUnauthorized: true },
+    https: {
+      key: pki.server.keyPem,
+      cert: pki.server.certPem,
+      ca: [pki.rootCa.certPem, pki.signerCa.certPem],
+      requestCert: true,
+      rejectUnauthorized: true,
+    },
   }) as unknown as FastifyInstance;
   await endpoint.register(app, { path: '/socket' });
   await app.listen({ port: 0, host: '127.0.0.1' });

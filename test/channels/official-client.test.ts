@@ -37,17 +37,23 @@ describe('the channel engine with the official phoenix client', () => {
 
   test('a refused join answers error with the reason', async () => {
     const socket = await connect();
-    await assert.rejects(joinChannel(socket.channel('room:refused', { refuse: true })), (err: { response: unknown }) => {
-      assert.deepEqual(err.response, { reason: 'refused by test' });
-      return true;
-    });
+    await assert.rejects(
+      joinChannel(socket.channel('room:refused', { refuse: true })),
+      (err: { response: unknown }) => {
+        assert.deepEqual(err.response, { reason: 'refused by test' });
+        return true;
+      },
+    );
   });
 
   test('a push gets the reply the channel returns and the session persists between events', async () => {
     const socket = await connect();
     const channel = socket.channel('room:push');
     await joinChannel(channel);
-    assert.deepEqual(await pushAndWait(channel, 'ping', { hello: 'world' }), { status: 'ok', response: { pong: { hello: 'world' } } });
+    assert.deepEqual(await pushAndWait(channel, 'ping', { hello: 'world' }), {
+      status: 'ok',
+      response: { pong: { hello: 'world' } },
+    });
     await pushAndWait(channel, 'count', {});
     assert.deepEqual(await pushAndWait(channel, 'count', {}), { status: 'ok', response: { count: 2 } });
   });
@@ -96,7 +102,11 @@ describe('the channel engine with the official phoenix client', () => {
     });
     await new Promise<void>((resolve) => channel.leave().receive('ok', () => resolve()));
     await waitFor(() => closed, 2000, 'phx_close');
-    await waitFor(() => fx.terminations.some((t) => t.topic === 'room:leave' && t.reason === 'leave'), 2000, 'terminate');
+    await waitFor(
+      () => fx.terminations.some((t) => t.topic === 'room:leave' && t.reason === 'leave'),
+      2000,
+      'terminate',
+    );
   });
 
   test('a heartbeat round trip is answered', async () => {
@@ -189,7 +199,10 @@ describe('the channel engine with the official phoenix client', () => {
     assert.equal(fx.connects.at(-1)?.transport, 'longpoll');
     const channel = socket.channel('room:longpoll');
     assert.deepEqual(await joinChannel(channel), { joined: 'room:longpoll', cn: 'room-tester' });
-    assert.deepEqual(await pushAndWait(channel, 'ping', { via: 'lp' }), { status: 'ok', response: { pong: { via: 'lp' } } });
+    assert.deepEqual(await pushAndWait(channel, 'ping', { via: 'lp' }), {
+      status: 'ok',
+      response: { pong: { via: 'lp' } },
+    });
     const got = nextEvent(channel, 'shout');
     await fx.pubsub.broadcast('room:longpoll', 'shout', { lp: true });
     assert.deepEqual(await got, { lp: true });
@@ -218,7 +231,11 @@ describe('the channel engine with the official phoenix client', () => {
     const { Socket } = await import('phoenix');
     const { installTlsXMLHttpRequest } = await import('../../device-client/phoenix-transport.ts');
     installTlsXMLHttpRequest(fx.tls);
-    const socket = new Socket(fx.url, { transport: BrokenWebSocket as never, longPollFallbackMs: 200, reconnectAfterMs: () => 50 });
+    const socket = new Socket(fx.url, {
+      transport: BrokenWebSocket as never,
+      longPollFallbackMs: 200,
+      reconnectAfterMs: () => 50,
+    });
     sockets.push(socket);
     socket.connect();
     const channel = socket.channel('room:fallback');
@@ -240,7 +257,11 @@ describe('the channel engine with the official phoenix client', () => {
     await joinChannel(b);
     await waitFor(() => presenceB.list().length === 2, 2000, 'both in presence_state');
     await waitFor(() => presenceA.list().length === 2, 2000, 'bob via presence_diff');
-    const listed = presenceA.list((key: string, { metas }: { metas: { phx_ref: string; cn: string }[] }) => ({ key, cn: metas[0]!.cn, ref: metas[0]!.phx_ref }));
+    const listed = presenceA.list((key: string, { metas }: { metas: { phx_ref: string; cn: string }[] }) => ({
+      key,
+      cn: metas[0]!.cn,
+      ref: metas[0]!.phx_ref,
+    }));
     assert.deepEqual(listed.map((e: { key: string }) => e.key).sort(), ['alice', 'bob']);
     assert.ok(listed.every((e: { ref: string; cn: string }) => typeof e.ref === 'string' && e.cn === 'room-tester'));
 
@@ -273,7 +294,10 @@ describe('the channel engine with the official phoenix client', () => {
     await nodeB.track('room:cluster', 'device-b', { on: 'b' });
     await waitFor(() => Object.keys(nodeA.list('room:cluster')).length === 2, 2000, 'B replicated to A');
     assert.deepEqual(Object.keys(nodeB.list('room:cluster')).sort(), ['device-a', 'device-b']);
-    assert.ok(diffsOnA.some((d) => JSON.stringify(d).includes('device-b')), 'clients on A saw the presence_diff from B');
+    assert.ok(
+      diffsOnA.some((d) => JSON.stringify(d).includes('device-b')),
+      'clients on A saw the presence_diff from B',
+    );
     await nodeB.close();
     await waitFor(() => !('device-b' in nodeA.list('room:cluster')), 2000, 'node_down removes its entries');
     await nodeA.close();

@@ -42,7 +42,10 @@ describe('the channel engine with raw frames', () => {
   let fx: Fixture;
   const clients: RawClient[] = [];
 
-  async function raw(query = 'vsn=2.0.0', options: { protocols?: string[]; headers?: Record<string, string> } = {}): Promise<RawClient> {
+  async function raw(
+    query = 'vsn=2.0.0',
+    options: { protocols?: string[]; headers?: Record<string, string> } = {},
+  ): Promise<RawClient> {
     const client = await RawClient.connect(`${fx.wsUrl}?${query}`, fx.tls, options);
     clients.push(client);
     return client;
@@ -75,7 +78,10 @@ describe('the channel engine with raw frames', () => {
     });
     client.send({ topic: 'room:v1', event: 'ping', payload: { x: 1 }, ref: '2' });
     const reply = await client.waitFrame((f) => !f.binary && (f.json as { ref?: string }).ref === '2');
-    assert.deepEqual(!reply.binary && (reply.json as { payload: unknown }).payload, { status: 'ok', response: { pong: { x: 1 } } });
+    assert.deepEqual(!reply.binary && (reply.json as { payload: unknown }).payload, {
+      status: 'ok',
+      response: { pong: { x: 1 } },
+    });
   });
 
   test('V2 binary pushes reach the channel as bytes and binary pushes go back as binary frames', async () => {
@@ -87,7 +93,10 @@ describe('the channel engine with raw frames', () => {
     const pushed = await client.waitFrame((f) => f.binary);
     assert.ok(pushed.binary);
     const parsed = parseBinary(pushed.data);
-    assert.deepEqual({ kind: parsed.kind, fields: parsed.fields, data: [...parsed.data] }, { kind: 0, fields: ['1', 'room:bin', 'bin'], data: [3, 2, 1] });
+    assert.deepEqual(
+      { kind: parsed.kind, fields: parsed.fields, data: [...parsed.data] },
+      { kind: 0, fields: ['1', 'room:bin', 'bin'], data: [3, 2, 1] },
+    );
   });
 
   test('a message with a stale join_ref is ignored', async () => {
@@ -105,7 +114,9 @@ describe('the channel engine with raw frames', () => {
     const client = await raw();
     for (let i = 0; i < 100; i++) client.send([`j${i}`, `j${i}`, `room:many-${i}`, 'phx_join', {}]);
     await client.waitArray((f) => f[1] === 'j99' && f[3] === 'phx_reply');
-    const oks = client.frames.filter((f) => !f.binary && Array.isArray(f.json) && (f.json[4] as { status?: string })?.status === 'ok');
+    const oks = client.frames.filter(
+      (f) => !f.binary && Array.isArray(f.json) && (f.json[4] as { status?: string })?.status === 'ok',
+    );
     assert.equal(oks.length, 100);
     const refused = await rawJoin(client, 'room:many-100', 'j100');
     assert.deepEqual(refused[4], { status: 'error', response: { reason: 'too many channels joined' } });
@@ -119,14 +130,27 @@ describe('the channel engine with raw frames', () => {
     assert.deepEqual(close, ['1', '1', 'room:dup', 'phx_close', {}]);
     const joined = await client.waitArray((f) => f[1] === '5');
     assert.equal((joined[4] as { status: string }).status, 'ok');
-    assert.ok(client.frames.findIndex((f) => !f.binary && Array.isArray(f.json) && f.json[3] === 'phx_close') < client.frames.findIndex((f) => !f.binary && Array.isArray(f.json) && f.json[1] === '5'));
-    await waitFor(() => fx.terminations.some((t) => t.topic === 'room:dup' && t.reason === 'duplicate_join'), 2000, 'terminate duplicate_join');
+    assert.ok(
+      client.frames.findIndex((f) => !f.binary && Array.isArray(f.json) && f.json[3] === 'phx_close') <
+        client.frames.findIndex((f) => !f.binary && Array.isArray(f.json) && f.json[1] === '5'),
+    );
+    await waitFor(
+      () => fx.terminations.some((t) => t.topic === 'room:dup' && t.reason === 'duplicate_join'),
+      2000,
+      'terminate duplicate_join',
+    );
   });
 
   test('an event on a topic not joined answers unmatched topic', async () => {
     const client = await raw();
     client.send([null, '7', 'room:nowhere', 'ping', {}]);
-    assert.deepEqual(await client.waitArray((f) => f[1] === '7'), [null, '7', 'room:nowhere', 'phx_reply', { status: 'error', response: { reason: 'unmatched topic' } }]);
+    assert.deepEqual(await client.waitArray((f) => f[1] === '7'), [
+      null,
+      '7',
+      'room:nowhere',
+      'phx_reply',
+      { status: 'error', response: { reason: 'unmatched topic' } },
+    ]);
     const noRoute = await rawJoin(client, 'elsewhere:1', '8');
     assert.deepEqual(noRoute[4], { status: 'error', response: { reason: 'unmatched topic' } });
   });
@@ -142,7 +166,9 @@ describe('the channel engine with raw frames', () => {
     await rawJoin(client, 'room:bye', '4');
     client.send(['4', '5', 'room:bye', 'phx_leave', {}]);
     await client.waitArray((f) => f[3] === 'phx_close');
-    const frames = client.frames.filter((f) => !f.binary && Array.isArray(f.json) && f.json[2] === 'room:bye').map((f) => (f.binary ? null : f.json));
+    const frames = client.frames
+      .filter((f) => !f.binary && Array.isArray(f.json) && f.json[2] === 'room:bye')
+      .map((f) => (f.binary ? null : f.json));
     assert.deepEqual(frames.slice(-2), [
       ['4', '5', 'room:bye', 'phx_reply', { status: 'ok', response: {} }],
       ['4', '4', 'room:bye', 'phx_close', {}],
@@ -160,7 +186,13 @@ describe('the channel engine with raw frames', () => {
     await rawJoin(client, 'room:c1', '1');
     await rawJoin(client, 'room:c2', '2');
     client.send(['1', '3', 'room:c1', 'crash', {}]);
-    assert.deepEqual(await client.waitArray((f) => f[3] === 'phx_error'), ['1', '1', 'room:c1', 'phx_error', { reason: 'channel_crash' }]);
+    assert.deepEqual(await client.waitArray((f) => f[3] === 'phx_error'), [
+      '1',
+      '1',
+      'room:c1',
+      'phx_error',
+      { reason: 'channel_crash' },
+    ]);
     client.send(['2', '4', 'room:c2', 'ping', {}]);
     assert.equal(((await client.waitArray((f) => f[1] === '4'))[4] as { status: string }).status, 'ok');
   });
@@ -177,7 +209,13 @@ describe('the channel engine with raw frames', () => {
   test('a heartbeat is answered ok with an empty response', async () => {
     const client = await raw();
     client.send([null, '9', 'phoenix', 'heartbeat', {}]);
-    assert.deepEqual(await client.waitArray((f) => f[1] === '9'), [null, '9', 'phoenix', 'phx_reply', { status: 'ok', response: {} }]);
+    assert.deepEqual(await client.waitArray((f) => f[1] === '9'), [
+      null,
+      '9',
+      'phoenix',
+      'phx_reply',
+      { status: 'ok', response: {} },
+    ]);
   });
 
   test('broadcasts are [null, null, topic, event, payload] and extra trailing elements are ignored', async () => {
@@ -236,7 +274,10 @@ describe('the channel engine with raw frames', () => {
   });
 
   test('an Origin not in the allow list is refused with 403 and an allowed one connects', async () => {
-    await assert.rejects(raw('vsn=2.0.0', { headers: { Origin: 'https://evil.example' } }), (err: { status: number }) => err.status === 403);
+    await assert.rejects(
+      raw('vsn=2.0.0', { headers: { Origin: 'https://evil.example' } }),
+      (err: { status: number }) => err.status === 403,
+    );
     const allowed = await raw('vsn=2.0.0', { headers: { Origin: 'https://dashboard.example' } });
     allowed.send([null, '1', 'phoenix', 'heartbeat', {}]);
     await allowed.waitArray((f) => f[1] === '1');
@@ -267,7 +308,10 @@ describe('the channel engine with raw frames', () => {
     const frame = await client.waitFrame((f) => f.binary);
     assert.ok(frame.binary);
     const parsed = parseBinary(frame.data);
-    assert.deepEqual({ kind: parsed.kind, fields: parsed.fields, data: parsed.data.toString() }, { kind: 2, fields: ['room:binary-cast', 'blob'], data: 'hi' });
+    assert.deepEqual(
+      { kind: parsed.kind, fields: parsed.fields, data: parsed.data.toString() },
+      { kind: 2, fields: ['room:binary-cast', 'blob'], data: 'hi' },
+    );
   });
 
   test('an endpoint mounted where @fastify/websocket is already registered keeps the listener setup and its own limits', async () => {
@@ -279,17 +323,32 @@ describe('the channel engine with raw frames', () => {
     const pki = await getTestPki();
     const log = pino({ level: 'silent' });
     const pubsub = createPubSub({ log });
-    const app = Fastify({ https: { key: pki.server.keyPem, cert: pki.server.certPem, ca: [pki.rootCa.certPem, pki.signerCa.certPem], requestCert: true } });
+    const app = Fastify({
+      https: {
+        key: pki.server.keyPem,
+        cert: pki.server.certPem,
+        ca: [pki.rootCa.certPem, pki.signerCa.certPem],
+        requestCert: true,
+      },
+    });
     // The listener's own registration: another route needs another subprotocol, and a larger maxPayload.
     await app.register(websocket, {
-      options: { maxPayload: 8 * 1024 * 1024, handleProtocols: (p: Set<string>) => (p.has('grisp-io-v1') ? 'grisp-io-v1' : phoenixProtocolHandler(p)) },
+      options: {
+        maxPayload: 8 * 1024 * 1024,
+        handleProtocols: (p: Set<string>) => (p.has('grisp-io-v1') ? 'grisp-io-v1' : phoenixProtocolHandler(p)),
+      },
     });
-    const endpoint = createEndpoint({ connect: async () => ({ ok: true, assigns: {} }), channels: [] }, { pubsub, log });
+    const endpoint = createEndpoint(
+      { connect: async () => ({ ok: true, assigns: {} }), channels: [] },
+      { pubsub, log },
+    );
     await endpoint.register(app, { path: '/socket' });
     await app.listen({ port: 0, host: '127.0.0.1' });
     try {
       const port = (app.server.address() as { port: number }).port;
-      const client = await RawClient.connect(`wss://127.0.0.1:${port}/socket/websocket?vsn=2.0.0`, fx.tls, { protocols: ['phoenix', 'base64url.bearer.phx.dG9r'] });
+      const client = await RawClient.connect(`wss://127.0.0.1:${port}/socket/websocket?vsn=2.0.0`, fx.tls, {
+        protocols: ['phoenix', 'base64url.bearer.phx.dG9r'],
+      });
       assert.equal(client.ws.protocol, 'phoenix');
       client.send([null, '1', 'phoenix', 'heartbeat', { blob: 'x'.repeat(1024 * 1024 + 10) }]);
       assert.equal(await client.closed, 1009);
@@ -317,7 +376,7 @@ describe('the channel engine with raw frames', () => {
   test('LongPoll answers 410 with a token first, 204 on an empty poll, 410 for an unknown token and expires silent sessions', async () => {
     const quick = await startFixture({ longpoll: { pollTimeoutMs: 100, sessionTimeoutMs: 300 } });
     try {
-      const base = quick.url.replace('wss://', 'https://') + '/longpoll?vsn=2.0.0';
+      const base = `${quick.url.replace('wss://', 'https://')}/longpoll?vsn=2.0.0`;
       const first = await httpsGet(base, quick.tls);
       assert.equal(first.status, 200);
       const opened = JSON.parse(first.body) as { status: number; token: string };

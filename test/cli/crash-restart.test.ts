@@ -71,19 +71,28 @@ async function start(options: Partial<ServerProcessOptions> = {}): Promise<Sessi
     ...options,
   });
   servers.push(server);
-  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(ADMIN) });
+  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(ADMIN),
+  });
   assert.equal(login.status, 200, await login.clone().text());
   return { server, token: ((await login.json()) as { token: string }).token };
 }
 
 async function connectDevice(server: ServerProcess, serial: string): Promise<void> {
-  const socket = await openSocket(server.socketUrl, { tls: await deviceTlsOptions(await deviceCert(serial)), reconnectAfterMs: () => 60_000 });
+  const socket = await openSocket(server.socketUrl, {
+    tls: await deviceTlsOptions(await deviceCert(serial)),
+    reconnectAfterMs: () => 60_000,
+  });
   sockets.push(socket);
   await joinChannel(socket.channel(`device:${FIRMWARE_UUID}`, { version: '1.0.0' }));
 }
 
 async function statusOf(session: Session, serials: string[]): Promise<string[]> {
-  const res = await fetch(`${session.server.apiUrl}/api/v1/orgs/default/devices?q=crash-&limit=100`, { headers: { authorization: `Bearer ${session.token}` } });
+  const res = await fetch(`${session.server.apiUrl}/api/v1/orgs/default/devices?q=crash-&limit=100`, {
+    headers: { authorization: `Bearer ${session.token}` },
+  });
   assert.equal(res.status, 200);
   const page = (await res.json()) as { items: { identifier: string; connection_status: string }[] };
   return serials.map((s) => page.items.find((d) => d.identifier === s)?.connection_status ?? 'missing');
@@ -94,12 +103,21 @@ const partials = () => (existsSync(tmpDir()) ? readdirSync(tmpDir()).filter((n) 
 
 /** Starts an image upload and leaves it hanging once its first bytes are on disk. */
 async function hangingUpload(session: Session): Promise<http.ClientRequest> {
-  const url = new URL(`${session.server.apiUrl}/api/v1/firmware?org=default&product=default&version=9.9.${Date.now() % 1000}`);
-  const req = http.request(url, { method: 'POST', headers: { authorization: `Bearer ${session.token}`, 'content-type': 'application/octet-stream' } });
+  const url = new URL(
+    `${session.server.apiUrl}/api/v1/firmware?org=default&product=default&version=9.9.${Date.now() % 1000}`,
+  );
+  const req = http.request(url, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${session.token}`, 'content-type': 'application/octet-stream' },
+  });
   req.on('error', () => undefined);
   const before = new Set(partials());
   req.write(Buffer.alloc(256 * 1024, 7));
-  await waitFor(() => partials().some((n) => !before.has(n) && statSync(path.join(tmpDir(), n)).size > 0), 10_000, 'the upload to reach the temp folder');
+  await waitFor(
+    () => partials().some((n) => !before.has(n) && statSync(path.join(tmpDir(), n)).size > 0),
+    10_000,
+    'the upload to reach the temp folder',
+  );
   return req;
 }
 
@@ -107,7 +125,9 @@ async function dropSockets(): Promise<void> {
   await Promise.all(sockets.splice(0).map((s) => disconnectSocket(s)));
 }
 
-describe(`crash and restart of fleethub serve (${DATABASE_KIND})`, { skip: DATABASE_KIND !== 'pglite' && 'PGlite only: see the PostgreSQL suite below' }, () => {
+describe(`crash and restart of fleethub serve (${DATABASE_KIND})`, {
+  skip: DATABASE_KIND !== 'pglite' && 'PGlite only: see the PostgreSQL suite below',
+}, () => {
   test('after kill -9, the restarted single-node server shows every device offline at once and has no partial upload left', async () => {
     const serials = ['crash-pg-lite-1', 'crash-pg-lite-2'];
     const first = await start();
@@ -130,7 +150,9 @@ describe(`crash and restart of fleethub serve (${DATABASE_KIND})`, { skip: DATAB
   });
 });
 
-describe(`crash and restart of a PostgreSQL node (${DATABASE_KIND})`, { skip: DATABASE_KIND !== 'postgres' && 'PostgreSQL only: set DATABASE_URL' }, () => {
+describe(`crash and restart of a PostgreSQL node (${DATABASE_KIND})`, {
+  skip: DATABASE_KIND !== 'postgres' && 'PostgreSQL only: set DATABASE_URL',
+}, () => {
   test('another node leaves a dead node to the heartbeat rule; the same node name releases its own devices at once', async () => {
     const serials = ['crash-pg-1', 'crash-pg-2'];
     const first = await start({ nodeName: 'crash-node-a' });
@@ -144,7 +166,7 @@ describe(`crash and restart of a PostgreSQL node (${DATABASE_KIND})`, { skip: DA
     const other = await start({ nodeName: 'crash-node-b' });
     try {
       assert.deepEqual(await statusOf(other, serials), ['online', 'online']);
-      assert.equal(partials().length, 1, 'a fresh partial upload may be a live node\'s: it stays');
+      assert.equal(partials().length, 1, "a fresh partial upload may be a live node's: it stays");
     } finally {
       await other.server.kill();
     }

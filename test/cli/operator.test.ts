@@ -26,7 +26,12 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
   async function cli(argv: string[], extraEnv: NodeJS.ProcessEnv = {}, signal?: AbortSignal): Promise<Run> {
     let out = '';
     let err = '';
-    const io: CliIo = { out: (t) => void (out += t), err: (t) => void (err += t), env: { ...env(), ...extraEnv }, signal };
+    const io: CliIo = {
+      out: (t) => void (out += t),
+      err: (t) => void (err += t),
+      env: { ...env(), ...extraEnv },
+      signal,
+    };
     const code = await runOperatorCommand(argv, io);
     return { code, out, err };
   }
@@ -45,7 +50,15 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
   });
 
   test('login saves the token in a 0600 credentials file that later commands use', async () => {
-    const res = await cli(['login', '--url', server.apiUrl, '--email', 'ops@example.com', '--password', 'operator-password']);
+    const res = await cli([
+      'login',
+      '--url',
+      server.apiUrl,
+      '--email',
+      'ops@example.com',
+      '--password',
+      'operator-password',
+    ]);
     assert.equal(res.code, 0, res.err);
     assert.match(res.out, /logged in to .* as ops@example.com \(operator\)/);
     const file = path.join(configHome, 'fleethub', 'credentials.json');
@@ -57,7 +70,7 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.match(orgs.out, /^NAME\s+ID\s+CREATED\ndefault\s+[0-9a-f-]{36}/);
   });
 
-  test('a wrong password exits 1 with the server\'s message', async () => {
+  test("a wrong password exits 1 with the server's message", async () => {
     const res = await cli(['login', '--url', server.apiUrl, '--email', 'ops@example.com', '--password', 'nope']);
     assert.equal(res.code, 1);
     assert.match(res.err, /^error: wrong email or password/);
@@ -158,7 +171,17 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
   });
 
   test('--help prints usage with exit 0; bad usage exits 2', async () => {
-    for (const command of ['login', 'orgs', 'products', 'devices', 'groups', 'firmware', 'target', 'status', 'tokens']) {
+    for (const command of [
+      'login',
+      'orgs',
+      'products',
+      'devices',
+      'groups',
+      'firmware',
+      'target',
+      'status',
+      'tokens',
+    ]) {
       const res = await cli([command, '--help']);
       assert.equal(res.code, 0, command);
       assert.match(res.out, /Usage/, command);
@@ -173,8 +196,12 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
       execFile(
         process.execPath,
         ['--import', 'tsx', 'server/cli/index.ts', 'devices', 'list', '--json', '--search', 'cli-'],
-        { env: { ...process.env, ...env(), FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken }, timeout: 60_000 },
-        (err, stdout, stderr) => resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
+        {
+          env: { ...process.env, ...env(), FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken },
+          timeout: 60_000,
+        },
+        (err, stdout, stderr) =>
+          resolve({ code: err ? Number((err as { code?: number }).code ?? 1) : 0, stdout, stderr }),
       );
     });
     assert.equal(result.code, 0, result.stderr);

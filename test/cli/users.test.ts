@@ -15,7 +15,11 @@ describe('fleethub users (embedded database in a data directory)', () => {
   const run = async (argv: string[], env: NodeJS.ProcessEnv = {}) => {
     let out = '';
     let err = '';
-    const io: CliIo = { out: (t) => void (out += t), err: (t) => void (err += t), env: { FLEETHUB_DATA_DIR: dataDir, ...env } };
+    const io: CliIo = {
+      out: (t) => void (out += t),
+      err: (t) => void (err += t),
+      env: { FLEETHUB_DATA_DIR: dataDir, ...env },
+    };
     return { code: await runUsersCommand(argv, io), out, err };
   };
 
@@ -25,7 +29,15 @@ describe('fleethub users (embedded database in a data directory)', () => {
   after(() => rmSync(dataDir, { recursive: true, force: true }));
 
   test('users create makes an instance admin whose password verifies, and users list shows it', async () => {
-    const created = await run(['create', '--email', 'First@Example.com', '--password', 'first-admin-pw', '--role', 'admin']);
+    const created = await run([
+      'create',
+      '--email',
+      'First@Example.com',
+      '--password',
+      'first-admin-pw',
+      '--role',
+      'admin',
+    ]);
     assert.equal(created.code, 0, created.err);
     assert.match(created.out, /created admin first@example.com \(all organizations\)/);
 
@@ -46,10 +58,28 @@ describe('fleethub users (embedded database in a data directory)', () => {
   });
 
   test('users create refuses a duplicate email, an unknown org, a bad role and a short password', async () => {
-    const duplicate = await run(['create', '--email', 'first@example.com', '--password', 'whatever-pw', '--role', 'viewer']);
+    const duplicate = await run([
+      'create',
+      '--email',
+      'first@example.com',
+      '--password',
+      'whatever-pw',
+      '--role',
+      'viewer',
+    ]);
     assert.equal(duplicate.code, 1);
     assert.match(duplicate.err, /already exists/);
-    const unknownOrg = await run(['create', '--email', 'x@example.com', '--password', 'whatever-pw', '--role', 'viewer', '--org', 'nowhere']);
+    const unknownOrg = await run([
+      'create',
+      '--email',
+      'x@example.com',
+      '--password',
+      'whatever-pw',
+      '--role',
+      'viewer',
+      '--org',
+      'nowhere',
+    ]);
     assert.equal(unknownOrg.code, 1);
     assert.match(unknownOrg.err, /org "nowhere" does not exist/);
     const badRole = await run(['create', '--email', 'y@example.com', '--password', 'whatever-pw', '--role', 'root']);

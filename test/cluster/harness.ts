@@ -49,25 +49,36 @@ export async function startCluster(count: number): Promise<Cluster> {
   try {
     for (let i = 0; i < count; i++) {
       const nodeName = `node-${String.fromCharCode(97 + i)}-${process.pid}`;
-      const config = loadConfig([], {}, {
-        dataDir,
-        certsDir: pki.dir,
-        host: '127.0.0.1',
-        apiPort: 0,
-        devicePort: 0,
-        keyauthPort: 0,
-        devicePublicUrl: 'https://localhost:0',
-        databaseUrl,
-        nodeName,
-        secret,
-        logLevel: process.env.FLEETHUB_TEST_LOG_LEVEL ?? 'silent',
-        allowedOrigins: ['*'],
-      });
+      const config = loadConfig(
+        [],
+        {},
+        {
+          dataDir,
+          certsDir: pki.dir,
+          host: '127.0.0.1',
+          apiPort: 0,
+          devicePort: 0,
+          keyauthPort: 0,
+          devicePublicUrl: 'https://localhost:0',
+          databaseUrl,
+          nodeName,
+          secret,
+          logLevel: process.env.FLEETHUB_TEST_LOG_LEVEL ?? 'silent',
+          allowedOrigins: ['*'],
+        },
+      );
       const log = createLogger({ level: config.logLevel });
       // Each node its own pool, as separate processes would have.
-      const database = i === 0 ? shared : await openDatabase({ databaseUrl, dataDir: 'memory://', schema, poolSize: 5 });
+      const database =
+        i === 0 ? shared : await openDatabase({ databaseUrl, dataDir: 'memory://', schema, poolSize: 5 });
       if (i > 0) handles.push(database);
-      const adapter = new PgAdapter({ connectionString: databaseUrl, db: database.db, schema, nodeName, log: log.child({ component: 'pg-adapter' }) });
+      const adapter = new PgAdapter({
+        connectionString: databaseUrl,
+        db: database.db,
+        schema,
+        nodeName,
+        log: log.child({ component: 'pg-adapter' }),
+      });
       const server = await startServer(config, { database, log, pubsubAdapter: adapter });
       nodes.push({ ...server, adapter, socketUrl: `${server.deviceUrl.replace(/^https/, 'wss')}/socket` });
       // startServer does not wait for LISTEN; a test must not publish before every node hears.

@@ -6,14 +6,23 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
 import pino from 'pino';
-import { createPubSub, NOTIFY_PAYLOAD_LIMIT, PgAdapter, pubsubAdapterFor, type Message, type PubSubWithStats } from '../../server/channels/index.ts';
+import {
+  createPubSub,
+  NOTIFY_PAYLOAD_LIMIT,
+  PgAdapter,
+  pubsubAdapterFor,
+  type Message,
+  type PubSubWithStats,
+} from '../../server/channels/index.ts';
 import { isBinaryPayload } from '../../server/channels/serializers.ts';
 import { openDatabase, type DatabaseHandle } from '../../server/db/index.ts';
 import { createTestDatabase } from '../helpers/db.ts';
 import { waitFor } from '../helpers/phoenix.ts';
 
 const DATABASE_URL = process.env.DATABASE_URL;
-const SKIP = DATABASE_URL ? false : 'needs DATABASE_URL=postgres://… (PGlite has no LISTEN/NOTIFY between processes, so a PGlite server is single-node)';
+const SKIP = DATABASE_URL
+  ? false
+  : 'needs DATABASE_URL=postgres://… (PGlite has no LISTEN/NOTIFY between processes, so a PGlite server is single-node)';
 const log = pino({ level: process.env.FLEETHUB_TEST_LOG_LEVEL ?? 'silent' });
 
 interface Node {
@@ -43,8 +52,17 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
   let b: Node;
   const extra: Node[] = [];
 
-  async function startNode(handle: DatabaseHandle, options: Partial<ConstructorParameters<typeof PgAdapter>[0]> = {}): Promise<Node> {
-    const adapter = new PgAdapter({ connectionString: DATABASE_URL!, db: handle.db, schema: handle.schema, log, ...options });
+  async function startNode(
+    handle: DatabaseHandle,
+    options: Partial<ConstructorParameters<typeof PgAdapter>[0]> = {},
+  ): Promise<Node> {
+    const adapter = new PgAdapter({
+      connectionString: DATABASE_URL!,
+      db: handle.db,
+      schema: handle.schema,
+      log,
+      ...options,
+    });
     const pubsub = createPubSub({ adapter, log });
     await pubsub.ready;
     return { adapter, pubsub };
@@ -73,7 +91,10 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
     // Order between two publishers is not defined; each message arrives once on each node.
     assert.deepEqual(onA.map((m) => m.payload.from).sort(), ['a', 'b']);
     assert.deepEqual(onB.map((m) => m.payload.from).sort(), ['a', 'b']);
-    assert.deepEqual(onB.find((m) => m.payload.from === 'a'), { topic: 'room:1', event: 'hello', payload: { from: 'a' } });
+    assert.deepEqual(
+      onB.find((m) => m.payload.from === 'a'),
+      { topic: 'room:1', event: 'hello', payload: { from: 'a' } },
+    );
   });
 
   test('a localBroadcast stays on its node', async () => {
@@ -87,9 +108,14 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
     const onB = collect(b.pubsub, 'room:order');
     const notificationsBefore = a.adapter.stats.notifications;
     // Like the fleet's publishAll: a batch of broadcasts started together, not awaited one by one.
-    await Promise.all(Array.from({ length: 2000 }, (_, i) => a.pubsub.broadcast('room:order', 'n', { i, pad: 'x'.repeat(i % 50) })));
+    await Promise.all(
+      Array.from({ length: 2000 }, (_, i) => a.pubsub.broadcast('room:order', 'n', { i, pad: 'x'.repeat(i % 50) })),
+    );
     await settle(a, b);
-    assert.deepEqual(onB.map((m) => m.payload.i), Array.from({ length: 2000 }, (_, i) => i));
+    assert.deepEqual(
+      onB.map((m) => m.payload.i),
+      Array.from({ length: 2000 }, (_, i) => i),
+    );
     assert.ok(a.adapter.stats.notifications - notificationsBefore < 2000, 'small messages share notifications');
   });
 
@@ -104,10 +130,17 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
       a.pubsub.broadcast('room:large', 'small', { n: 2 }),
     ]);
     await settle(a, b);
-    assert.deepEqual(onB.map((m) => m.event), ['small', 'large', 'small']);
+    assert.deepEqual(
+      onB.map((m) => m.event),
+      ['small', 'large', 'small'],
+    );
     assert.deepEqual(onB[1]!.payload, { text: big, nested: { list: [1, 2, 3] } });
     assert.equal(a.adapter.stats.viaTable - viaTableBefore, 1);
-    const rows = await first.db.selectFrom('pubsub_payloads').select(['origin', 'body']).where('origin', '=', a.adapter.origin).execute();
+    const rows = await first.db
+      .selectFrom('pubsub_payloads')
+      .select(['origin', 'body'])
+      .where('origin', '=', a.adapter.origin)
+      .execute();
     assert.equal(rows.length, 1);
     assert.ok(rows[0]!.body.includes('✓'));
   });
@@ -130,7 +163,8 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
     const quick = await startNode(second, { payloadRetentionMs: 200 });
     extra.push(quick);
     await quick.pubsub.broadcast('room:gc', 'large', { text: 'y'.repeat(NOTIFY_PAYLOAD_LIMIT + 1) });
-    const mine = () => second.db.selectFrom('pubsub_payloads').select('id').where('origin', '=', quick.adapter.origin).execute();
+    const mine = () =>
+      second.db.selectFrom('pubsub_payloads').select('id').where('origin', '=', quick.adapter.origin).execute();
     assert.equal((await mine()).length, 1);
     const deadline = Date.now() + 10_000;
     while ((await mine()).length) {
@@ -156,7 +190,10 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
     assert.notEqual(c.adapter.listenerPid, pid);
     await a.pubsub.broadcast('room:reconnect', 'after', { ok: true });
     await settle(a, c);
-    assert.deepEqual(onC.map((m) => m.event), ['after']);
+    assert.deepEqual(
+      onC.map((m) => m.event),
+      ['after'],
+    );
   });
 
   test('clusters on different channels do not hear each other', async () => {
@@ -166,7 +203,10 @@ describe('PgAdapter: PubSub between nodes over PostgreSQL LISTEN/NOTIFY', { skip
     await a.pubsub.broadcast('room:iso', 'x', {});
     await settle(a, b);
     await other.pubsub.broadcast('room:iso', 'self', {}); // local delivery only
-    assert.deepEqual(onOther.map((m) => m.event), ['self']);
+    assert.deepEqual(
+      onOther.map((m) => m.event),
+      ['self'],
+    );
   });
 
   test('publishing after stop is refused with a code', async () => {
@@ -184,7 +224,10 @@ describe('pubsubAdapterFor', () => {
 
   test('gives a PgAdapter on PostgreSQL, on a channel named after the schema', () => {
     const db = {} as Parameters<typeof pubsubAdapterFor>[0]['db'];
-    const adapter = pubsubAdapterFor({ db, kind: 'postgres', databaseUrl: 'postgres://example.invalid/x', schema: 't_abc' }, { log });
+    const adapter = pubsubAdapterFor(
+      { db, kind: 'postgres', databaseUrl: 'postgres://example.invalid/x', schema: 't_abc' },
+      { log },
+    );
     assert.ok(adapter instanceof PgAdapter);
     assert.equal(adapter.channel, 'fleethub_pubsub_t_abc');
   });

@@ -9,11 +9,21 @@ import https from 'node:https';
 import { after, before, describe, test } from 'node:test';
 import type { Channel, Socket } from 'phoenix';
 import { createUser } from '../../server/api/index.ts';
-import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait, RawClient, waitFor } from '../helpers/phoenix.ts';
+import {
+  disconnectSocket,
+  joinChannel,
+  nextEvent,
+  openSocket,
+  pushAndWait,
+  RawClient,
+  waitFor,
+} from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
 
-const SKIP = process.env.DATABASE_URL ? false : 'needs DATABASE_URL=postgres://… (PGlite has no LISTEN/NOTIFY between processes, so a PGlite server is single-node)';
+const SKIP = process.env.DATABASE_URL
+  ? false
+  : 'needs DATABASE_URL=postgres://… (PGlite has no LISTEN/NOTIFY between processes, so a PGlite server is single-node)';
 
 const IMAGE_V1 = Buffer.alloc(1000, 1);
 const IMAGE_V2 = Buffer.from(Array.from({ length: 3000 }, (_, i) => (i * 31) % 256));
@@ -38,7 +48,10 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
   async function callA<T>(method: string, url: string, body?: unknown): Promise<T> {
     const res = await fetch(`${nodeA.apiUrl}/api/v1${url}`, {
       method,
-      headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const text = await res.text();
@@ -93,7 +106,11 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     const email = `admin-${randomUUID().slice(0, 8)}@example.com`;
     const password = 'cluster-password-123456';
     await createUser(nodeA.database.db, { email, password, role: 'admin' });
-    const login = await fetch(`${nodeA.apiUrl}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email, password }) });
+    const login = await fetch(`${nodeA.apiUrl}/api/v1/auth/login`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ email, password }),
+    });
     assert.equal(login.status, 200, await login.clone().text());
     token = ((await login.json()) as { token: string }).token;
     v1 = await uploadViaNodeA('1.0.0', IMAGE_V1);
@@ -127,7 +144,10 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
   test('a device on node B gets firmware_update once when an operator retargets its group through node A', async () => {
     const device = await deviceOnNodeB(v1.id);
     const group = await groupViaNodeA();
-    await Promise.all([nextEvent(device.channel, 'join'), callA('POST', `/orgs/default/groups/${group.name}/devices`, { devices: [device.serial] })]);
+    await Promise.all([
+      nextEvent(device.channel, 'join'),
+      callA('POST', `/orgs/default/groups/${group.name}/devices`, { devices: [device.serial] }),
+    ]);
     const groupChannel = device.socket.channel(group.topic, {});
     const updates: Record<string, unknown>[] = [];
     groupChannel.on('firmware_update', (payload: Record<string, unknown>) => {
@@ -147,7 +167,11 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     assert.equal(payload.firmware_uuid, v2.id);
     assert.equal(payload.sha256, v2.sha256);
     assert.equal(payload.size, IMAGE_V2.length);
-    assert.match(String(payload.url), new RegExp(`^${nodeA.deviceUrl}/firmware/${v2.id}\\?`), 'node A signed the download URL');
+    assert.match(
+      String(payload.url),
+      new RegExp(`^${nodeA.deviceUrl}/firmware/${v2.id}\\?`),
+      'node A signed the download URL',
+    );
 
     // A round trip on the socket: a duplicate still in flight would arrive before this reply.
     await pushAndWait(device.channel, 'no_such_event', {});
@@ -169,25 +193,45 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
 
   test("a certificate revoked through node A closes the device's not yet joined socket on node B", async () => {
     const serial = `cluster-revoked-${randomUUID().slice(0, 8)}`;
-    const socket = await openSocket(nodeB.socketUrl, { tls: await deviceTlsOptions(await deviceCert(serial)), reconnectAfterMs: () => 60_000 });
+    const socket = await openSocket(nodeB.socketUrl, {
+      tls: await deviceTlsOptions(await deviceCert(serial)),
+      reconnectAfterMs: () => 60_000,
+    });
     sockets.push(socket);
     let closed = false;
     socket.onClose(() => {
       closed = true;
     });
-    const device = await nodeA.database.db.selectFrom('devices').select('id').where('identifier', '=', serial).executeTakeFirstOrThrow();
-    const certificate = await nodeA.database.db.selectFrom('device_certificates').select('id').where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    const device = await nodeA.database.db
+      .selectFrom('devices')
+      .select('id')
+      .where('identifier', '=', serial)
+      .executeTakeFirstOrThrow();
+    const certificate = await nodeA.database.db
+      .selectFrom('device_certificates')
+      .select('id')
+      .where('device_id', '=', device.id)
+      .executeTakeFirstOrThrow();
     await callA('POST', `/orgs/default/devices/${device.id}/certificates/${certificate.id}/revoke`);
     await waitFor(() => closed, 5000, 'node B to close the revoked device');
     socket.disconnect();
   });
 
   test('an API token revoked through node A closes its operator socket on node B', async () => {
-    const created = await callA<{ token: string; api_token: { id: string } }>('POST', '/tokens', { name: `wall-${randomUUID().slice(0, 8)}` });
-    const client = await RawClient.connect(`${nodeB.apiUrl.replace('http', 'ws')}/socket/websocket?vsn=2.0.0&token=${encodeURIComponent(created.token)}`, {});
-    const closed = new Promise<string>((resolve) => client.ws.once('close', (_code: number, reason: Buffer) => resolve(reason.toString())));
+    const created = await callA<{ token: string; api_token: { id: string } }>('POST', '/tokens', {
+      name: `wall-${randomUUID().slice(0, 8)}`,
+    });
+    const client = await RawClient.connect(
+      `${nodeB.apiUrl.replace('http', 'ws')}/socket/websocket?vsn=2.0.0&token=${encodeURIComponent(created.token)}`,
+      {},
+    );
+    const closed = new Promise<string>((resolve) =>
+      client.ws.once('close', (_code: number, reason: Buffer) => resolve(reason.toString())),
+    );
     await callA('DELETE', `/tokens/${created.api_token.id}`);
-    const timeout = new Promise<never>((_, reject) => setTimeout(() => reject(new Error('the operator socket on node B stayed open')), 5000).unref());
+    const timeout = new Promise<never>((_, reject) =>
+      setTimeout(() => reject(new Error('the operator socket on node B stayed open')), 5000).unref(),
+    );
     assert.equal(await Promise.race([closed, timeout]), 'API token revoked');
   });
 });

@@ -19,7 +19,8 @@ beforeEach(() => {
   dir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-lock-'));
 });
 afterEach(() => {
-  for (const child of children.splice(0)) if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  for (const child of children.splice(0))
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   rmSync(dir, { recursive: true, force: true });
 });
 
@@ -81,7 +82,10 @@ describe('data directory lock', () => {
 
   test('a second lock in the same process is refused, and released locks can be taken again', async () => {
     const release = await lockDataDir(dir);
-    await assert.rejects(lockDataDir(dir), (err: unknown) => err instanceof DataDirInUseError && err.pid === process.pid);
+    await assert.rejects(
+      lockDataDir(dir),
+      (err: unknown) => err instanceof DataDirInUseError && err.pid === process.pid,
+    );
     await release();
     await release();
     assert.throws(() => readFileSync(lockFile()), { code: 'ENOENT' }, 'release removes the pid file');

@@ -17,22 +17,38 @@ after(async () => {
   await db.destroy();
 });
 
-const prepared = async () => Number((await pool.pglite.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_prepared_statements')).rows[0]!.n);
+const prepared = async () =>
+  Number((await pool.pglite.query<{ n: number }>('SELECT count(*)::int AS n FROM pg_prepared_statements')).rows[0]!.n);
 
 describe('PGlite pool: prepared data statements', () => {
   test('rows, parameters and affected-row counts are those of a plain query', async () => {
-    for (let i = 1; i <= 20; i++) await db.insertInto('items').values({ id: i, name: `item-${i}`, size: i * 1000 }).execute();
+    for (let i = 1; i <= 20; i++)
+      await db
+        .insertInto('items')
+        .values({ id: i, name: `item-${i}`, size: i * 1000 })
+        .execute();
     const viaPool = await db.selectFrom('items').selectAll().where('id', '<=', 5).orderBy('id').execute();
     const plain = await pool.pglite.query('SELECT * FROM items WHERE id <= $1 ORDER BY id', [5]);
     assert.deepEqual(viaPool, plain.rows);
     assert.equal(typeof viaPool[0]!.size, 'number', 'int8 parsed as a number as configured');
-    const updated = await db.updateTable('items').set({ name: 'renamed' }).where('id', 'in', [1, 2, 3]).executeTakeFirst();
+    const updated = await db
+      .updateTable('items')
+      .set({ name: 'renamed' })
+      .where('id', 'in', [1, 2, 3])
+      .executeTakeFirst();
     assert.equal(updated.numUpdatedRows, 3n);
     const none = await db.updateTable('items').set({ name: 'x' }).where('id', '=', -1).executeTakeFirst();
     assert.equal(none.numUpdatedRows, 0n);
-    const nulls = await db.selectFrom('items').select('id').where(sql<boolean>`${null}::text IS NULL`).where('id', '=', 4).execute();
+    const nulls = await db
+      .selectFrom('items')
+      .select('id')
+      .where(sql<boolean>`${null}::text IS NULL`)
+      .where('id', '=', 4)
+      .execute();
     assert.deepEqual(nulls, [{ id: 4 }]);
-    const arrays = await sql<{ id: number }>`SELECT id FROM items WHERE id = ANY(${[6, 7]}::int[]) ORDER BY id`.execute(db);
+    const arrays = await sql<{ id: number }>`SELECT id FROM items WHERE id = ANY(${[6, 7]}::int[]) ORDER BY id`.execute(
+      db,
+    );
     assert.deepEqual(arrays.rows, [{ id: 6 }, { id: 7 }]);
   });
 
@@ -43,7 +59,10 @@ describe('PGlite pool: prepared data statements', () => {
   });
 
   test('errors keep their SQLSTATE, and a failed statement aborts its transaction as usual', async () => {
-    await assert.rejects(db.insertInto('items').values({ id: 1, name: 'dup' }).execute(), (e: unknown) => (e as { code?: string }).code === '23505');
+    await assert.rejects(
+      db.insertInto('items').values({ id: 1, name: 'dup' }).execute(),
+      (e: unknown) => (e as { code?: string }).code === '23505',
+    );
     await assert.rejects(
       db.transaction().execute(async (trx) => {
         await trx.insertInto('items').values({ id: 100, name: 'in-tx' }).execute();
@@ -52,7 +71,11 @@ describe('PGlite pool: prepared data statements', () => {
       (e: unknown) => (e as { code?: string }).code === '23505',
     );
     assert.equal((await db.selectFrom('items').select('id').where('id', '=', 100).execute()).length, 0, 'rolled back');
-    assert.equal((await db.selectFrom('items').select('id').where('id', '=', 2).execute()).length, 1, 'the connection still works');
+    assert.equal(
+      (await db.selectFrom('items').select('id').where('id', '=', 2).execute()).length,
+      1,
+      'the connection still works',
+    );
   });
 
   test('a schema change through the pool drops cached plans, so the same text sees the new shape', async () => {
@@ -64,7 +87,9 @@ describe('PGlite pool: prepared data statements', () => {
 
   test('more distinct statements than the cache holds keep working, with a bounded number prepared', async () => {
     for (let i = 0; i < 300; i++) {
-      const rows = await sql<{ n: number }>`SELECT ${sql.lit(i)}::int AS n, count(*)::int AS c FROM items WHERE id > ${0}`.execute(db);
+      const rows = await sql<{
+        n: number;
+      }>`SELECT ${sql.lit(i)}::int AS n, count(*)::int AS c FROM items WHERE id > ${0}`.execute(db);
       assert.equal(rows.rows[0]!.n, i);
     }
     assert.ok((await prepared()) <= 256, 'least recently used statements are closed');

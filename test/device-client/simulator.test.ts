@@ -47,7 +47,9 @@ describe(`fleet simulator with fault injection (${DATABASE_KIND})`, () => {
     return res.json();
   }
 
-  test(`${COUNT} simulated devices with injected faults end with the same succeeded and failed counts as the server's update attempts`, { timeout: 600_000 }, async () => {
+  test(`${COUNT} simulated devices with injected faults end with the same succeeded and failed counts as the server's update attempts`, {
+    timeout: 600_000,
+  }, async () => {
     const base = await upload('1.0.0', 32 * 1024, 1);
     const next = await upload('1.1.0', 96 * 1024, 2);
     const pki = await getTestPki();
@@ -91,7 +93,11 @@ describe(`fleet simulator with fault injection (${DATABASE_KIND})`, () => {
       await new Promise((r) => setTimeout(r, 200));
     }
     assert.deepEqual(counts, { succeeded: summary.succeeded, failed: summary.failed });
-    const onNew = await server.database.db.selectFrom('devices').select((eb) => eb.fn.countAll<number>().as('n')).where('firmware_uuid', '=', next.id).executeTakeFirstOrThrow();
+    const onNew = await server.database.db
+      .selectFrom('devices')
+      .select((eb) => eb.fn.countAll<number>().as('n'))
+      .where('firmware_uuid', '=', next.id)
+      .executeTakeFirstOrThrow();
     assert.equal(Number(onNew.n), summary.succeeded);
   });
 });

@@ -41,7 +41,12 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
   });
 
   /** Streams a generated image through the CLI's upload path (node:http, backpressure). */
-  async function upload(version: string, size: number, seed: number, query: Record<string, string> = {}): Promise<{ id: string; version: string; sha256: string; size: number }> {
+  async function upload(
+    version: string,
+    size: number,
+    seed: number,
+    query: Record<string, string> = {},
+  ): Promise<{ id: string; version: string; sha256: string; size: number }> {
     const body = await uploadFirmwareStream({
       client: { url: server.apiUrl, token: server.adminToken },
       query: { product: server.productId, version, ...query },
@@ -55,7 +60,10 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
   async function call(method: string, url: string, body?: unknown): Promise<unknown> {
     const res = await fetch(`${server.apiUrl}${url}`, {
       method,
-      headers: { authorization: `Bearer ${server.adminToken}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      headers: {
+        authorization: `Bearer ${server.adminToken}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const text = await res.text();
@@ -101,7 +109,11 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
   }
 
   async function deviceRow(serial: string) {
-    return server.database.db.selectFrom('devices').selectAll().where('identifier', '=', serial).executeTakeFirstOrThrow();
+    return server.database.db
+      .selectFrom('devices')
+      .selectAll()
+      .where('identifier', '=', serial)
+      .executeTakeFirstOrThrow();
   }
 
   /** Resolves when the server marks the attempt to `version` finished one way or another. */
@@ -122,7 +134,9 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
     await call('POST', `/api/v1/orgs/${server.orgId}/groups`, { product: server.productId, name: 'canary' });
     await call('POST', `/api/v1/orgs/${server.orgId}/groups/canary/devices`, { devices: serials });
     const rebooted = devices.map((d) => next(d, 'rebooted'));
-    const rejoined = devices.map((d) => new Promise<void>((resolve) => d.on('joined', ({ topic }) => topic === `device:${fw.id}` && resolve())));
+    const rejoined = devices.map(
+      (d) => new Promise<void>((resolve) => d.on('joined', ({ topic }) => topic === `device:${fw.id}` && resolve())),
+    );
     await call('PUT', `/api/v1/orgs/${server.orgId}/groups/canary/target`, { firmware_id: fw.id });
     await Promise.all(rebooted);
     await Promise.all(rejoined);
@@ -150,7 +164,8 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
     await target('progress-0', fw.id);
     await done;
     assert.ok(times.length >= 2, `only ${times.length} progress reports`);
-    for (let i = 1; i < times.length; i++) assert.ok(times[i]! - times[i - 1]! >= 990, `two reports ${times[i]! - times[i - 1]!} ms apart`);
+    for (let i = 1; i < times.length; i++)
+      assert.ok(times[i]! - times[i - 1]! >= 990, `two reports ${times[i]! - times[i - 1]!} ms apart`);
     assert.equal(await settled('progress-0', fw.version), 'succeeded');
   });
 
@@ -188,12 +203,17 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
 
   test('a signature from a key the device does not trust is refused by the device', async () => {
     const signer = generateSigningKeyPair();
-    await call('POST', `/api/v1/products/${server.productId}/signing-keys`, { name: 'ci', public_key_pem: signer.publicKeyPem });
+    await call('POST', `/api/v1/products/${server.productId}/signing-keys`, {
+      name: 'ci',
+      public_key_pem: signer.publicKeyPem,
+    });
     const size = 100 * 1024;
     const { createHash } = await import('node:crypto');
     const hash = createHash('sha256');
     for await (const c of imageChunks(size, 6)) hash.update(c);
-    const fw = await upload(nextVersion(), size, 6, { signature: signFirmwareDigest(hash.digest('hex'), signer.privateKeyPem) });
+    const fw = await upload(nextVersion(), size, 6, {
+      signature: signFirmwareDigest(hash.digest('hex'), signer.privateKeyPem),
+    });
     const trusted = generateSigningKeyPair();
     const client = await device('sig-0', { signingKeys: [trusted.publicKeyPem] });
     const failed = next(client, 'update_error');
@@ -211,7 +231,12 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
     server.fleet.firmwareUrl = (f) => {
       if (f.id === fw.id && handedOutExpired === 0) {
         handedOutExpired++;
-        return signFirmwareUrl({ baseUrl: server.deviceUrl, secret: server.secret, firmwareId: f.id, expiresAt: new Date(Date.now() - 60_000) });
+        return signFirmwareUrl({
+          baseUrl: server.deviceUrl,
+          secret: server.secret,
+          firmwareId: f.id,
+          expiresAt: new Date(Date.now() - 60_000),
+        });
       }
       return original(f);
     };
@@ -294,7 +319,10 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
         .where('devices.identifier', '=', serial)
         .executeTakeFirstOrThrow();
       const before = resumed.length;
-      await call('POST', `/api/v1/orgs/${server.orgId}/devices/${row.device_id}/certificates/${row.certificate_id}/revoke`);
+      await call(
+        'POST',
+        `/api/v1/orgs/${server.orgId}/devices/${row.device_id}/certificates/${row.certificate_id}/revoke`,
+      );
       await until(() => resumed.length >= before + 2, `two reconnect attempts (${JSON.stringify(resumed)})`);
       const [first, second] = resumed.slice(before);
       assert.equal(first, true, 'the first reconnect resumed the cached session (and was refused with 403)');

@@ -29,9 +29,12 @@ let baseFirmwareId: string;
 const stops: Array<() => Promise<void>> = [];
 
 const wsUrl = () => `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`;
-const deviceBy = (identifier: string) => server.database.db.selectFrom('devices').selectAll().where('identifier', '=', identifier).executeTakeFirstOrThrow();
+const deviceBy = (identifier: string) =>
+  server.database.db.selectFrom('devices').selectAll().where('identifier', '=', identifier).executeTakeFirstOrThrow();
 const refusals = async (identifier: string) =>
-  (await server.database.db.selectFrom('audit_log').selectAll().where('action', '=', 'device.claim_refused').execute()).filter((r) => (r.details as Record<string, unknown>).identifier === identifier);
+  (
+    await server.database.db.selectFrom('audit_log').selectAll().where('action', '=', 'device.claim_refused').execute()
+  ).filter((r) => (r.details as Record<string, unknown>).identifier === identifier);
 
 function gateway(deviceId: string, o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = {}): WifidogxGateway {
   const g = new WifidogxGateway({ url: wsUrl(), deviceId, version: '9.9.9', reconnectMs: 60_000, ...o });
@@ -62,14 +65,19 @@ async function phoenixDevice(serial: string): Promise<DeviceClient> {
   });
   stops.push(() => client.stop());
   await client.start();
-  await until(async () => (await deviceBy(serial).catch(() => undefined))?.connection_status === 'online', 'the Phoenix device online');
+  await until(
+    async () => (await deviceBy(serial).catch(() => undefined))?.connection_status === 'online',
+    'the Phoenix device online',
+  );
   return client;
 }
 
 /** Sends keyauth's 101 for a fresh key on a raw TCP socket; resolves with the first answer line. */
 async function keyauthHello(): Promise<{ fingerprint: string; answer: Record<string, any> }> {
   const { publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const fingerprint = createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('hex');
+  const fingerprint = createHash('sha256')
+    .update(publicKey.export({ type: 'spki', format: 'der' }))
+    .digest('hex');
   return { fingerprint, answer: await keyauthHelloWith(publicKey.export({ type: 'spki', format: 'pem' }).toString()) };
 }
 
@@ -78,7 +86,7 @@ function keyauthHelloWith(pem: string): Promise<Record<string, any>> {
     const socket = net.connect({ host: '127.0.0.1', port: server.keyauth!.port });
     let buffer = '';
     socket.setEncoding('utf8');
-    socket.on('connect', () => socket.write(JSON.stringify({ code: 101, data: { key: pem } }) + '\n'));
+    socket.on('connect', () => socket.write(`${JSON.stringify({ code: 101, data: { key: pem } })}\n`));
     socket.on('data', (chunk: string) => {
       buffer += chunk;
       const nl = buffer.indexOf('\n');
@@ -94,7 +102,15 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
   before(async () => {
     server = await startTestServer();
     tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-identity-'));
-    baseFirmwareId = (await server.call<{ id: string }>('POST', '/api/v1/firmware', { product: server.productId, org: server.orgId, version: '1.0.0', platform: 'sim', architecture: 'sim' })).id;
+    baseFirmwareId = (
+      await server.call<{ id: string }>('POST', '/api/v1/firmware', {
+        product: server.productId,
+        org: server.orgId,
+        version: '1.0.0',
+        platform: 'sim',
+        architecture: 'sim',
+      })
+    ).id;
   });
   after(async () => {
     for (const stop of stops) await stop();
@@ -112,7 +128,11 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       assert.equal(afterwards.protocol, 'phoenix');
       assert.equal(afterwards.connection_status, 'online');
       assert.equal(afterwards.firmware_version, before.firmware_version);
-      const attempts = await server.database.db.selectFrom('update_attempts').select('id').where('device_id', '=', before.id).execute();
+      const attempts = await server.database.db
+        .selectFrom('update_attempts')
+        .select('id')
+        .where('device_id', '=', before.id)
+        .execute();
       assert.equal(attempts.length, 0);
       const [entry] = await refusals(serial);
       assert.equal(entry!.org_id, server.orgId);
@@ -123,7 +143,11 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
 
     it('refuses a WiFiDogX claim of a Main Server device_id', async () => {
       const id = `pi-${randomBytes(4).toString('hex')}`;
-      const res = await fetch(`${server.apiUrl}/api/main-server/register-device`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ device_id: id, name: 'Pi', ip: '10.0.0.2', extensions: [] }) });
+      const res = await fetch(`${server.apiUrl}/api/main-server/register-device`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ device_id: id, name: 'Pi', ip: '10.0.0.2', extensions: [] }),
+      });
       assert.equal(res.status, 202, await res.clone().text());
       await assertClaimRefused(id, 4010);
       const device = await deviceBy(id);
@@ -141,16 +165,23 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
 
     it('answers a keyauth key whose identifier another protocol holds with a keyauth error, not a server error', async () => {
       const { publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-      const fingerprint = createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('hex');
+      const fingerprint = createHash('sha256')
+        .update(publicKey.export({ type: 'spki', format: 'der' }))
+        .digest('hex');
       const identifier = `key-${fingerprint.slice(0, 16)}`;
       const squatter = gateway(identifier);
       await squatter.start();
-      await until(async () => (await deviceBy(identifier).catch(() => undefined))?.protocol === 'wifidogx', 'the gateway registered');
+      await until(
+        async () => (await deviceBy(identifier).catch(() => undefined))?.protocol === 'wifidogx',
+        'the gateway registered',
+      );
       const answer = await keyauthHelloWith(publicKey.export({ type: 'spki', format: 'pem' }).toString());
       assert.equal(answer.code, 409, JSON.stringify(answer));
       assert.equal(answer.error.type, 'IdentityTaken');
       assert.doesNotMatch(answer.error.msg, /[0-9a-f]{8}-[0-9a-f]{4}-/, 'no device id revealed');
-      assert.ok((await refusals(identifier)).some((r) => (r.details as Record<string, unknown>).protocol === 'keyauth'));
+      assert.ok(
+        (await refusals(identifier)).some((r) => (r.details as Record<string, unknown>).protocol === 'keyauth'),
+      );
     });
 
     it('refuses a Phoenix device’s certificate on the GRiSP endpoint with a reason, keeping its protocol', async () => {
@@ -158,7 +189,13 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       await phoenixDevice(serial);
       const cred = await deviceCert(serial);
       const tls = await deviceTlsOptions(cred);
-      const board = new GrispBoard({ url: `${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`, tls: { cert: tls.cert!, key: tls.key!, ca: tls.ca }, serial, version: '1.0.0', reconnectMs: 60_000 });
+      const board = new GrispBoard({
+        url: `${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`,
+        tls: { cert: tls.cert!, key: tls.key!, ca: tls.ca },
+        serial,
+        version: '1.0.0',
+        reconnectMs: 60_000,
+      });
       stops.push(() => board.stop());
       await assert.rejects(board.start(), /409/);
       assert.equal((await deviceBy(serial)).protocol, 'phoenix');
@@ -168,14 +205,27 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
     it('refuses a GRiSP board’s certificate on the Phoenix socket (WebSocket and LongPoll), audits it, and leaves the board alone', async () => {
       const serial = `GRiSP2 device b${randomBytes(4).toString('hex')}`;
       const tls = await deviceTlsOptions(await deviceCert(serial));
-      const board = new GrispBoard({ url: `${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`, tls: { cert: tls.cert!, key: tls.key!, ca: tls.ca }, serial, version: '1.0.0', reconnectMs: 60_000 });
+      const board = new GrispBoard({
+        url: `${server.deviceUrl.replace('https:', 'wss:')}/grisp-connect/ws`,
+        tls: { cert: tls.cert!, key: tls.key!, ca: tls.ca },
+        serial,
+        version: '1.0.0',
+        reconnectMs: 60_000,
+      });
       stops.push(() => board.stop());
       await board.start();
-      await until(async () => (await deviceBy(serial).catch(() => undefined))?.connection_status === 'online', 'the board online');
+      await until(
+        async () => (await deviceBy(serial).catch(() => undefined))?.connection_status === 'online',
+        'the board online',
+      );
       const before = await deviceBy(serial);
       assert.equal(before.protocol, 'grisp');
 
-      const ws = new WebSocket(`${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`, { cert: tls.cert, key: tls.key, ca: tls.ca });
+      const ws = new WebSocket(`${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`, {
+        cert: tls.cert,
+        key: tls.key,
+        ca: tls.ca,
+      });
       const upgrade = await new Promise<{ status: number; body: string }>((resolve, reject) => {
         ws.once('open', () => reject(new Error('the Phoenix socket accepted a GRiSP board’s certificate')));
         ws.once('unexpected-response', (_req, res) => {
@@ -189,16 +239,22 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       assert.match(upgrade.body, /registered to another protocol/);
 
       const poll = await new Promise<string>((resolve, reject) => {
-        const req = https.get(`${server.deviceUrl}/socket/longpoll?vsn=2.0.0`, { cert: tls.cert, key: tls.key, ca: tls.ca, agent: false }, (res) => {
-          let body = '';
-          res.on('data', (c: Buffer) => (body += c.toString()));
-          res.on('end', () => resolve(body));
-        });
+        const req = https.get(
+          `${server.deviceUrl}/socket/longpoll?vsn=2.0.0`,
+          { cert: tls.cert, key: tls.key, ca: tls.ca, agent: false },
+          (res) => {
+            let body = '';
+            res.on('data', (c: Buffer) => (body += c.toString()));
+            res.on('end', () => resolve(body));
+          },
+        );
         req.once('error', reject);
       });
       assert.equal((JSON.parse(poll) as { status: number }).status, 403, poll);
 
-      const refused = (await refusals(serial)).filter((r) => (r.details as Record<string, unknown>).protocol === 'phoenix');
+      const refused = (await refusals(serial)).filter(
+        (r) => (r.details as Record<string, unknown>).protocol === 'phoenix',
+      );
       assert.equal(refused.length, 2, 'both refusals audited');
       assert.equal((refused[0]!.details as Record<string, unknown>).owner_protocol, 'grisp');
       const afterwards = await deviceBy(serial);
@@ -212,8 +268,14 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
     async function approvedGateway(): Promise<{ g: WifidogxGateway; credential: string }> {
       const g = gateway(`gw-${randomBytes(4).toString('hex')}`, { reconnectMs: 100 });
       await g.start();
-      await until(async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending', 'registered pending');
-      const approved = await server.call<{ credential?: { token: string; ws_path: string } }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`);
+      await until(
+        async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending',
+        'registered pending',
+      );
+      const approved = await server.call<{ credential?: { token: string; ws_path: string } }>(
+        'POST',
+        `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`,
+      );
       if (approved.credential) g.useCredential(approved.credential.token);
       await until(async () => (await deviceBy(g.o.deviceId)).firmware_version === '9.9.9', 'served');
       return { g, credential: approved.credential?.token ?? '' };
@@ -222,8 +284,14 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
     it('issues a credential on approval, for the gateway’s WSServerPath, and serves the gateway on it', async () => {
       const g = gateway(`gw-${randomBytes(4).toString('hex')}`, { reconnectMs: 100 });
       await g.start();
-      await until(async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending', 'registered pending');
-      const approved = await server.call<{ credential?: { token: string; ws_path: string } }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`);
+      await until(
+        async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending',
+        'registered pending',
+      );
+      const approved = await server.call<{ credential?: { token: string; ws_path: string } }>(
+        'POST',
+        `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`,
+      );
       assert.ok(approved.credential, 'approval issues a credential');
       assert.match(approved.credential.token, /^[A-Za-z0-9_-]{43}$/);
       assert.equal(approved.credential.ws_path, `/ws/wifidogx?credential=${approved.credential.token}`);
@@ -232,7 +300,10 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       assert.deepEqual(g.received, []);
       g.useCredential(approved.credential.token);
       await until(() => g.received.some((m) => m.type === 'connect'), 'served on its credential');
-      const state = await server.call<{ gateway: Record<string, unknown> }>('GET', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}`);
+      const state = await server.call<{ gateway: Record<string, unknown> }>(
+        'GET',
+        `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}`,
+      );
       assert.equal(state.gateway.credential_hash, undefined, 'the hash is never shown');
       assert.equal(typeof state.gateway.credential_issued_at, 'string');
     });
@@ -240,9 +311,16 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
     it('approves from the CLI, printing the WSServerPath line the gateway needs, and serves the gateway on it', async () => {
       const g = gateway(`gw-${randomBytes(4).toString('hex')}`, { reconnectMs: 100 });
       await g.start();
-      await until(async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending', 'registered pending');
+      await until(
+        async () => (await deviceBy(g.o.deviceId).catch(() => undefined))?.approval === 'pending',
+        'registered pending',
+      );
       const out: string[] = [];
-      const io = { out: (t: string) => void out.push(t), err: (t: string) => void out.push(t), env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp } };
+      const io = {
+        out: (t: string) => void out.push(t),
+        err: (t: string) => void out.push(t),
+        env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp },
+      };
       assert.equal(await runWifidogxCommand(['approve', g.o.deviceId], io), 0);
       const line = /WSServerPath \/ws\/wifidogx\?credential=([A-Za-z0-9_-]{43})/.exec(out.join(''));
       assert.ok(line, out.join(''));
@@ -255,19 +333,50 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       await g.stop();
       await until(async () => (await deviceBy(g.o.deviceId)).connection_status === 'offline', 'offline');
       await assertClaimRefused(g.o.deviceId, 4001);
-      assert.equal((await deviceBy(g.o.deviceId)).connection_status, 'offline', 'the claim did not bring the gateway online');
-      const commands = await fetch(`${server.apiUrl}/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/commands`, {
-        method: 'POST',
-        headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
-        body: JSON.stringify({ type: 'auth', token: 'client-token', client_ip: '10.0.0.5', client_mac: 'aa:bb:cc:dd:ee:02', gw_id: 'gw-1', once_auth: false }),
-      });
+      assert.equal(
+        (await deviceBy(g.o.deviceId)).connection_status,
+        'offline',
+        'the claim did not bring the gateway online',
+      );
+      const commands = await fetch(
+        `${server.apiUrl}/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/commands`,
+        {
+          method: 'POST',
+          headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
+          body: JSON.stringify({
+            type: 'auth',
+            token: 'client-token',
+            client_ip: '10.0.0.5',
+            client_mac: 'aa:bb:cc:dd:ee:02',
+            gw_id: 'gw-1',
+            once_auth: false,
+          }),
+        },
+      );
       assert.equal(commands.status, 409, 'no command is queued for a claimant');
 
       const count = g.received.length;
       await g.start();
-      await until(() => g.received.length > count && g.received.slice(count).some((m) => m.type === 'connect'), 'the real gateway served again');
-      const auth = await server.call<{ id: string }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/commands`, { type: 'auth', token: 'client-token', client_ip: '10.0.0.5', client_mac: 'aa:bb:cc:dd:ee:02', gw_id: 'gw-1', once_auth: false });
-      await until(() => g.received.some((m) => m.type === 'auth' && m.token === 'client-token'), 'auth delivered to the real gateway');
+      await until(
+        () => g.received.length > count && g.received.slice(count).some((m) => m.type === 'connect'),
+        'the real gateway served again',
+      );
+      const auth = await server.call<{ id: string }>(
+        'POST',
+        `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/commands`,
+        {
+          type: 'auth',
+          token: 'client-token',
+          client_ip: '10.0.0.5',
+          client_mac: 'aa:bb:cc:dd:ee:02',
+          gw_id: 'gw-1',
+          once_auth: false,
+        },
+      );
+      await until(
+        () => g.received.some((m) => m.type === 'auth' && m.token === 'client-token'),
+        'auth delivered to the real gateway',
+      );
       assert.ok(auth.id);
     });
 
@@ -289,7 +398,10 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       assert.equal(liar.lastClose!.code, 4001);
       assert.deepEqual(liar.received, []);
 
-      const rotated = await server.call<{ token: string }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/credential`);
+      const rotated = await server.call<{ token: string }>(
+        'POST',
+        `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/credential`,
+      );
       assert.notEqual(rotated.token, credential);
       await until(() => g.lastClose?.code === 4001, 'the link on the old credential closed');
       const old = gateway(g.o.deviceId, { credential });
@@ -306,11 +418,17 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
       it(`refuses the old credential after revoke (${via} route) and re-approval, and serves the new one`, async () => {
         const { g, credential } = await approvedGateway();
         const device = await deviceBy(g.o.deviceId);
-        const revoke = via === 'generic' ? `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke` : `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/revoke`;
+        const revoke =
+          via === 'generic'
+            ? `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke`
+            : `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/revoke`;
         await server.call('POST', revoke);
         await until(() => g.lastClose?.code === 4003, 'the revoked link closed');
         await g.stop();
-        const approved = await server.call<{ credential?: { token: string } }>('POST', `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`);
+        const approved = await server.call<{ credential?: { token: string } }>(
+          'POST',
+          `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}/approve`,
+        );
         assert.ok(approved.credential, 're-approval issues a new credential');
         assert.notEqual(approved.credential.token, credential);
         const old = gateway(g.o.deviceId, { credential });
@@ -329,7 +447,9 @@ describe(`edge identity (${DATABASE_KIND})`, () => {
     function silentSocket(): Promise<{ ws: WebSocket; closed: Promise<{ code: number; reason: string }> }> {
       return new Promise((resolve, reject) => {
         const ws = new WebSocket(wsUrl());
-        const closed = new Promise<{ code: number; reason: string }>((r) => ws.on('close', (code, reason) => r({ code, reason: reason.toString() })));
+        const closed = new Promise<{ code: number; reason: string }>((r) =>
+          ws.on('close', (code, reason) => r({ code, reason: reason.toString() })),
+        );
         ws.on('open', () => resolve({ ws, closed }));
         ws.on('error', reject);
         stops.push(async () => ws.terminate());

@@ -60,11 +60,13 @@ class Wire {
   }
 
   send(message: unknown): void {
-    this.socket.write((typeof message === 'string' ? message : JSON.stringify(message)) + '\n');
+    this.socket.write(`${typeof message === 'string' ? message : JSON.stringify(message)}\n`);
   }
 
   async next(): Promise<any> {
-    const line = this.#lines.shift() ?? (this.ended ? null : await new Promise<string | null>((resolve) => this.#waiters.push(resolve)));
+    const line =
+      this.#lines.shift() ??
+      (this.ended ? null : await new Promise<string | null>((resolve) => this.#waiters.push(resolve)));
     if (line === null) throw new Error('the server closed the connection');
     return JSON.parse(line);
   }
@@ -76,11 +78,22 @@ class Wire {
 
 function clientKey(): { privateKey: KeyObject; pem: string; fingerprint: string } {
   const { privateKey, publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
-  return { privateKey, pem: publicKey.export({ type: 'spki', format: 'pem' }).toString(), fingerprint: createHash('sha256').update(publicKey.export({ type: 'spki', format: 'der' })).digest('hex') };
+  return {
+    privateKey,
+    pem: publicKey.export({ type: 'spki', format: 'pem' }).toString(),
+    fingerprint: createHash('sha256')
+      .update(publicKey.export({ type: 'spki', format: 'der' }))
+      .digest('hex'),
+  };
 }
 
 /** Connects, handshakes (approving the key first), returns the wire and keys. */
-async function authorised(port = server.keyauth!.port): Promise<{ wire: Wire; key: ReturnType<typeof clientKey>; serverKey: KeyObject; call(action: string, data?: Record<string, unknown>): Promise<any> }> {
+async function authorised(port = server.keyauth!.port): Promise<{
+  wire: Wire;
+  key: ReturnType<typeof clientKey>;
+  serverKey: KeyObject;
+  call(action: string, data?: Record<string, unknown>): Promise<any>;
+}> {
   const key = clientKey();
   const wire = new Wire(port);
   wire.send({ code: 101, data: { key: key.pem } });
@@ -99,9 +112,19 @@ async function authorised(port = server.keyauth!.port): Promise<{ wire: Wire; ke
   return { wire, key, serverKey, call };
 }
 
-async function uploadPackage(extension: string, version: string): Promise<{ package_id: string; extension_id: number; sha256: string }> {
-  const zip = createZip([{ name: 'device_update.json', data: JSON.stringify({ extension, version }) }, { name: 'payload.bin', data: `image ${version}` }]);
-  const res = await fetch(`${server.apiUrl}/api/v1/main-server/packages`, { method: 'POST', headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/zip' }, body: new Uint8Array(zip) });
+async function uploadPackage(
+  extension: string,
+  version: string,
+): Promise<{ package_id: string; extension_id: number; sha256: string }> {
+  const zip = createZip([
+    { name: 'device_update.json', data: JSON.stringify({ extension, version }) },
+    { name: 'payload.bin', data: `image ${version}` },
+  ]);
+  const res = await fetch(`${server.apiUrl}/api/v1/main-server/packages`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/zip' },
+    body: new Uint8Array(zip),
+  });
   assert.equal(res.status, 201);
   return (await res.json()) as { package_id: string; extension_id: number; sha256: string };
 }
@@ -137,7 +160,11 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
     assert.equal(refused.error.type, 'KeyPending');
     assert.equal(refused.data.fingerprint, key.fingerprint);
     const out: string[] = [];
-    const io = { out: (t: string) => void out.push(t), err: (t: string) => void out.push(t), env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp } };
+    const io = {
+      out: (t: string) => void out.push(t),
+      err: (t: string) => void out.push(t),
+      env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp },
+    };
     assert.equal(await runKeyauthCommand(['list', '--pending'], io), 0);
     assert.match(out.join(''), new RegExp(`${key.fingerprint}.*hall-sensor.*pending`));
     assert.equal(await runKeyauthCommand(['approve', key.fingerprint.slice(0, 12)], io), 0);
@@ -145,7 +172,11 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
     const accepted = await wire.next();
     assert.equal(accepted.code, 103);
     assert.equal(accepted.data.key, server.keyauth!.publicKeyPem);
-    const device = await server.database.db.selectFrom('devices').selectAll().where('identifier', '=', `key-${key.fingerprint.slice(0, 16)}`).executeTakeFirstOrThrow();
+    const device = await server.database.db
+      .selectFrom('devices')
+      .selectAll()
+      .where('identifier', '=', `key-${key.fingerprint.slice(0, 16)}`)
+      .executeTakeFirstOrThrow();
     assert.deepEqual([device.protocol, device.approval, device.connection_status], ['keyauth', 'approved', 'online']);
     wire.close();
   });
@@ -159,7 +190,9 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
     const wire = new Wire(server.keyauth!.port);
     wire.send({ code: 101, data: { key: 'not a key' } });
     assert.equal((await wire.next()).error.type, 'InvalidKey');
-    const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' }).publicKey.export({ type: 'spki', format: 'pem' }).toString();
+    const ec = generateKeyPairSync('ec', { namedCurve: 'P-256' })
+      .publicKey.export({ type: 'spki', format: 'pem' })
+      .toString();
     wire.send({ code: 101, data: { key: ec } });
     assert.equal((await wire.next()).error.type, 'InvalidKey');
     wire.send('not json');
@@ -174,7 +207,13 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
     assert.equal(status.data.update_available, false);
     assert.deepEqual(await call('check_update', {}), { code: 200, data: { update: null } });
     const pkg = await uploadPackage('firmware', '1.1.0');
-    const deviceId = (await server.database.db.selectFrom('devices').select('id').where('identifier', '=', (status.data as { device_id: string }).device_id).executeTakeFirstOrThrow()).id;
+    const deviceId = (
+      await server.database.db
+        .selectFrom('devices')
+        .select('id')
+        .where('identifier', '=', (status.data as { device_id: string }).device_id)
+        .executeTakeFirstOrThrow()
+    ).id;
     await server.call('PUT', `/api/v1/orgs/default/devices/${deviceId}/target`, { firmware_id: pkg.package_id });
     const offer = await call('check_update', {});
     assert.equal(offer.code, 200);
@@ -182,10 +221,18 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
     assert.equal(offer.data.update.sha256, pkg.sha256);
     const download = await fetch(offer.data.update.url);
     assert.equal(download.status, 200);
-    assert.equal(createHash('sha256').update(Buffer.from(await download.arrayBuffer())).digest('hex'), pkg.sha256);
+    assert.equal(
+      createHash('sha256')
+        .update(Buffer.from(await download.arrayBuffer()))
+        .digest('hex'),
+      pkg.sha256,
+    );
     const tampered = offer.data.update.url.replace(/sig=[^&]+/, 'sig=AAAA');
     assert.equal((await fetch(tampered)).status, 403);
-    assert.equal((await call('report', { type: 'progress', version: '1.1.0', percent: 40, bytes: 40, total: 100 })).data.state, 'downloading');
+    assert.equal(
+      (await call('report', { type: 'progress', version: '1.1.0', percent: 40, bytes: 40, total: 100 })).data.state,
+      'downloading',
+    );
     assert.equal((await call('report', { type: 'success', version: '1.1.0' })).data.state, 'succeeded');
     assert.equal((await call('heartbeat')).code, 200);
     assert.equal((await call('reboot')).code, 404);
@@ -224,7 +271,7 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
 
   test('a line longer than 64 KiB is refused and the connection closed', async () => {
     const wire = new Wire(server.keyauth!.port);
-    wire.socket.write('{"code":101,"data":{"key":"' + 'A'.repeat(70 * 1024));
+    wire.socket.write(`{"code":101,"data":{"key":"${'A'.repeat(70 * 1024)}`);
     const reply = await wire.next();
     assert.deepEqual([reply.code, reply.error.type], [400, 'LineTooLong']);
     await wire.closed;
@@ -255,24 +302,49 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
         break;
       }
     }
-    assert.ok(replies.some((r) => r.error?.type === 'RateLimited'), JSON.stringify(replies.slice(-3)));
+    assert.ok(
+      replies.some((r) => r.error?.type === 'RateLimited'),
+      JSON.stringify(replies.slice(-3)),
+    );
     assert.ok(replies.length < 200);
     await wire.closed;
   });
 
   test('a mixed group of a Main Server Pi and a keyauth client retargeted once reaches the target on both', async () => {
-    const pi = new MainServerDevice({ url: server.apiUrl, deviceId: 'mixed-pi', stateDir: path.join(tmp, 'pi'), extensions: [{ name: 'firmware', version: '1.0.0' }], pollIntervalMs: 200, heartbeatIntervalMs: 60_000 });
-    const client = new KeyauthClient({ host: '127.0.0.1', port: server.keyauth!.port, stateDir: path.join(tmp, 'client'), version: '1.0.0', pollIntervalMs: 200 });
-    const fingerprint = createHash('sha256').update(createPublicKey(client.publicKeyPem).export({ type: 'spki', format: 'der' })).digest('hex');
+    const pi = new MainServerDevice({
+      url: server.apiUrl,
+      deviceId: 'mixed-pi',
+      stateDir: path.join(tmp, 'pi'),
+      extensions: [{ name: 'firmware', version: '1.0.0' }],
+      pollIntervalMs: 200,
+      heartbeatIntervalMs: 60_000,
+    });
+    const client = new KeyauthClient({
+      host: '127.0.0.1',
+      port: server.keyauth!.port,
+      stateDir: path.join(tmp, 'client'),
+      version: '1.0.0',
+      pollIntervalMs: 200,
+    });
+    const fingerprint = createHash('sha256')
+      .update(createPublicKey(client.publicKeyPem).export({ type: 'spki', format: 'der' }))
+      .digest('hex');
     try {
       await pi.start();
       await client.start();
       await server.call('POST', '/api/v1/main-server/devices/mixed-pi/approve');
       await server.call('POST', `/api/v1/keyauth/clients/${fingerprint}/approve`);
       await Promise.all([new Promise((r) => pi.once('approved', r)), new Promise((r) => client.once('authorised', r))]);
-      const ids = await server.database.db.selectFrom('devices').select('id').where('identifier', 'in', ['mixed-pi', `key-${fingerprint.slice(0, 16)}`]).execute();
+      const ids = await server.database.db
+        .selectFrom('devices')
+        .select('id')
+        .where('identifier', 'in', ['mixed-pi', `key-${fingerprint.slice(0, 16)}`])
+        .execute();
       assert.equal(ids.length, 2);
-      const group = await server.call<{ id: string }>('POST', '/api/v1/orgs/default/groups', { product: 'default', name: 'mixed' });
+      const group = await server.call<{ id: string }>('POST', '/api/v1/orgs/default/groups', {
+        product: 'default',
+        name: 'mixed',
+      });
       await server.call('POST', `/api/v1/orgs/default/groups/${group.id}/devices`, { devices: ids.map((d) => d.id) });
       const pkg = await uploadPackage('firmware', '3.0.0');
       const done = Promise.all([
@@ -281,10 +353,26 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
       ]);
       await server.call('PUT', `/api/v1/orgs/default/groups/${group.id}/target`, { firmware_id: pkg.package_id });
       await done;
-      const states = await server.database.db.selectFrom('update_attempts').select(['device_id', 'state']).where('firmware_id', '=', pkg.package_id).execute();
+      const states = await server.database.db
+        .selectFrom('update_attempts')
+        .select(['device_id', 'state'])
+        .where('firmware_id', '=', pkg.package_id)
+        .execute();
       assert.deepEqual(states.map((s) => s.state).sort(), ['succeeded', 'succeeded']);
-      const versions = await server.database.db.selectFrom('device_components').select('version').where('component', '=', 'firmware').where('device_id', 'in', ids.map((d) => d.id)).execute();
-      assert.deepEqual(versions.map((v) => v.version), ['3.0.0', '3.0.0']);
+      const versions = await server.database.db
+        .selectFrom('device_components')
+        .select('version')
+        .where('component', '=', 'firmware')
+        .where(
+          'device_id',
+          'in',
+          ids.map((d) => d.id),
+        )
+        .execute();
+      assert.deepEqual(
+        versions.map((v) => v.version),
+        ['3.0.0', '3.0.0'],
+      );
     } finally {
       await pi.stop();
       await client.stop();

@@ -27,10 +27,18 @@ interface Answer {
   headers: Headers;
 }
 
-async function ms(method: string, pathname: string, options: { body?: unknown; token?: string; headers?: Record<string, string> } = {}): Promise<Answer> {
+async function ms(
+  method: string,
+  pathname: string,
+  options: { body?: unknown; token?: string; headers?: Record<string, string> } = {},
+): Promise<Answer> {
   const res = await fetch(`${server.apiUrl}/api/main-server${pathname}`, {
     method,
-    headers: { ...(options.body !== undefined ? { 'content-type': 'application/json' } : {}), ...(options.token ? { authorization: `Bearer ${options.token}` } : {}), ...options.headers },
+    headers: {
+      ...(options.body !== undefined ? { 'content-type': 'application/json' } : {}),
+      ...(options.token ? { authorization: `Bearer ${options.token}` } : {}),
+      ...options.headers,
+    },
     body: options.body === undefined ? undefined : JSON.stringify(options.body),
   });
   const text = await res.text();
@@ -43,18 +51,30 @@ async function ms(method: string, pathname: string, options: { body?: unknown; t
   return { status: res.status, body, headers: res.headers };
 }
 
-async function uploadPackage(manifest: Record<string, unknown>, extra: Array<{ name: string; data: string }> = [], raw?: Buffer): Promise<Answer> {
+async function uploadPackage(
+  manifest: Record<string, unknown>,
+  extra: Array<{ name: string; data: string }> = [],
+  raw?: Buffer,
+): Promise<Answer> {
   const zip = raw ?? createZip([{ name: 'device_update.json', data: JSON.stringify(manifest) }, ...extra]);
-  const res = await fetch(`${server.apiUrl}/api/v1/main-server/packages`, { method: 'POST', headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/zip' }, body: new Uint8Array(zip) });
+  const res = await fetch(`${server.apiUrl}/api/v1/main-server/packages`, {
+    method: 'POST',
+    headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/zip' },
+    body: new Uint8Array(zip),
+  });
   return { status: res.status, body: await res.json(), headers: res.headers };
 }
 
 /** Registers `id`, approves it through REST and collects its token with the claim. */
 async function approvedDevice(id: string, extensions: Array<{ name: string; version: string }>): Promise<string> {
-  const reg = await ms('POST', '/register-device', { body: { device_id: id, name: `Display ${id}`, ip: '192.168.1.100', extensions } });
+  const reg = await ms('POST', '/register-device', {
+    body: { device_id: id, name: `Display ${id}`, ip: '192.168.1.100', extensions },
+  });
   assert.equal(reg.status, 202, JSON.stringify(reg.body));
   await server.call('POST', `/api/v1/main-server/devices/${id}/approve`);
-  const claimed = await ms('POST', '/register-device', { body: { device_id: id, extensions, claim_token: reg.body.claim_token } });
+  const claimed = await ms('POST', '/register-device', {
+    body: { device_id: id, extensions, claim_token: reg.body.claim_token },
+  });
   assert.equal(claimed.status, 200, JSON.stringify(claimed.body));
   return claimed.body.device_token as string;
 }
@@ -81,7 +101,11 @@ before(async () => {
   server = await startTestServer();
   const email = `viewer-${Date.now()}@example.com`;
   await createUser(server.database.db, { email, password: 'viewer-password-123', role: 'viewer' });
-  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email, password: 'viewer-password-123' }) });
+  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ email, password: 'viewer-password-123' }),
+  });
   viewerToken = ((await login.json()) as { token: string }).token;
 });
 
@@ -96,35 +120,68 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
   let packageId: string;
 
   test('register-device with the seed example body records a pending device and answers 202 with a claim token', async () => {
-    const reg = await ms('POST', '/register-device', { body: { device_id: 'raspi-001', name: 'Living Room Display', ip: '192.168.1.100', extensions: [{ name: 'ExtensionName', version: '1.0.0' }] } });
+    const reg = await ms('POST', '/register-device', {
+      body: {
+        device_id: 'raspi-001',
+        name: 'Living Room Display',
+        ip: '192.168.1.100',
+        extensions: [{ name: 'ExtensionName', version: '1.0.0' }],
+      },
+    });
     assert.equal(reg.status, 202);
     assert.equal(reg.body.status, 'pending');
     assert.match(reg.body.claim_token, /^fhc_/);
-    const device = await server.database.db.selectFrom('devices').selectAll().where('identifier', '=', 'raspi-001').executeTakeFirstOrThrow();
+    const device = await server.database.db
+      .selectFrom('devices')
+      .selectAll()
+      .where('identifier', '=', 'raspi-001')
+      .executeTakeFirstOrThrow();
     assert.equal(device.protocol, 'main-server');
     assert.equal(device.approval, 'pending');
     // A repeat without the claim is refused; a wrong claim is unauthorised; the right one stays pending.
     assertSeedError(await ms('POST', '/register-device', { body: { device_id: 'raspi-001' } }), 409);
-    assertSeedError(await ms('POST', '/register-device', { body: { device_id: 'raspi-001', claim_token: 'fhc_wrong' } }), 401);
-    const again = await ms('POST', '/register-device', { body: { device_id: 'raspi-001', claim_token: reg.body.claim_token } });
+    assertSeedError(
+      await ms('POST', '/register-device', { body: { device_id: 'raspi-001', claim_token: 'fhc_wrong' } }),
+      401,
+    );
+    const again = await ms('POST', '/register-device', {
+      body: { device_id: 'raspi-001', claim_token: reg.body.claim_token },
+    });
     assert.equal(again.status, 202);
     assert.equal(again.body.claim_token, undefined);
     // The operator approves through REST; the device collects its token once with its claim.
-    const pending = await server.call<{ items: Array<{ device_id: string }> }>('GET', '/api/v1/main-server/devices?approval=pending');
-    assert.deepEqual(pending.items.map((d) => d.device_id), ['raspi-001']);
+    const pending = await server.call<{ items: Array<{ device_id: string }> }>(
+      'GET',
+      '/api/v1/main-server/devices?approval=pending',
+    );
+    assert.deepEqual(
+      pending.items.map((d) => d.device_id),
+      ['raspi-001'],
+    );
     await server.call('POST', '/api/v1/main-server/devices/raspi-001/approve');
-    const claimed = await ms('POST', '/register-device', { body: { device_id: 'raspi-001', claim_token: reg.body.claim_token } });
+    const claimed = await ms('POST', '/register-device', {
+      body: { device_id: 'raspi-001', claim_token: reg.body.claim_token },
+    });
     assert.equal(claimed.status, 200);
     assert.match(claimed.body.device_token, /^fhd_/);
     token = claimed.body.device_token;
-    assertSeedError(await ms('POST', '/register-device', { body: { device_id: 'raspi-001', claim_token: reg.body.claim_token } }), 409);
-    const stored = await server.database.db.selectFrom('main_server_devices').select(['token_hash', 'claim_hash']).executeTakeFirstOrThrow();
+    assertSeedError(
+      await ms('POST', '/register-device', { body: { device_id: 'raspi-001', claim_token: reg.body.claim_token } }),
+      409,
+    );
+    const stored = await server.database.db
+      .selectFrom('main_server_devices')
+      .select(['token_hash', 'claim_hash'])
+      .executeTakeFirstOrThrow();
     assert.equal(stored.token_hash, createHash('sha256').update(token).digest('hex'));
     assert.equal(stored.claim_hash, null);
   });
 
   test('heartbeat with the seed example body marks the device online; 180 s without one marks it offline', async () => {
-    const beat = await ms('POST', '/heartbeat', { token, body: { device_id: 'raspi-001', status: 'online', timestamp: '2023-12-22T10:30:00Z' } });
+    const beat = await ms('POST', '/heartbeat', {
+      token,
+      body: { device_id: 'raspi-001', status: 'online', timestamp: '2023-12-22T10:30:00Z' },
+    });
     assert.equal(beat.status, 200);
     const devices = await ms('GET', '/devices', { token: server.adminToken });
     assert.equal(devices.status, 200);
@@ -133,7 +190,11 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
       [{ id: 'raspi-001', name: 'Living Room Display', ip: '192.168.1.100', status: 'online' }],
     );
     assert.equal(await sweepOfflineDevices(server.fleet, 180_000), 0);
-    await server.database.db.updateTable('devices').set({ last_seen_at: new Date(Date.now() - 181_000) }).where('identifier', '=', 'raspi-001').execute();
+    await server.database.db
+      .updateTable('devices')
+      .set({ last_seen_at: new Date(Date.now() - 181_000) })
+      .where('identifier', '=', 'raspi-001')
+      .execute();
     assert.equal(await sweepOfflineDevices(server.fleet, 180_000), 1);
     assert.equal((await ms('GET', '/devices', { token: server.adminToken })).body.devices[0].status, 'offline');
     // Scalars fall back to the query string.
@@ -149,28 +210,57 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
     assert.equal(noManifest.body.error.code, 'manifest_missing');
     const badVersion = await uploadPackage({ extension: 'ExtensionName', version: 'one' });
     assert.equal(badVersion.body.error.code, 'manifest_invalid');
-    const badRange = await uploadPackage({ extension: 'ExtensionName', version: '1.1.0', compatible_with: 'not a range' });
+    const badRange = await uploadPackage({
+      extension: 'ExtensionName',
+      version: '1.1.0',
+      compatible_with: 'not a range',
+    });
     assert.equal(badRange.body.error.code, 'manifest_invalid');
-    const ok = await uploadPackage({ extension: 'ExtensionName', version: '1.1.0', compatible_with: '>=1.0.0 <2.0.0' }, [{ name: 'app/main.py', data: 'print("1.1.0")\n' }]);
+    const ok = await uploadPackage(
+      { extension: 'ExtensionName', version: '1.1.0', compatible_with: '>=1.0.0 <2.0.0' },
+      [{ name: 'app/main.py', data: 'print("1.1.0")\n' }],
+    );
     assert.equal(ok.status, 201, JSON.stringify(ok.body));
     assert.equal(ok.body.format, 'main-server-zip');
     assert.match(ok.body.sha256, /^[0-9a-f]{64}$/);
     extensionId = ok.body.extension_id;
     packageId = ok.body.package_id;
-    const ext = await server.call<{ items: Array<{ id: number; name: string }> }>('GET', '/api/v1/main-server/extensions');
+    const ext = await server.call<{ items: Array<{ id: number; name: string }> }>(
+      'GET',
+      '/api/v1/main-server/extensions',
+    );
     assert.deepEqual(ext.items, [{ id: extensionId, name: 'ExtensionName' }]);
   });
 
   test('schedule-update with the seed example body targets every device with the extension; GET /updates reports current vs available', async () => {
-    const scheduled = await ms('POST', '/schedule-update', { token: server.adminToken, body: { extension_id: extensionId, new_version: '1.1.0' } });
+    const scheduled = await ms('POST', '/schedule-update', {
+      token: server.adminToken,
+      body: { extension_id: extensionId, new_version: '1.1.0' },
+    });
     assert.equal(scheduled.status, 200, JSON.stringify(scheduled.body));
     assert.equal(scheduled.body.message, 'Update scheduled');
     assert.equal(scheduled.body.extension_id, extensionId);
     const updates = await ms('GET', '/updates', { token: server.adminToken });
     assert.equal(updates.status, 200);
     assert.deepEqual(
-      updates.body.updates.map((u: any) => ({ device_id: u.device_id, extension_id: u.extension_id, name: u.name, current_version: u.current_version, available_version: u.available_version, is_compatible: u.is_compatible })),
-      [{ device_id: 'raspi-001', extension_id: extensionId, name: 'ExtensionName', current_version: '1.0.0', available_version: '1.1.0', is_compatible: true }],
+      updates.body.updates.map((u: any) => ({
+        device_id: u.device_id,
+        extension_id: u.extension_id,
+        name: u.name,
+        current_version: u.current_version,
+        available_version: u.available_version,
+        is_compatible: u.is_compatible,
+      })),
+      [
+        {
+          device_id: 'raspi-001',
+          extension_id: extensionId,
+          name: 'ExtensionName',
+          current_version: '1.0.0',
+          available_version: '1.1.0',
+          is_compatible: true,
+        },
+      ],
     );
     // The device sees its own row, with the package id, its sha256 and a download URL; polling marks the attempt sent.
     const own = await ms('GET', '/updates', { token });
@@ -182,7 +272,10 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
   test('is_compatible follows the compatible_with range declared in the package', async () => {
     const t = await approvedDevice('raspi-old', [{ name: 'Legacy', version: '0.9.0' }]);
     const up = await uploadPackage({ extension: 'Legacy', version: '2.0.0', compatible_with: '>=1.0.0' });
-    const deployed = await ms('POST', '/deploy-update', { token: server.adminToken, body: { device_id: 'raspi-old', extension_id: up.body.extension_id, version: '2.0.0' } });
+    const deployed = await ms('POST', '/deploy-update', {
+      token: server.adminToken,
+      body: { device_id: 'raspi-old', extension_id: up.body.extension_id, version: '2.0.0' },
+    });
     assert.equal(deployed.status, 200);
     const row = (await ms('GET', '/updates', { token: t })).body.updates[0];
     assert.equal(row.available_version, '2.0.0');
@@ -192,7 +285,10 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
   });
 
   test('deploy-update with the seed example body answers package_path as a download URL; the download carries the sha256 and supports Range', async () => {
-    const deployed = await ms('POST', '/deploy-update', { token: server.adminToken, body: { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0' } });
+    const deployed = await ms('POST', '/deploy-update', {
+      token: server.adminToken,
+      body: { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0' },
+    });
     assert.equal(deployed.status, 200, JSON.stringify(deployed.body));
     assert.equal(deployed.body.status, 'queued');
     assert.equal(deployed.body.message, 'Update deployment queued for device raspi-001');
@@ -206,27 +302,62 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
     const sha = createHash('sha256').update(bytes).digest('hex');
     assert.equal(full.headers.get('x-checksum-sha256'), sha);
     assert.equal(deployed.body.sha256, sha);
-    const part = await fetch(deployed.body.package_path, { headers: { authorization: `Bearer ${token}`, range: 'bytes=10-19' } });
+    const part = await fetch(deployed.body.package_path, {
+      headers: { authorization: `Bearer ${token}`, range: 'bytes=10-19' },
+    });
     assert.equal(part.status, 206);
     assert.equal(part.headers.get('content-range'), `bytes 10-19/${bytes.length}`);
     assert.deepEqual(Buffer.from(await part.arrayBuffer()), bytes.subarray(10, 20));
-    assertSeedError(await ms('GET', '/download-update?package_id=00000000-0000-4000-8000-000000000000', { token }), 404);
+    assertSeedError(
+      await ms('GET', '/download-update?package_id=00000000-0000-4000-8000-000000000000', { token }),
+      404,
+    );
     assertSeedError(await ms('GET', '/download-update?package_id=nope', { token }), 400);
   });
 
   test('update-status in_progress then the seed example body (success) drives the attempt to succeeded', async () => {
-    const progress = await ms('POST', '/update-status', { token, body: { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0', status: 'in_progress', timestamp: '2023-12-22T10:29:00Z' } });
+    const progress = await ms('POST', '/update-status', {
+      token,
+      body: {
+        device_id: 'raspi-001',
+        extension_id: extensionId,
+        version: '1.1.0',
+        status: 'in_progress',
+        timestamp: '2023-12-22T10:29:00Z',
+      },
+    });
     assert.equal(progress.status, 200, JSON.stringify(progress.body));
     assert.equal(progress.body.update_state, 'begun');
     // The seed's example body, with this server's extension_id.
-    const done = await ms('POST', '/update-status', { token, body: { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0', status: 'success', timestamp: '2023-12-22T10:30:00Z' } });
+    const done = await ms('POST', '/update-status', {
+      token,
+      body: {
+        device_id: 'raspi-001',
+        extension_id: extensionId,
+        version: '1.1.0',
+        status: 'success',
+        timestamp: '2023-12-22T10:30:00Z',
+      },
+    });
     assert.equal(done.status, 200, JSON.stringify(done.body));
     assert.equal(done.body.update_state, 'succeeded');
     assert.ok((await attemptStates('raspi-001')).includes('succeeded'));
     const row = (await ms('GET', '/updates', { token })).body.updates[0];
     assert.deepEqual([row.current_version, row.available_version, row.update_available], ['1.1.0', '1.1.0', false]);
-    assertSeedError(await ms('POST', '/update-status', { token, body: { device_id: 'raspi-001', extension_id: extensionId, version: '9.9.9', status: 'failed' } }), 404);
-    assertSeedError(await ms('POST', '/update-status', { token, body: { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0', status: 'exploded' } }), 400);
+    assertSeedError(
+      await ms('POST', '/update-status', {
+        token,
+        body: { device_id: 'raspi-001', extension_id: extensionId, version: '9.9.9', status: 'failed' },
+      }),
+      404,
+    );
+    assertSeedError(
+      await ms('POST', '/update-status', {
+        token,
+        body: { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0', status: 'exploded' },
+      }),
+      400,
+    );
   });
 
   test('authorisation matrix: no token 401, operator token on device routes 403, another device 403, unapproved device 401, device token on operator routes 403, viewer cannot schedule', async () => {
@@ -235,11 +366,17 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
     assert.equal(pending.status, 202);
     const status = { device_id: 'raspi-001', extension_id: extensionId, version: '1.1.0', status: 'in_progress' };
     const heartbeat = { device_id: 'raspi-001', status: 'online', timestamp: '2023-12-22T10:30:00Z' };
-    for (const [route, body] of [['/heartbeat', heartbeat], ['/update-status', status]] as const) {
+    for (const [route, body] of [
+      ['/heartbeat', heartbeat],
+      ['/update-status', status],
+    ] as const) {
       assertSeedError(await ms('POST', route, { body }), 401);
       assertSeedError(await ms('POST', route, { body, token: server.adminToken }), 403);
       assertSeedError(await ms('POST', route, { body, token: other }), 403);
-      assertSeedError(await ms('POST', route, { body: { ...body, device_id: 'raspi-pending' }, token: pending.body.claim_token }), 401);
+      assertSeedError(
+        await ms('POST', route, { body: { ...body, device_id: 'raspi-pending' }, token: pending.body.claim_token }),
+        401,
+      );
       assertSeedError(await ms('POST', route, { body, token: 'fhd_not-a-token' }), 401);
     }
     assertSeedError(await ms('GET', `/download-update?package_id=${packageId}`), 401);
@@ -253,30 +390,68 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
       assertSeedError(await ms(method, route, { body, token }), 403);
     }
     assertSeedError(await ms('GET', '/updates'), 401);
-    assertSeedError(await ms('POST', '/schedule-update', { body: { extension_id: extensionId, new_version: '1.1.0' }, token: viewerToken }), 403);
+    assertSeedError(
+      await ms('POST', '/schedule-update', {
+        body: { extension_id: extensionId, new_version: '1.1.0' },
+        token: viewerToken,
+      }),
+      403,
+    );
     assert.equal((await ms('GET', '/devices', { token: viewerToken })).status, 200);
-    assertSeedError(await ms('POST', '/schedule-update', { body: { extension_id: 999, new_version: '1.1.0' }, token: server.adminToken }), 404);
-    assertSeedError(await ms('POST', '/schedule-update', { body: { extension_id: extensionId, new_version: '7.0.0' }, token: server.adminToken }), 404);
+    assertSeedError(
+      await ms('POST', '/schedule-update', {
+        body: { extension_id: 999, new_version: '1.1.0' },
+        token: server.adminToken,
+      }),
+      404,
+    );
+    assertSeedError(
+      await ms('POST', '/schedule-update', {
+        body: { extension_id: extensionId, new_version: '7.0.0' },
+        token: server.adminToken,
+      }),
+      404,
+    );
     assertSeedError(await ms('GET', '/nothing-here', { token: server.adminToken }), 404);
   });
 
   test('rotation replaces the token, revocation stops it, and an operator can pre-provision a device with a token', async () => {
     const old = await approvedDevice('raspi-rotate', []);
-    const rotated = await server.call<{ device_token: string }>('POST', '/api/v1/main-server/devices/raspi-rotate/token');
+    const rotated = await server.call<{ device_token: string }>(
+      'POST',
+      '/api/v1/main-server/devices/raspi-rotate/token',
+    );
     assertSeedError(await ms('POST', '/heartbeat', { token: old, body: { device_id: 'raspi-rotate' } }), 401);
-    assert.equal((await ms('POST', '/heartbeat', { token: rotated.device_token, body: { device_id: 'raspi-rotate' } })).status, 200);
+    assert.equal(
+      (await ms('POST', '/heartbeat', { token: rotated.device_token, body: { device_id: 'raspi-rotate' } })).status,
+      200,
+    );
     await server.call('POST', '/api/v1/main-server/devices/raspi-rotate/revoke');
-    assertSeedError(await ms('POST', '/heartbeat', { token: rotated.device_token, body: { device_id: 'raspi-rotate' } }), 401);
+    assertSeedError(
+      await ms('POST', '/heartbeat', { token: rotated.device_token, body: { device_id: 'raspi-rotate' } }),
+      401,
+    );
     assertSeedError(await ms('POST', '/register-device', { body: { device_id: 'raspi-rotate' } }), 403);
-    const added = await server.call<{ device_token: string; device: { approval: string } }>('POST', '/api/v1/main-server/devices', { device_id: 'raspi-provisioned', name: 'Kitchen' });
+    const added = await server.call<{ device_token: string; device: { approval: string } }>(
+      'POST',
+      '/api/v1/main-server/devices',
+      { device_id: 'raspi-provisioned', name: 'Kitchen' },
+    );
     assert.equal(added.device.approval, 'approved');
-    assert.equal((await ms('POST', '/heartbeat', { token: added.device_token, body: { device_id: 'raspi-provisioned' } })).status, 200);
+    assert.equal(
+      (await ms('POST', '/heartbeat', { token: added.device_token, body: { device_id: 'raspi-provisioned' } })).status,
+      200,
+    );
   });
 
   test('the CLI lists the approval queue, approves and prints a rotated token once', async () => {
     await ms('POST', '/register-device', { body: { device_id: 'raspi-cli' } });
     const out: string[] = [];
-    const io = { out: (t: string) => void out.push(t), err: (t: string) => void out.push(t), env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp } };
+    const io = {
+      out: (t: string) => void out.push(t),
+      err: (t: string) => void out.push(t),
+      env: { FLEETHUB_URL: server.apiUrl, FLEETHUB_TOKEN: server.adminToken, HOME: tmp },
+    };
     assert.equal(await runMainServerCommand(['devices', '--pending'], io), 0);
     assert.match(out.join(''), /raspi-cli\s.*pending/);
     assert.equal(await runMainServerCommand(['approve', 'raspi-cli'], io), 0);
@@ -293,7 +468,14 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
       ['raspi-corrupt', { corrupt: true }, 'failed'],
       ['raspi-badinstall', { rejectInstall: true }, 'rolled_back'],
     ] as const) {
-      const pi = new MainServerDevice({ url: server.apiUrl, deviceId: id, stateDir: path.join(tmp, id), extensions: [{ name: 'HomeApp', version: '1.0.0' }], pollIntervalMs: 60_000, faults: () => faults });
+      const pi = new MainServerDevice({
+        url: server.apiUrl,
+        deviceId: id,
+        stateDir: path.join(tmp, id),
+        extensions: [{ name: 'HomeApp', version: '1.0.0' }],
+        pollIntervalMs: 60_000,
+        faults: () => faults,
+      });
       const outcome = new Promise<{ status: string; error: string }>((resolve) => pi.once('update_failed', resolve));
       await pi.start();
       assert.equal(pi.state.token, undefined);
@@ -301,7 +483,10 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
       // The device's timers would do this within a poll interval; drive them now.
       await pi.register();
       assert.match(pi.state.token ?? '', /^fhd_/);
-      await ms('POST', '/deploy-update', { token: server.adminToken, body: { device_id: id, extension_id: up.body.extension_id, version: '2.0.0' } });
+      await ms('POST', '/deploy-update', {
+        token: server.adminToken,
+        body: { device_id: id, extension_id: up.body.extension_id, version: '2.0.0' },
+      });
       await pi.checkForUpdates();
       const result = await outcome;
       assert.equal(result.status, expected, result.error);
@@ -311,4 +496,3 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
     }
   });
 });
-

@@ -7,7 +7,12 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { wifidogxEdgeOf } from '../../server/edges/wifidogx/index.ts';
-import { gatewayReplies, gatewayVersion, isSafeFirmwareUrl, MAX_FRAME_BYTES } from '../../server/edges/wifidogx/frames.ts';
+import {
+  gatewayReplies,
+  gatewayVersion,
+  isSafeFirmwareUrl,
+  MAX_FRAME_BYTES,
+} from '../../server/edges/wifidogx/frames.ts';
 import { simulatorImage, WifidogxGateway } from '../../device-client/simulators/wifidogx.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
@@ -21,12 +26,19 @@ const logs: Array<Record<string, any>> = [];
 const gateways: WifidogxGateway[] = [];
 
 function gateway(o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = {}): WifidogxGateway {
-  const g = new WifidogxGateway({ url: `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`, deviceId: `gw-${randomBytes(4).toString('hex')}`, version: '1.0.0', reconnectMs: 100, ...o });
+  const g = new WifidogxGateway({
+    url: `${server.apiUrl.replace('http:', 'ws:')}/ws/wifidogx`,
+    deviceId: `gw-${randomBytes(4).toString('hex')}`,
+    version: '1.0.0',
+    reconnectMs: 100,
+    ...o,
+  });
   gateways.push(g);
   return g;
 }
 
-const deviceOf = (g: WifidogxGateway) => server.database.db.selectFrom('devices').selectAll().where('identifier', '=', g.o.deviceId).executeTakeFirst();
+const deviceOf = (g: WifidogxGateway) =>
+  server.database.db.selectFrom('devices').selectAll().where('identifier', '=', g.o.deviceId).executeTakeFirst();
 const base = (g: WifidogxGateway) => `/api/v1/orgs/${server.orgId}/wifidogx/devices/${g.o.deviceId}`;
 const types = (g: WifidogxGateway) => g.received.map((m) => m.type);
 
@@ -42,18 +54,29 @@ async function approved(o: Partial<ConstructorParameters<typeof WifidogxGateway>
 }
 
 async function uploadImage(version: string, image = simulatorImage(version)) {
-  const res = await fetch(`${server.apiUrl}/api/v1/firmware?product=${server.productId}&org=${server.orgId}&version=${version}`, {
-    method: 'POST',
-    headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
-    body: new Uint8Array(image),
-  });
+  const res = await fetch(
+    `${server.apiUrl}/api/v1/firmware?product=${server.productId}&org=${server.orgId}&version=${version}`,
+    {
+      method: 'POST',
+      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+      body: new Uint8Array(image),
+    },
+  );
   assert.equal(res.status, 201, await res.clone().text());
   return (await res.json()) as { id: string };
 }
 
 describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   before(async () => {
-    server = await startTestServer({}, { log: createLogger({ level: 'info', destination: { write: (line: string) => void logs.push(JSON.parse(line)) } }) });
+    server = await startTestServer(
+      {},
+      {
+        log: createLogger({
+          level: 'info',
+          destination: { write: (line: string) => void logs.push(JSON.parse(line)) },
+        }),
+      },
+    );
   });
   after(async () => {
     for (const g of gateways) {
@@ -68,7 +91,10 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   it('answers the upgrade with a 101 under 1000 bytes, without compression', async () => {
     const g = gateway();
     await g.start();
-    assert.ok(g.upgradeResponseBytes > 0 && g.upgradeResponseBytes < MAX_FRAME_BYTES, `${g.upgradeResponseBytes} bytes`);
+    assert.ok(
+      g.upgradeResponseBytes > 0 && g.upgradeResponseBytes < MAX_FRAME_BYTES,
+      `${g.upgradeResponseBytes} bytes`,
+    );
   });
 
   it('records an unknown device_id as pending and sends it nothing at all', async () => {
@@ -81,15 +107,27 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     await new Promise((r) => setTimeout(r, 400));
     assert.deepEqual(g.received, []);
     // Commands to a pending device are refused.
-    const res = await fetch(`${server.apiUrl}${base(g)}/commands`, { method: 'POST', headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' }, body: JSON.stringify({ type: 'get_firmware_info' }) });
+    const res = await fetch(`${server.apiUrl}${base(g)}/commands`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
+      body: JSON.stringify({ type: 'get_firmware_info' }),
+    });
     assert.equal(res.status, 409);
     assert.deepEqual(g.received, []);
   });
 
   it('after approval replies with the gateways and integer auth modes, then learns the firmware version', async () => {
-    const g = await approved({ gateways: [{ gw_id: 'gw-a', auth_mode: 2 }, { gw_id: 'gw-b', auth_mode: 0 }] });
+    const g = await approved({
+      gateways: [
+        { gw_id: 'gw-a', auth_mode: 2 },
+        { gw_id: 'gw-b', auth_mode: 0 },
+      ],
+    });
     const reply = g.received.find((m) => m.type === 'connect')!;
-    assert.deepEqual(reply.gateway, [{ gw_id: 'gw-a', auth_mode: 2 }, { gw_id: 'gw-b', auth_mode: 0 }]);
+    assert.deepEqual(reply.gateway, [
+      { gw_id: 'gw-a', auth_mode: 2 },
+      { gw_id: 'gw-b', auth_mode: 0 },
+    ]);
     assert.equal(reply.op, 'connect');
     assert.equal(typeof reply.req_id, 'string');
     assert.ok(types(g).includes('get_firmware_info'));
@@ -133,15 +171,40 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   it('sends operator commands and records the responses and errors', async () => {
     const g = await approved();
     g.addClient('aa:bb:cc:dd:ee:01');
-    const auth = await server.call('POST', `${base(g)}/commands`, { type: 'auth', token: 'tok123', client_ip: '10.0.0.5', client_mac: 'aa:bb:cc:dd:ee:02', gw_id: 'gw-1', once_auth: false });
-    const kick = await server.call('POST', `${base(g)}/commands`, { type: 'kickoff', client_ip: '10.0.0.4', client_mac: 'aa:bb:cc:dd:ee:01', gw_id: 'gw-1' });
-    const kickMissing = await server.call('POST', `${base(g)}/commands`, { type: 'kickoff', client_ip: '10.0.0.9', client_mac: 'aa:bb:cc:dd:ee:09', gw_id: 'gw-1' });
+    const auth = await server.call('POST', `${base(g)}/commands`, {
+      type: 'auth',
+      token: 'tok123',
+      client_ip: '10.0.0.5',
+      client_mac: 'aa:bb:cc:dd:ee:02',
+      gw_id: 'gw-1',
+      once_auth: false,
+    });
+    const kick = await server.call('POST', `${base(g)}/commands`, {
+      type: 'kickoff',
+      client_ip: '10.0.0.4',
+      client_mac: 'aa:bb:cc:dd:ee:01',
+      gw_id: 'gw-1',
+    });
+    const kickMissing = await server.call('POST', `${base(g)}/commands`, {
+      type: 'kickoff',
+      client_ip: '10.0.0.9',
+      client_mac: 'aa:bb:cc:dd:ee:09',
+      gw_id: 'gw-1',
+    });
     const tmp = await server.call('POST', `${base(g)}/commands`, { type: 'tmp_pass', client_mac: 'aa:bb:cc:dd:ee:03' });
     const info = await server.call('POST', `${base(g)}/commands`, { type: 'get_firmware_info' });
-    const byId = async () => new Map((await server.call<{ items: Array<Record<string, any>> }>('GET', `${base(g)}/commands`)).items.map((c) => [c.id, c]));
+    const byId = async () =>
+      new Map(
+        (await server.call<{ items: Array<Record<string, any>> }>('GET', `${base(g)}/commands`)).items.map((c) => [
+          c.id,
+          c,
+        ]),
+      );
     const done = await until(async () => {
       const m = await byId();
-      return [auth, kick, kickMissing, tmp, info].every((c) => !['queued', 'sent'].includes(m.get(c.id)?.status)) ? m : undefined;
+      return [auth, kick, kickMissing, tmp, info].every((c) => !['queued', 'sent'].includes(m.get(c.id)?.status))
+        ? m
+        : undefined;
     }, 'commands settled');
     assert.equal(done.get(auth.id)!.status, 'delivered');
     assert.equal(done.get(tmp.id)!.status, 'delivered');
@@ -160,8 +223,20 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   it('refuses a shell-unsafe firmware_upgrade URL before sending anything', async () => {
     const g = await approved();
     const count = g.received.length;
-    for (const url of ['http://x/a;reboot', 'http://x/$(id)', 'http://x/a?b=c', 'http://x/a b', `http://x/${'a'.repeat(500)}`, 'ftp://x/a', "http://x/a'b"]) {
-      const res = await fetch(`${server.apiUrl}${base(g)}/commands`, { method: 'POST', headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' }, body: JSON.stringify({ type: 'firmware_upgrade', url }) });
+    for (const url of [
+      'http://x/a;reboot',
+      'http://x/$(id)',
+      'http://x/a?b=c',
+      'http://x/a b',
+      `http://x/${'a'.repeat(500)}`,
+      'ftp://x/a',
+      "http://x/a'b",
+    ]) {
+      const res = await fetch(`${server.apiUrl}${base(g)}/commands`, {
+        method: 'POST',
+        headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/json' },
+        body: JSON.stringify({ type: 'firmware_upgrade', url }),
+      });
       assert.equal(res.status, 400, url);
     }
     await new Promise((r) => setTimeout(r, 200));
@@ -177,10 +252,17 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     await until(async () => (await deviceOf(g))?.firmware_version === '2.0.0', 'back on 2.0.0');
     const upgrade = g.received.find((m) => m.type === 'firmware_upgrade')!;
     assert.equal(String(upgrade.url).split('/')[5], device.id, 'the URL names the gateway');
-    assert.match(String(upgrade.url), /^http:\/\/127\.0\.0\.1:\d+\/fw\/[0-9a-f-]{36}\/[0-9a-f-]{36}\/\d+\/[0-9a-f]{64}$/);
+    assert.match(
+      String(upgrade.url),
+      /^http:\/\/127\.0\.0\.1:\d+\/fw\/[0-9a-f-]{36}\/[0-9a-f-]{36}\/\d+\/[0-9a-f]{64}$/,
+    );
     assert.equal(upgrade.force, false);
     const attempt = await until(async () => {
-      const a = await server.database.db.selectFrom('update_attempts').selectAll().where('device_id', '=', device.id).executeTakeFirst();
+      const a = await server.database.db
+        .selectFrom('update_attempts')
+        .selectAll()
+        .where('device_id', '=', device.id)
+        .executeTakeFirst();
       return a?.state === 'succeeded' ? a : undefined;
     }, 'succeeded');
     assert.equal(attempt.via, 'edge:wifidogx');
@@ -232,7 +314,10 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.id}/revoke`);
       const res = await download(url, { headers: { range: 'bytes=0-9' } });
       assert.equal(res.status, 403);
-      assert.deepEqual(await error(res), { code: 'forbidden', message: 'the gateway is revoked: it may not download firmware' });
+      assert.deepEqual(await error(res), {
+        code: 'forbidden',
+        message: 'the gateway is revoked: it may not download firmware',
+      });
       assert.equal((await download(url, { method: 'HEAD' })).status, 403);
     });
 
@@ -241,11 +326,14 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       const from = logs.length;
       assert.equal((await download(url, { method: 'HEAD' })).status, 200);
       const lines = await until(() => {
-        const mine = logs.slice(from).filter((l) => l.reqId !== undefined && JSON.stringify(l).includes(`/fw/${fw.id}/`));
+        const mine = logs
+          .slice(from)
+          .filter((l) => l.reqId !== undefined && JSON.stringify(l).includes(`/fw/${fw.id}/`));
         return mine.length ? mine : undefined;
       }, 'the request logged');
       assert.equal(lines[0]!.req.url, `/fw/${fw.id}/${device.id}/${url.split('/').at(-2)}/[redacted]`);
-      for (const line of logs) assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
+      for (const line of logs)
+        assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
     });
 
     it('logs a mistyped path (404) without its credential query or path signature', async () => {
@@ -258,7 +346,13 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
         const lines = logs.slice(from).filter((l) => /^Route GET:.* not found$/.test(l.msg));
         return lines.length === 2 ? lines : undefined;
       }, 'both 404s logged');
-      assert.deepEqual(notFound.map((l) => l.msg), ['Route GET:/ws/wifidogx/ not found', `Route GET:${new URL(url).pathname.replace(sig, '[redacted]')}/extra not found`]);
+      assert.deepEqual(
+        notFound.map((l) => l.msg),
+        [
+          'Route GET:/ws/wifidogx/ not found',
+          `Route GET:${new URL(url).pathname.replace(sig, '[redacted]')}/extra not found`,
+        ],
+      );
       for (const line of logs.slice(from)) {
         const text = JSON.stringify(line);
         assert.ok(!text.includes(sig) && !text.includes(g.o.credential!), `a log line carries a secret: ${text}`);
@@ -273,7 +367,17 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     g.once('upgrading', () => void g.stop());
     await server.call('PUT', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`, { firmware_id: fw.id });
     const edge = wifidogxEdgeOf(server.api)!;
-    await until(async () => (await server.database.db.selectFrom('update_attempts').select('state').where('device_id', '=', device.id).executeTakeFirst())?.state === 'finished', 'finished');
+    await until(
+      async () =>
+        (
+          await server.database.db
+            .selectFrom('update_attempts')
+            .select('state')
+            .where('device_id', '=', device.id)
+            .executeTakeFirst()
+        )?.state === 'finished',
+      'finished',
+    );
     edge.configure({ upgradeTimeoutMs: 200 });
     try {
       await new Promise((r) => setTimeout(r, 300));
@@ -281,7 +385,11 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     } finally {
       edge.configure({ upgradeTimeoutMs: 15 * 60_000 });
     }
-    const a = await server.database.db.selectFrom('update_attempts').selectAll().where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    const a = await server.database.db
+      .selectFrom('update_attempts')
+      .selectAll()
+      .where('device_id', '=', device.id)
+      .executeTakeFirstOrThrow();
     assert.equal(a.state, 'timed_out');
   });
 
@@ -330,9 +438,21 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       // Gone before the server has looked the device up: the step finishes after the close.
       ws.send(JSON.stringify({ type: 'connect', device_id: deviceId, gateway: [] }));
       ws.terminate();
-      await until(async () => (await server.database.db.selectFrom('devices').select('id').where('identifier', '=', deviceId).executeTakeFirst()) !== undefined, 'the report handled');
+      await until(
+        async () =>
+          (await server.database.db
+            .selectFrom('devices')
+            .select('id')
+            .where('identifier', '=', deviceId)
+            .executeTakeFirst()) !== undefined,
+        'the report handled',
+      );
       await new Promise((r) => setTimeout(r, 700));
-      assert.deepEqual(logs.filter((l) => l.identifier === deviceId && /no heartbeat/.test(l.msg ?? '')), [], 'a timer outlived its link');
+      assert.deepEqual(
+        logs.filter((l) => l.identifier === deviceId && /no heartbeat/.test(l.msg ?? '')),
+        [],
+        'a timer outlived its link',
+      );
     } finally {
       wifidogxEdgeOf(server.api)!.configure({ timings: { livenessMs: 150_000 } });
     }
@@ -345,7 +465,10 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
 
   it('derives fleet versions from openwrt_release', () => {
     assert.equal(gatewayVersion({ DISTRIB_RELEASE: '1.2.3' }), '1.2.3');
-    assert.equal(gatewayVersion({ DISTRIB_RELEASE: '24.10-SNAPSHOT', DISTRIB_REVISION: 'r28790-abc123' }), '24.10.0-SNAPSHOT+r28790-abc123');
+    assert.equal(
+      gatewayVersion({ DISTRIB_RELEASE: '24.10-SNAPSHOT', DISTRIB_REVISION: 'r28790-abc123' }),
+      '24.10.0-SNAPSHOT+r28790-abc123',
+    );
     assert.equal(gatewayVersion({}), undefined);
   });
 });

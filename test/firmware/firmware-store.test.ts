@@ -54,7 +54,13 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
   test('metadata may come as X-Firmware headers instead of the query string', async () => {
     const res = await fetch(`${h.apiUrl}/api/v1/firmware`, {
       method: 'POST',
-      headers: { authorization: `Bearer ${operator}`, 'content-type': 'application/octet-stream', 'x-firmware-product': 'sensor', 'x-firmware-org': h.org.name, 'x-firmware-version': '1.0.1' },
+      headers: {
+        authorization: `Bearer ${operator}`,
+        'content-type': 'application/octet-stream',
+        'x-firmware-product': 'sensor',
+        'x-firmware-org': h.org.name,
+        'x-firmware-version': '1.0.1',
+      },
       body: Buffer.from('header image'),
     });
     const body = (await res.json()) as Record<string, unknown>;
@@ -120,8 +126,15 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
         body: JSON.stringify({ name: 'release', public_key_pem: keys.publicKeyPem }),
       });
       assert.equal(added.status, 201);
-      const list = (await (await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys`, { headers: { authorization: `Bearer ${operator}` } })).json()) as Array<{ name: string; fingerprint: string }>;
-      assert.deepEqual(list.map((k) => k.name), ['release']);
+      const list = (await (
+        await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys`, {
+          headers: { authorization: `Bearer ${operator}` },
+        })
+      ).json()) as Array<{ name: string; fingerprint: string }>;
+      assert.deepEqual(
+        list.map((k) => k.name),
+        ['release'],
+      );
       assert.match(list[0]!.fingerprint, /^[0-9a-f]{64}$/);
     });
 
@@ -163,9 +176,16 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
     });
 
     test('an admin removes a signing key by name', async () => {
-      const res = await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys/release`, { method: 'DELETE', headers: { authorization: `Bearer ${admin}` } });
+      const res = await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys/release`, {
+        method: 'DELETE',
+        headers: { authorization: `Bearer ${admin}` },
+      });
       assert.equal(res.status, 200);
-      const list = (await (await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys`, { headers: { authorization: `Bearer ${admin}` } })).json()) as unknown[];
+      const list = (await (
+        await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys`, {
+          headers: { authorization: `Bearer ${admin}` },
+        })
+      ).json()) as unknown[];
       assert.equal(list.length, 0);
     });
   });
@@ -213,16 +233,28 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
       const part = await h.fetchAsDevice(cred, h.signUrl(firmwareId), { headers: { range: 'bytes=262000-800000' } });
       assert.equal(part.status, 206);
       assert.deepEqual(part.body, whole.body.subarray(262000, 800001));
-      const tail = await h.fetchAsDevice(cred, h.signUrl(firmwareId), { headers: { range: `bytes=${size - 300000}-` } });
+      const tail = await h.fetchAsDevice(cred, h.signUrl(firmwareId), {
+        headers: { range: `bytes=${size - 300000}-` },
+      });
       let image = Buffer.alloc(0);
       for await (const chunk of imageChunks(size, 41)) image = Buffer.concat([image, chunk]);
-      assert.equal(tail.sha256, createHash('sha256').update(image.subarray(size - 300000)).digest('hex'));
+      assert.equal(
+        tail.sha256,
+        createHash('sha256')
+          .update(image.subarray(size - 300000))
+          .digest('hex'),
+      );
     });
 
     test('a download the device abandons mid-stream leaves the listener serving the next one', async () => {
       const cred = await h.deviceFor('a', 'dl-abandon');
       const received = await new Promise<number>((resolve, reject) => {
-        const req = https.request(h.signUrl(firmwareId), { cert: cred.certPem, key: cred.keyPem, ca: h.pki.rootCa.certPem, agent: false });
+        const req = https.request(h.signUrl(firmwareId), {
+          cert: cred.certPem,
+          key: cred.keyPem,
+          ca: h.pki.rootCa.certPem,
+          agent: false,
+        });
         req.once('error', reject);
         req.once('response', (res) => {
           res.once('data', (chunk: Buffer) => {
@@ -254,7 +286,9 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
 
     test('an If-Range with another ETag gets the whole image', async () => {
       const cred = await h.deviceFor('a', 'dl-ifrange');
-      const res = await h.fetchAsDevice(cred, h.signUrl(firmwareId), { headers: { range: 'bytes=10-', 'if-range': '"stale"' } });
+      const res = await h.fetchAsDevice(cred, h.signUrl(firmwareId), {
+        headers: { range: 'bytes=10-', 'if-range': '"stale"' },
+      });
       assert.equal(res.status, 200);
       assert.equal(res.bytes, size);
     });
@@ -270,7 +304,12 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
 
     test('an expired URL is refused with 403', async () => {
       const cred = await h.deviceFor('a', 'dl-expired');
-      const url = signFirmwareUrl({ baseUrl: h.deviceUrl, secret: h.secret, firmwareId, expiresAt: new Date(Date.now() - 1000) });
+      const url = signFirmwareUrl({
+        baseUrl: h.deviceUrl,
+        secret: h.secret,
+        firmwareId,
+        expiresAt: new Date(Date.now() - 1000),
+      });
       const res = await h.fetchAsDevice(cred, url);
       assert.equal(res.status, 403);
       assert.match(res.body.toString(), /expired/);
@@ -284,7 +323,7 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
       assert.equal((await h.fetchAsDevice(cred, otherId)).status, 403);
     });
 
-    test("a device of another product is refused with 403 even with a valid URL", async () => {
+    test('a device of another product is refused with 403 even with a valid URL', async () => {
       const cred = await h.deviceFor('b', 'dl-other-product');
       const res = await h.fetchAsDevice(cred, h.signUrl(firmwareId));
       assert.equal(res.status, 403);
@@ -292,7 +331,12 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
 
     test('a URL signed with another secret is refused with 403', async () => {
       const cred = await h.deviceFor('a', 'dl-secret');
-      const url = signFirmwareUrl({ baseUrl: h.deviceUrl, secret: 'not the server secret', firmwareId, expiresAt: new Date(Date.now() + 60_000) });
+      const url = signFirmwareUrl({
+        baseUrl: h.deviceUrl,
+        secret: 'not the server secret',
+        firmwareId,
+        expiresAt: new Date(Date.now() + 60_000),
+      });
       assert.equal((await h.fetchAsDevice(cred, url)).status, 403);
     });
   });

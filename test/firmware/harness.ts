@@ -17,14 +17,29 @@ import { createPubSub } from '../../server/channels/index.ts';
 import type { DatabaseHandle } from '../../server/db/index.ts';
 import { LocalBlobStore } from '../../server/firmware/blob-store.ts';
 import { createFirmwareUrlSigner, registerFirmwareDownload } from '../../server/firmware/download.ts';
-import { createOrg, createProduct, pubsubBus, SYSTEM, type FleetContext, type Org, type Product } from '../../server/fleet/index.ts';
+import {
+  createOrg,
+  createProduct,
+  pubsubBus,
+  SYSTEM,
+  type FleetContext,
+  type Org,
+  type Product,
+} from '../../server/fleet/index.ts';
 import { addSignerCa } from '../../server/identity/index.ts';
 import { createDeviceListener, type DeviceListener } from '../../server/listeners/device.ts';
 import { createLogger } from '../../server/log.ts';
 import { createUser } from '../../server/api/operators.ts';
 import type { Role } from '../../server/db/schema.ts';
 import { createTestDatabase } from '../helpers/db.ts';
-import { deviceCert, deviceCertFromCa, getTestPki, otherCa, type CertifiedKey, type PkiMaterial } from '../helpers/pki.ts';
+import {
+  deviceCert,
+  deviceCertFromCa,
+  getTestPki,
+  otherCa,
+  type CertifiedKey,
+  type PkiMaterial,
+} from '../helpers/pki.ts';
 
 export interface FirmwareHarness {
   handle: DatabaseHandle;
@@ -47,7 +62,13 @@ export interface FirmwareHarness {
     cred: CertifiedKey,
     url: string,
     opts?: { method?: string; headers?: Record<string, string> },
-  ): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; bytes: number; body: Buffer; sha256: string }>;
+  ): Promise<{
+    status: number;
+    headers: Record<string, string | string[] | undefined>;
+    bytes: number;
+    body: Buffer;
+    sha256: string;
+  }>;
   close(): Promise<void>;
 }
 
@@ -70,7 +91,9 @@ export async function startFirmwareHarness(): Promise<FirmwareHarness> {
   };
 
   const api: FastifyInstance = Fastify({ logger: false });
-  await registerApi(api, { fleet, db: handle.db, log, pubsub, secret }, [(scope) => firmwareApiRoutes(scope, { fleet, blobs })]);
+  await registerApi(api, { fleet, db: handle.db, log, pubsub, secret }, [
+    (scope) => firmwareApiRoutes(scope, { fleet, blobs }),
+  ]);
   await api.listen({ port: 0, host: '127.0.0.1' });
   const apiUrl = `http://127.0.0.1:${(api.server.address() as AddressInfo).port}`;
 
@@ -98,14 +121,19 @@ export async function startFirmwareHarness(): Promise<FirmwareHarness> {
     org,
     productA,
     productB,
-    signUrl: (firmwareId, ttlSeconds = 3600) => createFirmwareUrlSigner({ baseUrl: deviceUrl, secret, ttlSeconds })({ id: firmwareId }),
+    signUrl: (firmwareId, ttlSeconds = 3600) =>
+      createFirmwareUrlSigner({ baseUrl: deviceUrl, secret, ttlSeconds })({ id: firmwareId }),
     async token(role) {
       const existing = users.get(role);
       if (existing) return existing;
       const email = `${role}-${randomBytes(3).toString('hex')}@example.test`;
       const password = 'correct horse battery staple';
       await createUser(handle.db, { email, password, role, orgId: null });
-      const res = await fetch(`${apiUrl}/api/v1/auth/login`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ email, password }) });
+      const res = await fetch(`${apiUrl}/api/v1/auth/login`, {
+        method: 'POST',
+        headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ email, password }),
+      });
       const token = ((await res.json()) as { token: string }).token;
       users.set(role, token);
       return token;
@@ -113,7 +141,14 @@ export async function startFirmwareHarness(): Promise<FirmwareHarness> {
     deviceFor: (product, serial) => (product === 'a' ? deviceCert(serial) : deviceCertFromCa(caB, serial)),
     fetchAsDevice(cred, url, opts = {}) {
       return new Promise((resolve, reject) => {
-        const req = https.request(url, { method: opts.method ?? 'GET', headers: opts.headers, cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem, agent: false });
+        const req = https.request(url, {
+          method: opts.method ?? 'GET',
+          headers: opts.headers,
+          cert: cred.certPem,
+          key: cred.keyPem,
+          ca: pki.rootCa.certPem,
+          agent: false,
+        });
         req.once('error', reject);
         req.once('response', (res) => {
           let bytes = 0;
@@ -125,7 +160,15 @@ export async function startFirmwareHarness(): Promise<FirmwareHarness> {
             if (bytes <= 1024 * 1024) kept.push(chunk);
           });
           res.once('error', reject);
-          res.once('end', () => resolve({ status: res.statusCode ?? 0, headers: res.headers, bytes, body: Buffer.concat(kept), sha256: digest.digest('hex') }));
+          res.once('end', () =>
+            resolve({
+              status: res.statusCode ?? 0,
+              headers: res.headers,
+              bytes,
+              body: Buffer.concat(kept),
+              sha256: digest.digest('hex'),
+            }),
+          );
         });
         req.end();
       });

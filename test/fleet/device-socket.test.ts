@@ -32,24 +32,36 @@ interface TestDevice {
 }
 
 /** Connects the official phoenix client as device `serial` and joins `device:<uuid>`. */
-async function connectDevice(serial: string, firmwareUuid: string, opts: { cred?: CertifiedKey; params?: Record<string, unknown> } = {}): Promise<TestDevice> {
+async function connectDevice(
+  serial: string,
+  firmwareUuid: string,
+  opts: { cred?: CertifiedKey; params?: Record<string, unknown> } = {},
+): Promise<TestDevice> {
   const cred = opts.cred ?? (await deviceCert(serial));
   const socket = await openSocket(server.url, { tls: await deviceTlsOptions(cred) });
   open.push(socket);
   const channel = socket.channel(`device:${firmwareUuid}`, opts.params ?? {});
   const pushes: TestDevice['pushes'] = [];
-  for (const event of ['firmware_update', 'join', 'leave']) channel.on(event, (payload: Record<string, unknown>) => {
+  for (const event of ['firmware_update', 'join', 'leave'])
+    channel.on(event, (payload: Record<string, unknown>) => {
       pushes.push({ event, payload });
     });
   const reply = (await joinChannel(channel)) as { groups: string[] };
-  const row = await handle.db.selectFrom('devices').select('id').where('identifier', '=', serial).executeTakeFirstOrThrow();
+  const row = await handle.db
+    .selectFrom('devices')
+    .select('id')
+    .where('identifier', '=', serial)
+    .executeTakeFirstOrThrow();
   return { serial, socket, channel, reply, deviceId: row.id, pushes };
 }
 
 async function closeDevice(d: TestDevice): Promise<void> {
   await disconnectSocket(d.socket);
   // The server marks the device offline once its channel terminates.
-  await waitForDb(async () => (await fleet.getDevice(server.ctx, acmeOrRival(d), d.deviceId)).connection_status === 'offline', 'device offline');
+  await waitForDb(
+    async () => (await fleet.getDevice(server.ctx, acmeOrRival(d), d.deviceId)).connection_status === 'offline',
+    'device offline',
+  );
 }
 
 function acmeOrRival(d: TestDevice): string {
@@ -70,7 +82,13 @@ async function newGroup(name = uniq('grp')): Promise<fleet.GroupWithCount> {
 }
 
 async function attemptsOf(deviceId: string) {
-  return handle.db.selectFrom('update_attempts').selectAll().where('device_id', '=', deviceId).orderBy('created_at').orderBy('id').execute();
+  return handle.db
+    .selectFrom('update_attempts')
+    .selectAll()
+    .where('device_id', '=', deviceId)
+    .orderBy('created_at')
+    .orderBy('id')
+    .execute();
 }
 
 before(async () => {
@@ -82,7 +100,11 @@ before(async () => {
   const orgB = await fleet.createOrg(ctx, OPERATOR, { name: uniq('rival') });
   rival = { org: orgB, product: await fleet.createProduct(ctx, OPERATOR, { orgId: orgB.id, name: 'sensor' }) };
   const { getTestPki } = await import('../helpers/pki.ts');
-  await addSignerCa(handle.db, SYSTEM, { orgId: acme.org.id, productId: acme.product.id, pem: (await getTestPki()).signerCa.certPem });
+  await addSignerCa(handle.db, SYSTEM, {
+    orgId: acme.org.id,
+    productId: acme.product.id,
+    pem: (await getTestPki()).signerCa.certPem,
+  });
   rivalCa = otherCa('rival signer');
   await addSignerCa(handle.db, SYSTEM, { orgId: rival.org.id, productId: rival.product.id, pem: rivalCa.certPem });
   await server.listener.refreshTrust();
@@ -140,7 +162,10 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     const member = await connectDevice(uniq('member'), v1.id);
     await fleet.addDevicesToGroup(server.ctx, OPERATOR, acme.org.id, g.id, [member.deviceId]);
     const serial = uniq('rival');
-    const stranger = await connectDevice(serial, randomUUID(), { cred: await deviceCertFromCa(rivalCa, serial), params: { version: '0.1.0', platform: 'x', architecture: 'y' } });
+    const stranger = await connectDevice(serial, randomUUID(), {
+      cred: await deviceCertFromCa(rivalCa, serial),
+      params: { version: '0.1.0', platform: 'x', architecture: 'y' },
+    });
     assert.equal((await fleet.getDevice(server.ctx, rival.org.id, stranger.deviceId)).org_id, rival.org.id);
     await assert.rejects(joinChannel(stranger.socket.channel(g.topic, {})), (e: { response?: unknown }) => {
       assert.deepEqual(e.response, { reason: 'unauthorized' });
@@ -161,7 +186,13 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     // 45 on the old firmware, 5 already on the target (they ignore it; it is still sent once).
     for (let i = 0; i < 50; i++) devices.push(await connectDevice(uniq('fan'), i < 45 ? v1.id : v2.id));
     const joins = devices.map((d) => nextEvent(d.channel, 'join'));
-    await fleet.addDevicesToGroup(server.ctx, OPERATOR, acme.org.id, g.id, devices.map((d) => d.deviceId));
+    await fleet.addDevicesToGroup(
+      server.ctx,
+      OPERATOR,
+      acme.org.id,
+      g.id,
+      devices.map((d) => d.deviceId),
+    );
     await Promise.all(joins);
     const groupUpdates = new Map<string, Record<string, unknown>[]>();
     await Promise.all(
@@ -180,12 +211,25 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     const change = await fleet.setGroupTarget(server.ctx, OPERATOR, acme.org.id, g.id, v2.id);
     assert.equal(change.delivery, 'group');
     assert.deepEqual(change.attempts, { sent: 45, queued: 0 });
-    await waitFor(() => [...groupUpdates.values()].every((list) => list.length >= 1), 10_000, 'every device got firmware_update');
+    await waitFor(
+      () => [...groupUpdates.values()].every((list) => list.length >= 1),
+      10_000,
+      'every device got firmware_update',
+    );
     // A round trip on every socket: anything still in flight would have arrived before the reply.
     await Promise.all(devices.map((d) => pushAndWait(d.channel, 'no_such_event', {})));
     for (const [id, list] of groupUpdates) assert.equal(list.length, 1, `device ${id} got ${list.length} updates`);
-    assert.deepEqual([...groupUpdates.values()][0]![0], { url: `https://127.0.0.1/firmware/${v2.id}`, version: '2.0.0', sha256: v2.sha256, size: 1024, firmware_uuid: v2.id });
-    assert.ok(devices.every((d) => d.pushes.every((p) => p.event !== 'firmware_update')), 'nothing on the device channels');
+    assert.deepEqual([...groupUpdates.values()][0]![0], {
+      url: `https://127.0.0.1/firmware/${v2.id}`,
+      version: '2.0.0',
+      sha256: v2.sha256,
+      size: 1024,
+      firmware_uuid: v2.id,
+    });
+    assert.ok(
+      devices.every((d) => d.pushes.every((p) => p.event !== 'firmware_update')),
+      'nothing on the device channels',
+    );
     assert.equal(server.endpoint.stats.broadcastEncodes - encodesBefore, 1);
     assert.equal(server.endpoint.stats.broadcastsDelivered - deliveredBefore, 50);
     for (const d of devices) await disconnectSocket(d.socket);
@@ -201,7 +245,18 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     assert.equal((await attemptsOf(first.deviceId))[0]?.state, 'queued');
     const d = await connectDevice(serial, v1.id);
     await waitFor(() => d.pushes.length > 0, 5000, 'firmware_update push');
-    assert.deepEqual(d.pushes, [{ event: 'firmware_update', payload: { url: `https://127.0.0.1/firmware/${v2.id}`, version: '2.0.0', sha256: v2.sha256, size: 1024, firmware_uuid: v2.id } }]);
+    assert.deepEqual(d.pushes, [
+      {
+        event: 'firmware_update',
+        payload: {
+          url: `https://127.0.0.1/firmware/${v2.id}`,
+          version: '2.0.0',
+          sha256: v2.sha256,
+          size: 1024,
+          firmware_uuid: v2.id,
+        },
+      },
+    ]);
     assert.equal((await attemptsOf(d.deviceId))[0]?.state, 'sent');
     await closeDevice(d);
   });
@@ -212,22 +267,50 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     await fleet.setDeviceTarget(server.ctx, OPERATOR, acme.org.id, first.deviceId, v2.id);
     await waitFor(() => first.pushes.some((p) => p.event === 'firmware_update'), 5000, 'firmware_update');
     const ch = first.channel;
-    assert.deepEqual(await pushAndWait(ch, 'firmware_update_begin', { version: '2.0.0' }), { status: 'ok', response: { state: 'begun' } });
-    const bad = await pushAndWait(ch, 'firmware_update_progress', { version: '2.0.0', percent: 150, bytes: 1, total: 2 });
+    assert.deepEqual(await pushAndWait(ch, 'firmware_update_begin', { version: '2.0.0' }), {
+      status: 'ok',
+      response: { state: 'begun' },
+    });
+    const bad = await pushAndWait(ch, 'firmware_update_progress', {
+      version: '2.0.0',
+      percent: 150,
+      bytes: 1,
+      total: 2,
+    });
     assert.equal(bad.status, 'error');
     assert.match(String(bad.response.reason), /percent/);
     assert.deepEqual(bad.response.details, { code: 'invalid', field: 'percent' });
-    assert.equal((await pushAndWait(ch, 'firmware_update_progress', { version: '2.0.0', percent: 50, bytes: 512, total: 1024 })).status, 'ok');
+    assert.equal(
+      (await pushAndWait(ch, 'firmware_update_progress', { version: '2.0.0', percent: 50, bytes: 512, total: 1024 }))
+        .status,
+      'ok',
+    );
     assert.equal((await pushAndWait(ch, 'firmware_update_finish', { version: '2.0.0' })).status, 'ok');
-    const late = await pushAndWait(ch, 'firmware_update_progress', { version: '2.0.0', percent: 60, bytes: 600, total: 1024 });
+    const late = await pushAndWait(ch, 'firmware_update_progress', {
+      version: '2.0.0',
+      percent: 60,
+      bytes: 600,
+      total: 1024,
+    });
     assert.equal(late.status, 'error');
-    assert.equal((late.response.details as { code: string }).code, 'conflict', 'progress after finish is not a valid transition');
+    assert.equal(
+      (late.response.details as { code: string }).code,
+      'conflict',
+      'progress after finish is not a valid transition',
+    );
     const unknownBefore = server.deviceSocket.stats.unknownEvents;
-    assert.deepEqual(await pushAndWait(ch, 'make_coffee', {}), { status: 'error', response: { reason: 'unknown event' } });
+    assert.deepEqual(await pushAndWait(ch, 'make_coffee', {}), {
+      status: 'error',
+      response: { reason: 'unknown event' },
+    });
     assert.equal(server.deviceSocket.stats.unknownEvents, unknownBefore + 1);
     const [attempt] = await attemptsOf(first.deviceId);
     assert.deepEqual([attempt?.state, attempt?.percent, attempt?.bytes], ['finished', 100, 512]);
-    const log = await fleet.listAuditLog(server.ctx, { orgId: acme.org.id, resourceType: 'update_attempt', resourceId: attempt!.id });
+    const log = await fleet.listAuditLog(server.ctx, {
+      orgId: acme.org.id,
+      resourceType: 'update_attempt',
+      resourceId: attempt!.id,
+    });
     assert.deepEqual(log.items.map((r) => r.action).reverse(), ['update.begun', 'update.finished']);
 
     // The device reboots into the new firmware: the update succeeded.
@@ -249,7 +332,10 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     const back = await connectDevice(serial, v1.id);
     await new Promise((r) => setTimeout(r, 100));
     assert.deepEqual(back.pushes, [], 'a rolled-back update is not resent automatically');
-    assert.deepEqual((await attemptsOf(first.deviceId)).map((a) => a.state), ['rolled_back']);
+    assert.deepEqual(
+      (await attemptsOf(first.deviceId)).map((a) => a.state),
+      ['rolled_back'],
+    );
     await closeDevice(back);
   });
 
@@ -266,8 +352,15 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     );
     const second = await connectDevice(serial, v1.id, { cred });
     await firstClosed;
-    assert.deepEqual(await pushAndWait(second.channel, 'ping', {}), { status: 'error', response: { reason: 'unknown event' } }, 'the second connection lives on');
-    await waitForDb(async () => (await fleet.getDevice(server.ctx, acme.org.id, second.deviceId)).connection_status === 'online', 'online');
+    assert.deepEqual(
+      await pushAndWait(second.channel, 'ping', {}),
+      { status: 'error', response: { reason: 'unknown event' } },
+      'the second connection lives on',
+    );
+    await waitForDb(
+      async () => (await fleet.getDevice(server.ctx, acme.org.id, second.deviceId)).connection_status === 'online',
+      'online',
+    );
     await closeDevice(second);
   });
 });

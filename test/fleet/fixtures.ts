@@ -37,11 +37,20 @@ export interface Tenant {
 
 export async function tenant(ctx: FleetContext, opts: { requiresSignature?: boolean } = {}): Promise<Tenant> {
   const org = await fleet.createOrg(ctx, OPERATOR, { name: uniq('org') });
-  const product = await fleet.createProduct(ctx, OPERATOR, { orgId: org.id, name: uniq('prod'), requiresSignature: opts.requiresSignature });
+  const product = await fleet.createProduct(ctx, OPERATOR, {
+    orgId: org.id,
+    name: uniq('prod'),
+    requiresSignature: opts.requiresSignature,
+  });
   return { org, product };
 }
 
-export async function firmware(ctx: FleetContext, t: Tenant, version: string, extra: Partial<fleet.CreateFirmwareInput> = {}): Promise<fleet.Firmware> {
+export async function firmware(
+  ctx: FleetContext,
+  t: Tenant,
+  version: string,
+  extra: Partial<fleet.CreateFirmwareInput> = {},
+): Promise<fleet.Firmware> {
   return fleet.createFirmware(ctx, OPERATOR, {
     orgId: t.org.id,
     productId: t.product.id,
@@ -57,7 +66,10 @@ export async function firmware(ctx: FleetContext, t: Tenant, version: string, ex
 
 export async function devices(ctx: FleetContext, t: Tenant, n: number): Promise<fleet.Device[]> {
   const out: fleet.Device[] = [];
-  for (let i = 0; i < n; i++) out.push(await fleet.createDevice(ctx, OPERATOR, { orgId: t.org.id, productId: t.product.id, identifier: uniq('dev') }));
+  for (let i = 0; i < n; i++)
+    out.push(
+      await fleet.createDevice(ctx, OPERATOR, { orgId: t.org.id, productId: t.product.id, identifier: uniq('dev') }),
+    );
   return out;
 }
 

@@ -24,11 +24,22 @@ async function fleetUpdating(n: number, begun = n) {
   const t = await tenant(setupCtx);
   const [v1, v2] = [await firmware(setupCtx, t, '1.0.0'), await firmware(setupCtx, t, '2.0.0')];
   const ds = await devices(setupCtx, t, n);
-  const g = await fleet.createGroup(setupCtx, OPERATOR, { orgId: t.org.id, productId: t.product.id, name: uniq('grp') });
-  await fleet.addDevicesToGroup(setupCtx, OPERATOR, t.org.id, g.id, ds.map((d) => d.id));
+  const g = await fleet.createGroup(setupCtx, OPERATOR, {
+    orgId: t.org.id,
+    productId: t.product.id,
+    name: uniq('grp'),
+  });
+  await fleet.addDevicesToGroup(
+    setupCtx,
+    OPERATOR,
+    t.org.id,
+    g.id,
+    ds.map((d) => d.id),
+  );
   await fleet.setGroupTarget(setupCtx, OPERATOR, t.org.id, g.id, v2.id);
   for (const d of ds) await fleet.deviceJoined(setupCtx, ref(d), v1.id);
-  for (const d of ds.slice(0, begun)) await fleet.applyUpdateReport(setupCtx, dev(d), 'firmware_update_begin', { version: '2.0.0' });
+  for (const d of ds.slice(0, begun))
+    await fleet.applyUpdateReport(setupCtx, dev(d), 'firmware_update_begin', { version: '2.0.0' });
   return { t, devices: ds };
 }
 
@@ -41,17 +52,27 @@ function progress(percent: number) {
 }
 
 async function attemptOf(deviceId: string) {
-  return handle.db.selectFrom('update_attempts').selectAll().where('device_id', '=', deviceId).orderBy('created_at', 'desc').executeTakeFirstOrThrow();
+  return handle.db
+    .selectFrom('update_attempts')
+    .selectAll()
+    .where('device_id', '=', deviceId)
+    .orderBy('created_at', 'desc')
+    .executeTakeFirstOrThrow();
 }
 
 describe(`progress report ingest (${DATABASE_KIND})`, () => {
   test('many concurrent progress reports from many devices are all persisted, in far fewer statements than reports', async () => {
     const { devices: ds } = await fleetUpdating(60);
     const ctx = recordingContext(handle.db);
-    const answers = await Promise.all(ds.map((d, i) => fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(i % 101))));
+    const answers = await Promise.all(
+      ds.map((d, i) => fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(i % 101))),
+    );
     for (const [i, d] of ds.entries()) {
       const persisted = await attemptOf(d.id);
-      assert.deepEqual([persisted.state, persisted.percent, persisted.bytes, persisted.total], ['downloading', i % 101, (i % 101) * 10, 1000]);
+      assert.deepEqual(
+        [persisted.state, persisted.percent, persisted.bytes, persisted.total],
+        ['downloading', i % 101, (i % 101) * 10, 1000],
+      );
       assert.equal(answers[i]!.id, persisted.id, 'each caller gets its own attempt');
       assert.deepEqual([answers[i]!.state, answers[i]!.percent], [persisted.state, persisted.percent]);
     }
@@ -73,10 +94,21 @@ describe(`progress report ingest (${DATABASE_KIND})`, () => {
   });
 
   test('several reports for one attempt in a batch persist the latest and every caller gets the persisted attempt', async () => {
-    const { devices: [d] } = await fleetUpdating(1);
+    const {
+      devices: [d],
+    } = await fleetUpdating(1);
     const ctx = recordingContext(handle.db);
-    const answers = await Promise.all([10, 20, 30].map((p) => fleet.applyUpdateReport(ctx, dev(d!), 'firmware_update_progress', progress(p))));
-    assert.deepEqual(answers.map((a) => [a.state, a.percent]), [['downloading', 30], ['downloading', 30], ['downloading', 30]]);
+    const answers = await Promise.all(
+      [10, 20, 30].map((p) => fleet.applyUpdateReport(ctx, dev(d!), 'firmware_update_progress', progress(p))),
+    );
+    assert.deepEqual(
+      answers.map((a) => [a.state, a.percent]),
+      [
+        ['downloading', 30],
+        ['downloading', 30],
+        ['downloading', 30],
+      ],
+    );
     assert.equal((await attemptOf(d!.id)).percent, 30);
     assert.equal(fleet.progressIngestStats(ctx).batches, 1);
   });
@@ -93,7 +125,9 @@ describe(`progress report ingest (${DATABASE_KIND})`, () => {
   });
 
   test('a progress report for a version with no update in flight rejects with not_found, and the rest of its batch is persisted', async () => {
-    const { devices: [a, b] } = await fleetUpdating(2);
+    const {
+      devices: [a, b],
+    } = await fleetUpdating(2);
     const ctx = recordingContext(handle.db);
     const [unknown, good] = await Promise.allSettled([
       fleet.applyUpdateReport(ctx, dev(a!), 'firmware_update_progress', { ...progress(10), version: '7.0.0' }),
@@ -106,22 +140,41 @@ describe(`progress report ingest (${DATABASE_KIND})`, () => {
   });
 
   test('progress before begin, or after finish, rejects with conflict and changes nothing', async () => {
-    const { devices: [finished, good, notBegun] } = await fleetUpdating(3, 2);
+    const {
+      devices: [finished, good, notBegun],
+    } = await fleetUpdating(3, 2);
     await fleet.applyUpdateReport(setupCtx, dev(finished!), 'firmware_update_finish', { version: '2.0.0' });
     const ctx = recordingContext(handle.db);
-    const results = await Promise.allSettled([notBegun!, finished!, good!].map((d) => fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(40))));
+    const results = await Promise.allSettled(
+      [notBegun!, finished!, good!].map((d) =>
+        fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(40)),
+      ),
+    );
     assert.ok(code('conflict')((results[0] as PromiseRejectedResult).reason), 'before begin');
     assert.ok(code('conflict')((results[1] as PromiseRejectedResult).reason), 'after finish');
     assert.equal(results[2]!.status, 'fulfilled');
     assert.deepEqual([(await attemptOf(notBegun!.id)).state, (await attemptOf(notBegun!.id)).percent], ['sent', null]);
-    assert.deepEqual([(await attemptOf(finished!.id)).state, (await attemptOf(finished!.id)).percent], ['finished', 100]);
+    assert.deepEqual(
+      [(await attemptOf(finished!.id)).state, (await attemptOf(finished!.id)).percent],
+      ['finished', 100],
+    );
     assert.equal(fleet.progressIngestStats(ctx).fallbacks, 2, 'only the rejected reports took the single-report path');
   });
 
   test('invalid progress payloads are rejected before any batch', async () => {
-    const { devices: [d] } = await fleetUpdating(1);
+    const {
+      devices: [d],
+    } = await fleetUpdating(1);
     const ctx = recordingContext(handle.db);
-    await assert.rejects(fleet.applyUpdateReport(ctx, dev(d!), 'firmware_update_progress', { version: '2.0.0', percent: 101, bytes: 1, total: 2 }), code('invalid'));
+    await assert.rejects(
+      fleet.applyUpdateReport(ctx, dev(d!), 'firmware_update_progress', {
+        version: '2.0.0',
+        percent: 101,
+        bytes: 1,
+        total: 2,
+      }),
+      code('invalid'),
+    );
     assert.equal(fleet.progressIngestStats(ctx).batches, 0);
   });
 
@@ -137,8 +190,13 @@ describe(`progress report ingest (${DATABASE_KIND})`, () => {
       },
     };
     const ctx = { ...recordingContext(handle.db), db: handle.db.withPlugin(unavailable) };
-    const results = await Promise.allSettled(ds.map((d) => fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(60))));
-    assert.deepEqual(results.map((r) => r.status === 'rejected' && (r.reason as Error).message), ['database unavailable', 'database unavailable', 'database unavailable']);
+    const results = await Promise.allSettled(
+      ds.map((d) => fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(60))),
+    );
+    assert.deepEqual(
+      results.map((r) => r.status === 'rejected' && (r.reason as Error).message),
+      ['database unavailable', 'database unavailable', 'database unavailable'],
+    );
     assert.deepEqual(fleet.progressIngestStats(ctx), { reports: 3, batches: 1, applied: 0, fallbacks: 0, failed: 1 });
     for (const d of ds) assert.equal((await attemptOf(d.id)).state, 'begun');
     assert.deepEqual(ctx.events, []);

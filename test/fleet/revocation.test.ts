@@ -49,13 +49,29 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     const channel = socket.channel(`device:${randomUUID()}`, { version: '1.0.0' });
     await joinChannel(channel);
 
-    const device = await server.database.db.selectFrom('devices').select(['id', 'identifier']).where('identifier', 'like', 'revoked-%').orderBy('created_at', 'desc').executeTakeFirstOrThrow();
-    const [certificate] = await server.call<{ id: string }[] | { items: { id: string }[] }>('GET', `/api/v1/orgs/${server.orgId}/devices/${device.id}/certificates`).then((r) => ('items' in r ? r.items : r));
-    await server.call('POST', `/api/v1/orgs/${server.orgId}/devices/${device.id}/certificates/${certificate!.id}/revoke`);
+    const device = await server.database.db
+      .selectFrom('devices')
+      .select(['id', 'identifier'])
+      .where('identifier', 'like', 'revoked-%')
+      .orderBy('created_at', 'desc')
+      .executeTakeFirstOrThrow();
+    const [certificate] = await server
+      .call<{ id: string }[] | { items: { id: string }[] }>(
+        'GET',
+        `/api/v1/orgs/${server.orgId}/devices/${device.id}/certificates`,
+      )
+      .then((r) => ('items' in r ? r.items : r));
+    await server.call(
+      'POST',
+      `/api/v1/orgs/${server.orgId}/devices/${device.id}/certificates/${certificate!.id}/revoke`,
+    );
 
     await waitFor(() => closed, 5000, 'the revoked device to be disconnected');
     socket.disconnect();
-    assert.equal(await upgradeStatus(`${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`, tls), 403);
+    assert.equal(
+      await upgradeStatus(`${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`, tls),
+      403,
+    );
     await disconnectSocket(socket).catch(() => undefined);
   });
 
@@ -70,18 +86,31 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     const identifier = `${prefix}-${randomUUID().slice(0, 8)}`;
     const cred = await deviceCert(identifier);
     const tls = { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem };
-    const socket = await openSocket(`${server.deviceUrl}/socket`, { tls, reconnectAfterMs: () => 60_000, rejoinAfterMs: () => 60_000 });
+    const socket = await openSocket(`${server.deviceUrl}/socket`, {
+      tls,
+      reconnectAfterMs: () => 60_000,
+      rejoinAfterMs: () => 60_000,
+    });
     const state = { closed: false };
     socket.onClose(() => {
       state.closed = true;
     });
     opened.push(socket);
-    const device = await server.database.db.selectFrom('devices').select(['id']).where('identifier', '=', identifier).executeTakeFirstOrThrow();
-    const certificate = await server.database.db.selectFrom('device_certificates').select(['id']).where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    const device = await server.database.db
+      .selectFrom('devices')
+      .select(['id'])
+      .where('identifier', '=', identifier)
+      .executeTakeFirstOrThrow();
+    const certificate = await server.database.db
+      .selectFrom('device_certificates')
+      .select(['id'])
+      .where('device_id', '=', device.id)
+      .executeTakeFirstOrThrow();
     return { socket, state, tls, deviceId: device.id, certificateId: certificate.id };
   }
 
-  const revokeUrl = (deviceId: string, certificateId: string) => `/api/v1/orgs/${server.orgId}/devices/${deviceId}/certificates/${certificateId}/revoke`;
+  const revokeUrl = (deviceId: string, certificateId: string) =>
+    `/api/v1/orgs/${server.orgId}/devices/${deviceId}/certificates/${certificateId}/revoke`;
 
   async function joinError(socket: Socket, topic: string, params: object = {}): Promise<Record<string, unknown>> {
     const channel = socket.channel(topic, params);
@@ -111,14 +140,26 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     );
     assert.equal((JSON.parse(first) as { status: number }).status, 410, first);
     // Not joined: a joined device channel stops on the revocation by itself; the session must end too.
-    const device = await server.database.db.selectFrom('devices').select(['id']).where('identifier', '=', identifier).executeTakeFirstOrThrow();
-    const certificate = await server.database.db.selectFrom('device_certificates').select(['id']).where('device_id', '=', device.id).executeTakeFirstOrThrow();
+    const device = await server.database.db
+      .selectFrom('devices')
+      .select(['id'])
+      .where('identifier', '=', identifier)
+      .executeTakeFirstOrThrow();
+    const certificate = await server.database.db
+      .selectFrom('device_certificates')
+      .select(['id'])
+      .where('device_id', '=', device.id)
+      .executeTakeFirstOrThrow();
     const sessions = server.deviceEndpoint.stats.longpollSessions;
     assert.ok(sessions >= 1, 'the LongPoll session is open');
 
     await server.call('POST', revokeUrl(device.id, certificate.id));
     // Well inside the 15 s LongPoll session timeout.
-    await until(() => server.deviceEndpoint.stats.longpollSessions === sessions - 1, 'the LongPoll session to end', 2000);
+    await until(
+      () => server.deviceEndpoint.stats.longpollSessions === sessions - 1,
+      'the LongPoll session to end',
+      2000,
+    );
   });
 
   test('a LongPoll request with a revoked certificate is refused in words the official client understands', async () => {
@@ -137,7 +178,10 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     assert.equal(refused.status, 403, refused.body);
     // phoenix's LongPoll reads the outcome from the body and throws on any status it does not know.
     assert.equal((JSON.parse(refused.body) as { status: number }).status, 403, refused.body);
-    await assert.rejects(openSocket(`${server.deviceUrl}/socket`, { tls: device.tls, longpoll: true, reconnectAfterMs: () => 60_000 }), /socket error: 403/);
+    await assert.rejects(
+      openSocket(`${server.deviceUrl}/socket`, { tls: device.tls, longpoll: true, reconnectAfterMs: () => 60_000 }),
+      /socket error: 403/,
+    );
   });
 
   test('a connected socket that has not joined yet is closed when its certificate is revoked', async () => {
@@ -154,7 +198,7 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     device.socket.disconnect();
   });
 
-  test("a phx_join over a connection whose certificate was revoked is refused", async () => {
+  test('a phx_join over a connection whose certificate was revoked is refused', async () => {
     const device = await connectedDevice('join-after-cert');
     // Straight in the database: no broadcast closes the socket, so the join itself must refuse.
     await revokeDeviceCertificate(server.database.db, SYSTEM, device.certificateId);
@@ -169,16 +213,25 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     const channel = device.socket.channel(topic, { version: '1.0.0' });
     await joinChannel(channel);
     await new Promise<void>((resolve) => channel.leave().receive('ok', () => resolve()));
-    await server.database.db.updateTable('devices').set({ approval: 'revoked' }).where('id', '=', device.deviceId).execute();
+    await server.database.db
+      .updateTable('devices')
+      .set({ approval: 'revoked' })
+      .where('id', '=', device.deviceId)
+      .execute();
     const refused = await joinError(device.socket, topic, { version: '1.0.0' });
     assert.match(String(refused.reason), /revoked/);
     await disconnectSocket(device.socket);
   });
 
-  test("a group join over a connection whose certificate was revoked is refused", async () => {
+  test('a group join over a connection whose certificate was revoked is refused', async () => {
     const device = await connectedDevice('group-after-cert');
-    const group = await server.call<{ id: string; name: string }>('POST', `/api/v1/orgs/${server.orgId}/groups`, { product: server.productId, name: `g-${randomUUID().slice(0, 8)}` });
-    await server.call('POST', `/api/v1/orgs/${server.orgId}/groups/${group.id}/devices`, { devices: [device.deviceId] });
+    const group = await server.call<{ id: string; name: string }>('POST', `/api/v1/orgs/${server.orgId}/groups`, {
+      product: server.productId,
+      name: `g-${randomUUID().slice(0, 8)}`,
+    });
+    await server.call('POST', `/api/v1/orgs/${server.orgId}/groups/${group.id}/devices`, {
+      devices: [device.deviceId],
+    });
     const joined = await joinChannel(device.socket.channel(`device:${randomUUID()}`, { version: '1.0.0' }));
     const [groupTopic] = joined.groups as string[];
     assert.ok(groupTopic, 'the device is told its group');
@@ -191,11 +244,14 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     const device = await connectedDevice('download');
     device.socket.disconnect();
     const size = 24 * 1024 * 1024;
-    const upload = await fetch(`${server.apiUrl}/api/v1/firmware?org=${server.orgId}&product=${server.productId}&version=9.${Date.now() % 100000}.0`, {
-      method: 'POST',
-      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
-      body: randomBytes(size),
-    });
+    const upload = await fetch(
+      `${server.apiUrl}/api/v1/firmware?org=${server.orgId}&product=${server.productId}&version=9.${Date.now() % 100000}.0`,
+      {
+        method: 'POST',
+        headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+        body: randomBytes(size),
+      },
+    );
     assert.equal(upload.status, 201, await upload.clone().text());
     const firmware = (await upload.json()) as { id: string };
     const url = new URL(server.fleet.firmwareUrl({ id: firmware.id } as never).replace('localhost', '127.0.0.1'));
@@ -213,7 +269,9 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
             revoked = true;
             // Hold the stream while the revocation lands: the server is mid-way through the image.
             res.pause();
-            server.call('POST', revokeUrl(device.deviceId, device.certificateId)).then(() => setTimeout(() => res.resume(), 200), reject);
+            server
+              .call('POST', revokeUrl(device.deviceId, device.certificateId))
+              .then(() => setTimeout(() => res.resume(), 200), reject);
           });
           res.on('end', () => resolve({ received, cut: false }));
           res.on('aborted', () => resolve({ received, cut: true }));
@@ -223,7 +281,11 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     });
     assert.equal(outcome.cut, true, `the download must be cut (received ${outcome.received} of ${size} bytes)`);
     assert.ok(outcome.received < size);
-    const next = await new Promise<number>((resolve, reject) => get().on('response', (res) => (res.resume(), resolve(res.statusCode ?? 0))).on('error', reject));
+    const next = await new Promise<number>((resolve, reject) =>
+      get()
+        .on('response', (res) => (res.resume(), resolve(res.statusCode ?? 0)))
+        .on('error', reject),
+    );
     assert.equal(next, 403);
   });
 });

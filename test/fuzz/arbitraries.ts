@@ -6,7 +6,12 @@
 import fc from 'fast-check';
 
 /** `FUZZ_RUNS` raises the runs per protocol; `FUZZ_SEED` replays another seed. Fixed by default. */
-export function fuzzParameters(defaultRuns: number): { seed: number; numRuns: number; endOnFailure: boolean; includeErrorInReport: boolean } {
+export function fuzzParameters(defaultRuns: number): {
+  seed: number;
+  numRuns: number;
+  endOnFailure: boolean;
+  includeErrorInReport: boolean;
+} {
   return {
     seed: Number(process.env.FUZZ_SEED ?? 20261201),
     numRuns: Number(process.env.FUZZ_RUNS ?? defaultRuns),
@@ -40,7 +45,12 @@ export const nastyString: fc.Arbitrary<string> = fc.oneof(
     ),
   },
   { weight: 1, arbitrary: fc.integer({ min: 1_000, max: 80_000 }).map((n) => 'x'.repeat(n)) },
-  { weight: 1, arbitrary: fc.tuple(fc.string({ maxLength: 8 }), fc.constantFrom('\u0000', '\ud800', '\udc00')).map(([s, bad]) => `${s}${bad}${s}`) },
+  {
+    weight: 1,
+    arbitrary: fc
+      .tuple(fc.string({ maxLength: 8 }), fc.constantFrom('\u0000', '\ud800', '\udc00'))
+      .map(([s, bad]) => `${s}${bad}${s}`),
+  },
 );
 
 /** Numbers of every awkward kind (JSON turns NaN and infinities into null). */
@@ -66,7 +76,9 @@ export const jsonValue: fc.Arbitrary<unknown> = fc.letrec<{ value: unknown }>((t
 /** `[[[[…]]]]` or `{"a":{"a":…}}` nested this deep, as JSON text (too deep to build as a value safely). */
 export const deepJsonText: fc.Arbitrary<string> = fc
   .tuple(fc.integer({ min: 50, max: 20_000 }), fc.boolean())
-  .map(([depth, arrays]) => (arrays ? '['.repeat(depth) + ']'.repeat(depth) : '{"a":'.repeat(depth) + '1' + '}'.repeat(depth)));
+  .map(([depth, arrays]) =>
+    arrays ? '['.repeat(depth) + ']'.repeat(depth) : `${'{"a":'.repeat(depth)}1${'}'.repeat(depth)}`,
+  );
 
 /** A value for a field the protocol knows: sometimes well typed (`good`), often anything at all. */
 export function field<T>(good: fc.Arbitrary<T>): fc.Arbitrary<unknown> {

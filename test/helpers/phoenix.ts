@@ -5,7 +5,11 @@
 import { once } from 'node:events';
 import { Socket, LongPoll, type Channel, type SocketConnectOption } from 'phoenix';
 import WebSocket from 'ws';
-import { installTlsXMLHttpRequest, tlsWebSocket, type TlsClientOptions } from '../../device-client/phoenix-transport.ts';
+import {
+  installTlsXMLHttpRequest,
+  tlsWebSocket,
+  type TlsClientOptions,
+} from '../../device-client/phoenix-transport.ts';
 
 export type { TlsClientOptions };
 
@@ -49,7 +53,9 @@ export function joinChannel(channel: Channel, timeoutMs = 5000): Promise<Record<
     channel
       .join(timeoutMs)
       .receive('ok', (response: Record<string, unknown>) => resolve(response))
-      .receive('error', (response: Record<string, unknown>) => reject(Object.assign(new Error(`join error: ${JSON.stringify(response)}`), { response })))
+      .receive('error', (response: Record<string, unknown>) =>
+        reject(Object.assign(new Error(`join error: ${JSON.stringify(response)}`), { response })),
+      )
       .receive('timeout', () => reject(new Error('join timeout')));
   });
 }
@@ -133,7 +139,11 @@ export class RawClient {
   }
 
   /** Connects; rejects with the HTTP status (`err.status`) when the upgrade is refused. */
-  static async connect(url: string, tls: TlsClientOptions, options: { protocols?: string[]; headers?: Record<string, string> } = {}): Promise<RawClient> {
+  static async connect(
+    url: string,
+    tls: TlsClientOptions,
+    options: { protocols?: string[]; headers?: Record<string, string> } = {},
+  ): Promise<RawClient> {
     const ws = new WebSocket(url, options.protocols, { ...tls, headers: options.headers, perMessageDeflate: false });
     const refused = new Promise<never>((_, reject) => {
       ws.once('unexpected-response', (_req, res) => {
@@ -141,7 +151,12 @@ export class RawClient {
         res.on('data', (c: Buffer) => chunks.push(c));
         res.on('end', () => {
           ws.terminate();
-          reject(Object.assign(new Error(`HTTP ${res.statusCode}`), { status: res.statusCode, body: Buffer.concat(chunks).toString('utf8') }));
+          reject(
+            Object.assign(new Error(`HTTP ${res.statusCode}`), {
+              status: res.statusCode,
+              body: Buffer.concat(chunks).toString('utf8'),
+            }),
+          );
         });
       });
       ws.once('error', (err) => reject(err));
@@ -166,7 +181,10 @@ export class RawClient {
       if (found) return found;
       if (this.closeCode !== undefined) throw new Error(`socket closed (${this.closeCode}) before the expected frame`);
       const left = deadline - Date.now();
-      if (left <= 0) throw new Error(`no matching frame within ${timeoutMs} ms; got ${JSON.stringify(this.frames.map((f) => (f.binary ? '<binary>' : f.text)))}`);
+      if (left <= 0)
+        throw new Error(
+          `no matching frame within ${timeoutMs} ms; got ${JSON.stringify(this.frames.map((f) => (f.binary ? '<binary>' : f.text)))}`,
+        );
       await new Promise<void>((resolve) => {
         const timer = setTimeout(resolve, left);
         this.#waiters.push(() => {

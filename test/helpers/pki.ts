@@ -2,7 +2,13 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import forge from 'node-forge';
-import { createSelfSignedCa, initDevPki, issueDeviceCertificate, type CertifiedKey, type PkiMaterial } from '../../certs/pki.ts';
+import {
+  createSelfSignedCa,
+  initDevPki,
+  issueDeviceCertificate,
+  type CertifiedKey,
+  type PkiMaterial,
+} from '../../certs/pki.ts';
 
 export type { CertifiedKey, PkiMaterial };
 
@@ -31,7 +37,10 @@ function testKeyPem(): string {
 }
 
 /** A device certificate signed by the test signer CA, CN = serial. */
-export async function deviceCert(serial: string, opts: { notBefore?: Date; notAfter?: Date } = {}): Promise<CertifiedKey> {
+export async function deviceCert(
+  serial: string,
+  opts: { notBefore?: Date; notAfter?: Date } = {},
+): Promise<CertifiedKey> {
   return issueDeviceCertificate(await getTestPki(), serial, { ...opts, keyPem: testKeyPem() });
 }
 
@@ -50,7 +59,7 @@ export function selfSignedCert(serial: string): CertifiedKey {
   const key = forge.pki.privateKeyFromPem(testKeyPem()) as forge.pki.rsa.PrivateKey;
   const cert = forge.pki.createCertificate();
   cert.publicKey = forge.pki.setRsaPublicKey(key.n, key.e);
-  cert.serialNumber = '0' + forge.util.bytesToHex(forge.random.getBytesSync(15));
+  cert.serialNumber = `0${forge.util.bytesToHex(forge.random.getBytesSync(15))}`;
   cert.validity.notBefore = new Date(Date.now() - 3600_000);
   cert.validity.notAfter = new Date(Date.now() + 365 * 24 * 3600_000);
   const subject = [{ name: 'commonName', value: serial }];
@@ -83,7 +92,7 @@ export async function caLeafCert(serial: string): Promise<CertifiedKey> {
   const signer = forge.pki.certificateFromPem(pki.signerCa.certPem);
   const cert = forge.pki.createCertificate();
   cert.publicKey = forge.pki.setRsaPublicKey(key.n, key.e);
-  cert.serialNumber = '0' + forge.util.bytesToHex(forge.random.getBytesSync(15));
+  cert.serialNumber = `0${forge.util.bytesToHex(forge.random.getBytesSync(15))}`;
   cert.validity.notBefore = new Date(Date.now() - 3600_000);
   cert.validity.notAfter = new Date(Date.now() + 365 * 24 * 3600_000);
   cert.setSubject([{ name: 'commonName', value: serial }]);

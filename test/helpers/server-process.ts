@@ -30,7 +30,26 @@ export interface ServerProcessOptions {
  * once the banner names the listeners. Only `kill()` or the test's end stops it.
  */
 export async function startServerProcess(options: ServerProcessOptions): Promise<ServerProcess> {
-  const args = ['--import', 'tsx', CLI, 'serve', '--data-dir', options.dataDir, '--certs-dir', options.certsDir, '--host', '127.0.0.1', '--api-port', '0', '--device-port', '0', '--keyauth-port', '-1', '--device-public-url', 'https://localhost:0'];
+  const args = [
+    '--import',
+    'tsx',
+    CLI,
+    'serve',
+    '--data-dir',
+    options.dataDir,
+    '--certs-dir',
+    options.certsDir,
+    '--host',
+    '127.0.0.1',
+    '--api-port',
+    '0',
+    '--device-port',
+    '0',
+    '--keyauth-port',
+    '-1',
+    '--device-public-url',
+    'https://localhost:0',
+  ];
   if (options.nodeName) args.push('--node-name', options.nodeName);
   const env: NodeJS.ProcessEnv = { ...process.env, FLEETHUB_LOG_LEVEL: 'warn', ...options.env };
   if (options.databaseUrl) env.DATABASE_URL = options.databaseUrl;

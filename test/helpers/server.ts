@@ -22,26 +22,42 @@ export interface TestServer extends RunningServer {
  * The whole server in-process on ephemeral ports: a fresh database (PGlite in memory, or a fresh
  * PostgreSQL schema), the shared test PKI, a temporary data directory. `close()` removes it all.
  */
-export async function startTestServer(overrides: Partial<Config> = {}, options: { log?: Logger } = {}): Promise<TestServer> {
+export async function startTestServer(
+  overrides: Partial<Config> = {},
+  options: { log?: Logger } = {},
+): Promise<TestServer> {
   const pki = await getTestPki();
   const dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-server-'));
   const database = await createTestDatabase();
-  const config = loadConfig([], {}, {
-    dataDir,
-    certsDir: pki.dir,
-    host: '127.0.0.1',
-    apiPort: 0,
-    devicePort: 0,
-    keyauthPort: 0,
-    devicePublicUrl: 'https://localhost:0',
-    nodeName: `test-${process.pid}-${Math.random().toString(36).slice(2, 8)}`,
-    logLevel: process.env.FLEETHUB_TEST_LOG_LEVEL ?? 'silent',
-    allowedOrigins: ['*'],
-    ...overrides,
-  });
+  const config = loadConfig(
+    [],
+    {},
+    {
+      dataDir,
+      certsDir: pki.dir,
+      host: '127.0.0.1',
+      apiPort: 0,
+      devicePort: 0,
+      keyauthPort: 0,
+      devicePublicUrl: 'https://localhost:0',
+      nodeName: `test-${process.pid}-${Math.random().toString(36).slice(2, 8)}`,
+      logLevel: process.env.FLEETHUB_TEST_LOG_LEVEL ?? 'silent',
+      allowedOrigins: ['*'],
+      ...overrides,
+    },
+  );
   const server = await startServer(config, { database, log: options.log ?? createLogger({ level: config.logLevel }) });
-  const org = await server.database.db.selectFrom('orgs').selectAll().where('name', '=', 'default').executeTakeFirstOrThrow();
-  const product = await server.database.db.selectFrom('products').selectAll().where('org_id', '=', org.id).where('name', '=', 'default').executeTakeFirstOrThrow();
+  const org = await server.database.db
+    .selectFrom('orgs')
+    .selectAll()
+    .where('name', '=', 'default')
+    .executeTakeFirstOrThrow();
+  const product = await server.database.db
+    .selectFrom('products')
+    .selectAll()
+    .where('org_id', '=', org.id)
+    .where('name', '=', 'default')
+    .executeTakeFirstOrThrow();
   const email = `admin-${Math.random().toString(36).slice(2)}@example.com`;
   const password = 'test-password-123456';
   await createUser(server.database.db, { email, password, role: 'admin' });
@@ -56,7 +72,10 @@ export async function startTestServer(overrides: Partial<Config> = {}, options: 
   async function call<T>(method: string, url: string, body?: unknown): Promise<T> {
     const res = await fetch(`${server.apiUrl}${url}`, {
       method,
-      headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const text = await res.text();

@@ -22,7 +22,9 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
 
   before(async () => {
     server = await startTestServer();
-    const org = await server.call<{ id: string }>('POST', '/api/v1/orgs', { name: `rival-${randomUUID().slice(0, 6)}` });
+    const org = await server.call<{ id: string }>('POST', '/api/v1/orgs', {
+      name: `rival-${randomUUID().slice(0, 6)}`,
+    });
     const product = await server.call<{ id: string }>('POST', `/api/v1/orgs/${org.id}/products`, { name: 'gadget' });
     const email = `rival-admin-${randomUUID().slice(0, 6)}@example.com`;
     await createUser(server.database.db, { email, password: 'rival-password-123456', role: 'admin', orgId: org.id });
@@ -38,25 +40,43 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
   });
 
   /** An API call as `token`, answering status and parsed body (never throws on 4xx). */
-  async function call(token: string, method: string, url: string, body?: unknown): Promise<{ status: number; body: any; text: string }> {
+  async function call(
+    token: string,
+    method: string,
+    url: string,
+    body?: unknown,
+  ): Promise<{ status: number; body: any; text: string }> {
     const res = await fetch(`${server.apiUrl}${url}`, {
       method,
-      headers: { authorization: `Bearer ${token}`, ...(body === undefined ? {} : { 'content-type': 'application/json' }) },
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
     const text = await res.text();
     return { status: res.status, body: text ? JSON.parse(text) : undefined, text };
   }
 
-  async function createDevice(token: string, orgId: string, productId: string, identifier: string): Promise<{ id: string }> {
+  async function createDevice(
+    token: string,
+    orgId: string,
+    productId: string,
+    identifier: string,
+  ): Promise<{ id: string }> {
     const res = await call(token, 'POST', `/api/v1/orgs/${orgId}/devices`, { product: productId, identifier });
     assert.equal(res.status, 201, res.text);
     return res.body as { id: string };
   }
 
   /** Connects over mutual TLS with `cred`, joins `device:<uuid>` and answers the device row the server attached. */
-  async function connectAndJoin(cred: Awaited<ReturnType<typeof deviceCert>>): Promise<{ id: string; org_id: string; identifier: string; connection_status: string }> {
-    const socket = await openSocket(`${server.deviceUrl}/socket`, { tls: await deviceTlsOptions(cred), reconnectAfterMs: () => 60_000 });
+  async function connectAndJoin(
+    cred: Awaited<ReturnType<typeof deviceCert>>,
+  ): Promise<{ id: string; org_id: string; identifier: string; connection_status: string }> {
+    const socket = await openSocket(`${server.deviceUrl}/socket`, {
+      tls: await deviceTlsOptions(cred),
+      reconnectAfterMs: () => 60_000,
+    });
     try {
       await joinChannel(socket.channel(`device:${randomUUID()}`, { version: '1.0.0' }));
       return await server.database.db
@@ -73,21 +93,32 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
   test('another org cannot register a certificate its signer CAs did not issue, and the real device then connects into its own org', async () => {
     const cred = await deviceCert(`victim-${randomUUID().slice(0, 8)}`);
     const decoy = await createDevice(rival.token, rival.orgId, rival.productId, 'decoy-1');
-    const refused = await call(rival.token, 'POST', `/api/v1/orgs/${rival.orgId}/devices/${decoy.id}/certificates`, { pem: cred.certPem });
+    const refused = await call(rival.token, 'POST', `/api/v1/orgs/${rival.orgId}/devices/${decoy.id}/certificates`, {
+      pem: cred.certPem,
+    });
     assert.equal(refused.status, 400, refused.text);
     assert.equal(refused.body.error.code, 'invalid');
     assert.match(refused.body.error.message, /not issued by a signer CA of this organization/);
-    assert.equal((await call(rival.token, 'GET', `/api/v1/orgs/${rival.orgId}/devices/${decoy.id}/certificates`)).body.items.length, 0);
+    assert.equal(
+      (await call(rival.token, 'GET', `/api/v1/orgs/${rival.orgId}/devices/${decoy.id}/certificates`)).body.items
+        .length,
+      0,
+    );
 
     const device = await connectAndJoin(cred);
     assert.equal(device.org_id, server.orgId, 'the device registers in the org of its signer CA');
     assert.notEqual(device.id, decoy.id);
   });
 
-  test('a certificate already registered in another org answers 409 without that org\'s identifiers', async () => {
+  test("a certificate already registered in another org answers 409 without that org's identifiers", async () => {
     const cred = await deviceCert(`planted-${randomUUID().slice(0, 8)}`);
     // A claim planted before this rule existed: the certificate row points at the rival's device.
-    const planted = await createDevice(rival.token, rival.orgId, rival.productId, `planted-${randomUUID().slice(0, 6)}`);
+    const planted = await createDevice(
+      rival.token,
+      rival.orgId,
+      rival.productId,
+      `planted-${randomUUID().slice(0, 6)}`,
+    );
     const x509 = new X509Certificate(cred.certPem);
     await server.database.db
       .insertInto('device_certificates')
@@ -103,19 +134,39 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
       })
       .execute();
 
-    const own = await createDevice(server.adminToken, server.orgId, server.productId, `own-${randomUUID().slice(0, 6)}`);
-    const conflict = await call(server.adminToken, 'POST', `/api/v1/orgs/${server.orgId}/devices/${own.id}/certificates`, { pem: cred.certPem });
+    const own = await createDevice(
+      server.adminToken,
+      server.orgId,
+      server.productId,
+      `own-${randomUUID().slice(0, 6)}`,
+    );
+    const conflict = await call(
+      server.adminToken,
+      'POST',
+      `/api/v1/orgs/${server.orgId}/devices/${own.id}/certificates`,
+      { pem: cred.certPem },
+    );
     assert.equal(conflict.status, 409, conflict.text);
     assert.match(conflict.body.error.message, /already registered to another device/);
-    for (const foreign of [planted.id, rival.orgId, rival.productId]) assert.ok(!conflict.text.includes(foreign), `the 409 reveals ${foreign}: ${conflict.text}`);
+    for (const foreign of [planted.id, rival.orgId, rival.productId])
+      assert.ok(!conflict.text.includes(foreign), `the 409 reveals ${foreign}: ${conflict.text}`);
   });
 
   test('a same-org registration works, its 409 names the device, and the device connects as that device', async () => {
     const cred = await deviceCert(`cn-${randomUUID().slice(0, 8)}`);
-    const own = await createDevice(server.adminToken, server.orgId, server.productId, `pre-${randomUUID().slice(0, 6)}`);
-    const added = await call(server.adminToken, 'POST', `/api/v1/orgs/${server.orgId}/devices/${own.id}/certificates`, { pem: cred.certPem });
+    const own = await createDevice(
+      server.adminToken,
+      server.orgId,
+      server.productId,
+      `pre-${randomUUID().slice(0, 6)}`,
+    );
+    const added = await call(server.adminToken, 'POST', `/api/v1/orgs/${server.orgId}/devices/${own.id}/certificates`, {
+      pem: cred.certPem,
+    });
     assert.equal(added.status, 201, added.text);
-    const again = await call(server.adminToken, 'POST', `/api/v1/orgs/${server.orgId}/devices/${own.id}/certificates`, { pem: cred.certPem });
+    const again = await call(server.adminToken, 'POST', `/api/v1/orgs/${server.orgId}/devices/${own.id}/certificates`, {
+      pem: cred.certPem,
+    });
     assert.equal(again.status, 409, again.text);
     assert.equal(again.body.error.details.device_id, own.id);
 

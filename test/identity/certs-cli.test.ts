@@ -22,12 +22,24 @@ describe('fleethub certs', () => {
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  const snapshot = (dir: string) => Object.fromEntries(readdirSync(dir).sort().map((f) => [f, readFileSync(path.join(dir, f), 'utf8')]));
+  const snapshot = (dir: string) =>
+    Object.fromEntries(
+      readdirSync(dir)
+        .sort()
+        .map((f) => [f, readFileSync(path.join(dir, f), 'utf8')]),
+    );
 
   test('certs init creates the root CA, signer CA and server certificate with private keys mode 0600', async () => {
     const dir = path.join(tmp, 'pki');
     assert.equal(await runCertsCommand(['init', '--dir', dir]), 0);
-    assert.deepEqual(readdirSync(dir).sort(), ['root-ca.key', 'root-ca.pem', 'server.key', 'server.pem', 'signer-ca.key', 'signer-ca.pem']);
+    assert.deepEqual(readdirSync(dir).sort(), [
+      'root-ca.key',
+      'root-ca.pem',
+      'server.key',
+      'server.pem',
+      'signer-ca.key',
+      'signer-ca.pem',
+    ]);
     for (const key of ['root-ca.key', 'signer-ca.key', 'server.key']) {
       assert.equal(statSync(path.join(dir, key)).mode & 0o777, 0o600, key);
     }
@@ -67,12 +79,20 @@ describe('fleethub certs', () => {
     assert.deepEqual(readdirSync(out).sort(), ['ca.pem', 'cert.pem', 'key.pem']);
     assert.equal(statSync(path.join(out, 'key.pem')).mode & 0o777, 0o600);
     const cert = new X509Certificate(readFileSync(path.join(out, 'cert.pem')));
-    assert.equal(cert.subject.split('\n').find((l) => l.startsWith('CN=')), 'CN=SN-7');
+    assert.equal(
+      cert.subject.split('\n').find((l) => l.startsWith('CN=')),
+      'CN=SN-7',
+    );
     assert.ok(cert.checkPrivateKey(createPrivateKey(readFileSync(path.join(out, 'key.pem')))));
     const signer = new X509Certificate(readFileSync(path.join(dir, 'signer-ca.pem')));
     assert.ok(cert.verify(signer.publicKey), 'issued by the signer CA');
     assert.equal(readFileSync(path.join(out, 'ca.pem'), 'utf8'), readFileSync(path.join(dir, 'root-ca.pem'), 'utf8'));
-    assert.ok(new X509Certificate(readFileSync(path.join(dir, 'server.pem'))).verify(new X509Certificate(readFileSync(path.join(out, 'ca.pem'))).publicKey), 'ca.pem verifies the server certificate');
+    assert.ok(
+      new X509Certificate(readFileSync(path.join(dir, 'server.pem'))).verify(
+        new X509Certificate(readFileSync(path.join(out, 'ca.pem'))).publicKey,
+      ),
+      'ca.pem verifies the server certificate',
+    );
   });
 
   test('certs device refuses to overwrite an existing device key', async () => {
@@ -87,7 +107,10 @@ describe('fleethub certs', () => {
 
   test('certs device before certs init tells the user to run init', async () => {
     output.length = 0;
-    assert.equal(await runCertsCommand(['device', 'SN-8', '--out', path.join(tmp, 'x'), '--dir', path.join(tmp, 'empty')]), 1);
+    assert.equal(
+      await runCertsCommand(['device', 'SN-8', '--out', path.join(tmp, 'x'), '--dir', path.join(tmp, 'empty')]),
+      1,
+    );
     assert.match(output.join('\n'), /PKI_NOT_INITIALISED.*certs init/);
   });
 

@@ -9,13 +9,28 @@ import { after, before, describe, test } from 'node:test';
 import WebSocket from 'ws';
 import { SYSTEM } from '../../server/audit.ts';
 import type { DatabaseHandle } from '../../server/db/index.ts';
-import { addSignerCa, removeSignerCa, revokeDeviceCertificate, addDeviceCertificate, type DeviceIdentity } from '../../server/identity/index.ts';
+import {
+  addSignerCa,
+  removeSignerCa,
+  revokeDeviceCertificate,
+  addDeviceCertificate,
+  type DeviceIdentity,
+} from '../../server/identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from '../../server/listeners/device.ts';
 import { Writable } from 'node:stream';
 import pino from 'pino';
 import { REDACT_PATHS } from '../../server/log.ts';
 import { createTestDatabase, DATABASE_KIND } from '../helpers/db.ts';
-import { caLeafCert, deviceCert, deviceCertFromCa, expiredDeviceCert, getTestPki, otherCa, selfSignedCert, type PkiMaterial } from '../helpers/pki.ts';
+import {
+  caLeafCert,
+  deviceCert,
+  deviceCertFromCa,
+  expiredDeviceCert,
+  getTestPki,
+  otherCa,
+  selfSignedCert,
+  type PkiMaterial,
+} from '../helpers/pki.ts';
 import { issueDeviceCertificate } from '../../certs/pki.ts';
 import { wsAttempt } from './tls-client.ts';
 
@@ -35,7 +50,11 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     handle = await createTestDatabase();
     pki = await getTestPki();
     const org = await handle.db.insertInto('orgs').values({ name: 'acme' }).returning('id').executeTakeFirstOrThrow();
-    const product = await handle.db.insertInto('products').values({ org_id: org.id, name: 'sensor' }).returning('id').executeTakeFirstOrThrow();
+    const product = await handle.db
+      .insertInto('products')
+      .values({ org_id: org.id, name: 'sensor' })
+      .returning('id')
+      .executeTakeFirstOrThrow();
     orgId = org.id;
     productId = product.id;
     // Started with no signer CA at all: the listener must still come up (placeholder trust).
@@ -72,16 +91,29 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     return Number(row.n);
   }
 
-  function httpsGet(pathname: string, cred?: { certPem: string; keyPem: string }): Promise<{ status: number; body: string }> {
+  function httpsGet(
+    pathname: string,
+    cred?: { certPem: string; keyPem: string },
+  ): Promise<{ status: number; body: string }> {
     const { port } = listener.app.server.address() as AddressInfo;
     return new Promise((resolve, reject) => {
       https
-        .get({ host: '127.0.0.1', port, path: pathname, agent: false, ca: pki.rootCa.certPem, ...(cred ? { cert: cred.certPem, key: cred.keyPem } : {}) }, (res) => {
-          let body = '';
-          res.setEncoding('utf8');
-          res.on('data', (chunk: string) => (body += chunk));
-          res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
-        })
+        .get(
+          {
+            host: '127.0.0.1',
+            port,
+            path: pathname,
+            agent: false,
+            ca: pki.rootCa.certPem,
+            ...(cred ? { cert: cred.certPem, key: cred.keyPem } : {}),
+          },
+          (res) => {
+            let body = '';
+            res.setEncoding('utf8');
+            res.on('data', (chunk: string) => (body += chunk));
+            res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+          },
+        )
         .on('error', reject);
     });
   }
@@ -103,7 +135,9 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     logLines.length = 0;
     const cred = await deviceCertFromCa(otherCa('log test CA'), 'LOGGED-1');
     await refusedBeforeUpgrade(cred, 403);
-    const refusals = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).filter((l) => l.msg === 'device connection refused');
+    const refusals = logLines
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .filter((l) => l.msg === 'device connection refused');
     assert.equal(refusals.length, 1);
     assert.equal(refusals[0]!.status, 403);
     assert.equal(refusals[0]!.subject_cn, 'LOGGED-1');
@@ -155,11 +189,18 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
   test('concurrent first connects of one device create a single device', async () => {
     const cred = await deviceCert('SN-RACE');
     const attempts = await Promise.all(Array.from({ length: 6 }, () => wsAttempt(url, pki.rootCa.certPem, cred)));
-    assert.deepEqual(attempts.map((a) => a.status), [101, 101, 101, 101, 101, 101]);
+    assert.deepEqual(
+      attempts.map((a) => a.status),
+      [101, 101, 101, 101, 101, 101],
+    );
     const ids = new Set(attempts.map((a) => (a.message as { fastify: DeviceIdentity }).fastify.deviceId));
     assert.equal(ids.size, 1);
     assert.equal(await countDevices('SN-RACE'), 1);
-    const certs = await handle.db.selectFrom('device_certificates').select('id').where('device_id', '=', [...ids][0]!).execute();
+    const certs = await handle.db
+      .selectFrom('device_certificates')
+      .select('id')
+      .where('device_id', '=', [...ids][0]!)
+      .execute();
     assert.equal(certs.length, 1);
   });
 
@@ -216,13 +257,36 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
       const file = (name: string) => path.join(dir, name);
       writeFileSync(file('signer.pem'), pki.signerCa.certPem);
       writeFileSync(file('signer.key'), pki.signerCa.keyPem, { mode: 0o600 });
-      writeFileSync(file('ext.cnf'), 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n');
+      writeFileSync(
+        file('ext.cnf'),
+        'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n',
+      );
       const openssl = (...args: string[]) => execFileSync('openssl', args, { stdio: 'pipe' });
       openssl('genpkey', '-algorithm', 'EC', '-pkeyopt', 'ec_paramgen_curve:P-256', '-out', file('device.key'));
       openssl('req', '-new', '-key', file('device.key'), '-subj', '/CN=EC-0001', '-out', file('device.csr'));
-      openssl('x509', '-req', '-in', file('device.csr'), '-CA', file('signer.pem'), '-CAkey', file('signer.key'), '-set_serial', '4242',
-        '-days', '30', '-sha256', '-extfile', file('ext.cnf'), '-out', file('device.pem'));
-      const cred = { certPem: readFileSync(file('device.pem'), 'utf8'), keyPem: readFileSync(file('device.key'), 'utf8') };
+      openssl(
+        'x509',
+        '-req',
+        '-in',
+        file('device.csr'),
+        '-CA',
+        file('signer.pem'),
+        '-CAkey',
+        file('signer.key'),
+        '-set_serial',
+        '4242',
+        '-days',
+        '30',
+        '-sha256',
+        '-extfile',
+        file('ext.cnf'),
+        '-out',
+        file('device.pem'),
+      );
+      const cred = {
+        certPem: readFileSync(file('device.pem'), 'utf8'),
+        keyPem: readFileSync(file('device.key'), 'utf8'),
+      };
       const attempt = await wsAttempt(url, pki.rootCa.certPem, cred);
       assert.equal(attempt.status, 101, attempt.body);
       assert.equal((attempt.message as { fastify: DeviceIdentity }).fastify.identifier, 'EC-0001');
@@ -298,9 +362,14 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     assert.match(resumed.body ?? '', /expired/);
   });
 
-  test('a live connection is closed within the sweep interval once its certificate expires', { timeout: 10_000 }, async () => {
+  test('a live connection is closed within the sweep interval once its certificate expires', {
+    timeout: 10_000,
+  }, async () => {
     const notAfter = new Date(Math.ceil(Date.now() / 1000) * 1000 + 2000);
-    const cred = issueDeviceCertificate(pki, 'SHORT-LIVED-LIVE-1', { notBefore: new Date(Date.now() - 3600_000), notAfter });
+    const cred = issueDeviceCertificate(pki, 'SHORT-LIVED-LIVE-1', {
+      notBefore: new Date(Date.now() - 3600_000),
+      notAfter,
+    });
     const ws = new WebSocket(url, { ca: pki.rootCa.certPem, cert: cred.certPem, key: cred.keyPem });
     const closed = new Promise<number>((resolve) => ws.once('close', () => resolve(Date.now())));
     await new Promise((resolve, reject) => {
@@ -308,10 +377,18 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
       ws.once('error', reject);
     });
     const closedAt = await closed;
-    assert.ok(closedAt >= notAfter.getTime(), `closed ${notAfter.getTime() - closedAt} ms before the certificate expired`);
+    assert.ok(
+      closedAt >= notAfter.getTime(),
+      `closed ${notAfter.getTime() - closedAt} ms before the certificate expired`,
+    );
     // One sweep interval, plus scheduling slack on a busy machine.
-    assert.ok(closedAt - notAfter.getTime() < EXPIRY_SWEEP_MS + 800, `closed ${closedAt - notAfter.getTime()} ms after expiry`);
-    const line = logLines.map((l) => JSON.parse(l) as Record<string, unknown>).find((l) => l.msg === 'device connections closed' && l.reason === 'certificate expired');
+    assert.ok(
+      closedAt - notAfter.getTime() < EXPIRY_SWEEP_MS + 800,
+      `closed ${closedAt - notAfter.getTime()} ms after expiry`,
+    );
+    const line = logLines
+      .map((l) => JSON.parse(l) as Record<string, unknown>)
+      .find((l) => l.msg === 'device connections closed' && l.reason === 'certificate expired');
     assert.ok(line, 'the close is logged with its reason');
     assert.equal(line.level, 30, 'at info');
   });

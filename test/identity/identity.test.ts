@@ -38,10 +38,20 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
   before(async () => {
     handle = await createTestDatabase();
     pki = await getTestPki();
-    const [org, other] = await handle.db.insertInto('orgs').values([{ name: 'acme' }, { name: 'globex' }]).returning('id').execute();
+    const [org, other] = await handle.db
+      .insertInto('orgs')
+      .values([{ name: 'acme' }, { name: 'globex' }])
+      .returning('id')
+      .execute();
     orgId = org!.id;
     otherOrgId = other!.id;
-    productId = (await handle.db.insertInto('products').values({ org_id: orgId, name: 'sensor' }).returning('id').executeTakeFirstOrThrow()).id;
+    productId = (
+      await handle.db
+        .insertInto('products')
+        .values({ org_id: orgId, name: 'sensor' })
+        .returning('id')
+        .executeTakeFirstOrThrow()
+    ).id;
   });
 
   after(async () => {
@@ -49,7 +59,12 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
   });
 
   async function auditActions(resourceId: string): Promise<string[]> {
-    const rows = await handle.db.selectFrom('audit_log').select('action').where('resource_id', '=', resourceId).orderBy('id').execute();
+    const rows = await handle.db
+      .selectFrom('audit_log')
+      .select('action')
+      .where('resource_id', '=', resourceId)
+      .orderBy('id')
+      .execute();
     return rows.map((r) => r.action);
   }
 
@@ -66,13 +81,24 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
     let notified = 0;
     const unsubscribe = onSignerCasChanged(() => void notified++);
     try {
-      const ca = await addSignerCa(handle.db, operator, { orgId, productId, pem: pki.signerCa.certPem, description: 'factory line 1' });
-      assert.equal(ca.fingerprint, new X509Certificate(pki.signerCa.certPem).fingerprint256.replaceAll(':', '').toLowerCase());
+      const ca = await addSignerCa(handle.db, operator, {
+        orgId,
+        productId,
+        pem: pki.signerCa.certPem,
+        description: 'factory line 1',
+      });
+      assert.equal(
+        ca.fingerprint,
+        new X509Certificate(pki.signerCa.certPem).fingerprint256.replaceAll(':', '').toLowerCase(),
+      );
       assert.match(ca.subject, /CN=fleethub development device signer CA/);
       assert.equal(ca.description, 'factory line 1');
       assert.equal(notified, 1);
       assert.deepEqual(await auditActions(ca.id), ['signer_ca.added']);
-      assert.deepEqual((await listSignerCas(handle.db, { orgId })).map((c) => c.id), [ca.id]);
+      assert.deepEqual(
+        (await listSignerCas(handle.db, { orgId })).map((c) => c.id),
+        [ca.id],
+      );
       assert.deepEqual(await listSignerCas(handle.db, { orgId: otherOrgId }), []);
       assert.deepEqual(await trustedCaPems(handle.db), [ca.pem]);
     } finally {
@@ -82,21 +108,37 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
 
   test('a device certificate cannot be registered as a signer CA', async () => {
     const leaf = await deviceCert('NOT-A-CA');
-    await rejects(addSignerCa(handle.db, operator, { orgId, productId, pem: leaf.certPem }), 'invalid', /not a CA certificate/);
+    await rejects(
+      addSignerCa(handle.db, operator, { orgId, productId, pem: leaf.certPem }),
+      'invalid',
+      /not a CA certificate/,
+    );
   });
 
   test('text that is not one PEM certificate is rejected as a signer CA', async () => {
-    await rejects(addSignerCa(handle.db, operator, { orgId, productId, pem: 'hello' }), 'invalid', /exactly one PEM certificate/);
+    await rejects(
+      addSignerCa(handle.db, operator, { orgId, productId, pem: 'hello' }),
+      'invalid',
+      /exactly one PEM certificate/,
+    );
     const two = pki.signerCa.certPem + pki.rootCa.certPem;
     await rejects(addSignerCa(handle.db, operator, { orgId, productId, pem: two }), 'invalid', /got 2/);
   });
 
   test('registering the same signer CA twice is a conflict', async () => {
-    await rejects(addSignerCa(handle.db, operator, { orgId, productId, pem: pki.signerCa.certPem }), 'conflict', /already registered/);
+    await rejects(
+      addSignerCa(handle.db, operator, { orgId, productId, pem: pki.signerCa.certPem }),
+      'conflict',
+      /already registered/,
+    );
   });
 
   test('a signer CA for a product of another org is refused', async () => {
-    await rejects(addSignerCa(handle.db, operator, { orgId: otherOrgId, productId, pem: otherCa().certPem }), 'not_found', /does not exist in org/);
+    await rejects(
+      addSignerCa(handle.db, operator, { orgId: otherOrgId, productId, pem: otherCa().certPem }),
+      'not_found',
+      /does not exist in org/,
+    );
   });
 
   test('removing a signer CA audits it and stops trusting it', async () => {
@@ -119,14 +161,24 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
 
   test('a certificate signed by a registered signer CA registers the device in its product with the protocol asked for', async () => {
     const cred = await deviceCert('GRISP-1');
-    const result = await resolveDeviceIdentity(handle.db, peerOf(cred.certPem, pki.signerCa.certPem), { protocol: 'grisp' });
+    const result = await resolveDeviceIdentity(handle.db, peerOf(cred.certPem, pki.signerCa.certPem), {
+      protocol: 'grisp',
+    });
     assert.ok(result.ok);
     assert.equal(result.created, true);
-    const device = await handle.db.selectFrom('devices').selectAll().where('id', '=', result.identity.deviceId).executeTakeFirstOrThrow();
+    const device = await handle.db
+      .selectFrom('devices')
+      .selectAll()
+      .where('id', '=', result.identity.deviceId)
+      .executeTakeFirstOrThrow();
     assert.equal(device.protocol, 'grisp');
     assert.equal(device.identifier, 'GRISP-1');
     assert.equal(device.product_id, productId);
-    const audit = await handle.db.selectFrom('audit_log').selectAll().where('resource_id', '=', device.id).executeTakeFirstOrThrow();
+    const audit = await handle.db
+      .selectFrom('audit_log')
+      .selectAll()
+      .where('resource_id', '=', device.id)
+      .executeTakeFirstOrThrow();
     assert.equal(audit.action, 'device.registered');
     assert.equal(audit.actor_type, SYSTEM.type);
     assert.equal(audit.actor_id, null);
@@ -139,7 +191,9 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
 
   test('concurrent resolutions of a new certificate create one device and one certificate row', async () => {
     const cred = await deviceCert('RACE-2');
-    const results = await Promise.all(Array.from({ length: 8 }, () => resolveDeviceIdentity(handle.db, peerOf(cred.certPem, pki.signerCa.certPem))));
+    const results = await Promise.all(
+      Array.from({ length: 8 }, () => resolveDeviceIdentity(handle.db, peerOf(cred.certPem, pki.signerCa.certPem))),
+    );
     assert.ok(results.every((r) => r.ok));
     assert.equal(results.filter((r) => r.ok && r.created).length, 1);
     const devices = await handle.db.selectFrom('devices').select('id').where('identifier', '=', 'RACE-2').execute();
@@ -151,7 +205,11 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
   test('a chain claiming a registered signer CA that did not sign the certificate is refused', async () => {
     const forged = await deviceCertFromCa(otherCa('impostor'), 'FORGED-1');
     const result = await resolveDeviceIdentity(handle.db, peerOf(forged.certPem, pki.signerCa.certPem));
-    assert.deepEqual(result, { ok: false, status: 403, reason: 'certificate chain does not verify up to the registered signer CA' });
+    assert.deepEqual(result, {
+      ok: false,
+      status: 403,
+      reason: 'certificate chain does not verify up to the registered signer CA',
+    });
   });
 
   test('an unknown certificate whose issuer is not registered is refused with 403', async () => {
@@ -163,13 +221,28 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
   });
 
   test('a device certificate can be registered, listed and revoked once, each audited', async () => {
-    const device = await handle.db.insertInto('devices').values({ org_id: orgId, product_id: productId, identifier: 'MANUAL-1' }).returning('id').executeTakeFirstOrThrow();
+    const device = await handle.db
+      .insertInto('devices')
+      .values({ org_id: orgId, product_id: productId, identifier: 'MANUAL-1' })
+      .returning('id')
+      .executeTakeFirstOrThrow();
     const cred = await deviceCert('MANUAL-1');
     const cert = await addDeviceCertificate(handle.db, operator, device.id, cred.certPem);
     assert.match(cert.subject, /CN=MANUAL-1/);
-    await rejects(addDeviceCertificate(handle.db, operator, device.id, cred.certPem), 'conflict', /already registered to device/);
-    await rejects(addDeviceCertificate(handle.db, operator, device.id, pki.signerCa.certPem), 'invalid', /CA certificate/);
-    assert.deepEqual((await listDeviceCertificates(handle.db, device.id)).map((c) => c.id), [cert.id]);
+    await rejects(
+      addDeviceCertificate(handle.db, operator, device.id, cred.certPem),
+      'conflict',
+      /already registered to device/,
+    );
+    await rejects(
+      addDeviceCertificate(handle.db, operator, device.id, pki.signerCa.certPem),
+      'invalid',
+      /CA certificate/,
+    );
+    assert.deepEqual(
+      (await listDeviceCertificates(handle.db, device.id)).map((c) => c.id),
+      [cert.id],
+    );
 
     const resolved = await resolveDeviceIdentity(handle.db, peerOf(cred.certPem, pki.signerCa.certPem));
     assert.ok(resolved.ok && resolved.identity.certificateId === cert.id);
@@ -185,7 +258,15 @@ describe(`identity: signer CAs, device certificates, resolution (${DATABASE_KIND
 
   test('certificate functions report a missing device or certificate as not_found', async () => {
     const cred = await deviceCert('NOBODY');
-    await rejects(addDeviceCertificate(handle.db, operator, '00000000-0000-0000-0000-000000000000', cred.certPem), 'not_found', /device .* does not exist/);
-    await rejects(revokeDeviceCertificate(handle.db, operator, '00000000-0000-0000-0000-000000000000'), 'not_found', /does not exist/);
+    await rejects(
+      addDeviceCertificate(handle.db, operator, '00000000-0000-0000-0000-000000000000', cred.certPem),
+      'not_found',
+      /device .* does not exist/,
+    );
+    await rejects(
+      revokeDeviceCertificate(handle.db, operator, '00000000-0000-0000-0000-000000000000'),
+      'not_found',
+      /does not exist/,
+    );
   });
 });

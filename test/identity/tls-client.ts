@@ -20,7 +20,13 @@ export interface WsAttempt {
  * Opens a WebSocket over TLS to `url` with the given client credentials (or none), as a device
  * would, and reports how the handshake ended. The socket is closed before resolving.
  */
-export function wsAttempt(url: string, ca: string, cred?: CertifiedKey, session?: Buffer, protocols?: string[]): Promise<WsAttempt> {
+export function wsAttempt(
+  url: string,
+  ca: string,
+  cred?: CertifiedKey,
+  session?: Buffer,
+  protocols?: string[],
+): Promise<WsAttempt> {
   return new Promise((resolve, reject) => {
     let latestSession: Buffer | undefined;
     let tlsSocket: tls.TLSSocket | undefined;
@@ -47,7 +53,13 @@ export function wsAttempt(url: string, ca: string, cred?: CertifiedKey, session?
     ws.on('message', (data) => {
       const sessionReused = tlsSocket?.isSessionReused() ?? false;
       ws.close();
-      resolve({ status: 101, message: JSON.parse(String(data)), sessionReused, session: latestSession, protocol: ws.protocol });
+      resolve({
+        status: 101,
+        message: JSON.parse(String(data)),
+        sessionReused,
+        session: latestSession,
+        protocol: ws.protocol,
+      });
     });
     ws.on('error', reject);
   });

@@ -44,7 +44,10 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
     // The default Origin policy (the Origin's host must be the Host the page came from), as in production.
     server = await startTestServer({ allowedOrigins: [] });
     await createUser(server.database.db, { email, password, role: 'admin' });
-    browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking'] });
+    browser = await chromium.launch({
+      executablePath: CHROMIUM,
+      args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking'],
+    });
     page = await browser.newPage();
     page.setDefaultTimeout(UI_TIMEOUT);
     page.on('pageerror', (err) => pageErrors.push(`page error: ${err.message}`));
@@ -74,7 +77,9 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
 
   /** Connects the official phoenix client as a device running `firmware`; it joins group channels it is told about. */
   async function connectDevice(identifier: string, firmware: Firmware) {
-    const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, { tls: await deviceTlsOptions(await deviceCert(identifier)) });
+    const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, {
+      tls: await deviceTlsOptions(await deviceCert(identifier)),
+    });
     sockets.push(socket);
     const channel = socket.channel(`device:${firmware.id}`, {});
     const groupChannels: Channel[] = [];
@@ -92,7 +97,11 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
     await page.evaluate(() => Object.assign(window, { __notReloaded: true }));
   }
   async function assertNotReloaded(): Promise<void> {
-    assert.equal(await page.evaluate(() => (window as unknown as { __notReloaded?: boolean }).__notReloaded), true, 'the page was reloaded');
+    assert.equal(
+      await page.evaluate(() => (window as unknown as { __notReloaded?: boolean }).__notReloaded),
+      true,
+      'the page was reloaded',
+    );
   }
 
   function deviceRow(identifier: string) {
@@ -189,9 +198,21 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
     await page.locator('[data-col=target]', { hasText: 'Runs 2.0.0' }).waitFor();
 
     assert.equal((await pushAndWait(device.channel, 'firmware_update_begin', { version: '2.0.0' })).status, 'ok');
-    assert.equal((await pushAndWait(device.channel, 'firmware_update_progress', { version: '2.0.0', percent: 42, bytes: 13763, total: v2.size })).status, 'ok');
+    assert.equal(
+      (
+        await pushAndWait(device.channel, 'firmware_update_progress', {
+          version: '2.0.0',
+          percent: 42,
+          bytes: 13763,
+          total: v2.size,
+        })
+      ).status,
+      'ok',
+    );
     const bar = attempt.getByRole('progressbar', { name: `Update progress of ${serial}` });
-    await page.waitForFunction((el) => (el as HTMLProgressElement | null)?.value === 42, await bar.elementHandle(), { timeout: UI_TIMEOUT });
+    await page.waitForFunction((el) => (el as HTMLProgressElement | null)?.value === 42, await bar.elementHandle(), {
+      timeout: UI_TIMEOUT,
+    });
     await attempt.locator('[data-col=state]', { hasText: 'downloading' }).waitFor();
     await page.locator('dd[data-state=downloading]', { hasText: '1' }).waitFor();
     await assertNotReloaded();
@@ -203,7 +224,10 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
 
   test('strings from the fleet are rendered as text, never as markup', async () => {
     const hostile = `<img src=x onerror="window.__xss=1">${randomBytes(2).toString('hex')}`;
-    await server.call('POST', `/api/v1/orgs/${server.orgId}/devices`, { product: server.productId, identifier: hostile });
+    await server.call('POST', `/api/v1/orgs/${server.orgId}/devices`, {
+      product: server.productId,
+      identifier: hostile,
+    });
     await page.getByRole('link', { name: 'Devices', exact: true }).click();
     await page.getByLabel('Search').fill(hostile.slice(-12));
     await deviceRow(hostile).waitFor();
@@ -213,12 +237,24 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
   });
 
   test('devices awaiting approval are listed with Approve and Reject, enabled where the API offers an approval route', async () => {
-    const paths = Object.keys(((await (await fetch(`${server.apiUrl}/api/docs/json`)).json()) as { paths: Record<string, unknown> }).paths);
-    const approvable = (protocol: string) => paths.some((p) => p.endsWith('/orgs/{org}/devices/{device}/approve') || p === `/api/v1/${protocol}/devices/{device}/approve`);
+    const paths = Object.keys(
+      ((await (await fetch(`${server.apiUrl}/api/docs/json`)).json()) as { paths: Record<string, unknown> }).paths,
+    );
+    const approvable = (protocol: string) =>
+      paths.some(
+        (p) =>
+          p.endsWith('/orgs/{org}/devices/{device}/approve') || p === `/api/v1/${protocol}/devices/{device}/approve`,
+      );
     const pending = [];
     for (const protocol of ['wifidogx', 'main-server'] as const) {
       const identifier = `${protocol}-${randomBytes(3).toString('hex')}`;
-      await createDevice(server.fleet, SYSTEM, { orgId: server.orgId, productId: server.productId, identifier, protocol, approval: 'pending' });
+      await createDevice(server.fleet, SYSTEM, {
+        orgId: server.orgId,
+        productId: server.productId,
+        identifier,
+        protocol,
+        approval: 'pending',
+      });
       pending.push({ identifier, protocol });
     }
     await page.getByRole('link', { name: 'Pending devices' }).click();
@@ -231,7 +267,11 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
         // The server offers approval for this device: the button approves and the device leaves the list.
         await approve.click();
         await row.waitFor({ state: 'detached' });
-        const approved = await server.database.db.selectFrom('devices').select('approval').where('identifier', '=', identifier).executeTakeFirstOrThrow();
+        const approved = await server.database.db
+          .selectFrom('devices')
+          .select('approval')
+          .where('identifier', '=', identifier)
+          .executeTakeFirstOrThrow();
         assert.equal(approved.approval, 'approved', identifier);
       } else {
         // No approval route for it yet: the buttons say so instead of failing on click.

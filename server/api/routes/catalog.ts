@@ -4,7 +4,21 @@
  */
 import type { FastifyInstance } from 'fastify';
 import type { Firmware } from '../../db/schema.ts';
-import { listDevices, deleteFirmware, getFirmware, isBlobReferenced, listFirmware, getProduct, clearDeviceTarget, clearGroupTarget, listTargets, setDeviceTarget, setGroupTarget, countUpdateStates, type FleetContext } from '../../fleet/index.ts';
+import {
+  listDevices,
+  deleteFirmware,
+  getFirmware,
+  isBlobReferenced,
+  listFirmware,
+  getProduct,
+  clearDeviceTarget,
+  clearGroupTarget,
+  listTargets,
+  setDeviceTarget,
+  setGroupTarget,
+  countUpdateStates,
+  type FleetContext,
+} from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
 import { isUuid } from '../operators.ts';
@@ -16,7 +30,11 @@ import { groupParams, resolveGroup } from './groups.ts';
 
 type OrgParams = { org: string };
 const orgParams = { type: 'object', required: ['org'], properties: orgParam } as const;
-const firmwareParams = { type: 'object', required: ['org', 'id'], properties: { ...orgParam, id: { type: 'string', format: 'uuid' } } } as const;
+const firmwareParams = {
+  type: 'object',
+  required: ['org', 'id'],
+  properties: { ...orgParam, id: { type: 'string', format: 'uuid' } },
+} as const;
 
 /** `{firmware_id}` or `{version, component?}` naming the firmware to target. */
 const targetBody = {
@@ -24,7 +42,12 @@ const targetBody = {
   additionalProperties: false,
   properties: {
     firmware_id: { type: 'string', format: 'uuid' },
-    version: { type: 'string', minLength: 1, maxLength: 100, description: 'firmware version of the group\'s or device\'s product (instead of firmware_id)' },
+    version: {
+      type: 'string',
+      minLength: 1,
+      maxLength: 100,
+      description: "firmware version of the group's or device's product (instead of firmware_id)",
+    },
     component: { type: 'string', minLength: 1, maxLength: 100, default: 'firmware' },
   },
   oneOf: [{ required: ['firmware_id'] }, { required: ['version'] }],
@@ -41,11 +64,21 @@ const targetChangeSchema = {
 } as const;
 
 /** The firmware a target body names, within a product. */
-async function resolveTargetFirmware(fleet: FleetContext, orgId: string, productId: string, body: TargetBody): Promise<Firmware> {
+async function resolveTargetFirmware(
+  fleet: FleetContext,
+  orgId: string,
+  productId: string,
+  body: TargetBody,
+): Promise<Firmware> {
   if (body.firmware_id) return getFirmware(fleet, orgId, body.firmware_id);
   const component = body.component ?? 'firmware';
   const found = (await listFirmware(fleet, orgId, { productId, component })).find((f) => f.version === body.version);
-  if (!found) throw new ApiError(404, 'not_found', `no ${component} version ${body.version} in this product; upload it first (fleethub firmware upload)`);
+  if (!found)
+    throw new ApiError(
+      404,
+      'not_found',
+      `no ${component} version ${body.version} in this product; upload it first (fleethub firmware upload)`,
+    );
   return found;
 }
 
@@ -62,7 +95,10 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         tags: ['firmware'],
         summary: 'Firmware of an organization, newest first',
         params: orgParams,
-        querystring: { type: 'object', properties: { product: { type: 'string', description: 'product id or name' }, component: { type: 'string' } } },
+        querystring: {
+          type: 'object',
+          properties: { product: { type: 'string', description: 'product id or name' }, component: { type: 'string' } },
+        },
         response: { 200: listOf('Firmware'), ...authErrors },
       },
     },
@@ -75,7 +111,15 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.get<{ Params: OrgParams & { id: string } }>(
     '/orgs/:org/firmware/:id',
-    { onRequest: requireRole('viewer'), schema: { tags: ['firmware'], summary: 'One firmware record', params: firmwareParams, response: { 200: ref('Firmware'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['firmware'],
+        summary: 'One firmware record',
+        params: firmwareParams,
+        response: { 200: ref('Firmware'), ...authErrors },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return getFirmware(fleet, org.id, request.params.id);
@@ -86,13 +130,22 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     '/orgs/:org/firmware/:id',
     {
       onRequest: requireRole('operator'),
-      schema: { tags: ['firmware'], summary: 'Delete a firmware record (409 while a group or device targets it)', params: firmwareParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } },
+      schema: {
+        tags: ['firmware'],
+        summary: 'Delete a firmware record (409 while a group or device targets it)',
+        params: firmwareParams,
+        response: { 204: { type: 'null' }, ...authErrors, ...conflictError },
+      },
     },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const deleted = await deleteFirmware(fleet, request.operator.actor, org.id, request.params.id);
       if (deleted.sha256 && deleted.has_blob && deps.blobs && !(await isBlobReferenced(fleet, deleted.sha256))) {
-        await deps.blobs.delete(deleted.sha256).catch((err: unknown) => request.log.error({ err, sha256: deleted.sha256 }, 'removing an unreferenced firmware blob failed'));
+        await deps.blobs
+          .delete(deleted.sha256)
+          .catch((err: unknown) =>
+            request.log.error({ err, sha256: deleted.sha256 }, 'removing an unreferenced firmware blob failed'),
+          );
       }
       return reply.status(204).send();
     },
@@ -102,7 +155,15 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.get<{ Params: OrgParams }>(
     '/orgs/:org/targets',
-    { onRequest: requireRole('viewer'), schema: { tags: ['targets'], summary: 'Every target of an organization', params: orgParams, response: { 200: listOf('Target'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['targets'],
+        summary: 'Every target of an organization',
+        params: orgParams,
+        response: { 200: listOf('Target'), ...authErrors },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return { items: await listTargets(fleet, org.id) };
@@ -113,7 +174,16 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.put<{ Params: OrgParams & { group: string }; Body: TargetBody }>(
     '/orgs/:org/groups/:group/target',
-    { onRequest: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware a group should run', params: groupParams, body: targetBody, response: reply200 } },
+    {
+      onRequest: requireRole('operator'),
+      schema: {
+        tags: ['targets'],
+        summary: 'Set the firmware a group should run',
+        params: groupParams,
+        body: targetBody,
+        response: reply200,
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
@@ -128,7 +198,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
       onRequest: requireRole('operator'),
       schema: {
         tags: ['targets'],
-        summary: 'Clear a group\'s target',
+        summary: "Clear a group's target",
         params: groupParams,
         querystring: { type: 'object', properties: { component: { type: 'string', default: 'firmware' } } },
         response: { 200: emptyOk, ...authErrors, ...conflictError },
@@ -144,7 +214,16 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   api.put<{ Params: OrgParams & { device: string }; Body: TargetBody }>(
     '/orgs/:org/devices/:device/target',
-    { onRequest: requireRole('operator'), schema: { tags: ['targets'], summary: 'Set the firmware one device should run (overrides its groups)', params: deviceParams, body: targetBody, response: reply200 } },
+    {
+      onRequest: requireRole('operator'),
+      schema: {
+        tags: ['targets'],
+        summary: 'Set the firmware one device should run (overrides its groups)',
+        params: deviceParams,
+        body: targetBody,
+        response: reply200,
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -159,7 +238,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
       onRequest: requireRole('operator'),
       schema: {
         tags: ['targets'],
-        summary: 'Clear a device\'s own target (it falls back to its groups\')',
+        summary: "Clear a device's own target (it falls back to its groups')",
         params: deviceParams,
         querystring: { type: 'object', properties: { component: { type: 'string', default: 'firmware' } } },
         response: { 200: emptyOk, ...authErrors, ...conflictError },
@@ -181,7 +260,11 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
       devices: { type: 'integer' },
       online: { type: 'integer' },
       offline: { type: 'integer' },
-      versions: { type: 'object', additionalProperties: { type: 'integer' }, description: 'devices per running version ("unknown" when none reported)' },
+      versions: {
+        type: 'object',
+        additionalProperties: { type: 'integer' },
+        description: 'devices per running version ("unknown" when none reported)',
+      },
       updates: { type: 'object', additionalProperties: { type: 'integer' }, description: 'update attempts per state' },
       target: { anyOf: [ref('Target'), { type: 'null' }] },
     },
@@ -193,7 +276,8 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
       onRequest: requireRole('viewer'),
       schema: {
         tags: ['status'],
-        summary: 'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
+        summary:
+          'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
         params: orgParams,
         querystring: { type: 'object', properties: { group: { type: 'string', description: 'group id or name' } } },
         response: { 200: statusSchema, ...authErrors, ...conflictError },
@@ -210,7 +294,12 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     '/orgs/:org/groups/:group/status',
     {
       onRequest: requireRole('viewer'),
-      schema: { tags: ['status'], summary: 'Counts by running version and update state for a group, with its target', params: groupParams, response: { 200: statusSchema, ...authErrors, ...conflictError } },
+      schema: {
+        tags: ['status'],
+        summary: 'Counts by running version and update state for a group, with its target',
+        params: groupParams,
+        response: { 200: statusSchema, ...authErrors, ...conflictError },
+      },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
@@ -239,6 +328,9 @@ async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string)
     if (page.items.length < 1000) break;
   }
   const updates = await countUpdateStates(fleet, { orgId, groupId });
-  const target = groupId && isUuid(groupId) ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === 'firmware') ?? null) : null;
+  const target =
+    groupId && isUuid(groupId)
+      ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === 'firmware') ?? null)
+      : null;
   return { devices: total, online, offline: total - online, versions, updates, target };
 }

@@ -8,12 +8,17 @@ import { ApiError } from '../errors.ts';
  * other orgs answer the same 404 so a scoped token cannot probe which orgs exist.
  */
 export async function resolveOrg(fleet: FleetContext, principal: OperatorPrincipal, ref: string): Promise<Org> {
-  const notFound = () => new ApiError(404, 'not_found', `organization ${JSON.stringify(ref)} not found; list yours with GET /api/v1/orgs`);
+  const notFound = () =>
+    new ApiError(404, 'not_found', `organization ${JSON.stringify(ref)} not found; list yours with GET /api/v1/orgs`);
   let org: Org;
   try {
     org = await getOrg(fleet, ref);
   } catch (err) {
-    if ((err as { name?: string; code?: string }).name === 'FleetError' && (err as { code?: string }).code === 'not_found') throw notFound();
+    if (
+      (err as { name?: string; code?: string }).name === 'FleetError' &&
+      (err as { code?: string }).code === 'not_found'
+    )
+      throw notFound();
     throw err;
   }
   if (!canAccessOrg(principal, org.id)) throw notFound();

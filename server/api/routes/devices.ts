@@ -2,8 +2,23 @@
 import type { FastifyInstance } from 'fastify';
 import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol, UpdateState } from '../../db/schema.ts';
 import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
-import { createDevice, deleteDevice, getDevice, listDevices, updateDevice, getProduct, listUpdateAttempts, publishCertificateRevoked, UPDATE_STATES, type FleetContext } from '../../fleet/index.ts';
-import { addDeviceCertificate, listDeviceCertificates, revokeDeviceCertificate } from '../../identity/device-certificates.ts';
+import {
+  createDevice,
+  deleteDevice,
+  getDevice,
+  listDevices,
+  updateDevice,
+  getProduct,
+  listUpdateAttempts,
+  publishCertificateRevoked,
+  UPDATE_STATES,
+  type FleetContext,
+} from '../../fleet/index.ts';
+import {
+  addDeviceCertificate,
+  listDeviceCertificates,
+  revokeDeviceCertificate,
+} from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
 import { isUuid } from '../operators.ts';
@@ -17,7 +32,10 @@ const orgParams = { type: 'object', required: ['org'], properties: orgParam } as
 export const deviceParams = {
   type: 'object',
   required: ['org', 'device'],
-  properties: { ...orgParam, device: { type: 'string', minLength: 1, description: 'device id or identifier (serial)' } },
+  properties: {
+    ...orgParam,
+    device: { type: 'string', minLength: 1, description: 'device id or identifier (serial)' },
+  },
 } as const;
 
 /**
@@ -29,14 +47,31 @@ export async function resolveDevice(fleet: FleetContext, orgId: string, ref: str
   const page = await listDevices(fleet, { orgId, q: ref, limit: 1000 });
   const matches = page.items.filter((d) => d.identifier === ref);
   if (matches.length === 0) throw new ApiError(404, 'not_found', `device ${JSON.stringify(ref)} not found`);
-  if (matches.length > 1) throw new ApiError(409, 'conflict', `${matches.length} devices of different products are called ${JSON.stringify(ref)}; use the device id`, { ids: matches.map((d) => d.id) });
+  if (matches.length > 1)
+    throw new ApiError(
+      409,
+      'conflict',
+      `${matches.length} devices of different products are called ${JSON.stringify(ref)}; use the device id`,
+      { ids: matches.map((d) => d.id) },
+    );
   return matches[0]!;
 }
 
 export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
   const { fleet, db } = deps;
 
-  type ListQuery = { product?: string; group?: string; version?: string; status?: ConnectionStatus; approval?: DeviceApproval; protocol?: DeviceProtocol; tag?: string; q?: string; limit: number; offset: number };
+  type ListQuery = {
+    product?: string;
+    group?: string;
+    version?: string;
+    status?: ConnectionStatus;
+    approval?: DeviceApproval;
+    protocol?: DeviceProtocol;
+    tag?: string;
+    q?: string;
+    limit: number;
+    offset: number;
+  };
   api.get<{ Params: OrgParams; Querystring: ListQuery }>(
     '/orgs/:org/devices',
     {
@@ -53,7 +88,11 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
             group: { type: 'string', format: 'uuid', description: 'group id' },
             version: { type: 'string', description: 'running firmware version (exact)' },
             status: { type: 'string', enum: ['online', 'offline'] },
-            approval: { type: 'string', enum: ['approved', 'pending', 'revoked'], description: 'pending: registered by an edge, waiting for an operator' },
+            approval: {
+              type: 'string',
+              enum: ['approved', 'pending', 'revoked'],
+              description: 'pending: registered by an edge, waiting for an operator',
+            },
             protocol: { type: 'string', enum: ['phoenix', 'grisp', 'wifidogx', 'main-server', 'keyauth'] },
             tag: { type: 'string' },
             q: { type: 'string', maxLength: 200, description: 'substring of identifier or description' },
@@ -71,7 +110,10 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     },
   );
 
-  api.post<{ Params: OrgParams; Body: { product: string; identifier: string; description?: string | null; tags?: string[] } }>(
+  api.post<{
+    Params: OrgParams;
+    Body: { product: string; identifier: string; description?: string | null; tags?: string[] };
+  }>(
     '/orgs/:org/devices',
     {
       onRequest: requireRole('operator'),
@@ -109,7 +151,15 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
 
   api.get<{ Params: DeviceParams }>(
     '/orgs/:org/devices/:device',
-    { onRequest: requireRole('viewer'), schema: { tags: ['devices'], summary: 'One device', params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['devices'],
+        summary: 'One device',
+        params: deviceParams,
+        response: { 200: ref('Device'), ...authErrors, ...conflictError },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return resolveDevice(fleet, org.id, request.params.device);
@@ -122,7 +172,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
-        summary: 'Change a device\'s description or tags',
+        summary: "Change a device's description or tags",
         params: deviceParams,
         body: {
           type: 'object',
@@ -145,7 +195,15 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
 
   api.delete<{ Params: DeviceParams }>(
     '/orgs/:org/devices/:device',
-    { onRequest: requireRole('operator'), schema: { tags: ['devices'], summary: 'Delete a device with its certificates and history', params: deviceParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } } },
+    {
+      onRequest: requireRole('operator'),
+      schema: {
+        tags: ['devices'],
+        summary: 'Delete a device with its certificates and history',
+        params: deviceParams,
+        response: { 204: { type: 'null' }, ...authErrors, ...conflictError },
+      },
+    },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -158,7 +216,15 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
 
   api.get<{ Params: DeviceParams }>(
     '/orgs/:org/devices/:device/certificates',
-    { onRequest: requireRole('viewer'), schema: { tags: ['devices'], summary: 'Certificates registered to a device', params: deviceParams, response: { 200: listOf('DeviceCertificate'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['devices'],
+        summary: 'Certificates registered to a device',
+        params: deviceParams,
+        response: { 200: listOf('DeviceCertificate'), ...authErrors },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -172,16 +238,24 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       onRequest: requireRole('operator'),
       schema: {
         tags: ['devices'],
-        summary: 'Register a certificate (PEM) to a device: one of the org\'s signer CAs must have issued it (400 otherwise; 409 when registered already)',
+        summary:
+          "Register a certificate (PEM) to a device: one of the org's signer CAs must have issued it (400 otherwise; 409 when registered already)",
         params: deviceParams,
-        body: { type: 'object', required: ['pem'], additionalProperties: false, properties: { pem: { type: 'string', minLength: 1, maxLength: 65536 } } },
+        body: {
+          type: 'object',
+          required: ['pem'],
+          additionalProperties: false,
+          properties: { pem: { type: 'string', minLength: 1, maxLength: 65536 } },
+        },
         response: { 201: ref('DeviceCertificate'), ...authErrors, ...conflictError },
       },
     },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
-      return reply.status(201).send(snakeKeys(await addDeviceCertificate(db, request.operator.actor, device.id, request.body.pem)));
+      return reply
+        .status(201)
+        .send(snakeKeys(await addDeviceCertificate(db, request.operator.actor, device.id, request.body.pem)));
     },
   );
 
@@ -192,7 +266,11 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       schema: {
         tags: ['devices'],
         summary: 'Revoke a device certificate: the device is disconnected and that certificate refused from now on',
-        params: { type: 'object', required: ['org', 'device', 'id'], properties: { ...deviceParams.properties, id: { type: 'string', format: 'uuid' } } },
+        params: {
+          type: 'object',
+          required: ['org', 'device', 'id'],
+          properties: { ...deviceParams.properties, id: { type: 'string', format: 'uuid' } },
+        },
         response: { 200: ref('DeviceCertificate'), ...authErrors },
       },
     },
@@ -200,7 +278,12 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
       const certs = await listDeviceCertificates(db, device.id);
-      if (!certs.some((c) => c.id === request.params.id)) throw new ApiError(404, 'not_found', `certificate ${request.params.id} is not registered to device ${device.identifier}`);
+      if (!certs.some((c) => c.id === request.params.id))
+        throw new ApiError(
+          404,
+          'not_found',
+          `certificate ${request.params.id} is not registered to device ${device.identifier}`,
+        );
       const revoked = await revokeDeviceCertificate(db, request.operator.actor, request.params.id, { orgId: org.id });
       // Refusal happens at the TLS/HTTP layer on the next connect; live connections are closed now, on whichever node holds them.
       await publishCertificateRevoked(fleet, device.id, request.params.id);
@@ -211,11 +294,23 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
   // ---- approval (any protocol: pending devices of the edges, or revoking a device outright)
   for (const [action, apply, summary] of [
     ['approve', approveDevice, 'Approve a device: a pending device may now connect, receive commands and updates'],
-    ['revoke', revokeDevice, 'Revoke a device: it is disconnected, refused from now on, and its open updates are cancelled'],
+    [
+      'revoke',
+      revokeDevice,
+      'Revoke a device: it is disconnected, refused from now on, and its open updates are cancelled',
+    ],
   ] as const) {
     api.post<{ Params: DeviceParams }>(
       `/orgs/:org/devices/:device/${action}`,
-      { onRequest: requireRole('operator'), schema: { tags: ['devices'], summary, params: deviceParams, response: { 200: ref('Device'), ...authErrors, ...conflictError } } },
+      {
+        onRequest: requireRole('operator'),
+        schema: {
+          tags: ['devices'],
+          summary,
+          params: deviceParams,
+          response: { 200: ref('Device'), ...authErrors, ...conflictError },
+        },
+      },
       async (request) => {
         const org = await resolveOrg(fleet, request.operator, request.params.org);
         const device = await resolveDevice(fleet, org.id, request.params.device);
@@ -234,7 +329,10 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
         tags: ['updates'],
         summary: 'Update attempts of a device, newest first',
         params: deviceParams,
-        querystring: { type: 'object', properties: { state: { type: 'string', enum: [...UPDATE_STATES] }, ...paginationQuery } },
+        querystring: {
+          type: 'object',
+          properties: { state: { type: 'string', enum: [...UPDATE_STATES] }, ...paginationQuery },
+        },
         response: { 200: pageOf('UpdateAttempt'), ...authErrors },
       },
     },

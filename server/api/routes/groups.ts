@@ -1,7 +1,21 @@
 /** Groups: CRUD, members (bulk add/remove), update history and status counts. */
 import type { FastifyInstance } from 'fastify';
 import type { UpdateState } from '../../db/schema.ts';
-import { addDevicesToGroup, createGroup, deleteGroup, getGroup, listGroupMembers, listGroups, removeDevicesFromGroup, updateGroup, getProduct, listUpdateAttempts, UPDATE_STATES, type FleetContext, type GroupWithCount } from '../../fleet/index.ts';
+import {
+  addDevicesToGroup,
+  createGroup,
+  deleteGroup,
+  getGroup,
+  listGroupMembers,
+  listGroups,
+  removeDevicesFromGroup,
+  updateGroup,
+  getProduct,
+  listUpdateAttempts,
+  UPDATE_STATES,
+  type FleetContext,
+  type GroupWithCount,
+} from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
 import { isUuid } from '../operators.ts';
@@ -24,7 +38,13 @@ export async function resolveGroup(fleet: FleetContext, orgId: string, ref: stri
   if (isUuid(ref)) return getGroup(fleet, orgId, ref);
   const matches = (await listGroups(fleet, orgId)).filter((g) => g.name === ref);
   if (matches.length === 0) throw new ApiError(404, 'not_found', `group ${JSON.stringify(ref)} not found`);
-  if (matches.length > 1) throw new ApiError(409, 'conflict', `${matches.length} products have a group called ${JSON.stringify(ref)}; use the group id`, { ids: matches.map((g) => g.id) });
+  if (matches.length > 1)
+    throw new ApiError(
+      409,
+      'conflict',
+      `${matches.length} products have a group called ${JSON.stringify(ref)}; use the group id`,
+      { ids: matches.map((g) => g.id) },
+    );
   return matches[0]!;
 }
 
@@ -32,7 +52,15 @@ const membersBody = {
   type: 'object',
   required: ['devices'],
   additionalProperties: false,
-  properties: { devices: { type: 'array', minItems: 1, maxItems: 10000, items: { type: 'string', minLength: 1 }, description: 'device ids or identifiers' } },
+  properties: {
+    devices: {
+      type: 'array',
+      minItems: 1,
+      maxItems: 10000,
+      items: { type: 'string', minLength: 1 },
+      description: 'device ids or identifiers',
+    },
+  },
 } as const;
 
 export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
@@ -64,7 +92,10 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     },
   );
 
-  api.post<{ Params: OrgParams; Body: { product: string; name: string; description?: string | null; priority?: number } }>(
+  api.post<{
+    Params: OrgParams;
+    Body: { product: string; name: string; description?: string | null; priority?: number };
+  }>(
     '/orgs/:org/groups',
     {
       onRequest: requireRole('operator'),
@@ -80,7 +111,12 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
             product: { type: 'string', minLength: 1, description: 'product id or name' },
             name: { type: 'string', minLength: 1, maxLength: 63 },
             description: { type: ['string', 'null'], maxLength: 1000 },
-            priority: { type: 'integer', minimum: 0, maximum: 1000000, description: 'lower wins when a device\'s groups target different firmware' },
+            priority: {
+              type: 'integer',
+              minimum: 0,
+              maximum: 1000000,
+              description: "lower wins when a device's groups target different firmware",
+            },
           },
         },
         response: { 201: ref('Group'), ...authErrors, ...conflictError },
@@ -102,7 +138,15 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
 
   api.get<{ Params: GroupParams }>(
     '/orgs/:org/groups/:group',
-    { onRequest: requireRole('viewer'), schema: { tags: ['groups'], summary: 'One group', params: groupParams, response: { 200: ref('Group'), ...authErrors, ...conflictError } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['groups'],
+        summary: 'One group',
+        params: groupParams,
+        response: { 200: ref('Group'), ...authErrors, ...conflictError },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return resolveGroup(fleet, org.id, request.params.group);
@@ -115,13 +159,16 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
       onRequest: requireRole('operator'),
       schema: {
         tags: ['groups'],
-        summary: 'Change a group\'s description or priority',
+        summary: "Change a group's description or priority",
         params: groupParams,
         body: {
           type: 'object',
           additionalProperties: false,
           minProperties: 1,
-          properties: { description: { type: ['string', 'null'], maxLength: 1000 }, priority: { type: 'integer', minimum: 0, maximum: 1000000 } },
+          properties: {
+            description: { type: ['string', 'null'], maxLength: 1000 },
+            priority: { type: 'integer', minimum: 0, maximum: 1000000 },
+          },
         },
         response: { 200: ref('Group'), ...authErrors, ...conflictError },
       },
@@ -136,7 +183,15 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
 
   api.delete<{ Params: GroupParams }>(
     '/orgs/:org/groups/:group',
-    { onRequest: requireRole('operator'), schema: { tags: ['groups'], summary: 'Delete a group (members leave its channel)', params: groupParams, response: { 204: { type: 'null' }, ...authErrors, ...conflictError } } },
+    {
+      onRequest: requireRole('operator'),
+      schema: {
+        tags: ['groups'],
+        summary: 'Delete a group (members leave its channel)',
+        params: groupParams,
+        response: { 204: { type: 'null' }, ...authErrors, ...conflictError },
+      },
+    },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
@@ -151,7 +206,13 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     '/orgs/:org/groups/:group/devices',
     {
       onRequest: requireRole('viewer'),
-      schema: { tags: ['groups'], summary: 'Members of a group', params: groupParams, querystring: { type: 'object', properties: paginationQuery }, response: { 200: pageOf('Device'), ...authErrors, ...conflictError } },
+      schema: {
+        tags: ['groups'],
+        summary: 'Members of a group',
+        params: groupParams,
+        querystring: { type: 'object', properties: paginationQuery },
+        response: { 200: pageOf('Device'), ...authErrors, ...conflictError },
+      },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
@@ -169,13 +230,27 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
         summary: 'Add devices to a group (bulk; devices already in it are skipped)',
         params: groupParams,
         body: membersBody,
-        response: { 200: { type: 'object', required: ['added'], properties: { added: { type: 'array', items: { type: 'string' } } } }, ...authErrors, ...conflictError },
+        response: {
+          200: {
+            type: 'object',
+            required: ['added'],
+            properties: { added: { type: 'array', items: { type: 'string' } } },
+          },
+          ...authErrors,
+          ...conflictError,
+        },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
-      return addDevicesToGroup(fleet, request.operator.actor, org.id, group.id, await deviceIds(org.id, request.body.devices));
+      return addDevicesToGroup(
+        fleet,
+        request.operator.actor,
+        org.id,
+        group.id,
+        await deviceIds(org.id, request.body.devices),
+      );
     },
   );
 
@@ -188,13 +263,27 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
         summary: 'Remove devices from a group (bulk; devices not in it are skipped)',
         params: groupParams,
         body: membersBody,
-        response: { 200: { type: 'object', required: ['removed'], properties: { removed: { type: 'array', items: { type: 'string' } } } }, ...authErrors, ...conflictError },
+        response: {
+          200: {
+            type: 'object',
+            required: ['removed'],
+            properties: { removed: { type: 'array', items: { type: 'string' } } },
+          },
+          ...authErrors,
+          ...conflictError,
+        },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
-      return removeDevicesFromGroup(fleet, request.operator.actor, org.id, group.id, await deviceIds(org.id, request.body.devices));
+      return removeDevicesFromGroup(
+        fleet,
+        request.operator.actor,
+        org.id,
+        group.id,
+        await deviceIds(org.id, request.body.devices),
+      );
     },
   );
 
@@ -206,9 +295,12 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
       onRequest: requireRole('viewer'),
       schema: {
         tags: ['updates'],
-        summary: 'Update attempts of a group\'s members, newest first',
+        summary: "Update attempts of a group's members, newest first",
         params: groupParams,
-        querystring: { type: 'object', properties: { state: { type: 'string', enum: [...UPDATE_STATES] }, ...paginationQuery } },
+        querystring: {
+          type: 'object',
+          properties: { state: { type: 'string', enum: [...UPDATE_STATES] }, ...paginationQuery },
+        },
         response: { 200: pageOf('UpdateAttempt'), ...authErrors, ...conflictError },
       },
     },

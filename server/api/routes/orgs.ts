@@ -1,6 +1,14 @@
 /** Organizations, products, signer CAs and the audit log. */
 import type { FastifyInstance } from 'fastify';
-import { listAuditLog, createOrg, createProduct, getProduct, listOrgs, listProducts, updateProduct } from '../../fleet/index.ts';
+import {
+  listAuditLog,
+  createOrg,
+  createProduct,
+  getProduct,
+  listOrgs,
+  listProducts,
+  updateProduct,
+} from '../../fleet/index.ts';
 import { addSignerCa, listSignerCas, removeSignerCa } from '../../identity/signer-cas.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
@@ -16,7 +24,10 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
 
   api.get(
     '/orgs',
-    { onRequest: requireRole('viewer'), schema: { tags: ['orgs'], summary: 'Organizations you can see', response: { 200: listOf('Org'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: { tags: ['orgs'], summary: 'Organizations you can see', response: { 200: listOf('Org'), ...authErrors } },
+    },
     async (request) => {
       const p = request.operator;
       const orgs = await listOrgs(fleet);
@@ -31,19 +42,33 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
       schema: {
         tags: ['orgs'],
         summary: 'Create an organization (instance admins)',
-        body: { type: 'object', required: ['name'], additionalProperties: false, properties: { name: { type: 'string', minLength: 1, maxLength: 63 } } },
+        body: {
+          type: 'object',
+          required: ['name'],
+          additionalProperties: false,
+          properties: { name: { type: 'string', minLength: 1, maxLength: 63 } },
+        },
         response: { 201: ref('Org'), ...authErrors, ...conflictError },
       },
     },
     async (request, reply) => {
-      if (request.operator.orgId !== null) throw new ApiError(403, 'forbidden', 'only instance admins (users without an org) create organizations');
+      if (request.operator.orgId !== null)
+        throw new ApiError(403, 'forbidden', 'only instance admins (users without an org) create organizations');
       return reply.status(201).send(await createOrg(fleet, request.operator.actor, { name: request.body.name }));
     },
   );
 
   api.get<{ Params: OrgParams }>(
     '/orgs/:org',
-    { onRequest: requireRole('viewer'), schema: { tags: ['orgs'], summary: 'One organization', params: orgParams, response: { 200: ref('Org'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['orgs'],
+        summary: 'One organization',
+        params: orgParams,
+        response: { 200: ref('Org'), ...authErrors },
+      },
+    },
     async (request) => resolveOrg(fleet, request.operator, request.params.org),
   );
 
@@ -51,7 +76,15 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
 
   api.get<{ Params: OrgParams }>(
     '/orgs/:org/products',
-    { onRequest: requireRole('viewer'), schema: { tags: ['products'], summary: 'Products of an organization', params: orgParams, response: { 200: listOf('Product'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['products'],
+        summary: 'Products of an organization',
+        params: orgParams,
+        response: { 200: listOf('Product'), ...authErrors },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return { items: await listProducts(fleet, org.id) };
@@ -70,23 +103,42 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
           type: 'object',
           required: ['name'],
           additionalProperties: false,
-          properties: { name: { type: 'string', minLength: 1, maxLength: 63 }, requires_signature: { type: 'boolean' } },
+          properties: {
+            name: { type: 'string', minLength: 1, maxLength: 63 },
+            requires_signature: { type: 'boolean' },
+          },
         },
         response: { 201: ref('Product'), ...authErrors, ...conflictError },
       },
     },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
-      const product = await createProduct(fleet, request.operator.actor, { orgId: org.id, name: request.body.name, requiresSignature: request.body.requires_signature });
+      const product = await createProduct(fleet, request.operator.actor, {
+        orgId: org.id,
+        name: request.body.name,
+        requiresSignature: request.body.requires_signature,
+      });
       return reply.status(201).send(product);
     },
   );
 
-  const productParams = { type: 'object', required: ['org', 'product'], properties: { ...orgParam, product: { type: 'string', minLength: 1, description: 'product id or name' } } } as const;
+  const productParams = {
+    type: 'object',
+    required: ['org', 'product'],
+    properties: { ...orgParam, product: { type: 'string', minLength: 1, description: 'product id or name' } },
+  } as const;
 
   api.get<{ Params: OrgParams & { product: string } }>(
     '/orgs/:org/products/:product',
-    { onRequest: requireRole('viewer'), schema: { tags: ['products'], summary: 'One product', params: productParams, response: { 200: ref('Product'), ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['products'],
+        summary: 'One product',
+        params: productParams,
+        response: { 200: ref('Product'), ...authErrors },
+      },
+    },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       return getProduct(fleet, org.id, request.params.product);
@@ -101,14 +153,21 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
         tags: ['products'],
         summary: 'Change whether firmware uploads must be signed',
         params: productParams,
-        body: { type: 'object', additionalProperties: false, minProperties: 1, properties: { requires_signature: { type: 'boolean' } } },
+        body: {
+          type: 'object',
+          additionalProperties: false,
+          minProperties: 1,
+          properties: { requires_signature: { type: 'boolean' } },
+        },
         response: { 200: ref('Product'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const product = await getProduct(fleet, org.id, request.params.product);
-      return updateProduct(fleet, request.operator.actor, org.id, product.id, { requiresSignature: request.body.requires_signature });
+      return updateProduct(fleet, request.operator.actor, org.id, product.id, {
+        requiresSignature: request.body.requires_signature,
+      });
     },
   );
 
@@ -157,7 +216,12 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const product = await getProduct(fleet, org.id, request.body.product);
-      const ca = await addSignerCa(db, request.operator.actor, { orgId: org.id, productId: product.id, pem: request.body.pem, description: request.body.description });
+      const ca = await addSignerCa(db, request.operator.actor, {
+        orgId: org.id,
+        productId: product.id,
+        pem: request.body.pem,
+        description: request.body.description,
+      });
       await signerCasChanged(deps, request.log);
       return reply.status(201).send(snakeKeys(ca));
     },
@@ -170,7 +234,11 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
       schema: {
         tags: ['signer CAs'],
         summary: 'Remove a signer CA; the device listener stops trusting it',
-        params: { type: 'object', required: ['org', 'id'], properties: { ...orgParam, id: { type: 'string', format: 'uuid' } } },
+        params: {
+          type: 'object',
+          required: ['org', 'id'],
+          properties: { ...orgParam, id: { type: 'string', format: 'uuid' } },
+        },
         response: { 200: emptyOk, ...authErrors },
       },
     },
@@ -199,7 +267,13 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     '/orgs/:org/audit',
     {
       onRequest: requireRole('viewer'),
-      schema: { tags: ['audit'], summary: 'Audit log of an organization, newest first', params: orgParams, querystring: auditQuery, response: { 200: pageOf('AuditEntry'), ...authErrors } },
+      schema: {
+        tags: ['audit'],
+        summary: 'Audit log of an organization, newest first',
+        params: orgParams,
+        querystring: auditQuery,
+        response: { 200: pageOf('AuditEntry'), ...authErrors },
+      },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
@@ -211,10 +285,20 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     '/audit',
     {
       onRequest: requireRole('admin'),
-      schema: { tags: ['audit'], summary: 'Audit log of the whole instance (instance admins)', querystring: auditQuery, response: { 200: pageOf('AuditEntry'), ...authErrors } },
+      schema: {
+        tags: ['audit'],
+        summary: 'Audit log of the whole instance (instance admins)',
+        querystring: auditQuery,
+        response: { 200: pageOf('AuditEntry'), ...authErrors },
+      },
     },
     async (request) => {
-      if (request.operator.orgId !== null) throw new ApiError(403, 'forbidden', 'the instance audit log is for instance admins; use /api/v1/orgs/<org>/audit');
+      if (request.operator.orgId !== null)
+        throw new ApiError(
+          403,
+          'forbidden',
+          'the instance audit log is for instance admins; use /api/v1/orgs/<org>/audit',
+        );
       return listAuditLog(fleet, auditFilter(request.query));
     },
   );
@@ -229,6 +313,18 @@ async function signerCasChanged(deps: RouteDeps, log: { error(obj: unknown, msg:
   }
 }
 
-function auditFilter(q: { resource_type?: string; resource_id?: string; action?: string; limit: number; offset: number }) {
-  return { resourceType: q.resource_type, resourceId: q.resource_id, action: q.action, limit: q.limit, offset: q.offset };
+function auditFilter(q: {
+  resource_type?: string;
+  resource_id?: string;
+  action?: string;
+  limit: number;
+  offset: number;
+}) {
+  return {
+    resourceType: q.resource_type,
+    resourceId: q.resource_id,
+    action: q.action,
+    limit: q.limit,
+    offset: q.offset,
+  };
 }

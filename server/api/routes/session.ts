@@ -47,10 +47,21 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
           type: 'object',
           required: ['email', 'password'],
           additionalProperties: false,
-          properties: { email: { type: 'string', minLength: 3, maxLength: 320 }, password: { type: 'string', minLength: 1, maxLength: 1024 } },
+          properties: {
+            email: { type: 'string', minLength: 3, maxLength: 320 },
+            password: { type: 'string', minLength: 1, maxLength: 1024 },
+          },
         },
         response: {
-          200: { type: 'object', required: ['token', 'expires_at'], properties: { token: { type: 'string' }, expires_at: { type: 'string', format: 'date-time' }, user: ref('User') } },
+          200: {
+            type: 'object',
+            required: ['token', 'expires_at'],
+            properties: {
+              token: { type: 'string' },
+              expires_at: { type: 'string', format: 'date-time' },
+              user: ref('User'),
+            },
+          },
           400: ref('ApiErrorBody'),
           401: ref('ApiErrorBody'),
         },
@@ -71,7 +82,14 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
 
   api.get(
     '/auth/me',
-    { onRequest: requireRole('viewer'), schema: { tags: ['auth'], summary: 'Who the bearer token stands for', response: { 200: principalSchema, ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['auth'],
+        summary: 'Who the bearer token stands for',
+        response: { 200: principalSchema, ...authErrors },
+      },
+    },
     async (request) => {
       const p = request.operator;
       const user = await findUserById(db, p.userId);
@@ -86,7 +104,12 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     '/users',
     {
       onRequest: requireRole('admin'),
-      schema: { tags: ['users'], summary: 'List users (org admins see their org)', querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } }, response: { 200: listOf('User'), ...authErrors } },
+      schema: {
+        tags: ['users'],
+        summary: 'List users (org admins see their org)',
+        querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } },
+        response: { 200: listOf('User'), ...authErrors },
+      },
     },
     async (request) => {
       const org = orgFilter(request.operator, request.query.org);
@@ -109,7 +132,10 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
             email: { type: 'string', minLength: 3, maxLength: 320 },
             password: { type: 'string', minLength: 8, maxLength: 1024 },
             role: roleSchema,
-            org_id: { type: ['string', 'null'], description: 'org id or name; null for an instance user (instance admins only)' },
+            org_id: {
+              type: ['string', 'null'],
+              description: 'org id or name; null for an instance user (instance admins only)',
+            },
             name: { type: ['string', 'null'], maxLength: 200 },
           },
         },
@@ -121,27 +147,45 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       const body = request.body;
       // Org admins create users in their own org only; instance users need an instance admin.
       const orgId = p.orgId ?? body.org_id ?? null;
-      if (p.orgId !== null && body.org_id != null && body.org_id !== p.orgId) throw new ApiError(404, 'not_found', `org ${body.org_id} not found`);
-      const user = await createUser(db, { email: body.email, password: body.password, role: body.role, orgId, name: body.name ?? null }, p.actor);
+      if (p.orgId !== null && body.org_id != null && body.org_id !== p.orgId)
+        throw new ApiError(404, 'not_found', `org ${body.org_id} not found`);
+      const user = await createUser(
+        db,
+        { email: body.email, password: body.password, role: body.role, orgId, name: body.name ?? null },
+        p.actor,
+      );
       return reply.status(201).send(user);
     },
   );
 
-  const userIdParams = { type: 'object', required: ['id'], properties: { id: { type: 'string', format: 'uuid' } } } as const;
+  const userIdParams = {
+    type: 'object',
+    required: ['id'],
+    properties: { id: { type: 'string', format: 'uuid' } },
+  } as const;
 
-  api.patch<{ Params: { id: string }; Body: { name?: string | null; role?: Role; password?: string; disabled?: boolean } }>(
+  api.patch<{
+    Params: { id: string };
+    Body: { name?: string | null; role?: Role; password?: string; disabled?: boolean };
+  }>(
     '/users/:id',
     {
       onRequest: requireRole('admin'),
       schema: {
         tags: ['users'],
-        summary: 'Change a user\'s name, role, password or disabled flag (disabling or a new role closes their live operator sockets)',
+        summary:
+          "Change a user's name, role, password or disabled flag (disabling or a new role closes their live operator sockets)",
         params: userIdParams,
         body: {
           type: 'object',
           additionalProperties: false,
           minProperties: 1,
-          properties: { name: { type: ['string', 'null'], maxLength: 200 }, role: roleSchema, password: { type: 'string', minLength: 8, maxLength: 1024 }, disabled: { type: 'boolean' } },
+          properties: {
+            name: { type: ['string', 'null'], maxLength: 200 },
+            role: roleSchema,
+            password: { type: 'string', minLength: 8, maxLength: 1024 },
+            disabled: { type: 'boolean' },
+          },
         },
         response: { 200: ref('User'), ...authErrors },
       },
@@ -150,7 +194,12 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       const before = await userInScope(request.operator, request.params.id);
       const updated = await updateUser(db, request.params.id, request.body, request.operator.actor);
       // What the user's live sockets were authorised with no longer holds: they reconnect (or not) under the new rules.
-      const reason = request.body.disabled === true && before.disabled_at === null ? 'user disabled' : request.body.role !== undefined && request.body.role !== before.role ? 'role changed' : undefined;
+      const reason =
+        request.body.disabled === true && before.disabled_at === null
+          ? 'user disabled'
+          : request.body.role !== undefined && request.body.role !== before.role
+            ? 'role changed'
+            : undefined;
       if (reason) await disconnectOperatorSockets(await operatorSocketIdsOfUser(db, before.id), reason);
       return updated;
     },
@@ -158,10 +207,19 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
 
   api.delete<{ Params: { id: string } }>(
     '/users/:id',
-    { onRequest: requireRole('admin'), schema: { tags: ['users'], summary: 'Delete a user and their API tokens (their live operator sockets close)', params: userIdParams, response: { 204: { type: 'null' }, ...authErrors } } },
+    {
+      onRequest: requireRole('admin'),
+      schema: {
+        tags: ['users'],
+        summary: 'Delete a user and their API tokens (their live operator sockets close)',
+        params: userIdParams,
+        response: { 204: { type: 'null' }, ...authErrors },
+      },
+    },
     async (request, reply) => {
       await userInScope(request.operator, request.params.id);
-      if (request.params.id === request.operator.userId) throw new ApiError(409, 'conflict', 'you cannot delete yourself; ask another admin');
+      if (request.params.id === request.operator.userId)
+        throw new ApiError(409, 'conflict', 'you cannot delete yourself; ask another admin');
       // Read before the delete: the user's tokens go with it.
       const socketIds = await operatorSocketIdsOfUser(db, request.params.id);
       await deleteUser(db, request.params.id, request.operator.actor);
@@ -173,7 +231,8 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
   async function userInScope(p: OperatorPrincipal, id: string) {
     const user = await findUserById(db, id);
     // Org admins may not touch instance users nor other orgs' users: those look absent.
-    if (!user || (p.orgId !== null && user.org_id !== p.orgId)) throw new ApiError(404, 'not_found', `user ${id} not found`);
+    if (!user || (p.orgId !== null && user.org_id !== p.orgId))
+      throw new ApiError(404, 'not_found', `user ${id} not found`);
     return user;
   }
 
@@ -182,7 +241,8 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     const disconnect = deps.disconnectOperatorSocket;
     if (!disconnect) return;
     const results = await Promise.allSettled(socketIds.map((id) => disconnect(id, reason)));
-    for (const r of results) if (r.status === 'rejected') deps.log.error({ err: r.reason, reason }, 'closing operator sockets failed');
+    for (const r of results)
+      if (r.status === 'rejected') deps.log.error({ err: r.reason, reason }, 'closing operator sockets failed');
   }
 
   // ---- API tokens
@@ -201,7 +261,8 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     async (request) => {
       const p = request.operator;
       if (request.query.all) {
-        if (roleRank(p.role) < roleRank('admin')) throw new ApiError(403, 'forbidden', 'listing every token needs the admin role');
+        if (roleRank(p.role) < roleRank('admin'))
+          throw new ApiError(403, 'forbidden', 'listing every token needs the admin role');
         return { items: await listApiTokens(db, { userId: null, orgId: p.orgId }) };
       }
       return { items: await listApiTokens(db, { userId: p.userId, orgId: null }) };
@@ -222,12 +283,20 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
           properties: {
             name: { type: 'string', minLength: 1, maxLength: 100 },
             role: { ...roleSchema, description: 'defaults to your role; cannot exceed it' },
-            org_id: { type: ['string', 'null'], format: 'uuid', description: 'instance users may scope the token to one org' },
+            org_id: {
+              type: ['string', 'null'],
+              format: 'uuid',
+              description: 'instance users may scope the token to one org',
+            },
             expires_in_days: { type: 'integer', minimum: 1, maximum: 3650 },
           },
         },
         response: {
-          201: { type: 'object', required: ['token', 'api_token'], properties: { token: { type: 'string' }, api_token: ref('ApiToken') } },
+          201: {
+            type: 'object',
+            required: ['token', 'api_token'],
+            properties: { token: { type: 'string' }, api_token: ref('ApiToken') },
+          },
           ...authErrors,
         },
       },
@@ -235,7 +304,8 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     async (request, reply) => {
       const p = request.operator;
       const role = request.body.role ?? p.role;
-      if (roleRank(role) > roleRank(p.role)) throw new ApiError(403, 'forbidden', `a token cannot have more rights than you: you are ${p.role}`);
+      if (roleRank(role) > roleRank(p.role))
+        throw new ApiError(403, 'forbidden', `a token cannot have more rights than you: you are ${p.role}`);
       let orgId = p.orgId;
       if (request.body.org_id) {
         assertOrgAccess(p, request.body.org_id, 'org');
@@ -243,23 +313,41 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
         const org = await db.selectFrom('orgs').select('id').where('id', '=', orgId).executeTakeFirst();
         if (!org) throw new ApiError(404, 'not_found', `org ${orgId} not found`);
       }
-      const expiresAt = request.body.expires_in_days ? new Date(Date.now() + request.body.expires_in_days * 86_400_000) : null;
-      const { token, record } = await createApiToken(db, { userId: p.userId, name: request.body.name, role, orgId, expiresAt }, p.actor);
+      const expiresAt = request.body.expires_in_days
+        ? new Date(Date.now() + request.body.expires_in_days * 86_400_000)
+        : null;
+      const { token, record } = await createApiToken(
+        db,
+        { userId: p.userId, name: request.body.name, role, orgId, expiresAt },
+        p.actor,
+      );
       return reply.status(201).send({ token, api_token: record });
     },
   );
 
   api.delete<{ Params: { id: string } }>(
     '/tokens/:id',
-    { onRequest: requireRole('viewer'), schema: { tags: ['tokens'], summary: 'Revoke an API token (yours, or any in scope for admins); sockets opened with it close', params: userIdParams, response: { 200: emptyOk, ...authErrors } } },
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        tags: ['tokens'],
+        summary: 'Revoke an API token (yours, or any in scope for admins); sockets opened with it close',
+        params: userIdParams,
+        response: { 200: emptyOk, ...authErrors },
+      },
+    },
     async (request) => {
       const p = request.operator;
       const token = await findApiTokenById(db, request.params.id);
       const mine = token?.user_id === p.userId;
       const asAdmin = token && roleRank(p.role) >= roleRank('admin') && (p.orgId === null || token.org_id === p.orgId);
-      if (!token || !(mine || asAdmin)) throw new ApiError(404, 'not_found', `API token ${request.params.id} not found`);
+      if (!token || !(mine || asAdmin))
+        throw new ApiError(404, 'not_found', `API token ${request.params.id} not found`);
       await revokeApiToken(db, token.id, p.actor);
-      await disconnectOperatorSockets([operatorSocketId({ userId: token.user_id, tokenId: token.id })], 'API token revoked');
+      await disconnectOperatorSockets(
+        [operatorSocketId({ userId: token.user_id, tokenId: token.id })],
+        'API token revoked',
+      );
       return { ok: true };
     },
   );

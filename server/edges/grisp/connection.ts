@@ -6,9 +6,26 @@
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
 import { applyUpdateReport, FleetError, type FleetContext, type UpdateReportEvent } from '../../fleet/index.ts';
-import { edgeDeviceOffline, edgeDeviceOnline, recordUpdateSent, transitionAttempt, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
+import {
+  edgeDeviceOffline,
+  edgeDeviceOnline,
+  recordUpdateSent,
+  transitionAttempt,
+  type EdgeDeviceRef,
+} from '../../fleet/edge-devices.ts';
 import type { Logger } from '../../log.ts';
-import { decodeFrame, encodeError, encodeNotification, encodeRequest, encodeResult, paramsObject, RpcError, RpcErrors, type Incoming, type RpcId } from './jsonrpc.ts';
+import {
+  decodeFrame,
+  encodeError,
+  encodeNotification,
+  encodeRequest,
+  encodeResult,
+  paramsObject,
+  RpcError,
+  RpcErrors,
+  type Incoming,
+  type RpcId,
+} from './jsonrpc.ts';
 import { isLinked, linkDevice, parseLogBatch, saveGrispState, storeLogBatch } from './store.ts';
 
 /** Device error codes of grisp_connect (matched by code, never by text). */
@@ -30,7 +47,13 @@ export interface GrispTimings {
   logMaxByteSize: number;
 }
 
-export const DEFAULT_TIMINGS: GrispTimings = { pingIntervalMs: 25_000, requestTimeoutMs: 5_000, logIntervalMs: 60_000, logMaxBatchSize: 100, logMaxByteSize: 32 * 1024 };
+export const DEFAULT_TIMINGS: GrispTimings = {
+  pingIntervalMs: 25_000,
+  requestTimeoutMs: 5_000,
+  logIntervalMs: 60_000,
+  logMaxBatchSize: 100,
+  logMaxByteSize: 32 * 1024,
+};
 
 /** What the health check before `validate` sees. */
 export interface HealthInput {
@@ -84,7 +107,8 @@ export function serialFromCommonName(cn: string): string {
 export const defaultHealthCheck: HealthCheck = async ({ systemInfo, expectedVersion }) => {
   if (typeof systemInfo.relname !== 'string' || !systemInfo.relname) return 'system_info has no release name';
   if (typeof systemInfo.relvsn !== 'string' || !systemInfo.relvsn) return 'system_info has no release version';
-  if (expectedVersion && systemInfo.relvsn !== expectedVersion) return `the board runs ${systemInfo.relvsn}, not the installed ${expectedVersion}`;
+  if (expectedVersion && systemInfo.relvsn !== expectedVersion)
+    return `the board runs ${systemInfo.relvsn}, not the installed ${expectedVersion}`;
   return true;
 };
 
@@ -122,10 +146,15 @@ export class GrispConnection {
     this.#ws.on('close', () => this.#onClose());
     this.#ws.on('error', (err) => this.#log.warn({ err }, 'grisp socket error'));
     this.#timers.push(setInterval(() => this.#ws.ping(), timings.pingIntervalMs));
-    if (timings.logIntervalMs > 0) this.#timers.push(setInterval(() => this.enqueue(async () => void (await this.fetchLogs())), timings.logIntervalMs));
+    if (timings.logIntervalMs > 0)
+      this.#timers.push(
+        setInterval(() => this.enqueue(async () => void (await this.fetchLogs())), timings.logIntervalMs),
+      );
     this.#ws.ping();
     this.enqueue(async () => {
-      await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, { serial: serialFromCommonName(this.ref.identifier) });
+      await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, {
+        serial: serialFromCommonName(this.ref.identifier),
+      });
       await this.refresh();
     });
   }
@@ -181,7 +210,8 @@ export class GrispConnection {
   /** Reads system_info, records it, and does what the board's state asks for (validate, reboot, update). */
   async refresh(): Promise<void> {
     const info = (await this.request('get', { type: 'system_info' })) as SystemInfo;
-    if (typeof info !== 'object' || info === null) throw new Error('system_info answered something else than an object');
+    if (typeof info !== 'object' || info === null)
+      throw new Error('system_info answered something else than an object');
     await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, {
       relname: str(info.relname),
       relvsn: str(info.relvsn),
@@ -192,7 +222,10 @@ export class GrispConnection {
       system_info: info,
     });
     if (typeof info.relvsn !== 'string') {
-      this.#log.warn({ relvsn: info.relvsn }, 'the board reports no release version; it cannot be updated until it does');
+      this.#log.warn(
+        { relvsn: info.relvsn },
+        'the board reports no release version; it cannot be updated until it does',
+      );
       return;
     }
     const action = info.action_required ?? null;
@@ -218,7 +251,13 @@ export class GrispConnection {
   async #startUpdate(target: Firmware, retried = false): Promise<void> {
     const fleet = this.#deps.fleet;
     if (!target.has_blob || target.format !== 'grisp') {
-      await transitionAttempt(fleet, this.ref, { to: 'failed', firmwareId: target.id, errors: [`firmware ${target.version} is not a GRiSP package (format ${target.format}); upload it with POST /api/v1/grisp/firmware`] });
+      await transitionAttempt(fleet, this.ref, {
+        to: 'failed',
+        firmwareId: target.id,
+        errors: [
+          `firmware ${target.version} is not a GRiSP package (format ${target.format}); upload it with POST /api/v1/grisp/firmware`,
+        ],
+      });
       return;
     }
     await recordUpdateSent(fleet, this.ref, target, 'edge:grisp');
@@ -239,7 +278,10 @@ export class GrispConnection {
         return;
       }
       this.#updating = undefined;
-      const why = err instanceof RpcError ? `start_update: ${err.message} (${err.code})` : `start_update: ${(err as Error).message}`;
+      const why =
+        err instanceof RpcError
+          ? `start_update: ${err.message} (${err.code})`
+          : `start_update: ${(err as Error).message}`;
       await transitionAttempt(fleet, this.ref, { to: 'failed', firmwareId: target.id, errors: [why] });
     }
   }
@@ -254,10 +296,23 @@ export class GrispConnection {
       .where('state', '=', 'finished')
       .orderBy('created_at', 'desc')
       .executeTakeFirst();
-    const verdict = await this.#deps.healthCheck({ deviceId: this.ref.deviceId, systemInfo: info, ...(open ? { expectedVersion: open.to_version } : {}) }).catch((err: Error) => `health check failed: ${err.message}`);
+    const verdict = await this.#deps
+      .healthCheck({
+        deviceId: this.ref.deviceId,
+        systemInfo: info,
+        ...(open ? { expectedVersion: open.to_version } : {}),
+      })
+      .catch((err: Error) => `health check failed: ${err.message}`);
     if (verdict !== true) {
-      this.#log.warn({ reason: verdict }, 'the new image is not healthy: not validating it, rebooting back to the previous one');
-      await transitionAttempt(fleet, this.ref, { to: 'failed', errors: [`health check: ${verdict}`], reason: 'health check failed' });
+      this.#log.warn(
+        { reason: verdict },
+        'the new image is not healthy: not validating it, rebooting back to the previous one',
+      );
+      await transitionAttempt(fleet, this.ref, {
+        to: 'failed',
+        errors: [`health check: ${verdict}`],
+        reason: 'health check failed',
+      });
       await this.#reboot();
       return false;
     }
@@ -265,7 +320,12 @@ export class GrispConnection {
       await this.request('post', { type: 'validate' });
     } catch (err) {
       const code = err instanceof RpcError ? err.code : undefined;
-      const why = code === DeviceErrors.validateFromUnbooted ? 'validate_from_unbooted (-13): the booted partition is not the updated one' : code === DeviceErrors.updaterUnavailable ? 'grisp_updater_unavailable (-10)' : `validate: ${(err as Error).message}`;
+      const why =
+        code === DeviceErrors.validateFromUnbooted
+          ? 'validate_from_unbooted (-13): the booted partition is not the updated one'
+          : code === DeviceErrors.updaterUnavailable
+            ? 'grisp_updater_unavailable (-10)'
+            : `validate: ${(err as Error).message}`;
       this.#log.warn({ code }, why);
       await transitionAttempt(fleet, this.ref, { to: 'failed', errors: [why] });
       return false;
@@ -288,11 +348,19 @@ export class GrispConnection {
       return;
     }
     const version = updating.firmware.version;
-    const report = async (name: UpdateReportEvent, payload: Record<string, unknown>) => applyUpdateReport(fleet, this.ref, name, { version, ...payload });
+    const report = async (name: UpdateReportEvent, payload: Record<string, unknown>) =>
+      applyUpdateReport(fleet, this.ref, name, { version, ...payload });
     const ensureBegun = async () => {
       if (updating.begun) return;
-      const attempt = await fleet.db.selectFrom('update_attempts').select('state').where('device_id', '=', this.ref.deviceId).where('firmware_id', '=', updating.firmware.id).orderBy('created_at', 'desc').executeTakeFirst();
-      if (attempt && (attempt.state === 'sent' || attempt.state === 'queued')) await report('firmware_update_begin', {});
+      const attempt = await fleet.db
+        .selectFrom('update_attempts')
+        .select('state')
+        .where('device_id', '=', this.ref.deviceId)
+        .where('firmware_id', '=', updating.firmware.id)
+        .orderBy('created_at', 'desc')
+        .executeTakeFirst();
+      if (attempt && (attempt.state === 'sent' || attempt.state === 'queued'))
+        await report('firmware_update_begin', {});
       updating.begun = true;
     };
     switch (event) {
@@ -352,7 +420,10 @@ export class GrispConnection {
     const { timings, fleet } = this.#deps;
     let stored = 0;
     for (let round = 0; round < 10; round++) {
-      const result = await this.request('log.get', { max_batch_size: timings.logMaxBatchSize, max_byte_size: timings.logMaxByteSize });
+      const result = await this.request('log.get', {
+        max_batch_size: timings.logMaxBatchSize,
+        max_byte_size: timings.logMaxByteSize,
+      });
       const batch = parseLogBatch(result);
       if ('error' in batch) {
         this.#log.warn({ reason: batch.error }, 'log.get answered an invalid batch; not acknowledging it');
@@ -362,7 +433,14 @@ export class GrispConnection {
       await storeLogBatch(fleet.db, this.ref.deviceId, batch.events, batch.dropped);
       stored += batch.events.length;
       const seq = batch.events.length ? batch.events[batch.events.length - 1]!.seq : undefined;
-      const state = seq === undefined ? await fleet.db.selectFrom('grisp_devices').select('log_seq').where('device_id', '=', this.ref.deviceId).executeTakeFirst() : undefined;
+      const state =
+        seq === undefined
+          ? await fleet.db
+              .selectFrom('grisp_devices')
+              .select('log_seq')
+              .where('device_id', '=', this.ref.deviceId)
+              .executeTakeFirst()
+          : undefined;
       this.notify('log.sync', { seq: seq ?? Number(state?.log_seq ?? 0), dropped: batch.dropped });
       if (batch.events.length < timings.logMaxBatchSize) return stored;
     }
@@ -425,18 +503,24 @@ export class GrispConnection {
   async #onRequest(method: string, rawParams: unknown): Promise<unknown> {
     if (method !== 'post') throw new RpcError(RpcErrors.methodNotFound.code, RpcErrors.methodNotFound.message);
     const params = paramsObject(rawParams);
-    if (!params || typeof params.type !== 'string') throw new RpcError(RpcErrors.invalidParams.code, RpcErrors.invalidParams.message, 'params.type must be a string');
+    if (!params || typeof params.type !== 'string')
+      throw new RpcError(RpcErrors.invalidParams.code, RpcErrors.invalidParams.message, 'params.type must be a string');
     switch (params.type) {
       case 'ping':
         return (await isLinked(this.#deps.fleet.db, this.ref.deviceId)) ? 'pong' : 'pang';
       case 'device_linking_token': {
-        if (!('token' in params)) throw new RpcError(RpcErrors.invalidParams.code, RpcErrors.invalidParams.message, 'params.token is required');
+        if (!('token' in params))
+          throw new RpcError(RpcErrors.invalidParams.code, RpcErrors.invalidParams.message, 'params.token is required');
         const outcome = await linkDevice(this.#deps.fleet.db, this.ref, params.token);
         if (!outcome.ok) throw new RpcError(outcome.error.code, outcome.error.message);
         return 'ok';
       }
       default:
-        throw new RpcError(RpcErrors.methodNotFound.code, RpcErrors.methodNotFound.message, `unknown post type ${JSON.stringify(params.type)}`);
+        throw new RpcError(
+          RpcErrors.methodNotFound.code,
+          RpcErrors.methodNotFound.message,
+          `unknown post type ${JSON.stringify(params.type)}`,
+        );
     }
   }
 
@@ -456,7 +540,9 @@ export class GrispConnection {
     this.#deps.onClose(this);
     // Wait for the step in flight (it may have just marked the board online) before marking it offline.
     void this.#chain.then(() =>
-      edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt).catch((err: unknown) => this.#log.error({ err }, 'marking the board offline failed')),
+      edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt).catch((err: unknown) =>
+        this.#log.error({ err }, 'marking the board offline failed'),
+      ),
     );
   }
 }
@@ -473,7 +559,9 @@ function str(v: unknown): string | null {
 }
 
 function describe(params: Record<string, unknown>): string {
-  const parts = [params.message, params.reason].filter((p) => p !== undefined && p !== null).map((p) => (typeof p === 'string' ? p : JSON.stringify(p)));
+  const parts = [params.message, params.reason]
+    .filter((p) => p !== undefined && p !== null)
+    .map((p) => (typeof p === 'string' ? p : JSON.stringify(p)));
   return parts.length ? parts.join(': ') : `update ${String(params.event ?? params.event_type)}`;
 }
 

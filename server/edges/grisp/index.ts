@@ -15,8 +15,21 @@ import type { BlobStore } from '../../firmware/blob-store.ts';
 import { sendBlob } from '../../firmware/send-blob.ts';
 import type { DeviceIdentity } from '../../identity/resolve.ts';
 import type { Logger } from '../../log.ts';
-import { DEFAULT_TIMINGS, defaultHealthCheck, GrispConnection, type GrispTimings, type HealthCheck } from './connection.ts';
-import { bucketedExpiry, GRISP_FORMAT, indexGrispPackage, signPathUrl, verifyPathSignature, type PackageIndex } from './package.ts';
+import {
+  DEFAULT_TIMINGS,
+  defaultHealthCheck,
+  GrispConnection,
+  type GrispTimings,
+  type HealthCheck,
+} from './connection.ts';
+import {
+  bucketedExpiry,
+  GRISP_FORMAT,
+  indexGrispPackage,
+  signPathUrl,
+  verifyPathSignature,
+  type PackageIndex,
+} from './package.ts';
 import { registerGrispRoutes } from './routes.ts';
 
 export const GRISP_SUBPROTOCOL = 'grisp-io-v1';
@@ -61,7 +74,8 @@ export function grispEdgeOf(deviceApp: object): GrispEdge | undefined {
 
 /** `handleProtocols` for the device listener: `grisp-io-v1` when offered, else `fallback`. */
 export function grispProtocolHandler(fallback: (protocols: Set<string>, request: IncomingMessage) => string | false) {
-  return (protocols: Set<string>, request: IncomingMessage): string | false => (protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : fallback(protocols, request));
+  return (protocols: Set<string>, request: IncomingMessage): string | false =>
+    protocols.has(GRISP_SUBPROTOCOL) ? GRISP_SUBPROTOCOL : fallback(protocols, request);
 }
 
 /** Mounts the GRiSP socket and package downloads on the device listener (before it listens); closes with it. */
@@ -73,7 +87,13 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
   const packages = new PackageCache(deps.blobs);
   const ttl = deps.urlTtlSeconds ?? 86_400;
   const packageUrl = (firmware: Pick<Firmware, 'id'>) =>
-    signPathUrl({ baseUrl: deps.deviceBaseUrl(), prefix: URL_PREFIX, secret: deps.secret, firmwareId: firmware.id, expiresAt: bucketedExpiry(ttl) });
+    signPathUrl({
+      baseUrl: deps.deviceBaseUrl(),
+      prefix: URL_PREFIX,
+      secret: deps.secret,
+      firmwareId: firmware.id,
+      expiresAt: bucketedExpiry(ttl),
+    });
 
   deps.deviceApp.get(
     GRISP_PATH,
@@ -82,13 +102,33 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
       // Without the subprotocol this is not a grisp_connect client: refuse the upgrade.
       preValidation: async (request: FastifyRequest, reply: FastifyReply) => {
         if (!offeredProtocols(request).has(GRISP_SUBPROTOCOL)) {
-          return reply.code(400).header('connection', 'close').send({ error: { code: 'invalid', message: `offer the WebSocket subprotocol ${GRISP_SUBPROTOCOL} (Sec-WebSocket-Protocol)` } });
+          return reply
+            .code(400)
+            .header('connection', 'close')
+            .send({
+              error: {
+                code: 'invalid',
+                message: `offer the WebSocket subprotocol ${GRISP_SUBPROTOCOL} (Sec-WebSocket-Protocol)`,
+              },
+            });
         }
         // The certificate's device must be (or become) a GRiSP board: a Phoenix device's certificate is not a GRiSP credential.
         const identity = (request as FastifyRequest & { deviceIdentity?: DeviceIdentity }).deviceIdentity;
         if (identity && !(await claimCertificateDevice(deps.fleet, identity, 'grisp'))) {
-          log.warn({ device_id: identity.deviceId, identifier: identity.identifier }, 'refused a GRiSP link for a device registered to another protocol');
-          return reply.code(409).header('connection', 'close').send({ error: { code: 'conflict', message: 'this certificate belongs to a device registered to another protocol; a GRiSP board needs its own certificate' } });
+          log.warn(
+            { device_id: identity.deviceId, identifier: identity.identifier },
+            'refused a GRiSP link for a device registered to another protocol',
+          );
+          return reply
+            .code(409)
+            .header('connection', 'close')
+            .send({
+              error: {
+                code: 'conflict',
+                message:
+                  'this certificate belongs to a device registered to another protocol; a GRiSP board needs its own certificate',
+              },
+            });
         }
       },
     },
@@ -103,7 +143,12 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
   function attach(socket: WebSocket, identity: DeviceIdentity): void {
     const conn = new GrispConnection(
       socket,
-      { deviceId: identity.deviceId, orgId: identity.orgId, productId: identity.productId, identifier: identity.identifier },
+      {
+        deviceId: identity.deviceId,
+        orgId: identity.orgId,
+        productId: identity.productId,
+        identifier: identity.identifier,
+      },
       {
         fleet: deps.fleet,
         log,
@@ -122,7 +167,8 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
     const unsubscribe = deps.pubsub.subscribe(Topics.device(identity.deviceId), (message) => {
       if (message.event === 'device_revoked' || message.event === 'device_deleted') conn.close(4003, message.event);
       // Only the certificate this link authenticated with ends it; the board's other certificates do not.
-      if (message.event === 'certificate_revoked' && message.payload.certificate_id === identity.certificateId) conn.close(4003, message.event);
+      if (message.event === 'certificate_revoked' && message.payload.certificate_id === identity.certificateId)
+        conn.close(4003, message.event);
     });
     conn.start();
   }
@@ -145,14 +191,31 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
     url: `/${URL_PREFIX}/:id/:expires/:sig/*`,
     exposeHeadRoute: false,
     handler: async (request, reply) => {
-      const { id, expires, sig, '*': member } = request.params as { id: string; expires: string; sig: string; '*': string };
+      const {
+        id,
+        expires,
+        sig,
+        '*': member,
+      } = request.params as { id: string; expires: string; sig: string; '*': string };
       const verdict = verifyPathSignature({ secret: deps.secret, prefix: URL_PREFIX, firmwareId: id, expires, sig });
-      if (!verdict.ok) return refuse(reply, 403, 'forbidden', verdict.reason === 'expired' ? 'the package URL has expired; the server sends a fresh one with the next start_update' : 'the package URL signature is invalid');
+      if (!verdict.ok)
+        return refuse(
+          reply,
+          403,
+          'forbidden',
+          verdict.reason === 'expired'
+            ? 'the package URL has expired; the server sends a fresh one with the next start_update'
+            : 'the package URL signature is invalid',
+        );
       const identity = (request as FastifyRequest & { deviceIdentity?: DeviceIdentity }).deviceIdentity;
       if (!identity) return refuse(reply, 401, 'unauthorized', 'connect with the device certificate');
-      const firmware = isUuid(id) ? await deps.fleet.db.selectFrom('firmware').selectAll().where('id', '=', id).executeTakeFirst() : undefined;
-      if (!firmware || firmware.product_id !== identity.productId) return refuse(reply, 403, 'forbidden', "this firmware does not belong to the device's product");
-      if (!firmware.has_blob || !firmware.sha256 || firmware.format !== GRISP_FORMAT) return refuse(reply, 404, 'not_found', 'this firmware is not a stored GRiSP package');
+      const firmware = isUuid(id)
+        ? await deps.fleet.db.selectFrom('firmware').selectAll().where('id', '=', id).executeTakeFirst()
+        : undefined;
+      if (!firmware || firmware.product_id !== identity.productId)
+        return refuse(reply, 403, 'forbidden', "this firmware does not belong to the device's product");
+      if (!firmware.has_blob || !firmware.sha256 || firmware.format !== GRISP_FORMAT)
+        return refuse(reply, 404, 'not_found', 'this firmware is not a stored GRiSP package');
       let index: PackageIndex;
       try {
         index = await packages.get(firmware.sha256);
@@ -162,18 +225,25 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
       }
       const entry = index.get(member);
       if (!entry) return refuse(reply, 404, 'not_found', `the package has no member ${JSON.stringify(member)}`);
-      reply.header('content-type', 'application/octet-stream').header('content-length', entry.size).header('etag', `"${firmware.sha256}:${member}"`);
-      if (request.method === 'HEAD' || entry.size === 0) return reply.send(request.method === 'HEAD' ? undefined : Buffer.alloc(0));
+      reply
+        .header('content-type', 'application/octet-stream')
+        .header('content-length', entry.size)
+        .header('etag', `"${firmware.sha256}:${member}"`);
+      if (request.method === 'HEAD' || entry.size === 0)
+        return reply.send(request.method === 'HEAD' ? undefined : Buffer.alloc(0));
       return sendBlob(reply, deps.blobs, firmware.sha256, { start: entry.offset, end: entry.offset + entry.size - 1 });
     },
   });
 
   if (deps.api) {
-    await deps.api.register(async (scope) => {
-      const { apiErrorHandler } = await import('../../api/errors.ts');
-      scope.setErrorHandler(apiErrorHandler);
-      await registerGrispRoutes(scope, { fleet: deps.fleet, blobs: deps.blobs, connections });
-    }, { prefix: '/api/v1' });
+    await deps.api.register(
+      async (scope) => {
+        const { apiErrorHandler } = await import('../../api/errors.ts');
+        scope.setErrorHandler(apiErrorHandler);
+        await registerGrispRoutes(scope, { fleet: deps.fleet, blobs: deps.blobs, connections });
+      },
+      { prefix: '/api/v1' },
+    );
   }
 
   let closed = false;
@@ -198,13 +268,23 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
 
 /** `grispApiRoutes({fleet, blobs})`: the REST routes as an `ApiPlugin` for `registerApi`'s extra list. */
 export function grispApiRoutes(deps: { fleet: FleetContext; blobs: BlobStore; edge?: GrispEdge }) {
-  return async (api: FastifyInstance) => registerGrispRoutes(api, { fleet: deps.fleet, blobs: deps.blobs, connections: deps.edge?.connections ?? new Map() });
+  return async (api: FastifyInstance) =>
+    registerGrispRoutes(api, {
+      fleet: deps.fleet,
+      blobs: deps.blobs,
+      connections: deps.edge?.connections ?? new Map(),
+    });
 }
 
 function offeredProtocols(request: FastifyRequest): Set<string> {
   const header = request.headers['sec-websocket-protocol'];
   const raw = Array.isArray(header) ? header.join(',') : (header ?? '');
-  return new Set(raw.split(',').map((p) => p.trim()).filter(Boolean));
+  return new Set(
+    raw
+      .split(',')
+      .map((p) => p.trim())
+      .filter(Boolean),
+  );
 }
 
 function refuse(reply: FastifyReply, status: number, code: string, message: string): FastifyReply {

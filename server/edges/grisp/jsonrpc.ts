@@ -64,14 +64,16 @@ export function decodeFrame(text: string): Decoded {
   }
   if (Array.isArray(value)) {
     // An empty batch is itself an invalid request (one error, not an empty array).
-    if (value.length === 0) return { batch: false, messages: [{ kind: 'invalid', id: null, error: RpcErrors.invalidRequest }] };
+    if (value.length === 0)
+      return { batch: false, messages: [{ kind: 'invalid', id: null, error: RpcErrors.invalidRequest }] };
     return { batch: true, messages: value.map(decodeMessage) };
   }
   return { batch: false, messages: [decodeMessage(value)] };
 }
 
 function decodeMessage(value: unknown): Incoming {
-  if (typeof value !== 'object' || value === null || Array.isArray(value)) return { kind: 'invalid', id: null, error: RpcErrors.invalidRequest };
+  if (typeof value !== 'object' || value === null || Array.isArray(value))
+    return { kind: 'invalid', id: null, error: RpcErrors.invalidRequest };
   const m = value as Record<string, unknown>;
   const hasId = 'id' in m;
   const id = validId(m.id) ? (m.id as RpcId) : null;
@@ -84,8 +86,11 @@ function decodeMessage(value: unknown): Incoming {
     return typeof m.method !== 'string' && hasId ? { kind: 'error', id, error } : { kind: 'invalid', id, error };
   }
   if (typeof m.method === 'string') {
-    if ('params' in m && (typeof m.params !== 'object' || m.params === null)) return { kind: 'invalid', id, error: RpcErrors.invalidRequest };
-    return hasId ? { kind: 'request', id, method: m.method, params: m.params } : { kind: 'notification', method: m.method, params: m.params };
+    if ('params' in m && (typeof m.params !== 'object' || m.params === null))
+      return { kind: 'invalid', id, error: RpcErrors.invalidRequest };
+    return hasId
+      ? { kind: 'request', id, method: m.method, params: m.params }
+      : { kind: 'notification', method: m.method, params: m.params };
   }
   if ('method' in m) return { kind: 'invalid', id, error: RpcErrors.invalidRequest };
   if ('result' in m && hasId) return { kind: 'result', id, result: m.result };
@@ -98,7 +103,12 @@ function validId(id: unknown): boolean {
 }
 
 function isErrorBody(e: unknown): e is RpcErrorBody {
-  return typeof e === 'object' && e !== null && Number.isInteger((e as RpcErrorBody).code) && typeof (e as RpcErrorBody).message === 'string';
+  return (
+    typeof e === 'object' &&
+    e !== null &&
+    Number.isInteger((e as RpcErrorBody).code) &&
+    typeof (e as RpcErrorBody).message === 'string'
+  );
 }
 
 export function encodeRequest(id: string, method: string, params?: Record<string, unknown>): Record<string, unknown> {
@@ -119,5 +129,7 @@ export function encodeError(id: RpcId, error: RpcErrorBody): Record<string, unkn
 
 /** Params as an object (GRiSP methods take named params), or undefined. */
 export function paramsObject(params: unknown): Record<string, unknown> | undefined {
-  return typeof params === 'object' && params !== null && !Array.isArray(params) ? (params as Record<string, unknown>) : undefined;
+  return typeof params === 'object' && params !== null && !Array.isArray(params)
+    ? (params as Record<string, unknown>)
+    : undefined;
 }

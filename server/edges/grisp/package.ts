@@ -36,9 +36,15 @@ export async function indexGrispPackage(source: Readable | AsyncIterable<Uint8Ar
   let pending: { path?: string } = {};
   for (;;) {
     const header = await reader.read(512);
-    if (!header) throw new GrispPackageError('the archive ends without the tar end-of-archive marker; upload an uncompressed tar file');
+    if (!header)
+      throw new GrispPackageError(
+        'the archive ends without the tar end-of-archive marker; upload an uncompressed tar file',
+      );
     if (header.every((b) => b === 0)) break;
-    if (!checksumOk(header)) throw new GrispPackageError('not a tar archive (bad header checksum); upload an uncompressed .tar of the package directory (gzip is not accepted)');
+    if (!checksumOk(header))
+      throw new GrispPackageError(
+        'not a tar archive (bad header checksum); upload an uncompressed .tar of the package directory (gzip is not accepted)',
+      );
     const size = parseSize(header.subarray(124, 136));
     const type = String.fromCharCode(header[156]!);
     const dataOffset = reader.position;
@@ -64,13 +70,22 @@ export async function indexGrispPackage(source: Readable | AsyncIterable<Uint8Ar
     await reader.skip(padded);
     if (type === '5') continue; // directories carry no bytes
     const path = name.replace(/^\.\//, '');
-    if (type !== '0' && type !== '\0' && type !== '7') throw new GrispPackageError(`member ${JSON.stringify(path)} is not a regular file (links and devices are not allowed)`);
-    if (!MEMBER_PATH.test(path)) throw new GrispPackageError(`member path ${JSON.stringify(path)} is not allowed: use relative paths of letters, digits, '.', '_', '-' and '/'`);
+    if (type !== '0' && type !== '\0' && type !== '7')
+      throw new GrispPackageError(
+        `member ${JSON.stringify(path)} is not a regular file (links and devices are not allowed)`,
+      );
+    if (!MEMBER_PATH.test(path))
+      throw new GrispPackageError(
+        `member path ${JSON.stringify(path)} is not allowed: use relative paths of letters, digits, '.', '_', '-' and '/'`,
+      );
     if (index.has(path)) throw new GrispPackageError(`member ${JSON.stringify(path)} appears twice`);
     index.set(path, { offset: dataOffset, size });
     if (index.size > MAX_MEMBERS) throw new GrispPackageError(`the package has more than ${MAX_MEMBERS} members`);
   }
-  if (!index.has(MANIFEST_NAME)) throw new GrispPackageError(`the package has no ${MANIFEST_NAME} at its root; build it with grisp_updater_tools (rebar3 grisp-io deploy) and tar the directory contents`);
+  if (!index.has(MANIFEST_NAME))
+    throw new GrispPackageError(
+      `the package has no ${MANIFEST_NAME} at its root; build it with grisp_updater_tools (rebar3 grisp-io deploy) and tar the directory contents`,
+    );
   return index;
 }
 
@@ -154,7 +169,14 @@ class ChunkReader {
  * `&`, `=`, `%`). With `deviceId` the URL is bound to that device too (WiFiDogX gateways, which
  * have no certificate to show at download time); GRiSP boards show theirs, so their URLs are not.
  */
-export function signPathUrl(o: { baseUrl: string; prefix: string; secret: string | Buffer; firmwareId: string; deviceId?: string; expiresAt: Date }): string {
+export function signPathUrl(o: {
+  baseUrl: string;
+  prefix: string;
+  secret: string | Buffer;
+  firmwareId: string;
+  deviceId?: string;
+  expiresAt: Date;
+}): string {
   const expires = Math.floor(o.expiresAt.getTime() / 1000);
   const subject = o.deviceId === undefined ? [o.firmwareId] : [o.firmwareId, o.deviceId];
   return `${o.baseUrl.replace(/\/+$/, '')}/${o.prefix}/${subject.join('/')}/${expires}/${pathSignature(o.secret, o.prefix, subject, expires)}`;
@@ -163,7 +185,15 @@ export function signPathUrl(o: { baseUrl: string; prefix: string; secret: string
 export type PathVerdict = { ok: true } | { ok: false; reason: 'malformed' | 'bad_signature' | 'expired' };
 
 /** Checks the `<expires>/<hex hmac>` of a path-signed URL (constant time; expiry after the MAC). */
-export function verifyPathSignature(o: { secret: string | Buffer; prefix: string; firmwareId: string; deviceId?: string; expires: string; sig: string; now?: Date }): PathVerdict {
+export function verifyPathSignature(o: {
+  secret: string | Buffer;
+  prefix: string;
+  firmwareId: string;
+  deviceId?: string;
+  expires: string;
+  sig: string;
+  now?: Date;
+}): PathVerdict {
   if (!/^\d{1,12}$/.test(o.expires) || !/^[0-9a-f]{64}$/.test(o.sig)) return { ok: false, reason: 'malformed' };
   const subject = o.deviceId === undefined ? [o.firmwareId] : [o.firmwareId, o.deviceId];
   const expected = Buffer.from(pathSignature(o.secret, o.prefix, subject, Number(o.expires)));
@@ -174,7 +204,9 @@ export function verifyPathSignature(o: { secret: string | Buffer; prefix: string
 
 function pathSignature(secret: string | Buffer, prefix: string, subject: string[], expires: number): string {
   // Path segments never hold a newline; a firmware-only and a device-bound message differ in length of the list.
-  return createHmac('sha256', secret).update(`fleethub-path-url\n${prefix}\n${subject.join('\n')}\n${expires}`).digest('hex');
+  return createHmac('sha256', secret)
+    .update(`fleethub-path-url\n${prefix}\n${subject.join('\n')}\n${expires}`)
+    .digest('hex');
 }
 
 /** An expiry rounded up to a tenth of the TTL, so a group's devices get identical URLs for a while. */

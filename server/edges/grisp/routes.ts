@@ -52,9 +52,16 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
         querystring: {
           type: 'object',
           additionalProperties: false,
-          properties: { limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100 }, before: { type: 'string', pattern: '^[0-9]+$' }, level: { type: 'string', maxLength: 20 } },
+          properties: {
+            limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100 },
+            before: { type: 'string', pattern: '^[0-9]+$' },
+            level: { type: 'string', maxLength: 20 },
+          },
         },
-        response: { 200: { type: 'object', required: ['items'], properties: { items: { type: 'array', items: logEvent } } }, ...authErrors },
+        response: {
+          200: { type: 'object', required: ['items'], properties: { items: { type: 'array', items: logEvent } } },
+          ...authErrors,
+        },
       },
     },
     async (request) => {
@@ -79,8 +86,15 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
       const state = await getGrispState(fleet.db, device.id);
-      if (!state) throw new ApiError(404, 'not_found', `device ${device.identifier} has never connected as a GRiSP board`);
-      return { ...state, log_seq: state.log_seq === null ? null : Number(state.log_seq), log_dropped: Number(state.log_dropped), linked: state.linked_at !== null, connected_here: deps.connections.has(device.id) };
+      if (!state)
+        throw new ApiError(404, 'not_found', `device ${device.identifier} has never connected as a GRiSP board`);
+      return {
+        ...state,
+        log_seq: state.log_seq === null ? null : Number(state.log_seq),
+        log_dropped: Number(state.log_dropped),
+        linked: state.linked_at !== null,
+        connected_here: deps.connections.has(device.id),
+      };
     },
   );
 
@@ -92,13 +106,28 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
         tags: ['grisp'],
         summary: 'Create a single-use device linking token (boards send it with post device_linking_token)',
         params: { type: 'object', required: ['org'], properties: orgParam },
-        body: { type: 'object', additionalProperties: false, properties: { ttl_seconds: { type: 'integer', minimum: 60, maximum: 30 * 86_400, default: 86_400 } } },
-        response: { 201: { type: 'object', properties: { id: { type: 'string' }, token: { type: 'string' }, expires_at: { type: 'string' } } }, ...authErrors },
+        body: {
+          type: 'object',
+          additionalProperties: false,
+          properties: { ttl_seconds: { type: 'integer', minimum: 60, maximum: 30 * 86_400, default: 86_400 } },
+        },
+        response: {
+          201: {
+            type: 'object',
+            properties: { id: { type: 'string' }, token: { type: 'string' }, expires_at: { type: 'string' } },
+          },
+          ...authErrors,
+        },
       },
     },
     async (request, reply) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
-      const created = await createLinkToken(fleet.db, request.operator.actor, org.id, request.body?.ttl_seconds ?? 86_400);
+      const created = await createLinkToken(
+        fleet.db,
+        request.operator.actor,
+        org.id,
+        request.body?.ttl_seconds ?? 86_400,
+      );
       return reply.status(201).send({ ...created, expires_at: created.expires_at.toISOString() });
     },
   );
@@ -107,12 +136,18 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
     '/orgs/:org/devices/:device/link',
     {
       onRequest: requireRole('operator'),
-      schema: { tags: ['grisp'], summary: 'Unlink a GRiSP board (it may link again with a new token)', params: deviceParams, response: { 200: { type: 'object', properties: { ok: { type: 'boolean' } } }, ...authErrors } },
+      schema: {
+        tags: ['grisp'],
+        summary: 'Unlink a GRiSP board (it may link again with a new token)',
+        params: deviceParams,
+        response: { 200: { type: 'object', properties: { ok: { type: 'boolean' } } }, ...authErrors },
+      },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
-      if (!(await unlinkDevice(fleet.db, request.operator.actor, org.id, device.id))) throw new ApiError(404, 'not_found', `device ${device.identifier} is not linked`);
+      if (!(await unlinkDevice(fleet.db, request.operator.actor, org.id, device.id)))
+        throw new ApiError(404, 'not_found', `device ${device.identifier} is not linked`);
       return { ok: true };
     },
   );
@@ -121,20 +156,36 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
     // The tar only: JSON or any other type is 415 before the handler runs.
     scope.removeAllContentTypeParsers();
     scope.addContentTypeParser('application/octet-stream', passThroughStream);
-    scope.post<{ Querystring: { product: string; org?: string; version: string; platform?: string; architecture?: string } }>(
+    scope.post<{
+      Querystring: { product: string; org?: string; version: string; platform?: string; architecture?: string };
+    }>(
       '/grisp/firmware',
       {
         onRequest: requireRole('operator'),
         schema: {
           tags: ['grisp'],
           summary: 'Upload a GRiSP update package (an uncompressed tar with MANIFEST.sealed and its block files)',
-          description: 'Body: the tar archive as application/octet-stream. The package is checked (tar layout, MANIFEST.sealed at the root, safe member paths, regular files only) before it becomes a firmware record of format `grisp`.',
+          description:
+            'Body: the tar archive as application/octet-stream. The package is checked (tar layout, MANIFEST.sealed at the root, safe member paths, regular files only) before it becomes a firmware record of format `grisp`.',
           querystring: {
             type: 'object',
             required: ['product', 'version'],
-            properties: { product: { type: 'string', minLength: 1 }, org: { type: 'string' }, version: { type: 'string', minLength: 1 }, platform: { type: 'string' }, architecture: { type: 'string' } },
+            properties: {
+              product: { type: 'string', minLength: 1 },
+              org: { type: 'string' },
+              version: { type: 'string', minLength: 1 },
+              platform: { type: 'string' },
+              architecture: { type: 'string' },
+            },
           },
-          response: { 200: { type: 'object', additionalProperties: true }, 201: { type: 'object', additionalProperties: true }, 409: errorRef, 413: errorRef, 415: errorRef, ...authErrors },
+          response: {
+            200: { type: 'object', additionalProperties: true },
+            201: { type: 'object', additionalProperties: true },
+            409: errorRef,
+            413: errorRef,
+            415: errorRef,
+            ...authErrors,
+          },
         },
       },
       async (request, reply) => {
@@ -145,16 +196,32 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
         const product = await getProduct(fleet, org.id, q.product);
         let result;
         try {
-          result = await ingestFirmware(deps, request.operator.actor, product, { version: q.version, platform: q.platform ?? 'grisp2', architecture: q.architecture ?? 'arm', format: GRISP_FORMAT }, uploadStream(request, 'package (a tar archive)', 'application/octet-stream'));
+          result = await ingestFirmware(
+            deps,
+            request.operator.actor,
+            product,
+            {
+              version: q.version,
+              platform: q.platform ?? 'grisp2',
+              architecture: q.architecture ?? 'arm',
+              format: GRISP_FORMAT,
+            },
+            uploadStream(request, 'package (a tar archive)', 'application/octet-stream'),
+          );
         } catch (err) {
           if (err instanceof FirmwareError) throw new ApiError(err.status, err.code, err.message, err.details);
           throw err;
         }
         const { firmware, created } = result;
         try {
-          if (firmware.format !== GRISP_FORMAT) throw new GrispPackageError(`firmware ${firmware.version} exists with format ${firmware.format}; upload the package under a new version`);
+          if (firmware.format !== GRISP_FORMAT)
+            throw new GrispPackageError(
+              `firmware ${firmware.version} exists with format ${firmware.format}; upload the package under a new version`,
+            );
           const index = await indexGrispPackage(await deps.blobs.open(firmware.sha256!));
-          return reply.status(created ? 201 : 200).send({ ...firmware, size: Number(firmware.size), members: index.size });
+          return reply
+            .status(created ? 201 : 200)
+            .send({ ...firmware, size: Number(firmware.size), members: index.size });
         } catch (err) {
           if (!(err instanceof GrispPackageError)) throw err;
           if (created) await deleteFirmwareAndBlob(deps, request.operator.actor, org.id, firmware.id);

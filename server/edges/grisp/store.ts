@@ -67,7 +67,10 @@ export interface SystemInfoPatch {
 
 /** Creates or updates the board's row. */
 export async function saveGrispState(db: Db, deviceId: string, patch: SystemInfoPatch): Promise<void> {
-  const values = { ...patch, ...(patch.system_info ? { system_info: JSON.stringify(patch.system_info) } : {}) } as Record<string, unknown>;
+  const values = {
+    ...patch,
+    ...(patch.system_info ? { system_info: JSON.stringify(patch.system_info) } : {}),
+  } as Record<string, unknown>;
   await db
     .insertInto('grisp_devices')
     .values({ device_id: deviceId, ...values })
@@ -96,11 +99,18 @@ export function parseLogBatch(result: unknown): { events: LogEventInput[]; dropp
   const dropped = Number.isSafeInteger(r.dropped) && (r.dropped as number) >= 0 ? (r.dropped as number) : 0;
   const events: LogEventInput[] = [];
   for (const e of r.events) {
-    if (!Array.isArray(e) || e.length !== 2 || !Number.isSafeInteger(e[0]) || typeof e[1] !== 'object' || e[1] === null) return { error: 'a log event is not [seq, {meta, msg, level}]' };
+    if (!Array.isArray(e) || e.length !== 2 || !Number.isSafeInteger(e[0]) || typeof e[1] !== 'object' || e[1] === null)
+      return { error: 'a log event is not [seq, {meta, msg, level}]' };
     const body = e[1] as { meta?: unknown; msg?: unknown; level?: unknown };
     const meta = typeof body.meta === 'object' && body.meta !== null ? (body.meta as Record<string, unknown>) : {};
     const time = (meta as { time?: unknown }).time;
-    events.push({ seq: e[0] as number, time_us: Number.isSafeInteger(time) ? (time as number) : null, level: typeof body.level === 'string' ? body.level : null, msg: body.msg ?? null, meta });
+    events.push({
+      seq: e[0] as number,
+      time_us: Number.isSafeInteger(time) ? (time as number) : null,
+      level: typeof body.level === 'string' ? body.level : null,
+      msg: body.msg ?? null,
+      meta,
+    });
   }
   events.sort((a, b) => a.seq - b.seq);
   return { events, dropped };
@@ -112,14 +122,29 @@ export async function storeLogBatch(db: Db, deviceId: string, events: LogEventIn
     if (events.length) {
       await trx
         .insertInto('grisp_log_events')
-        .values(events.map((e) => ({ device_id: deviceId, seq: e.seq, time_us: e.time_us, level: e.level, msg: JSON.stringify(e.msg), meta: JSON.stringify(e.meta) })))
+        .values(
+          events.map((e) => ({
+            device_id: deviceId,
+            seq: e.seq,
+            time_us: e.time_us,
+            level: e.level,
+            msg: JSON.stringify(e.msg),
+            meta: JSON.stringify(e.meta),
+          })),
+        )
         .execute();
     }
     const last = events.length ? events[events.length - 1]!.seq : undefined;
     await trx
       .insertInto('grisp_devices')
       .values({ device_id: deviceId, log_seq: last ?? null, log_dropped: dropped })
-      .onConflict((oc) => oc.column('device_id').doUpdateSet({ ...(last !== undefined ? { log_seq: last } : {}), log_dropped: sql`grisp_devices.log_dropped + ${dropped}`, updated_at: sql`now()` }))
+      .onConflict((oc) =>
+        oc.column('device_id').doUpdateSet({
+          ...(last !== undefined ? { log_seq: last } : {}),
+          log_dropped: sql`grisp_devices.log_dropped + ${dropped}`,
+          updated_at: sql`now()`,
+        }),
+      )
       .execute();
   });
 }
@@ -135,7 +160,11 @@ export interface StoredLogEvent {
 }
 
 /** A device's stored log events, newest first (`before`: only ids below it, for paging). */
-export async function listLogEvents(db: Db, deviceId: string, o: { limit: number; before?: string; level?: string }): Promise<StoredLogEvent[]> {
+export async function listLogEvents(
+  db: Db,
+  deviceId: string,
+  o: { limit: number; before?: string; level?: string },
+): Promise<StoredLogEvent[]> {
   let q = db.selectFrom('grisp_log_events').selectAll().where('device_id', '=', deviceId);
   if (o.before && /^\d+$/.test(o.before)) q = q.where('id', '<', o.before);
   if (o.level) q = q.where('level', '=', o.level);
@@ -168,16 +197,32 @@ function tokenHash(token: string): string {
 }
 
 /** An operator creates a single-use linking token for their org (shown once). */
-export async function createLinkToken(db: Db, actor: Actor, orgId: string, ttlSeconds: number): Promise<{ id: string; token: string; expires_at: Date }> {
+export async function createLinkToken(
+  db: Db,
+  actor: Actor,
+  orgId: string,
+  ttlSeconds: number,
+): Promise<{ id: string; token: string; expires_at: Date }> {
   const token = `glt_${randomBytes(32).toString('base64url')}`;
   const expiresAt = new Date(Date.now() + ttlSeconds * 1000);
   return db.transaction().execute(async (trx) => {
     const row = await trx
       .insertInto('grisp_link_tokens')
-      .values({ org_id: orgId, token_hash: tokenHash(token), created_by: `${actor.type}:${actor.id ?? ''}`, expires_at: expiresAt })
+      .values({
+        org_id: orgId,
+        token_hash: tokenHash(token),
+        created_by: `${actor.type}:${actor.id ?? ''}`,
+        expires_at: expiresAt,
+      })
       .returning(['id', 'expires_at'])
       .executeTakeFirstOrThrow();
-    await audit(trx, actor, { orgId, action: 'grisp.link_token.create', resourceType: 'grisp_link_token', resourceId: row.id, details: { expires_at: expiresAt.toISOString() } });
+    await audit(trx, actor, {
+      orgId,
+      action: 'grisp.link_token.create',
+      resourceType: 'grisp_link_token',
+      resourceId: row.id,
+      details: { expires_at: expiresAt.toISOString() },
+    });
     return { id: row.id, token, expires_at: row.expires_at };
   });
 }
@@ -188,24 +233,58 @@ export type LinkOutcome = { ok: true } | { ok: false; error: { code: number; mes
  * `post device_linking_token {token}`: links the board to the org that issued the token.
  * -4 malformed/unknown/used/other org, -2 expired, -3 board already linked, -1 board not approved.
  */
-export async function linkDevice(db: Db, device: { deviceId: string; orgId: string }, token: unknown): Promise<LinkOutcome> {
+export async function linkDevice(
+  db: Db,
+  device: { deviceId: string; orgId: string },
+  token: unknown,
+): Promise<LinkOutcome> {
   if (typeof token !== 'string' || !TOKEN_PATTERN.test(token)) return { ok: false, error: LinkErrors.invalid };
   return db.transaction().execute(async (trx) => {
-    const row = await trx.selectFrom('grisp_link_tokens').selectAll().where('token_hash', '=', tokenHash(token)).forUpdate().executeTakeFirst();
+    const row = await trx
+      .selectFrom('grisp_link_tokens')
+      .selectAll()
+      .where('token_hash', '=', tokenHash(token))
+      .forUpdate()
+      .executeTakeFirst();
     if (!row || row.org_id !== device.orgId || row.used_at) return { ok: false as const, error: LinkErrors.invalid };
     if (row.expires_at.getTime() <= Date.now()) return { ok: false as const, error: LinkErrors.expired };
     // Read now, not from the connection: an operator may have changed it since the board connected.
-    const approval = (await trx.selectFrom('devices').select('approval').where('id', '=', device.deviceId).executeTakeFirst())?.approval;
+    const approval = (
+      await trx.selectFrom('devices').select('approval').where('id', '=', device.deviceId).executeTakeFirst()
+    )?.approval;
     if (approval !== 'approved') return { ok: false as const, error: LinkErrors.notLinked };
-    const state = await trx.selectFrom('grisp_devices').select('linked_at').where('device_id', '=', device.deviceId).forUpdate().executeTakeFirst();
+    const state = await trx
+      .selectFrom('grisp_devices')
+      .select('linked_at')
+      .where('device_id', '=', device.deviceId)
+      .forUpdate()
+      .executeTakeFirst();
     if (state?.linked_at) return { ok: false as const, error: LinkErrors.alreadyLinked };
-    await trx.updateTable('grisp_link_tokens').set({ used_at: new Date(), used_by_device: device.deviceId }).where('id', '=', row.id).execute();
+    await trx
+      .updateTable('grisp_link_tokens')
+      .set({ used_at: new Date(), used_by_device: device.deviceId })
+      .where('id', '=', row.id)
+      .execute();
     await trx
       .insertInto('grisp_devices')
       .values({ device_id: device.deviceId, linked_at: new Date(), linked_by: row.created_by })
-      .onConflict((oc) => oc.column('device_id').doUpdateSet({ linked_at: new Date(), linked_by: row.created_by, updated_at: sql`now()` }))
+      .onConflict((oc) =>
+        oc
+          .column('device_id')
+          .doUpdateSet({ linked_at: new Date(), linked_by: row.created_by, updated_at: sql`now()` }),
+      )
       .execute();
-    await audit(trx, { type: 'device', id: device.deviceId }, { orgId: device.orgId, action: 'grisp.linked', resourceType: 'device', resourceId: device.deviceId, details: { token_id: row.id } });
+    await audit(
+      trx,
+      { type: 'device', id: device.deviceId },
+      {
+        orgId: device.orgId,
+        action: 'grisp.linked',
+        resourceType: 'device',
+        resourceId: device.deviceId,
+        details: { token_id: row.id },
+      },
+    );
     return { ok: true as const };
   });
 }
@@ -213,13 +292,23 @@ export async function linkDevice(db: Db, device: { deviceId: string; orgId: stri
 /** An operator unlinks a board (it may link again with a new token). */
 export async function unlinkDevice(db: Db, actor: Actor, orgId: string, deviceId: string): Promise<boolean> {
   return db.transaction().execute(async (trx) => {
-    const row = await trx.updateTable('grisp_devices').set({ linked_at: null, linked_by: null }).where('device_id', '=', deviceId).where('linked_at', 'is not', null).returning('device_id').executeTakeFirst();
+    const row = await trx
+      .updateTable('grisp_devices')
+      .set({ linked_at: null, linked_by: null })
+      .where('device_id', '=', deviceId)
+      .where('linked_at', 'is not', null)
+      .returning('device_id')
+      .executeTakeFirst();
     if (row) await audit(trx, actor, { orgId, action: 'grisp.unlinked', resourceType: 'device', resourceId: deviceId });
     return row !== undefined;
   });
 }
 
 export async function isLinked(db: Db, deviceId: string): Promise<boolean> {
-  const row = await db.selectFrom('grisp_devices').select('linked_at').where('device_id', '=', deviceId).executeTakeFirst();
+  const row = await db
+    .selectFrom('grisp_devices')
+    .select('linked_at')
+    .where('device_id', '=', deviceId)
+    .executeTakeFirst();
   return Boolean(row?.linked_at);
 }

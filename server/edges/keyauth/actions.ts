@@ -56,20 +56,25 @@ const bad = (msg: string) => new ActionError(400, 'InvalidRequest', msg);
 
 function component(data: Record<string, unknown>): string {
   const c = data.component ?? 'firmware';
-  if (typeof c !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(c)) throw bad("data.component must be a name (letters, digits, '_', '.', '-')");
+  if (typeof c !== 'string' || !/^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$/.test(c))
+    throw bad("data.component must be a name (letters, digits, '_', '.', '-')");
   return c;
 }
 
 function version(data: Record<string, unknown>, required: boolean): string | undefined {
   const v = data.version;
   if (v === undefined && !required) return undefined;
-  if (typeof v !== 'string' || semver.valid(v) === null) throw bad('data.version must be a semantic version such as 1.2.0');
+  if (typeof v !== 'string' || semver.valid(v) === null)
+    throw bad('data.version must be a semantic version such as 1.2.0');
   return v;
 }
 
 /** Runs one decrypted request. Never throws: failures become error responses. */
 export async function runAction(deps: ActionDeps, session: ActionSession, request: unknown): Promise<Response> {
-  const req = (typeof request === 'object' && request !== null && !Array.isArray(request) ? request : {}) as Record<string, unknown>;
+  const req = (typeof request === 'object' && request !== null && !Array.isArray(request) ? request : {}) as Record<
+    string,
+    unknown
+  >;
   const withId = (r: Response): Response => (req.id !== undefined ? { ...r, id: req.id } : r);
   try {
     const data = req.data === undefined ? {} : req.data;
@@ -85,7 +90,13 @@ export async function runAction(deps: ActionDeps, session: ActionSession, reques
       case 'heartbeat':
         return withId(await heartbeat(deps, session));
       default:
-        return withId(errorResponse(404, 'UnknownAction', `unknown action ${JSON.stringify(req.action ?? null)}; use status, check_update, report or heartbeat`));
+        return withId(
+          errorResponse(
+            404,
+            'UnknownAction',
+            `unknown action ${JSON.stringify(req.action ?? null)}; use status, check_update, report or heartbeat`,
+          ),
+        );
     }
   } catch (err) {
     return withId(toResponse(deps, err));
@@ -96,7 +107,12 @@ function toResponse(deps: ActionDeps, err: unknown): Response {
   if (err instanceof ActionError) return errorResponse(err.code, err.type, err.message);
   const e = err as { name?: string; code?: string; message?: string };
   if (e?.name === 'FleetError') {
-    const map: Record<string, [number, string]> = { invalid: [400, 'InvalidRequest'], not_found: [404, 'NotFound'], forbidden: [401, 'NotAuthorised'], conflict: [400, 'Conflict'] };
+    const map: Record<string, [number, string]> = {
+      invalid: [400, 'InvalidRequest'],
+      not_found: [404, 'NotFound'],
+      forbidden: [401, 'NotAuthorised'],
+      conflict: [400, 'Conflict'],
+    };
     const [code, type] = map[e.code ?? ''] ?? [500, 'ServerError'];
     return errorResponse(code, type, e.message ?? type);
   }
@@ -105,16 +121,32 @@ function toResponse(deps: ActionDeps, err: unknown): Response {
 }
 
 async function status(deps: ActionDeps, session: ActionSession, data: Record<string, unknown>): Promise<Response> {
-  const outcome = await edgeDeviceOnline(deps.fleet, session, { version: version(data, true)!, component: component(data) });
+  const outcome = await edgeDeviceOnline(deps.fleet, session, {
+    version: version(data, true)!,
+    component: component(data),
+  });
   session.connectedAt = outcome.connectedAt;
-  return { code: 200, data: { device_id: session.identifier, version: outcome.running.version, component: outcome.running.component, update_available: outcome.target !== undefined } };
+  return {
+    code: 200,
+    data: {
+      device_id: session.identifier,
+      version: outcome.running.version,
+      component: outcome.running.component,
+      update_available: outcome.target !== undefined,
+    },
+  };
 }
 
 async function checkUpdate(deps: ActionDeps, session: ActionSession, data: Record<string, unknown>): Promise<Response> {
   const comp = component(data);
   let running = version(data, false);
   if (!running) {
-    const row = await deps.fleet.db.selectFrom('device_components').select('version').where('device_id', '=', session.deviceId).where('component', '=', comp).executeTakeFirst();
+    const row = await deps.fleet.db
+      .selectFrom('device_components')
+      .select('version')
+      .where('device_id', '=', session.deviceId)
+      .where('component', '=', comp)
+      .executeTakeFirst();
     if (!row?.version) throw bad(`send status {version} first, or include data.version (the ${comp} version you run)`);
     running = row.version;
   }
@@ -124,11 +156,25 @@ async function checkUpdate(deps: ActionDeps, session: ActionSession, data: Recor
   if (!target || !outcome.attempt) return { code: 200, data: { update: null } };
   // Polling again must not move an update that is underway back to `sent`.
   if (outcome.attempt.state === 'queued') await recordUpdateSent(deps.fleet, session, target, VIA);
-  const { url, expiresAt } = signDownloadUrl({ baseUrl: deps.downloadBaseUrl(), secret: deps.secret, firmwareId: target.id, deviceId: session.deviceId, ttlSeconds: deps.urlTtlSeconds });
+  const { url, expiresAt } = signDownloadUrl({
+    baseUrl: deps.downloadBaseUrl(),
+    secret: deps.secret,
+    firmwareId: target.id,
+    deviceId: session.deviceId,
+    ttlSeconds: deps.urlTtlSeconds,
+  });
   return {
     code: 200,
     data: {
-      update: { component: target.component, version: target.version, url, sha256: target.sha256, size: target.size === null ? null : Number(target.size), format: target.format, expires_at: expiresAt.toISOString() },
+      update: {
+        component: target.component,
+        version: target.version,
+        url,
+        sha256: target.sha256,
+        size: target.size === null ? null : Number(target.size),
+        format: target.format,
+        expires_at: expiresAt.toISOString(),
+      },
     },
   };
 }
@@ -147,20 +193,43 @@ async function report(deps: ActionDeps, session: ActionSession, data: Record<str
         .where('state', 'in', OPEN_STATES)
         .orderBy('created_at', 'desc')
         .executeTakeFirst();
-      if (!attempt) throw new ActionError(404, 'NotFound', `no update of ${comp} to ${v} is in flight for this client; use the version check_update offered`);
+      if (!attempt)
+        throw new ActionError(
+          404,
+          'NotFound',
+          `no update of ${comp} to ${v} is in flight for this client; use the version check_update offered`,
+        );
       let state: string = attempt.state;
-      if (state === 'queued' || state === 'sent') state = (await applyUpdateReport(deps.fleet, session, 'firmware_update_begin', { version: v }, comp)).state;
+      if (state === 'queued' || state === 'sent')
+        state = (await applyUpdateReport(deps.fleet, session, 'firmware_update_begin', { version: v }, comp)).state;
       if (data.percent !== undefined) {
         const percent = Number(data.percent);
         const total = data.total === undefined ? 0 : Number(data.total);
         const bytes = data.bytes === undefined ? 0 : Number(data.bytes);
-        state = (await applyUpdateReport(deps.fleet, session, 'firmware_update_progress', { version: v, percent: Math.round(percent), bytes, total }, comp)).state;
+        state = (
+          await applyUpdateReport(
+            deps.fleet,
+            session,
+            'firmware_update_progress',
+            { version: v, percent: Math.round(percent), bytes, total },
+            comp,
+          )
+        ).state;
       }
       return { code: 200, data: { state } };
     }
     case 'error': {
-      const msg = typeof data.message === 'string' && data.message ? data.message.slice(0, 2000) : 'the client reported an update error';
-      const attempt = await applyUpdateReport(deps.fleet, session, 'firmware_update_error', { version: v, errors: [msg] }, comp);
+      const msg =
+        typeof data.message === 'string' && data.message
+          ? data.message.slice(0, 2000)
+          : 'the client reported an update error';
+      const attempt = await applyUpdateReport(
+        deps.fleet,
+        session,
+        'firmware_update_error',
+        { version: v, errors: [msg] },
+        comp,
+      );
       return { code: 200, data: { state: attempt.state } };
     }
     case 'success': {

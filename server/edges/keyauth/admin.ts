@@ -20,9 +20,18 @@ const clientJson = {
     last_seen_at: { type: 'string', format: 'date-time' },
   },
 } as const;
-const params = { type: 'object', required: ['fingerprint'], properties: { fingerprint: { type: 'string', description: 'SHA-256 fingerprint (hex) or a unique prefix of at least 8 digits' } } } as const;
+const params = {
+  type: 'object',
+  required: ['fingerprint'],
+  properties: {
+    fingerprint: { type: 'string', description: 'SHA-256 fingerprint (hex) or a unique prefix of at least 8 digits' },
+  },
+} as const;
 
-export async function keyauthAdminRoutes(api: FastifyInstance, deps: { fleet: FleetContext; tenant: () => Promise<Product> }): Promise<void> {
+export async function keyauthAdminRoutes(
+  api: FastifyInstance,
+  deps: { fleet: FleetContext; tenant: () => Promise<Product> },
+): Promise<void> {
   const product = async (request: FastifyRequest): Promise<Product> => {
     const p = await deps.tenant();
     assertOrgAccess(request.operator, p.org_id, 'keyauth');
@@ -37,8 +46,15 @@ export async function keyauthAdminRoutes(api: FastifyInstance, deps: { fleet: Fl
       schema: {
         tags: ['keyauth'],
         summary: 'Client keys of the public-key TCP protocol (approval=pending: the approval queue)',
-        querystring: { type: 'object', properties: { approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } } },
-        response: { 200: { type: 'object', properties: { items: { type: 'array', items: clientJson } } }, 401: err, 404: err },
+        querystring: {
+          type: 'object',
+          properties: { approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } },
+        },
+        response: {
+          200: { type: 'object', properties: { items: { type: 'array', items: clientJson } } },
+          401: err,
+          404: err,
+        },
       },
     },
     async (request) => {
@@ -58,14 +74,19 @@ export async function keyauthAdminRoutes(api: FastifyInstance, deps: { fleet: Fl
         onRequest: requireRole('operator'),
         schema: {
           tags: ['keyauth'],
-          summary: action === 'approve' ? 'Approve a client key: its next 101 gets 103' : 'Revoke a client key: its connections close, its next 101 gets 102',
+          summary:
+            action === 'approve'
+              ? 'Approve a client key: its next 101 gets 103'
+              : 'Revoke a client key: its connections close, its next 101 gets 102',
           params,
           response: { 200: clientJson, 400: err, 401: err, 403: err, 404: err, 409: err },
         },
       },
       async (request) => {
         const p = await product(request);
-        return json(await run(deps.fleet, request.operator.actor, p.id, (request.params as { fingerprint: string }).fingerprint));
+        return json(
+          await run(deps.fleet, request.operator.actor, p.id, (request.params as { fingerprint: string }).fingerprint),
+        );
       },
     );
   }

@@ -50,7 +50,12 @@ export function identifierFor(fingerprint: string): string {
  * The device a client key stands for, recording an unknown key as a pending device (and its key).
  * Returns the device with its current approval.
  */
-export async function clientDevice(fleet: FleetContext, product: Product, key: { fingerprint: string; pem: string }, seen: { name: string | null; remote: string | null }): Promise<Device> {
+export async function clientDevice(
+  fleet: FleetContext,
+  product: Product,
+  key: { fingerprint: string; pem: string },
+  seen: { name: string | null; remote: string | null },
+): Promise<Device> {
   const known = await fleet.db
     .selectFrom('keyauth_clients')
     .innerJoin('devices', 'devices.id', 'keyauth_clients.device_id')
@@ -58,7 +63,11 @@ export async function clientDevice(fleet: FleetContext, product: Product, key: {
     .where('keyauth_clients.fingerprint', '=', key.fingerprint)
     .executeTakeFirst();
   if (known) {
-    await fleet.db.updateTable('keyauth_clients').set({ last_seen_at: new Date(), remote_address: seen.remote }).where('fingerprint', '=', key.fingerprint).execute();
+    await fleet.db
+      .updateTable('keyauth_clients')
+      .set({ last_seen_at: new Date(), remote_address: seen.remote })
+      .where('fingerprint', '=', key.fingerprint)
+      .execute();
     return known;
   }
   const { device } = await findOrRegisterEdgeDevice(fleet, {
@@ -71,7 +80,13 @@ export async function clientDevice(fleet: FleetContext, product: Product, key: {
   });
   await fleet.db
     .insertInto('keyauth_clients')
-    .values({ fingerprint: key.fingerprint, device_id: device.id, public_key_pem: key.pem, name: seen.name, remote_address: seen.remote })
+    .values({
+      fingerprint: key.fingerprint,
+      device_id: device.id,
+      public_key_pem: key.pem,
+      name: seen.name,
+      remote_address: seen.remote,
+    })
     .onConflict((oc) => oc.column('fingerprint').doNothing())
     .execute();
   return device;
@@ -100,25 +115,57 @@ export async function listClients(db: Db, productId: string, approval?: Device['
 
 /** The client whose fingerprint is `ref` or starts with it (at least 8 hex digits, unambiguous). */
 export async function findClient(db: Db, productId: string, ref: string): Promise<KeyauthClient> {
-  const prefix = ref.toLowerCase().replace(/^sha256:/, '').replace(/:/g, '');
-  if (!/^[0-9a-f]{8,64}$/.test(prefix)) throw new FleetError('invalid', 'name the key by its SHA-256 fingerprint (hex; at least the first 8 digits)', { field: 'fingerprint' });
+  const prefix = ref
+    .toLowerCase()
+    .replace(/^sha256:/, '')
+    .replace(/:/g, '');
+  if (!/^[0-9a-f]{8,64}$/.test(prefix))
+    throw new FleetError('invalid', 'name the key by its SHA-256 fingerprint (hex; at least the first 8 digits)', {
+      field: 'fingerprint',
+    });
   const rows = (await listClients(db, productId)).filter((c) => c.fingerprint.startsWith(prefix));
-  if (rows.length === 0) throw new FleetError('not_found', `no client key with fingerprint ${prefix}; list them with "fleethub keyauth list"`, { fingerprint: prefix });
-  if (rows.length > 1) throw new FleetError('conflict', `${rows.length} client keys start with ${prefix}; give more digits`, { fingerprint: prefix });
+  if (rows.length === 0)
+    throw new FleetError(
+      'not_found',
+      `no client key with fingerprint ${prefix}; list them with "fleethub keyauth list"`,
+      { fingerprint: prefix },
+    );
+  if (rows.length > 1)
+    throw new FleetError('conflict', `${rows.length} client keys start with ${prefix}; give more digits`, {
+      fingerprint: prefix,
+    });
   return rows[0]!;
 }
 
-export async function approveClient(fleet: FleetContext, actor: Actor, productId: string, ref: string): Promise<KeyauthClient> {
+export async function approveClient(
+  fleet: FleetContext,
+  actor: Actor,
+  productId: string,
+  ref: string,
+): Promise<KeyauthClient> {
   const client = await findClient(fleet.db, productId, ref);
-  const device = await fleet.db.selectFrom('devices').select('org_id').where('id', '=', client.device_id).executeTakeFirstOrThrow();
+  const device = await fleet.db
+    .selectFrom('devices')
+    .select('org_id')
+    .where('id', '=', client.device_id)
+    .executeTakeFirstOrThrow();
   await approveDevice(fleet, actor, device.org_id, client.device_id);
   return findClient(fleet.db, productId, client.fingerprint);
 }
 
 /** Revokes a key: connected sessions of it are closed (the fleet publishes `device_revoked`). */
-export async function revokeClient(fleet: FleetContext, actor: Actor, productId: string, ref: string): Promise<KeyauthClient> {
+export async function revokeClient(
+  fleet: FleetContext,
+  actor: Actor,
+  productId: string,
+  ref: string,
+): Promise<KeyauthClient> {
   const client = await findClient(fleet.db, productId, ref);
-  const device = await fleet.db.selectFrom('devices').select('org_id').where('id', '=', client.device_id).executeTakeFirstOrThrow();
+  const device = await fleet.db
+    .selectFrom('devices')
+    .select('org_id')
+    .where('id', '=', client.device_id)
+    .executeTakeFirstOrThrow();
   await revokeDevice(fleet, actor, device.org_id, client.device_id);
   return findClient(fleet.db, productId, client.fingerprint);
 }

@@ -41,7 +41,9 @@ export interface ConnectionDeps extends ActionDeps {
   watchDevice(deviceId: string, onEvent: (event: string) => void): () => void;
 }
 
-type State = { phase: 'hello' } | { phase: 'authorised'; session: ActionSession; clientKey: KeyObject; unwatch: () => void };
+type State =
+  | { phase: 'hello' }
+  | { phase: 'authorised'; session: ActionSession; clientKey: KeyObject; unwatch: () => void };
 
 /** Drives one socket until it closes; resolves when it has. */
 export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<void> {
@@ -92,13 +94,22 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
   /** Counts a bad message; answers it in plaintext (the client may not be able to decrypt anything) and closes after too many. */
   const fail = (code: number, type: string, msg: string) => {
     failures++;
-    send(errorResponse(code, type, failures >= limits.maxFailures ? `${msg} (closing after ${failures} bad messages)` : msg));
+    send(
+      errorResponse(
+        code,
+        type,
+        failures >= limits.maxFailures ? `${msg} (closing after ${failures} bad messages)` : msg,
+      ),
+    );
     if (failures >= limits.maxFailures) close('too many bad messages');
   };
 
   const takeToken = (): boolean => {
     const now = Date.now();
-    tokens = Math.min(limits.maxRequestsPerSecond * 2, tokens + ((now - refilledAt) / 1000) * limits.maxRequestsPerSecond);
+    tokens = Math.min(
+      limits.maxRequestsPerSecond * 2,
+      tokens + ((now - refilledAt) / 1000) * limits.maxRequestsPerSecond,
+    );
     refilledAt = now;
     if (tokens < 1) return false;
     tokens -= 1;
@@ -107,7 +118,12 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
 
   const hello = async (message: unknown) => {
     const m = (typeof message === 'object' && message !== null ? message : {}) as Record<string, unknown>;
-    if (m.code !== 101) return fail(400, 'InvalidRequest', 'authorise first: send {"code": 101, "data": {"key": "<your RSA-2048 public key, SPKI PEM>"}}');
+    if (m.code !== 101)
+      return fail(
+        400,
+        'InvalidRequest',
+        'authorise first: send {"code": 101, "data": {"key": "<your RSA-2048 public key, SPKI PEM>"}}',
+      );
     const data = (typeof m.data === 'object' && m.data !== null ? m.data : {}) as Record<string, unknown>;
     let key: ReturnType<typeof parseClientKey>;
     try {
@@ -123,8 +139,15 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     } catch (err) {
       // The key's identifier belongs to a device of another protocol (fleet identity rule, audited there).
       if (err instanceof FleetError && err.code === 'conflict') {
-        log.warn({ fingerprint: key.fingerprint }, 'keyauth key refused: its identifier belongs to another kind of device');
-        return fail(409, 'IdentityTaken', `this key's identifier ${identifierFor(key.fingerprint)} is registered to another kind of device; use another key`);
+        log.warn(
+          { fingerprint: key.fingerprint },
+          'keyauth key refused: its identifier belongs to another kind of device',
+        );
+        return fail(
+          409,
+          'IdentityTaken',
+          `this key's identifier ${identifierFor(key.fingerprint)} is registered to another kind of device; use another key`,
+        );
       }
       throw err;
     }
@@ -134,15 +157,26 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       return send({
         code: 102,
         error: {
-          msg: revoked ? 'this key has been revoked' : `this key is not authorised yet; an operator must approve fingerprint ${key.fingerprint} ("fleethub keyauth approve ${key.fingerprint.slice(0, 16)}")`,
+          msg: revoked
+            ? 'this key has been revoked'
+            : `this key is not authorised yet; an operator must approve fingerprint ${key.fingerprint} ("fleethub keyauth approve ${key.fingerprint.slice(0, 16)}")`,
           type: revoked ? 'KeyRevoked' : 'KeyPending',
         },
         data: { fingerprint: key.fingerprint },
       });
     }
     const now = new Date();
-    await deps.fleet.db.updateTable('devices').set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now }).where('id', '=', device.id).execute();
-    const session: ActionSession = { deviceId: device.id, orgId: device.org_id, identifier: device.identifier, connectedAt: now.toISOString() };
+    await deps.fleet.db
+      .updateTable('devices')
+      .set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now })
+      .where('id', '=', device.id)
+      .execute();
+    const session: ActionSession = {
+      deviceId: device.id,
+      orgId: device.org_id,
+      identifier: device.identifier,
+      connectedAt: now.toISOString(),
+    };
     const unwatch = deps.watchDevice(device.id, (event) => {
       if (event === 'device_revoked' || event === 'device_deleted') close(`device ${event}`);
     });
@@ -153,7 +187,12 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
   };
 
   const authorised = async (message: unknown, s: Extract<State, { phase: 'authorised' }>) => {
-    if (!isEnvelope(message)) return fail(400, 'NotEncrypted', 'after code 103 every message must be an envelope {"enc": {key, iv, ct, tag}} encrypted to the server key');
+    if (!isEnvelope(message))
+      return fail(
+        400,
+        'NotEncrypted',
+        'after code 103 every message must be an envelope {"enc": {key, iv, ct, tag}} encrypted to the server key',
+      );
     let request: unknown;
     try {
       request = open(deps.serverKey.privateKey, message);
@@ -176,7 +215,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     }
     const bad = findBadString(message, '');
     if (bad) return fail(400, 'InvalidString', describeBadString(bad));
-    if (!takeToken()) return fail(400, 'RateLimited', `more than ${limits.maxRequestsPerSecond} requests per second; slow down`);
+    if (!takeToken())
+      return fail(400, 'RateLimited', `more than ${limits.maxRequestsPerSecond} requests per second; slow down`);
     if (state.phase === 'hello') await hello(message);
     else await authorised(message, state);
   };

@@ -15,28 +15,57 @@ import { servePackage } from '../main-server/download.ts';
 export const KEYAUTH_DOWNLOAD_PREFIX = '/api/keyauth/firmware';
 
 function signature(secret: string, firmwareId: string, deviceId: string, expires: number): string {
-  return createHmac('sha256', secret).update(`fleethub-keyauth-firmware\n${firmwareId}\n${deviceId}\n${expires}`).digest('base64url');
+  return createHmac('sha256', secret)
+    .update(`fleethub-keyauth-firmware\n${firmwareId}\n${deviceId}\n${expires}`)
+    .digest('base64url');
 }
 
 /** A download URL for one device, valid `ttlSeconds`. */
-export function signDownloadUrl(input: { baseUrl: string; secret: string; firmwareId: string; deviceId: string; ttlSeconds: number; now?: Date }): { url: string; expiresAt: Date } {
+export function signDownloadUrl(input: {
+  baseUrl: string;
+  secret: string;
+  firmwareId: string;
+  deviceId: string;
+  ttlSeconds: number;
+  now?: Date;
+}): { url: string; expiresAt: Date } {
   const expires = Math.floor((input.now ?? new Date()).getTime() / 1000) + input.ttlSeconds;
   const sig = signature(input.secret, input.firmwareId, input.deviceId, expires);
-  return { url: `${input.baseUrl.replace(/\/+$/, '')}${KEYAUTH_DOWNLOAD_PREFIX}/${input.firmwareId}?device=${input.deviceId}&expires=${expires}&sig=${sig}`, expiresAt: new Date(expires * 1000) };
+  return {
+    url: `${input.baseUrl.replace(/\/+$/, '')}${KEYAUTH_DOWNLOAD_PREFIX}/${input.firmwareId}?device=${input.deviceId}&expires=${expires}&sig=${sig}`,
+    expiresAt: new Date(expires * 1000),
+  };
 }
 
-export function verifyDownload(secret: string, firmwareId: string, query: Record<string, unknown>, now = new Date()): { ok: true; deviceId: string } | { ok: false; reason: string } {
+export function verifyDownload(
+  secret: string,
+  firmwareId: string,
+  query: Record<string, unknown>,
+  now = new Date(),
+): { ok: true; deviceId: string } | { ok: false; reason: string } {
   const { device, expires, sig } = query;
-  if (typeof device !== 'string' || !isUuid(device) || typeof expires !== 'string' || !/^\d{1,12}$/.test(expires) || typeof sig !== 'string') return { ok: false, reason: 'the download URL is incomplete; ask check_update for a new one' };
+  if (
+    typeof device !== 'string' ||
+    !isUuid(device) ||
+    typeof expires !== 'string' ||
+    !/^\d{1,12}$/.test(expires) ||
+    typeof sig !== 'string'
+  )
+    return { ok: false, reason: 'the download URL is incomplete; ask check_update for a new one' };
   const expected = Buffer.from(signature(secret, firmwareId, device, Number(expires)));
   const given = Buffer.from(sig);
-  if (given.length !== expected.length || !timingSafeEqual(given, expected)) return { ok: false, reason: 'the download URL signature is invalid' };
-  if (Number(expires) * 1000 <= now.getTime()) return { ok: false, reason: 'the download URL has expired; ask check_update for a new one' };
+  if (given.length !== expected.length || !timingSafeEqual(given, expected))
+    return { ok: false, reason: 'the download URL signature is invalid' };
+  if (Number(expires) * 1000 <= now.getTime())
+    return { ok: false, reason: 'the download URL has expired; ask check_update for a new one' };
   return { ok: true, deviceId: device };
 }
 
 /** Mounts the download route on the API listener (before `listen`). */
-export function registerKeyauthDownloads(api: FastifyInstance, deps: { fleet: FleetContext; blobs: BlobStore; secret: string }): void {
+export function registerKeyauthDownloads(
+  api: FastifyInstance,
+  deps: { fleet: FleetContext; blobs: BlobStore; secret: string },
+): void {
   api.route({
     method: ['GET', 'HEAD'],
     url: `${KEYAUTH_DOWNLOAD_PREFIX}/:id`,
@@ -50,12 +79,22 @@ export function registerKeyauthDownloads(api: FastifyInstance, deps: { fleet: Fl
       const row = await deps.fleet.db
         .selectFrom('firmware')
         .innerJoin('devices', 'devices.product_id', 'firmware.product_id')
-        .select(['firmware.id', 'firmware.sha256', 'firmware.size', 'firmware.has_blob', 'firmware.component', 'firmware.version', 'firmware.format', 'devices.approval'])
+        .select([
+          'firmware.id',
+          'firmware.sha256',
+          'firmware.size',
+          'firmware.has_blob',
+          'firmware.component',
+          'firmware.version',
+          'firmware.format',
+          'devices.approval',
+        ])
         .where('firmware.id', '=', id)
         .where('devices.id', '=', verdict.deviceId)
         .executeTakeFirst();
-      if (!row || row.approval !== 'approved') return refuse(reply, 403, 'this device may not download this firmware');
-      if (!(await servePackage(request, reply, deps.blobs, row))) return refuse(reply, 404, 'the firmware image is not stored on the server');
+      if (row?.approval !== 'approved') return refuse(reply, 403, 'this device may not download this firmware');
+      if (!(await servePackage(request, reply, deps.blobs, row)))
+        return refuse(reply, 404, 'the firmware image is not stored on the server');
       return reply;
     },
   });

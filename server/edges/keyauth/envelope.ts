@@ -6,7 +6,18 @@
  *
  * Client keys are RSA-2048 (SPKI PEM); the server's key pair is generated at every start.
  */
-import { constants, createCipheriv, createDecipheriv, createHash, createPublicKey, generateKeyPairSync, privateDecrypt, publicEncrypt, randomBytes, type KeyObject } from 'node:crypto';
+import {
+  constants,
+  createCipheriv,
+  createDecipheriv,
+  createHash,
+  createPublicKey,
+  generateKeyPairSync,
+  privateDecrypt,
+  publicEncrypt,
+  randomBytes,
+  type KeyObject,
+} from 'node:crypto';
 
 export interface Envelope {
   enc: { key: string; iv: string; ct: string; tag: string };
@@ -53,7 +64,9 @@ export function parseClientKey(pem: unknown): { key: KeyObject; pem: string; fin
     throw new KeyError('data.key is not a readable PEM public key');
   }
   if (key.asymmetricKeyType !== 'rsa' || key.asymmetricKeyDetails?.modulusLength !== RSA_BITS) {
-    throw new KeyError(`data.key must be an RSA key of ${RSA_BITS} bits (got ${key.asymmetricKeyType} ${key.asymmetricKeyDetails?.modulusLength ?? '?'})`);
+    throw new KeyError(
+      `data.key must be an RSA key of ${RSA_BITS} bits (got ${key.asymmetricKeyType} ${key.asymmetricKeyDetails?.modulusLength ?? '?'})`,
+    );
   }
   const der = key.export({ type: 'spki', format: 'der' });
   return { key, pem: key.export({ type: 'spki', format: 'pem' }).toString(), fingerprint: fingerprintOf(der) };
@@ -71,7 +84,14 @@ export function seal(recipient: KeyObject, body: unknown): Envelope {
   const cipher = createCipheriv('aes-256-gcm', aesKey, iv);
   const ct = Buffer.concat([cipher.update(JSON.stringify(body), 'utf8'), cipher.final()]);
   const key = publicEncrypt({ key: recipient, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' }, aesKey);
-  return { enc: { key: key.toString('base64'), iv: iv.toString('base64'), ct: ct.toString('base64'), tag: cipher.getAuthTag().toString('base64') } };
+  return {
+    enc: {
+      key: key.toString('base64'),
+      iv: iv.toString('base64'),
+      ct: ct.toString('base64'),
+      tag: cipher.getAuthTag().toString('base64'),
+    },
+  };
 }
 
 /** True when `message` has the envelope's shape (it may still fail to open). */
@@ -81,14 +101,20 @@ export function isEnvelope(message: unknown): message is Envelope {
 
 /** Opens an envelope with our private key and parses its JSON body. Throws `EnvelopeError`. */
 export function open(privateKey: KeyObject, message: unknown): unknown {
-  if (!isEnvelope(message)) throw new EnvelopeError('NotEncrypted', 'after code 103 every message must be an envelope {"enc": {key, iv, ct, tag}} encrypted to the server key');
+  if (!isEnvelope(message))
+    throw new EnvelopeError(
+      'NotEncrypted',
+      'after code 103 every message must be an envelope {"enc": {key, iv, ct, tag}} encrypted to the server key',
+    );
   const enc = (message as { enc: unknown }).enc as Record<string, unknown> | null;
   const field = (name: string): Buffer => {
     const value = enc?.[name];
-    if (typeof value !== 'string' || !B64.test(value)) throw new EnvelopeError('MalformedEnvelope', `enc.${name} must be a base64 string`);
+    if (typeof value !== 'string' || !B64.test(value))
+      throw new EnvelopeError('MalformedEnvelope', `enc.${name} must be a base64 string`);
     return Buffer.from(value, 'base64');
   };
-  if (typeof enc !== 'object' || enc === null) throw new EnvelopeError('MalformedEnvelope', 'enc must be an object {key, iv, ct, tag}');
+  if (typeof enc !== 'object' || enc === null)
+    throw new EnvelopeError('MalformedEnvelope', 'enc must be an object {key, iv, ct, tag}');
   const wrapped = field('key');
   const iv = field('iv');
   const ct = field('ct');
@@ -97,14 +123,20 @@ export function open(privateKey: KeyObject, message: unknown): unknown {
   if (tag.length !== TAG_BYTES) throw new EnvelopeError('MalformedEnvelope', `enc.tag must be ${TAG_BYTES} bytes`);
   let plaintext: Buffer;
   try {
-    const aesKey = privateDecrypt({ key: privateKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' }, wrapped);
+    const aesKey = privateDecrypt(
+      { key: privateKey, padding: constants.RSA_PKCS1_OAEP_PADDING, oaepHash: 'sha256' },
+      wrapped,
+    );
     if (aesKey.length !== AES_KEY_BYTES) throw new Error('wrong key length');
     const decipher = createDecipheriv('aes-256-gcm', aesKey, iv);
     decipher.setAuthTag(tag);
     plaintext = Buffer.concat([decipher.update(ct), decipher.final()]);
   } catch {
     // One answer for every cryptographic failure: no oracle about which step failed.
-    throw new EnvelopeError('DecryptionFailed', 'the envelope could not be decrypted: wrap the AES-256-GCM key with RSA-OAEP-SHA256 to the server key from code 103');
+    throw new EnvelopeError(
+      'DecryptionFailed',
+      'the envelope could not be decrypted: wrap the AES-256-GCM key with RSA-OAEP-SHA256 to the server key from code 103',
+    );
   }
   try {
     return JSON.parse(plaintext.toString('utf8'));

@@ -54,5 +54,5 @@ export class LineReader {
 
 /** One JSON line (the protocol's framing). */
 export function encodeLine(message: unknown): string {
-  return JSON.stringify(message) + '\n';
+  return `${JSON.stringify(message)}\n`;
 }

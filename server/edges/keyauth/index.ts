@@ -79,7 +79,8 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
       secret: options.secret,
       downloadBaseUrl: options.downloadBaseUrl,
       urlTtlSeconds: options.urlTtlSeconds ?? 3600,
-      watchDevice: (deviceId, onEvent) => options.pubsub.subscribe(Topics.device(deviceId), (message) => onEvent(message.event)),
+      watchDevice: (deviceId, onEvent) =>
+        options.pubsub.subscribe(Topics.device(deviceId), (message) => onEvent(message.event)),
     });
     handlers.add(done);
     void done.finally(() => {

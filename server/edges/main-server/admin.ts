@@ -31,7 +31,11 @@ export interface MainServerAdminDeps {
 }
 
 const err = { $ref: 'ApiErrorBody#' };
-const deviceParams = { type: 'object', required: ['device'], properties: { device: { type: 'string', description: 'device_id (identifier) or fleet UUID' } } } as const;
+const deviceParams = {
+  type: 'object',
+  required: ['device'],
+  properties: { device: { type: 'string', description: 'device_id (identifier) or fleet UUID' } },
+} as const;
 const deviceJson = {
   type: 'object',
   properties: {
@@ -46,7 +50,10 @@ const deviceJson = {
     last_seen_at: { type: ['string', 'null'], format: 'date-time' },
   },
 } as const;
-const withToken = { type: 'object', properties: { device: deviceJson, device_token: { type: 'string' }, message: { type: 'string' } } } as const;
+const withToken = {
+  type: 'object',
+  properties: { device: deviceJson, device_token: { type: 'string' }, message: { type: 'string' } },
+} as const;
 
 /** Registers `/main-server/...` operator routes on the `/api/v1` scope. */
 export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServerAdminDeps): Promise<void> {
@@ -63,16 +70,36 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
       .selectAll()
       .where('product_id', '=', p.id)
       .where('protocol', '=', PROTOCOL)
-      .where((eb) => (isUuid(ref) ? eb.or([eb('id', '=', ref), eb('identifier', '=', ref)]) : eb('identifier', '=', ref)))
+      .where((eb) =>
+        isUuid(ref) ? eb.or([eb('id', '=', ref), eb('identifier', '=', ref)]) : eb('identifier', '=', ref),
+      )
       .executeTakeFirst();
-    if (!device) throw new ApiError(404, 'not_found', `Main Server device ${JSON.stringify(ref)} not found; list them with GET /api/v1/main-server/devices`);
+    if (!device)
+      throw new ApiError(
+        404,
+        'not_found',
+        `Main Server device ${JSON.stringify(ref)} not found; list them with GET /api/v1/main-server/devices`,
+      );
     return device;
   };
   const json = async (devices: Device[]) => {
-    const details = await deviceDetails(deps.fleet.db, devices.map((d) => d.id));
+    const details = await deviceDetails(
+      deps.fleet.db,
+      devices.map((d) => d.id),
+    );
     return devices.map((d) => {
       const x = details.get(d.id);
-      return { id: d.id, device_id: d.identifier, name: x?.name ?? d.description, ip: x?.ip ?? null, approval: d.approval, status: d.connection_status, has_token: x?.has_token ?? false, token_issued_at: x?.token_issued_at ?? null, last_seen_at: d.last_seen_at };
+      return {
+        id: d.id,
+        device_id: d.identifier,
+        name: x?.name ?? d.description,
+        ip: x?.ip ?? null,
+        approval: d.approval,
+        status: d.connection_status,
+        has_token: x?.has_token ?? false,
+        token_issued_at: x?.token_issued_at ?? null,
+        last_seen_at: d.last_seen_at,
+      };
     });
   };
 
@@ -83,14 +110,25 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
       schema: {
         tags: ['main-server'],
         summary: 'Main Server devices (filter approval=pending for the approval queue)',
-        querystring: { type: 'object', properties: { approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } } },
-        response: { 200: { type: 'object', properties: { items: { type: 'array', items: deviceJson } } }, 401: err, 404: err },
+        querystring: {
+          type: 'object',
+          properties: { approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } },
+        },
+        response: {
+          200: { type: 'object', properties: { items: { type: 'array', items: deviceJson } } },
+          401: err,
+          404: err,
+        },
       },
     },
     async (request) => {
       const p = await product(request);
       const { approval } = request.query as { approval?: 'pending' | 'approved' | 'revoked' };
-      let q = deps.fleet.db.selectFrom('devices').selectAll().where('product_id', '=', p.id).where('protocol', '=', PROTOCOL);
+      let q = deps.fleet.db
+        .selectFrom('devices')
+        .selectAll()
+        .where('product_id', '=', p.id)
+        .where('protocol', '=', PROTOCOL);
       if (approval) q = q.where('approval', '=', approval);
       return { items: await json(await q.orderBy('created_at').execute()) };
     },
@@ -103,16 +141,31 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
       schema: {
         tags: ['main-server'],
         summary: 'Pre-provision an approved device; its token is in the answer, once',
-        body: { type: 'object', required: ['device_id'], properties: { device_id: { type: 'string', minLength: 1, maxLength: 200 }, name: { type: 'string', maxLength: 200 } } },
+        body: {
+          type: 'object',
+          required: ['device_id'],
+          properties: {
+            device_id: { type: 'string', minLength: 1, maxLength: 200 },
+            name: { type: 'string', maxLength: 200 },
+          },
+        },
         response: { 201: withToken, 400: err, 401: err, 403: err, 404: err, 409: err },
       },
     },
     async (request, reply) => {
       const p = await product(request);
       const body = request.body as { device_id: string; name?: string };
-      if (!validDeviceId(body.device_id)) throw new ApiError(400, 'invalid', 'device_id must be 1-200 printable characters', { field: 'device_id' });
-      const { device, token } = await provisionDevice(deps.fleet, request.operator.actor, p, { deviceId: body.device_id, name: body.name ?? null });
-      return reply.status(201).send({ device: (await json([device]))[0], device_token: token, message: 'Give device_token to the device; it is not shown again.' });
+      if (!validDeviceId(body.device_id))
+        throw new ApiError(400, 'invalid', 'device_id must be 1-200 printable characters', { field: 'device_id' });
+      const { device, token } = await provisionDevice(deps.fleet, request.operator.actor, p, {
+        deviceId: body.device_id,
+        name: body.name ?? null,
+      });
+      return reply.status(201).send({
+        device: (await json([device]))[0],
+        device_token: token,
+        message: 'Give device_token to the device; it is not shown again.',
+      });
     },
   );
 
@@ -124,13 +177,22 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
         tags: ['main-server'],
         summary: 'Approve a pending device; it collects its token on its next register-device with its claim_token',
         params: deviceParams,
-        response: { 200: { type: 'object', properties: { device: deviceJson, message: { type: 'string' } } }, 401: err, 403: err, 404: err },
+        response: {
+          200: { type: 'object', properties: { device: deviceJson, message: { type: 'string' } } },
+          401: err,
+          403: err,
+          404: err,
+        },
       },
     },
     async (request) => {
       const device = await findDevice(request);
       const approved = await approveDevice(deps.fleet, request.operator.actor, device.org_id, device.id);
-      return { device: (await json([approved]))[0], message: 'Approved. The device collects its token by repeating register-device with its claim_token; or rotate the token to provision it by hand.' };
+      return {
+        device: (await json([approved]))[0],
+        message:
+          'Approved. The device collects its token by repeating register-device with its claim_token; or rotate the token to provision it by hand.',
+      };
     },
   );
 
@@ -138,7 +200,12 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     '/main-server/devices/:device/revoke',
     {
       onRequest: requireRole('operator'),
-      schema: { tags: ['main-server'], summary: 'Revoke a device: its token stops working at once', params: deviceParams, response: { 200: { type: 'object', properties: { device: deviceJson } }, 401: err, 403: err, 404: err } },
+      schema: {
+        tags: ['main-server'],
+        summary: 'Revoke a device: its token stops working at once',
+        params: deviceParams,
+        response: { 200: { type: 'object', properties: { device: deviceJson } }, 401: err, 403: err, 404: err },
+      },
     },
     async (request) => {
       const device = await findDevice(request);
@@ -152,13 +219,27 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     '/main-server/devices/:device/token',
     {
       onRequest: requireRole('operator'),
-      schema: { tags: ['main-server'], summary: 'Rotate the device token (the old one stops working); the new one is in the answer, once', params: deviceParams, response: { 200: withToken, 401: err, 403: err, 404: err, 409: err } },
+      schema: {
+        tags: ['main-server'],
+        summary: 'Rotate the device token (the old one stops working); the new one is in the answer, once',
+        params: deviceParams,
+        response: { 200: withToken, 401: err, 403: err, 404: err, 409: err },
+      },
     },
     async (request) => {
       const device = await findDevice(request);
-      if (device.approval !== 'approved') throw new ApiError(409, 'conflict', `device ${device.identifier} is ${device.approval}; approve it before issuing a token`);
+      if (device.approval !== 'approved')
+        throw new ApiError(
+          409,
+          'conflict',
+          `device ${device.identifier} is ${device.approval}; approve it before issuing a token`,
+        );
       const token = await issueDeviceToken(deps.fleet, request.operator.actor, device, 'rotated');
-      return { device: (await json([device]))[0], device_token: token, message: 'Give device_token to the device; it is not shown again.' };
+      return {
+        device: (await json([device]))[0],
+        device_token: token,
+        message: 'Give device_token to the device; it is not shown again.',
+      };
     },
   );
 
@@ -166,7 +247,22 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     '/main-server/extensions',
     {
       onRequest: requireRole('viewer'),
-      schema: { tags: ['main-server'], summary: 'Extensions and their integer extension_id', response: { 200: { type: 'object', properties: { items: { type: 'array', items: { type: 'object', properties: { id: { type: 'integer' }, name: { type: 'string' } } } } } }, 401: err } },
+      schema: {
+        tags: ['main-server'],
+        summary: 'Extensions and their integer extension_id',
+        response: {
+          200: {
+            type: 'object',
+            properties: {
+              items: {
+                type: 'array',
+                items: { type: 'object', properties: { id: { type: 'integer' }, name: { type: 'string' } } },
+              },
+            },
+          },
+          401: err,
+        },
+      },
     },
     async (request) => ({ items: await listExtensions(deps.fleet.db, (await product(request)).id) }),
   );
@@ -182,7 +278,17 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
         schema: {
           tags: ['main-server'],
           summary: 'Upload an update package: a ZIP with device_update.json {extension, version, compatible_with?}',
-          response: { 200: { type: 'object', additionalProperties: true }, 201: { type: 'object', additionalProperties: true }, 400: err, 401: err, 403: err, 404: err, 409: err, 413: err, 415: err },
+          response: {
+            200: { type: 'object', additionalProperties: true },
+            201: { type: 'object', additionalProperties: true },
+            400: err,
+            401: err,
+            403: err,
+            404: err,
+            409: err,
+            413: err,
+            415: err,
+          },
         },
       },
       async (request, reply) => {
@@ -208,18 +314,31 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
             if (e instanceof PackageError) throw new ApiError(400, e.code, e.message);
             throw e;
           });
-          const { firmware, created } = await ingestFirmware({ fleet: deps.fleet, blobs: deps.blobs, maxImageBytes: max }, request.operator.actor, p, {
-            version: manifest.version,
-            component: manifest.extension,
-            format: PACKAGE_FORMAT,
-            metadata: { manifest, compatible_with: manifest.compatible_with },
-          }, createReadStream(file)).catch((e: unknown) => {
+          const { firmware, created } = await ingestFirmware(
+            { fleet: deps.fleet, blobs: deps.blobs, maxImageBytes: max },
+            request.operator.actor,
+            p,
+            {
+              version: manifest.version,
+              component: manifest.extension,
+              format: PACKAGE_FORMAT,
+              metadata: { manifest, compatible_with: manifest.compatible_with },
+            },
+            createReadStream(file),
+          ).catch((e: unknown) => {
             if (e instanceof FirmwareError) throw new ApiError(e.status, e.code, e.message, e.details);
             throw e;
           });
           // A version recorded without an image (metadata registered earlier) gets its image attached: record the manifest too.
           if (firmware.format !== PACKAGE_FORMAT) {
-            await deps.fleet.db.updateTable('firmware').set({ format: PACKAGE_FORMAT, metadata: JSON.stringify({ ...firmware.metadata, manifest, compatible_with: manifest.compatible_with }) }).where('id', '=', firmware.id).execute();
+            await deps.fleet.db
+              .updateTable('firmware')
+              .set({
+                format: PACKAGE_FORMAT,
+                metadata: JSON.stringify({ ...firmware.metadata, manifest, compatible_with: manifest.compatible_with }),
+              })
+              .where('id', '=', firmware.id)
+              .execute();
           }
           const ids = await ensureExtensions(deps.fleet.db, p, [manifest.extension]);
           return reply.status(created ? 201 : 200).send({

@@ -44,11 +44,22 @@ export function toMainServerError(err: unknown): MainServerError {
     if (status === 403) return new MainServerError(403, 'Forbidden', e.message ?? 'insufficient permissions');
     if (status === 404) return new MainServerError(404, 'Not found', e.message ?? 'not found');
   }
-  if (e && (Array.isArray(e.validation) || (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500))) {
+  if (
+    e &&
+    (Array.isArray(e.validation) || (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500))
+  ) {
     const status = e.statusCode === 413 || e.statusCode === 415 || !e.statusCode ? 400 : e.statusCode;
-    return new MainServerError(([400, 401, 403, 404, 409].includes(status) ? status : 400) as MainServerError['status'], 'Bad request', e.message ?? 'the request is invalid');
+    return new MainServerError(
+      ([400, 401, 403, 404, 409].includes(status) ? status : 400) as MainServerError['status'],
+      'Bad request',
+      e.message ?? 'the request is invalid',
+    );
   }
-  return new MainServerError(500, 'Internal server error', 'the request failed on the server; the server log has the details');
+  return new MainServerError(
+    500,
+    'Internal server error',
+    'the request failed on the server; the server log has the details',
+  );
 }
 
 export function mainServerErrorHandler(err: unknown, request: FastifyRequest, reply: FastifyReply): void {
@@ -59,7 +70,10 @@ export function mainServerErrorHandler(err: unknown, request: FastifyRequest, re
 }
 
 export function mainServerNotFound(request: FastifyRequest, reply: FastifyReply): void {
-  const body: MainServerErrorBody = { error: 'Not found', details: `no endpoint ${request.method} ${request.url.split('?')[0]}; see docs/edges/main-server.md` };
+  const body: MainServerErrorBody = {
+    error: 'Not found',
+    details: `no endpoint ${request.method} ${request.url.split('?')[0]}; see docs/edges/main-server.md`,
+  };
   void reply.status(404).send(body);
 }
 

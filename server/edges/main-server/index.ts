@@ -18,7 +18,16 @@ import { tenantResolver } from './service.ts';
 import { sweepOfflineDevices } from './store.ts';
 
 export { MAIN_SERVER_PREFIX } from './routes.ts';
-export { createZip, readPackageBuffer, readPackageFile, parseManifest, isCompatible, MANIFEST_NAME, PACKAGE_FORMAT, type PackageManifest } from './package.ts';
+export {
+  createZip,
+  readPackageBuffer,
+  readPackageFile,
+  parseManifest,
+  isCompatible,
+  MANIFEST_NAME,
+  PACKAGE_FORMAT,
+  type PackageManifest,
+} from './package.ts';
 export { sweepOfflineDevices } from './store.ts';
 
 export interface MainServerOptions {
@@ -51,7 +60,9 @@ export async function registerMainServer(api: FastifyInstance, options: MainServ
   const timer =
     interval > 0
       ? setInterval(() => {
-          sweepOfflineDevices(options.fleet, offlineAfterMs).catch((err: unknown) => options.log?.error({ err }, 'main-server offline sweep failed'));
+          sweepOfflineDevices(options.fleet, offlineAfterMs).catch((err: unknown) =>
+            options.log?.error({ err }, 'main-server offline sweep failed'),
+          );
         }, interval)
       : undefined;
   timer?.unref();
@@ -63,7 +74,15 @@ export async function registerMainServer(api: FastifyInstance, options: MainServ
 }
 
 /** The operator routes (`/api/v1/main-server/...`) as an `ApiPlugin` for `registerApi`. */
-export function mainServerApiPlugin(options: Pick<MainServerOptions, 'fleet' | 'blobs' | 'org' | 'product'> & { maxPackageBytes?: number }): ApiPlugin {
+export function mainServerApiPlugin(
+  options: Pick<MainServerOptions, 'fleet' | 'blobs' | 'org' | 'product'> & { maxPackageBytes?: number },
+): ApiPlugin {
   const tenant = tenantResolver(options.fleet, options.org, options.product);
-  return (api) => mainServerAdminRoutes(api, { fleet: options.fleet, blobs: options.blobs, tenant, maxPackageBytes: options.maxPackageBytes });
+  return (api) =>
+    mainServerAdminRoutes(api, {
+      fleet: options.fleet,
+      blobs: options.blobs,
+      tenant,
+      maxPackageBytes: options.maxPackageBytes,
+    });
 }

@@ -48,11 +48,14 @@ export function parseManifest(value: unknown): PackageManifest {
   if (typeof value !== 'object' || value === null || Array.isArray(value)) throw bad('must be a JSON object');
   const m = value as Record<string, unknown>;
   const extension = m.extension ?? m.name;
-  if (!validExtensionName(extension)) throw bad("\"extension\" must be 1-59 letters, digits, '_', '.', '-' (it names the component on the device)");
-  if (typeof m.version !== 'string' || semver.valid(m.version) === null) throw bad('"version" must be a semantic version such as 1.1.0');
+  if (!validExtensionName(extension))
+    throw bad("\"extension\" must be 1-59 letters, digits, '_', '.', '-' (it names the component on the device)");
+  if (typeof m.version !== 'string' || semver.valid(m.version) === null)
+    throw bad('"version" must be a semantic version such as 1.1.0');
   let compatible: string | null = null;
   if (m.compatible_with !== undefined && m.compatible_with !== null) {
-    if (typeof m.compatible_with !== 'string' || semver.validRange(m.compatible_with) === null) throw bad('"compatible_with" must be a semver range such as ">=1.0.0 <2.0.0"');
+    if (typeof m.compatible_with !== 'string' || semver.validRange(m.compatible_with) === null)
+      throw bad('"compatible_with" must be a semver range such as ">=1.0.0 <2.0.0"');
     compatible = m.compatible_with;
   }
   const optional = (key: string): string | null => {
@@ -61,7 +64,13 @@ export function parseManifest(value: unknown): PackageManifest {
     if (typeof v !== 'string' || v.length > 1000) throw bad(`"${key}" must be a string of at most 1000 characters`);
     return v;
   };
-  return { extension, version: m.version, compatible_with: compatible, description: optional('description'), install: optional('install') };
+  return {
+    extension,
+    version: m.version,
+    compatible_with: compatible,
+    description: optional('description'),
+    install: optional('install'),
+  };
 }
 
 /** Whether a device running `current` may install a package declaring `range` (no range: yes; unknown current: no). */
@@ -75,9 +84,17 @@ export function isCompatible(range: string | null | undefined, current: string |
 export async function readPackageFile(file: string): Promise<PackageManifest> {
   let zip: yauzl.ZipFile;
   try {
-    zip = await yauzl.openPromise(file, { lazyEntries: true, autoClose: false, strictFileNames: false, validateEntrySizes: true } as yauzl.Options);
+    zip = await yauzl.openPromise(file, {
+      lazyEntries: true,
+      autoClose: false,
+      strictFileNames: false,
+      validateEntrySizes: true,
+    } as yauzl.Options);
   } catch (err) {
-    throw new PackageError('not_a_zip', `the package is not a readable ZIP archive (${(err as Error).message}); build it with "fleethub main-server pack <dir>"`);
+    throw new PackageError(
+      'not_a_zip',
+      `the package is not a readable ZIP archive (${(err as Error).message}); build it with "fleethub main-server pack <dir>"`,
+    );
   }
   try {
     return await manifestOf(zip);
@@ -102,15 +119,28 @@ export async function readPackageBuffer(buffer: Buffer): Promise<PackageManifest
 }
 
 async function manifestOf(zip: yauzl.ZipFile): Promise<PackageManifest> {
-  if (zip.entryCount > MAX_ENTRIES) throw new PackageError('too_many_entries', `the package has ${zip.entryCount} entries; at most ${MAX_ENTRIES} are allowed`);
+  if (zip.entryCount > MAX_ENTRIES)
+    throw new PackageError(
+      'too_many_entries',
+      `the package has ${zip.entryCount} entries; at most ${MAX_ENTRIES} are allowed`,
+    );
   let manifest: PackageManifest | undefined;
   try {
     for await (const entry of zip.eachEntry()) {
       // yauzl refuses absolute paths and `..` itself; backslashes and drive letters are refused here too.
-      if (/\\|^[A-Za-z]:/.test(entry.fileName)) throw new PackageError('unsafe_entry', `the package entry ${JSON.stringify(entry.fileName)} is not a safe relative path`);
-      if (entry.isEncrypted()) throw new PackageError('unsafe_entry', `the package entry ${JSON.stringify(entry.fileName)} is encrypted; packages must not be`);
+      if (/\\|^[A-Za-z]:/.test(entry.fileName))
+        throw new PackageError(
+          'unsafe_entry',
+          `the package entry ${JSON.stringify(entry.fileName)} is not a safe relative path`,
+        );
+      if (entry.isEncrypted())
+        throw new PackageError(
+          'unsafe_entry',
+          `the package entry ${JSON.stringify(entry.fileName)} is encrypted; packages must not be`,
+        );
       if (entry.fileName !== MANIFEST_NAME) continue;
-      if (entry.uncompressedSize > MAX_MANIFEST_BYTES) throw new PackageError('manifest_invalid', `${MANIFEST_NAME} is larger than ${MAX_MANIFEST_BYTES} bytes`);
+      if (entry.uncompressedSize > MAX_MANIFEST_BYTES)
+        throw new PackageError('manifest_invalid', `${MANIFEST_NAME} is larger than ${MAX_MANIFEST_BYTES} bytes`);
       const text = await readEntry(zip, entry);
       let parsed: unknown;
       try {
@@ -124,7 +154,11 @@ async function manifestOf(zip: yauzl.ZipFile): Promise<PackageManifest> {
     if (err instanceof PackageError) throw err;
     throw new PackageError('not_a_zip', `the package is a damaged ZIP archive (${(err as Error).message})`);
   }
-  if (!manifest) throw new PackageError('manifest_missing', `the package has no ${MANIFEST_NAME} at its root; add one with {"extension", "version"}`);
+  if (!manifest)
+    throw new PackageError(
+      'manifest_missing',
+      `the package has no ${MANIFEST_NAME} at its root; add one with {"extension", "version"}`,
+    );
   return manifest;
 }
 
@@ -134,7 +168,8 @@ async function readEntry(zip: yauzl.ZipFile, entry: yauzl.Entry): Promise<string
   let size = 0;
   for await (const chunk of stream as AsyncIterable<Buffer>) {
     size += chunk.length;
-    if (size > MAX_MANIFEST_BYTES) throw new PackageError('manifest_invalid', `${MANIFEST_NAME} is larger than ${MAX_MANIFEST_BYTES} bytes`);
+    if (size > MAX_MANIFEST_BYTES)
+      throw new PackageError('manifest_invalid', `${MANIFEST_NAME} is larger than ${MAX_MANIFEST_BYTES} bytes`);
     chunks.push(chunk);
   }
   return Buffer.concat(chunks).toString('utf8');

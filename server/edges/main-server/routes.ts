@@ -67,13 +67,18 @@ async function callerOf(request: FastifyRequest, fleet: FleetContext): Promise<C
 function requireCaller(fleet: FleetContext, access: Role | 'device') {
   const hook = async (request: FastifyRequest): Promise<void> => {
     const caller = await callerOf(request, fleet);
-    if (!caller) throw unauthorized('send an operator token (POST /api/v1/auth/login) or the device token as "Authorization: Bearer <token>"');
+    if (!caller)
+      throw unauthorized(
+        'send an operator token (POST /api/v1/auth/login) or the device token as "Authorization: Bearer <token>"',
+      );
     if (caller.kind === 'device') {
-      if (access === 'operator' || access === 'admin') throw forbidden('this endpoint is for operators; a device token cannot use it');
+      if (access === 'operator' || access === 'admin')
+        throw forbidden('this endpoint is for operators; a device token cannot use it');
       return;
     }
     if (access === 'device') throw forbidden('this endpoint is for devices; authenticate with the device token');
-    if (roleRank(caller.principal.role) < roleRank(access)) throw forbidden(`this needs the ${access} role; you are ${caller.principal.role}`);
+    if (roleRank(caller.principal.role) < roleRank(access))
+      throw forbidden(`this needs the ${access} role; you are ${caller.principal.role}`);
   };
   return access === 'device' ? hook : Object.assign(hook, { requiredRole: access });
 }
@@ -84,7 +89,10 @@ async function authenticate(request: FastifyRequest, fleet: FleetContext): Promi
   if (!token) return undefined;
   if (token.startsWith(DEVICE_TOKEN_PREFIX)) {
     const device = await deviceForToken(fleet.db, token);
-    if (!device) throw unauthorized('the device token is invalid, rotated or revoked; register again or ask an operator for a new token');
+    if (!device)
+      throw unauthorized(
+        'the device token is invalid, rotated or revoked; register again or ask an operator for a new token',
+      );
     return { kind: 'device', device };
   }
   const auth = request.server.fleethubAuth;
@@ -93,11 +101,17 @@ async function authenticate(request: FastifyRequest, fleet: FleetContext): Promi
   return { kind: 'operator', principal };
 }
 
-async function requireOperator(request: FastifyRequest, deps: MainServerRouteDeps, role: Role): Promise<{ principal: OperatorPrincipal; product: Product }> {
+async function requireOperator(
+  request: FastifyRequest,
+  deps: MainServerRouteDeps,
+  role: Role,
+): Promise<{ principal: OperatorPrincipal; product: Product }> {
   const caller = await callerOf(request, deps.fleet);
-  if (!caller) throw unauthorized('send an operator token as "Authorization: Bearer <token>" (POST /api/v1/auth/login)');
+  if (!caller)
+    throw unauthorized('send an operator token as "Authorization: Bearer <token>" (POST /api/v1/auth/login)');
   if (caller.kind === 'device') throw forbidden('this endpoint is for operators; a device token cannot use it');
-  if (roleRank(caller.principal.role) < roleRank(role)) throw forbidden(`this needs the ${role} role; you are ${caller.principal.role}`);
+  if (roleRank(caller.principal.role) < roleRank(role))
+    throw forbidden(`this needs the ${role} role; you are ${caller.principal.role}`);
   const product = await deps.tenant();
   try {
     assertOrgAccess(caller.principal, product.org_id, 'main server');
@@ -110,16 +124,26 @@ async function requireOperator(request: FastifyRequest, deps: MainServerRouteDep
 /** A device acting for `deviceId` (the body's `device_id`): 401 without a valid token, 403 for an operator or another device. */
 async function requireDevice(request: FastifyRequest, deps: MainServerRouteDeps, deviceId: unknown): Promise<Device> {
   const caller = await callerOf(request, deps.fleet);
-  if (!caller) throw unauthorized('send the device token as "Authorization: Bearer <token>"; a device gets it after an operator approves its registration');
+  if (!caller)
+    throw unauthorized(
+      'send the device token as "Authorization: Bearer <token>"; a device gets it after an operator approves its registration',
+    );
   if (caller.kind === 'operator') throw forbidden('this endpoint is for devices; authenticate with the device token');
-  if (deviceId !== undefined && deviceId !== caller.device.identifier) throw forbidden(`this token belongs to device ${caller.device.identifier}; it cannot act for ${String(deviceId)}`);
+  if (deviceId !== undefined && deviceId !== caller.device.identifier)
+    throw forbidden(`this token belongs to device ${caller.device.identifier}; it cannot act for ${String(deviceId)}`);
   return caller.device;
 }
 
 /** A scalar from the JSON body, falling back to the query string. */
 function param(request: FastifyRequest, name: string): unknown {
   const body = request.body;
-  if (typeof body === 'object' && body !== null && !Array.isArray(body) && (body as Record<string, unknown>)[name] !== undefined) return (body as Record<string, unknown>)[name];
+  if (
+    typeof body === 'object' &&
+    body !== null &&
+    !Array.isArray(body) &&
+    (body as Record<string, unknown>)[name] !== undefined
+  )
+    return (body as Record<string, unknown>)[name];
   const q = (request.query as Record<string, unknown> | undefined)?.[name];
   return Array.isArray(q) ? q[0] : q;
 }
@@ -127,7 +151,8 @@ function param(request: FastifyRequest, name: string): unknown {
 function optionalString(request: FastifyRequest, name: string, max = 200): string | null {
   const v = param(request, name);
   if (v === undefined || v === null || v === '') return null;
-  if (typeof v !== 'string' || v.length > max) throw badRequest(`${name} must be a string of at most ${max} characters`);
+  if (typeof v !== 'string' || v.length > max)
+    throw badRequest(`${name} must be a string of at most ${max} characters`);
   return v;
 }
 
@@ -141,7 +166,12 @@ function downloadUrl(request: FastifyRequest, deps: MainServerRouteDeps, package
 
 const anyBody = { type: ['object', 'null'], additionalProperties: true } as const;
 const anyQuery = { type: 'object', additionalProperties: true } as const;
-const schema = (summary: string, extra: Record<string, unknown> = {}) => ({ tags: ['main-server'], summary, querystring: anyQuery, ...extra });
+const schema = (summary: string, extra: Record<string, unknown> = {}) => ({
+  tags: ['main-server'],
+  summary,
+  querystring: anyQuery,
+  ...extra,
+});
 
 /** Registers the seed-000 endpoints on the API listener's root instance. */
 export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRouteDeps): Promise<void> {
@@ -156,68 +186,116 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
 
       // --- operators ---------------------------------------------------------------------
 
-      scope.get('/updates', { onRequest: viewerOrDevice, schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)') }, async (request) => {
-        const caller = await callerOf(request, deps.fleet);
-        if (!caller) throw unauthorized('send an operator token or the device token as "Authorization: Bearer <token>"');
-        const product = await deps.tenant();
-        let devices: Device[];
-        if (caller.kind === 'device') {
-          devices = [caller.device];
-        } else {
-          await requireOperator(request, deps, 'viewer');
-          const only = optionalString(request, 'device_id');
-          devices = only ? [await findDevice(deps.fleet.db, product, only)] : await deps.fleet.db.selectFrom('devices').selectAll().where('product_id', '=', product.id).where('protocol', '=', PROTOCOL).orderBy('identifier').execute();
-        }
-        const rows = await updatesFor(deps.fleet.db, product, devices);
-        if (caller.kind === 'device') {
-          for (const r of rows) if (r.package && r.is_compatible) await markOffered(deps.fleet, caller.device, r.package);
-        }
-        return { updates: rows.map((r) => updateJson(r, caller.kind === 'operator', request, deps)) };
-      });
+      scope.get(
+        '/updates',
+        {
+          onRequest: viewerOrDevice,
+          schema: schema('Current vs available version of every extension (operators: all devices; a device: its own)'),
+        },
+        async (request) => {
+          const caller = await callerOf(request, deps.fleet);
+          if (!caller)
+            throw unauthorized('send an operator token or the device token as "Authorization: Bearer <token>"');
+          const product = await deps.tenant();
+          let devices: Device[];
+          if (caller.kind === 'device') {
+            devices = [caller.device];
+          } else {
+            await requireOperator(request, deps, 'viewer');
+            const only = optionalString(request, 'device_id');
+            devices = only
+              ? [await findDevice(deps.fleet.db, product, only)]
+              : await deps.fleet.db
+                  .selectFrom('devices')
+                  .selectAll()
+                  .where('product_id', '=', product.id)
+                  .where('protocol', '=', PROTOCOL)
+                  .orderBy('identifier')
+                  .execute();
+          }
+          const rows = await updatesFor(deps.fleet.db, product, devices);
+          if (caller.kind === 'device') {
+            for (const r of rows)
+              if (r.package && r.is_compatible) await markOffered(deps.fleet, caller.device, r.package);
+          }
+          return { updates: rows.map((r) => updateJson(r, caller.kind === 'operator', request, deps)) };
+        },
+      );
 
-      scope.post('/schedule-update', { onRequest: operatorOnly, schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }) }, async (request) => {
-        const { principal, product } = await requireOperator(request, deps, 'operator');
-        const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
-        const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'new_version'));
-        const { groupId, change } = await scheduleUpdate(deps.fleet, principal.actor, product, extension, firmware);
-        return { message: 'Update scheduled', extension_id: extension.id, new_version: firmware.version, package_id: firmware.id, group_id: groupId, attempts: change.attempts };
-      });
+      scope.post(
+        '/schedule-update',
+        {
+          onRequest: operatorOnly,
+          schema: schema('Schedule an extension version for every device that has the extension', { body: anyBody }),
+        },
+        async (request) => {
+          const { principal, product } = await requireOperator(request, deps, 'operator');
+          const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
+          const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'new_version'));
+          const { groupId, change } = await scheduleUpdate(deps.fleet, principal.actor, product, extension, firmware);
+          return {
+            message: 'Update scheduled',
+            extension_id: extension.id,
+            new_version: firmware.version,
+            package_id: firmware.id,
+            group_id: groupId,
+            attempts: change.attempts,
+          };
+        },
+      );
 
-      scope.post('/deploy-update', { onRequest: operatorOnly, schema: schema('Deploy an extension version to one device', { body: anyBody }) }, async (request) => {
-        const { principal, product } = await requireOperator(request, deps, 'operator');
-        const device = await findDevice(deps.fleet.db, product, param(request, 'device_id'));
-        const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
-        const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'version'));
-        await deployUpdate(deps.fleet, principal.actor, device, firmware);
-        return {
-          status: 'queued',
-          message: `Update deployment queued for device ${device.identifier}`,
-          device_id: device.identifier,
-          extension_id: extension.id,
-          version: firmware.version,
-          package_id: firmware.id,
-          package_path: downloadUrl(request, deps, firmware.id),
-          sha256: firmware.sha256,
-        };
-      });
+      scope.post(
+        '/deploy-update',
+        { onRequest: operatorOnly, schema: schema('Deploy an extension version to one device', { body: anyBody }) },
+        async (request) => {
+          const { principal, product } = await requireOperator(request, deps, 'operator');
+          const device = await findDevice(deps.fleet.db, product, param(request, 'device_id'));
+          const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
+          const firmware = await findPackage(deps.fleet.db, product, extension.name, param(request, 'version'));
+          await deployUpdate(deps.fleet, principal.actor, device, firmware);
+          return {
+            status: 'queued',
+            message: `Update deployment queued for device ${device.identifier}`,
+            device_id: device.identifier,
+            extension_id: extension.id,
+            version: firmware.version,
+            package_id: firmware.id,
+            package_path: downloadUrl(request, deps, firmware.id),
+            sha256: firmware.sha256,
+          };
+        },
+      );
 
-      scope.get('/devices', { onRequest: viewerOrDevice, schema: schema('Main Server devices with their status') }, async (request) => {
-        const { product } = await requireOperator(request, deps, 'viewer');
-        const devices = await deps.fleet.db.selectFrom('devices').selectAll().where('product_id', '=', product.id).where('protocol', '=', PROTOCOL).orderBy('identifier').execute();
-        const details = await deviceDetails(deps.fleet.db, devices.map((d) => d.id));
-        return {
-          devices: devices.map((d) => ({
-            id: d.identifier,
-            name: details.get(d.id)?.name ?? d.description,
-            ip: details.get(d.id)?.ip ?? null,
-            status: d.connection_status,
-            approval: d.approval,
-            has_token: details.get(d.id)?.has_token ?? false,
-            last_seen: d.last_seen_at,
-            fleet_id: d.id,
-          })),
-        };
-      });
+      scope.get(
+        '/devices',
+        { onRequest: viewerOrDevice, schema: schema('Main Server devices with their status') },
+        async (request) => {
+          const { product } = await requireOperator(request, deps, 'viewer');
+          const devices = await deps.fleet.db
+            .selectFrom('devices')
+            .selectAll()
+            .where('product_id', '=', product.id)
+            .where('protocol', '=', PROTOCOL)
+            .orderBy('identifier')
+            .execute();
+          const details = await deviceDetails(
+            deps.fleet.db,
+            devices.map((d) => d.id),
+          );
+          return {
+            devices: devices.map((d) => ({
+              id: d.identifier,
+              name: details.get(d.id)?.name ?? d.description,
+              ip: details.get(d.id)?.ip ?? null,
+              status: d.connection_status,
+              approval: d.approval,
+              has_token: details.get(d.id)?.has_token ?? false,
+              last_seen: d.last_seen_at,
+              fleet_id: d.id,
+            })),
+          };
+        },
+      );
 
       // --- devices -----------------------------------------------------------------------
 
@@ -229,80 +307,146 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         schema: schema('Download an update package (sha256 in X-Checksum-SHA256 and Digest; Range supported)'),
         handler: async (request, reply) => {
           const caller = await callerOf(request, deps.fleet);
-          if (!caller) throw unauthorized('send the device token (or an operator token) as "Authorization: Bearer <token>"');
+          if (!caller)
+            throw unauthorized('send the device token (or an operator token) as "Authorization: Bearer <token>"');
           if (caller.kind === 'operator') await requireOperator(request, deps, 'viewer');
           const product = await deps.tenant();
           const id = param(request, 'package_id');
-          if (typeof id !== 'string' || !isUuid(id)) throw badRequest('package_id must be the package id (a UUID) that GET /updates or deploy-update returned');
-          const firmware = await deps.fleet.db.selectFrom('firmware').selectAll().where('id', '=', id).where('product_id', '=', product.id).executeTakeFirst();
-          if (!firmware || !(await servePackage(request, reply, deps.blobs, firmware))) throw notFound(`package ${id} does not exist or has no uploaded image`);
+          if (typeof id !== 'string' || !isUuid(id))
+            throw badRequest('package_id must be the package id (a UUID) that GET /updates or deploy-update returned');
+          const firmware = await deps.fleet.db
+            .selectFrom('firmware')
+            .selectAll()
+            .where('id', '=', id)
+            .where('product_id', '=', product.id)
+            .executeTakeFirst();
+          if (!firmware || !(await servePackage(request, reply, deps.blobs, firmware)))
+            throw notFound(`package ${id} does not exist or has no uploaded image`);
           return reply;
         },
       });
 
-      scope.post('/update-status', { onRequest: deviceOnly, schema: schema('A device reports the outcome of an update', { body: anyBody }) }, async (request) => {
-        const deviceId = param(request, 'device_id');
-        const device = await requireDevice(request, deps, deviceId);
-        const product = await deps.tenant();
-        const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
-        const status = param(request, 'status');
-        if (typeof status !== 'string' || !UPDATE_STATUSES.includes(status as UpdateStatus)) throw badRequest(`status must be one of ${UPDATE_STATUSES.join(', ')}`);
-        const version = param(request, 'version');
-        if (typeof version !== 'string' || version === '') throw badRequest('version is required (the version being installed)');
-        const percentRaw = param(request, 'progress') ?? param(request, 'percent');
-        const percent = percentRaw === undefined ? undefined : Number(percentRaw);
-        if (percent !== undefined && !Number.isFinite(percent)) throw badRequest('progress must be a number from 0 to 100');
-        const error = optionalString(request, 'error', 2000) ?? optionalString(request, 'details', 2000) ?? optionalString(request, 'message', 2000) ?? undefined;
-        const state = await applyStatus(deps.fleet, device, extension.name, { status: status as UpdateStatus, version, percent, error });
-        return { message: 'Status recorded', device_id: device.identifier, extension_id: extension.id, version, status, update_state: state };
-      });
-
-      scope.post('/register-device', { schema: schema('A device registers (pending until an operator approves) and collects its token', { body: anyBody }) }, async (request, reply) => {
-        const deviceId = param(request, 'device_id');
-        if (!validDeviceId(deviceId)) throw badRequest('device_id must be 1-200 printable characters');
-        const name = optionalString(request, 'name');
-        const ip = optionalString(request, 'ip', 64);
-        const extensions = parseExtensions(param(request, 'extensions'));
-        const product = await deps.tenant();
-        if (bearerToken(request)) {
-          // A registered device refreshing its details.
+      scope.post(
+        '/update-status',
+        { onRequest: deviceOnly, schema: schema('A device reports the outcome of an update', { body: anyBody }) },
+        async (request) => {
+          const deviceId = param(request, 'device_id');
           const device = await requireDevice(request, deps, deviceId);
-          await recordRegistration(deps.fleet.db, device.id, { name, ip });
-          await recordExtensions(deps.fleet, device, extensions);
-          return reply.status(200).send({ status: 'approved', device_id: device.identifier, message: 'Registration updated' });
-        }
-        const claim = optionalString(request, 'claim_token');
-        const result = await registerDevice(deps.fleet, product, { deviceId, name, ip, extensions, ...(claim ? { claim } : {}) });
-        if (result.status === 'pending') {
-          return reply.status(202).send({
-            status: 'pending',
-            device_id: deviceId,
-            message: 'Registration received; an operator must approve this device. Repeat this request with claim_token to collect the device token once approved.',
-            ...(result.claim ? { claim_token: result.claim } : {}),
+          const product = await deps.tenant();
+          const extension = await findExtension(deps.fleet.db, product, param(request, 'extension_id'));
+          const status = param(request, 'status');
+          if (typeof status !== 'string' || !UPDATE_STATUSES.includes(status as UpdateStatus))
+            throw badRequest(`status must be one of ${UPDATE_STATUSES.join(', ')}`);
+          const version = param(request, 'version');
+          if (typeof version !== 'string' || version === '')
+            throw badRequest('version is required (the version being installed)');
+          const percentRaw = param(request, 'progress') ?? param(request, 'percent');
+          const percent = percentRaw === undefined ? undefined : Number(percentRaw);
+          if (percent !== undefined && !Number.isFinite(percent))
+            throw badRequest('progress must be a number from 0 to 100');
+          const error =
+            optionalString(request, 'error', 2000) ??
+            optionalString(request, 'details', 2000) ??
+            optionalString(request, 'message', 2000) ??
+            undefined;
+          const state = await applyStatus(deps.fleet, device, extension.name, {
+            status: status as UpdateStatus,
+            version,
+            percent,
+            error,
           });
-        }
-        return reply.status(200).send({
-          status: 'approved',
-          device_id: deviceId,
-          device_token: result.token,
-          message: 'Device approved. Keep device_token: it is shown once; send it as "Authorization: Bearer <token>".',
-          heartbeat_seconds: HEARTBEAT_SECONDS,
-        });
-      });
+          return {
+            message: 'Status recorded',
+            device_id: device.identifier,
+            extension_id: extension.id,
+            version,
+            status,
+            update_state: state,
+          };
+        },
+      );
 
-      scope.post('/heartbeat', { onRequest: deviceOnly, schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }) }, async (request) => {
-        const device = await requireDevice(request, deps, param(request, 'device_id'));
-        const extensions = parseExtensions(param(request, 'extensions'));
-        await markSeen(deps.fleet, device);
-        await recordExtensions(deps.fleet, device, extensions);
-        return { status: 'ok', device_id: device.identifier, message: 'Heartbeat received', heartbeat_seconds: HEARTBEAT_SECONDS };
-      });
+      scope.post(
+        '/register-device',
+        {
+          schema: schema('A device registers (pending until an operator approves) and collects its token', {
+            body: anyBody,
+          }),
+        },
+        async (request, reply) => {
+          const deviceId = param(request, 'device_id');
+          if (!validDeviceId(deviceId)) throw badRequest('device_id must be 1-200 printable characters');
+          const name = optionalString(request, 'name');
+          const ip = optionalString(request, 'ip', 64);
+          const extensions = parseExtensions(param(request, 'extensions'));
+          const product = await deps.tenant();
+          if (bearerToken(request)) {
+            // A registered device refreshing its details.
+            const device = await requireDevice(request, deps, deviceId);
+            await recordRegistration(deps.fleet.db, device.id, { name, ip });
+            await recordExtensions(deps.fleet, device, extensions);
+            return reply
+              .status(200)
+              .send({ status: 'approved', device_id: device.identifier, message: 'Registration updated' });
+          }
+          const claim = optionalString(request, 'claim_token');
+          const result = await registerDevice(deps.fleet, product, {
+            deviceId,
+            name,
+            ip,
+            extensions,
+            ...(claim ? { claim } : {}),
+          });
+          if (result.status === 'pending') {
+            return reply.status(202).send({
+              status: 'pending',
+              device_id: deviceId,
+              message:
+                'Registration received; an operator must approve this device. Repeat this request with claim_token to collect the device token once approved.',
+              ...(result.claim ? { claim_token: result.claim } : {}),
+            });
+          }
+          return reply.status(200).send({
+            status: 'approved',
+            device_id: deviceId,
+            device_token: result.token,
+            message:
+              'Device approved. Keep device_token: it is shown once; send it as "Authorization: Bearer <token>".',
+            heartbeat_seconds: HEARTBEAT_SECONDS,
+          });
+        },
+      );
+
+      scope.post(
+        '/heartbeat',
+        {
+          onRequest: deviceOnly,
+          schema: schema('A device says it is online (every 60 s; offline after 180 s without one)', { body: anyBody }),
+        },
+        async (request) => {
+          const device = await requireDevice(request, deps, param(request, 'device_id'));
+          const extensions = parseExtensions(param(request, 'extensions'));
+          await markSeen(deps.fleet, device);
+          await recordExtensions(deps.fleet, device, extensions);
+          return {
+            status: 'ok',
+            device_id: device.identifier,
+            message: 'Heartbeat received',
+            heartbeat_seconds: HEARTBEAT_SECONDS,
+          };
+        },
+      );
     },
     { prefix: MAIN_SERVER_PREFIX },
   );
 }
 
-function updateJson(r: UpdateRow, withDevice: boolean, request: FastifyRequest, deps: MainServerRouteDeps): Record<string, unknown> {
+function updateJson(
+  r: UpdateRow,
+  withDevice: boolean,
+  request: FastifyRequest,
+  deps: MainServerRouteDeps,
+): Record<string, unknown> {
   return {
     ...(withDevice ? { device_id: r.device.identifier } : {}),
     extension_id: r.extension_id,
@@ -316,7 +460,8 @@ function updateJson(r: UpdateRow, withDevice: boolean, request: FastifyRequest, 
           package_id: r.package.id,
           sha256: r.package.sha256,
           size: r.package.size === null ? null : Number(r.package.size),
-          compatible_with: typeof r.package.metadata?.compatible_with === 'string' ? r.package.metadata.compatible_with : null,
+          compatible_with:
+            typeof r.package.metadata?.compatible_with === 'string' ? r.package.metadata.compatible_with : null,
           download_url: downloadUrl(request, deps, r.package.id),
         }
       : {}),

@@ -9,7 +9,13 @@ import type { Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
 import type { Device, Firmware } from '../../db/schema.ts';
 import type { FleetContext } from '../../fleet/context.ts';
-import { approveDevice, edgeDeviceOnline, findOrRegisterEdgeDevice, recordUpdateSent, transitionAttempt } from '../../fleet/edge-devices.ts';
+import {
+  approveDevice,
+  edgeDeviceOnline,
+  findOrRegisterEdgeDevice,
+  recordUpdateSent,
+  transitionAttempt,
+} from '../../fleet/edge-devices.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import { addDevicesToGroup, createGroup } from '../../fleet/groups.ts';
 import { getOrg, getProduct, type Product } from '../../fleet/orgs.ts';
@@ -42,30 +48,60 @@ export interface ReportedExtension {
 /** Validates the seed's `extensions: [{name, version}]`. */
 export function parseExtensions(value: unknown): ReportedExtension[] {
   if (value === undefined || value === null) return [];
-  if (!Array.isArray(value) || value.length > 100) throw badRequest('extensions must be a list of at most 100 {name, version} objects');
+  if (!Array.isArray(value) || value.length > 100)
+    throw badRequest('extensions must be a list of at most 100 {name, version} objects');
   return value.map((e, i) => {
     const x = (typeof e === 'object' && e !== null ? e : {}) as Record<string, unknown>;
-    if (!validExtensionName(x.name)) throw badRequest(`extensions[${i}].name must be 1-59 letters, digits, '_', '.', '-'`);
-    if (typeof x.version !== 'string' || semver.valid(x.version) === null) throw badRequest(`extensions[${i}].version must be a semantic version such as 1.0.0`);
+    if (!validExtensionName(x.name))
+      throw badRequest(`extensions[${i}].name must be 1-59 letters, digits, '_', '.', '-'`);
+    if (typeof x.version !== 'string' || semver.valid(x.version) === null)
+      throw badRequest(`extensions[${i}].version must be a semantic version such as 1.0.0`);
     return { name: x.name, version: x.version };
   });
 }
 
 /** Records the versions a device reports (each extension a component) and keeps it in the managed groups of its extensions. */
-export async function recordExtensions(fleet: FleetContext, device: Device, extensions: ReportedExtension[]): Promise<void> {
+export async function recordExtensions(
+  fleet: FleetContext,
+  device: Device,
+  extensions: ReportedExtension[],
+): Promise<void> {
   if (extensions.length === 0) return;
-  await ensureExtensions(fleet.db, { org_id: device.org_id, id: device.product_id }, extensions.map((e) => e.name));
+  await ensureExtensions(
+    fleet.db,
+    { org_id: device.org_id, id: device.product_id },
+    extensions.map((e) => e.name),
+  );
   for (const e of extensions) {
-    await edgeDeviceOnline(fleet, { deviceId: device.id, orgId: device.org_id }, { version: e.version, component: e.name });
+    await edgeDeviceOnline(
+      fleet,
+      { deviceId: device.id, orgId: device.org_id },
+      { version: e.version, component: e.name },
+    );
   }
   const groups = await fleet.db
     .selectFrom('groups')
     .select('id')
     .where('product_id', '=', device.product_id)
-    .where('name', 'in', extensions.map((e) => managedGroupName(e.name)))
-    .where((eb) => eb.not(eb.exists(eb.selectFrom('group_devices').select('device_id').whereRef('group_devices.group_id', '=', 'groups.id').where('group_devices.device_id', '=', device.id))))
+    .where(
+      'name',
+      'in',
+      extensions.map((e) => managedGroupName(e.name)),
+    )
+    .where((eb) =>
+      eb.not(
+        eb.exists(
+          eb
+            .selectFrom('group_devices')
+            .select('device_id')
+            .whereRef('group_devices.group_id', '=', 'groups.id')
+            .where('group_devices.device_id', '=', device.id),
+        ),
+      ),
+    )
     .execute();
-  for (const g of groups) await addDevicesToGroup(fleet, { type: 'system', id: null }, device.org_id, g.id, [device.id]);
+  for (const g of groups)
+    await addDevicesToGroup(fleet, { type: 'system', id: null }, device.org_id, g.id, [device.id]);
 }
 
 export type Registration =
@@ -85,7 +121,11 @@ export interface RegisterInput {
  * its claim secret; later calls must present the claim; once approved, the claim is exchanged
  * for the device token (once).
  */
-export async function registerDevice(fleet: FleetContext, product: Product, input: RegisterInput): Promise<Registration> {
+export async function registerDevice(
+  fleet: FleetContext,
+  product: Product,
+  input: RegisterInput,
+): Promise<Registration> {
   const { device, created } = await findOrRegisterEdgeDevice(fleet, {
     orgId: product.org_id,
     productId: product.id,
@@ -94,7 +134,8 @@ export async function registerDevice(fleet: FleetContext, product: Product, inpu
     approval: 'pending',
     description: input.name,
   });
-  if (device.approval === 'revoked') throw forbidden(`device ${input.deviceId} is revoked; ask an operator to approve it again`);
+  if (device.approval === 'revoked')
+    throw forbidden(`device ${input.deviceId} is revoked; ask an operator to approve it again`);
   if (created) {
     const { claim } = await recordRegistration(fleet.db, device.id, { name: input.name, ip: input.ip });
     await recordExtensions(fleet, device, input.extensions);
@@ -102,10 +143,15 @@ export async function registerDevice(fleet: FleetContext, product: Product, inpu
   }
   const claim = await checkClaim(fleet.db, device.id, input.claim);
   if (claim === 'none') {
-    throw conflict(`device ${input.deviceId} is already registered and holds a device token; send it as "Authorization: Bearer <token>" (an operator can rotate a lost token)`);
+    throw conflict(
+      `device ${input.deviceId} is already registered and holds a device token; send it as "Authorization: Bearer <token>" (an operator can rotate a lost token)`,
+    );
   }
   if (claim === 'invalid') {
-    if (!input.claim) throw conflict(`device ${input.deviceId} is already registered; repeat the registration with the claim_token it returned`);
+    if (!input.claim)
+      throw conflict(
+        `device ${input.deviceId} is already registered; repeat the registration with the claim_token it returned`,
+      );
     throw unauthorized('claim_token does not match this device_id');
   }
   await recordRegistration(fleet.db, device.id, { name: input.name, ip: input.ip });
@@ -116,9 +162,22 @@ export async function registerDevice(fleet: FleetContext, product: Product, inpu
 }
 
 /** An operator pre-registers an approved device and receives its token (shown once). */
-export async function provisionDevice(fleet: FleetContext, actor: Actor, product: Product, input: { deviceId: string; name: string | null }): Promise<{ device: Device; token: string }> {
-  const { device } = await findOrRegisterEdgeDevice(fleet, { orgId: product.org_id, productId: product.id, identifier: input.deviceId, protocol: PROTOCOL, approval: 'approved', description: input.name });
-  const approved = device.approval === 'approved' ? device : await approveDevice(fleet, actor, device.org_id, device.id);
+export async function provisionDevice(
+  fleet: FleetContext,
+  actor: Actor,
+  product: Product,
+  input: { deviceId: string; name: string | null },
+): Promise<{ device: Device; token: string }> {
+  const { device } = await findOrRegisterEdgeDevice(fleet, {
+    orgId: product.org_id,
+    productId: product.id,
+    identifier: input.deviceId,
+    protocol: PROTOCOL,
+    approval: 'approved',
+    description: input.name,
+  });
+  const approved =
+    device.approval === 'approved' ? device : await approveDevice(fleet, actor, device.org_id, device.id);
   await recordRegistration(fleet.db, device.id, { name: input.name, ip: null });
   const token = await issueDeviceToken(fleet, actor, approved, 'provisioned');
   return { device: approved, token };
@@ -127,25 +186,46 @@ export async function provisionDevice(fleet: FleetContext, actor: Actor, product
 /** A Main Server device of the tenant by its `device_id` (identifier). */
 export async function findDevice(db: Db, product: Product, identifier: unknown): Promise<Device> {
   if (typeof identifier !== 'string' || identifier === '') throw badRequest('device_id is required');
-  const device = await db.selectFrom('devices').selectAll().where('product_id', '=', product.id).where('identifier', '=', identifier).where('protocol', '=', PROTOCOL).executeTakeFirst();
-  if (!device) throw notFound(`device ${identifier} is not registered; it must POST /api/main-server/register-device first`);
+  const device = await db
+    .selectFrom('devices')
+    .selectAll()
+    .where('product_id', '=', product.id)
+    .where('identifier', '=', identifier)
+    .where('protocol', '=', PROTOCOL)
+    .executeTakeFirst();
+  if (!device)
+    throw notFound(`device ${identifier} is not registered; it must POST /api/main-server/register-device first`);
   return device;
 }
 
 /** The extension an `extension_id` names (integer, or its numeric string from a query). */
 export async function findExtension(db: Db, product: Product, raw: unknown): Promise<{ id: number; name: string }> {
   const id = typeof raw === 'string' && /^\d{1,10}$/.test(raw) ? Number(raw) : raw;
-  if (typeof id !== 'number' || !Number.isSafeInteger(id)) throw badRequest('extension_id must be an integer (see GET /api/main-server/updates)');
+  if (typeof id !== 'number' || !Number.isSafeInteger(id))
+    throw badRequest('extension_id must be an integer (see GET /api/main-server/updates)');
   const ext = await extensionById(db, product.id, id);
-  if (!ext) throw notFound(`extension ${id} does not exist; devices report extensions at registration, packages add them on upload`);
+  if (!ext)
+    throw notFound(
+      `extension ${id} does not exist; devices report extensions at registration, packages add them on upload`,
+    );
   return ext;
 }
 
 /** The uploaded package of an extension version. */
 export async function findPackage(db: Db, product: Product, component: string, version: unknown): Promise<Firmware> {
-  if (typeof version !== 'string' || semver.valid(version) === null) throw badRequest('the version must be a semantic version such as 1.1.0');
-  const firmware = await db.selectFrom('firmware').selectAll().where('product_id', '=', product.id).where('component', '=', component).where('version', '=', version).executeTakeFirst();
-  if (!firmware?.has_blob) throw notFound(`no package for ${component} ${version} has been uploaded; upload it (fleethub main-server upload <zip>) first`);
+  if (typeof version !== 'string' || semver.valid(version) === null)
+    throw badRequest('the version must be a semantic version such as 1.1.0');
+  const firmware = await db
+    .selectFrom('firmware')
+    .selectAll()
+    .where('product_id', '=', product.id)
+    .where('component', '=', component)
+    .where('version', '=', version)
+    .executeTakeFirst();
+  if (!firmware?.has_blob)
+    throw notFound(
+      `no package for ${component} ${version} has been uploaded; upload it (fleethub main-server upload <zip>) first`,
+    );
   return firmware;
 }
 
@@ -157,12 +237,34 @@ export function managedGroupName(extension: string): string {
  * `schedule-update`: every device with the extension gets `version`, through one group target on
  * the managed group `ext-<extension>` (created and filled on demand).
  */
-export async function scheduleUpdate(fleet: FleetContext, actor: Actor, product: Product, extension: { name: string }, firmware: Firmware): Promise<{ groupId: string; change: TargetChange }> {
+export async function scheduleUpdate(
+  fleet: FleetContext,
+  actor: Actor,
+  product: Product,
+  extension: { name: string },
+  firmware: Firmware,
+): Promise<{ groupId: string; change: TargetChange }> {
   const name = managedGroupName(extension.name);
-  let group = await fleet.db.selectFrom('groups').select(['id']).where('product_id', '=', product.id).where('name', '=', name).executeTakeFirst();
+  let group = await fleet.db
+    .selectFrom('groups')
+    .select(['id'])
+    .where('product_id', '=', product.id)
+    .where('name', '=', name)
+    .executeTakeFirst();
   if (!group) {
-    group = await createGroup(fleet, actor, { orgId: product.org_id, productId: product.id, name, description: `Main Server: every device with extension ${extension.name}` }).catch(async (err: unknown) => {
-      if (err instanceof FleetError && err.code === 'conflict') return fleet.db.selectFrom('groups').select(['id']).where('product_id', '=', product.id).where('name', '=', name).executeTakeFirstOrThrow();
+    group = await createGroup(fleet, actor, {
+      orgId: product.org_id,
+      productId: product.id,
+      name,
+      description: `Main Server: every device with extension ${extension.name}`,
+    }).catch(async (err: unknown) => {
+      if (err instanceof FleetError && err.code === 'conflict')
+        return fleet.db
+          .selectFrom('groups')
+          .select(['id'])
+          .where('product_id', '=', product.id)
+          .where('name', '=', name)
+          .executeTakeFirstOrThrow();
       throw err;
     });
   }
@@ -172,15 +274,37 @@ export async function scheduleUpdate(fleet: FleetContext, actor: Actor, product:
     .select('devices.id')
     .where('devices.product_id', '=', product.id)
     .where('device_components.component', '=', extension.name)
-    .where((eb) => eb.not(eb.exists(eb.selectFrom('group_devices').select('device_id').whereRef('group_devices.device_id', '=', 'devices.id').where('group_devices.group_id', '=', group.id))))
+    .where((eb) =>
+      eb.not(
+        eb.exists(
+          eb
+            .selectFrom('group_devices')
+            .select('device_id')
+            .whereRef('group_devices.device_id', '=', 'devices.id')
+            .where('group_devices.group_id', '=', group.id),
+        ),
+      ),
+    )
     .execute();
-  if (missing.length) await addDevicesToGroup(fleet, actor, product.org_id, group.id, missing.map((m) => m.id));
+  if (missing.length)
+    await addDevicesToGroup(
+      fleet,
+      actor,
+      product.org_id,
+      group.id,
+      missing.map((m) => m.id),
+    );
   const change = await setGroupTarget(fleet, actor, product.org_id, group.id, firmware.id);
   return { groupId: group.id, change };
 }
 
 /** `deploy-update`: one device gets `firmware` (a device-level target). */
-export async function deployUpdate(fleet: FleetContext, actor: Actor, device: Device, firmware: Firmware): Promise<TargetChange> {
+export async function deployUpdate(
+  fleet: FleetContext,
+  actor: Actor,
+  device: Device,
+  firmware: Firmware,
+): Promise<TargetChange> {
   return setDeviceTarget(fleet, actor, device.org_id, device.id, firmware.id);
 }
 
@@ -199,14 +323,28 @@ export interface UpdateRow {
 export async function updatesFor(db: Db, product: Product, devices: Device[]): Promise<UpdateRow[]> {
   if (devices.length === 0) return [];
   const ids = devices.map((d) => d.id);
-  const components = await db.selectFrom('device_components').select(['device_id', 'component', 'version']).where('device_id', 'in', ids).orderBy('component').execute();
-  const extIds = await ensureExtensions(db, { org_id: product.org_id, id: product.id }, components.map((c) => c.component));
+  const components = await db
+    .selectFrom('device_components')
+    .select(['device_id', 'component', 'version'])
+    .where('device_id', 'in', ids)
+    .orderBy('component')
+    .execute();
+  const extIds = await ensureExtensions(
+    db,
+    { org_id: product.org_id, id: product.id },
+    components.map((c) => c.component),
+  );
   const targets = new Map<string, string | null>();
   for (const component of new Set(components.map((c) => c.component))) {
-    for (const r of await resolveTargets(db, { ids }, component)) targets.set(`${r.device_id}/${component}`, r.target_id);
+    for (const r of await resolveTargets(db, { ids }, component))
+      targets.set(`${r.device_id}/${component}`, r.target_id);
   }
   const targetIds = [...new Set([...targets.values()].filter((t): t is string => t !== null))];
-  const packages = new Map((targetIds.length ? await db.selectFrom('firmware').selectAll().where('id', 'in', targetIds).execute() : []).map((f) => [f.id, f]));
+  const packages = new Map(
+    (targetIds.length ? await db.selectFrom('firmware').selectAll().where('id', 'in', targetIds).execute() : []).map(
+      (f) => [f.id, f],
+    ),
+  );
   const byId = new Map(devices.map((d) => [d.id, d]));
   return components.map((c) => {
     const targetId = targets.get(`${c.device_id}/${c.component}`) ?? null;
@@ -252,7 +390,12 @@ export interface StatusReport {
 }
 
 /** `update-status`: one device report through the fleet's update state machine. Returns the attempt state. */
-export async function applyStatus(fleet: FleetContext, device: Device, component: string, report: StatusReport): Promise<string | null> {
+export async function applyStatus(
+  fleet: FleetContext,
+  device: Device,
+  component: string,
+  report: StatusReport,
+): Promise<string | null> {
   const ref = { deviceId: device.id, orgId: device.org_id };
   const openAttempt = () =>
     fleet.db
@@ -264,17 +407,29 @@ export async function applyStatus(fleet: FleetContext, device: Device, component
       .where('state', 'in', OPEN_STATES)
       .orderBy('created_at', 'desc')
       .executeTakeFirst();
-  const noUpdate = () => notFound(`no update of ${component} to ${report.version} is in progress for this device; report the version GET /updates offered`);
+  const noUpdate = () =>
+    notFound(
+      `no update of ${component} to ${report.version} is in progress for this device; report the version GET /updates offered`,
+    );
   switch (report.status) {
     case 'in_progress': {
       const attempt = await openAttempt();
       if (!attempt) throw noUpdate();
       if (attempt.state === 'queued' || attempt.state === 'sent') {
-        return (await applyUpdateReport(fleet, ref, 'firmware_update_begin', { version: report.version }, component)).state;
+        return (await applyUpdateReport(fleet, ref, 'firmware_update_begin', { version: report.version }, component))
+          .state;
       }
       if (attempt.state === 'finished') return attempt.state;
       const percent = Math.max(0, Math.min(100, Math.round(report.percent ?? 0)));
-      return (await applyUpdateReport(fleet, ref, 'firmware_update_progress', { version: report.version, percent, bytes: 0, total: 0 }, component)).state;
+      return (
+        await applyUpdateReport(
+          fleet,
+          ref,
+          'firmware_update_progress',
+          { version: report.version, percent, bytes: 0, total: 0 },
+          component,
+        )
+      ).state;
     }
     case 'success': {
       // The device runs the version now: settling marks its attempt succeeded.
@@ -293,7 +448,9 @@ export async function applyStatus(fleet: FleetContext, device: Device, component
       const attempt = await openAttempt();
       if (!attempt) throw noUpdate();
       const errors = [report.error ?? `the device reported the update of ${component} to ${report.version} failed`];
-      return (await applyUpdateReport(fleet, ref, 'firmware_update_error', { version: report.version, errors }, component)).state;
+      return (
+        await applyUpdateReport(fleet, ref, 'firmware_update_error', { version: report.version, errors }, component)
+      ).state;
     }
     case 'rolled_back': {
       const attempt = await openAttempt();

@@ -74,12 +74,24 @@ export interface RegistrationDetails {
 }
 
 /** Records (or refreshes) a device's registration details; a first registration gets a claim secret. */
-export async function recordRegistration(db: Db, deviceId: string, details: RegistrationDetails): Promise<{ claim?: string }> {
-  const existing = await db.selectFrom('main_server_devices').select(['device_id', 'claim_hash', 'token_hash']).where('device_id', '=', deviceId).executeTakeFirst();
+export async function recordRegistration(
+  db: Db,
+  deviceId: string,
+  details: RegistrationDetails,
+): Promise<{ claim?: string }> {
+  const existing = await db
+    .selectFrom('main_server_devices')
+    .select(['device_id', 'claim_hash', 'token_hash'])
+    .where('device_id', '=', deviceId)
+    .executeTakeFirst();
   if (existing) {
     // Fields a repeat registration leaves out keep their values.
-    const set = { ...(details.name !== null ? { name: details.name } : {}), ...(details.ip !== null ? { ip: details.ip } : {}) };
-    if (Object.keys(set).length) await db.updateTable('main_server_devices').set(set).where('device_id', '=', deviceId).execute();
+    const set = {
+      ...(details.name !== null ? { name: details.name } : {}),
+      ...(details.ip !== null ? { ip: details.ip } : {}),
+    };
+    if (Object.keys(set).length)
+      await db.updateTable('main_server_devices').set(set).where('device_id', '=', deviceId).execute();
     return {};
   }
   const claim = newSecret(CLAIM_PREFIX);
@@ -97,7 +109,11 @@ export type ClaimCheck = 'valid' | 'invalid' | 'none';
 
 /** Whether `claim` is the device's outstanding claim secret ('none': it has none left). */
 export async function checkClaim(db: Db, deviceId: string, claim: string | undefined): Promise<ClaimCheck> {
-  const row = await db.selectFrom('main_server_devices').select('claim_hash').where('device_id', '=', deviceId).executeTakeFirst();
+  const row = await db
+    .selectFrom('main_server_devices')
+    .select('claim_hash')
+    .where('device_id', '=', deviceId)
+    .executeTakeFirst();
   if (!row?.claim_hash) return 'none';
   if (!claim) return 'invalid';
   return sameHash(row.claim_hash, hashSecret(claim)) ? 'valid' : 'invalid';
@@ -107,23 +123,46 @@ export async function checkClaim(db: Db, deviceId: string, claim: string | undef
  * Issues a new device token (the previous one stops working) and consumes the claim. Returns the
  * token: it is never stored, only its hash.
  */
-export async function issueDeviceToken(ctx: FleetContext, actor: Actor, device: Pick<Device, 'id' | 'org_id' | 'identifier'>, reason: 'claimed' | 'rotated' | 'provisioned'): Promise<string> {
+export async function issueDeviceToken(
+  ctx: FleetContext,
+  actor: Actor,
+  device: Pick<Device, 'id' | 'org_id' | 'identifier'>,
+  reason: 'claimed' | 'rotated' | 'provisioned',
+): Promise<string> {
   const token = newSecret(DEVICE_TOKEN_PREFIX);
   await inTransaction(ctx, async (trx, outbox) => {
     await trx
       .insertInto('main_server_devices')
       .values({ device_id: device.id, token_hash: hashSecret(token), token_issued_at: new Date(), claim_hash: null })
-      .onConflict((oc) => oc.column('device_id').doUpdateSet({ token_hash: hashSecret(token), token_issued_at: sql`now()`, claim_hash: null }))
+      .onConflict((oc) =>
+        oc
+          .column('device_id')
+          .doUpdateSet({ token_hash: hashSecret(token), token_issued_at: sql`now()`, claim_hash: null }),
+      )
       .execute();
-    await audit(trx, actor, { orgId: device.org_id, action: `main_server.token_${reason}`, resourceType: 'device', resourceId: device.id, details: { identifier: device.identifier } });
-    outbox.push({ topic: Topics.operator(device.org_id), event: 'device_token_issued', payload: { device_id: device.id, reason } });
+    await audit(trx, actor, {
+      orgId: device.org_id,
+      action: `main_server.token_${reason}`,
+      resourceType: 'device',
+      resourceId: device.id,
+      details: { identifier: device.identifier },
+    });
+    outbox.push({
+      topic: Topics.operator(device.org_id),
+      event: 'device_token_issued',
+      payload: { device_id: device.id, reason },
+    });
   });
   return token;
 }
 
 /** Removes a device's token and claim (revocation). */
 export async function clearDeviceToken(db: Db, deviceId: string): Promise<void> {
-  await db.updateTable('main_server_devices').set({ token_hash: null, token_issued_at: null, claim_hash: null }).where('device_id', '=', deviceId).execute();
+  await db
+    .updateTable('main_server_devices')
+    .set({ token_hash: null, token_issued_at: null, claim_hash: null })
+    .where('device_id', '=', deviceId)
+    .execute();
 }
 
 export interface DeviceDetails {
@@ -135,8 +174,17 @@ export interface DeviceDetails {
 
 export async function deviceDetails(db: Db, deviceIds: string[]): Promise<Map<string, DeviceDetails>> {
   if (deviceIds.length === 0) return new Map();
-  const rows = await db.selectFrom('main_server_devices').select(['device_id', 'name', 'ip', 'token_issued_at', 'token_hash']).where('device_id', 'in', deviceIds).execute();
-  return new Map(rows.map((r) => [r.device_id, { name: r.name, ip: r.ip, token_issued_at: r.token_issued_at, has_token: r.token_hash !== null }]));
+  const rows = await db
+    .selectFrom('main_server_devices')
+    .select(['device_id', 'name', 'ip', 'token_issued_at', 'token_hash'])
+    .where('device_id', 'in', deviceIds)
+    .execute();
+  return new Map(
+    rows.map((r) => [
+      r.device_id,
+      { name: r.name, ip: r.ip, token_issued_at: r.token_issued_at, has_token: r.token_hash !== null },
+    ]),
+  );
 }
 
 // --- extensions ------------------------------------------------------------------------------
@@ -147,7 +195,11 @@ export interface Extension {
 }
 
 /** The integer ids of extension names in a product, creating missing ones. */
-export async function ensureExtensions(db: Db, product: { org_id: string; id: string }, names: string[]): Promise<Map<string, number>> {
+export async function ensureExtensions(
+  db: Db,
+  product: { org_id: string; id: string },
+  names: string[],
+): Promise<Map<string, number>> {
   const unique = [...new Set(names)];
   if (unique.length === 0) return new Map();
   await db
@@ -155,30 +207,59 @@ export async function ensureExtensions(db: Db, product: { org_id: string; id: st
     .values(unique.map((name) => ({ org_id: product.org_id, product_id: product.id, name })))
     .onConflict((oc) => oc.columns(['product_id', 'name']).doNothing())
     .execute();
-  const rows = await db.selectFrom('main_server_extensions').select(['id', 'name']).where('product_id', '=', product.id).where('name', 'in', unique).execute();
+  const rows = await db
+    .selectFrom('main_server_extensions')
+    .select(['id', 'name'])
+    .where('product_id', '=', product.id)
+    .where('name', 'in', unique)
+    .execute();
   return new Map(rows.map((r) => [r.name, r.id]));
 }
 
 export async function extensionById(db: Db, productId: string, id: number): Promise<Extension | undefined> {
   if (!Number.isSafeInteger(id) || id < 1 || id > 2 ** 31 - 1) return undefined;
-  return db.selectFrom('main_server_extensions').select(['id', 'name']).where('product_id', '=', productId).where('id', '=', id).executeTakeFirst();
+  return db
+    .selectFrom('main_server_extensions')
+    .select(['id', 'name'])
+    .where('product_id', '=', productId)
+    .where('id', '=', id)
+    .executeTakeFirst();
 }
 
 export async function listExtensions(db: Db, productId: string): Promise<Extension[]> {
-  return db.selectFrom('main_server_extensions').select(['id', 'name']).where('product_id', '=', productId).orderBy('id').execute();
+  return db
+    .selectFrom('main_server_extensions')
+    .select(['id', 'name'])
+    .where('product_id', '=', productId)
+    .orderBy('id')
+    .execute();
 }
 
 // --- presence --------------------------------------------------------------------------------
 
 /** A heartbeat: the device is online as of now (on this node, for node-liveness reconciliation). */
-export async function markSeen(ctx: FleetContext, device: Pick<Device, 'id' | 'org_id' | 'connection_status'>): Promise<void> {
+export async function markSeen(
+  ctx: FleetContext,
+  device: Pick<Device, 'id' | 'org_id' | 'connection_status'>,
+): Promise<void> {
   await ctx.db
     .updateTable('devices')
-    .set({ connection_status: 'online', connected_node: ctx.nodeName, last_seen_at: sql<Date>`now()`, updated_at: sql<Date>`now()` })
+    .set({
+      connection_status: 'online',
+      connected_node: ctx.nodeName,
+      last_seen_at: sql<Date>`now()`,
+      updated_at: sql<Date>`now()`,
+    })
     .where('id', '=', device.id)
     .execute();
   if (device.connection_status !== 'online') {
-    await ctx.bus.publish(Topics.operator(device.org_id), 'device_status', { device_id: device.id, status: 'online', protocol: 'main-server' }).catch(() => undefined);
+    await ctx.bus
+      .publish(Topics.operator(device.org_id), 'device_status', {
+        device_id: device.id,
+        status: 'online',
+        protocol: 'main-server',
+      })
+      .catch(() => undefined);
   }
 }
 
@@ -196,7 +277,13 @@ export async function sweepOfflineDevices(ctx: FleetContext, offlineAfterMs: num
     .returning(['id', 'org_id'])
     .execute();
   for (const r of rows) {
-    await ctx.bus.publish(Topics.operator(r.org_id), 'device_status', { device_id: r.id, status: 'offline', protocol: 'main-server' }).catch(() => undefined);
+    await ctx.bus
+      .publish(Topics.operator(r.org_id), 'device_status', {
+        device_id: r.id,
+        status: 'offline',
+        protocol: 'main-server',
+      })
+      .catch(() => undefined);
   }
   return rows.length;
 }

@@ -24,7 +24,15 @@ import type { Logger } from '../../log.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import { admitClaim, CLOSE, credentialOwner, hasCredential, type WifidogxAuthPolicy } from './credentials.ts';
 import { encodeFrame, gatewayReplies, gatewayVersion, isSafeFirmwareUrl } from './frames.ts';
-import { commandForResponse, gatewaySettings, getCommand, isRecord, saveFirmwareInfo, saveReport, updateCommand } from './store.ts';
+import {
+  commandForResponse,
+  gatewaySettings,
+  getCommand,
+  isRecord,
+  saveFirmwareInfo,
+  saveReport,
+  updateCommand,
+} from './store.ts';
 
 export interface WifidogxTimings {
   /** Offline after this long without a heartbeat (default 150 s; the gateway beats every 60 s). */
@@ -130,7 +138,10 @@ export class WifidogxConnection {
   send(message: Record<string, unknown>): boolean {
     const frame = encodeFrame(message);
     if (!frame) {
-      this.#log.error({ type: message.type, bytes: JSON.stringify(message).length }, 'wifidogx message refused: its frame would exceed what the gateway can read (1000 bytes)');
+      this.#log.error(
+        { type: message.type, bytes: JSON.stringify(message).length },
+        'wifidogx message refused: its frame would exceed what the gateway can read (1000 bytes)',
+      );
       return false;
     }
     this.#queueFrame(frame);
@@ -234,32 +245,55 @@ export class WifidogxConnection {
     const home = await this.#deps.home();
     const refuse = async (code: number, reason: string, audit: string, device?: { id: string }) => {
       this.#log.warn({ identifier: deviceId, remote: this.#deps.remote, why: audit }, 'wifidogx claim refused');
-      await auditClaimRefused(fleet, { orgId: home.orgId, protocol: 'wifidogx', identifier: deviceId, reason: audit, ...(device ? { deviceId: device.id } : {}), remote: this.#deps.remote });
+      await auditClaimRefused(fleet, {
+        orgId: home.orgId,
+        protocol: 'wifidogx',
+        identifier: deviceId,
+        reason: audit,
+        ...(device ? { deviceId: device.id } : {}),
+        remote: this.#deps.remote,
+      });
       this.close(code, reason);
       return false;
     };
     const presented = this.#deps.credential;
     const owner = presented === undefined ? undefined : await credentialOwner(fleet.db, presented);
-    if (presented !== undefined && owner?.identifier !== deviceId) return refuse(CLOSE.credential, 'credential invalid for this device_id', 'credential_invalid');
+    if (presented !== undefined && owner?.identifier !== deviceId)
+      return refuse(CLOSE.credential, 'credential invalid for this device_id', 'credential_invalid');
 
     let found: Awaited<ReturnType<typeof findOrRegisterEdgeDevice>>;
     try {
-      found = await findOrRegisterEdgeDevice(fleet, { ...home, identifier: deviceId, protocol: 'wifidogx', approval: this.#deps.autoApprove ? 'approved' : 'pending' });
+      found = await findOrRegisterEdgeDevice(fleet, {
+        ...home,
+        identifier: deviceId,
+        protocol: 'wifidogx',
+        approval: this.#deps.autoApprove ? 'approved' : 'pending',
+      });
     } catch (err) {
       if (!(err instanceof FleetError) || err.code !== 'conflict') throw err;
-      this.#log.warn({ identifier: deviceId, remote: this.#deps.remote }, 'wifidogx claim of an identifier another protocol owns; refused');
+      this.#log.warn(
+        { identifier: deviceId, remote: this.#deps.remote },
+        'wifidogx claim of an identifier another protocol owns; refused',
+      );
       this.close(CLOSE.otherProtocol, 'device_id is registered to another kind of device');
       return false;
     }
     const { device, created } = found;
     this.#log = this.#deps.log.child({ device_id: device.id, identifier: deviceId });
     const authenticated = owner?.deviceId === device.id;
-    const verdict = admitClaim({ approval: device.approval, credentialIssued: authenticated || (await hasCredential(fleet.db, device.id)), authenticated, policy: this.#deps.policy });
+    const verdict = admitClaim({
+      approval: device.approval,
+      credentialIssued: authenticated || (await hasCredential(fleet.db, device.id)),
+      authenticated,
+      policy: this.#deps.policy,
+    });
     if (!verdict.admit) return refuse(verdict.code, verdict.reason, verdict.audit, device);
     this.authenticated = authenticated;
     if (!(await this.#deps.claim(device.id, this))) {
       // Takeover rule: an approved device connected elsewhere keeps its link until an operator releases it.
-      this.#log.warn('wifidogx device_id is already connected elsewhere; refusing this claim (operator: release the device to let it move)');
+      this.#log.warn(
+        'wifidogx device_id is already connected elsewhere; refusing this claim (operator: release the device to let it move)',
+      );
       this.close(CLOSE.connectedElsewhere, 'device_id connected elsewhere');
       return false;
     }
@@ -286,7 +320,8 @@ export class WifidogxConnection {
     const settings = await gatewaySettings(this.#deps.fleet.db, this.ref!.deviceId, reported);
     const { frames, dropped } = gatewayReplies(type, reqId ?? this.#reqId(), settings);
     // The gateway reported the oversize gw_ids itself: its problem, not the server's.
-    if (dropped.length) this.#log.warn({ gateways: dropped }, 'gateway entries too large for a frame were left out of the reply');
+    if (dropped.length)
+      this.#log.warn({ gateways: dropped }, 'gateway entries too large for a frame were left out of the reply');
     for (const f of frames) this.#queueFrame(f);
   }
 
@@ -295,7 +330,10 @@ export class WifidogxConnection {
     if (this.approved || !this.ref) return;
     if (!this.authenticated && this.#deps.policy === 'secure') {
       // Approved gateways are served on their credential: this link carried none.
-      this.close(CLOSE.credential, 'approved: reconnect with your credential (WSServerPath /ws/wifidogx?credential=...)');
+      this.close(
+        CLOSE.credential,
+        'approved: reconnect with your credential (WSServerPath /ws/wifidogx?credential=...)',
+      );
       return;
     }
     this.approved = true;
@@ -310,11 +348,17 @@ export class WifidogxConnection {
     await this.#complete('get_firmware_info', m, 'succeeded');
     const version = gatewayVersion(data);
     if (!version) {
-      this.#log.warn({ release: data.DISTRIB_RELEASE }, 'the gateway reports no usable firmware version; it cannot be updated');
+      this.#log.warn(
+        { release: data.DISTRIB_RELEASE },
+        'the gateway reports no usable firmware version; it cannot be updated',
+      );
       return;
     }
     if (!this.approved) return;
-    const online = await edgeDeviceOnline(this.#deps.fleet, ref, { version, platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null });
+    const online = await edgeDeviceOnline(this.#deps.fleet, ref, {
+      version,
+      platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null,
+    });
     this.#connectedAt = online.connectedAt;
     if (online.target) await this.#upgrade(online.target);
   }
@@ -324,12 +368,23 @@ export class WifidogxConnection {
     const ref = this.ref!;
     const url = target.has_blob ? this.#deps.firmwareUrl(target, ref.deviceId) : '';
     if (!isSafeFirmwareUrl(url)) {
-      this.#log.error({ firmware_id: target.id }, 'refusing to send firmware_upgrade: the URL is not made of safe characters or is too long');
-      await transitionAttempt(this.#deps.fleet, ref, { to: 'failed', firmwareId: target.id, errors: ['the firmware URL is not shell-safe (or over 500 characters); not sent'] });
+      this.#log.error(
+        { firmware_id: target.id },
+        'refusing to send firmware_upgrade: the URL is not made of safe characters or is too long',
+      );
+      await transitionAttempt(this.#deps.fleet, ref, {
+        to: 'failed',
+        firmwareId: target.id,
+        errors: ['the firmware URL is not shell-safe (or over 500 characters); not sent'],
+      });
       return;
     }
     if (!this.send(this.message('firmware_upgrade', { url, force: false }))) {
-      await transitionAttempt(this.#deps.fleet, ref, { to: 'failed', firmwareId: target.id, errors: ['firmware_upgrade does not fit in a frame the gateway can read'] });
+      await transitionAttempt(this.#deps.fleet, ref, {
+        to: 'failed',
+        firmwareId: target.id,
+        errors: ['firmware_upgrade does not fit in a frame the gateway can read'],
+      });
       return;
     }
     this.#upgrading = target;
@@ -350,7 +405,11 @@ export class WifidogxConnection {
   }
 
   async #onUpgradeResponse(m: Record<string, unknown>): Promise<void> {
-    const operatorCommand = await this.#complete('firmware_upgrade', m, m.status === 'success' ? 'succeeded' : 'failed');
+    const operatorCommand = await this.#complete(
+      'firmware_upgrade',
+      m,
+      m.status === 'success' ? 'succeeded' : 'failed',
+    );
     if (operatorCommand) return;
     const target = await this.#openUpgrade();
     if (!target) return this.#count('upgrade_response_without_update');
@@ -367,14 +426,21 @@ export class WifidogxConnection {
     const target = await this.#openUpgrade();
     if (!target) return this.#count('upgrade_error_without_update');
     this.#upgrading = undefined;
-    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_error', { version: target.version, errors: [String(m.error ?? 'firmware upgrade failed').slice(0, 2000)] });
+    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_error', {
+      version: target.version,
+      errors: [String(m.error ?? 'firmware upgrade failed').slice(0, 2000)],
+    });
   }
 
   /** Records a device response on the operator command it answers; returns whether there was one. */
   async #complete(type: string, m: Record<string, unknown>, status: 'succeeded' | 'failed'): Promise<boolean> {
     const command = await commandForResponse(this.#deps.fleet.db, this.ref!.deviceId, type, m.req_id);
     if (!command) return false;
-    await updateCommand(this.#deps.fleet.db, command.id, { status, response: m, ...(status === 'failed' ? { error: String(m.error ?? m.message ?? 'failed') } : {}) });
+    await updateCommand(this.#deps.fleet.db, command.id, {
+      status,
+      response: m,
+      ...(status === 'failed' ? { error: String(m.error ?? m.message ?? 'failed') } : {}),
+    });
     return true;
   }
 
@@ -382,21 +448,30 @@ export class WifidogxConnection {
   async runCommand(commandId: string): Promise<void> {
     const db = this.#deps.fleet.db;
     const command = await getCommand(db, commandId);
-    if (!command || command.status !== 'queued') return;
-    if (!this.approved) return updateCommand(db, command.id, { status: 'refused', error: 'the device is pending approval' });
+    if (command?.status !== 'queued') return;
+    if (!this.approved)
+      return updateCommand(db, command.id, { status: 'refused', error: 'the device is pending approval' });
     if (command.type === 'firmware_upgrade' && !isSafeFirmwareUrl(command.payload.url)) {
       this.#log.error({ command_id: command.id }, 'refusing firmware_upgrade with an unsafe URL');
-      return updateCommand(db, command.id, { status: 'refused', error: 'the URL is not shell-safe or is over 500 characters' });
+      return updateCommand(db, command.id, {
+        status: 'refused',
+        error: 'the URL is not shell-safe or is over 500 characters',
+      });
     }
     if (command.type === 'set_auth_mode') {
       await this.pushGatewaySettings('heartbeat');
       return updateCommand(db, command.id, { status: 'delivered' });
     }
     if (!this.send(this.message(command.type, command.payload, command.req_id))) {
-      return updateCommand(db, command.id, { status: 'refused', error: 'the command does not fit in a frame the gateway can read (1000 bytes)' });
+      return updateCommand(db, command.id, {
+        status: 'refused',
+        error: 'the command does not fit in a frame the gateway can read (1000 bytes)',
+      });
     }
     // auth and tmp_pass have no response in the protocol.
-    await updateCommand(db, command.id, { status: command.type === 'auth' || command.type === 'tmp_pass' ? 'delivered' : 'sent' });
+    await updateCommand(db, command.id, {
+      status: command.type === 'auth' || command.type === 'tmp_pass' ? 'delivered' : 'sent',
+    });
   }
 
   /** A target change concerns this gateway: ask for its firmware info (the answer triggers the upgrade). */
@@ -427,7 +502,11 @@ export class WifidogxConnection {
     this.#deps.onClose(this);
     const ref = this.ref;
     if (ref) {
-      void this.#chain.then(() => edgeDeviceOffline(this.#deps.fleet, ref.deviceId, this.#connectedAt).catch((err: unknown) => this.#log.error({ err }, 'marking the gateway offline failed')));
+      void this.#chain.then(() =>
+        edgeDeviceOffline(this.#deps.fleet, ref.deviceId, this.#connectedAt).catch((err: unknown) =>
+          this.#log.error({ err }, 'marking the gateway offline failed'),
+        ),
+      );
     }
   }
 }

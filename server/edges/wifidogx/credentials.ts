@@ -64,7 +64,10 @@ export async function hasCredential(db: Db, deviceId: string): Promise<boolean> 
 }
 
 /** The gateway (device id and identifier) a presented credential was issued to, if any. */
-export async function credentialOwner(db: Db, credential: string): Promise<{ deviceId: string; identifier: string } | undefined> {
+export async function credentialOwner(
+  db: Db,
+  credential: string,
+): Promise<{ deviceId: string; identifier: string } | undefined> {
   if (credential.length === 0 || credential.length > MAX_CREDENTIAL_LENGTH) return undefined;
   const row = await db
     .selectFrom('wifidogx_gateways')
@@ -103,9 +106,20 @@ export function admitClaim(f: ClaimFacts): ClaimVerdict {
   if (f.approval === 'revoked') return { admit: false, code: CLOSE.revoked, reason: 'revoked', audit: 'revoked' };
   if (f.authenticated) return { admit: true };
   // A credential, once issued, is always required, whatever the policy.
-  if (f.credentialIssued) return { admit: false, code: CLOSE.credential, reason: 'credential required: connect on WSServerPath /ws/wifidogx?credential=<issued credential>', audit: 'credential_required' };
+  if (f.credentialIssued)
+    return {
+      admit: false,
+      code: CLOSE.credential,
+      reason: 'credential required: connect on WSServerPath /ws/wifidogx?credential=<issued credential>',
+      audit: 'credential_required',
+    };
   if (f.approval === 'approved' && f.policy === 'secure') {
-    return { admit: false, code: CLOSE.credential, reason: 'credential required: an operator must issue this gateway a credential', audit: 'credential_not_issued' };
+    return {
+      admit: false,
+      code: CLOSE.credential,
+      reason: 'credential required: an operator must issue this gateway a credential',
+      audit: 'credential_not_issued',
+    };
   }
   return { admit: true };
 }

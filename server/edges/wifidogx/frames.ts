@@ -30,8 +30,17 @@ export interface GatewaySetting {
  * (each carries a subset of the gateways; the gateway applies each entry on its own). A single
  * gateway entry too large for any frame is left out and reported.
  */
-export function gatewayReplies(type: string, reqId: string | undefined, gateways: GatewaySetting[]): { frames: Buffer[]; dropped: string[] } {
-  const base = (list: GatewaySetting[]) => ({ type, op: type, ...(reqId !== undefined ? { req_id: reqId } : {}), gateway: list });
+export function gatewayReplies(
+  type: string,
+  reqId: string | undefined,
+  gateways: GatewaySetting[],
+): { frames: Buffer[]; dropped: string[] } {
+  const base = (list: GatewaySetting[]) => ({
+    type,
+    op: type,
+    ...(reqId !== undefined ? { req_id: reqId } : {}),
+    gateway: list,
+  });
   const frames: Buffer[] = [];
   const dropped: string[] = [];
   let current: GatewaySetting[] = [];
@@ -83,7 +92,10 @@ export function gatewayVersion(data: unknown): string | undefined {
     const pre = (m[4] ?? '').replace(/[^0-9A-Za-z.-]+/g, '-').replace(/^[-.]+|[-.]+$/g, '');
     version = `${Number(m[1])}.${Number(m[2] ?? 0)}.${Number(m[3] ?? 0)}${pre ? `-${pre}` : ''}`;
   }
-  const revision = typeof d.DISTRIB_REVISION === 'string' ? d.DISTRIB_REVISION.replace(/[^0-9A-Za-z.-]+/g, '-').replace(/^[-.]+|[-.]+$/g, '') : '';
+  const revision =
+    typeof d.DISTRIB_REVISION === 'string'
+      ? d.DISTRIB_REVISION.replace(/[^0-9A-Za-z.-]+/g, '-').replace(/^[-.]+|[-.]+$/g, '')
+      : '';
   const full = revision ? `${version}+${revision}` : version;
   return semver.valid(full) ? full : undefined;
 }

@@ -54,7 +54,13 @@ export interface WifidogxEdge {
   connections: Map<string, WifidogxConnection>;
   /** The signed image URL for one gateway (device id). */
   firmwareUrl(firmware: Pick<Firmware, 'id'>, deviceId: string): string;
-  configure(o: { timings?: Partial<WifidogxTimings>; upgradeTimeoutMs?: number; autoApprove?: boolean; auth?: WifidogxAuthPolicy; maxUnidentified?: number }): void;
+  configure(o: {
+    timings?: Partial<WifidogxTimings>;
+    upgradeTimeoutMs?: number;
+    autoApprove?: boolean;
+    auth?: WifidogxAuthPolicy;
+    maxUnidentified?: number;
+  }): void;
   /** Connections open now that have not identified themselves. */
   unidentified(): number;
   /** Times out upgrades without an outcome (runs periodically; safe on every node). */
@@ -74,13 +80,25 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
   const log = deps.log.child({ edge: 'wifidogx' });
   const { fleet } = deps;
   const timings: WifidogxTimings = { livenessMs: 150_000, frameGapMs: 100, identifyTimeoutMs: 10_000, ...deps.timings };
-  const settings = { autoApprove: deps.autoApprove, auth: deps.auth ?? 'secure', maxUnidentified: deps.maxUnidentified ?? 1000, upgradeTimeoutMs: deps.upgradeTimeoutMs ?? 15 * 60_000 };
+  const settings = {
+    autoApprove: deps.autoApprove,
+    auth: deps.auth ?? 'secure',
+    maxUnidentified: deps.maxUnidentified ?? 1000,
+    upgradeTimeoutMs: deps.upgradeTimeoutMs ?? 15 * 60_000,
+  };
   checkSettings(settings);
   const connections = new Map<string, WifidogxConnection>();
   const unidentified = new Set<WifidogxConnection>();
   const ttl = deps.urlTtlSeconds ?? 86_400;
   const firmwareUrl = (firmware: Pick<Firmware, 'id'>, deviceId: string) =>
-    signPathUrl({ baseUrl: deps.apiBaseUrl(), prefix: URL_PREFIX, secret: deps.secret, firmwareId: firmware.id, deviceId, expiresAt: bucketedExpiry(ttl) });
+    signPathUrl({
+      baseUrl: deps.apiBaseUrl(),
+      prefix: URL_PREFIX,
+      secret: deps.secret,
+      firmwareId: firmware.id,
+      deviceId,
+      expiresAt: bucketedExpiry(ttl),
+    });
   let home: Promise<{ orgId: string; productId: string }> | undefined;
   const resolveHome = () =>
     (home ??= (async () => {
@@ -96,7 +114,11 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
-    const device = await fleet.db.selectFrom('devices').select(['approval', 'connection_status', 'connected_node']).where('id', '=', deviceId).executeTakeFirst();
+    const device = await fleet.db
+      .selectFrom('devices')
+      .select(['approval', 'connection_status', 'connected_node'])
+      .where('id', '=', deviceId)
+      .executeTakeFirst();
     const local = connections.get(deviceId);
     const approved = device?.approval === 'approved';
     if (local && local !== conn) {
@@ -104,7 +126,13 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       local.close(CLOSE.connectedElsewhere, 'replaced by a newer claim');
     }
     unidentified.delete(conn);
-    if (approved && device.connection_status === 'online' && device.connected_node && device.connected_node !== fleet.nodeName) return false;
+    if (
+      approved &&
+      device.connection_status === 'online' &&
+      device.connected_node &&
+      device.connected_node !== fleet.nodeName
+    )
+      return false;
     connections.set(deviceId, conn);
     unsubscribers.set(
       conn,
@@ -123,7 +151,8 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
             void conn.run(() => conn.becomeApproved());
             return;
           case 'wifidogx_command':
-            if (typeof message.payload.command_id === 'string') void conn.run(() => conn.runCommand(message.payload.command_id as string));
+            if (typeof message.payload.command_id === 'string')
+              void conn.run(() => conn.runCommand(message.payload.command_id as string));
             return;
         }
       }),
@@ -135,13 +164,17 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     scope.get(WIFIDOGX_PATH, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
       const remote = request.raw.socket.remoteAddress ?? null;
       if (unidentified.size >= settings.maxUnidentified) {
-        log.warn({ remote, limit: settings.maxUnidentified }, 'too many wifidogx connections waiting for their connect; refusing one');
+        log.warn(
+          { remote, limit: settings.maxUnidentified },
+          'too many wifidogx connections waiting for their connect; refusing one',
+        );
         socket.close(CLOSE.tooManyUnidentified, 'too many unidentified connections; try again later');
         return;
       }
       const query = request.query as Record<string, unknown>;
       // A repeated or non-string credential is presented but matches nothing.
-      const credential = query.credential === undefined ? undefined : typeof query.credential === 'string' ? query.credential : '';
+      const credential =
+        query.credential === undefined ? undefined : typeof query.credential === 'string' ? query.credential : '';
       const conn = new WifidogxConnection(socket, request.raw.socket as Socket, {
         fleet,
         log,
@@ -164,14 +197,19 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       conn.start();
     });
 
-    const forbidden = (reply: FastifyReply, message: string) => reply.status(403).send({ error: { code: 'forbidden', message } });
+    const forbidden = (reply: FastifyReply, message: string) =>
+      reply.status(403).send({ error: { code: 'forbidden', message } });
     // URLs of the earlier scheme, bound to the firmware only: refused; the gateway is sent a fresh one with its next upgrade.
     scope.route({
       method: ['GET', 'HEAD'],
       url: `/${URL_PREFIX}/:id/:expires/:sig`,
       exposeHeadRoute: false,
       schema: { hide: true },
-      handler: async (_request, reply) => forbidden(reply, 'this firmware URL is not bound to a gateway and is no longer accepted; the server sends a fresh one with the next firmware_upgrade'),
+      handler: async (_request, reply) =>
+        forbidden(
+          reply,
+          'this firmware URL is not bound to a gateway and is no longer accepted; the server sends a fresh one with the next firmware_upgrade',
+        ),
     });
     scope.route({
       method: ['GET', 'HEAD'],
@@ -179,23 +217,65 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       exposeHeadRoute: false,
       schema: { hide: true },
       handler: async (request, reply) => {
-        const { id, device: deviceId, expires, sig } = request.params as { id: string; device: string; expires: string; sig: string };
-        const verdict = verifyPathSignature({ secret: deps.secret, prefix: URL_PREFIX, firmwareId: id, deviceId, expires, sig });
-        if (!verdict.ok) return forbidden(reply, verdict.reason === 'expired' ? 'the firmware URL has expired' : 'the firmware URL signature is invalid');
+        const {
+          id,
+          device: deviceId,
+          expires,
+          sig,
+        } = request.params as { id: string; device: string; expires: string; sig: string };
+        const verdict = verifyPathSignature({
+          secret: deps.secret,
+          prefix: URL_PREFIX,
+          firmwareId: id,
+          deviceId,
+          expires,
+          sig,
+        });
+        if (!verdict.ok)
+          return forbidden(
+            reply,
+            verdict.reason === 'expired' ? 'the firmware URL has expired' : 'the firmware URL signature is invalid',
+          );
         // The URL names its gateway; the gateway's approval and product are checked now, not when the URL was issued.
-        const device = isUuid(deviceId) ? await fleet.db.selectFrom('devices').select(['approval', 'product_id']).where('id', '=', deviceId).executeTakeFirst() : undefined;
+        const device = isUuid(deviceId)
+          ? await fleet.db
+              .selectFrom('devices')
+              .select(['approval', 'product_id'])
+              .where('id', '=', deviceId)
+              .executeTakeFirst()
+          : undefined;
         if (device?.approval !== 'approved') {
-          log.info({ device_id: deviceId, firmware_id: id, approval: device?.approval ?? 'deleted' }, 'firmware download refused: the gateway is not approved');
+          log.info(
+            { device_id: deviceId, firmware_id: id, approval: device?.approval ?? 'deleted' },
+            'firmware download refused: the gateway is not approved',
+          );
           return forbidden(reply, `the gateway is ${device?.approval ?? 'deleted'}: it may not download firmware`);
         }
-        const firmware = isUuid(id) ? await fleet.db.selectFrom('firmware').select(['sha256', 'has_blob', 'product_id']).where('id', '=', id).executeTakeFirst() : undefined;
-        if (firmware && firmware.product_id !== device.product_id) return forbidden(reply, "this firmware does not belong to the gateway's product");
+        const firmware = isUuid(id)
+          ? await fleet.db
+              .selectFrom('firmware')
+              .select(['sha256', 'has_blob', 'product_id'])
+              .where('id', '=', id)
+              .executeTakeFirst()
+          : undefined;
+        if (firmware && firmware.product_id !== device.product_id)
+          return forbidden(reply, "this firmware does not belong to the gateway's product");
         const stat = firmware?.has_blob && firmware.sha256 ? await deps.blobs.stat(firmware.sha256) : null;
-        if (!stat || !firmware?.sha256) return reply.status(404).send({ error: { code: 'not_found', message: 'the firmware image is not stored on the server' } });
-        reply.header('accept-ranges', 'bytes').header('etag', `"${firmware.sha256}"`).header('content-type', 'application/octet-stream');
+        if (!stat || !firmware?.sha256)
+          return reply
+            .status(404)
+            .send({ error: { code: 'not_found', message: 'the firmware image is not stored on the server' } });
+        reply
+          .header('accept-ranges', 'bytes')
+          .header('etag', `"${firmware.sha256}"`)
+          .header('content-type', 'application/octet-stream');
         const range = parseRange(request.headers.range, stat.size);
         if (range === 'unsatisfiable') return reply.status(416).header('content-range', `bytes */${stat.size}`).send();
-        if (range) reply.status(206).header('content-range', `bytes ${range.start}-${range.end}/${stat.size}`).header('content-length', range.end - range.start + 1);
+        if (range)
+          reply
+            .status(206)
+            .header('content-range', `bytes ${range.start}-${range.end}/${stat.size}`)
+            .header('content-length', range.end - range.start + 1);
         else reply.header('content-length', stat.size);
         if (request.method === 'HEAD') return reply.send();
         return sendBlob(reply, deps.blobs, firmware.sha256, range);
@@ -236,18 +316,27 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       .execute();
     let n = 0;
     for (const a of stale) {
-      const moved = await transitionAttempt(fleet, { deviceId: a.device_id, orgId: a.org_id }, {
-        to: 'timed_out',
-        firmwareId: a.firmware_id,
-        from: ['sent', 'begun', 'downloading', 'finished'],
-        errors: [`the gateway did not come back reporting the target version within ${Math.round(settings.upgradeTimeoutMs / 1000)} s`],
-        reason: 'no report within the upgrade timeout',
-      });
+      const moved = await transitionAttempt(
+        fleet,
+        { deviceId: a.device_id, orgId: a.org_id },
+        {
+          to: 'timed_out',
+          firmwareId: a.firmware_id,
+          from: ['sent', 'begun', 'downloading', 'finished'],
+          errors: [
+            `the gateway did not come back reporting the target version within ${Math.round(settings.upgradeTimeoutMs / 1000)} s`,
+          ],
+          reason: 'no report within the upgrade timeout',
+        },
+      );
       if (moved) n++;
     }
     return n;
   }
-  const sweeper = setInterval(() => void sweepUpgrades().catch((err: unknown) => log.error({ err }, 'wifidogx upgrade sweep failed')), Math.min(30_000, Math.max(1000, settings.upgradeTimeoutMs / 4)));
+  const sweeper = setInterval(
+    () => void sweepUpgrades().catch((err: unknown) => log.error({ err }, 'wifidogx upgrade sweep failed')),
+    Math.min(30_000, Math.max(1000, settings.upgradeTimeoutMs / 4)),
+  );
   sweeper.unref();
 
   let closed = false;
@@ -281,12 +370,18 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
 /** Options are checked when the edge is mounted (and reconfigured), not when a gateway shows up. */
 function checkSettings(s: { autoApprove: boolean; auth: string; maxUnidentified: number }): void {
-  if (!WIFIDOGX_AUTH_POLICIES.includes(s.auth as WifidogxAuthPolicy)) throw new Error(`--wifidogx-auth must be one of ${WIFIDOGX_AUTH_POLICIES.join(', ')}, got ${JSON.stringify(s.auth)}`);
-  if (!Number.isInteger(s.maxUnidentified) || s.maxUnidentified < 1) throw new Error(`--wifidogx-max-unidentified must be a positive integer, got ${s.maxUnidentified}`);
+  if (!WIFIDOGX_AUTH_POLICIES.includes(s.auth as WifidogxAuthPolicy))
+    throw new Error(
+      `--wifidogx-auth must be one of ${WIFIDOGX_AUTH_POLICIES.join(', ')}, got ${JSON.stringify(s.auth)}`,
+    );
+  if (!Number.isInteger(s.maxUnidentified) || s.maxUnidentified < 1)
+    throw new Error(`--wifidogx-max-unidentified must be a positive integer, got ${s.maxUnidentified}`);
   // Auto-approval trusts a bare device_id claim, which is exactly what the secure policy refuses to do.
-  if (s.autoApprove && s.auth === 'secure') throw new Error('--wifidogx-auto-approve approves gateways on their bare claim: it needs --wifidogx-auth open (labs only)');
+  if (s.autoApprove && s.auth === 'secure')
+    throw new Error(
+      '--wifidogx-auto-approve approves gateways on their bare claim: it needs --wifidogx-auth open (labs only)',
+    );
 }
 
 export { isSafeFirmwareUrl, gatewayVersion, MAX_FRAME_BYTES } from './frames.ts';
 export { CLOSE as WIFIDOGX_CLOSE, type WifidogxAuthPolicy } from './credentials.ts';
-

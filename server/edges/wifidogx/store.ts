@@ -45,10 +45,17 @@ export interface WifidogxCommandsTable {
 export type WifidogxCommand = Selectable<WifidogxCommandsTable>;
 
 /** Records what a connect/heartbeat reported. */
-export async function saveReport(db: Db, deviceId: string, report: { device_info?: unknown; gateway?: unknown }, heartbeat: boolean): Promise<void> {
+export async function saveReport(
+  db: Db,
+  deviceId: string,
+  report: { device_info?: unknown; gateway?: unknown },
+  heartbeat: boolean,
+): Promise<void> {
   const set = {
     ...(isRecord(report.device_info) ? { device_info: JSON.stringify(report.device_info) } : {}),
-    ...(Array.isArray(report.gateway) ? { gateways: JSON.stringify(report.gateway.filter(isRecord).slice(0, 64)) } : {}),
+    ...(Array.isArray(report.gateway)
+      ? { gateways: JSON.stringify(report.gateway.filter(isRecord).slice(0, 64)) }
+      : {}),
     ...(heartbeat ? { last_heartbeat_at: new Date() } : {}),
   };
   await db
@@ -62,7 +69,9 @@ export async function saveFirmwareInfo(db: Db, deviceId: string, info: Record<st
   await db
     .insertInto('wifidogx_gateways')
     .values({ device_id: deviceId, firmware_info: JSON.stringify(info) })
-    .onConflict((oc) => oc.column('device_id').doUpdateSet({ firmware_info: JSON.stringify(info), updated_at: sql`now()` }))
+    .onConflict((oc) =>
+      oc.column('device_id').doUpdateSet({ firmware_info: JSON.stringify(info), updated_at: sql`now()` }),
+    )
     .execute();
 }
 
@@ -70,7 +79,16 @@ export async function saveFirmwareInfo(db: Db, deviceId: string, info: Record<st
 export async function getGatewayState(db: Db, deviceId: string) {
   return db
     .selectFrom('wifidogx_gateways')
-    .select(['device_id', 'device_info', 'gateways', 'auth_modes', 'firmware_info', 'last_heartbeat_at', 'credential_issued_at', 'updated_at'])
+    .select([
+      'device_id',
+      'device_info',
+      'gateways',
+      'auth_modes',
+      'firmware_info',
+      'last_heartbeat_at',
+      'credential_issued_at',
+      'updated_at',
+    ])
     .where('device_id', '=', deviceId)
     .executeTakeFirst();
 }
@@ -81,7 +99,11 @@ export async function setAuthMode(db: Db, deviceId: string, gwId: string, mode: 
   await db
     .insertInto('wifidogx_gateways')
     .values({ device_id: deviceId, auth_modes: patch })
-    .onConflict((oc) => oc.column('device_id').doUpdateSet({ auth_modes: sql`wifidogx_gateways.auth_modes || ${patch}::jsonb`, updated_at: sql`now()` }))
+    .onConflict((oc) =>
+      oc
+        .column('device_id')
+        .doUpdateSet({ auth_modes: sql`wifidogx_gateways.auth_modes || ${patch}::jsonb`, updated_at: sql`now()` }),
+    )
     .execute();
 }
 
@@ -89,24 +111,54 @@ export async function setAuthMode(db: Db, deviceId: string, gwId: string, mode: 
  * The gateway list of a reply: every gateway the device reported (or the operator configured),
  * with the operator's auth mode when set, else the mode the device reported (integers only).
  */
-export async function gatewaySettings(db: Db, deviceId: string, reported: unknown): Promise<Array<{ gw_id: string; auth_mode: number }>> {
-  const row = await db.selectFrom('wifidogx_gateways').select(['auth_modes', 'gateways']).where('device_id', '=', deviceId).executeTakeFirst();
+export async function gatewaySettings(
+  db: Db,
+  deviceId: string,
+  reported: unknown,
+): Promise<Array<{ gw_id: string; auth_mode: number }>> {
+  const row = await db
+    .selectFrom('wifidogx_gateways')
+    .select(['auth_modes', 'gateways'])
+    .where('device_id', '=', deviceId)
+    .executeTakeFirst();
   const modes = row?.auth_modes ?? {};
   const list = Array.isArray(reported) ? reported.filter(isRecord) : (row?.gateways ?? []);
   const out = new Map<string, number>();
   for (const gw of list) {
     if (typeof gw.gw_id !== 'string') continue;
-    const mode = Number.isInteger(modes[gw.gw_id]) ? modes[gw.gw_id]! : Number.isInteger(gw.auth_mode) ? (gw.auth_mode as number) : 0;
+    const mode = Number.isInteger(modes[gw.gw_id])
+      ? modes[gw.gw_id]!
+      : Number.isInteger(gw.auth_mode)
+        ? (gw.auth_mode as number)
+        : 0;
     out.set(gw.gw_id, mode);
   }
   for (const [gwId, mode] of Object.entries(modes)) if (!out.has(gwId) && Number.isInteger(mode)) out.set(gwId, mode);
   return [...out].map(([gw_id, auth_mode]) => ({ gw_id, auth_mode }));
 }
 
-export async function createCommand(db: Db, c: { orgId: string; deviceId: string; reqId: string; type: string; payload: Record<string, unknown>; createdBy: string | null }): Promise<WifidogxCommand> {
+export async function createCommand(
+  db: Db,
+  c: {
+    orgId: string;
+    deviceId: string;
+    reqId: string;
+    type: string;
+    payload: Record<string, unknown>;
+    createdBy: string | null;
+  },
+): Promise<WifidogxCommand> {
   return db
     .insertInto('wifidogx_commands')
-    .values({ org_id: c.orgId, device_id: c.deviceId, req_id: c.reqId, type: c.type, payload: JSON.stringify(c.payload), status: 'queued', created_by: c.createdBy })
+    .values({
+      org_id: c.orgId,
+      device_id: c.deviceId,
+      req_id: c.reqId,
+      type: c.type,
+      payload: JSON.stringify(c.payload),
+      status: 'queued',
+      created_by: c.createdBy,
+    })
     .returningAll()
     .executeTakeFirstOrThrow();
 }
@@ -115,7 +167,11 @@ export async function getCommand(db: Db, id: string): Promise<WifidogxCommand | 
   return db.selectFrom('wifidogx_commands').selectAll().where('id', '=', id).executeTakeFirst();
 }
 
-export async function updateCommand(db: Db, id: string, patch: { status: CommandStatus; response?: Record<string, unknown>; error?: string }): Promise<void> {
+export async function updateCommand(
+  db: Db,
+  id: string,
+  patch: { status: CommandStatus; response?: Record<string, unknown>; error?: string },
+): Promise<void> {
   const final = patch.status !== 'queued' && patch.status !== 'sent';
   await db
     .updateTable('wifidogx_commands')
@@ -131,14 +187,25 @@ export async function updateCommand(db: Db, id: string, patch: { status: Command
 }
 
 /** The command a device response answers: by req_id when the device echoes it, else the oldest sent command of that type. */
-export async function commandForResponse(db: Db, deviceId: string, type: string, reqId: unknown): Promise<WifidogxCommand | undefined> {
+export async function commandForResponse(
+  db: Db,
+  deviceId: string,
+  type: string,
+  reqId: unknown,
+): Promise<WifidogxCommand | undefined> {
   let q = db.selectFrom('wifidogx_commands').selectAll().where('device_id', '=', deviceId).where('status', '=', 'sent');
   q = typeof reqId === 'string' && reqId ? q.where('req_id', '=', reqId) : q.where('type', '=', type);
   return q.orderBy('created_at', 'asc').limit(1).executeTakeFirst();
 }
 
 export async function listCommands(db: Db, deviceId: string, limit: number): Promise<WifidogxCommand[]> {
-  return db.selectFrom('wifidogx_commands').selectAll().where('device_id', '=', deviceId).orderBy('created_at', 'desc').limit(limit).execute();
+  return db
+    .selectFrom('wifidogx_commands')
+    .selectAll()
+    .where('device_id', '=', deviceId)
+    .orderBy('created_at', 'desc')
+    .limit(limit)
+    .execute();
 }
 
 export function isRecord(v: unknown): v is Record<string, unknown> {

@@ -43,7 +43,11 @@ export async function request(method, path, body, { anonymous = false } = {}) {
   const headers = {};
   if (!anonymous) headers.authorization = `Bearer ${token()}`;
   if (body !== undefined) headers['content-type'] = 'application/json';
-  const res = await fetch(`/api/v1${path}`, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
+  const res = await fetch(`/api/v1${path}`, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
   const text = await res.text();
   let json;
   try {
@@ -67,7 +71,8 @@ export function orgPath(orgId, ...segments) {
 /** A query string from an object, skipping empty values. */
 export function query(params) {
   const qs = new URLSearchParams();
-  for (const [key, value] of Object.entries(params)) if (value !== undefined && value !== null && value !== '') qs.set(key, String(value));
+  for (const [key, value] of Object.entries(params))
+    if (value !== undefined && value !== null && value !== '') qs.set(key, String(value));
   const text = qs.toString();
   return text ? `?${text}` : '';
 }

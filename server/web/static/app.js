@@ -44,7 +44,10 @@ function showLogin(message) {
     { class: 'login', 'aria-labelledby': 'login-title' },
     h('h2', { id: 'login-title' }, 'Sign in'),
     field('Email', h('input', { name: 'email', type: 'email', autocomplete: 'username', required: true })),
-    field('Password', h('input', { name: 'password', type: 'password', autocomplete: 'current-password', required: true })),
+    field(
+      'Password',
+      h('input', { name: 'password', type: 'password', autocomplete: 'current-password', required: true }),
+    ),
     h('button', { type: 'submit' }, 'Sign in'),
     error,
   );
@@ -64,14 +67,17 @@ function showLogin(message) {
 
 async function start() {
   orgs = (await api.request('GET', '/orgs')).items;
-  if (orgs.length === 0) return fill($('main'), h('p', {}, 'Your account cannot see any organization yet. Ask an admin to create one.'));
+  if (orgs.length === 0)
+    return fill($('main'), h('p', {}, 'Your account cannot see any organization yet. Ask an admin to create one.'));
   const stored = sessionStorage.getItem('fleethub.org');
   const orgId = orgs.some((o) => o.id === stored) ? stored : orgs[0].id;
   live = new Live(api.token());
   live.on((event, payload) => current?.view.onEvent?.(event, payload));
   live.onStatus((status) => {
     liveStatus.dataset.state = status;
-    liveStatus.textContent = { live: 'Live', reconnecting: 'Reconnecting…', joining: 'Connecting…', connected: 'Connecting…' }[status] ?? status;
+    liveStatus.textContent =
+      { live: 'Live', reconnecting: 'Reconnecting…', joining: 'Connecting…', connected: 'Connecting…' }[status] ??
+      status;
   });
   await chooseOrg(orgId);
 }
@@ -87,9 +93,17 @@ async function chooseOrg(orgId) {
 }
 
 function renderContext(orgId, productId) {
-  const orgSelect = select({ id: 'org' }, orgs.map((o) => [o.id, o.name]), orgId);
+  const orgSelect = select(
+    { id: 'org' },
+    orgs.map((o) => [o.id, o.name]),
+    orgId,
+  );
   orgSelect.addEventListener('change', () => chooseOrg(orgSelect.value).catch(failed));
-  const productSelect = select({ id: 'product' }, [['', 'All products'], ...products.map((p) => [p.id, p.name])], productId);
+  const productSelect = select(
+    { id: 'product' },
+    [['', 'All products'], ...products.map((p) => [p.id, p.name])],
+    productId,
+  );
   productSelect.addEventListener('change', () => {
     sessionStorage.setItem('fleethub.product', productSelect.value);
     route();
@@ -137,7 +151,13 @@ function route() {
   nav.hidden = false;
   fill(
     nav,
-    h('ul', {}, SECTIONS.map(([key, label]) => h('li', {}, h('a', { href: `#${key}`, 'aria-current': key === section[0] ? 'page' : false }, label)))),
+    h(
+      'ul',
+      {},
+      SECTIONS.map(([key, label]) =>
+        h('li', {}, h('a', { href: `#${key}`, 'aria-current': key === section[0] ? 'page' : false }, label)),
+      ),
+    ),
   );
   const view = section[2](context(), rest.map(decodeURIComponent));
   current = { name: section[0], view };

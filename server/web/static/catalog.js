@@ -18,7 +18,15 @@ export function firmwareView(ctx) {
         h('td', {}, time(f.uploaded_at)),
       ),
     );
-    fill(results, table('Firmware', ['Version', 'Product', 'Component', 'Platform', 'Size', 'SHA-256', 'Uploaded'], rows, 'No firmware uploaded yet: use `fleethub firmware upload`.'));
+    fill(
+      results,
+      table(
+        'Firmware',
+        ['Version', 'Product', 'Component', 'Platform', 'Size', 'SHA-256', 'Uploaded'],
+        rows,
+        'No firmware uploaded yet: use `fleethub firmware upload`.',
+      ),
+    );
   }
   const reload = debounce(() => refresh().catch(ctx.failed), 250);
   return {
@@ -54,13 +62,34 @@ export function auditView(ctx) {
         h('td', {}, h('code', { class: 'details' }, JSON.stringify(e.details ?? {}))),
       ),
     );
-    fill(results, table('Audit log', ['When', 'Actor', 'Action', 'Resource', 'Details'], rows, 'The audit log is empty.'));
+    fill(
+      results,
+      table('Audit log', ['When', 'Actor', 'Action', 'Resource', 'Details'], rows, 'The audit log is empty.'),
+    );
     const last = offset + page.items.length;
     fill(
       pager,
       h('span', {}, page.total ? `Entries ${offset + 1}–${last} of ${page.total}, newest first` : ''),
-      h('button', { type: 'button', class: 'secondary', disabled: offset === 0, onclick: () => ((offset = Math.max(0, offset - AUDIT_PAGE)), refresh().catch(ctx.failed)) }, 'Newer'),
-      h('button', { type: 'button', class: 'secondary', disabled: last >= page.total, onclick: () => ((offset += AUDIT_PAGE), refresh().catch(ctx.failed)) }, 'Older'),
+      h(
+        'button',
+        {
+          type: 'button',
+          class: 'secondary',
+          disabled: offset === 0,
+          onclick: () => ((offset = Math.max(0, offset - AUDIT_PAGE)), refresh().catch(ctx.failed)),
+        },
+        'Newer',
+      ),
+      h(
+        'button',
+        {
+          type: 'button',
+          class: 'secondary',
+          disabled: last >= page.total,
+          onclick: () => ((offset += AUDIT_PAGE), refresh().catch(ctx.failed)),
+        },
+        'Older',
+      ),
     );
   }
 

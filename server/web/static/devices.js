@@ -36,7 +36,14 @@ export function devicesView(ctx) {
     { class: 'filters', role: 'search', 'aria-label': 'Filter devices' },
     field('Group', groupSelect),
     field('Version', h('input', { name: 'version', list: 'known-versions', autocomplete: 'off' })),
-    field('Status', select({ name: 'status' }, [['', 'Any'], ['online', 'Online'], ['offline', 'Offline']])),
+    field(
+      'Status',
+      select({ name: 'status' }, [
+        ['', 'Any'],
+        ['online', 'Online'],
+        ['offline', 'Offline'],
+      ]),
+    ),
     field('Search', h('input', { name: 'q', type: 'search', placeholder: 'identifier or description' })),
     versions,
   );
@@ -57,26 +64,69 @@ export function devicesView(ctx) {
     const mine = ++generation;
     const page = await ctx.get(['devices'], { product: ctx.productId, ...filters, limit: PAGE, offset });
     if (mine !== generation) return; // a newer load is under way
-    fill(results, table('Devices', ['Identifier', 'Status', 'Version', 'Protocol', 'Approval', 'Last seen'], page.items.map(deviceRow), 'No device matches these filters.'));
+    fill(
+      results,
+      table(
+        'Devices',
+        ['Identifier', 'Status', 'Version', 'Protocol', 'Approval', 'Last seen'],
+        page.items.map(deviceRow),
+        'No device matches these filters.',
+      ),
+    );
     const last = Math.min(offset + page.items.length, page.total);
     fill(
       pager,
       h('span', {}, page.total ? `Showing ${offset + 1}–${last} of ${page.total}` : ''),
-      h('button', { type: 'button', class: 'secondary', disabled: offset === 0, onclick: () => ((offset = Math.max(0, offset - PAGE)), load().catch(ctx.failed)) }, 'Previous'),
-      h('button', { type: 'button', class: 'secondary', disabled: last >= page.total, onclick: () => ((offset += PAGE), load().catch(ctx.failed)) }, 'Next'),
+      h(
+        'button',
+        {
+          type: 'button',
+          class: 'secondary',
+          disabled: offset === 0,
+          onclick: () => ((offset = Math.max(0, offset - PAGE)), load().catch(ctx.failed)),
+        },
+        'Previous',
+      ),
+      h(
+        'button',
+        {
+          type: 'button',
+          class: 'secondary',
+          disabled: last >= page.total,
+          onclick: () => ((offset += PAGE), load().catch(ctx.failed)),
+        },
+        'Next',
+      ),
     );
   }
 
   async function refresh() {
-    const [groups, firmware] = await Promise.all([ctx.get(['groups'], { product: ctx.productId }), ctx.get(['firmware'], { product: ctx.productId })]);
-    fill(groupSelect, h('option', { value: '' }, 'Any group'), groups.items.map((g) => h('option', { value: g.id, selected: g.id === filters.group }, g.name)));
-    fill(versions, [...new Set(firmware.items.map((f) => f.version))].map((v) => h('option', { value: v })));
+    const [groups, firmware] = await Promise.all([
+      ctx.get(['groups'], { product: ctx.productId }),
+      ctx.get(['firmware'], { product: ctx.productId }),
+    ]);
+    fill(
+      groupSelect,
+      h('option', { value: '' }, 'Any group'),
+      groups.items.map((g) => h('option', { value: g.id, selected: g.id === filters.group }, g.name)),
+    );
+    fill(
+      versions,
+      [...new Set(firmware.items.map((f) => f.version))].map((v) => h('option', { value: v })),
+    );
     await load();
   }
 
   const reload = debounce(() => load().catch(ctx.failed), 250);
   return {
-    el: h('section', { 'aria-labelledby': 'devices-title' }, h('h2', { id: 'devices-title' }, 'Devices'), form, results, pager),
+    el: h(
+      'section',
+      { 'aria-labelledby': 'devices-title' },
+      h('h2', { id: 'devices-title' }, 'Devices'),
+      form,
+      results,
+      pager,
+    ),
     refresh,
     onEvent(event, payload) {
       if (event === 'device_status') {
@@ -88,7 +138,8 @@ export function devicesView(ctx) {
           fill(row.querySelector('[data-col=seen]'), time(new Date().toISOString()));
         }
       }
-      if (['device_status', 'device_registered', 'device_approved', 'device_revoked', 'resync'].includes(event)) reload();
+      if (['device_status', 'device_registered', 'device_approved', 'device_revoked', 'resync'].includes(event))
+        reload();
     },
   };
 }
@@ -120,7 +171,9 @@ export function pendingView(ctx) {
   const note = h('p', { class: 'hint', id: 'approval-note' });
 
   async function act(route, device, verb) {
-    const path = route.replace('{org}', encodeURIComponent(ctx.orgId)).replace(/\{[^}]+\}/, encodeURIComponent(device.id));
+    const path = route
+      .replace('{org}', encodeURIComponent(ctx.orgId))
+      .replace(/\{[^}]+\}/, encodeURIComponent(device.id));
     await ctx.request('POST', path);
     ctx.notify(`${device.identifier} ${verb}.`);
     await refresh();
@@ -129,7 +182,12 @@ export function pendingView(ctx) {
   async function refresh() {
     const [routesFor, pending] = await Promise.all([approvalRoutes(), pendingDevices(ctx)]);
     const without = [...new Set(pending.filter((d) => !routesFor(d)).map((d) => d.protocol))];
-    fill(note, without.length ? `This server's API has no approval route for ${without.join(', ')} devices yet, so their buttons are disabled. Use the edge's CLI command meanwhile (e.g. fleethub keyauth approve).` : '');
+    fill(
+      note,
+      without.length
+        ? `This server's API has no approval route for ${without.join(', ')} devices yet, so their buttons are disabled. Use the edge's CLI command meanwhile (e.g. fleethub keyauth approve).`
+        : '',
+    );
     const button = (label, verb, route, d) =>
       h(
         'button',
@@ -152,15 +210,34 @@ export function pendingView(ctx) {
         h('td', {}, ctx.productName(d.product_id)),
         h('td', {}, d.protocol),
         h('td', {}, time(d.created_at)),
-        h('td', { class: 'actions' }, button('Approve', 'approved', routes?.approve, d), button('Reject', 'rejected', routes?.reject, d)),
+        h(
+          'td',
+          { class: 'actions' },
+          button('Approve', 'approved', routes?.approve, d),
+          button('Reject', 'rejected', routes?.reject, d),
+        ),
       );
     });
-    fill(results, table('Pending devices', ['Identifier', 'Product', 'Protocol', 'Registered', 'Actions'], rows, 'No device is waiting for approval.'));
+    fill(
+      results,
+      table(
+        'Pending devices',
+        ['Identifier', 'Product', 'Protocol', 'Registered', 'Actions'],
+        rows,
+        'No device is waiting for approval.',
+      ),
+    );
   }
 
   const reload = debounce(() => refresh().catch(ctx.failed), 250);
   return {
-    el: h('section', { 'aria-labelledby': 'pending-title' }, h('h2', { id: 'pending-title' }, 'Pending devices'), note, results),
+    el: h(
+      'section',
+      { 'aria-labelledby': 'pending-title' },
+      h('h2', { id: 'pending-title' }, 'Pending devices'),
+      note,
+      results,
+    ),
     refresh,
     onEvent(event) {
       if (['device_registered', 'device_approved', 'device_revoked', 'resync'].includes(event)) reload();

@@ -40,7 +40,11 @@ export function field(label, control) {
 
 /** `<select>` from [value, label] pairs. */
 export function select(attrs, options, selected) {
-  return h('select', attrs, options.map(([value, label]) => h('option', { value, selected: value === selected }, label)));
+  return h(
+    'select',
+    attrs,
+    options.map(([value, label]) => h('option', { value, selected: value === selected }, label)),
+  );
 }
 
 /** A table with a caption, header labels and rows (arrays of cells); `empty` when there are no rows. */
@@ -50,7 +54,15 @@ export function table(caption, headers, rows, empty = 'Nothing here yet.') {
     'table',
     {},
     h('caption', { class: 'visually-hidden' }, caption),
-    h('thead', {}, h('tr', {}, headers.map((label) => h('th', { scope: 'col' }, label)))),
+    h(
+      'thead',
+      {},
+      h(
+        'tr',
+        {},
+        headers.map((label) => h('th', { scope: 'col' }, label)),
+      ),
+    ),
     h('tbody', {}, rows),
   );
 }

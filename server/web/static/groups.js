@@ -20,15 +20,34 @@ export function groupsView(ctx, [selectedId]) {
     'form',
     { class: 'inline', 'aria-labelledby': 'new-group-title' },
     h('h3', { id: 'new-group-title' }, 'New group'),
-    field('Name', h('input', { name: 'name', required: true, maxlength: 63, pattern: '[A-Za-z0-9][A-Za-z0-9._-]*', autocomplete: 'off' })),
-    field('Product', select({ name: 'product' }, productChoices.map((p) => [p.id, p.name]), ctx.productId)),
+    field(
+      'Name',
+      h('input', {
+        name: 'name',
+        required: true,
+        maxlength: 63,
+        pattern: '[A-Za-z0-9][A-Za-z0-9._-]*',
+        autocomplete: 'off',
+      }),
+    ),
+    field(
+      'Product',
+      select(
+        { name: 'product' },
+        productChoices.map((p) => [p.id, p.name]),
+        ctx.productId,
+      ),
+    ),
     h('button', { type: 'submit' }, 'Create group'),
   );
   createForm.addEventListener('submit', async (e) => {
     e.preventDefault();
     const data = new FormData(createForm);
     try {
-      const group = await ctx.send('POST', ['groups'], { name: String(data.get('name')).trim(), product: String(data.get('product')) });
+      const group = await ctx.send('POST', ['groups'], {
+        name: String(data.get('name')).trim(),
+        product: String(data.get('product')),
+      });
       createForm.reset();
       ctx.notify(`Group ${group.name} created.`);
       ctx.go(`groups/${group.id}`);
@@ -38,7 +57,8 @@ export function groupsView(ctx, [selectedId]) {
   });
 
   async function remove(group) {
-    if (!confirm(`Delete group ${group.name}? Its ${group.device_count} device(s) stay, without this group's target.`)) return;
+    if (!confirm(`Delete group ${group.name}? Its ${group.device_count} device(s) stay, without this group's target.`))
+      return;
     await ctx.send('DELETE', ['groups', group.id]);
     ctx.notify(`Group ${group.name} deleted.`);
     if (group.id === selectedId) ctx.go('groups');
@@ -51,14 +71,38 @@ export function groupsView(ctx, [selectedId]) {
       return h(
         'tr',
         { 'data-group-id': g.id, class: g.id === selectedId ? 'selected' : false },
-        h('th', { scope: 'row' }, h('a', { href: `#groups/${encodeURIComponent(g.id)}`, 'aria-current': g.id === selectedId ? 'true' : false }, g.name)),
+        h(
+          'th',
+          { scope: 'row' },
+          h(
+            'a',
+            { href: `#groups/${encodeURIComponent(g.id)}`, 'aria-current': g.id === selectedId ? 'true' : false },
+            g.name,
+          ),
+        ),
         h('td', {}, ctx.productName(g.product_id)),
         h('td', {}, String(g.device_count)),
         h('td', { 'data-col': 'target' }, target ? versionOf(target.firmware_id) : 'none'),
-        h('td', { class: 'actions' }, h('button', { type: 'button', class: 'danger', 'aria-label': `Delete group ${g.name}`, onclick: () => remove(g).catch(ctx.failed) }, 'Delete')),
+        h(
+          'td',
+          { class: 'actions' },
+          h(
+            'button',
+            {
+              type: 'button',
+              class: 'danger',
+              'aria-label': `Delete group ${g.name}`,
+              onclick: () => remove(g).catch(ctx.failed),
+            },
+            'Delete',
+          ),
+        ),
       );
     });
-    fill(list, table('Groups', ['Name', 'Product', 'Devices', 'Target', 'Actions'], rows, 'No groups yet: create one below.'));
+    fill(
+      list,
+      table('Groups', ['Name', 'Product', 'Devices', 'Target', 'Actions'], rows, 'No groups yet: create one below.'),
+    );
   }
 
   async function refresh() {
@@ -70,7 +114,12 @@ export function groupsView(ctx, [selectedId]) {
     renderList();
     const group = groups.find((g) => g.id === selectedId);
     if (!group) {
-      fill(detail, selectedId ? h('p', { class: 'empty' }, 'That group no longer exists.') : h('p', { class: 'empty' }, 'Select a group to manage its target, members and updates.'));
+      fill(
+        detail,
+        selectedId
+          ? h('p', { class: 'empty' }, 'That group no longer exists.')
+          : h('p', { class: 'empty' }, 'Select a group to manage its target, members and updates.'),
+      );
       shown = null;
       return;
     }
@@ -102,8 +151,18 @@ export function groupsView(ctx, [selectedId]) {
 function groupDetail(ctx, group, shared) {
   const targetInfo = h('p', { 'data-col': 'target' });
   const firmwareSelect = select({ name: 'firmware' }, []);
-  const clearButton = h('button', { type: 'button', class: 'secondary', onclick: () => clearTarget().catch(ctx.failed) }, 'Clear target');
-  const targetForm = h('form', { class: 'inline' }, field('Firmware version', firmwareSelect), h('button', { type: 'submit' }, 'Set target'), clearButton);
+  const clearButton = h(
+    'button',
+    { type: 'button', class: 'secondary', onclick: () => clearTarget().catch(ctx.failed) },
+    'Clear target',
+  );
+  const targetForm = h(
+    'form',
+    { class: 'inline' },
+    field('Firmware version', firmwareSelect),
+    h('button', { type: 'submit' }, 'Set target'),
+    clearButton,
+  );
   targetForm.addEventListener('submit', (e) => {
     e.preventDefault();
     setTarget().catch(ctx.failed);
@@ -111,8 +170,18 @@ function groupDetail(ctx, group, shared) {
   const counts = h('dl', { class: 'counts' });
   const attempts = h('div');
   const members = h('div');
-  const addInput = h('input', { name: 'devices', required: true, autocomplete: 'off', placeholder: 'serial-1, serial-2' });
-  const addForm = h('form', { class: 'inline' }, field('Add devices (identifiers or ids, comma-separated)', addInput), h('button', { type: 'submit' }, 'Add'));
+  const addInput = h('input', {
+    name: 'devices',
+    required: true,
+    autocomplete: 'off',
+    placeholder: 'serial-1, serial-2',
+  });
+  const addForm = h(
+    'form',
+    { class: 'inline' },
+    field('Add devices (identifiers or ids, comma-separated)', addInput),
+    h('button', { type: 'submit' }, 'Add'),
+  );
   addForm.addEventListener('submit', (e) => {
     e.preventDefault();
     addMembers().catch(ctx.failed);
@@ -125,9 +194,27 @@ function groupDetail(ctx, group, shared) {
       'article',
       { 'aria-labelledby': 'group-title' },
       h('h3', { id: 'group-title' }, `Group ${group.name}`),
-      h('section', { 'aria-labelledby': 'target-title' }, h('h4', { id: 'target-title' }, 'Target firmware'), targetInfo, targetForm),
-      h('section', { 'aria-labelledby': 'updates-title' }, h('h4', { id: 'updates-title' }, 'Update attempts'), counts, attempts),
-      h('section', { 'aria-labelledby': 'members-title' }, h('h4', { id: 'members-title' }, 'Members'), members, addForm),
+      h(
+        'section',
+        { 'aria-labelledby': 'target-title' },
+        h('h4', { id: 'target-title' }, 'Target firmware'),
+        targetInfo,
+        targetForm,
+      ),
+      h(
+        'section',
+        { 'aria-labelledby': 'updates-title' },
+        h('h4', { id: 'updates-title' }, 'Update attempts'),
+        counts,
+        attempts,
+      ),
+      h(
+        'section',
+        { 'aria-labelledby': 'members-title' },
+        h('h4', { id: 'members-title' }, 'Members'),
+        members,
+        addForm,
+      ),
     ),
     refresh,
     onEvent,
@@ -135,7 +222,9 @@ function groupDetail(ctx, group, shared) {
 
   async function setTarget() {
     const change = await ctx.send('PUT', ['groups', group.id, 'target'], { firmware_id: firmwareSelect.value });
-    ctx.notify(`Group ${group.name} now targets ${shared.versionOf(firmwareSelect.value)}: ${change.attempts.sent} update(s) sent, ${change.attempts.queued} queued.`);
+    ctx.notify(
+      `Group ${group.name} now targets ${shared.versionOf(firmwareSelect.value)}: ${change.attempts.sent} update(s) sent, ${change.attempts.queued} queued.`,
+    );
     shared.changed();
   }
 
@@ -168,9 +257,19 @@ function groupDetail(ctx, group, shared) {
     ]);
     identifiers = new Map(page.items.map((d) => [d.id, d.identifier]));
     const target = shared.targetOf(group.id);
-    fill(targetInfo, target ? `Runs ${shared.versionOf(target.firmware_id)} (set ${new Date(target.set_at).toLocaleString()})` : 'No target: members keep the firmware they run.');
-    const choices = shared.firmware().filter((f) => f.product_id === group.product_id && f.component === 'firmware' && f.has_blob);
-    fill(firmwareSelect, choices.map((f) => h('option', { value: f.id, selected: f.id === target?.firmware_id }, f.version)));
+    fill(
+      targetInfo,
+      target
+        ? `Runs ${shared.versionOf(target.firmware_id)} (set ${new Date(target.set_at).toLocaleString()})`
+        : 'No target: members keep the firmware they run.',
+    );
+    const choices = shared
+      .firmware()
+      .filter((f) => f.product_id === group.product_id && f.component === 'firmware' && f.has_blob);
+    fill(
+      firmwareSelect,
+      choices.map((f) => h('option', { value: f.id, selected: f.id === target?.firmware_id }, f.version)),
+    );
     clearButton.hidden = !target;
     const nonZero = Object.entries(status.updates).filter(([, n]) => n > 0);
     fill(
@@ -179,7 +278,15 @@ function groupDetail(ctx, group, shared) {
       h('dd', { 'data-state': 'online' }, `${status.online} of ${status.devices}`),
       nonZero.map(([state, n]) => [h('dt', {}, state.replace('_', ' ')), h('dd', { 'data-state': state }, String(n))]),
     );
-    fill(attempts, table('Update attempts', ['Device', 'Update', 'State', 'Progress', 'Updated'], history.items.map(attemptRow), 'No update attempts yet.'));
+    fill(
+      attempts,
+      table(
+        'Update attempts',
+        ['Device', 'Update', 'State', 'Progress', 'Updated'],
+        history.items.map(attemptRow),
+        'No update attempts yet.',
+      ),
+    );
     const memberRows = page.items.map((d) =>
       h(
         'tr',
@@ -187,7 +294,20 @@ function groupDetail(ctx, group, shared) {
         h('th', { scope: 'row' }, d.identifier),
         h('td', { 'data-col': 'status' }, h('span', { class: `badge ${d.connection_status}` }, d.connection_status)),
         h('td', {}, d.firmware_version ?? '—'),
-        h('td', { class: 'actions' }, h('button', { type: 'button', class: 'secondary', 'aria-label': `Remove ${d.identifier} from ${group.name}`, onclick: () => removeMember(d).catch(ctx.failed) }, 'Remove')),
+        h(
+          'td',
+          { class: 'actions' },
+          h(
+            'button',
+            {
+              type: 'button',
+              class: 'secondary',
+              'aria-label': `Remove ${d.identifier} from ${group.name}`,
+              onclick: () => removeMember(d).catch(ctx.failed),
+            },
+            'Remove',
+          ),
+        ),
       ),
     );
     fill(members, table('Members', ['Identifier', 'Status', 'Version', 'Actions'], memberRows, 'No members yet.'));
@@ -221,7 +341,9 @@ function groupDetail(ctx, group, shared) {
         if (stateChanged) reload(); // the counts by state moved
       } else if (identifiers.has(payload.device_id)) reload(); // a new attempt of a member
     } else if (event === 'device_status') {
-      const cell = members.querySelector(`tr[data-device-id="${CSS.escape(String(payload.device_id))}"] [data-col=status]`);
+      const cell = members.querySelector(
+        `tr[data-device-id="${CSS.escape(String(payload.device_id))}"] [data-col=status]`,
+      );
       if (cell) {
         fill(cell, h('span', { class: `badge ${payload.status}` }, payload.status));
         reload();
@@ -239,7 +361,12 @@ function progress(attempt, deviceName) {
   return h(
     'span',
     { class: 'progress' },
-    h('progress', { max: 100, value: percent, 'aria-label': `Update progress of ${deviceName}`, class: done ? 'stopped' : false }),
+    h('progress', {
+      max: 100,
+      value: percent,
+      'aria-label': `Update progress of ${deviceName}`,
+      class: done ? 'stopped' : false,
+    }),
     h('span', { class: 'percent' }, `${percent}%`),
   );
 }

@@ -22,7 +22,10 @@ export class Live {
   #statusListeners = new Set();
 
   constructor(token) {
-    this.#socket = new Socket('/socket', { authToken: token, reconnectAfterMs: (tries) => [500, 1000, 2000, 5000][tries - 1] ?? 10000 });
+    this.#socket = new Socket('/socket', {
+      authToken: token,
+      reconnectAfterMs: (tries) => [500, 1000, 2000, 5000][tries - 1] ?? 10000,
+    });
     this.#socket.onOpen(() => this.#status(this.#channel ? 'joining' : 'connected'));
     this.#socket.onError(() => this.#status('reconnecting'));
     this.#socket.onClose(() => this.#status('reconnecting'));
@@ -36,10 +39,13 @@ export class Live {
     const channel = this.#socket.channel(`operator:${orgId}`, {});
     for (const event of OPERATOR_EVENTS) channel.on(event, (payload) => this.#emit(event, payload));
     // phoenix rejoins after reconnects; each successful join may follow missed events.
-    channel.join().receive('ok', () => {
-      this.#status('live');
-      this.#emit('resync', {});
-    }).receive('error', (response) => this.#status(`refused: ${response?.reason ?? 'unknown reason'}`));
+    channel
+      .join()
+      .receive('ok', () => {
+        this.#status('live');
+        this.#emit('resync', {});
+      })
+      .receive('error', (response) => this.#status(`refused: ${response?.reason ?? 'unknown reason'}`));
     channel.onError(() => this.#status('reconnecting'));
     this.#channel = channel;
     this.#status('joining');
