@@ -1,6 +1,6 @@
 /**
  * The operator REST API: `/api/v1/...` (JWT or API token bearer, roles, org scoping), the
- * OpenAPI document and UI at `/api/docs`, and `/healthz`. Routes are thin: validate by schema,
+ * OpenAPI document and UI at `/api/docs`, and `/livez`, `/readyz` (and `/healthz`, the same as `/readyz`). Routes are thin: validate by schema,
  * check the principal, call server/fleet or server/identity, answer.
  */
 import type { FastifyInstance } from 'fastify';
@@ -40,7 +40,7 @@ export interface ApiDeps {
   disconnectOperatorSocket?: (socketId: string, reason: string) => Promise<void>;
   /** Failed-login limits per account and per client address (defaults: 10 and 50 per 15 min). */
   loginThrottle?: LoginThrottleOptions;
-  /** Readiness probe for /healthz (defaults to a `SELECT 1`). */
+  /** Readiness probe for /readyz and /healthz (defaults to a `SELECT 1`). */
   healthy?: () => Promise<boolean>;
 }
 
@@ -80,30 +80,49 @@ export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: Ap
     },
     // Only the API belongs in the document (the dashboard and device endpoints share the listener).
     transform: ({ schema, url }) => {
-      const documented = url.startsWith('/api/v1') || url === '/healthz';
+      const documented = url.startsWith('/api/v1') || ['/healthz', '/livez', '/readyz'].includes(url);
       return { schema: documented ? schema : { ...(schema ?? {}), hide: true }, url } as never;
     },
   });
   await app.register(swaggerUi, { routePrefix: '/api/docs' });
 
+  // Liveness: the process answers. Readiness: it should get traffic (database reachable, not draining).
+  const ready = async () => (deps.healthy ?? (() => pingDatabase(deps.db)))().catch(() => false);
+  const statusSchema = { type: 'object', properties: { status: { type: 'string' } } } as const;
   app.get(
-    '/healthz',
+    '/livez',
     {
+      logLevel: 'warn',
       schema: {
         tags: ['health'],
-        summary: 'Liveness and database readiness',
+        summary: 'Liveness: the process is up and its event loop answers',
         security: [],
-        response: {
-          200: { type: 'object', properties: { status: { type: 'string' } } },
-          503: { type: 'object', properties: { status: { type: 'string' } } },
-        },
+        response: { 200: statusSchema },
       },
     },
-    async (_request, reply) => {
-      const ok = await (deps.healthy ?? (() => pingDatabase(deps.db)))().catch(() => false);
-      return reply.status(ok ? 200 : 503).send({ status: ok ? 'ok' : 'unavailable' });
-    },
+    async () => ({ status: 'ok' }),
   );
+  for (const url of ['/readyz', '/healthz']) {
+    app.get(
+      url,
+      {
+        logLevel: 'warn',
+        schema: {
+          tags: ['health'],
+          summary:
+            url === '/readyz'
+              ? 'Readiness: 503 while the database is unreachable or the node is draining'
+              : 'Readiness (the older name of /readyz)',
+          security: [],
+          response: { 200: statusSchema, 503: statusSchema },
+        },
+      },
+      async (_request, reply) => {
+        const ok = await ready();
+        return reply.status(ok ? 200 : 503).send({ status: ok ? 'ok' : 'unavailable' });
+      },
+    );
+  }
 
   await app.register(
     async (api) => {

@@ -30,6 +30,8 @@ export interface EndpointOptions {
   maxChannels?: number;
   /** A socket whose unsent output exceeds this is disconnected. Default 8 MiB. */
   maxBufferedBytes?: number;
+  /** Told how long each broadcast took to reach this node's subscribed sockets (encode + writes). */
+  onFanout?: (seconds: number, sockets: number) => void;
   longpoll?: Partial<LongPollTimings>;
   /** How long drain() waits for closing handshakes before cutting sockets. Default 10 s. */
   drainTimeoutMs?: number;
@@ -94,7 +96,7 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
   };
   const drainTimeoutMs = options.drainTimeoutMs ?? 10_000;
   const stats = emptyStats();
-  const registry = new TopicRegistry(options.pubsub, stats, log);
+  const registry = new TopicRegistry(options.pubsub, stats, log, options.onFanout);
   const sockets = new Set<PhoenixSocket<A>>();
   const socketsById = new Map<string, Set<PhoenixSocket<A>>>();
   const wsSockets = new WeakMap<WebSocket, PhoenixSocket<A>>();

@@ -86,6 +86,8 @@ interface Envelope {
   o: string;
   /** Per-origin sequence number (also keeps NOTIFY from merging identical payloads). */
   s: number;
+  /** When the origin sent it (ms since the epoch, the origin's clock). */
+  w?: number;
   m?: WireMessage[];
   /** Id of a `pubsub_payloads` row holding `m`. */
   r?: number;
@@ -111,6 +113,8 @@ export class PgAdapter implements PubSubAdapter {
     gaps: 0,
     reconnects: 0,
   };
+  /** Told, per notification from another node, how long after sending it arrived (includes clock skew). */
+  onLag: ((seconds: number) => void) | undefined;
   /** This adapter's origin id: random per process, so two nodes with one name still see each other. */
   readonly origin = randomBytes(8).toString('hex');
   readonly channel: string;
@@ -248,11 +252,11 @@ export class PgAdapter implements PubSubAdapter {
 
   /** Upper bound of an inline envelope's size around `bytes` of messages (seq up to 16 digits). */
   #envelopeBytes(bytes: number): number {
-    return bytes + this.origin.length + 40;
+    return bytes + this.origin.length + 60;
   }
 
   #envelope(body: string): string {
-    return `{"o":"${this.origin}","s":${++this.#seq},${body}}`;
+    return `{"o":"${this.origin}","s":${++this.#seq},"w":${Date.now()},${body}}`;
   }
 
   async #notify(payloads: string[]): Promise<void> {
@@ -305,6 +309,7 @@ export class PgAdapter implements PubSubAdapter {
       return;
     }
     if (envelope.o === this.origin) return; // pubsub.ts delivered it locally already
+    if (typeof envelope.w === 'number') this.onLag?.(Math.max(0, Date.now() - envelope.w) / 1000);
     const last = this.#lastSeq.get(envelope.o);
     if (last !== undefined && envelope.s !== last + 1) {
       this.stats.gaps++;

@@ -33,6 +33,7 @@ export class TopicRegistry {
     readonly pubsub: PubSub,
     readonly stats: EndpointStats,
     readonly log: Logger,
+    readonly onFanout?: (seconds: number, sockets: number) => void,
   ) {}
 
   /** Number of topics this node listens on. */
@@ -80,6 +81,8 @@ export class TopicRegistry {
   }
 
   #deliver(entry: TopicEntry, message: Message): void {
+    const startedAt = this.onFanout && entry.fastlane.size > 0 ? performance.now() : 0;
+    let written = 0;
     // At most three serializers exist; a tiny list beats a Map per broadcast.
     const serializers: Serializer[] = [];
     const frames: (OutFrame | null)[] = [];
@@ -98,8 +101,10 @@ export class TopicRegistry {
       const frame = frames[index];
       if (!frame) continue;
       this.stats.broadcastsDelivered++;
+      written++;
       channel.socket.write(frame);
     }
+    if (written > 0) this.onFanout?.((performance.now() - startedAt) / 1000, written);
     for (const channel of entry.info) channel.handleInfo(message);
   }
 

@@ -1,6 +1,6 @@
 import { mkdirSync } from 'node:fs';
 import path from 'node:path';
-import { Kysely, PostgresDialect, sql } from 'kysely';
+import { Kysely, PostgresDialect, type PostgresPool, sql } from 'kysely';
 import pg from 'pg';
 import type { Database } from './schema.ts';
 import { lockDataDir } from './data-dir-lock.ts';
@@ -31,7 +31,26 @@ export interface DatabaseHandle {
   schema?: string;
   /** The PGlite instance, when embedded (it supports LISTEN/NOTIFY in-process). */
   pglite?: PGlitePool['pglite'];
+  /** Set `onWait` to be told how long each query waited for a pooled connection (metrics). */
+  poolObserver: PoolObserver;
   close(): Promise<void>;
+}
+
+export interface PoolObserver {
+  onWait?: (seconds: number) => void;
+}
+
+/** The pool as Kysely sees it, timing every wait for a connection. */
+function timedPool(pool: PostgresPool, observer: PoolObserver): PostgresPool {
+  return {
+    async connect() {
+      const startedAt = performance.now();
+      const client = await pool.connect();
+      observer.onWait?.((performance.now() - startedAt) / 1000);
+      return client;
+    },
+    end: () => pool.end(),
+  };
 }
 
 /** Opens the database chosen by configuration: `pg` when a URL is given, PGlite otherwise. */
@@ -53,24 +72,35 @@ export async function openDatabase(options: DatabaseOptions): Promise<DatabaseHa
       max: options.poolSize ?? 10,
       ...(schema ? { options: `-c search_path=${schema}` } : {}),
     });
-    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
-    return { db, kind: 'postgres', databaseUrl: options.databaseUrl, schema, close: () => db.destroy() };
+    const poolObserver: PoolObserver = {};
+    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool: timedPool(pool, poolObserver) }) });
+    return {
+      db,
+      kind: 'postgres',
+      databaseUrl: options.databaseUrl,
+      schema,
+      poolObserver,
+      close: () => db.destroy(),
+    };
   }
   if (options.dataDir === 'memory://') {
     const pool = await PGlitePool.open('memory://');
-    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
-    return { db, kind: 'pglite', pglite: pool.pglite, close: () => db.destroy() };
+    const poolObserver: PoolObserver = {};
+    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool: timedPool(pool, poolObserver) }) });
+    return { db, kind: 'pglite', pglite: pool.pglite, poolObserver, close: () => db.destroy() };
   }
   const dir = path.join(options.dataDir, 'pglite');
   mkdirSync(dir, { recursive: true });
   const unlock = await lockDataDir(dir);
   try {
     const pool = await PGlitePool.open(dir);
-    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
+    const poolObserver: PoolObserver = {};
+    const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool: timedPool(pool, poolObserver) }) });
     return {
       db,
       kind: 'pglite',
       pglite: pool.pglite,
+      poolObserver,
       async close() {
         try {
           await db.destroy();

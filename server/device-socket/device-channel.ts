@@ -80,8 +80,8 @@ export function createDeviceChannel(
       return {};
     },
 
-    async terminate(_reason, session, { assigns }) {
-      await deviceDisconnected(ctx, assigns.deviceId, session.connectedAt);
+    async terminate(reason, session, { assigns }) {
+      await deviceDisconnected(ctx, assigns.deviceId, session.connectedAt, reason);
     },
   };
 }

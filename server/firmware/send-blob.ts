@@ -1,6 +1,27 @@
 import type { ServerResponse } from 'node:http';
-import type { FastifyReply } from 'fastify';
+import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { BlobReader, BlobStore, ByteRange } from './blob-store.ts';
+
+/** One firmware download as it ended: how much of it was sent, how long it took, whether it was sent whole. */
+export interface DownloadOutcome {
+  sha256: string;
+  bytes: number;
+  expected: number;
+  durationMs: number;
+  completed: boolean;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** Told about every firmware download that ends on this listener (metrics); optional. */
+    fleethubDownloadObserver?: (outcome: DownloadOutcome) => void;
+  }
+}
+
+/** Makes `observer` see every download `sendBlob` serves on `app` and the plugins registered on it. */
+export function observeDownloads(app: FastifyInstance, observer: (outcome: DownloadOutcome) => void): void {
+  app.decorate('fleethubDownloadObserver', observer);
+}
 
 /** Bytes per read; two buffers per download take turns, so a download allocates nothing per chunk. */
 const CHUNK = 256 * 1024;
@@ -20,7 +41,37 @@ export async function sendBlob(
   sha256: string,
   range?: ByteRange,
 ): Promise<FastifyReply> {
-  if (!blobs.reader) return reply.send(await blobs.open(sha256, range));
+  const startedAt = performance.now();
+  const sent = { bytes: 0 };
+  const done = (expected: number) =>
+    reply.raw.once('close', () => {
+      const completed = reply.raw.writableFinished;
+      const outcome: DownloadOutcome = {
+        sha256,
+        bytes: completed && !blobs.reader ? expected : sent.bytes,
+        expected,
+        durationMs: Math.round(performance.now() - startedAt),
+        completed,
+      };
+      // One line per download: what an operator reads to see a device's update go through (or not).
+      reply.log.info(
+        {
+          sha256,
+          bytes: outcome.bytes,
+          expected_bytes: expected,
+          duration_ms: outcome.durationMs,
+          completed,
+          ...(range ? { range: `${range.start}-${range.end}` } : {}),
+        },
+        'firmware download',
+      );
+      reply.server.fleethubDownloadObserver?.(outcome);
+    });
+  if (!blobs.reader) {
+    const length = Number(reply.getHeader('content-length'));
+    done(Number.isFinite(length) ? length : 0);
+    return reply.send(await blobs.open(sha256, range));
+  }
   const reader = await blobs.reader(sha256);
   const res = reply.raw;
   const headers = reply.getHeaders();
@@ -28,14 +79,21 @@ export async function sendBlob(
   res.writeHead(reply.statusCode, headers as Record<string, string | number | string[]>);
   const start = range?.start ?? 0;
   const end = range ? range.end + 1 : reader.size;
-  void pump(res, reader, start, end).catch((err: unknown) => {
+  done(end - start);
+  void pump(res, reader, start, end, sent).catch((err: unknown) => {
     reply.log.warn({ err, sha256 }, 'firmware download aborted');
     res.destroy();
   });
   return reply;
 }
 
-async function pump(res: ServerResponse, reader: BlobReader, start: number, end: number): Promise<void> {
+async function pump(
+  res: ServerResponse,
+  reader: BlobReader,
+  start: number,
+  end: number,
+  sent: { bytes: number },
+): Promise<void> {
   const buffers = [Buffer.allocUnsafeSlow(CHUNK), Buffer.allocUnsafeSlow(CHUNK)];
   // Each buffer's last write: resolves with its error (undefined when written).
   const written: Promise<Error | null | undefined>[] = [Promise.resolve(undefined), Promise.resolve(undefined)];
@@ -56,7 +114,12 @@ async function pump(res: ServerResponse, reader: BlobReader, start: number, end:
       const n = await reader.read(buffer, Math.min(CHUNK, end - position), position);
       if (n === 0) throw new Error(`blob ended at byte ${position} of ${end}`);
       position += n;
-      written[turn] = new Promise((resolve) => res.write(n === CHUNK ? buffer : buffer.subarray(0, n), resolve));
+      written[turn] = new Promise((resolve) =>
+        res.write(n === CHUNK ? buffer : buffer.subarray(0, n), (err) => {
+          if (!err) sent.bytes += n;
+          resolve(err);
+        }),
+      );
       if (res.writableNeedDrain) await Promise.race([new Promise((resolve) => res.once('drain', resolve)), closed]);
     }
     for (const last of written) {

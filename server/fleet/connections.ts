@@ -201,15 +201,21 @@ function onlineEvent(ctx: FleetContext, orgId: string, deviceId: string, version
   return {
     topic: Topics.operator(orgId),
     event: 'device_status',
-    payload: { device_id: deviceId, status: 'online', version, node: ctx.nodeName },
+    payload: { device_id: deviceId, status: 'online', version, node: ctx.nodeName, protocol: 'phoenix' },
   };
 }
 
 /**
  * The device's connection on this node ended: mark it offline, unless a newer connection (on any
- * node) has taken over since `connectedAt`.
+ * node) has taken over since `connectedAt`. `reason` says why the connection ended (for operators
+ * and the log).
  */
-export async function deviceDisconnected(ctx: FleetContext, deviceId: string, connectedAt?: string): Promise<boolean> {
+export async function deviceDisconnected(
+  ctx: FleetContext,
+  deviceId: string,
+  connectedAt?: string,
+  reason = 'connection closed',
+): Promise<boolean> {
   if (!isUuid(deviceId)) return false;
   // One statement is atomic on its own: no transaction needed.
   let query = ctx.db
@@ -218,10 +224,16 @@ export async function deviceDisconnected(ctx: FleetContext, deviceId: string, co
     .where('id', '=', deviceId)
     .where('connected_node', '=', ctx.nodeName);
   if (connectedAt) query = query.where('last_seen_at', '=', new Date(connectedAt));
-  const row = await query.returning(['id', 'org_id']).executeTakeFirst();
-  if (row)
+  const row = await query.returning(['id', 'org_id', 'protocol']).executeTakeFirst();
+  if (row) {
+    const duration = connectedAt ? { connected_ms: Date.now() - Date.parse(connectedAt) } : {};
     await publishAll(ctx, [
-      { topic: Topics.operator(row.org_id), event: 'device_status', payload: { device_id: row.id, status: 'offline' } },
+      {
+        topic: Topics.operator(row.org_id),
+        event: 'device_status',
+        payload: { device_id: row.id, status: 'offline', protocol: row.protocol, reason, ...duration },
+      },
     ]);
+  }
   return row !== undefined;
 }

@@ -16,6 +16,18 @@ export interface FleetContext {
   nodeName: string;
   /** Signed download URL for a firmware image (injected by the wiring; H5 implements signing). */
   firmwareUrl(firmware: Firmware): string;
+  /**
+   * Sees every domain event once its transaction committed (before it is published), and how
+   * long each update report took to commit: the wiring turns them into log lines and metrics.
+   */
+  observer?: FleetObserver;
+}
+
+/** What the wiring observes of the domain; it must not throw (a throw is logged and ignored). */
+export interface FleetObserver {
+  committed?(event: FleetEvent): void;
+  /** An update report (`firmware_update_*` event) was committed, `seconds` after it arrived. */
+  reportIngested?(event: string, seconds: number): void;
 }
 
 /** An event to publish once the transaction that caused it has committed. */
@@ -64,6 +76,15 @@ export async function inTransaction<T>(
 
 /** Publishes events in order, in batches (a 20k-device group change queues 20k `join`s). */
 export async function publishAll(ctx: FleetContext, events: FleetEvent[]): Promise<void> {
+  if (ctx.observer?.committed) {
+    for (const e of events) {
+      try {
+        ctx.observer.committed(e);
+      } catch (err) {
+        ctx.log.error({ err, event: e.event }, 'fleet observer threw');
+      }
+    }
+  }
   const BATCH = 200;
   for (let i = 0; i < events.length; i += BATCH) {
     const batch = events.slice(i, i + BATCH);

@@ -351,6 +351,9 @@ export async function edgeDeviceOnline(
         version,
         node: input.node ?? ctx.nodeName,
         protocol: current.protocol,
+        // A report over a connection already recorded (Main Server polls, GRiSP after validate): not a new connection.
+        already_online:
+          current.connection_status === 'online' && current.connected_node === (input.node ?? ctx.nodeName),
       },
     });
 
@@ -516,8 +519,13 @@ export async function transitionAttempt(
 }
 
 /** The edge connection of a device ended on this node: offline unless a newer connection took over. */
-export async function edgeDeviceOffline(ctx: FleetContext, deviceId: string, connectedAt?: string): Promise<boolean> {
-  return deviceDisconnected(ctx, deviceId, connectedAt);
+export async function edgeDeviceOffline(
+  ctx: FleetContext,
+  deviceId: string,
+  connectedAt?: string,
+  reason?: string,
+): Promise<boolean> {
+  return deviceDisconnected(ctx, deviceId, connectedAt, reason);
 }
 
 /** Devices (ids) among `deviceIds` that a target change for `change` concerns: members of its group, or the device itself. */

@@ -144,19 +144,26 @@ export async function applyUpdateReport(
   const transition = TRANSITIONS[event];
   if (!transition) throw new FleetError('invalid', `unknown update report ${JSON.stringify(event)}`, { event });
   const report = validateReport(event, payload);
+  const startedAt = performance.now();
+  const ingested = <T>(attempt: T): T => {
+    ctx.observer?.reportIngested?.(event, (performance.now() - startedAt) / 1000);
+    return attempt;
+  };
   // A malformed id would fail the whole batch's uuid[] cast; alone it fails only its own report.
   if (event === 'firmware_update_progress' && isUuid(device.deviceId)) {
-    return progressBatcherOf(ctx).submit({
-      device,
-      deviceId: device.deviceId,
-      component,
-      version: report.version,
-      percent: report.percent!,
-      bytes: report.bytes!,
-      total: report.total!,
-    });
+    return progressBatcherOf(ctx)
+      .submit({
+        device,
+        deviceId: device.deviceId,
+        component,
+        version: report.version,
+        percent: report.percent!,
+        bytes: report.bytes!,
+        total: report.total!,
+      })
+      .then(ingested);
   }
-  return applyOneReport(ctx, device, event, report, component);
+  return applyOneReport(ctx, device, event, report, component).then(ingested);
 }
 
 /** The single-report path: one transaction that locks the attempt, checks the transition and writes it. */

@@ -13,7 +13,7 @@ import websocket from '@fastify/websocket';
 import { createSelfSignedCa } from '../../certs/pki.ts';
 import type { Db } from '../db/index.ts';
 import type { DeviceProtocol } from '../db/schema.ts';
-import { loggedUrl, type Logger } from '../log.ts';
+import { loggedUrl, rateLimitedWarning, type Logger } from '../log.ts';
 import { onSignerCasChanged, trustedCaPems } from '../identity/signer-cas.ts';
 import { issuerChain, resolveDeviceIdentity, type DeviceIdentity } from '../identity/resolve.ts';
 
@@ -49,6 +49,8 @@ export interface DeviceListenerOptions {
   expirySweepMs?: number;
   /** Called after connections closed on a revocation or an expiry (to end what outlives a TLS socket). */
   onConnectionsClosed?: (ended: RevokedIdentity, reason: string) => void;
+  /** Told about every refused TLS handshake (`tls`) and refused request or upgrade (`upgrade`), with the reason. */
+  onRefused?: (stage: 'tls' | 'upgrade', reason: string) => void;
 }
 
 export interface DeviceListener {
@@ -94,6 +96,8 @@ export function requireDeviceIdentity(request: FastifyRequest): DeviceIdentity {
 export async function createDeviceListener(opts: DeviceListenerOptions): Promise<DeviceListener> {
   const { db } = opts;
   const log = opts.log.child({ listener: 'device' });
+  // A scanner or a misconfigured device retries in a loop: one line per address and reason a minute, with a count.
+  const logTlsRefusal = rateLimitedWarning(log, 'TLS handshake refused', 60_000, 'info');
   // One set of ticket keys for the server's lifetime: a trust refresh must not void sessions.
   const ticketKeys = randomBytes(48);
   const sessionTimeout = opts.sessionTimeoutSeconds ?? 300;
@@ -167,6 +171,7 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
         );
       return;
     }
+    opts.onRefused?.('upgrade', refused.reason);
     request.log.warn(
       {
         remote: socket.remoteAddress,
@@ -179,6 +184,14 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
       'device connection refused',
     );
     return refuse(reply, refused.status, refused.reason, request.url.split('?')[0].endsWith('/longpoll'));
+  });
+
+  // A handshake that fails (no shared protocol or cipher, not TLS at all, reset mid-way): no request ever exists.
+  app.server.on('tlsClientError', (err: NodeJS.ErrnoException, socket: TLSSocket) => {
+    const reason = err.code ?? err.message;
+    opts.onRefused?.('tls', reason);
+    logTlsRefusal(`${socket.remoteAddress}:${reason}`, { remote: socket.remoteAddress, reason, message: err.message });
+    socket.destroy();
   });
 
   const refreshTrust = async (): Promise<void> => {

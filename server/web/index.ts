@@ -8,23 +8,24 @@ import { readdirSync, readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import helmet from '@fastify/helmet';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 
 /** Where the page's modules and stylesheet are served (the page names them with this prefix). */
 export const DASHBOARD_ASSETS = '/ui';
 
 /** The dashboard's own Content-Security-Policy: same-origin scripts, styles and fetches, WebSockets for the live view. */
-export const DASHBOARD_CSP = [
-  "default-src 'self'",
-  "script-src 'self'",
-  "style-src 'self'",
-  "img-src 'self' data:",
-  "connect-src 'self' ws: wss:",
-  "object-src 'none'",
-  "base-uri 'none'",
-  "form-action 'self'",
-  "frame-ancestors 'none'",
-].join('; ');
+export const DASHBOARD_CSP_DIRECTIVES = {
+  defaultSrc: ["'self'"],
+  scriptSrc: ["'self'"],
+  styleSrc: ["'self'"],
+  imgSrc: ["'self'", 'data:'],
+  connectSrc: ["'self'", 'ws:', 'wss:'],
+  objectSrc: ["'none'"],
+  baseUri: ["'none'"],
+  formAction: ["'self'"],
+  frameAncestors: ["'none'"],
+};
 
 const STATIC_DIR = path.join(path.dirname(fileURLToPath(import.meta.url)), 'static');
 const CONTENT_TYPES: Record<string, string> = {
@@ -57,14 +58,7 @@ function phoenixModule(): Asset {
 }
 
 function send(reply: FastifyReply, asset: Asset, cache: string): FastifyReply {
-  return reply
-    .header('content-type', asset.type)
-    .header('cache-control', cache)
-    .header('x-content-type-options', 'nosniff')
-    .header('content-security-policy', DASHBOARD_CSP)
-    .header('referrer-policy', 'no-referrer')
-    .header('x-frame-options', 'DENY')
-    .send(asset.body);
+  return reply.header('content-type', asset.type).header('cache-control', cache).send(asset.body);
 }
 
 /**
@@ -81,12 +75,24 @@ export async function registerDashboard(app: FastifyInstance): Promise<void> {
   const phoenix = phoenixModule();
 
   const hidden = { schema: { hide: true } };
-  // Revalidate the page each time so a server upgrade reaches operators on their next load.
-  app.get('/', hidden, async (_request, reply) => send(reply, html, 'no-cache'));
-  app.get(`${prefix}/vendor/phoenix.mjs`, hidden, async (_request, reply) => send(reply, phoenix, 'no-cache'));
-  app.get<{ Params: { file: string } }>(`${prefix}/:file`, hidden, async (request, reply) => {
-    const asset = request.params.file === 'index.html' ? undefined : assets.get(request.params.file);
-    if (!asset) return reply.status(404).header('content-type', 'text/plain; charset=utf-8').send('not found');
-    return send(reply, asset, 'no-cache');
+  // The dashboard's routes in a scope of their own: helmet's headers (and its strict CSP) on them
+  // only, not on the API's JSON nor on the OpenAPI UI, which needs inline scripts.
+  await app.register(async (scope) => {
+    await scope.register(helmet, {
+      // Only these directives: helmet's defaults add upgrade-insecure-requests, which breaks a plain-HTTP listener.
+      contentSecurityPolicy: { useDefaults: false, directives: DASHBOARD_CSP_DIRECTIVES },
+      frameguard: { action: 'deny' },
+      referrerPolicy: { policy: 'no-referrer' },
+      // HSTS belongs to whoever terminates TLS for the API listener (it may be plain HTTP behind a proxy).
+      strictTransportSecurity: false,
+    });
+    // Revalidate the page each time so a server upgrade reaches operators on their next load.
+    scope.get('/', hidden, async (_request, reply) => send(reply, html, 'no-cache'));
+    scope.get(`${prefix}/vendor/phoenix.mjs`, hidden, async (_request, reply) => send(reply, phoenix, 'no-cache'));
+    scope.get<{ Params: { file: string } }>(`${prefix}/:file`, hidden, async (request, reply) => {
+      const asset = request.params.file === 'index.html' ? undefined : assets.get(request.params.file);
+      if (!asset) return reply.status(404).header('content-type', 'text/plain; charset=utf-8').send('not found');
+      return send(reply, asset, 'no-cache');
+    });
   });
 }

@@ -21,7 +21,7 @@ import { createLogger } from '../../server/log.ts';
 import WebSocket from 'ws';
 
 let server: TestServer;
-/** The server's log lines (info and up). */
+/** The server's log lines (debug and up: request lines are at debug). */
 const logs: Array<Record<string, any>> = [];
 const gateways: WifidogxGateway[] = [];
 
@@ -72,7 +72,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       {},
       {
         log: createLogger({
-          level: 'info',
+          level: 'debug',
           destination: { write: (line: string) => void logs.push(JSON.parse(line)) },
         }),
       },

@@ -115,8 +115,17 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
     const csp = res.headers.get('content-security-policy') ?? '';
     assert.match(csp, /default-src 'self'/);
     assert.match(csp, /connect-src 'self' ws: wss:/);
-    assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval/);
-    assert.equal(res.headers.get('x-content-type-options'), 'nosniff');
+    assert.doesNotMatch(csp, /unsafe-inline|unsafe-eval|upgrade-insecure-requests/);
+    assert.match(csp, /frame-ancestors 'none'/);
+    // helmet's security headers on the page and its modules.
+    for (const headers of [res.headers, (await fetch(`${server.apiUrl}/ui/app.js`)).headers]) {
+      assert.equal(headers.get('x-content-type-options'), 'nosniff');
+      assert.equal(headers.get('x-frame-options'), 'DENY');
+      assert.equal(headers.get('referrer-policy'), 'no-referrer');
+      assert.equal(headers.get('cross-origin-opener-policy'), 'same-origin');
+      assert.equal(headers.get('cross-origin-resource-policy'), 'same-origin');
+      assert.equal(headers.get('x-powered-by'), null);
+    }
 
     const phoenix = await fetch(`${server.apiUrl}/ui/vendor/phoenix.mjs`);
     assert.equal(phoenix.status, 200);

@@ -7,9 +7,9 @@
 import type { KeyObject } from 'node:crypto';
 import type { Socket } from 'node:net';
 import { describeBadString, findBadString } from '../../input-gate.ts';
-import type { Logger } from '../../log.ts';
+import { rateLimitedWarning, type Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
-import { edgeDeviceOffline } from '../../fleet/edge-devices.ts';
+import { edgeDeviceOffline, markEdgeDeviceConnected } from '../../fleet/edge-devices.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
@@ -44,6 +44,14 @@ export interface ConnectionDeps extends ActionDeps {
 type State =
   | { phase: 'hello' }
   | { phase: 'authorised'; session: ActionSession; clientKey: KeyObject; unwatch: () => void };
+
+const notAuthorised = new WeakMap<Logger, ReturnType<typeof rateLimitedWarning>>();
+/** The listener's rate-limited "key not authorised" line (one per listener logger, shared by its connections). */
+function notAuthorisedOf(log: Logger): ReturnType<typeof rateLimitedWarning> {
+  let fn = notAuthorised.get(log);
+  if (!fn) notAuthorised.set(log, (fn = rateLimitedWarning(log, 'keyauth key not authorised', 60_000, 'info')));
+  return fn;
+}
 
 /** Drives one socket until it closes; resolves when it has. */
 export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<void> {
@@ -153,7 +161,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     }
     if (device.approval !== 'approved') {
       const revoked = device.approval === 'revoked';
-      log.info({ fingerprint: key.fingerprint, approval: device.approval }, 'keyauth key not authorised');
+      // A pending key retries every few seconds: one line a minute per key, with how often it came.
+      notAuthorisedOf(deps.log)(key.fingerprint, { fingerprint: key.fingerprint, approval: device.approval, remote });
       return send({
         code: 102,
         error: {
@@ -165,17 +174,13 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
         data: { fingerprint: key.fingerprint },
       });
     }
-    const now = new Date();
-    await deps.fleet.db
-      .updateTable('devices')
-      .set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now })
-      .where('id', '=', device.id)
-      .execute();
+    // Online on this node, told to operators (and the log) like every other connection.
+    const connectedAt = await markEdgeDeviceConnected(deps.fleet, { deviceId: device.id, orgId: device.org_id });
     const session: ActionSession = {
       deviceId: device.id,
       orgId: device.org_id,
       identifier: device.identifier,
-      connectedAt: now.toISOString(),
+      connectedAt,
     };
     const unwatch = deps.watchDevice(device.id, (event) => {
       if (event === 'device_revoked' || event === 'device_deleted') close(`device ${event}`);

@@ -7,7 +7,7 @@ import type { FastifyReply, FastifyRequest } from 'fastify';
 
 export class MainServerError extends Error {
   constructor(
-    readonly status: 400 | 401 | 403 | 404 | 409 | 500,
+    readonly status: 400 | 401 | 403 | 404 | 409 | 429 | 500,
     /** Short description (the seed's `error`). */
     readonly error: string,
     /** What happened and what to do (the seed's `details`). */
@@ -44,6 +44,8 @@ export function toMainServerError(err: unknown): MainServerError {
     if (status === 403) return new MainServerError(403, 'Forbidden', e.message ?? 'insufficient permissions');
     if (status === 404) return new MainServerError(404, 'Not found', e.message ?? 'not found');
   }
+  // The listener's rate limit (listeners/rate-limit.ts): Retry-After is already on the reply.
+  if (e && e.statusCode === 429) return new MainServerError(429, 'Too many requests', e.message ?? 'slow down');
   if (
     e &&
     (Array.isArray(e.validation) || (typeof e.statusCode === 'number' && e.statusCode >= 400 && e.statusCode < 500))
