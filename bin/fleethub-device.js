@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Runs the TypeScript sources through tsx so the published bin needs no build step.
-import { register } from 'tsx/esm/api';
-register();
-await import('../device-client/cli.ts');
+// Runs the compiled device client (dist/); it starts itself when run as this bin.
+import { loadCompiled } from './load-compiled.js';
+
+await loadCompiled('device-client/cli.js');

@@ -1,8 +1,9 @@
 #!/usr/bin/env node
-// Runs the TypeScript sources through tsx so the bin needs no build step.
-import { register } from 'tsx/esm/api';
-register();
-const { main } = await import('../server/cli/index.ts');
+// Runs the compiled server (dist/, built by `npm run build` or on `npm install` through `prepare`):
+// no TypeScript compiler is loaded in production. `npm run dev` runs the sources through tsx.
+import { loadCompiled } from './load-compiled.js';
+
+const { main } = await loadCompiled('server/cli/index.js');
 try {
   process.exitCode = await main(process.argv.slice(2));
 } catch (err) {

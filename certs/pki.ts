@@ -140,6 +140,30 @@ export function loadPki(dir: string): PkiMaterial {
   };
 }
 
+/**
+ * Production mode: the server's own certificate and key only (`server.pem`, the chain in PEM,
+ * and `server.key`), which the operator provides; nothing is created. Device trust comes from
+ * the signer CAs registered through the API, so no CA key belongs on the server.
+ */
+export function loadServerCertificate(dir: string): { dir: string; server: { certPem: string; keyPem: string } } {
+  const missing = [PKI_FILES.serverCert, PKI_FILES.serverKey].filter((f) => !existsSync(path.join(dir, f)));
+  if (missing.length > 0)
+    throw new PkiError(
+      'PKI_PRODUCTION_MISSING',
+      `production mode: ${missing.map((f) => path.join(dir, f)).join(' and ')} missing. Put the server's certificate ` +
+        `(PEM, with its intermediate CAs) in ${PKI_FILES.serverCert} and its private key in ${PKI_FILES.serverKey} ` +
+        `in ${dir} (--certs-dir / FLEETHUB_CERTS_DIR), and register your device signer CAs through the API; ` +
+        'production mode never creates a development PKI (run without --production for a lab)',
+    );
+  return {
+    dir,
+    server: {
+      certPem: readFileSync(path.join(dir, PKI_FILES.serverCert), 'utf8'),
+      keyPem: readFileSync(path.join(dir, PKI_FILES.serverKey), 'utf8'),
+    },
+  };
+}
+
 /** Issues a client certificate with CN = serial, signed by the dev signer CA unless `issuer` says otherwise. */
 export function issueDeviceCertificate(
   material: PkiMaterial,

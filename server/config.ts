@@ -1,8 +1,11 @@
+import { readFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 
 /** Every setting of `fleethub serve`, from flags, then environment, then defaults. */
 export interface Config {
+  /** Production mode: never create a development PKI, a development tenant or an admin with a generated password. */
+  production: boolean;
   dataDir: string;
   databaseUrl?: string;
   host: string;
@@ -33,6 +36,10 @@ export interface Config {
   wifidogxAuth: string;
   /** WiFiDogX connections that have not sent `connect` yet, at most. */
   wifidogxMaxUnidentified: number;
+  /** When set, `GET /metrics` needs `Authorization: Bearer <metricsToken>`. */
+  metricsToken?: string;
+  /** Requests per client address and route per minute on the edges' device-facing HTTP routes (0: unlimited). */
+  deviceRateLimit: number;
 }
 
 interface Setting {
@@ -45,6 +52,14 @@ interface Setting {
 }
 
 export const SETTINGS: Setting[] = [
+  {
+    key: 'production',
+    flag: 'production',
+    env: 'FLEETHUB_PRODUCTION',
+    kind: 'boolean',
+    help: 'refuse to create a development PKI, tenant or generated admin password (the Docker image sets it)',
+    default: () => false,
+  },
   {
     key: 'dataDir',
     flag: 'data-dir',
@@ -170,8 +185,8 @@ export const SETTINGS: Setting[] = [
     flag: 'bootstrap-dev',
     env: 'FLEETHUB_BOOTSTRAP_DEV',
     kind: 'boolean',
-    help: 'create the default org/product and register the dev signer CA',
-    default: () => true,
+    help: 'create the default org/product and register the dev signer CA (default: on, off in production mode)',
+    default: (c) => !c.production,
   },
   {
     key: 'wifidogxAutoApprove',
@@ -196,6 +211,22 @@ export const SETTINGS: Setting[] = [
     kind: 'number',
     help: 'WiFiDogX connections waiting for their first connect, at most',
     default: () => 1000,
+  },
+  {
+    key: 'metricsToken',
+    flag: 'metrics-token',
+    env: 'FLEETHUB_METRICS_TOKEN',
+    kind: 'string',
+    help: 'bearer token Prometheus must send to GET /metrics (default: /metrics is open)',
+    default: () => undefined,
+  },
+  {
+    key: 'deviceRateLimit',
+    flag: 'device-rate-limit',
+    env: 'FLEETHUB_DEVICE_RATE_LIMIT',
+    kind: 'number',
+    help: "requests per minute per address and route on the edges' HTTP routes (Main Server, WiFiDogX, GRiSP; 0: off)",
+    default: () => 600,
   },
 ];
 
@@ -245,10 +276,17 @@ export function loadConfig(
     if (value === undefined && flags.has(setting.flag)) value = parseValue(setting, flags.get(setting.flag)!);
     if (value === undefined && env[setting.env] !== undefined && env[setting.env] !== '')
       value = parseValue(setting, env[setting.env]!);
+    // `<ENV>_FILE`: the value is in that file (Docker secrets are files in /run/secrets).
+    const file = env[`${setting.env}_FILE`];
+    if (value === undefined && file) value = parseValue(setting, readFileSync(file, 'utf8').trim());
     if (value === undefined) value = setting.default(config);
     (config as Record<string, unknown>)[setting.key] = value;
   }
   config.dataDir = path.resolve(config.dataDir!);
+  if (config.production && config.bootstrapDev)
+    throw new Error(
+      'production mode: --bootstrap-dev registers the development signer CA; create orgs and products and register your signer CAs through the API instead',
+    );
   return config as Config;
 }
 

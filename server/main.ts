@@ -7,11 +7,12 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import path from 'node:path';
 import Fastify, { type FastifyInstance } from 'fastify';
-import { fingerprintOfPem, initDevPki, type PkiMaterial } from '../certs/pki.ts';
+import { fingerprintOfPem, initDevPki, loadServerCertificate, type PkiMaterial } from '../certs/pki.ts';
 import { SYSTEM } from './audit.ts';
 import {
   createEndpoint,
   createPubSub,
+  PgAdapter,
   phoenixProtocolHandler,
   pubsubAdapterFor,
   type Endpoint,
@@ -25,10 +26,11 @@ import { createDeviceSocket, deviceSocketId } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
 import { registerInputGate } from './input-gate.ts';
-import { registerGrispEdge } from './edges/grisp/index.ts';
+import { GRISP_PATH, registerGrispEdge } from './edges/grisp/index.ts';
+import { limitDeviceRoutes } from './listeners/rate-limit.ts';
 import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
-import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
-import { registerWifidogxEdge, type WifidogxAuthPolicy } from './edges/wifidogx/index.ts';
+import { MAIN_SERVER_PREFIX, mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
+import { registerWifidogxEdge, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './edges/wifidogx/index.ts';
 import { registerOperatorSocket } from './api/socket.ts';
 import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
@@ -50,6 +52,8 @@ import {
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
 import { createLogger, RedactingLogController, type Logger } from './log.ts';
+import { fleetObserver, Metrics, refusalLabel, registerMetricsRoute } from './observability.ts';
+import { observeDownloads } from './firmware/send-blob.ts';
 
 export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
@@ -65,7 +69,8 @@ export interface RunningServer {
   database: DatabaseHandle;
   pubsub: PubSubWithStats;
   fleet: FleetContext;
-  pki: PkiMaterial;
+  /** The server certificate; the development CAs too unless in production mode. */
+  pki: Pick<PkiMaterial, 'dir' | 'server'> | PkiMaterial;
   secret: string;
   deviceListener: DeviceListener;
   deviceEndpoint: Endpoint;
@@ -78,7 +83,11 @@ export interface RunningServer {
   deviceUrl: string;
   /** `http(s)://<host>:<port>` of the operator API (https with `--api-tls`). */
   apiUrl: string;
-  /** Closes device sockets with 1012 (devices reconnect elsewhere) and stops everything. */
+  /** Prometheus metrics of this process (served at `/metrics` on the API listener). */
+  metrics: Metrics;
+  /** Stops being ready (`/readyz` answers 503) and closes device and operator sockets with 1012; listeners stay up. */
+  drain(): Promise<void>;
+  /** Drains (devices reconnect elsewhere) and stops everything. */
   close(): Promise<void>;
 }
 
@@ -99,14 +108,17 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await migrateToLatest(database.db, database.schema);
 
   const secret = config.secret ?? loadOrCreateSecret(config.dataDir);
-  const { created, material: pki } = await initDevPki(config.certsDir);
-  if (created.length) log.info({ dir: config.certsDir, created }, 'created development PKI');
+  const developmentPki = config.production ? undefined : await devPki(config.certsDir, log);
+  const pki = developmentPki ?? loadServerCertificate(config.certsDir);
 
   // On PostgreSQL, nodes share PubSub through LISTEN/NOTIFY; embedded PGlite is single-node.
   const adapter =
     options.pubsubAdapter ??
     pubsubAdapterFor(database, { log: log.child({ component: 'pubsub' }), nodeName: config.nodeName });
   const pubsub = createPubSub({ adapter, log: log.child({ component: 'pubsub' }) });
+  const metrics = new Metrics({ db: database.db, pubsub, log });
+  database.poolObserver.onWait = (seconds) => metrics.dbPoolWait.observe(seconds);
+  if (adapter instanceof PgAdapter) adapter.onLag = (seconds) => metrics.pubsubLag.observe(seconds);
   // Listen before serving: a node must not miss other nodes' messages, and a bad URL must stop start-up.
   await pubsub.ready;
   const blobs = new LocalBlobStore(path.join(config.dataDir, 'blobs'));
@@ -124,9 +136,10 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     log: log.child({ component: 'fleet' }),
     nodeName: config.nodeName,
     firmwareUrl: (firmware) => signUrl(firmware),
+    observer: fleetObserver(log.child({ component: 'fleet' }), metrics),
   };
 
-  if (config.bootstrapDev) await bootstrapDevelopmentTenant(fleet, pki, log);
+  if (config.bootstrapDev && developmentPki) await bootstrapDevelopmentTenant(fleet, developmentPki, log);
 
   // `--allowed-origins '*'` allows any Origin; an empty list means the Origin's host must be the Host.
   const checkOrigin = config.allowedOrigins.includes('*')
@@ -138,7 +151,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // Devices: mutual TLS, Phoenix socket and firmware downloads.
   const deviceListener = await createDeviceListener({
     db: database.db,
-    log: log.child({ listener: 'device' }),
+    // The listener names itself ({listener: 'device'}); a second child binding would repeat the key in every line.
+    log,
+    onRefused: (stage, reason) => metrics.refusedHandshakes.inc({ stage, reason: refusalLabel(reason) }),
     tls: pki.server,
     // GRiSP boards offer `grisp-io-v1` (echoed); Phoenix clients may offer a bearer token.
     handleProtocols: (protocols) =>
@@ -153,6 +168,16 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   });
   // Before any device route: the same string gate as the API listener (registerApi adds it there).
   registerInputGate(deviceListener.app as unknown as FastifyInstance);
+  await limitDeviceRoutes(deviceListener.app as unknown as FastifyInstance, {
+    prefixes: [GRISP_PATH],
+    perMinute: config.deviceRateLimit,
+    log: log.child({ listener: 'device' }),
+  });
+  const countDownload = (outcome: { bytes: number; completed: boolean }) => {
+    metrics.firmwareDownloads.inc({ completed: String(outcome.completed) });
+    metrics.firmwareBytes.inc(outcome.bytes);
+  };
+  observeDownloads(deviceListener.app as unknown as FastifyInstance, countDownload);
   const deviceSocket = createDeviceSocket(fleet, {
     identityOf: deviceIdentityOf,
     disconnect: (socketId) => deviceEndpoint.disconnect(socketId),
@@ -162,6 +187,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     log: log.child({ socket: 'device' }),
     idleTimeoutMs: config.heartbeatTimeoutMs,
     checkOrigin,
+    onFanout: (seconds) => metrics.fanout.observe({ socket: 'device' }, seconds),
   });
   await deviceEndpoint.register(deviceListener.app, { path: '/socket' });
   registerFirmwareDownload(deviceListener.app, { db: database.db, blobs, secret });
@@ -181,6 +207,14 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       : {}),
   }) as unknown as FastifyInstance;
   const apiScheme = config.apiTls ? 'https' : 'http';
+  observeDownloads(api, countDownload);
+  // Gateways, Raspberry Pis and keyauth downloads on the API listener; operators are throttled at login.
+  await limitDeviceRoutes(api, {
+    prefixes: [MAIN_SERVER_PREFIX, WIFIDOGX_PATH, '/fw/', '/api/keyauth/'],
+    perMinute: config.deviceRateLimit,
+    log: log.child({ listener: 'api' }),
+  });
+  let draining = false;
   // Known once listening (port 0 in tests): edges build download URLs from it lazily.
   const apiBaseUrl = () => `${apiScheme}://${hostForUrl(config.host)}:${(api.server.address() as AddressInfo).port}`;
   await registerApi(
@@ -194,6 +228,12 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       secret,
       blobs,
       disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason),
+      // Not ready while draining (the balancer stops sending traffic) or when the database does not answer.
+      healthy: async () => {
+        if (draining) return false;
+        await database.db.selectNoFrom((eb) => eb.lit(1).as('one')).execute();
+        return true;
+      },
     },
     [
       async (scope) => firmwareApiRoutes(scope, { fleet, blobs }),
@@ -201,6 +241,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       keyauthApiPlugin({ fleet }),
     ],
   );
+  // After registerApi, so the route table (authorization matrix) lists it.
+  registerMetricsRoute(api, metrics, config.metricsToken);
   const operatorEndpoint = await registerOperatorSocket(api, {
     db: database.db,
     secret,
@@ -284,6 +326,12 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   }
 
   let closed = false;
+  let drained: Promise<void> | undefined;
+  const drain = () => {
+    draining = true;
+    drained ??= Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]).then(() => undefined);
+    return drained;
+  };
   return {
     config,
     log,
@@ -298,15 +346,17 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     api,
     blobs,
     keyauth,
+    metrics,
     deviceUrl: `https://localhost:${devicePort}`,
     apiUrl: apiBaseUrl(),
+    drain,
     async close() {
       if (closed) return;
       closed = true;
       for (const t of timers) clearInterval(t);
       stopCaRelay();
       stopRevocations();
-      await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
+      await drain();
       await deviceEndpoint.close();
       await operatorEndpoint.close();
       await Promise.allSettled([mainServer.close(), keyauth?.close()]);
@@ -317,6 +367,13 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       if (ownsDatabase) await database.close();
     },
   };
+}
+
+/** The development PKI, created where missing (never in production mode). */
+async function devPki(dir: string, log: Logger): Promise<PkiMaterial> {
+  const { created, material } = await initDevPki(dir);
+  if (created.length) log.info({ dir, created }, 'created development PKI');
+  return material;
 }
 
 function hostForUrl(host: string): string {

@@ -97,7 +97,7 @@ export async function main(argv: string[]): Promise<number> {
   return (await command.run())(rest);
 }
 
-// `tsx server/cli/index.ts ...` (npm start) runs it directly; bin/fleethub.js calls main().
+// `tsx server/cli/index.ts ...` (npm run dev, the tests) runs it directly; bin/fleethub.js calls main().
 if (process.argv[1] && /cli[\\/]index\.ts$/.test(process.argv[1])) {
   main(process.argv.slice(2)).then(
     (code) => {

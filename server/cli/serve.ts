@@ -1,9 +1,9 @@
 import { randomBytes } from 'node:crypto';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createUser } from '../api/operators.ts';
 import type { Db } from '../db/index.ts';
-import { configHelp, loadConfig } from '../config.ts';
+import { configHelp, loadConfig, type Config } from '../config.ts';
 import { startServer } from '../main.ts';
 
 /** `fleethub serve`: runs a node until SIGTERM/SIGINT, then drains devices with 1012. */
@@ -14,7 +14,10 @@ export async function runServeCommand(argv: string[]): Promise<number> {
   }
   const config = loadConfig(argv);
   const server = await startServer(config);
-  const firstAdmin = await bootstrapFirstAdmin(server.database.db, config.dataDir, process.env);
+  const firstAdmin = await bootstrapFirstAdmin(server.database.db, config, process.env).catch(async (err: unknown) => {
+    await server.close();
+    throw err;
+  });
   const rel = (p: string) => path.relative(process.cwd(), p) || '.';
   const certsDir = rel(config.certsDir);
   const socketUrl = `${server.deviceUrl.replace(/^https:/, 'wss:')}/socket`;
@@ -30,9 +33,11 @@ export async function runServeCommand(argv: string[]): Promise<number> {
     server.keyauth ? `  keyauth (TCP)     ${config.host}:${server.keyauth.port}` : '',
     `  dashboard         ${server.apiUrl}/`,
     '',
-    firstAdmin
-      ? `First start: created the admin ${firstAdmin.email}; the password is in ${rel(firstAdmin.passwordFile)}. Log in with\n  npx fleethub login --url ${server.apiUrl} --email ${firstAdmin.email} --password "$(cat ${rel(firstAdmin.passwordFile)})"\n`
-      : `Log in: npx fleethub login --url ${server.apiUrl} --email <your email>\n`,
+    firstAdmin && !firstAdmin.passwordFile
+      ? `First start: created the admin ${firstAdmin.email} with the password you configured.\n`
+      : firstAdmin?.passwordFile
+        ? `First start: created the admin ${firstAdmin.email}; the password is in ${rel(firstAdmin.passwordFile)}. Log in with\n  npx fleethub login --url ${server.apiUrl} --email ${firstAdmin.email} --password "$(cat ${rel(firstAdmin.passwordFile)})"\n`
+        : `Log in: npx fleethub login --url ${server.apiUrl} --email <your email>\n`,
     'Connect 10 simulated devices (certificates are issued from the development PKI):',
     `  npx fleethub-device simulate --count 10 --url ${socketUrl} --pki ${certsDir} --certs ${rel(path.join(config.dataDir, 'sim-certs'))}`,
     '',
@@ -70,15 +75,25 @@ export async function runServeCommand(argv: string[]): Promise<number> {
  */
 async function bootstrapFirstAdmin(
   db: Db,
-  dataDir: string,
+  config: Pick<Config, 'dataDir' | 'production'>,
   env: NodeJS.ProcessEnv,
-): Promise<{ email: string; passwordFile: string } | undefined> {
+): Promise<{ email: string; passwordFile?: string } | undefined> {
   const existing = await db.selectFrom('users').select('id').limit(1).executeTakeFirst();
   if (existing) return undefined;
+  const dataDir = config.dataDir;
   const email = env.FLEETHUB_ADMIN_EMAIL || 'admin@fleethub.local';
-  const password = env.FLEETHUB_ADMIN_PASSWORD || randomBytes(18).toString('base64url');
+  const given =
+    env.FLEETHUB_ADMIN_PASSWORD ||
+    (env.FLEETHUB_ADMIN_PASSWORD_FILE ? readFileSync(env.FLEETHUB_ADMIN_PASSWORD_FILE, 'utf8').trim() : '');
+  if (!given && config.production)
+    throw new Error(
+      'production mode: there is no operator yet and no password for the first admin. Set FLEETHUB_ADMIN_EMAIL and ' +
+        'FLEETHUB_ADMIN_PASSWORD (or FLEETHUB_ADMIN_PASSWORD_FILE, e.g. a Docker secret), or create one with "fleethub users create"',
+    );
+  const password = given || randomBytes(18).toString('base64url');
   const passwordFile = path.join(dataDir, 'initial-admin-password');
-  writeFileSync(passwordFile, `${password}\n`, { mode: 0o600 });
+  // A password the operator chose stays where they keep it; only a generated one is written down.
+  if (!given) writeFileSync(passwordFile, `${password}\n`, { mode: 0o600 });
   await createUser(db, { email, password, role: 'admin' });
-  return { email, passwordFile };
+  return given ? { email } : { email, passwordFile };
 }

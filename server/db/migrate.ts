@@ -6,14 +6,20 @@ import type { Db } from './index.ts';
 
 const MIGRATIONS_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../migrations');
 
-/** Loads every `migrations/*.ts` file; names sort by their date-and-number prefix. */
+/**
+ * Loads every migration file: `migrations/*.ts` from the sources, `dist/migrations/*.js` in the
+ * compiled build (either way named without the extension, so both see the same history); names
+ * sort by their date-and-number prefix.
+ */
 class DirectoryMigrationProvider implements MigrationProvider {
   async getMigrations(): Promise<Record<string, Migration>> {
-    const files = (await readdir(MIGRATIONS_DIR)).filter((f) => /^\d.*\.ts$/.test(f) && !f.endsWith('.d.ts')).sort();
+    const ext = path.extname(fileURLToPath(import.meta.url));
+    const files = (await readdir(MIGRATIONS_DIR)).filter((f) => /^\d/.test(f) && path.extname(f) === ext).sort();
     const migrations: Record<string, Migration> = {};
     for (const file of files) {
+      if (file.endsWith('.d.ts')) continue;
       const mod = (await import(pathToFileURL(path.join(MIGRATIONS_DIR, file)).href)) as Migration;
-      migrations[file.replace(/\.ts$/, '')] = mod;
+      migrations[file.slice(0, -ext.length)] = mod;
     }
     return migrations;
   }

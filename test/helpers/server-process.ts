@@ -3,6 +3,8 @@ import { once } from 'node:events';
 import path from 'node:path';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
+/** The compiled build's bin, as `npm start` and the Docker image run it (needs `npm run build`). */
+export const COMPILED_BIN = path.resolve(import.meta.dirname, '../../bin/fleethub.js');
 
 export interface ServerProcess {
   child: ChildProcess;
@@ -23,6 +25,10 @@ export interface ServerProcessOptions {
   databaseUrl?: string;
   nodeName?: string;
   env?: NodeJS.ProcessEnv;
+  /** Run the compiled build (`bin/fleethub.js`, no tsx) instead of the sources. */
+  compiled?: boolean;
+  /** More `fleethub serve` flags. */
+  extraArgs?: string[];
 }
 
 /**
@@ -31,9 +37,7 @@ export interface ServerProcessOptions {
  */
 export async function startServerProcess(options: ServerProcessOptions): Promise<ServerProcess> {
   const args = [
-    '--import',
-    'tsx',
-    CLI,
+    ...(options.compiled ? [COMPILED_BIN] : ['--import', 'tsx', CLI]),
     'serve',
     '--data-dir',
     options.dataDir,
@@ -51,6 +55,7 @@ export async function startServerProcess(options: ServerProcessOptions): Promise
     'https://localhost:0',
   ];
   if (options.nodeName) args.push('--node-name', options.nodeName);
+  if (options.extraArgs) args.push(...options.extraArgs);
   const env: NodeJS.ProcessEnv = { ...process.env, FLEETHUB_LOG_LEVEL: 'warn', ...options.env };
   if (options.databaseUrl) env.DATABASE_URL = options.databaseUrl;
   else delete env.DATABASE_URL;
