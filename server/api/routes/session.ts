@@ -19,7 +19,7 @@ import {
   updateUser,
   verifyPassword,
 } from '../operators.ts';
-import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../schemas.ts';
+import { authErrors, conflictError, emptyOk, ref, roleSchema, page, pageOf, paginationQuery } from '../schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { operatorSocketId, operatorSocketIdsOfUser } from '../socket.ts';
 
@@ -40,8 +40,10 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     '/auth/login',
     {
       schema: {
+        operationId: 'login',
         tags: ['auth'],
         summary: 'Exchange email and password for a JWT (12 h)',
+        description: 'Wrong email or password answer 401 with the same message, whichever was wrong.',
         security: [],
         body: {
           type: 'object',
@@ -85,6 +87,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getMe',
         tags: ['auth'],
         summary: 'Who the bearer token stands for',
         response: { 200: principalSchema, ...authErrors },
@@ -105,15 +108,16 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'listUsers',
         tags: ['users'],
         summary: 'List users (org admins see their org)',
-        querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } },
-        response: { 200: listOf('User'), ...authErrors },
+        querystring: { type: 'object', properties: { ...paginationQuery, org: { type: 'string', format: 'uuid' } } },
+        response: { 200: pageOf('User'), ...authErrors },
       },
     },
     async (request) => {
       const org = orgFilter(request.operator, request.query.org);
-      return { items: await listUsers(db, org ?? null) };
+      return page(await listUsers(db, org ?? null), request.query);
     },
   );
 
@@ -122,6 +126,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createUser',
         tags: ['users'],
         summary: 'Create a user',
         body: {
@@ -172,6 +177,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'updateUser',
         tags: ['users'],
         summary:
           "Change a user's name, role, password or disabled flag (disabling or a new role closes their live operator sockets)",
@@ -210,6 +216,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'deleteUser',
         tags: ['users'],
         summary: 'Delete a user and their API tokens (their live operator sockets close)',
         params: userIdParams,
@@ -252,10 +259,11 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listTokens',
         tags: ['tokens'],
         summary: 'List your API tokens (admins: `all=true` lists every token in their scope)',
-        querystring: { type: 'object', properties: { all: { type: 'boolean', default: false } } },
-        response: { 200: listOf('ApiToken'), ...authErrors },
+        querystring: { type: 'object', properties: { ...paginationQuery, all: { type: 'boolean', default: false } } },
+        response: { 200: pageOf('ApiToken'), ...authErrors },
       },
     },
     async (request) => {
@@ -263,9 +271,9 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       if (request.query.all) {
         if (roleRank(p.role) < roleRank('admin'))
           throw new ApiError(403, 'forbidden', 'listing every token needs the admin role');
-        return { items: await listApiTokens(db, { userId: null, orgId: p.orgId }) };
+        return page(await listApiTokens(db, { userId: null, orgId: p.orgId }), request.query);
       }
-      return { items: await listApiTokens(db, { userId: p.userId, orgId: null }) };
+      return page(await listApiTokens(db, { userId: p.userId, orgId: null }), request.query);
     },
   );
 
@@ -274,6 +282,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'createToken',
         tags: ['tokens'],
         summary: 'Create an API token; the token is shown only in this response',
         body: {
@@ -330,6 +339,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'revokeToken',
         tags: ['tokens'],
         summary: 'Revoke an API token (yours, or any in scope for admins); sockets opened with it close',
         params: userIdParams,
