@@ -34,7 +34,7 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Exchange email and password for a JWT (12 h)
+         * Exchange email and password for a JWT (12 h) naming a new server-side session; failed logins are throttled (429)
          * @description Wrong email or password answer 401 with the same message, whichever was wrong.
          */
         post: operations["login"];
@@ -59,6 +59,26 @@ export interface paths {
         put?: never;
         post?: never;
         delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/auth/session": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Log out: revoke the caller's login session (its JWT stops working at once, its live sockets close)
+         * @description Needs the viewer role or higher.
+         */
+        delete: operations["logout"];
         options?: never;
         head?: never;
         patch?: never;
@@ -1232,7 +1252,7 @@ export interface paths {
         options?: never;
         head?: never;
         /**
-         * Change a user's name, role, password or disabled flag (disabling or a new role closes their live operator sockets)
+         * Change a user's name, role, password or disabled flag (a new password, disabling or a new role revokes their login sessions and closes their live operator sockets)
          * @description Needs the admin role or higher.
          */
         patch: operations["updateUser"];
@@ -1628,6 +1648,15 @@ export interface operations {
                     "application/json": components["schemas"]["ApiErrorBody"];
                 };
             };
+            /** @description Default Response */
+            429: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
         };
     };
     getMe: {
@@ -1651,6 +1680,64 @@ export interface operations {
                         role?: "viewer" | "operator" | "admin";
                         token_id?: string | null;
                         user?: components["schemas"]["User"];
+                    };
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    logout: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        ok?: boolean;
                     };
                 };
             };
