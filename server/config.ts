@@ -25,6 +25,8 @@ export interface Config {
   secret?: string;
   /** Lifetime of signed firmware URLs. */
   firmwareUrlTtlSeconds: number;
+  /** In-flight timeout of update attempts for products that set none (seconds). */
+  updateTimeoutSeconds: number;
   /** Create the default org/product and register the dev signer CA on first start. */
   bootstrapDev: boolean;
   /** WiFiDogX lab mode: approve unknown gateways automatically (needs wifidogxAuth `open`). */
@@ -164,6 +166,14 @@ export const SETTINGS: Setting[] = [
     kind: 'number',
     help: 'lifetime of signed firmware URLs in seconds',
     default: () => 86_400,
+  },
+  {
+    key: 'updateTimeoutSeconds',
+    flag: 'update-timeout',
+    env: 'FLEETHUB_UPDATE_TIMEOUT',
+    kind: 'number',
+    help: 'seconds an update may go without a word from its device before it is timed_out (products may set their own)',
+    default: () => 1800,
   },
   {
     key: 'bootstrapDev',

@@ -5,14 +5,9 @@
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { applyUpdateReport, FleetError, type FleetContext, type UpdateReportEvent } from '../../fleet/index.ts';
-import {
-  edgeDeviceOffline,
-  edgeDeviceOnline,
-  recordUpdateSent,
-  transitionAttempt,
-  type EdgeDeviceRef,
-} from '../../fleet/edge-devices.ts';
+import { currentUpdate, DeviceLink, openLink, updateToPush } from '../../fleet/device-link.ts';
+import type { EdgeDeviceRef } from '../../fleet/edge-devices.ts';
+import { FleetError, type FleetContext } from '../../fleet/index.ts';
 import type { Logger } from '../../log.ts';
 import {
   decodeFrame,
@@ -122,9 +117,10 @@ export class GrispConnection {
   #nextId = 1;
   #chain: Promise<void> = Promise.resolve();
   #closed = false;
-  #connectedAt: string | undefined;
+  /** The board's device link (its session: who the board is, when it was recorded online). */
+  readonly #link: DeviceLink;
   /** The update this link started (or found running), by firmware. */
-  #updating: { firmware: Firmware; begun: boolean } | undefined;
+  #updating: Firmware | undefined;
   /** Counters of what the board sent that we ignore (unknown notifications). */
   readonly ignored = new Map<string, number>();
 
@@ -133,6 +129,11 @@ export class GrispConnection {
     this.ref = ref;
     this.#deps = deps;
     this.#log = deps.log.child({ device_id: ref.deviceId, identifier: ref.identifier });
+    this.#link = new DeviceLink(
+      deps.fleet,
+      openLink({ deviceId: ref.deviceId, orgId: ref.orgId, productId: ref.productId, protocol: 'grisp' }),
+      this.#log,
+    );
   }
 
   get deviceId(): string {
@@ -230,8 +231,11 @@ export class GrispConnection {
     }
     const action = info.action_required ?? null;
     const pendingCommit = action === 'validate' || action === 'reboot' || action === 'remove_sdcard_and_reboot';
-    const online = await edgeDeviceOnline(this.#deps.fleet, this.ref, { version: info.relvsn, settle: !pendingCommit });
-    this.#connectedAt = online.connectedAt;
+    const online = await this.#link.feed({
+      type: 'connected',
+      running: { version: info.relvsn, settle: !pendingCommit },
+    });
+    if (!online) return;
     if (action === 'validate') {
       await this.#validate(info);
       return;
@@ -245,23 +249,25 @@ export class GrispConnection {
       this.#log.warn('the board booted from its SD card: someone must remove it and reboot the board');
       return;
     }
-    if (online.target && info.update_status !== 'updating') await this.#startUpdate(online.target);
+    const target = updateToPush(online);
+    if (target && info.update_status !== 'updating') await this.#startUpdate(target);
   }
 
   async #startUpdate(target: Firmware, retried = false): Promise<void> {
-    const fleet = this.#deps.fleet;
     if (!target.has_blob || target.format !== 'grisp') {
-      await transitionAttempt(fleet, this.ref, {
-        to: 'failed',
+      await this.#link.feed({
+        type: 'report',
+        kind: 'error',
         firmwareId: target.id,
         errors: [
           `firmware ${target.version} is not a GRiSP package (format ${target.format}); upload it with POST /api/v1/grisp/firmware`,
         ],
+        reason: 'not a GRiSP package',
       });
       return;
     }
-    await recordUpdateSent(fleet, this.ref, target, 'edge:grisp');
-    this.#updating = { firmware: target, begun: false };
+    if (!(await this.#link.feed({ type: 'update_sent', firmware: target, via: 'edge:grisp' }))) return;
+    this.#updating = target;
     try {
       await this.request('post', { type: 'start_update', url: this.#deps.packageUrl(target) });
       this.#log.info({ version: target.version }, 'update started');
@@ -282,20 +288,21 @@ export class GrispConnection {
         err instanceof RpcError
           ? `start_update: ${err.message} (${err.code})`
           : `start_update: ${(err as Error).message}`;
-      await transitionAttempt(fleet, this.ref, { to: 'failed', firmwareId: target.id, errors: [why] });
+      await this.#link.feed({
+        type: 'report',
+        kind: 'error',
+        firmwareId: target.id,
+        errors: [why],
+        reason: 'start_update',
+      });
     }
   }
 
   /** Health check, then `post validate` (or a reboot back to the previous image). Returns whether the board validated. */
   async #validate(info: SystemInfo, o: { retryUpdate?: boolean } = {}): Promise<boolean> {
     const fleet = this.#deps.fleet;
-    const open = await fleet.db
-      .selectFrom('update_attempts')
-      .select(['to_version', 'firmware_id'])
-      .where('device_id', '=', this.ref.deviceId)
-      .where('state', '=', 'finished')
-      .orderBy('created_at', 'desc')
-      .executeTakeFirst();
+    const current = await currentUpdate(fleet, this.#link.session);
+    const open = current?.attempt.state === 'finished' ? current.attempt : undefined;
     const verdict = await this.#deps
       .healthCheck({
         deviceId: this.ref.deviceId,
@@ -308,8 +315,9 @@ export class GrispConnection {
         { reason: verdict },
         'the new image is not healthy: not validating it, rebooting back to the previous one',
       );
-      await transitionAttempt(fleet, this.ref, {
-        to: 'failed',
+      await this.#link.feed({
+        type: 'report',
+        kind: 'error',
         errors: [`health check: ${verdict}`],
         reason: 'health check failed',
       });
@@ -327,14 +335,14 @@ export class GrispConnection {
             ? 'grisp_updater_unavailable (-10)'
             : `validate: ${(err as Error).message}`;
       this.#log.warn({ code }, why);
-      await transitionAttempt(fleet, this.ref, { to: 'failed', errors: [why] });
+      await this.#link.feed({ type: 'report', kind: 'error', errors: [why], reason: 'validate failed' });
       return false;
     }
     this.#log.info({ version: info.relvsn }, 'validated the running image');
     await saveGrispState(fleet.db, this.ref.deviceId, { action_required: null });
-    const online = await edgeDeviceOnline(fleet, this.ref, { version: String(info.relvsn), settle: true });
-    this.#connectedAt = online.connectedAt;
-    if (online.target && o.retryUpdate !== false) await this.#startUpdate(online.target);
+    const confirmed = await this.#link.feed({ type: 'boot_confirmed', version: String(info.relvsn) });
+    const target = updateToPush(confirmed);
+    if (target && o.retryUpdate !== false) await this.#startUpdate(target);
     return true;
   }
 
@@ -347,27 +355,11 @@ export class GrispConnection {
       this.#log.warn({ event }, 'update event without an update in progress');
       return;
     }
-    const version = updating.firmware.version;
-    const report = async (name: UpdateReportEvent, payload: Record<string, unknown>) =>
-      applyUpdateReport(fleet, this.ref, name, { version, ...payload });
-    const ensureBegun = async () => {
-      if (updating.begun) return;
-      const attempt = await fleet.db
-        .selectFrom('update_attempts')
-        .select('state')
-        .where('device_id', '=', this.ref.deviceId)
-        .where('firmware_id', '=', updating.firmware.id)
-        .orderBy('created_at', 'desc')
-        .executeTakeFirst();
-      if (attempt && (attempt.state === 'sent' || attempt.state === 'queued'))
-        await report('firmware_update_begin', {});
-      updating.begun = true;
-    };
+    const version = updating.version;
     switch (event) {
       case 'progress': {
-        await ensureBegun();
         const percent = Math.max(0, Math.min(100, Math.round(Number(params.percentage ?? 0)) || 0));
-        await report('firmware_update_progress', { percent, bytes: 0, total: 0 });
+        await this.#link.feed({ type: 'report', kind: 'progress', version, percent, begins: true });
         return;
       }
       case 'warning':
@@ -376,11 +368,10 @@ export class GrispConnection {
         return;
       case 'error':
         this.#updating = undefined;
-        await report('firmware_update_error', { errors: [describe(params)] });
+        await this.#link.feed({ type: 'report', kind: 'error', version, errors: [describe(params)] });
         return;
       case 'done':
-        await ensureBegun();
-        await report('firmware_update_finish', {});
+        await this.#link.feed({ type: 'report', kind: 'finished', version, begins: true });
         this.#updating = undefined;
         // The new image is written: boot it. The board comes back with action_required=validate.
         await this.#reboot();
@@ -390,19 +381,11 @@ export class GrispConnection {
     }
   }
 
-  async #openUpdate(): Promise<{ firmware: Firmware; begun: boolean } | undefined> {
-    const row = await this.#deps.fleet.db
-      .selectFrom('update_attempts')
-      .innerJoin('firmware', 'firmware.id', 'update_attempts.firmware_id')
-      .selectAll('firmware')
-      .select('update_attempts.state as attempt_state')
-      .where('update_attempts.device_id', '=', this.ref.deviceId)
-      .where('update_attempts.state', 'in', ['sent', 'begun', 'downloading'])
-      .orderBy('update_attempts.created_at', 'desc')
-      .executeTakeFirst();
-    if (!row) return undefined;
-    const { attempt_state, ...firmware } = row;
-    this.#updating = { firmware: firmware as Firmware, begun: attempt_state !== 'sent' };
+  /** The update in flight on the board (sent, begun or downloading), when this link did not start it. */
+  async #openUpdate(): Promise<Firmware | undefined> {
+    const current = await currentUpdate(this.#deps.fleet, this.#link.session);
+    if (!current || current.attempt.state === 'queued' || current.attempt.state === 'finished') return undefined;
+    this.#updating = current.firmware;
     return this.#updating;
   }
 
@@ -540,9 +523,9 @@ export class GrispConnection {
     this.#deps.onClose(this);
     // Wait for the step in flight (it may have just marked the board online) before marking it offline.
     void this.#chain.then(() =>
-      edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt).catch((err: unknown) =>
-        this.#log.error({ err }, 'marking the board offline failed'),
-      ),
+      this.#link
+        .feed({ type: 'closed', reason: 'socket closed' })
+        .catch((err: unknown) => this.#log.error({ err }, 'marking the board offline failed')),
     );
   }
 }
