@@ -35,6 +35,8 @@ export interface Config {
   wifidogxAuth: string;
   /** WiFiDogX connections that have not sent `connect` yet, at most. */
   wifidogxMaxUnidentified: number;
+  /** How long a GRiSP board may take to answer `start_update` (it fetches the manifest first). */
+  grispStartUpdateTimeoutMs: number;
 }
 
 interface Setting {
@@ -206,6 +208,14 @@ export const SETTINGS: Setting[] = [
     kind: 'number',
     help: 'WiFiDogX connections waiting for their first connect, at most',
     default: () => 1000,
+  },
+  {
+    key: 'grispStartUpdateTimeoutMs',
+    flag: 'grisp-start-update-timeout-ms',
+    env: 'FLEETHUB_GRISP_START_UPDATE_TIMEOUT_MS',
+    kind: 'number',
+    help: 'how long a GRiSP board may take to answer start_update (it fetches the manifest first)',
+    default: () => 300_000,
   },
 ];
 

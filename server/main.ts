@@ -224,6 +224,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     api,
     deviceBaseUrl: () => devicePublicUrl,
     urlTtlSeconds,
+    timings: { startUpdateTimeoutMs: config.grispStartUpdateTimeoutMs },
   });
   await registerWifidogxEdge({
     fleet,

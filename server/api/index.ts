@@ -11,6 +11,7 @@ import type { Db } from '../db/index.ts';
 import type { FleetContext } from '../fleet/index.ts';
 import type { Logger } from '../log.ts';
 import { registerAuth, type OperatorAuth } from './auth.ts';
+import type { LoginThrottleOptions } from './login-throttle.ts';
 import { apiErrorHandler, apiNotFoundHandler } from './errors.ts';
 import { registerInputGate } from '../input-gate.ts';
 import { schemas } from './schemas.ts';
@@ -37,6 +38,8 @@ export interface ApiDeps {
    * the socket exists, hence a function; without it live sockets outlive those changes.
    */
   disconnectOperatorSocket?: (socketId: string, reason: string) => Promise<void>;
+  /** Failed-login limits per account and per client address (defaults: 10 and 50 per 15 min). */
+  loginThrottle?: LoginThrottleOptions;
   /** Readiness probe for /healthz (defaults to a `SELECT 1`). */
   healthy?: () => Promise<boolean>;
 }

@@ -35,8 +35,8 @@ export interface LinkSession {
 export interface RunningReport {
   /** The component (default `firmware`). */
   component?: string;
-  /** The version it runs; undefined: not known yet (presence only). */
-  version?: string;
+  /** The version it runs (null: the device reports none); undefined: not known yet (presence only). */
+  version?: string | null;
   /** Phoenix: the firmware uuid of `device:<uuid>`, and the join params describing it. */
   firmwareUuid?: string;
   params?: DeviceJoinParams;
@@ -76,7 +76,7 @@ export type LinkEvent =
   | { type: 'connected'; running: RunningReport }
   | { type: 'update_sent'; firmware: Firmware; via: string; poll?: boolean }
   | LinkReport
-  | { type: 'boot_confirmed'; component?: string; version: string }
+  | { type: 'boot_confirmed'; component?: string; version: string | null }
   | { type: 'timed_out'; component?: string; firmwareId?: string; reason: string }
   | { type: 'closed'; reason: string };
 
@@ -104,7 +104,7 @@ export type LinkResult =
       attempt?: UpdateAttempt;
       /** connected: the device as recorded, what it runs, and (Phoenix) its group topics. */
       device?: Device;
-      running?: { id: string | null; component: string; version: string };
+      running?: { id: string | null; component: string; version: string | null };
       groups?: string[];
     }
   | { ok: false; session: LinkSession; effects: []; refusal: LinkRefusal };
@@ -384,17 +384,20 @@ async function bootConfirmed(
   ctx: FleetContext,
   session: LinkSession,
   component: string,
-  version: string,
+  version: string | null,
 ): Promise<LinkResult> {
   const online = await edgeDeviceOnline(ctx, session, { version, component });
-  const last = await ctx.db
-    .selectFrom('update_attempts')
-    .selectAll()
-    .where('device_id', '=', session.deviceId)
-    .where('component', '=', component)
-    .where('to_version', '=', version)
-    .orderBy('updated_at', 'desc')
-    .executeTakeFirst();
+  const last =
+    version === null
+      ? undefined
+      : await ctx.db
+          .selectFrom('update_attempts')
+          .selectAll()
+          .where('device_id', '=', session.deviceId)
+          .where('component', '=', component)
+          .where('to_version', '=', version)
+          .orderBy('updated_at', 'desc')
+          .executeTakeFirst();
   return onlineResult(ctx, session, online, last);
 }
 

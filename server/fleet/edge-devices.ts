@@ -9,13 +9,14 @@
  * Edges call these through the device link (device-link.ts), which maps their events onto them.
  */
 import { sql } from 'kysely';
+import semver from 'semver';
 import { audit, SYSTEM, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Device, DeviceApproval, DeviceProtocol, Firmware, UpdateAttempt } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext } from './context.ts';
 import { deviceDisconnected } from './connections.ts';
 import { getDevice } from './devices.ts';
-import { FleetError, isUuid, validVersion } from './errors.ts';
+import { FleetError, isUuid } from './errors.ts';
 import { stepColumns, TRANSITIONS, UNFINISHED_STATES } from './link-table.ts';
 import { reconcileAttempts } from './reconcile.ts';
 import { catalogueFirmwareByVersion, recordRunningComponent, reportedLabel } from './running-firmware.ts';
@@ -259,8 +260,12 @@ export async function claimCertificateDevice(
 }
 
 export interface EdgeOnlineInput {
-  /** The version the device runs (a semantic version). */
-  version: string;
+  /**
+   * The version the device runs: a semantic version, or any other label as the device reported it
+   * (1-100 printable characters, e.g. a GRiSP `relvsn` such as `dev`; it matches no catalogue
+   * firmware). null, or a value that is no such label, is recorded as unknown (null).
+   */
+  version: string | null;
   component?: string;
   /** Node holding the connection (default: this node). */
   node?: string;
@@ -275,8 +280,8 @@ export interface EdgeOnlineInput {
 
 export interface EdgeOnlineOutcome {
   device: Device;
-  /** What the device runs: the version, and its catalogue record's id (null when the catalogue has none). */
-  running: { id: string | null; component: string; version: string };
+  /** What the device runs: the version (null: unknown), and its catalogue record's id (null when the catalogue has none). */
+  running: { id: string | null; component: string; version: string | null };
   /** The firmware the device should update to, when it does not run its target (approved devices only). */
   target?: Firmware;
   /** The open attempt for `target` (queued/sent/begun/downloading), to mark sent when the edge sends. */
@@ -298,7 +303,7 @@ export async function edgeDeviceOnline(
   ref: EdgeDeviceRef,
   input: EdgeOnlineInput,
 ): Promise<EdgeOnlineOutcome> {
-  const version = validVersion(input.version);
+  const version = runningVersion(input.version);
   const component = input.component ?? 'firmware';
   const platform = reportedLabel('platform', input.platform);
   const architecture = reportedLabel('architecture', input.architecture);
@@ -317,7 +322,8 @@ export async function edgeDeviceOnline(
         approval: current.approval,
       });
 
-    const catalogued = await catalogueFirmwareByVersion(trx, current.product_id, component, version);
+    const catalogued =
+      version === null ? undefined : await catalogueFirmwareByVersion(trx, current.product_id, component, version);
     const running = { id: catalogued?.id ?? null, component, version };
     const device = await trx
       .updateTable('devices')
@@ -479,6 +485,16 @@ export async function devicesConcernedByTargetChange(
     return rows.map((r) => r.id);
   }
   return [];
+}
+
+/**
+ * A reported running version as recorded: a semantic version, or any other label of 1-100
+ * printable characters as the device reported it; anything else (null, empty, unprintable) is unknown (null).
+ */
+function runningVersion(version: string | null): string | null {
+  if (typeof version !== 'string' || version === '') return null;
+  if (semver.valid(version) !== null) return version;
+  return version.length <= 100 && !/[\u0000-\u001f\u007f]/.test(version) ? version : null;
 }
 
 function validEdgeIdentifier(value: unknown): string {

@@ -113,7 +113,11 @@ function renderContext(orgId, productId) {
     field('Organization', orgSelect),
     field('Product', productSelect),
     liveStatus,
-    h('button', { type: 'button', class: 'secondary', onclick: () => showLogin('You signed out.') }, 'Sign out'),
+    h(
+      'button',
+      { type: 'button', class: 'secondary', onclick: () => api.signOut().then(() => showLogin('You signed out.')) },
+      'Sign out',
+    ),
   );
 }
 
@@ -165,7 +169,9 @@ function route() {
   view.refresh().catch(failed);
 }
 
-api.whenUnauthorized(() => showLogin('Your session has expired. Sign in again.'));
+api.whenUnauthorized((reason) =>
+  showLogin(reason ? `Sign in again: ${reason}.` : 'Your session has ended. Sign in again.'),
+);
 window.addEventListener('hashchange', route);
 // A refused token already went back to the sign-in form through whenUnauthorized.
 if (api.token()) start().catch((err) => err.status !== 401 && failed(err));
