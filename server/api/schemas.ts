@@ -51,6 +51,7 @@ export const schemas = [
     org_id: uuid,
     name: { type: 'string' },
     requires_signature: { type: 'boolean' },
+    update_timeout_seconds: { type: ['integer', 'null'] },
     created_at: dateTime,
   }),
   entity('Device', {

@@ -8,6 +8,7 @@ import {
   listOrgs,
   listProducts,
   updateProduct,
+  MAX_UPDATE_TIMEOUT_S,
 } from '../../fleet/index.ts';
 import { addSignerCa, listSignerCas, removeSignerCa } from '../../identity/signer-cas.ts';
 import { requireRole } from '../auth.ts';
@@ -170,20 +171,31 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     },
   );
 
-  api.patch<{ Params: OrgParams & { product: string }; Body: { requires_signature?: boolean } }>(
+  api.patch<{
+    Params: OrgParams & { product: string };
+    Body: { requires_signature?: boolean; update_timeout_seconds?: number | null };
+  }>(
     '/orgs/:org/products/:product',
     {
       onRequest: requireRole('admin'),
       schema: {
         operationId: 'updateProduct',
         tags: ['products'],
-        summary: 'Change whether firmware uploads must be signed',
+        summary: 'Change whether firmware uploads must be signed, and the in-flight update timeout',
         params: productParams,
         body: {
           type: 'object',
           additionalProperties: false,
           minProperties: 1,
-          properties: { requires_signature: { type: 'boolean' } },
+          properties: {
+            requires_signature: { type: 'boolean' },
+            update_timeout_seconds: {
+              type: ['integer', 'null'],
+              minimum: 60,
+              maximum: MAX_UPDATE_TIMEOUT_S,
+              description: 'seconds an update may go without a word from its device; null: the server default',
+            },
+          },
         },
         response: { 200: ref('Product'), ...authErrors },
       },
@@ -193,6 +205,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
       const product = await getProduct(fleet, org.id, request.params.product);
       return updateProduct(fleet, request.operator.actor, org.id, product.id, {
         requiresSignature: request.body.requires_signature,
+        updateTimeoutSeconds: request.body.update_timeout_seconds,
       });
     },
   );

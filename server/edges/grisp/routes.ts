@@ -29,7 +29,7 @@ const logEvent = {
   type: 'object',
   properties: {
     id: { type: 'string' },
-    seq: { type: 'integer' },
+    seq: { type: ['integer', 'null'], description: "null: the board's log_drop event" },
     time: { type: ['string', 'null'] },
     level: { type: ['string', 'null'] },
     msg: {},
