@@ -882,7 +882,7 @@ export interface paths {
         options?: never;
         head?: never;
         /**
-         * Change whether firmware uploads must be signed
+         * Change whether firmware uploads must be signed, and the in-flight update timeout
          * @description Needs the admin role or higher.
          */
         patch: operations["updateProduct"];
@@ -1434,6 +1434,7 @@ export interface components {
             /** Format: uuid */
             org_id?: string;
             requires_signature?: boolean;
+            update_timeout_seconds?: number | null;
         } & {
             [key: string]: unknown;
         };
@@ -3828,7 +3829,8 @@ export interface operations {
                             };
                             msg?: unknown;
                             received_at?: string;
-                            seq?: number;
+                            /** @description null: the board's log_drop event */
+                            seq?: number | null;
                             time?: string | null;
                         }[];
                         /** @description matches in all, not only on this page */
@@ -5593,6 +5595,8 @@ export interface operations {
             content: {
                 "application/json": {
                     requires_signature?: boolean;
+                    /** @description seconds an update may go without a word from its device; null: the server default */
+                    update_timeout_seconds?: number | null;
                 };
             };
         };
