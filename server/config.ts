@@ -28,6 +28,10 @@ export interface Config {
   secret?: string;
   /** Lifetime of signed firmware URLs. */
   firmwareUrlTtlSeconds: number;
+  /** In-flight timeout of update attempts for products that set none (seconds). */
+  updateTimeoutSeconds: number;
+  /** Delays between a webhook delivery's attempts, e.g. `10s,1m,5m,30m,2h,8h`. */
+  webhookRetryDelays: string;
   /** Create the default org/product and register the dev signer CA on first start. */
   bootstrapDev: boolean;
   /** WiFiDogX lab mode: approve unknown gateways automatically (needs wifidogxAuth `open`). */
@@ -40,6 +44,8 @@ export interface Config {
   metricsToken?: string;
   /** Requests per client address and route per minute on the edges' device-facing HTTP routes (0: unlimited). */
   deviceRateLimit: number;
+  /** How long a GRiSP board may take to answer `start_update` (it fetches the manifest first). */
+  grispStartUpdateTimeoutMs: number;
 }
 
 interface Setting {
@@ -181,6 +187,22 @@ export const SETTINGS: Setting[] = [
     default: () => 86_400,
   },
   {
+    key: 'updateTimeoutSeconds',
+    flag: 'update-timeout',
+    env: 'FLEETHUB_UPDATE_TIMEOUT',
+    kind: 'number',
+    help: 'seconds an update may go without a word from its device before it is timed_out (products may set their own)',
+    default: () => 1800,
+  },
+  {
+    key: 'webhookRetryDelays',
+    flag: 'webhook-retry-delays',
+    env: 'FLEETHUB_WEBHOOK_RETRY_DELAYS',
+    kind: 'string',
+    help: 'delays before each retry of a failed webhook delivery (ms, s, m, h); one failing them all disables its webhook',
+    default: () => '10s,1m,5m,30m,2h,8h',
+  },
+  {
     key: 'bootstrapDev',
     flag: 'bootstrap-dev',
     env: 'FLEETHUB_BOOTSTRAP_DEV',
@@ -227,6 +249,14 @@ export const SETTINGS: Setting[] = [
     kind: 'number',
     help: "requests per minute per address and route on the edges' HTTP routes (Main Server, WiFiDogX, GRiSP; 0: off)",
     default: () => 600,
+  },
+  {
+    key: 'grispStartUpdateTimeoutMs',
+    flag: 'grisp-start-update-timeout-ms',
+    env: 'FLEETHUB_GRISP_START_UPDATE_TIMEOUT_MS',
+    kind: 'number',
+    help: 'how long a GRiSP board may take to answer start_update (it fetches the manifest first)',
+    default: () => 300_000,
   },
 ];
 

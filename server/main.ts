@@ -25,6 +25,7 @@ import { migrateToLatest } from './db/migrate.ts';
 import { createDeviceSocket, deviceSocketId } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
+import { createWebhookService, parseDelays } from './webhooks/index.ts';
 import { registerInputGate } from './input-gate.ts';
 import { GRISP_PATH, registerGrispEdge } from './edges/grisp/index.ts';
 import { limitDeviceRoutes } from './listeners/rate-limit.ts';
@@ -42,6 +43,7 @@ import {
   getOrg,
   getProduct,
   markNodeAlive,
+  observedBus,
   pubsubBus,
   reconcileOfflineDevices,
   removeNode,
@@ -53,7 +55,7 @@ import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged 
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
 import { createLogger, RedactingLogController, type Logger } from './log.ts';
 import { fleetObserver, Metrics, refusalLabel, registerMetricsRoute } from './observability.ts';
-import { observeDownloads } from './firmware/send-blob.ts';
+import { observeDownloads } from './firmware/serve-blob.ts';
 
 export interface StartOptions {
   /** An already-open database (tests); otherwise opened from the config. */
@@ -130,10 +132,18 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // The device listener's port is known only after listen(); signed URLs use it lazily.
   let devicePublicUrl = config.devicePublicUrl;
   let signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
+  const fleetLog = log.child({ component: 'fleet' });
+  // Fleet events become webhook deliveries once published (after their change committed).
+  const webhooks = createWebhookService({
+    db: database.db,
+    log: log.child({ component: 'webhooks' }),
+    secret,
+    retryDelaysMs: parseDelays(config.webhookRetryDelays),
+  });
   const fleet: FleetContext = {
     db: database.db,
-    bus: pubsubBus(pubsub),
-    log: log.child({ component: 'fleet' }),
+    bus: observedBus(pubsubBus(pubsub), (event) => webhooks.onEvents([event]), fleetLog),
+    log: fleetLog,
     nodeName: config.nodeName,
     firmwareUrl: (firmware) => signUrl(firmware),
     observer: fleetObserver(log.child({ component: 'fleet' }), metrics),
@@ -227,6 +237,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       pubsub,
       secret,
       blobs,
+      publicUrl: apiBaseUrl,
+      webhooks,
       disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason),
       // Not ready while draining (the balancer stops sending traffic) or when the database does not answer.
       healthy: async () => {
@@ -266,6 +278,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     api,
     deviceBaseUrl: () => devicePublicUrl,
     urlTtlSeconds,
+    timings: { startUpdateTimeoutMs: config.grispStartUpdateTimeoutMs },
   });
   await registerWifidogxEdge({
     fleet,
@@ -293,6 +306,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   });
   if (markedOffline)
     log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
+  webhooks.start();
   const timers = [
     setInterval(() => {
       markNodeAlive(fleet)
@@ -300,7 +314,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
         .catch((err: unknown) => log.error({ err }, 'node heartbeat failed'));
     }, NODE_HEARTBEAT_MS),
     setInterval(() => {
-      sweepStaleUpdates(fleet).catch((err: unknown) => log.error({ err }, 'update sweep failed'));
+      sweepStaleUpdates(fleet, { defaultTimeoutS: config.updateTimeoutSeconds }).catch((err: unknown) =>
+        log.error({ err }, 'update sweep failed'),
+      );
     }, UPDATE_SWEEP_MS),
   ];
   for (const t of timers) t.unref();
@@ -354,6 +370,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       if (closed) return;
       closed = true;
       for (const t of timers) clearInterval(t);
+      await webhooks.stop();
       stopCaRelay();
       stopRevocations();
       await drain();

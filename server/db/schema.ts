@@ -37,6 +37,8 @@ export interface ProductsTable {
   org_id: string;
   name: string;
   requires_signature: Generated<boolean>;
+  /** In-flight timeout of this product's update attempts (seconds); null: the server's default. */
+  update_timeout_seconds: Generated<number | null>;
   created_at: CreatedAt;
 }
 

@@ -43,8 +43,6 @@ const ROUTES: Record<string, Guard> = {
   'POST /socket/longpoll': 'credential',
   'GET /ws/wifidogx': 'credential',
   'GET /fw/:id/:device/:expires/:sig': 'credential',
-  // The earlier, firmware-only form: always 403 now.
-  'GET /fw/:id/:expires/:sig': 'credential',
   'GET /api/keyauth/firmware/:id': 'credential',
 
   'GET /api/v1/auth/me': 'viewer',
@@ -93,6 +91,12 @@ const ROUTES: Record<string, Guard> = {
   'GET /api/v1/orgs/:org/firmware/:id': 'viewer',
   'DELETE /api/v1/orgs/:org/firmware/:id': 'operator',
   'GET /api/v1/orgs/:org/targets': 'viewer',
+  'GET /api/v1/orgs/:org/webhooks': 'operator',
+  'POST /api/v1/orgs/:org/webhooks': 'admin',
+  'GET /api/v1/orgs/:org/webhooks/:id': 'operator',
+  'PATCH /api/v1/orgs/:org/webhooks/:id': 'admin',
+  'DELETE /api/v1/orgs/:org/webhooks/:id': 'admin',
+  'GET /api/v1/orgs/:org/webhooks/:id/deliveries': 'operator',
   'PUT /api/v1/orgs/:org/groups/:group/target': 'operator',
   'DELETE /api/v1/orgs/:org/groups/:group/target': 'operator',
   'PUT /api/v1/orgs/:org/devices/:device/target': 'operator',
