@@ -36,7 +36,10 @@ export {
   deleteDevice,
   publishCertificateRevoked,
   deviceGroupTopics,
+  selectDeviceIds,
+  MAX_SELECTED_DEVICES,
   type CreateDeviceInput,
+  type DeviceSelector,
   type DeviceFilter,
   type Page,
 } from './devices.ts';
