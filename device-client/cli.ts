@@ -88,7 +88,7 @@ export function buildDeviceProgram(ctx: CliContext): Command {
           .choices(simulatorProtocols())
           .default('phoenix'),
       )
-      .option('--serial-prefix <prefix>', 'device serials are <prefix>0000, <prefix>0001, ... (default sim-)')
+      .option('--serial-prefix <prefix>', 'device serials are <prefix>-0000, <prefix>-0001, ... (default sim)')
       .option('--firmware-uuid <uuid>', 'first start: the uuid of the running firmware (default: a new random uuid)')
       .option('--version <version>', `first start: its version (default ${DEFAULT_FIRMWARE_VERSION})`)
       .option('--fail-download-rate <p>', 'probability per update that the download fails (0..1)')

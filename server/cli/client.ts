@@ -127,16 +127,23 @@ export function loginHint(options: ClientOptions): string {
 }
 
 /**
- * The message for a 401: the server's, and what to do. Without a token: log in. With a saved
- * login past its expiry: it expired. Otherwise the server's reason (revoked, logged out, ...).
+ * The message for a 401: the server's, and what to do. Without a token: log in. An expired
+ * session (the server's `details.reason`, or a saved login past its expiry) says so; otherwise the
+ * server's reason (revoked, logged out, ...).
  */
-export function unauthorizedMessage(options: ClientOptions, serverMessage: string | undefined): string {
+export function unauthorizedMessage(
+  options: ClientOptions,
+  serverMessage: string | undefined,
+  details?: unknown,
+): string {
   const reason = serverMessage ?? 'unauthorized';
-  if (!options.token)
-    return `${reason}\nnot logged in: run \`${loginHint(options)}\` or pass --token / set FLEETHUB_TOKEN`;
-  if (options.expiresAt && Date.parse(options.expiresAt) <= Date.now())
-    return `your login to ${options.url} expired at ${options.expiresAt}: run \`${loginHint(options)}\``;
-  if (options.profile) return `${reason}\nrun \`${loginHint(options)}\``;
+  const login = `run \`${loginHint(options)}\``;
+  if (!options.token) return `${reason}\nnot logged in: ${login} or pass --token / set FLEETHUB_TOKEN`;
+  const code = (details as { reason?: unknown } | undefined)?.reason;
+  const savedExpired = options.expiresAt !== undefined && Date.parse(options.expiresAt) <= Date.now();
+  if (code === 'session_expired' || (savedExpired && code === undefined))
+    return `your login session on ${options.url} expired${options.expiresAt ? ` at ${options.expiresAt}` : ''}: ${login}`;
+  if (options.profile) return `${reason}\n${login}`;
   return reason;
 }
 
@@ -205,7 +212,7 @@ export class ApiClient {
       // A refused login (no token sent) keeps the server's reason: "wrong email or password".
       const message =
         response.status === 401 && !this.anonymous
-          ? unauthorizedMessage(this.options, error?.message)
+          ? unauthorizedMessage(this.options, error?.message, error?.details)
           : (error?.message ?? `${response.status} ${response.statusText}`);
       throw new CliError(message, 1, response.status, error?.code, error?.details);
     }

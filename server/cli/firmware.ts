@@ -237,7 +237,9 @@ export async function uploadFirmwareStream(options: UploadStreamOptions): Promis
   if (status >= 400) {
     const error = (body as { error?: { code?: string; message?: string; details?: unknown } }).error;
     const message =
-      status === 401 ? unauthorizedMessage(options.client, error?.message) : (error?.message ?? `HTTP ${status}`);
+      status === 401
+        ? unauthorizedMessage(options.client, error?.message, error?.details)
+        : (error?.message ?? `HTTP ${status}`);
     throw new CliError(message, 1, status, error?.code, error?.details);
   }
   return body;

@@ -565,7 +565,7 @@ function untilCheck(client: ApiClient, org: string, until: UntilState, group: st
         code: 1,
         message: `${failed.length} device(s) of ${group} failed to update to ${target.version}: ${failed
           .slice(0, 10)
-          .map((a) => `${a.device_id} ${a.state}${a.errors?.length ? ` (${a.errors[0]})` : ''}`)
+          .map((a) => `${a.device} ${a.state}${a.errors?.length ? ` (${a.errors[0]})` : ''}`)
           .join('; ')}${failed.length > 10 ? '; ...' : ''}`,
       };
     return undefined;
@@ -573,7 +573,7 @@ function untilCheck(client: ApiClient, org: string, until: UntilState, group: st
   return { check, summary: () => lastSummary };
 }
 
-/** Members whose latest update attempt is a failure at the target firmware. */
+/** Members (by identifier) whose latest update attempt is a failure at the target firmware. */
 async function failedDevices(client: ApiClient, org: string, group: string, firmwareId: string) {
   const latest = new Map<string, Attempt & { firmware_id: string }>();
   for (let offset = 0; offset < 100_000; offset += 1000) {
@@ -584,7 +584,18 @@ async function failedDevices(client: ApiClient, org: string, group: string, firm
     for (const a of page.items) if (!latest.has(a.device_id)) latest.set(a.device_id, a);
     if (page.items.length < 1000) break;
   }
-  return [...latest.values()].filter((a) => a.firmware_id === firmwareId && FAILED_STATES.has(a.state));
+  const failed = [...latest.values()].filter((a) => a.firmware_id === firmwareId && FAILED_STATES.has(a.state));
+  if (failed.length === 0) return [];
+  const names = new Map<string, string>();
+  for (let offset = 0; offset < 100_000; offset += 1000) {
+    const page = await client.get<Page<Device>>(`${orgPath(org)}/groups/${enc(group)}/devices`, {
+      limit: 1000,
+      offset,
+    });
+    for (const d of page.items) names.set(d.id, d.identifier);
+    if (page.items.length < 1000) break;
+  }
+  return failed.map((a) => ({ ...a, device: names.get(a.device_id) ?? a.device_id }));
 }
 
 /** One line of counts, for logs: `beta: 20 device(s), 20 online; 2.0.0=18 1.0.0=2; succeeded=18 downloading=2`. */
