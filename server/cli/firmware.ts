@@ -93,7 +93,7 @@ export function registerFirmwareStoreCommands(firmware: Command, ctx: CliContext
     ctx,
     async (o) => {
       const { client, base, query } = await keysApi(o, io);
-      const rows = await client.get<Array<Record<string, unknown>>>(base + query);
+      const { items: rows } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base + query}&limit=1000`);
       printRows(io, o.json, rows, [
         { header: 'name', value: (r) => r.name },
         { header: 'fingerprint', value: (r) => r.fingerprint },

@@ -48,7 +48,7 @@ export function registerGrispCommands(parent: Command, ctx: CliContext, only?: S
       async (o, [device]) => {
         const { client, org } = await base(o);
         const { items } = await client.get<{
-          items: Array<{ id: string; seq: number; time: string | null; level: string | null; msg: unknown }>;
+          items: Array<{ id: string; seq: number | null; time: string | null; level: string | null; msg: unknown }>;
         }>(`${orgPath(org)}/devices/${enc(device as string)}/logs`, {
           limit: o.limit,
           before: o.before,

@@ -81,7 +81,34 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
         { header: 'name', value: (p) => p.name },
         { header: 'id', value: (p) => p.id },
         { header: 'signed', value: (p) => (p.requires_signature ? 'required' : 'optional') },
+        {
+          header: 'update timeout',
+          value: (p) => (p.update_timeout_seconds === null ? 'default' : `${p.update_timeout_seconds} s`),
+        },
       ]);
+    },
+  );
+  act<CommonFlags>(
+    withOrg(
+      products
+        .command('set-timeout')
+        .description('how long an update may stay in flight before it times out (admins)')
+        .argument('<product>', 'name or id')
+        .argument('<seconds>', 'a number of seconds, or "default" (the server\'s)'),
+    ),
+    ctx,
+    async (o, [name, raw]) => {
+      if (raw !== 'default' && !/^\d+$/.test(raw as string))
+        throw usageError('the timeout is a number of seconds, or "default" (the server\'s)');
+      const client = clientFor(o, io);
+      const product = await client.patch<Product>(
+        `${orgPath(await orgOf(client, o, io))}/products/${encodeURIComponent(name as string)}`,
+        { update_timeout_seconds: raw === 'default' ? null : Number(raw) },
+      );
+      if (o.json) return printJson(io, product);
+      io.out(
+        `product ${product.name}: updates time out after ${product.update_timeout_seconds === null ? "the server's default" : `${product.update_timeout_seconds} s`}\n`,
+      );
     },
   );
   act<CommonFlags & { requiresSignature?: boolean }>(
@@ -278,6 +305,7 @@ interface Product {
   id: string;
   name: string;
   requires_signature: boolean;
+  update_timeout_seconds: number | null;
   created_at: string;
 }
 
