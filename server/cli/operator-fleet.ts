@@ -461,7 +461,13 @@ const FAILED_STATES = new Set(['failed', 'rolled_back', 'timed_out']);
 const UNTIL_STATES = ['succeeded', 'online'] as const;
 type UntilState = (typeof UNTIL_STATES)[number];
 
-type StatusFlags = CommonFlags & { group?: string; watch?: boolean; until?: string; timeout?: string };
+type StatusFlags = CommonFlags & {
+  group?: string;
+  watch?: boolean;
+  until?: string;
+  timeout?: string;
+  devices?: string;
+};
 
 /** `fleethub status`: counts now, `--watch` as they change, `--until` for scripts. */
 export function registerStatusCommand(program: Command, ctx: CliContext): void {
@@ -479,7 +485,11 @@ export function registerStatusCommand(program: Command, ctx: CliContext): void {
           '--until <state>',
           `wait, then exit 0 (1 when an update failed, ${EXIT_TIMEOUT} on --timeout): succeeded (every member of --group runs its target) | online (every device is online)`,
         )
-        .option('--timeout <seconds>', 'with --until: give up after this long (default: wait forever)'),
+        .option('--timeout <seconds>', 'with --until: give up after this long (default: wait forever)')
+        .option(
+          '--devices <n>',
+          'with --until: also wait until there are at least N devices (devices still enrolling)',
+        ),
     ),
     ctx,
     (o) => status(o, io),
@@ -493,7 +503,10 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
     throw usageError("--until succeeded needs --group (the target is a group's)");
   const timeoutMs = o.timeout === undefined ? undefined : Number(o.timeout) * 1000;
   if (timeoutMs !== undefined && !(timeoutMs > 0)) throw usageError('--timeout must be a positive number of seconds');
-  if (timeoutMs !== undefined && o.until === undefined) throw usageError('--timeout goes with --until');
+  if ((timeoutMs !== undefined || o.devices !== undefined) && o.until === undefined)
+    throw usageError('--timeout and --devices go with --until');
+  const atLeast = o.devices === undefined ? 1 : Number(o.devices);
+  if (!Number.isInteger(atLeast) || atLeast < 1) throw usageError('--devices must be a whole number ≥ 1');
   const client = clientFor(o, io);
   const org = await orgOf(client, o, io);
   const path = o.group ? `${orgPath(org)}/groups/${enc(o.group)}/status` : `${orgPath(org)}/status`;
@@ -522,7 +535,7 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
     lastLine = line;
     io.out(`${new Date().toISOString()} ${line}\n`);
   };
-  const until = o.until === undefined ? undefined : untilCheck(client, org, o.until as UntilState, o.group);
+  const until = o.until === undefined ? undefined : untilCheck(client, org, o.until as UntilState, o.group, atLeast);
   if (!follow) {
     show(await client.get<Status>(path));
     return 0;
@@ -540,13 +553,13 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
 }
 
 /** The `--until` condition: a verdict (exit code and message) once it holds or cannot hold, else undefined. */
-function untilCheck(client: ApiClient, org: string, until: UntilState, group: string | undefined) {
+function untilCheck(client: ApiClient, org: string, until: UntilState, group: string | undefined, atLeast: number) {
   let lastSummary = '';
   let target: { id: string; version: string } | undefined;
   const check = async (s: Status): Promise<{ code: number; message: string } | undefined> => {
     if (until === 'online') {
       lastSummary = `${s.online} of ${s.devices} device(s) online`;
-      return s.devices > 0 && s.online === s.devices
+      return s.devices >= atLeast && s.online === s.devices
         ? { code: 0, message: `every device is online (${s.devices})` }
         : undefined;
     }
@@ -557,7 +570,7 @@ function untilCheck(client: ApiClient, org: string, until: UntilState, group: st
     }
     const running = s.versions[target.version] ?? 0;
     lastSummary = `${running} of ${s.devices} device(s) run ${target.version}`;
-    if (s.devices > 0 && running === s.devices)
+    if (s.devices >= atLeast && running === s.devices)
       return { code: 0, message: `every device of ${group} runs ${target.version} (${s.devices})` };
     const failed = await failedDevices(client, org, group!, target.id);
     if (failed.length)

