@@ -6,7 +6,8 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import type { ServerResponse } from 'node:http';
 import type { Socket } from 'node:net';
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyRegister, FastifyReply, FastifyRequest } from 'fastify';
+import fastifyPlugin from 'fastify-plugin';
 import websocketPlugin from '@fastify/websocket';
 import type { RawData, WebSocket } from 'ws';
 import type { Logger } from 'pino';
@@ -16,6 +17,11 @@ import { serializerFor, type Serializer } from './serializers.ts';
 import { emptyStats, PhoenixSocket, type Engine, type EndpointStats } from './socket.ts';
 import type { ConnectInfo, PubSub, SocketDefinition } from './types.ts';
 import { phoenixProtocolHandler, tokenFromProtocolHeader, WsConnection } from './websocket.ts';
+
+/** A Fastify instance over any server (the device listener is HTTPS, the API plain HTTP). */
+export interface PluginHost {
+  register: FastifyRegister<PromiseLike<unknown>>;
+}
 
 export interface EndpointOptions {
   pubsub: PubSub;
@@ -37,7 +43,7 @@ export interface EndpointOptions {
 
 export interface Endpoint<A = unknown> {
   /** Mounts `<path>/websocket` and `<path>/longpoll`; registers @fastify/websocket only if absent. */
-  register(app: FastifyInstance<any, any, any, any, any>, opts: { path: string }): Promise<void>;
+  register(app: PluginHost, opts: { path: string }): Promise<void>;
   /** Closes every socket with `code` (1012 by default; never 1000, clients must reconnect) and refuses new ones until `resume()`. */
   drain(code?: number): Promise<void>;
   /** Accepts connections again after `drain()`. */
@@ -128,7 +134,10 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
     sockets.add(socket);
     stats.sockets++;
     let same = socketsById.get(socket.id);
-    if (!same) socketsById.set(socket.id, (same = new Set()));
+    if (!same) {
+      same = new Set();
+      socketsById.set(socket.id, same);
+    }
     same.add(socket);
   }
 
@@ -379,31 +388,35 @@ export function createEndpoint<A>(definition: SocketDefinition<A>, options: Endp
       return registry.topicCount;
     },
 
-    async register(app, { path }) {
-      if (!app.hasDecorator('websocketServer')) {
-        await app.register(websocketPlugin, {
-          options: {
-            maxPayload: maxFrameBytes,
-            perMessageDeflate: false,
-            handleProtocols: (protocols: Set<string>) => phoenixProtocolHandler(protocols),
-          },
-        });
-      }
+    async register(host, { path }) {
       const base = path.replace(/\/$/, '');
-      await app.register(async (scope: FastifyInstance<any, any, any, any, any>) => {
-        scope.addContentTypeParser(
-          'application/x-ndjson',
-          { parseAs: 'string', bodyLimit: maxFrameBytes * 2 },
-          (_req, body, done) => done(null, body),
-        );
-        scope.get(`${base}/websocket`, { websocket: true, preValidation: wsPreValidation }, wsHandler);
-        scope.get(`${base}/longpoll`, longpollGet);
-        scope.post(`${base}/longpoll`, { bodyLimit: maxFrameBytes * 2 }, longpollPost);
+      // Without encapsulation, so that the websocket plugin and the onClose hook land on `host` itself.
+      const mount = fastifyPlugin(async (app: FastifyInstance) => {
+        if (!app.hasDecorator('websocketServer')) {
+          await app.register(websocketPlugin, {
+            options: {
+              maxPayload: maxFrameBytes,
+              perMessageDeflate: false,
+              handleProtocols: (protocols: Set<string>) => phoenixProtocolHandler(protocols),
+            },
+          });
+        }
+        await app.register(async (scope) => {
+          scope.addContentTypeParser(
+            'application/x-ndjson',
+            { parseAs: 'string', bodyLimit: maxFrameBytes * 2 },
+            (_req, body, done) => done(null, body),
+          );
+          scope.get(`${base}/websocket`, { websocket: true, preValidation: wsPreValidation }, wsHandler);
+          scope.get(`${base}/longpoll`, longpollGet);
+          scope.post(`${base}/longpoll`, { bodyLimit: maxFrameBytes * 2 }, longpollPost);
+        });
+        app.addHook('onClose', async () => {
+          for (const session of [...longpolls.values()]) session.close(1001, 'server closing');
+          await close();
+        });
       });
-      app.addHook('onClose', async () => {
-        for (const session of [...longpolls.values()]) session.close(1001, 'server closing');
-        await close();
-      });
+      await host.register(mount);
     },
 
     async drain(code = 1012) {

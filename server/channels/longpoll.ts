@@ -56,7 +56,8 @@ export class LongPollSession<A> implements Connection {
       this.log.warn('binary frame dropped on longpoll transport');
       return;
     }
-    const text = (frame.text ??= frame.bytes.toString('utf8'));
+    frame.text ??= frame.bytes.toString('utf8');
+    const text = frame.text;
     this.#bufferedBytes += text.length;
     if (this.#bufferedBytes > this.maxBufferedBytes) {
       this.stats.slowConsumers++;

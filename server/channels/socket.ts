@@ -148,7 +148,10 @@ export class PhoenixSocket<A> {
       return;
     }
 
-    if (event === 'phx_join') return this.#join(msg);
+    if (event === 'phx_join') {
+      this.#join(msg);
+      return;
+    }
 
     const channel = this.channels.get(topic);
 
@@ -171,7 +174,10 @@ export class PhoenixSocket<A> {
       return;
     }
 
-    if (event === 'phx_leave') return channel.leave(msg.ref);
+    if (event === 'phx_leave') {
+      channel.leave(msg.ref);
+      return;
+    }
     channel.handleIn(event, msg.payload, msg.ref);
   }
 

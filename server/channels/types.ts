@@ -94,7 +94,7 @@ export interface ChannelDefinition<A, S> {
 export interface ChannelRoute<A> {
   /** A topic or a prefix pattern ending in `*`, e.g. `device:*`. */
   pattern: string;
-  channel: ChannelDefinition<A, any>;
+  channel: ChannelDefinition<A, unknown>;
 }
 
 export interface SocketDefinition<A> {

@@ -234,13 +234,19 @@ export function printRows<T>(
   columns: readonly Column<T>[],
   empty = '(none)',
 ): void {
-  if (json) return printJson(io, rows);
+  if (json) {
+    printJson(io, rows);
+    return;
+  }
   io.out(rows.length ? formatTable(rows, columns) : `${empty}\n`);
 }
 
 /** Prints one record as `key: value` lines, or JSON with `--json`. */
 export function printRecord(io: CliIo, json: boolean | undefined, record: Record<string, unknown>): void {
-  if (json) return printJson(io, record);
+  if (json) {
+    printJson(io, record);
+    return;
+  }
   const width = Math.max(...Object.keys(record).map((k) => k.length));
   io.out(
     `${Object.entries(record)
@@ -301,7 +307,7 @@ export function usageError(message: string, usage: string): CliError {
  * Runs a command body and turns failures into an exit code: CliError → its message on stderr
  * (`error: ...`), anything else → the error text. Returns 0 on success.
  */
-export async function runCommand(io: CliIo, body: () => Promise<number | void>): Promise<number> {
+export async function runCommand(io: CliIo, body: () => Promise<number | undefined>): Promise<number> {
   try {
     return (await body()) ?? 0;
   } catch (err) {

@@ -212,7 +212,8 @@ async function findSignerCa(
     .select(['id', 'org_id', 'product_id', 'fingerprint_sha256', 'not_after'])
     .where('fingerprint_sha256', 'in', fingerprints)
     .execute();
-  const index = fingerprints.findIndex((f) => rows.some((r) => r.fingerprint_sha256 === f));
+  const known = new Set(rows.map((r) => r.fingerprint_sha256));
+  const index = fingerprints.findIndex((f) => known.has(f));
   if (index < 0) return notRegistered;
   const row = rows.find((r) => r.fingerprint_sha256 === fingerprints[index])!;
   if (row.not_after.getTime() <= Date.now())

@@ -13,13 +13,13 @@ import { buildGrispPackage, GrispBoard } from '../../device-client/simulators/gr
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { createLogger } from '../../server/log.ts';
-import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { type LogLine, startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 const boards: GrispBoard[] = [];
 /** Every line the server logged (info and up), parsed. */
-const logLines: Array<Record<string, any>> = [];
+const logLines: LogLine[] = [];
 let serialN = 0;
 
 async function tlsFor(serial: string) {
@@ -55,6 +55,13 @@ async function deviceOf(b: GrispBoard) {
     .executeTakeFirst();
 }
 
+/** A JSON-RPC reply as the board reads it. */
+interface RpcReply {
+  id: string | number;
+  result?: unknown;
+  error: { code: number; message: string };
+}
+
 async function uploadPackage(version: string, blocks = [randomBytes(3000), randomBytes(5000)]) {
   const body = await buildGrispPackage({ version, blocks });
   const res = await fetch(
@@ -65,7 +72,7 @@ async function uploadPackage(version: string, blocks = [randomBytes(3000), rando
       body: new Uint8Array(body),
     },
   );
-  return { status: res.status, body: (await res.json()) as Record<string, any> };
+  return { status: res.status, body: (await res.json()) as { id: string; format: string; members: number } };
 }
 
 async function targetDevice(deviceId: string, firmwareId: string) {
@@ -116,7 +123,10 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
       return d?.connection_status === 'online' && d.firmware_version === '1.2.3' ? d : undefined;
     }, 'the board online');
     assert.equal(device.protocol, 'grisp');
-    const state = await server.call(`GET`, `/api/v1/orgs/${server.orgId}/devices/${device.id}/grisp`);
+    const state = await server.call<Record<string, unknown>>(
+      'GET',
+      `/api/v1/orgs/${server.orgId}/devices/${device.id}/grisp`,
+    );
     assert.equal(state.relvsn, '1.2.3');
     assert.equal(state.relname, 'fleethub_sim');
     assert.equal(state.serial, b.o.serial.split(' ').pop());
@@ -490,12 +500,12 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
     it('answers an unknown method with -32601, echoing a string id unchanged', async () => {
       const r = (await exchange(
         '{"jsonrpc":"2.0","id":"-576460752303423487","method":"frobnicate","params":{}}',
-      )) as Record<string, any>;
+      )) as RpcReply;
       assert.equal(r.id, '-576460752303423487');
       assert.equal(r.error.code, -32601);
     });
     it('answers post without a params.type with -32602', async () => {
-      const r = (await exchange('{"jsonrpc":"2.0","id":7,"method":"post","params":{}}')) as Record<string, any>;
+      const r = (await exchange('{"jsonrpc":"2.0","id":7,"method":"post","params":{}}')) as RpcReply;
       assert.equal(r.id, 7);
       assert.equal(r.error.code, -32602);
     });
@@ -510,7 +520,7 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
           { foo: 1 },
           { jsonrpc: '2.0', id: 'p2', method: 'get', params: { type: 'nothing' } },
         ]),
-      )) as Array<Record<string, any>>;
+      )) as RpcReply[];
       assert.ok(Array.isArray(r));
       assert.equal(r.length, 3);
       assert.deepEqual(r[0], { jsonrpc: '2.0', id: 'p1', result: 'pang' });
