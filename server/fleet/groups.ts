@@ -7,8 +7,8 @@ import { inTransaction, Topics, type FleetContext, type FleetEvent } from './con
 import { certificateUsableSql, listDevices, type Page } from './devices.ts';
 import { FleetError, isUniqueViolation, isUuid, notFound, validName } from './errors.ts';
 import { getProduct } from './orgs.ts';
-import { pushCreatedAttempts } from './targets.ts';
 import { reconcileAttempts } from './reconcile.ts';
+import { pushCreatedAttempts } from './updates.ts';
 
 export type GroupWithCount = Group & { device_count: number; topic: string };
 
