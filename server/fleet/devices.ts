@@ -4,13 +4,9 @@ import type { Db } from '../db/index.ts';
 import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol } from '../db/schema.ts';
 import { groupTopic } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext } from './context.ts';
-import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound, pageBounds } from './errors.ts';
+import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound } from './errors.ts';
+import { type Page, pageBounds } from './paging.ts';
 import { getProduct } from './orgs.ts';
-
-export interface Page<T> {
-  items: T[];
-  total: number;
-}
 
 export interface CreateDeviceInput {
   orgId: string;

@@ -38,8 +38,8 @@ export {
   deviceGroupTopics,
   type CreateDeviceInput,
   type DeviceFilter,
-  type Page,
 } from './devices.ts';
+export type { Page } from './paging.ts';
 export {
   createGroup,
   listGroups,

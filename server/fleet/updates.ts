@@ -14,8 +14,8 @@ import type { Db } from '../db/index.ts';
 import type { Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
 import type { FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { FleetError, isUuid, notFound, pageBounds } from './errors.ts';
-import type { Page } from './devices.ts';
+import { FleetError, isUuid, notFound } from './errors.ts';
+import { type Page, pageBounds } from './paging.ts';
 import { ProgressBatcher, type ProgressBatchStats, type ProgressReport } from './progress-batch.ts';
 import { type CreatedAttempt, OPEN_STATES } from './reconcile.ts';
 
