@@ -10,9 +10,8 @@ import fastifyPlugin from 'fastify-plugin';
 import type { Logger } from 'pino';
 import { type LongPollTimings, LongPollTransport } from './longpoll.ts';
 import { serializerFor } from './serializers.ts';
-import type { EndpointStats } from './socket.ts';
 import { type Handshake, type Handshaker, type Refused, SocketRegistry } from './socket-registry.ts';
-import type { SocketDefinition, PubSub } from './types.ts';
+import type { EndpointStats, PubSub, SocketDefinition } from './types.ts';
 import { WebSocketTransport } from './websocket.ts';
 
 /** A Fastify instance over any server (the device listener is HTTPS, the API plain HTTP). */

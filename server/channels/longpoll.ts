@@ -8,7 +8,8 @@ import { randomBytes } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { OutFrame } from './serializers.ts';
-import type { Connection, EndpointStats, PhoenixSocket } from './socket.ts';
+import type { Connection, PhoenixSocket } from './socket.ts';
+import type { EndpointStats } from './types.ts';
 import type { Handshaker, SocketRegistry } from './socket-registry.ts';
 
 export interface LongPollBody {

@@ -7,8 +7,8 @@ import type { FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { TopicRegistry } from './registry.ts';
 import type { Serializer } from './serializers.ts';
-import { type Connection, type Engine, emptyStats, PhoenixSocket } from './socket.ts';
-import type { ConnectInfo, PubSub, SocketDefinition } from './types.ts';
+import { type Connection, type Engine, PhoenixSocket } from './socket.ts';
+import type { ConnectInfo, EndpointStats, PubSub, SocketDefinition } from './types.ts';
 
 /** A handshake that passed: what the new socket is made of. */
 export interface Accepted<A> {
@@ -53,6 +53,26 @@ export interface SocketRegistryOptions {
 export type Sweeper<A> = (now: number, sockets: ReadonlySet<PhoenixSocket<A>>) => void;
 
 const DISCONNECT_TOPIC = 'phx:disconnect';
+
+export function emptyStats(): EndpointStats {
+  return {
+    sockets: 0,
+    channels: 0,
+    framesIn: 0,
+    framesOut: 0,
+    broadcastEncodes: 0,
+    broadcastsDelivered: 0,
+    invalidFrames: 0,
+    staleFrames: 0,
+    unknownEvents: 0,
+    channelCrashes: 0,
+    oversizedFrames: 0,
+    idleTimeouts: 0,
+    slowConsumers: 0,
+    connectsRefused: 0,
+    longpollSessions: 0,
+  };
+}
 
 export class SocketRegistry<A> {
   readonly stats = emptyStats();

@@ -121,3 +121,24 @@ export interface PubSubAdapter {
   start(deliver: (message: Message) => void): Promise<void>;
   stop(): Promise<void>;
 }
+
+/** Counters an endpoint exposes; `sockets` and `channels` are live gauges. */
+export interface EndpointStats {
+  sockets: number;
+  channels: number;
+  framesIn: number;
+  framesOut: number;
+  /** Broadcast encodings performed (at most one per serializer per broadcast). */
+  broadcastEncodes: number;
+  /** Broadcast frames written to sockets. */
+  broadcastsDelivered: number;
+  invalidFrames: number;
+  staleFrames: number;
+  unknownEvents: number;
+  channelCrashes: number;
+  oversizedFrames: number;
+  idleTimeouts: number;
+  slowConsumers: number;
+  connectsRefused: number;
+  longpollSessions: number;
+}

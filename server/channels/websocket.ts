@@ -10,7 +10,8 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { RawData, WebSocket } from 'ws';
 import type { OutFrame } from './serializers.ts';
-import type { Connection, EndpointStats, PhoenixSocket } from './socket.ts';
+import type { Connection, PhoenixSocket } from './socket.ts';
+import type { EndpointStats } from './types.ts';
 import type { Accepted, Handshaker, SocketRegistry } from './socket-registry.ts';
 
 export const AUTH_TOKEN_PREFIX = 'base64url.bearer.phx.';
