@@ -25,6 +25,8 @@ export {
   listProducts,
   getProduct,
   updateProduct,
+  MAX_UPDATE_TIMEOUT_S,
+  type ProductPatch,
   type Org,
   type Product,
 } from './orgs.ts';
@@ -78,6 +80,8 @@ export {
   validateReport,
   firmwareUpdatePayload,
   sweepStaleUpdates,
+  DEFAULT_UPDATE_TIMEOUT_S,
+  type SweepOptions,
   listUpdateAttempts,
   countUpdateStates,
   OPEN_STATES,
@@ -88,5 +92,27 @@ export {
   type UpdateReportEvent,
 } from './updates.ts';
 export { deviceJoined, deviceDisconnected, type ConnectedDevice, type JoinOutcome } from './connections.ts';
+export {
+  linkEvent,
+  linkEventOrThrow,
+  openLink,
+  UPDATE_TIMER,
+  type LinkEffect,
+  type LinkEvent,
+  type LinkRefusal,
+  type LinkReport,
+  type LinkResult,
+  type LinkSession,
+  type ReportKind,
+  type RunningReport,
+} from './device-link.ts';
+export {
+  FINAL_STATES,
+  isAllowedTransition,
+  TRANSITIONS,
+  transitionOf,
+  UNFINISHED_STATES,
+  type AttemptEvent,
+} from './link-table.ts';
 export { markNodeAlive, removeNode, reconcileOfflineDevices } from './nodes.ts';
 export { listAuditLog, type AuditFilter, type AuditRecord } from './audit-log.ts';

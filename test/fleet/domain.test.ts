@@ -572,8 +572,8 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
     test('the sweeper times out attempts that made no progress', async () => {
       const { v1, d } = await setup();
       await fleet.deviceJoined(ctx, ref(d), v1.id);
-      assert.equal(await fleet.sweepStaleUpdates(ctx, { staleAfterMs: 60_000 }), 0);
-      const n = await fleet.sweepStaleUpdates(ctx, { staleAfterMs: 60_000, now: new Date(Date.now() + 120_000) });
+      assert.equal(await fleet.sweepStaleUpdates(ctx, { defaultTimeoutS: 60 }), 0);
+      const n = await fleet.sweepStaleUpdates(ctx, { defaultTimeoutS: 60, now: new Date(Date.now() + 120_000) });
       assert.ok(n >= 1);
       assert.equal((await attemptsOf(d.id))[0]?.state, 'timed_out');
     });
