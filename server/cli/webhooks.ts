@@ -104,7 +104,10 @@ export async function runWebhooksCommand(argv: string[], io: CliIo = processIo):
           }),
           options,
         );
-        if (values.json) return printJson(io, page);
+        if (values.json) {
+          printJson(io, page);
+          return 0;
+        }
         printRows(io, false, page.items, [
           { header: 'created', value: (d) => d.created_at },
           { header: 'event', value: (d) => d.event },
