@@ -9,6 +9,7 @@ import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import type { FleetContext } from '../../fleet/context.ts';
+import { deviceById } from '../../fleet/devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import { servePackage } from '../main-server/download.ts';
 
@@ -76,23 +77,18 @@ export function registerKeyauthDownloads(
       if (!isUuid(id)) return refuse(reply, 404, 'no such firmware');
       const verdict = verifyDownload(deps.secret, id, request.query as Record<string, unknown>);
       if (!verdict.ok) return refuse(reply, 403, verdict.reason);
-      const row = await deps.fleet.db
-        .selectFrom('firmware')
-        .innerJoin('devices', 'devices.product_id', 'firmware.product_id')
-        .select([
-          'firmware.id',
-          'firmware.sha256',
-          'firmware.size',
-          'firmware.has_blob',
-          'firmware.component',
-          'firmware.version',
-          'firmware.format',
-          'devices.approval',
-        ])
-        .where('firmware.id', '=', id)
-        .where('devices.id', '=', verdict.deviceId)
-        .executeTakeFirst();
-      if (row?.approval !== 'approved') return refuse(reply, 403, 'this device may not download this firmware');
+      // The device's approval and product now, not when the URL was issued.
+      const device = await deviceById(deps.fleet.db, verdict.deviceId);
+      const row =
+        device &&
+        (await deps.fleet.db
+          .selectFrom('firmware')
+          .select(['id', 'sha256', 'size', 'has_blob', 'component', 'version', 'format'])
+          .where('id', '=', id)
+          .where('product_id', '=', device.product_id)
+          .executeTakeFirst());
+      if (!row || device?.approval !== 'approved')
+        return refuse(reply, 403, 'this device may not download this firmware');
       if (!(await servePackage(request, reply, deps.blobs, row)))
         return refuse(reply, 404, 'the firmware image is not stored on the server');
       return reply;

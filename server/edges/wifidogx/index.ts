@@ -10,6 +10,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
+import { deviceById } from '../../fleet/devices.ts';
 import { devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import { getOrg, getProduct, Topics, type FleetContext } from '../../fleet/index.ts';
@@ -108,11 +109,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
-    const device = await fleet.db
-      .selectFrom('devices')
-      .select(['approval', 'connection_status', 'connected_node'])
-      .where('id', '=', deviceId)
-      .executeTakeFirst();
+    const device = await deviceById(fleet.db, deviceId);
     const local = connections.get(deviceId);
     const approved = device?.approval === 'approved';
     if (local && local !== conn) {
@@ -231,13 +228,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
             verdict.reason === 'expired' ? 'the firmware URL has expired' : 'the firmware URL signature is invalid',
           );
         // The URL names its gateway; the gateway's approval and product are checked now, not when the URL was issued.
-        const device = isUuid(deviceId)
-          ? await fleet.db
-              .selectFrom('devices')
-              .select(['approval', 'product_id'])
-              .where('id', '=', deviceId)
-              .executeTakeFirst()
-          : undefined;
+        const device = await deviceById(fleet.db, deviceId);
         if (device?.approval !== 'approved') {
           log.info(
             { device_id: deviceId, firmware_id: id, approval: device?.approval ?? 'deleted' },
