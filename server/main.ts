@@ -193,6 +193,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       pubsub,
       secret,
       blobs,
+      publicUrl: apiBaseUrl,
       disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason),
     },
     [

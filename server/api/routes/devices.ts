@@ -22,7 +22,7 @@ import {
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
 import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, listOf, orgParam, pageOf, paginationQuery, ref } from '../schemas.ts';
+import { authErrors, conflictError, orgParam, pageOf, paginationQuery, ref, page, pageQuery } from '../schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveOrg, snakeKeys } from './common.ts';
 
@@ -77,6 +77,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDevices',
         tags: ['devices'],
         summary: 'Devices of an organization, newest first, filtered and paginated',
         params: orgParams,
@@ -118,6 +119,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'createDevice',
         tags: ['devices'],
         summary: 'Pre-register a device (devices signed by a registered signer CA register themselves)',
         params: orgParams,
@@ -154,6 +156,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getDevice',
         tags: ['devices'],
         summary: 'One device',
         params: deviceParams,
@@ -171,6 +174,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'updateDevice',
         tags: ['devices'],
         summary: "Change a device's description or tags",
         params: deviceParams,
@@ -198,6 +202,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'deleteDevice',
         tags: ['devices'],
         summary: 'Delete a device with its certificates and history',
         params: deviceParams,
@@ -219,16 +224,18 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDeviceCertificates',
         tags: ['devices'],
         summary: 'Certificates registered to a device',
         params: deviceParams,
-        response: { 200: listOf('DeviceCertificate'), ...authErrors },
+        querystring: pageQuery,
+        response: { 200: pageOf('DeviceCertificate'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
-      return { items: (await listDeviceCertificates(db, device.id)).map(snakeKeys) };
+      return page((await listDeviceCertificates(db, device.id)).map(snakeKeys), request.query);
     },
   );
 
@@ -237,6 +244,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'addDeviceCertificate',
         tags: ['devices'],
         summary:
           "Register a certificate (PEM) to a device: one of the org's signer CAs must have issued it (400 otherwise; 409 when registered already)",
@@ -264,6 +272,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'revokeDeviceCertificate',
         tags: ['devices'],
         summary: 'Revoke a device certificate: the device is disconnected and that certificate refused from now on',
         params: {
@@ -305,6 +314,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       {
         onRequest: requireRole('operator'),
         schema: {
+          operationId: `${action}Device`,
           tags: ['devices'],
           summary,
           params: deviceParams,
@@ -326,6 +336,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDeviceUpdates',
         tags: ['updates'],
         summary: 'Update attempts of a device, newest first',
         params: deviceParams,

@@ -19,7 +19,7 @@ import {
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
 import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, listOf, orgParam, pageOf, paginationQuery, ref } from '../schemas.ts';
+import { authErrors, conflictError, orgParam, pageOf, paginationQuery, ref, page } from '../schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveOrg } from './common.ts';
 import { resolveDevice } from './devices.ts';
@@ -78,17 +78,21 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listGroups',
         tags: ['groups'],
         summary: 'Groups of an organization with member counts',
         params: orgParams,
-        querystring: { type: 'object', properties: { product: { type: 'string', description: 'product id or name' } } },
-        response: { 200: listOf('Group'), ...authErrors },
+        querystring: {
+          type: 'object',
+          properties: { ...paginationQuery, product: { type: 'string', description: 'product id or name' } },
+        },
+        response: { 200: pageOf('Group'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const productId = request.query.product ? (await getProduct(fleet, org.id, request.query.product)).id : undefined;
-      return { items: await listGroups(fleet, org.id, { productId }) };
+      return page(await listGroups(fleet, org.id, { productId }), request.query);
     },
   );
 
@@ -100,6 +104,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'createGroup',
         tags: ['groups'],
         summary: 'Create a group in a product',
         params: orgParams,
@@ -141,6 +146,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getGroup',
         tags: ['groups'],
         summary: 'One group',
         params: groupParams,
@@ -158,6 +164,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'updateGroup',
         tags: ['groups'],
         summary: "Change a group's description or priority",
         params: groupParams,
@@ -186,6 +193,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'deleteGroup',
         tags: ['groups'],
         summary: 'Delete a group (members leave its channel)',
         params: groupParams,
@@ -207,6 +215,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listGroupDevices',
         tags: ['groups'],
         summary: 'Members of a group',
         params: groupParams,
@@ -226,6 +235,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'addGroupDevices',
         tags: ['groups'],
         summary: 'Add devices to a group (bulk; devices already in it are skipped)',
         params: groupParams,
@@ -259,6 +269,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'removeGroupDevices',
         tags: ['groups'],
         summary: 'Remove devices from a group (bulk; devices not in it are skipped)',
         params: groupParams,
@@ -294,6 +305,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listGroupUpdates',
         tags: ['updates'],
         summary: "Update attempts of a group's members, newest first",
         params: groupParams,

@@ -13,7 +13,17 @@ import {
 import { addSignerCa, listSignerCas, removeSignerCa } from '../../identity/signer-cas.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../errors.ts';
-import { authErrors, conflictError, emptyOk, listOf, orgParam, pageOf, paginationQuery, ref } from '../schemas.ts';
+import {
+  authErrors,
+  conflictError,
+  emptyOk,
+  orgParam,
+  pageOf,
+  paginationQuery,
+  ref,
+  page,
+  pageQuery,
+} from '../schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveOrg, snakeKeys } from './common.ts';
 
@@ -27,12 +37,21 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     '/orgs',
     {
       onRequest: requireRole('viewer'),
-      schema: { tags: ['orgs'], summary: 'Organizations you can see', response: { 200: listOf('Org'), ...authErrors } },
+      schema: {
+        operationId: 'listOrgs',
+        tags: ['orgs'],
+        summary: 'Organizations you can see',
+        querystring: pageQuery,
+        response: { 200: pageOf('Org'), ...authErrors },
+      },
     },
     async (request) => {
       const p = request.operator;
       const orgs = await listOrgs(fleet);
-      return { items: orgs.filter((o) => p.orgId === null || o.id === p.orgId) };
+      return page(
+        orgs.filter((o) => p.orgId === null || o.id === p.orgId),
+        request.query,
+      );
     },
   );
 
@@ -41,6 +60,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createOrg',
         tags: ['orgs'],
         summary: 'Create an organization (instance admins)',
         body: {
@@ -64,6 +84,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getOrg',
         tags: ['orgs'],
         summary: 'One organization',
         params: orgParams,
@@ -80,15 +101,17 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listProducts',
         tags: ['products'],
         summary: 'Products of an organization',
         params: orgParams,
-        response: { 200: listOf('Product'), ...authErrors },
+        querystring: pageQuery,
+        response: { 200: pageOf('Product'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
-      return { items: await listProducts(fleet, org.id) };
+      return page(await listProducts(fleet, org.id), request.query);
     },
   );
 
@@ -97,6 +120,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createProduct',
         tags: ['products'],
         summary: 'Create a product',
         params: orgParams,
@@ -134,6 +158,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getProduct',
         tags: ['products'],
         summary: 'One product',
         params: productParams,
@@ -154,6 +179,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'updateProduct',
         tags: ['products'],
         summary: 'Change whether firmware uploads must be signed, and the in-flight update timeout',
         params: productParams,
@@ -191,17 +217,21 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listSignerCas',
         tags: ['signer CAs'],
         summary: 'Signer CAs of an organization',
         params: orgParams,
-        querystring: { type: 'object', properties: { product: { type: 'string', description: 'product id or name' } } },
-        response: { 200: listOf('SignerCa'), ...authErrors },
+        querystring: {
+          type: 'object',
+          properties: { ...paginationQuery, product: { type: 'string', description: 'product id or name' } },
+        },
+        response: { 200: pageOf('SignerCa'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const productId = request.query.product ? (await getProduct(fleet, org.id, request.query.product)).id : undefined;
-      return { items: (await listSignerCas(db, { orgId: org.id, productId })).map(snakeKeys) };
+      return page((await listSignerCas(db, { orgId: org.id, productId })).map(snakeKeys), request.query);
     },
   );
 
@@ -210,6 +240,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'addSignerCa',
         tags: ['signer CAs'],
         summary: 'Register a signer CA certificate (PEM) for a product',
         params: orgParams,
@@ -245,6 +276,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'removeSignerCa',
         tags: ['signer CAs'],
         summary: 'Remove a signer CA; the device listener stops trusting it',
         params: {
@@ -281,6 +313,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listOrgAudit',
         tags: ['audit'],
         summary: 'Audit log of an organization, newest first',
         params: orgParams,
@@ -299,6 +332,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'listAudit',
         tags: ['audit'],
         summary: 'Audit log of the whole instance (instance admins)',
         querystring: auditQuery,

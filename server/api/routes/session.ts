@@ -24,7 +24,7 @@ import {
 import { audit, SYSTEM } from '../../audit.ts';
 import { rateLimitedWarning } from '../../log.ts';
 import { LoginThrottle } from '../login-throttle.ts';
-import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../schemas.ts';
+import { authErrors, conflictError, emptyOk, page, pageOf, paginationQuery, ref, roleSchema } from '../schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { operatorSocketId, operatorSocketIdsOfUser } from '../socket.ts';
 
@@ -48,9 +48,11 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     '/auth/login',
     {
       schema: {
+        operationId: 'login',
         tags: ['auth'],
         summary:
           'Exchange email and password for a JWT (12 h) naming a new server-side session; failed logins are throttled (429)',
+        description: 'Wrong email or password answer 401 with the same message, whichever was wrong.',
         security: [],
         body: {
           type: 'object',
@@ -144,6 +146,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'logout',
         tags: ['auth'],
         summary: "Log out: revoke the caller's login session (its JWT stops working at once, its live sockets close)",
         response: { 200: emptyOk, ...authErrors },
@@ -174,6 +177,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getMe',
         tags: ['auth'],
         summary: 'Who the bearer token stands for',
         response: { 200: principalSchema, ...authErrors },
@@ -194,15 +198,16 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'listUsers',
         tags: ['users'],
         summary: 'List users (org admins see their org)',
-        querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } },
-        response: { 200: listOf('User'), ...authErrors },
+        querystring: { type: 'object', properties: { ...paginationQuery, org: { type: 'string', format: 'uuid' } } },
+        response: { 200: pageOf('User'), ...authErrors },
       },
     },
     async (request) => {
       const org = orgFilter(request.operator, request.query.org);
-      return { items: await listUsers(db, org ?? null) };
+      return page(await listUsers(db, org ?? null), request.query);
     },
   );
 
@@ -211,6 +216,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createUser',
         tags: ['users'],
         summary: 'Create a user',
         body: {
@@ -261,6 +267,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'updateUser',
         tags: ['users'],
         summary:
           "Change a user's name, role, password or disabled flag (a new password, disabling or a new role revokes their login sessions and closes their live operator sockets)",
@@ -307,6 +314,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'deleteUser',
         tags: ['users'],
         summary: 'Delete a user and their API tokens (their live operator sockets close)',
         params: userIdParams,
@@ -349,10 +357,11 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listTokens',
         tags: ['tokens'],
         summary: 'List your API tokens (admins: `all=true` lists every token in their scope)',
-        querystring: { type: 'object', properties: { all: { type: 'boolean', default: false } } },
-        response: { 200: listOf('ApiToken'), ...authErrors },
+        querystring: { type: 'object', properties: { ...paginationQuery, all: { type: 'boolean', default: false } } },
+        response: { 200: pageOf('ApiToken'), ...authErrors },
       },
     },
     async (request) => {
@@ -360,9 +369,9 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       if (request.query.all) {
         if (roleRank(p.role) < roleRank('admin'))
           throw new ApiError(403, 'forbidden', 'listing every token needs the admin role');
-        return { items: await listApiTokens(db, { userId: null, orgId: p.orgId }) };
+        return page(await listApiTokens(db, { userId: null, orgId: p.orgId }), request.query);
       }
-      return { items: await listApiTokens(db, { userId: p.userId, orgId: null }) };
+      return page(await listApiTokens(db, { userId: p.userId, orgId: null }), request.query);
     },
   );
 
@@ -371,6 +380,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'createToken',
         tags: ['tokens'],
         summary: 'Create an API token; the token is shown only in this response',
         body: {
@@ -427,6 +437,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'revokeToken',
         tags: ['tokens'],
         summary: 'Revoke an API token (yours, or any in scope for admins); sockets opened with it close',
         params: userIdParams,

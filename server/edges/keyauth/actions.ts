@@ -11,7 +11,7 @@ import semver from 'semver';
 import type { FleetContext } from '../../fleet/context.ts';
 import { linkEvent, runningVersion, updateToPush, type LinkEvent, type LinkSession } from '../../fleet/device-link.ts';
 import { FleetError } from '../../fleet/errors.ts';
-import { signDownloadUrl } from './downloads.ts';
+import { keyauthDownloadUrl } from './downloads.ts';
 
 export interface Response {
   code: number;
@@ -151,7 +151,7 @@ async function checkUpdate(deps: ActionDeps, session: ActionSession, data: Recor
   if (!target) return { code: 200, data: { update: null } };
   // The client fetched the offer: sent, unless it is underway already (polling again does not move it back).
   await feed(deps, session, { type: 'update_sent', firmware: target, via: VIA, poll: true });
-  const { url, expiresAt } = signDownloadUrl({
+  const { url, expiresAt } = keyauthDownloadUrl({
     baseUrl: deps.downloadBaseUrl(),
     secret: deps.secret,
     firmwareId: target.id,

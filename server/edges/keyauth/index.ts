@@ -18,7 +18,7 @@ import { handleConnection, type ConnectionLimits } from './connection.ts';
 import { fingerprintOf, generateRsaKeyPair } from './envelope.ts';
 import { tenantResolver } from '../main-server/service.ts';
 
-export { registerKeyauthDownloads, signDownloadUrl, KEYAUTH_DOWNLOAD_PREFIX } from './downloads.ts';
+export { registerKeyauthDownloads, keyauthDownloadUrl, KEYAUTH_DOWNLOAD_PREFIX } from './downloads.ts';
 export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from './envelope.ts';
 
 export interface KeyauthOptions {

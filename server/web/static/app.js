@@ -66,7 +66,7 @@ function showLogin(message) {
 }
 
 async function start() {
-  orgs = (await api.request('GET', '/orgs')).items;
+  orgs = (await api.request('GET', '/orgs?limit=1000')).items;
   if (orgs.length === 0)
     return fill($('main'), h('p', {}, 'Your account cannot see any organization yet. Ask an admin to create one.'));
   const stored = sessionStorage.getItem('fleethub.org');
@@ -84,7 +84,7 @@ async function start() {
 
 async function chooseOrg(orgId) {
   sessionStorage.setItem('fleethub.org', orgId);
-  products = (await api.request('GET', api.orgPath(orgId, 'products'))).items;
+  products = (await api.request('GET', `${api.orgPath(orgId, 'products')}?limit=1000`)).items;
   const storedProduct = sessionStorage.getItem('fleethub.product') ?? '';
   const productId = products.some((p) => p.id === storedProduct) ? storedProduct : '';
   renderContext(orgId, productId);
