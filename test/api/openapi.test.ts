@@ -72,7 +72,7 @@ describe('OpenAPI document', () => {
 
   test('component schemas are named, and every $ref resolves to one', () => {
     const names = Object.keys(doc.components.schemas);
-    assert.ok(names.includes('Device') && names.includes('ApiErrorBody'), names.join());
+    assert.ok(names.includes('Device') && names.includes('ApiErrorBody') && names.includes('Webhook'), names.join());
     assert.deepEqual(
       names.filter((n) => /^def-\d+$/.test(n)),
       [],
