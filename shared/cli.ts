@@ -46,7 +46,7 @@ export class CliError extends Error {
  * Runs a command body and turns failures into an exit code: CliError → its message on stderr
  * (`error: ...`), anything else → the error text. Returns 0 on success.
  */
-export async function runCommand(io: CliIo, body: () => Promise<number | void>): Promise<number> {
+export async function runCommand(io: CliIo, body: () => Promise<number | undefined>): Promise<number> {
   try {
     return (await body()) ?? 0;
   } catch (err) {
@@ -65,17 +65,23 @@ export interface CliContext {
   exitCode: number;
 }
 
-/** A command's body: its parsed options and positional arguments (variadic ones as arrays). */
+/**
+ * A command's body: its parsed options and positional arguments (variadic ones as arrays). It
+ * resolves to the exit code, or to anything else (nothing) for 0.
+ */
 export type Action<O extends OptionValues> = (
   options: O,
   args: (string | string[] | undefined)[],
   cmd: Command,
-) => Promise<number | undefined | void>;
+) => Promise<unknown>;
 
 /** Runs `body` as the command's action; its result (or error) sets the exit code. */
 export function act<O extends OptionValues = OptionValues>(cmd: Command, ctx: CliContext, body: Action<O>): Command {
   return cmd.action(async function (this: Command) {
-    ctx.exitCode = await runCommand(ctx.io, async () => body(this.opts<O>(), this.processedArgs, this));
+    ctx.exitCode = await runCommand(ctx.io, async () => {
+      const code = await body(this.opts<O>(), this.processedArgs, this);
+      return typeof code === 'number' ? code : 0;
+    });
   });
 }
 

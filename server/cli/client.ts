@@ -12,6 +12,7 @@ import path from 'node:path';
 import { CliError, type CliIo } from '../../shared/cli.ts';
 
 export { CliError, type CliIo, processIo, runCommand } from '../../shared/cli.ts';
+import { createFleethubClient, data, FleethubApiError, type FleethubClient } from 'fleethub/client';
 
 export const DEFAULT_URL = 'http://127.0.0.1:4000';
 
@@ -264,13 +265,19 @@ export function printRows<T>(
   columns: readonly Column<T>[],
   empty = '(none)',
 ): void {
-  if (json) return printJson(io, rows);
+  if (json) {
+    printJson(io, rows);
+    return;
+  }
   io.out(rows.length ? formatTable(rows, columns) : `${empty}\n`);
 }
 
 /** Prints one record as `key: value` lines, or JSON with `--json`. */
 export function printRecord(io: CliIo, json: boolean | undefined, record: Record<string, unknown>): void {
-  if (json) return printJson(io, record);
+  if (json) {
+    printJson(io, record);
+    return;
+  }
   const width = Math.max(...Object.keys(record).map((k) => k.length));
   io.out(
     `${Object.entries(record)
@@ -321,4 +328,34 @@ export function orgPath(org: string): string {
 /** A usage error (exit 2): a missing argument or a combination of flags the command refuses. */
 export function usageError(message: string): CliError {
   return new CliError(message, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The generated client (fleethub/client): typed from the OpenAPI document
+
+/** The typed API client for a command's flags (then environment, then the saved login). */
+export function apiFor(flags: CommonFlags, io: CliIo): FleethubClient {
+  return createFleethubClient(resolveClientOptions(flags, io.env));
+}
+
+/**
+ * The data of a typed client call; an error answer or an unreachable server becomes a
+ * `CliError` with the server's message.
+ */
+export async function call<T>(
+  request: Promise<{ data?: T; error?: unknown; response: Response }>,
+  options: ClientOptions,
+): Promise<Exclude<T, undefined>> {
+  try {
+    return await data(request);
+  } catch (err) {
+    if (err instanceof FleethubApiError) {
+      const message = err.status === 401 ? unauthorizedMessage(options, err.message, err.details) : err.message;
+      throw new CliError(message, 1, err.status, err.code, err.details);
+    }
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    throw new CliError(
+      `cannot reach ${options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`,
+    );
+  }
 }

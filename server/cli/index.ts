@@ -20,6 +20,7 @@ import {
   registerStatusCommand,
   registerTargetCommands,
 } from './operator-fleet.ts';
+import { registerWebhooksCommands } from './webhooks.ts';
 import { registerWifidogxCommands } from './wifidogx.ts';
 
 /** The whole `fleethub` command tree, writing to `ctx.io`. */
@@ -42,6 +43,7 @@ export function buildProgram(ctx: CliContext): Command {
   registerMainServerCommands(program, ctx);
   registerKeyauthCommands(program, ctx);
   registerGrispCommands(program.command('grisp').description('GRiSP boards (seed 004)'), ctx);
+  registerWebhooksCommands(program, ctx);
   registerWifidogxCommands(program, ctx);
   return finishTree(program, ctx.io);
 }

@@ -656,7 +656,10 @@ async function watch(
   let again = false;
   let pending: NodeJS.Timeout | undefined;
   const run = () => {
-    if (running) return void (again = true);
+    if (running) {
+      again = true;
+      return;
+    }
     running = step()
       .then((code) => {
         if (code !== undefined) finish(code);

@@ -9,7 +9,6 @@ import {
   ApiClient,
   CliError,
   clientFor,
-  loginHint,
   orgOf,
   orgPath,
   printJson,

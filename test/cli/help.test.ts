@@ -15,7 +15,15 @@ const VERSION = (
 async function run(entry: (argv: string[], io: CliIo) => Promise<number>, argv: string[]) {
   let out = '';
   let err = '';
-  const io: CliIo = { out: (t) => void (out += t), err: (t) => void (err += t), env: {} };
+  const io: CliIo = {
+    out: (t) => {
+      out += t;
+    },
+    err: (t) => {
+      err += t;
+    },
+    env: {},
+  };
   const code = await entry(argv, io);
   return { code, out, err };
 }

@@ -56,8 +56,12 @@ describe('the README tour runs as a script', () => {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     let out = '';
-    shell.stdout!.setEncoding('utf8').on('data', (t: string) => (out += t));
-    shell.stderr!.setEncoding('utf8').on('data', (t: string) => (out += t));
+    shell.stdout!.setEncoding('utf8').on('data', (t: string) => {
+      out += t;
+    });
+    shell.stderr!.setEncoding('utf8').on('data', (t: string) => {
+      out += t;
+    });
     const [code] = await once(shell, 'exit');
     assert.equal(code, 0, `${out}\n--- server ---\n${server.output()}`);
 

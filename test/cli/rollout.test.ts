@@ -37,7 +37,16 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
   async function run(entry: typeof main, argv: string[], signal?: AbortSignal): Promise<Run> {
     let out = '';
     let err = '';
-    const io: CliIo = { out: (t) => void (out += t), err: (t) => void (err += t), env: env(), signal };
+    const io: CliIo = {
+      out: (t) => {
+        out += t;
+      },
+      err: (t) => {
+        err += t;
+      },
+      env: env(),
+      signal,
+    };
     const code = await entry(argv, io);
     return { code, out, err };
   }

@@ -19,8 +19,12 @@ describe(`fleethub login, logout and profiles (${DATABASE_KIND})`, () => {
     let out = '';
     let err = '';
     const io: CliIo = {
-      out: (t) => void (out += t),
-      err: (t) => void (err += t),
+      out: (t) => {
+        out += t;
+      },
+      err: (t) => {
+        err += t;
+      },
       env: { HOME: home, XDG_CONFIG_HOME: home, ...extraEnv },
     };
     return { code: await main(argv, io), out, err };

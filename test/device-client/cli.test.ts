@@ -38,7 +38,9 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
     let out = '';
     let err = '';
     const io: CliIo = {
-      out: (t) => void (out += t),
+      out: (t) => {
+        out += t;
+      },
       err: (t) => {
         err += t;
         if (stop.test(err)) controller.abort();
@@ -77,7 +79,9 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
       { cwd, env, stdio: ['ignore', 'pipe', 'pipe'] },
     );
     let log = '';
-    child.stderr!.setEncoding('utf8').on('data', (t: string) => (log += t));
+    child.stderr!.setEncoding('utf8').on('data', (t: string) => {
+      log += t;
+    });
     const exited = once(child, 'exit');
     try {
       await until(() => /joined device:/.test(log) || child.exitCode !== null, 'the device to join', 60_000);
