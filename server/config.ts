@@ -48,7 +48,7 @@ export interface Config {
   grispStartUpdateTimeoutMs: number;
 }
 
-interface Setting {
+export interface Setting {
   key: keyof Config;
   flag: string;
   env: string;
@@ -318,12 +318,4 @@ export function loadConfig(
       'production mode: --bootstrap-dev registers the development signer CA; create orgs and products and register your signer CAs through the API instead',
     );
   return config as Config;
-}
-
-export function configHelp(): string {
-  const lines = ['Usage: fleethub serve [options]', '', 'Options (flag / environment variable):'];
-  for (const s of SETTINGS) {
-    lines.push(`  --${s.flag.padEnd(24)} ${s.env.padEnd(32)} ${s.help}`);
-  }
-  return lines.join('\n');
 }

@@ -46,10 +46,13 @@ export {
   deleteDevice,
   publishCertificateRevoked,
   deviceGroupTopics,
+  selectDeviceIds,
+  MAX_SELECTED_DEVICES,
   type CreateDeviceInput,
+  type DeviceSelector,
   type DeviceFilter,
-  type Page,
 } from './devices.ts';
+export type { Page } from './paging.ts';
 export {
   createGroup,
   listGroups,

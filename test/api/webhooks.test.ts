@@ -16,6 +16,24 @@ import { createWebhookService } from '../../server/webhooks/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
+import type { Items } from './harness.ts';
+
+/** A webhook as the API shows it (the secret only in the create answer). */
+interface Webhook {
+  id: string;
+  secret: string;
+  enabled: boolean;
+  disabled_reason: string;
+}
+
+/** One row of a webhook's delivery log. */
+interface Delivery {
+  id: string;
+  state: string;
+  attempts: number;
+  last_status: number;
+  payload: unknown;
+}
 
 interface Received {
   headers: http.IncomingHttpHeaders;
@@ -68,16 +86,16 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
   test('a retarget reaches the receiver as signed deliveries, logged as delivered', async () => {
     const receiver = await startReceiver(() => 204);
     try {
-      const created = await server.call('POST', `/api/v1/orgs/${org}/webhooks`, {
+      const created = await server.call<Webhook>('POST', `/api/v1/orgs/${org}/webhooks`, {
         url: receiver.url,
         events: ['target.changed', 'update.transition'],
         description: 'CI',
       });
       assert.match(created.secret, /^whsec_[A-Za-z0-9_-]{43}$/);
-      const listed = await server.call('GET', `/api/v1/orgs/${org}/webhooks`);
+      const listed = await server.call<Items<Webhook>>('GET', `/api/v1/orgs/${org}/webhooks`);
       assert.equal(listed.total, 1);
-      assert.equal(listed.items[0].id, created.id);
-      assert.ok(!('secret' in listed.items[0]) && !('secret_enc' in listed.items[0]), 'the secret is shown once');
+      assert.equal(listed.items[0]!.id, created.id);
+      assert.ok(!('secret' in listed.items[0]!) && !('secret_enc' in listed.items[0]!), 'the secret is shown once');
 
       await server.call('POST', `/api/v1/orgs/${org}/groups`, { product: 'default', name: 'hooked' });
       const firmware = await uploadFirmware('5.0.0');
@@ -97,14 +115,18 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
       assert.equal(body.data.firmware_id, firmware.id);
       assert.match(body.id, /^[0-9a-f-]{36}$/);
 
-      const log = await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`);
+      const log = await server.call<Items<Delivery>>('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`);
       assert.equal(log.total, 1, JSON.stringify(log));
-      assert.equal(log.items[0].id, delivery!.headers['fleethub-delivery']);
+      assert.equal(log.items[0]!.id, delivery!.headers['fleethub-delivery']);
       await until(async () => {
-        const again = await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`);
-        return again.items[0].state === 'delivered';
+        const again = await server.call<Items<Delivery>>(
+          'GET',
+          `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`,
+        );
+        return again.items[0]!.state === 'delivered';
       }, 'the delivery logged as delivered');
-      const done = (await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`)).items[0];
+      const done = (await server.call<Items<Delivery>>('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`))
+        .items[0];
       assert.equal(done.attempts, 1);
       assert.equal(done.last_status, 204);
       assert.deepEqual(done.payload, body);
@@ -114,8 +136,12 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
       const code = await runWebhooksCommand(
         ['deliveries', created.id, '--url', server.apiUrl, '--token', server.adminToken],
         {
-          out: (text) => void (out += text),
-          err: (text) => void (out += text),
+          out: (text) => {
+            out += text;
+          },
+          err: (text) => {
+            out += text;
+          },
           env: { HOME: '/nonexistent' },
         },
       );
@@ -132,7 +158,7 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
   test('a receiver answering 500 is retried on the schedule, then disabled, and that is audited', async () => {
     const receiver = await startReceiver(() => 500);
     try {
-      const created = await server.call('POST', `/api/v1/orgs/${org}/webhooks`, {
+      const created = await server.call<Webhook>('POST', `/api/v1/orgs/${org}/webhooks`, {
         url: receiver.url,
         events: ['*'],
       });
@@ -141,27 +167,33 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
       await server.call('PUT', `/api/v1/orgs/${org}/groups/failing/target`, { version: '5.1.0' });
 
       await until(
-        async () => !(await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}`)).enabled,
+        async () => !(await server.call<Webhook>('GET', `/api/v1/orgs/${org}/webhooks/${created.id}`)).enabled,
         'the failing webhook disabled',
       );
-      const hook = await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}`);
+      const hook = await server.call<Webhook>('GET', `/api/v1/orgs/${org}/webhooks/${created.id}`);
       assert.match(hook.disabled_reason, /failed 3 times; last: receiver answered 500/);
       // One attempt and the two retries of '50ms,100ms', all for the same delivery.
       assert.equal(receiver.received.length, 3);
       assert.equal(new Set(receiver.received.map((r) => r.headers['fleethub-delivery'])).size, 1);
-      const log = await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`);
-      assert.equal(log.items[0].state, 'failed');
-      assert.equal(log.items[0].attempts, 3);
-      assert.equal(log.items[0].last_status, 500);
+      const log = await server.call<Items<Delivery>>('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries`);
+      assert.equal(log.items[0]!.state, 'failed');
+      assert.equal(log.items[0]!.attempts, 3);
+      assert.equal(log.items[0]!.last_status, 500);
 
-      const audit = await server.call('GET', `/api/v1/orgs/${org}/audit?action=webhook.disabled`);
+      const audit = await server.call<Items<{ resource_id: string; actor_type: string }>>(
+        'GET',
+        `/api/v1/orgs/${org}/audit?action=webhook.disabled`,
+      );
       assert.equal(audit.total, 1);
-      assert.equal(audit.items[0].resource_id, created.id);
-      assert.equal(audit.items[0].actor_type, 'system');
+      assert.equal(audit.items[0]!.resource_id, created.id);
+      assert.equal(audit.items[0]!.actor_type, 'system');
 
       // Disabled: later events wait as pending, nothing is sent; enabling sends them.
       await server.call('PUT', `/api/v1/orgs/${org}/groups/failing/target`, { version: '5.0.0' });
-      const waiting = await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries?state=pending`);
+      const waiting = await server.call<Items<Delivery>>(
+        'GET',
+        `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries?state=pending`,
+      );
       assert.equal(waiting.total, 0, 'a disabled webhook queues nothing');
       assert.equal(receiver.received.length, 3);
     } finally {
@@ -179,7 +211,7 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
     });
     second.start();
     try {
-      const created = await server.call('POST', `/api/v1/orgs/${org}/webhooks`, {
+      const created = await server.call<Webhook>('POST', `/api/v1/orgs/${org}/webhooks`, {
         url: receiver.url,
         events: ['target.changed'],
       });
@@ -187,7 +219,10 @@ describe(`webhooks (${DATABASE_KIND})`, () => {
       for (const version of ['5.0.0', '5.1.0', '5.0.0', '5.1.0', '5.0.0', '5.1.0'])
         await server.call('PUT', `/api/v1/orgs/${org}/groups/twice/target`, { version });
       await until(async () => {
-        const log = await server.call('GET', `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries?state=delivered`);
+        const log = await server.call<Items<Delivery>>(
+          'GET',
+          `/api/v1/orgs/${org}/webhooks/${created.id}/deliveries?state=delivered`,
+        );
         return log.total === 6;
       }, 'six deliveries delivered');
       const ids = receiver.received.map((r) => r.headers['fleethub-delivery']);

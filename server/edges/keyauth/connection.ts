@@ -9,7 +9,7 @@ import type { Socket } from 'node:net';
 import { describeBadString, findBadString } from '../../input-gate.ts';
 import { rateLimitedWarning, type Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
-import { edgeDeviceOffline, markEdgeDeviceConnected } from '../../fleet/edge-devices.ts';
+import { linkEvent, openLink } from '../../fleet/device-link.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
@@ -49,7 +49,10 @@ const notAuthorised = new WeakMap<Logger, ReturnType<typeof rateLimitedWarning>>
 /** The listener's rate-limited "key not authorised" line (one per listener logger, shared by its connections). */
 function notAuthorisedOf(log: Logger): ReturnType<typeof rateLimitedWarning> {
   let fn = notAuthorised.get(log);
-  if (!fn) notAuthorised.set(log, (fn = rateLimitedWarning(log, 'keyauth key not authorised', 60_000, 'info')));
+  if (!fn) {
+    fn = rateLimitedWarning(log, 'keyauth key not authorised', 60_000, 'info');
+    notAuthorised.set(log, fn);
+  }
   return fn;
 }
 
@@ -174,14 +177,14 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
         data: { fingerprint: key.fingerprint },
       });
     }
-    // Online on this node, told to operators (and the log) like every other connection.
-    const connectedAt = await markEdgeDeviceConnected(deps.fleet, { deviceId: device.id, orgId: device.org_id });
-    const session: ActionSession = {
-      deviceId: device.id,
-      orgId: device.org_id,
-      identifier: device.identifier,
-      connectedAt,
-    };
+    // Online now; its version comes with its first status or check_update.
+    const online = await linkEvent(
+      deps.fleet,
+      openLink({ deviceId: device.id, orgId: device.org_id, productId: device.product_id, protocol: 'keyauth' }),
+      { type: 'connected', running: {} },
+    );
+    if (!online.ok) throw new FleetError(online.refusal.code, online.refusal.message, online.refusal.details);
+    const session: ActionSession = { ...online.session, identifier: device.identifier };
     const unwatch = deps.watchDevice(device.id, (event) => {
       if (event === 'device_revoked' || event === 'device_deleted') close(`device ${event}`);
     });
@@ -274,7 +277,7 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       const s = state;
       if (s.phase === 'authorised') {
         s.unwatch();
-        edgeDeviceOffline(deps.fleet, s.session.deviceId, s.session.connectedAt)
+        linkEvent(deps.fleet, s.session, { type: 'closed', reason: 'socket closed' })
           .catch((err: unknown) => log.error({ err }, 'marking a keyauth client offline failed'))
           .finally(resolve);
       } else {
