@@ -29,6 +29,7 @@ import { registerGrispEdge } from './edges/grisp/index.ts';
 import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
 import { mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
 import { registerWifidogxEdge, type WifidogxAuthPolicy } from './edges/wifidogx/index.ts';
+import { EdgeRuntime } from './edges/runtime.ts';
 import { registerOperatorSocket } from './api/socket.ts';
 import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
@@ -74,6 +75,8 @@ export interface RunningServer {
   blobs: LocalBlobStore;
   /** The seed-003 TCP listener, unless disabled (`--keyauth-port -1`). */
   keyauth?: KeyauthServer;
+  /** The edges' links on this node (GRiSP, WiFiDogX): drained with 1012 by `close()`. */
+  edgeRuntime: EdgeRuntime;
   /** `https://localhost:<port>` of the mutual-TLS device listener. */
   deviceUrl: string;
   /** `http(s)://<host>:<port>` of the operator API (https with `--api-tls`). */
@@ -214,9 +217,10 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Edges: the other protocols, translated into the same fleet (each closes with its listener).
   const urlTtlSeconds = config.firmwareUrlTtlSeconds;
+  const edgeRuntime = new EdgeRuntime({ pubsub, fleet, log: log.child({ component: 'edge-runtime' }) });
   await registerGrispEdge({
     fleet,
-    pubsub,
+    runtime: edgeRuntime,
     log,
     blobs,
     secret,
@@ -228,6 +232,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await registerWifidogxEdge({
     fleet,
     pubsub,
+    runtime: edgeRuntime,
     log,
     blobs,
     secret,
@@ -298,6 +303,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     api,
     blobs,
     keyauth,
+    edgeRuntime,
     deviceUrl: `https://localhost:${devicePort}`,
     apiUrl: apiBaseUrl(),
     async close() {
@@ -306,7 +312,11 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       for (const t of timers) clearInterval(t);
       stopCaRelay();
       stopRevocations();
-      await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);
+      await Promise.allSettled([
+        deviceEndpoint.drain(1012),
+        operatorEndpoint.drain(1012),
+        edgeRuntime.drain(1012, 'server restarting'),
+      ]);
       await deviceEndpoint.close();
       await operatorEndpoint.close();
       await Promise.allSettled([mainServer.close(), keyauth?.close()]);

@@ -1,7 +1,8 @@
 /**
  * One GRiSP board's link: JSON-RPC in both directions over one WebSocket. The connection
- * translates; the fleet decides (edge-devices.ts, updates.ts). Work that touches the fleet runs
- * one step at a time per board (a promise chain), so update events are applied in order.
+ * translates; the fleet decides (edge-devices.ts, updates.ts). It runs on the edge runtime
+ * (../runtime.ts): work that touches the fleet runs one step at a time per board, so update events
+ * are applied in order; the runtime delivers revocation, approval and new targets from PubSub.
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
@@ -14,6 +15,7 @@ import {
   type EdgeDeviceRef,
 } from '../../fleet/edge-devices.ts';
 import type { Logger } from '../../log.ts';
+import type { EdgeLink, EdgeRuntime } from '../runtime.ts';
 import {
   decodeFrame,
   encodeError,
@@ -78,6 +80,7 @@ export interface SystemInfo {
 
 export interface GrispConnectionDeps {
   fleet: FleetContext;
+  runtime: EdgeRuntime;
   log: Logger;
   timings: GrispTimings;
   healthCheck: HealthCheck;
@@ -90,6 +93,8 @@ export interface GrispConnectionDeps {
 export interface GrispIdentity extends EdgeDeviceRef {
   productId: string;
   identifier: string;
+  /** The certificate the board authenticated with: only its revocation ends the link. */
+  certificateId?: string;
 }
 
 interface Pending {
@@ -118,9 +123,9 @@ export class GrispConnection {
   readonly #deps: GrispConnectionDeps;
   readonly #log: Logger;
   readonly #pending = new Map<string, Pending>();
-  readonly #timers: NodeJS.Timeout[] = [];
+  readonly #link: EdgeLink;
+  #pinger: NodeJS.Timeout | undefined;
   #nextId = 1;
-  #chain: Promise<void> = Promise.resolve();
   #closed = false;
   #connectedAt: string | undefined;
   /** The update this link started (or found running), by firmware. */
@@ -133,6 +138,26 @@ export class GrispConnection {
     this.ref = ref;
     this.#deps = deps;
     this.#log = deps.log.child({ device_id: ref.deviceId, identifier: ref.identifier });
+    this.#link = deps.runtime.open({
+      edge: 'grisp',
+      log: this.#log,
+      transport: { close: (code, reason) => ws.close(code, reason) },
+      // The board answering with an error, or reporting what the fleet refuses, is its problem (warn).
+      devicesFault: (err) => err instanceof RpcError || err instanceof FleetError,
+      handlers: {
+        retarget: () => this.refresh(),
+        approved: () => this.refresh(),
+        timer: async (key) => {
+          if (key !== 'logs') return;
+          await this.fetchLogs();
+          this.#link.schedule('logs', this.#deps.timings.logIntervalMs);
+        },
+        // After the step in flight (it may have just marked the board online).
+        closed: async () => {
+          await edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt);
+        },
+      },
+    });
   }
 
   get deviceId(): string {
@@ -145,13 +170,16 @@ export class GrispConnection {
     this.#ws.on('message', (data, isBinary) => this.#onFrame(isBinary ? '' : data.toString()));
     this.#ws.on('close', () => this.#onClose());
     this.#ws.on('error', (err) => this.#log.warn({ err }, 'grisp socket error'));
-    this.#timers.push(setInterval(() => this.#ws.ping(), timings.pingIntervalMs));
-    if (timings.logIntervalMs > 0)
-      this.#timers.push(
-        setInterval(() => this.enqueue(async () => void (await this.fetchLogs())), timings.logIntervalMs),
-      );
+    // The keepalive is the transport's: it must not wait behind a step (a slow start_update).
+    this.#pinger = setInterval(() => this.#ws.ping(), timings.pingIntervalMs);
     this.#ws.ping();
+    if (timings.logIntervalMs > 0) this.#link.schedule('logs', timings.logIntervalMs);
     this.enqueue(async () => {
+      await this.#link.attach({
+        deviceId: this.ref.deviceId,
+        orgId: this.ref.orgId,
+        ...(this.ref.certificateId ? { certificateId: this.ref.certificateId } : {}),
+      });
       await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, {
         serial: serialFromCommonName(this.ref.identifier),
       });
@@ -161,23 +189,12 @@ export class GrispConnection {
 
   /** Runs `step` after every step queued before it; failures are logged, the link stays. */
   enqueue(step: () => Promise<void>): Promise<void> {
-    const run = this.#chain.then(async () => {
-      if (this.#closed) return;
-      try {
-        await step();
-      } catch (err) {
-        // The board answering with an error, or reporting what the fleet refuses (a relvsn that is
-        // no version), is its problem (warn); anything else is ours.
-        const boards = err instanceof RpcError || err instanceof FleetError;
-        if (!this.#closed) this.#log[boards ? 'warn' : 'error']({ err }, 'grisp step failed');
-      }
-    });
-    this.#chain = run;
-    return run;
+    return this.#link.step(step);
   }
 
+  /** The close effect: ends the link with `code` and `reason`. */
   close(code = 1000, reason = ''): void {
-    this.#ws.close(code, reason);
+    this.#link.close(code, reason);
   }
 
   // --- outgoing requests ------------------------------------------------------------------------
@@ -531,19 +548,14 @@ export class GrispConnection {
   #onClose(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const t of this.#timers) clearInterval(t);
+    clearInterval(this.#pinger);
     for (const [id, p] of this.#pending) {
       clearTimeout(p.timer);
       p.reject(new Error('the board disconnected'));
       this.#pending.delete(id);
     }
     this.#deps.onClose(this);
-    // Wait for the step in flight (it may have just marked the board online) before marking it offline.
-    void this.#chain.then(() =>
-      edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt).catch((err: unknown) =>
-        this.#log.error({ err }, 'marking the board offline failed'),
-      ),
-    );
+    this.#link.transportClosed();
   }
 }
 

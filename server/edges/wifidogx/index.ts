@@ -10,13 +10,14 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
-import { devicesConcernedByTargetChange, transitionAttempt } from '../../fleet/edge-devices.ts';
+import { transitionAttempt } from '../../fleet/edge-devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
-import { getOrg, getProduct, Topics, type FleetContext } from '../../fleet/index.ts';
+import { getOrg, getProduct, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { parseRange } from '../../firmware/download.ts';
 import { sendBlob } from '../../firmware/send-blob.ts';
 import type { Logger } from '../../log.ts';
+import type { EdgeRuntime } from '../runtime.ts';
 import { bucketedExpiry, signPathUrl, verifyPathSignature } from '../grisp/package.ts';
 import { WifidogxConnection, type WifidogxTimings } from './connection.ts';
 import { CLOSE, WIFIDOGX_AUTH_POLICIES, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './credentials.ts';
@@ -28,7 +29,10 @@ const URL_PREFIX = 'fw';
 
 export interface WifidogxEdgeDeps {
   fleet: FleetContext;
+  /** Operator commands are published on it (routes.ts). */
   pubsub: PubSub;
+  /** The node's edge runtime: links, their PubSub subscriptions, drain at shutdown. */
+  runtime: EdgeRuntime;
   log: Logger;
   blobs: BlobStore;
   secret: string;
@@ -110,8 +114,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       throw err;
     }));
 
-  const unsubscribers = new Map<WifidogxConnection, () => void>();
-
   /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
     const device = await fleet.db
@@ -133,36 +135,15 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       device.connected_node !== fleet.nodeName
     )
       return false;
+    // Its topic (revocation, approval, commands, targets) reaches it through the runtime.
     connections.set(deviceId, conn);
-    unsubscribers.set(
-      conn,
-      deps.pubsub.subscribe(Topics.device(deviceId), (message) => {
-        switch (message.event) {
-          case 'device_revoked':
-          case 'device_deleted':
-          case 'wifidogx_release':
-            conn.close(CLOSE.revoked, message.event);
-            return;
-          case 'wifidogx_credential_issued':
-            // The link on the old credential (or on none) ends; the gateway comes back on the new one.
-            conn.close(CLOSE.credential, 'credential issued: reconnect with it');
-            return;
-          case 'device_approved':
-            void conn.run(() => conn.becomeApproved());
-            return;
-          case 'wifidogx_command':
-            if (typeof message.payload.command_id === 'string')
-              void conn.run(() => conn.runCommand(message.payload.command_id as string));
-            return;
-        }
-      }),
-    );
     return true;
   }
 
   await deps.api.register(async (scope) => {
     scope.get(WIFIDOGX_PATH, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
       const remote = request.raw.socket.remoteAddress ?? null;
+      if (deps.runtime.draining) return socket.close(1012, 'server restarting');
       if (unidentified.size >= settings.maxUnidentified) {
         log.warn(
           { remote, limit: settings.maxUnidentified },
@@ -177,6 +158,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
         query.credential === undefined ? undefined : typeof query.credential === 'string' ? query.credential : '';
       const conn = new WifidogxConnection(socket, request.raw.socket as Socket, {
         fleet,
+        runtime: deps.runtime,
         log,
         timings: { ...timings },
         autoApprove: settings.autoApprove,
@@ -189,8 +171,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
         onClose: (c) => {
           unidentified.delete(c);
           if (c.ref && connections.get(c.ref.deviceId) === c) connections.delete(c.ref.deviceId);
-          unsubscribers.get(c)?.();
-          unsubscribers.delete(c);
         },
       });
       unidentified.add(conn);
@@ -293,18 +273,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
   );
 
   // Retargeting reaches every node; each asks its own gateways for their version (the answer upgrades them).
-  const stopTargets = deps.pubsub.subscribe(Topics.targets, (message) => {
-    if (message.event !== 'target_changed' || connections.size === 0) return;
-    devicesConcernedByTargetChange(fleet.db, message.payload, [...connections.keys()])
-      .then((ids) => {
-        for (const id of ids) {
-          const conn = connections.get(id);
-          if (conn) void conn.run(() => conn.recheckFirmware());
-        }
-      })
-      .catch((err: unknown) => log.error({ err }, 'applying a target change to WiFiDogX gateways failed'));
-  });
-
   async function sweepUpgrades(): Promise<number> {
     const cutoff = new Date(Date.now() - settings.upgradeTimeoutMs);
     const stale = await fleet.db
@@ -359,7 +327,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       if (closed) return;
       closed = true;
       clearInterval(sweeper);
-      stopTargets();
       for (const conn of new Set(connections.values())) conn.close(1012, 'server restarting');
     },
   };
