@@ -24,6 +24,7 @@ export {
   createProduct,
   listProducts,
   getProduct,
+  productResolver,
   updateProduct,
   type Org,
   type Product,

@@ -17,12 +17,11 @@ import {
   type GroupWithCount,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, listOf, orgParam, pageOf, paginationQuery, ref } from '../schemas.ts';
+import { authErrors, conflictError, listOf, orgParam, pageOf, paginationQuery, ref } from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
-import { resolveOrg } from './common.ts';
-import { resolveDevice } from './devices.ts';
+import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
 
 type OrgParams = { org: string };
 type GroupParams = { org: string; group: string };

@@ -11,10 +11,20 @@ import {
 } from '../../fleet/index.ts';
 import { addSignerCa, listSignerCas, removeSignerCa } from '../../identity/signer-cas.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
-import { authErrors, conflictError, emptyOk, listOf, orgParam, pageOf, paginationQuery, ref } from '../schemas.ts';
+import { ApiError } from '../../http/errors.ts';
+import {
+  authErrors,
+  conflictError,
+  emptyOk,
+  listOf,
+  orgParam,
+  pageOf,
+  paginationQuery,
+  ref,
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
-import { resolveOrg, snakeKeys } from './common.ts';
+import { resolveOrg } from '../../http/resolve.ts';
+import { snakeKeys } from './common.ts';
 
 type OrgParams = { org: string };
 const orgParams = { type: 'object', required: ['org'], properties: orgParam } as const;

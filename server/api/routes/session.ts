@@ -2,7 +2,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { Role } from '../../db/schema.ts';
 import { assertOrgAccess, orgFilter, requireRole, type OperatorPrincipal } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import {
   createApiToken,
   createUser,
@@ -19,7 +19,7 @@ import {
   updateUser,
   verifyPassword,
 } from '../operators.ts';
-import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../schemas.ts';
+import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { operatorSocketId, operatorSocketIdsOfUser } from '../socket.ts';
 

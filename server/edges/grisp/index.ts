@@ -13,6 +13,7 @@ import { isUuid } from '../../fleet/errors.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { sendBlob } from '../../firmware/send-blob.ts';
 import type { DeviceIdentity } from '../../identity/resolve.ts';
+import { apiErrorHandler } from '../../http/errors.ts';
 import type { Logger } from '../../log.ts';
 import type { EdgeRuntime } from '../runtime.ts';
 import {
@@ -223,7 +224,6 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
   if (deps.api) {
     await deps.api.register(
       async (scope) => {
-        const { apiErrorHandler } = await import('../../api/errors.ts');
         scope.setErrorHandler(apiErrorHandler);
         await registerGrispRoutes(scope, { fleet: deps.fleet, blobs: deps.blobs, connections });
       },

@@ -14,7 +14,7 @@ import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
 import { clientDevice, identifierFor } from './clients.ts';
-import { EnvelopeError, isEnvelope, KeyError, open, parseClientKey, seal } from './envelope.ts';
+import { EnvelopeError, isEnvelope, KeyError, open, parseClientKey, seal } from '../../../shared/keyauth-envelope.ts';
 import { encodeLine, LineReader, LineTooLongError } from './framing.ts';
 
 export interface ConnectionLimits {

@@ -9,17 +9,17 @@
  *   ... await keyauth?.close() on shutdown.
  */
 import net, { type AddressInfo, type Socket } from 'node:net';
-import type { ApiPlugin } from '../../api/index.ts';
+import type { RoutePlugin } from '../../http/errors.ts';
 import type { PubSub } from '../../channels/types.ts';
 import { Topics, type FleetContext } from '../../fleet/context.ts';
+import { productResolver } from '../../fleet/orgs.ts';
 import type { Logger } from '../../log.ts';
 import { keyauthAdminRoutes } from './admin.ts';
 import { handleConnection, type ConnectionLimits } from './connection.ts';
-import { fingerprintOf, generateRsaKeyPair } from './envelope.ts';
-import { tenantResolver } from '../main-server/service.ts';
+import { fingerprintOf, generateRsaKeyPair } from '../../../shared/keyauth-envelope.ts';
 
 export { registerKeyauthDownloads, signDownloadUrl, KEYAUTH_DOWNLOAD_PREFIX } from './downloads.ts';
-export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from './envelope.ts';
+export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from '../../../shared/keyauth-envelope.ts';
 
 export interface KeyauthOptions {
   fleet: FleetContext;
@@ -65,7 +65,7 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
   const serverKey = generateRsaKeyPair();
   const log = options.log.child({ listener: 'keyauth' });
   const limits = { ...DEFAULT_LIMITS, ...options.limits };
-  const tenant = tenantResolver(options.fleet, options.org, options.product);
+  const tenant = productResolver(options.fleet, options.org, options.product);
   const sockets = new Set<Socket>();
   const handlers = new Set<Promise<void>>();
   const server = net.createServer({ noDelay: true, allowHalfOpen: false }, (socket) => {
@@ -114,8 +114,8 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
   };
 }
 
-/** The operator routes (`/api/v1/keyauth/...`) as an `ApiPlugin` for `registerApi`. */
-export function keyauthApiPlugin(options: { fleet: FleetContext; org?: string; product?: string }): ApiPlugin {
-  const tenant = tenantResolver(options.fleet, options.org, options.product);
+/** The operator routes (`/api/v1/keyauth/...`) as a `RoutePlugin` for `registerApi`. */
+export function keyauthApiPlugin(options: { fleet: FleetContext; org?: string; product?: string }): RoutePlugin {
+  const tenant = productResolver(options.fleet, options.org, options.product);
   return (api) => keyauthAdminRoutes(api, { fleet: options.fleet, tenant });
 }

@@ -12,10 +12,11 @@ import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
 import { transitionAttempt } from '../../fleet/edge-devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
-import { getOrg, getProduct, type FleetContext } from '../../fleet/index.ts';
+import { productResolver, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { parseRange } from '../../firmware/download.ts';
 import { sendBlob } from '../../firmware/send-blob.ts';
+import { apiErrorHandler } from '../../http/errors.ts';
 import type { Logger } from '../../log.ts';
 import type { EdgeRuntime } from '../runtime.ts';
 import { bucketedExpiry, signPathUrl, verifyPathSignature } from '../grisp/package.ts';
@@ -103,16 +104,11 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       deviceId,
       expiresAt: bucketedExpiry(ttl),
     });
-  let home: Promise<{ orgId: string; productId: string }> | undefined;
-  const resolveHome = () =>
-    (home ??= (async () => {
-      const org = await getOrg(fleet, deps.home?.org ?? 'default');
-      const product = await getProduct(fleet, org.id, deps.home?.product ?? 'default');
-      return { orgId: org.id, productId: product.id };
-    })().catch((err: unknown) => {
-      home = undefined;
-      throw err;
-    }));
+  const homeProduct = productResolver(fleet, deps.home?.org, deps.home?.product);
+  const resolveHome = async () => {
+    const product = await homeProduct();
+    return { orgId: product.org_id, productId: product.id };
+  };
 
   /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
@@ -265,7 +261,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   await deps.api.register(
     async (scope) => {
-      const { apiErrorHandler } = await import('../../api/errors.ts');
       scope.setErrorHandler(apiErrorHandler);
       await registerWifidogxRoutes(scope, { fleet, pubsub: deps.pubsub, connections, policy: () => settings.auth });
     },
