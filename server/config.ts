@@ -25,6 +25,8 @@ export interface Config {
   secret?: string;
   /** Lifetime of signed firmware URLs. */
   firmwareUrlTtlSeconds: number;
+  /** In-flight timeout of update attempts for products that set none (seconds). */
+  updateTimeoutSeconds: number;
   /** Create the default org/product and register the dev signer CA on first start. */
   bootstrapDev: boolean;
   /** WiFiDogX lab mode: approve unknown gateways automatically (needs wifidogxAuth `open`). */
@@ -33,6 +35,8 @@ export interface Config {
   wifidogxAuth: string;
   /** WiFiDogX connections that have not sent `connect` yet, at most. */
   wifidogxMaxUnidentified: number;
+  /** How long a GRiSP board may take to answer `start_update` (it fetches the manifest first). */
+  grispStartUpdateTimeoutMs: number;
 }
 
 interface Setting {
@@ -166,6 +170,14 @@ export const SETTINGS: Setting[] = [
     default: () => 86_400,
   },
   {
+    key: 'updateTimeoutSeconds',
+    flag: 'update-timeout',
+    env: 'FLEETHUB_UPDATE_TIMEOUT',
+    kind: 'number',
+    help: 'seconds an update may go without a word from its device before it is timed_out (products may set their own)',
+    default: () => 1800,
+  },
+  {
     key: 'bootstrapDev',
     flag: 'bootstrap-dev',
     env: 'FLEETHUB_BOOTSTRAP_DEV',
@@ -196,6 +208,14 @@ export const SETTINGS: Setting[] = [
     kind: 'number',
     help: 'WiFiDogX connections waiting for their first connect, at most',
     default: () => 1000,
+  },
+  {
+    key: 'grispStartUpdateTimeoutMs',
+    flag: 'grisp-start-update-timeout-ms',
+    env: 'FLEETHUB_GRISP_START_UPDATE_TIMEOUT_MS',
+    kind: 'number',
+    help: 'how long a GRiSP board may take to answer start_update (it fetches the manifest first)',
+    default: () => 300_000,
   },
 ];
 

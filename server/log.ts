@@ -67,3 +67,28 @@ export function createLogger(options: LogOptions = {}): Logger {
   };
   return options.destination ? pino(logOptions, options.destination) : pino(logOptions);
 }
+
+/**
+ * A warning that repeats (a pending key retrying, a throttled login): logged at most once per
+ * `intervalMs` for each key, with `occurrences` counting every time it happened since the
+ * previous line of that key (this one included).
+ */
+export function rateLimitedWarning(
+  log: Logger,
+  msg: string,
+  intervalMs = 60_000,
+): (key: string, fields?: Record<string, unknown>) => void {
+  const seen = new Map<string, { last: number; count: number }>();
+  return (key, fields = {}) => {
+    const now = Date.now();
+    const entry = seen.get(key);
+    if (entry && now - entry.last < intervalMs) {
+      entry.count++;
+      return;
+    }
+    log.warn({ ...fields, occurrences: (entry?.count ?? 0) + 1, interval_s: intervalMs / 1000 }, msg);
+    seen.set(key, { last: now, count: 0 });
+    // Bounded: past 10,000 keys, those whose interval is over are forgotten (their suppressed count with them).
+    if (seen.size > 10_000) for (const [k, e] of seen) if (now - e.last >= intervalMs) seen.delete(k);
+  };
+}

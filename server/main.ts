@@ -196,6 +196,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       pubsub,
       secret,
       blobs,
+      publicUrl: apiBaseUrl,
       disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason),
     },
     [
@@ -228,6 +229,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     api,
     deviceBaseUrl: () => devicePublicUrl,
     urlTtlSeconds,
+    timings: { startUpdateTimeoutMs: config.grispStartUpdateTimeoutMs },
   });
   await registerWifidogxEdge({
     fleet,
@@ -263,7 +265,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
         .catch((err: unknown) => log.error({ err }, 'node heartbeat failed'));
     }, NODE_HEARTBEAT_MS),
     setInterval(() => {
-      sweepStaleUpdates(fleet).catch((err: unknown) => log.error({ err }, 'update sweep failed'));
+      sweepStaleUpdates(fleet, { defaultTimeoutS: config.updateTimeoutSeconds }).catch((err: unknown) =>
+        log.error({ err }, 'update sweep failed'),
+      );
     }, UPDATE_SWEEP_MS),
   ];
   for (const t of timers) t.unref();

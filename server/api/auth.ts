@@ -2,8 +2,12 @@
  * Operator authentication and authorisation for every `/api/v1` route (and the operator socket).
  *
  * A bearer is either a JWT from `POST /api/v1/auth/login` (HS256, 12 h) or an API token
- * (`fht_...`, stored as sha256). Either way the user is re-read on each request, so disabling a
- * user or lowering their role takes effect at once. Roles: viewer < operator < admin. A principal
+ * (`fht_...`, stored as sha256). A JWT names a server-side session (claim `sid`, table
+ * `operator_sessions`) and works only while that session is neither revoked nor expired: logout,
+ * a password change, disabling the user or a new role revoke it at once. Either way the user is
+ * re-read on each request, so disabling a user or lowering their role takes effect at once.
+ * Refusals say why (`details.reason`: invalid_token, session_expired, session_revoked,
+ * token_expired, token_revoked). Roles: viewer < operator < admin. A principal
  * is scoped to one org or (orgId null) to every org; other orgs' resources answer 404, not 403,
  * so their existence does not leak.
  *
@@ -11,16 +15,18 @@
  * runs before the body is parsed or validated, so an anonymous caller gets 401 whatever it sent.
  */
 import type { FastifyInstance } from 'fastify';
-import { jwtVerify, SignJWT } from 'jose';
+import { errors as joseErrors, jwtVerify, SignJWT } from 'jose';
 import type { Db } from '../db/index.ts';
 import {
   requiredRoleOf,
   roleRank,
+  type AuthRefusal,
+  type AuthResult,
   type OperatorAuthenticator,
   type OperatorPrincipal,
   type RouteRequirement,
 } from '../http/auth.ts';
-import { API_TOKEN_PREFIX, findUserById, hashApiToken, isRole } from './operators.ts';
+import { createSession, findSession, findUserById, hashApiToken, isRole, API_TOKEN_PREFIX } from './operators.ts';
 
 export {
   assertOrgAccess,
@@ -30,6 +36,8 @@ export {
   orgFilter,
   requireRole,
   requiredRoleOf,
+  type AuthRefusal,
+  type AuthResult,
   type OperatorPrincipal,
   type Role,
   type RoleGuard,
@@ -61,10 +69,17 @@ export class OperatorAuth implements OperatorAuthenticator {
     this.#key = new TextEncoder().encode(deps.secret);
   }
 
-  /** Signs a JWT for a user; the role and org are re-read from the database on every use. */
-  async issueJwt(userId: string): Promise<{ token: string; expiresAt: Date }> {
+  /**
+   * Opens a server-side session for a user and signs a JWT naming it (`sid`); the role and org
+   * are re-read from the database on every use, and the token works only while the session lives.
+   */
+  async issueJwt(
+    userId: string,
+    client: { remoteAddress?: string; userAgent?: string } = {},
+  ): Promise<{ token: string; expiresAt: Date; sessionId: string }> {
     const expiresAt = new Date(Date.now() + JWT_TTL_SECONDS * 1000);
-    const token = await new SignJWT({})
+    const sessionId = await createSession(this.#db, { userId, expiresAt, ...client });
+    const token = await new SignJWT({ sid: sessionId })
       .setProtectedHeader({ alg: 'HS256' })
       .setSubject(userId)
       .setIssuer(JWT_ISSUER)
@@ -72,17 +87,24 @@ export class OperatorAuth implements OperatorAuthenticator {
       .setIssuedAt()
       .setExpirationTime(Math.floor(expiresAt.getTime() / 1000))
       .sign(this.#key);
-    return { token, expiresAt };
+    return { token, expiresAt, sessionId };
   }
 
   /** The principal a bearer token stands for, or null when it is unknown, expired, revoked or its user is disabled. */
   async authenticate(token: string): Promise<OperatorPrincipal | null> {
-    if (!token) return null;
+    const result = await this.verify(token);
+    return result.ok ? result.principal : null;
+  }
+
+  /** Like `authenticate`, and says why a bearer is refused (the 401 body tells the caller what happened). */
+  async verify(token: string): Promise<AuthResult> {
+    if (!token) return refusal('invalid_token');
     return token.startsWith(API_TOKEN_PREFIX) ? this.#fromApiToken(token) : this.#fromJwt(token);
   }
 
-  async #fromJwt(token: string): Promise<OperatorPrincipal | null> {
+  async #fromJwt(token: string): Promise<AuthResult> {
     let sub: string | undefined;
+    let sid: unknown;
     let exp: number | undefined;
     try {
       const { payload } = await jwtVerify(token, this.#key, {
@@ -91,23 +113,35 @@ export class OperatorAuth implements OperatorAuthenticator {
         audience: JWT_AUDIENCE,
       });
       sub = payload.sub;
+      sid = payload.sid;
       exp = payload.exp;
-    } catch {
-      return null;
+    } catch (err) {
+      // Signed by us and merely past its exp: the session ended; anything else is not our token.
+      return refusal(err instanceof joseErrors.JWTExpired ? 'session_expired' : 'invalid_token');
     }
-    if (!sub) return null;
+    // Tokens from before server-side sessions carry no sid: they cannot be revoked, so they are refused.
+    if (!sub || typeof sid !== 'string') return refusal('invalid_token');
+    const session = await findSession(this.#db, sid);
+    if (!session || session.user_id !== sub) return refusal('session_revoked', 'the session no longer exists');
+    if (session.revoked_at !== null) return refusal('session_revoked', session.revoked_reason ?? undefined);
+    if (new Date(session.expires_at).getTime() <= Date.now()) return refusal('session_expired');
     const user = await findUserById(this.#db, sub);
-    if (!user || user.disabled_at !== null || !isRole(user.role)) return null;
+    if (!user || !isRole(user.role)) return refusal('session_revoked', 'the user no longer exists');
+    if (user.disabled_at !== null) return refusal('session_revoked', 'user disabled');
     return {
-      userId: user.id,
-      role: user.role,
-      orgId: user.org_id,
-      actor: { type: 'operator', id: user.id },
-      ...(exp === undefined ? {} : { expiresAt: new Date(exp * 1000) }),
+      ok: true,
+      principal: {
+        userId: user.id,
+        sessionId: session.id,
+        role: user.role,
+        orgId: user.org_id,
+        actor: { type: 'operator', id: user.id },
+        ...(exp === undefined ? {} : { expiresAt: new Date(exp * 1000) }),
+      },
     };
   }
 
-  async #fromApiToken(token: string): Promise<OperatorPrincipal | null> {
+  async #fromApiToken(token: string): Promise<AuthResult> {
     const row = await this.#db
       .selectFrom('api_tokens')
       .innerJoin('users', 'users.id', 'api_tokens.user_id')
@@ -125,9 +159,11 @@ export class OperatorAuth implements OperatorAuthenticator {
       ])
       .where('api_tokens.token_hash', '=', hashApiToken(token))
       .executeTakeFirst();
-    if (!row || row.revokedAt !== null || row.disabledAt !== null) return null;
-    if (row.expiresAt !== null && new Date(row.expiresAt).getTime() <= Date.now()) return null;
-    if (!isRole(row.tokenRole) || !isRole(row.userRole)) return null;
+    if (!row) return refusal('invalid_token');
+    if (row.revokedAt !== null) return refusal('token_revoked');
+    if (row.disabledAt !== null) return refusal('token_revoked', 'its user is disabled');
+    if (row.expiresAt !== null && new Date(row.expiresAt).getTime() <= Date.now()) return refusal('token_expired');
+    if (!isRole(row.tokenRole) || !isRole(row.userRole)) return refusal('invalid_token');
     // A token never does more than its user may do now, nor sees more than the user's org.
     const role = roleRank(row.tokenRole) <= roleRank(row.userRole) ? row.tokenRole : row.userRole;
     const orgId = row.userOrg ?? row.tokenOrg;
@@ -140,14 +176,31 @@ export class OperatorAuth implements OperatorAuthenticator {
         .execute();
     }
     return {
-      userId: row.userId,
-      tokenId: row.tokenId,
-      role,
-      orgId,
-      actor: { type: 'api_token', id: row.tokenId },
-      ...(row.expiresAt === null ? {} : { expiresAt: new Date(row.expiresAt) }),
+      ok: true,
+      principal: {
+        userId: row.userId,
+        tokenId: row.tokenId,
+        role,
+        orgId,
+        actor: { type: 'api_token', id: row.tokenId },
+        ...(row.expiresAt === null ? {} : { expiresAt: new Date(row.expiresAt) }),
+      },
     };
   }
+}
+
+const REFUSAL_MESSAGES: Record<AuthRefusal, string> = {
+  invalid_token: 'the bearer token is invalid (not issued by this server, or malformed): log in again',
+  session_expired: `your session expired (sessions last ${JWT_TTL_SECONDS / 3600} h): log in again`,
+  session_revoked: 'your session was revoked: log in again',
+  token_expired: 'this API token has expired: create a new one (POST /api/v1/tokens)',
+  token_revoked: 'this API token was revoked: create a new one (POST /api/v1/tokens)',
+};
+
+function refusal(reason: AuthRefusal, cause?: string): AuthResult {
+  const base = REFUSAL_MESSAGES[reason];
+  const message = cause ? base.replace(/:/, ` (${cause}):`) : base;
+  return { ok: false, reason, message, ...(cause ? { cause } : {}) };
 }
 
 /**

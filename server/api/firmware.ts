@@ -23,6 +23,7 @@ import { assertOrgAccess, requireRole, type OperatorPrincipal } from './auth.ts'
 import { ApiError } from '../http/errors.ts';
 import { resolveOrg } from '../http/resolve.ts';
 import { passThroughStream, uploadStream } from '../http/upload.ts';
+import { binaryBody, documentedUpload, page, pageOf, paginationQuery } from '../http/schemas.ts';
 
 export type FirmwareApiDeps = FirmwareStoreDeps;
 
@@ -41,36 +42,22 @@ const UPLOAD_FIELDS = [
 type UploadField = (typeof UPLOAD_FIELDS)[number];
 
 const errorResponse = { $ref: 'ApiErrorBody#' };
-const firmwareSchema = {
-  type: 'object',
-  properties: {
-    id: { type: 'string', format: 'uuid', description: 'the firmware UUID devices join device:<uuid> with' },
-    org_id: { type: 'string' },
-    product_id: { type: 'string' },
-    component: { type: 'string' },
-    version: { type: 'string' },
-    platform: { type: ['string', 'null'] },
-    architecture: { type: ['string', 'null'] },
-    format: { type: 'string' },
-    sha256: { type: ['string', 'null'] },
-    size: { type: ['integer', 'null'] },
-    signature: { type: ['string', 'null'] },
-    metadata: { type: 'object', additionalProperties: true },
-    has_blob: { type: 'boolean' },
-    uploaded_at: { type: 'string', format: 'date-time' },
+const firmwareSchema = { $ref: 'Firmware#' };
+const signingKeySchema = { $ref: 'SigningKey#' };
+
+/** JSON metadata of firmware stored elsewhere (the upload's other body). */
+const metadataBody = {
+  schema: {
+    type: 'object',
+    required: ['product', 'version'],
+    properties: {
+      ...Object.fromEntries(UPLOAD_FIELDS.map((f) => [f, { type: 'string' }])),
+      sha256: { type: 'string', pattern: '^[0-9a-f]{64}$' },
+      size: { type: 'integer', minimum: 0 },
+      metadata: { type: 'object', additionalProperties: true },
+    },
   },
-} as const;
-const signingKeySchema = {
-  type: 'object',
-  properties: {
-    id: { type: 'string' },
-    product_id: { type: 'string' },
-    name: { type: 'string' },
-    public_key_pem: { type: 'string' },
-    fingerprint: { type: 'string' },
-    created_at: { type: 'string', format: 'date-time' },
-  },
-} as const;
+};
 
 /** Registers `POST /firmware` and `/products/:id/signing-keys` on the `/api/v1` scope. */
 export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiDeps): Promise<void> {
@@ -85,7 +72,12 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
       '/firmware',
       {
         onRequest: requireRole('operator'),
+        config: documentedUpload(
+          'The image, streamed (`application/octet-stream`, metadata in the query or `X-Firmware-<Name>` headers), or JSON metadata of firmware stored elsewhere',
+          { 'application/octet-stream': binaryBody, 'application/json': metadataBody },
+        ),
         schema: {
+          operationId: 'uploadFirmware',
           tags: ['firmware'],
           summary: 'Upload a firmware image (streamed) or register firmware metadata',
           description:
@@ -157,17 +149,18 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listSigningKeys',
         tags: ['firmware'],
         summary: "List a product's firmware signing keys (ed25519 public keys)",
         params: { type: 'object', properties: { id: { type: 'string' } }, required: ['id'] },
-        querystring: { type: 'object', properties: { org: { type: 'string' } } },
-        response: { 200: { type: 'array', items: signingKeySchema }, 401: errorResponse, 404: errorResponse },
+        querystring: { type: 'object', properties: { ...paginationQuery, org: { type: 'string' } } },
+        response: { 200: pageOf('SigningKey'), 400: errorResponse, 401: errorResponse, 404: errorResponse },
       },
     },
     async (request) => {
       const { id } = request.params as { id: string };
       const product = await resolveProduct(deps.fleet, request.operator, id, (request.query as { org?: string }).org);
-      return (await listSigningKeys(deps.fleet.db, product.id)).map(signingKeyJson);
+      return page((await listSigningKeys(deps.fleet.db, product.id)).map(signingKeyJson), request.query);
     },
   );
 
@@ -176,6 +169,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'addSigningKey',
         tags: ['firmware'],
         summary: 'Register a firmware signing key for a product',
         params: { type: 'object', properties: { id: { type: 'string' } }, required: ['id'] },
@@ -219,6 +213,7 @@ export async function firmwareApiRoutes(api: FastifyInstance, deps: FirmwareApiD
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'removeSigningKey',
         tags: ['firmware'],
         summary: 'Remove a firmware signing key (by id or name)',
         params: {

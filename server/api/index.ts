@@ -11,6 +11,7 @@ import type { Db } from '../db/index.ts';
 import type { FleetContext } from '../fleet/index.ts';
 import type { Logger } from '../log.ts';
 import { registerAuth, type OperatorAuth } from './auth.ts';
+import type { LoginThrottleOptions } from './login-throttle.ts';
 import { apiErrorHandler, apiNotFoundHandler } from '../http/errors.ts';
 import { registerInputGate } from '../input-gate.ts';
 import { schemas } from '../http/schemas.ts';
@@ -37,6 +38,10 @@ export interface ApiDeps {
    * the socket exists, hence a function; without it live sockets outlive those changes.
    */
   disconnectOperatorSocket?: (socketId: string, reason: string) => Promise<void>;
+  /** This listener's base URL, for the OpenAPI document's `servers` (default http://127.0.0.1:4000). */
+  publicUrl?: () => string;
+  /** Failed-login limits per account and per client address (defaults: 10 and 50 per 15 min). */
+  loginThrottle?: LoginThrottleOptions;
   /** Readiness probe for /healthz (defaults to a `SELECT 1`). */
   healthy?: () => Promise<boolean>;
 }
@@ -50,6 +55,29 @@ export interface RouteDeps extends ApiDeps {
 export type ApiPlugin = (api: FastifyInstance, deps: RouteDeps) => Promise<void>;
 
 export const API_PREFIX = '/api/v1';
+
+/** The OpenAPI document's tags, in the order the docs UI shows them. */
+const API_TAGS = [
+  { name: 'health', description: 'Liveness and readiness' },
+  { name: 'auth', description: 'Logging in and who the caller is' },
+  { name: 'users', description: 'Operator accounts (admin only)' },
+  { name: 'tokens', description: 'API tokens for scripts and CI' },
+  { name: 'orgs', description: 'Organizations' },
+  { name: 'products', description: 'Products: the kinds of device an organization builds' },
+  { name: 'signer CAs', description: 'CAs whose device certificates an organization accepts' },
+  { name: 'devices', description: 'Devices, their certificates and approval' },
+  { name: 'groups', description: 'Groups of devices and their members' },
+  { name: 'firmware', description: 'Firmware images, their records and signing keys' },
+  { name: 'targets', description: 'Which firmware groups and devices should run' },
+  { name: 'updates', description: 'Update attempts: the persisted update state machine' },
+  { name: 'status', description: 'Counts by running version, connection and update state' },
+  { name: 'audit', description: 'The audit log' },
+  { name: 'webhooks', description: "Signed HTTP deliveries of fleet events to operators' receivers" },
+  { name: 'main-server', description: 'The Main Server edge (Raspberry Pi REST protocol)' },
+  { name: 'keyauth', description: 'The public-key TCP edge' },
+  { name: 'grisp', description: 'The GRiSP edge (JSON-RPC over WebSocket)' },
+  { name: 'wifidogx', description: 'The WiFiDogX gateway edge' },
+];
 
 /**
  * Mounts the API on `app` (the root instance: the auth decoration and OpenAPI hooks must see
@@ -69,17 +97,27 @@ export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: Ap
       info: {
         title: 'fleethub operator API',
         description:
-          'Fleet management for over-the-air updates. Authenticate with `POST /api/v1/auth/login` (JWT, 12 h) or an API token (`POST /api/v1/tokens`), then send `Authorization: Bearer <token>`. Errors are `{"error": {"code", "message", "details"}}`.',
+          'Fleet management for over-the-air updates. Authenticate with `POST /api/v1/auth/login` (JWT, 12 h) or an API token (`POST /api/v1/tokens`), then send `Authorization: Bearer <token>`. Errors are `{"error": {"code", "message", "details"}}` (schema `ApiErrorBody`). Lists take `limit` (1–1000, default 100) and `offset` and answer `{items, total}`. A typed client generated from this document is exported as `fleethub/client`.',
         version: '1.0.0',
+        license: { name: 'Apache-2.0', url: 'https://www.apache.org/licenses/LICENSE-2.0' },
+        contact: { name: 'fleethub maintainers' },
       },
+      tags: API_TAGS,
       components: { securitySchemes: { bearer: { type: 'http', scheme: 'bearer' } } },
       security: [{ bearer: [] }],
     },
+    // Shared schemas keep their `$id` as their component name (not def-0, def-1, ...).
+    refResolver: { buildLocalReference: (json, _baseUri, _fragment, i) => String(json.$id ?? `Schema${i}`) },
     // Only the API belongs in the document (the dashboard and device endpoints share the listener).
     transform: ({ schema, url }) => {
       const documented = url.startsWith('/api/v1') || url === '/healthz';
       return { schema: documented ? schema : { ...(schema ?? {}), hide: true }, url } as never;
     },
+    // The server that serves the document is the one to call (known once listening).
+    transformObject: (document) => ({
+      ...('openapiObject' in document ? document.openapiObject : document.swaggerObject),
+      servers: [{ url: deps.publicUrl?.() ?? 'http://127.0.0.1:4000', description: 'this server' }],
+    }),
   });
   await app.register(swaggerUi, { routePrefix: '/api/docs' });
 
@@ -87,8 +125,10 @@ export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: Ap
     '/healthz',
     {
       schema: {
+        operationId: 'getHealth',
         tags: ['health'],
         summary: 'Liveness and database readiness',
+        description: 'No authentication: 200 `{status: ok}` when the database answers, else 503.',
         security: [],
         response: {
           200: { type: 'object', properties: { status: { type: 'string' } } },

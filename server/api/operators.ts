@@ -182,6 +182,7 @@ export async function updateUser(db: Db, id: string, changes: UserChanges, actor
   }
   if (changes.disabled !== undefined) values.disabled_at = changes.disabled ? new Date() : null;
   if (Object.keys(values).length === 0) return toUserSummary(user);
+  const revokedBecause = sessionRevocationReason(user, changes);
   const row = await db.transaction().execute(async (trx) => {
     const updated = await trx
       .updateTable('users')
@@ -189,6 +190,8 @@ export async function updateUser(db: Db, id: string, changes: UserChanges, actor
       .where('id', '=', id)
       .returningAll()
       .executeTakeFirstOrThrow();
+    // In the same transaction: no request sees the new password, role or flag with an old session.
+    if (revokedBecause) await revokeUserSessions(trx, id, revokedBecause);
     const { password: _omit, ...logged } = changes;
     await audit(trx, actor, {
       orgId: user.org_id,
@@ -202,7 +205,15 @@ export async function updateUser(db: Db, id: string, changes: UserChanges, actor
   return toUserSummary(row);
 }
 
-/** Deletes a user and, by cascade, their API tokens. */
+/** Why a change to a user ends their sessions, if it does: what they logged in under no longer holds. */
+function sessionRevocationReason(user: UserRow, changes: UserChanges): SessionRevocationReason | undefined {
+  if (changes.password !== undefined) return 'password changed';
+  if (changes.disabled === true && user.disabled_at === null) return 'user disabled';
+  if (changes.role !== undefined && changes.role !== user.role) return 'role changed';
+  return undefined;
+}
+
+/** Deletes a user and, by cascade, their API tokens and sessions. */
 export async function deleteUser(db: Db, id: string, actor: Actor): Promise<void> {
   const user = await findUserById(db, id);
   if (!user) throw new ApiError(404, 'not_found', `user ${id} does not exist`);
@@ -356,4 +367,87 @@ const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/
 /** Ids in paths are checked before they reach a uuid column (PostgreSQL rejects malformed ones with an error). */
 export function isUuid(value: string): boolean {
   return UUID_RE.test(value);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions: one per login; its id is the JWT's `sid`.
+
+export type SessionRevocationReason = 'signed out' | 'password changed' | 'user disabled' | 'role changed';
+
+export interface NewSession {
+  userId: string;
+  expiresAt: Date;
+  remoteAddress?: string | null;
+  userAgent?: string | null;
+}
+
+/** Opens a session for a login; expired sessions of the same user are dropped on the way. */
+export async function createSession(db: Db, input: NewSession): Promise<string> {
+  await db
+    .deleteFrom('operator_sessions')
+    .where('user_id', '=', input.userId)
+    .where('expires_at', '<', new Date())
+    .execute();
+  const row = await db
+    .insertInto('operator_sessions')
+    .values({
+      user_id: input.userId,
+      expires_at: input.expiresAt,
+      remote_address: input.remoteAddress ?? null,
+      user_agent: input.userAgent?.slice(0, 300) ?? null,
+    })
+    .returning('id')
+    .executeTakeFirstOrThrow();
+  return row.id;
+}
+
+export interface SessionRow {
+  id: string;
+  user_id: string;
+  expires_at: Date;
+  revoked_at: Date | null;
+  revoked_reason: string | null;
+}
+
+export async function findSession(db: Db, id: string): Promise<SessionRow | undefined> {
+  if (!isUuid(id)) return undefined;
+  return db
+    .selectFrom('operator_sessions')
+    .select(['id', 'user_id', 'expires_at', 'revoked_at', 'revoked_reason'])
+    .where('id', '=', id)
+    .executeTakeFirst();
+}
+
+/** Revokes one session (logout); false when it was revoked already. */
+export async function revokeSession(db: Db, id: string, reason: SessionRevocationReason): Promise<boolean> {
+  const result = await db
+    .updateTable('operator_sessions')
+    .set({ revoked_at: new Date(), revoked_reason: reason })
+    .where('id', '=', id)
+    .where('revoked_at', 'is', null)
+    .executeTakeFirst();
+  return Number(result.numUpdatedRows) > 0;
+}
+
+/** Revokes every live session of a user; returns how many. */
+export async function revokeUserSessions(db: Db, userId: string, reason: SessionRevocationReason): Promise<number> {
+  const result = await db
+    .updateTable('operator_sessions')
+    .set({ revoked_at: new Date(), revoked_reason: reason })
+    .where('user_id', '=', userId)
+    .where('revoked_at', 'is', null)
+    .where('expires_at', '>', new Date())
+    .executeTakeFirst();
+  return Number(result.numUpdatedRows);
+}
+
+/** Ids of a user's sessions that have not expired (revoked or not): their sockets may still be open. */
+export async function unexpiredSessionIds(db: Db, userId: string): Promise<string[]> {
+  const rows = await db
+    .selectFrom('operator_sessions')
+    .select('id')
+    .where('user_id', '=', userId)
+    .where('expires_at', '>', new Date())
+    .execute();
+  return rows.map((r) => r.id);
 }

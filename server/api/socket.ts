@@ -12,7 +12,7 @@ import type { Db } from '../db/index.ts';
 import type { Logger } from '../log.ts';
 import type { OperatorAuthenticator } from '../http/auth.ts';
 import { canAccessOrg, OperatorAuth, type OperatorPrincipal } from './auth.ts';
-import { isUuid } from './operators.ts';
+import { isUuid, unexpiredSessionIds } from './operators.ts';
 
 export interface OperatorSocketAssigns {
   principal: OperatorPrincipal;
@@ -49,19 +49,24 @@ export const operatorChannel: ChannelDefinition<OperatorSocketAssigns, Record<st
 
 /**
  * The socket id of an operator's live sockets, one per credential: an API token's sockets, or
- * the sockets a user opened with login JWTs. Revoking a token disconnects exactly its sockets.
+ * the sockets opened with one login session's JWT. Revoking a token or a session disconnects
+ * exactly its sockets.
  */
-export function operatorSocketId(principal: Pick<OperatorPrincipal, 'userId' | 'tokenId'>): string {
-  return `operator_socket:${principal.tokenId ?? principal.userId}`;
+export function operatorSocketId(principal: Pick<OperatorPrincipal, 'userId' | 'tokenId' | 'sessionId'>): string {
+  return `operator_socket:${principal.tokenId ?? principal.sessionId ?? principal.userId}`;
 }
 
 /**
- * Every socket id a user's credentials may hold: their logins and each of their API tokens
- * (read before deleting the user, whose tokens go with it).
+ * Every socket id a user's credentials may hold: each unexpired login session and each API
+ * token (read before deleting the user, whose tokens and sessions go with it).
  */
 export async function operatorSocketIdsOfUser(db: Db, userId: string): Promise<string[]> {
   const tokens = await db.selectFrom('api_tokens').select('id').where('user_id', '=', userId).execute();
-  return [operatorSocketId({ userId }), ...tokens.map((t) => operatorSocketId({ userId, tokenId: t.id }))];
+  const sessions = await unexpiredSessionIds(db, userId);
+  return [
+    ...sessions.map((sessionId) => operatorSocketId({ userId, sessionId })),
+    ...tokens.map((t) => operatorSocketId({ userId, tokenId: t.id })),
+  ];
 }
 
 /** The socket definition: bearer → principal, one channel pattern. */
@@ -75,8 +80,9 @@ export function operatorSocket(auth: OperatorAuthenticator): SocketDefinition<Op
           status: 401,
           reason: 'a bearer token is required (subprotocol base64url.bearer.phx.<token> or ?token=)',
         };
-      const principal = await auth.authenticate(token);
-      if (!principal) return { ok: false, status: 403, reason: 'invalid, expired or revoked token' };
+      const result = await auth.verify(token);
+      if (!result.ok) return { ok: false, status: 403, reason: result.message };
+      const principal = result.principal;
       // The socket ends with its bearer (a login JWT after 12 h, an API token at its expires_at).
       return {
         ok: true,

@@ -208,7 +208,7 @@ async function keys(argv: string[], io: CliIo): Promise<number> {
       return 0;
     }
     case 'list': {
-      const rows = await client.get<Array<Record<string, unknown>>>(base + query);
+      const { items: rows } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base + query}&limit=1000`);
       printRows(io, values.json, rows, [
         { header: 'name', value: (r) => r.name },
         { header: 'fingerprint', value: (r) => r.fingerprint },

@@ -54,7 +54,7 @@ export async function runGrispCommand(argv: string[], io: CliIo = processIo): Pr
       case 'logs': {
         if (!arg) throw usageError('name the device', USAGE);
         const { items } = await client.get<{
-          items: Array<{ id: string; seq: number; time: string | null; level: string | null; msg: unknown }>;
+          items: Array<{ id: string; seq: number | null; time: string | null; level: string | null; msg: unknown }>;
         }>(`${orgPath(org)}/devices/${enc(arg)}/logs`, {
           limit: values.limit,
           before: values.before,

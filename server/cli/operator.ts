@@ -196,12 +196,14 @@ async function orgs(argv: string[], io: CliIo): Promise<number> {
 const PRODUCTS_USAGE = `Usage:
   fleethub products [list] [--org O]
   fleethub products create <name> [--requires-signature] [--org O]   (admins)
+  fleethub products set-timeout <name> <seconds|default> [--org O]   in-flight update timeout (admins)
 Options: --json --url --token`;
 
 interface Product {
   id: string;
   name: string;
   requires_signature: boolean;
+  update_timeout_seconds: number | null;
   created_at: string;
 }
 
@@ -223,7 +225,27 @@ async function products(argv: string[], io: CliIo): Promise<number> {
         { header: 'name', value: (p) => p.name },
         { header: 'id', value: (p) => p.id },
         { header: 'signed', value: (p) => (p.requires_signature ? 'required' : 'optional') },
+        {
+          header: 'update timeout',
+          value: (p) => (p.update_timeout_seconds === null ? 'default' : `${p.update_timeout_seconds} s`),
+        },
       ]);
+      return 0;
+    }
+    case 'set-timeout': {
+      const raw = positionals[2];
+      if (!name || raw === undefined)
+        throw usageError('products set-timeout needs a product and seconds', PRODUCTS_USAGE);
+      if (raw !== 'default' && !/^\d+$/.test(raw))
+        throw usageError('the timeout is a number of seconds, or "default" (the server\'s)', PRODUCTS_USAGE);
+      const product = await client.patch<Product>(`${orgPath(org)}/products/${encodeURIComponent(name)}`, {
+        update_timeout_seconds: raw === 'default' ? null : Number(raw),
+      });
+      if (values.json) printJson(io, product);
+      else
+        io.out(
+          `product ${product.name}: updates time out after ${product.update_timeout_seconds === null ? "the server's default" : `${product.update_timeout_seconds} s`}\n`,
+        );
       return 0;
     }
     case 'create': {

@@ -19,6 +19,7 @@ export interface Database {
   update_attempts: UpdateAttemptsTable;
   users: UsersTable;
   api_tokens: ApiTokensTable;
+  operator_sessions: OperatorSessionsTable;
 }
 
 type CreatedAt = ColumnType<Date, Date | string | undefined, never>;
@@ -36,6 +37,8 @@ export interface ProductsTable {
   org_id: string;
   name: string;
   requires_signature: Generated<boolean>;
+  /** In-flight timeout of this product's update attempts (seconds); null: the server's default. */
+  update_timeout_seconds: Generated<number | null>;
   created_at: CreatedAt;
 }
 
@@ -219,6 +222,18 @@ export interface ApiTokensTable {
   last_used_at: Timestamp | null;
   revoked_at: Timestamp | null;
   created_at: CreatedAt;
+}
+
+/** A login: the JWT it issued carries its id (`sid`) and is honoured while the row lives unrevoked. */
+export interface OperatorSessionsTable {
+  id: Generated<string>;
+  user_id: string;
+  created_at: CreatedAt;
+  expires_at: Timestamp;
+  revoked_at: Timestamp | null;
+  revoked_reason: string | null;
+  remote_address: string | null;
+  user_agent: string | null;
 }
 
 export type Device = Selectable<DevicesTable>;

@@ -1,12 +1,14 @@
 import type { ChannelDefinition, Effect } from '../channels/types.ts';
 import {
-  applyUpdateReport,
-  deviceDisconnected,
-  deviceJoined,
-  FleetError,
+  linkEvent,
+  openLink,
   Topics,
   UPDATE_REPORT_EVENTS,
+  validateReport,
   type FleetContext,
+  type LinkRefusal,
+  type LinkSession,
+  type ReportKind,
   type UpdateReportEvent,
 } from '../fleet/index.ts';
 import type { DeviceJoinParams } from '../../shared/protocol.ts';
@@ -16,9 +18,17 @@ import { deviceErrorReply, UNKNOWN_EVENT } from './replies.ts';
 /** Plain data kept per device channel. */
 export interface DeviceSession {
   firmwareUuid: string;
-  /** When the domain recorded this connection; disconnect is a no-op once a newer one exists. */
-  connectedAt: string;
+  /** The device link's session (it knows when this connection was recorded). */
+  link: LinkSession;
 }
+
+/** The device-link report each Phoenix report event is. */
+const REPORT_KIND: Record<UpdateReportEvent, ReportKind> = {
+  firmware_update_begin: 'begun',
+  firmware_update_progress: 'progress',
+  firmware_update_finish: 'finished',
+  firmware_update_error: 'error',
+};
 
 /** Events on `device_id:<id>` that are forwarded to the device as pushes. */
 const FORWARDED = new Set(['firmware_update', 'join', 'leave', 'reboot', 'identify', 'request_logs']);
@@ -35,38 +45,44 @@ export function createDeviceChannel(
   return {
     async join(topic, params, { assigns }) {
       const firmwareUuid = topic.slice('device:'.length);
-      try {
-        const joined = await deviceJoined(ctx, assigns, firmwareUuid, joinParams(params));
-        const effects: Effect[] = [{ type: 'subscribe', topic: Topics.device(assigns.deviceId) }];
-        if (joined.update) effects.push({ type: 'push', event: 'firmware_update', payload: { ...joined.update } });
-        return {
-          status: 'ok',
-          response: { groups: joined.groups },
-          session: { firmwareUuid, connectedAt: joined.connectedAt },
-          effects,
-        };
-      } catch (err) {
-        if (err instanceof FleetError)
-          return {
-            status: 'error',
-            response: { reason: err.message, details: { code: err.code, ...(err.details ?? {}) } },
-          };
-        throw err;
+      const link = openLink({ ...assigns, protocol: 'phoenix' });
+      const joined = await linkEvent(ctx, link, {
+        type: 'connected',
+        running: { firmwareUuid, params: joinParams(params) },
+      });
+      if (!joined.ok) return { status: 'error', response: refusalResponse(joined.refusal) };
+      const effects: Effect[] = [{ type: 'subscribe', topic: Topics.device(assigns.deviceId) }];
+      for (const effect of joined.effects) {
+        // A join can only ask for the update to push; the socket has no timers of the link's.
+        if (effect.type === 'push_update')
+          effects.push({ type: 'push', event: 'firmware_update', payload: { ...effect.payload } });
       }
+      return {
+        status: 'ok',
+        response: { groups: joined.groups ?? [] },
+        session: { firmwareUuid, link: joined.session },
+        effects,
+      };
     },
 
-    async handleIn(event, payload, _session, { assigns }) {
+    async handleIn(event, payload, session) {
       if (!isReport(event)) {
         stats.unknownEvents++;
         return { reply: UNKNOWN_EVENT };
       }
+      let report: ReturnType<typeof validateReport>;
       try {
-        const attempt = await applyUpdateReport(ctx, assigns, event, payload);
-        return { reply: { status: 'ok', response: { state: attempt.state } } };
+        report = validateReport(event, payload);
       } catch (err) {
         stats.rejectedReports++;
         return { reply: deviceErrorReply(err) };
       }
+      const result = await linkEvent(ctx, session.link, { type: 'report', kind: REPORT_KIND[event], ...report });
+      if (!result.ok) {
+        stats.rejectedReports++;
+        return { reply: { status: 'error', response: refusalResponse(result.refusal) } };
+      }
+      return { reply: { status: 'ok', response: { state: result.attempt!.state } } };
     },
 
     async handleInfo(message, _session, { assigns, socketId, log }) {
@@ -80,8 +96,9 @@ export function createDeviceChannel(
       return {};
     },
 
-    async terminate(_reason, session, { assigns }) {
-      await deviceDisconnected(ctx, assigns.deviceId, session.connectedAt);
+    async terminate(reason, session) {
+      // The link marks the device offline unless a newer connection has taken over.
+      await linkEvent(ctx, session.link, { type: 'closed', reason: String(reason) });
     },
   };
 }
@@ -92,6 +109,11 @@ const DISCONNECTING = new Set(['device_deleted', 'device_revoked', 'certificate_
 /** A certificate revocation of the device's other certificate leaves this connection alone. */
 function otherCertificate(payload: Record<string, unknown>, assigns: DeviceAssigns): boolean {
   return typeof payload.certificate_id === 'string' && payload.certificate_id !== assigns.certificateId;
+}
+
+/** A refusal as the channel's error reply `{reason, details}`. */
+function refusalResponse(refusal: LinkRefusal): { reason: string; details: Record<string, unknown> } {
+  return { reason: refusal.message, details: { code: refusal.code, ...refusal.details } };
 }
 
 function isReport(event: string): event is UpdateReportEvent {

@@ -1,10 +1,12 @@
 import { sql } from 'kysely';
 import type { Db } from '../db/index.ts';
+import type { Firmware, UpdateAttempt } from '../db/schema.ts';
 import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
 import { certificateUsableSql, deviceGroupNamesSql, deviceGroupTopics, groupTopicsOf } from './devices.ts';
 import { FleetError, isUuid, validVersion } from './errors.ts';
-import { OPEN, reconcileAttempts, resolvedSql } from './reconcile.ts';
+import { OPEN, TRANSITIONS } from './link-table.ts';
+import { reconcileAttempts, resolvedSql } from './reconcile.ts';
 import { reportedLabel, recordRunningComponent } from './running-firmware.ts';
 import { firmwareUpdatePayload, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
 
@@ -22,6 +24,9 @@ export interface JoinOutcome {
   groups: string[];
   /** Push this after the join reply: the device does not run its target. */
   update?: FirmwareUpdatePayload;
+  /** The firmware of `update`, and its attempt (now `sent`). */
+  target?: Firmware;
+  attempt?: UpdateAttempt;
   firmware: { id: string; version: string };
   /** When this connection was recorded; pass it back to `deviceDisconnected`. */
   connectedAt: string;
@@ -114,13 +119,14 @@ export async function deviceJoined(
       .set({ state: 'sent', sent_at: connectedAt, updated_at: connectedAt, from_version: firmware.version })
       .where('device_id', '=', current.id)
       .where('component', '=', 'firmware')
-      .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])
+      .where('state', 'in', TRANSITIONS.send.from)
       .returningAll()
       .execute();
     let update: FirmwareUpdatePayload | undefined;
+    let target: Firmware | undefined;
     const attempt = pending.sort((a, b) => b.created_at.getTime() - a.created_at.getTime())[0];
     if (attempt) {
-      const target = await trx
+      target = await trx
         .selectFrom('firmware')
         .selectAll()
         .where('id', '=', attempt.firmware_id)
@@ -133,7 +139,7 @@ export async function deviceJoined(
     const groups = await deviceGroupTopics(trx, current.id);
     return {
       groups,
-      ...(update ? { update } : {}),
+      ...(update && target && attempt ? { update, target, attempt } : {}),
       firmware: { id: firmware.id, version: firmware.version },
       connectedAt: connectedAt.toISOString(),
     };

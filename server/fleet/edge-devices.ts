@@ -5,18 +5,21 @@
  *
  * Lifecycle an edge follows:
  *   findOrRegisterEdgeDevice → (operator) approveDevice → edgeDeviceOnline → recordUpdateSent
- *   → applyUpdateReport / transitionAttempt → edgeDeviceOnline (new version: settles) → edgeDeviceOffline
+ *   → device-link reports → edgeDeviceOnline (new version: settles) → edgeDeviceOffline
+ * Edges call these through the device link (device-link.ts), which maps their events onto them.
  */
 import { sql } from 'kysely';
+import semver from 'semver';
 import { audit, SYSTEM, type Actor } from '../audit.ts';
-import type { Device, DeviceApproval, DeviceProtocol, Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
+import type { Device, DeviceApproval, DeviceProtocol, Firmware, UpdateAttempt } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext } from './context.ts';
 import { deviceDisconnected } from './connections.ts';
 import { getDevice } from './devices.ts';
-import { FleetError, validVersion } from './errors.ts';
-import { OPEN_STATES, reconcileAttempts } from './reconcile.ts';
+import { FleetError } from './errors.ts';
+import { stepColumns, TRANSITIONS, UNFINISHED_STATES } from './link-table.ts';
+import { reconcileAttempts } from './reconcile.ts';
 import { catalogueFirmwareByVersion, recordRunningComponent, reportedLabel } from './running-firmware.ts';
-import { deviceActor, settleAttemptsOnJoin, transitionEvent } from './updates.ts';
+import { settleAttemptsOnJoin, transitionEvent } from './updates.ts';
 
 /** The device an edge connection speaks for (from a certificate, a token or an approved claim). */
 export interface EdgeDeviceRef {
@@ -199,9 +202,9 @@ async function setApproval(
       // A revoked device gets nothing more: its in-flight updates end here.
       const cancelled = await trx
         .updateTable('update_attempts')
-        .set({ state: 'cancelled', completed_at: sql<Date>`now()`, updated_at: sql<Date>`now()` })
+        .set({ state: 'cancelled', ...stepColumns('cancelled') })
         .where('device_id', '=', device.id)
-        .where('state', 'in', OPEN_STATES)
+        .where('state', 'in', TRANSITIONS.cancel.from)
         .returningAll()
         .execute();
       for (const a of cancelled) outbox.push(transitionEvent(a));
@@ -256,8 +259,12 @@ export async function claimCertificateDevice(
 }
 
 export interface EdgeOnlineInput {
-  /** The version the device runs (a semantic version). */
-  version: string;
+  /**
+   * The version the device runs: a semantic version, or any other label as the device reported it
+   * (1-100 printable characters, e.g. a GRiSP `relvsn` such as `dev`; it matches no catalogue
+   * firmware). null, or a value that is no such label, is recorded as unknown (null).
+   */
+  version: string | null;
   component?: string;
   /** Node holding the connection (default: this node). */
   node?: string;
@@ -272,8 +279,8 @@ export interface EdgeOnlineInput {
 
 export interface EdgeOnlineOutcome {
   device: Device;
-  /** What the device runs: the version, and its catalogue record's id (null when the catalogue has none). */
-  running: { id: string | null; component: string; version: string };
+  /** What the device runs: the version (null: unknown), and its catalogue record's id (null when the catalogue has none). */
+  running: { id: string | null; component: string; version: string | null };
   /** The firmware the device should update to, when it does not run its target (approved devices only). */
   target?: Firmware;
   /** The open attempt for `target` (queued/sent/begun/downloading), to mark sent when the edge sends. */
@@ -295,7 +302,7 @@ export async function edgeDeviceOnline(
   ref: EdgeDeviceRef,
   input: EdgeOnlineInput,
 ): Promise<EdgeOnlineOutcome> {
-  const version = validVersion(input.version);
+  const version = runningVersion(input.version);
   const component = input.component ?? 'firmware';
   const platform = reportedLabel('platform', input.platform);
   const architecture = reportedLabel('architecture', input.architecture);
@@ -314,7 +321,8 @@ export async function edgeDeviceOnline(
         approval: current.approval,
       });
 
-    const catalogued = await catalogueFirmwareByVersion(trx, current.product_id, component, version);
+    const catalogued =
+      version === null ? undefined : await catalogueFirmwareByVersion(trx, current.product_id, component, version);
     const running = { id: catalogued?.id ?? null, component, version };
     const device = await trx
       .updateTable('devices')
@@ -363,7 +371,7 @@ export async function edgeDeviceOnline(
       .selectAll()
       .where('device_id', '=', current.id)
       .where('component', '=', component)
-      .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])
+      .where('state', 'in', UNFINISHED_STATES)
       .orderBy('created_at', 'desc')
       .limit(1)
       .executeTakeFirst();
@@ -408,19 +416,18 @@ export async function recordUpdateSent(
               .where('component', '=', firmware.component)
               .executeTakeFirst()
           )?.version ?? null);
-    const now = sql<Date>`now()`;
     const open = await trx
       .selectFrom('update_attempts')
       .select('id')
       .where('device_id', '=', device.id)
       .where('firmware_id', '=', firmware.id)
-      .where('state', 'in', ['queued', 'sent', 'begun', 'downloading'])
+      .where('state', 'in', TRANSITIONS.send.from)
       .orderBy('created_at', 'desc')
       .executeTakeFirst();
     const attempt = open
       ? await trx
           .updateTable('update_attempts')
-          .set({ state: 'sent', sent_at: now, updated_at: now, from_version: running, via })
+          .set({ state: 'sent', ...stepColumns('sent'), from_version: running, via })
           .where('id', '=', open.id)
           .returningAll()
           .executeTakeFirstOrThrow()
@@ -444,79 +451,19 @@ export async function recordUpdateSent(
   });
 }
 
-export interface TransitionInput {
-  to: UpdateState;
-  /** Only attempts in these states move (default: any open state). */
-  from?: readonly UpdateState[];
-  component?: string;
-  /** Only the attempt for this firmware (default: the newest open attempt). */
-  firmwareId?: string;
-  errors?: string[];
-  percent?: number;
-  /** Audit action detail (why), e.g. `no report within 600 s`. */
-  reason?: string;
-}
-
-const FINAL_STATES: readonly UpdateState[] = ['succeeded', 'failed', 'rolled_back', 'timed_out', 'cancelled'];
-
-/**
- * Moves the device's newest open attempt to `to`, for states the report events cannot express
- * (`timed_out`, `failed` from an edge-specific error, `succeeded` after an edge's validation).
- * Returns the attempt, or undefined when no attempt was in a `from` state.
- */
-export async function transitionAttempt(
-  ctx: FleetContext,
-  ref: EdgeDeviceRef,
-  input: TransitionInput,
-): Promise<UpdateAttempt | undefined> {
-  const from = input.from ?? OPEN_STATES;
-  return inTransaction(ctx, async (trx, outbox) => {
-    let query = trx
-      .selectFrom('update_attempts')
-      .selectAll()
-      .where('device_id', '=', ref.deviceId)
-      .where('component', '=', input.component ?? 'firmware')
-      .where('state', 'in', from);
-    if (input.firmwareId) query = query.where('firmware_id', '=', input.firmwareId);
-    const attempt = await query.orderBy('created_at', 'desc').limit(1).forUpdate().executeTakeFirst();
-    if (!attempt) return undefined;
-    const now = sql<Date>`now()`;
-    const final = FINAL_STATES.includes(input.to);
-    const updated = await trx
-      .updateTable('update_attempts')
-      .set({
-        state: input.to,
-        updated_at: now,
-        ...(final ? { completed_at: now } : {}),
-        ...(input.to === 'begun' ? { begun_at: now } : {}),
-        ...(input.to === 'finished' ? { finished_at: now, percent: 100 } : {}),
-        ...(input.percent !== undefined ? { percent: input.percent } : {}),
-        ...(input.errors ? { errors: JSON.stringify(input.errors) } : {}),
-      })
-      .where('id', '=', attempt.id)
-      .returningAll()
-      .executeTakeFirstOrThrow();
-    await audit(trx, deviceActor(ref), {
-      orgId: ref.orgId,
-      action: `update.${input.to}`,
-      resourceType: 'update_attempt',
-      resourceId: attempt.id,
-      details: {
-        device_id: ref.deviceId,
-        version: attempt.to_version,
-        from_state: attempt.state,
-        ...(input.reason ? { reason: input.reason } : {}),
-        ...(input.errors ? { errors: input.errors } : {}),
-      },
-    });
-    outbox.push(transitionEvent(updated));
-    return updated;
-  });
-}
-
 /** The edge connection of a device ended on this node: offline unless a newer connection took over. */
 export async function edgeDeviceOffline(ctx: FleetContext, deviceId: string, connectedAt?: string): Promise<boolean> {
   return deviceDisconnected(ctx, deviceId, connectedAt);
+}
+
+/**
+ * A reported running version as recorded: a semantic version, or any other label of 1-100
+ * printable characters as the device reported it; anything else (null, empty, unprintable) is unknown (null).
+ */
+function runningVersion(version: string | null): string | null {
+  if (typeof version !== 'string' || version === '') return null;
+  if (semver.valid(version) !== null) return version;
+  return version.length <= 100 && !/[\u0000-\u001f\u007f]/.test(version) ? version : null;
 }
 
 function validEdgeIdentifier(value: unknown): string {

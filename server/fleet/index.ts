@@ -26,6 +26,8 @@ export {
   getProduct,
   productResolver,
   updateProduct,
+  MAX_UPDATE_TIMEOUT_S,
+  type ProductPatch,
   type Org,
   type Product,
 } from './orgs.ts';
@@ -79,6 +81,8 @@ export {
   validateReport,
   firmwareUpdatePayload,
   sweepStaleUpdates,
+  DEFAULT_UPDATE_TIMEOUT_S,
+  type SweepOptions,
   listUpdateAttempts,
   countUpdateStates,
   OPEN_STATES,
@@ -89,5 +93,27 @@ export {
   type UpdateReportEvent,
 } from './updates.ts';
 export { deviceJoined, deviceDisconnected, type ConnectedDevice, type JoinOutcome } from './connections.ts';
+export {
+  linkEvent,
+  linkEventOrThrow,
+  openLink,
+  UPDATE_TIMER,
+  type LinkEffect,
+  type LinkEvent,
+  type LinkRefusal,
+  type LinkReport,
+  type LinkResult,
+  type LinkSession,
+  type ReportKind,
+  type RunningReport,
+} from './device-link.ts';
+export {
+  FINAL_STATES,
+  isAllowedTransition,
+  TRANSITIONS,
+  transitionOf,
+  UNFINISHED_STATES,
+  type AttemptEvent,
+} from './link-table.ts';
 export { markNodeAlive, removeNode, reconcileOfflineDevices } from './nodes.ts';
 export { listAuditLog, type AuditFilter, type AuditRecord } from './audit-log.ts';

@@ -105,20 +105,46 @@ export function productResolver(ctx: FleetContext, org = 'default', product = 'd
   };
 }
 
-/** Changes whether a product's firmware must be signed. */
+/** Longest in-flight timeout a product may set (seconds): 30 days. */
+export const MAX_UPDATE_TIMEOUT_S = 30 * 86_400;
+
+export interface ProductPatch {
+  requiresSignature?: boolean;
+  /** In-flight timeout of update attempts in seconds (60 s to 30 days); null: the server's default. */
+  updateTimeoutSeconds?: number | null;
+}
+
+/** Changes whether a product's firmware must be signed, and its in-flight update timeout. */
 export async function updateProduct(
   ctx: FleetContext,
   actor: Actor,
   orgId: string,
   productId: string,
-  patch: { requiresSignature?: boolean },
+  patch: ProductPatch,
 ): Promise<Product> {
   const product = await getProduct(ctx, orgId, productId);
-  if (patch.requiresSignature === undefined) return product;
+  const timeout = patch.updateTimeoutSeconds;
+  if (
+    timeout !== undefined &&
+    timeout !== null &&
+    (!Number.isInteger(timeout) || timeout < 60 || timeout > MAX_UPDATE_TIMEOUT_S)
+  )
+    throw new FleetError(
+      'invalid',
+      `update_timeout_seconds must be an integer from 60 to ${MAX_UPDATE_TIMEOUT_S}, or null`,
+      {
+        field: 'update_timeout_seconds',
+      },
+    );
+  const set = {
+    ...(patch.requiresSignature !== undefined ? { requires_signature: patch.requiresSignature } : {}),
+    ...(timeout !== undefined ? { update_timeout_seconds: timeout } : {}),
+  };
+  if (Object.keys(set).length === 0) return product;
   return inTransaction(ctx, async (trx) => {
     const updated = await trx
       .updateTable('products')
-      .set({ requires_signature: patch.requiresSignature })
+      .set(set)
       .where('id', '=', product.id)
       .returningAll()
       .executeTakeFirstOrThrow();
@@ -127,7 +153,7 @@ export async function updateProduct(
       action: 'product.update',
       resourceType: 'product',
       resourceId: product.id,
-      details: { requires_signature: patch.requiresSignature },
+      details: set,
     });
     return updated;
   });

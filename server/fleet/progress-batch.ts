@@ -13,7 +13,7 @@
 import { sql } from 'kysely';
 import type { Db } from '../db/index.ts';
 import type { UpdateAttempt } from '../db/schema.ts';
-import { OPEN } from './reconcile.ts';
+import { fromSql, OPEN } from './link-table.ts';
 
 /** A validated `firmware_update_progress` report of one device. */
 export interface ProgressReport {
@@ -168,7 +168,7 @@ async function updateProgress(db: Db, reports: ProgressReport[]): Promise<Update
         SELECT x.id FROM update_attempts x
         WHERE x.device_id = v.device_id AND x.component = v.component AND x.to_version = v.version AND x.state IN (${OPEN})
         ORDER BY x.created_at DESC LIMIT 1)
-      AND ua.state IN ('begun', 'downloading')
+      AND ua.state IN (${fromSql('progress')})
     RETURNING ua.*`.execute(db);
   return result.rows;
 }

@@ -1,11 +1,9 @@
 import { sql, type RawBuilder } from 'kysely';
 import type { Db } from '../db/index.ts';
 import type { ConnectionStatus } from '../db/schema.ts';
+import { fromSql, OPEN, stepSql } from './link-table.ts';
 
-/** States of an attempt that is still in flight (anything else is final). */
-export const OPEN_STATES = ['queued', 'sent', 'begun', 'downloading', 'finished'] as const;
-/** `OPEN_STATES` as an SQL list, for `state IN (${OPEN})`. */
-export const OPEN = sql.join(OPEN_STATES.map((s) => sql.lit(s)));
+export { OPEN, OPEN_STATES } from './link-table.ts';
 
 /** Which devices a reconcile covers: explicit ids or every member of a group. */
 export type DeviceSet = { ids: string[] } | { groupId: string };
@@ -87,9 +85,9 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
   const resolved = resolvedSql(set, component);
   const cancelled = await sql`
     UPDATE update_attempts ua
-    SET state = 'cancelled', completed_at = now(), updated_at = now()
+    SET state = 'cancelled', ${stepSql('cancelled')}
     FROM (${resolved}) r
-    WHERE ua.device_id = r.device_id AND ua.component = ${component} AND ua.state IN (${OPEN})
+    WHERE ua.device_id = r.device_id AND ua.component = ${component} AND ua.state IN (${fromSql('cancel')})
       AND ua.firmware_id IS DISTINCT FROM r.target_id
       AND ua.firmware_id IS DISTINCT FROM r.running_id`.execute(trx);
   const { rows: created } = await sql<CreatedAttempt>`

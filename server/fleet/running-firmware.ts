@@ -14,7 +14,8 @@ import { deviceActor, type DeviceRef } from './updates.ts';
 
 export interface RunningComponent {
   component: string;
-  version: string;
+  /** null: the device reports none (unknown). */
+  version: string | null;
   /** Its catalogue record; null when the catalogue has none (reported only). */
   firmwareId: string | null;
 }

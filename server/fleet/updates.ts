@@ -17,22 +17,17 @@ import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent }
 import { FleetError, isUuid, pageBounds } from './errors.ts';
 import type { Page } from './devices.ts';
 import { ProgressBatcher, type ProgressBatchStats, type ProgressReport } from './progress-batch.ts';
-import { OPEN_STATES } from './reconcile.ts';
+import {
+  fromSql,
+  OPEN_STATES,
+  stepColumns,
+  stepSql,
+  transitionOf,
+  UPDATE_STATES,
+  type AttemptEvent,
+} from './link-table.ts';
 
-export { OPEN_STATES };
-
-export const UPDATE_STATES: readonly UpdateState[] = [
-  'queued',
-  'sent',
-  'begun',
-  'downloading',
-  'finished',
-  'succeeded',
-  'failed',
-  'rolled_back',
-  'timed_out',
-  'cancelled',
-];
+export { OPEN_STATES, UPDATE_STATES };
 
 export type UpdateReportEvent =
   | 'firmware_update_begin'
@@ -47,12 +42,12 @@ export const UPDATE_REPORT_EVENTS: readonly UpdateReportEvent[] = [
   'firmware_update_error',
 ];
 
-/** Which states each report may move an attempt from. */
-const TRANSITIONS: Record<UpdateReportEvent, { from: readonly UpdateState[]; to: UpdateState }> = {
-  firmware_update_begin: { from: ['queued', 'sent'], to: 'begun' },
-  firmware_update_progress: { from: ['begun', 'downloading'], to: 'downloading' },
-  firmware_update_finish: { from: ['begun', 'downloading'], to: 'finished' },
-  firmware_update_error: { from: ['queued', 'sent', 'begun', 'downloading', 'finished'], to: 'failed' },
+/** The table event (link-table.ts) each Phoenix report is. */
+const REPORT_EVENT: Record<UpdateReportEvent, AttemptEvent> = {
+  firmware_update_begin: 'begin',
+  firmware_update_progress: 'progress',
+  firmware_update_finish: 'finish',
+  firmware_update_error: 'fail',
 };
 
 /** The device a report comes from (from its certificate, never from the payload). */
@@ -141,11 +136,11 @@ export async function applyUpdateReport(
   payload: unknown,
   component = 'firmware',
 ): Promise<UpdateAttempt> {
-  const transition = TRANSITIONS[event];
-  if (!transition) throw new FleetError('invalid', `unknown update report ${JSON.stringify(event)}`, { event });
+  const step = REPORT_EVENT[event];
+  if (!step) throw new FleetError('invalid', `unknown update report ${JSON.stringify(event)}`, { event });
   const report = validateReport(event, payload);
   // A malformed id would fail the whole batch's uuid[] cast; alone it fails only its own report.
-  if (event === 'firmware_update_progress' && isUuid(device.deviceId)) {
+  if (step === 'progress' && isUuid(device.deviceId)) {
     return progressBatcherOf(ctx).submit({
       device,
       deviceId: device.deviceId,
@@ -156,71 +151,92 @@ export async function applyUpdateReport(
       total: report.total!,
     });
   }
-  return applyOneReport(ctx, device, event, report, component);
+  return moveAttempt(ctx, device, step, { component, version: report.version }, { ...report, via: event });
 }
 
-/** The single-report path: one transaction that locks the attempt, checks the transition and writes it. */
-async function applyOneReport(
+/** Which open attempt of a device an event is for: its component's newest, or the one for a version or firmware. */
+export interface AttemptSelector {
+  component?: string;
+  version?: string;
+  firmwareId?: string;
+}
+
+/** What an event carries besides its kind. */
+export interface AttemptChange {
+  percent?: number;
+  bytes?: number;
+  total?: number;
+  errors?: string[];
+  /** Audit detail (why), e.g. `health check failed`. */
+  reason?: string;
+  /** The protocol's name for the event, in a refusal (default: the table event). */
+  via?: string;
+}
+
+/**
+ * The single-attempt path of the transition table: one transaction that locks the device's
+ * open attempt (`select`), checks that `event` may move it (link-table.ts) and writes the move
+ * with its timestamps, an audit record (not for progress) and the operators' event. Throws
+ * `not_found` (no open attempt) or `conflict` (the table has no such move from its state).
+ */
+export async function moveAttempt(
   ctx: FleetContext,
   device: DeviceRef,
-  event: UpdateReportEvent,
-  report: ValidReport,
-  component: string,
+  event: AttemptEvent,
+  select: AttemptSelector,
+  change: AttemptChange = {},
 ): Promise<UpdateAttempt> {
-  const transition = TRANSITIONS[event];
+  const component = select.component ?? 'firmware';
   return inTransaction(ctx, async (trx, outbox) => {
-    const attempt = await trx
+    let query = trx
       .selectFrom('update_attempts')
       .selectAll()
       .where('device_id', '=', device.deviceId)
       .where('component', '=', component)
-      .where('to_version', '=', report.version)
-      .where('state', 'in', OPEN_STATES)
-      .orderBy('created_at', 'desc')
-      .forUpdate()
-      .executeTakeFirst();
+      .where('state', 'in', OPEN_STATES);
+    if (select.version !== undefined) query = query.where('to_version', '=', select.version);
+    if (select.firmwareId !== undefined) query = query.where('firmware_id', '=', select.firmwareId);
+    const attempt = await query.orderBy('created_at', 'desc').limit(1).forUpdate().executeTakeFirst();
     if (!attempt) {
       throw new FleetError(
         'not_found',
-        `no update to version ${report.version} is in progress for this device; report the version from the firmware_update message`,
-        {
-          version: report.version,
-        },
+        select.version !== undefined
+          ? `no update to version ${select.version} is in progress for this device; report the version from the firmware_update message`
+          : 'no update is in progress for this device',
+        select.version !== undefined ? { version: select.version } : {},
       );
     }
-    if (!transition.from.includes(attempt.state)) {
-      throw new FleetError('conflict', `${event} is not allowed while the update is ${attempt.state}`, {
+    const to = transitionOf(event, attempt.state);
+    if (!to) {
+      throw new FleetError('conflict', `${change.via ?? event} is not allowed while the update is ${attempt.state}`, {
         state: attempt.state,
-        event,
+        event: change.via ?? event,
       });
     }
-    // Database time everywhere: targets' set_at is compared with completed_at across nodes.
-    const now = sql<Date>`now()`;
     const updated = await trx
       .updateTable('update_attempts')
       .set({
-        state: transition.to,
-        updated_at: now,
-        ...(event === 'firmware_update_begin' ? { begun_at: now } : {}),
-        ...(event === 'firmware_update_progress'
-          ? { percent: report.percent, bytes: report.bytes, total: report.total }
-          : {}),
-        ...(event === 'firmware_update_finish' ? { finished_at: now, percent: 100 } : {}),
-        ...(event === 'firmware_update_error' ? { completed_at: now, errors: JSON.stringify(report.errors) } : {}),
+        state: to,
+        ...stepColumns(to),
+        ...(event === 'progress' ? { percent: change.percent, bytes: change.bytes, total: change.total } : {}),
+        ...(event !== 'progress' && change.percent !== undefined ? { percent: change.percent } : {}),
+        ...(change.errors ? { errors: JSON.stringify(change.errors) } : {}),
       })
       .where('id', '=', attempt.id)
       .returningAll()
       .executeTakeFirstOrThrow();
-    if (event !== 'firmware_update_progress') {
+    if (event !== 'progress') {
       await audit(trx, deviceActor(device), {
         orgId: device.orgId,
-        action: `update.${transition.to}`,
+        action: `update.${to}`,
         resourceType: 'update_attempt',
         resourceId: attempt.id,
         details: {
           device_id: device.deviceId,
-          version: report.version,
-          ...(report.errors ? { errors: report.errors } : {}),
+          version: attempt.to_version,
+          from_state: attempt.state,
+          ...(change.reason ? { reason: change.reason } : {}),
+          ...(change.errors ? { errors: change.errors } : {}),
         },
       });
     }
@@ -243,12 +259,12 @@ function progressBatcherOf(ctx: FleetContext): ProgressBatcher<QueuedProgress> {
     batcher = new ProgressBatcher<QueuedProgress>({
       db: ctx.db,
       applyOne: (r) =>
-        applyOneReport(
+        moveAttempt(
           ctx,
           r.device,
-          'firmware_update_progress',
-          { version: r.version, percent: r.percent, bytes: r.bytes, total: r.total },
-          r.component,
+          'progress',
+          { component: r.component, version: r.version },
+          { percent: r.percent, bytes: r.bytes, total: r.total, via: 'firmware_update_progress' },
         ),
       committed: (attempts) => publishAll(ctx, attempts.map(transitionEvent)),
     });
@@ -283,25 +299,15 @@ export async function settleAttemptsOnJoin(
   outbox: FleetEvent[],
   component = 'firmware',
 ): Promise<UpdateAttempt[]> {
-  const changed = await trx
-    .updateTable('update_attempts')
-    .set({
-      state: sql`CASE WHEN firmware_id = ${runningId} THEN 'succeeded' ELSE 'rolled_back' END`,
-      completed_at: sql<Date>`now()`,
-      updated_at: sql<Date>`now()`,
-    })
-    .where('device_id', '=', device.deviceId)
-    .where('component', '=', component)
-    .where((eb) =>
-      runningId === null
-        ? eb('state', '=', 'finished')
-        : eb.or([
-            eb.and([eb('firmware_id', '=', runningId), eb('state', 'in', OPEN_STATES)]),
-            eb('state', '=', 'finished'),
-          ]),
-    )
-    .returningAll()
-    .execute();
+  // confirm: any open attempt for the running firmware; roll_back: a finished one for other firmware.
+  const { rows: changed } = await sql<UpdateAttempt>`
+    UPDATE update_attempts
+    SET state = CASE WHEN firmware_id IS NOT DISTINCT FROM ${runningId} THEN 'succeeded' ELSE 'rolled_back' END,
+        ${stepSql('succeeded')}
+    WHERE device_id = ${device.deviceId} AND component = ${component}
+      AND ((firmware_id IS NOT DISTINCT FROM ${runningId} AND state IN (${fromSql('confirm')}))
+        OR (firmware_id IS DISTINCT FROM ${runningId} AND state = 'finished' AND state IN (${fromSql('roll_back')})))
+    RETURNING *`.execute(trx);
   for (const a of changed) {
     await audit(trx, deviceActor(device), {
       orgId: device.orgId,
@@ -315,24 +321,33 @@ export async function settleAttemptsOnJoin(
   return changed;
 }
 
+/** The in-flight timeout when neither the product nor the server configures one: 30 minutes. */
+export const DEFAULT_UPDATE_TIMEOUT_S = 30 * 60;
+
+export interface SweepOptions {
+  /** The server's in-flight timeout, for products without their own (`products.update_timeout_seconds`). */
+  defaultTimeoutS?: number;
+  /** The clock the sweep compares with (tests move it forward). */
+  now?: Date;
+}
+
 /**
- * Marks attempts that made no progress for `staleAfterMs` as timed_out (`queued` attempts wait
- * for their device and never time out). Safe to run on every node. Returns how many changed.
+ * The one timeout sweep, for every protocol: attempts that made no progress for their product's
+ * in-flight timeout (or the server's) become `timed_out` (`queued` attempts wait for their device
+ * and never time out). Safe to run on every node. Returns how many changed.
  */
-export async function sweepStaleUpdates(
-  ctx: FleetContext,
-  options: { staleAfterMs?: number; now?: Date } = {},
-): Promise<number> {
-  const cutoff = new Date((options.now ?? new Date()).getTime() - (options.staleAfterMs ?? 30 * 60_000));
+export async function sweepStaleUpdates(ctx: FleetContext, options: SweepOptions = {}): Promise<number> {
+  const now = options.now ?? new Date();
+  const fallback = options.defaultTimeoutS ?? DEFAULT_UPDATE_TIMEOUT_S;
   return inTransaction(ctx, async (trx, outbox) => {
-    const rows = await trx
-      .updateTable('update_attempts')
-      .set({ state: 'timed_out', completed_at: sql<Date>`now()`, updated_at: sql<Date>`now()` })
-      .where('state', 'in', ['sent', 'begun', 'downloading', 'finished'])
-      .where('updated_at', '<', cutoff)
-      .returningAll()
-      .execute();
-    for (const a of rows) {
+    const { rows } = await sql<UpdateAttempt & { timeout_s: number }>`
+      UPDATE update_attempts ua
+      SET state = 'timed_out', ${stepSql('timed_out')}
+      FROM devices d JOIN products p ON p.id = d.product_id
+      WHERE d.id = ua.device_id AND ua.state IN (${fromSql('time_out')})
+        AND ua.updated_at < ${now}::timestamptz - COALESCE(p.update_timeout_seconds, ${fallback}) * interval '1 second'
+      RETURNING ua.*, COALESCE(p.update_timeout_seconds, ${fallback})::int AS timeout_s`.execute(trx);
+    for (const { timeout_s, ...a } of rows) {
       await audit(
         trx,
         { type: 'system', id: null },
@@ -341,7 +356,7 @@ export async function sweepStaleUpdates(
           action: 'update.timed_out',
           resourceType: 'update_attempt',
           resourceId: a.id,
-          details: { device_id: a.device_id, last_state_at: cutoff.toISOString() },
+          details: { device_id: a.device_id, version: a.to_version, via: a.via, timeout_s },
         },
       );
       outbox.push(transitionEvent(a));

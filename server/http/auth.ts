@@ -29,6 +29,8 @@ export interface OperatorPrincipal {
   userId: string;
   /** Set when the call authenticated with an API token. */
   tokenId?: string;
+  /** Set when the call authenticated with a login JWT: the server-side session it names. */
+  sessionId?: string;
   role: Role;
   /** The one org this principal may see; null for instance users who see every org. */
   orgId: string | null;
@@ -38,9 +40,17 @@ export interface OperatorPrincipal {
   expiresAt?: Date;
 }
 
-/** Turns a bearer into a principal (JWT or API token); null when it authenticates nobody. */
+/** Why a bearer was refused: the `reason` in a 401 body's details. */
+export type AuthRefusal = 'invalid_token' | 'session_expired' | 'session_revoked' | 'token_expired' | 'token_revoked';
+
+export type AuthResult =
+  | { ok: true; principal: OperatorPrincipal }
+  | { ok: false; reason: AuthRefusal; message: string; cause?: string };
+
+/** Turns a bearer into a principal (JWT or API token), or says why it is refused. */
 export interface OperatorAuthenticator {
   authenticate(token: string): Promise<OperatorPrincipal | null>;
+  verify(token: string): Promise<AuthResult>;
 }
 
 declare module 'fastify' {
@@ -92,9 +102,13 @@ export function requireRole(role: Role): RoleGuard {
         'unauthorized',
         'missing bearer token: log in (POST /api/v1/auth/login) or pass an API token as "Authorization: Bearer <token>"',
       );
-    const principal = await auth.authenticate(token);
-    if (!principal)
-      throw new ApiError(401, 'unauthorized', 'the bearer token is invalid, expired or revoked: log in again');
+    const result = await auth.verify(token);
+    if (!result.ok)
+      throw new ApiError(401, 'unauthorized', result.message, {
+        reason: result.reason,
+        ...(result.cause ? { cause: result.cause } : {}),
+      });
+    const principal = result.principal;
     request.operator = principal;
     if (roleRank(principal.role) < roleRank(role)) {
       throw new ApiError(403, 'forbidden', `this needs the ${role} role; you are ${principal.role}`);

@@ -37,12 +37,21 @@ export const schemas = [
     revoked: { type: 'boolean' },
     created_at: dateTime,
   }),
+  entity('SigningKey', {
+    id: uuid,
+    product_id: uuid,
+    name: { type: 'string' },
+    public_key_pem: { type: 'string' },
+    fingerprint: { type: 'string' },
+    created_at: dateTime,
+  }),
   entity('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
   entity('Product', {
     id: uuid,
     org_id: uuid,
     name: { type: 'string' },
     requires_signature: { type: 'boolean' },
+    update_timeout_seconds: { type: ['integer', 'null'] },
     created_at: dateTime,
   }),
   entity('Device', {
@@ -163,17 +172,23 @@ export function ref(name: string) {
   return { $ref: `${name}#` } as const;
 }
 
-/** `{ items: [Name], total }`: one page of a list. */
-export function pageOf(name: string) {
-  return {
-    type: 'object',
-    required: ['items', 'total'],
-    properties: { items: { type: 'array', items: ref(name) }, total: { type: 'integer' } },
-  } as const;
+/**
+ * `{ items: [Name], total }`: one page of a list, the envelope of every list endpoint. `total`
+ * counts every match (not only this page); lists that cannot count cheaply leave it out.
+ */
+export function pageOf(name: string, options: { total?: boolean } = {}) {
+  return pageOfItems(ref(name), options);
 }
 
-export function listOf(name: string) {
-  return { type: 'object', required: ['items'], properties: { items: { type: 'array', items: ref(name) } } } as const;
+export function pageOfItems(items: object, { total = true }: { total?: boolean } = {}) {
+  return {
+    type: 'object',
+    required: total ? ['items', 'total'] : ['items'],
+    properties: {
+      items: { type: 'array', items },
+      total: { type: 'integer', minimum: 0, description: 'matches in all, not only on this page' },
+    },
+  } as const;
 }
 
 const errorRef = ref('ApiErrorBody');
@@ -182,10 +197,44 @@ const errorRef = ref('ApiErrorBody');
 export const authErrors = { 400: errorRef, 401: errorRef, 403: errorRef, 404: errorRef } as const;
 export const conflictError = { 409: errorRef } as const;
 
+/**
+ * Route `config` that gives an upload route a `requestBody` in the OpenAPI document. Upload
+ * routes take a stream Fastify must not validate, so the body is described for the document only.
+ */
+export function documentedUpload(description: string, content: Record<string, { schema: object }>) {
+  return {
+    swaggerTransform: ({ schema, url }: { schema: object; url: string }) => ({
+      schema: { ...schema, body: { description, content } } as never,
+      url,
+    }),
+  };
+}
+
+/** A request body of raw bytes. */
+export const binaryBody = { schema: { type: 'string', format: 'binary' } } as const;
+
+/** `limit` and `offset`, the paging parameters of every list endpoint. */
 export const paginationQuery = {
-  limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100 },
-  offset: { type: 'integer', minimum: 0, default: 0 },
+  limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100, description: 'items per page' },
+  offset: { type: 'integer', minimum: 0, default: 0, description: 'items to skip' },
 } as const;
+
+/** The querystring of a list with no other filter. */
+export const pageQuery = { type: 'object', properties: paginationQuery } as const;
+
+export interface PageQuery {
+  limit: number;
+  offset: number;
+}
+
+/**
+ * One page of a list the domain returns whole (orgs, products, groups, firmware, ...: small per
+ * organization), with its total. `query` has passed `paginationQuery`, so both are integers.
+ */
+export function page<T>(items: readonly T[], query: unknown): { items: T[]; total: number } {
+  const { limit = 100, offset = 0 } = (query ?? {}) as Partial<PageQuery>;
+  return { items: items.slice(offset, offset + limit), total: items.length };
+}
 
 /** The `:org` path parameter: an org id or name. */
 export const orgParam = { org: { type: 'string', minLength: 1, description: 'organization id or name' } } as const;

@@ -18,6 +18,7 @@ import { startTestServer, type TestServer } from '../helpers/server.ts';
  * admins without an org; `device`: a Main Server device token; `public`: anyone; `credential`:
  * its own credential (signed URL, socket token), covered by its own tests.
  */
+const LOGOUT = 'DELETE /api/v1/auth/session';
 type Guard = Role | 'instance' | 'device' | 'public' | 'credential';
 
 const ROUTES: Record<string, Guard> = {
@@ -44,6 +45,8 @@ const ROUTES: Record<string, Guard> = {
   'GET /api/keyauth/firmware/:id': 'credential',
 
   'GET /api/v1/auth/me': 'viewer',
+  // Called last for each caller: it ends the caller's session.
+  [LOGOUT]: 'viewer',
   'GET /api/v1/users': 'admin',
   'POST /api/v1/users': 'admin',
   'PATCH /api/v1/users/:id': 'admin',
@@ -275,7 +278,8 @@ describe(`authorization matrix over the API route table (${DATABASE_KIND})`, () 
     return table
       .filter((r) => !(r.method === 'HEAD' && gets.has(r.url)))
       .map((r) => ({ ...r, key: `${r.method} ${r.url}` }))
-      .filter((r) => !seen.has(r.key) && Boolean(seen.add(r.key)));
+      .filter((r) => !seen.has(r.key) && Boolean(seen.add(r.key)))
+      .sort((a, b) => Number(a.key === LOGOUT) - Number(b.key === LOGOUT));
   }
 
   test('every route of the API listener is in the explicit list, and every listed route exists', () => {

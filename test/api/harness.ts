@@ -10,7 +10,7 @@ import type { Endpoint } from '../../server/channels/endpoint.ts';
 import type { DatabaseHandle } from '../../server/db/index.ts';
 import { createFirmware, pubsubBus, SYSTEM, type FleetContext } from '../../server/fleet/index.ts';
 import { createLogger } from '../../server/log.ts';
-import { registerApi } from '../../server/api/index.ts';
+import { registerApi, type ApiDeps } from '../../server/api/index.ts';
 import { createUser } from '../../server/api/operators.ts';
 import { registerOperatorSocket } from '../../server/api/socket.ts';
 import type { Role } from '../../server/db/schema.ts';
@@ -34,7 +34,7 @@ export interface TestApi {
 
 const PASSWORD = 'correct horse battery staple';
 
-export async function startTestApi(): Promise<TestApi> {
+export async function startTestApi(options: Pick<ApiDeps, 'loginThrottle'> = {}): Promise<TestApi> {
   const handle = await createTestDatabase();
   const log = createLogger({ level: process.env.TEST_LOG_LEVEL ?? 'silent' });
   const pubsub = createPubSub({ log });
@@ -56,6 +56,7 @@ export async function startTestApi(): Promise<TestApi> {
     secret,
     onSignerCasChanged: () => void api.signerCaChanges!++,
     disconnectOperatorSocket: (id, reason) => socket.disconnect(id, reason),
+    ...options,
   });
   const socket = await registerOperatorSocket(app, { db: handle.db, secret, pubsub, log });
   await app.listen({ port: 0, host: '127.0.0.1' });

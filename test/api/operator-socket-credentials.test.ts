@@ -104,8 +104,9 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
     assert.equal((await api.call('PATCH', `/api/v1/users/${user.id}`, admin, { role: 'viewer' })).status, 200);
     assert.deepEqual(await closedWithin(viaLogin), { code: 1008, reason: 'role changed' });
     assert.deepEqual(await closedWithin(viaToken), { code: 1008, reason: 'role changed' });
-    // The credentials still work, under the new role.
-    const again = await connect(user.token);
+    // The login's session is revoked (it was granted under the old role); the API token works under the new one.
+    await assert.rejects(connect(user.token), /HTTP 403/);
+    const again = await connect(created.body.token);
     again.client.ws.close();
   });
 

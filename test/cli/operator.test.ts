@@ -167,7 +167,20 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.equal((await cli(['tokens', 'revoke', api_token.id])).code, 0);
     const revoked = await cli(['devices', 'list'], { FLEETHUB_TOKEN: token });
     assert.equal(revoked.code, 1);
-    assert.match(revoked.err, /invalid, expired or revoked/);
+    assert.match(revoked.err, /API token was revoked/);
+  });
+
+  test("products set-timeout sets a product's in-flight update timeout, and default clears it", async () => {
+    const admin = { FLEETHUB_TOKEN: server.adminToken, FLEETHUB_URL: server.apiUrl };
+    const set = await cli(['products', 'set-timeout', 'default', '900'], admin);
+    assert.equal(set.code, 0, set.err);
+    assert.match(set.out, /product default: updates time out after 900 s/);
+    assert.match((await cli(['products', 'list'], admin)).out, /default\s+[0-9a-f-]{36}\s+\S+\s+900 s/);
+    assert.equal((await cli(['products', 'set-timeout', 'default', '5'], admin)).code, 1, 'below 60 s');
+    assert.equal((await cli(['products', 'set-timeout', 'default', 'soon'], admin)).code, 2);
+    assert.equal((await cli(['products', 'set-timeout', 'default', '900'])).code, 1, 'operators may not');
+    const cleared = await cli(['products', 'set-timeout', 'default', 'default', '--json'], admin);
+    assert.equal(JSON.parse(cleared.out).update_timeout_seconds, null);
   });
 
   test('--help prints usage with exit 0; bad usage exits 2', async () => {

@@ -9,8 +9,9 @@ import { after, before, describe, it } from 'node:test';
 import WebSocket from 'ws';
 import { createLinkToken } from '../../server/edges/grisp/store.ts';
 import { grispEdgeOf } from '../../server/edges/grisp/index.ts';
-import { buildGrispPackage, GrispBoard } from '../../device-client/simulators/grisp.ts';
+import { GrispBoard } from '../../device-client/simulators/grisp.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
+import { attemptsOf, uploadGrispPackage } from '../helpers/grisp.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { createLogger } from '../../server/log.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
@@ -55,30 +56,16 @@ async function deviceOf(b: GrispBoard) {
     .executeTakeFirst();
 }
 
-async function uploadPackage(version: string, blocks = [randomBytes(3000), randomBytes(5000)]) {
-  const body = await buildGrispPackage({ version, blocks });
-  const res = await fetch(
-    `${server.apiUrl}/api/v1/grisp/firmware?product=${server.productId}&org=${server.orgId}&version=${version}`,
-    {
-      method: 'POST',
-      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
-      body: new Uint8Array(body),
-    },
-  );
-  return { status: res.status, body: (await res.json()) as Record<string, any> };
+function uploadPackage(version: string, blocks = [randomBytes(3000), randomBytes(5000)]) {
+  return uploadGrispPackage(server, version, blocks);
 }
 
 async function targetDevice(deviceId: string, firmwareId: string) {
   await server.call('PUT', `/api/v1/orgs/${server.orgId}/devices/${deviceId}/target`, { firmware_id: firmwareId });
 }
 
-async function attempts(deviceId: string) {
-  return server.database.db
-    .selectFrom('update_attempts')
-    .selectAll()
-    .where('device_id', '=', deviceId)
-    .orderBy('created_at', 'desc')
-    .execute();
+function attempts(deviceId: string) {
+  return attemptsOf(server, deviceId);
 }
 
 describe(`GRiSP edge (${DATABASE_KIND})`, () => {

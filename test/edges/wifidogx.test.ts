@@ -7,6 +7,7 @@ import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
 import { after, before, describe, it } from 'node:test';
 import { wifidogxEdgeOf } from '../../server/edges/wifidogx/index.ts';
+import { sweepStaleUpdates } from '../../server/fleet/index.ts';
 import {
   gatewayReplies,
   gatewayVersion,
@@ -366,7 +367,6 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     const fw = await uploadImage('2.1.0');
     g.once('upgrading', () => void g.stop());
     await server.call('PUT', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`, { firmware_id: fw.id });
-    const edge = wifidogxEdgeOf(server.api)!;
     await until(
       async () =>
         (
@@ -378,12 +378,20 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
         )?.state === 'finished',
       'finished',
     );
-    edge.configure({ upgradeTimeoutMs: 200 });
+    // The one sweep, with the product's own in-flight timeout (60 s) and a clock two minutes ahead.
+    const product = await server.call<{ update_timeout_seconds: number }>(
+      'PATCH',
+      `/api/v1/orgs/${server.orgId}/products/${server.productId}`,
+      { update_timeout_seconds: 60 },
+    );
+    assert.equal(product.update_timeout_seconds, 60);
     try {
-      await new Promise((r) => setTimeout(r, 300));
-      assert.equal(await edge.sweepUpgrades(), 1);
+      assert.equal(await sweepStaleUpdates(server.fleet, { now: new Date(Date.now() + 30_000) }), 0);
+      assert.equal(await sweepStaleUpdates(server.fleet, { now: new Date(Date.now() + 120_000) }), 1);
     } finally {
-      edge.configure({ upgradeTimeoutMs: 15 * 60_000 });
+      await server.call('PATCH', `/api/v1/orgs/${server.orgId}/products/${server.productId}`, {
+        update_timeout_seconds: null,
+      });
     }
     const a = await server.database.db
       .selectFrom('update_attempts')

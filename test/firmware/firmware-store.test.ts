@@ -130,12 +130,13 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
         await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys`, {
           headers: { authorization: `Bearer ${operator}` },
         })
-      ).json()) as Array<{ name: string; fingerprint: string }>;
+      ).json()) as { items: Array<{ name: string; fingerprint: string }>; total: number };
+      assert.equal(list.total, 1);
       assert.deepEqual(
-        list.map((k) => k.name),
+        list.items.map((k) => k.name),
         ['release'],
       );
-      assert.match(list[0]!.fingerprint, /^[0-9a-f]{64}$/);
+      assert.match(list.items[0]!.fingerprint, /^[0-9a-f]{64}$/);
     });
 
     test('a key that is not ed25519 is refused', async () => {
@@ -185,8 +186,8 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
         await fetch(`${h.apiUrl}/api/v1/products/${h.productB.id}/signing-keys`, {
           headers: { authorization: `Bearer ${admin}` },
         })
-      ).json()) as unknown[];
-      assert.equal(list.length, 0);
+      ).json()) as { items: unknown[]; total: number };
+      assert.deepEqual(list, { items: [], total: 0 });
     });
   });
 

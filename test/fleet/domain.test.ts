@@ -170,9 +170,22 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
         size: 1024,
         firmware_uuid: next.id,
       });
+      // Devices of every protocol hear the group topic; only operators hear of the change itself.
       assert.deepEqual(
-        ctx.events.filter((e) => e.topic === 'fleet:targets').map((e) => e.payload),
-        [{ org_id: t.org.id, product_id: t.product.id, group_id: g.id, component: 'firmware', firmware_id: next.id }],
+        ctx.events.filter((e) => e.event === 'target_changed').map((e) => [e.topic, e.payload]),
+        [
+          [
+            `operator:${t.org.id}`,
+            {
+              org_id: t.org.id,
+              product_id: t.product.id,
+              group_id: g.id,
+              component: 'firmware',
+              firmware_id: next.id,
+              attempts: { sent: 10, queued: 18 },
+            },
+          ],
+        ],
       );
       const counts = await fleet.countUpdateStates(ctx, { orgId: t.org.id, groupId: g.id });
       assert.equal(counts.sent, 10);
@@ -569,8 +582,8 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
     test('the sweeper times out attempts that made no progress', async () => {
       const { v1, d } = await setup();
       await fleet.deviceJoined(ctx, ref(d), v1.id);
-      assert.equal(await fleet.sweepStaleUpdates(ctx, { staleAfterMs: 60_000 }), 0);
-      const n = await fleet.sweepStaleUpdates(ctx, { staleAfterMs: 60_000, now: new Date(Date.now() + 120_000) });
+      assert.equal(await fleet.sweepStaleUpdates(ctx, { defaultTimeoutS: 60 }), 0);
+      const n = await fleet.sweepStaleUpdates(ctx, { defaultTimeoutS: 60, now: new Date(Date.now() + 120_000) });
       assert.ok(n >= 1);
       assert.equal((await attemptsOf(d.id))[0]?.state, 'timed_out');
     });

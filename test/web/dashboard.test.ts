@@ -283,7 +283,22 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
     assert.deepEqual(pageErrors, []);
   });
 
-  test('a session the server no longer accepts returns to the sign-in form', async () => {
+  test('signing out ends the session on the server: its token gets 401 (session revoked) at once', async () => {
+    const token = await page.evaluate(() => sessionStorage.getItem('fleethub.token'));
+    assert.ok(token, 'signed in from the earlier tests');
+    const me = () => fetch(`${server.apiUrl}/api/v1/auth/me`, { headers: { authorization: `Bearer ${token}` } });
+    assert.equal((await me()).status, 200);
+    await page.getByRole('button', { name: 'Sign out' }).click();
+    await page.getByText('You signed out.').waitFor();
+    const res = await me();
+    assert.equal(res.status, 401);
+    const body = (await res.json()) as { error: { details: { reason: string }; message: string } };
+    assert.equal(body.error.details.reason, 'session_revoked');
+    assert.match(body.error.message, /revoked \(signed out\)/);
+    assert.deepEqual(pageErrors, []);
+  });
+
+  test('a session the server no longer accepts returns to the sign-in form with the server’s reason', async () => {
     // Set before the app's scripts run on the reload: set from the running page, a request that
     // page still makes with the bad token gets its 401 and signs out (clearing storage) first.
     await page.addInitScript(() => {
@@ -292,7 +307,7 @@ describe(`operator dashboard in a real browser (${DATABASE_KIND})`, () => {
     });
     await page.reload();
     await page.getByRole('button', { name: 'Sign in' }).waitFor();
-    await page.getByRole('alert').filter({ hasText: 'expired' }).waitFor();
+    await page.getByRole('alert').filter({ hasText: 'the bearer token is invalid' }).waitFor();
     assert.equal(await page.evaluate(() => sessionStorage.getItem('fleethub.token')), null);
   });
 });

@@ -22,7 +22,17 @@ import {
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../../http/errors.ts';
 import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, emptyOk, listOf, orgParam, ref } from '../../http/schemas.ts';
+import {
+  authErrors,
+  conflictError,
+  emptyOk,
+  orgParam,
+  ref,
+  page,
+  pageOf,
+  pageQuery,
+  paginationQuery,
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
 import { deviceParams } from './devices.ts';
@@ -92,20 +102,25 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listFirmware',
         tags: ['firmware'],
         summary: 'Firmware of an organization, newest first',
         params: orgParams,
         querystring: {
           type: 'object',
-          properties: { product: { type: 'string', description: 'product id or name' }, component: { type: 'string' } },
+          properties: {
+            ...paginationQuery,
+            product: { type: 'string', description: 'product id or name' },
+            component: { type: 'string' },
+          },
         },
-        response: { 200: listOf('Firmware'), ...authErrors },
+        response: { 200: pageOf('Firmware'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const productId = request.query.product ? (await getProduct(fleet, org.id, request.query.product)).id : undefined;
-      return { items: await listFirmware(fleet, org.id, { productId, component: request.query.component }) };
+      return page(await listFirmware(fleet, org.id, { productId, component: request.query.component }), request.query);
     },
   );
 
@@ -114,6 +129,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getFirmware',
         tags: ['firmware'],
         summary: 'One firmware record',
         params: firmwareParams,
@@ -131,6 +147,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'deleteFirmware',
         tags: ['firmware'],
         summary: 'Delete a firmware record (409 while a group or device targets it)',
         params: firmwareParams,
@@ -158,15 +175,17 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listTargets',
         tags: ['targets'],
         summary: 'Every target of an organization',
         params: orgParams,
-        response: { 200: listOf('Target'), ...authErrors },
+        querystring: pageQuery,
+        response: { 200: pageOf('Target'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
-      return { items: await listTargets(fleet, org.id) };
+      return page(await listTargets(fleet, org.id), request.query);
     },
   );
 
@@ -177,6 +196,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'setGroupTarget',
         tags: ['targets'],
         summary: 'Set the firmware a group should run',
         params: groupParams,
@@ -197,6 +217,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'clearGroupTarget',
         tags: ['targets'],
         summary: "Clear a group's target",
         params: groupParams,
@@ -217,6 +238,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'setDeviceTarget',
         tags: ['targets'],
         summary: 'Set the firmware one device should run (overrides its groups)',
         params: deviceParams,
@@ -237,6 +259,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'clearDeviceTarget',
         tags: ['targets'],
         summary: "Clear a device's own target (it falls back to its groups')",
         params: deviceParams,
@@ -275,6 +298,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getOrgStatus',
         tags: ['status'],
         summary:
           'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
@@ -295,6 +319,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getGroupStatus',
         tags: ['status'],
         summary: 'Counts by running version and update state for a group, with its target',
         params: groupParams,

@@ -19,7 +19,17 @@ import {
 } from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../../http/errors.ts';
-import { authErrors, conflictError, listOf, orgParam, pageOf, paginationQuery, ref } from '../../http/schemas.ts';
+import { isUuid } from '../operators.ts';
+import {
+  authErrors,
+  conflictError,
+  orgParam,
+  pageOf,
+  paginationQuery,
+  ref,
+  page,
+  pageQuery,
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
 import { snakeKeys } from './common.ts';
@@ -56,6 +66,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDevices',
         tags: ['devices'],
         summary: 'Devices of an organization, newest first, filtered and paginated',
         params: orgParams,
@@ -97,6 +108,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'createDevice',
         tags: ['devices'],
         summary: 'Pre-register a device (devices signed by a registered signer CA register themselves)',
         params: orgParams,
@@ -133,6 +145,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getDevice',
         tags: ['devices'],
         summary: 'One device',
         params: deviceParams,
@@ -150,6 +163,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'updateDevice',
         tags: ['devices'],
         summary: "Change a device's description or tags",
         params: deviceParams,
@@ -177,6 +191,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'deleteDevice',
         tags: ['devices'],
         summary: 'Delete a device with its certificates and history',
         params: deviceParams,
@@ -198,16 +213,18 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDeviceCertificates',
         tags: ['devices'],
         summary: 'Certificates registered to a device',
         params: deviceParams,
-        response: { 200: listOf('DeviceCertificate'), ...authErrors },
+        querystring: pageQuery,
+        response: { 200: pageOf('DeviceCertificate'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
-      return { items: (await listDeviceCertificates(db, device.id)).map(snakeKeys) };
+      return page((await listDeviceCertificates(db, device.id)).map(snakeKeys), request.query);
     },
   );
 
@@ -216,6 +233,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'addDeviceCertificate',
         tags: ['devices'],
         summary:
           "Register a certificate (PEM) to a device: one of the org's signer CAs must have issued it (400 otherwise; 409 when registered already)",
@@ -243,6 +261,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'revokeDeviceCertificate',
         tags: ['devices'],
         summary: 'Revoke a device certificate: the device is disconnected and that certificate refused from now on',
         params: {
@@ -284,6 +303,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
       {
         onRequest: requireRole('operator'),
         schema: {
+          operationId: `${action}Device`,
           tags: ['devices'],
           summary,
           params: deviceParams,
@@ -305,6 +325,7 @@ export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDeviceUpdates',
         tags: ['updates'],
         summary: 'Update attempts of a device, newest first',
         params: deviceParams,

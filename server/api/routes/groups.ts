@@ -19,7 +19,7 @@ import {
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../../http/errors.ts';
 import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, listOf, orgParam, pageOf, paginationQuery, ref } from '../../http/schemas.ts';
+import { authErrors, conflictError, orgParam, pageOf, paginationQuery, ref, page } from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
 
@@ -77,17 +77,21 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listGroups',
         tags: ['groups'],
         summary: 'Groups of an organization with member counts',
         params: orgParams,
-        querystring: { type: 'object', properties: { product: { type: 'string', description: 'product id or name' } } },
-        response: { 200: listOf('Group'), ...authErrors },
+        querystring: {
+          type: 'object',
+          properties: { ...paginationQuery, product: { type: 'string', description: 'product id or name' } },
+        },
+        response: { 200: pageOf('Group'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const productId = request.query.product ? (await getProduct(fleet, org.id, request.query.product)).id : undefined;
-      return { items: await listGroups(fleet, org.id, { productId }) };
+      return page(await listGroups(fleet, org.id, { productId }), request.query);
     },
   );
 
@@ -99,6 +103,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'createGroup',
         tags: ['groups'],
         summary: 'Create a group in a product',
         params: orgParams,
@@ -140,6 +145,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getGroup',
         tags: ['groups'],
         summary: 'One group',
         params: groupParams,
@@ -157,6 +163,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'updateGroup',
         tags: ['groups'],
         summary: "Change a group's description or priority",
         params: groupParams,
@@ -185,6 +192,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'deleteGroup',
         tags: ['groups'],
         summary: 'Delete a group (members leave its channel)',
         params: groupParams,
@@ -206,6 +214,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listGroupDevices',
         tags: ['groups'],
         summary: 'Members of a group',
         params: groupParams,
@@ -225,6 +234,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'addGroupDevices',
         tags: ['groups'],
         summary: 'Add devices to a group (bulk; devices already in it are skipped)',
         params: groupParams,
@@ -258,6 +268,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'removeGroupDevices',
         tags: ['groups'],
         summary: 'Remove devices from a group (bulk; devices not in it are skipped)',
         params: groupParams,
@@ -293,6 +304,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listGroupUpdates',
         tags: ['updates'],
         summary: "Update attempts of a group's members, newest first",
         params: groupParams,

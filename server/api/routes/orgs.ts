@@ -8,6 +8,7 @@ import {
   listOrgs,
   listProducts,
   updateProduct,
+  MAX_UPDATE_TIMEOUT_S,
 } from '../../fleet/index.ts';
 import { addSignerCa, listSignerCas, removeSignerCa } from '../../identity/signer-cas.ts';
 import { requireRole } from '../auth.ts';
@@ -16,11 +17,12 @@ import {
   authErrors,
   conflictError,
   emptyOk,
-  listOf,
   orgParam,
   pageOf,
   paginationQuery,
   ref,
+  page,
+  pageQuery,
 } from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { resolveOrg } from '../../http/resolve.ts';
@@ -36,12 +38,21 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     '/orgs',
     {
       onRequest: requireRole('viewer'),
-      schema: { tags: ['orgs'], summary: 'Organizations you can see', response: { 200: listOf('Org'), ...authErrors } },
+      schema: {
+        operationId: 'listOrgs',
+        tags: ['orgs'],
+        summary: 'Organizations you can see',
+        querystring: pageQuery,
+        response: { 200: pageOf('Org'), ...authErrors },
+      },
     },
     async (request) => {
       const p = request.operator;
       const orgs = await listOrgs(fleet);
-      return { items: orgs.filter((o) => p.orgId === null || o.id === p.orgId) };
+      return page(
+        orgs.filter((o) => p.orgId === null || o.id === p.orgId),
+        request.query,
+      );
     },
   );
 
@@ -50,6 +61,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createOrg',
         tags: ['orgs'],
         summary: 'Create an organization (instance admins)',
         body: {
@@ -73,6 +85,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getOrg',
         tags: ['orgs'],
         summary: 'One organization',
         params: orgParams,
@@ -89,15 +102,17 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listProducts',
         tags: ['products'],
         summary: 'Products of an organization',
         params: orgParams,
-        response: { 200: listOf('Product'), ...authErrors },
+        querystring: pageQuery,
+        response: { 200: pageOf('Product'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
-      return { items: await listProducts(fleet, org.id) };
+      return page(await listProducts(fleet, org.id), request.query);
     },
   );
 
@@ -106,6 +121,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createProduct',
         tags: ['products'],
         summary: 'Create a product',
         params: orgParams,
@@ -143,6 +159,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getProduct',
         tags: ['products'],
         summary: 'One product',
         params: productParams,
@@ -155,19 +172,31 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     },
   );
 
-  api.patch<{ Params: OrgParams & { product: string }; Body: { requires_signature?: boolean } }>(
+  api.patch<{
+    Params: OrgParams & { product: string };
+    Body: { requires_signature?: boolean; update_timeout_seconds?: number | null };
+  }>(
     '/orgs/:org/products/:product',
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'updateProduct',
         tags: ['products'],
-        summary: 'Change whether firmware uploads must be signed',
+        summary: 'Change whether firmware uploads must be signed, and the in-flight update timeout',
         params: productParams,
         body: {
           type: 'object',
           additionalProperties: false,
           minProperties: 1,
-          properties: { requires_signature: { type: 'boolean' } },
+          properties: {
+            requires_signature: { type: 'boolean' },
+            update_timeout_seconds: {
+              type: ['integer', 'null'],
+              minimum: 60,
+              maximum: MAX_UPDATE_TIMEOUT_S,
+              description: 'seconds an update may go without a word from its device; null: the server default',
+            },
+          },
         },
         response: { 200: ref('Product'), ...authErrors },
       },
@@ -177,6 +206,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
       const product = await getProduct(fleet, org.id, request.params.product);
       return updateProduct(fleet, request.operator.actor, org.id, product.id, {
         requiresSignature: request.body.requires_signature,
+        updateTimeoutSeconds: request.body.update_timeout_seconds,
       });
     },
   );
@@ -188,17 +218,21 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listSignerCas',
         tags: ['signer CAs'],
         summary: 'Signer CAs of an organization',
         params: orgParams,
-        querystring: { type: 'object', properties: { product: { type: 'string', description: 'product id or name' } } },
-        response: { 200: listOf('SignerCa'), ...authErrors },
+        querystring: {
+          type: 'object',
+          properties: { ...paginationQuery, product: { type: 'string', description: 'product id or name' } },
+        },
+        response: { 200: pageOf('SignerCa'), ...authErrors },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const productId = request.query.product ? (await getProduct(fleet, org.id, request.query.product)).id : undefined;
-      return { items: (await listSignerCas(db, { orgId: org.id, productId })).map(snakeKeys) };
+      return page((await listSignerCas(db, { orgId: org.id, productId })).map(snakeKeys), request.query);
     },
   );
 
@@ -207,6 +241,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'addSignerCa',
         tags: ['signer CAs'],
         summary: 'Register a signer CA certificate (PEM) for a product',
         params: orgParams,
@@ -242,6 +277,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'removeSignerCa',
         tags: ['signer CAs'],
         summary: 'Remove a signer CA; the device listener stops trusting it',
         params: {
@@ -278,6 +314,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listOrgAudit',
         tags: ['audit'],
         summary: 'Audit log of an organization, newest first',
         params: orgParams,
@@ -296,6 +333,7 @@ export async function registerOrgRoutes(api: FastifyInstance, deps: RouteDeps): 
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'listAudit',
         tags: ['audit'],
         summary: 'Audit log of the whole instance (instance admins)',
         querystring: auditQuery,

@@ -16,10 +16,24 @@ import {
   revokeApiToken,
   roleRank,
   toUserSummary,
+  revokeSession,
+  unexpiredSessionIds,
   updateUser,
   verifyPassword,
 } from '../operators.ts';
-import { authErrors, conflictError, emptyOk, listOf, ref, roleSchema } from '../../http/schemas.ts';
+import { audit, SYSTEM } from '../../audit.ts';
+import { rateLimitedWarning } from '../../log.ts';
+import { LoginThrottle } from '../login-throttle.ts';
+import {
+  authErrors,
+  conflictError,
+  emptyOk,
+  page,
+  pageOf,
+  paginationQuery,
+  ref,
+  roleSchema,
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { operatorSocketId, operatorSocketIdsOfUser } from '../socket.ts';
 
@@ -35,13 +49,19 @@ const principalSchema = {
 
 export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
   const { db, auth } = deps;
+  const throttle = new LoginThrottle(deps.loginThrottle);
+  // An attack is thousands of 429s: one warning a minute says how many.
+  const warnThrottled = rateLimitedWarning(deps.log, 'logins refused by throttling', 60_000);
 
   api.post<{ Body: { email: string; password: string } }>(
     '/auth/login',
     {
       schema: {
+        operationId: 'login',
         tags: ['auth'],
-        summary: 'Exchange email and password for a JWT (12 h)',
+        summary:
+          'Exchange email and password for a JWT (12 h) naming a new server-side session; failed logins are throttled (429)',
+        description: 'Wrong email or password answer 401 with the same message, whichever was wrong.',
         security: [],
         body: {
           type: 'object',
@@ -64,19 +84,100 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
           },
           400: ref('ApiErrorBody'),
           401: ref('ApiErrorBody'),
+          429: ref('ApiErrorBody'),
         },
       },
     },
-    async (request) => {
-      const user = await findUserByEmail(db, request.body.email);
+    async (request, reply) => {
+      const email = request.body.email;
+      const address = request.ip;
+      const client = { remote_address: address };
+      const throttled = await throttle.check(email, address);
+      if (throttled) {
+        if (throttled.first) {
+          await audit(db, SYSTEM, {
+            orgId: null,
+            action: 'auth.login_throttled',
+            details: { email, ...client, scope: throttled.scope, retry_after_s: throttled.retryAfterSeconds },
+          });
+        }
+        warnThrottled(`${throttled.scope}:${throttled.scope === 'account' ? email : address}`, {
+          scope: throttled.scope,
+          email,
+          remote: address,
+        });
+        reply.header('retry-after', String(throttled.retryAfterSeconds));
+        throw new ApiError(
+          429,
+          'too_many_requests',
+          `too many failed logins ${throttled.scope === 'account' ? 'for this account' : 'from this address'}: try again in ${throttled.retryAfterSeconds} s`,
+          { retry_after_s: throttled.retryAfterSeconds },
+        );
+      }
+      const user = await findUserByEmail(db, email);
       // Hash even for unknown emails so response time does not reveal which emails exist.
       const ok = await verifyPassword(request.body.password, user?.password_hash ?? (await dummyPasswordHash()));
       if (!user || !ok || user.disabled_at !== null) {
-        request.log.info({ email: request.body.email }, 'login refused');
+        await throttle.failed(email, address);
+        const reason = !user ? 'unknown email' : !ok ? 'wrong password' : 'user disabled';
+        await audit(db, SYSTEM, {
+          orgId: user?.org_id ?? null,
+          action: 'auth.login_refused',
+          ...(user ? { resourceType: 'user', resourceId: user.id } : {}),
+          details: { email, ...client, reason },
+        });
+        request.log.info({ email, reason }, 'login refused');
         throw new ApiError(401, 'unauthorized', 'wrong email or password (or the account is disabled)');
       }
-      const { token, expiresAt } = await auth.issueJwt(user.id);
+      await throttle.succeeded(email);
+      const userAgent = request.headers['user-agent'];
+      const { token, expiresAt, sessionId } = await auth.issueJwt(user.id, {
+        remoteAddress: address,
+        ...(userAgent ? { userAgent } : {}),
+      });
+      await audit(
+        db,
+        { type: 'operator', id: user.id },
+        {
+          orgId: user.org_id,
+          action: 'auth.login',
+          resourceType: 'operator_session',
+          resourceId: sessionId,
+          details: { email: user.email, ...client },
+        },
+      );
       return { token, expires_at: expiresAt.toISOString(), user: toUserSummary(user) };
+    },
+  );
+
+  api.delete(
+    '/auth/session',
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        operationId: 'logout',
+        tags: ['auth'],
+        summary: "Log out: revoke the caller's login session (its JWT stops working at once, its live sockets close)",
+        response: { 200: emptyOk, ...authErrors },
+      },
+    },
+    async (request) => {
+      const p = request.operator;
+      if (!p.sessionId)
+        throw new ApiError(
+          400,
+          'invalid',
+          'an API token is not a login session: revoke it with DELETE /api/v1/tokens/<id> (fleethub tokens revoke)',
+        );
+      await revokeSession(db, p.sessionId, 'signed out');
+      await audit(db, p.actor, {
+        orgId: p.orgId,
+        action: 'auth.logout',
+        resourceType: 'operator_session',
+        resourceId: p.sessionId,
+      });
+      await disconnectOperatorSockets([operatorSocketId(p)], 'signed out');
+      return { ok: true };
     },
   );
 
@@ -85,6 +186,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getMe',
         tags: ['auth'],
         summary: 'Who the bearer token stands for',
         response: { 200: principalSchema, ...authErrors },
@@ -105,15 +207,16 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'listUsers',
         tags: ['users'],
         summary: 'List users (org admins see their org)',
-        querystring: { type: 'object', properties: { org: { type: 'string', format: 'uuid' } } },
-        response: { 200: listOf('User'), ...authErrors },
+        querystring: { type: 'object', properties: { ...paginationQuery, org: { type: 'string', format: 'uuid' } } },
+        response: { 200: pageOf('User'), ...authErrors },
       },
     },
     async (request) => {
       const org = orgFilter(request.operator, request.query.org);
-      return { items: await listUsers(db, org ?? null) };
+      return page(await listUsers(db, org ?? null), request.query);
     },
   );
 
@@ -122,6 +225,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'createUser',
         tags: ['users'],
         summary: 'Create a user',
         body: {
@@ -172,9 +276,10 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'updateUser',
         tags: ['users'],
         summary:
-          "Change a user's name, role, password or disabled flag (disabling or a new role closes their live operator sockets)",
+          "Change a user's name, role, password or disabled flag (a new password, disabling or a new role revokes their login sessions and closes their live operator sockets)",
         params: userIdParams,
         body: {
           type: 'object',
@@ -194,6 +299,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       const before = await userInScope(request.operator, request.params.id);
       const updated = await updateUser(db, request.params.id, request.body, request.operator.actor);
       // What the user's live sockets were authorised with no longer holds: they reconnect (or not) under the new rules.
+      // A new password ends the user's login sessions (updateUser revoked them); API tokens stay.
       const reason =
         request.body.disabled === true && before.disabled_at === null
           ? 'user disabled'
@@ -201,6 +307,13 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
             ? 'role changed'
             : undefined;
       if (reason) await disconnectOperatorSockets(await operatorSocketIdsOfUser(db, before.id), reason);
+      else if (request.body.password !== undefined)
+        await disconnectOperatorSockets(
+          (await unexpiredSessionIds(db, before.id)).map((sessionId) =>
+            operatorSocketId({ userId: before.id, sessionId }),
+          ),
+          'password changed',
+        );
       return updated;
     },
   );
@@ -210,6 +323,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('admin'),
       schema: {
+        operationId: 'deleteUser',
         tags: ['users'],
         summary: 'Delete a user and their API tokens (their live operator sockets close)',
         params: userIdParams,
@@ -252,10 +366,11 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listTokens',
         tags: ['tokens'],
         summary: 'List your API tokens (admins: `all=true` lists every token in their scope)',
-        querystring: { type: 'object', properties: { all: { type: 'boolean', default: false } } },
-        response: { 200: listOf('ApiToken'), ...authErrors },
+        querystring: { type: 'object', properties: { ...paginationQuery, all: { type: 'boolean', default: false } } },
+        response: { 200: pageOf('ApiToken'), ...authErrors },
       },
     },
     async (request) => {
@@ -263,9 +378,9 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
       if (request.query.all) {
         if (roleRank(p.role) < roleRank('admin'))
           throw new ApiError(403, 'forbidden', 'listing every token needs the admin role');
-        return { items: await listApiTokens(db, { userId: null, orgId: p.orgId }) };
+        return page(await listApiTokens(db, { userId: null, orgId: p.orgId }), request.query);
       }
-      return { items: await listApiTokens(db, { userId: p.userId, orgId: null }) };
+      return page(await listApiTokens(db, { userId: p.userId, orgId: null }), request.query);
     },
   );
 
@@ -274,6 +389,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'createToken',
         tags: ['tokens'],
         summary: 'Create an API token; the token is shown only in this response',
         body: {
@@ -330,6 +446,7 @@ export async function registerSessionRoutes(api: FastifyInstance, deps: RouteDep
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'revokeToken',
         tags: ['tokens'],
         summary: 'Revoke an API token (yours, or any in scope for admins); sockets opened with it close',
         params: userIdParams,

@@ -1,19 +1,13 @@
 /**
  * One GRiSP board's link: JSON-RPC in both directions over one WebSocket. The connection
- * translates; the fleet decides (edge-devices.ts, updates.ts). It runs on the edge runtime
- * (../runtime.ts): work that touches the fleet runs one step at a time per board, so update events
- * are applied in order; the runtime delivers revocation, approval and new targets from PubSub.
+ * translates; the fleet decides (edge-devices.ts, updates.ts). Work that touches the fleet runs
+ * one step at a time per board (a promise chain), so update events are applied in order.
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { applyUpdateReport, FleetError, type FleetContext, type UpdateReportEvent } from '../../fleet/index.ts';
-import {
-  edgeDeviceOffline,
-  edgeDeviceOnline,
-  recordUpdateSent,
-  transitionAttempt,
-  type EdgeDeviceRef,
-} from '../../fleet/edge-devices.ts';
+import { currentUpdate, DeviceLink, openLink, updateToPush } from '../../fleet/device-link.ts';
+import type { EdgeDeviceRef } from '../../fleet/edge-devices.ts';
+import { FleetError, type FleetContext } from '../../fleet/index.ts';
 import type { Logger } from '../../log.ts';
 import type { EdgeLink, EdgeRuntime } from '../runtime.ts';
 import {
@@ -28,7 +22,7 @@ import {
   type Incoming,
   type RpcId,
 } from './jsonrpc.ts';
-import { isLinked, linkDevice, parseLogBatch, saveGrispState, storeLogBatch } from './store.ts';
+import { getGrispState, isLinked, linkDevice, parseLogBatch, saveGrispState, storeLogBatch } from './store.ts';
 
 /** Device error codes of grisp_connect (matched by code, never by text). */
 export const DeviceErrors = {
@@ -43,6 +37,12 @@ export interface GrispTimings {
   pingIntervalMs: number;
   /** How long a request to the board may take (default 5 s). */
   requestTimeoutMs: number;
+  /**
+   * How long the board may take to answer `start_update` (default 5 min): it answers only after it
+   * fetched the manifest, which takes long on a slow link. Without an answer by then the attempt
+   * stays open: a late answer and the board's update events still count.
+   */
+  startUpdateTimeoutMs: number;
   /** How often the board's log buffer is fetched (default 60 s; 0 disables). */
   logIntervalMs: number;
   logMaxBatchSize: number;
@@ -52,6 +52,7 @@ export interface GrispTimings {
 export const DEFAULT_TIMINGS: GrispTimings = {
   pingIntervalMs: 25_000,
   requestTimeoutMs: 5_000,
+  startUpdateTimeoutMs: 5 * 60_000,
   logIntervalMs: 60_000,
   logMaxBatchSize: 100,
   logMaxByteSize: 32 * 1024,
@@ -97,11 +98,16 @@ export interface GrispIdentity extends EdgeDeviceRef {
   certificateId?: string;
 }
 
+/** How a request to the board ended: its result, its error (RpcError), or the link closing. */
+type Answer = { result: unknown } | { error: Error };
+
 interface Pending {
-  resolve(value: unknown): void;
-  reject(err: Error): void;
-  timer: NodeJS.Timeout;
+  answer(a: Answer): void;
+  timer: NodeJS.Timeout | undefined;
 }
+
+/** Longest board-supplied text (error messages, reasons) stored; longer text is cut. */
+export const BOARD_TEXT_MAX = 500;
 
 /** The serial in a GRiSP certificate CN (`GRiSP2 device <serial>`), or the whole CN. */
 export function serialFromCommonName(cn: string): string {
@@ -123,13 +129,17 @@ export class GrispConnection {
   readonly #deps: GrispConnectionDeps;
   readonly #log: Logger;
   readonly #pending = new Map<string, Pending>();
-  readonly #link: EdgeLink;
+  /** The board's connection on the edge runtime: step queue, timers, its topics, close. */
+  readonly #edge: EdgeLink;
   #pinger: NodeJS.Timeout | undefined;
   #nextId = 1;
   #closed = false;
-  #connectedAt: string | undefined;
+  /** The board's device link (its session: who the board is, when it was recorded online). */
+  readonly #link: DeviceLink;
   /** The update this link started (or found running), by firmware. */
-  #updating: { firmware: Firmware; begun: boolean } | undefined;
+  #updating: Firmware | undefined;
+  /** The firmware of a `start_update` the board has not answered yet. */
+  #startingUpdate: string | undefined;
   /** Counters of what the board sent that we ignore (unknown notifications). */
   readonly ignored = new Map<string, number>();
 
@@ -138,7 +148,12 @@ export class GrispConnection {
     this.ref = ref;
     this.#deps = deps;
     this.#log = deps.log.child({ device_id: ref.deviceId, identifier: ref.identifier });
-    this.#link = deps.runtime.open({
+    this.#link = new DeviceLink(
+      deps.fleet,
+      openLink({ deviceId: ref.deviceId, orgId: ref.orgId, productId: ref.productId, protocol: 'grisp' }),
+      this.#log,
+    );
+    this.#edge = deps.runtime.open({
       edge: 'grisp',
       log: this.#log,
       transport: { close: (code, reason) => ws.close(code, reason) },
@@ -150,11 +165,11 @@ export class GrispConnection {
         timer: async (key) => {
           if (key !== 'logs') return;
           await this.fetchLogs();
-          this.#link.schedule('logs', this.#deps.timings.logIntervalMs);
+          this.#edge.schedule('logs', this.#deps.timings.logIntervalMs);
         },
         // After the step in flight (it may have just marked the board online).
         closed: async () => {
-          await edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt);
+          await this.#link.feed({ type: 'closed', reason: 'socket closed' });
         },
       },
     });
@@ -173,9 +188,9 @@ export class GrispConnection {
     // The keepalive is the transport's: it must not wait behind a step (a slow start_update).
     this.#pinger = setInterval(() => this.#ws.ping(), timings.pingIntervalMs);
     this.#ws.ping();
-    if (timings.logIntervalMs > 0) this.#link.schedule('logs', timings.logIntervalMs);
+    if (timings.logIntervalMs > 0) this.#edge.schedule('logs', timings.logIntervalMs);
     this.enqueue(async () => {
-      await this.#link.attach({
+      await this.#edge.attach({
         deviceId: this.ref.deviceId,
         orgId: this.ref.orgId,
         ...(this.ref.certificateId ? { certificateId: this.ref.certificateId } : {}),
@@ -189,28 +204,59 @@ export class GrispConnection {
 
   /** Runs `step` after every step queued before it; failures are logged, the link stays. */
   enqueue(step: () => Promise<void>): Promise<void> {
-    return this.#link.step(step);
+    return this.#edge.step(step);
   }
 
   /** The close effect: ends the link with `code` and `reason`. */
   close(code = 1000, reason = ''): void {
-    this.#link.close(code, reason);
+    this.#edge.close(code, reason);
   }
 
   // --- outgoing requests ------------------------------------------------------------------------
 
   /** A request to the board; rejects with RpcError (the board's error) or after the request timeout. */
   request(method: string, params?: Record<string, unknown>): Promise<unknown> {
+    const ms = this.#deps.timings.requestTimeoutMs;
+    return new Promise((resolve, reject) =>
+      this.#call(
+        method,
+        params,
+        ms,
+        (a) => ('result' in a ? resolve(a.result) : reject(a.error)),
+        () => {
+          reject(new RpcTimeout(method, ms));
+          return 'forget';
+        },
+      ),
+    );
+  }
+
+  /**
+   * Sends a request; `answer` gets the board's answer (or the link closing). After `timeoutMs`
+   * without one, `timeout` decides: `forget` the request (a late answer is then unmatched), or
+   * `wait` for it (the late answer still reaches `answer`).
+   */
+  #call(
+    method: string,
+    params: Record<string, unknown> | undefined,
+    timeoutMs: number,
+    answer: (a: Answer) => void,
+    timeout: () => 'forget' | 'wait',
+  ): void {
+    if (this.#closed) {
+      answer({ error: new Error('the board disconnected') });
+      return;
+    }
     const id = `fh-${this.#nextId++}`;
-    return new Promise((resolve, reject) => {
-      if (this.#closed) return reject(new Error('the board disconnected'));
-      const timer = setTimeout(() => {
-        this.#pending.delete(id);
-        reject(new RpcTimeout(method, this.#deps.timings.requestTimeoutMs));
-      }, this.#deps.timings.requestTimeoutMs);
-      this.#pending.set(id, { resolve, reject, timer });
-      this.#send(encodeRequest(id, method, params));
-    });
+    const pending: Pending = {
+      answer,
+      timer: setTimeout(() => {
+        pending.timer = undefined;
+        if (timeout() === 'forget') this.#pending.delete(id);
+      }, timeoutMs),
+    };
+    this.#pending.set(id, pending);
+    this.#send(encodeRequest(id, method, params));
   }
 
   notify(method: string, params?: Record<string, unknown>): void {
@@ -226,29 +272,15 @@ export class GrispConnection {
 
   /** Reads system_info, records it, and does what the board's state asks for (validate, reboot, update). */
   async refresh(): Promise<void> {
-    const info = (await this.request('get', { type: 'system_info' })) as SystemInfo;
-    if (typeof info !== 'object' || info === null)
-      throw new Error('system_info answered something else than an object');
-    await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, {
-      relname: str(info.relname),
-      relvsn: str(info.relvsn),
-      update_status: str(info.update_status),
-      update_message: str(info.update_message),
-      action_required: str(info.action_required),
-      hardware_serial: str(info.hardware?.serial),
-      system_info: info,
-    });
-    if (typeof info.relvsn !== 'string') {
-      this.#log.warn(
-        { relvsn: info.relvsn },
-        'the board reports no release version; it cannot be updated until it does',
-      );
-      return;
-    }
+    const info = await this.#readSystemInfo();
     const action = info.action_required ?? null;
     const pendingCommit = action === 'validate' || action === 'reboot' || action === 'remove_sdcard_and_reboot';
-    const online = await edgeDeviceOnline(this.#deps.fleet, this.ref, { version: info.relvsn, settle: !pendingCommit });
-    this.#connectedAt = online.connectedAt;
+    // relvsn may be null (a release run from a shell) or no semantic version: recorded as reported.
+    const online = await this.#link.feed({
+      type: 'connected',
+      running: { version: str(info.relvsn), settle: !pendingCommit },
+    });
+    if (!online) return;
     if (action === 'validate') {
       await this.#validate(info);
       return;
@@ -262,57 +294,106 @@ export class GrispConnection {
       this.#log.warn('the board booted from its SD card: someone must remove it and reboot the board');
       return;
     }
-    if (online.target && info.update_status !== 'updating') await this.#startUpdate(online.target);
+    const target = updateToPush(online);
+    if (target && info.update_status !== 'updating') await this.#startUpdate(target);
   }
 
+  /** `get system_info`, stored. */
+  async #readSystemInfo(): Promise<SystemInfo> {
+    const info = (await this.request('get', { type: 'system_info' })) as SystemInfo;
+    if (typeof info !== 'object' || info === null || Array.isArray(info))
+      throw new Error('system_info answered something else than an object');
+    await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, {
+      relname: str(info.relname),
+      relvsn: str(info.relvsn),
+      update_status: str(info.update_status),
+      update_message: str(info.update_message),
+      action_required: str(info.action_required),
+      hardware_serial: str(info.hardware?.serial),
+      system_info: info,
+    });
+    return info;
+  }
+
+  /**
+   * Marks the attempt sent and posts `start_update`. The board answers once it has fetched the
+   * manifest (slow links: minutes), so the answer is handled as a step of its own when it comes,
+   * and the steps queued meanwhile (update events, logs) are not held up.
+   */
   async #startUpdate(target: Firmware, retried = false): Promise<void> {
-    const fleet = this.#deps.fleet;
     if (!target.has_blob || target.format !== 'grisp') {
-      await transitionAttempt(fleet, this.ref, {
-        to: 'failed',
+      await this.#link.feed({
+        type: 'report',
+        kind: 'error',
         firmwareId: target.id,
         errors: [
           `firmware ${target.version} is not a GRiSP package (format ${target.format}); upload it with POST /api/v1/grisp/firmware`,
         ],
+        reason: 'not a GRiSP package',
       });
       return;
     }
-    await recordUpdateSent(fleet, this.ref, target, 'edge:grisp');
-    this.#updating = { firmware: target, begun: false };
-    try {
-      await this.request('post', { type: 'start_update', url: this.#deps.packageUrl(target) });
-      this.#log.info({ version: target.version }, 'update started');
-    } catch (err) {
-      const code = err instanceof RpcError ? err.code : undefined;
-      if (code === DeviceErrors.alreadyUpdating) {
-        this.#log.warn('the board is already updating; waiting for its update events');
-        return;
-      }
-      if (code === DeviceErrors.bootSystemNotValidated && !retried) {
-        // The board runs an image nobody validated yet: validate it first, then try again once.
-        const info = (await this.request('get', { type: 'system_info' })) as SystemInfo;
-        if (await this.#validate(info, { retryUpdate: false })) await this.#startUpdate(target, true);
-        return;
-      }
-      this.#updating = undefined;
-      const why =
-        err instanceof RpcError
-          ? `start_update: ${err.message} (${err.code})`
-          : `start_update: ${(err as Error).message}`;
-      await transitionAttempt(fleet, this.ref, { to: 'failed', firmwareId: target.id, errors: [why] });
-    }
+    // Asked already and not answered yet: asking again would only get -11 (already updating).
+    if (this.#startingUpdate === target.id) return;
+    if (!(await this.#link.feed({ type: 'update_sent', firmware: target, via: 'edge:grisp' }))) return;
+    this.#updating = target;
+    this.#startingUpdate = target.id;
+    const timeoutMs = this.#deps.timings.startUpdateTimeoutMs;
+    this.#call(
+      'post',
+      { type: 'start_update', url: this.#deps.packageUrl(target) },
+      timeoutMs,
+      (answer) => {
+        if (this.#startingUpdate === target.id) this.#startingUpdate = undefined;
+        void this.enqueue(() => this.#onStartUpdateAnswer(target, answer, retried));
+      },
+      () => {
+        this.#log.warn(
+          { version: target.version, timeout_ms: timeoutMs },
+          'the board has not answered start_update yet; the attempt stays open for its answer and update events',
+        );
+        return 'wait';
+      },
+    );
   }
 
-  /** Health check, then `post validate` (or a reboot back to the previous image). Returns whether the board validated. */
+  async #onStartUpdateAnswer(target: Firmware, answer: Answer, retried: boolean): Promise<void> {
+    const fleet = this.#deps.fleet;
+    if ('result' in answer) {
+      this.#log.info({ version: target.version }, 'update started');
+      return;
+    }
+    const err = answer.error;
+    const code = err instanceof RpcError ? err.code : undefined;
+    if (code === DeviceErrors.alreadyUpdating) {
+      this.#log.warn('the board is already updating; waiting for its update events');
+      return;
+    }
+    if (code === DeviceErrors.bootSystemNotValidated && !retried) {
+      // The board runs an image nobody validated yet: validate it first, then try again once.
+      const info = await this.#readSystemInfo();
+      if (await this.#validate(info, { retryUpdate: false })) await this.#startUpdate(target, true);
+      return;
+    }
+    if (this.#updating?.id === target.id) this.#updating = undefined;
+    const why = err instanceof RpcError ? `start_update: ${err.message} (${err.code})` : `start_update: ${err.message}`;
+    await this.#link.feed({
+      type: 'report',
+      kind: 'error',
+      firmwareId: target.id,
+      errors: [boardText(why)],
+      reason: 'start_update',
+    });
+  }
+
+  /**
+   * Health check, then `post validate` (or a reboot back to the previous image), then system_info
+   * again so the stored state no longer asks for validation. Returns whether the board validated.
+   */
   async #validate(info: SystemInfo, o: { retryUpdate?: boolean } = {}): Promise<boolean> {
     const fleet = this.#deps.fleet;
-    const open = await fleet.db
-      .selectFrom('update_attempts')
-      .select(['to_version', 'firmware_id'])
-      .where('device_id', '=', this.ref.deviceId)
-      .where('state', '=', 'finished')
-      .orderBy('created_at', 'desc')
-      .executeTakeFirst();
+    const current = await currentUpdate(fleet, this.#link.session);
+    const open = current?.attempt.state === 'finished' ? current.attempt : undefined;
     const verdict = await this.#deps
       .healthCheck({
         deviceId: this.ref.deviceId,
@@ -325,9 +406,10 @@ export class GrispConnection {
         { reason: verdict },
         'the new image is not healthy: not validating it, rebooting back to the previous one',
       );
-      await transitionAttempt(fleet, this.ref, {
-        to: 'failed',
-        errors: [`health check: ${verdict}`],
+      await this.#link.feed({
+        type: 'report',
+        kind: 'error',
+        errors: [boardText(`health check: ${verdict}`)],
         reason: 'health check failed',
       });
       await this.#reboot();
@@ -342,16 +424,21 @@ export class GrispConnection {
           ? 'validate_from_unbooted (-13): the booted partition is not the updated one'
           : code === DeviceErrors.updaterUnavailable
             ? 'grisp_updater_unavailable (-10)'
-            : `validate: ${(err as Error).message}`;
+            : boardText(`validate: ${(err as Error).message}`);
       this.#log.warn({ code }, why);
-      await transitionAttempt(fleet, this.ref, { to: 'failed', errors: [why] });
+      await this.#link.feed({ type: 'report', kind: 'error', errors: [why], reason: 'validate failed' });
       return false;
     }
     this.#log.info({ version: info.relvsn }, 'validated the running image');
-    await saveGrispState(fleet.db, this.ref.deviceId, { action_required: null });
-    const online = await edgeDeviceOnline(fleet, this.ref, { version: String(info.relvsn), settle: true });
-    this.#connectedAt = online.connectedAt;
-    if (online.target && o.retryUpdate !== false) await this.#startUpdate(online.target);
+    // What the board says now (update_status ready, no action_required); the old answer if it does not say.
+    const after = await this.#readSystemInfo().catch(async (err: Error) => {
+      this.#log.warn({ err }, 'system_info after validate failed; recording the validation only');
+      await saveGrispState(fleet.db, this.ref.deviceId, { action_required: null });
+      return info;
+    });
+    const confirmed = await this.#link.feed({ type: 'boot_confirmed', version: str(after.relvsn) });
+    const target = updateToPush(confirmed);
+    if (target && o.retryUpdate !== false) await this.#startUpdate(target);
     return true;
   }
 
@@ -364,40 +451,23 @@ export class GrispConnection {
       this.#log.warn({ event }, 'update event without an update in progress');
       return;
     }
-    const version = updating.firmware.version;
-    const report = async (name: UpdateReportEvent, payload: Record<string, unknown>) =>
-      applyUpdateReport(fleet, this.ref, name, { version, ...payload });
-    const ensureBegun = async () => {
-      if (updating.begun) return;
-      const attempt = await fleet.db
-        .selectFrom('update_attempts')
-        .select('state')
-        .where('device_id', '=', this.ref.deviceId)
-        .where('firmware_id', '=', updating.firmware.id)
-        .orderBy('created_at', 'desc')
-        .executeTakeFirst();
-      if (attempt && (attempt.state === 'sent' || attempt.state === 'queued'))
-        await report('firmware_update_begin', {});
-      updating.begun = true;
-    };
+    const version = updating.version;
     switch (event) {
       case 'progress': {
-        await ensureBegun();
         const percent = Math.max(0, Math.min(100, Math.round(Number(params.percentage ?? 0)) || 0));
-        await report('firmware_update_progress', { percent, bytes: 0, total: 0 });
+        await this.#link.feed({ type: 'report', kind: 'progress', version, percent, begins: true });
         return;
       }
       case 'warning':
         this.#log.warn({ message: params.message, reason: params.reason }, 'board update warning');
-        await saveGrispState(fleet.db, this.ref.deviceId, { update_message: describe(params) });
+        await saveGrispState(fleet.db, this.ref.deviceId, { update_message: boardText(describe(params)) });
         return;
       case 'error':
         this.#updating = undefined;
-        await report('firmware_update_error', { errors: [describe(params)] });
+        await this.#link.feed({ type: 'report', kind: 'error', version, errors: [boardText(describe(params))] });
         return;
       case 'done':
-        await ensureBegun();
-        await report('firmware_update_finish', {});
+        await this.#link.feed({ type: 'report', kind: 'finished', version, begins: true });
         this.#updating = undefined;
         // The new image is written: boot it. The board comes back with action_required=validate.
         await this.#reboot();
@@ -407,19 +477,11 @@ export class GrispConnection {
     }
   }
 
-  async #openUpdate(): Promise<{ firmware: Firmware; begun: boolean } | undefined> {
-    const row = await this.#deps.fleet.db
-      .selectFrom('update_attempts')
-      .innerJoin('firmware', 'firmware.id', 'update_attempts.firmware_id')
-      .selectAll('firmware')
-      .select('update_attempts.state as attempt_state')
-      .where('update_attempts.device_id', '=', this.ref.deviceId)
-      .where('update_attempts.state', 'in', ['sent', 'begun', 'downloading'])
-      .orderBy('update_attempts.created_at', 'desc')
-      .executeTakeFirst();
-    if (!row) return undefined;
-    const { attempt_state, ...firmware } = row;
-    this.#updating = { firmware: firmware as Firmware, begun: attempt_state !== 'sent' };
+  /** The update in flight on the board (sent, begun or downloading), when this link did not start it. */
+  async #openUpdate(): Promise<Firmware | undefined> {
+    const current = await currentUpdate(this.#deps.fleet, this.#link.session);
+    if (!current || current.attempt.state === 'queued' || current.attempt.state === 'finished') return undefined;
+    this.#updating = current.firmware;
     return this.#updating;
   }
 
@@ -432,7 +494,11 @@ export class GrispConnection {
     }
   }
 
-  /** `log.get` until the board has nothing more (bounded), storing each batch then acknowledging it with `log.sync`. */
+  /**
+   * `log.get` until the board has nothing more (bounded), storing each batch then acknowledging it
+   * with `log.sync {seq: <highest seq stored>, dropped: <the batch's dropped count>}` (grisp_connect
+   * truncates its buffer up to seq and subtracts the dropped count it reported).
+   */
   async fetchLogs(): Promise<number> {
     const { timings, fleet } = this.#deps;
     let stored = 0;
@@ -447,18 +513,12 @@ export class GrispConnection {
         return stored;
       }
       if (batch.events.length === 0 && batch.dropped === 0) return stored;
-      await storeLogBatch(fleet.db, this.ref.deviceId, batch.events, batch.dropped);
+      await storeLogBatch(fleet.db, this.ref.deviceId, batch);
       stored += batch.events.length;
-      const seq = batch.events.length ? batch.events[batch.events.length - 1]!.seq : undefined;
-      const state =
-        seq === undefined
-          ? await fleet.db
-              .selectFrom('grisp_devices')
-              .select('log_seq')
-              .where('device_id', '=', this.ref.deviceId)
-              .executeTakeFirst()
-          : undefined;
-      this.notify('log.sync', { seq: seq ?? Number(state?.log_seq ?? 0), dropped: batch.dropped });
+      if (batch.dropped > 0)
+        this.#log.warn({ dropped: batch.dropped }, 'the board dropped log events: its log buffer overflowed');
+      const seq = batch.lastSeq ?? Number((await getGrispState(fleet.db, this.ref.deviceId))?.log_seq ?? 0);
+      this.notify('log.sync', { seq, dropped: batch.dropped });
       if (batch.events.length < timings.logMaxBatchSize) return stored;
     }
     return stored;
@@ -493,8 +553,11 @@ export class GrispConnection {
         }
         this.#pending.delete(m.id as string);
         clearTimeout(pending.timer);
-        if (m.kind === 'result') pending.resolve(m.result);
-        else pending.reject(new RpcError(m.error.code, m.error.message, m.error.data));
+        pending.answer(
+          m.kind === 'result'
+            ? { result: m.result }
+            : { error: new RpcError(m.error.code, m.error.message, m.error.data) },
+        );
         return undefined;
       }
       case 'notification':
@@ -551,11 +614,11 @@ export class GrispConnection {
     clearInterval(this.#pinger);
     for (const [id, p] of this.#pending) {
       clearTimeout(p.timer);
-      p.reject(new Error('the board disconnected'));
       this.#pending.delete(id);
+      p.answer({ error: new Error('the board disconnected') });
     }
     this.#deps.onClose(this);
-    this.#link.transportClosed();
+    this.#edge.transportClosed();
   }
 }
 
@@ -568,6 +631,13 @@ export class RpcTimeout extends Error {
 
 function str(v: unknown): string | null {
   return typeof v === 'string' ? v : null;
+}
+
+/** Text from the board as stored: on one line (runs of whitespace become one space), at most BOARD_TEXT_MAX characters. */
+export function boardText(text: string): string {
+  const line = text.replace(/\s+/g, ' ').trim();
+  const chars = Array.from(line);
+  return chars.length <= BOARD_TEXT_MAX ? line : `${chars.slice(0, BOARD_TEXT_MAX - 1).join('')}…`;
 }
 
 function describe(params: Record<string, unknown>): string {

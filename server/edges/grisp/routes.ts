@@ -4,7 +4,14 @@ import { requireRole } from '../../http/auth.ts';
 import { ApiError } from '../../http/errors.ts';
 import { passThroughStream, uploadStream } from '../../http/upload.ts';
 import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
-import { authErrors, orgParam } from '../../http/schemas.ts';
+import {
+  authErrors,
+  binaryBody,
+  documentedUpload,
+  orgParam,
+  pageOfItems,
+  paginationQuery,
+} from '../../http/schemas.ts';
 import { getProduct, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { deleteFirmwareAndBlob, FirmwareError, ingestFirmware } from '../../firmware/ingest.ts';
@@ -28,7 +35,7 @@ const logEvent = {
   type: 'object',
   properties: {
     id: { type: 'string' },
-    seq: { type: 'integer' },
+    seq: { type: ['integer', 'null'], description: "null: the board's log_drop event" },
     time: { type: ['string', 'null'] },
     level: { type: ['string', 'null'] },
     msg: {},
@@ -40,25 +47,29 @@ const logEvent = {
 export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRouteDeps): Promise<void> {
   const { fleet } = deps;
 
-  api.get<{ Params: { org: string; device: string }; Querystring: { limit: number; before?: string; level?: string } }>(
+  api.get<{
+    Params: { org: string; device: string };
+    Querystring: { limit: number; offset: number; before?: string; level?: string };
+  }>(
     '/orgs/:org/devices/:device/logs',
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listDeviceLogs',
         tags: ['grisp'],
-        summary: "A GRiSP board's stored log events, newest first (page with before=<id>)",
+        summary: "A GRiSP board's stored log events, newest first (page with offset, or before=<id> as a cursor)",
         params: deviceParams,
         querystring: {
           type: 'object',
           additionalProperties: false,
           properties: {
-            limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100 },
+            ...paginationQuery,
             before: { type: 'string', pattern: '^[0-9]+$' },
             level: { type: 'string', maxLength: 20 },
           },
         },
         response: {
-          200: { type: 'object', required: ['items'], properties: { items: { type: 'array', items: logEvent } } },
+          200: pageOfItems(logEvent, { total: false }),
           ...authErrors,
         },
       },
@@ -66,7 +77,9 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const device = await resolveDevice(fleet, org.id, request.params.device);
-      return { items: await listLogEvents(fleet.db, device.id, request.query) };
+      const { limit, offset } = request.query;
+      const events = await listLogEvents(fleet.db, device.id, { ...request.query, limit: limit + offset });
+      return { items: events.slice(offset) };
     },
   );
 
@@ -75,6 +88,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getGrispDevice',
         tags: ['grisp'],
         summary: "A GRiSP board's state: system_info, update status, action required, link",
         params: deviceParams,
@@ -102,6 +116,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'createGrispLinkToken',
         tags: ['grisp'],
         summary: 'Create a single-use device linking token (boards send it with post device_linking_token)',
         params: { type: 'object', required: ['org'], properties: orgParam },
@@ -136,6 +151,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'unlinkGrispDevice',
         tags: ['grisp'],
         summary: 'Unlink a GRiSP board (it may link again with a new token)',
         params: deviceParams,
@@ -161,7 +177,9 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
       '/grisp/firmware',
       {
         onRequest: requireRole('operator'),
+        config: documentedUpload('The uncompressed tar package, streamed', { 'application/octet-stream': binaryBody }),
         schema: {
+          operationId: 'uploadGrispFirmware',
           tags: ['grisp'],
           summary: 'Upload a GRiSP update package (an uncompressed tar with MANIFEST.sealed and its block files)',
           description:

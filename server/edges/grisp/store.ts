@@ -34,7 +34,8 @@ export interface GrispDevicesTable {
 export interface GrispLogEventsTable {
   id: Generated<string>;
   device_id: string;
-  seq: ColumnType<string | number, number, number>;
+  /** null: an event the board made up, not one of its log (the `log_drop` event after its buffer overflowed). */
+  seq: ColumnType<string | number | null, number | null, number | null>;
   time_us: ColumnType<string | number | null, number | null, number | null>;
   level: string | null;
   msg: Json<unknown>;
@@ -82,42 +83,62 @@ export async function getGrispState(db: Db, deviceId: string) {
   return db.selectFrom('grisp_devices').selectAll().where('device_id', '=', deviceId).executeTakeFirst();
 }
 
-/** One event of a `log.get` result: `[seq, {meta, msg, level}]`. */
+/**
+ * One event of a `log.get` result: `[seq, {meta, msg, level}]`. After its buffer overflowed the
+ * board puts a made-up event first, `[null, {level: "warning", msg: {event: "log_drop", count}}]`.
+ */
 export interface LogEventInput {
-  seq: number;
+  seq: number | null;
   time_us: number | null;
   level: string | null;
   msg: unknown;
   meta: Record<string, unknown>;
 }
 
-/** Validates a `log.get` result; returns the events (sorted by seq) and the dropped count, or a reason. */
-export function parseLogBatch(result: unknown): { events: LogEventInput[]; dropped: number } | { error: string } {
+export interface LogBatch {
+  /** Events without a seq (the board's `log_drop` event) first, then by seq. */
+  events: LogEventInput[];
+  /** How many events the board dropped since the last `log.sync` acknowledged its count. */
+  dropped: number;
+  /** The highest seq in the batch: what `log.sync` acknowledges (undefined: none). */
+  lastSeq: number | undefined;
+}
+
+/** Validates a `log.get` result; returns the batch, or a reason. */
+export function parseLogBatch(result: unknown): LogBatch | { error: string } {
   if (typeof result !== 'object' || result === null) return { error: 'log.get result is not an object' };
   const r = result as { events?: unknown; dropped?: unknown };
   if (!Array.isArray(r.events)) return { error: 'log.get result has no events list' };
   const dropped = Number.isSafeInteger(r.dropped) && (r.dropped as number) >= 0 ? (r.dropped as number) : 0;
   const events: LogEventInput[] = [];
   for (const e of r.events) {
-    if (!Array.isArray(e) || e.length !== 2 || !Number.isSafeInteger(e[0]) || typeof e[1] !== 'object' || e[1] === null)
-      return { error: 'a log event is not [seq, {meta, msg, level}]' };
+    if (
+      !Array.isArray(e) ||
+      e.length !== 2 ||
+      !(e[0] === null || (Number.isSafeInteger(e[0]) && e[0] >= 0)) ||
+      typeof e[1] !== 'object' ||
+      e[1] === null
+    )
+      return { error: 'a log event is not [seq, {meta, msg, level}] (seq a non-negative integer or null)' };
     const body = e[1] as { meta?: unknown; msg?: unknown; level?: unknown };
     const meta = typeof body.meta === 'object' && body.meta !== null ? (body.meta as Record<string, unknown>) : {};
     const time = (meta as { time?: unknown }).time;
     events.push({
-      seq: e[0] as number,
+      seq: e[0] as number | null,
       time_us: Number.isSafeInteger(time) ? (time as number) : null,
       level: typeof body.level === 'string' ? body.level : null,
       msg: body.msg ?? null,
       meta,
     });
   }
-  events.sort((a, b) => a.seq - b.seq);
-  return { events, dropped };
+  events.sort((a, b) => (a.seq ?? -1) - (b.seq ?? -1));
+  const last = events[events.length - 1]?.seq;
+  return { events, dropped, lastSeq: last ?? undefined };
 }
 
-/** Stores a batch of log events and the acknowledged position, in one transaction. */
-export async function storeLogBatch(db: Db, deviceId: string, events: LogEventInput[], dropped: number): Promise<void> {
+/** Stores a batch of log events, the acknowledged position and the dropped count, in one transaction. */
+export async function storeLogBatch(db: Db, deviceId: string, batch: LogBatch): Promise<void> {
+  const { events, dropped, lastSeq } = batch;
   await db.transaction().execute(async (trx) => {
     if (events.length) {
       await trx
@@ -134,13 +155,12 @@ export async function storeLogBatch(db: Db, deviceId: string, events: LogEventIn
         )
         .execute();
     }
-    const last = events.length ? events[events.length - 1]!.seq : undefined;
     await trx
       .insertInto('grisp_devices')
-      .values({ device_id: deviceId, log_seq: last ?? null, log_dropped: dropped })
+      .values({ device_id: deviceId, log_seq: lastSeq ?? null, log_dropped: dropped })
       .onConflict((oc) =>
         oc.column('device_id').doUpdateSet({
-          ...(last !== undefined ? { log_seq: last } : {}),
+          ...(lastSeq !== undefined ? { log_seq: lastSeq } : {}),
           log_dropped: sql`grisp_devices.log_dropped + ${dropped}`,
           updated_at: sql`now()`,
         }),
@@ -151,7 +171,8 @@ export async function storeLogBatch(db: Db, deviceId: string, events: LogEventIn
 
 export interface StoredLogEvent {
   id: string;
-  seq: number;
+  /** null for the board's `log_drop` event. */
+  seq: number | null;
   time: string | null;
   level: string | null;
   msg: unknown;
@@ -171,7 +192,7 @@ export async function listLogEvents(
   const rows = await q.orderBy('id', 'desc').limit(o.limit).execute();
   return rows.map((r) => ({
     id: String(r.id),
-    seq: Number(r.seq),
+    seq: r.seq === null ? null : Number(r.seq),
     time: r.time_us === null ? null : new Date(Number(r.time_us) / 1000).toISOString(),
     level: r.level,
     msg: r.msg,

@@ -1,6 +1,7 @@
 /** Operator routes for keyauth client keys inside `/api/v1` (list, approve, revoke by fingerprint). */
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { assertOrgAccess, requireRole } from '../../http/auth.ts';
+import { page, pageOfItems, paginationQuery } from '../../http/schemas.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { approveClient, listClients, revokeClient, type KeyauthClient } from './clients.ts';
@@ -44,14 +45,16 @@ export async function keyauthAdminRoutes(
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listKeyauthClients',
         tags: ['keyauth'],
         summary: 'Client keys of the public-key TCP protocol (approval=pending: the approval queue)',
         querystring: {
           type: 'object',
-          properties: { approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } },
+          properties: { ...paginationQuery, approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } },
         },
         response: {
-          200: { type: 'object', properties: { items: { type: 'array', items: clientJson } } },
+          200: pageOfItems(clientJson),
+          400: err,
           401: err,
           404: err,
         },
@@ -60,7 +63,7 @@ export async function keyauthAdminRoutes(
     async (request) => {
       const p = await product(request);
       const { approval } = request.query as { approval?: 'pending' | 'approved' | 'revoked' };
-      return { items: (await listClients(deps.fleet.db, p.id, approval)).map(json) };
+      return page((await listClients(deps.fleet.db, p.id, approval)).map(json), request.query);
     },
   );
 
@@ -73,6 +76,7 @@ export async function keyauthAdminRoutes(
       {
         onRequest: requireRole('operator'),
         schema: {
+          operationId: `${action}KeyauthClient`,
           tags: ['keyauth'],
           summary:
             action === 'approve'

@@ -11,6 +11,7 @@ import { pipeline } from 'node:stream/promises';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { assertOrgAccess, requireRole } from '../../http/auth.ts';
 import { ApiError } from '../../http/errors.ts';
+import { binaryBody, documentedUpload, page, pageOfItems, pageQuery, paginationQuery } from '../../http/schemas.ts';
 import { passThroughStream, uploadStream } from '../../http/upload.ts';
 import type { Device } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
@@ -108,14 +109,16 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listMainServerDevices',
         tags: ['main-server'],
         summary: 'Main Server devices (filter approval=pending for the approval queue)',
         querystring: {
           type: 'object',
-          properties: { approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } },
+          properties: { ...paginationQuery, approval: { type: 'string', enum: ['pending', 'approved', 'revoked'] } },
         },
         response: {
-          200: { type: 'object', properties: { items: { type: 'array', items: deviceJson } } },
+          200: pageOfItems(deviceJson),
+          400: err,
           401: err,
           404: err,
         },
@@ -130,7 +133,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
         .where('product_id', '=', p.id)
         .where('protocol', '=', PROTOCOL);
       if (approval) q = q.where('approval', '=', approval);
-      return { items: await json(await q.orderBy('created_at').execute()) };
+      return page(await json(await q.orderBy('created_at').execute()), request.query);
     },
   );
 
@@ -139,6 +142,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'createMainServerDevice',
         tags: ['main-server'],
         summary: 'Pre-provision an approved device; its token is in the answer, once',
         body: {
@@ -174,6 +178,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'approveMainServerDevice',
         tags: ['main-server'],
         summary: 'Approve a pending device; it collects its token on its next register-device with its claim_token',
         params: deviceParams,
@@ -201,6 +206,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'revokeMainServerDevice',
         tags: ['main-server'],
         summary: 'Revoke a device: its token stops working at once',
         params: deviceParams,
@@ -220,6 +226,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'issueMainServerDeviceToken',
         tags: ['main-server'],
         summary: 'Rotate the device token (the old one stops working); the new one is in the answer, once',
         params: deviceParams,
@@ -248,23 +255,18 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listMainServerExtensions',
         tags: ['main-server'],
         summary: 'Extensions and their integer extension_id',
+        querystring: pageQuery,
         response: {
-          200: {
-            type: 'object',
-            properties: {
-              items: {
-                type: 'array',
-                items: { type: 'object', properties: { id: { type: 'integer' }, name: { type: 'string' } } },
-              },
-            },
-          },
+          200: pageOfItems({ type: 'object', properties: { id: { type: 'integer' }, name: { type: 'string' } } }),
+          400: err,
           401: err,
         },
       },
     },
-    async (request) => ({ items: await listExtensions(deps.fleet.db, (await product(request)).id) }),
+    async (request) => page(await listExtensions(deps.fleet.db, (await product(request)).id), request.query),
   );
 
   await api.register(async (scope) => {
@@ -275,7 +277,12 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
       '/main-server/packages',
       {
         onRequest: requireRole('operator'),
+        config: documentedUpload('The package ZIP, streamed', {
+          'application/zip': binaryBody,
+          'application/octet-stream': binaryBody,
+        }),
         schema: {
+          operationId: 'uploadMainServerPackage',
           tags: ['main-server'],
           summary: 'Upload an update package: a ZIP with device_update.json {extension, version, compatible_with?}',
           response: {

@@ -9,19 +9,13 @@ import type { Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
 import type { Device, Firmware } from '../../db/schema.ts';
 import type { FleetContext } from '../../fleet/context.ts';
-import {
-  approveDevice,
-  edgeDeviceOnline,
-  findOrRegisterEdgeDevice,
-  recordUpdateSent,
-  transitionAttempt,
-} from '../../fleet/edge-devices.ts';
+import { linkEvent, linkEventOrThrow, openLink, type LinkEvent } from '../../fleet/device-link.ts';
+import { approveDevice, findOrRegisterEdgeDevice } from '../../fleet/edge-devices.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import { addDevicesToGroup, createGroup } from '../../fleet/groups.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { resolveTargets } from '../../fleet/reconcile.ts';
 import { setDeviceTarget, setGroupTarget, type TargetChange } from '../../fleet/targets.ts';
-import { applyUpdateReport, OPEN_STATES } from '../../fleet/updates.ts';
 import { badRequest, conflict, forbidden, notFound, unauthorized } from './errors.ts';
 import { isCompatible, validExtensionName } from '../../../shared/main-server-package.ts';
 import { checkClaim, ensureExtensions, extensionById, issueDeviceToken, recordRegistration } from './store.ts';
@@ -62,11 +56,10 @@ export async function recordExtensions(
     extensions.map((e) => e.name),
   );
   for (const e of extensions) {
-    await edgeDeviceOnline(
-      fleet,
-      { deviceId: device.id, orgId: device.org_id },
-      { version: e.version, component: e.name },
-    );
+    await linkEventOrThrow(fleet, linkOf(device), {
+      type: 'connected',
+      running: { version: e.version, component: e.name },
+    });
   }
   const groups = await fleet.db
     .selectFrom('groups')
@@ -353,19 +346,15 @@ export async function updatesFor(db: Db, product: Product, devices: Device[]): P
   });
 }
 
+/** The device's link (Main Server devices poll: every request is one event on it). */
+function linkOf(device: Device) {
+  return openLink({ deviceId: device.id, orgId: device.org_id, productId: device.product_id, protocol: PROTOCOL });
+}
+
 /** The device was offered `firmware` (it polled `/updates`): its queued or new attempt becomes `sent`. */
 export async function markOffered(fleet: FleetContext, device: Device, firmware: Firmware): Promise<void> {
-  const open = await fleet.db
-    .selectFrom('update_attempts')
-    .select('state')
-    .where('device_id', '=', device.id)
-    .where('firmware_id', '=', firmware.id)
-    .where('state', 'in', OPEN_STATES)
-    .orderBy('created_at', 'desc')
-    .executeTakeFirst();
-  // Already sent or underway: polling again must not move it back.
-  if (open && open.state !== 'queued') return;
-  await recordUpdateSent(fleet, { deviceId: device.id, orgId: device.org_id }, firmware, VIA);
+  // Already sent or underway: polling again does not move it back (poll).
+  await linkEventOrThrow(fleet, linkOf(device), { type: 'update_sent', firmware, via: VIA, poll: true });
 }
 
 export type UpdateStatus = 'success' | 'failed' | 'in_progress' | 'rolled_back';
@@ -378,82 +367,54 @@ export interface StatusReport {
   error?: string;
 }
 
-/** `update-status`: one device report through the fleet's update state machine. Returns the attempt state. */
+/** `update-status`: one device report through the device link. Returns the attempt state. */
 export async function applyStatus(
   fleet: FleetContext,
   device: Device,
   component: string,
   report: StatusReport,
 ): Promise<string | null> {
-  const ref = { deviceId: device.id, orgId: device.org_id };
-  const openAttempt = () =>
-    fleet.db
-      .selectFrom('update_attempts')
-      .select(['id', 'state', 'firmware_id'])
-      .where('device_id', '=', device.id)
-      .where('component', '=', component)
-      .where('to_version', '=', report.version)
-      .where('state', 'in', OPEN_STATES)
-      .orderBy('created_at', 'desc')
-      .executeTakeFirst();
-  const noUpdate = () =>
-    notFound(
-      `no update of ${component} to ${report.version} is in progress for this device; report the version GET /updates offered`,
-    );
-  switch (report.status) {
-    case 'in_progress': {
-      const attempt = await openAttempt();
-      if (!attempt) throw noUpdate();
-      if (attempt.state === 'queued' || attempt.state === 'sent') {
-        return (await applyUpdateReport(fleet, ref, 'firmware_update_begin', { version: report.version }, component))
-          .state;
-      }
-      if (attempt.state === 'finished') return attempt.state;
-      const percent = Math.max(0, Math.min(100, Math.round(report.percent ?? 0)));
-      return (
-        await applyUpdateReport(
-          fleet,
-          ref,
-          'firmware_update_progress',
-          { version: report.version, percent, bytes: 0, total: 0 },
+  const { version } = report;
+  const event: LinkEvent =
+    report.status === 'in_progress'
+      ? {
+          type: 'report',
+          kind: 'progress',
           component,
-        )
-      ).state;
-    }
-    case 'success': {
-      // The device runs the version now: settling marks its attempt succeeded.
-      await edgeDeviceOnline(fleet, ref, { version: report.version, component });
-      const last = await fleet.db
-        .selectFrom('update_attempts')
-        .select('state')
-        .where('device_id', '=', device.id)
-        .where('component', '=', component)
-        .where('to_version', '=', report.version)
-        .orderBy('updated_at', 'desc')
-        .executeTakeFirst();
-      return last?.state ?? null;
-    }
-    case 'failed': {
-      const attempt = await openAttempt();
-      if (!attempt) throw noUpdate();
-      const errors = [report.error ?? `the device reported the update of ${component} to ${report.version} failed`];
-      return (
-        await applyUpdateReport(fleet, ref, 'firmware_update_error', { version: report.version, errors }, component)
-      ).state;
-    }
-    case 'rolled_back': {
-      const attempt = await openAttempt();
-      if (!attempt) throw noUpdate();
-      const moved = await transitionAttempt(fleet, ref, {
-        to: 'rolled_back',
-        component,
-        firmwareId: attempt.firmware_id,
-        errors: [report.error ?? 'the device restored its backup after the install failed'],
-        reason: 'device reported rolled_back',
-      });
-      return moved?.state ?? null;
-    }
-  }
+          version,
+          begins: true,
+          ...(report.percent !== undefined ? { percent: Math.max(0, Math.min(100, Math.round(report.percent))) } : {}),
+        }
+      : report.status === 'success'
+        ? // The device runs the version now: the link settles its attempt succeeded.
+          { type: 'boot_confirmed', component, version }
+        : report.status === 'failed'
+          ? {
+              type: 'report',
+              kind: 'error',
+              component,
+              version,
+              errors: [report.error ?? `the device reported the update of ${component} to ${version} failed`],
+            }
+          : {
+              type: 'report',
+              kind: 'rolled_back',
+              component,
+              version,
+              errors: [report.error ?? 'the device restored its backup after the install failed'],
+              reason: 'device reported rolled_back',
+            };
+  const result = await linkEvent(fleet, linkOf(device), event);
+  if (result.ok) return result.attempt?.state ?? null;
+  const { refusal } = result;
+  if (refusal.code === 'not_found')
+    throw notFound(
+      `no update of ${component} to ${version} is in progress for this device; report the version GET /updates offered`,
+    );
+  // in_progress after the install finished: nothing to record, the state answers.
+  if (refusal.code === 'conflict' && report.status === 'in_progress' && refusal.details.state === 'finished')
+    return 'finished';
+  throw new FleetError(refusal.code, refusal.message, refusal.details);
 }
 
 /** A `device_id` we accept: 1-200 printable characters. */

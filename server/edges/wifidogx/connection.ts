@@ -8,17 +8,9 @@
 import type { Socket } from 'node:net';
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { applyUpdateReport, type FleetContext } from '../../fleet/index.ts';
-import {
-  auditClaimRefused,
-  edgeDeviceOffline,
-  edgeDeviceOnline,
-  findOrRegisterEdgeDevice,
-  markEdgeDeviceConnected,
-  recordUpdateSent,
-  transitionAttempt,
-  type EdgeDeviceRef,
-} from '../../fleet/edge-devices.ts';
+import type { FleetContext } from '../../fleet/index.ts';
+import { currentUpdate, DeviceLink, openLink, updateToPush, type LinkEvent } from '../../fleet/device-link.ts';
+import { auditClaimRefused, findOrRegisterEdgeDevice, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import { findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import { FleetError } from '../../fleet/errors.ts';
@@ -77,8 +69,10 @@ export class WifidogxConnection {
   #queue: Buffer[] = [];
   #writing = false;
   #closed = false;
-  readonly #link: EdgeLink;
-  #connectedAt: string | undefined;
+  /** The gateway's connection on the edge runtime: step queue, timers, its topics, close. */
+  readonly #edge: EdgeLink;
+  /** The gateway's device link, once it is identified. */
+  #link: DeviceLink | undefined;
   #reqN = 0;
   #upgrading: Firmware | undefined;
   /** Frames written, for tests and metrics. */
@@ -91,7 +85,7 @@ export class WifidogxConnection {
     this.#log = deps.log;
     // Each frame leaves in its own segment as soon as it is written.
     socket?.setNoDelay(true);
-    this.#link = deps.runtime.open({
+    this.#edge = deps.runtime.open({
       edge: 'wifidogx',
       log: deps.log,
       transport: { close: (code, reason) => ws.close(code, reason) },
@@ -101,9 +95,9 @@ export class WifidogxConnection {
         retarget: () => this.recheckFirmware(),
         info: (message) => this.#onDeviceEvent(message),
         timer: async (key) => this.#onTimer(key),
+        // After the step in flight (it may have just marked the gateway online).
         closed: async () => {
-          // After the step in flight (it may have just marked the gateway online).
-          if (this.ref) await edgeDeviceOffline(this.#deps.fleet, this.ref.deviceId, this.#connectedAt);
+          if (this.ref) await this.#feed({ type: 'closed', reason: 'socket closed' });
         },
       },
     });
@@ -115,6 +109,7 @@ export class WifidogxConnection {
       case 'wifidogx_release':
         return this.close(CLOSE.revoked, message.event);
       case 'wifidogx_credential_issued':
+        // The link on the old credential (or on none) ends; the gateway comes back on the new one.
         return this.close(CLOSE.credential, 'credential issued: reconnect with it');
       case 'wifidogx_command':
         if (typeof message.payload.command_id === 'string') await this.runCommand(message.payload.command_id);
@@ -144,16 +139,16 @@ export class WifidogxConnection {
     this.#ws.on('close', () => this.#onClose());
     this.#ws.on('error', (err) => this.#log.warn({ err }, 'wifidogx socket error'));
     this.#armLiveness();
-    this.#link.schedule('identify', this.#deps.timings.identifyTimeoutMs);
+    this.#edge.schedule('identify', this.#deps.timings.identifyTimeoutMs);
   }
 
   /** The close effect: ends the link with `code` and `reason`. */
   close(code = 1000, reason = ''): void {
-    this.#link.close(code, reason);
+    this.#edge.close(code, reason);
   }
 
   #enqueue(step: () => Promise<void>): Promise<void> {
-    return this.#link.step(step);
+    return this.#edge.step(step);
   }
 
   /** Runs `step` in this connection's order (commands from operators, target changes). */
@@ -326,13 +321,23 @@ export class WifidogxConnection {
       this.close(CLOSE.connectedElsewhere, 'device_id connected elsewhere');
       return false;
     }
-    this.#link.cancel('identify');
+    this.#edge.cancel('identify');
     this.ref = { deviceId: device.id, orgId: device.org_id, identifier: deviceId };
-    await this.#link.attach({ deviceId: device.id, orgId: device.org_id });
+    await this.#edge.attach({ deviceId: device.id, orgId: device.org_id });
     this.approved = device.approval === 'approved';
     if (created) this.#log.info({ approval: device.approval }, 'wifidogx gateway registered');
-    this.#connectedAt = await markEdgeDeviceConnected(fleet, this.ref);
+    this.#link = new DeviceLink(
+      fleet,
+      openLink({ deviceId: device.id, orgId: device.org_id, protocol: 'wifidogx' }),
+      this.#log,
+    );
+    // Online before its version is known: the version comes with get_firmware_info.
+    await this.#feed({ type: 'connected', running: {} });
     return true;
+  }
+
+  #feed(event: LinkEvent): ReturnType<DeviceLink['feed']> {
+    return this.#link ? this.#link.feed(event) : Promise.resolve(undefined);
   }
 
   async #onReport(type: 'connect' | 'heartbeat', m: Record<string, unknown>): Promise<void> {
@@ -385,12 +390,12 @@ export class WifidogxConnection {
       return;
     }
     if (!this.approved) return;
-    const online = await edgeDeviceOnline(this.#deps.fleet, ref, {
-      version,
-      platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null,
+    const online = await this.#feed({
+      type: 'connected',
+      running: { version, platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null },
     });
-    this.#connectedAt = online.connectedAt;
-    if (online.target) await this.#upgrade(online.target);
+    const target = updateToPush(online);
+    if (target) await this.#upgrade(target);
   }
 
   /** Sends firmware_upgrade for `target`, after checking the URL is shell-safe. */
@@ -402,36 +407,35 @@ export class WifidogxConnection {
         { firmware_id: target.id },
         'refusing to send firmware_upgrade: the URL is not made of safe characters or is too long',
       );
-      await transitionAttempt(this.#deps.fleet, ref, {
-        to: 'failed',
+      await this.#feed({
+        type: 'report',
+        kind: 'error',
         firmwareId: target.id,
         errors: ['the firmware URL is not shell-safe (or over 500 characters); not sent'],
+        reason: 'unsafe firmware URL',
       });
       return;
     }
     if (!this.send(this.message('firmware_upgrade', { url, force: false }))) {
-      await transitionAttempt(this.#deps.fleet, ref, {
-        to: 'failed',
+      await this.#feed({
+        type: 'report',
+        kind: 'error',
         firmwareId: target.id,
         errors: ['firmware_upgrade does not fit in a frame the gateway can read'],
+        reason: 'frame too large',
       });
       return;
     }
     this.#upgrading = target;
-    await recordUpdateSent(this.#deps.fleet, ref, target, 'edge:wifidogx');
+    await this.#feed({ type: 'update_sent', firmware: target, via: 'edge:wifidogx' });
   }
 
+  /** The upgrade in flight (sent, begun or downloading): the one this link sent, or the fleet's. */
   async #openUpgrade(): Promise<Firmware | undefined> {
     if (this.#upgrading) return this.#upgrading;
-    const row = await this.#deps.fleet.db
-      .selectFrom('update_attempts')
-      .innerJoin('firmware', 'firmware.id', 'update_attempts.firmware_id')
-      .selectAll('firmware')
-      .where('update_attempts.device_id', '=', this.ref!.deviceId)
-      .where('update_attempts.state', 'in', ['sent', 'begun', 'downloading'])
-      .orderBy('update_attempts.created_at', 'desc')
-      .executeTakeFirst();
-    return row as Firmware | undefined;
+    const current = this.#link && (await currentUpdate(this.#deps.fleet, this.#link.session));
+    if (!current || current.attempt.state === 'queued' || current.attempt.state === 'finished') return undefined;
+    return current.firmware;
   }
 
   async #onUpgradeResponse(m: Record<string, unknown>): Promise<void> {
@@ -445,8 +449,7 @@ export class WifidogxConnection {
     if (!target) return this.#count('upgrade_response_without_update');
     if (m.status !== 'success') return this.#onUpgradeError({ error: m.message ?? 'firmware upgrade refused' });
     // sysupgrade runs and the gateway reboots: the outcome is decided when it reports its version again.
-    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_begin', { version: target.version });
-    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_finish', { version: target.version });
+    await this.#feed({ type: 'report', kind: 'finished', version: target.version, begins: true });
     this.#upgrading = undefined;
   }
 
@@ -456,7 +459,9 @@ export class WifidogxConnection {
     const target = await this.#openUpgrade();
     if (!target) return this.#count('upgrade_error_without_update');
     this.#upgrading = undefined;
-    await applyUpdateReport(this.#deps.fleet, this.ref!, 'firmware_update_error', {
+    await this.#feed({
+      type: 'report',
+      kind: 'error',
       version: target.version,
       errors: [String(m.error ?? 'firmware upgrade failed').slice(0, 2000)],
     });
@@ -511,7 +516,7 @@ export class WifidogxConnection {
 
   /** Offline after `livenessMs` without a report (a closed link has no timers any more). */
   #armLiveness(): void {
-    this.#link.schedule('liveness', this.#deps.timings.livenessMs);
+    this.#edge.schedule('liveness', this.#deps.timings.livenessMs);
   }
 
   #count(what: string): void {
@@ -523,6 +528,6 @@ export class WifidogxConnection {
     this.#closed = true;
     this.#queue = [];
     this.#deps.onClose(this);
-    this.#link.transportClosed();
+    this.#edge.transportClosed();
   }
 }

@@ -10,7 +10,6 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
-import { transitionAttempt } from '../../fleet/edge-devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import { productResolver, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
@@ -51,8 +50,6 @@ export interface WifidogxEdgeDeps {
   home?: { org: string; product: string };
   urlTtlSeconds?: number;
   timings?: Partial<WifidogxTimings>;
-  /** An upgrade with no outcome after this long is timed_out (default 15 min). */
-  upgradeTimeoutMs?: number;
 }
 
 export interface WifidogxEdge {
@@ -61,15 +58,12 @@ export interface WifidogxEdge {
   firmwareUrl(firmware: Pick<Firmware, 'id'>, deviceId: string): string;
   configure(o: {
     timings?: Partial<WifidogxTimings>;
-    upgradeTimeoutMs?: number;
     autoApprove?: boolean;
     auth?: WifidogxAuthPolicy;
     maxUnidentified?: number;
   }): void;
   /** Connections open now that have not identified themselves. */
   unidentified(): number;
-  /** Times out upgrades without an outcome (runs periodically; safe on every node). */
-  sweepUpgrades(): Promise<number>;
   close(): Promise<void>;
 }
 
@@ -89,7 +83,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     autoApprove: deps.autoApprove,
     auth: deps.auth ?? 'secure',
     maxUnidentified: deps.maxUnidentified ?? 1000,
-    upgradeTimeoutMs: deps.upgradeTimeoutMs ?? 15 * 60_000,
   };
   checkSettings(settings);
   const connections = new Map<string, WifidogxConnection>();
@@ -268,39 +261,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
   );
 
   // Retargeting reaches every node; each asks its own gateways for their version (the answer upgrades them).
-  async function sweepUpgrades(): Promise<number> {
-    const cutoff = new Date(Date.now() - settings.upgradeTimeoutMs);
-    const stale = await fleet.db
-      .selectFrom('update_attempts')
-      .select(['device_id', 'org_id', 'firmware_id'])
-      .where('via', '=', 'edge:wifidogx')
-      .where('state', 'in', ['sent', 'begun', 'downloading', 'finished'])
-      .where('updated_at', '<', cutoff)
-      .execute();
-    let n = 0;
-    for (const a of stale) {
-      const moved = await transitionAttempt(
-        fleet,
-        { deviceId: a.device_id, orgId: a.org_id },
-        {
-          to: 'timed_out',
-          firmwareId: a.firmware_id,
-          from: ['sent', 'begun', 'downloading', 'finished'],
-          errors: [
-            `the gateway did not come back reporting the target version within ${Math.round(settings.upgradeTimeoutMs / 1000)} s`,
-          ],
-          reason: 'no report within the upgrade timeout',
-        },
-      );
-      if (moved) n++;
-    }
-    return n;
-  }
-  const sweeper = setInterval(
-    () => void sweepUpgrades().catch((err: unknown) => log.error({ err }, 'wifidogx upgrade sweep failed')),
-    Math.min(30_000, Math.max(1000, settings.upgradeTimeoutMs / 4)),
-  );
-  sweeper.unref();
 
   let closed = false;
   const edge: WifidogxEdge = {
@@ -308,7 +268,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     firmwareUrl,
     configure(o) {
       const next = { ...settings };
-      if (o.upgradeTimeoutMs !== undefined) next.upgradeTimeoutMs = o.upgradeTimeoutMs;
       if (o.autoApprove !== undefined) next.autoApprove = o.autoApprove;
       if (o.auth !== undefined) next.auth = o.auth;
       if (o.maxUnidentified !== undefined) next.maxUnidentified = o.maxUnidentified;
@@ -317,11 +276,9 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       Object.assign(timings, o.timings);
     },
     unidentified: () => unidentified.size,
-    sweepUpgrades,
     async close() {
       if (closed) return;
       closed = true;
-      clearInterval(sweeper);
       for (const conn of new Set(connections.values())) conn.close(1012, 'server restarting');
     },
   };

@@ -5,7 +5,7 @@ import { audit } from '../../audit.ts';
 import { requireRole } from '../../http/auth.ts';
 import { ApiError } from '../../http/errors.ts';
 import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
-import { authErrors, orgParam } from '../../http/schemas.ts';
+import { authErrors, orgParam, pageOfItems, paginationQuery } from '../../http/schemas.ts';
 import type { PubSub } from '../../channels/types.ts';
 import type { Device } from '../../db/schema.ts';
 import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
@@ -118,6 +118,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
       {
         onRequest: requireRole('operator'),
         schema: {
+          operationId: `${action}WifidogxDevice`,
           tags: ['wifidogx'],
           summary:
             action === 'approve'
@@ -147,6 +148,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'issueWifidogxCredential',
         tags: ['wifidogx'],
         summary: "Issue or rotate a gateway's credential (shown once); the gateway connects on `ws_path` from now on",
         description:
@@ -168,6 +170,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'releaseWifidogxDevice',
         tags: ['wifidogx'],
         summary: "Close the gateway's current link wherever it is, so the next claim of its device_id may connect",
         params: deviceParams,
@@ -192,6 +195,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'getWifidogxDevice',
         tags: ['wifidogx'],
         summary: 'A gateway: device info, gateways, auth-mode settings, firmware info, recent commands',
         params: deviceParams,
@@ -205,27 +209,29 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     },
   );
 
-  api.get<{ Params: P; Querystring: { limit: number } }>(
+  api.get<{ Params: P; Querystring: { limit: number; offset: number } }>(
     '/orgs/:org/wifidogx/devices/:device/commands',
     {
       onRequest: requireRole('viewer'),
       schema: {
+        operationId: 'listWifidogxCommands',
         tags: ['wifidogx'],
         summary: 'Commands sent to a gateway with their responses and errors, newest first',
         params: deviceParams,
         querystring: {
           type: 'object',
-          properties: { limit: { type: 'integer', minimum: 1, maximum: 1000, default: 100 } },
+          properties: paginationQuery,
         },
         response: {
-          200: { type: 'object', properties: { items: { type: 'array', items: anyObject } } },
+          200: pageOfItems(anyObject, { total: false }),
           ...authErrors,
         },
       },
     },
     async (request) => {
       const d = await device(request);
-      return { items: (await listCommands(fleet.db, d.id, request.query.limit)).map(commandJson) };
+      const { limit, offset } = request.query;
+      return { items: (await listCommands(fleet.db, d.id, limit + offset)).slice(offset).map(commandJson) };
     },
   );
 
@@ -234,6 +240,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'setWifidogxAuthMode',
         tags: ['wifidogx'],
         summary:
           "Set a gateway's auth mode (sent now when the device is connected, and in every connect/heartbeat reply)",
@@ -283,6 +290,7 @@ export async function registerWifidogxRoutes(api: FastifyInstance, deps: Wifidog
     {
       onRequest: requireRole('operator'),
       schema: {
+        operationId: 'sendWifidogxCommand',
         tags: ['wifidogx'],
         summary:
           'Send a command to a connected, approved gateway: auth | kickoff | tmp_pass | get_firmware_info | firmware_upgrade',

@@ -27,9 +27,22 @@ export async function login(email, password) {
   return body;
 }
 
+/** Forgets the token in this tab (the server already refused it, or signOut ended it). */
 export function logout() {
   sessionStorage.removeItem(TOKEN_KEY);
   sessionStorage.removeItem(EXPIRES_KEY);
+}
+
+/** Signing out ends the session on the server (its token stops working everywhere at once), then forgets it. */
+export async function signOut() {
+  const value = token();
+  logout();
+  if (!value) return;
+  try {
+    await fetch('/api/v1/auth/session', { method: 'DELETE', headers: { authorization: `Bearer ${value}` } });
+  } catch {
+    // Offline: the token is forgotten here and expires on its own.
+  }
 }
 
 /** Called when the server refuses the token (expired, revoked): the app shows the login form. */
@@ -56,8 +69,9 @@ export async function request(method, path, body, { anonymous = false } = {}) {
     json = undefined;
   }
   if (!res.ok) {
-    if (res.status === 401 && !anonymous) onUnauthorized();
     const error = json?.error ?? {};
+    // The server says why (session expired, revoked, invalid token); the sign-in form shows it.
+    if (res.status === 401 && !anonymous) onUnauthorized(error.message);
     throw new ApiError(res.status, error.code ?? 'http_error', error.message ?? `the server answered ${res.status}`);
   }
   return json;

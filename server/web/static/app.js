@@ -66,7 +66,7 @@ function showLogin(message) {
 }
 
 async function start() {
-  orgs = (await api.request('GET', '/orgs')).items;
+  orgs = (await api.request('GET', '/orgs?limit=1000')).items;
   if (orgs.length === 0)
     return fill($('main'), h('p', {}, 'Your account cannot see any organization yet. Ask an admin to create one.'));
   const stored = sessionStorage.getItem('fleethub.org');
@@ -84,7 +84,7 @@ async function start() {
 
 async function chooseOrg(orgId) {
   sessionStorage.setItem('fleethub.org', orgId);
-  products = (await api.request('GET', api.orgPath(orgId, 'products'))).items;
+  products = (await api.request('GET', `${api.orgPath(orgId, 'products')}?limit=1000`)).items;
   const storedProduct = sessionStorage.getItem('fleethub.product') ?? '';
   const productId = products.some((p) => p.id === storedProduct) ? storedProduct : '';
   renderContext(orgId, productId);
@@ -113,7 +113,11 @@ function renderContext(orgId, productId) {
     field('Organization', orgSelect),
     field('Product', productSelect),
     liveStatus,
-    h('button', { type: 'button', class: 'secondary', onclick: () => showLogin('You signed out.') }, 'Sign out'),
+    h(
+      'button',
+      { type: 'button', class: 'secondary', onclick: () => api.signOut().then(() => showLogin('You signed out.')) },
+      'Sign out',
+    ),
   );
 }
 
@@ -165,7 +169,9 @@ function route() {
   view.refresh().catch(failed);
 }
 
-api.whenUnauthorized(() => showLogin('Your session has expired. Sign in again.'));
+api.whenUnauthorized((reason) =>
+  showLogin(reason ? `Sign in again: ${reason}.` : 'Your session has ended. Sign in again.'),
+);
 window.addEventListener('hashchange', route);
 // A refused token already went back to the sign-in form through whenUnauthorized.
 if (api.token()) start().catch((err) => err.status !== 401 && failed(err));

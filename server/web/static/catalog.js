@@ -4,7 +4,7 @@ import { bytes, debounce, fill, h, table, time } from './dom.js';
 export function firmwareView(ctx) {
   const results = h('div');
   async function refresh() {
-    const { items } = await ctx.get(['firmware'], { product: ctx.productId });
+    const { items } = await ctx.get(['firmware'], { product: ctx.productId, limit: 1000 });
     const rows = items.map((f) =>
       h(
         'tr',

@@ -102,8 +102,8 @@ export function devicesView(ctx) {
 
   async function refresh() {
     const [groups, firmware] = await Promise.all([
-      ctx.get(['groups'], { product: ctx.productId }),
-      ctx.get(['firmware'], { product: ctx.productId }),
+      ctx.get(['groups'], { product: ctx.productId, limit: 1000 }),
+      ctx.get(['firmware'], { product: ctx.productId, limit: 1000 }),
     ]);
     fill(
       groupSelect,

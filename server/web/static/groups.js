@@ -107,9 +107,9 @@ export function groupsView(ctx, [selectedId]) {
 
   async function refresh() {
     [groups, targets, firmware] = await Promise.all([
-      ctx.get(['groups'], { product: ctx.productId }).then((r) => r.items),
-      ctx.get(['targets']).then((r) => r.items),
-      ctx.get(['firmware']).then((r) => r.items),
+      ctx.get(['groups'], { product: ctx.productId, limit: 1000 }).then((r) => r.items),
+      ctx.get(['targets'], { limit: 1000 }).then((r) => r.items),
+      ctx.get(['firmware'], { limit: 1000 }).then((r) => r.items),
     ]);
     renderList();
     const group = groups.find((g) => g.id === selectedId);

@@ -1,0 +1,148 @@
+/**
+ * The OpenAPI document a started server serves at /api/docs/json: both linters pass (Redocly
+ * `recommended`: 0 errors and only the warnings listed below, each with its reason; Spectral
+ * `spectral:oas`: 0 errors, 0 warnings), and the conventions a generated client relies on hold
+ * for every operation — a unique operationId, named component schemas, one error schema, the same
+ * paging parameters and envelope on every list, a request body for every upload.
+ */
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import { redoclyLint, spectralLint } from '../helpers/openapi-lint.ts';
+import { startTestServer, type TestServer } from '../helpers/server.ts';
+
+/** Redocly warnings the document keeps on purpose: `rule pointer` → why. */
+const ACCEPTED_WARNINGS: Record<string, string> = {
+  'operation-4xx-response #/paths/~1healthz/get/responses':
+    'the health probe takes no input and needs no credentials: it answers 200 or 503, never a 4xx',
+};
+
+type Operation = {
+  operationId?: string;
+  parameters?: Array<{ name: string; in: string }>;
+  requestBody?: { content: Record<string, unknown> };
+  responses: Record<string, { content?: Record<string, { schema: Record<string, any> }> }>;
+};
+
+describe('OpenAPI document', () => {
+  let server: TestServer;
+  let doc: any;
+  const operations: Array<{ method: string; path: string; op: Operation }> = [];
+
+  before(async () => {
+    server = await startTestServer();
+    const res = await fetch(`${server.apiUrl}/api/docs/json`);
+    assert.equal(res.status, 200);
+    doc = await res.json();
+    for (const [path, item] of Object.entries(doc.paths as Record<string, Record<string, Operation>>))
+      for (const [method, op] of Object.entries(item)) operations.push({ method, path, op });
+  });
+  after(() => server?.close());
+
+  test('Redocly lint (recommended): 0 errors, only the accepted warnings', async () => {
+    const problems = await redoclyLint(doc);
+    const errors = problems.filter((p) => p.severity === 'error');
+    assert.deepEqual(errors, [], 'Redocly errors');
+    const unexpected = problems.filter((p) => !(`${p.rule} ${p.where}` in ACCEPTED_WARNINGS));
+    assert.deepEqual(unexpected, [], 'Redocly warnings nobody gave a reason for');
+    assert.ok(problems.length <= Object.keys(ACCEPTED_WARNINGS).length);
+  });
+
+  test('Spectral lint (spectral:oas): 0 errors and 0 warnings', async () => {
+    const problems = await spectralLint(doc);
+    assert.deepEqual(
+      problems.filter((p) => p.severity === 'error' || p.severity === 'warn'),
+      [],
+    );
+  });
+
+  test('servers names the server that serves the document', () => {
+    assert.deepEqual(
+      doc.servers.map((s: { url: string }) => s.url),
+      [server.apiUrl],
+    );
+  });
+
+  test('every operation has a unique operationId', () => {
+    const ids = operations.map(({ op }) => op.operationId);
+    assert.ok(operations.length > 70, `${operations.length} operations`);
+    for (const { method, path, op } of operations)
+      assert.match(op.operationId ?? '', /^[a-z][A-Za-z]+$/, `${method} ${path}`);
+    assert.equal(new Set(ids).size, ids.length, 'duplicate operationIds');
+  });
+
+  test('component schemas are named, and every $ref resolves to one', () => {
+    const names = Object.keys(doc.components.schemas);
+    assert.ok(names.includes('Device') && names.includes('ApiErrorBody'), names.join());
+    assert.deepEqual(
+      names.filter((n) => /^def-\d+$/.test(n)),
+      [],
+    );
+    const refs = JSON.stringify(doc.paths).match(/"\$ref":"[^"]+"/g) ?? [];
+    for (const ref of new Set(refs)) {
+      const name = ref.slice('"$ref":"#/components/schemas/'.length, -1);
+      assert.ok(ref.startsWith('"$ref":"#/components/schemas/') && names.includes(name), ref);
+    }
+  });
+
+  test('every error response is the one ApiErrorBody schema', () => {
+    let checked = 0;
+    for (const { method, path, op } of operations) {
+      for (const [status, response] of Object.entries(op.responses)) {
+        // The health probe's 503 is its readiness answer `{status: unavailable}`, not an error.
+        if (Number(status) < 400 || path === '/healthz') continue;
+        const schema = response.content?.['application/json']?.schema;
+        assert.deepEqual(schema, { $ref: '#/components/schemas/ApiErrorBody' }, `${method} ${path} ${status}`);
+        checked++;
+      }
+    }
+    assert.ok(checked > 200, `${checked} error responses`);
+  });
+
+  test('every list takes limit and offset and answers {items, total?}', () => {
+    const lists = operations.filter(({ op }) => {
+      const schema = op.responses['200']?.content?.['application/json']?.schema;
+      return schema?.properties?.items?.type === 'array' || schema?.type === 'array';
+    });
+    assert.ok(lists.length >= 21, `${lists.length} lists: ${lists.map((l) => l.path).join()}`);
+    for (const { method, path, op } of lists) {
+      const where = `${method} ${path}`;
+      const schema = op.responses['200']!.content!['application/json']!.schema;
+      assert.equal(schema.type, 'object', `${where}: a bare array`);
+      assert.deepEqual(Object.keys(schema.properties).sort(), ['items', 'total'], where);
+      const query = (op.parameters ?? []).filter((p) => p.in === 'query').map((p) => p.name);
+      assert.ok(query.includes('limit') && query.includes('offset'), `${where}: ${query.join()}`);
+    }
+  });
+
+  test('uploads have a request body naming the content types they take', () => {
+    const upload = (path: string) => doc.paths[path].post.requestBody?.content ?? {};
+    assert.deepEqual(Object.keys(upload('/api/v1/firmware')).sort(), ['application/json', 'application/octet-stream']);
+    assert.deepEqual(upload('/api/v1/firmware')['application/octet-stream'].schema, {
+      type: 'string',
+      format: 'binary',
+    });
+    assert.deepEqual(Object.keys(upload('/api/v1/grisp/firmware')), ['application/octet-stream']);
+    assert.deepEqual(Object.keys(upload('/api/v1/main-server/packages')).sort(), [
+      'application/octet-stream',
+      'application/zip',
+    ]);
+  });
+
+  test('paging: limit and offset pick a page, total counts every match', async () => {
+    for (const name of ['page-a', 'page-b', 'page-c'])
+      await server.call('POST', '/api/v1/orgs/default/groups', { product: 'default', name });
+    const all = await server.call('GET', '/api/v1/orgs/default/groups');
+    const page = await server.call('GET', '/api/v1/orgs/default/groups?limit=2&offset=1');
+    assert.equal(all.total, 3);
+    assert.equal(page.total, 3);
+    assert.deepEqual(
+      page.items.map((g: { name: string }) => g.name),
+      all.items.slice(1, 3).map((g: { name: string }) => g.name),
+    );
+    const tooMany = await fetch(`${server.apiUrl}/api/v1/orgs/default/groups?limit=1001`, {
+      headers: { authorization: `Bearer ${server.adminToken}` },
+    });
+    assert.equal(tooMany.status, 400);
+    assert.equal(((await tooMany.json()) as { error: { code: string } }).error.code, 'invalid');
+  });
+});
