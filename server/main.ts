@@ -280,6 +280,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       ? await startKeyauth({
           fleet,
           pubsub,
+          runtime: edgeRuntime,
           log,
           secret,
           host: config.host,

@@ -13,11 +13,12 @@
  * nothing of any protocol's frames.
  */
 import type { Logger } from 'pino';
-import { ChannelProcess, type ChannelHost } from '../channels/channel.ts';
+import { assertNever, ChannelProcess, type ChannelHost } from '../channels/channel.ts';
 import { TopicRegistry } from '../channels/registry.ts';
 import type { OutFrame, Serializer } from '../channels/serializers.ts';
 import { emptyStats } from '../channels/socket.ts';
 import type { ChannelDefinition, Effect, Message, PubSub } from '../channels/types.ts';
+import type { LinkEffect } from '../fleet/device-link.ts';
 import { deviceGroupTopics, Topics, type FleetContext } from '../fleet/index.ts';
 
 /** How the runtime closes the connection a link runs on. */
@@ -32,6 +33,14 @@ export interface LinkDevice {
   orgId: string;
   /** The certificate that authenticated the link: only its revocation closes the link. */
   certificateId?: string;
+}
+
+/** What the edge does with the device link's effects the runtime cannot carry out itself (frames). */
+export interface EffectHandlers {
+  /** Send the update command for `firmware` (the attempt is recorded `sent` when the edge feeds `update_sent`). */
+  pushUpdate?(effect: Extract<LinkEffect, { type: 'push_update' }>): Promise<void>;
+  cancelUpdate?(effect: Extract<LinkEffect, { type: 'cancel_update' }>): Promise<void>;
+  sendCommand?(effect: Extract<LinkEffect, { type: 'send_command' }>): Promise<void>;
 }
 
 /** What the edge does when the runtime delivers something; each runs as one step of the link. */
@@ -56,6 +65,8 @@ export interface EdgeLinkOptions {
   handlers: EdgeLinkHandlers;
   /** Close code for a revoked or deleted device (the protocol's own; default 4003). */
   revokedCode?: number;
+  /** Close code of the device link's `close` effect (default 1000). */
+  closeCode?: number;
   /** Whether a failed step is the device's doing (logged at warn) rather than the server's (error). */
   devicesFault?(err: unknown): boolean;
 }
@@ -203,6 +214,38 @@ export class EdgeLink {
   #effects(effects: Effect[]): void {
     if (this.#process.state === 'joining') this.#process.enqueue(async () => this.#process.applyEffects(effects));
     else this.#process.applyEffects(effects);
+  }
+
+  /**
+   * Carries out the device link's effects (fleet/device-link.ts) in order: timers and close here,
+   * pushes, cancels and commands through the edge's `on` handlers (the frames are the edge's).
+   */
+  async apply(effects: readonly LinkEffect[] | undefined, on: EffectHandlers = {}): Promise<void> {
+    for (const effect of effects ?? []) {
+      if (this.#closed) return;
+      switch (effect.type) {
+        case 'schedule_timer':
+          this.schedule(effect.key, effect.ms);
+          break;
+        case 'cancel_timer':
+          this.cancel(effect.key);
+          break;
+        case 'close':
+          this.close(this.#options.closeCode ?? 1000, effect.reason);
+          break;
+        case 'push_update':
+          await on.pushUpdate?.(effect);
+          break;
+        case 'cancel_update':
+          await on.cancelUpdate?.(effect);
+          break;
+        case 'send_command':
+          await on.sendCommand?.(effect);
+          break;
+        default:
+          assertNever(effect);
+      }
+    }
   }
 
   /** The close effect: ends the connection with `code` and `reason`, clears timers and subscriptions. */

@@ -5,7 +5,7 @@
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { currentUpdate, DeviceLink, openLink, updateToPush } from '../../fleet/device-link.ts';
+import { currentUpdate, DeviceLink, openLink } from '../../fleet/device-link.ts';
 import type { EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import { FleetError, type FleetContext } from '../../fleet/index.ts';
 import type { Logger } from '../../log.ts';
@@ -294,8 +294,11 @@ export class GrispConnection {
       this.#log.warn('the board booted from its SD card: someone must remove it and reboot the board');
       return;
     }
-    const target = updateToPush(online);
-    if (target && info.update_status !== 'updating') await this.#startUpdate(target);
+    await this.#edge.apply(online?.effects, {
+      pushUpdate: async ({ firmware }) => {
+        if (info.update_status !== 'updating') await this.#startUpdate(firmware);
+      },
+    });
   }
 
   /** `get system_info`, stored. */
@@ -437,8 +440,11 @@ export class GrispConnection {
       return info;
     });
     const confirmed = await this.#link.feed({ type: 'boot_confirmed', version: str(after.relvsn) });
-    const target = updateToPush(confirmed);
-    if (target && o.retryUpdate !== false) await this.#startUpdate(target);
+    await this.#edge.apply(confirmed?.effects, {
+      pushUpdate: async ({ firmware }) => {
+        if (o.retryUpdate !== false) await this.#startUpdate(firmware);
+      },
+    });
     return true;
   }
 

@@ -11,9 +11,10 @@
 import net, { type AddressInfo, type Socket } from 'node:net';
 import type { RoutePlugin } from '../../http/errors.ts';
 import type { PubSub } from '../../channels/types.ts';
-import { Topics, type FleetContext } from '../../fleet/context.ts';
+import type { FleetContext } from '../../fleet/context.ts';
 import { productResolver } from '../../fleet/orgs.ts';
 import type { Logger } from '../../log.ts';
+import { EdgeRuntime } from '../runtime.ts';
 import { keyauthAdminRoutes } from './admin.ts';
 import { handleConnection, type ConnectionLimits } from './connection.ts';
 import { fingerprintOf, generateRsaKeyPair } from '../../../shared/keyauth-envelope.ts';
@@ -23,7 +24,9 @@ export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from '.
 
 export interface KeyauthOptions {
   fleet: FleetContext;
-  pubsub: Pick<PubSub, 'subscribe'>;
+  pubsub: PubSub;
+  /** The node's edge runtime (default: one of its own on `pubsub`); drained with 1012 at shutdown. */
+  runtime?: EdgeRuntime;
   log: Logger;
   /** HMAC key for download URLs (the server secret). */
   secret: string;
@@ -66,6 +69,7 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
   const log = options.log.child({ listener: 'keyauth' });
   const limits = { ...DEFAULT_LIMITS, ...options.limits };
   const tenant = productResolver(options.fleet, options.org, options.product);
+  const runtime = options.runtime ?? new EdgeRuntime({ pubsub: options.pubsub, fleet: options.fleet, log });
   const sockets = new Set<Socket>();
   const handlers = new Set<Promise<void>>();
   const server = net.createServer({ noDelay: true, allowHalfOpen: false }, (socket) => {
@@ -79,8 +83,7 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
       secret: options.secret,
       downloadBaseUrl: options.downloadBaseUrl,
       urlTtlSeconds: options.urlTtlSeconds ?? 3600,
-      watchDevice: (deviceId, onEvent) =>
-        options.pubsub.subscribe(Topics.device(deviceId), (message) => onEvent(message.event)),
+      runtime,
     });
     handlers.add(done);
     void done.finally(() => {

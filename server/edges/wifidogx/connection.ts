@@ -9,7 +9,7 @@ import type { Socket } from 'node:net';
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
 import type { FleetContext } from '../../fleet/index.ts';
-import { currentUpdate, DeviceLink, openLink, updateToPush, type LinkEvent } from '../../fleet/device-link.ts';
+import { currentUpdate, DeviceLink, openLink, type LinkEvent } from '../../fleet/device-link.ts';
 import { auditClaimRefused, findOrRegisterEdgeDevice, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import { findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
@@ -394,8 +394,7 @@ export class WifidogxConnection {
       type: 'connected',
       running: { version, platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null },
     });
-    const target = updateToPush(online);
-    if (target) await this.#upgrade(target);
+    await this.#edge.apply(online?.effects, { pushUpdate: ({ firmware }) => this.#upgrade(firmware) });
   }
 
   /** Sends firmware_upgrade for `target`, after checking the URL is shell-safe. */
