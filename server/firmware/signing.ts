@@ -12,8 +12,8 @@ import {
 
 /**
  * Two kinds of signatures around firmware:
- * - signed download URLs (HMAC-SHA256, with an expiry) — one URL per firmware, shared by a whole
- *   group; the device's client certificate, not the URL, says who is downloading;
+ * - signed download URLs (HMAC-SHA256 with an expiry) for every download route: one signer, one
+ *   verifier, one message layout, each route's URL shape (below);
  * - detached ed25519 firmware signatures. The signed message is the image's raw 32-byte SHA-256
  *   digest, so server and device verify while streaming without holding the image in memory.
  */
@@ -30,50 +30,112 @@ export class SigningError extends Error {
 
 // --- signed download URLs ----------------------------------------------------------------
 
-export interface SignFirmwareUrlInput {
-  /** Public base URL of the device listener, e.g. `https://fleet.example:4001`. */
+/**
+ * What a download URL grants, and to whom. The route is part of the signed message, so a URL
+ * signed for one route is refused by every other. Routes whose client shows a certificate at
+ * download time (Phoenix devices, GRiSP boards) get one URL per firmware, shared by a group: the
+ * certificate says who downloads. Routes whose URL is the only credential (WiFiDogX gateways,
+ * keyauth clients) bind it to the device too, and check its approval on every request.
+ */
+export type DownloadGrant =
+  | { route: 'firmware' | 'grisp'; firmwareId: string }
+  | { route: 'wifidogx' | 'keyauth'; firmwareId: string; deviceId: string };
+
+export type DownloadRoute = DownloadGrant['route'];
+
+/** The parts of a signed URL: expiry in unix seconds and the 64-hex HMAC (safe in paths and shells). */
+export interface DownloadSignature {
+  expires: number;
+  sig: string;
+}
+
+/** Signs `grant` until `expiresAt` (rounded down to the second). */
+export function signDownload(secret: string | Buffer, grant: DownloadGrant, expiresAt: Date): DownloadSignature {
+  const expires = Math.floor(expiresAt.getTime() / 1000);
+  return { expires, sig: downloadMac(secret, grant, expires) };
+}
+
+/**
+ * The URL a device is sent, in its route's shape (each shape is what the device's software
+ * expects; docs/firmware-downloads.md):
+ * - `firmware`: `<base>/firmware/<id>?expires=<unix>&sig=<hmac>` (Phoenix devices, mutual TLS);
+ * - `grisp`: `<base>/grisp/fw/<id>/<expires>/<hmac>`: the board appends `/MANIFEST.sealed` and
+ *   block paths, so the signature lives in the path;
+ * - `wifidogx`: `<base>/fw/<id>/<device>/<expires>/<hmac>`: the gateway passes the URL to a
+ *   shell, so no `?`, `&`, `=` or `%`;
+ * - `keyauth`: `<base>/api/keyauth/firmware/<id>?device=<id>&expires=<unix>&sig=<hmac>`.
+ */
+export function signDownloadUrl(input: {
   baseUrl: string;
   secret: string | Buffer;
-  firmwareId: string;
+  grant: DownloadGrant;
   expiresAt: Date;
-}
-
-/** `<base>/firmware/<id>?expires=<unix seconds>&sig=<base64url HMAC-SHA256>`. */
-export function signFirmwareUrl(input: SignFirmwareUrlInput): string {
-  const expires = Math.floor(input.expiresAt.getTime() / 1000);
-  const sig = urlSignature(input.secret, input.firmwareId, expires);
-  return `${input.baseUrl.replace(/\/+$/, '')}/firmware/${encodeURIComponent(input.firmwareId)}?expires=${expires}&sig=${sig}`;
-}
-
-export interface VerifyFirmwareUrlInput {
-  secret: string | Buffer;
-  firmwareId: string;
-  expires: unknown;
-  sig: unknown;
-  now?: Date;
-}
-
-export type UrlVerdict =
-  | { ok: true; expiresAt: Date }
-  | { ok: false; reason: 'malformed' | 'bad_signature' | 'expired' };
-
-/** Checks a download URL's `expires` and `sig` query parameters (constant-time comparison). */
-export function verifyFirmwareUrl(input: VerifyFirmwareUrlInput): UrlVerdict {
-  if (typeof input.expires !== 'string' || !/^\d{1,12}$/.test(input.expires) || typeof input.sig !== 'string') {
-    return { ok: false, reason: 'malformed' };
+}): string {
+  const { expires, sig } = signDownload(input.secret, input.grant, input.expiresAt);
+  const base = input.baseUrl.replace(/\/+$/, '');
+  const g = input.grant;
+  const id = encodeURIComponent(g.firmwareId);
+  switch (g.route) {
+    case 'firmware':
+      return `${base}/firmware/${id}?expires=${expires}&sig=${sig}`;
+    case 'grisp':
+      return `${base}/grisp/fw/${id}/${expires}/${sig}`;
+    case 'wifidogx':
+      return `${base}/fw/${id}/${encodeURIComponent(g.deviceId)}/${expires}/${sig}`;
+    case 'keyauth':
+      return `${base}/api/keyauth/firmware/${id}?device=${encodeURIComponent(g.deviceId)}&expires=${expires}&sig=${sig}`;
   }
-  const expires = Number(input.expires);
-  const expected = Buffer.from(urlSignature(input.secret, input.firmwareId, expires));
-  const given = Buffer.from(input.sig);
-  if (given.length !== expected.length || !timingSafeEqual(given, expected))
-    return { ok: false, reason: 'bad_signature' };
-  // Checked after the MAC so an attacker learns nothing about expiry of forged URLs.
-  if (expires * 1000 <= (input.now ?? new Date()).getTime()) return { ok: false, reason: 'expired' };
-  return { ok: true, expiresAt: new Date(expires * 1000) };
 }
 
-function urlSignature(secret: string | Buffer, firmwareId: string, expires: number): string {
-  return createHmac('sha256', secret).update(`fleethub-firmware-url\n${firmwareId}\n${expires}`).digest('base64url');
+/** Why a download URL is refused; `malformed` when its expiry or signature is missing or not of the right form. */
+export type DownloadRefusal = 'malformed' | 'bad_signature' | 'expired';
+
+export type DownloadVerdict = { ok: true; expiresAt: Date } | { ok: false; reason: DownloadRefusal };
+
+/**
+ * Checks a request's `expires` and `sig` (from its path or query, hence `unknown`) against the
+ * grant its other parts name. Constant-time comparison; expiry is checked after the MAC, so a
+ * forged URL learns nothing about expiry.
+ */
+export function verifyDownload(
+  secret: string | Buffer,
+  grant: DownloadGrant,
+  given: { expires: unknown; sig: unknown },
+  now: Date = new Date(),
+): DownloadVerdict {
+  const { expires, sig } = given;
+  const deviceId = 'deviceId' in grant ? grant.deviceId : '';
+  // Ids come from the request's path: a newline in one could shift the signed fields.
+  if (grant.firmwareId.includes('\n') || deviceId.includes('\n')) return { ok: false, reason: 'malformed' };
+  if (
+    typeof expires !== 'string' ||
+    !/^\d{1,12}$/.test(expires) ||
+    typeof sig !== 'string' ||
+    !/^[0-9a-f]{64}$/.test(sig)
+  )
+    return { ok: false, reason: 'malformed' };
+  const expected = Buffer.from(downloadMac(secret, grant, Number(expires)));
+  if (!timingSafeEqual(expected, Buffer.from(sig))) return { ok: false, reason: 'bad_signature' };
+  if (Number(expires) * 1000 <= now.getTime()) return { ok: false, reason: 'expired' };
+  return { ok: true, expiresAt: new Date(Number(expires) * 1000) };
+}
+
+function downloadMac(secret: string | Buffer, grant: DownloadGrant, expires: number): string {
+  // Segments never hold a newline; a grant without a device signs an empty device field.
+  const deviceId = 'deviceId' in grant ? grant.deviceId : '';
+  return createHmac('sha256', secret)
+    .update(`fleethub-download\n${grant.route}\n${grant.firmwareId}\n${deviceId}\n${expires}`)
+    .digest('hex');
+}
+
+/**
+ * An expiry `ttlSeconds` from now, rounded up to a tenth of the TTL: a group's devices get
+ * byte-identical URLs for a while (one encode per broadcast, cacheable).
+ */
+export function bucketedExpiry(ttlSeconds: number, now = Date.now()): Date {
+  const ttlMs = ttlSeconds * 1000;
+  const bucketMs = Math.max(1000, Math.floor(ttlMs / 10 / 1000) * 1000);
+  return new Date(Math.ceil((now + ttlMs) / bucketMs) * bucketMs);
 }
 
 // --- ed25519 firmware signatures ---------------------------------------------------------

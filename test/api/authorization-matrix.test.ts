@@ -40,8 +40,6 @@ const ROUTES: Record<string, Guard> = {
   'POST /socket/longpoll': 'credential',
   'GET /ws/wifidogx': 'credential',
   'GET /fw/:id/:device/:expires/:sig': 'credential',
-  // The earlier, firmware-only form: always 403 now.
-  'GET /fw/:id/:expires/:sig': 'credential',
   'GET /api/keyauth/firmware/:id': 'credential',
 
   'GET /api/v1/auth/me': 'viewer',

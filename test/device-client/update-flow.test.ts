@@ -7,7 +7,7 @@ import { Readable } from 'node:stream';
 import type { TLSSocket } from 'node:tls';
 import { after, before, describe, test } from 'node:test';
 import { DeviceClient, SlotInstaller, type DeviceClientOptions } from '../../device-client/index.ts';
-import { generateSigningKeyPair, signFirmwareDigest, signFirmwareUrl } from '../../server/firmware/signing.ts';
+import { generateSigningKeyPair, signDownloadUrl, signFirmwareDigest } from '../../server/firmware/signing.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
@@ -231,10 +231,10 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
     server.fleet.firmwareUrl = (f) => {
       if (f.id === fw.id && handedOutExpired === 0) {
         handedOutExpired++;
-        return signFirmwareUrl({
+        return signDownloadUrl({
           baseUrl: server.deviceUrl,
           secret: server.secret,
-          firmwareId: f.id,
+          grant: { route: 'firmware', firmwareId: f.id },
           expiresAt: new Date(Date.now() - 60_000),
         });
       }

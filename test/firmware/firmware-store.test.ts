@@ -4,8 +4,8 @@ import https from 'node:https';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { updateProduct, SYSTEM } from '../../server/fleet/index.ts';
-import { generateSigningKeyPair, signFirmwareDigest, signFirmwareUrl } from '../../server/firmware/signing.ts';
-import { parseRange } from '../../server/firmware/download.ts';
+import { generateSigningKeyPair, signDownloadUrl, signFirmwareDigest } from '../../server/firmware/signing.ts';
+import { parseRange } from '../../server/firmware/serve-blob.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { imageChunks, startFirmwareHarness, type FirmwareHarness } from './harness.ts';
 
@@ -305,10 +305,10 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
 
     test('an expired URL is refused with 403', async () => {
       const cred = await h.deviceFor('a', 'dl-expired');
-      const url = signFirmwareUrl({
+      const url = signDownloadUrl({
         baseUrl: h.deviceUrl,
         secret: h.secret,
-        firmwareId,
+        grant: { route: 'firmware', firmwareId },
         expiresAt: new Date(Date.now() - 1000),
       });
       const res = await h.fetchAsDevice(cred, url);
@@ -332,10 +332,10 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
 
     test('a URL signed with another secret is refused with 403', async () => {
       const cred = await h.deviceFor('a', 'dl-secret');
-      const url = signFirmwareUrl({
+      const url = signDownloadUrl({
         baseUrl: h.deviceUrl,
         secret: 'not the server secret',
-        firmwareId,
+        grant: { route: 'firmware', firmwareId },
         expiresAt: new Date(Date.now() + 60_000),
       });
       assert.equal((await h.fetchAsDevice(cred, url)).status, 403);

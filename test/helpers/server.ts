@@ -1,4 +1,5 @@
 import { mkdtempSync, rmSync } from 'node:fs';
+import https from 'node:https';
 import os from 'node:os';
 import path from 'node:path';
 import { loadConfig, type Config } from '../../server/config.ts';
@@ -16,6 +17,11 @@ export interface TestServer extends RunningServer {
   productId: string;
   /** Calls the operator API as the admin; throws on a non-2xx answer with the server's error. */
   call<T = any>(method: string, url: string, body?: unknown): Promise<T>;
+  /** `fetch` that trusts the test PKI's root CA, for an API listener on TLS (`apiTls: true`). */
+  fetch(
+    url: string,
+    init?: { method?: string; headers?: Record<string, string>; body?: string | Uint8Array },
+  ): Promise<Response>;
 }
 
 /**
@@ -61,6 +67,10 @@ export async function startTestServer(
   const email = `admin-${Math.random().toString(36).slice(2)}@example.com`;
   const password = 'test-password-123456';
   await createUser(server.database.db, { email, password, role: 'admin' });
+  const fetch = (url: string, init: Parameters<TestServer['fetch']>[1] = {}) =>
+    url.startsWith('https:')
+      ? fetchTrusting(pki.rootCa.certPem, url, init)
+      : globalThis.fetch(url, init as RequestInit);
   const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
@@ -89,10 +99,33 @@ export async function startTestServer(
     orgId: org.id,
     productId: product.id,
     call,
+    fetch,
     async close() {
       await server.close();
       await database.close();
       rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** An HTTPS request trusting `ca`, answered as a `Response` (global fetch cannot be given a CA on Node 20). */
+function fetchTrusting(ca: string, url: string, init: Parameters<TestServer['fetch']>[1] = {}): Promise<Response> {
+  return new Promise((resolve, reject) => {
+    const req = https.request(url, { method: init.method ?? 'GET', headers: init.headers, ca, agent: false });
+    req.once('error', reject);
+    req.once('response', (res) => {
+      const chunks: Buffer[] = [];
+      res.on('data', (chunk: Buffer) => chunks.push(chunk));
+      res.once('error', reject);
+      res.once('end', () => {
+        const headers = new Headers();
+        for (const [name, value] of Object.entries(res.headers))
+          for (const v of Array.isArray(value) ? value : value === undefined ? [] : [value]) headers.append(name, v);
+        const status = res.statusCode ?? 0;
+        const body = status === 204 || status === 304 ? null : Buffer.concat(chunks);
+        resolve(new Response(body, { status, headers }));
+      });
+    });
+    req.end(init.body);
+  });
 }

@@ -1,7 +1,8 @@
 /**
  * The GRiSP edge (seed 004): `/grisp-connect/ws` on the mutual-TLS device listener (subprotocol
  * `grisp-io-v1`), the package download route `/grisp/fw/<id>/<expires>/<sig>/<member>` on the
- * same listener, and the operator REST routes (routes.ts).
+ * same listener (signed by firmware/signing.ts, served by firmware/serve-blob.ts), and the operator
+ * REST routes (routes.ts).
  */
 import type { IncomingMessage } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
@@ -11,7 +12,8 @@ import { claimCertificateDevice } from '../../fleet/edge-devices.ts';
 import type { FleetContext } from '../../fleet/index.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
-import { sendBlob } from '../../firmware/send-blob.ts';
+import { PRIVATE_IMMUTABLE, serveBlob } from '../../firmware/serve-blob.ts';
+import { bucketedExpiry, signDownloadUrl, verifyDownload } from '../../firmware/signing.ts';
 import type { DeviceIdentity } from '../../identity/resolve.ts';
 import { apiErrorHandler } from '../../http/errors.ts';
 import type { Logger } from '../../log.ts';
@@ -23,19 +25,11 @@ import {
   type GrispTimings,
   type HealthCheck,
 } from './connection.ts';
-import {
-  bucketedExpiry,
-  GRISP_FORMAT,
-  indexGrispPackage,
-  signPathUrl,
-  verifyPathSignature,
-  type PackageIndex,
-} from './package.ts';
+import { GRISP_FORMAT, indexGrispPackage, type PackageIndex } from './package.ts';
 import { registerGrispRoutes } from './routes.ts';
 
 export const GRISP_SUBPROTOCOL = 'grisp-io-v1';
 export const GRISP_PATH = '/grisp-connect/ws';
-const URL_PREFIX = 'grisp/fw';
 
 export interface GrispEdgeDeps {
   fleet: FleetContext;
@@ -89,11 +83,10 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
   const packages = new PackageCache(deps.blobs);
   const ttl = deps.urlTtlSeconds ?? 86_400;
   const packageUrl = (firmware: Pick<Firmware, 'id'>) =>
-    signPathUrl({
+    signDownloadUrl({
       baseUrl: deps.deviceBaseUrl(),
-      prefix: URL_PREFIX,
       secret: deps.secret,
-      firmwareId: firmware.id,
+      grant: { route: 'grisp', firmwareId: firmware.id },
       expiresAt: bucketedExpiry(ttl),
     });
 
@@ -174,7 +167,7 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
 
   deps.deviceApp.route({
     method: ['GET', 'HEAD'],
-    url: `/${URL_PREFIX}/:id/:expires/:sig/*`,
+    url: '/grisp/fw/:id/:expires/:sig/*',
     exposeHeadRoute: false,
     handler: async (request, reply) => {
       const {
@@ -183,7 +176,7 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
         sig,
         '*': member,
       } = request.params as { id: string; expires: string; sig: string; '*': string };
-      const verdict = verifyPathSignature({ secret: deps.secret, prefix: URL_PREFIX, firmwareId: id, expires, sig });
+      const verdict = verifyDownload(deps.secret, { route: 'grisp', firmwareId: id }, { expires, sig });
       if (!verdict.ok)
         return refuse(
           reply,
@@ -191,7 +184,9 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
           'forbidden',
           verdict.reason === 'expired'
             ? 'the package URL has expired; the server sends a fresh one with the next start_update'
-            : 'the package URL signature is invalid',
+            : verdict.reason === 'malformed'
+              ? 'the package URL is malformed: use the URL of the last start_update as it is'
+              : 'the package URL signature is invalid',
         );
       const identity = (request as FastifyRequest & { deviceIdentity?: DeviceIdentity }).deviceIdentity;
       if (!identity) return refuse(reply, 401, 'unauthorized', 'connect with the device certificate');
@@ -211,13 +206,15 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
       }
       const entry = index.get(member);
       if (!entry) return refuse(reply, 404, 'not_found', `the package has no member ${JSON.stringify(member)}`);
-      reply
-        .header('content-type', 'application/octet-stream')
-        .header('content-length', entry.size)
-        .header('etag', `"${firmware.sha256}:${member}"`);
-      if (request.method === 'HEAD' || entry.size === 0)
-        return reply.send(request.method === 'HEAD' ? undefined : Buffer.alloc(0));
-      return sendBlob(reply, deps.blobs, firmware.sha256, { start: entry.offset, end: entry.offset + entry.size - 1 });
+      // A member is a slice of the stored archive; its tag names both.
+      const blob = {
+        sha256: firmware.sha256,
+        offset: entry.offset,
+        size: entry.size,
+        etag: `"${firmware.sha256}:${member}"`,
+        lastModified: new Date(firmware.uploaded_at),
+      };
+      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE });
     },
   });
 

@@ -5,7 +5,6 @@
  * under their relative paths; the blob store keeps the archive as is, and each member is served
  * as a byte range of it (the index of members is read once per archive and cached).
  */
-import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { Readable } from 'node:stream';
 
 export const GRISP_FORMAT = 'grisp';
@@ -29,9 +28,21 @@ export class GrispPackageError extends Error {
   }
 }
 
-/** Reads the tar headers of an archive stream (skipping the data) into a member index; validates the layout. */
+/**
+ * Reads the tar headers of an archive stream (skipping the data) into a member index; validates
+ * the layout. The stream is closed when done: reading stops at the end-of-archive marker, and an
+ * unfinished file stream would keep its descriptor until garbage collection.
+ */
 export async function indexGrispPackage(source: Readable | AsyncIterable<Uint8Array>): Promise<PackageIndex> {
   const reader = new ChunkReader(source);
+  try {
+    return await readIndex(reader);
+  } finally {
+    await reader.close();
+  }
+}
+
+async function readIndex(reader: ChunkReader): Promise<PackageIndex> {
   const index: PackageIndex = new Map();
   let pending: { path?: string } = {};
   for (;;) {
@@ -141,6 +152,12 @@ class ChunkReader {
     return this.#buffer.length >= n;
   }
 
+  /** Ends the source (a Readable's iterator destroys the stream). */
+  async close(): Promise<void> {
+    if (!this.#done) await this.#iterator.return?.();
+    this.#done = true;
+  }
+
   async read(n: number): Promise<Buffer | undefined> {
     if (!(await this.#fill(n))) return undefined;
     const out = this.#buffer.subarray(0, n);
@@ -159,59 +176,4 @@ class ChunkReader {
       left -= take;
     }
   }
-}
-
-// --- path-signed URLs -------------------------------------------------------------------------
-
-/**
- * `<base>/<prefix>/<firmware-id>[/<device-id>]/<expires>/<hex hmac>`: the signature lives in the
- * path because GRiSP appends member paths to the URL and WiFiDogX passes it to a shell (no `?`,
- * `&`, `=`, `%`). With `deviceId` the URL is bound to that device too (WiFiDogX gateways, which
- * have no certificate to show at download time); GRiSP boards show theirs, so their URLs are not.
- */
-export function signPathUrl(o: {
-  baseUrl: string;
-  prefix: string;
-  secret: string | Buffer;
-  firmwareId: string;
-  deviceId?: string;
-  expiresAt: Date;
-}): string {
-  const expires = Math.floor(o.expiresAt.getTime() / 1000);
-  const subject = o.deviceId === undefined ? [o.firmwareId] : [o.firmwareId, o.deviceId];
-  return `${o.baseUrl.replace(/\/+$/, '')}/${o.prefix}/${subject.join('/')}/${expires}/${pathSignature(o.secret, o.prefix, subject, expires)}`;
-}
-
-export type PathVerdict = { ok: true } | { ok: false; reason: 'malformed' | 'bad_signature' | 'expired' };
-
-/** Checks the `<expires>/<hex hmac>` of a path-signed URL (constant time; expiry after the MAC). */
-export function verifyPathSignature(o: {
-  secret: string | Buffer;
-  prefix: string;
-  firmwareId: string;
-  deviceId?: string;
-  expires: string;
-  sig: string;
-  now?: Date;
-}): PathVerdict {
-  if (!/^\d{1,12}$/.test(o.expires) || !/^[0-9a-f]{64}$/.test(o.sig)) return { ok: false, reason: 'malformed' };
-  const subject = o.deviceId === undefined ? [o.firmwareId] : [o.firmwareId, o.deviceId];
-  const expected = Buffer.from(pathSignature(o.secret, o.prefix, subject, Number(o.expires)));
-  if (!timingSafeEqual(expected, Buffer.from(o.sig))) return { ok: false, reason: 'bad_signature' };
-  if (Number(o.expires) * 1000 <= (o.now ?? new Date()).getTime()) return { ok: false, reason: 'expired' };
-  return { ok: true };
-}
-
-function pathSignature(secret: string | Buffer, prefix: string, subject: string[], expires: number): string {
-  // Path segments never hold a newline; a firmware-only and a device-bound message differ in length of the list.
-  return createHmac('sha256', secret)
-    .update(`fleethub-path-url\n${prefix}\n${subject.join('\n')}\n${expires}`)
-    .digest('hex');
-}
-
-/** An expiry rounded up to a tenth of the TTL, so a group's devices get identical URLs for a while. */
-export function bucketedExpiry(ttlSeconds: number, now = Date.now()): Date {
-  const ttlMs = ttlSeconds * 1000;
-  const bucketMs = Math.max(1000, Math.floor(ttlMs / 10 / 1000) * 1000);
-  return new Date(Math.ceil((now + ttlMs) / bucketMs) * bucketMs);
 }

@@ -11,7 +11,7 @@ import semver from 'semver';
 import type { FleetContext } from '../../fleet/context.ts';
 import { edgeDeviceOnline, recordUpdateSent } from '../../fleet/edge-devices.ts';
 import { applyUpdateReport, OPEN_STATES } from '../../fleet/updates.ts';
-import { signDownloadUrl } from './downloads.ts';
+import { keyauthDownloadUrl } from './downloads.ts';
 
 export interface Response {
   code: number;
@@ -156,7 +156,7 @@ async function checkUpdate(deps: ActionDeps, session: ActionSession, data: Recor
   if (!target || !outcome.attempt) return { code: 200, data: { update: null } };
   // Polling again must not move an update that is underway back to `sent`.
   if (outcome.attempt.state === 'queued') await recordUpdateSent(deps.fleet, session, target, VIA);
-  const { url, expiresAt } = signDownloadUrl({
+  const { url, expiresAt } = keyauthDownloadUrl({
     baseUrl: deps.downloadBaseUrl(),
     secret: deps.secret,
     firmwareId: target.id,

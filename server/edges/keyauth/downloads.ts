@@ -5,23 +5,17 @@
  * verifies the sha256 the encrypted offer carried. Range supported; the digest is in
  * `X-Checksum-SHA256` too.
  */
-import { createHmac, timingSafeEqual } from 'node:crypto';
 import type { FastifyInstance, FastifyReply } from 'fastify';
 import type { BlobStore } from '../../firmware/blob-store.ts';
+import { firmwareBlob, NO_STORE, packageHeaders, serveBlob } from '../../firmware/serve-blob.ts';
+import { signDownloadUrl, verifyDownload } from '../../firmware/signing.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import { isUuid } from '../../fleet/errors.ts';
-import { servePackage } from '../main-server/download.ts';
 
 export const KEYAUTH_DOWNLOAD_PREFIX = '/api/keyauth/firmware';
 
-function signature(secret: string, firmwareId: string, deviceId: string, expires: number): string {
-  return createHmac('sha256', secret)
-    .update(`fleethub-keyauth-firmware\n${firmwareId}\n${deviceId}\n${expires}`)
-    .digest('base64url');
-}
-
 /** A download URL for one device, valid `ttlSeconds`. */
-export function signDownloadUrl(input: {
+export function keyauthDownloadUrl(input: {
   baseUrl: string;
   secret: string;
   firmwareId: string;
@@ -29,36 +23,9 @@ export function signDownloadUrl(input: {
   ttlSeconds: number;
   now?: Date;
 }): { url: string; expiresAt: Date } {
-  const expires = Math.floor((input.now ?? new Date()).getTime() / 1000) + input.ttlSeconds;
-  const sig = signature(input.secret, input.firmwareId, input.deviceId, expires);
-  return {
-    url: `${input.baseUrl.replace(/\/+$/, '')}${KEYAUTH_DOWNLOAD_PREFIX}/${input.firmwareId}?device=${input.deviceId}&expires=${expires}&sig=${sig}`,
-    expiresAt: new Date(expires * 1000),
-  };
-}
-
-export function verifyDownload(
-  secret: string,
-  firmwareId: string,
-  query: Record<string, unknown>,
-  now = new Date(),
-): { ok: true; deviceId: string } | { ok: false; reason: string } {
-  const { device, expires, sig } = query;
-  if (
-    typeof device !== 'string' ||
-    !isUuid(device) ||
-    typeof expires !== 'string' ||
-    !/^\d{1,12}$/.test(expires) ||
-    typeof sig !== 'string'
-  )
-    return { ok: false, reason: 'the download URL is incomplete; ask check_update for a new one' };
-  const expected = Buffer.from(signature(secret, firmwareId, device, Number(expires)));
-  const given = Buffer.from(sig);
-  if (given.length !== expected.length || !timingSafeEqual(given, expected))
-    return { ok: false, reason: 'the download URL signature is invalid' };
-  if (Number(expires) * 1000 <= now.getTime())
-    return { ok: false, reason: 'the download URL has expired; ask check_update for a new one' };
-  return { ok: true, deviceId: device };
+  const expiresAt = new Date(Math.floor((input.now ?? new Date()).getTime() / 1000 + input.ttlSeconds) * 1000);
+  const grant = { route: 'keyauth', firmwareId: input.firmwareId, deviceId: input.deviceId } as const;
+  return { url: signDownloadUrl({ baseUrl: input.baseUrl, secret: input.secret, grant, expiresAt }), expiresAt };
 }
 
 /** Mounts the download route on the API listener (before `listen`). */
@@ -74,28 +41,40 @@ export function registerKeyauthDownloads(
     handler: async (request, reply) => {
       const { id } = request.params as { id: string };
       if (!isUuid(id)) return refuse(reply, 404, 'no such firmware');
-      const verdict = verifyDownload(deps.secret, id, request.query as Record<string, unknown>);
-      if (!verdict.ok) return refuse(reply, 403, verdict.reason);
+      const { device: deviceId, expires, sig } = request.query as Record<string, unknown>;
+      if (typeof deviceId !== 'string' || !isUuid(deviceId))
+        return refuse(reply, 403, 'the download URL is incomplete; ask check_update for a new one');
+      const verdict = verifyDownload(deps.secret, { route: 'keyauth', firmwareId: id, deviceId }, { expires, sig });
+      if (!verdict.ok)
+        return refuse(
+          reply,
+          403,
+          verdict.reason === 'expired'
+            ? 'the download URL has expired; ask check_update for a new one'
+            : verdict.reason === 'malformed'
+              ? 'the download URL is incomplete; ask check_update for a new one'
+              : 'the download URL signature is invalid',
+        );
       const row = await deps.fleet.db
         .selectFrom('firmware')
         .innerJoin('devices', 'devices.product_id', 'firmware.product_id')
         .select([
-          'firmware.id',
           'firmware.sha256',
-          'firmware.size',
           'firmware.has_blob',
+          'firmware.uploaded_at',
           'firmware.component',
           'firmware.version',
           'firmware.format',
           'devices.approval',
         ])
         .where('firmware.id', '=', id)
-        .where('devices.id', '=', verdict.deviceId)
+        .where('devices.id', '=', deviceId)
         .executeTakeFirst();
       if (row?.approval !== 'approved') return refuse(reply, 403, 'this device may not download this firmware');
-      if (!(await servePackage(request, reply, deps.blobs, row)))
-        return refuse(reply, 404, 'the firmware image is not stored on the server');
-      return reply;
+      const blob = await firmwareBlob(deps.blobs, row);
+      if (!blob) return refuse(reply, 404, 'the firmware image is not stored on the server');
+      // The URL is the credential: nothing may keep the answer under it.
+      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: NO_STORE, ...packageHeaders(row) });
     },
   });
 }

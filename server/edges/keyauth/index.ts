@@ -19,7 +19,7 @@ import { keyauthAdminRoutes } from './admin.ts';
 import { handleConnection, type ConnectionLimits } from './connection.ts';
 import { fingerprintOf, generateRsaKeyPair } from '../../../shared/keyauth-envelope.ts';
 
-export { registerKeyauthDownloads, signDownloadUrl, KEYAUTH_DOWNLOAD_PREFIX } from './downloads.ts';
+export { registerKeyauthDownloads, keyauthDownloadUrl, KEYAUTH_DOWNLOAD_PREFIX } from './downloads.ts';
 export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from '../../../shared/keyauth-envelope.ts';
 
 export interface KeyauthOptions {

@@ -8,10 +8,10 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { assertOrgAccess, bearerToken, roleRank, type OperatorPrincipal } from '../../http/auth.ts';
 import type { Device, Role } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
+import { firmwareBlob, PRIVATE_IMMUTABLE, packageHeaders, serveBlob } from '../../firmware/serve-blob.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
-import { servePackage } from './download.ts';
 import { badRequest, forbidden, mainServerErrorHandler, mainServerNotFound, notFound, unauthorized } from './errors.ts';
 import {
   applyStatus,
@@ -319,9 +319,11 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
             .where('id', '=', id)
             .where('product_id', '=', product.id)
             .executeTakeFirst();
-          if (!firmware || !(await servePackage(request, reply, deps.blobs, firmware)))
-            throw notFound(`package ${id} does not exist or has no uploaded image`);
-          return reply;
+          const blob = firmware ? await firmwareBlob(deps.blobs, firmware) : null;
+          if (!firmware || !blob) throw notFound(`package ${id} does not exist or has no uploaded image`);
+          // The token travels in a header, not in the URL: the Pi's own cache may keep the bytes.
+          const options = { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE, ...packageHeaders(firmware) };
+          return serveBlob(request, reply, blob, options);
         },
       });
 

@@ -3,29 +3,25 @@
  * listener is; approved gateways add `?credential=<theirs>`, credentials.ts), the gateway firmware
  * downloads `/fw/<firmware id>/<device id>/<expires>/<hex hmac>` on the same listener (gateways
  * have no client certificate: the signed, expiring path bound to the gateway is the credential,
- * and the gateway must still be approved when it downloads), and the operator REST routes (routes.ts).
+ * and the gateway must still be approved when it downloads; download.ts), and the operator REST
+ * routes (routes.ts).
  */
 import type { Socket } from 'node:net';
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
-import { isUuid } from '../../fleet/errors.ts';
 import { productResolver, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
-import { parseRange } from '../../firmware/download.ts';
-import { sendBlob } from '../../firmware/send-blob.ts';
 import { apiErrorHandler } from '../../http/errors.ts';
 import type { Logger } from '../../log.ts';
 import type { EdgeRuntime } from '../runtime.ts';
-import { bucketedExpiry, signPathUrl, verifyPathSignature } from '../grisp/package.ts';
 import { WifidogxConnection, type WifidogxTimings } from './connection.ts';
 import { CLOSE, WIFIDOGX_AUTH_POLICIES, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './credentials.ts';
+import { registerWifidogxDownloads, wifidogxFirmwareUrl } from './download.ts';
 
 export { WIFIDOGX_PATH };
 import { registerWifidogxRoutes } from './routes.ts';
-
-const URL_PREFIX = 'fw';
 
 export interface WifidogxEdgeDeps {
   fleet: FleetContext;
@@ -89,14 +85,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
   const unidentified = new Set<WifidogxConnection>();
   const ttl = deps.urlTtlSeconds ?? 86_400;
   const firmwareUrl = (firmware: Pick<Firmware, 'id'>, deviceId: string) =>
-    signPathUrl({
-      baseUrl: deps.apiBaseUrl(),
-      prefix: URL_PREFIX,
-      secret: deps.secret,
-      firmwareId: firmware.id,
-      deviceId,
-      expiresAt: bucketedExpiry(ttl),
-    });
+    wifidogxFirmwareUrl({ baseUrl: deps.apiBaseUrl(), secret: deps.secret, ttlSeconds: ttl, firmware, deviceId });
   const homeProduct = productResolver(fleet, deps.home?.org, deps.home?.product);
   const resolveHome = async () => {
     const product = await homeProduct();
@@ -166,90 +155,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       conn.start();
     });
 
-    const forbidden = (reply: FastifyReply, message: string) =>
-      reply.status(403).send({ error: { code: 'forbidden', message } });
-    // URLs of the earlier scheme, bound to the firmware only: refused; the gateway is sent a fresh one with its next upgrade.
-    scope.route({
-      method: ['GET', 'HEAD'],
-      url: `/${URL_PREFIX}/:id/:expires/:sig`,
-      exposeHeadRoute: false,
-      schema: { hide: true },
-      handler: async (_request, reply) =>
-        forbidden(
-          reply,
-          'this firmware URL is not bound to a gateway and is no longer accepted; the server sends a fresh one with the next firmware_upgrade',
-        ),
-    });
-    scope.route({
-      method: ['GET', 'HEAD'],
-      url: `/${URL_PREFIX}/:id/:device/:expires/:sig`,
-      exposeHeadRoute: false,
-      schema: { hide: true },
-      handler: async (request, reply) => {
-        const {
-          id,
-          device: deviceId,
-          expires,
-          sig,
-        } = request.params as { id: string; device: string; expires: string; sig: string };
-        const verdict = verifyPathSignature({
-          secret: deps.secret,
-          prefix: URL_PREFIX,
-          firmwareId: id,
-          deviceId,
-          expires,
-          sig,
-        });
-        if (!verdict.ok)
-          return forbidden(
-            reply,
-            verdict.reason === 'expired' ? 'the firmware URL has expired' : 'the firmware URL signature is invalid',
-          );
-        // The URL names its gateway; the gateway's approval and product are checked now, not when the URL was issued.
-        const device = isUuid(deviceId)
-          ? await fleet.db
-              .selectFrom('devices')
-              .select(['approval', 'product_id'])
-              .where('id', '=', deviceId)
-              .executeTakeFirst()
-          : undefined;
-        if (device?.approval !== 'approved') {
-          log.info(
-            { device_id: deviceId, firmware_id: id, approval: device?.approval ?? 'deleted' },
-            'firmware download refused: the gateway is not approved',
-          );
-          return forbidden(reply, `the gateway is ${device?.approval ?? 'deleted'}: it may not download firmware`);
-        }
-        const firmware = isUuid(id)
-          ? await fleet.db
-              .selectFrom('firmware')
-              .select(['sha256', 'has_blob', 'product_id'])
-              .where('id', '=', id)
-              .executeTakeFirst()
-          : undefined;
-        if (firmware && firmware.product_id !== device.product_id)
-          return forbidden(reply, "this firmware does not belong to the gateway's product");
-        const stat = firmware?.has_blob && firmware.sha256 ? await deps.blobs.stat(firmware.sha256) : null;
-        if (!stat || !firmware?.sha256)
-          return reply
-            .status(404)
-            .send({ error: { code: 'not_found', message: 'the firmware image is not stored on the server' } });
-        reply
-          .header('accept-ranges', 'bytes')
-          .header('etag', `"${firmware.sha256}"`)
-          .header('content-type', 'application/octet-stream');
-        const range = parseRange(request.headers.range, stat.size);
-        if (range === 'unsatisfiable') return reply.status(416).header('content-range', `bytes */${stat.size}`).send();
-        if (range)
-          reply
-            .status(206)
-            .header('content-range', `bytes ${range.start}-${range.end}/${stat.size}`)
-            .header('content-length', range.end - range.start + 1);
-        else reply.header('content-length', stat.size);
-        if (request.method === 'HEAD') return reply.send();
-        return sendBlob(reply, deps.blobs, firmware.sha256, range);
-      },
-    });
+    registerWifidogxDownloads(scope, { fleet, blobs: deps.blobs, secret: deps.secret, log });
   });
 
   await deps.api.register(
