@@ -121,11 +121,15 @@ describe('edge links on node B, operator on node A', { skip: SKIP }, () => {
         const d = await deviceRow(identifier);
         return d?.firmware_version === '2.0.0' ? d : undefined;
       }, `${identifier} runs 2.0.0`);
-      const attempts = await nodeA.database.db
-        .selectFrom('update_attempts')
-        .select('state')
-        .where('device_id', '=', device.id)
-        .execute();
+      // The board runs 2.0.0 before it validates it; the attempt succeeds once it has.
+      const attempts = await until(async () => {
+        const rows = await nodeA.database.db
+          .selectFrom('update_attempts')
+          .select('state')
+          .where('device_id', '=', device.id)
+          .execute();
+        return rows.every((a) => a.state !== 'finished') ? rows : undefined;
+      }, `${identifier}'s attempt settled`);
       assert.deepEqual(
         attempts.map((a) => a.state),
         ['succeeded'],

@@ -166,8 +166,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     { prefix: '/api/v1' },
   );
 
-  // Retargeting reaches every node; each asks its own gateways for their version (the answer upgrades them).
-
   let closed = false;
   const edge: WifidogxEdge = {
     connections,
