@@ -36,5 +36,4 @@ export {
   type Serializer,
 } from './serializers.ts';
 export { assertNever, ChannelResultError } from './channel.ts';
-export type { EndpointStats } from './socket.ts';
 export type { LongPollTimings } from './longpoll.ts';

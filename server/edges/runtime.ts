@@ -16,7 +16,7 @@ import type { Logger } from 'pino';
 import { assertNever, ChannelProcess, type ChannelHost } from '../channels/channel.ts';
 import { TopicRegistry } from '../channels/registry.ts';
 import type { OutFrame, Serializer } from '../channels/serializers.ts';
-import { emptyStats } from '../channels/socket.ts';
+import { emptyStats } from '../channels/socket-registry.ts';
 import type { ChannelDefinition, Effect, Message, PubSub } from '../channels/types.ts';
 import type { LinkEffect } from '../fleet/device-link.ts';
 import { deviceGroupTopics, Topics, type FleetContext } from '../fleet/index.ts';

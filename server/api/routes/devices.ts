@@ -19,7 +19,6 @@ import {
 } from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../../http/errors.ts';
-import { isUuid } from '../operators.ts';
 import {
   authErrors,
   conflictError,

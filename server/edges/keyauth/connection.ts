@@ -12,7 +12,7 @@ import type { Socket } from 'node:net';
 import { describeBadString, findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
-import { edgeDeviceOffline } from '../../fleet/edge-devices.ts';
+import { linkEvent, openLink } from '../../fleet/device-link.ts';
 import type { EdgeRuntime } from '../runtime.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
@@ -79,7 +79,7 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       // After the request in flight (it may have just marked the client online).
       closed: async () => {
         if (state.phase === 'authorised')
-          await edgeDeviceOffline(deps.fleet, state.session.deviceId, state.session.connectedAt);
+          await linkEvent(deps.fleet, state.session, { type: 'closed', reason: 'socket closed' });
       },
     },
   });
@@ -181,18 +181,14 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
         data: { fingerprint: key.fingerprint },
       });
     }
-    const now = new Date();
-    await deps.fleet.db
-      .updateTable('devices')
-      .set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now })
-      .where('id', '=', device.id)
-      .execute();
-    const session: ActionSession = {
-      deviceId: device.id,
-      orgId: device.org_id,
-      identifier: device.identifier,
-      connectedAt: now.toISOString(),
-    };
+    // Online now; its version comes with its first status or check_update.
+    const online = await linkEvent(
+      deps.fleet,
+      openLink({ deviceId: device.id, orgId: device.org_id, productId: device.product_id, protocol: 'keyauth' }),
+      { type: 'connected', running: {} },
+    );
+    if (!online.ok) throw new FleetError(online.refusal.code, online.refusal.message, online.refusal.details);
+    const session: ActionSession = { ...online.session, identifier: device.identifier };
     await link.attach({ deviceId: device.id, orgId: device.org_id });
     state = { phase: 'authorised', session, clientKey: key.key };
     failures = 0;
