@@ -1,4 +1,4 @@
-/** The generic Phoenix Channels engine: no fleet knowledge here (ARCHITECTURE.md layer 1). */
+/** The generic Phoenix Channels engine: no fleet knowledge here (docs/architecture.md, "Layers"). */
 export type * from './types.ts';
 export {
   createPubSub,

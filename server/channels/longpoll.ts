@@ -1,5 +1,5 @@
 /**
- * The LongPoll transport (PROTOCOL.md): the server buffers a session's frames until the client
+ * The LongPoll transport of the Phoenix protocol: the server buffers a session's frames until the client
  * polls. Bodies are always `{status, token?, messages?}` with HTTP 200; the phoenix client reads
  * `status` from the JSON. A session nobody polled for `sessionTimeoutMs` is closed by the
  * endpoint's sweep.

@@ -1,7 +1,7 @@
 /**
  * The socket state machine, transport independent: topic ↔ channel map, join refs, the
  * channel limit, heartbeat, duplicate join, stale join_ref, unmatched topic and leave.
- * Each protocol edge case is its own small branch (PROTOCOL.md "Lifecycle").
+ * Each protocol edge case is its own small branch.
  */
 import type { Logger } from 'pino';
 import { describeBadString, findBadString } from '../input-gate.ts';

@@ -4,7 +4,7 @@
  * fleets; channel definitions know nothing of frames, serializers or transports.
  *
  * Channels are thin: every callback returns `{ session, reply?, effects? }` and the engine
- * stores the session and applies the effects (STYLE.md pattern 2).
+ * stores the session and applies the effects.
  */
 import type { IncomingMessage } from 'node:http';
 import type { Logger } from 'pino';
