@@ -27,6 +27,8 @@ export interface Config {
   firmwareUrlTtlSeconds: number;
   /** In-flight timeout of update attempts for products that set none (seconds). */
   updateTimeoutSeconds: number;
+  /** Delays between a webhook delivery's attempts, e.g. `10s,1m,5m,30m,2h,8h`. */
+  webhookRetryDelays: string;
   /** Create the default org/product and register the dev signer CA on first start. */
   bootstrapDev: boolean;
   /** WiFiDogX lab mode: approve unknown gateways automatically (needs wifidogxAuth `open`). */
@@ -176,6 +178,14 @@ export const SETTINGS: Setting[] = [
     kind: 'number',
     help: 'seconds an update may go without a word from its device before it is timed_out (products may set their own)',
     default: () => 1800,
+  },
+  {
+    key: 'webhookRetryDelays',
+    flag: 'webhook-retry-delays',
+    env: 'FLEETHUB_WEBHOOK_RETRY_DELAYS',
+    kind: 'string',
+    help: 'delays before each retry of a failed webhook delivery (ms, s, m, h); one failing them all disables its webhook',
+    default: () => '10s,1m,5m,30m,2h,8h',
   },
   {
     key: 'bootstrapDev',

@@ -35,7 +35,8 @@ const PATH_SIGNATURE = /(\/\d{1,12}\/)[0-9a-f]{64}(?=\/|$)/gi;
 
 /** A request URL as logged: no query string, no path signature. */
 export function loggedUrl(url: string | undefined): string | undefined {
-  return url?.split('?')[0]!.replace(PATH_SIGNATURE, '$1[redacted]');
+  if (url === undefined) return undefined;
+  return url.split('?')[0]!.replace(PATH_SIGNATURE, '$1[redacted]');
 }
 
 /** Fastify's log controller, with the "route not found" line's URL as `loggedUrl` makes it (a mistyped path still carries its secrets). */

@@ -24,6 +24,7 @@ import { migrateToLatest } from './db/migrate.ts';
 import { createDeviceSocket, deviceSocketId } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
 import { registerApi } from './api/index.ts';
+import { createWebhookService, parseDelays } from './webhooks/index.ts';
 import { registerInputGate } from './input-gate.ts';
 import { registerGrispEdge } from './edges/grisp/index.ts';
 import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
@@ -40,6 +41,7 @@ import {
   getOrg,
   getProduct,
   markNodeAlive,
+  observedBus,
   pubsubBus,
   reconcileOfflineDevices,
   removeNode,
@@ -118,10 +120,18 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   // The device listener's port is known only after listen(); signed URLs use it lazily.
   let devicePublicUrl = config.devicePublicUrl;
   let signUrl = createFirmwareUrlSigner({ baseUrl: devicePublicUrl, secret, ttlSeconds: config.firmwareUrlTtlSeconds });
+  const fleetLog = log.child({ component: 'fleet' });
+  // Fleet events become webhook deliveries once published (after their change committed).
+  const webhooks = createWebhookService({
+    db: database.db,
+    log: log.child({ component: 'webhooks' }),
+    secret,
+    retryDelaysMs: parseDelays(config.webhookRetryDelays),
+  });
   const fleet: FleetContext = {
     db: database.db,
-    bus: pubsubBus(pubsub),
-    log: log.child({ component: 'fleet' }),
+    bus: observedBus(pubsubBus(pubsub), (event) => webhooks.onEvents([event]), fleetLog),
+    log: fleetLog,
     nodeName: config.nodeName,
     firmwareUrl: (firmware) => signUrl(firmware),
   };
@@ -194,6 +204,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       secret,
       blobs,
       publicUrl: apiBaseUrl,
+      webhooks,
       disconnectOperatorSocket: (id, reason) => operatorEndpoint.disconnect(id, reason),
     },
     [
@@ -253,6 +264,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   });
   if (markedOffline)
     log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
+  webhooks.start();
   const timers = [
     setInterval(() => {
       markNodeAlive(fleet)
@@ -308,6 +320,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       if (closed) return;
       closed = true;
       for (const t of timers) clearInterval(t);
+      await webhooks.stop();
       stopCaRelay();
       stopRevocations();
       await Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]);

@@ -1,6 +1,6 @@
 /**
- * Fleet protocol constants and payload types shared by the server and the device client
- * (seed 002 as PROTOCOL.md "Fleet events" pins it down).
+ * Fleet protocol constants and payload types shared by the server and the device client: the
+ * topics, events and payloads of the Phoenix device socket.
  */
 
 export const DEVICE_TOPIC_PREFIX = 'device:';

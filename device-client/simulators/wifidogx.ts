@@ -167,11 +167,11 @@ export class WifidogxGateway extends EventEmitter {
     console.error(`wifidogx simulator ${this.o.deviceId}: PROTOCOL VIOLATION: ${what}`);
   }
 
-  /** One read: exactly one complete, unfragmented, uncompressed frame, or a loud failure. */
-  #onRead(chunk: Buffer): void {
+  /** The opcode and payload offset of the one frame in `chunk`, or what is wrong with the read. */
+  #parseRead(chunk: Buffer): { opcode: number; offset: number } | string {
     if (chunk.length > READ_BUFFER_BYTES)
-      return this.#violation(`a read of ${chunk.length} bytes exceeds the ${READ_BUFFER_BYTES}-byte buffer`);
-    if (chunk.length < 2) return this.#violation('a read holds less than a frame header');
+      return `a read of ${chunk.length} bytes exceeds the ${READ_BUFFER_BYTES}-byte buffer`;
+    if (chunk.length < 2) return 'a read holds less than a frame header';
     const fin = (chunk[0]! & 0x80) !== 0;
     const rsv = chunk[0]! & 0x70;
     const opcode = chunk[0]! & 0x0f;
@@ -180,13 +180,24 @@ export class WifidogxGateway extends EventEmitter {
     if (len === 126) {
       len = chunk.readUInt16BE(2);
       offset = 4;
-    } else if (len === 127) return this.#violation('a 64-bit frame length');
+    } else if (len === 127) return 'a 64-bit frame length';
     const total = offset + len;
     this.frameSizes.push(total);
-    if (total > chunk.length) return this.#violation(`a frame of ${total} bytes arrived split across reads`);
-    if (total < chunk.length) return this.#violation('two frames in one read');
-    if (!fin || opcode === 0) return this.#violation('a fragmented frame');
-    if (rsv) return this.#violation('a compressed frame (RSV bits set)');
+    if (total > chunk.length) return `a frame of ${total} bytes arrived split across reads`;
+    if (total < chunk.length) return 'two frames in one read';
+    if (!fin || opcode === 0) return 'a fragmented frame';
+    if (rsv) return 'a compressed frame (RSV bits set)';
+    return { opcode, offset };
+  }
+
+  /** One read: exactly one complete, unfragmented, uncompressed frame, or a loud failure. */
+  #onRead(chunk: Buffer): void {
+    const frame = this.#parseRead(chunk);
+    if (typeof frame === 'string') {
+      this.#violation(frame);
+      return;
+    }
+    const { opcode, offset } = frame;
     if (opcode === 8) {
       const body = chunk.subarray(offset);
       this.lastClose =
@@ -194,14 +205,16 @@ export class WifidogxGateway extends EventEmitter {
           ? { code: body.readUInt16BE(0), reason: body.subarray(2).toString('utf8') }
           : { code: 1005, reason: '' };
       this.emit('closed', this.lastClose);
-      return void this.socket?.destroy();
+      this.socket?.destroy();
+      return;
     }
     if (opcode !== 1) return; // older firmware ignores ping/pong
     let message: Record<string, unknown>;
     try {
       message = JSON.parse(chunk.subarray(offset).toString('utf8')) as Record<string, unknown>;
     } catch {
-      return this.#violation('a text frame that is not JSON');
+      this.#violation('a text frame that is not JSON');
+      return;
     }
     this.received.push(message);
     this.emit('message', message);

@@ -20,6 +20,8 @@ import { registerOrgRoutes } from './routes/orgs.ts';
 import { registerDeviceRoutes } from './routes/devices.ts';
 import { registerGroupRoutes } from './routes/groups.ts';
 import { registerCatalogRoutes } from './routes/catalog.ts';
+import { registerWebhookRoutes } from './routes/webhooks.ts';
+import type { WebhookService } from '../webhooks/index.ts';
 
 export interface ApiDeps {
   fleet: FleetContext;
@@ -38,6 +40,8 @@ export interface ApiDeps {
    * the socket exists, hence a function; without it live sockets outlive those changes.
    */
   disconnectOperatorSocket?: (socketId: string, reason: string) => Promise<void>;
+  /** Webhook subscriptions and deliveries (`/orgs/:org/webhooks`); without it those routes are absent. */
+  webhooks?: WebhookService;
   /** This listener's base URL, for the OpenAPI document's `servers` (default http://127.0.0.1:4000). */
   publicUrl?: () => string;
   /** Failed-login limits per account and per client address (defaults: 10 and 50 per 15 min). */
@@ -151,6 +155,7 @@ export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: Ap
       await registerDeviceRoutes(api, routeDeps);
       await registerGroupRoutes(api, routeDeps);
       await registerCatalogRoutes(api, routeDeps);
+      if (deps.webhooks) await registerWebhookRoutes(api, routeDeps, deps.webhooks);
       for (const plugin of extra) await plugin(api, routeDeps);
     },
     { prefix: API_PREFIX },

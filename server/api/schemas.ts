@@ -15,6 +15,19 @@ function entity(id: string, properties: Record<string, unknown>, required: strin
   return { $id: id, type: 'object', required, additionalProperties: true, properties } as const;
 }
 
+const webhookProperties = {
+  id: uuid,
+  org_id: uuid,
+  url: { type: 'string', format: 'uri' },
+  events: { type: 'array', items: { type: 'string' } },
+  description: nullableString,
+  enabled: { type: 'boolean' },
+  disabled_at: nullableDateTime,
+  disabled_reason: nullableString,
+  created_by: nullableString,
+  created_at: dateTime,
+} as const;
+
 export const schemas = [
   errorSchema,
   entity('User', {
@@ -150,6 +163,35 @@ export const schemas = [
     created_at: dateTime,
     updated_at: dateTime,
   }),
+  entity('Webhook', webhookProperties),
+  {
+    ...entity('WebhookWithSecret', {
+      ...webhookProperties,
+      secret: {
+        type: 'string',
+        description: 'the HMAC-SHA256 signing secret: shown only in this answer, keep it with the receiver',
+      },
+    }),
+    required: ['id', 'secret'],
+  },
+  entity(
+    'WebhookDelivery',
+    {
+      id: uuid,
+      webhook_id: uuid,
+      event_id: uuid,
+      event: { type: 'string' },
+      state: { type: 'string', enum: ['pending', 'delivered', 'failed'] },
+      attempts: { type: 'integer' },
+      next_attempt_at: dateTime,
+      last_status: { type: ['integer', 'null'] },
+      last_error: nullableString,
+      delivered_at: nullableDateTime,
+      created_at: dateTime,
+      payload: { type: 'object', additionalProperties: true, description: 'the JSON body sent' },
+    },
+    ['id', 'event', 'state', 'attempts'],
+  ),
   entity(
     'AuditEntry',
     {

@@ -1,7 +1,7 @@
 /**
  * One joined (or joining) channel on one socket: runs the definition's callbacks one at a time,
- * stores the returned session and applies the returned effects (thin channels, STYLE.md
- * pattern 2). A callback that throws crashes this channel only (`phx_error`).
+ * stores the returned session and applies the returned effects (thin channels: callbacks
+ * return data, the engine acts). A callback that throws crashes this channel only (`phx_error`).
  */
 import type {
   ChannelContext,

@@ -1,4 +1,4 @@
-/** The generic Phoenix Channels engine: no fleet knowledge here (ARCHITECTURE.md layer 1). */
+/** The generic Phoenix Channels engine: no fleet knowledge here (docs/architecture.md, "Layers"). */
 export type * from './types.ts';
 export {
   createPubSub,
@@ -36,5 +36,4 @@ export {
   type Serializer,
 } from './serializers.ts';
 export { assertNever, ChannelResultError } from './channel.ts';
-export type { EndpointStats } from './socket.ts';
 export type { LongPollTimings } from './longpoll.ts';

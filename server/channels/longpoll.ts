@@ -1,12 +1,16 @@
 /**
- * LongPoll transport session (PROTOCOL.md): the server buffers frames until the client polls.
- * Bodies are always `{status, token?, messages?}` with HTTP 200; the phoenix client reads
+ * The LongPoll transport of the Phoenix protocol: the server buffers a session's frames until the client
+ * polls. Bodies are always `{status, token?, messages?}` with HTTP 200; the phoenix client reads
  * `status` from the JSON. A session nobody polled for `sessionTimeoutMs` is closed by the
  * endpoint's sweep.
  */
+import { randomBytes } from 'node:crypto';
+import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import type { OutFrame } from './serializers.ts';
-import type { Connection, EndpointStats, PhoenixSocket } from './socket.ts';
+import type { Connection, PhoenixSocket } from './socket.ts';
+import type { EndpointStats } from './types.ts';
+import type { Handshaker, SocketRegistry } from './socket-registry.ts';
 
 export interface LongPollBody {
   status: 200 | 204 | 403 | 410 | 500;
@@ -56,7 +60,8 @@ export class LongPollSession<A> implements Connection {
       this.log.warn('binary frame dropped on longpoll transport');
       return;
     }
-    const text = (frame.text ??= frame.bytes.toString('utf8'));
+    frame.text ??= frame.bytes.toString('utf8');
+    const text = frame.text;
     this.#bufferedBytes += text.length;
     if (this.#bufferedBytes > this.maxBufferedBytes) {
       this.stats.slowConsumers++;
@@ -124,4 +129,117 @@ export class LongPollSession<A> implements Connection {
     this.#buffer = [];
     this.onClosed(this, reason);
   }
+}
+
+export interface LongPollTransportOptions {
+  timings: LongPollTimings;
+  /** Larger frames end the session (1009). */
+  maxFrameBytes: number;
+  /** A session whose unsent output exceeds this is closed. */
+  maxBufferedBytes: number;
+}
+
+/**
+ * The LongPoll transport (`<path>/longpoll`): a GET without a session token runs the handshake
+ * and opens a session, a GET with one polls it, a POST carries frames in. The registry's sweep
+ * closes sessions nobody polled for `sessionTimeoutMs`.
+ */
+export class LongPollTransport<A> {
+  readonly #registry: SocketRegistry<A>;
+  readonly #handshake: Handshaker<A>;
+  readonly #options: LongPollTransportOptions;
+  readonly #log: Logger;
+  readonly #sessions = new Map<string, LongPollSession<A>>();
+
+  constructor(registry: SocketRegistry<A>, handshake: Handshaker<A>, options: LongPollTransportOptions, log: Logger) {
+    this.#registry = registry;
+    this.#handshake = handshake;
+    this.#options = options;
+    this.#log = log;
+    registry.onSweep((now) => this.#closeExpired(now));
+  }
+
+  /** Adds the `<base>/longpoll` routes and the NDJSON body parser they need to `scope`. */
+  route(scope: FastifyInstance, base: string): void {
+    const bodyLimit = this.#options.maxFrameBytes * 2;
+    scope.addContentTypeParser('application/x-ndjson', { parseAs: 'string', bodyLimit }, (_req, body, done) =>
+      done(null, body),
+    );
+    scope.get(`${base}/longpoll`, (request, reply) => this.#get(request, reply));
+    scope.post(`${base}/longpoll`, { bodyLimit }, (request) => this.#post(request));
+  }
+
+  /** Ends every session (the server is closing). */
+  closeAll(): void {
+    for (const session of [...this.#sessions.values()]) session.close(1001, 'server closing');
+  }
+
+  #closeExpired(now: number): void {
+    for (const session of this.#sessions.values()) {
+      if (!session.polling && now - session.lastPoll > this.#options.timings.sessionTimeoutMs)
+        session.close(1001, 'longpoll session expired');
+    }
+  }
+
+  async #get(request: FastifyRequest, reply: FastifyReply): Promise<LongPollBody> {
+    const token = sessionToken(request);
+    if (token !== undefined) {
+      const session = this.#sessions.get(token);
+      // Unknown token: the session is gone; the client reconnects and rejoins.
+      if (!session) return { status: 410 };
+      const answered = session.poll();
+      reply.raw.once('close', () => {
+        if (!reply.raw.writableFinished) session.abandonPoll();
+      });
+      return answered;
+    }
+    const authHeader = request.headers['x-phoenix-authtoken'];
+    const hs = await this.#handshake(request, 'longpoll', typeof authHeader === 'string' ? authHeader : undefined);
+    if (!hs.ok) return { status: hs.status === 403 || hs.status === 401 || hs.status === 409 ? 403 : 500 };
+    // 32 random bytes: unguessable, and the map key binds it to exactly this session.
+    const newToken = randomBytes(32).toString('base64url');
+    const { stats } = this.#registry;
+    const { timings, maxBufferedBytes } = this.#options;
+    const session = new LongPollSession<A>(newToken, timings, maxBufferedBytes, stats, this.#log, (closed, reason) => {
+      this.#sessions.delete(closed.token);
+      stats.longpollSessions--;
+      closed.socket?.transportClosed(reason);
+    });
+    session.socket = this.#registry.admit(hs, session);
+    this.#sessions.set(newToken, session);
+    stats.longpollSessions++;
+    return { status: 410, token: newToken };
+  }
+
+  async #post(request: FastifyRequest): Promise<LongPollBody> {
+    const token = sessionToken(request);
+    const session = token === undefined ? undefined : this.#sessions.get(token);
+    if (!session?.socket) return { status: 410 };
+    const body = request.body;
+    // Current clients send newline-delimited frames; older ones one JSON frame.
+    const lines =
+      typeof body === 'string'
+        ? body.split(/\r?\n/)
+        : body === undefined || body === null
+          ? []
+          : [JSON.stringify(body)];
+    for (const line of lines) {
+      if (line.length === 0) continue;
+      if (Buffer.byteLength(line) > this.#options.maxFrameBytes) {
+        this.#registry.stats.oversizedFrames++;
+        session.close(1009, 'frame too large');
+        return { status: 410 };
+      }
+      session.socket.handleFrame(Buffer.from(line, 'utf8'), false);
+    }
+    return { status: 200 };
+  }
+}
+
+/** The session token of a poll or a post: the query's `token`, else the `x-phoenix-longpoll-token` header. */
+function sessionToken(request: FastifyRequest): string | undefined {
+  const query = request.query as Record<string, unknown> | undefined;
+  const fromQuery = typeof query?.token === 'string' ? query.token : undefined;
+  const header = request.headers['x-phoenix-longpoll-token'];
+  return fromQuery ?? (typeof header === 'string' ? header : undefined);
 }

@@ -1,5 +1,5 @@
 /**
- * Cross-node PubSub over PostgreSQL LISTEN/NOTIFY (ARCHITECTURE.md "Cluster").
+ * Cross-node PubSub over PostgreSQL LISTEN/NOTIFY (docs/cluster.md).
  *
  * Every node LISTENs on one channel with a dedicated `pg` client and publishes through the
  * Kysely pool. A notification carries an envelope `{o: origin, s: seq, m: [messages]}`; the

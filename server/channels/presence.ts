@@ -56,14 +56,20 @@ export function createPresence(pubsub: PubSub, options: PresenceOptions): Presen
 
   function topicsOf(name: string): Map<string, Map<string, PresenceMeta[]>> {
     let topics = replica.get(name);
-    if (!topics) replica.set(name, (topics = new Map()));
+    if (!topics) {
+      topics = new Map();
+      replica.set(name, topics);
+    }
     return topics;
   }
 
   function applyDiff(name: string, topic: string, joins: PresenceState, leaves: PresenceState): void {
     const topics = topicsOf(name);
     let keys = topics.get(topic);
-    if (!keys) topics.set(topic, (keys = new Map()));
+    if (!keys) {
+      keys = new Map();
+      topics.set(topic, keys);
+    }
     for (const [key, { metas }] of Object.entries(leaves)) {
       const refs = new Set(metas.map((m) => m.phx_ref));
       const remaining = (keys.get(key) ?? []).filter((m) => !refs.has(m.phx_ref));

@@ -75,7 +75,10 @@ export function createPubSub(options: CreatePubSubOptions): PubSubWithStats {
     },
     subscribe(topic: string, listener: (message: Message) => void): () => void {
       let set = listeners.get(topic);
-      if (!set) listeners.set(topic, (set = new Set()));
+      if (!set) {
+        set = new Set();
+        listeners.set(topic, set);
+      }
       set.add(listener);
       return () => {
         const current = listeners.get(topic);

@@ -5,8 +5,7 @@
  */
 import type { Logger } from 'pino';
 import type { OutFrame, Serializer } from './serializers.ts';
-import type { EndpointStats } from './socket.ts';
-import type { Message, PubSub } from './types.ts';
+import type { EndpointStats, Message, PubSub } from './types.ts';
 
 /** What the registry needs of a channel (ChannelProcess implements it). */
 export interface Subscriber {

@@ -173,7 +173,7 @@ export const v2Json: Serializer = {
       return invalid('a V2 frame must be a JSON array [join_ref, ref, topic, event, payload]', null, null, null);
     if (v.length < 5)
       return invalid('a V2 frame needs 5 elements [join_ref, ref, topic, event, payload]', v[0], v[1], v[2]);
-    // Extra trailing elements are ignored (PROTOCOL.md).
+    // Extra trailing elements are ignored, as Phoenix does.
     return validated(v[0], v[1], v[2], v[3], v[4]);
   },
   message(joinRef, ref, topic, event, payload) {

@@ -1,14 +1,14 @@
 /**
  * The socket state machine, transport independent: topic ↔ channel map, join refs, the
  * channel limit, heartbeat, duplicate join, stale join_ref, unmatched topic and leave.
- * Each protocol edge case is its own small branch (PROTOCOL.md "Lifecycle").
+ * Each protocol edge case is its own small branch.
  */
 import type { Logger } from 'pino';
 import { describeBadString, findBadString } from '../input-gate.ts';
 import { ChannelProcess } from './channel.ts';
 import type { OutFrame, Serializer, InboundMessage } from './serializers.ts';
 import type { TopicRegistry } from './registry.ts';
-import type { ChannelRoute, Payload, Reply, SocketDefinition } from './types.ts';
+import type { ChannelRoute, EndpointStats, Payload, Reply, SocketDefinition } from './types.ts';
 
 /** What a transport offers the socket: write an encoded frame, close. */
 export interface Connection {
@@ -18,47 +18,6 @@ export interface Connection {
   close(code: number, reason: string): void;
   /** Ends the connection at once, without a closing handshake. */
   destroy(): void;
-}
-
-/** Counters an endpoint exposes; `sockets` and `channels` are live gauges. */
-export interface EndpointStats {
-  sockets: number;
-  channels: number;
-  framesIn: number;
-  framesOut: number;
-  /** Broadcast encodings performed (at most one per serializer per broadcast). */
-  broadcastEncodes: number;
-  /** Broadcast frames written to sockets. */
-  broadcastsDelivered: number;
-  invalidFrames: number;
-  staleFrames: number;
-  unknownEvents: number;
-  channelCrashes: number;
-  oversizedFrames: number;
-  idleTimeouts: number;
-  slowConsumers: number;
-  connectsRefused: number;
-  longpollSessions: number;
-}
-
-export function emptyStats(): EndpointStats {
-  return {
-    sockets: 0,
-    channels: 0,
-    framesIn: 0,
-    framesOut: 0,
-    broadcastEncodes: 0,
-    broadcastsDelivered: 0,
-    invalidFrames: 0,
-    staleFrames: 0,
-    unknownEvents: 0,
-    channelCrashes: 0,
-    oversizedFrames: 0,
-    idleTimeouts: 0,
-    slowConsumers: 0,
-    connectsRefused: 0,
-    longpollSessions: 0,
-  };
 }
 
 /** What every socket of one endpoint shares. */
@@ -148,7 +107,10 @@ export class PhoenixSocket<A> {
       return;
     }
 
-    if (event === 'phx_join') return this.#join(msg);
+    if (event === 'phx_join') {
+      this.#join(msg);
+      return;
+    }
 
     const channel = this.channels.get(topic);
 
@@ -171,7 +133,10 @@ export class PhoenixSocket<A> {
       return;
     }
 
-    if (event === 'phx_leave') return channel.leave(msg.ref);
+    if (event === 'phx_leave') {
+      channel.leave(msg.ref);
+      return;
+    }
     channel.handleIn(event, msg.payload, msg.ref);
   }
 

@@ -4,7 +4,7 @@
  * fleets; channel definitions know nothing of frames, serializers or transports.
  *
  * Channels are thin: every callback returns `{ session, reply?, effects? }` and the engine
- * stores the session and applies the effects (STYLE.md pattern 2).
+ * stores the session and applies the effects.
  */
 import type { IncomingMessage } from 'node:http';
 import type { Logger } from 'pino';
@@ -94,7 +94,7 @@ export interface ChannelDefinition<A, S> {
 export interface ChannelRoute<A> {
   /** A topic or a prefix pattern ending in `*`, e.g. `device:*`. */
   pattern: string;
-  channel: ChannelDefinition<A, any>;
+  channel: ChannelDefinition<A, unknown>;
 }
 
 export interface SocketDefinition<A> {
@@ -120,4 +120,25 @@ export interface PubSubAdapter {
   /** Registers the callback for messages published by other nodes. */
   start(deliver: (message: Message) => void): Promise<void>;
   stop(): Promise<void>;
+}
+
+/** Counters an endpoint exposes; `sockets` and `channels` are live gauges. */
+export interface EndpointStats {
+  sockets: number;
+  channels: number;
+  framesIn: number;
+  framesOut: number;
+  /** Broadcast encodings performed (at most one per serializer per broadcast). */
+  broadcastEncodes: number;
+  /** Broadcast frames written to sockets. */
+  broadcastsDelivered: number;
+  invalidFrames: number;
+  staleFrames: number;
+  unknownEvents: number;
+  channelCrashes: number;
+  oversizedFrames: number;
+  idleTimeouts: number;
+  slowConsumers: number;
+  connectsRefused: number;
+  longpollSessions: number;
 }

@@ -8,6 +8,7 @@ import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
+import { createFleethubClient, data, FleethubApiError, type FleethubClient } from 'fleethub/client';
 
 export const DEFAULT_URL = 'http://127.0.0.1:4000';
 
@@ -234,13 +235,19 @@ export function printRows<T>(
   columns: readonly Column<T>[],
   empty = '(none)',
 ): void {
-  if (json) return printJson(io, rows);
+  if (json) {
+    printJson(io, rows);
+    return;
+  }
   io.out(rows.length ? formatTable(rows, columns) : `${empty}\n`);
 }
 
 /** Prints one record as `key: value` lines, or JSON with `--json`. */
 export function printRecord(io: CliIo, json: boolean | undefined, record: Record<string, unknown>): void {
-  if (json) return printJson(io, record);
+  if (json) {
+    printJson(io, record);
+    return;
+  }
   const width = Math.max(...Object.keys(record).map((k) => k.length));
   io.out(
     `${Object.entries(record)
@@ -301,7 +308,7 @@ export function usageError(message: string, usage: string): CliError {
  * Runs a command body and turns failures into an exit code: CliError → its message on stderr
  * (`error: ...`), anything else → the error text. Returns 0 on success.
  */
-export async function runCommand(io: CliIo, body: () => Promise<number | void>): Promise<number> {
+export async function runCommand(io: CliIo, body: () => Promise<number | undefined>): Promise<number> {
   try {
     return (await body()) ?? 0;
   } catch (err) {
@@ -311,5 +318,38 @@ export async function runCommand(io: CliIo, body: () => Promise<number | void>):
     }
     io.err(`error: ${(err as Error).message ?? String(err)}\n`);
     return 1;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The generated client (fleethub/client): typed from the OpenAPI document
+
+/** The typed API client for a command's flags (then environment, then the saved login). */
+export function apiFor(flags: CommonFlags, io: CliIo): FleethubClient {
+  return createFleethubClient(resolveClientOptions(flags, io.env));
+}
+
+/**
+ * The data of a typed client call; an error answer or an unreachable server becomes a
+ * `CliError` with the server's message.
+ */
+export async function call<T>(
+  request: Promise<{ data?: T; error?: unknown; response: Response }>,
+  options: ClientOptions,
+): Promise<Exclude<T, undefined>> {
+  try {
+    return await data(request);
+  } catch (err) {
+    if (err instanceof FleethubApiError) {
+      const message =
+        err.status === 401 && !options.token
+          ? 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN'
+          : err.message;
+      throw new CliError(message, 1, err.status, err.code, err.details);
+    }
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    throw new CliError(
+      `cannot reach ${options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`,
+    );
   }
 }

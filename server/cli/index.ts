@@ -33,6 +33,10 @@ const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = 
     help: 'GRiSP boards (seed 004): firmware packages, logs, linking tokens, validation',
     run: async () => (await import('./grisp.ts')).runGrispCommand,
   },
+  webhooks: {
+    help: 'webhooks: create <url> --events ... | list | show | deliveries | enable | disable | delete',
+    run: async () => (await import('./webhooks.ts')).runWebhooksCommand,
+  },
   wifidogx: {
     help: 'WiFiDogX gateways (seed 001): approve | auth-mode | auth | kickoff | tmp-pass | firmware-info | upgrade | release',
     run: async () => (await import('./wifidogx.ts')).runWifidogxCommand,

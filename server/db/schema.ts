@@ -24,7 +24,6 @@ export interface Database {
 
 type CreatedAt = ColumnType<Date, Date | string | undefined, never>;
 type Timestamp = ColumnType<Date, Date | string, Date | string>;
-type Json<T> = ColumnType<T, string, string>;
 
 export interface OrgsTable {
   id: Generated<string>;

@@ -12,7 +12,7 @@ import {
   type UpdateReportEvent,
 } from '../fleet/index.ts';
 import type { DeviceJoinParams } from '../../shared/protocol.ts';
-import type { DeviceAssigns, DeviceSocketOptions, DeviceSocketStats } from './index.ts';
+import type { DeviceAssigns, DeviceSocketOptions, DeviceSocketStats } from './types.ts';
 import { deviceErrorReply, UNKNOWN_EVENT } from './replies.ts';
 
 /** Plain data kept per device channel. */

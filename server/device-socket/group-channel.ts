@@ -1,6 +1,6 @@
 import type { ChannelDefinition } from '../channels/types.ts';
 import { isGroupMember, NAME_PATTERN, Topics, type FleetContext } from '../fleet/index.ts';
-import type { DeviceAssigns, DeviceSocketStats } from './index.ts';
+import type { DeviceAssigns, DeviceSocketStats } from './types.ts';
 import { UNKNOWN_EVENT } from './replies.ts';
 
 export type GroupSession = Record<string, never>;

@@ -1,8 +1,8 @@
 import type { Selectable } from 'kysely';
 import type { AuditLogTable } from '../db/schema.ts';
 import type { FleetContext } from './context.ts';
-import type { Page } from './devices.ts';
-import { isUuid, pageBounds } from './errors.ts';
+import { isUuid } from './errors.ts';
+import { type Page, pageBounds } from './paging.ts';
 
 export type AuditRecord = Selectable<AuditLogTable>;
 

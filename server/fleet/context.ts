@@ -48,6 +48,25 @@ export function pubsubBus(pubsub: {
 }
 
 /**
+ * A bus that hands every event to `observer` once it is published (webhook deliveries queue
+ * here, so they see each fleet event — domain and edges alike — after its change committed).
+ * Awaited like the publish; an observer failure is logged, the change stands.
+ */
+export function observedBus(bus: FleetBus, observer: (event: FleetEvent) => Promise<void>, log: Logger): FleetBus {
+  return {
+    async publish(topic, event, payload) {
+      try {
+        await bus.publish(topic, event, payload);
+      } finally {
+        await observer({ topic, event, payload }).catch((err: unknown) =>
+          log.error({ err, topic, event }, 'fleet event observer failed'),
+        );
+      }
+    },
+  };
+}
+
+/**
  * Runs `fn` in one transaction and publishes the events it queued only after the commit, so a
  * receiver that reads the database sees the change. Publishing is best-effort after the commit:
  * a failure is logged, the change stands.

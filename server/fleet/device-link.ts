@@ -10,7 +10,8 @@
 import type { Device, DeviceProtocol, Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
 import type { DeviceJoinParams, FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import type { Logger } from '../log.ts';
-import type { FleetContext } from './context.ts';
+import { sql } from 'kysely';
+import { publishAll, Topics, type FleetContext } from './context.ts';
 import { deviceDisconnected, deviceJoined } from './connections.ts';
 import { edgeDeviceOnline, markEdgeDeviceConnected, recordUpdateSent, type EdgeOnlineOutcome } from './edge-devices.ts';
 import { FleetError, type FleetErrorCode } from './errors.ts';
@@ -447,4 +448,48 @@ export async function currentUpdate(
     .where('id', '=', attempt.firmware_id)
     .executeTakeFirstOrThrow();
   return { attempt, firmware };
+}
+
+/** The version of `component` the device last reported running (null when it never did). */
+export async function runningVersion(
+  ctx: FleetContext,
+  session: LinkSession,
+  component = 'firmware',
+): Promise<string | null> {
+  const row = await ctx.db
+    .selectFrom('device_components')
+    .select('version')
+    .where('device_id', '=', session.deviceId)
+    .where('component', '=', component)
+    .executeTakeFirst();
+  return row?.version ?? null;
+}
+
+/**
+ * Marks devices of `protocol` offline whose last word is older than `offlineAfterMs`: the
+ * presence sweep of protocols without a connection to lose (Main Server heartbeats). Idempotent,
+ * database time: safe on every node. Returns how many went offline.
+ */
+export async function sweepSilentDevices(
+  ctx: FleetContext,
+  protocol: DeviceProtocol,
+  offlineAfterMs: number,
+): Promise<number> {
+  const rows = await ctx.db
+    .updateTable('devices')
+    .set({ connection_status: 'offline', connected_node: null, updated_at: sql<Date>`now()` })
+    .where('protocol', '=', protocol)
+    .where('connection_status', '=', 'online')
+    .where(sql<boolean>`last_seen_at < now() - make_interval(secs => ${offlineAfterMs / 1000})`)
+    .returning(['id', 'org_id'])
+    .execute();
+  await publishAll(
+    ctx,
+    rows.map((r) => ({
+      topic: Topics.operator(r.org_id),
+      event: 'device_status',
+      payload: { device_id: r.id, status: 'offline', protocol },
+    })),
+  );
+  return rows.length;
 }

@@ -4,13 +4,9 @@ import type { Db } from '../db/index.ts';
 import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol } from '../db/schema.ts';
 import { groupTopic } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext } from './context.ts';
-import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound, pageBounds } from './errors.ts';
+import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound } from './errors.ts';
+import { type Page, pageBounds } from './paging.ts';
 import { getProduct } from './orgs.ts';
-
-export interface Page<T> {
-  items: T[];
-  total: number;
-}
 
 export interface CreateDeviceInput {
   orgId: string;
@@ -143,6 +139,97 @@ export async function getDevice(ctx: FleetContext, orgId: string, deviceId: stri
 export async function findDevice(db: Db, orgId: string, deviceId: string): Promise<Device | undefined> {
   if (!isUuid(orgId) || !isUuid(deviceId)) return undefined;
   return db.selectFrom('devices').selectAll().where('id', '=', deviceId).where('org_id', '=', orgId).executeTakeFirst();
+}
+
+/** A device by id in whatever org: for edges, whose own tables hold device ids. */
+export async function deviceById(db: Db, deviceId: string): Promise<Device | undefined> {
+  if (!isUuid(deviceId)) return undefined;
+  return db.selectFrom('devices').selectAll().where('id', '=', deviceId).executeTakeFirst();
+}
+
+/** SQL: when the device `deviceId` names was last revoked (null: never), for edges' credential checks. */
+export function deviceRevokedAtSql(deviceId: RawBuilder<unknown>): RawBuilder<Date | null> {
+  return sql<Date | null>`(SELECT d.revoked_at FROM devices d WHERE d.id = ${deviceId})`;
+}
+
+/** SQL: the device `deviceId` names exists. */
+export function deviceExistsSql(deviceId: RawBuilder<unknown>): RawBuilder<boolean> {
+  return sql<boolean>`EXISTS (SELECT 1 FROM devices d WHERE d.id = ${deviceId})`;
+}
+
+/** Devices by id (edges pair their own rows with these), in no particular order. */
+export async function devicesByIds(db: Db, deviceIds: readonly string[]): Promise<Device[]> {
+  const ids = deviceIds.filter(isUuid);
+  if (ids.length === 0) return [];
+  return db.selectFrom('devices').selectAll().where('id', 'in', ids).execute();
+}
+
+export interface ProductDeviceFilter {
+  protocol: DeviceProtocol;
+  approval?: DeviceApproval;
+  orderBy?: 'identifier' | 'created_at';
+}
+
+/** A product's devices of one protocol (an edge's devices), by identifier unless told otherwise. */
+export async function listProductDevices(db: Db, productId: string, filter: ProductDeviceFilter): Promise<Device[]> {
+  if (!isUuid(productId)) return [];
+  let q = db
+    .selectFrom('devices')
+    .selectAll()
+    .where('product_id', '=', productId)
+    .where('protocol', '=', filter.protocol);
+  if (filter.approval) q = q.where('approval', '=', filter.approval);
+  return q.orderBy(filter.orderBy ?? 'identifier').execute();
+}
+
+/** A product's device of `protocol` by identifier, or by id too when `byId`. */
+export async function findProductDevice(
+  db: Db,
+  productId: string,
+  protocol: DeviceProtocol,
+  ref: string,
+  options: { byId?: boolean } = {},
+): Promise<Device | undefined> {
+  if (!isUuid(productId)) return undefined;
+  return db
+    .selectFrom('devices')
+    .selectAll()
+    .where('product_id', '=', productId)
+    .where('protocol', '=', protocol)
+    .where((eb) =>
+      options.byId && isUuid(ref)
+        ? eb.or([eb('id', '=', ref), eb('identifier', '=', ref)])
+        : eb('identifier', '=', ref),
+    )
+    .executeTakeFirst();
+}
+
+/** Devices of a product that report running `component` and are not members of `groupId`. */
+export async function componentDevicesOutsideGroup(
+  db: Db,
+  productId: string,
+  component: string,
+  groupId: string,
+): Promise<string[]> {
+  const rows = await db
+    .selectFrom('device_components')
+    .innerJoin('devices', 'devices.id', 'device_components.device_id')
+    .select('devices.id')
+    .where('devices.product_id', '=', productId)
+    .where('device_components.component', '=', component)
+    .where((eb) =>
+      eb.not(
+        eb.exists(
+          eb
+            .selectFrom('group_devices')
+            .select('device_id')
+            .whereRef('group_devices.device_id', '=', 'devices.id')
+            .where('group_devices.group_id', '=', groupId),
+        ),
+      ),
+    )
+    .execute();
+  return rows.map((r) => r.id);
 }
 
 /** Changes a device's description and/or tags. */

@@ -17,7 +17,7 @@ import { inTransaction, Topics, type FleetContext } from './context.ts';
 import { deviceDisconnected } from './connections.ts';
 import { getDevice } from './devices.ts';
 import { FleetError, isUuid } from './errors.ts';
-import { stepColumns, TRANSITIONS, UNFINISHED_STATES } from './link-table.ts';
+import { OPEN_STATES, stepColumns, TRANSITIONS, UNFINISHED_STATES } from './link-table.ts';
 import { reconcileAttempts } from './reconcile.ts';
 import { catalogueFirmwareByVersion, recordRunningComponent, reportedLabel } from './running-firmware.ts';
 import { settleAttemptsOnJoin, transitionEvent } from './updates.ts';
@@ -425,6 +425,22 @@ export async function recordUpdateSent(
       .where('state', 'in', TRANSITIONS.send.from)
       .orderBy('created_at', 'desc')
       .executeTakeFirst();
+    // One open attempt per component: an update for other firmware in flight is not superseded here.
+    const other =
+      !open &&
+      (await trx
+        .selectFrom('update_attempts')
+        .select(['to_version', 'state'])
+        .where('device_id', '=', device.id)
+        .where('component', '=', firmware.component)
+        .where('state', 'in', OPEN_STATES)
+        .executeTakeFirst());
+    if (other)
+      throw new FleetError(
+        'conflict',
+        `an update to ${other.to_version} is ${other.state} for this device; it must end before another is sent`,
+        { state: other.state, version: other.to_version },
+      );
     const attempt = open
       ? await trx
           .updateTable('update_attempts')
@@ -506,8 +522,9 @@ function validEdgeIdentifier(value: unknown): string {
 
 /**
  * Marks an edge device online on this node before its version is known (e.g. a WiFiDogX gateway
- * that has not answered get_firmware_info yet, or a pending device). Returns the connection time
- * to pass to `edgeDeviceOffline`.
+ * that has not answered get_firmware_info yet, a pending device, a keyauth heartbeat). Returns the
+ * connection time to pass to `edgeDeviceOffline`. A device that is gone is `not_found`, a revoked
+ * one `forbidden`.
  */
 export async function markEdgeDeviceConnected(ctx: FleetContext, ref: EdgeDeviceRef): Promise<string> {
   const connectedAt = new Date();
@@ -522,20 +539,28 @@ export async function markEdgeDeviceConnected(ctx: FleetContext, ref: EdgeDevice
       })
       .where('id', '=', ref.deviceId)
       .where('org_id', '=', ref.orgId)
+      .where('approval', '<>', 'revoked')
       .returning(['id', 'protocol', 'approval'])
       .executeTakeFirst();
-    if (row)
-      outbox.push({
-        topic: Topics.operator(ref.orgId),
-        event: 'device_status',
-        payload: {
-          device_id: row.id,
-          status: 'online',
-          node: ctx.nodeName,
-          protocol: row.protocol,
-          approval: row.approval,
-        },
-      });
+    if (!row) {
+      const gone = !(await trx.selectFrom('devices').select('id').where('id', '=', ref.deviceId).executeTakeFirst());
+      throw gone
+        ? new FleetError('not_found', 'this device is not registered', { device_id: ref.deviceId })
+        : new FleetError('forbidden', 'this device is revoked; an operator must approve it again', {
+            approval: 'revoked',
+          });
+    }
+    outbox.push({
+      topic: Topics.operator(ref.orgId),
+      event: 'device_status',
+      payload: {
+        device_id: row.id,
+        status: 'online',
+        node: ctx.nodeName,
+        protocol: row.protocol,
+        approval: row.approval,
+      },
+    });
   });
   return connectedAt.toISOString();
 }

@@ -4,11 +4,12 @@ import type { Db } from '../db/index.ts';
 import type { Device, Group } from '../db/schema.ts';
 import { groupTopic } from '../../shared/protocol.ts';
 import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { certificateUsableSql, listDevices, type Page } from './devices.ts';
+import { certificateUsableSql, listDevices } from './devices.ts';
 import { FleetError, isUniqueViolation, isUuid, notFound, validName } from './errors.ts';
 import { getProduct } from './orgs.ts';
-import { pushCreatedAttempts } from './targets.ts';
+import type { Page } from './paging.ts';
 import { reconcileAttempts } from './reconcile.ts';
+import { pushCreatedAttempts } from './updates.ts';
 
 export type GroupWithCount = Group & { device_count: number; topic: string };
 

@@ -15,7 +15,15 @@
 export type { Actor } from '../audit.ts';
 export { SYSTEM } from '../audit.ts';
 export type { Device, Firmware, Group, UpdateAttempt, UpdateState, ConnectionStatus } from '../db/schema.ts';
-export { inTransaction, pubsubBus, Topics, type FleetBus, type FleetContext, type FleetEvent } from './context.ts';
+export {
+  inTransaction,
+  observedBus,
+  pubsubBus,
+  Topics,
+  type FleetBus,
+  type FleetContext,
+  type FleetEvent,
+} from './context.ts';
 export { FleetError, NAME_PATTERN, isUuid, validName, validVersion, type FleetErrorCode } from './errors.ts';
 export {
   createOrg,
@@ -40,8 +48,8 @@ export {
   deviceGroupTopics,
   type CreateDeviceInput,
   type DeviceFilter,
-  type Page,
 } from './devices.ts';
+export type { Page } from './paging.ts';
 export {
   createGroup,
   listGroups,

@@ -130,8 +130,12 @@ export class ProgressBatcher<R extends ProgressReport> {
       const attempt = applied.get(key);
       if (attempt)
         void published.then(
-          () => same.forEach((p) => p.resolve(attempt)),
-          (err: unknown) => same.forEach((p) => p.reject(err)),
+          () => {
+            for (const p of same) p.resolve(attempt);
+          },
+          (err: unknown) => {
+            for (const p of same) p.reject(err);
+          },
         );
       else void this.#applyEach(same);
     }

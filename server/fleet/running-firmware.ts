@@ -114,3 +114,17 @@ export async function linkRunningDevices(
     trx,
   );
 }
+
+/** What each of `deviceIds` reports running, component by component (by component name). */
+export async function runningComponentsOf(
+  db: Db,
+  deviceIds: readonly string[],
+): Promise<{ device_id: string; component: string; version: string | null }[]> {
+  if (deviceIds.length === 0) return [];
+  return db
+    .selectFrom('device_components')
+    .select(['device_id', 'component', 'version'])
+    .where('device_id', 'in', deviceIds)
+    .orderBy('component')
+    .execute();
+}

@@ -4,7 +4,7 @@ import type { Db } from '../db/index.ts';
 import type { Firmware, TargetsTable } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
 import { getDevice } from './devices.ts';
-import { FleetError, isUuid, notFound } from './errors.ts';
+import { FleetError, isUuid } from './errors.ts';
 import { getFirmware } from './firmware.ts';
 import { getGroup } from './groups.ts';
 import {
@@ -13,7 +13,7 @@ import {
   resolveTargets,
   type CreatedAttempt,
 } from './reconcile.ts';
-import { firmwareUpdatePayload } from './updates.ts';
+import { firmwareUpdatePayload, pushCreatedAttempts } from './updates.ts';
 
 export type Target = Selectable<TargetsTable>;
 
@@ -262,25 +262,6 @@ export async function listTargets(
   if (filter.groupId) query = query.where('group_id', '=', filter.groupId);
   if (filter.deviceId) query = query.where('device_id', '=', filter.deviceId);
   return query.orderBy('set_at', 'desc').execute();
-}
-
-/** Queues `firmware_update` on the device topic of every `sent` attempt (one payload per firmware). */
-export async function pushCreatedAttempts(
-  ctx: FleetContext,
-  trx: Db,
-  outbox: FleetEvent[],
-  created: CreatedAttempt[],
-): Promise<void> {
-  const sent = created.filter((a) => a.state === 'sent');
-  if (sent.length === 0) return;
-  const ids = [...new Set(sent.map((a) => a.firmware_id))];
-  const firmware = await trx.selectFrom('firmware').selectAll().where('id', 'in', ids).execute();
-  const payloads = new Map(firmware.map((f) => [f.id, firmwareUpdatePayload(ctx, f)]));
-  for (const a of sent) {
-    const payload = payloads.get(a.firmware_id);
-    if (!payload) throw notFound('firmware', a.firmware_id);
-    outbox.push({ topic: Topics.device(a.device_id), event: 'firmware_update', payload: { ...payload } });
-  }
 }
 
 async function upsertTarget(

@@ -14,8 +14,8 @@ import type { Db } from '../db/index.ts';
 import type { Firmware, UpdateAttempt, UpdateState } from '../db/schema.ts';
 import type { FirmwareUpdatePayload } from '../../shared/protocol.ts';
 import { inTransaction, publishAll, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { FleetError, isUuid, pageBounds } from './errors.ts';
-import type { Page } from './devices.ts';
+import { FleetError, isUuid, notFound } from './errors.ts';
+import { type Page, pageBounds } from './paging.ts';
 import { ProgressBatcher, type ProgressBatchStats, type ProgressReport } from './progress-batch.ts';
 import {
   fromSql,
@@ -26,6 +26,7 @@ import {
   UPDATE_STATES,
   type AttemptEvent,
 } from './link-table.ts';
+import type { CreatedAttempt } from './reconcile.ts';
 
 export { OPEN_STATES, UPDATE_STATES };
 
@@ -428,4 +429,23 @@ export async function countUpdateStates(
     .execute();
   for (const r of rows) counts[r.state] = Number(r.n);
   return counts;
+}
+
+/** Queues `firmware_update` on the device topic of every `sent` attempt (one payload per firmware). */
+export async function pushCreatedAttempts(
+  ctx: FleetContext,
+  trx: Db,
+  outbox: FleetEvent[],
+  created: CreatedAttempt[],
+): Promise<void> {
+  const sent = created.filter((a) => a.state === 'sent');
+  if (sent.length === 0) return;
+  const ids = [...new Set(sent.map((a) => a.firmware_id))];
+  const firmware = await trx.selectFrom('firmware').selectAll().where('id', 'in', ids).execute();
+  const payloads = new Map(firmware.map((f) => [f.id, firmwareUpdatePayload(ctx, f)]));
+  for (const a of sent) {
+    const payload = payloads.get(a.firmware_id);
+    if (!payload) throw notFound('firmware', a.firmware_id);
+    outbox.push({ topic: Topics.device(a.device_id), event: 'firmware_update', payload: { ...payload } });
+  }
 }

@@ -3,7 +3,7 @@ import type { DetailedPeerCertificate, PeerCertificate } from 'node:tls';
 import { sql } from 'kysely';
 import { audit, SYSTEM } from '../audit.ts';
 import type { Db } from '../db/index.ts';
-import type { DeviceProtocol } from '../db/schema.ts';
+import type { DeviceProtocol, SignerCa } from '../db/schema.ts';
 import { fingerprintOfDer, parseCertificateDer } from './certificate.ts';
 import { inTransaction } from './signer-cas.ts';
 
@@ -184,11 +184,7 @@ export function issuerChain(peer: PeerCertificate | DetailedPeerCertificate): X5
   return chain;
 }
 
-interface SignerCaRow {
-  id: string;
-  org_id: string;
-  product_id: string;
-}
+type SignerCaRow = Pick<SignerCa, 'id' | 'org_id' | 'product_id'>;
 
 /**
  * The nearest registered signer CA in the peer's issuer chain (as Node built it from the
@@ -212,7 +208,8 @@ async function findSignerCa(
     .select(['id', 'org_id', 'product_id', 'fingerprint_sha256', 'not_after'])
     .where('fingerprint_sha256', 'in', fingerprints)
     .execute();
-  const index = fingerprints.findIndex((f) => rows.some((r) => r.fingerprint_sha256 === f));
+  const known = new Set(rows.map((r) => r.fingerprint_sha256));
+  const index = fingerprints.findIndex((f) => known.has(f));
   if (index < 0) return notRegistered;
   const row = rows.find((r) => r.fingerprint_sha256 === fingerprints[index])!;
   if (row.not_after.getTime() <= Date.now())

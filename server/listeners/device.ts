@@ -334,7 +334,10 @@ class LiveConnections {
     );
     if (revokedAt >= startedAt) return false;
     let sockets = this.#byDevice.get(identity.deviceId);
-    if (!sockets) this.#byDevice.set(identity.deviceId, (sockets = new Map()));
+    if (!sockets) {
+      sockets = new Map();
+      this.#byDevice.set(identity.deviceId, sockets);
+    }
     if (sockets.has(socket)) return true;
     sockets.set(socket, { certificateId: identity.certificateId, notAfter: identity.notAfter.getTime() });
     socket.once('close', () => {

@@ -16,6 +16,21 @@ import { registerOperatorSocket } from '../../server/api/socket.ts';
 import type { Role } from '../../server/db/schema.ts';
 import { createTestDatabase } from '../helpers/db.ts';
 
+/** The API's error answer, as tests read it. */
+export interface ErrorAnswer {
+  error: {
+    code: string;
+    message: string;
+    details: { field?: string; device_id?: string; reason?: string; issues: Array<{ path: string }> };
+  };
+}
+
+/** A list answer. */
+export interface Items<T> {
+  items: T[];
+  total: number;
+}
+
 export interface TestApi {
   url: string;
   app: FastifyInstance;
@@ -26,7 +41,8 @@ export interface TestApi {
   signerCaChanges: number;
   /** Logs in (creating the user first) and returns a JWT. */
   userToken(email: string, role: Role, orgId: string | null): Promise<string>;
-  call(method: string, path: string, token?: string, body?: unknown): Promise<{ status: number; body: any }>;
+  /** Calls the API; `T` is the shape of the JSON answer the caller expects (read, then asserted on). */
+  call<T = unknown>(method: string, path: string, token?: string, body?: unknown): Promise<{ status: number; body: T }>;
   /** A firmware record with an image, as an upload would create it. */
   firmware(orgId: string, productId: string, version: string): Promise<{ id: string }>;
   close(): Promise<void>;
@@ -64,7 +80,12 @@ export async function startTestApi(options: Pick<ApiDeps, 'loginThrottle'> = {})
   if (!address || typeof address === 'string') throw new Error('no TCP address');
   const url = `http://127.0.0.1:${address.port}`;
 
-  async function call(method: string, path: string, token?: string, body?: unknown) {
+  async function call<T>(
+    method: string,
+    path: string,
+    token?: string,
+    body?: unknown,
+  ): Promise<{ status: number; body: T }> {
     const headers: Record<string, string> = {};
     if (token) headers.authorization = `Bearer ${token}`;
     if (body !== undefined) headers['content-type'] = 'application/json';
@@ -87,9 +108,9 @@ export async function startTestApi(options: Pick<ApiDeps, 'loginThrottle'> = {})
     call,
     async userToken(email: string, role: Role, orgId: string | null) {
       await createUser(handle.db, { email, password: PASSWORD, role, orgId });
-      const res = await call('POST', '/api/v1/auth/login', undefined, { email, password: PASSWORD });
+      const res = await call<{ token: string }>('POST', '/api/v1/auth/login', undefined, { email, password: PASSWORD });
       if (res.status !== 200) throw new Error(`login failed: ${JSON.stringify(res.body)}`);
-      return res.body.token as string;
+      return res.body.token;
     },
     async firmware(orgId: string, productId: string, version: string) {
       const sha256 = randomBytes(32).toString('hex');

@@ -16,18 +16,31 @@ import { DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, openSocket, pushAndWait } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import type { ErrorAnswer } from './harness.ts';
 
 let server: TestServer;
 const logLines: Array<{ level: number; msg: string }> = [];
 const sockets: Socket[] = [];
 
+/** A Main Server route's error answer, in the shape the original server used. */
+interface MainServerError {
+  error: string;
+  details: string;
+}
+
+/** A Phoenix error reply from the device channels. */
+interface JoinRefusal {
+  reason: string;
+  details: { code?: string; field?: string };
+}
+
 /** A raw request: `body` is sent as written, so `\u0000` and `\ud800` escapes reach the server's JSON parser. */
-async function raw(
+async function raw<T = ErrorAnswer>(
   method: string,
   url: string,
   body?: string,
   o: { token?: string | null; type?: string } = {},
-): Promise<{ status: number; body: any }> {
+): Promise<{ status: number; body: T }> {
   const token = o.token === undefined ? server.adminToken : o.token;
   const res = await fetch(`${server.apiUrl}${url}`, {
     method,
@@ -42,7 +55,7 @@ async function raw(
 }
 
 function assertRefused(
-  res: { status: number; body: any },
+  res: { status: number; body: ErrorAnswer },
   field: string,
   problem: 'nul' | 'lone_surrogate' = 'nul',
 ): void {
@@ -148,7 +161,7 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
 
     test('a NUL in the Main Server register-device name is 400 in the seed shape, and no device is registered', async () => {
       const devices = await count('devices');
-      const res = await raw(
+      const res = await raw<MainServerError>(
         'POST',
         '/api/main-server/register-device',
         '{"device_id":"pi-nul","name":"kiosk\\u0000"}',
@@ -161,9 +174,14 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
     });
 
     test('a NUL in the Main Server query-string fallback is 400 naming query.name', async () => {
-      const res = await raw('POST', '/api/main-server/register-device?device_id=pi-q&name=%00', undefined, {
-        token: null,
-      });
+      const res = await raw<MainServerError>(
+        'POST',
+        '/api/main-server/register-device?device_id=pi-q&name=%00',
+        undefined,
+        {
+          token: null,
+        },
+      );
       assert.equal(res.status, 400, JSON.stringify(res.body));
       assert.match(res.body.details, /^query\.name contains a NUL character/);
     });
@@ -220,13 +238,13 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
       return socket;
     }
 
-    function joinOutcome(channel: Channel): Promise<{ status: string; response: any }> {
+    function joinOutcome(channel: Channel): Promise<{ status: string; response: JoinRefusal }> {
       return new Promise((resolve) => {
         channel
           .join(5000)
-          .receive('ok', (response: unknown) => resolve({ status: 'ok', response }))
-          .receive('error', (response: unknown) => resolve({ status: 'error', response }))
-          .receive('timeout', () => resolve({ status: 'timeout', response: null }));
+          .receive('ok', (response: JoinRefusal) => resolve({ status: 'ok', response }))
+          .receive('error', (response: JoinRefusal) => resolve({ status: 'error', response }))
+          .receive('timeout', () => resolve({ status: 'timeout', response: { reason: 'timeout', details: {} } }));
       });
     }
 
@@ -263,7 +281,7 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
         errors: ['disk\u0000full'],
       });
       assert.equal(reply.status, 'error');
-      assert.equal((reply.response as any).details.field, 'payload.errors[0]');
+      assert.equal((reply.response.details as JoinRefusal['details']).field, 'payload.errors[0]');
     });
   });
 
@@ -294,7 +312,7 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
         key: tls.key,
         ca: tls.ca,
       });
-      const reply = new Promise<any>((resolve) =>
+      const reply = new Promise<{ error: { code: number; data: string } }>((resolve) =>
         ws.on('message', (data) => {
           const m = JSON.parse(data.toString());
           if (m.id === 'gate-1') resolve(m);
@@ -318,7 +336,7 @@ describe(`the input gate (${DATABASE_KIND})`, () => {
         .digest('hex');
       const socket = net.connect({ host: '127.0.0.1', port: server.keyauth!.port });
       let buffer = '';
-      const line = new Promise<any>((resolve) =>
+      const line = new Promise<{ code: number; error: { type: string; msg: string } }>((resolve) =>
         socket.on('data', (chunk) => {
           buffer += chunk.toString();
           const nl = buffer.indexOf('\n');

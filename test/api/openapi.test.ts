@@ -9,6 +9,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { redoclyLint, spectralLint } from '../helpers/openapi-lint.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import type { Items } from './harness.ts';
 
 /** Redocly warnings the document keeps on purpose: `rule pointer` → why. */
 const ACCEPTED_WARNINGS: Record<string, string> = {
@@ -20,20 +21,35 @@ type Operation = {
   operationId?: string;
   parameters?: Array<{ name: string; in: string }>;
   requestBody?: { content: Record<string, unknown> };
-  responses: Record<string, { content?: Record<string, { schema: Record<string, any> }> }>;
+  responses: Record<string, { content?: Record<string, { schema: Schema }> }>;
 };
+
+/** The parts of a JSON schema these tests read. */
+interface Schema {
+  type?: string;
+  format?: string;
+  $ref?: string;
+  properties: Record<string, Schema>;
+}
+
+/** The parts of the OpenAPI document these tests read. */
+interface OpenApiDocument {
+  servers: Array<{ url: string }>;
+  paths: Record<string, Record<string, Operation>>;
+  components: { schemas: Record<string, Schema> };
+}
 
 describe('OpenAPI document', () => {
   let server: TestServer;
-  let doc: any;
+  let doc: OpenApiDocument;
   const operations: Array<{ method: string; path: string; op: Operation }> = [];
 
   before(async () => {
     server = await startTestServer();
     const res = await fetch(`${server.apiUrl}/api/docs/json`);
     assert.equal(res.status, 200);
-    doc = await res.json();
-    for (const [path, item] of Object.entries(doc.paths as Record<string, Record<string, Operation>>))
+    doc = (await res.json()) as OpenApiDocument;
+    for (const [path, item] of Object.entries(doc.paths))
       for (const [method, op] of Object.entries(item)) operations.push({ method, path, op });
   });
   after(() => server?.close());
@@ -57,7 +73,7 @@ describe('OpenAPI document', () => {
 
   test('servers names the server that serves the document', () => {
     assert.deepEqual(
-      doc.servers.map((s: { url: string }) => s.url),
+      doc.servers.map((s) => s.url),
       [server.apiUrl],
     );
   });
@@ -72,7 +88,7 @@ describe('OpenAPI document', () => {
 
   test('component schemas are named, and every $ref resolves to one', () => {
     const names = Object.keys(doc.components.schemas);
-    assert.ok(names.includes('Device') && names.includes('ApiErrorBody'), names.join());
+    assert.ok(names.includes('Device') && names.includes('ApiErrorBody') && names.includes('Webhook'), names.join());
     assert.deepEqual(
       names.filter((n) => /^def-\d+$/.test(n)),
       [],
@@ -115,9 +131,10 @@ describe('OpenAPI document', () => {
   });
 
   test('uploads have a request body naming the content types they take', () => {
-    const upload = (path: string) => doc.paths[path].post.requestBody?.content ?? {};
+    const upload = (path: string) =>
+      (doc.paths[path]!.post!.requestBody?.content ?? {}) as Record<string, { schema: Schema }>;
     assert.deepEqual(Object.keys(upload('/api/v1/firmware')).sort(), ['application/json', 'application/octet-stream']);
-    assert.deepEqual(upload('/api/v1/firmware')['application/octet-stream'].schema, {
+    assert.deepEqual(upload('/api/v1/firmware')['application/octet-stream']!.schema, {
       type: 'string',
       format: 'binary',
     });
@@ -131,13 +148,13 @@ describe('OpenAPI document', () => {
   test('paging: limit and offset pick a page, total counts every match', async () => {
     for (const name of ['page-a', 'page-b', 'page-c'])
       await server.call('POST', '/api/v1/orgs/default/groups', { product: 'default', name });
-    const all = await server.call('GET', '/api/v1/orgs/default/groups');
-    const page = await server.call('GET', '/api/v1/orgs/default/groups?limit=2&offset=1');
+    const all = await server.call<Items<{ name: string }>>('GET', '/api/v1/orgs/default/groups');
+    const page = await server.call<Items<{ name: string }>>('GET', '/api/v1/orgs/default/groups?limit=2&offset=1');
     assert.equal(all.total, 3);
     assert.equal(page.total, 3);
     assert.deepEqual(
-      page.items.map((g: { name: string }) => g.name),
-      all.items.slice(1, 3).map((g: { name: string }) => g.name),
+      page.items.map((g) => g.name),
+      all.items.slice(1, 3).map((g) => g.name),
     );
     const tooMany = await fetch(`${server.apiUrl}/api/v1/orgs/default/groups?limit=1001`, {
       headers: { authorization: `Bearer ${server.adminToken}` },

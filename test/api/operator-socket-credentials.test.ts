@@ -11,6 +11,12 @@ interface LiveOperator {
   closed: Promise<{ code: number; reason: string }>;
 }
 
+/** The answer to creating an API token. */
+interface CreatedToken {
+  token: string;
+  api_token: { id: string };
+}
+
 describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, () => {
   let api: TestApi;
   let admin: string;
@@ -20,14 +26,14 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
   before(async () => {
     api = await startTestApi();
     admin = await api.userToken('root@example.com', 'admin', null);
-    org = (await api.call('POST', '/api/v1/orgs', admin, { name: 'acme' })).body;
+    org = (await api.call<{ id: string }>('POST', '/api/v1/orgs', admin, { name: 'acme' })).body;
   });
   after(() => api.close());
 
   async function newOperator(): Promise<{ id: string; token: string }> {
     const email = `ops-${++users}@acme.example`;
     const token = await api.userToken(email, 'operator', org.id);
-    const me = await api.call('GET', '/api/v1/auth/me', token);
+    const me = await api.call<{ user: { id: string } }>('GET', '/api/v1/auth/me', token);
     return { id: me.body.user.id, token };
   }
 
@@ -67,7 +73,7 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
 
   test('revoking an API token closes exactly the sockets opened with it', async () => {
     const user = await newOperator();
-    const created = await api.call('POST', '/api/v1/tokens', user.token, { name: 'dashboard-wall' });
+    const created = await api.call<CreatedToken>('POST', '/api/v1/tokens', user.token, { name: 'dashboard-wall' });
     assert.equal(created.status, 201);
     const viaToken = await connect(created.body.token);
     const viaLogin = await connect(user.token);
@@ -79,7 +85,10 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
 
   test('an operator socket is closed when its API token expires', async () => {
     const user = await newOperator();
-    const created = await api.call('POST', '/api/v1/tokens', user.token, { name: 'short-lived', expires_in_days: 1 });
+    const created = await api.call<CreatedToken>('POST', '/api/v1/tokens', user.token, {
+      name: 'short-lived',
+      expires_in_days: 1,
+    });
     assert.equal(created.status, 201);
     const expiresAt = new Date(Date.now() + 1500);
     await api.handle.db
@@ -98,7 +107,7 @@ describe(`live operator sockets follow their credentials (${DATABASE_KIND})`, ()
 
   test("changing a user's role closes the sockets of its logins and of its API tokens", async () => {
     const user = await newOperator();
-    const created = await api.call('POST', '/api/v1/tokens', user.token, { name: 'automation' });
+    const created = await api.call<CreatedToken>('POST', '/api/v1/tokens', user.token, { name: 'automation' });
     const viaLogin = await connect(user.token);
     const viaToken = await connect(created.body.token);
     assert.equal((await api.call('PATCH', `/api/v1/users/${user.id}`, admin, { role: 'viewer' })).status, 200);

@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { RawClient } from '../helpers/phoenix.ts';
-import { PASSWORD, startTestApi, type TestApi } from './harness.ts';
+import { type ErrorAnswer, PASSWORD, startTestApi, type TestApi } from './harness.ts';
 
 describe(`operator sessions (${DATABASE_KIND})`, () => {
   let api: TestApi;
@@ -18,30 +18,30 @@ describe(`operator sessions (${DATABASE_KIND})`, () => {
   before(async () => {
     api = await startTestApi();
     admin = await api.userToken('root@example.com', 'admin', null);
-    org = (await api.call('POST', '/api/v1/orgs', admin, { name: 'acme' })).body;
+    org = (await api.call<{ id: string }>('POST', '/api/v1/orgs', admin, { name: 'acme' })).body;
   });
   after(() => api.close());
 
   async function newOperator(): Promise<{ id: string; email: string; token: string }> {
     const email = `ops-${++users}@acme.example`;
     const token = await api.userToken(email, 'operator', org.id);
-    const me = await api.call('GET', '/api/v1/auth/me', token);
+    const me = await api.call<{ user: { id: string } }>('GET', '/api/v1/auth/me', token);
     assert.equal(me.status, 200);
     return { id: me.body.user.id, email, token };
   }
 
   async function login(email: string, password = PASSWORD): Promise<string> {
-    const res = await api.call('POST', '/api/v1/auth/login', undefined, { email, password });
+    const res = await api.call<{ token: string }>('POST', '/api/v1/auth/login', undefined, { email, password });
     assert.equal(res.status, 200, JSON.stringify(res.body));
     return res.body.token;
   }
 
   /** The 401 a token gets now, with its reason and message. */
   async function refusal(token: string): Promise<{ reason: string; message: string }> {
-    const res = await api.call('GET', '/api/v1/auth/me', token);
+    const res = await api.call<ErrorAnswer>('GET', '/api/v1/auth/me', token);
     assert.equal(res.status, 401, JSON.stringify(res.body));
     assert.equal(res.body.error.code, 'unauthorized');
-    return { reason: res.body.error.details.reason, message: res.body.error.message };
+    return { reason: res.body.error.details.reason ?? '', message: res.body.error.message };
   }
 
   test('logout revokes the session: its JWT gets 401 "session revoked (signed out)"; other sessions keep working', async () => {
@@ -83,8 +83,8 @@ describe(`operator sessions (${DATABASE_KIND})`, () => {
   });
 
   test('an API token is not a session: logout with one answers 400 and the token keeps working', async () => {
-    const created = await api.call('POST', '/api/v1/tokens', admin, { name: 'automation' });
-    const res = await api.call('DELETE', '/api/v1/auth/session', created.body.token);
+    const created = await api.call<{ token: string }>('POST', '/api/v1/tokens', admin, { name: 'automation' });
+    const res = await api.call<ErrorAnswer>('DELETE', '/api/v1/auth/session', created.body.token);
     assert.equal(res.status, 400);
     assert.match(res.body.error.message, /DELETE \/api\/v1\/tokens/);
     assert.equal((await api.call('GET', '/api/v1/auth/me', created.body.token)).status, 200);

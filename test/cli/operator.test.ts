@@ -27,8 +27,12 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     let out = '';
     let err = '';
     const io: CliIo = {
-      out: (t) => void (out += t),
-      err: (t) => void (err += t),
+      out: (t) => {
+        out += t;
+      },
+      err: (t) => {
+        err += t;
+      },
       env: { ...env(), ...extraEnv },
       signal,
     };
@@ -137,7 +141,14 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
   test('status --watch redraws when a live event arrives on the operator socket', async () => {
     const controller = new AbortController();
     let out = '';
-    const io: CliIo = { out: (t) => void (out += t), err: () => undefined, env: env(), signal: controller.signal };
+    const io: CliIo = {
+      out: (t) => {
+        out += t;
+      },
+      err: () => undefined,
+      env: env(),
+      signal: controller.signal,
+    };
     const running = runOperatorCommand(['status', '--watch', '--json'], io);
     await waitFor(() => out.split('\n').filter(Boolean).length >= 1, 10_000, 'first render');
     // Give the socket time to join, then cause an operator event (group deletion).

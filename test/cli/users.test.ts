@@ -16,8 +16,12 @@ describe('fleethub users (embedded database in a data directory)', () => {
     let out = '';
     let err = '';
     const io: CliIo = {
-      out: (t) => void (out += t),
-      err: (t) => void (err += t),
+      out: (t) => {
+        out += t;
+      },
+      err: (t) => {
+        err += t;
+      },
       env: { FLEETHUB_DATA_DIR: dataDir, ...env },
     };
     return { code: await runUsersCommand(argv, io), out, err };

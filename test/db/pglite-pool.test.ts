@@ -5,12 +5,16 @@ import { PGlitePool } from '../../server/db/pglite-pool.ts';
 
 // The embedded database's pool runs data statements as named prepared statements; these specify
 // that this is invisible to callers (PGlite in memory, whatever DATABASE_URL says).
+interface TestDb {
+  items: { id: number; name: string; size: number | null };
+}
+
 let pool: PGlitePool;
-let db: Kysely<any>;
+let db: Kysely<TestDb>;
 
 before(async () => {
   pool = await PGlitePool.open('memory://');
-  db = new Kysely<any>({ dialect: new PostgresDialect({ pool }) });
+  db = new Kysely<TestDb>({ dialect: new PostgresDialect({ pool }) });
   await sql`CREATE TABLE items (id int PRIMARY KEY, name text NOT NULL, size int8)`.execute(db);
 });
 after(async () => {

@@ -72,8 +72,15 @@ async function phoenixDevice(serial: string): Promise<DeviceClient> {
   return client;
 }
 
+/** A keyauth answer line. */
+interface KeyauthAnswer {
+  code: number;
+  data?: Record<string, unknown>;
+  error: { type: string; msg: string };
+}
+
 /** Sends keyauth's 101 for a fresh key on a raw TCP socket; resolves with the first answer line. */
-async function keyauthHello(): Promise<{ fingerprint: string; answer: Record<string, any> }> {
+async function keyauthHello(): Promise<{ fingerprint: string; answer: KeyauthAnswer }> {
   const { publicKey } = generateKeyPairSync('rsa', { modulusLength: 2048 });
   const fingerprint = createHash('sha256')
     .update(publicKey.export({ type: 'spki', format: 'der' }))
@@ -81,7 +88,7 @@ async function keyauthHello(): Promise<{ fingerprint: string; answer: Record<str
   return { fingerprint, answer: await keyauthHelloWith(publicKey.export({ type: 'spki', format: 'pem' }).toString()) };
 }
 
-function keyauthHelloWith(pem: string): Promise<Record<string, any>> {
+function keyauthHelloWith(pem: string): Promise<KeyauthAnswer> {
   return new Promise((resolve, reject) => {
     const socket = net.connect({ host: '127.0.0.1', port: server.keyauth!.port });
     let buffer = '';

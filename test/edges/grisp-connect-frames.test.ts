@@ -14,10 +14,21 @@ import { createLogger } from '../../server/log.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { attemptsOf, uploadGrispPackage } from '../helpers/grisp.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
-import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { type LogLine, startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 
-type Frame = Record<string, any>;
+/** A JSON-RPC frame as the board reads and writes it. */
+interface Frame {
+  [field: string]: unknown;
+  method?: string;
+  params?: { [field: string]: unknown; type?: string };
+}
+
+/** The GRiSP state the API shows for a board. */
+interface GrispState {
+  [field: string]: unknown;
+  system_info: Record<string, unknown>;
+}
 
 /** system_info as grisp_connect_updater answers it on a board ready for an update. */
 function systemInfo(relvsn: string | null, o: Frame = {}): Frame {
@@ -103,7 +114,7 @@ class ScriptedBoard {
 
 let server: TestServer;
 const boards: ScriptedBoard[] = [];
-const logLines: Array<Record<string, any>> = [];
+const logLines: LogLine[] = [];
 
 async function scriptedBoard(answer: (request: Frame) => Frame | undefined): Promise<ScriptedBoard> {
   const b = new ScriptedBoard(`f${process.pid}-${randomBytes(3).toString('hex')}`, answer);
@@ -133,7 +144,7 @@ async function onlineDevice(b: ScriptedBoard) {
 }
 
 async function grispState(deviceId: string) {
-  return server.call<Frame>('GET', `/api/v1/orgs/${server.orgId}/devices/${deviceId}/grisp`);
+  return server.call<GrispState>('GET', `/api/v1/orgs/${server.orgId}/devices/${deviceId}/grisp`);
 }
 
 async function newestAttempt(deviceId: string) {
@@ -355,7 +366,7 @@ describe(`GRiSP edge with grisp_connect's frames (${DATABASE_KIND})`, () => {
     assert.equal(state.system_info.action_required, undefined);
     const order = b.received.filter((f) => f.method === 'get' || f.params?.type === 'validate');
     assert.deepEqual(
-      order.map((f) => f.params.type),
+      order.map((f) => f.params?.type),
       ['system_info', 'validate', 'system_info'],
     );
   });

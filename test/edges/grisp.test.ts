@@ -14,13 +14,13 @@ import { DATABASE_KIND } from '../helpers/db.ts';
 import { attemptsOf, uploadGrispPackage } from '../helpers/grisp.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { createLogger } from '../../server/log.ts';
-import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { type LogLine, startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 
 let server: TestServer;
 const boards: GrispBoard[] = [];
 /** Every line the server logged (info and up), parsed. */
-const logLines: Array<Record<string, any>> = [];
+const logLines: LogLine[] = [];
 let serialN = 0;
 
 async function tlsFor(serial: string) {
@@ -54,6 +54,13 @@ async function deviceOf(b: GrispBoard) {
     .selectAll()
     .where('identifier', '=', `GRiSP2 device ${b.o.serial.split(' ').pop()}`)
     .executeTakeFirst();
+}
+
+/** A JSON-RPC reply as the board reads it. */
+interface RpcReply {
+  id: string | number;
+  result?: unknown;
+  error: { code: number; message: string };
 }
 
 function uploadPackage(version: string, blocks = [randomBytes(3000), randomBytes(5000)]) {
@@ -103,7 +110,10 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
       return d?.connection_status === 'online' && d.firmware_version === '1.2.3' ? d : undefined;
     }, 'the board online');
     assert.equal(device.protocol, 'grisp');
-    const state = await server.call(`GET`, `/api/v1/orgs/${server.orgId}/devices/${device.id}/grisp`);
+    const state = await server.call<Record<string, unknown>>(
+      'GET',
+      `/api/v1/orgs/${server.orgId}/devices/${device.id}/grisp`,
+    );
     assert.equal(state.relvsn, '1.2.3');
     assert.equal(state.relname, 'fleethub_sim');
     assert.equal(state.serial, b.o.serial.split(' ').pop());
@@ -477,12 +487,12 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
     it('answers an unknown method with -32601, echoing a string id unchanged', async () => {
       const r = (await exchange(
         '{"jsonrpc":"2.0","id":"-576460752303423487","method":"frobnicate","params":{}}',
-      )) as Record<string, any>;
+      )) as RpcReply;
       assert.equal(r.id, '-576460752303423487');
       assert.equal(r.error.code, -32601);
     });
     it('answers post without a params.type with -32602', async () => {
-      const r = (await exchange('{"jsonrpc":"2.0","id":7,"method":"post","params":{}}')) as Record<string, any>;
+      const r = (await exchange('{"jsonrpc":"2.0","id":7,"method":"post","params":{}}')) as RpcReply;
       assert.equal(r.id, 7);
       assert.equal(r.error.code, -32602);
     });
@@ -497,7 +507,7 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
           { foo: 1 },
           { jsonrpc: '2.0', id: 'p2', method: 'get', params: { type: 'nothing' } },
         ]),
-      )) as Array<Record<string, any>>;
+      )) as RpcReply[];
       assert.ok(Array.isArray(r));
       assert.equal(r.length, 3);
       assert.deepEqual(r[0], { jsonrpc: '2.0', id: 'p1', result: 'pang' });

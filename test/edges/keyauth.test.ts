@@ -25,6 +25,21 @@ let strict: KeyauthServer;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-keyauth-'));
 const sockets = new Set<net.Socket>();
 
+/** One keyauth line, plain or opened from its envelope, as the tests read it. */
+interface Line {
+  code: number;
+  enc?: string;
+  data: {
+    key: string;
+    fingerprint: string;
+    device_id: string;
+    state: string;
+    update_available: boolean;
+    update: { version: string; sha256: string; url: string };
+  };
+  error: { type: string; msg: string };
+}
+
 /** A raw line-oriented TCP client: `send` a line, `next` the next line, `closed` when the server hangs up. */
 class Wire {
   readonly socket: net.Socket;
@@ -40,8 +55,7 @@ class Wire {
     this.socket.setEncoding('utf8');
     this.socket.on('data', (chunk: string) => {
       this.#buffer += chunk;
-      let nl: number;
-      while ((nl = this.#buffer.indexOf('\n')) >= 0) {
+      for (let nl = this.#buffer.indexOf('\n'); nl >= 0; nl = this.#buffer.indexOf('\n')) {
         const line = this.#buffer.slice(0, nl);
         this.#buffer = this.#buffer.slice(nl + 1);
         const w = this.#waiters.shift();
@@ -63,7 +77,7 @@ class Wire {
     this.socket.write(`${typeof message === 'string' ? message : JSON.stringify(message)}\n`);
   }
 
-  async next(): Promise<any> {
+  async next(): Promise<Line> {
     const line =
       this.#lines.shift() ??
       (this.ended ? null : await new Promise<string | null>((resolve) => this.#waiters.push(resolve)));
@@ -92,7 +106,7 @@ async function authorised(port = server.keyauth!.port): Promise<{
   wire: Wire;
   key: ReturnType<typeof clientKey>;
   serverKey: KeyObject;
-  call(action: string, data?: Record<string, unknown>): Promise<any>;
+  call(action: string, data?: Record<string, unknown>): Promise<Line>;
 }> {
   const key = clientKey();
   const wire = new Wire(port);
@@ -107,7 +121,7 @@ async function authorised(port = server.keyauth!.port): Promise<{
     wire.send(seal(serverKey, { action, data }));
     const reply = await wire.next();
     assert.ok(reply.enc, `expected an envelope, got ${JSON.stringify(reply)}`);
-    return open(key.privateKey, reply);
+    return open(key.privateKey, reply) as Line;
   };
   return { wire, key, serverKey, call };
 }
@@ -211,7 +225,7 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
       await server.database.db
         .selectFrom('devices')
         .select('id')
-        .where('identifier', '=', (status.data as { device_id: string }).device_id)
+        .where('identifier', '=', status.data.device_id)
         .executeTakeFirstOrThrow()
     ).id;
     await server.call('PUT', `/api/v1/orgs/default/devices/${deviceId}/target`, { firmware_id: pkg.package_id });
@@ -294,7 +308,7 @@ describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
     const wire = new Wire(strict.port);
     const key = clientKey();
     wire.socket.write(`${JSON.stringify({ code: 101, data: { key: key.pem } })}\n`.repeat(200));
-    const replies: any[] = [];
+    const replies: Line[] = [];
     for (;;) {
       try {
         replies.push(await wire.next());

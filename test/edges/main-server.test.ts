@@ -21,9 +21,51 @@ let server: TestServer;
 let viewerToken: string;
 const tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-main-server-'));
 
-interface Answer {
+/** A row of `/updates`. */
+interface UpdateRow {
+  device_id: string;
+  extension_id: number;
+  name: string;
+  current_version: string;
+  available_version: string;
+  is_compatible: boolean;
+  update_available: boolean;
+  package_id: string;
+  download_url: string;
+}
+
+/** What the tests read of a Main Server answer; each route fills its part. */
+interface MsBody {
+  status: string;
+  message: string;
+  error: string;
+  details: string;
+  claim_token: string;
+  device_id: string;
+  device_token: string;
+  extension_id: number;
+  package_id: string;
+  package_path: string;
+  sha256: string;
+  update_state: string;
+  version: string;
+  devices: Array<{ id: string; name: string; ip: string; status: string }>;
+  updates: UpdateRow[];
+}
+
+/** The operator API's answer to a package upload. */
+interface PackageBody {
+  error: { code: string };
+  extension_id: number;
+  package_id: string;
+  format: string;
+  version: string;
+  sha256: string;
+}
+
+interface Answer<T = MsBody> {
   status: number;
-  body: any;
+  body: T;
   headers: Headers;
 }
 
@@ -48,21 +90,21 @@ async function ms(
   } catch {
     // binary download
   }
-  return { status: res.status, body, headers: res.headers };
+  return { status: res.status, body: body as MsBody, headers: res.headers };
 }
 
 async function uploadPackage(
   manifest: Record<string, unknown>,
   extra: Array<{ name: string; data: string }> = [],
   raw?: Buffer,
-): Promise<Answer> {
+): Promise<Answer<PackageBody>> {
   const zip = raw ?? createZip([{ name: 'device_update.json', data: JSON.stringify(manifest) }, ...extra]);
   const res = await fetch(`${server.apiUrl}/api/v1/main-server/packages`, {
     method: 'POST',
     headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/zip' },
     body: new Uint8Array(zip),
   });
-  return { status: res.status, body: await res.json(), headers: res.headers };
+  return { status: res.status, body: (await res.json()) as PackageBody, headers: res.headers };
 }
 
 /** Registers `id`, approves it through REST and collects its token with the claim. */
@@ -76,7 +118,7 @@ async function approvedDevice(id: string, extensions: Array<{ name: string; vers
     body: { device_id: id, extensions, claim_token: reg.body.claim_token },
   });
   assert.equal(claimed.status, 200, JSON.stringify(claimed.body));
-  return claimed.body.device_token as string;
+  return claimed.body.device_token;
 }
 
 function assertSeedError(a: Answer, status: number): void {
@@ -186,7 +228,7 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
     const devices = await ms('GET', '/devices', { token: server.adminToken });
     assert.equal(devices.status, 200);
     assert.deepEqual(
-      devices.body.devices.map((d: any) => ({ id: d.id, name: d.name, ip: d.ip, status: d.status })),
+      devices.body.devices.map((d) => ({ id: d.id, name: d.name, ip: d.ip, status: d.status })),
       [{ id: 'raspi-001', name: 'Living Room Display', ip: '192.168.1.100', status: 'online' }],
     );
     assert.equal(await sweepOfflineDevices(server.fleet, 180_000), 0);
@@ -243,7 +285,7 @@ describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
     const updates = await ms('GET', '/updates', { token: server.adminToken });
     assert.equal(updates.status, 200);
     assert.deepEqual(
-      updates.body.updates.map((u: any) => ({
+      updates.body.updates.map((u) => ({
         device_id: u.device_id,
         extension_id: u.extension_id,
         name: u.name,

@@ -16,14 +16,14 @@ import {
 } from '../../server/edges/wifidogx/frames.ts';
 import { simulatorImage, WifidogxGateway } from '../../device-client/simulators/wifidogx.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
-import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { type LogLine, startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 import { createLogger } from '../../server/log.ts';
 import WebSocket from 'ws';
 
 let server: TestServer;
 /** The server's log lines (info and up). */
-const logs: Array<Record<string, any>> = [];
+const logs: LogLine[] = [];
 const gateways: WifidogxGateway[] = [];
 
 function gateway(o: Partial<ConstructorParameters<typeof WifidogxGateway>[0]> = {}): WifidogxGateway {
@@ -65,6 +65,14 @@ async function uploadImage(version: string, image = simulatorImage(version)) {
   );
   assert.equal(res.status, 201, await res.clone().text());
   return (await res.json()) as { id: string };
+}
+
+/** A gateway command as the API shows it. */
+interface Command {
+  id: string;
+  status: string;
+  error?: string;
+  response: { message?: string; data?: Record<string, string> };
 }
 
 describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
@@ -132,7 +140,9 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     assert.equal(reply.op, 'connect');
     assert.equal(typeof reply.req_id, 'string');
     assert.ok(types(g).includes('get_firmware_info'));
-    const state = await server.call('GET', base(g));
+    const state = await server.call<{
+      gateway: { firmware_info: Record<string, string>; device_info: Record<string, string> };
+    }>('GET', base(g));
     assert.equal(state.gateway.firmware_info.DISTRIB_RELEASE, '1.0.0');
     assert.equal(state.gateway.device_info.location_id, 'lab');
   });
@@ -172,7 +182,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
   it('sends operator commands and records the responses and errors', async () => {
     const g = await approved();
     g.addClient('aa:bb:cc:dd:ee:01');
-    const auth = await server.call('POST', `${base(g)}/commands`, {
+    const auth = await server.call<Command>('POST', `${base(g)}/commands`, {
       type: 'auth',
       token: 'tok123',
       client_ip: '10.0.0.5',
@@ -180,30 +190,30 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
       gw_id: 'gw-1',
       once_auth: false,
     });
-    const kick = await server.call('POST', `${base(g)}/commands`, {
+    const kick = await server.call<Command>('POST', `${base(g)}/commands`, {
       type: 'kickoff',
       client_ip: '10.0.0.4',
       client_mac: 'aa:bb:cc:dd:ee:01',
       gw_id: 'gw-1',
     });
-    const kickMissing = await server.call('POST', `${base(g)}/commands`, {
+    const kickMissing = await server.call<Command>('POST', `${base(g)}/commands`, {
       type: 'kickoff',
       client_ip: '10.0.0.9',
       client_mac: 'aa:bb:cc:dd:ee:09',
       gw_id: 'gw-1',
     });
-    const tmp = await server.call('POST', `${base(g)}/commands`, { type: 'tmp_pass', client_mac: 'aa:bb:cc:dd:ee:03' });
-    const info = await server.call('POST', `${base(g)}/commands`, { type: 'get_firmware_info' });
+    const tmp = await server.call<Command>('POST', `${base(g)}/commands`, {
+      type: 'tmp_pass',
+      client_mac: 'aa:bb:cc:dd:ee:03',
+    });
+    const info = await server.call<Command>('POST', `${base(g)}/commands`, { type: 'get_firmware_info' });
     const byId = async () =>
-      new Map(
-        (await server.call<{ items: Array<Record<string, any>> }>('GET', `${base(g)}/commands`)).items.map((c) => [
-          c.id,
-          c,
-        ]),
-      );
+      new Map((await server.call<{ items: Command[] }>('GET', `${base(g)}/commands`)).items.map((c) => [c.id, c]));
     const done = await until(async () => {
       const m = await byId();
-      return [auth, kick, kickMissing, tmp, info].every((c) => !['queued', 'sent'].includes(m.get(c.id)?.status))
+      return [auth, kick, kickMissing, tmp, info].every(
+        (c) => !['queued', 'sent'].includes(m.get(c.id)?.status ?? 'queued'),
+      )
         ? m
         : undefined;
     }, 'commands settled');
@@ -214,7 +224,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     assert.equal(done.get(kickMissing.id)!.status, 'failed');
     assert.equal(done.get(kickMissing.id)!.error, 'Client not found');
     assert.equal(done.get(info.id)!.status, 'succeeded');
-    assert.equal(done.get(info.id)!.response.data.DISTRIB_RELEASE, '1.0.0');
+    assert.equal(done.get(info.id)!.response.data!.DISTRIB_RELEASE, '1.0.0');
     const sentTmp = g.received.find((m) => m.type === 'tmp_pass')!;
     assert.equal(sentTmp.timeout, 300);
     assert.equal(sentTmp.op, 'tmp_pass');
@@ -332,7 +342,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
           .filter((l) => l.reqId !== undefined && JSON.stringify(l).includes(`/fw/${fw.id}/`));
         return mine.length ? mine : undefined;
       }, 'the request logged');
-      assert.equal(lines[0]!.req.url, `/fw/${fw.id}/${device.id}/${url.split('/').at(-2)}/[redacted]`);
+      assert.equal(lines[0]!.req!.url, `/fw/${fw.id}/${device.id}/${url.split('/').at(-2)}/[redacted]`);
       for (const line of logs)
         assert.ok(!JSON.stringify(line).includes(sig), `a log line carries the signature: ${JSON.stringify(line)}`);
     });

@@ -15,6 +15,17 @@ async function digestOf(size: number, seed: number): Promise<string> {
   return hash.digest('hex');
 }
 
+/** The upload route's answer: the firmware record, or the error. */
+interface FirmwareAnswer {
+  id: string;
+  sha256: string;
+  size: number;
+  has_blob: boolean;
+  platform: string;
+  signature: string | null;
+  error: { code: string };
+}
+
 describe(`firmware upload and download (${DATABASE_KIND})`, () => {
   let h: FirmwareHarness;
   let operator: string;
@@ -37,7 +48,7 @@ describe(`firmware upload and download (${DATABASE_KIND})`, () => {
       body: Buffer.isBuffer(body) ? body : (Readable.from(body) as unknown as BodyInit),
       duplex: 'half',
     } as RequestInit);
-    return { status: res.status, body: (await res.json()) as Record<string, any> };
+    return { status: res.status, body: (await res.json()) as FirmwareAnswer };
   }
 
   test('an uploaded image is stored under its sha256 with the right size', async () => {

@@ -519,7 +519,10 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
       let statements = 0;
       const counting = recordingContext(
         handle.db.withPlugin({
-          transformQuery: (args) => (statements++, args.node),
+          transformQuery: (args) => {
+            statements++;
+            return args.node;
+          },
           transformResult: async (args) => args.result,
         }),
       );

@@ -283,7 +283,10 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
     assert.ok(outcome.received < size);
     const next = await new Promise<number>((resolve, reject) =>
       get()
-        .on('response', (res) => (res.resume(), resolve(res.statusCode ?? 0)))
+        .on('response', (res) => {
+          res.resume();
+          resolve(res.statusCode ?? 0);
+        })
         .on('error', reject),
     );
     assert.equal(next, 403);

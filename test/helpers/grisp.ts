@@ -13,7 +13,7 @@ export async function uploadGrispPackage(server: TestServer, version: string, bl
       body: new Uint8Array(body),
     },
   );
-  return { status: res.status, body: (await res.json()) as Record<string, any> };
+  return { status: res.status, body: (await res.json()) as { id: string; format: string; members: number } };
 }
 
 /** A device's update attempts, newest first. */

@@ -9,6 +9,15 @@ import { createUser } from '../../server/api/index.ts';
 import { createTestDatabase } from './db.ts';
 import { getTestPki } from './pki.ts';
 
+/** One structured log line as tests read it. */
+export interface LogLine {
+  msg: string;
+  reqId?: string;
+  url?: string;
+  req?: { url: string };
+  [field: string]: unknown;
+}
+
 export interface TestServer extends RunningServer {
   /** An admin's API token (all orgs) for REST calls. */
   adminToken: string;
@@ -16,7 +25,7 @@ export interface TestServer extends RunningServer {
   orgId: string;
   productId: string;
   /** Calls the operator API as the admin; throws on a non-2xx answer with the server's error. */
-  call<T = any>(method: string, url: string, body?: unknown): Promise<T>;
+  call<T = unknown>(method: string, url: string, body?: unknown): Promise<T>;
   /** `fetch` that trusts the test PKI's root CA, for an API listener on TLS (`apiTls: true`). */
   fetch(
     url: string,

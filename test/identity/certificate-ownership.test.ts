@@ -6,6 +6,7 @@ import { DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, joinChannel, openSocket } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import type { ErrorAnswer, Items } from '../api/harness.ts';
 
 /**
  * A device certificate belongs to the org whose signer CA issued it. The `default` org of the test
@@ -40,12 +41,12 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
   });
 
   /** An API call as `token`, answering status and parsed body (never throws on 4xx). */
-  async function call(
+  async function call<T = ErrorAnswer>(
     token: string,
     method: string,
     url: string,
     body?: unknown,
-  ): Promise<{ status: number; body: any; text: string }> {
+  ): Promise<{ status: number; body: T; text: string }> {
     const res = await fetch(`${server.apiUrl}${url}`, {
       method,
       headers: {
@@ -64,9 +65,12 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
     productId: string,
     identifier: string,
   ): Promise<{ id: string }> {
-    const res = await call(token, 'POST', `/api/v1/orgs/${orgId}/devices`, { product: productId, identifier });
+    const res = await call<{ id: string }>(token, 'POST', `/api/v1/orgs/${orgId}/devices`, {
+      product: productId,
+      identifier,
+    });
     assert.equal(res.status, 201, res.text);
-    return res.body as { id: string };
+    return res.body;
   }
 
   /** Connects over mutual TLS with `cred`, joins `device:<uuid>` and answers the device row the server attached. */
@@ -100,8 +104,8 @@ describe(`device certificates belong to their issuer's org (${DATABASE_KIND})`, 
     assert.equal(refused.body.error.code, 'invalid');
     assert.match(refused.body.error.message, /not issued by a signer CA of this organization/);
     assert.equal(
-      (await call(rival.token, 'GET', `/api/v1/orgs/${rival.orgId}/devices/${decoy.id}/certificates`)).body.items
-        .length,
+      (await call<Items<unknown>>(rival.token, 'GET', `/api/v1/orgs/${rival.orgId}/devices/${decoy.id}/certificates`))
+        .body.items.length,
       0,
     );
 

@@ -58,7 +58,12 @@ describe(`device listener over mutual TLS (${DATABASE_KIND})`, () => {
     orgId = org.id;
     productId = product.id;
     // Started with no signer CA at all: the listener must still come up (placeholder trust).
-    const sink = new Writable({ write: (chunk: Buffer, _enc, done) => (logLines.push(String(chunk)), done()) });
+    const sink = new Writable({
+      write: (chunk: Buffer, _enc, done) => {
+        logLines.push(String(chunk));
+        done();
+      },
+    });
     const log = pino({ level: 'info', redact: { paths: REDACT_PATHS, censor: '[redacted]' } }, sink);
     listener = await createDeviceListener({
       db: handle.db,

@@ -24,7 +24,7 @@ const operator: Actor = { type: 'operator', id: 'op-1' };
 /** The shape Node's `getPeerCertificate(true)` gives for a leaf and its chain (only what we read). */
 function peerOf(...pems: string[]): DetailedPeerCertificate {
   const certs = pems.map((pem) => ({ raw: new X509Certificate(pem).raw }) as DetailedPeerCertificate);
-  certs.forEach((c, i) => (c.issuerCertificate = certs[i + 1] ?? c));
+  for (const [i, c] of certs.entries()) c.issuerCertificate = certs[i + 1] ?? c;
   return certs[0]!;
 }
 

@@ -341,7 +341,6 @@ export class GrispConnection {
   }
 
   async #onStartUpdateAnswer(target: Firmware, answer: Answer, retried: boolean): Promise<void> {
-    const fleet = this.#deps.fleet;
     if ('result' in answer) {
       this.#log.info({ version: target.version }, 'update started');
       return;

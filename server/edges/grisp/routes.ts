@@ -205,7 +205,7 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
         if (!orgRef) throw new ApiError(400, 'invalid', 'pass org=<org id or name> with the product', { field: 'org' });
         const org = await resolveOrg(fleet, request.operator, orgRef);
         const product = await getProduct(fleet, org.id, q.product);
-        let result;
+        let result: Awaited<ReturnType<typeof ingestFirmware>>;
         try {
           result = await ingestFirmware(
             deps,

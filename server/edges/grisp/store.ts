@@ -3,6 +3,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { sql, type ColumnType, type Generated } from 'kysely';
 import { audit, type Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
+import { deviceById } from '../../fleet/devices.ts';
 
 declare module '../../db/schema.ts' {
   interface Database {
@@ -270,9 +271,7 @@ export async function linkDevice(
     if (!row || row.org_id !== device.orgId || row.used_at) return { ok: false as const, error: LinkErrors.invalid };
     if (row.expires_at.getTime() <= Date.now()) return { ok: false as const, error: LinkErrors.expired };
     // Read now, not from the connection: an operator may have changed it since the board connected.
-    const approval = (
-      await trx.selectFrom('devices').select('approval').where('id', '=', device.deviceId).executeTakeFirst()
-    )?.approval;
+    const approval = (await deviceById(trx, device.deviceId))?.approval;
     if (approval !== 'approved') return { ok: false as const, error: LinkErrors.notLinked };
     const state = await trx
       .selectFrom('grisp_devices')

@@ -9,8 +9,8 @@
  */
 import semver from 'semver';
 import type { FleetContext } from '../../fleet/context.ts';
-import { edgeDeviceOnline, recordUpdateSent } from '../../fleet/edge-devices.ts';
-import { applyUpdateReport, OPEN_STATES } from '../../fleet/updates.ts';
+import { linkEvent, runningVersion, updateToPush, type LinkEvent, type LinkSession } from '../../fleet/device-link.ts';
+import { FleetError } from '../../fleet/errors.ts';
 import { keyauthDownloadUrl } from './downloads.ts';
 
 export interface Response {
@@ -20,12 +20,9 @@ export interface Response {
   id?: unknown;
 }
 
-export interface ActionSession {
-  deviceId: string;
-  orgId: string;
+/** The client's device-link session (its `connectedAt` is the last presence this connection wrote), and its name. */
+export interface ActionSession extends LinkSession {
   identifier: string;
-  /** The last `last_seen_at` this connection wrote (for the offline check on close). */
-  connectedAt: string;
 }
 
 export interface ActionDeps {
@@ -120,42 +117,40 @@ function toResponse(deps: ActionDeps, err: unknown): Response {
   return errorResponse(500, 'ServerError', 'the server failed to handle the request; try again later');
 }
 
+/** One event on the client's link; the session follows it. A refusal throws (the response maps it). */
+async function feed(deps: ActionDeps, session: ActionSession, event: LinkEvent) {
+  const result = await linkEvent(deps.fleet, session, event);
+  if (!result.ok) throw new FleetError(result.refusal.code, result.refusal.message, result.refusal.details);
+  Object.assign(session, result.session);
+  return result;
+}
+
 async function status(deps: ActionDeps, session: ActionSession, data: Record<string, unknown>): Promise<Response> {
-  const outcome = await edgeDeviceOnline(deps.fleet, session, {
-    version: version(data, true)!,
-    component: component(data),
+  const outcome = await feed(deps, session, {
+    type: 'connected',
+    running: { version: version(data, true)!, component: component(data) },
   });
-  session.connectedAt = outcome.connectedAt;
   return {
     code: 200,
     data: {
       device_id: session.identifier,
-      version: outcome.running.version,
-      component: outcome.running.component,
-      update_available: outcome.target !== undefined,
+      version: outcome.running?.version,
+      component: outcome.running?.component,
+      update_available: updateToPush(outcome) !== undefined,
     },
   };
 }
 
 async function checkUpdate(deps: ActionDeps, session: ActionSession, data: Record<string, unknown>): Promise<Response> {
   const comp = component(data);
-  let running = version(data, false);
-  if (!running) {
-    const row = await deps.fleet.db
-      .selectFrom('device_components')
-      .select('version')
-      .where('device_id', '=', session.deviceId)
-      .where('component', '=', comp)
-      .executeTakeFirst();
-    if (!row?.version) throw bad(`send status {version} first, or include data.version (the ${comp} version you run)`);
-    running = row.version;
-  }
-  const outcome = await edgeDeviceOnline(deps.fleet, session, { version: running, component: comp });
-  session.connectedAt = outcome.connectedAt;
-  const target = outcome.target;
-  if (!target || !outcome.attempt) return { code: 200, data: { update: null } };
-  // Polling again must not move an update that is underway back to `sent`.
-  if (outcome.attempt.state === 'queued') await recordUpdateSent(deps.fleet, session, target, VIA);
+  const running = version(data, false) ?? (await runningVersion(deps.fleet, session, comp));
+  if (!running) throw bad(`send status {version} first, or include data.version (the ${comp} version you run)`);
+  const target = updateToPush(
+    await feed(deps, session, { type: 'connected', running: { version: running, component: comp } }),
+  );
+  if (!target) return { code: 200, data: { update: null } };
+  // The client fetched the offer: sent, unless it is underway already (polling again does not move it back).
+  await feed(deps, session, { type: 'update_sent', firmware: target, via: VIA, poll: true });
   const { url, expiresAt } = keyauthDownloadUrl({
     baseUrl: deps.downloadBaseUrl(),
     secret: deps.secret,
@@ -182,85 +177,60 @@ async function checkUpdate(deps: ActionDeps, session: ActionSession, data: Recor
 async function report(deps: ActionDeps, session: ActionSession, data: Record<string, unknown>): Promise<Response> {
   const comp = component(data);
   const v = version(data, true)!;
+  let event: LinkEvent;
   switch (data.type) {
-    case 'progress': {
-      const attempt = await deps.fleet.db
-        .selectFrom('update_attempts')
-        .select('state')
-        .where('device_id', '=', session.deviceId)
-        .where('component', '=', comp)
-        .where('to_version', '=', v)
-        .where('state', 'in', OPEN_STATES)
-        .orderBy('created_at', 'desc')
-        .executeTakeFirst();
-      if (!attempt)
-        throw new ActionError(
-          404,
-          'NotFound',
-          `no update of ${comp} to ${v} is in flight for this client; use the version check_update offered`,
-        );
-      let state: string = attempt.state;
-      if (state === 'queued' || state === 'sent')
-        state = (await applyUpdateReport(deps.fleet, session, 'firmware_update_begin', { version: v }, comp)).state;
-      if (data.percent !== undefined) {
-        const percent = Number(data.percent);
-        const total = data.total === undefined ? 0 : Number(data.total);
-        const bytes = data.bytes === undefined ? 0 : Number(data.bytes);
-        state = (
-          await applyUpdateReport(
-            deps.fleet,
-            session,
-            'firmware_update_progress',
-            { version: v, percent: Math.round(percent), bytes, total },
-            comp,
-          )
-        ).state;
-      }
-      return { code: 200, data: { state } };
-    }
+    case 'progress':
+      event = {
+        type: 'report',
+        kind: 'progress',
+        component: comp,
+        version: v,
+        begins: true,
+        ...(data.percent !== undefined
+          ? {
+              percent: Math.round(Number(data.percent)),
+              bytes: data.bytes === undefined ? 0 : Number(data.bytes),
+              total: data.total === undefined ? 0 : Number(data.total),
+            }
+          : {}),
+      };
+      break;
     case 'error': {
       const msg =
         typeof data.message === 'string' && data.message
           ? data.message.slice(0, 2000)
           : 'the client reported an update error';
-      const attempt = await applyUpdateReport(
-        deps.fleet,
-        session,
-        'firmware_update_error',
-        { version: v, errors: [msg] },
-        comp,
-      );
-      return { code: 200, data: { state: attempt.state } };
+      event = { type: 'report', kind: 'error', component: comp, version: v, errors: [msg] };
+      break;
     }
-    case 'success': {
-      // The client runs the new version: settling marks the attempt succeeded.
-      const outcome = await edgeDeviceOnline(deps.fleet, session, { version: v, component: comp });
-      session.connectedAt = outcome.connectedAt;
-      const last = await deps.fleet.db
-        .selectFrom('update_attempts')
-        .select('state')
-        .where('device_id', '=', session.deviceId)
-        .where('component', '=', comp)
-        .where('to_version', '=', v)
-        .orderBy('updated_at', 'desc')
-        .executeTakeFirst();
-      return { code: 200, data: { state: last?.state ?? null } };
-    }
+    case 'success':
+      // The client runs the new version: the link settles the attempt succeeded.
+      event = { type: 'boot_confirmed', component: comp, version: v };
+      break;
     default:
       throw bad('data.type must be progress, error or success');
+  }
+  try {
+    const result = await feed(deps, session, event);
+    return { code: 200, data: { state: result.attempt?.state ?? null } };
+  } catch (err) {
+    if (err instanceof FleetError && err.code === 'not_found' && data.type === 'progress')
+      throw new ActionError(
+        404,
+        'NotFound',
+        `no update of ${comp} to ${v} is in flight for this client; use the version check_update offered`,
+      );
+    throw err;
   }
 }
 
 async function heartbeat(deps: ActionDeps, session: ActionSession): Promise<Response> {
-  const now = new Date();
-  const row = await deps.fleet.db
-    .updateTable('devices')
-    .set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now })
-    .where('id', '=', session.deviceId)
-    .where('approval', '=', 'approved')
-    .returning('id')
-    .executeTakeFirst();
-  if (!row) throw new ActionError(401, 'NotAuthorised', 'this client key is no longer approved');
-  session.connectedAt = now.toISOString();
-  return { code: 200, data: { server_time: now.toISOString() } };
+  try {
+    await feed(deps, session, { type: 'connected', running: {} });
+  } catch (err) {
+    if (err instanceof FleetError && (err.code === 'forbidden' || err.code === 'not_found'))
+      throw new ActionError(401, 'NotAuthorised', 'this client key is no longer approved');
+    throw err;
+  }
+  return { code: 200, data: { server_time: session.connectedAt } };
 }

@@ -8,6 +8,7 @@ import type { Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
 import type { Device } from '../../db/schema.ts';
 import type { FleetContext } from '../../fleet/context.ts';
+import { deviceById, listProductDevices } from '../../fleet/devices.ts';
 import { approveDevice, findOrRegisterEdgeDevice, revokeDevice } from '../../fleet/edge-devices.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
@@ -56,12 +57,12 @@ export async function clientDevice(
   key: { fingerprint: string; pem: string },
   seen: { name: string | null; remote: string | null },
 ): Promise<Device> {
-  const known = await fleet.db
+  const client = await fleet.db
     .selectFrom('keyauth_clients')
-    .innerJoin('devices', 'devices.id', 'keyauth_clients.device_id')
-    .selectAll('devices')
-    .where('keyauth_clients.fingerprint', '=', key.fingerprint)
+    .select('device_id')
+    .where('fingerprint', '=', key.fingerprint)
     .executeTakeFirst();
+  const known = client && (await deviceById(fleet.db, client.device_id));
   if (known) {
     await fleet.db
       .updateTable('keyauth_clients')
@@ -94,23 +95,29 @@ export async function clientDevice(
 
 /** Client keys of a product, newest first, optionally by approval. */
 export async function listClients(db: Db, productId: string, approval?: Device['approval']): Promise<KeyauthClient[]> {
-  let q = db
+  const devices = await listProductDevices(db, productId, { protocol: PROTOCOL, ...(approval ? { approval } : {}) });
+  if (devices.length === 0) return [];
+  const byId = new Map(devices.map((d) => [d.id, d]));
+  const clients = await db
     .selectFrom('keyauth_clients')
-    .innerJoin('devices', 'devices.id', 'keyauth_clients.device_id')
-    .select([
-      'keyauth_clients.fingerprint',
-      'keyauth_clients.device_id',
-      'devices.identifier',
-      'keyauth_clients.name',
-      'devices.approval',
-      'devices.connection_status as status',
-      'keyauth_clients.remote_address',
-      'keyauth_clients.first_seen_at',
-      'keyauth_clients.last_seen_at',
-    ])
-    .where('devices.product_id', '=', productId);
-  if (approval) q = q.where('devices.approval', '=', approval);
-  return q.orderBy('keyauth_clients.first_seen_at', 'desc').execute();
+    .select(['fingerprint', 'device_id', 'name', 'remote_address', 'first_seen_at', 'last_seen_at'])
+    .where('device_id', 'in', [...byId.keys()])
+    .orderBy('first_seen_at', 'desc')
+    .execute();
+  return clients.map((c) => {
+    const device = byId.get(c.device_id)!;
+    return {
+      fingerprint: c.fingerprint,
+      device_id: c.device_id,
+      identifier: device.identifier,
+      name: c.name,
+      approval: device.approval,
+      status: device.connection_status,
+      remote_address: c.remote_address,
+      first_seen_at: c.first_seen_at,
+      last_seen_at: c.last_seen_at,
+    };
+  });
 }
 
 /** The client whose fingerprint is `ref` or starts with it (at least 8 hex digits, unambiguous). */
@@ -137,6 +144,13 @@ export async function findClient(db: Db, productId: string, ref: string): Promis
   return rows[0]!;
 }
 
+async function clientDeviceOf(fleet: FleetContext, client: KeyauthClient): Promise<Device> {
+  const device = await deviceById(fleet.db, client.device_id);
+  if (!device)
+    throw new FleetError('not_found', 'the device of this client key is gone', { fingerprint: client.fingerprint });
+  return device;
+}
+
 export async function approveClient(
   fleet: FleetContext,
   actor: Actor,
@@ -144,11 +158,7 @@ export async function approveClient(
   ref: string,
 ): Promise<KeyauthClient> {
   const client = await findClient(fleet.db, productId, ref);
-  const device = await fleet.db
-    .selectFrom('devices')
-    .select('org_id')
-    .where('id', '=', client.device_id)
-    .executeTakeFirstOrThrow();
+  const device = await clientDeviceOf(fleet, client);
   await approveDevice(fleet, actor, device.org_id, client.device_id);
   return findClient(fleet.db, productId, client.fingerprint);
 }
@@ -161,11 +171,7 @@ export async function revokeClient(
   ref: string,
 ): Promise<KeyauthClient> {
   const client = await findClient(fleet.db, productId, ref);
-  const device = await fleet.db
-    .selectFrom('devices')
-    .select('org_id')
-    .where('id', '=', client.device_id)
-    .executeTakeFirstOrThrow();
+  const device = await clientDeviceOf(fleet, client);
   await revokeDevice(fleet, actor, device.org_id, client.device_id);
   return findClient(fleet.db, productId, client.fingerprint);
 }

@@ -9,7 +9,7 @@ import type { Socket } from 'node:net';
 import { describeBadString, findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
-import { edgeDeviceOffline } from '../../fleet/edge-devices.ts';
+import { linkEvent, openLink } from '../../fleet/device-link.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
@@ -165,18 +165,14 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
         data: { fingerprint: key.fingerprint },
       });
     }
-    const now = new Date();
-    await deps.fleet.db
-      .updateTable('devices')
-      .set({ connection_status: 'online', connected_node: deps.fleet.nodeName, last_seen_at: now, updated_at: now })
-      .where('id', '=', device.id)
-      .execute();
-    const session: ActionSession = {
-      deviceId: device.id,
-      orgId: device.org_id,
-      identifier: device.identifier,
-      connectedAt: now.toISOString(),
-    };
+    // Online now; its version comes with its first status or check_update.
+    const online = await linkEvent(
+      deps.fleet,
+      openLink({ deviceId: device.id, orgId: device.org_id, productId: device.product_id, protocol: 'keyauth' }),
+      { type: 'connected', running: {} },
+    );
+    if (!online.ok) throw new FleetError(online.refusal.code, online.refusal.message, online.refusal.details);
+    const session: ActionSession = { ...online.session, identifier: device.identifier };
     const unwatch = deps.watchDevice(device.id, (event) => {
       if (event === 'device_revoked' || event === 'device_deleted') close(`device ${event}`);
     });
@@ -269,7 +265,7 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       const s = state;
       if (s.phase === 'authorised') {
         s.unwatch();
-        edgeDeviceOffline(deps.fleet, s.session.deviceId, s.session.connectedAt)
+        linkEvent(deps.fleet, s.session, { type: 'closed', reason: 'socket closed' })
           .catch((err: unknown) => log.error({ err }, 'marking a keyauth client offline failed'))
           .finally(resolve);
       } else {

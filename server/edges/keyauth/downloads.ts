@@ -10,6 +10,7 @@ import type { BlobStore } from '../../firmware/blob-store.ts';
 import { firmwareBlob, NO_STORE, packageHeaders, serveBlob } from '../../firmware/serve-blob.ts';
 import { signDownloadUrl, verifyDownload } from '../../firmware/signing.ts';
 import type { FleetContext } from '../../fleet/context.ts';
+import { deviceById } from '../../fleet/devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
 
 export const KEYAUTH_DOWNLOAD_PREFIX = '/api/keyauth/firmware';
@@ -55,22 +56,18 @@ export function registerKeyauthDownloads(
               ? 'the download URL is incomplete; ask check_update for a new one'
               : 'the download URL signature is invalid',
         );
-      const row = await deps.fleet.db
-        .selectFrom('firmware')
-        .innerJoin('devices', 'devices.product_id', 'firmware.product_id')
-        .select([
-          'firmware.sha256',
-          'firmware.has_blob',
-          'firmware.uploaded_at',
-          'firmware.component',
-          'firmware.version',
-          'firmware.format',
-          'devices.approval',
-        ])
-        .where('firmware.id', '=', id)
-        .where('devices.id', '=', deviceId)
-        .executeTakeFirst();
-      if (row?.approval !== 'approved') return refuse(reply, 403, 'this device may not download this firmware');
+      // The device's approval and product now, not when the URL was issued.
+      const device = await deviceById(deps.fleet.db, deviceId);
+      const row =
+        device &&
+        (await deps.fleet.db
+          .selectFrom('firmware')
+          .select(['sha256', 'has_blob', 'uploaded_at', 'component', 'version', 'format'])
+          .where('id', '=', id)
+          .where('product_id', '=', device.product_id)
+          .executeTakeFirst());
+      if (!row || device?.approval !== 'approved')
+        return refuse(reply, 403, 'this device may not download this firmware');
       const blob = await firmwareBlob(deps.blobs, row);
       if (!blob) return refuse(reply, 404, 'the firmware image is not stored on the server');
       // The URL is the credential: nothing may keep the answer under it.

@@ -17,8 +17,8 @@ import type { Device } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { DEFAULT_MAX_IMAGE_BYTES, FirmwareError, ingestFirmware } from '../../firmware/ingest.ts';
 import type { FleetContext } from '../../fleet/context.ts';
+import { findProductDevice, listProductDevices } from '../../fleet/devices.ts';
 import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
-import { isUuid } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { PackageError, PACKAGE_FORMAT, readPackageFile } from './package.ts';
 import { PROTOCOL, provisionDevice, validDeviceId } from './service.ts';
@@ -66,15 +66,7 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
   const findDevice = async (request: FastifyRequest): Promise<Device> => {
     const p = await product(request);
     const ref = (request.params as { device: string }).device;
-    const device = await deps.fleet.db
-      .selectFrom('devices')
-      .selectAll()
-      .where('product_id', '=', p.id)
-      .where('protocol', '=', PROTOCOL)
-      .where((eb) =>
-        isUuid(ref) ? eb.or([eb('id', '=', ref), eb('identifier', '=', ref)]) : eb('identifier', '=', ref),
-      )
-      .executeTakeFirst();
+    const device = await findProductDevice(deps.fleet.db, p.id, PROTOCOL, ref, { byId: true });
     if (!device)
       throw new ApiError(
         404,
@@ -127,13 +119,12 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
     async (request) => {
       const p = await product(request);
       const { approval } = request.query as { approval?: 'pending' | 'approved' | 'revoked' };
-      let q = deps.fleet.db
-        .selectFrom('devices')
-        .selectAll()
-        .where('product_id', '=', p.id)
-        .where('protocol', '=', PROTOCOL);
-      if (approval) q = q.where('approval', '=', approval);
-      return page(await json(await q.orderBy('created_at').execute()), request.query);
+      const devices = await listProductDevices(deps.fleet.db, p.id, {
+        protocol: PROTOCOL,
+        orderBy: 'created_at',
+        ...(approval ? { approval } : {}),
+      });
+      return page(await json(devices), request.query);
     },
   );
 

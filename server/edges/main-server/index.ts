@@ -15,7 +15,7 @@ import type { Logger } from '../../log.ts';
 import { mainServerAdminRoutes } from './admin.ts';
 import { mainServerRoutes } from './routes.ts';
 import { tenantResolver } from './service.ts';
-import { sweepOfflineDevices } from './store.ts';
+import { sweepSilentDevices } from '../../fleet/device-link.ts';
 
 export { MAIN_SERVER_PREFIX } from './routes.ts';
 export {
@@ -28,7 +28,10 @@ export {
   PACKAGE_FORMAT,
   type PackageManifest,
 } from './package.ts';
-export { sweepOfflineDevices } from './store.ts';
+/** Marks Main Server devices offline 180 s (`offlineAfterMs`) after their last heartbeat. */
+export function sweepOfflineDevices(fleet: FleetContext, offlineAfterMs: number): Promise<number> {
+  return sweepSilentDevices(fleet, 'main-server', offlineAfterMs);
+}
 
 export interface MainServerOptions {
   fleet: FleetContext;

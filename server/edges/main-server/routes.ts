@@ -11,6 +11,8 @@ import type { Device, Role } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { firmwareBlob, PRIVATE_IMMUTABLE, packageHeaders, serveBlob } from '../../firmware/serve-blob.ts';
 import type { FleetContext } from '../../fleet/context.ts';
+import { linkEventOrThrow, openLink } from '../../fleet/device-link.ts';
+import { listProductDevices } from '../../fleet/devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { badRequest, forbidden, mainServerErrorHandler, mainServerNotFound, notFound, unauthorized } from './errors.ts';
@@ -32,7 +34,7 @@ import {
   type UpdateRow,
   type UpdateStatus,
 } from './service.ts';
-import { DEVICE_TOKEN_PREFIX, deviceDetails, deviceForToken, markSeen, recordRegistration } from './store.ts';
+import { DEVICE_TOKEN_PREFIX, deviceDetails, deviceForToken, recordRegistration } from './store.ts';
 
 export const MAIN_SERVER_PREFIX = '/api/main-server';
 export const HEARTBEAT_SECONDS = 60;
@@ -205,13 +207,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
             const only = optionalString(request, 'device_id');
             devices = only
               ? [await findDevice(deps.fleet.db, product, only)]
-              : await deps.fleet.db
-                  .selectFrom('devices')
-                  .selectAll()
-                  .where('product_id', '=', product.id)
-                  .where('protocol', '=', PROTOCOL)
-                  .orderBy('identifier')
-                  .execute();
+              : await listProductDevices(deps.fleet.db, product.id, { protocol: PROTOCOL });
           }
           const rows = await updatesFor(deps.fleet.db, product, devices);
           if (caller.kind === 'device') {
@@ -271,13 +267,7 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         { onRequest: viewerOrDevice, schema: schema('Main Server devices with their status') },
         async (request) => {
           const { product } = await requireOperator(request, deps, 'viewer');
-          const devices = await deps.fleet.db
-            .selectFrom('devices')
-            .selectAll()
-            .where('product_id', '=', product.id)
-            .where('protocol', '=', PROTOCOL)
-            .orderBy('identifier')
-            .execute();
+          const devices = await listProductDevices(deps.fleet.db, product.id, { protocol: PROTOCOL });
           const details = await deviceDetails(
             deps.fleet.db,
             devices.map((d) => d.id),
@@ -428,7 +418,12 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
         async (request) => {
           const device = await requireDevice(request, deps, param(request, 'device_id'));
           const extensions = parseExtensions(param(request, 'extensions'));
-          await markSeen(deps.fleet, device);
+          // Online as of now (the link publishes the status; the presence sweep takes it back).
+          await linkEventOrThrow(
+            deps.fleet,
+            openLink({ deviceId: device.id, orgId: device.org_id, productId: device.product_id, protocol: PROTOCOL }),
+            { type: 'connected', running: {} },
+          );
           await recordExtensions(deps.fleet, device, extensions);
           return {
             status: 'ok',

@@ -12,7 +12,9 @@ import type { FleetContext } from '../../fleet/context.ts';
 import { linkEvent, linkEventOrThrow, openLink, type LinkEvent } from '../../fleet/device-link.ts';
 import { approveDevice, findOrRegisterEdgeDevice } from '../../fleet/edge-devices.ts';
 import { FleetError } from '../../fleet/errors.ts';
+import { componentDevicesOutsideGroup, findProductDevice } from '../../fleet/devices.ts';
 import { addDevicesToGroup, createGroup } from '../../fleet/groups.ts';
+import { runningComponentsOf } from '../../fleet/running-firmware.ts';
 import { getOrg, getProduct, type Product } from '../../fleet/orgs.ts';
 import { resolveTargets } from '../../fleet/reconcile.ts';
 import { setDeviceTarget, setGroupTarget, type TargetChange } from '../../fleet/targets.ts';
@@ -179,13 +181,7 @@ export async function provisionDevice(
 /** A Main Server device of the tenant by its `device_id` (identifier). */
 export async function findDevice(db: Db, product: Product, identifier: unknown): Promise<Device> {
   if (typeof identifier !== 'string' || identifier === '') throw badRequest('device_id is required');
-  const device = await db
-    .selectFrom('devices')
-    .selectAll()
-    .where('product_id', '=', product.id)
-    .where('identifier', '=', identifier)
-    .where('protocol', '=', PROTOCOL)
-    .executeTakeFirst();
+  const device = await findProductDevice(db, product.id, PROTOCOL, identifier);
   if (!device)
     throw notFound(`device ${identifier} is not registered; it must POST /api/main-server/register-device first`);
   return device;
@@ -261,32 +257,8 @@ export async function scheduleUpdate(
       throw err;
     });
   }
-  const missing = await fleet.db
-    .selectFrom('device_components')
-    .innerJoin('devices', 'devices.id', 'device_components.device_id')
-    .select('devices.id')
-    .where('devices.product_id', '=', product.id)
-    .where('device_components.component', '=', extension.name)
-    .where((eb) =>
-      eb.not(
-        eb.exists(
-          eb
-            .selectFrom('group_devices')
-            .select('device_id')
-            .whereRef('group_devices.device_id', '=', 'devices.id')
-            .where('group_devices.group_id', '=', group.id),
-        ),
-      ),
-    )
-    .execute();
-  if (missing.length)
-    await addDevicesToGroup(
-      fleet,
-      actor,
-      product.org_id,
-      group.id,
-      missing.map((m) => m.id),
-    );
+  const missing = await componentDevicesOutsideGroup(fleet.db, product.id, extension.name, group.id);
+  if (missing.length) await addDevicesToGroup(fleet, actor, product.org_id, group.id, missing);
   const change = await setGroupTarget(fleet, actor, product.org_id, group.id, firmware.id);
   return { groupId: group.id, change };
 }
@@ -316,12 +288,7 @@ export interface UpdateRow {
 export async function updatesFor(db: Db, product: Product, devices: Device[]): Promise<UpdateRow[]> {
   if (devices.length === 0) return [];
   const ids = devices.map((d) => d.id);
-  const components = await db
-    .selectFrom('device_components')
-    .select(['device_id', 'component', 'version'])
-    .where('device_id', 'in', ids)
-    .orderBy('component')
-    .execute();
+  const components = await runningComponentsOf(db, ids);
   const extIds = await ensureExtensions(
     db,
     { org_id: product.org_id, id: product.id },

@@ -13,6 +13,7 @@ import { audit, type Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
 import type { Device } from '../../db/schema.ts';
 import { inTransaction, Topics, type FleetContext } from '../../fleet/context.ts';
+import { deviceById } from '../../fleet/devices.ts';
 
 declare module '../../db/schema.ts' {
   interface Database {
@@ -59,13 +60,13 @@ function sameHash(a: string, b: string): boolean {
 /** The approved Main Server device a bearer token belongs to, or undefined. */
 export async function deviceForToken(db: Db, token: string): Promise<Device | undefined> {
   if (!token.startsWith(DEVICE_TOKEN_PREFIX) || token.length > 200) return undefined;
-  return db
+  const row = await db
     .selectFrom('main_server_devices')
-    .innerJoin('devices', 'devices.id', 'main_server_devices.device_id')
-    .selectAll('devices')
-    .where('main_server_devices.token_hash', '=', hashSecret(token))
-    .where('devices.approval', '=', 'approved')
+    .select('device_id')
+    .where('token_hash', '=', hashSecret(token))
     .executeTakeFirst();
+  const device = row && (await deviceById(db, row.device_id));
+  return device?.approval === 'approved' ? device : undefined;
 }
 
 export interface RegistrationDetails {
@@ -233,57 +234,4 @@ export async function listExtensions(db: Db, productId: string): Promise<Extensi
     .where('product_id', '=', productId)
     .orderBy('id')
     .execute();
-}
-
-// --- presence --------------------------------------------------------------------------------
-
-/** A heartbeat: the device is online as of now (on this node, for node-liveness reconciliation). */
-export async function markSeen(
-  ctx: FleetContext,
-  device: Pick<Device, 'id' | 'org_id' | 'connection_status'>,
-): Promise<void> {
-  await ctx.db
-    .updateTable('devices')
-    .set({
-      connection_status: 'online',
-      connected_node: ctx.nodeName,
-      last_seen_at: sql<Date>`now()`,
-      updated_at: sql<Date>`now()`,
-    })
-    .where('id', '=', device.id)
-    .execute();
-  if (device.connection_status !== 'online') {
-    await ctx.bus
-      .publish(Topics.operator(device.org_id), 'device_status', {
-        device_id: device.id,
-        status: 'online',
-        protocol: 'main-server',
-      })
-      .catch(() => undefined);
-  }
-}
-
-/**
- * Marks Main Server devices offline whose last heartbeat is older than `offlineAfterMs`
- * (idempotent, database time: safe on every node). Returns how many went offline.
- */
-export async function sweepOfflineDevices(ctx: FleetContext, offlineAfterMs: number): Promise<number> {
-  const rows = await ctx.db
-    .updateTable('devices')
-    .set({ connection_status: 'offline', connected_node: null, updated_at: sql<Date>`now()` })
-    .where('protocol', '=', 'main-server')
-    .where('connection_status', '=', 'online')
-    .where(sql<boolean>`last_seen_at < now() - make_interval(secs => ${offlineAfterMs / 1000})`)
-    .returning(['id', 'org_id'])
-    .execute();
-  for (const r of rows) {
-    await ctx.bus
-      .publish(Topics.operator(r.org_id), 'device_status', {
-        device_id: r.id,
-        status: 'offline',
-        protocol: 'main-server',
-      })
-      .catch(() => undefined);
-  }
-  return rows.length;
 }

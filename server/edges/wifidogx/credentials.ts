@@ -8,6 +8,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { sql } from 'kysely';
 import type { Db } from '../../db/index.ts';
 import type { DeviceApproval } from '../../db/schema.ts';
+import { deviceById, deviceExistsSql, deviceRevokedAtSql } from '../../fleet/devices.ts';
 
 /** `secure` (default): an approved gateway is served on its credential only. `open`: a claim of a gateway without a credential suffices (labs). */
 export type WifidogxAuthPolicy = 'secure' | 'open';
@@ -48,16 +49,17 @@ export async function issueCredential(db: Db, deviceId: string): Promise<{ token
  * it, on every route and whichever node holds (or no node holds) the gateway's link, and a
  * re-approval issues a new one.
  */
-const liveCredential = sql<boolean>`(devices.revoked_at IS NULL OR wifidogx_gateways.credential_issued_at > devices.revoked_at)`;
+const liveCredential = sql<boolean>`(${deviceRevokedAtSql(sql.ref('wifidogx_gateways.device_id'))} IS NULL
+  OR wifidogx_gateways.credential_issued_at > ${deviceRevokedAtSql(sql.ref('wifidogx_gateways.device_id'))})`;
 
 /** Whether the gateway holds a credential that still counts (issued, and not voided by a revocation since). */
 export async function hasCredential(db: Db, deviceId: string): Promise<boolean> {
   const row = await db
     .selectFrom('wifidogx_gateways')
-    .innerJoin('devices', 'devices.id', 'wifidogx_gateways.device_id')
-    .select('wifidogx_gateways.device_id')
-    .where('wifidogx_gateways.device_id', '=', deviceId)
-    .where('wifidogx_gateways.credential_hash', 'is not', null)
+    .select('device_id')
+    .where('device_id', '=', deviceId)
+    .where('credential_hash', 'is not', null)
+    .where(deviceExistsSql(sql.ref('wifidogx_gateways.device_id')))
     .where(liveCredential)
     .executeTakeFirst();
   return row !== undefined;
@@ -71,12 +73,12 @@ export async function credentialOwner(
   if (credential.length === 0 || credential.length > MAX_CREDENTIAL_LENGTH) return undefined;
   const row = await db
     .selectFrom('wifidogx_gateways')
-    .innerJoin('devices', 'devices.id', 'wifidogx_gateways.device_id')
-    .select(['devices.id', 'devices.identifier'])
-    .where('wifidogx_gateways.credential_hash', '=', hashCredential(credential))
+    .select('device_id')
+    .where('credential_hash', '=', hashCredential(credential))
     .where(liveCredential)
     .executeTakeFirst();
-  return row ? { deviceId: row.id, identifier: row.identifier } : undefined;
+  const device = row && (await deviceById(db, row.device_id));
+  return device ? { deviceId: device.id, identifier: device.identifier } : undefined;
 }
 
 export interface ClaimFacts {

@@ -9,6 +9,7 @@ import type { Firmware } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { firmwareBlob, NO_STORE, serveBlob } from '../../firmware/serve-blob.ts';
 import { bucketedExpiry, signDownloadUrl, verifyDownload } from '../../firmware/signing.ts';
+import { deviceById } from '../../fleet/devices.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { FleetContext } from '../../fleet/index.ts';
 import type { Logger } from '../../log.ts';
@@ -54,13 +55,7 @@ export function registerWifidogxDownloads(
               : 'the firmware URL signature is invalid',
         );
       // The URL names its gateway; the gateway's approval and product are checked now, not when the URL was issued.
-      const device = isUuid(deviceId)
-        ? await fleet.db
-            .selectFrom('devices')
-            .select(['approval', 'product_id'])
-            .where('id', '=', deviceId)
-            .executeTakeFirst()
-        : undefined;
+      const device = await deviceById(fleet.db, deviceId);
       if (device?.approval !== 'approved') {
         deps.log.info(
           { device_id: deviceId, firmware_id: id, approval: device?.approval ?? 'deleted' },

@@ -11,6 +11,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
+import { deviceById } from '../../fleet/devices.ts';
 import { devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
 import { getOrg, getProduct, Topics, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
@@ -97,11 +98,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
-    const device = await fleet.db
-      .selectFrom('devices')
-      .select(['approval', 'connection_status', 'connected_node'])
-      .where('id', '=', deviceId)
-      .executeTakeFirst();
+    const device = await deviceById(fleet.db, deviceId);
     const local = connections.get(deviceId);
     const approved = device?.approval === 'approved';
     if (local && local !== conn) {

@@ -76,7 +76,10 @@ export function auditView(ctx) {
           type: 'button',
           class: 'secondary',
           disabled: offset === 0,
-          onclick: () => ((offset = Math.max(0, offset - AUDIT_PAGE)), refresh().catch(ctx.failed)),
+          onclick: () => {
+            offset = Math.max(0, offset - AUDIT_PAGE);
+            refresh().catch(ctx.failed);
+          },
         },
         'Newer',
       ),
@@ -86,7 +89,10 @@ export function auditView(ctx) {
           type: 'button',
           class: 'secondary',
           disabled: last >= page.total,
-          onclick: () => ((offset += AUDIT_PAGE), refresh().catch(ctx.failed)),
+          onclick: () => {
+            offset += AUDIT_PAGE;
+            refresh().catch(ctx.failed);
+          },
         },
         'Older',
       ),

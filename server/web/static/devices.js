@@ -83,7 +83,10 @@ export function devicesView(ctx) {
           type: 'button',
           class: 'secondary',
           disabled: offset === 0,
-          onclick: () => ((offset = Math.max(0, offset - PAGE)), load().catch(ctx.failed)),
+          onclick: () => {
+            offset = Math.max(0, offset - PAGE);
+            load().catch(ctx.failed);
+          },
         },
         'Previous',
       ),
@@ -93,7 +96,10 @@ export function devicesView(ctx) {
           type: 'button',
           class: 'secondary',
           disabled: last >= page.total,
-          onclick: () => ((offset += PAGE), load().catch(ctx.failed)),
+          onclick: () => {
+            offset += PAGE;
+            load().catch(ctx.failed);
+          },
         },
         'Next',
       ),
