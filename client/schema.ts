@@ -746,7 +746,7 @@ export interface paths {
         get: operations["listGroupDevices"];
         put?: never;
         /**
-         * Add devices to a group (bulk; devices already in it are skipped)
+         * Add devices to a group, named or by pattern or tag (bulk; devices already in it are skipped)
          * @description Needs the operator role or higher.
          */
         post: operations["addGroupDevices"];
@@ -766,7 +766,7 @@ export interface paths {
         get?: never;
         put?: never;
         /**
-         * Remove devices from a group (bulk; devices not in it are skipped)
+         * Remove devices from a group, named or by pattern or tag (bulk; devices not in it are skipped)
          * @description Needs the operator role or higher.
          */
         post: operations["removeGroupDevices"];
@@ -5043,11 +5043,16 @@ export interface operations {
             };
             cookie?: never;
         };
+        /** @description the devices: named (`devices`), and/or every device of the group's product whose identifier matches `match` and/or that carries `tag` (both conditions when both are given) */
         requestBody: {
             content: {
                 "application/json": {
                     /** @description device ids or identifiers */
-                    devices: string[];
+                    devices?: string[];
+                    /** @description glob over device identifiers: '*' any characters, '?' one character (case-sensitive) */
+                    match?: string;
+                    /** @description devices carrying this tag */
+                    tag?: string;
                 };
             };
         };
@@ -5122,11 +5127,16 @@ export interface operations {
             };
             cookie?: never;
         };
+        /** @description the devices: named (`devices`), and/or every device of the group's product whose identifier matches `match` and/or that carries `tag` (both conditions when both are given) */
         requestBody: {
             content: {
                 "application/json": {
                     /** @description device ids or identifiers */
-                    devices: string[];
+                    devices?: string[];
+                    /** @description glob over device identifiers: '*' any characters, '?' one character (case-sensitive) */
+                    match?: string;
+                    /** @description devices carrying this tag */
+                    tag?: string;
                 };
             };
         };

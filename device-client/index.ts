@@ -10,7 +10,12 @@ import { Socket, type Channel } from 'phoenix';
 import { deviceTopic, Events, type DeviceJoinParams, type FirmwareUpdatePayload } from '../shared/protocol.ts';
 import { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';
 import { SlotInstaller, type Installer, type RunningFirmware } from './installer.ts';
-import { tlsWebSocket, type TlsWebSocketClass } from './phoenix-transport.ts';
+import {
+  type ConnectionFailure,
+  describeConnectionError,
+  tlsWebSocket,
+  type TlsWebSocketClass,
+} from './phoenix-transport.ts';
 import { firmwareSignatureValid } from './verify.ts';
 
 export { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';
@@ -82,6 +87,8 @@ export interface DeviceClientEvents {
   update_finished: [{ version: string; bytesFetched: number; attempts: number }];
   update_error: [{ version: string; errors: string[] }];
   rebooted: [RunningFirmware];
+  /** A connection attempt (or an open connection) failed, and why; phoenix reconnects with backoff. */
+  connect_error: [ConnectionFailure];
   warning: [string];
   /** Every report pushed to the server (begin, progress, finish, error). */
   reported: [{ event: string; payload: Record<string, unknown> }];
@@ -178,8 +185,10 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     socket.onClose(() => {
       this.emit('disconnected');
     });
-    // Transport errors are followed by onClose and a reconnect; nothing else to do here.
-    socket.onError(() => undefined);
+    // Transport errors are followed by onClose and a reconnect; say why this attempt failed.
+    socket.onError((error: unknown) => {
+      this.emit('connect_error', describeConnectionError(error));
+    });
     socket.connect();
     this.#joinDeviceChannel(running);
   }
@@ -322,7 +331,8 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     } catch (err) {
       if (this.#stopped) return;
       const message = err instanceof Error ? err.message : String(err);
-      this.#push(Events.updateError, { version, errors: [message] });
+      // Reported once the server has recorded it (or could not be told: it learns on the next join).
+      await this.#pushAndWait(Events.updateError, { version, errors: [message] }).catch(() => undefined);
       this.emit('update_error', { version, errors: [message] });
       this.#updating = null;
       this.#urlRefreshes = 0;

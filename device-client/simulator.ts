@@ -9,6 +9,7 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import https from 'node:https';
 import path from 'node:path';
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
+import { deviceTopic } from '../shared/protocol.ts';
 import { DeviceClient, deviceStateDir, type UpdateFaults } from './index.ts';
 import type { DeviceTls } from './download.ts';
 
@@ -16,9 +17,13 @@ import type { DeviceTls } from './download.ts';
 export type SimEvent =
   | { type: 'connected' }
   | { type: 'disconnected' }
-  | { type: 'joined' }
+  /** Joined; `version` is the firmware it joined with, when the protocol says. */
+  | { type: 'joined'; version?: string }
   | { type: 'update_begin'; version: string }
+  /** The device rejoined running `version`: the server has decided the attempt (succeeded). */
   | { type: 'update_succeeded'; version: string }
+  /** A connection attempt failed; `kind` buckets the reason for the summary. */
+  | { type: 'connect_failed'; kind: string; message: string }
   | { type: 'update_failed'; version: string; errors: string[] }
   | { type: 'download_resumed' }
   | { type: 'url_refreshed' };
@@ -88,16 +93,28 @@ registerSimulatorProtocol({
       faults: spec.faults,
       downloadRetryDelayMs: (n) => Math.min(100 * 2 ** (n - 1), 2000),
     });
+    // An update counts as succeeded once the device rejoined on the new firmware: the server
+    // decides the attempt's outcome on that join and commits it before it replies.
+    let rebootedTo: string | undefined;
     client.on('connected', () => report({ type: 'connected' }));
     client.on('disconnected', () => report({ type: 'disconnected' }));
-    client.on('joined', () => report({ type: 'joined' }));
+    client.on('connect_error', ({ kind, message }) => report({ type: 'connect_failed', kind, message }));
+    client.on('joined', ({ topic }) => {
+      report({ type: 'joined', version: client.running?.version });
+      if (rebootedTo !== undefined && topic === deviceTopic(client.running?.uuid ?? '')) {
+        report({ type: 'update_succeeded', version: rebootedTo });
+        rebootedTo = undefined;
+      }
+    });
     client.on('update_begin', ({ version }) => report({ type: 'update_begin', version }));
     client.on('update_error', ({ version, errors }) => report({ type: 'update_failed', version, errors }));
     client.on('url_refused', () => report({ type: 'url_refreshed' }));
     client.on('update_finished', ({ attempts }) => {
       if (attempts > 1) report({ type: 'download_resumed' });
     });
-    client.on('rebooted', (running) => report({ type: 'update_succeeded', version: running.version }));
+    client.on('rebooted', (running) => {
+      rebootedTo = running.version;
+    });
     return { start: () => client.start(), stop: () => client.stop() };
   },
 });
@@ -127,6 +144,13 @@ export interface DeviceTally {
   succeeded: number;
   failed: number;
   lastError: string | null;
+  /** The firmware version the device runs, as the server last acknowledged it (join). */
+  running: string | null;
+  /** Failed connection attempts, and the reason of the last one (cleared once connected). */
+  connectFailures: number;
+  lastConnectError: { kind: string; message: string } | null;
+  /** The version of the last failed update. */
+  lastFailedVersion: string | null;
 }
 
 export interface SimulationSummary {
@@ -141,11 +165,19 @@ export interface SimulationSummary {
   resumedDownloads: number;
   urlRefreshes: number;
   errors: Record<string, number>;
+  /** Failed connection attempts by reason (`connection refused`, `unknown CA`, `HTTP 403`, ...). */
+  connectFailures: Record<string, number>;
 }
 
 /** A running simulation: `summary()` any time, `stop()` at the end. */
-export class Simulation extends EventEmitter<{ change: [] }> {
+export class Simulation extends EventEmitter<{
+  change: [];
+  /** The first connection failure of each kind, to print once. */
+  connect_reason: [{ serial: string; kind: string; message: string }];
+}> {
   readonly tallies: DeviceTally[] = [];
+  #connectFailures = new Map<string, number>();
+  #connectReasons = new Map<string, string>();
   #devices: SimDevice[] = [];
   #resumed = 0;
   #refreshes = 0;
@@ -184,6 +216,10 @@ export class Simulation extends EventEmitter<{ change: [] }> {
         succeeded: 0,
         failed: 0,
         lastError: null,
+        running: null,
+        connectFailures: 0,
+        lastConnectError: null,
+        lastFailedVersion: null,
       };
       this.tallies.push(tally);
       const spec: SimDeviceSpec = {
@@ -210,6 +246,16 @@ export class Simulation extends EventEmitter<{ change: [] }> {
     switch (event.type) {
       case 'connected':
         tally.connected = true;
+        tally.lastConnectError = null;
+        break;
+      case 'connect_failed':
+        tally.connectFailures++;
+        tally.lastConnectError = { kind: event.kind, message: event.message };
+        this.#connectFailures.set(event.kind, (this.#connectFailures.get(event.kind) ?? 0) + 1);
+        if (!this.#connectReasons.has(event.kind)) {
+          this.#connectReasons.set(event.kind, event.message);
+          this.emit('connect_reason', { serial: tally.serial, ...event });
+        }
         break;
       case 'disconnected':
         tally.connected = false;
@@ -217,6 +263,7 @@ export class Simulation extends EventEmitter<{ change: [] }> {
         break;
       case 'joined':
         tally.joined = true;
+        if (event.version !== undefined) tally.running = event.version;
         break;
       case 'update_begin':
         tally.updating = event.version;
@@ -224,10 +271,12 @@ export class Simulation extends EventEmitter<{ change: [] }> {
       case 'update_succeeded':
         tally.updating = null;
         tally.succeeded++;
+        tally.running = event.version;
         break;
       case 'update_failed':
         tally.updating = null;
         tally.failed++;
+        tally.lastFailedVersion = event.version;
         tally.lastError = event.errors[0] ?? 'unknown error';
         break;
       case 'download_resumed':
@@ -260,6 +309,7 @@ export class Simulation extends EventEmitter<{ change: [] }> {
       resumedDownloads: this.#resumed,
       urlRefreshes: this.#refreshes,
       errors,
+      connectFailures: Object.fromEntries(this.#connectFailures),
     };
   }
 
@@ -308,6 +358,7 @@ export function summaryTable(s: SimulationSummary): string {
     ['resumed downloads', s.resumedDownloads],
     ['url refreshes', s.urlRefreshes],
     ...Object.entries(s.errors).map(([k, v]): [string, number] => [`failed: ${k}`, v]),
+    ...Object.entries(s.connectFailures).map(([k, v]): [string, number] => [`connect failed: ${k}`, v]),
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
   return `${[`${'METRIC'.padEnd(width)}  COUNT`, ...rows.map(([k, v]) => `${k.padEnd(width)}  ${v}`)].join('\n')}\n`;

@@ -41,7 +41,7 @@ export interface Config {
   grispStartUpdateTimeoutMs: number;
 }
 
-interface Setting {
+export interface Setting {
   key: keyof Config;
   flag: string;
   env: string;
@@ -280,12 +280,4 @@ export function loadConfig(
   }
   config.dataDir = path.resolve(config.dataDir!);
   return config as Config;
-}
-
-export function configHelp(): string {
-  const lines = ['Usage: fleethub serve [options]', '', 'Options (flag / environment variable):'];
-  for (const s of SETTINGS) {
-    lines.push(`  --${s.flag.padEnd(24)} ${s.env.padEnd(32)} ${s.help}`);
-  }
-  return lines.join('\n');
 }

@@ -1,139 +1,68 @@
+/** `fleethub certs init | device`: the development PKI (declared in server/cli/index.ts). */
 import path from 'node:path';
 import { initDevPki, loadPki, PkiError, PKI_FILES, writeDeviceCredentials } from '../../certs/pki.ts';
 import { loadConfig } from '../config.ts';
+import { CliError, type CliIo } from './client.ts';
 
-const HELP = `Usage: fleethub certs <action> [options]
-
-Development PKI: a root CA, a device-signer CA and a server certificate, plus device certificates.
-
-Actions:
-  init                      create what is missing of the PKI (never overwrites a key)
-  device <serial> --out D   issue a certificate for device <serial> (CN) and write
-                            D/cert.pem, D/key.pem and D/ca.pem (the CA to verify the server)
-
-Options:
-  --dir D                   PKI directory (default: certsDir = <data-dir>/pki, FLEETHUB_CERTS_DIR)
-  --host H                  init: a DNS name or IP of the server certificate; repeatable
-                            (default localhost, 127.0.0.1, ::1)
-  --data-dir D, --certs-dir D   as for fleethub serve, to locate the default PKI directory
-  -h, --help                this help`;
-
-interface ParsedArgs {
-  positional: string[];
+/** Options of `certs init` and `certs device`. */
+export interface CertsFlags {
   dir?: string;
+  host?: string[];
   out?: string;
-  hosts: string[];
-  configArgs: string[];
-  help: boolean;
+  dataDir?: string;
+  certsDir?: string;
 }
 
-class UsageError extends Error {}
-
-function parseArgs(argv: string[]): ParsedArgs {
-  const parsed: ParsedArgs = { positional: [], hosts: [], configArgs: [], help: false };
-  for (let i = 0; i < argv.length; i++) {
-    const arg = argv[i]!;
-    if (arg === '--help' || arg === '-h') {
-      parsed.help = true;
-      continue;
-    }
-    if (!arg.startsWith('--')) {
-      parsed.positional.push(arg);
-      continue;
-    }
-    const [name, inline] = arg.slice(2).split(/=(.*)/s, 2) as [string, string | undefined];
-    const value = inline ?? argv[++i];
-    if (value === undefined || (inline === undefined && value.startsWith('--')))
-      throw new UsageError(`--${name} needs a value`);
-    switch (name) {
-      case 'dir':
-        parsed.dir = value;
-        break;
-      case 'out':
-        parsed.out = value;
-        break;
-      case 'host':
-        parsed.hosts.push(
-          ...value
-            .split(',')
-            .map((h) => h.trim())
-            .filter(Boolean),
-        );
-        break;
-      case 'data-dir':
-      case 'certs-dir':
-        parsed.configArgs.push(`--${name}`, value);
-        break;
-      default:
-        throw new UsageError(`unknown option --${name}`);
-    }
-  }
-  return parsed;
+/** `fleethub certs ...` as the CLI runs it (kept for callers of the old entry point). */
+export async function runCertsCommand(argv: string[], io?: CliIo): Promise<number> {
+  return (await import('./index.ts')).main(['certs', ...argv], io);
 }
 
-/** `fleethub certs init|device ...`; returns the process exit code. */
-export async function runCertsCommand(argv: string[]): Promise<number> {
-  let args: ParsedArgs;
+/** Runs `certs init` (no serial) or `certs device <serial>`; a PKI problem is exit 1 with its code. */
+export async function runCerts(
+  action: 'init' | 'device',
+  flags: CertsFlags,
+  io: CliIo,
+  serial?: string,
+): Promise<number> {
+  const configArgs: string[] = [];
+  if (flags.dataDir) configArgs.push('--data-dir', flags.dataDir);
+  if (flags.certsDir) configArgs.push('--certs-dir', flags.certsDir);
+  const dir = path.resolve(flags.dir ?? loadConfig(configArgs, io.env).certsDir);
   try {
-    args = parseArgs(argv);
+    return action === 'init' ? await init(dir, flags, io) : device(dir, serial!, flags.out!, io);
   } catch (err) {
-    console.error(`${(err as Error).message}\n\n${HELP}`);
-    return 2;
-  }
-  const [action, ...rest] = args.positional;
-  if (args.help || !action) {
-    console.log(HELP);
-    return args.help ? 0 : 2;
-  }
-  const dir = path.resolve(args.dir ?? loadConfig(args.configArgs).certsDir);
-  try {
-    switch (action) {
-      case 'init':
-        return await init(dir, args, rest);
-      case 'device':
-        return device(dir, args, rest);
-      default:
-        console.error(`unknown certs action ${JSON.stringify(action)}\n\n${HELP}`);
-        return 2;
-    }
-  } catch (err) {
-    if (err instanceof PkiError) {
-      console.error(`error (${err.code}): ${err.message}`);
-      return 1;
-    }
+    if (err instanceof PkiError) throw new CliError(`(${err.code}) ${err.message}`);
     throw err;
   }
 }
 
-async function init(dir: string, args: ParsedArgs, rest: string[]): Promise<number> {
-  if (rest.length > 0) {
-    console.error(`certs init takes no arguments, got ${rest.join(' ')}\n\n${HELP}`);
-    return 2;
-  }
-  const { created } = await initDevPki(dir, { hosts: args.hosts });
+async function init(dir: string, flags: CertsFlags, io: CliIo): Promise<number> {
+  const hosts = (flags.host ?? []).flatMap((h) =>
+    h
+      .split(',')
+      .map((x) => x.trim())
+      .filter(Boolean),
+  );
+  const { created } = await initDevPki(dir, { hosts });
   if (created.length === 0) {
-    console.log(`PKI in ${dir} is complete; nothing created (existing keys are never overwritten)`);
+    io.out(`PKI in ${dir} is complete; nothing created (existing keys are never overwritten)\n`);
   } else {
-    for (const file of created) console.log(`created  ${file}`);
+    for (const file of created) io.out(`created  ${file}\n`);
   }
-  console.log(`devices trust:        ${path.join(dir, PKI_FILES.rootCert)}`);
-  console.log(`register signer CA:   ${path.join(dir, PKI_FILES.signerCert)}`);
-  console.log(`device listener uses: ${path.join(dir, PKI_FILES.serverCert)} / ${PKI_FILES.serverKey}`);
+  io.out(`devices trust:        ${path.join(dir, PKI_FILES.rootCert)}\n`);
+  io.out(`register signer CA:   ${path.join(dir, PKI_FILES.signerCert)}\n`);
+  io.out(`device listener uses: ${path.join(dir, PKI_FILES.serverCert)} / ${PKI_FILES.serverKey}\n`);
   return 0;
 }
 
-function device(dir: string, args: ParsedArgs, rest: string[]): number {
-  const [serial, ...extra] = rest;
-  if (!serial || extra.length > 0 || !args.out) {
-    console.error(`usage: fleethub certs device <serial> --out <dir> [--dir D]\n\n${HELP}`);
-    return 2;
-  }
+function device(dir: string, serial: string, outDir: string, io: CliIo): number {
   const material = loadPki(dir);
-  const out = path.resolve(args.out);
+  const out = path.resolve(outDir);
   const files = writeDeviceCredentials(material, serial, out);
-  console.log(`device ${serial}:`);
-  console.log(`  certificate  ${files.certPath}`);
-  console.log(`  key          ${files.keyPath}`);
-  console.log(`  server CA    ${files.caPath}`);
+  io.out(`device ${serial}:\n`);
+  io.out(`  certificate  ${files.certPath}\n`);
+  io.out(`  key          ${files.keyPath}\n`);
+  io.out(`  server CA    ${files.caPath}\n`);
   return 0;
 }

@@ -2,48 +2,22 @@
  * What every operator CLI command shares: where the server is and which token to use
  * (`--url`/`--token`, then FLEETHUB_URL/FLEETHUB_TOKEN, then the login saved by `fleethub login`
  * in ~/.config/fleethub/credentials.json, mode 0600), an HTTP client that turns the API's
- * `{error: {code, message}}` into `CliError`, argument parsing, and table / `--json` output.
+ * `{error: {code, message}}` into `CliError`, and table / `--json` output. Profiles keep one saved
+ * login per server (`--profile`, FLEETHUB_PROFILE; docs/cli.md).
  */
 import { chmodSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { parseArgs, type ParseArgsConfig } from 'node:util';
+
+import { CliError, type CliIo } from '../../shared/cli.ts';
+
+export { CliError, type CliIo, processIo, runCommand } from '../../shared/cli.ts';
 import { createFleethubClient, data, FleethubApiError, type FleethubClient } from 'fleethub/client';
 
 export const DEFAULT_URL = 'http://127.0.0.1:4000';
 
-/** Where a command writes; tests pass buffers, the real CLI passes process streams. */
-export interface CliIo {
-  out(text: string): void;
-  err(text: string): void;
-  env: NodeJS.ProcessEnv;
-  /** Stops long-running commands (`status --watch`); the real CLI stops on Ctrl-C instead. */
-  signal?: AbortSignal;
-}
-
-export const processIo: CliIo = {
-  out: (text) => void process.stdout.write(text),
-  err: (text) => void process.stderr.write(text),
-  env: process.env,
-};
-
-/** An error a command reports to the user: message on stderr, non-zero exit. */
-export class CliError extends Error {
-  override readonly name = 'CliError';
-  constructor(
-    message: string,
-    readonly exitCode = 1,
-    /** HTTP status and API code when the server refused. */
-    readonly status?: number,
-    readonly code?: string,
-    readonly details?: unknown,
-  ) {
-    super(message);
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
-// Saved credentials
+// Saved credentials and profiles
 
 export interface SavedCredentials {
   url: string;
@@ -54,27 +28,67 @@ export interface SavedCredentials {
   org?: string;
 }
 
+/** The config file: one saved login per profile (docs/cli.md). */
+export interface CredentialsFile {
+  profiles: Record<string, SavedCredentials>;
+}
+
+export const DEFAULT_PROFILE = 'default';
+
 /** `$XDG_CONFIG_HOME/fleethub/credentials.json`, default `~/.config/fleethub/credentials.json`. */
 export function credentialsPath(env: NodeJS.ProcessEnv = process.env): string {
   const base = env.XDG_CONFIG_HOME || path.join(env.HOME || os.homedir(), '.config');
   return path.join(base, 'fleethub', 'credentials.json');
 }
 
-export function loadCredentials(env: NodeJS.ProcessEnv = process.env): SavedCredentials | undefined {
-  try {
-    const parsed = JSON.parse(readFileSync(credentialsPath(env), 'utf8')) as Partial<SavedCredentials>;
-    if (typeof parsed.url === 'string' && typeof parsed.token === 'string') return parsed as SavedCredentials;
-  } catch {
-    // No saved login (or an unreadable one): callers fall back to flags and environment.
-  }
-  return undefined;
+/** The profile a command uses: `--profile`, then FLEETHUB_PROFILE, then `default`. */
+export function profileName(flag: string | undefined, env: NodeJS.ProcessEnv = process.env): string {
+  const name = flag || env.FLEETHUB_PROFILE || DEFAULT_PROFILE;
+  if (!/^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/.test(name))
+    throw new CliError(`profile names are letters, digits, '.', '_' and '-' (got ${JSON.stringify(name)})`, 2);
+  return name;
 }
 
-/** Saves a login readable only by its owner (0600 file in a 0700 directory). */
-export function saveCredentials(credentials: SavedCredentials, env: NodeJS.ProcessEnv = process.env): string {
+function isCredentials(value: unknown): value is SavedCredentials {
+  const v = value as Partial<SavedCredentials> | null;
+  return typeof v?.url === 'string' && typeof v.token === 'string';
+}
+
+/** Reads the config file; the single-login format of earlier versions reads as profile `default`. */
+export function readCredentialsFile(env: NodeJS.ProcessEnv = process.env): CredentialsFile {
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(readFileSync(credentialsPath(env), 'utf8'));
+  } catch {
+    return { profiles: {} }; // no saved login (or an unreadable one): flags and environment only
+  }
+  if (isCredentials(parsed)) return { profiles: { [DEFAULT_PROFILE]: parsed } };
+  const profiles: Record<string, SavedCredentials> = {};
+  const raw = (parsed as { profiles?: unknown } | null)?.profiles;
+  if (raw && typeof raw === 'object')
+    for (const [name, value] of Object.entries(raw)) if (isCredentials(value)) profiles[name] = value;
+  return { profiles };
+}
+
+export function loadCredentials(
+  env: NodeJS.ProcessEnv = process.env,
+  profile = profileName(undefined, env),
+): SavedCredentials | undefined {
+  return readCredentialsFile(env).profiles[profile];
+}
+
+/** Saves (or with `undefined`, forgets) one profile's login, readable only by its owner (0600 in 0700). */
+export function saveCredentials(
+  credentials: SavedCredentials | undefined,
+  env: NodeJS.ProcessEnv = process.env,
+  profile = profileName(undefined, env),
+): string {
   const file = credentialsPath(env);
+  const content = readCredentialsFile(env);
+  if (credentials) content.profiles[profile] = credentials;
+  else delete content.profiles[profile];
   mkdirSync(path.dirname(file), { recursive: true, mode: 0o700 });
-  writeFileSync(file, `${JSON.stringify(credentials, null, 2)}\n`, { mode: 0o600 });
+  writeFileSync(file, `${JSON.stringify(content, null, 2)}\n`, { mode: 0o600 });
   chmodSync(file, 0o600); // an existing file keeps its old mode on write
   return file;
 }
@@ -85,24 +99,62 @@ export function saveCredentials(credentials: SavedCredentials, env: NodeJS.Proce
 export interface ClientOptions {
   url: string;
   token?: string;
+  /** The profile whose saved login gave the token, if one did. */
+  profile?: string;
+  /** When the saved login expires (to tell an expired login from a refused token). */
+  expiresAt?: string;
 }
 
-/** Resolves server URL and token: flags, then environment, then the saved login. */
+/** Resolves server URL and token: flags, then environment, then the profile's saved login. */
 export function resolveClientOptions(
-  flags: { url?: string; token?: string },
+  flags: { url?: string; token?: string; profile?: string },
   env: NodeJS.ProcessEnv = process.env,
 ): ClientOptions {
-  const saved = loadCredentials(env);
-  const url = flags.url || env.FLEETHUB_URL || saved?.url || DEFAULT_URL;
+  const profile = profileName(flags.profile, env);
+  const saved = loadCredentials(env, profile);
+  const url = (flags.url || env.FLEETHUB_URL || saved?.url || DEFAULT_URL).replace(/\/+$/, '');
+  const explicit = flags.token || env.FLEETHUB_TOKEN;
+  if (explicit) return { url, token: explicit };
   // A saved token belongs to the server it was issued by.
-  const savedToken = saved && saved.url.replace(/\/+$/, '') === url.replace(/\/+$/, '') ? saved.token : undefined;
-  const token = flags.token || env.FLEETHUB_TOKEN || savedToken;
-  return { url: url.replace(/\/+$/, ''), token };
+  if (saved && saved.url.replace(/\/+$/, '') === url)
+    return { url, token: saved.token, profile, expiresAt: saved.expiresAt };
+  return { url, profile };
+}
+
+/** `fleethub login` with the flags that select this profile (for hints). */
+export function loginHint(options: ClientOptions): string {
+  const profile = options.profile && options.profile !== DEFAULT_PROFILE ? ` --profile ${options.profile}` : '';
+  return `fleethub login --url ${options.url}${profile}`;
+}
+
+/**
+ * The message for a 401: the server's, and what to do. Without a token: log in. An expired
+ * session (the server's `details.reason`, or a saved login past its expiry) says so; otherwise the
+ * server's reason (revoked, logged out, ...).
+ */
+export function unauthorizedMessage(
+  options: ClientOptions,
+  serverMessage: string | undefined,
+  details?: unknown,
+): string {
+  const reason = serverMessage ?? 'unauthorized';
+  const login = `run \`${loginHint(options)}\``;
+  if (!options.token) return `${reason}\nnot logged in: ${login} or pass --token / set FLEETHUB_TOKEN`;
+  const code = (details as { reason?: unknown } | undefined)?.reason;
+  const savedExpired = options.expiresAt !== undefined && Date.parse(options.expiresAt) <= Date.now();
+  if (code === 'session_expired' || (savedExpired && code === undefined))
+    return `your login session on ${options.url} expired${options.expiresAt ? ` at ${options.expiresAt}` : ''}: ${login}`;
+  if (options.profile) return `${reason}\n${login}`;
+  return reason;
 }
 
 /** A thin JSON client for `/api/v1`; non-2xx answers throw `CliError` with the server's message. */
 export class ApiClient {
-  constructor(readonly options: ClientOptions) {}
+  /** `anonymous`: requests meant to work without a token (login), whose 401 is the server's word only. */
+  constructor(
+    readonly options: ClientOptions,
+    readonly anonymous = false,
+  ) {}
 
   get<T>(pathname: string, query?: Record<string, string | number | boolean | undefined>): Promise<T> {
     return this.request<T>('GET', withQuery(pathname, query));
@@ -158,9 +210,11 @@ export class ApiClient {
     }
     if (!response.ok) {
       const error = (parsed as { error?: { code?: string; message?: string; details?: unknown } } | undefined)?.error;
-      let message = error?.message ?? `${response.status} ${response.statusText}`;
-      if (response.status === 401 && !this.options.token)
-        message = 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN';
+      // A refused login (no token sent) keeps the server's reason: "wrong email or password".
+      const message =
+        response.status === 401 && !this.anonymous
+          ? unauthorizedMessage(this.options, error?.message, error?.details)
+          : (error?.message ?? `${response.status} ${response.statusText}`);
       throw new CliError(message, 1, response.status, error?.code, error?.details);
     }
     return parsed as T;
@@ -173,30 +227,6 @@ function withQuery(pathname: string, query?: Record<string, string | number | bo
   for (const [k, v] of Object.entries(query)) if (v !== undefined && v !== '') params.set(k, String(v));
   const qs = params.toString();
   return qs ? `${pathname}?${qs}` : pathname;
-}
-
-// ---------------------------------------------------------------------------------------------
-// Arguments
-
-/** Options every operator command accepts. */
-export const COMMON_OPTIONS = {
-  url: { type: 'string' },
-  token: { type: 'string' },
-  json: { type: 'boolean' },
-  help: { type: 'boolean', short: 'h' },
-} as const satisfies ParseArgsConfig['options'];
-
-/** `node:util` parseArgs with the common options; unknown flags become a CliError naming the fix. */
-export function parseCommand<O extends NonNullable<ParseArgsConfig['options']>>(
-  argv: string[],
-  options: O,
-  usage: string,
-) {
-  try {
-    return parseArgs({ args: argv, options: { ...COMMON_OPTIONS, ...options }, allowPositionals: true, strict: true });
-  } catch (err) {
-    throw new CliError(`${(err as Error).message}\n\n${usage}`, 2);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,6 +296,7 @@ export function printJson(io: CliIo, value: unknown): void {
 export interface CommonFlags {
   url?: string;
   token?: string;
+  profile?: string;
   org?: string;
   json?: boolean;
 }
@@ -277,7 +308,8 @@ export function clientFor(flags: CommonFlags, io: CliIo): ApiClient {
 
 /** The org a command works on: `--org`, FLEETHUB_ORG, the saved login's org, or the only org visible. */
 export async function orgOf(client: ApiClient, flags: CommonFlags, io: CliIo): Promise<string> {
-  const explicit = flags.org || io.env.FLEETHUB_ORG || loadCredentials(io.env)?.org;
+  const saved = client.options.profile ? loadCredentials(io.env, client.options.profile) : undefined;
+  const explicit = flags.org || io.env.FLEETHUB_ORG || saved?.org;
   if (explicit) return explicit;
   const { items } = await client.get<{ items: { id: string; name: string }[] }>('/api/v1/orgs');
   if (items.length === 1) return items[0]!.name;
@@ -293,32 +325,9 @@ export function orgPath(org: string): string {
   return `/api/v1/orgs/${encodeURIComponent(org)}`;
 }
 
-/** Prints usage and returns 0 when `--help` was given, else undefined. */
-export function helpRequested(values: { help?: boolean }, usage: string, io: CliIo): number | undefined {
-  if (!values.help) return undefined;
-  io.out(`${usage}\n`);
-  return 0;
-}
-
-export function usageError(message: string, usage: string): CliError {
-  return new CliError(`${message}\n\n${usage}`, 2);
-}
-
-/**
- * Runs a command body and turns failures into an exit code: CliError → its message on stderr
- * (`error: ...`), anything else → the error text. Returns 0 on success.
- */
-export async function runCommand(io: CliIo, body: () => Promise<number | undefined>): Promise<number> {
-  try {
-    return (await body()) ?? 0;
-  } catch (err) {
-    if (err instanceof CliError) {
-      io.err(`error: ${err.message}\n`);
-      return err.exitCode;
-    }
-    io.err(`error: ${(err as Error).message ?? String(err)}\n`);
-    return 1;
-  }
+/** A usage error (exit 2): a missing argument or a combination of flags the command refuses. */
+export function usageError(message: string): CliError {
+  return new CliError(message, 2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -341,10 +350,7 @@ export async function call<T>(
     return await data(request);
   } catch (err) {
     if (err instanceof FleethubApiError) {
-      const message =
-        err.status === 401 && !options.token
-          ? 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN'
-          : err.message;
+      const message = err.status === 401 ? unauthorizedMessage(options, err.message, err.details) : err.message;
       throw new CliError(message, 1, err.status, err.code, err.details);
     }
     const cause = (err as { cause?: { code?: string; message?: string } }).cause;

@@ -1,6 +1,6 @@
 /**
- * `fleethub firmware ...`: upload images (streamed, with a progress bar), manage a product's
- * signing keys, sign images and create signing keys.
+ * `fleethub firmware upload | keys | sign | keygen`: upload images (streamed, with a progress bar),
+ * manage a product's signing keys, sign images and create signing keys.
  */
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
@@ -10,99 +10,166 @@ import path from 'node:path';
 import { Transform, type Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
 import { generateSigningKeyPair, parseSigningPublicKey, signFirmwareDigest } from '../firmware/signing.ts';
+import type { Command } from 'commander';
 import {
   ApiClient,
   CliError,
   orgOf,
-  parseCommand,
   printJson,
   printRecord,
   printRows,
-  processIo,
   resolveClientOptions,
-  runCommand,
+  unauthorizedMessage,
+  usageError,
   type CliIo,
   type ClientOptions,
+  type CommonFlags,
 } from './client.ts';
+import { act, type CliContext, withOrg } from './command.ts';
 
-const USAGE = `Usage:
-  fleethub firmware upload <file> --product P --version V [--org O] [--platform P] [--architecture A]
-                           [--component C] [--format F] [--uuid UUID] [--sign-key key.pem | --signature SIG]
-  fleethub firmware keys add --product P --name N --public-key pub.pem [--org O]
-  fleethub firmware keys list --product P [--org O]
-  fleethub firmware keys remove --product P <name|id> [--org O]
-  fleethub firmware sign <file> --key key.pem        prints the detached signature (base64)
-  fleethub firmware keygen --out DIR [--name N]      writes N.key (private, 0600) and N.pub
+type UploadFlags = CommonFlags & {
+  product: string;
+  version: string;
+  platform?: string;
+  architecture?: string;
+  component?: string;
+  format?: string;
+  uuid?: string;
+  signKey?: string;
+  signature?: string;
+};
 
-Common options: --url, --token, --json. Signatures are ed25519 over the image's SHA-256 digest.`;
-
-/** Entry point of `fleethub firmware`; returns the exit code. */
-export async function runFirmwareCommand(argv: string[], io: CliIo = processIo): Promise<number> {
-  return runCommand(io, async () => {
-    const [sub, ...rest] = argv;
-    switch (sub) {
-      case 'upload':
-        return upload(rest, io);
-      case 'keys':
-        return keys(rest, io);
-      case 'sign':
-        return sign(rest, io);
-      case 'keygen':
-        return keygen(rest, io);
-      case undefined:
-      case 'help':
-      case '--help':
-      case '-h':
-        io.out(`${USAGE}\n`);
-        return sub === undefined ? 2 : 0;
-      default:
-        throw new CliError(`unknown firmware command ${JSON.stringify(sub)}\n\n${USAGE}`, 2);
-    }
-  });
+/** Adds upload, keys, sign and keygen to `fleethub firmware`. Signatures: ed25519 over the image's SHA-256. */
+export function registerFirmwareStoreCommands(firmware: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  act<UploadFlags>(
+    withOrg(
+      firmware
+        .command('upload')
+        .description('upload an image (streamed, with a progress bar on a terminal)')
+        .argument('<file>', 'the image')
+        .requiredOption('--product <product>', 'product name or id')
+        .requiredOption('--version <version>', 'the version devices report once they run it')
+        .option('--platform <platform>', 'hardware platform')
+        .option('--architecture <arch>', 'CPU architecture')
+        .option('--component <component>', 'component (default firmware)')
+        .option('--format <format>', 'image format')
+        .option('--uuid <uuid>', 'firmware uuid (default: generated)')
+        .option('--sign-key <key.pem>', 'sign the image with this ed25519 private key')
+        .option('--signature <base64>', 'a detached signature made earlier (fleethub firmware sign)'),
+    ),
+    ctx,
+    async (o, [file]) => upload(file as string, o, io),
+  );
+  const keys = firmware.command('keys').description("a product's firmware signing keys");
+  act<CommonFlags & { product: string; name: string; publicKey: string }>(
+    withOrg(
+      keys
+        .command('add')
+        .description('register a public key')
+        .requiredOption('--product <product>', 'product name or id')
+        .requiredOption('--name <name>', 'a name for the key')
+        .requiredOption('--public-key <pub.pem>', 'the ed25519 public key (PEM)'),
+    ),
+    ctx,
+    async (o) => {
+      const { client, base, query } = await keysApi(o, io);
+      const pem = readFileSync(o.publicKey, 'utf8');
+      parseSigningPublicKey(pem); // a clear local error beats a round trip
+      printRecord(
+        io,
+        o.json,
+        await client.post<Record<string, unknown>>(base + query, { name: o.name, public_key_pem: pem }),
+      );
+    },
+  );
+  act<CommonFlags & { product: string }>(
+    withOrg(
+      keys
+        .command('list', { isDefault: true })
+        .description("the product's keys")
+        .requiredOption('--product <product>', 'product name or id'),
+    ),
+    ctx,
+    async (o) => {
+      const { client, base, query } = await keysApi(o, io);
+      const { items: rows } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base + query}&limit=1000`);
+      printRows(io, o.json, rows, [
+        { header: 'name', value: (r) => r.name },
+        { header: 'fingerprint', value: (r) => r.fingerprint },
+        { header: 'id', value: (r) => r.id },
+        { header: 'created_at', value: (r) => r.created_at },
+      ]);
+    },
+  );
+  act<CommonFlags & { product: string }>(
+    withOrg(
+      keys
+        .command('remove')
+        .description('remove a key')
+        .argument('<key>', 'name or id')
+        .requiredOption('--product <product>', 'product name or id'),
+    ),
+    ctx,
+    async (o, [ref]) => {
+      const { client, base, query } = await keysApi(o, io);
+      const removed = await client.delete<Record<string, unknown>>(
+        `${base}/${encodeURIComponent(ref as string)}${query}`,
+      );
+      if (o.json) printJson(io, removed);
+      else io.out(`removed signing key ${String(removed.name)} (${String(removed.fingerprint)})\n`);
+    },
+  );
+  act<{ key: string; json?: boolean }>(
+    firmware
+      .command('sign')
+      .description('print the detached signature (base64) of an image')
+      .argument('<file>', 'the image')
+      .requiredOption('--key <key.pem>', 'ed25519 private key')
+      .option('--json', 'print {sha256, signature}'),
+    ctx,
+    async (o, [file]) => {
+      const sha256 = await sha256OfFile(file as string);
+      const signature = signFirmwareDigest(sha256, readFileSync(o.key, 'utf8'));
+      if (o.json) printJson(io, { sha256, signature });
+      else io.out(`${signature}\n`);
+    },
+  );
+  act<{ out: string; name: string; json?: boolean }>(
+    firmware
+      .command('keygen')
+      .description('create a signing key pair: NAME.key (private, 0600) and NAME.pub')
+      .requiredOption('--out <dir>', 'where to write them')
+      .option('--name <name>', 'file name', 'firmware-signing')
+      .option('--json', 'print the paths and fingerprint as JSON'),
+    ctx,
+    async (o) => keygen(o, io),
+  );
 }
 
-async function upload(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(
-    argv,
-    {
-      product: { type: 'string' },
-      version: { type: 'string' },
-      org: { type: 'string' },
-      platform: { type: 'string' },
-      architecture: { type: 'string' },
-      component: { type: 'string' },
-      format: { type: 'string' },
-      uuid: { type: 'string' },
-      'sign-key': { type: 'string' },
-      signature: { type: 'string' },
-    },
-    USAGE,
-  );
-  const file = positionals[0];
-  if (!file || !values.product || !values.version)
-    throw new CliError(`upload needs <file>, --product and --version\n\n${USAGE}`, 2);
+async function upload(file: string, o: UploadFlags, io: CliIo): Promise<number> {
   if (!existsSync(file)) throw new CliError(`${file} does not exist`);
-  let signature = values.signature;
-  if (values['sign-key']) {
-    if (signature) throw new CliError('pass either --sign-key or --signature, not both', 2);
-    signature = signFirmwareDigest(await sha256OfFile(file), readFileSync(values['sign-key'], 'utf8'));
+  let signature = o.signature;
+  if (o.signKey) {
+    if (signature) throw usageError('pass either --sign-key or --signature, not both');
+    signature = signFirmwareDigest(await sha256OfFile(file), readFileSync(o.signKey, 'utf8'));
   }
   const size = statSync(file).size;
-  const clientOptions = resolveClientOptions(values, io.env);
+  const clientOptions = resolveClientOptions(o, io.env);
   // A product named (not by id) needs its org: --org, FLEETHUB_ORG, the login's, or the only one visible.
-  const org = await orgOf(new ApiClient(clientOptions), values, io);
+  const org = await orgOf(new ApiClient(clientOptions), o, io);
   const bar = progressBar(io);
   const firmware = await uploadFirmwareStream({
     client: clientOptions,
     query: {
-      product: values.product,
-      version: values.version,
+      product: o.product,
+      version: o.version,
       org,
-      platform: values.platform,
-      architecture: values.architecture,
-      component: values.component,
-      format: values.format,
-      uuid: values.uuid,
+      platform: o.platform,
+      architecture: o.architecture,
+      component: o.component,
+      format: o.format,
+      uuid: o.uuid,
       signature,
     },
     source: createReadStream(file, { highWaterMark: 256 * 1024 }),
@@ -110,7 +177,7 @@ async function upload(argv: string[], io: CliIo): Promise<number> {
     onProgress: (sent) => bar.update(sent, size),
   });
   bar.done();
-  printRecord(io, values.json, firmware);
+  printRecord(io, o.json, firmware);
   return 0;
 }
 
@@ -170,90 +237,31 @@ export async function uploadFirmwareStream(options: UploadStreamOptions): Promis
   if (status >= 400) {
     const error = (body as { error?: { code?: string; message?: string; details?: unknown } }).error;
     const message =
-      status === 401 && !options.client.token
-        ? 'not logged in: run `fleethub login` or pass --token / set FLEETHUB_TOKEN'
+      status === 401
+        ? unauthorizedMessage(options.client, error?.message, error?.details)
         : (error?.message ?? `HTTP ${status}`);
     throw new CliError(message, 1, status, error?.code, error?.details);
   }
   return body;
 }
 
-async function keys(argv: string[], io: CliIo): Promise<number> {
-  const [action, ...rest] = argv;
-  const { values, positionals } = parseCommand(
-    rest,
-    {
-      product: { type: 'string' },
-      org: { type: 'string' },
-      name: { type: 'string' },
-      'public-key': { type: 'string' },
-    },
-    USAGE,
-  );
-  if (!values.product) throw new CliError(`--product is required\n\n${USAGE}`, 2);
-  const client = new ApiClient(resolveClientOptions(values, io.env));
-  const base = `/api/v1/products/${encodeURIComponent(values.product)}/signing-keys`;
-  const query = `?org=${encodeURIComponent(await orgOf(client, values, io))}`;
-  switch (action) {
-    case 'add': {
-      if (!values.name || !values['public-key'])
-        throw new CliError(`keys add needs --name and --public-key\n\n${USAGE}`, 2);
-      const pem = readFileSync(values['public-key'], 'utf8');
-      parseSigningPublicKey(pem); // a clear local error beats a round trip
-      printRecord(
-        io,
-        values.json,
-        await client.post<Record<string, unknown>>(base + query, { name: values.name, public_key_pem: pem }),
-      );
-      return 0;
-    }
-    case 'list': {
-      const { items: rows } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base + query}&limit=1000`);
-      printRows(io, values.json, rows, [
-        { header: 'name', value: (r) => r.name },
-        { header: 'fingerprint', value: (r) => r.fingerprint },
-        { header: 'id', value: (r) => r.id },
-        { header: 'created_at', value: (r) => r.created_at },
-      ]);
-      return 0;
-    }
-    case 'remove': {
-      const ref = positionals[0];
-      if (!ref) throw new CliError(`keys remove needs the key's name or id\n\n${USAGE}`, 2);
-      const removed = await client.delete<Record<string, unknown>>(`${base}/${encodeURIComponent(ref)}${query}`);
-      if (values.json) printJson(io, removed);
-      else io.out(`removed signing key ${String(removed.name)} (${String(removed.fingerprint)})\n`);
-      return 0;
-    }
-    default:
-      throw new CliError(`unknown keys command ${JSON.stringify(action)}; use add, list or remove\n\n${USAGE}`, 2);
-  }
+async function keysApi(o: CommonFlags & { product: string }, io: CliIo) {
+  const client = new ApiClient(resolveClientOptions(o, io.env));
+  const base = `/api/v1/products/${encodeURIComponent(o.product)}/signing-keys`;
+  return { client, base, query: `?org=${encodeURIComponent(await orgOf(client, o, io))}` };
 }
 
-async function sign(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(argv, { key: { type: 'string' } }, USAGE);
-  const file = positionals[0];
-  if (!file || !values.key) throw new CliError(`sign needs <file> and --key\n\n${USAGE}`, 2);
-  const sha256 = await sha256OfFile(file);
-  const signature = signFirmwareDigest(sha256, readFileSync(values.key, 'utf8'));
-  if (values.json) printJson(io, { sha256, signature });
-  else io.out(`${signature}\n`);
-  return 0;
-}
-
-async function keygen(argv: string[], io: CliIo): Promise<number> {
-  const { values } = parseCommand(argv, { out: { type: 'string' }, name: { type: 'string' } }, USAGE);
-  if (!values.out) throw new CliError(`keygen needs --out DIR\n\n${USAGE}`, 2);
-  const name = values.name ?? 'firmware-signing';
-  mkdirSync(values.out, { recursive: true });
-  const keyPath = path.join(values.out, `${name}.key`);
-  const pubPath = path.join(values.out, `${name}.pub`);
+async function keygen(o: { out: string; name: string; json?: boolean }, io: CliIo): Promise<number> {
+  const name = o.name;
+  mkdirSync(o.out, { recursive: true });
+  const keyPath = path.join(o.out, `${name}.key`);
+  const pubPath = path.join(o.out, `${name}.pub`);
   if (existsSync(keyPath)) throw new CliError(`${keyPath} already exists; choose another --name or --out`);
   const pair = generateSigningKeyPair();
   writeFileSync(keyPath, pair.privateKeyPem, { mode: 0o600, flag: 'wx' });
   writeFileSync(pubPath, pair.publicKeyPem);
   const { fingerprint } = parseSigningPublicKey(pair.publicKeyPem);
-  if (values.json) printJson(io, { private_key: keyPath, public_key: pubPath, fingerprint });
+  if (o.json) printJson(io, { private_key: keyPath, public_key: pubPath, fingerprint });
   else
     io.out(
       `private key ${keyPath} (keep it secret)\npublic key  ${pubPath}\nfingerprint ${fingerprint}\nregister it: fleethub firmware keys add --product P --name ${name} --public-key ${pubPath}\n`,
@@ -269,7 +277,7 @@ async function sha256OfFile(file: string): Promise<string> {
 
 /** A progress bar on stderr when it is a terminal. */
 function progressBar(io: CliIo) {
-  const tty = io === processIo && process.stderr.isTTY;
+  const tty = io.isTTY === true && process.stderr.isTTY;
   let last = 0;
   let shown = false;
   return {

@@ -1,104 +1,152 @@
 /**
- * `fleethub <command>`: one entry point for the server, its PKI tooling and the operator CLI.
- * Commands load their module lazily so `fleethub certs` never opens a database.
+ * `fleethub <command>`: one entry point for the server, its PKI tooling and the operator CLI, on
+ * commander: the tree declared here and in the modules it calls is the only source of the
+ * commands' arguments, options and help. Server-side commands load their module when they run,
+ * so `fleethub certs` never opens a database and `fleethub --help` loads no database driver.
  */
-type Command = (argv: string[]) => Promise<number>;
+import { Command, Option } from 'commander';
+import { SETTINGS } from '../config.ts';
+import { processIo, type CliIo } from './client.ts';
+import { act, type CliContext, finishTree, packageVersion, runProgram } from './command.ts';
+import { registerFirmwareStoreCommands } from './firmware.ts';
+import { registerGrispCommands } from './grisp.ts';
+import { registerKeyauthCommands } from './keyauth.ts';
+import { registerMainServerCommands } from './main-server.ts';
+import { registerAccountCommands } from './operator.ts';
+import {
+  registerDevicesCommands,
+  registerFirmwareRecordCommands,
+  registerGroupsCommands,
+  registerStatusCommand,
+  registerTargetCommands,
+} from './operator-fleet.ts';
+import { registerWebhooksCommands } from './webhooks.ts';
+import { registerWifidogxCommands } from './wifidogx.ts';
 
-const COMMANDS: Record<string, { help: string; run: () => Promise<Command> }> = {
-  serve: {
-    help: 'run the server (fleethub serve --help lists every option)',
-    run: async () => (await import('./serve.ts')).runServeCommand,
-  },
-  migrate: {
-    help: 'database migrations: up | down | status',
-    run: async () => (await import('./migrate.ts')).runMigrateCommand,
-  },
-  certs: {
-    help: 'development PKI: init | device <serial> --out DIR',
-    run: async () => (await import('./certs.ts')).runCertsCommand,
-  },
-  users: {
-    help: 'operator accounts: create --email --password --role [--org] | list',
-    run: async () => (await import('./users.ts')).runUsersCommand,
-  },
-  'main-server': {
-    help: 'Main Server devices (seed 000): devices | approve | revoke | rotate-token | pack | upload | schedule | deploy',
-    run: async () => (await import('./main-server.ts')).runMainServerCommand,
-  },
-  keyauth: {
-    help: 'public-key TCP clients (seed 003): list | approve | revoke <fingerprint>',
-    run: async () => (await import('./keyauth.ts')).runKeyauthCommand,
-  },
-  grisp: {
-    help: 'GRiSP boards (seed 004): firmware packages, logs, linking tokens, validation',
-    run: async () => (await import('./grisp.ts')).runGrispCommand,
-  },
-  webhooks: {
-    help: 'webhooks: create <url> --events ... | list | show | deliveries | enable | disable | delete',
-    run: async () => (await import('./webhooks.ts')).runWebhooksCommand,
-  },
-  wifidogx: {
-    help: 'WiFiDogX gateways (seed 001): approve | auth-mode | auth | kickoff | tmp-pass | firmware-info | upgrade | release',
-    run: async () => (await import('./wifidogx.ts')).runWifidogxCommand,
-  },
-};
-
-// Operator commands talk to a running server over the REST API (server/cli/operator.ts).
-const OPERATOR_HELP: Record<string, string> = {
-  login: 'log in to a fleethub server and save the token',
-  orgs: 'organizations',
-  products: 'products',
-  devices: 'devices: list | show | updates | logs | link-token',
-  groups: 'groups: create | list | add | remove | delete',
-  firmware: 'firmware: upload | list | show | delete | keys | sign | keygen',
-  target: 'targets: set | clear for a group or a device',
-  status: 'counts by version and update state (--watch)',
-  tokens: 'API tokens for automation',
-};
-for (const [name, help] of Object.entries(OPERATOR_HELP)) {
-  COMMANDS[name] = { help, run: async () => (argv) => runOperator(name, argv) };
+/** The whole `fleethub` command tree, writing to `ctx.io`. */
+export function buildProgram(ctx: CliContext): Command {
+  const program = new Command('fleethub')
+    .description('fleethub: the server, its development PKI, and the operator CLI over the REST API')
+    .version(packageVersion(import.meta.dirname), '-V, --version', 'print the version')
+    .helpOption('-h, --help', 'show help')
+    // Options before the command belong to the program; after it, to the command (`devices --version`).
+    .enablePositionalOptions()
+    .addHelpText('after', '\nExit codes: 0 ok, 1 failure, 2 usage error, 3 timeout (status --until). docs/cli.md');
+  registerServerCommands(program, ctx);
+  registerAccountCommands(program, ctx);
+  const devices = registerDevicesCommands(program, ctx);
+  registerGrispCommands(devices, ctx, ['logs', 'link-token']);
+  registerGroupsCommands(program, ctx);
+  registerFirmwareStoreCommands(registerFirmwareRecordCommands(program, ctx), ctx);
+  registerTargetCommands(program, ctx);
+  registerStatusCommand(program, ctx);
+  registerMainServerCommands(program, ctx);
+  registerKeyauthCommands(program, ctx);
+  registerGrispCommands(program.command('grisp').description('GRiSP boards (seed 004)'), ctx);
+  registerWebhooksCommands(program, ctx);
+  registerWifidogxCommands(program, ctx);
+  return finishTree(program, ctx.io);
 }
 
-/** Firmware image commands (upload, signing keys) live with the firmware store's CLI. */
-const FIRMWARE_STORE_ACTIONS = new Set(['upload', 'keys', 'sign', 'keygen']);
-
-/** Device commands that GRiSP boards answer (logs from `log.get`, linking tokens). */
-const GRISP_DEVICE_ACTIONS = new Set(['logs', 'link-token']);
-
-async function runOperator(name: string, argv: string[]): Promise<number> {
-  if (name === 'firmware' && argv[0] && FIRMWARE_STORE_ACTIONS.has(argv[0])) {
-    return (await import('./firmware.ts')).runFirmwareCommand(argv);
+/** serve, migrate, certs, users: they work on the server's own files and database. */
+function registerServerCommands(program: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  const serve = program
+    .command('serve')
+    .description('run a server node (npm start); every option is also an environment variable');
+  for (const s of SETTINGS) {
+    const help = `${s.help} (${s.env})`;
+    if (s.kind === 'boolean') {
+      serve.addOption(new Option(`--${s.flag}`, help));
+      serve.addOption(new Option(`--no-${s.flag}`, `turn ${s.flag} off`).hideHelp());
+    } else serve.addOption(new Option(`--${s.flag} <value>`, help));
   }
-  if (name === 'devices' && argv[0] && GRISP_DEVICE_ACTIONS.has(argv[0])) {
-    return (await import('./grisp.ts')).runGrispCommand(argv);
-  }
-  return (await import('./operator.ts')).runOperatorCommand([name, ...argv]);
+  act(serve, ctx, async (o) => {
+    // Back to the flags loadConfig reads, which also knows each setting's environment variable.
+    const argv: string[] = [];
+    for (const s of SETTINGS) {
+      const key = s.flag.replace(/-([a-z])/g, (_, c: string) => c.toUpperCase());
+      const value = o[key] as string | boolean | undefined;
+      if (value !== undefined) argv.push(`--${s.flag}=${String(value)}`);
+    }
+    return (await import('./serve.ts')).runServeCommand(argv);
+  });
+
+  const database = (cmd: Command) =>
+    cmd
+      .option('--data-dir <dir>', 'data directory, as for fleethub serve (FLEETHUB_DATA_DIR)')
+      .option('--database-url <url>', 'PostgreSQL instead of the embedded database (DATABASE_URL)');
+  const migrate = program.command('migrate').description('database migrations (also run at every start)');
+  for (const [action, description] of [
+    ['up', 'apply every pending migration'],
+    ['down', 'revert the most recent migration'],
+    ['status', 'list migrations and when each was applied'],
+  ] as const)
+    act(database(migrate.command(action, { isDefault: action === 'up' }).description(description)), ctx, async (o) =>
+      (await import('./migrate.ts')).runMigrate(action, o, io),
+    );
+
+  const certs = program
+    .command('certs')
+    .description('development PKI: a root CA, a device-signer CA, a server certificate; device certificates');
+  const pkiDir = (cmd: Command) =>
+    cmd
+      .option('--dir <dir>', 'PKI directory (default <data-dir>/pki, FLEETHUB_CERTS_DIR)')
+      .option('--data-dir <dir>', 'as for fleethub serve, to find the default PKI directory')
+      .option('--certs-dir <dir>', 'as for fleethub serve (same as --dir)');
+  act(
+    pkiDir(
+      certs
+        .command('init')
+        .description('create what is missing of the PKI (never overwrites a key)')
+        .option(
+          '--host <name>',
+          'a DNS name or IP of the server certificate; repeatable (default localhost, 127.0.0.1, ::1)',
+          (v: string, prev: string[] = []) => [...prev, v],
+        ),
+    ),
+    ctx,
+    async (o) => (await import('./certs.ts')).runCerts('init', o, io),
+  );
+  act(
+    pkiDir(
+      certs
+        .command('device')
+        .description('issue a certificate for a device (CN = serial): DIR/cert.pem, DIR/key.pem, DIR/ca.pem')
+        .argument('<serial>', 'the device serial number')
+        .requiredOption('--out <dir>', 'where to write the files'),
+    ),
+    ctx,
+    async (o, [serial]) => (await import('./certs.ts')).runCerts('device', o, io, serial as string),
+  );
+
+  const users = program
+    .command('users')
+    .description('operator accounts, in the database directly (no running server needed)');
+  act(
+    database(
+      users
+        .command('create')
+        .description('create a user: without --org one that sees every organization')
+        .requiredOption('--email <email>', 'their email')
+        .option('--password <password>', 'their password (FLEETHUB_PASSWORD)')
+        .requiredOption('--role <role>', 'admin | operator | viewer')
+        .option('--org <org>', 'the one organization they see')
+        .option('--name <name>', 'display name')
+        .option('--json', 'print JSON'),
+    ),
+    ctx,
+    async (o) => (await import('./users.ts')).runUsers('create', o, io),
+  );
+  act(database(users.command('list').description('every user').option('--json', 'print JSON')), ctx, async (o) =>
+    (await import('./users.ts')).runUsers('list', o, io),
+  );
 }
 
-function usage(): string {
-  const lines = ['Usage: fleethub <command> [options]', '', 'Commands:'];
-  for (const [name, c] of Object.entries(COMMANDS)) lines.push(`  ${name.padEnd(12)} ${c.help}`);
-  lines.push('', "Run `fleethub <command> --help` for a command's options.");
-  return lines.join('\n');
-}
-
-/** Registers a command (edges add theirs without touching this table's literal). */
-export function registerCommand(name: string, help: string, run: () => Promise<Command>): void {
-  COMMANDS[name] = { help, run };
-}
-
-export async function main(argv: string[]): Promise<number> {
-  const [name, ...rest] = argv;
-  if (!name || name === '--help' || name === '-h' || name === 'help') {
-    console.log(usage());
-    return name ? 0 : 2;
-  }
-  const command = COMMANDS[name];
-  if (!command) {
-    console.error(`unknown command ${JSON.stringify(name)}\n\n${usage()}`);
-    return 2;
-  }
-  return (await command.run())(rest);
+/** Runs `fleethub <argv>`; resolves to the exit code (docs/cli.md). */
+export async function main(argv: string[], io: CliIo = processIo): Promise<number> {
+  const ctx: CliContext = { io, exitCode: 0 };
+  return runProgram(buildProgram(ctx), ctx, argv);
 }
 
 // `tsx server/cli/index.ts ...` (npm start) runs it directly; bin/fleethub.js calls main().

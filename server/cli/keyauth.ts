@@ -1,21 +1,12 @@
-/** `fleethub keyauth list [--pending] | approve <fingerprint> | revoke <fingerprint>`: client keys of the public-key TCP protocol (seed 003). */
-import {
-  clientFor,
-  helpRequested,
-  parseCommand,
-  printJson,
-  printRows,
-  processIo,
-  runCommand,
-  usageError,
-  type CliIo,
-} from './client.ts';
+/** `fleethub keyauth list | approve | revoke`: client keys of the public-key TCP protocol (seed 003). */
+import type { Command } from 'commander';
+import { clientFor, printJson, printRows, type CliIo, type CommonFlags } from './client.ts';
+import { act, type CliContext, withServer } from './command.ts';
 
-const USAGE = `Usage:
-  fleethub keyauth list [--pending]          client keys (the approval queue with --pending)
-  fleethub keyauth approve <fingerprint>     approve a key (SHA-256 hex, or a unique prefix of 8+ digits)
-  fleethub keyauth revoke <fingerprint>      revoke a key; its connections close
-Options: --json --url --token`;
+/** `fleethub keyauth ...` as the CLI runs it (kept for callers of the old entry point). */
+export async function runKeyauthCommand(argv: string[], io?: CliIo): Promise<number> {
+  return (await import('./index.ts')).main(['keyauth', ...argv], io);
+}
 
 interface ClientRow {
   fingerprint: string;
@@ -27,38 +18,46 @@ interface ClientRow {
   last_seen_at: string;
 }
 
-export async function runKeyauthCommand(argv: string[], io: CliIo = processIo): Promise<number> {
-  return runCommand(io, async () => {
-    const { values, positionals } = parseCommand(argv, { pending: { type: 'boolean' } }, USAGE);
-    const help = helpRequested(values, USAGE, io);
-    if (help !== undefined) return help;
-    const client = clientFor(values, io);
-    const [sub, ref] = positionals;
-    switch (sub ?? 'list') {
-      case 'list': {
-        const { items } = await client.get<{ items: ClientRow[] }>('/api/v1/keyauth/clients', {
-          approval: values.pending ? 'pending' : undefined,
-        });
-        printRows(io, values.json, items, [
-          { header: 'fingerprint', value: (c) => c.fingerprint },
-          { header: 'device', value: (c) => c.identifier },
-          { header: 'name', value: (c) => c.name },
-          { header: 'approval', value: (c) => c.approval },
-          { header: 'status', value: (c) => c.status },
-          { header: 'last seen', value: (c) => c.last_seen_at },
-        ]);
-        return 0;
-      }
-      case 'approve':
-      case 'revoke': {
-        if (!ref) throw usageError('missing <fingerprint>', USAGE);
-        const row = await client.post<ClientRow>(`/api/v1/keyauth/clients/${encodeURIComponent(ref)}/${sub}`);
-        if (values.json) printJson(io, row);
+export function registerKeyauthCommands(program: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  const keyauth = program.command('keyauth').description('public-key TCP clients (seed 003)');
+  act<CommonFlags & { pending?: boolean }>(
+    withServer(
+      keyauth
+        .command('list', { isDefault: true })
+        .description('client keys')
+        .option('--pending', 'only the approval queue'),
+    ),
+    ctx,
+    async (o) => {
+      const { items } = await clientFor(o, io).get<{ items: ClientRow[] }>('/api/v1/keyauth/clients', {
+        approval: o.pending ? 'pending' : undefined,
+      });
+      printRows(io, o.json, items, [
+        { header: 'fingerprint', value: (c) => c.fingerprint },
+        { header: 'device', value: (c) => c.identifier },
+        { header: 'name', value: (c) => c.name },
+        { header: 'approval', value: (c) => c.approval },
+        { header: 'status', value: (c) => c.status },
+        { header: 'last seen', value: (c) => c.last_seen_at },
+      ]);
+    },
+  );
+  for (const sub of ['approve', 'revoke'] as const)
+    act<CommonFlags>(
+      withServer(
+        keyauth
+          .command(sub)
+          .description(sub === 'approve' ? 'approve a key' : 'revoke a key; its connections close')
+          .argument('<fingerprint>', 'SHA-256 hex, or a unique prefix of 8+ digits'),
+      ),
+      ctx,
+      async (o, [ref]) => {
+        const row = await clientFor(o, io).post<ClientRow>(
+          `/api/v1/keyauth/clients/${encodeURIComponent(ref as string)}/${sub}`,
+        );
+        if (o.json) printJson(io, row);
         else io.out(`${row.fingerprint} (${row.identifier}): ${row.approval}\n`);
-        return 0;
-      }
-      default:
-        throw usageError(`unknown subcommand ${JSON.stringify(sub)}`, USAGE);
-    }
-  });
+      },
+    );
 }

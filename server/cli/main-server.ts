@@ -6,34 +6,18 @@
 import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createZip, MANIFEST_NAME, parseManifest } from '../edges/main-server/package.ts';
+import type { Command } from 'commander';
 import {
   CliError,
   clientFor,
-  helpRequested,
-  parseCommand,
   printJson,
   printRecord,
   printRows,
-  processIo,
-  runCommand,
-  usageError,
   type ApiClient,
   type CliIo,
+  type CommonFlags,
 } from './client.ts';
-
-const USAGE = `Usage:
-  fleethub main-server devices [--pending]              Main Server devices (the approval queue with --pending)
-  fleethub main-server approve <device_id>             approve a registration (the device collects its token)
-  fleethub main-server revoke <device_id>              revoke a device; its token stops working
-  fleethub main-server rotate-token <device_id>        issue a new token (printed once); the old one stops working
-  fleethub main-server add <device_id> [--name N]      pre-provision an approved device; prints its token once
-  fleethub main-server pack <dir> [--out FILE.zip]     build a package from a directory holding ${MANIFEST_NAME}
-  fleethub main-server upload <package.zip>            upload a package (validated on the server)
-  fleethub main-server extensions                      extensions and their extension_id
-  fleethub main-server updates [--device D]            current vs available versions
-  fleethub main-server schedule <extension_id> <version>
-  fleethub main-server deploy <device_id> <extension_id> <version>
-Options: --json --url --token`;
+import { act, type CliContext, withServer } from './command.ts';
 
 const enc = encodeURIComponent;
 
@@ -78,126 +62,151 @@ function filesOf(dir: string, prefix = ''): Array<{ name: string; data: Buffer }
   return out;
 }
 
-export async function runMainServerCommand(argv: string[], io: CliIo = processIo): Promise<number> {
-  return runCommand(io, async () => {
-    const { values, positionals } = parseCommand(
-      argv,
-      { pending: { type: 'boolean' }, name: { type: 'string' }, out: { type: 'string' }, device: { type: 'string' } },
-      USAGE,
-    );
-    const help = helpRequested(values, USAGE, io);
-    if (help !== undefined) return help;
-    const [sub, a, b, c] = positionals;
-    const need = (v: string | undefined, what: string) => {
-      if (!v) throw usageError(`missing ${what}`, USAGE);
-      return v;
-    };
-    if (sub === 'pack') {
-      const dir = need(a, '<dir>');
-      const manifest = parseManifest(JSON.parse(readFileSync(path.join(dir, MANIFEST_NAME), 'utf8')));
-      const out = values.out ?? `${manifest.extension}-${manifest.version}.zip`;
-      writeFileSync(out, createZip(filesOf(dir)));
+/** `fleethub main-server ...` as the CLI runs it (kept for callers of the old entry point). */
+export async function runMainServerCommand(argv: string[], io?: CliIo): Promise<number> {
+  return (await import('./index.ts')).main(['main-server', ...argv], io);
+}
+
+type Flags = CommonFlags & { pending?: boolean; name?: string; out?: string; device?: string };
+
+export function registerMainServerCommands(program: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  const ms = program.command('main-server').description('Main Server devices and packages (seed 000)');
+  const sub = (name: string, description: string) => withServer(ms.command(name).description(description));
+  act<Flags>(sub('devices', 'Main Server devices').option('--pending', 'only the approval queue'), ctx, async (o) => {
+    const { items } = await clientFor(o, io).get<{ items: DeviceRow[] }>('/api/v1/main-server/devices', {
+      approval: o.pending ? 'pending' : undefined,
+    });
+    printRows(io, o.json, items, [
+      { header: 'device_id', value: (d) => d.device_id },
+      { header: 'name', value: (d) => d.name },
+      { header: 'approval', value: (d) => d.approval },
+      { header: 'status', value: (d) => d.status },
+      { header: 'token', value: (d) => (d.has_token ? 'yes' : 'no') },
+      { header: 'last seen', value: (d) => d.last_seen_at },
+    ]);
+  });
+  for (const [name, description] of [
+    ['approve', 'approve a registration (the device collects its token)'],
+    ['revoke', 'revoke a device; its token stops working'],
+  ] as const)
+    act<Flags>(sub(name, description).argument('<device_id>'), ctx, async (o, [id]) => {
+      const r = await clientFor(o, io).post<{ device: DeviceRow; message?: string }>(
+        `/api/v1/main-server/devices/${enc(id as string)}/${name}`,
+      );
+      if (o.json) printJson(io, r);
+      else io.out(`${r.device.device_id}: ${r.device.approval}${r.message ? `\n${r.message}` : ''}\n`);
+    });
+  const printToken = (o: Flags, r: { device: DeviceRow; device_token: string }) => {
+    if (o.json) printJson(io, r);
+    else io.out(`device ${r.device.device_id} token (shown once; give it to the device):\n${r.device_token}\n`);
+  };
+  act<Flags>(
+    sub('rotate-token', 'issue a new token (printed once); the old one stops working').argument('<device_id>'),
+    ctx,
+    async (o, [id]) =>
+      printToken(
+        o,
+        await clientFor(o, io).post<{ device: DeviceRow; device_token: string }>(
+          `/api/v1/main-server/devices/${enc(id as string)}/token`,
+        ),
+      ),
+  );
+  act<Flags>(
+    sub('add', 'pre-provision an approved device; prints its token once')
+      .argument('<device_id>')
+      .option('--name <name>', 'a display name'),
+    ctx,
+    async (o, [id]) =>
+      printToken(
+        o,
+        await clientFor(o, io).post<{ device: DeviceRow; device_token: string }>('/api/v1/main-server/devices', {
+          device_id: id,
+          ...(o.name ? { name: o.name } : {}),
+        }),
+      ),
+  );
+  act<{ out?: string }>(
+    ms
+      .command('pack')
+      .description(`build a package from a directory holding ${MANIFEST_NAME}`)
+      .argument('<dir>')
+      .option('--out <file.zip>', 'the package (default <extension>-<version>.zip)'),
+    ctx,
+    async (o, [dir]) => {
+      const manifest = parseManifest(JSON.parse(readFileSync(path.join(dir as string, MANIFEST_NAME), 'utf8')));
+      const out = o.out ?? `${manifest.extension}-${manifest.version}.zip`;
+      writeFileSync(out, createZip(filesOf(dir as string)));
       io.out(
         `${out}: ${manifest.extension} ${manifest.version}${manifest.compatible_with ? ` (compatible with ${manifest.compatible_with})` : ''}\n`,
       );
-      return 0;
-    }
-    const client = clientFor(values, io);
-    switch (sub) {
-      case 'devices': {
-        const { items } = await client.get<{ items: DeviceRow[] }>('/api/v1/main-server/devices', {
-          approval: values.pending ? 'pending' : undefined,
-        });
-        printRows(io, values.json, items, [
-          { header: 'device_id', value: (d) => d.device_id },
-          { header: 'name', value: (d) => d.name },
-          { header: 'approval', value: (d) => d.approval },
-          { header: 'status', value: (d) => d.status },
-          { header: 'token', value: (d) => (d.has_token ? 'yes' : 'no') },
-          { header: 'last seen', value: (d) => d.last_seen_at },
-        ]);
-        return 0;
-      }
-      case 'approve':
-      case 'revoke': {
-        const r = await client.post<{ device: DeviceRow; message?: string }>(
-          `/api/v1/main-server/devices/${enc(need(a, '<device_id>'))}/${sub}`,
-        );
-        if (values.json) printJson(io, r);
-        else io.out(`${r.device.device_id}: ${r.device.approval}${r.message ? `\n${r.message}` : ''}\n`);
-        return 0;
-      }
-      case 'rotate-token':
-      case 'add': {
-        const r =
-          sub === 'add'
-            ? await client.post<{ device: DeviceRow; device_token: string }>('/api/v1/main-server/devices', {
-                device_id: need(a, '<device_id>'),
-                ...(values.name ? { name: values.name } : {}),
-              })
-            : await client.post<{ device: DeviceRow; device_token: string }>(
-                `/api/v1/main-server/devices/${enc(need(a, '<device_id>'))}/token`,
-              );
-        if (values.json) printJson(io, r);
-        else io.out(`device ${r.device.device_id} token (shown once; give it to the device):\n${r.device_token}\n`);
-        return 0;
-      }
-      case 'upload': {
-        const file = need(a, '<package.zip>');
-        const r = await client.request<Record<string, unknown>>(
-          'POST',
-          '/api/v1/main-server/packages',
-          readFileSync(file),
-          'application/zip',
-        );
-        printRecord(io, values.json, r);
-        return 0;
-      }
-      case 'extensions': {
-        const { items } = await client.get<{ items: Array<{ id: number; name: string }> }>(
-          '/api/v1/main-server/extensions',
-        );
-        printRows(io, values.json, items, [
-          { header: 'extension_id', value: (e) => e.id },
-          { header: 'name', value: (e) => e.name },
-        ]);
-        return 0;
-      }
-      case 'updates': {
-        const { updates } = await seedCall<{ updates: Array<Record<string, unknown>> }>(
-          client,
-          'GET',
-          values.device ? `/updates?device_id=${enc(values.device)}` : '/updates',
-        );
-        printRows(io, values.json, updates, [
-          { header: 'device', value: (u) => u.device_id },
-          { header: 'extension_id', value: (u) => u.extension_id },
-          { header: 'name', value: (u) => u.name },
-          { header: 'current', value: (u) => u.current_version },
-          { header: 'available', value: (u) => u.available_version },
-          { header: 'compatible', value: (u) => u.is_compatible },
-        ]);
-        return 0;
-      }
-      case 'schedule': {
-        const r = await seedCall<Record<string, unknown>>(client, 'POST', '/schedule-update', {
-          extension_id: Number(need(a, '<extension_id>')),
-          new_version: need(b, '<version>'),
-        });
-        printRecord(io, values.json, r);
-        return 0;
-      }
-      case 'deploy': {
-        const r = await seedCall<Record<string, unknown>>(client, 'POST', '/deploy-update', {
-          device_id: need(a, '<device_id>'),
-          extension_id: Number(need(b, '<extension_id>')),
-          version: need(c, '<version>'),
-        });
-        printRecord(io, values.json, r);
-        return 0;
-      }
-      default:
-        throw usageError(sub ? `unknown subcommand ${JSON.stringify(sub)}` : 'missing subcommand', USAGE);
-    }
+    },
+  );
+  act<Flags>(
+    sub('upload', 'upload a package (validated on the server)').argument('<package.zip>'),
+    ctx,
+    async (o, [file]) => {
+      const r = await clientFor(o, io).request<Record<string, unknown>>(
+        'POST',
+        '/api/v1/main-server/packages',
+        readFileSync(file as string),
+        'application/zip',
+      );
+      printRecord(io, o.json, r);
+    },
+  );
+  act<Flags>(sub('extensions', 'extensions and their extension_id'), ctx, async (o) => {
+    const { items } = await clientFor(o, io).get<{ items: Array<{ id: number; name: string }> }>(
+      '/api/v1/main-server/extensions',
+    );
+    printRows(io, o.json, items, [
+      { header: 'extension_id', value: (e) => e.id },
+      { header: 'name', value: (e) => e.name },
+    ]);
   });
+  act<Flags>(
+    sub('updates', 'current vs available versions').option('--device <device_id>', 'one device'),
+    ctx,
+    async (o) => {
+      const { updates } = await seedCall<{ updates: Array<Record<string, unknown>> }>(
+        clientFor(o, io),
+        'GET',
+        o.device ? `/updates?device_id=${enc(o.device)}` : '/updates',
+      );
+      printRows(io, o.json, updates, [
+        { header: 'device', value: (u) => u.device_id },
+        { header: 'extension_id', value: (u) => u.extension_id },
+        { header: 'name', value: (u) => u.name },
+        { header: 'current', value: (u) => u.current_version },
+        { header: 'available', value: (u) => u.available_version },
+        { header: 'compatible', value: (u) => u.is_compatible },
+      ]);
+    },
+  );
+  act<Flags>(
+    sub('schedule', 'schedule an update of an extension').argument('<extension_id>').argument('<version>'),
+    ctx,
+    async (o, [ext, version]) => {
+      const r = await seedCall<Record<string, unknown>>(clientFor(o, io), 'POST', '/schedule-update', {
+        extension_id: Number(ext),
+        new_version: version,
+      });
+      printRecord(io, o.json, r);
+    },
+  );
+  act<Flags>(
+    sub('deploy', 'deploy a version of an extension to a device')
+      .argument('<device_id>')
+      .argument('<extension_id>')
+      .argument('<version>'),
+    ctx,
+    async (o, [id, ext, version]) => {
+      const r = await seedCall<Record<string, unknown>>(clientFor(o, io), 'POST', '/deploy-update', {
+        device_id: id,
+        extension_id: Number(ext),
+        version,
+      });
+      printRecord(io, o.json, r);
+    },
+  );
 }

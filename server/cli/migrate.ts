@@ -1,46 +1,37 @@
 import { loadConfig } from '../config.ts';
 import { openDatabase } from '../db/index.ts';
 import { migrateDown, migrateToLatest, migrationStatus } from '../db/migrate.ts';
+import type { CliIo } from './client.ts';
 
-const HELP = `Usage: fleethub migrate [up|down|status] [--data-dir D] [--database-url URL]
-
-  up      apply every pending migration (default)
-  down    revert the most recent migration
-  status  list migrations and when each was applied`;
-
-/** `fleethub migrate up|down|status` against the configured database. */
-export async function runMigrateCommand(argv: string[]): Promise<number> {
-  if (argv.includes('--help') || argv.includes('-h')) {
-    console.log(HELP);
-    return 0;
-  }
-  const action = argv[0] && !argv[0].startsWith('--') ? argv.shift()! : 'up';
-  const config = loadConfig(argv);
+/** `fleethub migrate up|down|status` against the configured database (declared in server/cli/index.ts). */
+export async function runMigrate(
+  action: 'up' | 'down' | 'status',
+  flags: { dataDir?: string; databaseUrl?: string },
+  io: CliIo,
+): Promise<number> {
+  const config = loadConfig([], io.env, {
+    ...(flags.dataDir ? { dataDir: flags.dataDir } : {}),
+    ...(flags.databaseUrl ? { databaseUrl: flags.databaseUrl } : {}),
+  });
   const handle = await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir });
   try {
     switch (action) {
       case 'up': {
         const { results } = await migrateToLatest(handle.db);
-        for (const r of results ?? [])
-          console.log(`${r.status === 'Success' ? 'applied' : r.status}  ${r.migrationName}`);
-        if (!results?.length) console.log('database is up to date');
+        for (const r of results ?? []) io.out(`${r.status === 'Success' ? 'applied' : r.status}  ${r.migrationName}\n`);
+        if (!results?.length) io.out('database is up to date\n');
         return 0;
       }
       case 'down': {
         const { results } = await migrateDown(handle.db);
-        for (const r of results ?? []) console.log(`reverted  ${r.migrationName}`);
-        if (!results?.length) console.log('nothing to revert');
+        for (const r of results ?? []) io.out(`reverted  ${r.migrationName}\n`);
+        if (!results?.length) io.out('nothing to revert\n');
         return 0;
       }
-      case 'status': {
-        for (const m of await migrationStatus(handle.db)) {
-          console.log(`${m.executedAt ? m.executedAt.toISOString() : 'pending                 '}  ${m.name}`);
-        }
+      case 'status':
+        for (const m of await migrationStatus(handle.db))
+          io.out(`${m.executedAt ? m.executedAt.toISOString() : 'pending                 '}  ${m.name}\n`);
         return 0;
-      }
-      default:
-        console.error(`unknown migrate action ${JSON.stringify(action)}\n\n${HELP}`);
-        return 2;
     }
   } finally {
     await handle.close();

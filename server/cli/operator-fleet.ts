@@ -1,23 +1,26 @@
-/** Operator CLI commands over the fleet: devices, groups, firmware records, targets, status (with --watch). */
+/**
+ * Operator CLI commands over the fleet: devices, groups, firmware records, targets, and status
+ * (`--watch` for people, `--until` for scripts).
+ */
+import type { Command } from 'commander';
 import { Socket, type SocketConnectOption } from 'phoenix';
 import WebSocket from 'ws';
 import {
+  CliError,
   clientFor,
-  helpRequested,
   orgOf,
   orgPath,
-  parseCommand,
   printJson,
   printRecord,
   printRows,
-  processIo,
   usageError,
   type ApiClient,
   type CliIo,
   type Column,
+  type CommonFlags,
 } from './client.ts';
+import { act, type CliContext, withOrg } from './command.ts';
 
-const ORG_OPTION = { org: { type: 'string' } } as const;
 const enc = encodeURIComponent;
 
 interface Device {
@@ -49,76 +52,90 @@ function footer(io: CliIo, json: boolean | undefined, page: Page<unknown>, offse
     io.out(`(${offset + 1}-${offset + page.items.length} of ${page.total}; use --limit/--offset)\n`);
 }
 
+type PageFlags = { limit?: string; offset?: string };
+
+function paged(cmd: Command): Command {
+  return cmd.option('--limit <n>', 'rows per page (at most 1000; default 100)').option('--offset <n>', 'rows to skip');
+}
+
 // ---------------------------------------------------------------------------------------------
 
-const DEVICES_USAGE = `Usage:
-  fleethub devices [list] [--group G] [--version V] [--status online|offline] [--tag T] [--search TEXT] [--product P] [--limit N] [--offset N]
-  fleethub devices show <device>        (id or identifier)
-  fleethub devices updates <device>     update attempts, newest first
-Options: --org O --json --url --token`;
-
-export async function runDevicesCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(
-    argv,
-    {
-      ...ORG_OPTION,
-      group: { type: 'string' },
-      version: { type: 'string' },
-      status: { type: 'string' },
-      tag: { type: 'string' },
-      search: { type: 'string' },
-      product: { type: 'string' },
-      limit: { type: 'string' },
-      offset: { type: 'string' },
-    },
-    DEVICES_USAGE,
-  );
-  const help = helpRequested(values, DEVICES_USAGE, io);
-  if (help !== undefined) return help;
-  const client = clientFor(values, io);
-  const org = await orgOf(client, values, io);
-  const [sub = 'list', ref] = positionals;
-  switch (sub) {
-    case 'list': {
-      const group = values.group
-        ? (await client.get<{ id: string }>(`${orgPath(org)}/groups/${enc(values.group)}`)).id
+/** `fleethub devices`: list (the default), show, updates. */
+export function registerDevicesCommands(program: Command, ctx: CliContext): Command {
+  const { io } = ctx;
+  const devices = program.command('devices').description('devices: list, show, update history');
+  type ListFlags = CommonFlags &
+    PageFlags & { group?: string; version?: string; status?: string; tag?: string; search?: string; product?: string };
+  act<ListFlags>(
+    paged(
+      withOrg(
+        devices
+          .command('list', { isDefault: true })
+          .description('devices of the org, newest first, with filters')
+          .option('--group <group>', 'members of this group (name or id)')
+          .option('--version <version>', 'running this firmware version')
+          .option('--status <status>', 'online | offline')
+          .option('--tag <tag>', 'carrying this tag')
+          .option('--search <text>', 'identifier or description contains TEXT')
+          .option('--product <product>', 'of this product (name or id)'),
+      ),
+    ),
+    ctx,
+    async (o) => {
+      const client = clientFor(o, io);
+      const org = await orgOf(client, o, io);
+      const group = o.group
+        ? (await client.get<{ id: string }>(`${orgPath(org)}/groups/${enc(o.group)}`)).id
         : undefined;
-      const offset = Number(values.offset ?? 0);
       const page = await client.get<Page<Device>>(`${orgPath(org)}/devices`, {
         group,
-        version: values.version,
-        status: values.status,
-        tag: values.tag,
-        q: values.search,
-        product: values.product,
-        limit: values.limit,
-        offset: values.offset,
+        version: o.version,
+        status: o.status,
+        tag: o.tag,
+        q: o.search,
+        product: o.product,
+        limit: o.limit,
+        offset: o.offset,
       });
-      if (values.json) printJson(io, page);
-      else {
-        printRows(io, false, page.items, DEVICE_COLUMNS, '(no devices)');
-        footer(io, false, page, offset);
-      }
-      return 0;
-    }
-    case 'show': {
-      if (!ref) throw usageError('devices show needs a device id or identifier', DEVICES_USAGE);
-      const device = await client.get<Device & Record<string, unknown>>(`${orgPath(org)}/devices/${enc(ref)}`);
-      printRecord(io, values.json, device);
-      return 0;
-    }
-    case 'updates': {
-      if (!ref) throw usageError('devices updates needs a device id or identifier', DEVICES_USAGE);
-      const page = await client.get<Page<Attempt>>(`${orgPath(org)}/devices/${enc(ref)}/updates`, {
-        limit: values.limit,
-        offset: values.offset,
+      if (o.json) return printJson(io, page);
+      printRows(io, false, page.items, DEVICE_COLUMNS, '(no devices)');
+      footer(io, false, page, Number(o.offset ?? 0));
+    },
+  );
+  act<CommonFlags>(
+    withOrg(devices.command('show').description('one device').argument('<device>', 'id or identifier')),
+    ctx,
+    async (o, [ref]) => {
+      const client = clientFor(o, io);
+      const org = await orgOf(client, o, io);
+      printRecord(
+        io,
+        o.json,
+        await client.get<Device & Record<string, unknown>>(`${orgPath(org)}/devices/${enc(ref as string)}`),
+      );
+    },
+  );
+  act<CommonFlags & PageFlags>(
+    paged(
+      withOrg(
+        devices
+          .command('updates')
+          .description("a device's update attempts, newest first")
+          .argument('<device>', 'id or identifier'),
+      ),
+    ),
+    ctx,
+    async (o, [ref]) => {
+      const client = clientFor(o, io);
+      const org = await orgOf(client, o, io);
+      const page = await client.get<Page<Attempt>>(`${orgPath(org)}/devices/${enc(ref as string)}/updates`, {
+        limit: o.limit,
+        offset: o.offset,
       });
-      printRows(io, values.json, page.items, ATTEMPT_COLUMNS, '(no update attempts)');
-      return 0;
-    }
-    default:
-      throw usageError(`unknown subcommand ${JSON.stringify(sub)}`, DEVICES_USAGE);
-  }
+      printRows(io, o.json, page.items, ATTEMPT_COLUMNS, '(no update attempts)');
+    },
+  );
+  return devices;
 }
 
 interface Attempt {
@@ -142,16 +159,6 @@ const ATTEMPT_COLUMNS: Column<Attempt>[] = [
 
 // ---------------------------------------------------------------------------------------------
 
-const GROUPS_USAGE = `Usage:
-  fleethub groups [list] [--product P]
-  fleethub groups create <name> --product P [--description D] [--priority N]
-  fleethub groups show <group>
-  fleethub groups members <group> [--limit N] [--offset N]
-  fleethub groups add <group> <device>...       (device ids or identifiers)
-  fleethub groups remove <group> <device>...
-  fleethub groups delete <group>
-Options: --org O --json --url --token`;
-
 interface Group {
   id: string;
   name: string;
@@ -162,34 +169,33 @@ interface Group {
   topic: string;
 }
 
-export async function runGroupsCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(
-    argv,
-    {
-      ...ORG_OPTION,
-      product: { type: 'string' },
-      description: { type: 'string' },
-      priority: { type: 'string' },
-      limit: { type: 'string' },
-      offset: { type: 'string' },
-    },
-    GROUPS_USAGE,
-  );
-  const help = helpRequested(values, GROUPS_USAGE, io);
-  if (help !== undefined) return help;
-  const client = clientFor(values, io);
-  const org = await orgOf(client, values, io);
-  const [sub = 'list', name, ...devices] = positionals;
-  const needName = () => {
-    if (!name) throw usageError(`groups ${sub} needs a group name or id`, GROUPS_USAGE);
-    return `${orgPath(org)}/groups/${enc(name)}`;
+type MemberFlags = CommonFlags & { match?: string; tag?: string };
+
+/** `fleethub groups`: list (the default), create, show, members, add, remove, delete. */
+export function registerGroupsCommands(program: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  const groups = program.command('groups').description('groups of devices (each in one product)');
+  /** The client, and the API path of the group named by the first argument. */
+  const groupPath = async (o: CommonFlags, name: unknown) => {
+    const client = clientFor(o, io);
+    return { client, path: `${orgPath(await orgOf(client, o, io))}/groups/${enc(name as string)}` };
   };
-  switch (sub) {
-    case 'list': {
-      const { items } = await client.get<{ items: Group[] }>(`${orgPath(org)}/groups`, { product: values.product });
+  act<CommonFlags & { product?: string }>(
+    withOrg(
+      groups
+        .command('list', { isDefault: true })
+        .description('groups with their member counts')
+        .option('--product <product>', 'of this product only'),
+    ),
+    ctx,
+    async (o) => {
+      const client = clientFor(o, io);
+      const { items } = await client.get<{ items: Group[] }>(`${orgPath(await orgOf(client, o, io))}/groups`, {
+        product: o.product,
+      });
       printRows(
         io,
-        values.json,
+        o.json,
         items,
         [
           { header: 'name', value: (g) => g.name },
@@ -200,71 +206,101 @@ export async function runGroupsCommand(argv: string[], io: CliIo): Promise<numbe
         ],
         '(no groups)',
       );
-      return 0;
-    }
-    case 'create': {
-      if (!name) throw usageError('groups create needs a name', GROUPS_USAGE);
-      if (!values.product) throw usageError('groups create needs --product', GROUPS_USAGE);
-      const priority = values.priority === undefined ? undefined : Number(values.priority);
-      const group = await client.post<Group>(`${orgPath(org)}/groups`, {
-        product: values.product,
+    },
+  );
+  act<CommonFlags & { product: string; description?: string; priority?: string }>(
+    withOrg(
+      groups
+        .command('create')
+        .description('create a group')
+        .argument('<name>')
+        .requiredOption('--product <product>', 'the product its devices belong to (name or id)')
+        .option('--description <text>', 'what the group is for')
+        .option('--priority <n>', 'lower wins when groups target different firmware (default 100)'),
+    ),
+    ctx,
+    async (o, [name]) => {
+      const client = clientFor(o, io);
+      const priority = o.priority === undefined ? undefined : Number(o.priority);
+      if (priority !== undefined && !Number.isInteger(priority)) throw usageError('--priority must be an integer');
+      const group = await client.post<Group>(`${orgPath(await orgOf(client, o, io))}/groups`, {
+        product: o.product,
         name,
-        description: values.description,
+        description: o.description,
         priority,
       });
-      if (values.json) printJson(io, group);
+      if (o.json) printJson(io, group);
       else io.out(`created group ${group.name} (${group.id})\n`);
-      return 0;
-    }
-    case 'show':
-      printRecord(io, values.json, await client.get<Record<string, unknown>>(needName()));
-      return 0;
-    case 'members': {
-      const page = await client.get<Page<Device>>(`${needName()}/devices`, {
-        limit: values.limit,
-        offset: values.offset,
-      });
-      if (values.json) printJson(io, page);
-      else {
-        printRows(io, false, page.items, DEVICE_COLUMNS, '(no members)');
-        footer(io, false, page, Number(values.offset ?? 0));
-      }
-      return 0;
-    }
-    case 'add':
-    case 'remove': {
-      const path = needName();
-      if (devices.length === 0) throw usageError(`groups ${sub} needs at least one device`, GROUPS_USAGE);
-      const result = await client.post<{ added?: string[]; removed?: string[] }>(
-        sub === 'add' ? `${path}/devices` : `${path}/devices/remove`,
-        { devices },
-      );
-      const changed = (sub === 'add' ? result.added : result.removed) ?? [];
-      if (values.json) printJson(io, result);
-      else
-        io.out(
-          `${sub === 'add' ? 'added' : 'removed'} ${changed.length} device(s) ${sub === 'add' ? 'to' : 'from'} ${name}${changed.length < devices.length ? ` (${devices.length - changed.length} already ${sub === 'add' ? 'in' : 'not in'} it)` : ''}\n`,
+    },
+  );
+  act<CommonFlags>(
+    withOrg(groups.command('show').description('one group').argument('<group>', 'name or id')),
+    ctx,
+    async (o, [name]) => {
+      const { client, path } = await groupPath(o, name);
+      printRecord(io, o.json, await client.get<Record<string, unknown>>(path));
+    },
+  );
+  act<CommonFlags & PageFlags>(
+    paged(withOrg(groups.command('members').description("a group's devices").argument('<group>', 'name or id'))),
+    ctx,
+    async (o, [name]) => {
+      const { client, path } = await groupPath(o, name);
+      const page = await client.get<Page<Device>>(`${path}/devices`, { limit: o.limit, offset: o.offset });
+      if (o.json) return printJson(io, page);
+      printRows(io, false, page.items, DEVICE_COLUMNS, '(no members)');
+      footer(io, false, page, Number(o.offset ?? 0));
+    },
+  );
+  for (const sub of ['add', 'remove'] as const) {
+    act<MemberFlags>(
+      withOrg(
+        groups
+          .command(sub)
+          .description(
+            sub === 'add'
+              ? "add devices: named, or every device of the group's product matching --match / --tag"
+              : 'remove devices: named, or those matching --match / --tag',
+          )
+          .argument('<group>', 'name or id')
+          .argument('[devices...]', 'device ids or identifiers')
+          .option('--match <glob>', "identifiers matching a glob: '*' any characters, '?' one (quote it)")
+          .option('--tag <tag>', 'devices carrying this tag'),
+      ),
+      ctx,
+      async (o, [name, named]) => {
+        const devices = (named as string[] | undefined) ?? [];
+        if (devices.length === 0 && o.match === undefined && o.tag === undefined)
+          throw usageError(`groups ${sub} needs devices, --match or --tag`);
+        const { client, path } = await groupPath(o, name);
+        const result = await client.post<{ added?: string[]; removed?: string[] }>(
+          sub === 'add' ? `${path}/devices` : `${path}/devices/remove`,
+          { ...(devices.length ? { devices } : {}), match: o.match, tag: o.tag },
         );
-      return 0;
-    }
-    case 'delete':
-      await client.delete(needName());
-      if (values.json) printJson(io, { ok: true });
-      else io.out(`deleted group ${name}\n`);
-      return 0;
-    default:
-      throw usageError(`unknown subcommand ${JSON.stringify(sub)}`, GROUPS_USAGE);
+        const changed = (sub === 'add' ? result.added : result.removed) ?? [];
+        if (o.json) return printJson(io, result);
+        const skipped = devices.length > changed.length && o.match === undefined && o.tag === undefined;
+        io.out(
+          `${sub === 'add' ? 'added' : 'removed'} ${changed.length} device(s) ${sub === 'add' ? 'to' : 'from'} ${name as string}${skipped ? ` (${devices.length - changed.length} already ${sub === 'add' ? 'in' : 'not in'} it)` : ''}\n`,
+        );
+      },
+    );
   }
+  act<CommonFlags>(
+    withOrg(
+      groups.command('delete').description('delete a group (members leave it)').argument('<group>', 'name or id'),
+    ),
+    ctx,
+    async (o, [name]) => {
+      const { client, path } = await groupPath(o, name);
+      await client.delete(path);
+      if (o.json) printJson(io, { ok: true });
+      else io.out(`deleted group ${name as string}\n`);
+    },
+  );
 }
 
 // ---------------------------------------------------------------------------------------------
-
-const FIRMWARE_USAGE = `Usage:
-  fleethub firmware list [--product P] [--component C]
-  fleethub firmware show <id>
-  fleethub firmware delete <id>      (refused while a group or device targets it)
-Uploads and signing keys: fleethub firmware upload | keys | sign | keygen --help
-Options: --org O --json --url --token`;
 
 interface FirmwareRow {
   id: string;
@@ -278,27 +314,28 @@ interface FirmwareRow {
   uploaded_at: string;
 }
 
-/** `fleethub firmware list|show|delete` (uploads are server/cli/firmware.ts). */
-export async function runFirmwareCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(
-    argv,
-    { ...ORG_OPTION, product: { type: 'string' }, component: { type: 'string' } },
-    FIRMWARE_USAGE,
-  );
-  const help = helpRequested(values, FIRMWARE_USAGE, io);
-  if (help !== undefined) return help;
-  const client = clientFor(values, io);
-  const org = await orgOf(client, values, io);
-  const [sub = 'list', id] = positionals;
-  switch (sub) {
-    case 'list': {
-      const { items } = await client.get<{ items: FirmwareRow[] }>(`${orgPath(org)}/firmware`, {
-        product: values.product,
-        component: values.component,
+/** `fleethub firmware list|show|delete` (uploads and signing keys: server/cli/firmware.ts). */
+export function registerFirmwareRecordCommands(program: Command, ctx: CliContext): Command {
+  const { io } = ctx;
+  const firmware = program.command('firmware').description('firmware: images, records, signing keys');
+  act<CommonFlags & { product?: string; component?: string }>(
+    withOrg(
+      firmware
+        .command('list')
+        .description('firmware records, newest first')
+        .option('--product <product>', 'of this product only')
+        .option('--component <component>', 'of this component only (default: all)'),
+    ),
+    ctx,
+    async (o) => {
+      const client = clientFor(o, io);
+      const { items } = await client.get<{ items: FirmwareRow[] }>(`${orgPath(await orgOf(client, o, io))}/firmware`, {
+        product: o.product,
+        component: o.component,
       });
       printRows(
         io,
-        values.json,
+        o.json,
         items,
         [
           { header: 'version', value: (f) => f.version },
@@ -312,80 +349,99 @@ export async function runFirmwareCommand(argv: string[], io: CliIo): Promise<num
         ],
         '(no firmware)',
       );
-      return 0;
-    }
-    case 'show':
-      if (!id) throw usageError('firmware show needs the firmware id', FIRMWARE_USAGE);
-      printRecord(io, values.json, await client.get<Record<string, unknown>>(`${orgPath(org)}/firmware/${enc(id)}`));
-      return 0;
-    case 'delete':
-      if (!id) throw usageError('firmware delete needs the firmware id', FIRMWARE_USAGE);
-      await client.delete(`${orgPath(org)}/firmware/${enc(id)}`);
-      if (values.json) printJson(io, { ok: true });
-      else io.out(`deleted firmware ${id}\n`);
-      return 0;
-    default:
-      throw usageError(`unknown subcommand ${JSON.stringify(sub)}`, FIRMWARE_USAGE);
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-
-const TARGET_USAGE = `Usage:
-  fleethub target set <version | firmware-id> (--group G | --device D) [--component C]
-  fleethub target clear (--group G | --device D) [--component C]
-Options: --org O --json --url --token`;
-
-export async function runTargetCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values, positionals } = parseCommand(
-    argv,
-    { ...ORG_OPTION, group: { type: 'string' }, device: { type: 'string' }, component: { type: 'string' } },
-    TARGET_USAGE,
+    },
   );
-  const help = helpRequested(values, TARGET_USAGE, io);
-  if (help !== undefined) return help;
-  if (Boolean(values.group) === Boolean(values.device))
-    throw usageError('pass exactly one of --group or --device', TARGET_USAGE);
-  const client = clientFor(values, io);
-  const org = await orgOf(client, values, io);
-  const scope = values.group ? `groups/${enc(values.group)}` : `devices/${enc(values.device!)}`;
-  const what = values.group ? `group ${values.group}` : `device ${values.device}`;
-  const [sub, firmware] = positionals;
-  switch (sub) {
-    case 'set': {
-      if (!firmware) throw usageError('target set needs a version or firmware id', TARGET_USAGE);
-      const isId = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(firmware);
-      const body = isId ? { firmware_id: firmware } : { version: firmware, component: values.component };
-      const change = await client.put<{ attempts: { sent: number; queued: number }; delivery: string }>(
-        `${orgPath(org)}/${scope}/target`,
-        body,
+  act<CommonFlags>(
+    withOrg(firmware.command('show').description('one firmware record').argument('<id>', 'firmware id')),
+    ctx,
+    async (o, [id]) => {
+      const client = clientFor(o, io);
+      const org = await orgOf(client, o, io);
+      printRecord(
+        io,
+        o.json,
+        await client.get<Record<string, unknown>>(`${orgPath(org)}/firmware/${enc(id as string)}`),
       );
-      if (values.json) printJson(io, change);
-      else
-        io.out(
-          `${what} now targets ${firmware}: ${change.attempts.sent} device(s) told now, ${change.attempts.queued} queued until they connect\n`,
-        );
-      return 0;
-    }
-    case 'clear':
-      await client.delete(
-        `${orgPath(org)}/${scope}/target${values.component ? `?component=${enc(values.component)}` : ''}`,
-      );
-      if (values.json) printJson(io, { ok: true });
-      else io.out(`cleared the target of ${what}\n`);
-      return 0;
-    default:
-      throw usageError(sub ? `unknown subcommand ${JSON.stringify(sub)}` : 'target needs set or clear', TARGET_USAGE);
-  }
+    },
+  );
+  act<CommonFlags>(
+    withOrg(
+      firmware
+        .command('delete')
+        .description('delete a firmware record and its image (refused while a group or device targets it)')
+        .argument('<id>', 'firmware id'),
+    ),
+    ctx,
+    async (o, [id]) => {
+      const client = clientFor(o, io);
+      await client.delete(`${orgPath(await orgOf(client, o, io))}/firmware/${enc(id as string)}`);
+      if (o.json) printJson(io, { ok: true });
+      else io.out(`deleted firmware ${id as string}\n`);
+    },
+  );
+  return firmware;
 }
 
 // ---------------------------------------------------------------------------------------------
 
-const STATUS_USAGE = `Usage: fleethub status [--group G] [--watch]
+type TargetFlags = CommonFlags & { group?: string; device?: string; component?: string };
 
-Device counts by connection and running version, and update attempts by state, for the org or
-one group. --watch redraws on every live event (operator socket), polling every 10 s as well.
-Options: --org O --json --url --token`;
+function targetScope(cmd: Command): Command {
+  return withOrg(cmd)
+    .option('--group <group>', 'the group (name or id)')
+    .option('--device <device>', 'the device (id or identifier)')
+    .option('--component <component>', 'the component (default firmware)');
+}
+
+/** `fleethub target set|clear` for a group or a device. */
+export function registerTargetCommands(program: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  const target = program.command('target').description('the firmware a group or a device should run');
+  const scopeOf = async (o: TargetFlags) => {
+    if (Boolean(o.group) === Boolean(o.device)) throw usageError('pass exactly one of --group or --device');
+    const client = clientFor(o, io);
+    const org = await orgOf(client, o, io);
+    return {
+      client,
+      path: `${orgPath(org)}/${o.group ? `groups/${enc(o.group)}` : `devices/${enc(o.device!)}`}/target`,
+      what: o.group ? `group ${o.group}` : `device ${o.device}`,
+    };
+  };
+  act<TargetFlags>(
+    targetScope(
+      target
+        .command('set')
+        .description('retarget: the devices are told at once, offline ones when they connect')
+        .argument('<firmware>', 'version or firmware id'),
+    ),
+    ctx,
+    async (o, [firmware]) => {
+      const { client, path, what } = await scopeOf(o);
+      const ref = firmware as string;
+      const isId = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(ref);
+      const change = await client.put<{ attempts: { sent: number; queued: number }; delivery: string }>(
+        path,
+        isId ? { firmware_id: ref } : { version: ref, component: o.component },
+      );
+      if (o.json) return printJson(io, change);
+      io.out(
+        `${what} now targets ${ref}: ${change.attempts.sent} device(s) told now, ${change.attempts.queued} queued until they connect\n`,
+      );
+    },
+  );
+  act<TargetFlags>(
+    targetScope(target.command('clear').description('clear the target (devices keep what they run)')),
+    ctx,
+    async (o) => {
+      const { client, path, what } = await scopeOf(o);
+      await client.delete(`${path}${o.component ? `?component=${enc(o.component)}` : ''}`);
+      if (o.json) printJson(io, { ok: true });
+      else io.out(`cleared the target of ${what}\n`);
+    },
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
 
 interface Status {
   devices: number;
@@ -396,26 +452,176 @@ interface Status {
   target: { firmware_id: string } | null;
 }
 
-export async function runStatusCommand(argv: string[], io: CliIo): Promise<number> {
-  const { values } = parseCommand(
-    argv,
-    { ...ORG_OPTION, group: { type: 'string' }, watch: { type: 'boolean' } },
-    STATUS_USAGE,
+/** `status --until` gave up waiting (docs/cli.md: exit codes). */
+export const EXIT_TIMEOUT = 3;
+
+/** Attempt states after which a device will not reach the target by itself. */
+const FAILED_STATES = new Set(['failed', 'rolled_back', 'timed_out']);
+
+const UNTIL_STATES = ['succeeded', 'online'] as const;
+type UntilState = (typeof UNTIL_STATES)[number];
+
+type StatusFlags = CommonFlags & {
+  group?: string;
+  watch?: boolean;
+  until?: string;
+  timeout?: string;
+  devices?: string;
+};
+
+/** `fleethub status`: counts now, `--watch` as they change, `--until` for scripts. */
+export function registerStatusCommand(program: Command, ctx: CliContext): void {
+  const { io } = ctx;
+  act<StatusFlags>(
+    withOrg(
+      program
+        .command('status')
+        .description(
+          'device counts by connection and running version, and update attempts by state, for the org or one group',
+        )
+        .option('--group <group>', 'one group (name or id)')
+        .option('--watch', 'follow changes: redraws in place on a terminal, else one line per change')
+        .option(
+          '--until <state>',
+          `wait, then exit 0 (1 when an update failed, ${EXIT_TIMEOUT} on --timeout): succeeded (every member of --group runs its target) | online (every device is online)`,
+        )
+        .option('--timeout <seconds>', 'with --until: give up after this long (default: wait forever)')
+        .option(
+          '--devices <n>',
+          'with --until: also wait until there are at least N devices (devices still enrolling)',
+        ),
+    ),
+    ctx,
+    (o) => status(o, io),
   );
-  const help = helpRequested(values, STATUS_USAGE, io);
-  if (help !== undefined) return help;
-  const client = clientFor(values, io);
-  const org = await orgOf(client, values, io);
-  const path = values.group ? `${orgPath(org)}/groups/${enc(values.group)}/status` : `${orgPath(org)}/status`;
-  const render = async () => {
-    const status = await client.get<Status>(path);
-    if (values.json) return io.out(`${JSON.stringify(status)}\n`);
-    if (values.watch && io === processIo && process.stdout.isTTY) io.out('\x1b[2J\x1b[H');
-    io.out(formatStatus(status, values.group ?? org));
+}
+
+async function status(o: StatusFlags, io: CliIo): Promise<number> {
+  if (o.until !== undefined && !UNTIL_STATES.includes(o.until as UntilState))
+    throw usageError(`--until must be ${UNTIL_STATES.join(' or ')}, got ${JSON.stringify(o.until)}`);
+  if (o.until === 'succeeded' && !o.group)
+    throw usageError("--until succeeded needs --group (the target is a group's)");
+  const timeoutMs = o.timeout === undefined ? undefined : Number(o.timeout) * 1000;
+  if (timeoutMs !== undefined && !(timeoutMs > 0)) throw usageError('--timeout must be a positive number of seconds');
+  if ((timeoutMs !== undefined || o.devices !== undefined) && o.until === undefined)
+    throw usageError('--timeout and --devices go with --until');
+  const atLeast = o.devices === undefined ? 1 : Number(o.devices);
+  if (!Number.isInteger(atLeast) || atLeast < 1) throw usageError('--devices must be a whole number ≥ 1');
+  const client = clientFor(o, io);
+  const org = await orgOf(client, o, io);
+  const path = o.group ? `${orgPath(org)}/groups/${enc(o.group)}/status` : `${orgPath(org)}/status`;
+  const scope = o.group ?? org;
+  const follow = o.watch || o.until !== undefined;
+  const tty = Boolean(io.isTTY) && o.watch && !o.json;
+  let drawnLines = 0;
+  let lastLine = '';
+  const show = (s: Status) => {
+    if (o.json) {
+      const line = JSON.stringify(s);
+      if (follow && line === lastLine) return;
+      lastLine = line;
+      return io.out(`${line}\n`);
+    }
+    if (!follow) return io.out(formatStatus(s, scope));
+    if (tty) {
+      // In place: back to the first line of the last drawing, clear below, draw again.
+      const text = formatStatus(s, scope);
+      io.out(`${drawnLines ? `\x1b[${drawnLines}F\x1b[J` : ''}${text}`);
+      drawnLines = text.split('\n').length - 1;
+      return;
+    }
+    const line = statusLine(s, scope);
+    if (line === lastLine) return;
+    lastLine = line;
+    io.out(`${new Date().toISOString()} ${line}\n`);
   };
-  await render();
-  if (values.watch) await watch(client, org, render, io);
-  return 0;
+  const until = o.until === undefined ? undefined : untilCheck(client, org, o.until as UntilState, o.group, atLeast);
+  if (!follow) {
+    show(await client.get<Status>(path));
+    return 0;
+  }
+  return watch(client, org, io, timeoutMs, async () => {
+    const s = await client.get<Status>(path);
+    show(s);
+    const verdict = await until?.check(s);
+    if (verdict) io.err(`${verdict.message}\n`);
+    return verdict?.code;
+  }).then((code) => {
+    if (code === EXIT_TIMEOUT) io.err(`timed out after ${o.timeout} s waiting for ${o.until}: ${until?.summary()}\n`);
+    return code;
+  });
+}
+
+/** The `--until` condition: a verdict (exit code and message) once it holds or cannot hold, else undefined. */
+function untilCheck(client: ApiClient, org: string, until: UntilState, group: string | undefined, atLeast: number) {
+  let lastSummary = '';
+  let target: { id: string; version: string } | undefined;
+  const check = async (s: Status): Promise<{ code: number; message: string } | undefined> => {
+    if (until === 'online') {
+      lastSummary = `${s.online} of ${s.devices} device(s) online`;
+      return s.devices >= atLeast && s.online === s.devices
+        ? { code: 0, message: `every device is online (${s.devices})` }
+        : undefined;
+    }
+    if (!s.target) throw new CliError(`group ${group} has no target: set one with \`fleethub target set\``);
+    if (target?.id !== s.target.firmware_id) {
+      const fw = await client.get<{ version: string }>(`${orgPath(org)}/firmware/${enc(s.target.firmware_id)}`);
+      target = { id: s.target.firmware_id, version: fw.version };
+    }
+    const running = s.versions[target.version] ?? 0;
+    lastSummary = `${running} of ${s.devices} device(s) run ${target.version}`;
+    if (s.devices >= atLeast && running === s.devices)
+      return { code: 0, message: `every device of ${group} runs ${target.version} (${s.devices})` };
+    const failed = await failedDevices(client, org, group!, target.id);
+    if (failed.length)
+      return {
+        code: 1,
+        message: `${failed.length} device(s) of ${group} failed to update to ${target.version}: ${failed
+          .slice(0, 10)
+          .map((a) => `${a.device} ${a.state}${a.errors?.length ? ` (${a.errors[0]})` : ''}`)
+          .join('; ')}${failed.length > 10 ? '; ...' : ''}`,
+      };
+    return undefined;
+  };
+  return { check, summary: () => lastSummary };
+}
+
+/** Members (by identifier) whose latest update attempt is a failure at the target firmware. */
+async function failedDevices(client: ApiClient, org: string, group: string, firmwareId: string) {
+  const latest = new Map<string, Attempt & { firmware_id: string }>();
+  for (let offset = 0; offset < 100_000; offset += 1000) {
+    const page = await client.get<Page<Attempt & { firmware_id: string }>>(
+      `${orgPath(org)}/groups/${enc(group)}/updates`,
+      { limit: 1000, offset },
+    );
+    for (const a of page.items) if (!latest.has(a.device_id)) latest.set(a.device_id, a);
+    if (page.items.length < 1000) break;
+  }
+  const failed = [...latest.values()].filter((a) => a.firmware_id === firmwareId && FAILED_STATES.has(a.state));
+  if (failed.length === 0) return [];
+  const names = new Map<string, string>();
+  for (let offset = 0; offset < 100_000; offset += 1000) {
+    const page = await client.get<Page<Device>>(`${orgPath(org)}/groups/${enc(group)}/devices`, {
+      limit: 1000,
+      offset,
+    });
+    for (const d of page.items) names.set(d.id, d.identifier);
+    if (page.items.length < 1000) break;
+  }
+  return failed.map((a) => ({ ...a, device: names.get(a.device_id) ?? a.device_id }));
+}
+
+/** One line of counts, for logs: `beta: 20 device(s), 20 online; 2.0.0=18 1.0.0=2; succeeded=18 downloading=2`. */
+export function statusLine(s: Status, scope: string): string {
+  const versions = Object.entries(s.versions)
+    .sort((a, b) => b[1] - a[1])
+    .map(([v, n]) => `${v}=${n}`)
+    .join(' ');
+  const updates = Object.entries(s.updates)
+    .filter(([, n]) => n > 0)
+    .map(([state, n]) => `${state}=${n}`)
+    .join(' ');
+  return `${scope}: ${s.devices} device(s), ${s.online} online; versions ${versions || '-'}; updates ${updates || '-'}`;
 }
 
 function formatStatus(s: Status, scope: string): string {
@@ -432,15 +638,51 @@ function formatStatus(s: Status, scope: string): string {
   return `${lines.join('\n')}\n`;
 }
 
-/** Re-renders on every event of `operator:<orgId>` (and every 10 s) until Ctrl-C or `io.signal`. */
-async function watch(client: ApiClient, org: string, render: () => Promise<void>, io: CliIo): Promise<void> {
+/**
+ * Runs `step` now, on every event of `operator:<orgId>` and every 5 s, until it returns an exit
+ * code, `timeoutMs` passes (EXIT_TIMEOUT), Ctrl-C or `io.signal` (0).
+ */
+async function watch(
+  client: ApiClient,
+  org: string,
+  io: CliIo,
+  timeoutMs: number | undefined,
+  step: () => Promise<number | undefined>,
+): Promise<number> {
   const { id: orgId } = await client.get<{ id: string }>(orgPath(org));
+  let finish!: (code: number) => void;
+  const finished = new Promise<number>((resolve) => (finish = resolve));
+  let running: Promise<void> | undefined;
+  let again = false;
   let pending: NodeJS.Timeout | undefined;
+  const run = () => {
+    if (running) {
+      again = true;
+      return;
+    }
+    running = step()
+      .then((code) => {
+        if (code !== undefined) finish(code);
+      })
+      .catch((err: Error) => {
+        if (err instanceof CliError) {
+          io.err(`error: ${err.message}\n`);
+          finish(err.exitCode);
+        } else io.err(`error: ${err.message}\n`);
+      })
+      .finally(() => {
+        running = undefined;
+        if (again) {
+          again = false;
+          run();
+        }
+      });
+  };
+  // Bursts of events (a group retarget) redraw once.
   const refresh = () => {
-    // Bursts of events (a group retarget) redraw once.
     pending ??= setTimeout(() => {
       pending = undefined;
-      render().catch((err: Error) => io.err(`error: ${err.message}\n`));
+      run();
     }, 200);
   };
   const socket = new Socket(`${client.options.url.replace(/^http/, 'ws')}/socket`, {
@@ -460,17 +702,23 @@ async function watch(client: ApiClient, org: string, render: () => Promise<void>
     .receive('error', (resp: { reason?: string }) =>
       io.err(`live updates unavailable (${resp.reason ?? 'join refused'}); polling\n`),
     );
-  const poll = setInterval(refresh, 10_000);
+  const poll = setInterval(refresh, 5_000);
+  const timer = timeoutMs === undefined ? undefined : setTimeout(() => finish(EXIT_TIMEOUT), timeoutMs);
+  const stop = () => finish(0);
+  if (io.signal) {
+    if (io.signal.aborted) finish(0);
+    io.signal.addEventListener('abort', stop, { once: true });
+  } else process.once('SIGINT', stop);
+  run();
   try {
-    await new Promise<void>((resolve) => {
-      if (io.signal) {
-        if (io.signal.aborted) return resolve();
-        io.signal.addEventListener('abort', () => resolve(), { once: true });
-      } else process.once('SIGINT', () => resolve());
-    });
+    return await finished;
   } finally {
     clearInterval(poll);
+    if (timer) clearTimeout(timer);
     if (pending) clearTimeout(pending);
+    io.signal?.removeEventListener('abort', stop);
+    process.off('SIGINT', stop);
+    await running;
     await new Promise<void>((resolve) => socket.disconnect(() => resolve(), 1000, 'watch ended'));
   }
 }

@@ -3,15 +3,14 @@ import { writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { createUser } from '../api/operators.ts';
 import type { Db } from '../db/index.ts';
-import { configHelp, loadConfig } from '../config.ts';
+import { loadConfig } from '../config.ts';
 import { startServer } from '../main.ts';
 
-/** `fleethub serve`: runs a node until SIGTERM/SIGINT, then drains devices with 1012. */
+/**
+ * `fleethub serve`: runs a node until SIGTERM/SIGINT, then drains devices with 1012. `argv` holds
+ * only settings' flags (server/cli/index.ts declares one option per SETTINGS entry).
+ */
 export async function runServeCommand(argv: string[]): Promise<number> {
-  if (argv.includes('--help') || argv.includes('-h')) {
-    console.log(configHelp());
-    return 0;
-  }
   const config = loadConfig(argv);
   const server = await startServer(config);
   const firstAdmin = await bootstrapFirstAdmin(server.database.db, config.dataDir, process.env);

@@ -141,6 +141,44 @@ export async function findDevice(db: Db, orgId: string, deviceId: string): Promi
   return db.selectFrom('devices').selectAll().where('id', '=', deviceId).where('org_id', '=', orgId).executeTakeFirst();
 }
 
+/** Devices matched by a selector rather than named one by one (groups filled by pattern or tag). */
+export interface DeviceSelector {
+  orgId: string;
+  productId: string;
+  /** Glob over the identifier: `*` any run of characters, `?` one character; case-sensitive. */
+  match?: string;
+  tag?: string;
+}
+
+/** At most this many devices per selector, as for a list of devices named in one request. */
+export const MAX_SELECTED_DEVICES = 10_000;
+
+/** The ids of the devices a selector matches (both conditions when both are given), oldest first. */
+export async function selectDeviceIds(ctx: FleetContext, selector: DeviceSelector): Promise<string[]> {
+  if (!isUuid(selector.productId)) return [];
+  let query = ctx.db
+    .selectFrom('devices')
+    .select('devices.id')
+    .where('devices.org_id', '=', selector.orgId)
+    .where('devices.product_id', '=', selector.productId);
+  if (selector.match !== undefined) {
+    const pattern = selector.match.replace(/[\\%_]/g, (c) => `\\${c}`).replace(/[*?]/g, (c) => (c === '*' ? '%' : '_'));
+    query = query.where('devices.identifier', 'like', pattern);
+  }
+  if (selector.tag !== undefined)
+    query = query.where(sql<boolean>`devices.tags @> ${JSON.stringify([selector.tag])}::jsonb`);
+  const rows = await query
+    .orderBy('devices.created_at')
+    .orderBy('devices.id')
+    .limit(MAX_SELECTED_DEVICES + 1)
+    .execute();
+  if (rows.length > MAX_SELECTED_DEVICES)
+    throw new FleetError('invalid', `the selector matches more than ${MAX_SELECTED_DEVICES} devices; narrow it`, {
+      field: selector.match !== undefined ? 'match' : 'tag',
+    });
+  return rows.map((r) => r.id);
+}
+
 /** A device by id in whatever org: for edges, whose own tables hold device ids. */
 export async function deviceById(db: Db, deviceId: string): Promise<Device | undefined> {
   if (!isUuid(deviceId)) return undefined;

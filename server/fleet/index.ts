@@ -46,7 +46,10 @@ export {
   deleteDevice,
   publishCertificateRevoked,
   deviceGroupTopics,
+  selectDeviceIds,
+  MAX_SELECTED_DEVICES,
   type CreateDeviceInput,
+  type DeviceSelector,
   type DeviceFilter,
 } from './devices.ts';
 export type { Page } from './paging.ts';

@@ -67,7 +67,7 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.match(res.out, /logged in to .* as ops@example.com \(operator\)/);
     const file = path.join(configHome, 'fleethub', 'credentials.json');
     assert.equal(statSync(file).mode & 0o777, 0o600);
-    assert.equal(JSON.parse(readFileSync(file, 'utf8')).url, server.apiUrl);
+    assert.equal(JSON.parse(readFileSync(file, 'utf8')).profiles.default.url, server.apiUrl);
 
     const orgs = await cli(['orgs']);
     assert.equal(orgs.code, 0, orgs.err);
@@ -138,7 +138,7 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.match(again.err, /has no firmware target/);
   });
 
-  test('status --watch redraws when a live event arrives on the operator socket', async () => {
+  test('status --watch prints a line when a live event changes the counts', async () => {
     const controller = new AbortController();
     let out = '';
     const io: CliIo = {
@@ -151,14 +151,18 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     };
     const running = runOperatorCommand(['status', '--watch', '--json'], io);
     await waitFor(() => out.split('\n').filter(Boolean).length >= 1, 10_000, 'first render');
-    // Give the socket time to join, then cause an operator event (group deletion).
+    // Give the socket time to join, then change the counts (a new device).
     await new Promise((r) => setTimeout(r, 500));
-    await cli(['groups', 'create', 'ephemeral', '--product', 'default']);
-    await cli(['groups', 'delete', 'ephemeral']);
-    await waitFor(() => out.split('\n').filter(Boolean).length >= 2, 10_000, 'a redraw after the event');
+    const before = JSON.parse(out.split('\n')[0]!).devices as number;
+    await server.call('POST', '/api/v1/orgs/default/devices', { product: 'default', identifier: 'watch-1' });
+    await waitFor(() => out.split('\n').filter(Boolean).length >= 2, 10_000, 'a line after the change');
     controller.abort();
     assert.equal(await running, 0);
-    for (const line of out.split('\n').filter(Boolean)) assert.equal(typeof JSON.parse(line).devices, 'number');
+    const lines = out.split('\n').filter(Boolean);
+    // One line per change: the same counts are not printed twice.
+    assert.equal(lines.length, 2);
+    assert.equal(JSON.parse(lines[1]!).devices, before + 1);
+    await server.call('DELETE', '/api/v1/orgs/default/devices/watch-1');
   });
 
   test('tokens are created with a lower role, used, listed and revoked; a viewer token cannot retarget', async () => {

@@ -17,8 +17,11 @@ export interface ServerProcess {
 }
 
 export interface ServerProcessOptions {
-  dataDir: string;
-  certsDir: string;
+  /** Default: `data` and `data/pki` in `cwd`, as `npm start` uses them. */
+  dataDir?: string;
+  certsDir?: string;
+  /** Working directory of the server (default: this one). */
+  cwd?: string;
   /** PostgreSQL URL; PGlite when absent. */
   databaseUrl?: string;
   nodeName?: string;
@@ -32,13 +35,11 @@ export interface ServerProcessOptions {
 export async function startServerProcess(options: ServerProcessOptions): Promise<ServerProcess> {
   const args = [
     '--import',
-    'tsx',
+    import.meta.resolve('tsx'), // resolved here: the server's cwd may be outside the repository
     CLI,
     'serve',
-    '--data-dir',
-    options.dataDir,
-    '--certs-dir',
-    options.certsDir,
+    ...(options.dataDir ? ['--data-dir', options.dataDir] : []),
+    ...(options.certsDir ? ['--certs-dir', options.certsDir] : []),
     '--host',
     '127.0.0.1',
     '--api-port',
@@ -54,7 +55,7 @@ export async function startServerProcess(options: ServerProcessOptions): Promise
   const env: NodeJS.ProcessEnv = { ...process.env, FLEETHUB_LOG_LEVEL: 'warn', ...options.env };
   if (options.databaseUrl) env.DATABASE_URL = options.databaseUrl;
   else delete env.DATABASE_URL;
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
+  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'pipe'], env, cwd: options.cwd });
   process.once('exit', () => child.kill('SIGKILL'));
   let text = '';
   child.stdout!.setEncoding('utf8').on('data', (chunk: string) => (text += chunk));

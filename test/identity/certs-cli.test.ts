@@ -3,22 +3,26 @@ import { X509Certificate, createPrivateKey } from 'node:crypto';
 import { mkdtempSync, readFileSync, readdirSync, rmSync, statSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { after, before, describe, mock, test } from 'node:test';
-import { runCertsCommand } from '../../server/cli/certs.ts';
+import { after, before, describe, test } from 'node:test';
+import type { CliIo } from '../../server/cli/client.ts';
+import { runCertsCommand as runCerts } from '../../server/cli/certs.ts';
 
 describe('fleethub certs', () => {
   let tmp: string;
   let output: string[];
+  const io: CliIo = {
+    out: (t) => void output.push(t.replace(/\n$/, '')),
+    err: (t) => void output.push(t.replace(/\n$/, '')),
+    env: process.env,
+  };
+  const runCertsCommand = (argv: string[]) => runCerts(argv, io);
 
   before(() => {
     tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-certs-cli-'));
     output = [];
-    mock.method(console, 'log', (...args: unknown[]) => output.push(args.join(' ')));
-    mock.method(console, 'error', (...args: unknown[]) => output.push(args.join(' ')));
   });
 
   after(() => {
-    mock.restoreAll();
     rmSync(tmp, { recursive: true, force: true });
   });
 
@@ -117,7 +121,7 @@ describe('fleethub certs', () => {
   test('certs --help prints the usage and a missing --out is a usage error', async () => {
     output.length = 0;
     assert.equal(await runCertsCommand(['--help']), 0);
-    assert.match(output.join('\n'), /fleethub certs <action>/);
+    assert.match(output.join('\n'), /Usage: fleethub certs/);
     assert.equal(await runCertsCommand(['device', 'SN-9']), 2);
   });
 });

@@ -9,6 +9,7 @@ import {
   listGroupMembers,
   listGroups,
   removeDevicesFromGroup,
+  selectDeviceIds,
   updateGroup,
   getProduct,
   listUpdateAttempts,
@@ -50,8 +51,11 @@ export async function resolveGroup(fleet: FleetContext, orgId: string, ref: stri
 
 const membersBody = {
   type: 'object',
-  required: ['devices'],
   additionalProperties: false,
+  minProperties: 1,
+  description:
+    "the devices: named (`devices`), and/or every device of the group's product whose identifier matches " +
+    '`match` and/or that carries `tag` (both conditions when both are given)',
   properties: {
     devices: {
       type: 'array',
@@ -60,8 +64,17 @@ const membersBody = {
       items: { type: 'string', minLength: 1 },
       description: 'device ids or identifiers',
     },
+    match: {
+      type: 'string',
+      minLength: 1,
+      maxLength: 200,
+      description: "glob over device identifiers: '*' any characters, '?' one character (case-sensitive)",
+    },
+    tag: { type: 'string', minLength: 1, maxLength: 200, description: 'devices carrying this tag' },
   },
 } as const;
+
+type MembersBody = { devices?: string[]; match?: string; tag?: string };
 
 export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
   const { fleet } = deps;
@@ -70,6 +83,16 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
   async function deviceIds(orgId: string, refs: string[]): Promise<string[]> {
     const ids: string[] = [];
     for (const r of refs) ids.push(isUuid(r) ? r.toLowerCase() : (await resolveDevice(fleet, orgId, r)).id);
+    return [...new Set(ids)];
+  }
+
+  /** The named devices plus those the selector matches in the group's product. */
+  async function memberIds(orgId: string, group: GroupWithCount, body: MembersBody): Promise<string[]> {
+    const ids = body.devices ? await deviceIds(orgId, body.devices) : [];
+    if (body.match !== undefined || body.tag !== undefined)
+      ids.push(
+        ...(await selectDeviceIds(fleet, { orgId, productId: group.product_id, match: body.match, tag: body.tag })),
+      );
     return [...new Set(ids)];
   }
 
@@ -230,14 +253,14 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
     },
   );
 
-  api.post<{ Params: GroupParams; Body: { devices: string[] } }>(
+  api.post<{ Params: GroupParams; Body: MembersBody }>(
     '/orgs/:org/groups/:group/devices',
     {
       onRequest: requireRole('operator'),
       schema: {
         operationId: 'addGroupDevices',
         tags: ['groups'],
-        summary: 'Add devices to a group (bulk; devices already in it are skipped)',
+        summary: 'Add devices to a group, named or by pattern or tag (bulk; devices already in it are skipped)',
         params: groupParams,
         body: membersBody,
         response: {
@@ -259,19 +282,19 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
         request.operator.actor,
         org.id,
         group.id,
-        await deviceIds(org.id, request.body.devices),
+        await memberIds(org.id, group, request.body),
       );
     },
   );
 
-  api.post<{ Params: GroupParams; Body: { devices: string[] } }>(
+  api.post<{ Params: GroupParams; Body: MembersBody }>(
     '/orgs/:org/groups/:group/devices/remove',
     {
       onRequest: requireRole('operator'),
       schema: {
         operationId: 'removeGroupDevices',
         tags: ['groups'],
-        summary: 'Remove devices from a group (bulk; devices not in it are skipped)',
+        summary: 'Remove devices from a group, named or by pattern or tag (bulk; devices not in it are skipped)',
         params: groupParams,
         body: membersBody,
         response: {
@@ -293,7 +316,7 @@ export async function registerGroupRoutes(api: FastifyInstance, deps: RouteDeps)
         request.operator.actor,
         org.id,
         group.id,
-        await deviceIds(org.id, request.body.devices),
+        await memberIds(org.id, group, request.body),
       );
     },
   );
