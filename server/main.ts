@@ -32,6 +32,7 @@ import { limitDeviceRoutes } from './listeners/rate-limit.ts';
 import { keyauthApiPlugin, registerKeyauthDownloads, startKeyauth, type KeyauthServer } from './edges/keyauth/index.ts';
 import { MAIN_SERVER_PREFIX, mainServerApiPlugin, registerMainServer } from './edges/main-server/index.ts';
 import { registerWifidogxEdge, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './edges/wifidogx/index.ts';
+import { EdgeRuntime } from './edges/runtime.ts';
 import { registerOperatorSocket } from './api/socket.ts';
 import { registerDashboard } from './web/index.ts';
 import { LocalBlobStore } from './firmware/blob-store.ts';
@@ -81,6 +82,8 @@ export interface RunningServer {
   blobs: LocalBlobStore;
   /** The seed-003 TCP listener, unless disabled (`--keyauth-port -1`). */
   keyauth?: KeyauthServer;
+  /** The edges' links on this node (GRiSP, WiFiDogX): drained with 1012 by `close()`. */
+  edgeRuntime: EdgeRuntime;
   /** `https://localhost:<port>` of the mutual-TLS device listener. */
   deviceUrl: string;
   /** `http(s)://<host>:<port>` of the operator API (https with `--api-tls`). */
@@ -268,9 +271,10 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   // Edges: the other protocols, translated into the same fleet (each closes with its listener).
   const urlTtlSeconds = config.firmwareUrlTtlSeconds;
+  const edgeRuntime = new EdgeRuntime({ pubsub, fleet, log: log.child({ component: 'edge-runtime' }) });
   await registerGrispEdge({
     fleet,
-    pubsub,
+    runtime: edgeRuntime,
     log,
     blobs,
     secret,
@@ -283,6 +287,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   await registerWifidogxEdge({
     fleet,
     pubsub,
+    runtime: edgeRuntime,
     log,
     blobs,
     secret,
@@ -329,6 +334,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       ? await startKeyauth({
           fleet,
           pubsub,
+          runtime: edgeRuntime,
           log,
           secret,
           host: config.host,
@@ -345,7 +351,11 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   let drained: Promise<void> | undefined;
   const drain = () => {
     draining = true;
-    drained ??= Promise.allSettled([deviceEndpoint.drain(1012), operatorEndpoint.drain(1012)]).then(() => undefined);
+    drained ??= Promise.allSettled([
+      deviceEndpoint.drain(1012),
+      operatorEndpoint.drain(1012),
+      edgeRuntime.drain(1012, 'server restarting'),
+    ]).then(() => undefined);
     return drained;
   };
   return {
@@ -363,6 +373,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     blobs,
     keyauth,
     metrics,
+    edgeRuntime,
     deviceUrl: `https://localhost:${devicePort}`,
     apiUrl: apiBaseUrl(),
     drain,

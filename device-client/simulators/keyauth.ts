@@ -10,7 +10,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { mkdir, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
-import { open, seal } from '../../server/edges/keyauth/envelope.ts';
+import { open, seal } from '../../shared/keyauth-envelope.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
 export interface KeyauthClientOptions {

@@ -10,7 +10,7 @@ import { EventEmitter } from 'node:events';
 import { existsSync, readFileSync } from 'node:fs';
 import { cp, mkdir, rm, writeFile, rename } from 'node:fs/promises';
 import path from 'node:path';
-import { extractZip, parseManifest, MANIFEST_NAME } from '../../server/edges/main-server/package.ts';
+import { extractZip, parseManifest, MANIFEST_NAME } from '../../shared/main-server-package.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
 export interface MainServerDeviceOptions {

@@ -1,8 +1,3 @@
-/**
- * Firmware upload and product signing keys under `/api/v1` (an `ApiPlugin`: the API calls it
- * inside its `/api/v1` scope). Uploads stream the request body straight into the blob store.
- */
-import type { IncomingMessage } from 'node:http';
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { Firmware } from '../db/schema.ts';
 import type { FleetContext } from '../fleet/context.ts';
@@ -25,9 +20,10 @@ import {
 } from '../firmware/signing-keys.ts';
 import { SigningError } from '../firmware/signing.ts';
 import { assertOrgAccess, requireRole, type OperatorPrincipal } from './auth.ts';
-import { ApiError } from './errors.ts';
-import { resolveOrg } from './routes/common.ts';
-import { binaryBody, documentedUpload, page, pageOf, paginationQuery } from './schemas.ts';
+import { ApiError } from '../http/errors.ts';
+import { resolveOrg } from '../http/resolve.ts';
+import { passThroughStream, uploadStream } from '../http/upload.ts';
+import { binaryBody, documentedUpload, page, pageOf, paginationQuery } from '../http/schemas.ts';
 
 export type FirmwareApiDeps = FirmwareStoreDeps;
 
@@ -304,27 +300,6 @@ function toApiError(err: unknown): unknown {
   if (err instanceof BlobStoreError)
     return new ApiError(err.code === 'BLOB_TOO_LARGE' ? 413 : 400, err.code.toLowerCase(), err.message);
   return err;
-}
-
-/** A content-type parser that hands the raw request stream to the route (uploads are streamed, never buffered). */
-export function passThroughStream(
-  _request: FastifyRequest,
-  payload: IncomingMessage,
-  done: (err: Error | null, body?: unknown) => void,
-): void {
-  done(null, payload);
-}
-
-/** The streamed request body of an upload route, or 415 naming the type to send (no body, or a parsed one). */
-export function uploadStream(request: FastifyRequest, what: string, contentType: string): IncomingMessage {
-  const body = request.body as { pipe?: unknown } | undefined;
-  if (typeof body?.pipe !== 'function')
-    throw new ApiError(
-      415,
-      'unsupported_media_type',
-      `send the ${what} as the request body with Content-Type: ${contentType}`,
-    );
-  return body as IncomingMessage;
 }
 
 /** A firmware row as the API shows it. */

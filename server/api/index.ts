@@ -12,9 +12,9 @@ import type { FleetContext } from '../fleet/index.ts';
 import type { Logger } from '../log.ts';
 import { registerAuth, type OperatorAuth } from './auth.ts';
 import type { LoginThrottleOptions } from './login-throttle.ts';
-import { apiErrorHandler, apiNotFoundHandler } from './errors.ts';
+import { apiErrorHandler, apiNotFoundHandler } from '../http/errors.ts';
 import { registerInputGate } from '../input-gate.ts';
-import { schemas } from './schemas.ts';
+import { schemas } from '../http/schemas.ts';
 import { registerSessionRoutes } from './routes/session.ts';
 import { registerOrgRoutes } from './routes/orgs.ts';
 import { registerDeviceRoutes } from './routes/devices.ts';
@@ -190,5 +190,5 @@ async function pingDatabase(db: Db): Promise<boolean> {
 }
 
 export { requireRole, assertOrgAccess, canAccessOrg, type OperatorPrincipal } from './auth.ts';
-export { ApiError } from './errors.ts';
+export { ApiError } from '../http/errors.ts';
 export { createUser } from './operators.ts';

@@ -6,18 +6,11 @@ import { createHash, randomBytes, scrypt as scryptCb, timingSafeEqual, type Scry
 import { audit, SYSTEM, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Role } from '../db/schema.ts';
-import { ApiError } from './errors.ts';
+import { ApiError } from '../http/errors.ts';
 
-export const ROLES: readonly Role[] = ['viewer', 'operator', 'admin'];
+import { isRole, ROLES } from '../http/auth.ts';
 
-/** Roles ordered by what they may do: viewer < operator < admin. */
-export function roleRank(role: Role): number {
-  return ROLES.indexOf(role);
-}
-
-export function isRole(value: unknown): value is Role {
-  return typeof value === 'string' && (ROLES as readonly string[]).includes(value);
-}
+export { isRole, ROLES, roleRank } from '../http/auth.ts';
 
 // scrypt cost: N=2^15 is OWASP's minimum for interactive logins (~50 ms, 32 MiB).
 const SCRYPT = { N: 32768, r: 8, p: 1, keylen: 64, maxmem: 64 * 1024 * 1024 } as const;

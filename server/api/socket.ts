@@ -10,6 +10,7 @@ import { createEndpoint, type Endpoint } from '../channels/endpoint.ts';
 import type { ChannelDefinition, PubSub, SocketDefinition } from '../channels/types.ts';
 import type { Db } from '../db/index.ts';
 import type { Logger } from '../log.ts';
+import type { OperatorAuthenticator } from '../http/auth.ts';
 import { canAccessOrg, OperatorAuth, type OperatorPrincipal } from './auth.ts';
 import { isUuid, unexpiredSessionIds } from './operators.ts';
 
@@ -23,7 +24,7 @@ export interface OperatorSocketDeps {
   pubsub: PubSub;
   log: Logger;
   /** Reuses the API's authenticator when registered after `registerApi`. */
-  auth?: OperatorAuth;
+  auth?: OperatorAuthenticator;
   path?: string;
   idleTimeoutMs?: number;
   checkOrigin?: '*' | readonly string[];
@@ -69,7 +70,7 @@ export async function operatorSocketIdsOfUser(db: Db, userId: string): Promise<s
 }
 
 /** The socket definition: bearer → principal, one channel pattern. */
-export function operatorSocket(auth: OperatorAuth): SocketDefinition<OperatorSocketAssigns> {
+export function operatorSocket(auth: OperatorAuthenticator): SocketDefinition<OperatorSocketAssigns> {
   return {
     async connect(info) {
       const token = info.token ?? info.params.token;

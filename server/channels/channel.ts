@@ -14,8 +14,35 @@ import type {
   Reply,
   TerminateReason,
 } from './types.ts';
-import { isPlainObject } from './serializers.ts';
-import type { PhoenixSocket } from './socket.ts';
+import type { Logger } from 'pino';
+import type { Subscriber } from './registry.ts';
+import { isPlainObject, type OutFrame, type Serializer } from './serializers.ts';
+
+/**
+ * What a channel process needs of the connection it runs on. `PhoenixSocket` is one; the edge
+ * runtime (server/edges/runtime.ts) provides another for links that speak other protocols.
+ */
+export interface ChannelHost<A> {
+  readonly id: string;
+  readonly assigns: A;
+  readonly log: Logger;
+  readonly serializer: Serializer;
+  readonly engine: {
+    readonly stats: { channelCrashes: number; unknownEvents: number };
+    readonly registry: {
+      addFastlane(channel: Subscriber): void;
+      removeFastlane(channel: Subscriber): void;
+      addInfo(topic: string, channel: Subscriber): void;
+      removeInfo(topic: string, channel: Subscriber): void;
+    };
+  };
+  write(frame: OutFrame): void;
+  reply(joinRef: string | null, ref: string | null, topic: string, reply: Reply): void;
+  push(joinRef: string | null, topic: string, event: string, payload: Payload): void;
+  lifecycle(joinRef: string | null, topic: string, event: string, payload: Payload): void;
+  forget(channel: ChannelProcess<A>): void;
+  trackTermination(done: Promise<void>): void;
+}
 
 export function assertNever(value: never): never {
   throw new Error(`unexpected value: ${JSON.stringify(value)}`);
@@ -79,10 +106,10 @@ const SETTLED: Promise<void> = Promise.resolve();
 class Context<A> implements ChannelContext<A> {
   readonly socketId: string;
   readonly assigns: A;
-  readonly #socket: PhoenixSocket<A>;
+  readonly #socket: ChannelHost<A>;
 
   constructor(
-    socket: PhoenixSocket<A>,
+    socket: ChannelHost<A>,
     readonly topic: string,
     readonly joinRef: string,
   ) {
@@ -107,7 +134,7 @@ export class ChannelProcess<A, S = unknown> {
   #hasSession = false;
 
   constructor(
-    readonly socket: PhoenixSocket<A>,
+    readonly socket: ChannelHost<A>,
     readonly topic: string,
     readonly joinRef: string | null,
     readonly definition: ChannelDefinition<A, S>,

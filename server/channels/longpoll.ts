@@ -10,7 +10,7 @@ import type { Logger } from 'pino';
 import type { OutFrame } from './serializers.ts';
 import type { Connection, PhoenixSocket } from './socket.ts';
 import type { EndpointStats } from './types.ts';
-import type { Handshaker, SocketRegistry } from './socket-registry.ts';
+import { Transport } from './socket-registry.ts';
 
 export interface LongPollBody {
   status: 200 | 204 | 403 | 410 | 500;
@@ -144,24 +144,12 @@ export interface LongPollTransportOptions {
  * and opens a session, a GET with one polls it, a POST carries frames in. The registry's sweep
  * closes sessions nobody polled for `sessionTimeoutMs`.
  */
-export class LongPollTransport<A> {
-  readonly #registry: SocketRegistry<A>;
-  readonly #handshake: Handshaker<A>;
-  readonly #options: LongPollTransportOptions;
-  readonly #log: Logger;
+export class LongPollTransport<A> extends Transport<A, LongPollTransportOptions> {
   readonly #sessions = new Map<string, LongPollSession<A>>();
-
-  constructor(registry: SocketRegistry<A>, handshake: Handshaker<A>, options: LongPollTransportOptions, log: Logger) {
-    this.#registry = registry;
-    this.#handshake = handshake;
-    this.#options = options;
-    this.#log = log;
-    registry.onSweep((now) => this.#closeExpired(now));
-  }
 
   /** Adds the `<base>/longpoll` routes and the NDJSON body parser they need to `scope`. */
   route(scope: FastifyInstance, base: string): void {
-    const bodyLimit = this.#options.maxFrameBytes * 2;
+    const bodyLimit = this.options.maxFrameBytes * 2;
     scope.addContentTypeParser('application/x-ndjson', { parseAs: 'string', bodyLimit }, (_req, body, done) =>
       done(null, body),
     );
@@ -174,9 +162,9 @@ export class LongPollTransport<A> {
     for (const session of [...this.#sessions.values()]) session.close(1001, 'server closing');
   }
 
-  #closeExpired(now: number): void {
+  protected sweep(now: number): void {
     for (const session of this.#sessions.values()) {
-      if (!session.polling && now - session.lastPoll > this.#options.timings.sessionTimeoutMs)
+      if (!session.polling && now - session.lastPoll > this.options.timings.sessionTimeoutMs)
         session.close(1001, 'longpoll session expired');
     }
   }
@@ -194,18 +182,18 @@ export class LongPollTransport<A> {
       return answered;
     }
     const authHeader = request.headers['x-phoenix-authtoken'];
-    const hs = await this.#handshake(request, 'longpoll', typeof authHeader === 'string' ? authHeader : undefined);
+    const hs = await this.handshake(request, 'longpoll', typeof authHeader === 'string' ? authHeader : undefined);
     if (!hs.ok) return { status: hs.status === 403 || hs.status === 401 || hs.status === 409 ? 403 : 500 };
     // 32 random bytes: unguessable, and the map key binds it to exactly this session.
     const newToken = randomBytes(32).toString('base64url');
-    const { stats } = this.#registry;
-    const { timings, maxBufferedBytes } = this.#options;
-    const session = new LongPollSession<A>(newToken, timings, maxBufferedBytes, stats, this.#log, (closed, reason) => {
+    const { stats } = this.registry;
+    const { timings, maxBufferedBytes } = this.options;
+    const session = new LongPollSession<A>(newToken, timings, maxBufferedBytes, stats, this.log, (closed, reason) => {
       this.#sessions.delete(closed.token);
       stats.longpollSessions--;
       closed.socket?.transportClosed(reason);
     });
-    session.socket = this.#registry.admit(hs, session);
+    session.socket = this.registry.admit(hs, session);
     this.#sessions.set(newToken, session);
     stats.longpollSessions++;
     return { status: 410, token: newToken };
@@ -225,8 +213,8 @@ export class LongPollTransport<A> {
           : [JSON.stringify(body)];
     for (const line of lines) {
       if (line.length === 0) continue;
-      if (Buffer.byteLength(line) > this.#options.maxFrameBytes) {
-        this.#registry.stats.oversizedFrames++;
+      if (Buffer.byteLength(line) > this.options.maxFrameBytes) {
+        this.registry.stats.oversizedFrames++;
         session.close(1009, 'frame too large');
         return { status: 410 };
       }

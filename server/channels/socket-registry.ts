@@ -3,7 +3,7 @@
  * handshake passed, finds sockets by id (disconnect, on this node or through PubSub), closes
  * those whose credential expired, runs ONE sweep for every transport, and drains.
  */
-import type { FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { Logger } from 'pino';
 import { TopicRegistry } from './registry.ts';
 import type { Serializer } from './serializers.ts';
@@ -53,6 +53,27 @@ export interface SocketRegistryOptions {
 
 /** A transport's part of the sweep, called with the time and every socket of the endpoint. */
 export type Sweeper<A> = (now: number, sockets: ReadonlySet<PhoenixSocket<A>>) => void;
+
+/**
+ * A transport of the endpoint: it runs the endpoint's handshake for its requests, admits the
+ * sockets that pass to the registry, and adds its own check to the registry's one sweep.
+ */
+export abstract class Transport<A, O> {
+  constructor(
+    protected readonly registry: SocketRegistry<A>,
+    protected readonly handshake: Handshaker<A>,
+    protected readonly options: O,
+    protected readonly log: Logger,
+  ) {
+    registry.onSweep((now, sockets) => this.sweep(now, sockets));
+  }
+
+  /** Adds the transport's routes under `base` to `scope`. */
+  abstract route(scope: FastifyInstance, base: string): void;
+
+  /** The transport's part of the registry's sweep. */
+  protected abstract sweep(now: number, sockets: ReadonlySet<PhoenixSocket<A>>): void;
+}
 
 const DISCONNECT_TOPIC = 'phx:disconnect';
 

@@ -12,7 +12,7 @@ import type { RawData, WebSocket } from 'ws';
 import type { OutFrame } from './serializers.ts';
 import type { Connection, PhoenixSocket } from './socket.ts';
 import type { EndpointStats } from './types.ts';
-import type { Accepted, Handshaker, SocketRegistry } from './socket-registry.ts';
+import { type Accepted, type Handshaker, type SocketRegistry, Transport } from './socket-registry.ts';
 
 export const AUTH_TOKEN_PREFIX = 'base64url.bearer.phx.';
 
@@ -95,11 +95,7 @@ function rawToBuffer(data: RawData): Buffer {
  * refusal is a plain HTTP answer with its status; the upgraded socket is admitted to the
  * registry and its idle time is checked by the registry's sweep.
  */
-export class WebSocketTransport<A> {
-  readonly #registry: SocketRegistry<A>;
-  readonly #handshake: Handshaker<A>;
-  readonly #options: WebSocketTransportOptions;
-  readonly #log: Logger;
+export class WebSocketTransport<A> extends Transport<A, WebSocketTransportOptions> {
   readonly #sockets = new WeakMap<WebSocket, PhoenixSocket<A>>();
   readonly #accepted = new WeakMap<object, Accepted<A>>();
   readonly #onMessage: (this: WebSocket, data: RawData, isBinary: boolean) => void;
@@ -107,11 +103,7 @@ export class WebSocketTransport<A> {
   readonly #onError: (this: WebSocket, err: Error & { code?: string }) => void;
 
   constructor(registry: SocketRegistry<A>, handshake: Handshaker<A>, options: WebSocketTransportOptions, log: Logger) {
-    this.#registry = registry;
-    this.#handshake = handshake;
-    this.#options = options;
-    this.#log = log;
-    registry.onSweep((now, sockets) => this.#closeIdle(now, sockets));
+    super(registry, handshake, options, log);
 
     // Shared handlers: `this` is the ws, so no closure per socket.
     const sockets = this.#sockets;
@@ -146,7 +138,7 @@ export class WebSocketTransport<A> {
     if (app.hasDecorator('websocketServer')) return;
     await app.register(websocketPlugin, {
       options: {
-        maxPayload: this.#options.maxFrameBytes,
+        maxPayload: this.options.maxFrameBytes,
         perMessageDeflate: false,
         handleProtocols: (protocols: Set<string>) => phoenixProtocolHandler(protocols),
       },
@@ -162,11 +154,11 @@ export class WebSocketTransport<A> {
     );
   }
 
-  #closeIdle(now: number, sockets: ReadonlySet<PhoenixSocket<A>>): void {
-    const { idleTimeoutMs } = this.#options;
+  protected sweep(now: number, sockets: ReadonlySet<PhoenixSocket<A>>): void {
+    const { idleTimeoutMs } = this.options;
     for (const socket of sockets) {
       if (socket.connection.transport !== 'websocket' || now - socket.lastSeen <= idleTimeoutMs) continue;
-      this.#registry.stats.idleTimeouts++;
+      this.registry.stats.idleTimeouts++;
       socket.log.info({ idle_ms: now - socket.lastSeen }, 'idle socket closed');
       // 1001: a client that is alive after all reconnects.
       socket.close(1001, 'idle timeout');
@@ -179,7 +171,7 @@ export class WebSocketTransport<A> {
       return;
     }
     const token = tokenFromProtocolHeader(request.headers['sec-websocket-protocol']);
-    const hs = await this.#handshake(request, 'websocket', token);
+    const hs = await this.handshake(request, 'websocket', token);
     if (!hs.ok) {
       await reply.code(hs.status).send({ code: hs.code, reason: hs.reason });
       return;
@@ -195,8 +187,8 @@ export class WebSocketTransport<A> {
       return;
     }
     releaseUpgrade(ws, request);
-    const { maxBufferedBytes } = this.#options;
-    const socket = this.#registry.admit(hs, new WsConnection(ws, maxBufferedBytes, this.#registry.stats, this.#log));
+    const { maxBufferedBytes } = this.options;
+    const socket = this.registry.admit(hs, new WsConnection(ws, maxBufferedBytes, this.registry.stats, this.log));
     this.#sockets.set(ws, socket);
     ws.on('message', this.#onMessage);
     ws.on('close', this.#onClose);

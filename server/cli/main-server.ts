@@ -5,7 +5,7 @@
  */
 import { readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
-import { createZip, MANIFEST_NAME, parseManifest } from '../edges/main-server/package.ts';
+import { createZip, MANIFEST_NAME, parseManifest } from '../../shared/main-server-package.ts';
 import type { Command } from 'commander';
 import {
   CliError,

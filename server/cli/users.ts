@@ -5,7 +5,7 @@
 import { loadConfig } from '../config.ts';
 import { openDatabase } from '../db/index.ts';
 import { migrateToLatest } from '../db/migrate.ts';
-import { ApiError } from '../api/errors.ts';
+import { ApiError } from '../http/errors.ts';
 import { createUser, isRole, listUsers, ROLES } from '../api/operators.ts';
 import { CliError, printJson, printRows, usageError, type CliIo } from './client.ts';
 

@@ -29,9 +29,9 @@ export function observeDownloads(app: FastifyInstance, observer: (outcome: Downl
  * devices, GRiSP packages, WiFiDogX gateways, keyauth clients, Main Server Pis; which route sends
  * which cache policy: docs/firmware-downloads.md). HTTP semantics per RFC 9110: a strong ETag,
  * Last-Modified, If-None-Match and If-Modified-Since (304), one `Range` on GET (206 with
- * Content-Range, 416 with the size in Content-Range), If-Range with an entity tag (strong comparison) or a
- * date (exact match), HEAD with the GET's headers, Content-Length and Accept-Ranges always. The
- * route checks the caller first; this function never refuses anyone.
+ * Content-Range, 416 with the size in Content-Range), If-Range with an entity tag (strong
+ * comparison) or a date (exact match), HEAD with the GET's headers, Content-Length and
+ * Accept-Ranges always. The route checks the caller first; this function never refuses anyone.
  */
 
 /** The bytes a download answers with: all of a stored blob, or a slice of it. */
@@ -92,12 +92,13 @@ export function packageHeaders(
 ): Pick<ServeBlobOptions, 'contentType' | 'headers'> {
   const zip = firmware.format === 'main-server-zip';
   const sha256 = firmware.sha256 ?? '';
+  const filename = `${safeName(firmware.component)}-${safeName(firmware.version)}${zip ? '.zip' : '.bin'}`;
   return {
     contentType: zip ? 'application/zip' : 'application/octet-stream',
     headers: {
       'x-checksum-sha256': sha256,
       digest: `sha-256=${Buffer.from(sha256, 'hex').toString('base64')}`,
-      'content-disposition': `attachment; filename="${safeName(firmware.component)}-${safeName(firmware.version)}${zip ? '.zip' : '.bin'}"`,
+      'content-disposition': `attachment; filename="${filename}"`,
     },
   };
 }

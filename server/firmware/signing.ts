@@ -82,8 +82,10 @@ export function signDownloadUrl(input: {
       return `${base}/grisp/fw/${id}/${expires}/${sig}`;
     case 'wifidogx':
       return `${base}/fw/${id}/${encodeURIComponent(g.deviceId)}/${expires}/${sig}`;
-    case 'keyauth':
-      return `${base}/api/keyauth/firmware/${id}?device=${encodeURIComponent(g.deviceId)}&expires=${expires}&sig=${sig}`;
+    case 'keyauth': {
+      const device = encodeURIComponent(g.deviceId);
+      return `${base}/api/keyauth/firmware/${id}?device=${device}&expires=${expires}&sig=${sig}`;
+    }
   }
 }
 

@@ -43,8 +43,6 @@ export const Topics = {
   device: (deviceId: string) => `device_id:${deviceId}`,
   /** Operators' live view of one organization. */
   operator: (orgId: string) => `operator:${orgId}`,
-  /** Every target change, for edges speaking other protocols. */
-  targets: 'fleet:targets',
   /**
    * Every revocation, for each node's listeners to close the connections it authenticated:
    * `device_revoked {device_id}`, `device_deleted {device_id}`, `certificate_revoked {device_id, certificate_id}`.

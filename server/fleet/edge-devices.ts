@@ -11,12 +11,11 @@
 import { sql } from 'kysely';
 import semver from 'semver';
 import { audit, SYSTEM, type Actor } from '../audit.ts';
-import type { Db } from '../db/index.ts';
 import type { Device, DeviceApproval, DeviceProtocol, Firmware, UpdateAttempt } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext } from './context.ts';
 import { deviceDisconnected } from './connections.ts';
 import { getDevice } from './devices.ts';
-import { FleetError, isUuid } from './errors.ts';
+import { FleetError } from './errors.ts';
 import { OPEN_STATES, stepColumns, TRANSITIONS, UNFINISHED_STATES } from './link-table.ts';
 import { reconcileAttempts } from './reconcile.ts';
 import { catalogueFirmwareByVersion, recordRunningComponent, reportedLabel } from './running-firmware.ts';
@@ -479,36 +478,6 @@ export async function edgeDeviceOffline(
   reason?: string,
 ): Promise<boolean> {
   return deviceDisconnected(ctx, deviceId, connectedAt, reason);
-}
-
-/** Devices (ids) among `deviceIds` that a target change for `change` concerns: members of its group, or the device itself. */
-export async function devicesConcernedByTargetChange(
-  db: Db,
-  change: { product_id?: unknown; group_id?: unknown; device_id?: unknown },
-  deviceIds: readonly string[],
-): Promise<string[]> {
-  const ids = deviceIds.filter(isUuid);
-  if (ids.length === 0) return [];
-  if (typeof change.device_id === 'string') return ids.includes(change.device_id) ? [change.device_id] : [];
-  if (typeof change.group_id === 'string' && isUuid(change.group_id)) {
-    const rows = await db
-      .selectFrom('group_devices')
-      .select('device_id')
-      .where('group_id', '=', change.group_id)
-      .where('device_id', 'in', ids)
-      .execute();
-    return rows.map((r) => r.device_id);
-  }
-  if (typeof change.product_id === 'string' && isUuid(change.product_id)) {
-    const rows = await db
-      .selectFrom('devices')
-      .select('id')
-      .where('product_id', '=', change.product_id)
-      .where('id', 'in', ids)
-      .execute();
-    return rows.map((r) => r.id);
-  }
-  return [];
 }
 
 /**

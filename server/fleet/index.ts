@@ -6,10 +6,10 @@
  *
  * Topics published:
  * - `device_id:<deviceId>`: `join {channel}`, `leave {channel}`, `firmware_update {...}`, `device_deleted {}`,
- *   `device_revoked {device_id}`, `certificate_revoked {device_id, certificate_id}`
+ *   `device_revoked {device_id}`, `device_approved {device_id}`, `certificate_revoked {device_id, certificate_id}`
+ *   (Phoenix device channels and the edges' links subscribe to it, and to their group topics)
  * - `group:<org>:<product>:<group>`: `firmware_update {url, version, sha256, size, signature?, firmware_uuid}`, `group_deleted {}`
  * - `operator:<orgId>`: `device_status`, `update_transition`, `target_changed`, `group_deleted`, `firmware_created`
- * - `fleet:targets`: `target_changed {org_id, product_id, group_id?, device_id?, component, firmware_id}`
  * - `fleet:revocations`: `device_revoked {device_id}`, `device_deleted {device_id}`, `certificate_revoked {device_id, certificate_id}`
  */
 export type { Actor } from '../audit.ts';
@@ -32,6 +32,7 @@ export {
   createProduct,
   listProducts,
   getProduct,
+  productResolver,
   updateProduct,
   MAX_UPDATE_TIMEOUT_S,
   type ProductPatch,

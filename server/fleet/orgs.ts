@@ -91,6 +91,20 @@ export async function getProduct(ctx: FleetContext, orgId: string, ref: string):
   return product;
 }
 
+/**
+ * A product by org and product (ids or names), resolved once and then cached: where the edges
+ * register devices that name no tenant themselves. A failed lookup is not cached.
+ */
+export function productResolver(ctx: FleetContext, org = 'default', product = 'default'): () => Promise<Product> {
+  let cached: Product | undefined;
+  return async () => {
+    if (cached) return cached;
+    const o = await getOrg(ctx, org);
+    cached = await getProduct(ctx, o.id, product);
+    return cached;
+  };
+}
+
 /** Longest in-flight timeout a product may set (seconds): 30 days. */
 export const MAX_UPDATE_TIMEOUT_S = 30 * 86_400;
 

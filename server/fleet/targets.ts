@@ -335,6 +335,5 @@ function targetChanged(
   },
   attempts: { sent: number; queued: number },
 ): void {
-  outbox.push({ topic: Topics.targets, event: 'target_changed', payload: change });
   outbox.push({ topic: Topics.operator(change.org_id), event: 'target_changed', payload: { ...change, attempts } });
 }

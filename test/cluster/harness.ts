@@ -7,7 +7,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { PgAdapter } from '../../server/channels/index.ts';
-import { loadConfig } from '../../server/config.ts';
+import { loadConfig, type Config } from '../../server/config.ts';
 import { openDatabase, type DatabaseHandle } from '../../server/db/index.ts';
 import { createLogger } from '../../server/log.ts';
 import { startServer, type RunningServer } from '../../server/main.ts';
@@ -28,7 +28,7 @@ export interface Cluster {
 }
 
 /** Starts `count` nodes one after the other (the first migrates and bootstraps the default tenant). */
-export async function startCluster(count: number): Promise<Cluster> {
+export async function startCluster(count: number, overrides: Partial<Config> = {}): Promise<Cluster> {
   const databaseUrl = process.env.DATABASE_URL;
   if (!databaseUrl) throw new Error('CLUSTER_NEEDS_POSTGRES: set DATABASE_URL=postgres://… to start a cluster');
   const pki = await getTestPki();
@@ -65,6 +65,7 @@ export async function startCluster(count: number): Promise<Cluster> {
           secret,
           logLevel: process.env.FLEETHUB_TEST_LOG_LEVEL ?? 'silent',
           allowedOrigins: ['*'],
+          ...overrides,
         },
       );
       const log = createLogger({ level: config.logLevel });

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { createUser } from '../../server/api/index.ts';
 import { sweepOfflineDevices } from '../../server/edges/main-server/index.ts';
-import { createZip } from '../../server/edges/main-server/package.ts';
+import { createZip } from '../../shared/main-server-package.ts';
 import { runMainServerCommand } from '../../server/cli/main-server.ts';
 import { MainServerDevice } from '../../device-client/simulators/main-server.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';

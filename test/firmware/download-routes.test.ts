@@ -313,7 +313,7 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
       const r = () => cases[name];
       const size = () => r().bytes.length;
 
-      it('GET answers the whole entity with a strong ETag, Last-Modified, Accept-Ranges and its cache policy', async () => {
+      it('GET answers all bytes with a strong ETag, Last-Modified, Accept-Ranges, its cache policy', async () => {
         const res = await fetchRoute(r());
         assert.equal(res.status, 200);
         assert.equal(res.headers['content-length'], String(size()));
@@ -408,7 +408,7 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
         }
       });
 
-      it('If-None-Match with the ETag (weak comparison, or *) answers 304 with the validators and no body', async () => {
+      it('If-None-Match with the ETag (weak comparison, or *) answers 304, validators, no body', async () => {
         const { headers } = await fetchRoute(r(), { method: 'HEAD' });
         const etag = String(headers.etag);
         for (const inm of [etag, `W/${etag}`, `"0000", ${etag}`, '*']) {
@@ -425,7 +425,7 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
         assert.equal(sha(miss.body), sha(r().bytes));
       });
 
-      it('If-Modified-Since answers 304 from Last-Modified on, 200 before it, and yields to If-None-Match', async () => {
+      it('If-Modified-Since: 304 from Last-Modified on, 200 before it; If-None-Match wins', async () => {
         const { headers } = await fetchRoute(r(), { method: 'HEAD' });
         const date = Date.parse(String(headers['last-modified']));
         const since = (t: number, extra: Record<string, string> = {}) =>
@@ -448,7 +448,7 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
         }
       });
 
-      it('stops reading and closes the blob when the client goes away mid-stream, then serves the next client', async (t) => {
+      it('stops reading and closes the blob when the client leaves mid-stream, then serves the next', async (t) => {
         const from = readers.length;
         const res = await fetchRoute(r(), { abortAfter: 64 * 1024 });
         assert.equal(res.aborted, true);

@@ -170,9 +170,22 @@ describe(`fleet domain (${DATABASE_KIND})`, () => {
         size: 1024,
         firmware_uuid: next.id,
       });
+      // Devices of every protocol hear the group topic; only operators hear of the change itself.
       assert.deepEqual(
-        ctx.events.filter((e) => e.topic === 'fleet:targets').map((e) => e.payload),
-        [{ org_id: t.org.id, product_id: t.product.id, group_id: g.id, component: 'firmware', firmware_id: next.id }],
+        ctx.events.filter((e) => e.event === 'target_changed').map((e) => [e.topic, e.payload]),
+        [
+          [
+            `operator:${t.org.id}`,
+            {
+              org_id: t.org.id,
+              product_id: t.product.id,
+              group_id: g.id,
+              component: 'firmware',
+              firmware_id: next.id,
+              attempts: { sent: 10, queued: 18 },
+            },
+          ],
+        ],
       );
       const counts = await fleet.countUpdateStates(ctx, { orgId: t.org.id, groupId: g.id });
       assert.equal(counts.sent, 10);

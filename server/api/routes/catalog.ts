@@ -20,7 +20,7 @@ import {
   type FleetContext,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import { isUuid } from '../operators.ts';
 import {
   authErrors,
@@ -32,10 +32,10 @@ import {
   pageOf,
   pageQuery,
   paginationQuery,
-} from '../schemas.ts';
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
-import { resolveOrg } from './common.ts';
-import { deviceParams, resolveDevice } from './devices.ts';
+import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
+import { deviceParams } from './devices.ts';
 import { groupParams, resolveGroup } from './groups.ts';
 
 type OrgParams = { org: string };

@@ -1,18 +1,16 @@
 /** Devices: list with filters, show, create, update, delete, certificates, own target, update history. */
 import type { FastifyInstance } from 'fastify';
-import type { ConnectionStatus, Device, DeviceApproval, DeviceProtocol, UpdateState } from '../../db/schema.ts';
+import type { ConnectionStatus, DeviceApproval, DeviceProtocol, UpdateState } from '../../db/schema.ts';
 import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';
 import {
   createDevice,
   deleteDevice,
-  getDevice,
   listDevices,
   updateDevice,
   getProduct,
   listUpdateAttempts,
   publishCertificateRevoked,
   UPDATE_STATES,
-  type FleetContext,
 } from '../../fleet/index.ts';
 import {
   addDeviceCertificate,
@@ -20,11 +18,20 @@ import {
   revokeDeviceCertificate,
 } from '../../identity/device-certificates.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
-import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, orgParam, pageOf, paginationQuery, ref, page, pageQuery } from '../schemas.ts';
+import { ApiError } from '../../http/errors.ts';
+import {
+  authErrors,
+  conflictError,
+  orgParam,
+  pageOf,
+  paginationQuery,
+  ref,
+  page,
+  pageQuery,
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
-import { resolveOrg, snakeKeys } from './common.ts';
+import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
+import { snakeKeys } from './common.ts';
 
 type OrgParams = { org: string };
 type DeviceParams = { org: string; device: string };
@@ -37,25 +44,6 @@ export const deviceParams = {
     device: { type: 'string', minLength: 1, description: 'device id or identifier (serial)' },
   },
 } as const;
-
-/**
- * A device of `orgId` by id or by identifier (serial). Identifiers are unique per product, so an
- * identifier shared by two products is ambiguous (409: use the id).
- */
-export async function resolveDevice(fleet: FleetContext, orgId: string, ref: string): Promise<Device> {
-  if (isUuid(ref)) return getDevice(fleet, orgId, ref);
-  const page = await listDevices(fleet, { orgId, q: ref, limit: 1000 });
-  const matches = page.items.filter((d) => d.identifier === ref);
-  if (matches.length === 0) throw new ApiError(404, 'not_found', `device ${JSON.stringify(ref)} not found`);
-  if (matches.length > 1)
-    throw new ApiError(
-      409,
-      'conflict',
-      `${matches.length} devices of different products are called ${JSON.stringify(ref)}; use the device id`,
-      { ids: matches.map((d) => d.id) },
-    );
-  return matches[0]!;
-}
 
 export async function registerDeviceRoutes(api: FastifyInstance, deps: RouteDeps): Promise<void> {
   const { fleet, db } = deps;

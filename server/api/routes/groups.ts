@@ -18,12 +18,11 @@ import {
   type GroupWithCount,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import { isUuid } from '../operators.ts';
-import { authErrors, conflictError, orgParam, pageOf, paginationQuery, ref, page } from '../schemas.ts';
+import { authErrors, conflictError, orgParam, pageOf, paginationQuery, ref, page } from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
-import { resolveOrg } from './common.ts';
-import { resolveDevice } from './devices.ts';
+import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
 
 type OrgParams = { org: string };
 type GroupParams = { org: string; group: string };

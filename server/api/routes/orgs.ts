@@ -12,7 +12,7 @@ import {
 } from '../../fleet/index.ts';
 import { addSignerCa, listSignerCas, removeSignerCa } from '../../identity/signer-cas.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import {
   authErrors,
   conflictError,
@@ -23,9 +23,10 @@ import {
   ref,
   page,
   pageQuery,
-} from '../schemas.ts';
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
-import { resolveOrg, snakeKeys } from './common.ts';
+import { resolveOrg } from '../../http/resolve.ts';
+import { snakeKeys } from './common.ts';
 
 type OrgParams = { org: string };
 const orgParams = { type: 'object', required: ['org'], properties: orgParam } as const;

@@ -2,7 +2,7 @@
 import type { FastifyInstance } from 'fastify';
 import type { Role } from '../../db/schema.ts';
 import { assertOrgAccess, orgFilter, requireRole, type OperatorPrincipal } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import {
   createApiToken,
   createUser,
@@ -24,7 +24,16 @@ import {
 import { audit, SYSTEM } from '../../audit.ts';
 import { rateLimitedWarning } from '../../log.ts';
 import { LoginThrottle } from '../login-throttle.ts';
-import { authErrors, conflictError, emptyOk, page, pageOf, paginationQuery, ref, roleSchema } from '../schemas.ts';
+import {
+  authErrors,
+  conflictError,
+  emptyOk,
+  page,
+  pageOf,
+  paginationQuery,
+  ref,
+  roleSchema,
+} from '../../http/schemas.ts';
 import type { RouteDeps } from '../index.ts';
 import { operatorSocketId, operatorSocketIdsOfUser } from '../socket.ts';
 

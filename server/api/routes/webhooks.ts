@@ -17,10 +17,10 @@ import {
   type Webhook,
 } from '../../webhooks/store.ts';
 import { requireRole } from '../auth.ts';
-import { ApiError } from '../errors.ts';
+import { ApiError } from '../../http/errors.ts';
 import type { RouteDeps } from '../index.ts';
-import { authErrors, orgParam, page, pageOf, paginationQuery, ref, type PageQuery } from '../schemas.ts';
-import { resolveOrg } from './common.ts';
+import { authErrors, orgParam, page, pageOf, paginationQuery, ref, type PageQuery } from '../../http/schemas.ts';
+import { resolveOrg } from '../../http/resolve.ts';
 
 type OrgParams = { org: string };
 type HookParams = { org: string; id: string };

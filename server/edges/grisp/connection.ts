@@ -5,10 +5,11 @@
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { currentUpdate, DeviceLink, openLink, updateToPush } from '../../fleet/device-link.ts';
+import { currentUpdate, DeviceLink, openLink } from '../../fleet/device-link.ts';
 import type { EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import { FleetError, type FleetContext } from '../../fleet/index.ts';
 import type { Logger } from '../../log.ts';
+import type { EdgeLink, EdgeRuntime } from '../runtime.ts';
 import {
   decodeFrame,
   encodeError,
@@ -80,6 +81,7 @@ export interface SystemInfo {
 
 export interface GrispConnectionDeps {
   fleet: FleetContext;
+  runtime: EdgeRuntime;
   log: Logger;
   timings: GrispTimings;
   healthCheck: HealthCheck;
@@ -92,6 +94,8 @@ export interface GrispConnectionDeps {
 export interface GrispIdentity extends EdgeDeviceRef {
   productId: string;
   identifier: string;
+  /** The certificate the board authenticated with: only its revocation ends the link. */
+  certificateId?: string;
 }
 
 /** How a request to the board ended: its result, its error (RpcError), or the link closing. */
@@ -125,9 +129,10 @@ export class GrispConnection {
   readonly #deps: GrispConnectionDeps;
   readonly #log: Logger;
   readonly #pending = new Map<string, Pending>();
-  readonly #timers: NodeJS.Timeout[] = [];
+  /** The board's connection on the edge runtime: step queue, timers, its topics, close. */
+  readonly #edge: EdgeLink;
+  #pinger: NodeJS.Timeout | undefined;
   #nextId = 1;
-  #chain: Promise<void> = Promise.resolve();
   #closed = false;
   /** The board's device link (its session: who the board is, when it was recorded online). */
   readonly #link: DeviceLink;
@@ -148,6 +153,26 @@ export class GrispConnection {
       openLink({ deviceId: ref.deviceId, orgId: ref.orgId, productId: ref.productId, protocol: 'grisp' }),
       this.#log,
     );
+    this.#edge = deps.runtime.open({
+      edge: 'grisp',
+      log: this.#log,
+      transport: { close: (code, reason) => ws.close(code, reason) },
+      // The board answering with an error, or reporting what the fleet refuses, is its problem (warn).
+      devicesFault: (err) => err instanceof RpcError || err instanceof FleetError,
+      handlers: {
+        retarget: () => this.refresh(),
+        approved: () => this.refresh(),
+        timer: async (key) => {
+          if (key !== 'logs') return;
+          await this.fetchLogs();
+          this.#edge.schedule('logs', this.#deps.timings.logIntervalMs);
+        },
+        // After the step in flight (it may have just marked the board online).
+        closed: async () => {
+          await this.#link.feed({ type: 'closed', reason: 'socket closed' });
+        },
+      },
+    });
   }
 
   get deviceId(): string {
@@ -160,13 +185,16 @@ export class GrispConnection {
     this.#ws.on('message', (data, isBinary) => this.#onFrame(isBinary ? '' : data.toString()));
     this.#ws.on('close', () => this.#onClose());
     this.#ws.on('error', (err) => this.#log.warn({ err }, 'grisp socket error'));
-    this.#timers.push(setInterval(() => this.#ws.ping(), timings.pingIntervalMs));
-    if (timings.logIntervalMs > 0)
-      this.#timers.push(
-        setInterval(() => this.enqueue(async () => void (await this.fetchLogs())), timings.logIntervalMs),
-      );
+    // The keepalive is the transport's: it must not wait behind a step (a slow start_update).
+    this.#pinger = setInterval(() => this.#ws.ping(), timings.pingIntervalMs);
     this.#ws.ping();
+    if (timings.logIntervalMs > 0) this.#edge.schedule('logs', timings.logIntervalMs);
     this.enqueue(async () => {
+      await this.#edge.attach({
+        deviceId: this.ref.deviceId,
+        orgId: this.ref.orgId,
+        ...(this.ref.certificateId ? { certificateId: this.ref.certificateId } : {}),
+      });
       await saveGrispState(this.#deps.fleet.db, this.ref.deviceId, {
         serial: serialFromCommonName(this.ref.identifier),
       });
@@ -176,23 +204,12 @@ export class GrispConnection {
 
   /** Runs `step` after every step queued before it; failures are logged, the link stays. */
   enqueue(step: () => Promise<void>): Promise<void> {
-    const run = this.#chain.then(async () => {
-      if (this.#closed) return;
-      try {
-        await step();
-      } catch (err) {
-        // The board answering with an error, or reporting what the fleet refuses (a relvsn that is
-        // no version), is its problem (warn); anything else is ours.
-        const boards = err instanceof RpcError || err instanceof FleetError;
-        if (!this.#closed) this.#log[boards ? 'warn' : 'error']({ err }, 'grisp step failed');
-      }
-    });
-    this.#chain = run;
-    return run;
+    return this.#edge.step(step);
   }
 
+  /** The close effect: ends the link with `code` and `reason`. */
   close(code = 1000, reason = ''): void {
-    this.#ws.close(code, reason);
+    this.#edge.close(code, reason);
   }
 
   // --- outgoing requests ------------------------------------------------------------------------
@@ -277,8 +294,11 @@ export class GrispConnection {
       this.#log.warn('the board booted from its SD card: someone must remove it and reboot the board');
       return;
     }
-    const target = updateToPush(online);
-    if (target && info.update_status !== 'updating') await this.#startUpdate(target);
+    await this.#edge.apply(online?.effects, {
+      pushUpdate: async ({ firmware }) => {
+        if (info.update_status !== 'updating') await this.#startUpdate(firmware);
+      },
+    });
   }
 
   /** `get system_info`, stored. */
@@ -419,8 +439,11 @@ export class GrispConnection {
       return info;
     });
     const confirmed = await this.#link.feed({ type: 'boot_confirmed', version: str(after.relvsn) });
-    const target = updateToPush(confirmed);
-    if (target && o.retryUpdate !== false) await this.#startUpdate(target);
+    await this.#edge.apply(confirmed?.effects, {
+      pushUpdate: async ({ firmware }) => {
+        if (o.retryUpdate !== false) await this.#startUpdate(firmware);
+      },
+    });
     return true;
   }
 
@@ -593,19 +616,14 @@ export class GrispConnection {
   #onClose(): void {
     if (this.#closed) return;
     this.#closed = true;
-    for (const t of this.#timers) clearInterval(t);
+    clearInterval(this.#pinger);
     for (const [id, p] of this.#pending) {
       clearTimeout(p.timer);
       this.#pending.delete(id);
       p.answer({ error: new Error('the board disconnected') });
     }
     this.#deps.onClose(this);
-    // Wait for the step in flight (it may have just marked the board online) before marking it offline.
-    void this.#chain.then(() =>
-      this.#link
-        .feed({ type: 'closed', reason: 'socket closed' })
-        .catch((err: unknown) => this.#log.error({ err }, 'marking the board offline failed')),
-    );
+    this.#edge.transportClosed();
   }
 }
 

@@ -7,16 +7,17 @@
 import type { IncomingMessage } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { WebSocket } from 'ws';
-import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
-import { claimCertificateDevice, devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
-import { Topics, type FleetContext } from '../../fleet/index.ts';
+import { claimCertificateDevice } from '../../fleet/edge-devices.ts';
+import type { FleetContext } from '../../fleet/index.ts';
 import { isUuid } from '../../fleet/errors.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { PRIVATE_IMMUTABLE, serveBlob } from '../../firmware/serve-blob.ts';
 import { bucketedExpiry, signDownloadUrl, verifyDownload } from '../../firmware/signing.ts';
 import type { DeviceIdentity } from '../../identity/resolve.ts';
+import { apiErrorHandler } from '../../http/errors.ts';
 import type { Logger } from '../../log.ts';
+import type { EdgeRuntime } from '../runtime.ts';
 import {
   DEFAULT_TIMINGS,
   defaultHealthCheck,
@@ -32,7 +33,8 @@ export const GRISP_PATH = '/grisp-connect/ws';
 
 export interface GrispEdgeDeps {
   fleet: FleetContext;
-  pubsub: PubSub;
+  /** The node's edge runtime: links, their PubSub subscriptions, drain at shutdown. */
+  runtime: EdgeRuntime;
   log: Logger;
   blobs: BlobStore;
   /** HMAC key of package URLs. */
@@ -128,6 +130,7 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
     (socket: WebSocket, request: FastifyRequest) => {
       const identity = (request as FastifyRequest & { deviceIdentity?: DeviceIdentity }).deviceIdentity;
       if (!identity) return socket.close(1008, 'no device identity');
+      if (deps.runtime.draining) return socket.close(1012, 'server restarting');
       attach(socket, identity);
     },
   );
@@ -141,43 +144,26 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
         orgId: identity.orgId,
         productId: identity.productId,
         identifier: identity.identifier,
+        certificateId: identity.certificateId,
       },
       {
         fleet: deps.fleet,
+        runtime: deps.runtime,
         log,
         timings: { ...timings },
         healthCheck: (input) => healthCheck(input),
         packageUrl,
         onClose: (c) => {
           if (connections.get(c.deviceId) === c) connections.delete(c.deviceId);
-          unsubscribe();
         },
       },
     );
     // A board that reconnects replaces its stale link on this node.
     connections.get(identity.deviceId)?.close(1000, 'replaced by a newer connection');
     connections.set(identity.deviceId, conn);
-    const unsubscribe = deps.pubsub.subscribe(Topics.device(identity.deviceId), (message) => {
-      if (message.event === 'device_revoked' || message.event === 'device_deleted') conn.close(4003, message.event);
-      // Only the certificate this link authenticated with ends it; the board's other certificates do not.
-      if (message.event === 'certificate_revoked' && message.payload.certificate_id === identity.certificateId)
-        conn.close(4003, message.event);
-    });
+    // Revocation, approval and new targets arrive on the board's own and its groups' topics (runtime).
     conn.start();
   }
-
-  // Retargeting reaches every node; each acts for the boards connected to it.
-  const stopTargets = deps.pubsub.subscribe(Topics.targets, (message) => {
-    if (message.event !== 'target_changed' || connections.size === 0) return;
-    devicesConcernedByTargetChange(deps.fleet.db, message.payload, [...connections.keys()])
-      .then((ids) => {
-        for (const id of ids) {
-          const conn = connections.get(id);
-          if (conn) void conn.enqueue(() => conn.refresh());
-        }
-      })
-      .catch((err: unknown) => log.error({ err }, 'applying a target change to GRiSP boards failed'));
-  });
 
   deps.deviceApp.route({
     method: ['GET', 'HEAD'],
@@ -235,7 +221,6 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
   if (deps.api) {
     await deps.api.register(
       async (scope) => {
-        const { apiErrorHandler } = await import('../../api/errors.ts');
         scope.setErrorHandler(apiErrorHandler);
         await registerGrispRoutes(scope, { fleet: deps.fleet, blobs: deps.blobs, connections });
       },
@@ -254,7 +239,6 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
     async close() {
       if (closed) return;
       closed = true;
-      stopTargets();
       for (const conn of connections.values()) conn.close(1012, 'server restarting');
     },
   };

@@ -1,11 +1,17 @@
 /** Operator REST routes of the GRiSP edge (mounted inside /api/v1). */
 import type { FastifyInstance } from 'fastify';
-import { requireRole } from '../../api/auth.ts';
-import { ApiError } from '../../api/errors.ts';
-import { passThroughStream, uploadStream } from '../../api/firmware.ts';
-import { resolveOrg } from '../../api/routes/common.ts';
-import { resolveDevice } from '../../api/routes/devices.ts';
-import { authErrors, binaryBody, documentedUpload, orgParam, pageOfItems, paginationQuery } from '../../api/schemas.ts';
+import { requireRole } from '../../http/auth.ts';
+import { ApiError } from '../../http/errors.ts';
+import { passThroughStream, uploadStream } from '../../http/upload.ts';
+import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
+import {
+  authErrors,
+  binaryBody,
+  documentedUpload,
+  orgParam,
+  pageOfItems,
+  paginationQuery,
+} from '../../http/schemas.ts';
 import { getProduct, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { deleteFirmwareAndBlob, FirmwareError, ingestFirmware } from '../../firmware/ingest.ts';

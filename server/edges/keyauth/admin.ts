@@ -1,7 +1,7 @@
 /** Operator routes for keyauth client keys inside `/api/v1` (list, approve, revoke by fingerprint). */
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { assertOrgAccess, requireRole } from '../../api/auth.ts';
-import { page, pageOfItems, paginationQuery } from '../../api/schemas.ts';
+import { assertOrgAccess, requireRole } from '../../http/auth.ts';
+import { page, pageOfItems, paginationQuery } from '../../http/schemas.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { approveClient, listClients, revokeClient, type KeyauthClient } from './clients.ts';

@@ -3,6 +3,9 @@
  * 103, limits. Requests are handled one at a time (the socket is paused meanwhile, so a flooding
  * client meets TCP backpressure); the idle timer restarts only on complete messages, so a client
  * dribbling bytes without newlines (slowloris) is closed; repeated bad messages close it too.
+ * The connection runs on the edge runtime (../runtime.ts): requests are its steps, the handshake
+ * and idle deadlines its timer, and once authorised it listens on the device's topic, so a
+ * revocation or deletion closes it on whichever node it is.
  */
 import type { KeyObject } from 'node:crypto';
 import type { Socket } from 'node:net';
@@ -10,11 +13,12 @@ import { describeBadString, findBadString } from '../../input-gate.ts';
 import { rateLimitedWarning, type Logger } from '../../log.ts';
 import type { FleetContext } from '../../fleet/context.ts';
 import { linkEvent, openLink } from '../../fleet/device-link.ts';
+import type { EdgeRuntime } from '../runtime.ts';
 import { FleetError } from '../../fleet/errors.ts';
 import type { Product } from '../../fleet/orgs.ts';
 import { errorResponse, runAction, type ActionDeps, type ActionSession, type Response } from './actions.ts';
 import { clientDevice, identifierFor } from './clients.ts';
-import { EnvelopeError, isEnvelope, KeyError, open, parseClientKey, seal } from './envelope.ts';
+import { EnvelopeError, isEnvelope, KeyError, open, parseClientKey, seal } from '../../../shared/keyauth-envelope.ts';
 import { encodeLine, LineReader, LineTooLongError } from './framing.ts';
 
 export interface ConnectionLimits {
@@ -37,13 +41,10 @@ export interface ConnectionDeps extends ActionDeps {
   tenant: () => Promise<Product>;
   serverKey: { privateKey: KeyObject; publicKeyPem: string };
   limits: ConnectionLimits;
-  /** Subscribe to a device's fleet topic; returns the unsubscribe function. */
-  watchDevice(deviceId: string, onEvent: (event: string) => void): () => void;
+  runtime: EdgeRuntime;
 }
 
-type State =
-  | { phase: 'hello' }
-  | { phase: 'authorised'; session: ActionSession; clientKey: KeyObject; unwatch: () => void };
+type State = { phase: 'hello' } | { phase: 'authorised'; session: ActionSession; clientKey: KeyObject };
 
 const notAuthorised = new WeakMap<Logger, ReturnType<typeof rateLimitedWarning>>();
 /** The listener's rate-limited "key not authorised" line (one per listener logger, shared by its connections). */
@@ -69,23 +70,38 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
   let closed = false;
   let tokens = limits.maxRequestsPerSecond * 2;
   let refilledAt = Date.now();
-  let timer: NodeJS.Timeout | undefined;
+  /** Why the deadline timer closes the connection when it fires. */
+  let deadline = '';
+
+  const link = deps.runtime.open({
+    edge: 'keyauth',
+    log,
+    transport: {
+      close: (_code, why) => {
+        closed = true;
+        log.debug({ why }, 'keyauth connection closing');
+        socket.end();
+        // A client that stops reading would keep the socket half-open.
+        setTimeout(() => socket.destroy(), 1000).unref();
+      },
+    },
+    handlers: {
+      timer: async () => close(deadline),
+      // After the request in flight (it may have just marked the client online).
+      closed: async () => {
+        if (state.phase === 'authorised')
+          await linkEvent(deps.fleet, state.session, { type: 'closed', reason: 'socket closed' });
+      },
+    },
+  });
 
   const armTimer = (ms: number, why: string) => {
-    if (timer) clearTimeout(timer);
-    timer = setTimeout(() => close(why), ms);
-    timer.unref();
+    deadline = why;
+    link.schedule('deadline', ms);
   };
 
-  const close = (why: string) => {
-    if (closed) return;
-    closed = true;
-    log.debug({ why }, 'keyauth connection closing');
-    if (timer) clearTimeout(timer);
-    socket.end();
-    // A client that stops reading would keep the socket half-open.
-    setTimeout(() => socket.destroy(), 1000).unref();
-  };
+  /** The close effect: the runtime ends the stream (revocation, deadline, drain at shutdown). */
+  const close = (why: string) => link.close(1000, why);
 
   const send = (message: unknown) => {
     if (closed || socket.destroyed) return;
@@ -185,10 +201,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     );
     if (!online.ok) throw new FleetError(online.refusal.code, online.refusal.message, online.refusal.details);
     const session: ActionSession = { ...online.session, identifier: device.identifier };
-    const unwatch = deps.watchDevice(device.id, (event) => {
-      if (event === 'device_revoked' || event === 'device_deleted') close(`device ${event}`);
-    });
-    state = { phase: 'authorised', session, clientKey: key.key, unwatch };
+    await link.attach({ deviceId: device.id, orgId: device.org_id });
+    state = { phase: 'authorised', session, clientKey: key.key };
     failures = 0;
     log.info({ fingerprint: key.fingerprint, device_id: device.id }, 'keyauth client authorised');
     send({ code: 103, data: { key: deps.serverKey.publicKeyPem } });
@@ -236,12 +250,14 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     try {
       while (queue.length && !closed) {
         const line = queue.shift()!;
-        try {
-          await handle(line);
-        } catch (err) {
-          log.error({ err }, 'keyauth request failed');
-          reply(errorResponse(500, 'ServerError', 'the server failed to handle the message; try again later'));
-        }
+        await link.step(async () => {
+          try {
+            await handle(line);
+          } catch (err) {
+            log.error({ err }, 'keyauth request failed');
+            reply(errorResponse(500, 'ServerError', 'the server failed to handle the message; try again later'));
+          }
+        });
       }
     } finally {
       busy = false;
@@ -273,16 +289,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     socket.on('error', () => undefined);
     socket.on('close', () => {
       closed = true;
-      if (timer) clearTimeout(timer);
-      const s = state;
-      if (s.phase === 'authorised') {
-        s.unwatch();
-        linkEvent(deps.fleet, s.session, { type: 'closed', reason: 'socket closed' })
-          .catch((err: unknown) => log.error({ err }, 'marking a keyauth client offline failed'))
-          .finally(resolve);
-      } else {
-        resolve();
-      }
+      link.transportClosed();
+      void link.finished.then(resolve);
     });
   });
 }

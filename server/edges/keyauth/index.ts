@@ -9,21 +9,24 @@
  *   ... await keyauth?.close() on shutdown.
  */
 import net, { type AddressInfo, type Socket } from 'node:net';
-import type { ApiPlugin } from '../../api/index.ts';
+import type { RoutePlugin } from '../../http/errors.ts';
 import type { PubSub } from '../../channels/types.ts';
-import { Topics, type FleetContext } from '../../fleet/context.ts';
+import type { FleetContext } from '../../fleet/context.ts';
+import { productResolver } from '../../fleet/orgs.ts';
 import type { Logger } from '../../log.ts';
+import { EdgeRuntime } from '../runtime.ts';
 import { keyauthAdminRoutes } from './admin.ts';
 import { handleConnection, type ConnectionLimits } from './connection.ts';
-import { fingerprintOf, generateRsaKeyPair } from './envelope.ts';
-import { tenantResolver } from '../main-server/service.ts';
+import { fingerprintOf, generateRsaKeyPair } from '../../../shared/keyauth-envelope.ts';
 
 export { registerKeyauthDownloads, keyauthDownloadUrl, KEYAUTH_DOWNLOAD_PREFIX } from './downloads.ts';
-export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from './envelope.ts';
+export { seal, open, parseClientKey, generateRsaKeyPair, type Envelope } from '../../../shared/keyauth-envelope.ts';
 
 export interface KeyauthOptions {
   fleet: FleetContext;
-  pubsub: Pick<PubSub, 'subscribe'>;
+  pubsub: PubSub;
+  /** The node's edge runtime (default: one of its own on `pubsub`); drained with 1012 at shutdown. */
+  runtime?: EdgeRuntime;
   log: Logger;
   /** HMAC key for download URLs (the server secret). */
   secret: string;
@@ -65,7 +68,8 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
   const serverKey = generateRsaKeyPair();
   const log = options.log.child({ listener: 'keyauth' });
   const limits = { ...DEFAULT_LIMITS, ...options.limits };
-  const tenant = tenantResolver(options.fleet, options.org, options.product);
+  const tenant = productResolver(options.fleet, options.org, options.product);
+  const runtime = options.runtime ?? new EdgeRuntime({ pubsub: options.pubsub, fleet: options.fleet, log });
   const sockets = new Set<Socket>();
   const handlers = new Set<Promise<void>>();
   const server = net.createServer({ noDelay: true, allowHalfOpen: false }, (socket) => {
@@ -79,8 +83,7 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
       secret: options.secret,
       downloadBaseUrl: options.downloadBaseUrl,
       urlTtlSeconds: options.urlTtlSeconds ?? 3600,
-      watchDevice: (deviceId, onEvent) =>
-        options.pubsub.subscribe(Topics.device(deviceId), (message) => onEvent(message.event)),
+      runtime,
     });
     handlers.add(done);
     void done.finally(() => {
@@ -114,8 +117,8 @@ export async function startKeyauth(options: KeyauthOptions): Promise<KeyauthServ
   };
 }
 
-/** The operator routes (`/api/v1/keyauth/...`) as an `ApiPlugin` for `registerApi`. */
-export function keyauthApiPlugin(options: { fleet: FleetContext; org?: string; product?: string }): ApiPlugin {
-  const tenant = tenantResolver(options.fleet, options.org, options.product);
+/** The operator routes (`/api/v1/keyauth/...`) as a `RoutePlugin` for `registerApi`. */
+export function keyauthApiPlugin(options: { fleet: FleetContext; org?: string; product?: string }): RoutePlugin {
+  const tenant = productResolver(options.fleet, options.org, options.product);
   return (api) => keyauthAdminRoutes(api, { fleet: options.fleet, tenant });
 }

@@ -8,13 +8,13 @@
  *   ... mainServer.close() on shutdown.
  */
 import type { FastifyInstance } from 'fastify';
-import type { ApiPlugin } from '../../api/index.ts';
+import type { RoutePlugin } from '../../http/errors.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import type { FleetContext } from '../../fleet/context.ts';
+import { productResolver } from '../../fleet/orgs.ts';
 import type { Logger } from '../../log.ts';
 import { mainServerAdminRoutes } from './admin.ts';
 import { mainServerRoutes } from './routes.ts';
-import { tenantResolver } from './service.ts';
 import { sweepSilentDevices } from '../../fleet/device-link.ts';
 
 export { MAIN_SERVER_PREFIX } from './routes.ts';
@@ -27,7 +27,7 @@ export {
   MANIFEST_NAME,
   PACKAGE_FORMAT,
   type PackageManifest,
-} from './package.ts';
+} from '../../../shared/main-server-package.ts';
 /** Marks Main Server devices offline 180 s (`offlineAfterMs`) after their last heartbeat. */
 export function sweepOfflineDevices(fleet: FleetContext, offlineAfterMs: number): Promise<number> {
   return sweepSilentDevices(fleet, 'main-server', offlineAfterMs);
@@ -56,7 +56,7 @@ export const DEFAULT_OFFLINE_AFTER_MS = 180_000;
 
 /** Mounts `/api/main-server` on the API listener's root instance (after `registerApi`, before `listen`). */
 export async function registerMainServer(api: FastifyInstance, options: MainServerOptions): Promise<MainServerEdge> {
-  const tenant = tenantResolver(options.fleet, options.org, options.product);
+  const tenant = productResolver(options.fleet, options.org, options.product);
   await mainServerRoutes(api, { fleet: options.fleet, blobs: options.blobs, tenant, publicUrl: options.publicUrl });
   const offlineAfterMs = options.offlineAfterMs ?? DEFAULT_OFFLINE_AFTER_MS;
   const interval = options.sweepIntervalMs ?? 30_000;
@@ -76,11 +76,11 @@ export async function registerMainServer(api: FastifyInstance, options: MainServ
   };
 }
 
-/** The operator routes (`/api/v1/main-server/...`) as an `ApiPlugin` for `registerApi`. */
+/** The operator routes (`/api/v1/main-server/...`) as a `RoutePlugin` for `registerApi`. */
 export function mainServerApiPlugin(
   options: Pick<MainServerOptions, 'fleet' | 'blobs' | 'org' | 'product'> & { maxPackageBytes?: number },
-): ApiPlugin {
-  const tenant = tenantResolver(options.fleet, options.org, options.product);
+): RoutePlugin {
+  const tenant = productResolver(options.fleet, options.org, options.product);
   return (api) =>
     mainServerAdminRoutes(api, {
       fleet: options.fleet,

@@ -5,8 +5,7 @@
  * `{error, details}`.
  */
 import type { FastifyInstance, FastifyRequest } from 'fastify';
-import { assertOrgAccess, bearerToken, type OperatorPrincipal } from '../../api/auth.ts';
-import { roleRank } from '../../api/operators.ts';
+import { assertOrgAccess, bearerToken, roleRank, type OperatorPrincipal } from '../../http/auth.ts';
 import type { Device, Role } from '../../db/schema.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
 import { firmwareBlob, PRIVATE_IMMUTABLE, packageHeaders, serveBlob } from '../../firmware/serve-blob.ts';

@@ -15,26 +15,15 @@ import { FleetError } from '../../fleet/errors.ts';
 import { componentDevicesOutsideGroup, findProductDevice } from '../../fleet/devices.ts';
 import { addDevicesToGroup, createGroup } from '../../fleet/groups.ts';
 import { runningComponentsOf } from '../../fleet/running-firmware.ts';
-import { getOrg, getProduct, type Product } from '../../fleet/orgs.ts';
+import type { Product } from '../../fleet/orgs.ts';
 import { resolveTargets } from '../../fleet/reconcile.ts';
 import { setDeviceTarget, setGroupTarget, type TargetChange } from '../../fleet/targets.ts';
 import { badRequest, conflict, forbidden, notFound, unauthorized } from './errors.ts';
-import { isCompatible, validExtensionName } from './package.ts';
+import { isCompatible, validExtensionName } from '../../../shared/main-server-package.ts';
 import { checkClaim, ensureExtensions, extensionById, issueDeviceToken, recordRegistration } from './store.ts';
 
 export const PROTOCOL = 'main-server' as const;
 export const VIA = 'edge:main-server';
-
-/** Resolves (once) the org and product Main Server devices belong to. */
-export function tenantResolver(fleet: FleetContext, org = 'default', product = 'default'): () => Promise<Product> {
-  let cached: Product | undefined;
-  return async () => {
-    if (cached) return cached;
-    const o = await getOrg(fleet, org);
-    cached = await getProduct(fleet, o.id, product);
-    return cached;
-  };
-}
 
 export interface ReportedExtension {
   name: string;

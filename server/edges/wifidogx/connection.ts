@@ -9,11 +9,13 @@ import type { Socket } from 'node:net';
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
 import type { FleetContext } from '../../fleet/index.ts';
-import { currentUpdate, DeviceLink, openLink, updateToPush, type LinkEvent } from '../../fleet/device-link.ts';
+import { currentUpdate, DeviceLink, openLink, type LinkEvent } from '../../fleet/device-link.ts';
 import { auditClaimRefused, findOrRegisterEdgeDevice, type EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import { findBadString } from '../../input-gate.ts';
 import type { Logger } from '../../log.ts';
 import { FleetError } from '../../fleet/errors.ts';
+import type { Message } from '../../channels/types.ts';
+import type { EdgeLink, EdgeRuntime } from '../runtime.ts';
 import { admitClaim, CLOSE, credentialOwner, hasCredential, type WifidogxAuthPolicy } from './credentials.ts';
 import { encodeFrame, gatewayReplies, gatewayVersion, isSafeFirmwareUrl } from './frames.ts';
 import {
@@ -37,6 +39,7 @@ export interface WifidogxTimings {
 
 export interface WifidogxConnectionDeps {
   fleet: FleetContext;
+  runtime: EdgeRuntime;
   log: Logger;
   timings: WifidogxTimings;
   autoApprove: boolean;
@@ -66,9 +69,8 @@ export class WifidogxConnection {
   #queue: Buffer[] = [];
   #writing = false;
   #closed = false;
-  #liveness: NodeJS.Timeout | undefined;
-  #identifyDeadline: NodeJS.Timeout | undefined;
-  #chain: Promise<void> = Promise.resolve();
+  /** The gateway's connection on the edge runtime: step queue, timers, its topics, close. */
+  readonly #edge: EdgeLink;
   /** The gateway's device link, once it is identified. */
   #link: DeviceLink | undefined;
   #reqN = 0;
@@ -83,6 +85,49 @@ export class WifidogxConnection {
     this.#log = deps.log;
     // Each frame leaves in its own segment as soon as it is written.
     socket?.setNoDelay(true);
+    this.#edge = deps.runtime.open({
+      edge: 'wifidogx',
+      log: deps.log,
+      transport: { close: (code, reason) => ws.close(code, reason) },
+      revokedCode: CLOSE.revoked,
+      handlers: {
+        approved: () => this.becomeApproved(),
+        retarget: () => this.recheckFirmware(),
+        info: (message) => this.#onDeviceEvent(message),
+        timer: async (key) => this.#onTimer(key),
+        // After the step in flight (it may have just marked the gateway online).
+        closed: async () => {
+          if (this.ref) await this.#feed({ type: 'closed', reason: 'socket closed' });
+        },
+      },
+    });
+  }
+
+  /** Events on the gateway's topic beyond what the runtime handles (revocation, approval, targets). */
+  async #onDeviceEvent(message: Message): Promise<void> {
+    switch (message.event) {
+      case 'wifidogx_release':
+        return this.close(CLOSE.revoked, message.event);
+      case 'wifidogx_credential_issued':
+        // The link on the old credential (or on none) ends; the gateway comes back on the new one.
+        return this.close(CLOSE.credential, 'credential issued: reconnect with it');
+      case 'wifidogx_command':
+        if (typeof message.payload.command_id === 'string') await this.runCommand(message.payload.command_id);
+        return;
+    }
+  }
+
+  #onTimer(key: string): void {
+    if (key === 'liveness') {
+      this.#log.info('no heartbeat from the wifidogx gateway; closing its link');
+      this.#ws.terminate();
+      return;
+    }
+    if (key === 'identify' && !this.ref) {
+      const seconds = Math.ceil(this.#deps.timings.identifyTimeoutMs / 1000);
+      this.#log.info({ remote: this.#deps.remote }, 'wifidogx connection sent no connect in time; closing it');
+      this.close(CLOSE.identifyTimeout, `send connect within ${seconds} s`);
+    }
   }
 
   start(): void {
@@ -94,30 +139,16 @@ export class WifidogxConnection {
     this.#ws.on('close', () => this.#onClose());
     this.#ws.on('error', (err) => this.#log.warn({ err }, 'wifidogx socket error'));
     this.#armLiveness();
-    const { identifyTimeoutMs } = this.#deps.timings;
-    this.#identifyDeadline = setTimeout(() => {
-      if (this.ref) return;
-      this.#log.info({ remote: this.#deps.remote }, 'wifidogx connection sent no connect in time; closing it');
-      this.close(CLOSE.identifyTimeout, `send connect within ${Math.ceil(identifyTimeoutMs / 1000)} s`);
-    }, identifyTimeoutMs);
-    this.#identifyDeadline.unref();
+    this.#edge.schedule('identify', this.#deps.timings.identifyTimeoutMs);
   }
 
+  /** The close effect: ends the link with `code` and `reason`. */
   close(code = 1000, reason = ''): void {
-    this.#ws.close(code, reason);
+    this.#edge.close(code, reason);
   }
 
   #enqueue(step: () => Promise<void>): Promise<void> {
-    const run = this.#chain.then(async () => {
-      if (this.#closed) return;
-      try {
-        await step();
-      } catch (err) {
-        this.#log.error({ err }, 'wifidogx step failed');
-      }
-    });
-    this.#chain = run;
-    return run;
+    return this.#edge.step(step);
   }
 
   /** Runs `step` in this connection's order (commands from operators, target changes). */
@@ -290,8 +321,9 @@ export class WifidogxConnection {
       this.close(CLOSE.connectedElsewhere, 'device_id connected elsewhere');
       return false;
     }
-    clearTimeout(this.#identifyDeadline);
+    this.#edge.cancel('identify');
     this.ref = { deviceId: device.id, orgId: device.org_id, identifier: deviceId };
+    await this.#edge.attach({ deviceId: device.id, orgId: device.org_id });
     this.approved = device.approval === 'approved';
     if (created) this.#log.info({ approval: device.approval }, 'wifidogx gateway registered');
     this.#link = new DeviceLink(
@@ -362,8 +394,7 @@ export class WifidogxConnection {
       type: 'connected',
       running: { version, platform: typeof data.DISTRIB_TARGET === 'string' ? data.DISTRIB_TARGET : null },
     });
-    const target = updateToPush(online);
-    if (target) await this.#upgrade(target);
+    await this.#edge.apply(online?.effects, { pushUpdate: ({ firmware }) => this.#upgrade(firmware) });
   }
 
   /** Sends firmware_upgrade for `target`, after checking the URL is shell-safe. */
@@ -482,14 +513,9 @@ export class WifidogxConnection {
     if (this.approved) this.send(this.message('get_firmware_info'));
   }
 
+  /** Offline after `livenessMs` without a report (a closed link has no timers any more). */
   #armLiveness(): void {
-    clearTimeout(this.#liveness);
-    // A report handled after the link closed must not leave a timer holding the connection.
-    if (this.#closed) return;
-    this.#liveness = setTimeout(() => {
-      this.#log.info('no heartbeat from the wifidogx gateway; closing its link');
-      this.#ws.terminate();
-    }, this.#deps.timings.livenessMs);
+    this.#edge.schedule('liveness', this.#deps.timings.livenessMs);
   }
 
   #count(what: string): void {
@@ -499,16 +525,8 @@ export class WifidogxConnection {
   #onClose(): void {
     if (this.#closed) return;
     this.#closed = true;
-    clearTimeout(this.#liveness);
-    clearTimeout(this.#identifyDeadline);
     this.#queue = [];
     this.#deps.onClose(this);
-    if (this.ref) {
-      void this.#chain.then(() =>
-        this.#feed({ type: 'closed', reason: 'socket closed' }).catch((err: unknown) =>
-          this.#log.error({ err }, 'marking the gateway offline failed'),
-        ),
-      );
-    }
+    this.#edge.transportClosed();
   }
 }

@@ -12,10 +12,11 @@ import type { WebSocket } from 'ws';
 import type { PubSub } from '../../channels/types.ts';
 import type { Firmware } from '../../db/schema.ts';
 import { deviceById } from '../../fleet/devices.ts';
-import { devicesConcernedByTargetChange } from '../../fleet/edge-devices.ts';
-import { getOrg, getProduct, Topics, type FleetContext } from '../../fleet/index.ts';
+import { productResolver, type FleetContext } from '../../fleet/index.ts';
 import type { BlobStore } from '../../firmware/blob-store.ts';
+import { apiErrorHandler } from '../../http/errors.ts';
 import type { Logger } from '../../log.ts';
+import type { EdgeRuntime } from '../runtime.ts';
 import { WifidogxConnection, type WifidogxTimings } from './connection.ts';
 import { CLOSE, WIFIDOGX_AUTH_POLICIES, WIFIDOGX_PATH, type WifidogxAuthPolicy } from './credentials.ts';
 import { registerWifidogxDownloads, wifidogxFirmwareUrl } from './download.ts';
@@ -25,7 +26,10 @@ import { registerWifidogxRoutes } from './routes.ts';
 
 export interface WifidogxEdgeDeps {
   fleet: FleetContext;
+  /** Operator commands are published on it (routes.ts). */
   pubsub: PubSub;
+  /** The node's edge runtime: links, their PubSub subscriptions, drain at shutdown. */
+  runtime: EdgeRuntime;
   log: Logger;
   blobs: BlobStore;
   secret: string;
@@ -83,18 +87,11 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
   const ttl = deps.urlTtlSeconds ?? 86_400;
   const firmwareUrl = (firmware: Pick<Firmware, 'id'>, deviceId: string) =>
     wifidogxFirmwareUrl({ baseUrl: deps.apiBaseUrl(), secret: deps.secret, ttlSeconds: ttl, firmware, deviceId });
-  let home: Promise<{ orgId: string; productId: string }> | undefined;
-  const resolveHome = () =>
-    (home ??= (async () => {
-      const org = await getOrg(fleet, deps.home?.org ?? 'default');
-      const product = await getProduct(fleet, org.id, deps.home?.product ?? 'default');
-      return { orgId: org.id, productId: product.id };
-    })().catch((err: unknown) => {
-      home = undefined;
-      throw err;
-    }));
-
-  const unsubscribers = new Map<WifidogxConnection, () => void>();
+  const homeProduct = productResolver(fleet, deps.home?.org, deps.home?.product);
+  const resolveHome = async () => {
+    const product = await homeProduct();
+    return { orgId: product.org_id, productId: product.id };
+  };
 
   /** The takeover rule (docs/edges/wifidogx.md): a newer link replaces a pending or authenticated one here. */
   async function claim(deviceId: string, conn: WifidogxConnection): Promise<boolean> {
@@ -113,36 +110,15 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
       device.connected_node !== fleet.nodeName
     )
       return false;
+    // Its topic (revocation, approval, commands, targets) reaches it through the runtime.
     connections.set(deviceId, conn);
-    unsubscribers.set(
-      conn,
-      deps.pubsub.subscribe(Topics.device(deviceId), (message) => {
-        switch (message.event) {
-          case 'device_revoked':
-          case 'device_deleted':
-          case 'wifidogx_release':
-            conn.close(CLOSE.revoked, message.event);
-            return;
-          case 'wifidogx_credential_issued':
-            // The link on the old credential (or on none) ends; the gateway comes back on the new one.
-            conn.close(CLOSE.credential, 'credential issued: reconnect with it');
-            return;
-          case 'device_approved':
-            void conn.run(() => conn.becomeApproved());
-            return;
-          case 'wifidogx_command':
-            if (typeof message.payload.command_id === 'string')
-              void conn.run(() => conn.runCommand(message.payload.command_id as string));
-            return;
-        }
-      }),
-    );
     return true;
   }
 
   await deps.api.register(async (scope) => {
     scope.get(WIFIDOGX_PATH, { websocket: true }, (socket: WebSocket, request: FastifyRequest) => {
       const remote = request.raw.socket.remoteAddress ?? null;
+      if (deps.runtime.draining) return socket.close(1012, 'server restarting');
       if (unidentified.size >= settings.maxUnidentified) {
         log.warn(
           { remote, limit: settings.maxUnidentified },
@@ -157,6 +133,7 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
         query.credential === undefined ? undefined : typeof query.credential === 'string' ? query.credential : '';
       const conn = new WifidogxConnection(socket, request.raw.socket as Socket, {
         fleet,
+        runtime: deps.runtime,
         log,
         timings: { ...timings },
         autoApprove: settings.autoApprove,
@@ -169,8 +146,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
         onClose: (c) => {
           unidentified.delete(c);
           if (c.ref && connections.get(c.ref.deviceId) === c) connections.delete(c.ref.deviceId);
-          unsubscribers.get(c)?.();
-          unsubscribers.delete(c);
         },
       });
       unidentified.add(conn);
@@ -182,25 +157,11 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
 
   await deps.api.register(
     async (scope) => {
-      const { apiErrorHandler } = await import('../../api/errors.ts');
       scope.setErrorHandler(apiErrorHandler);
       await registerWifidogxRoutes(scope, { fleet, pubsub: deps.pubsub, connections, policy: () => settings.auth });
     },
     { prefix: '/api/v1' },
   );
-
-  // Retargeting reaches every node; each asks its own gateways for their version (the answer upgrades them).
-  const stopTargets = deps.pubsub.subscribe(Topics.targets, (message) => {
-    if (message.event !== 'target_changed' || connections.size === 0) return;
-    devicesConcernedByTargetChange(fleet.db, message.payload, [...connections.keys()])
-      .then((ids) => {
-        for (const id of ids) {
-          const conn = connections.get(id);
-          if (conn) void conn.run(() => conn.recheckFirmware());
-        }
-      })
-      .catch((err: unknown) => log.error({ err }, 'applying a target change to WiFiDogX gateways failed'));
-  });
 
   let closed = false;
   const edge: WifidogxEdge = {
@@ -219,7 +180,6 @@ export async function registerWifidogxEdge(deps: WifidogxEdgeDeps): Promise<Wifi
     async close() {
       if (closed) return;
       closed = true;
-      stopTargets();
       for (const conn of new Set(connections.values())) conn.close(1012, 'server restarting');
     },
   };

@@ -2,11 +2,10 @@
 import { randomBytes } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { audit } from '../../audit.ts';
-import { requireRole } from '../../api/auth.ts';
-import { ApiError } from '../../api/errors.ts';
-import { resolveOrg } from '../../api/routes/common.ts';
-import { resolveDevice } from '../../api/routes/devices.ts';
-import { authErrors, orgParam, pageOfItems, paginationQuery } from '../../api/schemas.ts';
+import { requireRole } from '../../http/auth.ts';
+import { ApiError } from '../../http/errors.ts';
+import { resolveDevice, resolveOrg } from '../../http/resolve.ts';
+import { authErrors, orgParam, pageOfItems, paginationQuery } from '../../http/schemas.ts';
 import type { PubSub } from '../../channels/types.ts';
 import type { Device } from '../../db/schema.ts';
 import { approveDevice, revokeDevice } from '../../fleet/edge-devices.ts';

@@ -141,3 +141,6 @@ function codeForStatus(status: number): string {
 function isRecord(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
+
+/** Routes an edge (or any module) mounts inside the operator API's `/api/v1` scope (`registerApi`'s extra list). */
+export type RoutePlugin = (api: FastifyInstance) => Promise<void>;
