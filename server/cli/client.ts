@@ -12,7 +12,7 @@ import path from 'node:path';
 import { CliError, type CliIo } from '../../shared/cli.ts';
 
 export { CliError, type CliIo, processIo, runCommand } from '../../shared/cli.ts';
-import { createFleethubClient, data, FleethubApiError, type FleethubClient } from 'fleethub/client';
+import { createFleethubClient, data, FleethubApiError, type FleethubClient } from '../../client/index.ts';
 
 export const DEFAULT_URL = 'http://127.0.0.1:4000';
 
