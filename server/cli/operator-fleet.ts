@@ -693,8 +693,9 @@ async function watch(
   socket.onError(() => undefined); // polling covers the gaps; phoenix reconnects by itself
   socket.connect();
   const channel = socket.channel(`operator:${orgId}`);
-  channel.onMessage = (event: string, payload: unknown) => {
-    if (!event.startsWith('phx_')) refresh();
+  channel.onMessage = (event: string | null, payload: unknown) => {
+    // A push that timed out after its reply slot was cleared triggers with a null event.
+    if (typeof event === 'string' && !event.startsWith('phx_')) refresh();
     return payload;
   };
   channel
@@ -719,6 +720,9 @@ async function watch(
     io.signal?.removeEventListener('abort', stop);
     process.off('SIGINT', stop);
     await running;
+    // Leaving stops the channel's join timeout and rejoin timer, which would otherwise fire after
+    // the watch ended (and keep the process alive while they reschedule themselves).
+    channel.leave(1000);
     await new Promise<void>((resolve) => socket.disconnect(() => resolve(), 1000, 'watch ended'));
   }
 }
