@@ -89,7 +89,9 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
     FROM (${resolved}) r
     WHERE ua.device_id = r.device_id AND ua.component = ${component} AND ua.state IN (${fromSql('cancel')})
       AND ua.firmware_id IS DISTINCT FROM r.target_id
-      AND ua.firmware_id IS DISTINCT FROM r.running_id`.execute(trx);
+      -- An attempt to what the device already runs stays open to settle, unless a new target
+      -- supersedes it: one open attempt per device and component.
+      AND (ua.firmware_id IS DISTINCT FROM r.running_id OR r.target_id IS NOT NULL)`.execute(trx);
   const { rows: created } = await sql<CreatedAttempt>`
     INSERT INTO update_attempts (org_id, device_id, firmware_id, component, from_version, to_version, state, via, sent_at)
     SELECT r.org_id, r.device_id, r.target_id, ${component}, r.running_version, f.version,

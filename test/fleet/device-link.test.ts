@@ -53,6 +53,12 @@ const step = fc.oneof(
 );
 type Step = typeof step extends fc.Arbitrary<infer S> ? S : never;
 
+const SUPERSEDED_UNSETTLED: Step[] = [
+  { t: 'retarget', d: 1, f: 1 },
+  { t: 'connected', d: 1, v: 1, settle: false },
+  { t: 'retarget', d: 1, f: 0 },
+];
+
 interface World {
   orgId: string;
   firmware: fleet.Firmware[];
@@ -205,7 +211,12 @@ describe(`device link (${DATABASE_KIND})`, () => {
           await check(w, s, before, result);
         }
       }),
-      { numRuns: Number(process.env.LINK_PROPERTY_RUNS ?? 25) },
+      {
+        numRuns: Number(process.env.LINK_PROPERTY_RUNS ?? 25),
+        // Found by this property: a retarget while the device already runs the pending firmware
+        // (not yet settled) left two open attempts.
+        examples: [[SUPERSEDED_UNSETTLED]],
+      },
     );
     // Both sides of the table were exercised.
     assert.ok(accepted > 0 && refused > 0, `accepted ${accepted}, refused ${refused}`);
