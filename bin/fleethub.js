@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 // Runs the compiled server (dist/, built by `npm run build` or on `npm install` through `prepare`):
-// no TypeScript compiler is loaded in production. `npm run dev` runs the sources through tsx.
+// no TypeScript compiler is loaded in production. `npm run dev` runs the sources instead.
 import { loadCompiled } from './load-compiled.js';
 
 const { main } = await loadCompiled('server/cli/index.js');
