@@ -57,6 +57,29 @@ export interface TargetChange {
   delivery: 'group' | 'devices' | 'none';
 }
 
+/** The firmware a group or device may target: of the same product, with its image uploaded. */
+async function targetableFirmware(
+  ctx: FleetContext,
+  orgId: string,
+  firmwareId: string,
+  kind: 'group' | 'device',
+  owner: { id: string; product_id: string },
+) {
+  const firmware = await getFirmware(ctx, orgId, firmwareId);
+  if (firmware.product_id !== owner.product_id)
+    throw new FleetError('invalid', `the firmware belongs to another product than the ${kind}`, {
+      firmware_id: firmware.id,
+      [`${kind}_id`]: owner.id,
+    });
+  if (!firmware.has_blob)
+    throw new FleetError(
+      'invalid',
+      `firmware ${firmware.version} has no uploaded image; upload it before targeting it`,
+      { firmware_id: firmware.id },
+    );
+  return firmware;
+}
+
 /**
  * Sets a group's target firmware (its component comes from the firmware record). Members not
  * running it get an attempt (open attempts for other firmware are cancelled), and online ones are
@@ -72,18 +95,7 @@ export async function setGroupTarget(
   firmwareId: string,
 ): Promise<TargetChange> {
   const group = await getGroup(ctx, orgId, groupId);
-  const firmware = await getFirmware(ctx, orgId, firmwareId);
-  if (firmware.product_id !== group.product_id)
-    throw new FleetError('invalid', 'the firmware belongs to another product than the group', {
-      firmware_id: firmware.id,
-      group_id: group.id,
-    });
-  if (!firmware.has_blob)
-    throw new FleetError(
-      'invalid',
-      `firmware ${firmware.version} has no uploaded image; upload it before targeting it`,
-      { firmware_id: firmware.id },
-    );
+  const firmware = await targetableFirmware(ctx, orgId, firmwareId, 'group', group);
   return inTransaction(ctx, async (trx, outbox) => {
     const target = await upsertTarget(trx, { org_id: orgId, group_id: group.id, firmware, actor });
     await audit(trx, actor, {
@@ -173,18 +185,7 @@ export async function setDeviceTarget(
   firmwareId: string,
 ): Promise<TargetChange> {
   const device = await getDevice(ctx, orgId, deviceId);
-  const firmware = await getFirmware(ctx, orgId, firmwareId);
-  if (firmware.product_id !== device.product_id)
-    throw new FleetError('invalid', 'the firmware belongs to another product than the device', {
-      firmware_id: firmware.id,
-      device_id: device.id,
-    });
-  if (!firmware.has_blob)
-    throw new FleetError(
-      'invalid',
-      `firmware ${firmware.version} has no uploaded image; upload it before targeting it`,
-      { firmware_id: firmware.id },
-    );
+  const firmware = await targetableFirmware(ctx, orgId, firmwareId, 'device', device);
   return inTransaction(ctx, async (trx, outbox) => {
     const target = await upsertTarget(trx, { org_id: orgId, device_id: device.id, firmware, actor });
     await audit(trx, actor, {
