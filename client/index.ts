@@ -11,6 +11,7 @@ import createClient, { type Client } from 'openapi-fetch';
 import type { components, operations, paths } from './schema.ts';
 
 export type { components, operations, paths };
+export { streamingFetch } from './streaming-fetch.ts';
 export type Schemas = components['schemas'];
 export type FleethubClient = Client<paths>;
 /** The error body every non-2xx answer carries. */
@@ -67,22 +68,40 @@ export async function data<T>(
   return data as Exclude<T, undefined>;
 }
 
+/** One page of a list endpoint as openapi-fetch answers it. */
+type PageAnswer<T> = Promise<{
+  data?: { items: T[]; total?: number };
+  error?: unknown;
+  response: Response;
+}>;
+
 /**
- * Every item of a list endpoint, page after page (`limit` 1000): `list((page) => api.GET(path,
+ * The items of a list endpoint from `offset` on (default 0), page after page (at most 1000 a
+ * page), all of them or the first `max`, with the list's `total` (the number of items read when
+ * the endpoint gives none): `listPages((page) => api.GET(path, { params: { path, query: page } }))`.
+ */
+export async function listPages<T>(
+  fetchPage: (page: { limit: number; offset: number }) => PageAnswer<T>,
+  range: { offset?: number; max?: number } = {},
+): Promise<{ items: T[]; total: number }> {
+  const start = range.offset ?? 0;
+  const max = range.max ?? Number.POSITIVE_INFINITY;
+  const items: T[] = [];
+  let total: number | undefined;
+  while (items.length < max) {
+    const limit = Math.min(1000, max - items.length);
+    const page = await data(fetchPage({ limit, offset: start + items.length }));
+    items.push(...page.items);
+    total = page.total;
+    if (page.items.length < limit || (total !== undefined && start + items.length >= total)) break;
+  }
+  return { items, total: total ?? start + items.length };
+}
+
+/**
+ * Every item of a list endpoint, page after page (`limit` 1000): `listAll((page) => api.GET(path,
  * { params: { path, query: { ...page } } }))`.
  */
-export async function listAll<T>(
-  fetchPage: (page: { limit: number; offset: number }) => Promise<{
-    data?: { items: T[]; total?: number };
-    error?: unknown;
-    response: Response;
-  }>,
-): Promise<T[]> {
-  const limit = 1000;
-  const items: T[] = [];
-  for (let offset = 0; ; offset += limit) {
-    const page = await data(fetchPage({ limit, offset }));
-    items.push(...page.items);
-    if (page.items.length < limit || (page.total !== undefined && items.length >= page.total)) return items;
-  }
+export async function listAll<T>(fetchPage: (page: { limit: number; offset: number }) => PageAnswer<T>): Promise<T[]> {
+  return (await listPages(fetchPage)).items;
 }

@@ -5260,16 +5260,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
-                        devices?: number;
-                        offline?: number;
-                        online?: number;
-                        target?: components["schemas"]["Target"] | (never | null);
-                        /** @description update attempts per state */
-                        updates?: {
+                        devices: number;
+                        /** @description devices whose latest attempt at their resolved firmware failed, rolled back or timed out (the first 20 by identifier; updates has the counts) */
+                        failures: {
+                            /** Format: uuid */
+                            device_id: string;
+                            errors: string[];
+                            identifier: string;
+                            state: string;
+                            version: string;
+                        }[];
+                        offline: number;
+                        online: number;
+                        /** @description the group's own target (null for an org) */
+                        target: components["schemas"]["Target"] | (never | null);
+                        /** @description per firmware that devices resolve to (a device target, else the lowest-priority group target): how many devices resolve to it and how many run it */
+                        targets: {
+                            devices: number;
+                            /** Format: uuid */
+                            firmware_id: string;
+                            running: number;
+                            version: string;
+                        }[];
+                        /** @description devices per state of their latest update attempt at the firmware they resolve to (each device counts once; devices with no attempt at their target are not counted; attempts at earlier targets never are) */
+                        updates: {
                             [key: string]: number;
                         };
                         /** @description devices per running version ("unknown" when none reported) */
-                        versions?: {
+                        versions: {
                             [key: string]: number;
                         };
                     };
@@ -6069,16 +6087,34 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
-                        devices?: number;
-                        offline?: number;
-                        online?: number;
-                        target?: components["schemas"]["Target"] | (never | null);
-                        /** @description update attempts per state */
-                        updates?: {
+                        devices: number;
+                        /** @description devices whose latest attempt at their resolved firmware failed, rolled back or timed out (the first 20 by identifier; updates has the counts) */
+                        failures: {
+                            /** Format: uuid */
+                            device_id: string;
+                            errors: string[];
+                            identifier: string;
+                            state: string;
+                            version: string;
+                        }[];
+                        offline: number;
+                        online: number;
+                        /** @description the group's own target (null for an org) */
+                        target: components["schemas"]["Target"] | (never | null);
+                        /** @description per firmware that devices resolve to (a device target, else the lowest-priority group target): how many devices resolve to it and how many run it */
+                        targets: {
+                            devices: number;
+                            /** Format: uuid */
+                            firmware_id: string;
+                            running: number;
+                            version: string;
+                        }[];
+                        /** @description devices per state of their latest update attempt at the firmware they resolve to (each device counts once; devices with no attempt at their target are not counted; attempts at earlier targets never are) */
+                        updates: {
                             [key: string]: number;
                         };
                         /** @description devices per running version ("unknown" when none reported) */
-                        versions?: {
+                        versions: {
                             [key: string]: number;
                         };
                     };

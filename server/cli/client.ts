@@ -12,7 +12,7 @@ import path from 'node:path';
 import { CliError, type CliIo } from '../../shared/cli.ts';
 
 export { CliError, type CliIo, processIo, runCommand } from '../../shared/cli.ts';
-import { createFleethubClient, data, FleethubApiError, type FleethubClient } from '../../client/index.ts';
+import { createFleethubClient, data, FleethubApiError, type FleethubClient, listPages } from '../../client/index.ts';
 
 export const DEFAULT_URL = 'http://127.0.0.1:4000';
 
@@ -148,85 +148,56 @@ export function unauthorizedMessage(
   return reason;
 }
 
-/** A thin JSON client for `/api/v1`; non-2xx answers throw `CliError` with the server's message. */
-export class ApiClient {
-  /** `anonymous`: requests meant to work without a token (login), whose 401 is the server's word only. */
-  constructor(
-    readonly options: ClientOptions,
-    readonly anonymous = false,
-  ) {}
-
-  get<T>(pathname: string, query?: Record<string, string | number | boolean | undefined>): Promise<T> {
-    return this.request<T>('GET', withQuery(pathname, query));
-  }
-  post<T>(pathname: string, body?: unknown): Promise<T> {
-    return this.request<T>('POST', pathname, body);
-  }
-  put<T>(pathname: string, body?: unknown): Promise<T> {
-    return this.request<T>('PUT', pathname, body);
-  }
-  patch<T>(pathname: string, body?: unknown): Promise<T> {
-    return this.request<T>('PATCH', pathname, body);
-  }
-  delete<T>(pathname: string, body?: unknown): Promise<T> {
-    return this.request<T>('DELETE', pathname, body);
-  }
-
-  /** Sends one request; `body` is JSON unless it is a Buffer/stream (`contentType` then says what). */
-  async request<T>(method: string, pathname: string, body?: unknown, contentType?: string): Promise<T> {
-    const headers: Record<string, string> = { accept: 'application/json' };
-    if (this.options.token) headers.authorization = `Bearer ${this.options.token}`;
-    let payload: BodyInit | undefined;
-    const init: RequestInit & { duplex?: 'half' } = { method, headers };
-    if (body !== undefined) {
-      if (contentType) {
-        headers['content-type'] = contentType;
-        payload = body as BodyInit;
-        if (typeof (body as { pipe?: unknown }).pipe === 'function' || body instanceof ReadableStream)
-          init.duplex = 'half';
-      } else {
-        headers['content-type'] = 'application/json';
-        payload = JSON.stringify(body);
-      }
-      init.body = payload;
-    }
-    let response: Response;
-    try {
-      response = await fetch(this.options.url + pathname, init);
-    } catch (err) {
-      const cause = (err as { cause?: { code?: string; message?: string } }).cause;
-      throw new CliError(
-        `cannot reach ${this.options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`,
-      );
-    }
-    const text = await response.text();
-    let parsed: unknown;
-    if (text) {
-      try {
-        parsed = JSON.parse(text);
-      } catch {
-        parsed = text;
-      }
-    }
-    if (!response.ok) {
-      const error = (parsed as { error?: { code?: string; message?: string; details?: unknown } } | undefined)?.error;
-      // A refused login (no token sent) keeps the server's reason: "wrong email or password".
-      const message =
-        response.status === 401 && !this.anonymous
-          ? unauthorizedMessage(this.options, error?.message, error?.details)
-          : (error?.message ?? `${response.status} ${response.statusText}`);
-      throw new CliError(message, 1, response.status, error?.code, error?.details);
-    }
-    return parsed as T;
-  }
+/**
+ * A command's link to the server: the generated client (fleethub/client) and what the CLI needs
+ * to turn its answers into `CliError`s with the server's message.
+ */
+export interface Session {
+  api: FleethubClient;
+  options: ClientOptions;
+  /** The data of a typed client call; an error answer or an unreachable server is a `CliError`. */
+  call<T>(request: Promise<{ data?: T; error?: unknown; response: Response }>): Promise<Exclude<T, undefined>>;
+  /**
+   * A list endpoint page by page: every item, or `max` from `offset` (`--limit` / `--offset`),
+   * with the list's total.
+   */
+  list<T>(
+    fetchPage: Parameters<typeof listPages<T>>[0],
+    range?: { offset?: number; max?: number },
+  ): Promise<{ items: T[]; total: number }>;
 }
 
-function withQuery(pathname: string, query?: Record<string, string | number | boolean | undefined>): string {
-  if (!query) return pathname;
-  const params = new URLSearchParams();
-  for (const [k, v] of Object.entries(query)) if (v !== undefined && v !== '') params.set(k, String(v));
-  const qs = params.toString();
-  return qs ? `${pathname}?${qs}` : pathname;
+/**
+ * The session for resolved options. `anonymous`: requests meant to work without a token (login,
+ * logout), whose 401 is the server's word only. `fetch`: another fetch (uploads: `streamingFetch`).
+ */
+export function sessionOf(options: ClientOptions, anonymous = false, fetch?: typeof globalThis.fetch): Session {
+  const explain = <T>(work: Promise<T>) => cliErrors(work, options, anonymous);
+  return {
+    api: createFleethubClient({ ...options, fetch }),
+    options,
+    call: (request) => explain(data(request)),
+    list: (fetchPage, range) => explain(listPages(fetchPage, range)),
+  };
+}
+
+/** Turns the typed client's failures into `CliError`s: the server's message, or where it tried. */
+export async function cliErrors<T>(work: Promise<T>, options: ClientOptions, anonymous = false): Promise<T> {
+  try {
+    return await work;
+  } catch (err) {
+    if (err instanceof FleethubApiError) {
+      // A refused login (no token sent) keeps the server's reason: "wrong email or password".
+      const message =
+        err.status === 401 && !anonymous ? unauthorizedMessage(options, err.message, err.details) : err.message;
+      throw new CliError(message, 1, err.status, err.code, err.details);
+    }
+    if (err instanceof CliError) throw err;
+    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
+    throw new CliError(
+      `cannot reach ${options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`,
+    );
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -301,61 +272,46 @@ export interface CommonFlags {
   json?: boolean;
 }
 
-/** The API client for a command's flags (then environment, then the saved login). */
-export function clientFor(flags: CommonFlags, io: CliIo): ApiClient {
-  return new ApiClient(resolveClientOptions(flags, io.env));
+/** The session for a command's flags (then environment, then the saved login). */
+export function sessionFor(flags: CommonFlags, io: CliIo): Session {
+  return sessionOf(resolveClientOptions(flags, io.env));
 }
 
 /** The org a command works on: `--org`, FLEETHUB_ORG, the saved login's org, or the only org visible. */
-export async function orgOf(client: ApiClient, flags: CommonFlags, io: CliIo): Promise<string> {
-  const saved = client.options.profile ? loadCredentials(io.env, client.options.profile) : undefined;
+export async function orgOf(session: Session, flags: CommonFlags, io: CliIo): Promise<string> {
+  const saved = session.options.profile ? loadCredentials(io.env, session.options.profile) : undefined;
   const explicit = flags.org || io.env.FLEETHUB_ORG || saved?.org;
   if (explicit) return explicit;
-  const { items } = await client.get<{ items: { id: string; name: string }[] }>('/api/v1/orgs');
-  if (items.length === 1) return items[0]!.name;
+  const { items, total } = await session.list((page) => session.api.GET('/api/v1/orgs', { params: { query: page } }), {
+    max: 2,
+  });
+  if (items.length === 1) return items[0]!.name ?? items[0]!.id;
   throw new CliError(
     items.length === 0
       ? 'no organization is visible to you; create one with `fleethub orgs create <name>`'
-      : `you can see ${items.length} organizations; pass --org <name> (or set FLEETHUB_ORG)`,
+      : `you can see ${total} organizations; pass --org <name> (or set FLEETHUB_ORG)`,
     2,
   );
 }
 
-export function orgPath(org: string): string {
-  return `/api/v1/orgs/${encodeURIComponent(org)}`;
+/** A session and the org of a command (the two most commands start with). */
+export async function orgSession(flags: CommonFlags, io: CliIo): Promise<Session & { org: string }> {
+  const session = sessionFor(flags, io);
+  return { ...session, org: await orgOf(session, flags, io) };
+}
+
+/** `--limit` / `--offset` as a `Session.list` range (whole numbers; `--limit` 1 or more). */
+export function listRange(flags: { limit?: string; offset?: string }): { max?: number; offset?: number } {
+  const whole = (flag: string, value: string | undefined, min: number) => {
+    if (value === undefined) return undefined;
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min) throw usageError(`--${flag} must be a whole number ≥ ${min}, got ${value}`);
+    return n;
+  };
+  return { max: whole('limit', flags.limit, 1), offset: whole('offset', flags.offset, 0) };
 }
 
 /** A usage error (exit 2): a missing argument or a combination of flags the command refuses. */
 export function usageError(message: string): CliError {
   return new CliError(message, 2);
-}
-
-// ---------------------------------------------------------------------------------------------
-// The generated client (fleethub/client): typed from the OpenAPI document
-
-/** The typed API client for a command's flags (then environment, then the saved login). */
-export function apiFor(flags: CommonFlags, io: CliIo): FleethubClient {
-  return createFleethubClient(resolveClientOptions(flags, io.env));
-}
-
-/**
- * The data of a typed client call; an error answer or an unreachable server becomes a
- * `CliError` with the server's message.
- */
-export async function call<T>(
-  request: Promise<{ data?: T; error?: unknown; response: Response }>,
-  options: ClientOptions,
-): Promise<Exclude<T, undefined>> {
-  try {
-    return await data(request);
-  } catch (err) {
-    if (err instanceof FleethubApiError) {
-      const message = err.status === 401 ? unauthorizedMessage(options, err.message, err.details) : err.message;
-      throw new CliError(message, 1, err.status, err.code, err.details);
-    }
-    const cause = (err as { cause?: { code?: string; message?: string } }).cause;
-    throw new CliError(
-      `cannot reach ${options.url} (${cause?.code ?? cause?.message ?? (err as Error).message}); check --url or FLEETHUB_URL`,
-    );
-  }
 }

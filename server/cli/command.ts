@@ -16,3 +16,12 @@ export function withServer(cmd: Command): Command {
 export function withOrg(cmd: Command): Command {
   return withServer(cmd).option('--org <org>', 'organization name or id (FLEETHUB_ORG; default: your only one)');
 }
+
+/** `--limit` / `--offset` of a list: without `--limit` a list shows every item (read page by page). */
+export type PageFlags = { limit?: string; offset?: string };
+
+export function paged(cmd: Command): Command {
+  return cmd
+    .option('--limit <n>', 'show at most N items (default: all of them)')
+    .option('--offset <n>', 'items to skip first');
+}

@@ -4,28 +4,28 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream, existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
-import http from 'node:http';
-import https from 'node:https';
 import path from 'node:path';
-import { Transform, type Readable } from 'node:stream';
+import type { Readable } from 'node:stream';
 import { pipeline } from 'node:stream/promises';
+import { type operations, type Schemas, streamingFetch } from '../../client/index.ts';
 import { generateSigningKeyPair, parseSigningPublicKey, signFirmwareDigest } from '../firmware/signing.ts';
 import type { Command } from 'commander';
 import {
-  ApiClient,
   CliError,
+  listRange,
   orgOf,
+  orgSession,
   printJson,
   printRecord,
   printRows,
   resolveClientOptions,
-  unauthorizedMessage,
+  sessionOf,
   usageError,
   type CliIo,
   type ClientOptions,
   type CommonFlags,
 } from './client.ts';
-import { act, type CliContext, withOrg } from './command.ts';
+import { act, type CliContext, type PageFlags, paged, withOrg } from './command.ts';
 
 type UploadFlags = CommonFlags & {
   product: string;
@@ -73,27 +73,38 @@ export function registerFirmwareStoreCommands(firmware: Command, ctx: CliContext
     ),
     ctx,
     async (o) => {
-      const { client, base, query } = await keysApi(o, io);
       const pem = readFileSync(o.publicKey, 'utf8');
       parseSigningPublicKey(pem); // a clear local error beats a round trip
+      const { api, call, params } = await keysApi(o, io);
       printRecord(
         io,
         o.json,
-        await client.post<Record<string, unknown>>(base + query, { name: o.name, public_key_pem: pem }),
+        await call(
+          api.POST('/api/v1/products/{id}/signing-keys', { params, body: { name: o.name, public_key_pem: pem } }),
+        ),
       );
     },
   );
-  act<CommonFlags & { product: string }>(
-    withOrg(
-      keys
-        .command('list', { isDefault: true })
-        .description("the product's keys")
-        .requiredOption('--product <product>', 'product name or id'),
+  act<CommonFlags & PageFlags & { product: string }>(
+    paged(
+      withOrg(
+        keys
+          .command('list', { isDefault: true })
+          .description("the product's keys")
+          .requiredOption('--product <product>', 'product name or id'),
+      ),
     ),
     ctx,
     async (o) => {
-      const { client, base, query } = await keysApi(o, io);
-      const { items: rows } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base + query}&limit=1000`);
+      const range = listRange(o);
+      const { api, list, params } = await keysApi(o, io);
+      const { items: rows } = await list(
+        (page) =>
+          api.GET('/api/v1/products/{id}/signing-keys', {
+            params: { path: params.path, query: { ...params.query, ...page } },
+          }),
+        range,
+      );
       printRows(io, o.json, rows, [
         { header: 'name', value: (r) => r.name },
         { header: 'fingerprint', value: (r) => r.fingerprint },
@@ -112,9 +123,11 @@ export function registerFirmwareStoreCommands(firmware: Command, ctx: CliContext
     ),
     ctx,
     async (o, [ref]) => {
-      const { client, base, query } = await keysApi(o, io);
-      const removed = await client.delete<Record<string, unknown>>(
-        `${base}/${encodeURIComponent(ref as string)}${query}`,
+      const { api, call, params } = await keysApi(o, io);
+      const removed = await call(
+        api.DELETE('/api/v1/products/{id}/signing-keys/{key}', {
+          params: { path: { ...params.path, key: ref as string }, query: params.query },
+        }),
       );
       if (o.json) printJson(io, removed);
       else io.out(`removed signing key ${String(removed.name)} (${String(removed.fingerprint)})\n`);
@@ -157,7 +170,7 @@ async function upload(file: string, o: UploadFlags, io: CliIo): Promise<number> 
   const size = statSync(file).size;
   const clientOptions = resolveClientOptions(o, io.env);
   // A product named (not by id) needs its org: --org, FLEETHUB_ORG, the login's, or the only one visible.
-  const org = await orgOf(new ApiClient(clientOptions), o, io);
+  const org = await orgOf(sessionOf(clientOptions), o, io);
   const bar = progressBar(io);
   const firmware = await uploadFirmwareStream({
     client: clientOptions,
@@ -173,7 +186,6 @@ async function upload(file: string, o: UploadFlags, io: CliIo): Promise<number> 
       signature,
     },
     source: createReadStream(file, { highWaterMark: 256 * 1024 }),
-    size,
     onProgress: (sent) => bar.update(sent, size),
   });
   bar.done();
@@ -183,72 +195,57 @@ async function upload(file: string, o: UploadFlags, io: CliIo): Promise<number> 
 
 export interface UploadStreamOptions {
   client: ClientOptions;
-  query: Record<string, string | undefined>;
+  query: operations['uploadFirmware']['parameters']['query'];
   source: Readable;
-  /** Content-Length to announce (unknown: chunked). */
-  size?: number;
   onProgress?: (sentBytes: number) => void;
 }
 
 /**
- * POSTs an image to `/api/v1/firmware` as a stream. node:http, not fetch: undici reads a Node
- * stream body ahead without backpressure and would hold much of the image in memory.
+ * POSTs an image to `/api/v1/firmware` through the generated client, streamed: the request body
+ * is a ReadableStream that reads the next chunk of `source` only when asked for one (a zero
+ * high-water mark), sent by `streamingFetch` (node:http, which waits for the socket to drain; Node's
+ * fetch would keep the whole image in memory), so an upload holds a few chunks whatever its size.
  */
-export async function uploadFirmwareStream(options: UploadStreamOptions): Promise<Record<string, unknown>> {
-  const params = new URLSearchParams();
-  for (const [k, v] of Object.entries(options.query)) if (v !== undefined && v !== '') params.set(k, v);
-  const url = new URL(`${options.client.url}/api/v1/firmware?${params}`);
-  const headers: Record<string, string | number> = {
-    'content-type': 'application/octet-stream',
-    accept: 'application/json',
-  };
-  if (options.client.token) headers.authorization = `Bearer ${options.client.token}`;
-  if (options.size !== undefined) headers['content-length'] = options.size;
-  const request = (url.protocol === 'https:' ? https : http).request(url, { method: 'POST', headers });
-  const response = new Promise<http.IncomingMessage>((resolve, reject) => {
-    request.once('response', resolve);
-    request.once('error', reject);
-  });
+export async function uploadFirmwareStream(options: UploadStreamOptions): Promise<Schemas['Firmware']> {
+  const { api, call } = sessionOf(options.client, false, streamingFetch);
+  const chunks = options.source[Symbol.asyncIterator]();
   let sent = 0;
-  const counter = new Transform({
-    transform(chunk: Buffer, _enc, callback) {
-      sent += chunk.length;
-      options.onProgress?.(sent);
-      callback(null, chunk);
+  const body = new ReadableStream<Uint8Array>(
+    {
+      async pull(controller) {
+        const next = await chunks.next();
+        if (next.done) return controller.close();
+        const chunk = next.value as Buffer;
+        sent += chunk.length;
+        options.onProgress?.(sent);
+        controller.enqueue(chunk);
+      },
+      async cancel() {
+        await chunks.return?.();
+      },
     },
-  });
-  // The server may answer (e.g. 401, 409) before the body is sent: the response wins.
-  const sending = pipeline(options.source, counter, request).catch(() => undefined);
-  let res: http.IncomingMessage;
+    { highWaterMark: 0 },
+  );
   try {
-    res = await response;
-  } catch (err) {
-    throw new CliError(
-      `cannot reach ${options.client.url} (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); check --url or FLEETHUB_URL`,
+    return await call(
+      api.POST('/api/v1/firmware', {
+        params: { query: options.query },
+        body,
+        bodySerializer: (stream) => stream as BodyInit,
+        headers: { 'content-type': 'application/octet-stream' },
+        // A Request takes a stream body only half-duplex (not yet in TypeScript's RequestInit).
+        ...({ duplex: 'half' } as object),
+      }),
     );
+  } finally {
+    options.source.destroy();
   }
-  const chunks: Buffer[] = [];
-  for await (const chunk of res) chunks.push(chunk as Buffer);
-  options.source.destroy();
-  await sending;
-  const text = Buffer.concat(chunks).toString('utf8');
-  const body = text ? (JSON.parse(text) as Record<string, unknown>) : {};
-  const status = res.statusCode ?? 0;
-  if (status >= 400) {
-    const error = (body as { error?: { code?: string; message?: string; details?: unknown } }).error;
-    const message =
-      status === 401
-        ? unauthorizedMessage(options.client, error?.message, error?.details)
-        : (error?.message ?? `HTTP ${status}`);
-    throw new CliError(message, 1, status, error?.code, error?.details);
-  }
-  return body;
 }
 
+/** The session and the path and query of a product's signing keys. */
 async function keysApi(o: CommonFlags & { product: string }, io: CliIo) {
-  const client = new ApiClient(resolveClientOptions(o, io.env));
-  const base = `/api/v1/products/${encodeURIComponent(o.product)}/signing-keys`;
-  return { client, base, query: `?org=${encodeURIComponent(await orgOf(client, o, io))}` };
+  const session = await orgSession(o, io);
+  return { ...session, params: { path: { id: o.product }, query: { org: session.org } } };
 }
 
 async function keygen(o: { out: string; name: string; json?: boolean }, io: CliIo): Promise<number> {

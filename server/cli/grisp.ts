@@ -4,19 +4,8 @@
  */
 import { readFileSync } from 'node:fs';
 import type { Command } from 'commander';
-import {
-  clientFor,
-  orgOf,
-  orgPath,
-  printJson,
-  printRecord,
-  printRows,
-  type CliIo,
-  type CommonFlags,
-} from './client.ts';
-import { act, type CliContext, withOrg } from './command.ts';
-
-const enc = encodeURIComponent;
+import { listRange, orgSession, printJson, printRecord, printRows, type CliIo, type CommonFlags } from './client.ts';
+import { act, type CliContext, type PageFlags, paged, withOrg } from './command.ts';
 
 /** `fleethub grisp ...` as the CLI runs it (kept for callers of the old entry point). */
 export async function runGrispCommand(argv: string[], io?: CliIo): Promise<number> {
@@ -29,31 +18,31 @@ type Sub = 'logs' | 'link-token' | 'unlink' | 'show' | 'upload';
 export function registerGrispCommands(parent: Command, ctx: CliContext, only?: Sub[]): void {
   const { io } = ctx;
   const want = (s: Sub) => !only || only.includes(s);
-  const base = async (o: CommonFlags) => {
-    const client = clientFor(o, io);
-    return { client, org: await orgOf(client, o, io) };
-  };
+  const base = (o: CommonFlags) => orgSession(o, io);
   if (want('logs'))
-    act<CommonFlags & { limit?: string; before?: string; level?: string }>(
-      withOrg(
-        parent
-          .command('logs')
-          .description("a GRiSP board's stored log events, newest first")
-          .argument('<device>', 'id or identifier')
-          .option('--limit <n>', 'events per page')
-          .option('--before <id>', 'events older than this one')
-          .option('--level <level>', 'only this level'),
+    act<CommonFlags & PageFlags & { before?: string; level?: string }>(
+      paged(
+        withOrg(
+          parent
+            .command('logs')
+            .description("a GRiSP board's stored log events, newest first")
+            .argument('<device>', 'id or identifier')
+            .option('--before <id>', 'events older than this one')
+            .option('--level <level>', 'only this level'),
+        ),
       ),
       ctx,
       async (o, [device]) => {
-        const { client, org } = await base(o);
-        const { items } = await client.get<{
-          items: Array<{ id: string; seq: number | null; time: string | null; level: string | null; msg: unknown }>;
-        }>(`${orgPath(org)}/devices/${enc(device as string)}/logs`, {
-          limit: o.limit,
-          before: o.before,
-          level: o.level,
-        });
+        const range = listRange(o);
+        const { api, list, org } = await base(o);
+        const filters = { before: o.before, level: o.level };
+        const { items } = await list(
+          (page) =>
+            api.GET('/api/v1/orgs/{org}/devices/{device}/logs', {
+              params: { path: { org, device: device as string }, query: { ...filters, ...page } },
+            }),
+          range,
+        );
         printRows(io, o.json, items, [
           { header: 'time', value: (e) => e.time },
           { header: 'level', value: (e) => e.level },
@@ -73,10 +62,12 @@ export function registerGrispCommands(parent: Command, ctx: CliContext, only?: S
       ),
       ctx,
       async (o) => {
-        const { client, org } = await base(o);
-        const created = await client.post<Record<string, unknown>>(
-          `${orgPath(org)}/grisp/link-tokens`,
-          o.ttl ? { ttl_seconds: Number(o.ttl) } : {},
+        const { api, call, org } = await base(o);
+        const created = await call(
+          api.POST('/api/v1/orgs/{org}/grisp/link-tokens', {
+            params: { path: { org } },
+            body: o.ttl ? { ttl_seconds: Number(o.ttl) } : {},
+          }),
         );
         if (o.json) return printJson(io, created);
         io.out(
@@ -89,8 +80,12 @@ export function registerGrispCommands(parent: Command, ctx: CliContext, only?: S
       withOrg(parent.command('unlink').description('unlink a board').argument('<device>', 'id or identifier')),
       ctx,
       async (o, [device]) => {
-        const { client, org } = await base(o);
-        await client.delete(`${orgPath(org)}/devices/${enc(device as string)}/link`);
+        const { api, call, org } = await base(o);
+        await call(
+          api.DELETE('/api/v1/orgs/{org}/devices/{device}/link', {
+            params: { path: { org, device: device as string } },
+          }),
+        );
         io.out('unlinked\n');
       },
     );
@@ -104,11 +99,15 @@ export function registerGrispCommands(parent: Command, ctx: CliContext, only?: S
       ),
       ctx,
       async (o, [device]) => {
-        const { client, org } = await base(o);
+        const { api, call, org } = await base(o);
         printRecord(
           io,
           o.json,
-          await client.get<Record<string, unknown>>(`${orgPath(org)}/devices/${enc(device as string)}/grisp`),
+          await call(
+            api.GET('/api/v1/orgs/{org}/devices/{device}/grisp', {
+              params: { path: { org, device: device as string } },
+            }),
+          ),
         );
       },
     );
@@ -124,16 +123,17 @@ export function registerGrispCommands(parent: Command, ctx: CliContext, only?: S
       ),
       ctx,
       async (o, [file]) => {
-        const { client, org } = await base(o);
-        const qs = new URLSearchParams({ product: o.product, version: o.version, org }).toString();
+        const { api, call, org } = await base(o);
         printRecord(
           io,
           o.json,
-          await client.request<Record<string, unknown>>(
-            'POST',
-            `/api/v1/grisp/firmware?${qs}`,
-            readFileSync(file as string),
-            'application/octet-stream',
+          await call(
+            api.POST('/api/v1/grisp/firmware', {
+              params: { query: { product: o.product, version: o.version, org } },
+              body: readFileSync(file as string),
+              bodySerializer: (bytes) => bytes as BodyInit,
+              headers: { 'content-type': 'application/octet-stream' },
+            }),
           ),
         );
       },

@@ -1,38 +1,34 @@
 /** `fleethub keyauth list | approve | revoke`: client keys of the public-key TCP protocol (seed 003). */
 import type { Command } from 'commander';
-import { clientFor, printJson, printRows, type CliIo, type CommonFlags } from './client.ts';
-import { act, type CliContext, withServer } from './command.ts';
+import { listRange, printJson, printRows, sessionFor, type CliIo, type CommonFlags } from './client.ts';
+import { act, type CliContext, type PageFlags, paged, withServer } from './command.ts';
 
 /** `fleethub keyauth ...` as the CLI runs it (kept for callers of the old entry point). */
 export async function runKeyauthCommand(argv: string[], io?: CliIo): Promise<number> {
   return (await import('./index.ts')).main(['keyauth', ...argv], io);
 }
 
-interface ClientRow {
-  fingerprint: string;
-  identifier: string;
-  name: string | null;
-  approval: string;
-  status: string;
-  remote_address: string | null;
-  last_seen_at: string;
-}
-
 export function registerKeyauthCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
   const keyauth = program.command('keyauth').description('public-key TCP clients (seed 003)');
-  act<CommonFlags & { pending?: boolean }>(
-    withServer(
-      keyauth
-        .command('list', { isDefault: true })
-        .description('client keys')
-        .option('--pending', 'only the approval queue'),
+  act<CommonFlags & PageFlags & { pending?: boolean }>(
+    paged(
+      withServer(
+        keyauth
+          .command('list', { isDefault: true })
+          .description('client keys')
+          .option('--pending', 'only the approval queue'),
+      ),
     ),
     ctx,
     async (o) => {
-      const { items } = await clientFor(o, io).get<{ items: ClientRow[] }>('/api/v1/keyauth/clients', {
-        approval: o.pending ? 'pending' : undefined,
-      });
+      const range = listRange(o);
+      const { api, list } = sessionFor(o, io);
+      const approval = o.pending ? ('pending' as const) : undefined;
+      const { items } = await list(
+        (page) => api.GET('/api/v1/keyauth/clients', { params: { query: { ...page, approval } } }),
+        range,
+      );
       printRows(io, o.json, items, [
         { header: 'fingerprint', value: (c) => c.fingerprint },
         { header: 'device', value: (c) => c.identifier },
@@ -53,9 +49,12 @@ export function registerKeyauthCommands(program: Command, ctx: CliContext): void
       ),
       ctx,
       async (o, [ref]) => {
-        const row = await clientFor(o, io).post<ClientRow>(
-          `/api/v1/keyauth/clients/${encodeURIComponent(ref as string)}/${sub}`,
-        );
+        const { api, call } = sessionFor(o, io);
+        const params = { path: { fingerprint: ref as string } };
+        const row =
+          sub === 'approve'
+            ? await call(api.POST('/api/v1/keyauth/clients/{fingerprint}/approve', { params }))
+            : await call(api.POST('/api/v1/keyauth/clients/{fingerprint}/revoke', { params }));
         if (o.json) printJson(io, row);
         else io.out(`${row.fingerprint} (${row.identifier}): ${row.approval}\n`);
       },

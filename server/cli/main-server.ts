@@ -9,41 +9,39 @@ import { createZip, MANIFEST_NAME, parseManifest } from '../../shared/main-serve
 import type { Command } from 'commander';
 import {
   CliError,
-  clientFor,
+  listRange,
   printJson,
   printRecord,
   printRows,
-  type ApiClient,
+  resolveClientOptions,
+  sessionFor,
   type CliIo,
+  type ClientOptions,
   type CommonFlags,
 } from './client.ts';
-import { act, type CliContext, withServer } from './command.ts';
+import { act, type CliContext, type PageFlags, paged, withServer } from './command.ts';
 
 const enc = encodeURIComponent;
 
-interface DeviceRow {
-  device_id: string;
-  name: string | null;
-  approval: string;
-  status: string;
-  has_token: boolean;
-  last_seen_at: string | null;
-}
-
-/** Calls `/api/main-server/*`, whose errors are `{error, details}`. */
-async function seedCall<T>(client: ApiClient, method: string, pathname: string, body?: unknown): Promise<T> {
+/**
+ * Calls the Main Server protocol's own REST API (`/api/main-server/*`: updates, schedule-update,
+ * deploy-update), which the protocol document defines, not the OpenAPI document of `/api/v1`;
+ * its errors are `{error, details}`. Everything under `/api/v1/main-server` goes through the
+ * generated client.
+ */
+async function protocolCall<T>(client: ClientOptions, method: string, pathname: string, body?: unknown): Promise<T> {
   const headers: Record<string, string> = { accept: 'application/json' };
-  if (client.options.token) headers.authorization = `Bearer ${client.options.token}`;
+  if (client.token) headers.authorization = `Bearer ${client.token}`;
   if (body !== undefined) headers['content-type'] = 'application/json';
   let res: Response;
   try {
-    res = await fetch(`${client.options.url}/api/main-server${pathname}`, {
+    res = await fetch(`${client.url}/api/main-server${pathname}`, {
       method,
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch (err) {
-    throw new CliError(`cannot reach ${client.options.url} (${(err as Error).message}); check --url or FLEETHUB_URL`);
+    throw new CliError(`cannot reach ${client.url} (${(err as Error).message}); check --url or FLEETHUB_URL`);
   }
   const parsed = (await res.json().catch(() => ({}))) as { error?: string; details?: string };
   if (!res.ok) throw new CliError(`${parsed.error ?? res.statusText}: ${parsed.details ?? ''}`.trim(), 1, res.status);
@@ -67,64 +65,83 @@ export async function runMainServerCommand(argv: string[], io?: CliIo): Promise<
   return (await import('./index.ts')).main(['main-server', ...argv], io);
 }
 
-type Flags = CommonFlags & { pending?: boolean; name?: string; out?: string; device?: string };
+type Flags = CommonFlags & PageFlags & { pending?: boolean; name?: string; out?: string; device?: string };
 
 export function registerMainServerCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
   const ms = program.command('main-server').description('Main Server devices and packages (seed 000)');
   const sub = (name: string, description: string) => withServer(ms.command(name).description(description));
-  act<Flags>(sub('devices', 'Main Server devices').option('--pending', 'only the approval queue'), ctx, async (o) => {
-    const { items } = await clientFor(o, io).get<{ items: DeviceRow[] }>('/api/v1/main-server/devices', {
-      approval: o.pending ? 'pending' : undefined,
-    });
-    printRows(io, o.json, items, [
-      { header: 'device_id', value: (d) => d.device_id },
-      { header: 'name', value: (d) => d.name },
-      { header: 'approval', value: (d) => d.approval },
-      { header: 'status', value: (d) => d.status },
-      { header: 'token', value: (d) => (d.has_token ? 'yes' : 'no') },
-      { header: 'last seen', value: (d) => d.last_seen_at },
-    ]);
-  });
+  act<Flags>(
+    paged(sub('devices', 'Main Server devices').option('--pending', 'only the approval queue')),
+    ctx,
+    async (o) => {
+      const range = listRange(o);
+      const { api, list } = sessionFor(o, io);
+      const approval = o.pending ? ('pending' as const) : undefined;
+      const { items } = await list(
+        (page) => api.GET('/api/v1/main-server/devices', { params: { query: { ...page, approval } } }),
+        range,
+      );
+      printRows(io, o.json, items, [
+        { header: 'device_id', value: (d) => d.device_id },
+        { header: 'name', value: (d) => d.name },
+        { header: 'approval', value: (d) => d.approval },
+        { header: 'status', value: (d) => d.status },
+        { header: 'token', value: (d) => (d.has_token ? 'yes' : 'no') },
+        { header: 'last seen', value: (d) => d.last_seen_at },
+      ]);
+    },
+  );
   for (const [name, description] of [
     ['approve', 'approve a registration (the device collects its token)'],
     ['revoke', 'revoke a device; its token stops working'],
   ] as const)
     act<Flags>(sub(name, description).argument('<device_id>'), ctx, async (o, [id]) => {
-      const r = await clientFor(o, io).post<{ device: DeviceRow; message?: string }>(
-        `/api/v1/main-server/devices/${enc(id as string)}/${name}`,
-      );
+      const { api, call } = sessionFor(o, io);
+      const params = { path: { device: id as string } };
+      const r =
+        name === 'approve'
+          ? await call(api.POST('/api/v1/main-server/devices/{device}/approve', { params }))
+          : await call(api.POST('/api/v1/main-server/devices/{device}/revoke', { params }));
       if (o.json) printJson(io, r);
-      else io.out(`${r.device.device_id}: ${r.device.approval}${r.message ? `\n${r.message}` : ''}\n`);
+      else {
+        const message = 'message' in r && typeof r.message === 'string' ? `\n${r.message}` : '';
+        io.out(`${r.device?.device_id}: ${r.device?.approval}${message}\n`);
+      }
     });
-  const printToken = (o: Flags, r: { device: DeviceRow; device_token: string }) => {
+  const printToken = (o: Flags, r: { device?: { device_id?: string }; device_token?: string }) => {
     if (o.json) printJson(io, r);
-    else io.out(`device ${r.device.device_id} token (shown once; give it to the device):\n${r.device_token}\n`);
+    else io.out(`device ${r.device?.device_id} token (shown once; give it to the device):\n${r.device_token}\n`);
   };
   act<Flags>(
     sub('rotate-token', 'issue a new token (printed once); the old one stops working').argument('<device_id>'),
     ctx,
-    async (o, [id]) =>
+    async (o, [id]) => {
+      const { api, call } = sessionFor(o, io);
       printToken(
         o,
-        await clientFor(o, io).post<{ device: DeviceRow; device_token: string }>(
-          `/api/v1/main-server/devices/${enc(id as string)}/token`,
+        await call(
+          api.POST('/api/v1/main-server/devices/{device}/token', { params: { path: { device: id as string } } }),
         ),
-      ),
+      );
+    },
   );
   act<Flags>(
     sub('add', 'pre-provision an approved device; prints its token once')
       .argument('<device_id>')
       .option('--name <name>', 'a display name'),
     ctx,
-    async (o, [id]) =>
+    async (o, [id]) => {
+      const { api, call } = sessionFor(o, io);
       printToken(
         o,
-        await clientFor(o, io).post<{ device: DeviceRow; device_token: string }>('/api/v1/main-server/devices', {
-          device_id: id,
-          ...(o.name ? { name: o.name } : {}),
-        }),
-      ),
+        await call(
+          api.POST('/api/v1/main-server/devices', {
+            body: { device_id: id as string, ...(o.name ? { name: o.name } : {}) },
+          }),
+        ),
+      );
+    },
   );
   act<{ out?: string }>(
     ms
@@ -146,18 +163,23 @@ export function registerMainServerCommands(program: Command, ctx: CliContext): v
     sub('upload', 'upload a package (validated on the server)').argument('<package.zip>'),
     ctx,
     async (o, [file]) => {
-      const r = await clientFor(o, io).request<Record<string, unknown>>(
-        'POST',
-        '/api/v1/main-server/packages',
-        readFileSync(file as string),
-        'application/zip',
+      const { api, call } = sessionFor(o, io);
+      const r = await call(
+        api.POST('/api/v1/main-server/packages', {
+          body: readFileSync(file as string),
+          bodySerializer: (bytes) => bytes as BodyInit,
+          headers: { 'content-type': 'application/zip' },
+        }),
       );
       printRecord(io, o.json, r);
     },
   );
-  act<Flags>(sub('extensions', 'extensions and their extension_id'), ctx, async (o) => {
-    const { items } = await clientFor(o, io).get<{ items: Array<{ id: number; name: string }> }>(
-      '/api/v1/main-server/extensions',
+  act<Flags>(paged(sub('extensions', 'extensions and their extension_id')), ctx, async (o) => {
+    const range = listRange(o);
+    const { api, list } = sessionFor(o, io);
+    const { items } = await list(
+      (page) => api.GET('/api/v1/main-server/extensions', { params: { query: page } }),
+      range,
     );
     printRows(io, o.json, items, [
       { header: 'extension_id', value: (e) => e.id },
@@ -168,8 +190,8 @@ export function registerMainServerCommands(program: Command, ctx: CliContext): v
     sub('updates', 'current vs available versions').option('--device <device_id>', 'one device'),
     ctx,
     async (o) => {
-      const { updates } = await seedCall<{ updates: Array<Record<string, unknown>> }>(
-        clientFor(o, io),
+      const { updates } = await protocolCall<{ updates: Array<Record<string, unknown>> }>(
+        resolveClientOptions(o, io.env),
         'GET',
         o.device ? `/updates?device_id=${enc(o.device)}` : '/updates',
       );
@@ -187,10 +209,15 @@ export function registerMainServerCommands(program: Command, ctx: CliContext): v
     sub('schedule', 'schedule an update of an extension').argument('<extension_id>').argument('<version>'),
     ctx,
     async (o, [ext, version]) => {
-      const r = await seedCall<Record<string, unknown>>(clientFor(o, io), 'POST', '/schedule-update', {
-        extension_id: Number(ext),
-        new_version: version,
-      });
+      const r = await protocolCall<Record<string, unknown>>(
+        resolveClientOptions(o, io.env),
+        'POST',
+        '/schedule-update',
+        {
+          extension_id: Number(ext),
+          new_version: version,
+        },
+      );
       printRecord(io, o.json, r);
     },
   );
@@ -201,7 +228,7 @@ export function registerMainServerCommands(program: Command, ctx: CliContext): v
       .argument('<version>'),
     ctx,
     async (o, [id, ext, version]) => {
-      const r = await seedCall<Record<string, unknown>>(clientFor(o, io), 'POST', '/deploy-update', {
+      const r = await protocolCall<Record<string, unknown>>(resolveClientOptions(o, io.env), 'POST', '/deploy-update', {
         device_id: id,
         extension_id: Number(ext),
         version,

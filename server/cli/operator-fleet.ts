@@ -5,34 +5,23 @@
 import type { Command } from 'commander';
 import { Socket, type SocketConnectOption } from 'phoenix';
 import WebSocket from 'ws';
+import type { operations, Schemas } from '../../client/index.ts';
 import {
   CliError,
-  clientFor,
-  orgOf,
-  orgPath,
+  listRange,
+  orgSession,
   printJson,
   printRecord,
   printRows,
   usageError,
-  type ApiClient,
   type CliIo,
   type Column,
   type CommonFlags,
+  type Session,
 } from './client.ts';
-import { act, type CliContext, withOrg } from './command.ts';
+import { act, type CliContext, type PageFlags, paged, withOrg } from './command.ts';
 
-const enc = encodeURIComponent;
-
-interface Device {
-  id: string;
-  identifier: string;
-  product_id: string;
-  firmware_version: string | null;
-  connection_status: string;
-  last_seen_at: string | null;
-  tags: string[];
-  description: string | null;
-}
+type Device = Schemas['Device'];
 const DEVICE_COLUMNS: Column<Device>[] = [
   { header: 'identifier', value: (d) => d.identifier },
   { header: 'status', value: (d) => d.connection_status },
@@ -42,20 +31,10 @@ const DEVICE_COLUMNS: Column<Device>[] = [
   { header: 'id', value: (d) => d.id },
 ];
 
-interface Page<T> {
-  items: T[];
-  total: number;
-}
-
-function footer(io: CliIo, json: boolean | undefined, page: Page<unknown>, offset: number): void {
-  if (!json && page.total > page.items.length)
+/** Under a table that shows part of a list (`--limit` / `--offset`): which part. */
+function footer(io: CliIo, page: { items: unknown[]; total: number }, offset = 0): void {
+  if (page.total > page.items.length)
     io.out(`(${offset + 1}-${offset + page.items.length} of ${page.total}; use --limit/--offset)\n`);
-}
-
-type PageFlags = { limit?: string; offset?: string };
-
-function paged(cmd: Command): Command {
-  return cmd.option('--limit <n>', 'rows per page (at most 1000; default 100)').option('--offset <n>', 'rows to skip');
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -82,36 +61,39 @@ export function registerDevicesCommands(program: Command, ctx: CliContext): Comm
     ),
     ctx,
     async (o) => {
-      const client = clientFor(o, io);
-      const org = await orgOf(client, o, io);
+      const range = listRange(o);
+      const { api, call, list, org } = await orgSession(o, io);
       const group = o.group
-        ? (await client.get<{ id: string }>(`${orgPath(org)}/groups/${enc(o.group)}`)).id
+        ? (await call(api.GET('/api/v1/orgs/{org}/groups/{group}', { params: { path: { org, group: o.group } } }))).id
         : undefined;
-      const page = await client.get<Page<Device>>(`${orgPath(org)}/devices`, {
+      const filters = {
         group,
         version: o.version,
-        status: o.status,
+        status: o.status as 'online' | 'offline' | undefined,
         tag: o.tag,
         q: o.search,
         product: o.product,
-        limit: o.limit,
-        offset: o.offset,
-      });
+      };
+      const page = await list(
+        (p) => api.GET('/api/v1/orgs/{org}/devices', { params: { path: { org }, query: { ...filters, ...p } } }),
+        range,
+      );
       if (o.json) return printJson(io, page);
       printRows(io, false, page.items, DEVICE_COLUMNS, '(no devices)');
-      footer(io, false, page, Number(o.offset ?? 0));
+      footer(io, page, range.offset);
     },
   );
   act<CommonFlags>(
     withOrg(devices.command('show').description('one device').argument('<device>', 'id or identifier')),
     ctx,
     async (o, [ref]) => {
-      const client = clientFor(o, io);
-      const org = await orgOf(client, o, io);
+      const { api, call, org } = await orgSession(o, io);
       printRecord(
         io,
         o.json,
-        await client.get<Device & Record<string, unknown>>(`${orgPath(org)}/devices/${enc(ref as string)}`),
+        await call(
+          api.GET('/api/v1/orgs/{org}/devices/{device}', { params: { path: { org, device: ref as string } } }),
+        ),
       );
     },
   );
@@ -126,28 +108,23 @@ export function registerDevicesCommands(program: Command, ctx: CliContext): Comm
     ),
     ctx,
     async (o, [ref]) => {
-      const client = clientFor(o, io);
-      const org = await orgOf(client, o, io);
-      const page = await client.get<Page<Attempt>>(`${orgPath(org)}/devices/${enc(ref as string)}/updates`, {
-        limit: o.limit,
-        offset: o.offset,
-      });
+      const range = listRange(o);
+      const { api, list, org } = await orgSession(o, io);
+      const page = await list(
+        (p) =>
+          api.GET('/api/v1/orgs/{org}/devices/{device}/updates', {
+            params: { path: { org, device: ref as string }, query: p },
+          }),
+        range,
+      );
       printRows(io, o.json, page.items, ATTEMPT_COLUMNS, '(no update attempts)');
+      if (!o.json) footer(io, page, range.offset);
     },
   );
   return devices;
 }
 
-interface Attempt {
-  id: string;
-  device_id: string;
-  from_version: string | null;
-  to_version: string;
-  state: string;
-  percent: number | null;
-  errors: string[];
-  updated_at: string;
-}
+type Attempt = Schemas['UpdateAttempt'];
 const ATTEMPT_COLUMNS: Column<Attempt>[] = [
   { header: 'state', value: (a) => a.state },
   { header: 'from', value: (a) => a.from_version },
@@ -159,40 +136,34 @@ const ATTEMPT_COLUMNS: Column<Attempt>[] = [
 
 // ---------------------------------------------------------------------------------------------
 
-interface Group {
-  id: string;
-  name: string;
-  product_id: string;
-  description: string | null;
-  priority: number;
-  device_count: number;
-  topic: string;
-}
-
 type MemberFlags = CommonFlags & { match?: string; tag?: string };
 
 /** `fleethub groups`: list (the default), create, show, members, add, remove, delete. */
 export function registerGroupsCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
   const groups = program.command('groups').description('groups of devices (each in one product)');
-  /** The client, and the API path of the group named by the first argument. */
-  const groupPath = async (o: CommonFlags, name: unknown) => {
-    const client = clientFor(o, io);
-    return { client, path: `${orgPath(await orgOf(client, o, io))}/groups/${enc(name as string)}` };
+  /** The session, and the path parameters of the group named by the first argument. */
+  const groupOf = async (o: CommonFlags, name: unknown) => {
+    const session = await orgSession(o, io);
+    return { ...session, path: { org: session.org, group: name as string } };
   };
-  act<CommonFlags & { product?: string }>(
-    withOrg(
-      groups
-        .command('list', { isDefault: true })
-        .description('groups with their member counts')
-        .option('--product <product>', 'of this product only'),
+  act<CommonFlags & PageFlags & { product?: string }>(
+    paged(
+      withOrg(
+        groups
+          .command('list', { isDefault: true })
+          .description('groups with their member counts')
+          .option('--product <product>', 'of this product only'),
+      ),
     ),
     ctx,
     async (o) => {
-      const client = clientFor(o, io);
-      const { items } = await client.get<{ items: Group[] }>(`${orgPath(await orgOf(client, o, io))}/groups`, {
-        product: o.product,
-      });
+      const range = listRange(o);
+      const { api, list, org } = await orgSession(o, io);
+      const { items } = await list(
+        (p) => api.GET('/api/v1/orgs/{org}/groups', { params: { path: { org }, query: { ...p, product: o.product } } }),
+        range,
+      );
       printRows(
         io,
         o.json,
@@ -220,15 +191,15 @@ export function registerGroupsCommands(program: Command, ctx: CliContext): void 
     ),
     ctx,
     async (o, [name]) => {
-      const client = clientFor(o, io);
       const priority = o.priority === undefined ? undefined : Number(o.priority);
       if (priority !== undefined && !Number.isInteger(priority)) throw usageError('--priority must be an integer');
-      const group = await client.post<Group>(`${orgPath(await orgOf(client, o, io))}/groups`, {
-        product: o.product,
-        name,
-        description: o.description,
-        priority,
-      });
+      const { api, call, org } = await orgSession(o, io);
+      const group = await call(
+        api.POST('/api/v1/orgs/{org}/groups', {
+          params: { path: { org } },
+          body: { product: o.product, name: name as string, description: o.description, priority },
+        }),
+      );
       if (o.json) printJson(io, group);
       else io.out(`created group ${group.name} (${group.id})\n`);
     },
@@ -237,19 +208,23 @@ export function registerGroupsCommands(program: Command, ctx: CliContext): void 
     withOrg(groups.command('show').description('one group').argument('<group>', 'name or id')),
     ctx,
     async (o, [name]) => {
-      const { client, path } = await groupPath(o, name);
-      printRecord(io, o.json, await client.get<Record<string, unknown>>(path));
+      const { api, call, path } = await groupOf(o, name);
+      printRecord(io, o.json, await call(api.GET('/api/v1/orgs/{org}/groups/{group}', { params: { path } })));
     },
   );
   act<CommonFlags & PageFlags>(
     paged(withOrg(groups.command('members').description("a group's devices").argument('<group>', 'name or id'))),
     ctx,
     async (o, [name]) => {
-      const { client, path } = await groupPath(o, name);
-      const page = await client.get<Page<Device>>(`${path}/devices`, { limit: o.limit, offset: o.offset });
+      const range = listRange(o);
+      const { api, list, path } = await groupOf(o, name);
+      const page = await list(
+        (p) => api.GET('/api/v1/orgs/{org}/groups/{group}/devices', { params: { path, query: p } }),
+        range,
+      );
       if (o.json) return printJson(io, page);
       printRows(io, false, page.items, DEVICE_COLUMNS, '(no members)');
-      footer(io, false, page, Number(o.offset ?? 0));
+      footer(io, page, range.offset);
     },
   );
   for (const sub of ['add', 'remove'] as const) {
@@ -272,12 +247,13 @@ export function registerGroupsCommands(program: Command, ctx: CliContext): void 
         const devices = (named as string[] | undefined) ?? [];
         if (devices.length === 0 && o.match === undefined && o.tag === undefined)
           throw usageError(`groups ${sub} needs devices, --match or --tag`);
-        const { client, path } = await groupPath(o, name);
-        const result = await client.post<{ added?: string[]; removed?: string[] }>(
-          sub === 'add' ? `${path}/devices` : `${path}/devices/remove`,
-          { ...(devices.length ? { devices } : {}), match: o.match, tag: o.tag },
-        );
-        const changed = (sub === 'add' ? result.added : result.removed) ?? [];
+        const { api, call, path } = await groupOf(o, name);
+        const body = { ...(devices.length ? { devices } : {}), match: o.match, tag: o.tag };
+        const result =
+          sub === 'add'
+            ? await call(api.POST('/api/v1/orgs/{org}/groups/{group}/devices', { params: { path }, body }))
+            : await call(api.POST('/api/v1/orgs/{org}/groups/{group}/devices/remove', { params: { path }, body }));
+        const changed = ('added' in result ? result.added : 'removed' in result ? result.removed : undefined) ?? [];
         if (o.json) return printJson(io, result);
         const skipped = devices.length > changed.length && o.match === undefined && o.tag === undefined;
         io.out(
@@ -292,8 +268,8 @@ export function registerGroupsCommands(program: Command, ctx: CliContext): void 
     ),
     ctx,
     async (o, [name]) => {
-      const { client, path } = await groupPath(o, name);
-      await client.delete(path);
+      const { api, call, path } = await groupOf(o, name);
+      await call(api.DELETE('/api/v1/orgs/{org}/groups/{group}', { params: { path } }));
       if (o.json) printJson(io, { ok: true });
       else io.out(`deleted group ${name as string}\n`);
     },
@@ -302,37 +278,29 @@ export function registerGroupsCommands(program: Command, ctx: CliContext): void 
 
 // ---------------------------------------------------------------------------------------------
 
-interface FirmwareRow {
-  id: string;
-  version: string;
-  component: string;
-  product_id: string;
-  platform: string | null;
-  architecture: string | null;
-  size: number | null;
-  has_blob: boolean;
-  uploaded_at: string;
-}
-
 /** `fleethub firmware list|show|delete` (uploads and signing keys: server/cli/firmware.ts). */
 export function registerFirmwareRecordCommands(program: Command, ctx: CliContext): Command {
   const { io } = ctx;
   const firmware = program.command('firmware').description('firmware: images, records, signing keys');
-  act<CommonFlags & { product?: string; component?: string }>(
-    withOrg(
-      firmware
-        .command('list')
-        .description('firmware records, newest first')
-        .option('--product <product>', 'of this product only')
-        .option('--component <component>', 'of this component only (default: all)'),
+  act<CommonFlags & PageFlags & { product?: string; component?: string }>(
+    paged(
+      withOrg(
+        firmware
+          .command('list')
+          .description('firmware records, newest first')
+          .option('--product <product>', 'of this product only')
+          .option('--component <component>', 'of this component only (default: all)'),
+      ),
     ),
     ctx,
     async (o) => {
-      const client = clientFor(o, io);
-      const { items } = await client.get<{ items: FirmwareRow[] }>(`${orgPath(await orgOf(client, o, io))}/firmware`, {
-        product: o.product,
-        component: o.component,
-      });
+      const range = listRange(o);
+      const { api, list, org } = await orgSession(o, io);
+      const filters = { product: o.product, component: o.component };
+      const { items } = await list(
+        (p) => api.GET('/api/v1/orgs/{org}/firmware', { params: { path: { org }, query: { ...filters, ...p } } }),
+        range,
+      );
       printRows(
         io,
         o.json,
@@ -355,12 +323,11 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
     withOrg(firmware.command('show').description('one firmware record').argument('<id>', 'firmware id')),
     ctx,
     async (o, [id]) => {
-      const client = clientFor(o, io);
-      const org = await orgOf(client, o, io);
+      const { api, call, org } = await orgSession(o, io);
       printRecord(
         io,
         o.json,
-        await client.get<Record<string, unknown>>(`${orgPath(org)}/firmware/${enc(id as string)}`),
+        await call(api.GET('/api/v1/orgs/{org}/firmware/{id}', { params: { path: { org, id: id as string } } })),
       );
     },
   );
@@ -373,8 +340,8 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
     ),
     ctx,
     async (o, [id]) => {
-      const client = clientFor(o, io);
-      await client.delete(`${orgPath(await orgOf(client, o, io))}/firmware/${enc(id as string)}`);
+      const { api, call, org } = await orgSession(o, io);
+      await call(api.DELETE('/api/v1/orgs/{org}/firmware/{id}', { params: { path: { org, id: id as string } } }));
       if (o.json) printJson(io, { ok: true });
       else io.out(`deleted firmware ${id as string}\n`);
     },
@@ -399,13 +366,10 @@ export function registerTargetCommands(program: Command, ctx: CliContext): void 
   const target = program.command('target').description('the firmware a group or a device should run');
   const scopeOf = async (o: TargetFlags) => {
     if (Boolean(o.group) === Boolean(o.device)) throw usageError('pass exactly one of --group or --device');
-    const client = clientFor(o, io);
-    const org = await orgOf(client, o, io);
-    return {
-      client,
-      path: `${orgPath(org)}/${o.group ? `groups/${enc(o.group)}` : `devices/${enc(o.device!)}`}/target`,
-      what: o.group ? `group ${o.group}` : `device ${o.device}`,
-    };
+    const { api, call, org } = await orgSession(o, io);
+    const group = o.group ? { org, group: o.group } : undefined;
+    const device = o.device ? { org, device: o.device } : undefined;
+    return { api, call, group, device, what: o.group ? `group ${o.group}` : `device ${o.device}` };
   };
   act<TargetFlags>(
     targetScope(
@@ -416,16 +380,16 @@ export function registerTargetCommands(program: Command, ctx: CliContext): void 
     ),
     ctx,
     async (o, [firmware]) => {
-      const { client, path, what } = await scopeOf(o);
+      const { api, call, group, device, what } = await scopeOf(o);
       const ref = firmware as string;
       const isId = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(ref);
-      const change = await client.put<{ attempts: { sent: number; queued: number }; delivery: string }>(
-        path,
-        isId ? { firmware_id: ref } : { version: ref, component: o.component },
-      );
+      const body = isId ? { firmware_id: ref } : { version: ref, component: o.component };
+      const change = group
+        ? await call(api.PUT('/api/v1/orgs/{org}/groups/{group}/target', { params: { path: group }, body }))
+        : await call(api.PUT('/api/v1/orgs/{org}/devices/{device}/target', { params: { path: device! }, body }));
       if (o.json) return printJson(io, change);
       io.out(
-        `${what} now targets ${ref}: ${change.attempts.sent} device(s) told now, ${change.attempts.queued} queued until they connect\n`,
+        `${what} now targets ${ref}: ${change.attempts?.sent ?? 0} device(s) told now, ${change.attempts?.queued ?? 0} queued until they connect\n`,
       );
     },
   );
@@ -433,8 +397,10 @@ export function registerTargetCommands(program: Command, ctx: CliContext): void 
     targetScope(target.command('clear').description('clear the target (devices keep what they run)')),
     ctx,
     async (o) => {
-      const { client, path, what } = await scopeOf(o);
-      await client.delete(`${path}${o.component ? `?component=${enc(o.component)}` : ''}`);
+      const { api, call, group, device, what } = await scopeOf(o);
+      const query = { component: o.component };
+      if (group) await call(api.DELETE('/api/v1/orgs/{org}/groups/{group}/target', { params: { path: group, query } }));
+      else await call(api.DELETE('/api/v1/orgs/{org}/devices/{device}/target', { params: { path: device!, query } }));
       if (o.json) printJson(io, { ok: true });
       else io.out(`cleared the target of ${what}\n`);
     },
@@ -443,20 +409,13 @@ export function registerTargetCommands(program: Command, ctx: CliContext): void 
 
 // ---------------------------------------------------------------------------------------------
 
-interface Status {
-  devices: number;
-  online: number;
-  offline: number;
-  versions: Record<string, number>;
-  updates: Record<string, number>;
-  target: { firmware_id: string } | null;
-}
+type Status = operations['getOrgStatus']['responses'][200]['content']['application/json'];
 
 /** `status --until` gave up waiting (docs/cli.md: exit codes). */
 export const EXIT_TIMEOUT = 3;
 
 /** Attempt states after which a device will not reach the target by itself. */
-const FAILED_STATES = new Set(['failed', 'rolled_back', 'timed_out']);
+const FAILED_STATES = ['failed', 'rolled_back', 'timed_out'] as const;
 
 const UNTIL_STATES = ['succeeded', 'online'] as const;
 type UntilState = (typeof UNTIL_STATES)[number];
@@ -507,9 +466,10 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
     throw usageError('--timeout and --devices go with --until');
   const atLeast = o.devices === undefined ? 1 : Number(o.devices);
   if (!Number.isInteger(atLeast) || atLeast < 1) throw usageError('--devices must be a whole number ≥ 1');
-  const client = clientFor(o, io);
-  const org = await orgOf(client, o, io);
-  const path = o.group ? `${orgPath(org)}/groups/${enc(o.group)}/status` : `${orgPath(org)}/status`;
+  const session = await orgSession(o, io);
+  const { api, call, org } = session;
+  const read = () =>
+    call(api.GET('/api/v1/orgs/{org}/status', { params: { path: { org }, query: { group: o.group } } }));
   const scope = o.group ?? org;
   const follow = o.watch || o.until !== undefined;
   const tty = Boolean(io.isTTY) && o.watch && !o.json;
@@ -535,15 +495,15 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
     lastLine = line;
     io.out(`${new Date().toISOString()} ${line}\n`);
   };
-  const until = o.until === undefined ? undefined : untilCheck(client, org, o.until as UntilState, o.group, atLeast);
+  const until = o.until === undefined ? undefined : untilCheck(o.until as UntilState, o.group, atLeast);
   if (!follow) {
-    show(await client.get<Status>(path));
+    show(await read());
     return 0;
   }
-  return watch(client, org, io, timeoutMs, async () => {
-    const s = await client.get<Status>(path);
+  return watch(session, io, timeoutMs, async () => {
+    const s = await read();
     show(s);
-    const verdict = await until?.check(s);
+    const verdict = until?.check(s);
     if (verdict) io.err(`${verdict.message}\n`);
     return verdict?.code;
   }).then((code) => {
@@ -552,63 +512,47 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
   });
 }
 
-/** The `--until` condition: a verdict (exit code and message) once it holds or cannot hold, else undefined. */
-function untilCheck(client: ApiClient, org: string, until: UntilState, group: string | undefined, atLeast: number) {
+/**
+ * The `--until` condition: a verdict (exit code and message) once it holds or cannot hold, else
+ * undefined. `succeeded` judges each device against the firmware it resolves to (its own target,
+ * else its groups' by priority), as the server's status counts it.
+ */
+function untilCheck(until: UntilState, group: string | undefined, atLeast: number) {
   let lastSummary = '';
-  let target: { id: string; version: string } | undefined;
-  const check = async (s: Status): Promise<{ code: number; message: string } | undefined> => {
+  const check = (s: Status): { code: number; message: string } | undefined => {
     if (until === 'online') {
       lastSummary = `${s.online} of ${s.devices} device(s) online`;
       return s.devices >= atLeast && s.online === s.devices
         ? { code: 0, message: `every device is online (${s.devices})` }
         : undefined;
     }
-    if (!s.target) throw new CliError(`group ${group} has no target: set one with \`fleethub target set\``);
-    if (target?.id !== s.target.firmware_id) {
-      const fw = await client.get<{ version: string }>(`${orgPath(org)}/firmware/${enc(s.target.firmware_id)}`);
-      target = { id: s.target.firmware_id, version: fw.version };
-    }
-    const running = s.versions[target.version] ?? 0;
-    lastSummary = `${running} of ${s.devices} device(s) run ${target.version}`;
+    if (!s.target && s.targets.length === 0)
+      throw new CliError(`group ${group} has no target: set one with \`fleethub target set\``);
+    const running = s.targets.reduce((n, t) => n + t.running, 0);
+    const versions = s.targets.map((t) => t.version);
+    const what = versions.length === 1 ? versions[0] : `their targets (${targetCounts(s)})`;
+    lastSummary = `${running} of ${s.devices} device(s) run ${versions.length === 1 ? versions[0] : 'their target'}`;
     if (s.devices >= atLeast && running === s.devices)
-      return { code: 0, message: `every device of ${group} runs ${target.version} (${s.devices})` };
-    const failed = await failedDevices(client, org, group!, target.id);
-    if (failed.length)
+      return { code: 0, message: `every device of ${group} runs ${what} (${s.devices})` };
+    const failed = FAILED_STATES.reduce((n, state) => n + (s.updates[state] ?? 0), 0);
+    if (failed > 0) {
+      const failedTo = [...new Set(s.failures.map((f) => f.version))].join(', ');
       return {
         code: 1,
-        message: `${failed.length} device(s) of ${group} failed to update to ${target.version}: ${failed
+        message: `${failed} device(s) of ${group} failed to update to ${failedTo}: ${s.failures
           .slice(0, 10)
-          .map((a) => `${a.device} ${a.state}${a.errors?.length ? ` (${a.errors[0]})` : ''}`)
-          .join('; ')}${failed.length > 10 ? '; ...' : ''}`,
+          .map((f) => `${f.identifier} ${f.state}${f.errors.length ? ` (${f.errors[0]})` : ''}`)
+          .join('; ')}${failed > 10 ? '; ...' : ''}`,
       };
+    }
     return undefined;
   };
   return { check, summary: () => lastSummary };
 }
 
-/** Members (by identifier) whose latest update attempt is a failure at the target firmware. */
-async function failedDevices(client: ApiClient, org: string, group: string, firmwareId: string) {
-  const latest = new Map<string, Attempt & { firmware_id: string }>();
-  for (let offset = 0; offset < 100_000; offset += 1000) {
-    const page = await client.get<Page<Attempt & { firmware_id: string }>>(
-      `${orgPath(org)}/groups/${enc(group)}/updates`,
-      { limit: 1000, offset },
-    );
-    for (const a of page.items) if (!latest.has(a.device_id)) latest.set(a.device_id, a);
-    if (page.items.length < 1000) break;
-  }
-  const failed = [...latest.values()].filter((a) => a.firmware_id === firmwareId && FAILED_STATES.has(a.state));
-  if (failed.length === 0) return [];
-  const names = new Map<string, string>();
-  for (let offset = 0; offset < 100_000; offset += 1000) {
-    const page = await client.get<Page<Device>>(`${orgPath(org)}/groups/${enc(group)}/devices`, {
-      limit: 1000,
-      offset,
-    });
-    for (const d of page.items) names.set(d.id, d.identifier);
-    if (page.items.length < 1000) break;
-  }
-  return failed.map((a) => ({ ...a, device: names.get(a.device_id) ?? a.device_id }));
+/** `1.1.0 2/3, 1.2.0 1/1`: per resolved firmware, devices running it of those resolving to it. */
+function targetCounts(s: Status): string {
+  return s.targets.map((t) => `${t.version} ${t.running}/${t.devices}`).join(', ');
 }
 
 /** One line of counts, for logs: `beta: 20 device(s), 20 online; 2.0.0=18 1.0.0=2; succeeded=18 downloading=2`. */
@@ -621,7 +565,8 @@ export function statusLine(s: Status, scope: string): string {
     .filter(([, n]) => n > 0)
     .map(([state, n]) => `${state}=${n}`)
     .join(' ');
-  return `${scope}: ${s.devices} device(s), ${s.online} online; versions ${versions || '-'}; updates ${updates || '-'}`;
+  const targets = s.targets.length ? `; on target ${targetCounts(s)}` : '';
+  return `${scope}: ${s.devices} device(s), ${s.online} online; versions ${versions || '-'}; updates ${updates || '-'}${targets}`;
 }
 
 function formatStatus(s: Status, scope: string): string {
@@ -631,6 +576,10 @@ function formatStatus(s: Status, scope: string): string {
     'VERSION      DEVICES',
   ];
   for (const [v, n] of Object.entries(s.versions).sort((a, b) => b[1] - a[1])) lines.push(`${v.padEnd(12)} ${n}`);
+  if (s.targets.length) {
+    lines.push('', 'TARGET       DEVICES  RUNNING IT');
+    for (const t of s.targets) lines.push(`${t.version.padEnd(12)} ${String(t.devices).padEnd(8)} ${t.running}`);
+  }
   lines.push('', 'UPDATE STATE DEVICES');
   const states = Object.entries(s.updates).filter(([, n]) => n > 0);
   if (states.length === 0) lines.push('(no update attempts)');
@@ -643,13 +592,12 @@ function formatStatus(s: Status, scope: string): string {
  * code, `timeoutMs` passes (EXIT_TIMEOUT), Ctrl-C or `io.signal` (0).
  */
 async function watch(
-  client: ApiClient,
-  org: string,
+  { api, call, org, options }: Session & { org: string },
   io: CliIo,
   timeoutMs: number | undefined,
   step: () => Promise<number | undefined>,
 ): Promise<number> {
-  const { id: orgId } = await client.get<{ id: string }>(orgPath(org));
+  const { id: orgId } = await call(api.GET('/api/v1/orgs/{org}', { params: { path: { org } } }));
   let finish!: (code: number) => void;
   const finished = new Promise<number>((resolve) => (finish = resolve));
   let running: Promise<void> | undefined;
@@ -685,9 +633,9 @@ async function watch(
       run();
     }, 200);
   };
-  const socket = new Socket(`${client.options.url.replace(/^http/, 'ws')}/socket`, {
+  const socket = new Socket(`${options.url.replace(/^http/, 'ws')}/socket`, {
     transport: WebSocket as unknown as SocketConnectOption['transport'],
-    authToken: client.options.token,
+    authToken: options.token,
     reconnectAfterMs: (tries: number) => Math.min(10_000, 500 * tries),
   });
   socket.onError(() => undefined); // polling covers the gaps; phoenix reconnects by itself

@@ -5,12 +5,11 @@
 import { createInterface } from 'node:readline';
 import { Writable } from 'node:stream';
 import type { Command } from 'commander';
+import type { operations, Schemas } from '../../client/index.ts';
 import {
-  ApiClient,
   CliError,
-  clientFor,
-  orgOf,
-  orgPath,
+  listRange,
+  orgSession,
   printJson,
   printRecord,
   printRows,
@@ -18,12 +17,14 @@ import {
   resolveClientOptions,
   saveCredentials,
   loadCredentials,
+  sessionFor,
+  sessionOf,
   usageError,
   type CliIo,
   type Column,
   type CommonFlags,
 } from './client.ts';
-import { act, type CliContext, withOrg, withServer } from './command.ts';
+import { act, type CliContext, type PageFlags, paged, withOrg, withServer } from './command.ts';
 
 /** `fleethub <argv>` as the operator CLI runs it (kept for callers of the old entry point). */
 export async function runOperatorCommand(argv: string[], io?: CliIo): Promise<number> {
@@ -51,11 +52,12 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
   );
 
   const orgs = program.command('orgs').description('organizations');
-  act<CommonFlags>(
-    withServer(orgs.command('list', { isDefault: true }).description('organizations you can see')),
+  act<CommonFlags & PageFlags>(
+    paged(withServer(orgs.command('list', { isDefault: true }).description('organizations you can see'))),
     ctx,
     async (o) => {
-      const { items } = await clientFor(o, io).get<{ items: Org[] }>('/api/v1/orgs');
+      const { api, list } = sessionFor(o, io);
+      const { items } = await list((page) => api.GET('/api/v1/orgs', { params: { query: page } }), listRange(o));
       printRows(io, o.json, items, ORG_COLUMNS);
     },
   );
@@ -63,19 +65,23 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
     withServer(orgs.command('create').description('create an organization (instance admins)').argument('<name>')),
     ctx,
     async (o, [name]) => {
-      const org = await clientFor(o, io).post<Org>('/api/v1/orgs', { name });
+      const { api, call } = sessionFor(o, io);
+      const org = await call(api.POST('/api/v1/orgs', { body: { name: name as string } }));
       if (o.json) printJson(io, org);
       else io.out(`created organization ${org.name} (${org.id})\n`);
     },
   );
 
   const products = program.command('products').description('products');
-  act<CommonFlags>(
-    withOrg(products.command('list', { isDefault: true }).description("the org's products")),
+  act<CommonFlags & PageFlags>(
+    paged(withOrg(products.command('list', { isDefault: true }).description("the org's products"))),
     ctx,
     async (o) => {
-      const client = clientFor(o, io);
-      const { items } = await client.get<{ items: Product[] }>(`${orgPath(await orgOf(client, o, io))}/products`);
+      const { api, list, org } = await orgSession(o, io);
+      const { items } = await list(
+        (page) => api.GET('/api/v1/orgs/{org}/products', { params: { path: { org }, query: page } }),
+        listRange(o),
+      );
       printRows(io, o.json, items, [
         { header: 'name', value: (p) => p.name },
         { header: 'id', value: (p) => p.id },
@@ -99,10 +105,12 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
     async (o, [name, raw]) => {
       if (raw !== 'default' && !/^\d+$/.test(raw as string))
         throw usageError('the timeout is a number of seconds, or "default" (the server\'s)');
-      const client = clientFor(o, io);
-      const product = await client.patch<Product>(
-        `${orgPath(await orgOf(client, o, io))}/products/${encodeURIComponent(name as string)}`,
-        { update_timeout_seconds: raw === 'default' ? null : Number(raw) },
+      const { api, call, org } = await orgSession(o, io);
+      const product = await call(
+        api.PATCH('/api/v1/orgs/{org}/products/{product}', {
+          params: { path: { org, product: name as string } },
+          body: { update_timeout_seconds: raw === 'default' ? null : Number(raw) },
+        }),
       );
       if (o.json) return printJson(io, product);
       io.out(
@@ -120,29 +128,35 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
     ),
     ctx,
     async (o, [name]) => {
-      const client = clientFor(o, io);
-      const product = await client.post<Product>(`${orgPath(await orgOf(client, o, io))}/products`, {
-        name,
-        requires_signature: o.requiresSignature ?? false,
-      });
+      const { api, call, org } = await orgSession(o, io);
+      const product = await call(
+        api.POST('/api/v1/orgs/{org}/products', {
+          params: { path: { org } },
+          body: { name: name as string, requires_signature: o.requiresSignature ?? false },
+        }),
+      );
       if (o.json) printJson(io, product);
       else io.out(`created product ${product.name} (${product.id})\n`);
     },
   );
 
   const tokens = program.command('tokens').description('API tokens for automation');
-  act<CommonFlags & { all?: boolean }>(
-    withServer(
-      tokens
-        .command('list', { isDefault: true })
-        .description('your API tokens')
-        .option('--all', "every user's tokens (admins)"),
+  act<CommonFlags & PageFlags & { all?: boolean }>(
+    paged(
+      withServer(
+        tokens
+          .command('list', { isDefault: true })
+          .description('your API tokens')
+          .option('--all', "every user's tokens (admins)"),
+      ),
     ),
     ctx,
     async (o) => {
-      const { items } = await clientFor(o, io).get<{ items: ApiTokenRow[] }>('/api/v1/tokens', {
-        all: o.all ? 'true' : undefined,
-      });
+      const { api, list } = sessionFor(o, io);
+      const { items } = await list(
+        (page) => api.GET('/api/v1/tokens', { params: { query: { ...page, all: o.all ? true : undefined } } }),
+        listRange(o),
+      );
       printRows(io, o.json, items, [
         { header: 'id', value: (t) => t.id },
         { header: 'name', value: (t) => t.name },
@@ -167,11 +181,12 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
       const days = o.expiresDays === undefined ? undefined : Number(o.expiresDays);
       if (days !== undefined && !Number.isInteger(days))
         throw usageError('--expires-days must be a whole number of days');
-      const created = await clientFor(o, io).post<{ token: string; api_token: ApiTokenRow }>('/api/v1/tokens', {
-        name,
-        role: o.role,
-        expires_in_days: days,
-      });
+      const { api, call } = sessionFor(o, io);
+      const created = await call(
+        api.POST('/api/v1/tokens', {
+          body: { name: name as string, role: o.role as TokenRole, expires_in_days: days },
+        }),
+      );
       if (o.json) return printJson(io, created);
       printRecord(io, false, {
         id: created.api_token.id,
@@ -186,7 +201,8 @@ export function registerAccountCommands(program: Command, ctx: CliContext): void
     withServer(tokens.command('revoke').description('revoke an API token').argument('<id>')),
     ctx,
     async (o, [id]) => {
-      await clientFor(o, io).delete(`/api/v1/tokens/${encodeURIComponent(id as string)}`);
+      const { api, call } = sessionFor(o, io);
+      await call(api.DELETE('/api/v1/tokens/{id}', { params: { path: { id: id as string } } }));
       if (o.json) printJson(io, { ok: true, id });
       else io.out(`revoked token ${id}\n`);
     },
@@ -201,43 +217,40 @@ async function login(o: CommonFlags & { email?: string; password?: string }, io:
   const password = o.password ?? io.env.FLEETHUB_PASSWORD ?? (await readPassword(io));
   const profile = profileName(o.profile, io.env);
   // A login sends no token: a 401 is the server's verdict on the password, shown as it is.
-  const options = resolveClientOptions({ url: o.url, profile }, io.env);
-  const client = new ApiClient({ url: options.url, profile }, true);
-  const session = await client.post<{
-    token: string;
-    expires_at: string;
-    user: { email: string; org_id: string | null; role: string };
-  }>('/api/v1/auth/login', { email, password });
+  const { url } = resolveClientOptions({ url: o.url, profile }, io.env);
+  const { api, call } = sessionOf({ url, profile }, true);
+  const session = await call(api.POST('/api/v1/auth/login', { body: { email, password } }));
+  const user = { email, role: 'unknown', org_id: null as string | null, ...session.user };
   const file = saveCredentials(
     {
-      url: client.options.url,
+      url,
       token: session.token,
-      email: session.user.email,
+      email: user.email,
       expiresAt: session.expires_at,
-      org: session.user.org_id ?? undefined,
+      org: user.org_id ?? undefined,
     },
     io.env,
     profile,
   );
   if (o.json)
     printJson(io, {
-      url: client.options.url,
+      url,
       profile,
-      email: session.user.email,
-      role: session.user.role,
-      org_id: session.user.org_id,
+      email: user.email,
+      role: user.role,
+      org_id: user.org_id,
       expires_at: session.expires_at,
       credentials: file,
     });
   else
     io.out(
-      `logged in to ${client.options.url} as ${session.user.email} (${session.user.role}); token saved in ${file} (profile ${profile}), valid until ${session.expires_at}\n`,
+      `logged in to ${url} as ${user.email} (${user.role}); token saved in ${file} (profile ${profile}), valid until ${session.expires_at}\n`,
     );
   return 0;
 }
 
 /** The session route of the server (DELETE ends the session the bearer belongs to). */
-export const SESSION_PATH = '/api/v1/auth/session';
+export const SESSION_PATH = '/api/v1/auth/session' as const;
 
 async function logout(o: CommonFlags, io: CliIo): Promise<number> {
   const profile = profileName(o.profile, io.env);
@@ -248,7 +261,8 @@ async function logout(o: CommonFlags, io: CliIo): Promise<number> {
   if (!url) throw usageError('pass --url');
   let revoked = true;
   try {
-    await new ApiClient({ url, token }, true).delete(SESSION_PATH);
+    const { api, call } = sessionOf({ url, token }, true);
+    await call(api.DELETE(SESSION_PATH));
   } catch (err) {
     // A session that already ended (expired, revoked) is as logged out as it gets.
     if (!(err instanceof CliError) || err.status !== 401) throw err;
@@ -288,32 +302,11 @@ async function readPassword(io: CliIo): Promise<string> {
 
 // ---------------------------------------------------------------------------------------------
 
-interface Org {
-  id: string;
-  name: string;
-  created_at: string;
-}
+type Org = Schemas['Org'];
+type TokenRole = operations['createToken']['requestBody']['content']['application/json']['role'];
 
 const ORG_COLUMNS: Column<Org>[] = [
   { header: 'name', value: (o) => o.name },
   { header: 'id', value: (o) => o.id },
   { header: 'created', value: (o) => o.created_at },
 ];
-
-interface Product {
-  id: string;
-  name: string;
-  requires_signature: boolean;
-  update_timeout_seconds: number | null;
-  created_at: string;
-}
-
-interface ApiTokenRow {
-  id: string;
-  name: string;
-  role: string;
-  org_id: string | null;
-  expires_at: string | null;
-  last_used_at: string | null;
-  revoked: boolean;
-}

@@ -4,26 +4,23 @@
  */
 import type { Command } from 'commander';
 import {
-  ApiClient,
-  apiFor,
-  call,
-  orgOf,
+  listRange,
+  orgSession,
   printJson,
   printRecord,
   printRows,
-  resolveClientOptions,
   usageError,
   type CliIo,
   type CommonFlags,
 } from './client.ts';
-import { act, type CliContext, withOrg } from './command.ts';
+import { act, type CliContext, type PageFlags, paged, withOrg } from './command.ts';
 
 /** `fleethub webhooks ...` as the CLI runs it (kept for callers of the old entry point). */
 export async function runWebhooksCommand(argv: string[], io?: CliIo): Promise<number> {
   return (await import('./index.ts')).main(['webhooks', ...argv], io);
 }
 
-type Flags = CommonFlags & { events?: string; description?: string; state?: string; limit?: string };
+type Flags = CommonFlags & PageFlags & { events?: string; description?: string; state?: string };
 
 export function registerWebhooksCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
@@ -32,10 +29,7 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
     .description(
       'signed deliveries of fleet events to your receivers (events: device.online device.offline update.transition target.changed, or *)',
     );
-  const context = async (o: Flags) => {
-    const options = resolveClientOptions(o, io.env);
-    return { options, api: apiFor(o, io), org: await orgOf(new ApiClient(options), o, io) };
-  };
+  const context = (o: Flags) => orgSession(o, io);
   const withId = (name: string, description: string) =>
     withOrg(webhooks.command(name).description(description).argument('<id>', 'the webhook id'));
 
@@ -50,7 +44,7 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
     ),
     ctx,
     async (o, [url]) => {
-      const { options, api, org } = await context(o);
+      const { api, call, org } = await context(o);
       const created = await call(
         api.POST('/api/v1/orgs/{org}/webhooks', {
           params: { path: { org } },
@@ -60,7 +54,6 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
             description: o.description ?? null,
           },
         }),
-        options,
       );
       if (o.json) return printJson(io, created);
       printRecord(io, false, { id: created.id, url: created.url, events: created.events });
@@ -68,13 +61,17 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
     },
   );
   act<Flags>(
-    withOrg(webhooks.command('list', { isDefault: true }).description("the org's webhooks (enabled, or why disabled)")),
+    paged(
+      withOrg(
+        webhooks.command('list', { isDefault: true }).description("the org's webhooks (enabled, or why disabled)"),
+      ),
+    ),
     ctx,
     async (o) => {
-      const { options, api, org } = await context(o);
-      const { items } = await call(
-        api.GET('/api/v1/orgs/{org}/webhooks', { params: { path: { org }, query: { limit: 1000 } } }),
-        options,
+      const { api, list, org } = await context(o);
+      const { items } = await list(
+        (page) => api.GET('/api/v1/orgs/{org}/webhooks', { params: { path: { org }, query: page } }),
+        listRange(o),
       );
       printRows(io, o.json, items, [
         { header: 'id', value: (w) => w.id },
@@ -85,10 +82,9 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
     },
   );
   act<Flags>(withId('show', 'one webhook'), ctx, async (o, [id]) => {
-    const { options, api, org } = await context(o);
+    const { api, call, org } = await context(o);
     const hook = await call(
       api.GET('/api/v1/orgs/{org}/webhooks/{id}', { params: { path: { org, id: id as string } } }),
-      options,
     );
     printRecord(io, o.json, hook);
   });
@@ -101,12 +97,11 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
       const state = o.state as 'pending' | 'delivered' | 'failed' | undefined;
       if (state && !['pending', 'delivered', 'failed'].includes(state))
         throw usageError(`--state must be pending, delivered or failed, not ${state}`);
-      const { options, api, org } = await context(o);
+      const { api, call, org } = await context(o);
       const page = await call(
         api.GET('/api/v1/orgs/{org}/webhooks/{id}/deliveries', {
           params: { path: { org, id: id as string }, query: { state, limit: o.limit ? Number(o.limit) : 50 } },
         }),
-        options,
       );
       if (o.json) return printJson(io, page);
       printRows(io, false, page.items, [
@@ -125,23 +120,19 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
     ['disable', 'pause it'],
   ] as const)
     act<Flags>(withId(name, description), ctx, async (o, [id]) => {
-      const { options, api, org } = await context(o);
+      const { api, call, org } = await context(o);
       const hook = await call(
         api.PATCH('/api/v1/orgs/{org}/webhooks/{id}', {
           params: { path: { org, id: id as string } },
           body: { enabled: name === 'enable' },
         }),
-        options,
       );
       if (o.json) printJson(io, hook);
       else io.out(`${hook.id}: ${hook.enabled ? 'enabled' : 'disabled'}\n`);
     });
   act<Flags>(withId('delete', 'delete it and its delivery log'), ctx, async (o, [id]) => {
-    const { options, api, org } = await context(o);
-    await call(
-      api.DELETE('/api/v1/orgs/{org}/webhooks/{id}', { params: { path: { org, id: id as string } } }),
-      options,
-    );
+    const { api, call, org } = await context(o);
+    await call(api.DELETE('/api/v1/orgs/{org}/webhooks/{id}', { params: { path: { org, id: id as string } } }));
     io.out(`deleted ${id as string}\n`);
   });
 }

@@ -1,9 +1,9 @@
 /** WiFiDogX operator commands: `fleethub wifidogx <subcommand> <device>` (<device>: id or device_id). */
 import type { Command } from 'commander';
+import type { operations } from '../../client/index.ts';
 import {
-  clientFor,
-  orgOf,
-  orgPath,
+  listRange,
+  orgSession,
   printJson,
   printRecord,
   printRows,
@@ -11,38 +11,45 @@ import {
   type CliIo,
   type CommonFlags,
 } from './client.ts';
-import { act, type CliContext, withOrg } from './command.ts';
+import { act, type CliContext, type PageFlags, paged, withOrg } from './command.ts';
 
-const enc = encodeURIComponent;
+type Command_ = operations['sendWifidogxCommand']['requestBody']['content']['application/json'];
 
 /** `fleethub wifidogx ...` as the CLI runs it (kept for callers of the old entry point). */
 export async function runWifidogxCommand(argv: string[], io?: CliIo): Promise<number> {
   return (await import('./index.ts')).main(['wifidogx', ...argv], io);
 }
 
-type Flags = CommonFlags & {
-  authToken?: string;
-  clientIp?: string;
-  clientMac?: string;
-  gwId?: string;
-  once?: boolean;
-  timeout?: string;
-  force?: boolean;
-  limit?: string;
-  firmwareUrl?: string;
-};
+type Flags = CommonFlags &
+  PageFlags & {
+    authToken?: string;
+    clientIp?: string;
+    clientMac?: string;
+    gwId?: string;
+    once?: boolean;
+    timeout?: string;
+    force?: boolean;
+    firmwareUrl?: string;
+  };
 
 export function registerWifidogxCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
   const wifidogx = program.command('wifidogx').description('WiFiDogX gateways (seed 001)');
   const sub = (name: string, description: string) =>
     withOrg(wifidogx.command(name).description(description).argument('<device>', 'id or device_id'));
-  const api = async (o: Flags, device: unknown) => {
-    const client = clientFor(o, io);
-    const base = `${orgPath(await orgOf(client, o, io))}/wifidogx/devices/${enc(device as string)}`;
-    const command = async (body: Record<string, unknown>) =>
-      printRecord(io, o.json, await client.post<Record<string, unknown>>(`${base}/commands`, body));
-    return { client, base, command };
+  /** The session, the gateway's path parameters, and `command(body)` that sends one and prints it. */
+  const gateway = async (o: Flags, device: unknown) => {
+    const session = await orgSession(o, io);
+    const path = { org: session.org, device: device as string };
+    const command = async (body: Command_) =>
+      printRecord(
+        io,
+        o.json,
+        await session.call(
+          session.api.POST('/api/v1/orgs/{org}/wifidogx/devices/{device}/commands', { params: { path }, body }),
+        ),
+      );
+    return { ...session, path, command };
   };
   const required = (o: Flags, flags: Array<[keyof Flags, string]>) => {
     const missing = flags.filter(([k]) => o[k] === undefined).map(([, f]) => f);
@@ -50,18 +57,17 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
   };
 
   act<Flags>(sub('show', 'device info, gateways, auth modes, firmware info, recent commands'), ctx, async (o, [d]) => {
-    const { client, base } = await api(o, d);
-    if (o.json) printJson(io, await client.get(base));
-    else printRecord(io, false, await client.get<Record<string, unknown>>(base));
+    const { api, call, path } = await gateway(o, d);
+    printRecord(io, o.json, await call(api.GET('/api/v1/orgs/{org}/wifidogx/devices/{device}', { params: { path } })));
   });
   act<Flags>(
     sub('approve', 'approve a pending gateway (prints its credential under the secure policy)'),
     ctx,
     async (o, [d]) => {
-      const { client, base } = await api(o, d);
-      const { credential, ...device } = await client.post<
-        Record<string, unknown> & { credential?: Record<string, unknown> }
-      >(`${base}/approve`);
+      const { api, call, path } = await gateway(o, d);
+      const { credential, ...device } = (await call(
+        api.POST('/api/v1/orgs/{org}/wifidogx/devices/{device}/approve', { params: { path } }),
+      )) as Record<string, unknown> & { credential?: Record<string, unknown> };
       if (o.json) return printJson(io, credential ? { ...device, credential } : device);
       printRecord(io, false, device);
       if (credential) printCredential(io, credential);
@@ -71,8 +77,10 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
     sub('credential', "issue or rotate the gateway's credential (shown once; closes its link)"),
     ctx,
     async (o, [d]) => {
-      const { client, base } = await api(o, d);
-      const credential = await client.post<Record<string, unknown>>(`${base}/credential`);
+      const { api, call, path } = await gateway(o, d);
+      const credential = await call(
+        api.POST('/api/v1/orgs/{org}/wifidogx/devices/{device}/credential', { params: { path } }),
+      );
       if (o.json) printJson(io, credential);
       else printCredential(io, credential);
     },
@@ -82,21 +90,31 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
     ['release', 'close its current link so another claim of its device_id may connect'],
   ] as const)
     act<Flags>(sub(name, description), ctx, async (o, [d]) => {
-      const { client, base } = await api(o, d);
-      printRecord(io, o.json, await client.post<Record<string, unknown>>(`${base}/${name}`));
+      const { api, call, path } = await gateway(o, d);
+      const params = { params: { path } };
+      printRecord(
+        io,
+        o.json,
+        name === 'revoke'
+          ? await call(api.POST('/api/v1/orgs/{org}/wifidogx/devices/{device}/revoke', params))
+          : await call(api.POST('/api/v1/orgs/{org}/wifidogx/devices/{device}/release', params)),
+      );
     });
   act<Flags>(
     sub('auth-mode', "set a gateway's auth mode").argument('<gw_id>', 'the gateway').argument('<mode>', 'an integer'),
     ctx,
     async (o, [d, gw, mode]) => {
       if (!/^\d+$/.test(mode as string)) throw usageError('<mode> must be an integer');
-      const { client, base } = await api(o, d);
+      const { api, call, path } = await gateway(o, d);
       printRecord(
         io,
         o.json,
-        await client.put<Record<string, unknown>>(`${base}/gateways/${enc(gw as string)}/auth-mode`, {
-          auth_mode: Number(mode),
-        }),
+        await call(
+          api.PUT('/api/v1/orgs/{org}/wifidogx/devices/{device}/gateways/{gw}/auth-mode', {
+            params: { path: { ...path, gw: gw as string } },
+            body: { auth_mode: Number(mode) },
+          }),
+        ),
       );
     },
   );
@@ -115,7 +133,7 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
         ['clientMac', '--client-mac'],
         ['gwId', '--gw-id'],
       ]);
-      await (await api(o, d)).command({
+      await (await gateway(o, d)).command({
         type: 'auth',
         token: o.authToken,
         client_ip: o.clientIp,
@@ -137,7 +155,7 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
         ['clientMac', '--client-mac'],
         ['gwId', '--gw-id'],
       ]);
-      await (await api(o, d)).command({
+      await (await gateway(o, d)).command({
         type: 'kickoff',
         client_ip: o.clientIp,
         client_mac: o.clientMac,
@@ -152,7 +170,7 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
     ctx,
     async (o, [d]) => {
       required(o, [['clientMac', '--client-mac']]);
-      await (await api(o, d)).command({
+      await (await gateway(o, d)).command({
         type: 'tmp_pass',
         client_mac: o.clientMac,
         ...(o.timeout ? { timeout: Number(o.timeout) } : {}),
@@ -160,7 +178,7 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
     },
   );
   act<Flags>(sub('firmware-info', 'ask the gateway for its firmware information'), ctx, async (o, [d]) => {
-    await (await api(o, d)).command({ type: 'get_firmware_info' });
+    await (await gateway(o, d)).command({ type: 'get_firmware_info' });
   });
   act<Flags>(
     sub('upgrade', 'tell the gateway to upgrade its firmware')
@@ -169,27 +187,25 @@ export function registerWifidogxCommands(program: Command, ctx: CliContext): voi
     ctx,
     async (o, [d]) => {
       required(o, [['firmwareUrl', '--firmware-url']]);
-      await (await api(o, d)).command({ type: 'firmware_upgrade', url: o.firmwareUrl, force: o.force ?? false });
+      await (await gateway(o, d)).command({ type: 'firmware_upgrade', url: o.firmwareUrl, force: o.force ?? false });
     },
   );
-  act<Flags>(
-    sub('commands', 'commands with their responses and errors').option('--limit <n>', 'how many'),
-    ctx,
-    async (o, [d]) => {
-      const { client, base } = await api(o, d);
-      const { items } = await client.get<{ items: Array<Record<string, unknown>> }>(`${base}/commands`, {
-        limit: o.limit,
-      });
-      printRows(io, o.json, items, [
-        { header: 'created', value: (c) => c.created_at },
-        { header: 'type', value: (c) => c.type },
-        { header: 'status', value: (c) => c.status },
-        { header: 'error', value: (c) => c.error },
-        { header: 'response', value: (c) => c.response },
-        { header: 'id', value: (c) => c.id },
-      ]);
-    },
-  );
+  act<Flags>(paged(sub('commands', 'commands with their responses and errors, newest first')), ctx, async (o, [d]) => {
+    const range = listRange(o);
+    const { api, list, path } = await gateway(o, d);
+    const { items } = await list(
+      (page) => api.GET('/api/v1/orgs/{org}/wifidogx/devices/{device}/commands', { params: { path, query: page } }),
+      range,
+    );
+    printRows(io, o.json, items, [
+      { header: 'created', value: (c) => c.created_at },
+      { header: 'type', value: (c) => c.type },
+      { header: 'status', value: (c) => c.status },
+      { header: 'error', value: (c) => c.error },
+      { header: 'response', value: (c) => c.response },
+      { header: 'id', value: (c) => c.id },
+    ]);
+  });
 }
 
 /** The credential as the operator needs it: what to put into the gateway's configuration, once. */

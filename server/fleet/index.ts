@@ -127,4 +127,12 @@ export {
   type AttemptEvent,
 } from './link-table.ts';
 export { markNodeAlive, removeNode, reconcileOfflineDevices } from './nodes.ts';
+export {
+  fleetStatus,
+  FAILED_UPDATE_STATES,
+  STATUS_FAILURES_SHOWN,
+  type FailingDevice,
+  type FleetStatus,
+  type ResolvedTargetCount,
+} from './status.ts';
 export { listAuditLog, type AuditFilter, type AuditRecord } from './audit-log.ts';

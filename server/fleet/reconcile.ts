@@ -5,8 +5,8 @@ import { fromSql, OPEN, stepSql } from './link-table.ts';
 
 export { OPEN, OPEN_STATES } from './link-table.ts';
 
-/** Which devices a reconcile covers: explicit ids or every member of a group. */
-export type DeviceSet = { ids: string[] } | { groupId: string };
+/** Which devices a reconcile (or a status) covers: explicit ids, every member of a group, or an org's devices. */
+export type DeviceSet = { ids: string[] } | { groupId: string } | { orgId: string };
 
 export interface CreatedAttempt {
   id: string;
@@ -21,9 +21,9 @@ export interface ReconcileResult {
 }
 
 function scopeSql(set: DeviceSet): RawBuilder<unknown> {
-  return 'groupId' in set
-    ? sql`SELECT device_id FROM group_devices WHERE group_id = ${set.groupId}`
-    : sql`SELECT unnest(${set.ids}::uuid[]) AS device_id`;
+  if ('groupId' in set) return sql`SELECT device_id FROM group_devices WHERE group_id = ${set.groupId}`;
+  if ('orgId' in set) return sql`SELECT id AS device_id FROM devices WHERE org_id = ${set.orgId}`;
+  return sql`SELECT unnest(${set.ids}::uuid[]) AS device_id`;
 }
 
 /**

@@ -94,6 +94,36 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.match(missing.err, /device "nope" not found/);
   });
 
+  test('lists show every item, page after page; --limit caps them and --offset skips', async () => {
+    for (let i = 0; i < 150; i++)
+      await server.call('POST', '/api/v1/orgs/default/devices', {
+        product: 'default',
+        identifier: `bulk-${String(i).padStart(3, '0')}`,
+      });
+    try {
+      const json = await cli(['devices', 'list', '--search', 'bulk-', '--json']);
+      assert.equal(json.code, 0, json.err);
+      const page = JSON.parse(json.out) as { items: { identifier: string }[]; total: number };
+      assert.equal(page.total, 150);
+      assert.equal(page.items.length, 150);
+      assert.equal(new Set(page.items.map((d) => d.identifier)).size, 150);
+
+      const table = await cli(['devices', 'list', '--search', 'bulk-']);
+      assert.equal(table.out.trim().split('\n').length, 151, 'a header and 150 rows');
+      assert.doesNotMatch(table.out, /use --limit/);
+
+      const capped = await cli(['devices', 'list', '--search', 'bulk-', '--limit', '120', '--offset', '10']);
+      assert.equal(capped.code, 0, capped.err);
+      const lines = capped.out.trim().split('\n');
+      assert.equal(lines.length, 122, 'a header, 120 rows and the footer');
+      assert.equal(lines.at(-1), '(11-130 of 150; use --limit/--offset)');
+      assert.equal((await cli(['devices', 'list', '--limit', '0'])).code, 2);
+    } finally {
+      for (let i = 0; i < 150; i++)
+        await server.call('DELETE', `/api/v1/orgs/default/devices/bulk-${String(i).padStart(3, '0')}`);
+    }
+  });
+
   test('groups are created, filled, listed, emptied and deleted from the CLI', async () => {
     assert.equal((await cli(['groups', 'create', 'lab', '--product', 'default'])).code, 0);
     const added = await cli(['groups', 'add', 'lab', 'cli-1', 'cli-2', 'cli-3']);
@@ -196,6 +226,30 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.equal((await cli(['products', 'set-timeout', 'default', '900'])).code, 1, 'operators may not');
     const cleared = await cli(['products', 'set-timeout', 'default', 'default', '--json'], admin);
     assert.equal(JSON.parse(cleared.out).update_timeout_seconds, null);
+  });
+
+  test("the edges' commands go through the generated client: tokens, lists, the server's errors", async () => {
+    const admin = { FLEETHUB_TOKEN: server.adminToken, FLEETHUB_URL: server.apiUrl };
+    const link = await cli(['grisp', 'link-token', '--ttl', '600', '--json'], admin);
+    assert.equal(link.code, 0, link.err);
+    assert.equal(typeof JSON.parse(link.out).token, 'string');
+    const added = await cli(['main-server', 'add', 'raspi-cli-1', '--name', 'lab pi', '--json'], admin);
+    assert.equal(added.code, 0, added.err);
+    assert.match(JSON.parse(added.out).device_token, /^fhd_/);
+    const listed = await cli(['main-server', 'devices', '--json'], admin);
+    assert.deepEqual(
+      JSON.parse(listed.out).map((d: { device_id: string }) => d.device_id),
+      ['raspi-cli-1'],
+    );
+    const keys = await cli(['keyauth', 'list', '--json'], admin);
+    assert.equal(keys.code, 0, keys.err);
+    assert.deepEqual(JSON.parse(keys.out), []);
+    const gateway = await cli(['wifidogx', 'show', 'no-such-gateway'], admin);
+    assert.equal(gateway.code, 1);
+    assert.match(gateway.err, /^error: .*no-such-gateway/);
+    const logs = await cli(['devices', 'logs', 'no-such-board'], admin);
+    assert.equal(logs.code, 1);
+    assert.match(logs.err, /no-such-board/);
   });
 
   test('--help prints usage with exit 0; bad usage exits 2', async () => {

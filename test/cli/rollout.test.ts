@@ -57,7 +57,6 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
       client: { url: server.apiUrl, token: server.adminToken },
       query: { product: server.productId, version },
       source: Readable.from(imageChunks(24 * 1024, seed)),
-      size: 24 * 1024,
     })) as { id: string; version: string };
   }
 
@@ -87,6 +86,35 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
       '--json',
       ...extra,
     ]);
+  }
+
+  /** `fleethub-device simulate` of `count` devices named `<prefix>-NNNN` running the base firmware, until `signal`. */
+  async function simulateWith(signal: AbortSignal, prefix: string, count: number) {
+    const pki = await getTestPki();
+    return run(
+      deviceMain,
+      [
+        'simulate',
+        '--count',
+        String(count),
+        '--url',
+        socketUrl,
+        '--pki',
+        pki.dir,
+        '--certs',
+        path.join(tmp, `${prefix}certs`),
+        '--state-dir',
+        path.join(tmp, `${prefix}state`),
+        '--serial-prefix',
+        prefix,
+        '--firmware-uuid',
+        base.id,
+        '--version',
+        base.version,
+        '--json',
+      ],
+      signal,
+    );
   }
 
   const online = async (prefix: string, count: number) =>
@@ -146,6 +174,73 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
       rows.map((r) => r.state),
       ['succeeded', 'succeeded', 'succeeded'],
     );
+  });
+
+  test('status counts each device once for its current target, and --until succeeded honours a device-level target', {
+    timeout: 180_000,
+  }, async () => {
+    const serials = ['ovr-0000', 'ovr-0001', 'ovr-0002'];
+    for (const identifier of serials)
+      await server.call('POST', '/api/v1/orgs/default/devices', { product: 'default', identifier });
+    await upload('1.2.0', 3);
+    assert.equal((await cli('groups', 'create', 'epsilon', '--product', 'default')).code, 0);
+    assert.equal((await cli('groups', 'add', 'epsilon', '--match', 'ovr-*')).code, 0);
+    // Three retargets of offline devices: each cancels the attempts of the one before.
+    for (const version of ['1.1.0', '1.2.0', '1.1.0'])
+      assert.equal((await cli('target', 'set', version, '--group', 'epsilon')).code, 0);
+    const history = await server.call<{ total: number }>('GET', '/api/v1/orgs/default/groups/epsilon/updates');
+    assert.equal(history.total, 9, 'nine attempts on record');
+    const counted = JSON.parse((await cli('status', '--group', 'epsilon', '--json')).out) as {
+      devices: number;
+      updates: Record<string, number>;
+      targets: { version: string; devices: number; running: number }[];
+    };
+    assert.equal(counted.devices, 3);
+    assert.equal(
+      Object.values(counted.updates).reduce((a, b) => a + b, 0),
+      3,
+      `each device once: ${JSON.stringify(counted.updates)}`,
+    );
+    assert.equal(counted.updates.queued, 3);
+    assert.deepEqual(
+      counted.targets.map((t) => [t.version, t.devices, t.running]),
+      [['1.1.0', 3, 0]],
+    );
+
+    // One device gets its own target: it is judged against 1.2.0, the others against 1.1.0.
+    assert.equal((await cli('target', 'set', '1.2.0', '--device', 'ovr-0001')).code, 0);
+    const split = JSON.parse((await cli('status', '--group', 'epsilon', '--json')).out) as typeof counted;
+    assert.deepEqual(split.targets.map((t) => [t.version, t.devices]).sort(), [
+      ['1.1.0', 2],
+      ['1.2.0', 1],
+    ]);
+    assert.equal(
+      Object.values(split.updates).reduce((a, b) => a + b, 0),
+      3,
+    );
+
+    const controller = new AbortController();
+    const simulation = simulateWith(controller.signal, 'ovr', 3);
+    const status = await cli('status', '--group', 'epsilon', '--until', 'succeeded', '--timeout', '120');
+    assert.equal(status.code, 0, status.err);
+    assert.match(status.err, /every device of epsilon runs their targets \(1\.\d\.0 \d\/\d, 1\.\d\.0 \d\/\d\) \(3\)/);
+    const running = await server.call<{ items: { identifier: string; firmware_version: string }[] }>(
+      'GET',
+      '/api/v1/orgs/default/devices?q=ovr-',
+    );
+    assert.deepEqual(Object.fromEntries(running.items.map((d) => [d.identifier, d.firmware_version])), {
+      'ovr-0000': '1.1.0',
+      'ovr-0001': '1.2.0',
+      'ovr-0002': '1.1.0',
+    });
+    const done = JSON.parse((await cli('status', '--group', 'epsilon', '--json')).out) as typeof counted;
+    assert.equal(done.updates.succeeded, 3);
+    assert.equal(
+      Object.values(done.updates).reduce((a, b) => a + b, 0),
+      3,
+    );
+    controller.abort();
+    assert.equal((await simulation).code, 0);
   });
 
   test('status --until succeeded exits 1 naming the devices whose update failed', { timeout: 180_000 }, async () => {

@@ -33,7 +33,6 @@ describe(`fleet simulator with fault injection (${DATABASE_KIND})`, () => {
       client: { url: server.apiUrl, token: server.adminToken },
       query: { product: server.productId, version },
       source: Readable.from(imageChunks(size, seed)),
-      size,
     })) as { id: string; version: string };
   }
 

@@ -51,7 +51,6 @@ describe(`device client update flow against the real server (${DATABASE_KIND})`,
       client: { url: server.apiUrl, token: server.adminToken },
       query: { product: server.productId, version, ...query },
       source: Readable.from(imageChunks(size, seed)),
-      size,
     });
     return body as { id: string; version: string; sha256: string; size: number };
   }

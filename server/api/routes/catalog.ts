@@ -5,7 +5,6 @@
 import type { FastifyInstance } from 'fastify';
 import type { Firmware } from '../../db/schema.ts';
 import {
-  listDevices,
   deleteFirmware,
   getFirmware,
   isBlobReferenced,
@@ -16,7 +15,8 @@ import {
   listTargets,
   setDeviceTarget,
   setGroupTarget,
-  countUpdateStates,
+  fleetStatus as fleetCounts,
+  STATUS_FAILURES_SHOWN,
   type FleetContext,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
@@ -279,6 +279,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
 
   const statusSchema = {
     type: 'object',
+    required: ['devices', 'online', 'offline', 'versions', 'updates', 'targets', 'failures', 'target'],
     properties: {
       devices: { type: 'integer' },
       online: { type: 'integer' },
@@ -288,8 +289,43 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         additionalProperties: { type: 'integer' },
         description: 'devices per running version ("unknown" when none reported)',
       },
-      updates: { type: 'object', additionalProperties: { type: 'integer' }, description: 'update attempts per state' },
-      target: { anyOf: [ref('Target'), { type: 'null' }] },
+      updates: {
+        type: 'object',
+        additionalProperties: { type: 'integer' },
+        description:
+          'devices per state of their latest update attempt at the firmware they resolve to (each device counts once; devices with no attempt at their target are not counted; attempts at earlier targets never are)',
+      },
+      targets: {
+        type: 'array',
+        description:
+          'per firmware that devices resolve to (a device target, else the lowest-priority group target): how many devices resolve to it and how many run it',
+        items: {
+          type: 'object',
+          required: ['firmware_id', 'version', 'devices', 'running'],
+          properties: {
+            firmware_id: { type: 'string', format: 'uuid' },
+            version: { type: 'string' },
+            devices: { type: 'integer' },
+            running: { type: 'integer' },
+          },
+        },
+      },
+      failures: {
+        type: 'array',
+        description: `devices whose latest attempt at their resolved firmware failed, rolled back or timed out (the first ${STATUS_FAILURES_SHOWN} by identifier; updates has the counts)`,
+        items: {
+          type: 'object',
+          required: ['device_id', 'identifier', 'version', 'state', 'errors'],
+          properties: {
+            device_id: { type: 'string', format: 'uuid' },
+            identifier: { type: 'string' },
+            version: { type: 'string' },
+            state: { type: 'string' },
+            errors: { type: 'array', items: { type: 'string' } },
+          },
+        },
+      },
+      target: { anyOf: [ref('Target'), { type: 'null' }], description: "the group's own target (null for an org)" },
     },
   } as const;
 
@@ -334,28 +370,12 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
   );
 }
 
-/**
- * Counts for a status view. Devices are paged through the domain's list (1000 at a time) so the
- * API writes no fleet SQL; fine for the fleets this serves, a domain aggregate would be faster.
- */
+/** A status view: the domain's per-device counts, with the group's own target. */
 async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string) {
-  const versions: Record<string, number> = {};
-  let online = 0;
-  let total = 0;
-  for (let offset = 0; ; offset += 1000) {
-    const page = await listDevices(fleet, { orgId, groupId, limit: 1000, offset });
-    total = page.total;
-    for (const d of page.items) {
-      const v = d.firmware_version ?? 'unknown';
-      versions[v] = (versions[v] ?? 0) + 1;
-      if (d.connection_status === 'online') online++;
-    }
-    if (page.items.length < 1000) break;
-  }
-  const updates = await countUpdateStates(fleet, { orgId, groupId });
+  const status = await fleetCounts(fleet, orgId, groupId);
   const target =
     groupId && isUuid(groupId)
       ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === 'firmware') ?? null)
       : null;
-  return { devices: total, online, offline: total - online, versions, updates, target };
+  return { ...status, target };
 }
