@@ -1,6 +1,6 @@
 /**
  * The fleethub device library: one device's connection over the official `phoenix` client with a
- * mutual-TLS WebSocket, and the seed-002 update flow (download, verify, install, report, reboot).
+ * mutual-TLS WebSocket, and the Phoenix device protocol's update flow (download, verify, install, report, reboot).
  */
 import { EventEmitter } from 'node:events';
 import { rm } from 'node:fs/promises';

@@ -2,7 +2,7 @@
  * Many simulated devices in one process. A protocol adapter (`registerSimulatorProtocol`) turns
  * one device spec into something that starts, stops and reports `SimEvent`s; the simulator
  * staggers the starts, injects faults through the adapter and keeps the counts.
- * `phoenix` (seed 002, this package's DeviceClient) is built in; other edges register theirs.
+ * `phoenix` (the Phoenix device protocol, this package's DeviceClient) is built in; other edges register theirs.
  */
 import { EventEmitter } from 'node:events';
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';

@@ -1,5 +1,5 @@
 /**
- * A simulated seed-003 client: keeps an RSA-2048 key in `stateDir`, authorises with 101 (on 102
+ * A simulated keyauth client: keeps an RSA-2048 key in `stateDir`, authorises with 101 (on 102
  * it retries until an operator approves the key), then over AES-256-GCM/RSA-OAEP envelopes
  * reports `status`, polls `check_update`, downloads the offered URL, verifies its sha256,
  * "installs" it and reports progress / error / success. Heartbeats keep it online.

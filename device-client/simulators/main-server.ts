@@ -1,5 +1,5 @@
 /**
- * A simulated Raspberry Pi speaking seed 000 (Main Server REST): registers, waits for approval
+ * A simulated Raspberry Pi speaking the Main Server REST protocol: registers, waits for approval
  * (or uses a pre-approved token), collects its device token with its claim, heartbeats, polls
  * `/updates`, downloads the package, verifies its sha256, backs up the extension, installs the
  * ZIP, reports `update-status`, and restores the backup (`rolled_back`) when the install fails.
