@@ -83,7 +83,7 @@ export interface RunningServer {
   operatorEndpoint: Endpoint;
   api: FastifyInstance;
   blobs: LocalBlobStore;
-  /** The seed-003 TCP listener, unless disabled (`--keyauth-port -1`). */
+  /** The keyauth TCP listener, unless disabled (`--keyauth-port -1`). */
   keyauth?: KeyauthServer;
   /** The edges' links on this node (GRiSP, WiFiDogX): drained with 1012 by `close()`. */
   edgeRuntime: EdgeRuntime;
