@@ -186,6 +186,7 @@ async function upload(file: string, o: UploadFlags, io: CliIo): Promise<number> 
       signature,
     },
     source: createReadStream(file, { highWaterMark: 256 * 1024 }),
+    size,
     onProgress: (sent) => bar.update(sent, size),
   });
   bar.done();
@@ -197,6 +198,8 @@ export interface UploadStreamOptions {
   client: ClientOptions;
   query: operations['uploadFirmware']['parameters']['query'];
   source: Readable;
+  /** Content-Length to announce (unknown: chunked). */
+  size?: number;
   onProgress?: (sentBytes: number) => void;
 }
 
@@ -232,7 +235,10 @@ export async function uploadFirmwareStream(options: UploadStreamOptions): Promis
         params: { query: options.query },
         body,
         bodySerializer: (stream) => stream as BodyInit,
-        headers: { 'content-type': 'application/octet-stream' },
+        headers: {
+          'content-type': 'application/octet-stream',
+          ...(options.size === undefined ? {} : { 'content-length': String(options.size) }),
+        },
         // A Request takes a stream body only half-duplex (not yet in TypeScript's RequestInit).
         ...({ duplex: 'half' } as object),
       }),

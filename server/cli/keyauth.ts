@@ -1,4 +1,4 @@
-/** `fleethub keyauth list | approve | revoke`: client keys of the public-key TCP protocol (seed 003). */
+/** `fleethub keyauth list | approve | revoke`: client keys of the public-key TCP protocol (keyauth). */
 import type { Command } from 'commander';
 import { listRange, printJson, printRows, sessionFor, type CliIo, type CommonFlags } from './client.ts';
 import { act, type CliContext, type PageFlags, paged, withServer } from './command.ts';
@@ -10,7 +10,7 @@ export async function runKeyauthCommand(argv: string[], io?: CliIo): Promise<num
 
 export function registerKeyauthCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
-  const keyauth = program.command('keyauth').description('public-key TCP clients (seed 003)');
+  const keyauth = program.command('keyauth').description('public-key TCP clients (keyauth)');
   act<CommonFlags & PageFlags & { pending?: boolean }>(
     paged(
       withServer(
