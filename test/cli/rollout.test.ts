@@ -60,62 +60,18 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
     })) as { id: string; version: string };
   }
 
-  /** `fleethub-device simulate` of `count` devices named `<prefix>NNNN`, until they are done with `version`. */
-  async function simulate(prefix: string, count: number, version: string, ...extra: string[]) {
+  /** `fleethub-device simulate` of `count` devices named `<prefix>-NNNN` running the base firmware, until `signal`. */
+  async function simulateWith(signal: AbortSignal | undefined, prefix: string, count: number, ...extra: string[]) {
     const pki = await getTestPki();
-    return run(deviceMain, [
-      'simulate',
-      '--count',
-      String(count),
-      '--url',
-      socketUrl,
-      '--pki',
-      pki.dir,
-      '--certs',
-      path.join(tmp, `${prefix}certs`),
-      '--state-dir',
-      path.join(tmp, `${prefix}state`),
-      '--serial-prefix',
-      prefix,
-      '--firmware-uuid',
-      base.id,
-      '--version',
-      base.version,
-      '--until-version',
-      version,
-      '--json',
-      ...extra,
-    ]);
+    const argv = ['simulate', '--count', String(count), '--url', socketUrl, '--pki', pki.dir];
+    argv.push('--certs', path.join(tmp, `${prefix}certs`), '--state-dir', path.join(tmp, `${prefix}state`));
+    argv.push('--serial-prefix', prefix, '--firmware-uuid', base.id, '--version', base.version, '--json');
+    return run(deviceMain, [...argv, ...extra], signal);
   }
 
-  /** `fleethub-device simulate` of `count` devices named `<prefix>-NNNN` running the base firmware, until `signal`. */
-  async function simulateWith(signal: AbortSignal, prefix: string, count: number) {
-    const pki = await getTestPki();
-    return run(
-      deviceMain,
-      [
-        'simulate',
-        '--count',
-        String(count),
-        '--url',
-        socketUrl,
-        '--pki',
-        pki.dir,
-        '--certs',
-        path.join(tmp, `${prefix}certs`),
-        '--state-dir',
-        path.join(tmp, `${prefix}state`),
-        '--serial-prefix',
-        prefix,
-        '--firmware-uuid',
-        base.id,
-        '--version',
-        base.version,
-        '--json',
-      ],
-      signal,
-    );
-  }
+  /** The same, until they are done with `version`. */
+  const simulate = (prefix: string, count: number, version: string, ...extra: string[]) =>
+    simulateWith(undefined, prefix, count, '--until-version', version, ...extra);
 
   const online = async (prefix: string, count: number) =>
     until(
