@@ -635,7 +635,10 @@ async function watchDeployment(
   let last = '';
   let latest: Deployment | undefined;
   let approvalHinted = -1;
+  let ended: number | undefined;
   const code = await watchOrg(client, org, io, timeoutMs, async () => {
+    // A refresh queued before the end must not print the end again.
+    if (ended !== undefined) return ended;
     const d = await get(id);
     latest = d;
     if (o.json) {
@@ -657,6 +660,7 @@ async function watchDeployment(
     }
     const verdict = watchVerdict(d.state);
     if (verdict === undefined) return undefined;
+    ended = verdict;
     const c = d.counts;
     io.err(
       d.state === 'completed'
