@@ -1,6 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 
-// Edges for seed 004 (GRiSP) and seed 001 (WiFiDogX): per-device protocol state, GRiSP device
+// Edges for GRiSP and WiFiDogX: per-device protocol state, GRiSP device
 // logs and linking tokens, WiFiDogX operator commands and their responses. Frozen in time.
 export async function up(db: Kysely<any>): Promise<void> {
   await db.schema

@@ -1,6 +1,6 @@
 import { type Kysely, sql } from 'kysely';
 
-// Edges of seed 000 (Main Server REST) and seed 003 (public-key TCP): device tokens and
+// Edges of Main Server REST and keyauth (public-key TCP): device tokens and
 // registration details of Main Server devices, integer extension ids, and client public keys.
 // Approval itself is devices.approval. Frozen in time: never import application code here.
 export async function up(db: Kysely<any>): Promise<void> {

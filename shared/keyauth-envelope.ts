@@ -1,5 +1,5 @@
 /**
- * Seed 003's hybrid envelope, pure (no I/O, no logger): a JSON body encrypted with AES-256-GCM
+ * The keyauth protocol's hybrid envelope, pure (no I/O, no logger): a JSON body encrypted with AES-256-GCM
  * under a fresh random key, that key wrapped with RSA-OAEP-SHA256 to the receiver's public key.
  *
  *   {"enc": {"key": b64(RSA-OAEP(aesKey)), "iv": b64(12 bytes), "ct": b64(ciphertext), "tag": b64(16 bytes)}}

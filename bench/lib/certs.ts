@@ -4,9 +4,14 @@
  * (fixed width, so every length in the DER stays the same) and is signed natively.
  * All devices share one RSA key; the fingerprint is of the certificate, so devices stay distinct.
  * Slices are cached on disk next to the PKI, so later runs pay nothing.
+ *
+ * The server process and every worker call this at once on a fresh PKI: the key and each slice
+ * are published with a no-overwrite link, and a process that loses the race uses the winner's
+ * file, so every process holds the same key and the same certificates (before, each process
+ * generated its own key and 1,002 of 10,000 devices failed with "key values mismatch").
  */
 import { createHash, createPrivateKey, randomBytes, sign, type KeyObject } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, linkSync, mkdirSync, readFileSync, unlinkSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import forge from 'node-forge';
 import { issueDeviceCertificate, loadPki, type PkiMaterial } from '../../certs/pki.ts';
@@ -20,13 +25,32 @@ export function benchSerial(index: number): string {
   return `${CN_PREFIX}${String(index).padStart(CN_WIDTH, '0')}`;
 }
 
+/**
+ * Writes `content` to `file` unless another process got there first; returns what `file` holds.
+ * The content goes to a private temporary file that is then hard-linked into place, which fails
+ * when `file` exists: readers never see a torn file and nobody overwrites a published one.
+ */
+function publishOnce(file: string, content: string, mode = 0o644): string {
+  if (existsSync(file)) return readFileSync(file, 'utf8');
+  const tmp = `${file}.${process.pid}.tmp`;
+  writeFileSync(tmp, content, { mode });
+  try {
+    linkSync(tmp, file);
+    return content;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+    return readFileSync(file, 'utf8');
+  } finally {
+    unlinkSync(tmp);
+  }
+}
+
 /** One RSA key for every bench device certificate, created once next to the PKI. */
 export function benchDeviceKey(pkiDir: string): string {
   const file = path.join(pkiDir, 'bench-device.key');
   if (existsSync(file)) return readFileSync(file, 'utf8');
   const pem = forge.pki.privateKeyToPem(forge.pki.rsa.generateKeyPair({ bits: 2048, e: 0x10001 }).privateKey);
-  writeFileSync(file, pem, { mode: 0o600 });
-  return pem;
+  return publishOnce(file, pem, 0o600);
 }
 
 interface Template {
@@ -108,8 +132,8 @@ const SLICE = 1000;
 export function deviceCredentials(pkiDir: string, from: number, to: number): DeviceCredentials {
   const pki = loadPki(pkiDir);
   const keyPem = benchDeviceKey(pkiDir);
-  // The cache is only valid for this signer CA.
-  const signerTag = createHash('sha256').update(pki.signerCa.certPem).digest('hex').slice(0, 12);
+  // The cache is only valid for this signer CA and this device key.
+  const signerTag = createHash('sha256').update(pki.signerCa.certPem).update(keyPem).digest('hex').slice(0, 12);
   const dir = path.join(pkiDir, `bench-certs-${signerTag}`);
   mkdirSync(dir, { recursive: true });
   let template: Template | undefined;
@@ -124,8 +148,7 @@ export function deviceCredentials(pkiDir: string, from: number, to: number): Dev
       const salt = randomBytes(16);
       slice = [];
       for (let i = start; i < start + SLICE; i++) slice.push(issueFromTemplate(template, i, salt));
-      // Written whole and renamed would be safer; a torn write only costs a re-issue (JSON.parse throws).
-      writeFileSync(file, JSON.stringify(slice));
+      slice = JSON.parse(publishOnce(file, JSON.stringify(slice))) as string[];
     }
     for (let i = Math.max(from, start); i < Math.min(to, start + SLICE); i++) certs.set(i, slice[i - start]!);
   }

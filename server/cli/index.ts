@@ -42,7 +42,7 @@ export function buildProgram(ctx: CliContext): Command {
   registerStatusCommand(program, ctx);
   registerMainServerCommands(program, ctx);
   registerKeyauthCommands(program, ctx);
-  registerGrispCommands(program.command('grisp').description('GRiSP boards (seed 004)'), ctx);
+  registerGrispCommands(program.command('grisp').description('GRiSP boards (grisp_connect)'), ctx);
   registerWebhooksCommands(program, ctx);
   registerWifidogxCommands(program, ctx);
   return finishTree(program, ctx.io);

@@ -1,4 +1,4 @@
-/** `fleethub keyauth list | approve | revoke`: client keys of the public-key TCP protocol (seed 003). */
+/** `fleethub keyauth list | approve | revoke`: client keys of the public-key TCP protocol (keyauth). */
 import type { Command } from 'commander';
 import { clientFor, printJson, printRows, type CliIo, type CommonFlags } from './client.ts';
 import { act, type CliContext, withServer } from './command.ts';
@@ -20,7 +20,7 @@ interface ClientRow {
 
 export function registerKeyauthCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
-  const keyauth = program.command('keyauth').description('public-key TCP clients (seed 003)');
+  const keyauth = program.command('keyauth').description('public-key TCP clients (keyauth)');
   act<CommonFlags & { pending?: boolean }>(
     withServer(
       keyauth

@@ -1,5 +1,5 @@
 /**
- * `fleethub main-server <sub>`: the Main Server edge (seed 000) for operators — approval queue,
+ * `fleethub main-server <sub>`: the Main Server edge for operators — approval queue,
  * approve / revoke / rotate-token / add (tokens are printed once), packages (pack a directory
  * into a ZIP, upload), extensions, updates, schedule and deploy.
  */
@@ -71,7 +71,7 @@ type Flags = CommonFlags & { pending?: boolean; name?: string; out?: string; dev
 
 export function registerMainServerCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
-  const ms = program.command('main-server').description('Main Server devices and packages (seed 000)');
+  const ms = program.command('main-server').description('Main Server devices and packages');
   const sub = (name: string, description: string) => withServer(ms.command(name).description(description));
   act<Flags>(sub('devices', 'Main Server devices').option('--pending', 'only the approval queue'), ctx, async (o) => {
     const { items } = await clientFor(o, io).get<{ items: DeviceRow[] }>('/api/v1/main-server/devices', {

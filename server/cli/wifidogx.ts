@@ -34,7 +34,7 @@ type Flags = CommonFlags & {
 
 export function registerWifidogxCommands(program: Command, ctx: CliContext): void {
   const { io } = ctx;
-  const wifidogx = program.command('wifidogx').description('WiFiDogX gateways (seed 001)');
+  const wifidogx = program.command('wifidogx').description('WiFiDogX gateways');
   const sub = (name: string, description: string) =>
     withOrg(wifidogx.command(name).description(description).argument('<device>', 'id or device_id'));
   const api = async (o: Flags, device: unknown) => {

@@ -1,5 +1,5 @@
 /**
- * The Phoenix socket devices connect to over mutual TLS (seed 002): identity from the client
+ * The Phoenix socket devices connect to over mutual TLS (the Phoenix device protocol): identity from the client
  * certificate only, then the `device:*` and `group:*` channels. Thin: every callback calls the
  * fleet domain and turns its result into a reply and effects.
  */

@@ -84,15 +84,11 @@ export function registerFirmwareDownload(deviceApp: FastifyInstance, deps: Firmw
         );
         return refuse(reply, 403, 'forbidden', "this firmware does not belong to the device's product");
       }
+      const missing = (r: FastifyReply) =>
+        refuse(r, 404, 'not_found', 'the firmware image is not stored on the server; ask an operator to upload it');
       const blob = await firmwareBlob(deps.blobs, firmware);
-      if (!blob)
-        return refuse(
-          reply,
-          404,
-          'not_found',
-          'the firmware image is not stored on the server; ask an operator to upload it',
-        );
-      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE });
+      if (!blob) return missing(reply);
+      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE, missing });
     },
   });
 }

@@ -1,7 +1,8 @@
 import type { IncomingHttpHeaders, ServerResponse } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Firmware } from '../db/schema.ts';
-import type { BlobReader, BlobStore, ByteRange } from './blob-store.ts';
+import type { Readable } from 'node:stream';
+import { BlobStoreError, type BlobReader, type BlobStore, type ByteRange } from './blob-store.ts';
 
 /** One firmware download as it ended: how much of it was sent, how long it took, whether it was sent whole. */
 export interface DownloadOutcome {
@@ -56,6 +57,11 @@ export interface ServeBlobOptions {
   contentType?: string;
   /** More headers of the 200/206 answer (Content-Disposition, checksums). */
   headers?: Record<string, string>;
+  /**
+   * The route's answer when the blob is gone by the time its bytes are opened (deleted after the
+   * route looked it up): its 404 in its own error format, the same as for a blob it found missing.
+   */
+  missing(reply: FastifyReply): FastifyReply | Promise<FastifyReply>;
 }
 
 /**
@@ -117,29 +123,54 @@ export async function serveBlob(
   const etag = entity.etag ?? `"${entity.sha256}"`;
   // HTTP dates have whole seconds: compare what the client can have seen.
   const modified = entity.lastModified ? Math.floor(entity.lastModified.getTime() / 1000) * 1000 : undefined;
-  reply.header('etag', etag).header('cache-control', options.cacheControl);
-  if (modified !== undefined) reply.header('last-modified', new Date(modified).toUTCString());
-  if (notModified(request.headers, etag, modified)) return reply.status(304).send();
-
-  reply.header('accept-ranges', 'bytes').header('content-type', options.contentType ?? 'application/octet-stream');
-  for (const [name, value] of Object.entries(options.headers ?? {})) reply.header(name, value);
+  const validators = () => {
+    reply.header('etag', etag).header('cache-control', options.cacheControl);
+    if (modified !== undefined) reply.header('last-modified', new Date(modified).toUTCString());
+  };
+  if (notModified(request.headers, etag, modified)) {
+    validators();
+    return reply.status(304).send();
+  }
   const size = entity.size;
   // Range is defined for GET only (RFC 9110 §14.2); HEAD answers what a plain GET would.
   let range = request.method === 'GET' ? parseRange(request.headers.range, size) : undefined;
   if (range !== undefined && !rangeConditionHolds(request.headers['if-range'], etag, modified)) range = undefined;
+  const length = range === 'unsatisfiable' ? 0 : range ? range.end - range.start + 1 : size;
+  const offset = entity.offset ?? 0;
+  const start = offset + (range && range !== 'unsatisfiable' ? range.start : 0);
+  // Opened before any header is set: a blob deleted since the route looked it up is the route's 404.
+  const source =
+    request.method === 'HEAD' || length === 0
+      ? undefined
+      : await openSource(options.blobs, entity.sha256, { start, end: start + length - 1 });
+  if (source === null) return options.missing(reply);
+
+  validators();
+  reply.header('accept-ranges', 'bytes').header('content-type', options.contentType ?? 'application/octet-stream');
+  for (const [name, value] of Object.entries(options.headers ?? {})) reply.header(name, value);
   if (range === 'unsatisfiable')
     return reply.status(416).header('content-range', `bytes */${size}`).header('content-length', 0).send();
   if (range)
     reply
       .status(206)
       .header('content-range', `bytes ${range.start}-${range.end}/${size}`)
-      .header('content-length', range.end - range.start + 1);
+      .header('content-length', length);
   else reply.status(200).header('content-length', size);
-  const length = range ? range.end - range.start + 1 : size;
-  if (request.method === 'HEAD' || length === 0) return reply.send();
-  const offset = entity.offset ?? 0;
-  const start = offset + (range?.start ?? 0);
-  return sendBytes(reply, options.blobs, entity.sha256, { start, end: start + length - 1 });
+  if (!source) return reply.send();
+  return sendBytes(reply, source, entity.sha256, { start, end: start + length - 1 });
+}
+
+/** An opened blob: positional reads, or a stream of the range (stores without `reader`). */
+type Source = { reader: BlobReader } | { stream: Readable };
+
+/** Opens `range` of blob `sha256`; null when it is not in the store (any other failure rejects). */
+async function openSource(blobs: BlobStore, sha256: string, range: ByteRange): Promise<Source | null> {
+  try {
+    return blobs.reader ? { reader: await blobs.reader(sha256) } : { stream: await blobs.open(sha256, range) };
+  } catch (err) {
+    if (err instanceof BlobStoreError && err.code === 'BLOB_NOT_FOUND') return null;
+    throw err;
+  }
 }
 
 /**
@@ -216,12 +247,7 @@ const CHUNK = 256 * 1024;
  * drain, so backpressure holds the disk reads. When the client goes away the loop stops and the
  * blob is closed. Other stores stream through Fastify (which destroys the stream on close).
  */
-async function sendBytes(
-  reply: FastifyReply,
-  blobs: BlobStore,
-  sha256: string,
-  range: ByteRange,
-): Promise<FastifyReply> {
+async function sendBytes(reply: FastifyReply, source: Source, sha256: string, range: ByteRange): Promise<FastifyReply> {
   const startedAt = performance.now();
   const expected = range.end - range.start + 1;
   const sent = { bytes: 0 };
@@ -230,7 +256,7 @@ async function sendBytes(
     const completed = reply.raw.writableFinished;
     const outcome: DownloadOutcome = {
       sha256,
-      bytes: completed && !blobs.reader ? expected : sent.bytes,
+      bytes: completed && 'stream' in source ? expected : sent.bytes,
       expected,
       durationMs: Math.round(performance.now() - startedAt),
       completed,
@@ -248,8 +274,8 @@ async function sendBytes(
     );
     reply.server.fleethubDownloadObserver?.(outcome);
   });
-  if (!blobs.reader) return reply.send(await blobs.open(sha256, range));
-  const reader = await blobs.reader(sha256);
+  if ('stream' in source) return reply.send(source.stream);
+  const { reader } = source;
   const res = reply.raw;
   const headers = reply.getHeaders();
   reply.hijack();

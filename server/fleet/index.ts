@@ -23,6 +23,7 @@ export {
   type FleetBus,
   type FleetContext,
   type FleetEvent,
+  type FleetObserver,
 } from './context.ts';
 export { FleetError, NAME_PATTERN, isUuid, validName, validVersion, type FleetErrorCode } from './errors.ts';
 export {

@@ -55,7 +55,9 @@ export function variantSql(d: string, release: string): RawBuilder<unknown> {
 /**
  * Target resolution, per device and component (the README quotes this):
  * 1. a device-level target overrides every group target;
- * 2. otherwise, among the device's groups that have a target, the group with the lowest
+ * 2. otherwise the newest deployment that told the device (docs/deployments.md), unless a group
+ *    target was set after it told the device;
+ * 3. otherwise, among the device's groups that have a target, the group with the lowest
  *    `priority` wins; on a tie, the most recently set target wins.
  * Only approved devices resolve a target. A target names a release (`release_id`, one of its
  * records); the device's `target_id` is the variant of it that its protocol installs — null
@@ -71,8 +73,9 @@ export function resolvedSql(set: DeviceSet, component: string): RawBuilder<unkno
            tf.id AS release_id,
            CASE WHEN ${runsComponentSql('d', component)} THEN (${variantSql('d', 'tf')}) END AS target_id,
            COALESCE(rf.product_id = tf.product_id AND rf.component = tf.component AND rf.version = tf.version, false) AS runs_target,
-           COALESCE(dt.set_at, gt.set_at) AS target_set_at,
-           CASE WHEN dt.firmware_id IS NOT NULL THEN 'device' WHEN gt.group_id IS NOT NULL THEN 'group:' || gt.group_id END AS via
+           COALESCE(dt.set_at, CASE WHEN dep.wins THEN dep.told_at END, gt.set_at) AS target_set_at,
+           CASE WHEN dt.firmware_id IS NOT NULL THEN 'device' WHEN dep.wins THEN 'deployment:' || dep.id
+                WHEN gt.group_id IS NOT NULL THEN 'group:' || gt.group_id END AS via
     FROM devices d
     JOIN (${scopeSql(set)}) scope ON scope.device_id = d.id
     LEFT JOIN device_components dc ON dc.device_id = d.id AND dc.component = ${component}
@@ -86,7 +89,19 @@ export function resolvedSql(set: DeviceSet, component: string): RawBuilder<unkno
       ORDER BY g.priority ASC, t.set_at DESC, t.id DESC
       LIMIT 1
     ) gt ON true
-    LEFT JOIN firmware tf ON tf.id = COALESCE(dt.firmware_id, gt.firmware_id)
+    -- The newest deployment that told the device (docs/deployments.md): it wins over a group
+    -- target set before the device was told, while the device is in flight in a running or paused
+    -- deployment, and for good once it succeeded there (a device that failed falls back).
+    LEFT JOIN LATERAL (
+      SELECT dp.id, dp.firmware_id, dd.told_at, (gt.set_at IS NULL OR dd.told_at >= gt.set_at) AS wins
+      FROM deployment_devices dd
+      JOIN deployments dp ON dp.id = dd.deployment_id
+      WHERE dd.device_id = d.id AND dd.told_at IS NOT NULL AND dp.component = ${component}
+        AND (dd.state = 'succeeded' OR (dd.state = 'in_flight' AND dp.state IN ('running', 'paused', 'completed')))
+      ORDER BY dd.told_at DESC
+      LIMIT 1
+    ) dep ON true
+    LEFT JOIN firmware tf ON tf.id = COALESCE(dt.firmware_id, CASE WHEN dep.wins THEN dep.firmware_id END, gt.firmware_id)
     LEFT JOIN firmware rf ON rf.id = CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END
     WHERE d.approval = 'approved'`;
 }

@@ -78,6 +78,7 @@ export function attemptSummary(a: UpdateAttempt): Record<string, unknown> {
     to_version: a.to_version,
     state: a.state,
     percent: a.percent,
+    via: a.via,
   };
 }
 

@@ -1,5 +1,5 @@
 /**
- * Seed 003 (public-key TCP) against the real server over real TCP: handshake (unknown key → 102
+ * keyauth (public-key TCP) against the real server over real TCP: handshake (unknown key → 102
  * and pending; approved → 103), envelopes, actions, limits (tampered envelope, plaintext after
  * 103, oversize line, slowloris, flood), and a mixed group of a Main Server Pi and a keyauth
  * client retargeted once.
@@ -164,7 +164,7 @@ after(async () => {
   rmSync(tmp, { recursive: true, force: true });
 });
 
-describe(`keyauth TCP (seed 003) on ${DATABASE_KIND}`, () => {
+describe(`keyauth TCP on ${DATABASE_KIND}`, () => {
   test('an unknown key gets 102 and is recorded as pending; once approved by fingerprint the same key gets 103 with the server key', async () => {
     const key = clientKey();
     const wire = new Wire(server.keyauth!.port);

@@ -1,5 +1,5 @@
 /**
- * Seed 000 (Main Server REST) against the real server over real HTTP: every endpoint with the
+ * The Main Server REST protocol against the real server over real HTTP: every endpoint with the
  * seed's example bodies, the authorisation matrix, packages, heartbeats, and a simulated Pi
  * (checksum mismatch → failed, failing install → rolled back).
  */
@@ -156,7 +156,7 @@ after(async () => {
   rmSync(tmp, { recursive: true, force: true });
 });
 
-describe(`Main Server REST (seed 000) on ${DATABASE_KIND}`, () => {
+describe(`Main Server REST on ${DATABASE_KIND}`, () => {
   let token: string;
   let extensionId: number;
   let packageId: string;

@@ -10,6 +10,7 @@
  */
 import assert from 'node:assert/strict';
 import { createHash, randomBytes } from 'node:crypto';
+import { rename } from 'node:fs/promises';
 import https from 'node:https';
 import { after, before, describe, it } from 'node:test';
 import { buildGrispPackage } from '../../device-client/simulators/grisp.ts';
@@ -42,6 +43,10 @@ interface Refusal {
 interface RouteCase {
   /** The entity the route serves. */
   bytes: Buffer;
+  /** The stored blob the entity is read from (a GRiSP member is a slice of its package's). */
+  blob: string;
+  /** The error the route answers when that blob is gone (404, in the route's own error format). */
+  missing: RegExp;
   url: string;
   /** A client certificate (device listener routes) and headers (Main Server's bearer token). */
   cert?: CertifiedKey;
@@ -62,6 +67,8 @@ let ca: string;
 const cases = {} as Record<RouteName, RouteCase>;
 /** Every blob reader the server opened, with what it read and whether it was closed. */
 const readers: Array<{ bytesRead: number; closed: boolean }> = [];
+/** Set by a test: the next open of this blob finds it deleted (moved away), after the route looked it up. */
+let deleteBeforeOpen: string | undefined;
 
 /** One HTTPS request on a fresh socket; `abortAfter` destroys it once that many body bytes arrived. */
 function fetchRoute(
@@ -153,6 +160,16 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
     const store = server.blobs;
     const open = store.reader!.bind(store);
     store.reader = async (sha256: string): Promise<BlobReader> => {
+      if (deleteBeforeOpen === sha256) {
+        deleteBeforeOpen = undefined;
+        // Really gone from the store: an operator's delete landing between the route's check and the open.
+        await rename(store.pathOf(sha256), `${store.pathOf(sha256)}.away`);
+        try {
+          return await open(sha256);
+        } finally {
+          await rename(`${store.pathOf(sha256)}.away`, store.pathOf(sha256));
+        }
+      }
       const reader = await open(sha256);
       const seen = { bytesRead: 0, closed: false };
       readers.push(seen);
@@ -205,8 +222,18 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
     const badSignature = /signature is invalid/;
     const expired = /has expired/;
 
+    const imageBlob = sha(image);
+    const pkgBlob = (
+      await server.database.db
+        .selectFrom('firmware')
+        .select('sha256')
+        .where('id', '=', pkg.id)
+        .executeTakeFirstOrThrow()
+    ).sha256!;
     cases.phoenix = {
       bytes: image,
+      blob: imageBlob,
+      missing: /"code":"not_found".*not stored on the server/,
       url: phoenixUrl,
       cert,
       cacheControl: /^private, max-age=86400, immutable$/,
@@ -229,6 +256,8 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
     };
     cases.grisp = {
       bytes: block,
+      blob: pkgBlob,
+      missing: /"code":"not_found".*not a stored GRiSP package/,
       url: grispUrl,
       cert,
       cacheControl: /^private, max-age=86400, immutable$/,
@@ -256,6 +285,9 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
       revoked: Refusal,
     ): RouteCase => ({
       bytes: image,
+      blob: imageBlob,
+      missing:
+        route === 'wifidogx' ? /"code":"not_found".*not stored on the server/ : /"error":"Not found".*not stored/,
       url,
       cacheControl: /^no-store$/,
       refusals: [
@@ -289,6 +321,8 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
     });
     cases['main-server'] = {
       bytes: image,
+      blob: imageBlob,
+      missing: /"error":.*has no uploaded image/,
       url: mainServerUrl,
       headers: { authorization: `Bearer ${server.adminToken}` },
       cacheControl: /^private, max-age=86400, immutable$/,
@@ -446,6 +480,22 @@ describe(`every download route answers the same HTTP (${DATABASE_KIND})`, () => 
             assert.ok(res.body.length < 1000, refusal.what);
           }
         }
+      });
+
+      it("a blob deleted between the route's check and the open answers 404 in the route's format, not 500", async () => {
+        for (const headers of [{}, { range: 'bytes=10-19' }] as Record<string, string>[]) {
+          deleteBeforeOpen = r().blob;
+          const res = await fetchRoute(r(), { headers });
+          assert.equal(deleteBeforeOpen, undefined, 'the route opened the blob');
+          assert.equal(res.status, 404, JSON.stringify(headers));
+          assert.match(String(res.headers['content-type']), /^application\/json/);
+          assert.equal(res.headers['content-range'], undefined);
+          assert.equal(res.headers.etag, undefined);
+          assert.match(JSON.stringify(json(res)), r().missing);
+        }
+        const next = await fetchRoute(r(), { headers: { range: 'bytes=10-19' } });
+        assert.equal(next.status, 206, 'the blob is back: served again');
+        assert.deepEqual(next.body, r().bytes.subarray(10, 20));
       });
 
       it('stops reading and closes the blob when the client leaves mid-stream, then serves the next', async (t) => {

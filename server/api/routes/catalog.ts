@@ -76,7 +76,7 @@ const targetChangeSchema = {
 } as const;
 
 /** The firmware a target body names, within a product. */
-async function resolveTargetFirmware(
+export async function resolveTargetFirmware(
   fleet: FleetContext,
   orgId: string,
   productId: string,

@@ -1,5 +1,5 @@
 /**
- * The GRiSP edge (seed 004): `/grisp-connect/ws` on the mutual-TLS device listener (subprotocol
+ * The GRiSP edge (grisp_connect): `/grisp-connect/ws` on the mutual-TLS device listener (subprotocol
  * `grisp-io-v1`), the package download route `/grisp/fw/<id>/<expires>/<sig>/<member>` on the
  * same listener (signed by firmware/signing.ts, served by firmware/serve-blob.ts), and the operator
  * REST routes (routes.ts).
@@ -214,7 +214,11 @@ export async function registerGrispEdge(deps: GrispEdgeDeps): Promise<GrispEdge>
         etag: `"${firmware.sha256}:${member}"`,
         lastModified: new Date(firmware.uploaded_at),
       };
-      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE });
+      return serveBlob(request, reply, blob, {
+        blobs: deps.blobs,
+        cacheControl: PRIVATE_IMMUTABLE,
+        missing: (r) => refuse(r, 404, 'not_found', 'this firmware is not a stored GRiSP package'),
+      });
     },
   });
 

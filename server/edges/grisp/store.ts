@@ -204,7 +204,7 @@ export async function listLogEvents(
 
 // --- device linking ----------------------------------------------------------------------------
 
-/** Linking errors a device can get (seed 004 custom codes; docs/edges/grisp.md). */
+/** Linking errors a device can get (the GRiSP protocol's custom codes; docs/edges/grisp.md). */
 export const LinkErrors = {
   notLinked: { code: -1, message: 'device not linked' },
   expired: { code: -2, message: 'token expired' },

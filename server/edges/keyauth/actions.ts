@@ -1,5 +1,5 @@
 /**
- * Seed 003 actions (after 103, inside envelopes), mapped to the fleet:
+ * keyauth actions (after 103, inside envelopes), mapped to the fleet:
  *   status       {version, component?}             → running version recorded, attempts settled
  *   check_update {component?, version?}            → {update: {version, url, sha256, size, expires_at} | null}
  *   report       {type: progress|error|success, version, component?, percent?, bytes?, total?, message?}

@@ -68,10 +68,12 @@ export function registerKeyauthDownloads(
           .executeTakeFirst());
       if (!row || device?.approval !== 'approved')
         return refuse(reply, 403, 'this device may not download this firmware');
+      const missing = (r: FastifyReply) => refuse(r, 404, 'the firmware image is not stored on the server');
       const blob = await firmwareBlob(deps.blobs, row);
-      if (!blob) return refuse(reply, 404, 'the firmware image is not stored on the server');
+      if (!blob) return missing(reply);
       // The URL is the credential: nothing may keep the answer under it.
-      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: NO_STORE, ...packageHeaders(row) });
+      const options = { blobs: deps.blobs, cacheControl: NO_STORE, missing, ...packageHeaders(row) };
+      return serveBlob(request, reply, blob, options);
     },
   });
 }

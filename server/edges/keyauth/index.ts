@@ -1,5 +1,5 @@
 /**
- * The keyauth edge (seed 003): a TCP listener speaking newline-delimited JSON with public-key
+ * The keyauth edge: a TCP listener speaking newline-delimited JSON with public-key
  * authorisation (101 → 102/103) and AES-256-GCM/RSA-OAEP envelopes, mapped to the fleet.
  *
  * Wiring (server/main.ts):

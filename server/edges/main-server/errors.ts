@@ -1,5 +1,5 @@
 /**
- * Seed 000's error shape: every error is `{"error": "<description>", "details": "<what to do>"}`
+ * The Main Server protocol's error shape: every error is `{"error": "<description>", "details": "<what to do>"}`
  * with 400/401/403/404/409/500. Domain errors (FleetError) and Fastify's own (bad JSON, schema)
  * are mapped here, once, for every `/api/main-server` route.
  */

@@ -1,5 +1,5 @@
 /**
- * The Main Server edge (seed 000): `/api/main-server/*` on the API listener, operator routes in
+ * The Main Server edge: `/api/main-server/*` on the API listener, operator routes in
  * `/api/v1/main-server/*`, and the heartbeat sweep (offline 180 s after the last heartbeat).
  *
  * Wiring (server/main.ts):

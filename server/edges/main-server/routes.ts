@@ -1,5 +1,5 @@
 /**
- * `/api/main-server/*` (seed 000) on the API listener. Operators authenticate with the same
+ * `/api/main-server/*` (the Main Server protocol) on the API listener. Operators authenticate with the same
  * bearer tokens as `/api/v1` (JWT or API token, roles); devices with their device token
  * (`fhd_...`). Scalars come from the JSON body, falling back to the query string. Errors are
  * `{error, details}`.
@@ -174,7 +174,7 @@ const schema = (summary: string, extra: Record<string, unknown> = {}) => ({
   ...extra,
 });
 
-/** Registers the seed-000 endpoints on the API listener's root instance. */
+/** Registers the Main Server endpoints on the API listener's root instance. */
 export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRouteDeps): Promise<void> {
   await app.register(
     async (scope) => {
@@ -309,10 +309,13 @@ export async function mainServerRoutes(app: FastifyInstance, deps: MainServerRou
             .where('id', '=', id)
             .where('product_id', '=', product.id)
             .executeTakeFirst();
+          const missing = (): never => {
+            throw notFound(`package ${id} does not exist or has no uploaded image`);
+          };
           const blob = firmware ? await firmwareBlob(deps.blobs, firmware) : null;
-          if (!firmware || !blob) throw notFound(`package ${id} does not exist or has no uploaded image`);
+          if (!firmware || !blob) return missing();
           // The token travels in a header, not in the URL: the Pi's own cache may keep the bytes.
-          const options = { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE, ...packageHeaders(firmware) };
+          const options = { blobs: deps.blobs, cacheControl: PRIVATE_IMMUTABLE, missing, ...packageHeaders(firmware) };
           return serveBlob(request, reply, blob, options);
         },
       });

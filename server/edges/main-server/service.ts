@@ -1,5 +1,5 @@
 /**
- * Seed 000 in the fleet's language, transport-free: extensions are device components, packages
+ * The Main Server protocol in the fleet's language, transport-free: extensions are device components, packages
  * are firmware records (format `main-server-zip`), `schedule-update` targets the managed group
  * `ext-<extension>`, `deploy-update` sets a device target, `update-status` drives the update
  * state machine. The HTTP routes (routes.ts) only authenticate, parse and answer.

@@ -72,12 +72,11 @@ export function registerWifidogxDownloads(
         : undefined;
       if (firmware && firmware.product_id !== device.product_id)
         return forbidden(reply, "this firmware does not belong to the gateway's product");
+      const missing = (r: FastifyReply) =>
+        r.status(404).send({ error: { code: 'not_found', message: 'the firmware image is not stored on the server' } });
       const blob = firmware ? await firmwareBlob(deps.blobs, firmware) : null;
-      if (!blob)
-        return reply
-          .status(404)
-          .send({ error: { code: 'not_found', message: 'the firmware image is not stored on the server' } });
-      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: NO_STORE });
+      if (!blob) return missing(reply);
+      return serveBlob(request, reply, blob, { blobs: deps.blobs, cacheControl: NO_STORE, missing });
     },
   });
 }

@@ -1,5 +1,5 @@
 /**
- * The WiFiDogX edge (seed 001): `/ws/wifidogx` on the API listener (plain or TLS, as the
+ * The WiFiDogX edge: `/ws/wifidogx` on the API listener (plain or TLS, as the
  * listener is; approved gateways add `?credential=<theirs>`, credentials.ts), the gateway firmware
  * downloads `/fw/<firmware id>/<device id>/<expires>/<hex hmac>` on the same listener (gateways
  * have no client certificate: the signed, expiring path bound to the gateway is the credential,
