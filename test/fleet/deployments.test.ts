@@ -6,6 +6,7 @@ import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { DeviceClient } from '../../device-client/index.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import { sweepStaleUpdates } from '../../server/fleet/index.ts';
 import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
@@ -452,6 +453,44 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
     const told = (await devices(d.id)).map((r) => new Date(r.told_at!).getTime()).sort((a, b) => a - b);
     assert.equal(told.length, 4);
     assert.ok(told[3]! - told[0]! >= 60_000, `the fourth was told ${told[3]! - told[0]!} ms after the first`);
+  });
+
+  test("a deployment's in-flight timeout replaces the product's: a silent device times out and fails", async () => {
+    const pki = await getTestPki();
+    const cred = await deviceCert('to-1');
+    const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, {
+      tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
+    });
+    try {
+      const channel = socket.channel(`device:${base.id}`, {});
+      await joinChannel(channel);
+      await group('to', 'to-*');
+      const update = nextEvent(channel, 'firmware_update', 15_000);
+      const d = await server.call<Deployment>('POST', `${api()}/deployments`, {
+        product: 'default',
+        version: '2.0.0',
+        groups: ['to'],
+        in_flight_timeout_s: 60,
+      });
+      await update;
+      // Under the deployment's 60 s nothing times out; past it the sweep times the attempt out.
+      assert.equal(await sweepStaleUpdates(server.fleet, { now: new Date(Date.now() + 30_000) }), 0);
+      assert.equal(await sweepStaleUpdates(server.fleet, { now: new Date(Date.now() + 61_000) }), 1);
+      const paused = await until(
+        async () => {
+          const x = await show(d.id);
+          return x.state === 'paused' && x;
+        },
+        'the deployment to record the timeout',
+        15_000,
+      );
+      assert.equal(paused.counts.failed, 1);
+      const [row] = await devices(d.id);
+      assert.equal(row!.failure_reason, 'timed_out');
+      await server.call('POST', `${api()}/deployments/${d.id}/abort`);
+    } finally {
+      socket.disconnect();
+    }
   });
 
   test('a device in an active deployment cannot be in a second one: 409 with the count', async () => {
