@@ -1086,7 +1086,7 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Device counts by connection and running version, and update attempts by state (of the org, or one group)
+         * Per-device counts of the org or one group: connection, running version, and each device with its current target (never sums over past rollouts)
          * @description Needs the viewer role or higher.
          */
         get: operations["getOrgStatus"];
@@ -6195,7 +6195,10 @@ export interface operations {
     };
     getGroupStatus: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
+            };
             header?: never;
             path: {
                 /** @description group id or name */
@@ -6214,6 +6217,24 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
+                        /** @description devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt` */
+                        device_states?: {
+                            begun?: number;
+                            cancelled?: number;
+                            downloading?: number;
+                            failed?: number;
+                            finished?: number;
+                            no_attempt?: number;
+                            no_target?: number;
+                            not_applicable?: number;
+                            not_approved?: number;
+                            queued?: number;
+                            rolled_back?: number;
+                            sent?: number;
+                            succeeded?: number;
+                            timed_out?: number;
+                            up_to_date?: number;
+                        };
                         devices: number;
                         /** @description devices whose latest attempt at their resolved firmware failed, rolled back or timed out (the first 20 by identifier; updates has the counts) */
                         failures: {
@@ -7022,6 +7043,8 @@ export interface operations {
     getOrgStatus: {
         parameters: {
             query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
                 /** @description group id or name */
                 group?: string;
             };
@@ -7041,6 +7064,24 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
+                        /** @description devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt` */
+                        device_states?: {
+                            begun?: number;
+                            cancelled?: number;
+                            downloading?: number;
+                            failed?: number;
+                            finished?: number;
+                            no_attempt?: number;
+                            no_target?: number;
+                            not_applicable?: number;
+                            not_approved?: number;
+                            queued?: number;
+                            rolled_back?: number;
+                            sent?: number;
+                            succeeded?: number;
+                            timed_out?: number;
+                            up_to_date?: number;
+                        };
                         devices: number;
                         /** @description devices whose latest attempt at their resolved firmware failed, rolled back or timed out (the first 20 by identifier; updates has the counts) */
                         failures: {

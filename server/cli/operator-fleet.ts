@@ -531,9 +531,12 @@ function untilCheck(until: UntilState, group: string | undefined, atLeast: numbe
     const running = s.targets.reduce((n, t) => n + t.running, 0);
     const versions = s.targets.map((t) => t.version);
     const what = versions.length === 1 ? versions[0] : `their targets (${targetCounts(s)})`;
-    lastSummary = `${running} of ${s.devices} device(s) run ${versions.length === 1 ? versions[0] : 'their target'}`;
-    if (s.devices >= atLeast && running === s.devices)
-      return { code: 0, message: `every device of ${group} runs ${what} (${s.devices})` };
+    // Members the target does not concern (they do not run its component, or the release has no
+    // variant their protocol installs) get no attempt and count as done.
+    const notApplicable = s.device_states?.not_applicable ?? 0;
+    lastSummary = `${running} of ${s.devices - notApplicable} device(s) run ${versions.length === 1 ? versions[0] : 'their target'}${notApplicable ? ` (${notApplicable} not applicable)` : ''}`;
+    if (s.devices >= atLeast && running + notApplicable === s.devices)
+      return { code: 0, message: `every device of ${group} runs ${what} (${running})` };
     const failed = FAILED_STATES.reduce((n, state) => n + (s.updates[state] ?? 0), 0);
     if (failed > 0) {
       const failedTo = [...new Set(s.failures.map((f) => f.version))].join(', ');
@@ -591,7 +594,7 @@ function formatStatus(s: Status, scope: string): string {
  * Runs `step` now, on every event of `operator:<orgId>` and every 5 s, until it returns an exit
  * code, `timeoutMs` passes (EXIT_TIMEOUT), Ctrl-C or `io.signal` (0).
  */
-async function watch(
+export async function watch(
   { api, call, org, options }: Session & { org: string },
   io: CliIo,
   timeoutMs: number | undefined,

@@ -48,10 +48,13 @@ export interface FleetStatus {
   failures: FailingDevice[];
 }
 
-const COMPONENT = 'firmware';
-
-/** The status of the org's devices, or of one group's members (`groupId`). */
-export async function fleetStatus(ctx: FleetContext, orgId: string, groupId?: string): Promise<FleetStatus> {
+/** The status of the org's devices, or of one group's members (`groupId`), for `component`'s targets. */
+export async function fleetStatus(
+  ctx: FleetContext,
+  orgId: string,
+  groupId?: string,
+  component = 'firmware',
+): Promise<FleetStatus> {
   const updates = Object.fromEntries(UPDATE_STATES.map((s) => [s, 0])) as Record<UpdateState, number>;
   const empty: FleetStatus = { devices: 0, online: 0, offline: 0, versions: {}, updates, targets: [], failures: [] };
   if (!isUuid(orgId) || (groupId !== undefined && !isUuid(groupId))) return empty;
@@ -59,12 +62,12 @@ export async function fleetStatus(ctx: FleetContext, orgId: string, groupId?: st
   const scope = groupId
     ? sql`d.org_id = ${orgId} AND d.id IN (SELECT device_id FROM group_devices WHERE group_id = ${groupId})`
     : sql`d.org_id = ${orgId}`;
-  const resolved = resolvedSql(set, COMPONENT);
+  const resolved = resolvedSql(set, component);
   const latest = sql`
     SELECT DISTINCT ON (ua.device_id) ua.device_id, ua.state, ua.errors, ua.to_version
     FROM update_attempts ua
     JOIN (${resolved}) r ON r.device_id = ua.device_id AND ua.firmware_id = r.target_id
-    WHERE ua.component = ${COMPONENT}
+    WHERE ua.component = ${component}
     ORDER BY ua.device_id, ua.created_at DESC, ua.id DESC`;
   const [versionRows, targetRows, stateRows, failureRows] = await Promise.all([
     sql<{ version: string | null; n: string; online: string }>`
@@ -72,10 +75,11 @@ export async function fleetStatus(ctx: FleetContext, orgId: string, groupId?: st
              count(*) FILTER (WHERE d.connection_status = 'online') AS online
       FROM devices d WHERE ${scope} GROUP BY d.firmware_version`.execute(ctx.db),
     sql<{ firmware_id: string; version: string; devices: string; running: string }>`
-      SELECT r.target_id AS firmware_id, f.version, count(*) AS devices,
-             count(*) FILTER (WHERE r.running_id = r.target_id) AS running
-      FROM (${resolved}) r JOIN firmware f ON f.id = r.target_id
-      GROUP BY r.target_id, f.version ORDER BY count(*) DESC, f.version`.execute(ctx.db),
+      SELECT r.release_id AS firmware_id, f.version, count(*) AS devices,
+             count(*) FILTER (WHERE r.runs_target) AS running
+      FROM (${resolved}) r JOIN firmware f ON f.id = r.release_id
+      WHERE r.target_id IS NOT NULL
+      GROUP BY r.release_id, f.version ORDER BY count(*) DESC, f.version`.execute(ctx.db),
     sql<{ state: UpdateState; n: string }>`
       SELECT l.state, count(*) AS n FROM (${latest}) l GROUP BY l.state`.execute(ctx.db),
     sql<{ device_id: string; identifier: string; version: string; state: UpdateState; errors: unknown }>`

@@ -17,6 +17,8 @@ import {
   setGroupTarget,
   fleetStatus as fleetCounts,
   STATUS_FAILURES_SHOWN,
+  countDeviceTargetStates,
+  DEVICE_TARGET_STATES,
   type FleetContext,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
@@ -325,11 +327,26 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
           },
         },
       },
+      device_states: {
+        type: 'object',
+        properties: Object.fromEntries(DEVICE_TARGET_STATES.map((s) => [s, { type: 'integer' }])),
+        description:
+          "devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt`",
+      },
       target: { anyOf: [ref('Target'), { type: 'null' }], description: "the group's own target (null for an org)" },
     },
   } as const;
+  const statusQuery = {
+    component: {
+      type: 'string',
+      minLength: 1,
+      maxLength: 100,
+      default: 'firmware',
+      description: 'the component whose target and per-device states are counted',
+    },
+  } as const;
 
-  api.get<{ Params: OrgParams; Querystring: { group?: string } }>(
+  api.get<{ Params: OrgParams; Querystring: { group?: string; component?: string } }>(
     '/orgs/:org/status',
     {
       onRequest: requireRole('viewer'),
@@ -337,20 +354,23 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         operationId: 'getOrgStatus',
         tags: ['status'],
         summary:
-          'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
+          'Per-device counts of the org or one group: connection, running version, and each device with its current target (never sums over past rollouts)',
         params: orgParams,
-        querystring: { type: 'object', properties: { group: { type: 'string', description: 'group id or name' } } },
+        querystring: {
+          type: 'object',
+          properties: { group: { type: 'string', description: 'group id or name' }, ...statusQuery },
+        },
         response: { 200: statusSchema, ...authErrors, ...conflictError },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = request.query.group ? await resolveGroup(fleet, org.id, request.query.group) : undefined;
-      return fleetStatus(fleet, org.id, group?.id);
+      return fleetStatus(fleet, org.id, group?.id, request.query.component);
     },
   );
 
-  api.get<{ Params: OrgParams & { group: string } }>(
+  api.get<{ Params: OrgParams & { group: string }; Querystring: { component?: string } }>(
     '/orgs/:org/groups/:group/status',
     {
       onRequest: requireRole('viewer'),
@@ -359,23 +379,25 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         tags: ['status'],
         summary: 'Counts by running version and update state for a group, with its target',
         params: groupParams,
+        querystring: { type: 'object', properties: statusQuery },
         response: { 200: statusSchema, ...authErrors, ...conflictError },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
-      return fleetStatus(fleet, org.id, group.id);
+      return fleetStatus(fleet, org.id, group.id, request.query.component);
     },
   );
 }
 
-/** A status view: the domain's per-device counts, with the group's own target. */
-async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string) {
-  const status = await fleetCounts(fleet, orgId, groupId);
+/** A status view: the domain's per-device counts for `component`, with the group's own target. */
+async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string, component = 'firmware') {
+  const status = await fleetCounts(fleet, orgId, groupId, component);
+  const device_states = await countDeviceTargetStates(fleet, { orgId, ...(groupId ? { groupId } : {}) }, component);
   const target =
     groupId && isUuid(groupId)
-      ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === 'firmware') ?? null)
+      ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === component) ?? null)
       : null;
-  return { ...status, target };
+  return { ...status, device_states, target };
 }

@@ -14,7 +14,7 @@ import { inTransaction, Topics, type FleetContext, type FleetEvent } from '../co
 import { FleetError, isUuid, notFound } from '../errors.ts';
 import { OPEN } from '../link-table.ts';
 import { type Page, pageBounds } from '../paging.ts';
-import { reconcileAttempts } from '../reconcile.ts';
+import { reconcileAttempts, runsComponentSql, variantSql } from '../reconcile.ts';
 import { transitionEvent } from '../updates.ts';
 
 export type DeploymentState = 'draft' | 'awaiting_approval' | 'running' | 'paused' | 'completed' | 'aborted';
@@ -274,7 +274,7 @@ export async function createDeployment(
               semver.satisfies(c.running_version, input.versionRange!, { includePrerelease: true }),
           )
         : candidates;
-    const chosen = inRange.filter((c) => c.running_id !== firmware.id);
+    const chosen = inRange.filter((c) => !c.runs_release);
     const alreadyRunning = inRange.length - chosen.length;
     if (chosen.length > MAX_DEPLOYMENT_DEVICES)
       throw new FleetError('invalid', `a deployment holds at most ${MAX_DEPLOYMENT_DEVICES} devices; narrow it`, {});
@@ -392,9 +392,15 @@ interface Candidate {
   id: string;
   running_id: string | null;
   running_version: string | null;
+  /** It runs a variant of the deployment's release. */
+  runs_release: boolean;
 }
 
-/** The approved devices of the product in any of the groups that match the filters, in identifier order. */
+/**
+ * The approved devices of the product in any of the groups that match the filters, in identifier
+ * order, that the release concerns (they run its component and it has a variant their protocol
+ * installs: reconcile.ts).
+ */
 async function targetSet(
   trx: Db,
   input: CreateDeploymentInput,
@@ -405,10 +411,14 @@ async function targetSet(
   const { rows } = await sql<Candidate>`
     SELECT d.id,
            CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END AS running_id,
-           CASE WHEN ${component} = 'firmware' THEN d.firmware_version ELSE dc.version END AS running_version
+           CASE WHEN ${component} = 'firmware' THEN d.firmware_version ELSE dc.version END AS running_version,
+           COALESCE(rf.product_id = tf.product_id AND rf.component = tf.component AND rf.version = tf.version, false) AS runs_release
     FROM devices d
+    JOIN firmware tf ON tf.id = ${firmware.id}
     LEFT JOIN device_components dc ON dc.device_id = d.id AND dc.component = ${component}
+    LEFT JOIN firmware rf ON rf.id = CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END
     WHERE d.org_id = ${input.orgId} AND d.product_id = ${input.productId} AND d.approval = 'approved'
+      AND ${runsComponentSql('d', component)} AND EXISTS (${variantSql('d', 'tf')})
       AND EXISTS (SELECT 1 FROM group_devices gd WHERE gd.device_id = d.id AND gd.group_id = ANY(${groupIds}::uuid[]))
       ${input.tags?.length ? sql`AND d.tags @> ${JSON.stringify(input.tags)}::jsonb` : sql``}
       ${input.platform != null ? sql`AND d.platform = ${input.platform}` : sql``}

@@ -285,10 +285,13 @@ async function tell(ctx: FleetContext, trx: Db, outbox: FleetEvent[], d: Deploym
         failure_reason = CASE WHEN r.running THEN NULL
           ELSE 'superseded: another target (a device target or a newer group target) decides this device' END
     FROM (
+      -- Running any variant of the deployment's release (reconcile.ts) counts.
       SELECT dev.id,
-             (CASE WHEN ${d.component} = 'firmware' THEN dev.firmware_uuid ELSE dc.firmware_id END) IS NOT DISTINCT FROM ${d.firmware_id}::uuid AS running
+             COALESCE(rf.product_id = tf.product_id AND rf.component = tf.component AND rf.version = tf.version, false) AS running
       FROM devices dev
+      JOIN firmware tf ON tf.id = ${d.firmware_id}::uuid
       LEFT JOIN device_components dc ON dc.device_id = dev.id AND dc.component = ${d.component}
+      LEFT JOIN firmware rf ON rf.id = CASE WHEN ${d.component} = 'firmware' THEN dev.firmware_uuid ELSE dc.firmware_id END
       WHERE dev.id = ANY(${ids}::uuid[])
     ) r
     WHERE dd.deployment_id = ${d.id} AND dd.device_id = r.id AND dd.attempt_id IS NULL AND dd.state = 'in_flight'`.execute(
