@@ -376,6 +376,152 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/orgs/{org}/deployments": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Deployments of an organization, newest first, with their per-device counts
+         * @description Needs the viewer role or higher.
+         */
+        get: operations["listDeployments"];
+        put?: never;
+        /**
+         * Create a phased deployment of a firmware to groups (starts it unless start is false)
+         * @description The target set (members of the groups, narrowed by tags, version_range, platform and architecture) is resolved once. A device can be in one active deployment at a time: 409 with `details.overlapping_devices` (docs/deployments.md).
+         *
+         *     Needs the operator role or higher.
+         */
+        post: operations["createDeployment"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/orgs/{org}/deployments/{id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * One deployment with its stages and their per-device counts
+         * @description Needs the viewer role or higher.
+         */
+        get: operations["getDeployment"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/orgs/{org}/deployments/{id}/abort": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Abort: nobody new is told, updates in flight are cancelled (the device is told where it can be)
+         * @description Needs the operator role or higher.
+         */
+        post: operations["abortDeployment"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/orgs/{org}/deployments/{id}/approve": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Approve the stage waiting for approval (409 unless awaiting approval)
+         * @description Needs the operator role or higher.
+         */
+        post: operations["approveDeployment"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/orgs/{org}/deployments/{id}/devices": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The devices of a deployment in stage order, with their state and attempt
+         * @description Needs the viewer role or higher.
+         */
+        get: operations["listDeploymentDevices"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/orgs/{org}/deployments/{id}/pause": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Pause: nobody new is told; devices in flight finish (409 unless running or awaiting approval)
+         * @description Needs the operator role or higher.
+         */
+        post: operations["pauseDeployment"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/api/v1/orgs/{org}/deployments/{id}/resume": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Resume a paused deployment where it stopped, or start a draft; a pause on a stage threshold accepts that stage
+         * @description Needs the operator role or higher.
+         */
+        post: operations["resumeDeployment"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/orgs/{org}/devices": {
         parameters: {
             query?: never;
@@ -1439,6 +1585,189 @@ export interface components {
             resource_type?: string | null;
         } & {
             [key: string]: unknown;
+        };
+        Deployment: {
+            aborted_reason?: string | null;
+            /** @description create only: devices of the target set left out because they already run the firmware */
+            already_running?: number;
+            architecture?: string | null;
+            component?: string;
+            counts: components["schemas"]["DeploymentCounts"];
+            /** Format: date-time */
+            created_at?: string;
+            created_by?: string | null;
+            /** @description the stage being told (0-based) */
+            current_stage?: number;
+            /** Format: date-time */
+            ended_at?: string | null;
+            /** Format: uuid */
+            firmware_id?: string;
+            group_ids?: string[];
+            /** Format: uuid */
+            id: string;
+            in_flight_timeout_s?: number | null;
+            /** @description the node whose orchestrator acts on it */
+            lease_holder?: string | null;
+            max_concurrent?: number | null;
+            name?: string | null;
+            /** Format: uuid */
+            org_id?: string;
+            /** @enum {string|null} */
+            pause_cause?: "operator" | "error" | "success" | null;
+            paused_reason?: string | null;
+            platform?: string | null;
+            /** Format: uuid */
+            product_id?: string;
+            rate_per_minute?: number | null;
+            retries?: number;
+            retry_backoff_s?: number;
+            stages: components["schemas"]["DeploymentStage"][];
+            /** Format: date-time */
+            started_at?: string | null;
+            /** @enum {string} */
+            state: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted";
+            tags?: string[];
+            /** Format: date-time */
+            updated_at?: string;
+            /** @description the firmware's version */
+            version?: string;
+            version_range?: string | null;
+        } & {
+            [key: string]: unknown;
+        };
+        /** @description per-device counts of this deployment (never sums over earlier rollouts) */
+        DeploymentCounts: {
+            /** @description in flight when the deployment was aborted */
+            cancelled: number;
+            /** @description failed, declined, rolled back, timed out or superseded */
+            failed: number;
+            /** @description told, no outcome yet */
+            in_flight: number;
+            /** @description not told yet */
+            pending: number;
+            /** @description run the new firmware (the device confirmed it) */
+            succeeded: number;
+            /** @description told (in flight or finished) */
+            told: number;
+            /** @description devices */
+            total: number;
+        };
+        DeploymentDevice: {
+            attempt_id?: string | null;
+            attempt_state?: string | null;
+            /** Format: uuid */
+            deployment_id?: string;
+            /** Format: uuid */
+            device_id: string;
+            /** Format: date-time */
+            failed_at?: string | null;
+            failure_reason?: string | null;
+            identifier?: string;
+            /** @description 1-based order within the deployment */
+            position?: number;
+            protocol?: string;
+            stage: number;
+            /** @enum {string} */
+            state: "pending" | "in_flight" | "succeeded" | "failed" | "cancelled";
+            /** Format: date-time */
+            succeeded_at?: string | null;
+            /** Format: date-time */
+            told_at?: string | null;
+            tries?: number;
+        } & {
+            [key: string]: unknown;
+        };
+        DeploymentStage: {
+            /** Format: date-time */
+            approved_at?: string | null;
+            /** @description in flight when the deployment was aborted */
+            cancelled: number;
+            error?: components["schemas"]["DeploymentThreshold"] | (never | null);
+            /** @description an operator resumed past its error condition */
+            error_overridden?: boolean;
+            /** @description failed, declined, rolled back, timed out or superseded */
+            failed: number;
+            /** @description told, no outcome yet */
+            in_flight: number;
+            /** @description 0-based; stage 0 is the canary */
+            index: number;
+            min_finished?: number;
+            /** @enum {string} */
+            on_error?: "pause" | "abort";
+            /** @description not told yet */
+            pending: number;
+            requires_approval?: boolean;
+            /** @description devices in this stage */
+            size: number;
+            /** @description as given: `{count}`, `{percent}` or `{rest: true}` */
+            size_spec?: {
+                [key: string]: unknown;
+            };
+            soak_s?: number;
+            /** Format: date-time */
+            started_at?: string | null;
+            /** @description run the new firmware (the device confirmed it) */
+            succeeded: number;
+            /** Format: date-time */
+            succeeded_at?: string | null;
+            success?: components["schemas"]["DeploymentThreshold"];
+            /** @description told (in flight or finished) */
+            told: number;
+            /** @description devices */
+            total: number;
+        } & {
+            [key: string]: unknown;
+        };
+        DeploymentSummary: {
+            aborted_reason?: string | null;
+            architecture?: string | null;
+            component?: string;
+            counts: components["schemas"]["DeploymentCounts"];
+            /** Format: date-time */
+            created_at?: string;
+            created_by?: string | null;
+            /** @description the stage being told (0-based) */
+            current_stage?: number;
+            /** Format: date-time */
+            ended_at?: string | null;
+            /** Format: uuid */
+            firmware_id?: string;
+            group_ids?: string[];
+            /** Format: uuid */
+            id: string;
+            in_flight_timeout_s?: number | null;
+            /** @description the node whose orchestrator acts on it */
+            lease_holder?: string | null;
+            max_concurrent?: number | null;
+            name?: string | null;
+            /** Format: uuid */
+            org_id?: string;
+            /** @enum {string|null} */
+            pause_cause?: "operator" | "error" | "success" | null;
+            paused_reason?: string | null;
+            platform?: string | null;
+            /** Format: uuid */
+            product_id?: string;
+            rate_per_minute?: number | null;
+            retries?: number;
+            retry_backoff_s?: number;
+            /** Format: date-time */
+            started_at?: string | null;
+            /** @enum {string} */
+            state: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted";
+            tags?: string[];
+            /** Format: date-time */
+            updated_at?: string;
+            /** @description the firmware's version */
+            version?: string;
+            version_range?: string | null;
+        } & {
+            [key: string]: unknown;
+        };
+        /** @description `{count: N}` or `{percent: P}` */
+        DeploymentThreshold: {
+            count?: number;
+            percent?: number;
         };
         Device: {
             approval?: string;
@@ -3186,6 +3515,631 @@ export interface operations {
             };
             /** @description Default Response */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    listDeployments: {
+        parameters: {
+            query?: {
+                /** @description items per page */
+                limit?: number;
+                /** @description items to skip */
+                offset?: number;
+                state?: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted";
+            };
+            header?: never;
+            path: {
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["DeploymentSummary"][];
+                        /** @description matches in all, not only on this page */
+                        total: number;
+                    };
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    createDeployment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    architecture?: string;
+                    /** @default firmware */
+                    component?: string;
+                    /** Format: uuid */
+                    firmware_id?: string;
+                    /** @description group ids or names of the product; the target set is their members (resolved once, at creation) */
+                    groups: string[];
+                    in_flight_timeout_s?: number;
+                    /** @description devices in flight at once */
+                    max_concurrent?: number;
+                    name?: string;
+                    platform?: string;
+                    /** @description product id or name */
+                    product: string;
+                    /** @description devices told in any 60 s */
+                    rate_per_minute?: number;
+                    retries?: number;
+                    retry_backoff_s?: number;
+                    /** @description in order; the first is the canary, the last takes every device left (default: one stage) */
+                    stages?: {
+                        /** @description failed devices that trip the error action: `{count}` or `{percent}` of the finished ones */
+                        error?: {
+                            count?: number;
+                            percent?: number;
+                        };
+                        /** @description the error condition is evaluated only once this many devices of the stage finished */
+                        min_finished?: number;
+                        /**
+                         * @description default pause
+                         * @enum {string}
+                         */
+                        on_error?: "pause" | "abort";
+                        /** @description the stage starts only after approve */
+                        requires_approval?: boolean;
+                        size: {
+                            count?: number;
+                            percent?: number;
+                        } | "rest";
+                        /** @description seconds to wait after this stage succeeded before the next starts */
+                        soak_s?: number;
+                        /** @description devices of the stage that must succeed: `{count}` or `{percent}` of the stage (default 100%) */
+                        success?: {
+                            count?: number;
+                            percent?: number;
+                        };
+                    }[];
+                    /**
+                     * @description false: create a draft (resume starts it)
+                     * @default true
+                     */
+                    start?: boolean;
+                    /** @description only devices carrying every one of these tags */
+                    tags?: string[];
+                    /** @description the firmware version to roll out */
+                    version?: string;
+                    /** @description only devices whose running version satisfies this semver range, e.g. `<2.0.0` */
+                    version_range?: string;
+                } & (unknown | unknown);
+            };
+        };
+        responses: {
+            /** @description Default Response */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    getDeployment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description deployment id */
+                id: string;
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    abortDeployment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description deployment id */
+                id: string;
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    reason?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    approveDeployment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description deployment id */
+                id: string;
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    listDeploymentDevices: {
+        parameters: {
+            query?: {
+                /** @description items per page */
+                limit?: number;
+                /** @description items to skip */
+                offset?: number;
+                /** @description 0-based stage index */
+                stage?: number;
+                state?: "pending" | "in_flight" | "succeeded" | "failed" | "cancelled";
+            };
+            header?: never;
+            path: {
+                /** @description deployment id */
+                id: string;
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["DeploymentDevice"][];
+                        /** @description matches in all, not only on this page */
+                        total: number;
+                    };
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    pauseDeployment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description deployment id */
+                id: string;
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": {
+                    reason?: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    resumeDeployment: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description deployment id */
+                id: string;
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Deployment"];
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -5241,7 +6195,10 @@ export interface operations {
     };
     getGroupStatus: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
+            };
             header?: never;
             path: {
                 /** @description group id or name */
@@ -5260,6 +6217,24 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
+                        /** @description devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt` */
+                        device_states?: {
+                            begun?: number;
+                            cancelled?: number;
+                            downloading?: number;
+                            failed?: number;
+                            finished?: number;
+                            no_attempt?: number;
+                            no_target?: number;
+                            not_applicable?: number;
+                            not_approved?: number;
+                            queued?: number;
+                            rolled_back?: number;
+                            sent?: number;
+                            succeeded?: number;
+                            timed_out?: number;
+                            up_to_date?: number;
+                        };
                         devices?: number;
                         offline?: number;
                         online?: number;
@@ -6050,6 +7025,8 @@ export interface operations {
     getOrgStatus: {
         parameters: {
             query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
                 /** @description group id or name */
                 group?: string;
             };
@@ -6069,6 +7046,24 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
+                        /** @description devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt` */
+                        device_states?: {
+                            begun?: number;
+                            cancelled?: number;
+                            downloading?: number;
+                            failed?: number;
+                            finished?: number;
+                            no_attempt?: number;
+                            no_target?: number;
+                            not_applicable?: number;
+                            not_approved?: number;
+                            queued?: number;
+                            rolled_back?: number;
+                            sent?: number;
+                            succeeded?: number;
+                            timed_out?: number;
+                            up_to_date?: number;
+                        };
                         devices?: number;
                         offline?: number;
                         online?: number;

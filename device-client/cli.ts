@@ -18,7 +18,14 @@ import {
 } from '../shared/cli.ts';
 import { DeviceClient, ExecInstaller } from './index.ts';
 import { formatConnectionFailure } from './phoenix-transport.ts';
-import { Simulation, simulatorProtocols, summaryTable, type DeviceTally } from './simulator.ts';
+import {
+  BAD_MODES,
+  type BadMode,
+  Simulation,
+  simulatorProtocols,
+  summaryTable,
+  type DeviceTally,
+} from './simulator.ts';
 // Each import registers one more `--protocol` for `simulate`.
 import './simulators/grisp.ts';
 import './simulators/wifidogx.ts';
@@ -96,6 +103,22 @@ export function buildDeviceProgram(ctx: CliContext): Command {
       .option('--drop-connection-rate <p>', 'probability per update that the download is cut once and resumed (0..1)')
       .option('--reject-install-rate <p>', 'probability per update that the installer rejects the image (0..1)')
       .option('--slow-link <kbps>', 'throttle every download to this many kbit/s')
+      .option(
+        '--bad-version <version>',
+        'rehearse a bad release: devices told to install this version misbehave (--bad-mode)',
+      )
+      .addOption(
+        new Option(
+          '--bad-mode <mode>',
+          'rollback: install, then come back on the old firmware; fail: report an error; hang: go silent mid-download',
+        )
+          .choices([...BAD_MODES])
+          .default('fail'),
+      )
+      .option(
+        '--bad-fraction <f>',
+        'only this fraction of the devices misbehave (0..1, default 1), by index: device i when floor((i+1)*f) > floor(i*f)',
+      )
       .option('--stagger-ms <ms>', 'pause between two device starts (default 10)')
       .option('--seed <n>', 'seed of the fault choices (default 1)')
       .option('--duration <seconds>', 'stop after this long')
@@ -237,6 +260,9 @@ interface SimulateFlags {
   dropConnectionRate?: string;
   rejectInstallRate?: string;
   slowLink?: string;
+  badVersion?: string;
+  badMode: BadMode;
+  badFraction?: string;
   staggerMs?: string;
   seed?: string;
   duration?: string;
@@ -254,6 +280,8 @@ async function simulate(o: SimulateFlags, io: CliIo): Promise<number> {
     return n;
   };
   const duration = o.duration ? int('duration', o.duration, 1) : undefined;
+  if (o.badFraction !== undefined && o.badVersion === undefined)
+    throw new CliError('--bad-fraction needs --bad-version (the release that misbehaves)', 2);
   const sim = new Simulation({
     protocol: o.protocol,
     count,
@@ -273,6 +301,15 @@ async function simulate(o: SimulateFlags, io: CliIo): Promise<number> {
       rejectInstall: rate('reject-install-rate', o.rejectInstallRate),
       slowLinkKbps: o.slowLink ? int('slow-link', o.slowLink, 1) : 0,
     },
+    ...(o.badVersion
+      ? {
+          badRelease: {
+            version: o.badVersion,
+            mode: o.badMode,
+            fraction: o.badFraction === undefined ? 1 : rate('bad-fraction', o.badFraction),
+          },
+        }
+      : {}),
     staggerMs: o.staggerMs ? int('stagger-ms', o.staggerMs, 0) : 10,
     seed: o.seed ? int('seed', o.seed, 0) : 1,
   });
@@ -282,7 +319,7 @@ async function simulate(o: SimulateFlags, io: CliIo): Promise<number> {
     const failures = Object.entries(s.connectFailures)
       .map(([k, n]) => `${k} ${n}`)
       .join(', ');
-    return `devices ${s.devices}  connected ${s.connected}  joined ${s.joined}  updating ${s.updating}  succeeded ${s.succeeded}  failed ${s.failed}${failures ? `  connect failures: ${failures}` : ''}`;
+    return `devices ${s.devices}  connected ${s.connected}  joined ${s.joined}  updating ${s.updating}  succeeded ${s.succeeded}  failed ${s.failed}${s.rolledBack ? `  rolled back ${s.rolledBack}` : ''}${s.hung ? `  hung ${s.hung}` : ''}${failures ? `  connect failures: ${failures}` : ''}`;
   };
   let lastLine = '';
   const ticker = setInterval(
@@ -325,9 +362,11 @@ async function simulate(o: SimulateFlags, io: CliIo): Promise<number> {
 
 /**
  * A device is done with `version` when it rejoined running it (the server recorded the attempt as
- * succeeded before it acknowledged that join) or its last update, to that version, failed.
+ * succeeded before it acknowledged that join), its last update, to that version, failed or rolled
+ * back, or it fell silent updating to it (a bad release in mode `hang`).
  */
 function settledAt(t: DeviceTally, version: string): boolean {
+  if (t.hung === version) return true;
   if (t.updating !== null) return false;
   if (t.running === version) return t.joined;
   return t.lastFailedVersion === version;

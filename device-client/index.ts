@@ -29,6 +29,21 @@ export {
 } from './installer.ts';
 export { firmwareSignatureValid } from './verify.ts';
 
+/**
+ * How a bad release misbehaves on a device told to install it, to rehearse a rollout that must stop:
+ * `rollback` installs it, reports `finished`, and comes back on the old firmware (its trial boot
+ * failed); `fail` downloads and verifies it, then reports an error with the reason; `hang` begins
+ * the update and goes silent mid-download (connected, but never another word about it).
+ */
+export type BadMode = 'rollback' | 'fail' | 'hang';
+export const BAD_MODES: readonly BadMode[] = ['rollback', 'fail', 'hang'];
+
+/** The version this device treats as a bad release, and how it misbehaves with it. */
+export interface BadRelease {
+  version: string;
+  mode: BadMode;
+}
+
 /** Faults injected into one update (simulator); `undefined` means none. */
 export interface UpdateFaults extends DownloadFaults {
   /** Fail the download outright, as a broken link would after every retry. */
@@ -70,6 +85,8 @@ export interface DeviceClientOptions {
   /** How many times a refused (403) URL is refreshed by rejoining before the update fails. */
   urlRefreshLimit?: number;
   faults?: (update: FirmwareUpdatePayload) => UpdateFaults | undefined;
+  /** Misbehave on this version (rehearsing a bad release); every other version installs normally. */
+  badRelease?: BadRelease;
 }
 
 /** What a device client reports, for CLIs, simulators and tests. */
@@ -86,6 +103,8 @@ export interface DeviceClientEvents {
   url_refused: [{ version: string; refresh: number }];
   update_finished: [{ version: string; bytesFetched: number; attempts: number }];
   update_error: [{ version: string; errors: string[] }];
+  /** A bad release (`badRelease`, mode `hang`): the update began and the device fell silent. */
+  update_hung: [{ version: string }];
   rebooted: [RunningFirmware];
   /** A connection attempt (or an open connection) failed, and why; phoenix reconnects with backoff. */
   connect_error: [ConnectionFailure];
@@ -290,10 +309,17 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     this.#updating = version;
     this.#abort = new AbortController();
     const faults = this.options.faults?.(update);
+    const bad = this.options.badRelease?.version === version ? this.options.badRelease.mode : undefined;
     let staging: string | undefined;
     try {
       this.#push(Events.updateBegin, { version });
       this.emit('update_begin', { version, size: update.size });
+      if (bad === 'hang') {
+        // Mid-download and then nothing: `#updating` stays set, so a resent update is ignored too.
+        this.#push(Events.updateProgress, { version, percent: 0, bytes: 0, total: update.size });
+        this.emit('update_hung', { version });
+        return;
+      }
       if (faults?.failDownload)
         throw new UpdateFailure(
           `download of ${version} failed: the connection to the server kept failing (injected fault)`,
@@ -315,6 +341,10 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
         throw new UpdateFailure(
           `the installer rejected ${version} (injected fault); the running firmware is unchanged`,
         );
+      if (bad === 'fail')
+        throw new UpdateFailure(
+          `${version} failed its pre-install check (bad release rehearsal: --bad-version ${version} --bad-mode fail); the running firmware is unchanged`,
+        );
       await this.installer.install({
         path: staging,
         uuid: update.firmware_uuid,
@@ -327,6 +357,14 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
       await this.#pushAndWait(Events.updateFinish, { version });
       this.emit('update_finished', { version, bytesFetched: result.bytesFetched, attempts: result.attempts });
       this.#urlRefreshes = 0;
+      if (bad === 'rollback') {
+        // The trial boot of the new image fails: the bootloader keeps the old one.
+        await this.installer.revert();
+        this.emit(
+          'warning',
+          `${version} failed its trial boot (bad release rehearsal); rebooting into the old firmware`,
+        );
+      }
       await this.#reboot();
     } catch (err) {
       if (this.#stopped) return;

@@ -32,6 +32,8 @@ export interface Installer {
   stagingPath(): Promise<string>;
   /** Installs `image` for the next boot; throws an error whose message an operator can act on. */
   install(image: StagedImage): Promise<void>;
+  /** Drops what `install` set up for the next boot (a failed trial boot): the next boot runs the current image. */
+  revert(): Promise<void>;
 }
 
 export class InstallError extends Error {
@@ -108,6 +110,10 @@ export class SlotInstaller implements Installer {
     state.slots[target] = { uuid: image.uuid, version: image.version, sha256: image.sha256, size: image.size };
     await this.#write(state);
     await writeAtomic(path.join(this.#dir, 'boot-next'), `${target}\n`);
+  }
+
+  async revert(): Promise<void> {
+    await rm(path.join(this.#dir, 'boot-next'), { force: true });
   }
 
   async #read(): Promise<SlotState> {
@@ -190,6 +196,10 @@ export class ExecInstaller implements Installer {
       path.join(this.#stateDir, 'next.json'),
       `${JSON.stringify({ uuid: image.uuid, version: image.version })}\n`,
     );
+  }
+
+  async revert(): Promise<void> {
+    await rm(path.join(this.#stateDir, 'next.json'), { force: true });
   }
 }
 

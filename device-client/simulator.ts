@@ -10,7 +10,9 @@ import https from 'node:https';
 import path from 'node:path';
 import { generateKeyPairSync, randomUUID } from 'node:crypto';
 import { deviceTopic } from '../shared/protocol.ts';
-import { DeviceClient, deviceStateDir, type UpdateFaults } from './index.ts';
+import { type BadRelease, DeviceClient, deviceStateDir, type UpdateFaults } from './index.ts';
+
+export { BAD_MODES, type BadMode, type BadRelease } from './index.ts';
 import type { DeviceTls } from './download.ts';
 
 /** What every simulated device reports, whatever protocol it speaks. */
@@ -25,6 +27,10 @@ export type SimEvent =
   /** A connection attempt failed; `kind` buckets the reason for the summary. */
   | { type: 'connect_failed'; kind: string; message: string }
   | { type: 'update_failed'; version: string; errors: string[] }
+  /** The device installed `version` and came back on its old firmware (or reported that it rolled back). */
+  | { type: 'update_rolled_back'; version: string }
+  /** The device began updating to `version` and fell silent about it (a bad release, mode `hang`). */
+  | { type: 'update_hung'; version: string }
   | { type: 'download_resumed' }
   | { type: 'url_refreshed' };
 
@@ -46,6 +52,8 @@ export interface SimDeviceSpec {
   firmware: { uuid: string; version: string };
   /** Decides the faults of one update (seeded, so runs are reproducible). */
   faults: () => UpdateFaults | undefined;
+  /** Set when this device misbehaves on a bad release (`SimulationOptions.badRelease`). */
+  bad?: BadRelease;
 }
 
 /** What the simulator needs from a device of any protocol. */
@@ -91,10 +99,13 @@ registerSimulatorProtocol({
       sessionCache: shared.sessions,
       sessionKey: spec.serial,
       faults: spec.faults,
+      ...(spec.bad ? { badRelease: spec.bad } : {}),
       downloadRetryDelayMs: (n) => Math.min(100 * 2 ** (n - 1), 2000),
     });
-    // An update counts as succeeded once the device rejoined on the new firmware: the server
-    // decides the attempt's outcome on that join and commits it before it replies.
+    // An update counts as succeeded once the device rejoined on the new firmware (rolled back when
+    // it rejoined on another): the server decides the attempt's outcome on that join and commits
+    // it before it replies.
+    let installed: string | undefined;
     let rebootedTo: string | undefined;
     client.on('connected', () => report({ type: 'connected' }));
     client.on('disconnected', () => report({ type: 'disconnected' }));
@@ -102,14 +113,19 @@ registerSimulatorProtocol({
     client.on('joined', ({ topic }) => {
       report({ type: 'joined', version: client.running?.version });
       if (rebootedTo !== undefined && topic === deviceTopic(client.running?.uuid ?? '')) {
-        report({ type: 'update_succeeded', version: rebootedTo });
+        if (installed === undefined || installed === rebootedTo)
+          report({ type: 'update_succeeded', version: rebootedTo });
+        else report({ type: 'update_rolled_back', version: installed });
         rebootedTo = undefined;
+        installed = undefined;
       }
     });
     client.on('update_begin', ({ version }) => report({ type: 'update_begin', version }));
     client.on('update_error', ({ version, errors }) => report({ type: 'update_failed', version, errors }));
+    client.on('update_hung', ({ version }) => report({ type: 'update_hung', version }));
     client.on('url_refused', () => report({ type: 'url_refreshed' }));
-    client.on('update_finished', ({ attempts }) => {
+    client.on('update_finished', ({ version, attempts }) => {
+      installed = version;
       if (attempts > 1) report({ type: 'download_resumed' });
     });
     client.on('rebooted', (running) => {
@@ -134,6 +150,21 @@ export interface SimulationOptions {
   /** Milliseconds between two device starts. */
   staggerMs?: number;
   seed?: number;
+  /**
+   * Rehearse a bad release: devices told to install `version` misbehave as `mode` says. With
+   * `fraction` (0..1, default 1) only some do, chosen by index (`misbehaves`), so a run says
+   * exactly which devices fail.
+   */
+  badRelease?: BadRelease & { fraction?: number };
+}
+
+/**
+ * Whether device `index` misbehaves when a `fraction` of the devices do: when ⌊(index+1)·f⌋ >
+ * ⌊index·f⌋, i.e. exactly ⌊n·f⌋ of the first n devices, spread evenly (f = 0.2: indexes 4, 9, 14, …).
+ */
+export function misbehaves(index: number, fraction = 1): boolean {
+  const at = (i: number) => Math.floor(i * fraction + 1e-9);
+  return at(index + 1) > at(index);
 }
 
 export interface DeviceTally {
@@ -143,6 +174,12 @@ export interface DeviceTally {
   updating: string | null;
   succeeded: number;
   failed: number;
+  /** Updates that came back on the old firmware. */
+  rolledBack: number;
+  /** The version the device fell silent updating to (bad release, mode `hang`). */
+  hung: string | null;
+  /** Whether this device misbehaves on the bad release. */
+  bad: boolean;
   lastError: string | null;
   /** The firmware version the device runs, as the server last acknowledged it (join). */
   running: string | null;
@@ -162,6 +199,10 @@ export interface SimulationSummary {
   succeeded: number;
   /** Updates that ended with `firmware_update_error`. */
   failed: number;
+  /** Updates that ended back on the old firmware. */
+  rolledBack: number;
+  /** Devices silent mid-update (bad release, mode `hang`). */
+  hung: number;
   resumedDownloads: number;
   urlRefreshes: number;
   errors: Record<string, number>;
@@ -206,6 +247,9 @@ export class Simulation extends EventEmitter<{
     };
     const shared: SimShared = { agent: this.#agent, sessions: new Map() };
     const firmware = o.firmware ?? { uuid: randomUUID(), version: '0.0.1' };
+    const bad = o.badRelease;
+    if (bad && !(bad.fraction === undefined || (bad.fraction >= 0 && bad.fraction <= 1)))
+      throw new Error(`the bad release's fraction must be from 0 to 1, got ${bad.fraction}`);
     const starts: Promise<void>[] = [];
     creds.forEach((cred, index) => {
       const tally: DeviceTally = {
@@ -215,6 +259,9 @@ export class Simulation extends EventEmitter<{
         updating: null,
         succeeded: 0,
         failed: 0,
+        rolledBack: 0,
+        hung: null,
+        bad: bad !== undefined && misbehaves(index, bad.fraction),
         lastError: null,
         running: null,
         connectFailures: 0,
@@ -230,6 +277,7 @@ export class Simulation extends EventEmitter<{
         stateDir: deviceStateDir(o.slotsDir, cred.serial),
         firmware,
         faults: () => pickFaults(rates, random),
+        ...(bad && tally.bad ? { bad: { version: bad.version, mode: bad.mode } } : {}),
       };
       const device = protocol.createDevice(spec, shared, (event) => this.#record(tally, event));
       this.#devices.push(device);
@@ -279,6 +327,14 @@ export class Simulation extends EventEmitter<{
         tally.lastFailedVersion = event.version;
         tally.lastError = event.errors[0] ?? 'unknown error';
         break;
+      case 'update_rolled_back':
+        tally.updating = null;
+        tally.rolledBack++;
+        tally.lastFailedVersion = event.version;
+        break;
+      case 'update_hung':
+        tally.hung = event.version;
+        break;
       case 'download_resumed':
         this.#resumed++;
         break;
@@ -303,9 +359,11 @@ export class Simulation extends EventEmitter<{
       devices: this.tallies.length,
       connected: this.tallies.filter((t) => t.connected).length,
       joined: this.tallies.filter((t) => t.joined).length,
-      updating: this.tallies.filter((t) => t.updating !== null).length,
+      updating: this.tallies.filter((t) => t.updating !== null && t.hung === null).length,
       succeeded: sum(this.tallies.map((t) => t.succeeded)),
       failed: sum(this.tallies.map((t) => t.failed)),
+      rolledBack: sum(this.tallies.map((t) => t.rolledBack)),
+      hung: this.tallies.filter((t) => t.hung !== null).length,
       resumedDownloads: this.#resumed,
       urlRefreshes: this.#refreshes,
       errors,
@@ -355,6 +413,8 @@ export function summaryTable(s: SimulationSummary): string {
     ['updating', s.updating],
     ['succeeded', s.succeeded],
     ['failed', s.failed],
+    ['rolled back', s.rolledBack],
+    ['hung', s.hung],
     ['resumed downloads', s.resumedDownloads],
     ['url refreshes', s.urlRefreshes],
     ...Object.entries(s.errors).map(([k, v]): [string, number] => [`failed: ${k}`, v]),

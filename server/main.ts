@@ -40,6 +40,7 @@ import { createFirmwareUrlSigner, registerFirmwareDownload } from './firmware/do
 import {
   createOrg,
   createProduct,
+  FINAL_STATES,
   FleetError,
   getOrg,
   getProduct,
@@ -52,7 +53,9 @@ import {
   sweepStaleUpdates,
   DEVICE_TOPIC_PREFIX,
   type FleetContext,
+  type FleetObserver,
 } from './fleet/index.ts';
+import { DEPLOYMENTS_TOPIC, DeploymentOrchestrator } from './fleet/deployments/index.ts';
 import { addSignerCa, listSignerCas, notifySignerCasChanged, onSignerCasChanged } from './identity/index.ts';
 import { createDeviceListener, deviceIdentityOf, type DeviceListener } from './listeners/device.ts';
 import { createLogger, RedactingLogController, type Logger } from './log.ts';
@@ -150,7 +153,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     log: fleetLog,
     nodeName: config.nodeName,
     firmwareUrl: (firmware) => signUrl(firmware),
-    observer: fleetObserver(log.child({ component: 'fleet' }), metrics),
+    observer: withDeploymentNudges(fleetObserver(log.child({ component: 'fleet' }), metrics), pubsub),
   };
 
   if (config.bootstrapDev && developmentPki) await bootstrapDevelopmentTenant(fleet, developmentPki, log);
@@ -313,6 +316,9 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   if (markedOffline)
     log.info({ devices: markedOffline }, 'marked devices offline that are not connected to a live node');
   webhooks.start();
+  // Phased deployments: every node runs an orchestrator; a lease per deployment lets one act.
+  const deployments = new DeploymentOrchestrator(fleet);
+  const stopDeploymentNudges = pubsub.subscribe(DEPLOYMENTS_TOPIC, () => deployments.nudge());
   const timers = [
     setInterval(() => {
       markNodeAlive(fleet)
@@ -329,6 +335,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
   await deviceListener.app.listen({ host: config.host, port: config.devicePort });
   await api.listen({ host: config.host, port: config.apiPort });
+  deployments.start();
   const devicePort = (deviceListener.app.server.address() as AddressInfo).port;
   const keyauth =
     config.keyauthPort >= 0
@@ -382,6 +389,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       if (closed) return;
       closed = true;
       for (const t of timers) clearInterval(t);
+      stopDeploymentNudges();
+      await deployments.stop();
       await webhooks.stop();
       stopCaRelay();
       stopRevocations();
@@ -394,6 +403,28 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       await removeNode(fleet).catch(() => undefined);
       await pubsub.close();
       if (ownsDatabase) await database.close();
+    },
+  };
+}
+
+/**
+ * The fleet observer, plus: an update attempt of a deployment reached a final state, so every
+ * node's orchestrator hears `deployment_nudge` (the one holding the deployment's lease steps it).
+ */
+function withDeploymentNudges(observer: FleetObserver, pubsub: PubSubWithStats): FleetObserver {
+  const finals: readonly string[] = FINAL_STATES;
+  return {
+    ...observer,
+    committed(event) {
+      observer.committed?.(event);
+      const p = event.payload;
+      if (
+        event.event === 'update_transition' &&
+        typeof p.via === 'string' &&
+        p.via.startsWith('deployment:') &&
+        finals.includes(String(p.state))
+      )
+        void pubsub.broadcast(DEPLOYMENTS_TOPIC, 'deployment_nudge', { deployment_id: p.via.slice(11) });
     },
   };
 }

@@ -18,6 +18,8 @@ export function groupTopic(org: string, product: string, group: string): string 
 
 export const Events = {
   firmwareUpdate: 'firmware_update',
+  /** server → device: stop the update to `version` (its deployment was aborted); see `UpdateCancelledPayload`. */
+  updateCancelled: 'update_cancelled',
   join: 'join',
   leave: 'leave',
   updateBegin: 'firmware_update_begin',
@@ -51,6 +53,13 @@ export interface FirmwareUpdatePayload {
   signature?: string;
   /** The uuid to join `device:<uuid>` with after installing. */
   firmware_uuid: string;
+}
+
+/** server → device: the update to `version` is cancelled; a device mid-download stops and stays on what it runs. */
+export interface UpdateCancelledPayload {
+  version: string;
+  firmware_uuid: string;
+  reason: string;
 }
 
 export interface ChannelMembershipPayload {

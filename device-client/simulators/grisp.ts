@@ -13,6 +13,7 @@ import https from 'node:https';
 import { pack } from 'tar-stream';
 import WebSocket from 'ws';
 import type { DeviceTls } from '../download.ts';
+import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
 export interface GrispBoardOptions {
@@ -32,18 +33,24 @@ export interface GrispBoardOptions {
   progressThrottleMs?: number;
   /** Error codes to answer instead of the real behaviour, once each. */
   faults?: { startUpdate?: number; validate?: number };
+  /**
+   * A bad release (by the manifest's version): `fail` sends an `error` event with a reason, `hang`
+   * one progress event and then nothing, `rollback` installs it, and the reboot into it fails, so
+   * the board comes back on the previous relvsn.
+   */
+  bad?: BadRelease;
 }
 
 type Pending = { resolve(v: unknown): void; reject(e: Error): void };
 
 export class GrispBoard extends EventEmitter {
-  readonly o: Required<Omit<GrispBoardOptions, 'faults' | 'noSubprotocol'>> &
-    Pick<GrispBoardOptions, 'faults' | 'noSubprotocol'>;
+  readonly o: Required<Omit<GrispBoardOptions, 'faults' | 'noSubprotocol' | 'bad'>> &
+    Pick<GrispBoardOptions, 'faults' | 'noSubprotocol' | 'bad'>;
   ws: WebSocket | undefined;
   /** What the board runs, and what it would boot next. */
   running: string;
   #previous: string | undefined;
-  #installed: { version: string } | undefined;
+  #installed: { version: string; bootable: boolean } | undefined;
   actionRequired: 'reboot' | 'validate' | null = null;
   updateStatus: 'ready' | 'updating' | 'failed' | 'updated' = 'ready';
   #logs: Array<[number, Record<string, unknown>]> = [];
@@ -297,12 +304,22 @@ export class GrispBoard extends EventEmitter {
       this.updateEvents.push(e);
       this.#send({ jsonrpc: '2.0', method: 'update', params: { type: 'software_update_event', ...e } });
     };
+    let version: string | undefined;
     try {
       const manifest = JSON.parse((await this.#fetch(`${url}/MANIFEST.sealed`)).toString('utf8')) as {
         version: string;
         blocks: Array<{ path: string; sha256: string; size: number }>;
       };
+      version = manifest.version;
       const total = manifest.blocks.reduce((n, b) => n + b.size, 0) || 1;
+      const bad = this.o.bad?.version === manifest.version ? this.o.bad.mode : undefined;
+      if (bad === 'hang') {
+        event({ event: 'progress', percentage: 0 });
+        this.emit('hung', manifest.version);
+        return;
+      }
+      if (bad === 'fail')
+        throw new Error(`${manifest.version} failed its image check (bad release rehearsal, --bad-mode fail)`);
       let done = 0;
       for (const block of manifest.blocks) {
         const bytes = await this.#fetch(`${url}/${block.path}`);
@@ -315,7 +332,7 @@ export class GrispBoard extends EventEmitter {
           event({ event: 'progress', percentage: Math.floor((done / total) * 100) });
         }
       }
-      this.#installed = { version: manifest.version };
+      this.#installed = { version: manifest.version, bootable: bad !== 'rollback' };
       this.updateStatus = 'updated';
       this.actionRequired = 'reboot';
       event({ event: 'done', message: 'update installed' });
@@ -323,7 +340,7 @@ export class GrispBoard extends EventEmitter {
     } catch (e) {
       this.updateStatus = 'failed';
       event({ event: 'error', message: 'update_failed', reason: (e as Error).message });
-      this.emit('install_failed', (e as Error).message);
+      this.emit('install_failed', (e as Error).message, version);
     }
   }
 
@@ -348,7 +365,12 @@ export class GrispBoard extends EventEmitter {
   }
 
   #reboot(): void {
-    if (this.#installed) {
+    if (this.#installed && !this.#installed.bootable) {
+      // The new image does not boot: the bootloader falls back to the running one.
+      this.emit('rolled_back', this.#installed.version);
+      this.#installed = undefined;
+      this.actionRequired = null;
+    } else if (this.#installed) {
       // Boot the new image; it stays only if validated before the next reboot.
       this.#previous = this.running;
       this.running = this.#installed.version;
@@ -414,6 +436,7 @@ registerSimulatorProtocol({
       serial: spec.serial,
       version: spec.firmware.version,
       reconnectMs: 1000 + Math.floor(Math.random() * 1000),
+      ...(spec.bad ? { bad: spec.bad } : {}),
     });
     let updating: string | undefined;
     board.on('connected', () => {
@@ -425,10 +448,15 @@ registerSimulatorProtocol({
       updating = version;
       report({ type: 'update_begin', version });
     });
-    board.on('install_failed', (reason: string) =>
-      report({ type: 'update_failed', version: updating ?? '?', errors: [reason] }),
+    board.on('install_failed', (reason: string, version?: string) =>
+      report({ type: 'update_failed', version: version ?? updating ?? '?', errors: [reason] }),
     );
     board.on('validated', (version: string) => report({ type: 'update_succeeded', version }));
+    board.on('rolled_back', (version: string) => report({ type: 'update_rolled_back', version }));
+    board.on('hung', (version: string) => {
+      report({ type: 'update_begin', version });
+      report({ type: 'update_hung', version });
+    });
     return { start: () => board.start().catch(() => undefined), stop: () => board.stop() };
   },
 });

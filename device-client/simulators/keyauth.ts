@@ -11,6 +11,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { open, seal } from '../../shared/keyauth-envelope.ts';
+import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
 export interface KeyauthClientOptions {
@@ -24,6 +25,13 @@ export interface KeyauthClientOptions {
   pollIntervalMs?: number;
   heartbeatIntervalMs?: number;
   faults?: () => { corrupt?: boolean } | undefined;
+  /**
+   * A bad release (by the offered version): `fail` reports an error with the reason; `rollback`
+   * installs it, the new version does not start and the client goes back to the old one, and
+   * reports that as an error (the protocol has no rollback report); `hang` reports progress 0
+   * and never again (heartbeats go on).
+   */
+  bad?: BadRelease;
 }
 
 interface Reply {
@@ -44,6 +52,8 @@ export class KeyauthClient extends EventEmitter {
   #timers = new Set<NodeJS.Timeout>();
   #stopped = false;
   #busy = false;
+  /** Versions this client fell silent installing (bad release, mode `hang`): never tried again. */
+  readonly #hung = new Set<string>();
 
   constructor(options: KeyauthClientOptions) {
     super();
@@ -161,11 +171,16 @@ export class KeyauthClient extends EventEmitter {
         | { version: string; url: string; sha256: string; size: number }
         | null
         | undefined;
-      if (reply.code !== 200 || !update) return;
+      if (reply.code !== 200 || !update || this.#hung.has(update.version)) return;
+      const bad = this.o.bad?.version === update.version ? this.o.bad.mode : undefined;
       const report = (data: Record<string, unknown>) =>
         this.action('report', { component: this.component, version: update.version, ...data });
       this.emit('update_begin', update);
       await report({ type: 'progress', percent: 0 });
+      if (bad === 'hang') {
+        this.#hung.add(update.version);
+        return void this.emit('hung', { version: update.version });
+      }
       const res = await fetch(update.url);
       if (!res.ok) {
         await report({ type: 'error', message: `download failed: HTTP ${res.status}` });
@@ -180,6 +195,14 @@ export class KeyauthClient extends EventEmitter {
         return void this.emit('update_failed', { version: update.version, error });
       }
       await report({ type: 'progress', percent: 100, bytes: data.length, total: data.length });
+      if (bad) {
+        const error =
+          bad === 'fail'
+            ? `pre-install check failed for ${update.version} (bad release rehearsal)`
+            : `${update.version} did not start; rolled back to ${this.version} (bad release rehearsal)`;
+        await report({ type: 'error', message: error });
+        return void this.emit('update_failed', { version: update.version, error });
+      }
       await writeFile(path.join(this.o.stateDir, 'keyauth-image.bin'), data);
       await writeFile(path.join(this.o.stateDir, 'keyauth-version'), update.version);
       this.version = update.version;
@@ -212,6 +235,7 @@ registerSimulatorProtocol({
       name: spec.serial,
       pollIntervalMs: 2000,
       faults: () => ({ corrupt: spec.faults()?.corrupt }),
+      ...(spec.bad ? { bad: spec.bad } : {}),
     });
     client.on('authorised', () => {
       report({ type: 'connected' });
@@ -223,6 +247,7 @@ registerSimulatorProtocol({
     client.on('update_failed', ({ version, error }: { version: string; error: string }) =>
       report({ type: 'update_failed', version, errors: [error] }),
     );
+    client.on('hung', ({ version }: { version: string }) => report({ type: 'update_hung', version }));
     client.on('warning', () => undefined);
     return { start: () => client.start(), stop: () => client.stop() };
   },

@@ -11,6 +11,7 @@ import { existsSync, readFileSync } from 'node:fs';
 import { cp, mkdir, rm, writeFile, rename } from 'node:fs/promises';
 import path from 'node:path';
 import { extractZip, parseManifest, MANIFEST_NAME } from '../../shared/main-server-package.ts';
+import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
 export interface MainServerDeviceOptions {
@@ -28,6 +29,12 @@ export interface MainServerDeviceOptions {
   heartbeatIntervalMs?: number;
   /** Faults for one update. */
   faults?: () => { corrupt?: boolean; rejectInstall?: boolean } | undefined;
+  /**
+   * A bad release (by the offered version): `fail` reports `failed` with the reason, `rollback`
+   * installs it, its restart fails and the backup is restored (`rolled_back`), `hang` reports
+   * `in_progress` once and never again (heartbeats go on).
+   */
+  bad?: BadRelease;
 }
 
 interface SavedState {
@@ -53,6 +60,8 @@ export class MainServerDevice extends EventEmitter {
   #timers = new Set<NodeJS.Timeout>();
   #stopped = false;
   #busy = false;
+  /** Versions this device fell silent installing (bad release, mode `hang`): never tried again. */
+  readonly #hung = new Set<string>();
 
   constructor(options: MainServerDeviceOptions) {
     super();
@@ -173,6 +182,7 @@ export class MainServerDevice extends EventEmitter {
       if (res.status !== 200) return void this.emit('warning', `GET /updates answered ${res.status}`);
       for (const offer of res.body.updates) {
         if (!offer.update_available || !offer.download_url || !offer.sha256) continue;
+        if (this.#hung.has(`${offer.name}@${offer.available_version}`)) continue;
         if (!offer.is_compatible) {
           this.emit('incompatible', offer);
           continue;
@@ -199,8 +209,13 @@ export class MainServerDevice extends EventEmitter {
   async #install(offer: UpdateOffer): Promise<void> {
     const faults = this.o.faults?.() ?? {};
     const version = offer.available_version;
+    const bad = this.o.bad?.version === version ? this.o.bad.mode : undefined;
     this.emit('update_begin', { name: offer.name, version });
     await this.#status(offer, 'in_progress', { progress: 0 });
+    if (bad === 'hang') {
+      this.#hung.add(`${offer.name}@${version}`);
+      return void this.emit('hung', { name: offer.name, version });
+    }
     const fail = async (status: 'failed' | 'rolled_back', error: string) => {
       await this.#status(offer, status, { error });
       this.emit('update_failed', { name: offer.name, version, status, error });
@@ -214,6 +229,8 @@ export class MainServerDevice extends EventEmitter {
     const header = res.headers.get('x-checksum-sha256');
     if (sha256 !== offer.sha256 || (header && header !== sha256))
       return fail('failed', `sha256 mismatch: expected ${offer.sha256}, got ${sha256}`);
+    if (bad === 'fail')
+      return fail('failed', `pre-install check failed for ${offer.name} ${version} (bad release rehearsal)`);
     await this.#status(offer, 'in_progress', { progress: 50 });
     // 2. back up the current extension.
     const dir = path.join(this.o.stateDir, 'extensions', offer.name);
@@ -236,6 +253,8 @@ export class MainServerDevice extends EventEmitter {
         await writeFile(target, bytes);
       }
       if (faults.rejectInstall) throw new Error('install script failed (simulated)');
+      if (bad === 'rollback')
+        throw new Error(`${offer.name} ${version} did not start after the restart (bad release rehearsal)`);
     } catch (err) {
       await rm(current, { recursive: true, force: true });
       await rename(backup, current);
@@ -260,6 +279,7 @@ registerSimulatorProtocol({
       stateDir: spec.stateDir,
       extensions: [{ name: process.env.FLEETHUB_SIM_EXTENSION ?? 'firmware', version: spec.firmware.version }],
       token: existsSync(tokenFile) ? readFileSync(tokenFile, 'utf8').trim() : undefined,
+      ...(spec.bad ? { bad: spec.bad } : {}),
       pollIntervalMs: 2000,
       heartbeatIntervalMs: 60_000,
       faults: () => {
@@ -273,9 +293,14 @@ registerSimulatorProtocol({
     });
     device.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     device.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
-    device.on('update_failed', ({ version, error }: { version: string; error: string }) =>
-      report({ type: 'update_failed', version, errors: [error] }),
+    device.on('update_failed', ({ version, status, error }: { version: string; status: string; error: string }) =>
+      report(
+        status === 'rolled_back'
+          ? { type: 'update_rolled_back', version }
+          : { type: 'update_failed', version, errors: [error] },
+      ),
     );
+    device.on('hung', ({ version }: { version: string }) => report({ type: 'update_hung', version }));
     device.on('warning', () => undefined);
     return { start: () => device.start(), stop: () => device.stop() };
   },

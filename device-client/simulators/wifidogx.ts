@@ -12,6 +12,7 @@ import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
+import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
 export const READ_BUFFER_BYTES = 1024;
@@ -34,6 +35,12 @@ export interface GatewayOptions {
    * as a real gateway does with `WSServerPath /ws/wifidogx?credential=<it>`.
    */
   credential?: string;
+  /**
+   * A bad release (by the version the image declares): `fail` answers `firmware_upgrade_error`,
+   * `hang` never answers the `firmware_upgrade`, `rollback` answers success, reboots and comes
+   * back reporting the old release.
+   */
+  bad?: BadRelease;
 }
 
 export function simulatorImage(version: string, size = 4096): Buffer {
@@ -41,7 +48,8 @@ export function simulatorImage(version: string, size = 4096): Buffer {
 }
 
 export class WifidogxGateway extends EventEmitter {
-  readonly o: Required<Omit<GatewayOptions, 'ca' | 'credential'>> & { ca?: string; credential?: string };
+  readonly o: Required<Omit<GatewayOptions, 'ca' | 'credential' | 'bad'>> &
+    Pick<GatewayOptions, 'ca' | 'credential' | 'bad'>;
   version: string;
   socket: net.Socket | undefined;
   /** Every message the server sent, decoded, in order. */
@@ -299,15 +307,24 @@ export class WifidogxGateway extends EventEmitter {
             error: `Failed to execute sysupgrade command: ${(err as Error).message}`,
           });
         }
+        const declared = /WIFIDOGX-SIM-FIRMWARE version=(\S+?)\n/.exec(image.subarray(0, 4096).toString('latin1'))?.[1];
+        const bad = declared !== undefined && this.o.bad?.version === declared ? this.o.bad.mode : undefined;
+        if (bad === 'hang') return void this.emit('hung', declared);
+        if (bad === 'fail') {
+          const error = `Failed to execute sysupgrade command: image check failed for ${declared} (bad release rehearsal)`;
+          this.#reply(m, { type: 'firmware_upgrade_error', error });
+          return void this.emit('upgrade_failed', declared, error);
+        }
         this.#reply(m, {
           type: 'firmware_upgrade_response',
           status: 'success',
           message: 'Firmware upgrade initiated successfully',
         });
-        const declared = /WIFIDOGX-SIM-FIRMWARE version=(\S+?)\n/.exec(image.subarray(0, 4096).toString('latin1'))?.[1];
         this.emit('upgrading', declared);
         setTimeout(() => {
-          if (declared) this.version = declared;
+          // A bad image does not boot: the gateway comes back on the release it ran.
+          if (bad === 'rollback') this.emit('rolled_back', declared);
+          else if (declared) this.version = declared;
           this.emit('rebooted', this.version);
           this.socket?.destroy();
         }, 50);
@@ -377,6 +394,7 @@ registerSimulatorProtocol({
       ca: spec.tls.ca,
       reconnectMs: 2000,
       ...(credential ? { credential } : {}),
+      ...(spec.bad ? { bad: spec.bad } : {}),
     });
     gw.on('connected', () => report({ type: 'connected' }));
     gw.on('disconnected', () => report({ type: 'disconnected' }));
@@ -384,7 +402,23 @@ registerSimulatorProtocol({
       if (m.type === 'connect') report({ type: 'joined' });
     });
     gw.on('upgrading', (version?: string) => report({ type: 'update_begin', version: version ?? '?' }));
-    gw.on('rebooted', (version: string) => report({ type: 'update_succeeded', version }));
+    let rolledBack: string | undefined;
+    gw.on('rolled_back', (version: string) => {
+      rolledBack = version;
+    });
+    gw.on('rebooted', (version: string) => {
+      if (rolledBack === undefined) return report({ type: 'update_succeeded', version });
+      report({ type: 'update_rolled_back', version: rolledBack });
+      rolledBack = undefined;
+    });
+    gw.on('upgrade_failed', (version: string, error: string) => {
+      report({ type: 'update_begin', version });
+      report({ type: 'update_failed', version, errors: [error] });
+    });
+    gw.on('hung', (version: string) => {
+      report({ type: 'update_begin', version });
+      report({ type: 'update_hung', version });
+    });
     gw.on('violation', (what: string) =>
       report({ type: 'update_failed', version: gw.version, errors: [`protocol violation: ${what}`] }),
     );

@@ -21,6 +21,7 @@ import { registerDeviceRoutes } from './routes/devices.ts';
 import { registerGroupRoutes } from './routes/groups.ts';
 import { registerCatalogRoutes } from './routes/catalog.ts';
 import { registerWebhookRoutes } from './routes/webhooks.ts';
+import { registerDeploymentRoutes } from './routes/deployments.ts';
 import type { WebhookService } from '../webhooks/index.ts';
 
 export interface ApiDeps {
@@ -74,6 +75,7 @@ const API_TAGS = [
   { name: 'firmware', description: 'Firmware images, their records and signing keys' },
   { name: 'targets', description: 'Which firmware groups and devices should run' },
   { name: 'updates', description: 'Update attempts: the persisted update state machine' },
+  { name: 'deployments', description: 'Phased rollouts: stages, thresholds, pacing, pause and abort' },
   { name: 'status', description: 'Counts by running version, connection and update state' },
   { name: 'audit', description: 'The audit log' },
   { name: 'webhooks', description: "Signed HTTP deliveries of fleet events to operators' receivers" },
@@ -177,6 +179,7 @@ export async function registerApi(app: FastifyInstance, deps: ApiDeps, extra: Ap
       await registerDeviceRoutes(api, routeDeps);
       await registerGroupRoutes(api, routeDeps);
       await registerCatalogRoutes(api, routeDeps);
+      await registerDeploymentRoutes(api, routeDeps);
       if (deps.webhooks) await registerWebhookRoutes(api, routeDeps, deps.webhooks);
       for (const plugin of extra) await plugin(api, routeDeps);
     },

@@ -53,7 +53,10 @@ export function registerFirmwareStoreCommands(firmware: Command, ctx: CliContext
         .option('--platform <platform>', 'hardware platform')
         .option('--architecture <arch>', 'CPU architecture')
         .option('--component <component>', 'component (default firmware)')
-        .option('--format <format>', 'image format')
+        .option(
+          '--format <format>',
+          'package format (raw, grisp, main-server-zip; default raw): another format of an existing version adds a variant of that release',
+        )
         .option('--uuid <uuid>', 'firmware uuid (default: generated)')
         .option('--sign-key <key.pem>', 'sign the image with this ed25519 private key')
         .option('--signature <base64>', 'a detached signature made earlier (fleethub firmware sign)'),

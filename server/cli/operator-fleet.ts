@@ -449,6 +449,8 @@ interface Status {
   offline: number;
   versions: Record<string, number>;
   updates: Record<string, number>;
+  /** Devices per state with their target (one state per device; not_applicable: the target does not concern it). */
+  device_states?: Record<string, number>;
   target: { firmware_id: string } | null;
 }
 
@@ -568,11 +570,16 @@ function untilCheck(client: ApiClient, org: string, until: UntilState, group: st
       const fw = await client.get<{ version: string }>(`${orgPath(org)}/firmware/${enc(s.target.firmware_id)}`);
       target = { id: s.target.firmware_id, version: fw.version };
     }
-    const running = s.versions[target.version] ?? 0;
-    lastSummary = `${running} of ${s.devices} device(s) run ${target.version}`;
-    if (s.devices >= atLeast && running === s.devices)
-      return { code: 0, message: `every device of ${group} runs ${target.version} (${s.devices})` };
-    const failed = await failedDevices(client, org, group!, target.id);
+    // Members the target does not concern (another component, no variant for their protocol) are done.
+    const states = s.device_states ?? {};
+    const notApplicable = states.not_applicable ?? 0;
+    const running = s.device_states
+      ? (states.succeeded ?? 0) + (states.up_to_date ?? 0)
+      : (s.versions[target.version] ?? 0);
+    lastSummary = `${running} of ${s.devices - notApplicable} device(s) run ${target.version}${notApplicable ? ` (${notApplicable} not applicable)` : ''}`;
+    if (s.devices >= atLeast && running + notApplicable === s.devices)
+      return { code: 0, message: `every device of ${group} runs ${target.version} (${running})` };
+    const failed = await failedDevices(client, org, group!, target.version);
     if (failed.length)
       return {
         code: 1,
@@ -586,18 +593,18 @@ function untilCheck(client: ApiClient, org: string, until: UntilState, group: st
   return { check, summary: () => lastSummary };
 }
 
-/** Members (by identifier) whose latest update attempt is a failure at the target firmware. */
-async function failedDevices(client: ApiClient, org: string, group: string, firmwareId: string) {
-  const latest = new Map<string, Attempt & { firmware_id: string }>();
+/** Members (by identifier) whose latest update attempt is a failure at the target release (any of its variants). */
+async function failedDevices(client: ApiClient, org: string, group: string, version: string) {
+  const latest = new Map<string, Attempt & { component: string }>();
   for (let offset = 0; offset < 100_000; offset += 1000) {
-    const page = await client.get<Page<Attempt & { firmware_id: string }>>(
+    const page = await client.get<Page<Attempt & { component: string }>>(
       `${orgPath(org)}/groups/${enc(group)}/updates`,
       { limit: 1000, offset },
     );
-    for (const a of page.items) if (!latest.has(a.device_id)) latest.set(a.device_id, a);
+    for (const a of page.items) if (a.component === 'firmware' && !latest.has(a.device_id)) latest.set(a.device_id, a);
     if (page.items.length < 1000) break;
   }
-  const failed = [...latest.values()].filter((a) => a.firmware_id === firmwareId && FAILED_STATES.has(a.state));
+  const failed = [...latest.values()].filter((a) => a.to_version === version && FAILED_STATES.has(a.state));
   if (failed.length === 0) return [];
   const names = new Map<string, string>();
   for (let offset = 0; offset < 100_000; offset += 1000) {

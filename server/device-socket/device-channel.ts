@@ -32,7 +32,15 @@ const REPORT_KIND: Record<UpdateReportEvent, ReportKind> = {
 };
 
 /** Events on `device_id:<id>` that are forwarded to the device as pushes. */
-const FORWARDED = new Set(['firmware_update', 'join', 'leave', 'reboot', 'identify', 'request_logs']);
+const FORWARDED = new Set([
+  'firmware_update',
+  'update_cancelled',
+  'join',
+  'leave',
+  'reboot',
+  'identify',
+  'request_logs',
+]);
 
 /**
  * `device:<firmware uuid>`: the identity comes from the certificate (socket assigns); the topic

@@ -56,8 +56,10 @@ export class FirmwareError extends Error {
 export const DEFAULT_MAX_IMAGE_BYTES = 2 * 1024 ** 3;
 
 /**
- * Stores the image streamed from `body` and records it. Same product+component+version with
- * identical bytes answers the existing record (`created: false`); different bytes → 409.
+ * Stores the image streamed from `body` and records it. A release (product+component+version)
+ * holds one record per package format: another format of an existing version adds a variant;
+ * the same format with identical bytes answers the existing record (`created: false`), with
+ * different bytes → 409.
  */
 export async function ingestFirmware(
   deps: FirmwareStoreDeps,
@@ -67,6 +69,7 @@ export async function ingestFirmware(
   body: Readable | AsyncIterable<Uint8Array>,
 ): Promise<{ firmware: Firmware; created: boolean }> {
   const component = meta.component ?? 'firmware';
+  const format = meta.format ?? 'raw';
   const { sha256, size } = await deps.blobs
     .put(body, { maxBytes: deps.maxImageBytes ?? DEFAULT_MAX_IMAGE_BYTES })
     .catch((err: unknown) => {
@@ -85,7 +88,7 @@ export async function ingestFirmware(
         'image_empty',
         'the uploaded image is empty; send the firmware file as the request body (application/octet-stream)',
       );
-    const existing = await findVersion(deps.fleet, product.id, component, meta.version);
+    const existing = await findVersion(deps.fleet, product.id, component, meta.version, format);
     if (existing) {
       if (existing.has_blob && existing.sha256 === sha256) return { firmware: existing, created: false };
       // Registered without an image so far (metadata of firmware stored elsewhere): the upload supplies it.
@@ -121,7 +124,7 @@ export async function ingestFirmware(
       (err as { name?: string; code?: string }).name === 'FleetError' &&
       (err as { code?: string }).code === 'conflict'
     ) {
-      const winner = await findVersion(deps.fleet, product.id, component, meta.version);
+      const winner = await findVersion(deps.fleet, product.id, component, meta.version, format);
       if (winner?.has_blob && winner.sha256 === sha256) return { firmware: winner, created: false };
       if (winner) throw duplicate(winner, sha256);
     }
@@ -253,6 +256,7 @@ async function findVersion(
   productId: string,
   component: string,
   version: string,
+  format: string,
 ): Promise<Firmware | undefined> {
   return fleet.db
     .selectFrom('firmware')
@@ -260,6 +264,7 @@ async function findVersion(
     .where('product_id', '=', productId)
     .where('component', '=', component)
     .where('version', '=', version)
+    .where('format', '=', format)
     .executeTakeFirst();
 }
 
@@ -267,7 +272,7 @@ function duplicate(existing: Firmware, sha256: string): FirmwareError {
   return new FirmwareError(
     409,
     'duplicate_version',
-    `${existing.component} ${existing.version} already exists for this product with different content (sha256 ${existing.sha256 ?? 'unknown'}); bump the version`,
-    { firmware_id: existing.id, existing_sha256: existing.sha256, uploaded_sha256: sha256 },
+    `${existing.component} ${existing.version} (format ${existing.format}) already exists for this product with different content (sha256 ${existing.sha256 ?? 'unknown'}); bump the version`,
+    { firmware_id: existing.id, format: existing.format, existing_sha256: existing.sha256, uploaded_sha256: sha256 },
   );
 }

@@ -188,7 +188,7 @@ async function rejoinUnchanged(
         WHERE dc.device_id = d.id AND dc.component = 'firmware' AND dc.version = d.firmware_version
           AND dc.firmware_id IS NOT DISTINCT FROM (SELECT f.id FROM firmware f WHERE f.id = d.firmware_uuid))
       AND NOT EXISTS (SELECT 1 FROM update_attempts ua WHERE ua.device_id = d.id AND ua.component = 'firmware' AND ua.state IN (${OPEN}))
-      AND (r.target_id IS NULL OR r.target_id = r.running_id OR EXISTS (
+      AND (r.target_id IS NULL OR r.runs_target OR EXISTS (
         SELECT 1 FROM update_attempts x
         WHERE x.device_id = d.id AND x.component = 'firmware' AND x.firmware_id = r.target_id
           AND x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at))

@@ -16,7 +16,15 @@ import { deviceDisconnected, deviceJoined } from './connections.ts';
 import { edgeDeviceOnline, markEdgeDeviceConnected, recordUpdateSent, type EdgeOnlineOutcome } from './edge-devices.ts';
 import { FleetError, type FleetErrorCode } from './errors.ts';
 import { OPEN_STATES, TRANSITIONS, type AttemptEvent } from './link-table.ts';
-import { applyUpdateReport, firmwareUpdatePayload, moveAttempt, type UpdateReportEvent } from './updates.ts';
+import {
+  applyUpdateReport,
+  deviceActor,
+  firmwareUpdatePayload,
+  moveAttempt,
+  type UpdateReportEvent,
+} from './updates.ts';
+import { audit } from '../audit.ts';
+import { abortedDeploymentOf } from './deployments/model.ts';
 
 export { OPEN_STATES, FINAL_STATES, TRANSITIONS, isAllowedTransition, type AttemptEvent } from './link-table.ts';
 
@@ -146,8 +154,9 @@ export function openLink(
 export async function linkEvent(ctx: FleetContext, session: LinkSession, event: LinkEvent): Promise<LinkResult> {
   try {
     return await handle(ctx, session, event);
-  } catch (err) {
-    if (!(err instanceof FleetError)) throw err;
+  } catch (caught) {
+    if (!(caught instanceof FleetError)) throw caught;
+    const err = event.type === 'report' ? await lateReport(ctx, session, event, caught) : caught;
     ctx.log.info(
       {
         device_id: session.deviceId,
@@ -165,6 +174,35 @@ export async function linkEvent(ctx: FleetContext, session: LinkSession, event: 
       refusal: { code: err.code, message: err.message, details: err.details ?? {} },
     };
   }
+}
+
+/**
+ * A report refused for want of an open attempt may be late for an aborted deployment: it is
+ * recorded (audit `deployment.late_report`), never counted, and refused saying so.
+ */
+async function lateReport(
+  ctx: FleetContext,
+  session: LinkSession,
+  r: LinkReport,
+  err: FleetError,
+): Promise<FleetError> {
+  if (err.code !== 'not_found') return err;
+  const aborted = await abortedDeploymentOf(ctx.db, session.deviceId, {
+    component: r.component ?? 'firmware',
+    ...(r.version !== undefined ? { version: r.version } : {}),
+  });
+  if (!aborted) return err;
+  await audit(ctx.db, deviceActor(session), {
+    orgId: session.orgId,
+    action: 'deployment.late_report',
+    resourceType: 'deployment',
+    resourceId: aborted.id,
+    details: { device_id: session.deviceId, attempt_id: aborted.attempt_id, kind: r.kind, version: r.version ?? null },
+  });
+  return new FleetError('conflict', `deployment ${aborted.id} was aborted; this update was cancelled`, {
+    deployment_id: aborted.id,
+    attempt_id: aborted.attempt_id,
+  });
 }
 
 /** `linkEvent` for callers whose protocol reports refusals as exceptions (HTTP edges): throws the FleetError. */

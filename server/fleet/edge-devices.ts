@@ -322,7 +322,9 @@ export async function edgeDeviceOnline(
       });
 
     const catalogued =
-      version === null ? undefined : await catalogueFirmwareByVersion(trx, current.product_id, component, version);
+      version === null
+        ? undefined
+        : await catalogueFirmwareByVersion(trx, current.product_id, component, version, current.protocol);
     const running = { id: catalogued?.id ?? null, component, version };
     const device = await trx
       .updateTable('devices')

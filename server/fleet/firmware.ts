@@ -2,6 +2,7 @@ import { audit, type Actor } from '../audit.ts';
 import type { Firmware } from '../db/schema.ts';
 import { inTransaction, type FleetContext } from './context.ts';
 import { FleetError, isUniqueViolation, isUuid, NAME_PATTERN, notFound, validUuid, validVersion } from './errors.ts';
+import { OPEN_STATES } from './link-table.ts';
 import { getProduct } from './orgs.ts';
 import { linkRunningDevices } from './running-firmware.ts';
 
@@ -25,7 +26,11 @@ export interface CreateFirmwareInput {
   hasBlob?: boolean;
 }
 
-/** Records firmware metadata (the blob store holds the image). `conflict` when the version or uuid exists for that component. */
+/**
+ * Records firmware metadata (the blob store holds the image). A release (product, component,
+ * version) holds one record per package `format` (its variants); `conflict` when the version
+ * exists in that format for that component, or the uuid exists.
+ */
 export async function createFirmware(ctx: FleetContext, actor: Actor, input: CreateFirmwareInput): Promise<Firmware> {
   const product = await getProduct(ctx, input.orgId, input.productId);
   const version = validVersion(input.version);
@@ -88,7 +93,7 @@ export async function createFirmware(ctx: FleetContext, actor: Actor, input: Cre
     if (isUniqueViolation(err))
       throw new FleetError(
         'conflict',
-        `firmware ${component} ${version} (or uuid ${input.uuid ?? ''}) already exists for product ${product.name}; bump the version`,
+        `firmware ${component} ${version} of format ${input.format ?? 'raw'} (or uuid ${input.uuid ?? ''}) already exists for product ${product.name}; bump the version`,
         { field: 'version' },
       );
     throw err;
@@ -125,7 +130,7 @@ export async function getFirmware(ctx: FleetContext, orgId: string, firmwareId: 
 
 /**
  * Deletes a firmware record and its (finished) update history; `conflict` while a group or device
- * targets it. The caller removes the blob when no other record shares its sha256.
+ * targets it or an update to it is in flight (a variant of a targeted release). The caller removes the blob when no other record shares its sha256.
  */
 export async function deleteFirmware(
   ctx: FleetContext,
@@ -151,6 +156,19 @@ export async function deleteFirmware(
         },
       );
     }
+    // A variant of a targeted release may be installing on devices (another variant is the target's name).
+    const open = await trx
+      .selectFrom('update_attempts')
+      .select((eb) => eb.fn.countAll<number>().as('n'))
+      .where('firmware_id', '=', firmware.id)
+      .where('state', 'in', OPEN_STATES)
+      .executeTakeFirstOrThrow();
+    if (Number(open.n) > 0)
+      throw new FleetError(
+        'conflict',
+        `firmware ${firmware.version} (format ${firmware.format}) is being installed by ${open.n} device(s); retarget them or wait for the updates to end`,
+        { firmware_id: firmware.id, open_attempts: Number(open.n) },
+      );
     await trx.deleteFrom('update_attempts').where('firmware_id', '=', firmware.id).execute();
     await trx.deleteFrom('firmware').where('id', '=', firmware.id).execute();
     await audit(trx, actor, {
@@ -158,7 +176,7 @@ export async function deleteFirmware(
       action: 'firmware.delete',
       resourceType: 'firmware',
       resourceId: firmware.id,
-      details: { version: firmware.version, component: firmware.component },
+      details: { version: firmware.version, component: firmware.component, format: firmware.format },
     });
     return firmware;
   });

@@ -24,6 +24,7 @@ export {
   type FleetBus,
   type FleetContext,
   type FleetEvent,
+  type FleetObserver,
 } from './context.ts';
 export { FleetError, NAME_PATTERN, isUuid, validName, validVersion, type FleetErrorCode } from './errors.ts';
 export {
@@ -105,6 +106,8 @@ export {
   type DeviceRef,
   type UpdateReportEvent,
 } from './updates.ts';
+export { countDeviceTargetStates, DEVICE_TARGET_STATES, type DeviceTargetState } from './device-states.ts';
+export { installs, PROTOCOL_INSTALLS, type ProtocolInstalls } from './formats.ts';
 export { deviceJoined, deviceDisconnected, type ConnectedDevice, type JoinOutcome } from './connections.ts';
 export {
   linkEvent,

@@ -1,12 +1,13 @@
 import { sql, type RawBuilder } from 'kysely';
 import type { Db } from '../db/index.ts';
-import type { ConnectionStatus } from '../db/schema.ts';
+import type { ConnectionStatus, DeviceProtocol } from '../db/schema.ts';
+import { ANY_FORMAT, baseFirmwareProtocolsSql, installsSql } from './formats.ts';
 import { fromSql, OPEN, stepSql } from './link-table.ts';
 
 export { OPEN, OPEN_STATES } from './link-table.ts';
 
-/** Which devices a reconcile covers: explicit ids or every member of a group. */
-export type DeviceSet = { ids: string[] } | { groupId: string };
+/** Which devices a reconcile covers: explicit ids, every member of a group, or an org's devices. */
+export type DeviceSet = { ids: string[] } | { groupId: string } | { orgId: string };
 
 export interface CreatedAttempt {
   id: string;
@@ -21,26 +22,60 @@ export interface ReconcileResult {
 }
 
 function scopeSql(set: DeviceSet): RawBuilder<unknown> {
-  return 'groupId' in set
-    ? sql`SELECT device_id FROM group_devices WHERE group_id = ${set.groupId}`
-    : sql`SELECT unnest(${set.ids}::uuid[]) AS device_id`;
+  if ('groupId' in set) return sql`SELECT device_id FROM group_devices WHERE group_id = ${set.groupId}`;
+  if ('orgId' in set) return sql`SELECT id AS device_id FROM devices WHERE org_id = ${set.orgId}`;
+  return sql`SELECT unnest(${set.ids}::uuid[]) AS device_id`;
+}
+
+/**
+ * Whether the device `d` runs `component` (applicability): it reports the component, or the
+ * component is `firmware` and its protocol runs it by nature (formats.ts).
+ */
+export function runsComponentSql(d: string, component: string): RawBuilder<boolean> {
+  return sql<boolean>`(EXISTS (SELECT 1 FROM device_components c WHERE c.device_id = ${sql.ref(`${d}.id`)} AND c.component = ${component})
+    OR (${component} = 'firmware' AND ${sql.ref(`${d}.protocol`)} IN (${baseFirmwareProtocolsSql()})))`;
+}
+
+/**
+ * The variant of the release `release` (a firmware row) that device `d` installs: the record of
+ * the same product, component and version, with its image stored, whose format the device's
+ * protocol takes first (formats.ts). A relation of one column `id`, empty when there is none.
+ */
+export function variantSql(d: string, release: string): RawBuilder<unknown> {
+  return sql`
+    SELECT f.id FROM firmware f
+    JOIN ${installsSql()} pf(protocol, format, rank)
+      ON pf.protocol = ${sql.ref(`${d}.protocol`)} AND (pf.format = f.format OR pf.format = ${ANY_FORMAT})
+    WHERE f.product_id = ${sql.ref(`${release}.product_id`)} AND f.component = ${sql.ref(`${release}.component`)}
+      AND f.version = ${sql.ref(`${release}.version`)} AND f.has_blob
+    ORDER BY pf.rank, f.format, f.id
+    LIMIT 1`;
 }
 
 /**
  * Target resolution, per device and component (the README quotes this):
  * 1. a device-level target overrides every group target;
- * 2. otherwise, among the device's groups that have a target, the group with the lowest
+ * 2. otherwise the newest deployment that told the device (docs/deployments.md), unless a group
+ *    target was set after it told the device;
+ * 3. otherwise, among the device's groups that have a target, the group with the lowest
  *    `priority` wins; on a tie, the most recently set target wins.
- * Only approved devices resolve a target.
+ * Only approved devices resolve a target. A target names a release (`release_id`, one of its
+ * records); the device's `target_id` is the variant of it that its protocol installs — null
+ * when the target does not concern the device (it does not run the component, or the release
+ * has no variant its protocol installs: not applicable). `runs_target`: it runs a variant of
+ * the release.
  */
 export function resolvedSql(set: DeviceSet, component: string): RawBuilder<unknown> {
   return sql`
-    SELECT d.id AS device_id, d.org_id, d.connection_status,
+    SELECT d.id AS device_id, d.org_id, d.connection_status, d.protocol,
            CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END AS running_id,
            CASE WHEN ${component} = 'firmware' THEN d.firmware_version ELSE dc.version END AS running_version,
-           COALESCE(dt.firmware_id, gt.firmware_id) AS target_id,
-           COALESCE(dt.set_at, gt.set_at) AS target_set_at,
-           CASE WHEN dt.firmware_id IS NOT NULL THEN 'device' WHEN gt.group_id IS NOT NULL THEN 'group:' || gt.group_id END AS via
+           tf.id AS release_id,
+           CASE WHEN ${runsComponentSql('d', component)} THEN (${variantSql('d', 'tf')}) END AS target_id,
+           COALESCE(rf.product_id = tf.product_id AND rf.component = tf.component AND rf.version = tf.version, false) AS runs_target,
+           COALESCE(dt.set_at, CASE WHEN dep.wins THEN dep.told_at END, gt.set_at) AS target_set_at,
+           CASE WHEN dt.firmware_id IS NOT NULL THEN 'device' WHEN dep.wins THEN 'deployment:' || dep.id
+                WHEN gt.group_id IS NOT NULL THEN 'group:' || gt.group_id END AS via
     FROM devices d
     JOIN (${scopeSql(set)}) scope ON scope.device_id = d.id
     LEFT JOIN device_components dc ON dc.device_id = d.id AND dc.component = ${component}
@@ -54,6 +89,20 @@ export function resolvedSql(set: DeviceSet, component: string): RawBuilder<unkno
       ORDER BY g.priority ASC, t.set_at DESC, t.id DESC
       LIMIT 1
     ) gt ON true
+    -- The newest deployment that told the device (docs/deployments.md): it wins over a group
+    -- target set before the device was told, while the device is in flight in a running or paused
+    -- deployment, and for good once it succeeded there (a device that failed falls back).
+    LEFT JOIN LATERAL (
+      SELECT dp.id, dp.firmware_id, dd.told_at, (gt.set_at IS NULL OR dd.told_at >= gt.set_at) AS wins
+      FROM deployment_devices dd
+      JOIN deployments dp ON dp.id = dd.deployment_id
+      WHERE dd.device_id = d.id AND dd.told_at IS NOT NULL AND dp.component = ${component}
+        AND (dd.state = 'succeeded' OR (dd.state = 'in_flight' AND dp.state IN ('running', 'paused', 'completed')))
+      ORDER BY dd.told_at DESC
+      LIMIT 1
+    ) dep ON true
+    LEFT JOIN firmware tf ON tf.id = COALESCE(dt.firmware_id, CASE WHEN dep.wins THEN dep.firmware_id END, gt.firmware_id)
+    LEFT JOIN firmware rf ON rf.id = CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END
     WHERE d.approval = 'approved'`;
 }
 
@@ -61,9 +110,15 @@ export interface ResolvedRow {
   device_id: string;
   org_id: string;
   connection_status: ConnectionStatus;
+  protocol: DeviceProtocol;
   running_id: string | null;
   running_version: string | null;
+  /** The firmware record the winning target names (its release); null: no target. */
+  release_id: string | null;
+  /** The variant of that release this device installs; null: none (no target, or not applicable). */
   target_id: string | null;
+  /** It runs a variant of the target's release. */
+  runs_target: boolean;
   target_set_at: Date | null;
   via: string | null;
 }
@@ -91,7 +146,7 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
       AND ua.firmware_id IS DISTINCT FROM r.target_id
       -- An attempt to what the device already runs stays open to settle, unless a new target
       -- supersedes it: one open attempt per device and component.
-      AND (ua.firmware_id IS DISTINCT FROM r.running_id OR r.target_id IS NOT NULL)`.execute(trx);
+      AND (ua.firmware_id IS DISTINCT FROM r.running_id OR r.release_id IS NOT NULL)`.execute(trx);
   const { rows: created } = await sql<CreatedAttempt>`
     INSERT INTO update_attempts (org_id, device_id, firmware_id, component, from_version, to_version, state, via, sent_at)
     SELECT r.org_id, r.device_id, r.target_id, ${component}, r.running_version, f.version,
@@ -100,7 +155,7 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
            CASE WHEN r.connection_status = 'online' THEN now() END
     FROM (${resolved}) r
     JOIN firmware f ON f.id = r.target_id
-    WHERE r.running_id IS DISTINCT FROM r.target_id
+    WHERE NOT r.runs_target
       AND NOT EXISTS (
         SELECT 1 FROM update_attempts x
         WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
@@ -110,20 +165,28 @@ export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'fi
 }
 
 /**
- * Online members of a group that would act wrongly on a group-wide `firmware_update` for
- * `firmwareId`: they resolve another target and do not run that firmware. When there are none,
- * one broadcast on the group topic serves the whole group.
+ * The one variant a group-wide `firmware_update` for the release `releaseId` may carry, or null
+ * when one broadcast cannot serve the group: some online member that does not run the release
+ * resolves another target, is not concerned by it (not applicable), or the members that need it
+ * install different variants (a mixed group: each gets its own push). Null also when no online
+ * member needs it.
  */
-export async function countGroupMembersResolvingElsewhere(
+export async function groupBroadcastVariant(
   trx: Db,
   groupId: string,
-  firmwareId: string,
+  releaseId: string,
   component = 'firmware',
-): Promise<number> {
-  const { rows } = await sql<{ n: number }>`
-    SELECT count(*)::int AS n FROM (${resolvedSql({ groupId }, component)}) r
+): Promise<string | null> {
+  const { rows } = await sql<{ elsewhere: number; variants: number; variant: string | null }>`
+    WITH rel AS (
+      SELECT v.id FROM firmware v JOIN firmware t ON t.id = ${releaseId}
+      WHERE v.product_id = t.product_id AND v.component = t.component AND v.version = t.version)
+    SELECT count(*) FILTER (WHERE r.release_id IS DISTINCT FROM ${releaseId} OR r.target_id IS NULL)::int AS elsewhere,
+           count(DISTINCT r.target_id)::int AS variants,
+           min(r.target_id::text) AS variant
+    FROM (${resolvedSql({ groupId }, component)}) r
     WHERE r.connection_status = 'online'
-      AND r.target_id IS DISTINCT FROM ${firmwareId}
-      AND r.running_id IS DISTINCT FROM ${firmwareId}`.execute(trx);
-  return Number(rows[0]?.n ?? 0);
+      AND (r.running_id IS NULL OR r.running_id NOT IN (SELECT id FROM rel))`.execute(trx);
+  const row = rows[0];
+  return row && row.elsewhere === 0 && row.variants === 1 ? row.variant : null;
 }

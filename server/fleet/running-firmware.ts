@@ -8,8 +8,9 @@
 import { sql } from 'kysely';
 import { audit } from '../audit.ts';
 import type { Db } from '../db/index.ts';
-import type { Firmware } from '../db/schema.ts';
+import type { DeviceProtocol, Firmware } from '../db/schema.ts';
 import { FleetError } from './errors.ts';
+import { ANY_FORMAT, installsSql } from './formats.ts';
 import { deviceActor, type DeviceRef } from './updates.ts';
 
 export interface RunningComponent {
@@ -20,20 +21,26 @@ export interface RunningComponent {
   firmwareId: string | null;
 }
 
-/** The catalogue firmware of a product for a reported `version` (edges report versions, not uuids). */
+/**
+ * The catalogue firmware of a product for a reported `version` (edges report versions, not uuids):
+ * of that release's variants, the one a device of `protocol` installs first (formats.ts), else
+ * any of them (the device runs the release whichever package brought it).
+ */
 export async function catalogueFirmwareByVersion(
   db: Db,
   productId: string,
   component: string,
   version: string,
+  protocol: DeviceProtocol,
 ): Promise<Firmware | undefined> {
-  return db
-    .selectFrom('firmware')
-    .selectAll()
-    .where('product_id', '=', productId)
-    .where('component', '=', component)
-    .where('version', '=', version)
-    .executeTakeFirst();
+  const { rows } = await sql<Firmware>`
+    SELECT f.* FROM firmware f
+    LEFT JOIN ${installsSql()} pf(protocol, format, rank)
+      ON pf.protocol = ${protocol} AND (pf.format = f.format OR pf.format = ${ANY_FORMAT})
+    WHERE f.product_id = ${productId} AND f.component = ${component} AND f.version = ${version}
+    ORDER BY pf.rank ASC NULLS LAST, f.format, f.id
+    LIMIT 1`.execute(db);
+  return rows[0];
 }
 
 /**
@@ -97,22 +104,23 @@ export function reportedLabel(field: string, value: unknown): string | null {
  */
 export async function linkRunningDevices(
   trx: Db,
-  firmware: Pick<Firmware, 'id' | 'product_id' | 'component' | 'version'>,
+  firmware: Pick<Firmware, 'id' | 'product_id' | 'component' | 'version' | 'format'>,
 ): Promise<void> {
+  // A variant links the edge devices whose protocol installs its format (formats.ts).
+  const installable = sql`EXISTS (SELECT 1 FROM ${installsSql()} pf(protocol, format, rank)
+    WHERE pf.protocol = d.protocol AND (pf.format = ${firmware.format} OR pf.format = ${ANY_FORMAT}))`;
   if (firmware.component === 'firmware') {
     await sql`
-      UPDATE devices SET firmware_uuid = ${firmware.id}
-      WHERE product_id = ${firmware.product_id} AND protocol <> 'phoenix' AND firmware_uuid IS NULL AND firmware_version = ${firmware.version}`.execute(
-      trx,
-    );
+      UPDATE devices d SET firmware_uuid = ${firmware.id}
+      WHERE d.product_id = ${firmware.product_id} AND d.protocol <> 'phoenix' AND d.firmware_uuid IS NULL
+        AND d.firmware_version = ${firmware.version} AND ${installable}`.execute(trx);
   }
   await sql`
     UPDATE device_components dc SET firmware_id = ${firmware.id}, audited_firmware_id = ${firmware.id}
     FROM devices d
     WHERE d.id = dc.device_id AND d.product_id = ${firmware.product_id} AND dc.component = ${firmware.component} AND dc.firmware_id IS NULL
-      AND CASE WHEN d.protocol = 'phoenix' AND dc.component = 'firmware' THEN d.firmware_uuid = ${firmware.id} ELSE dc.version = ${firmware.version} END`.execute(
-    trx,
-  );
+      AND CASE WHEN d.protocol = 'phoenix' AND dc.component = 'firmware' THEN d.firmware_uuid = ${firmware.id}
+               ELSE dc.version = ${firmware.version} AND ${installable} END`.execute(trx);
 }
 
 /** What each of `deviceIds` reports running, component by component (by component name). */

@@ -8,9 +8,11 @@ import { FleetError, isUuid } from './errors.ts';
 import { getFirmware } from './firmware.ts';
 import { getGroup } from './groups.ts';
 import {
-  countGroupMembersResolvingElsewhere,
+  groupBroadcastVariant,
   reconcileAttempts,
   resolveTargets,
+  runsComponentSql,
+  variantSql,
   type CreatedAttempt,
 } from './reconcile.ts';
 import { firmwareUpdatePayload, pushCreatedAttempts } from './updates.ts';
@@ -24,7 +26,8 @@ export interface ResolvedTarget {
 }
 
 /**
- * The firmware a device should run for `component`.
+ * The firmware a device should run for `component`: the variant of its target's release that its
+ * protocol installs (undefined when no target applies to it).
  * Rule: a device-level target overrides group targets; if the device's groups target different
  * firmware, the group with the lowest `priority` wins, ties → the most recently set target.
  * Devices not approved resolve nothing.
@@ -81,6 +84,44 @@ async function targetableFirmware(
 }
 
 /**
+ * A device-level target must concern its device: the device runs the component, and the release
+ * has a variant its protocol installs (formats.ts). Otherwise `invalid`, naming what is missing.
+ */
+async function assertInstallable(
+  db: Db,
+  device: { id: string; identifier: string; protocol: string },
+  firmware: Firmware,
+): Promise<void> {
+  const { rows } = await sql<{ runs_component: boolean; variant: string | null; formats: string }>`
+    SELECT ${runsComponentSql('d', firmware.component)} AS runs_component,
+           (${variantSql('d', 'tf')}) AS variant,
+           array_to_string(ARRAY(SELECT f.format FROM firmware f
+                 WHERE f.product_id = tf.product_id AND f.component = tf.component AND f.version = tf.version AND f.has_blob
+                 ORDER BY f.format), ', ') AS formats
+    FROM devices d, firmware tf
+    WHERE d.id = ${device.id} AND tf.id = ${firmware.id}`.execute(db);
+  const row = rows[0];
+  if (!row) throw new FleetError('not_found', 'the device or the firmware is gone', { device_id: device.id });
+  if (!row.runs_component)
+    throw new FleetError(
+      'invalid',
+      `device ${device.identifier} does not run component ${firmware.component}; a target for it would never apply`,
+      { device_id: device.id, component: firmware.component },
+    );
+  if (!row.variant)
+    throw new FleetError(
+      'invalid',
+      `${firmware.component} ${firmware.version} has no variant a ${device.protocol} device installs (it has: ${row.formats}); upload the package for ${device.protocol} under the same version`,
+      {
+        device_id: device.id,
+        protocol: device.protocol,
+        formats: row.formats ? row.formats.split(', ') : [],
+        firmware_id: firmware.id,
+      },
+    );
+}
+
+/**
  * Sets a group's target firmware (its component comes from the firmware record). Members not
  * running it get an attempt (open attempts for other firmware are cancelled), and online ones are
  * told with ONE `firmware_update` on the group topic — unless some online member resolves another
@@ -109,12 +150,16 @@ export async function setGroupTarget(
     const toPush = created.filter((a) => a.state === 'sent');
     let delivery: TargetChange['delivery'] = 'none';
     if (toPush.length > 0 || (await anyOnlineMemberNotRunning(trx, group.id, firmware))) {
-      const elsewhere = await countGroupMembersResolvingElsewhere(trx, group.id, firmware.id, firmware.component);
-      if (elsewhere === 0) {
+      const variant = await groupBroadcastVariant(trx, group.id, firmware.id, firmware.component);
+      if (variant) {
+        const image =
+          variant === firmware.id
+            ? firmware
+            : await trx.selectFrom('firmware').selectAll().where('id', '=', variant).executeTakeFirstOrThrow();
         outbox.push({
           topic: group.topic,
           event: 'firmware_update',
-          payload: { ...firmwareUpdatePayload(ctx, firmware) },
+          payload: { ...firmwareUpdatePayload(ctx, image) },
         });
         delivery = 'group';
       } else {
@@ -186,6 +231,7 @@ export async function setDeviceTarget(
 ): Promise<TargetChange> {
   const device = await getDevice(ctx, orgId, deviceId);
   const firmware = await targetableFirmware(ctx, orgId, firmwareId, 'device', device);
+  await assertInstallable(ctx.db, device, firmware);
   return inTransaction(ctx, async (trx, outbox) => {
     const target = await upsertTarget(trx, { org_id: orgId, device_id: device.id, firmware, actor });
     await audit(trx, actor, {

@@ -78,6 +78,7 @@ export function attemptSummary(a: UpdateAttempt): Record<string, unknown> {
     to_version: a.to_version,
     state: a.state,
     percent: a.percent,
+    via: a.via,
   };
 }
 
@@ -309,14 +310,17 @@ export async function settleAttemptsOnJoin(
   outbox: FleetEvent[],
   component = 'firmware',
 ): Promise<UpdateAttempt[]> {
-  // confirm: any open attempt for the running firmware; roll_back: a finished one for other firmware.
+  // confirm: any open attempt for the running firmware's release (any variant of that product,
+  // component and version); roll_back: a finished one for other firmware.
+  const running = sql`(SELECT v.id FROM firmware v JOIN firmware r ON r.id = ${runningId}::uuid
+    WHERE v.product_id = r.product_id AND v.component = r.component AND v.version = r.version)`;
   const { rows: changed } = await sql<UpdateAttempt>`
     UPDATE update_attempts
-    SET state = CASE WHEN firmware_id IS NOT DISTINCT FROM ${runningId} THEN 'succeeded' ELSE 'rolled_back' END,
+    SET state = CASE WHEN firmware_id IN ${running} THEN 'succeeded' ELSE 'rolled_back' END,
         ${stepSql('succeeded')}
     WHERE device_id = ${device.deviceId} AND component = ${component}
-      AND ((firmware_id IS NOT DISTINCT FROM ${runningId} AND state IN (${fromSql('confirm')}))
-        OR (firmware_id IS DISTINCT FROM ${runningId} AND state = 'finished' AND state IN (${fromSql('roll_back')})))
+      AND ((firmware_id IN ${running} AND state IN (${fromSql('confirm')}))
+        OR (firmware_id NOT IN ${running} AND state = 'finished' AND state IN (${fromSql('roll_back')})))
     RETURNING *`.execute(trx);
   for (const a of changed) {
     await audit(trx, deviceActor(device), {

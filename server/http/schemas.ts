@@ -28,8 +28,135 @@ const webhookProperties = {
   created_at: dateTime,
 } as const;
 
+const countsProperties = {
+  total: { type: 'integer', description: 'devices' },
+  pending: { type: 'integer', description: 'not told yet' },
+  told: { type: 'integer', description: 'told (in flight or finished)' },
+  in_flight: { type: 'integer', description: 'told, no outcome yet' },
+  succeeded: { type: 'integer', description: 'run the new firmware (the device confirmed it)' },
+  failed: { type: 'integer', description: 'failed, declined, rolled back, timed out or superseded' },
+  cancelled: { type: 'integer', description: 'in flight when the deployment was aborted' },
+} as const;
+const countRequired = Object.keys(countsProperties);
+/** `{count: N}` or `{percent: P}`. */
+export const thresholdSchema = {
+  type: 'object',
+  additionalProperties: false,
+  minProperties: 1,
+  maxProperties: 1,
+  properties: {
+    count: { type: 'integer', minimum: 0, maximum: 1000000 },
+    percent: { type: 'integer', minimum: 0, maximum: 100 },
+  },
+} as const;
+/** A stage's size: `{count: N}`, `{percent: P}` of the deployment's devices, or `"rest"`. */
+export const stageSizeSchema = {
+  oneOf: [thresholdSchema, { type: 'string', enum: ['rest'], description: 'every device not in an earlier stage' }],
+} as const;
+
+const deploymentProperties = {
+  id: uuid,
+  org_id: uuid,
+  product_id: uuid,
+  firmware_id: uuid,
+  version: { type: 'string', description: "the firmware's version" },
+  component: { type: 'string' },
+  name: nullableString,
+  group_ids: { type: 'array', items: uuid },
+  tags: { type: 'array', items: { type: 'string' } },
+  version_range: nullableString,
+  platform: nullableString,
+  architecture: nullableString,
+  state: { type: 'string', enum: ['draft', 'awaiting_approval', 'running', 'paused', 'completed', 'aborted'] },
+  paused_reason: nullableString,
+  pause_cause: { type: ['string', 'null'], enum: ['operator', 'error', 'success', null] },
+  aborted_reason: nullableString,
+  current_stage: { type: 'integer', description: 'the stage being told (0-based)' },
+  max_concurrent: { type: ['integer', 'null'] },
+  rate_per_minute: { type: ['integer', 'null'] },
+  in_flight_timeout_s: { type: ['integer', 'null'] },
+  retries: { type: 'integer' },
+  retry_backoff_s: { type: 'integer' },
+  lease_holder: { type: ['string', 'null'], description: 'the node whose orchestrator acts on it' },
+  created_by: nullableString,
+  created_at: dateTime,
+  updated_at: dateTime,
+  started_at: nullableDateTime,
+  ended_at: nullableDateTime,
+  counts: ref('DeploymentCounts'),
+} as const;
+
 export const schemas = [
   errorSchema,
+  {
+    $id: 'DeploymentCounts',
+    type: 'object',
+    description: 'per-device counts of this deployment (never sums over earlier rollouts)',
+    required: countRequired,
+    properties: countsProperties,
+  },
+  {
+    $id: 'DeploymentThreshold',
+    ...thresholdSchema,
+    description: '`{count: N}` or `{percent: P}`',
+  },
+  entity(
+    'DeploymentStage',
+    {
+      index: { type: 'integer', description: '0-based; stage 0 is the canary' },
+      size_spec: {
+        type: 'object',
+        additionalProperties: true,
+        description: 'as given: `{count}`, `{percent}` or `{rest: true}`',
+      },
+      size: { type: 'integer', description: 'devices in this stage' },
+      success: ref('DeploymentThreshold'),
+      error: { oneOf: [ref('DeploymentThreshold'), { type: 'null' }] },
+      min_finished: { type: 'integer' },
+      on_error: { type: 'string', enum: ['pause', 'abort'] },
+      requires_approval: { type: 'boolean' },
+      soak_s: { type: 'integer' },
+      error_overridden: { type: 'boolean', description: 'an operator resumed past its error condition' },
+      approved_at: nullableDateTime,
+      started_at: nullableDateTime,
+      succeeded_at: nullableDateTime,
+      ...countsProperties,
+    },
+    ['index', 'size', ...countRequired],
+  ),
+  entity('DeploymentSummary', deploymentProperties, ['id', 'state', 'counts']),
+  entity(
+    'Deployment',
+    {
+      ...deploymentProperties,
+      stages: { type: 'array', items: ref('DeploymentStage') },
+      already_running: {
+        type: 'integer',
+        description: 'create only: devices of the target set left out because they already run the firmware',
+      },
+    },
+    ['id', 'state', 'stages', 'counts'],
+  ),
+  entity(
+    'DeploymentDevice',
+    {
+      deployment_id: uuid,
+      device_id: uuid,
+      identifier: { type: 'string' },
+      protocol: { type: 'string' },
+      stage: { type: 'integer' },
+      position: { type: 'integer', description: '1-based order within the deployment' },
+      state: { type: 'string', enum: ['pending', 'in_flight', 'succeeded', 'failed', 'cancelled'] },
+      tries: { type: 'integer' },
+      told_at: nullableDateTime,
+      succeeded_at: nullableDateTime,
+      failed_at: nullableDateTime,
+      failure_reason: nullableString,
+      attempt_id: { type: ['string', 'null'] },
+      attempt_state: nullableString,
+    },
+    ['device_id', 'stage', 'state'],
+  ),
   entity('User', {
     id: uuid,
     email: { type: 'string' },

@@ -5,7 +5,7 @@
  * device has at most one open attempt per component, with the operators' counts matching.
  */
 import assert from 'node:assert/strict';
-import { randomUUID } from 'node:crypto';
+import { createHash, randomUUID } from 'node:crypto';
 import { after, before, describe, test } from 'node:test';
 import fc from 'fast-check';
 import type { DatabaseHandle } from '../../server/db/index.ts';
@@ -61,15 +61,41 @@ const SUPERSEDED_UNSETTLED: Step[] = [
 
 interface World {
   orgId: string;
+  /** The raw record of each version (targets name it; Phoenix devices join with its uuid). */
   firmware: fleet.Firmware[];
+  /** Each version's variant per protocol: raw, a GRiSP package, a Main Server ZIP. */
+  variants: Record<DeviceProtocol, fleet.Firmware[]>;
   sessions: fleet.LinkSession[];
 }
 
-/** A tenant with the three versions catalogued and one approved device per protocol. */
+/** The package format each protocol of the world installs. */
+const FORMAT_OF: Record<DeviceProtocol, string> = {
+  phoenix: 'raw',
+  grisp: 'grisp',
+  wifidogx: 'raw',
+  'main-server': 'main-server-zip',
+  keyauth: 'raw',
+};
+
+/**
+ * A tenant with the three versions catalogued (a release each, with a variant per format) and one
+ * approved device per protocol; the Main Server device runs the `firmware` extension.
+ */
 async function world(): Promise<World> {
   const t = await tenant(ctx);
-  const fw: fleet.Firmware[] = [];
-  for (const v of VERSIONS) fw.push(await firmware(ctx, t, v));
+  const byFormat: Record<string, fleet.Firmware[]> = { raw: [], grisp: [], 'main-server-zip': [] };
+  for (const v of VERSIONS)
+    for (const format of Object.keys(byFormat))
+      byFormat[format]!.push(
+        await firmware(
+          ctx,
+          t,
+          v,
+          format === 'raw' ? {} : { format, sha256: createHash('sha256').update(`${v} ${format}`).digest('hex') },
+        ),
+      );
+  const fw = byFormat.raw!;
+  const variants = Object.fromEntries(PROTOCOLS.map((p) => [p, byFormat[FORMAT_OF[p]]!])) as World['variants'];
   const [phoenix] = await devices(ctx, t, 1);
   const sessions: fleet.LinkSession[] = [
     fleet.openLink({ deviceId: phoenix!.id, orgId: t.org.id, productId: t.product.id, protocol: 'phoenix' }),
@@ -83,8 +109,11 @@ async function world(): Promise<World> {
       approval: 'approved',
     });
     sessions.push(fleet.openLink({ deviceId: d.id, orgId: t.org.id, productId: t.product.id, protocol }));
+    // A Pi registers with its extensions: this one runs `firmware` (version not reported yet).
+    if (protocol === 'main-server')
+      await handle.db.insertInto('device_components').values({ device_id: d.id, component: 'firmware' }).execute();
   }
-  return { orgId: t.org.id, firmware: fw, sessions };
+  return { orgId: t.org.id, firmware: fw, variants, sessions };
 }
 
 type Snapshot = Map<string, { state: UpdateState; device_id: string; component: string }>;
@@ -130,7 +159,12 @@ async function run(w: World, s: Step): Promise<fleet.LinkResult | undefined> {
       break;
     }
     case 'update_sent':
-      event = { type: 'update_sent', firmware: w.firmware[s.f]!, via: `edge:${session.protocol}`, poll: s.f === 1 };
+      event = {
+        type: 'update_sent',
+        firmware: w.variants[session.protocol][s.f]!,
+        via: `edge:${session.protocol}`,
+        poll: s.f === 1,
+      };
       break;
     case 'report':
       event = {
@@ -260,20 +294,21 @@ describe(`device link (${DATABASE_KIND})`, () => {
   test("one sweep times out a silent update of every protocol, after the product's timeout or the server's", async () => {
     const w = await world();
     const target = w.firmware[1]!;
+    const variant = (p: DeviceProtocol) => w.variants[p][1]!;
     // Each protocol's own way to an update underway.
     const paths: Record<DeviceProtocol, fleet.LinkEvent[]> = {
       phoenix: [{ type: 'report', kind: 'begun', version: target.version }],
       grisp: [
-        { type: 'update_sent', firmware: target, via: 'edge:grisp' },
+        { type: 'update_sent', firmware: variant('grisp'), via: 'edge:grisp' },
         { type: 'report', kind: 'progress', version: target.version, percent: 10, begins: true },
       ],
-      wifidogx: [{ type: 'update_sent', firmware: target, via: 'edge:wifidogx' }],
+      wifidogx: [{ type: 'update_sent', firmware: variant('wifidogx'), via: 'edge:wifidogx' }],
       'main-server': [
-        { type: 'update_sent', firmware: target, via: 'edge:main-server', poll: true },
+        { type: 'update_sent', firmware: variant('main-server'), via: 'edge:main-server', poll: true },
         { type: 'report', kind: 'progress', version: target.version, begins: true },
       ],
       keyauth: [
-        { type: 'update_sent', firmware: target, via: 'edge:keyauth', poll: true },
+        { type: 'update_sent', firmware: variant('keyauth'), via: 'edge:keyauth', poll: true },
         { type: 'report', kind: 'progress', version: target.version, percent: 50, begins: true },
       ],
     };
@@ -294,9 +329,12 @@ describe(`device link (${DATABASE_KIND})`, () => {
         .selectFrom('update_attempts')
         .innerJoin('devices', 'devices.id', 'update_attempts.device_id')
         .select(['devices.protocol', 'update_attempts.state'])
+        .select('update_attempts.firmware_id')
         .where('update_attempts.org_id', '=', w.orgId)
-        .where('update_attempts.firmware_id', '=', target.id)
+        .where('update_attempts.to_version', '=', target.version)
         .execute();
+      // Each device's attempt is for the variant its protocol installs.
+      for (const r of rows) assert.equal(r.firmware_id, variant(r.protocol).id, r.protocol);
       return Object.fromEntries(rows.map((r) => [r.protocol, r.state]));
     };
     assert.deepEqual(await states(), {

@@ -17,6 +17,8 @@ import {
   setDeviceTarget,
   setGroupTarget,
   countUpdateStates,
+  countDeviceTargetStates,
+  DEVICE_TARGET_STATES,
   type FleetContext,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
@@ -74,7 +76,7 @@ const targetChangeSchema = {
 } as const;
 
 /** The firmware a target body names, within a product. */
-async function resolveTargetFirmware(
+export async function resolveTargetFirmware(
   fleet: FleetContext,
   orgId: string,
   productId: string,
@@ -289,11 +291,26 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         description: 'devices per running version ("unknown" when none reported)',
       },
       updates: { type: 'object', additionalProperties: { type: 'integer' }, description: 'update attempts per state' },
+      device_states: {
+        type: 'object',
+        properties: Object.fromEntries(DEVICE_TARGET_STATES.map((s) => [s, { type: 'integer' }])),
+        description:
+          "devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt`",
+      },
       target: { anyOf: [ref('Target'), { type: 'null' }] },
     },
   } as const;
+  const statusQuery = {
+    component: {
+      type: 'string',
+      minLength: 1,
+      maxLength: 100,
+      default: 'firmware',
+      description: 'the component whose target and per-device states are counted',
+    },
+  } as const;
 
-  api.get<{ Params: OrgParams; Querystring: { group?: string } }>(
+  api.get<{ Params: OrgParams; Querystring: { group?: string; component?: string } }>(
     '/orgs/:org/status',
     {
       onRequest: requireRole('viewer'),
@@ -303,18 +320,21 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         summary:
           'Device counts by connection and running version, and update attempts by state (of the org, or one group)',
         params: orgParams,
-        querystring: { type: 'object', properties: { group: { type: 'string', description: 'group id or name' } } },
+        querystring: {
+          type: 'object',
+          properties: { group: { type: 'string', description: 'group id or name' }, ...statusQuery },
+        },
         response: { 200: statusSchema, ...authErrors, ...conflictError },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = request.query.group ? await resolveGroup(fleet, org.id, request.query.group) : undefined;
-      return fleetStatus(fleet, org.id, group?.id);
+      return fleetStatus(fleet, org.id, group?.id, request.query.component);
     },
   );
 
-  api.get<{ Params: OrgParams & { group: string } }>(
+  api.get<{ Params: OrgParams & { group: string }; Querystring: { component?: string } }>(
     '/orgs/:org/groups/:group/status',
     {
       onRequest: requireRole('viewer'),
@@ -323,13 +343,14 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
         tags: ['status'],
         summary: 'Counts by running version and update state for a group, with its target',
         params: groupParams,
+        querystring: { type: 'object', properties: statusQuery },
         response: { 200: statusSchema, ...authErrors, ...conflictError },
       },
     },
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = await resolveGroup(fleet, org.id, request.params.group);
-      return fleetStatus(fleet, org.id, group.id);
+      return fleetStatus(fleet, org.id, group.id, request.query.component);
     },
   );
 }
@@ -338,7 +359,7 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
  * Counts for a status view. Devices are paged through the domain's list (1000 at a time) so the
  * API writes no fleet SQL; fine for the fleets this serves, a domain aggregate would be faster.
  */
-async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string) {
+async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string, component = 'firmware') {
   const versions: Record<string, number> = {};
   let online = 0;
   let total = 0;
@@ -353,9 +374,10 @@ async function fleetStatus(fleet: FleetContext, orgId: string, groupId?: string)
     if (page.items.length < 1000) break;
   }
   const updates = await countUpdateStates(fleet, { orgId, groupId });
+  const device_states = await countDeviceTargetStates(fleet, { orgId, ...(groupId ? { groupId } : {}) }, component);
   const target =
     groupId && isUuid(groupId)
-      ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === 'firmware') ?? null)
+      ? ((await listTargets(fleet, orgId, { groupId })).find((t) => t.component === component) ?? null)
       : null;
-  return { devices: total, online, offline: total - online, versions, updates, target };
+  return { devices: total, online, offline: total - online, versions, updates, device_states, target };
 }

@@ -231,10 +231,6 @@ export async function registerGrispRoutes(api: FastifyInstance, deps: GrispRoute
         }
         const { firmware, created } = result;
         try {
-          if (firmware.format !== GRISP_FORMAT)
-            throw new GrispPackageError(
-              `firmware ${firmware.version} exists with format ${firmware.format}; upload the package under a new version`,
-            );
           const index = await indexGrispPackage(await deps.blobs.open(firmware.sha256!));
           return reply
             .status(created ? 201 : 200)

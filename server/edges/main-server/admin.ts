@@ -327,12 +327,11 @@ export async function mainServerAdminRoutes(api: FastifyInstance, deps: MainServ
             if (e instanceof FirmwareError) throw new ApiError(e.status, e.code, e.message, e.details);
             throw e;
           });
-          // A version recorded without an image (metadata registered earlier) gets its image attached: record the manifest too.
-          if (firmware.format !== PACKAGE_FORMAT) {
+          // A package recorded without an image (metadata registered earlier) gets its image attached: record the manifest too.
+          if (!created && !firmware.metadata?.manifest) {
             await deps.fleet.db
               .updateTable('firmware')
               .set({
-                format: PACKAGE_FORMAT,
                 metadata: JSON.stringify({ ...firmware.metadata, manifest, compatible_with: manifest.compatible_with }),
               })
               .where('id', '=', firmware.id)

@@ -19,7 +19,7 @@ import type { Product } from '../../fleet/orgs.ts';
 import { resolveTargets } from '../../fleet/reconcile.ts';
 import { setDeviceTarget, setGroupTarget, type TargetChange } from '../../fleet/targets.ts';
 import { badRequest, conflict, forbidden, notFound, unauthorized } from './errors.ts';
-import { isCompatible, validExtensionName } from '../../../shared/main-server-package.ts';
+import { isCompatible, PACKAGE_FORMAT, validExtensionName } from '../../../shared/main-server-package.ts';
 import { checkClaim, ensureExtensions, extensionById, issueDeviceToken, recordRegistration } from './store.ts';
 
 export const PROTOCOL = 'main-server' as const;
@@ -199,6 +199,7 @@ export async function findPackage(db: Db, product: Product, component: string, v
     .where('product_id', '=', product.id)
     .where('component', '=', component)
     .where('version', '=', version)
+    .where('format', '=', PACKAGE_FORMAT)
     .executeTakeFirst();
   if (!firmware?.has_blob)
     throw notFound(
