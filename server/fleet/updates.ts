@@ -346,21 +346,25 @@ export interface SweepOptions {
 }
 
 /**
- * The one timeout sweep, for every protocol: attempts that made no progress for their product's
- * in-flight timeout (or the server's) become `timed_out` (`queued` attempts wait for their device
+ * The one timeout sweep, for every protocol: attempts that made no progress for their
+ * deployment's in-flight timeout (docs/deployments.md), else their product's (or the server's) become `timed_out` (`queued` attempts wait for their device
  * and never time out). Safe to run on every node. Returns how many changed.
  */
 export async function sweepStaleUpdates(ctx: FleetContext, options: SweepOptions = {}): Promise<number> {
   const now = options.now ?? new Date();
   const fallback = options.defaultTimeoutS ?? DEFAULT_UPDATE_TIMEOUT_S;
+  // A deployment's attempt (via `deployment:<id>`) takes its deployment's timeout first.
+  const timeout = sql`COALESCE(
+    (SELECT dp.in_flight_timeout_s FROM deployments dp WHERE ua.via = 'deployment:' || dp.id::text),
+    p.update_timeout_seconds, ${fallback})`;
   return inTransaction(ctx, async (trx, outbox) => {
     const { rows } = await sql<UpdateAttempt & { timeout_s: number }>`
       UPDATE update_attempts ua
       SET state = 'timed_out', ${stepSql('timed_out')}
       FROM devices d JOIN products p ON p.id = d.product_id
       WHERE d.id = ua.device_id AND ua.state IN (${fromSql('time_out')})
-        AND ua.updated_at < ${now}::timestamptz - COALESCE(p.update_timeout_seconds, ${fallback}) * interval '1 second'
-      RETURNING ua.*, COALESCE(p.update_timeout_seconds, ${fallback})::int AS timeout_s`.execute(trx);
+        AND ua.updated_at < ${now}::timestamptz - ${timeout} * interval '1 second'
+      RETURNING ua.*, (${timeout})::int AS timeout_s`.execute(trx);
     for (const { timeout_s, ...a } of rows) {
       await audit(
         trx,

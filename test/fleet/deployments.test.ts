@@ -6,6 +6,7 @@ import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { DeviceClient } from '../../device-client/index.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import { sweepStaleUpdates } from '../../server/fleet/index.ts';
 import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
@@ -19,7 +20,7 @@ interface Deployment {
   paused_reason: string | null;
   current_stage: number;
   counts: Record<string, number>;
-  stages: Array<Record<string, number> & { index: number; size: number }>;
+  stages: Array<Record<string, number> & { index: number; size: number; succeeded_at: string | null }>;
 }
 interface DeploymentDevice {
   identifier: string;
@@ -319,6 +320,174 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
         .where('devices.identifier', '=', 'late-1')
         .executeTakeFirstOrThrow();
       assert.equal(attempt.state, 'cancelled');
+    } finally {
+      socket.disconnect();
+    }
+  });
+
+  test('success waits for the reboot; a device that rolls back counts as failed', async () => {
+    const pki = await getTestPki();
+    const cred = await deviceCert('rb-1');
+    const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, {
+      tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
+    });
+    try {
+      const channel = socket.channel(`device:${base.id}`, {});
+      await joinChannel(channel);
+      await group('rb', 'rb-*');
+      const update = nextEvent(channel, 'firmware_update', 15_000);
+      const d = await server.call<Deployment>('POST', `${api()}/deployments`, {
+        product: 'default',
+        version: '2.0.0',
+        groups: ['rb'],
+      });
+      await update;
+      for (const event of ['firmware_update_begin', 'firmware_update_finish'])
+        assert.equal((await pushAndWait(channel, event, { version: '2.0.0' })).status, 'ok');
+      // `finished` is not success: a few orchestrator ticks later the device is still in flight.
+      await new Promise((r) => setTimeout(r, 2500));
+      const waiting = await show(d.id);
+      assert.equal(waiting.state, 'running');
+      assert.equal(waiting.counts.in_flight, 1);
+      assert.equal(waiting.counts.succeeded, 0);
+      assert.equal(waiting.stages[0]!.succeeded_at, null);
+
+      // It comes back on the old firmware: rolled back, a failure; the stage cannot succeed → paused.
+      await new Promise<void>((resolve) => channel.leave().receive('ok', () => resolve()));
+      await joinChannel(socket.channel(`device:${base.id}`, {}));
+      const paused = await until(
+        async () => {
+          const x = await show(d.id);
+          return x.state === 'paused' && x;
+        },
+        'the deployment to pause on the rollback',
+        15_000,
+      );
+      assert.match(paused.paused_reason ?? '', /stage 1 finished short of its success condition: 0 of 1 succeeded/);
+      const [row] = await devices(d.id);
+      assert.equal(row!.state, 'failed');
+      assert.equal(row!.failure_reason, 'rolled_back');
+      await server.call('POST', `${api()}/deployments/${d.id}/abort`);
+    } finally {
+      socket.disconnect();
+    }
+  });
+
+  test('pacing: never more than max_concurrent in flight, measured from the attempts', async () => {
+    const pki = await getTestPki();
+    // Slow downloads (64 kbit/s: about 2 s for 16 KiB), so updates overlap unless the limit holds.
+    await Promise.all(
+      Array.from({ length: 6 }, async (_, i) => {
+        const name = serial('mc', i);
+        const cred = await deviceCert(name);
+        const client = new DeviceClient({
+          url: `${server.deviceUrl.replace(/^https/, 'wss')}/socket`,
+          tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
+          stateDir: path.join(tmp, name),
+          firmware: { uuid: base.id, version: base.version },
+          faults: () => ({ kbps: 64 }),
+        });
+        clients.push(client);
+        await client.start();
+      }),
+    );
+    await until(
+      async () =>
+        (
+          await server.database.db
+            .selectFrom('devices')
+            .select('id')
+            .where('identifier', 'like', 'mc%')
+            .where('connection_status', '=', 'online')
+            .execute()
+        ).length === 6,
+      'the devices online',
+      30_000,
+    );
+    await group('mc', 'mc*');
+    const d = await server.call<Deployment>('POST', `${api()}/deployments`, {
+      product: 'default',
+      version: '2.0.0',
+      groups: ['mc'],
+      max_concurrent: 2,
+    });
+    await until(async () => (await show(d.id)).state === 'completed', 'the deployment to complete', 90_000);
+    const attempts = await server.database.db
+      .selectFrom('update_attempts')
+      .innerJoin('devices', 'devices.id', 'update_attempts.device_id')
+      .select(['update_attempts.sent_at', 'update_attempts.completed_at', 'update_attempts.state'])
+      .where('devices.identifier', 'like', 'mc%')
+      .where('update_attempts.to_version', '=', '2.0.0')
+      .execute();
+    assert.equal(attempts.length, 6);
+    assert.ok(attempts.every((a) => a.state === 'succeeded'));
+    // The most updates in flight at one instant (an update is in flight from its push to its outcome).
+    const edges = attempts.flatMap((a) => [
+      { t: a.sent_at!.getTime(), d: 1 },
+      { t: a.completed_at!.getTime(), d: -1 },
+    ]);
+    edges.sort((x, y) => x.t - y.t || x.d - y.d);
+    let inFlight = 0;
+    let most = 0;
+    for (const e of edges) {
+      inFlight += e.d;
+      most = Math.max(most, inFlight);
+    }
+    assert.equal(most, 2);
+  });
+
+  test('pacing: rate_per_minute tells at most that many devices in any 60 s', async () => {
+    await startDevices('rt', 4, () => false);
+    await group('rt', 'rt*');
+    const d = await server.call<Deployment>('POST', `${api()}/deployments`, {
+      product: 'default',
+      version: '2.0.0',
+      groups: ['rt'],
+      rate_per_minute: 3,
+    });
+    // Three are told at once and succeed; the fourth waits for the minute to pass.
+    await until(async () => (await show(d.id)).counts.succeeded === 3, 'three devices to succeed', 30_000);
+    await new Promise((r) => setTimeout(r, 3000));
+    assert.equal((await show(d.id)).counts.told, 3);
+    await until(async () => (await show(d.id)).state === 'completed', 'the deployment to complete', 90_000);
+    const told = (await devices(d.id)).map((r) => new Date(r.told_at!).getTime()).sort((a, b) => a - b);
+    assert.equal(told.length, 4);
+    assert.ok(told[3]! - told[0]! >= 60_000, `the fourth was told ${told[3]! - told[0]!} ms after the first`);
+  });
+
+  test("a deployment's in-flight timeout replaces the product's: a silent device times out and fails", async () => {
+    const pki = await getTestPki();
+    const cred = await deviceCert('to-1');
+    const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, {
+      tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
+    });
+    try {
+      const channel = socket.channel(`device:${base.id}`, {});
+      await joinChannel(channel);
+      await group('to', 'to-*');
+      const update = nextEvent(channel, 'firmware_update', 15_000);
+      const d = await server.call<Deployment>('POST', `${api()}/deployments`, {
+        product: 'default',
+        version: '2.0.0',
+        groups: ['to'],
+        in_flight_timeout_s: 60,
+      });
+      await update;
+      // Under the deployment's 60 s nothing times out; past it the sweep times the attempt out.
+      assert.equal(await sweepStaleUpdates(server.fleet, { now: new Date(Date.now() + 30_000) }), 0);
+      assert.equal(await sweepStaleUpdates(server.fleet, { now: new Date(Date.now() + 61_000) }), 1);
+      const paused = await until(
+        async () => {
+          const x = await show(d.id);
+          return x.state === 'paused' && x;
+        },
+        'the deployment to record the timeout',
+        15_000,
+      );
+      assert.equal(paused.counts.failed, 1);
+      const [row] = await devices(d.id);
+      assert.equal(row!.failure_reason, 'timed_out');
+      await server.call('POST', `${api()}/deployments/${d.id}/abort`);
     } finally {
       socket.disconnect();
     }
