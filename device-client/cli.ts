@@ -83,7 +83,7 @@ export function buildDeviceProgram(ctx: CliContext): Command {
     program
       .command('simulate')
       .description(
-        'run N simulated devices in one process with a live summary line on stderr, then a summary table (Ctrl-C, --duration or --until-version ends it)',
+        'run N simulated devices in one process with a live summary line on stderr, then a summary table (Ctrl-C, --duration, --until-version or --until-quiet ends it)',
       )
       .requiredOption('--count <n>', 'how many devices')
       .requiredOption('--url <url>', "the server's device endpoint (wss://host:4001/socket for phoenix)")
@@ -125,6 +125,10 @@ export function buildDeviceProgram(ctx: CliContext): Command {
       .option(
         '--until-version <version>',
         'stop once every device has rejoined running this version (the server has then recorded the update as succeeded) or failed updating to it',
+      )
+      .option(
+        '--until-quiet <seconds>',
+        'stop once an update has begun and then no device changed for this long (a rollout that stopped or ended)',
       )
       .option('--json', 'print the summary and every device as JSON'),
     ctx,
@@ -267,6 +271,7 @@ interface SimulateFlags {
   seed?: string;
   duration?: string;
   untilVersion?: string;
+  untilQuiet?: string;
   json?: boolean;
 }
 
@@ -280,6 +285,7 @@ async function simulate(o: SimulateFlags, io: CliIo): Promise<number> {
     return n;
   };
   const duration = o.duration ? int('duration', o.duration, 1) : undefined;
+  const quietMs = o.untilQuiet ? int('until-quiet', o.untilQuiet, 1) * 1000 : undefined;
   if (o.badFraction !== undefined && o.badVersion === undefined)
     throw new CliError('--bad-fraction needs --bad-version (the release that misbehaves)', 2);
   const sim = new Simulation({
@@ -347,6 +353,17 @@ async function simulate(o: SimulateFlags, io: CliIo): Promise<number> {
       const settled = () => sim.tallies.length === count && sim.tallies.every((t) => settledAt(t, untilVersion));
       sim.on('change', () => {
         if (settled()) resolve();
+      });
+    }
+    if (quietMs) {
+      let quiet: NodeJS.Timeout | undefined;
+      const begun = () =>
+        sim.tallies.some((t) => t.updating !== null || t.succeeded || t.failed || t.rolledBack || t.hung !== null);
+      sim.on('change', () => {
+        if (!begun()) return;
+        clearTimeout(quiet);
+        quiet = setTimeout(resolve, quietMs);
+        quiet.unref();
       });
     }
   });

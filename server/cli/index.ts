@@ -8,6 +8,7 @@ import { Command, Option } from 'commander';
 import { SETTINGS } from '../config.ts';
 import { processIo, type CliIo } from './client.ts';
 import { act, type CliContext, finishTree, packageVersion, runProgram } from './command.ts';
+import { registerDeploymentsCommands } from './deployments.ts';
 import { registerFirmwareStoreCommands } from './firmware.ts';
 import { registerGrispCommands } from './grisp.ts';
 import { registerKeyauthCommands } from './keyauth.ts';
@@ -31,7 +32,10 @@ export function buildProgram(ctx: CliContext): Command {
     .helpOption('-h, --help', 'show help')
     // Options before the command belong to the program; after it, to the command (`devices --version`).
     .enablePositionalOptions()
-    .addHelpText('after', '\nExit codes: 0 ok, 1 failure, 2 usage error, 3 timeout (status --until). docs/cli.md');
+    .addHelpText(
+      'after',
+      '\nExit codes: 0 ok, 1 failure, 2 usage error, 3 timeout (status --until, deployments watch), 4 paused, 5 aborted (deployments watch). docs/cli.md',
+    );
   registerServerCommands(program, ctx);
   registerAccountCommands(program, ctx);
   const devices = registerDevicesCommands(program, ctx);
@@ -40,6 +44,7 @@ export function buildProgram(ctx: CliContext): Command {
   registerFirmwareStoreCommands(registerFirmwareRecordCommands(program, ctx), ctx);
   registerTargetCommands(program, ctx);
   registerStatusCommand(program, ctx);
+  registerDeploymentsCommands(program, ctx);
   registerMainServerCommands(program, ctx);
   registerKeyauthCommands(program, ctx);
   registerGrispCommands(program.command('grisp').description('GRiSP boards (grisp_connect)'), ctx);

@@ -649,7 +649,7 @@ function formatStatus(s: Status, scope: string): string {
  * Runs `step` now, on every event of `operator:<orgId>` and every 5 s, until it returns an exit
  * code, `timeoutMs` passes (EXIT_TIMEOUT), Ctrl-C or `io.signal` (0).
  */
-async function watch(
+export async function watch(
   client: ApiClient,
   org: string,
   io: CliIo,

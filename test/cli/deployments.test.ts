@@ -1,0 +1,273 @@
+/**
+ * `fleethub deployments` against a real server with simulated devices (`fleethub-device simulate`,
+ * with `--bad-version` rehearsing a bad release): `watch` exits 0 once a deployment completed,
+ * 4 when it paused at its error threshold, 5 once aborted; the server's validation errors are
+ * said in the command's flags.
+ */
+import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Readable } from 'node:stream';
+import { after, before, describe, test } from 'node:test';
+import { main as deviceMain } from '../../device-client/cli.ts';
+import type { CliIo } from '../../server/cli/client.ts';
+import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import { main } from '../../server/cli/index.ts';
+import { DATABASE_KIND } from '../helpers/db.ts';
+import { getTestPki } from '../helpers/pki.ts';
+import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { until } from '../helpers/until.ts';
+import { imageChunks } from '../firmware/harness.ts';
+
+interface Run {
+  code: number;
+  out: string;
+  err: string;
+}
+
+describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, () => {
+  let server: TestServer;
+  let tmp: string;
+  let base: { id: string; version: string };
+  const sims: AbortController[] = [];
+  const running: Promise<Run>[] = [];
+  const env = (): NodeJS.ProcessEnv => ({
+    HOME: tmp,
+    XDG_CONFIG_HOME: tmp,
+    FLEETHUB_URL: server.apiUrl,
+    FLEETHUB_TOKEN: server.adminToken,
+  });
+
+  async function run(
+    entry: typeof main,
+    argv: string[],
+    o: { signal?: AbortSignal; isTTY?: boolean } = {},
+  ): Promise<Run> {
+    let out = '';
+    let err = '';
+    const io: CliIo = {
+      out: (t) => {
+        out += t;
+      },
+      err: (t) => {
+        err += t;
+      },
+      env: env(),
+      ...o,
+    };
+    const code = await entry(argv, io);
+    return { code, out, err };
+  }
+  const cli = (...argv: string[]) => run(main, argv);
+
+  async function upload(version: string, seed: number) {
+    return (await uploadFirmwareStream({
+      client: { url: server.apiUrl, token: server.adminToken },
+      query: { product: server.productId, version },
+      source: Readable.from(imageChunks(24 * 1024, seed)),
+      size: 24 * 1024,
+    })) as { id: string; version: string };
+  }
+
+  /** `fleethub-device simulate` of `count` devices `<prefix>-NNNN` on the base firmware, until stopped. */
+  async function simulate(prefix: string, count: number, ...extra: string[]): Promise<void> {
+    const pki = await getTestPki();
+    const stop = new AbortController();
+    sims.push(stop);
+    running.push(
+      run(
+        deviceMain,
+        [
+          'simulate',
+          '--count',
+          String(count),
+          '--url',
+          `${server.deviceUrl.replace(/^https/, 'wss')}/socket`,
+          '--pki',
+          pki.dir,
+          '--certs',
+          path.join(tmp, `${prefix}-certs`),
+          '--state-dir',
+          path.join(tmp, `${prefix}-state`),
+          '--serial-prefix',
+          prefix,
+          '--firmware-uuid',
+          base.id,
+          '--version',
+          base.version,
+          '--stagger-ms',
+          '2',
+          ...extra,
+        ],
+        { signal: stop.signal },
+      ),
+    );
+    await until(
+      async () => {
+        const page = await server.call<{ total: number }>(
+          'GET',
+          `/api/v1/orgs/default/devices?q=${prefix}-&status=online&limit=1`,
+        );
+        return page.total === count;
+      },
+      `${count} ${prefix}-* devices online`,
+      90_000,
+    );
+    assert.equal((await cli('groups', 'create', prefix, '--product', 'default')).code, 0);
+    const added = await cli('groups', 'add', prefix, '--match', `${prefix}-*`);
+    assert.equal(added.code, 0, added.err);
+  }
+
+  /** Which devices (by identifier) are in each state of the deployment. */
+  async function devicesByState(name: string): Promise<Record<string, string[]>> {
+    const res = await cli('deployments', 'devices', name, '--limit', '1000', '--json');
+    assert.equal(res.code, 0, res.err);
+    const out: Record<string, string[]> = {};
+    for (const d of (JSON.parse(res.out) as { items: Array<{ identifier: string; state: string }> }).items)
+      out[d.state] = [...(out[d.state] ?? []), d.identifier];
+    for (const list of Object.values(out)) list.sort();
+    return out;
+  }
+
+  before(async () => {
+    server = await startTestServer();
+    tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-deployments-'));
+    base = await upload('1.0.0', 1);
+    await upload('2.0.0', 2);
+    await upload('3.0.0', 3);
+  });
+  after(async () => {
+    for (const s of sims) s.abort();
+    await Promise.all(running);
+    await server.close();
+    rmSync(tmp, { recursive: true, force: true });
+  });
+
+  test('watch exits 0 once a canary-then-rest deployment completed; on a terminal it draws a bar per stage', {
+    timeout: 180_000,
+  }, async () => {
+    await simulate('good', 6);
+    const created = await cli(
+      'deployments',
+      'create',
+      '2.0.0',
+      '--group',
+      'good',
+      '--name',
+      'good-rollout',
+      '--canary',
+      '2',
+      '--stage',
+      'rest',
+      '--max-concurrent',
+      '3',
+    );
+    assert.equal(created.code, 0, created.err);
+    assert.match(created.out, /^created deployment [0-9a-f-]{36} \(good-rollout\)\n/);
+    assert.match(created.out, /canary\s+2\b/);
+
+    const watched = await cli('deployments', 'watch', 'good-rollout', '--timeout', '150');
+    assert.equal(watched.code, 0, watched.err);
+    assert.match(watched.err, /completed: 6 of 6 device\(s\) succeeded, 0 failed/);
+    // Not a terminal: a line per change, never a screen clear.
+    assert.doesNotMatch(watched.out, /\x1b/);
+    assert.match(watched.out.trim().split('\n').at(-1)!, /good-rollout \(2\.0\.0\) completed.*canary 2\/2 ok 0 failed/);
+    assert.deepEqual(await devicesByState('good-rollout'), {
+      succeeded: ['good-0000', 'good-0001', 'good-0002', 'good-0003', 'good-0004', 'good-0005'],
+    });
+
+    // On a terminal: one drawing (no earlier one to clear), a progress bar per stage and the total, full of succeeded cells.
+    const drawn = await run(main, ['deployments', 'watch', 'good-rollout'], { isTTY: true });
+    assert.equal(drawn.code, 0, drawn.err);
+    assert.match(drawn.out, /^ {2}canary {3}\[#{30}\] {2}2\/2 told, 2 succeeded/m);
+    assert.match(drawn.out, /^ {2}stage 2 {2}\[#{30}\] {2}4\/4 told, 4 succeeded/m);
+    assert.match(drawn.out, /^ {2}total {4}\[#{30}\] {2}6\/6 told/m);
+  });
+
+  test('a bad release pauses at the canary: watch exits 4, nobody past the canary was told; abort: watch exits 5', {
+    timeout: 180_000,
+  }, async () => {
+    // Half of the devices fail 3.0.0, by index: bad-0001, bad-0003, ...
+    await simulate('bad', 12, '--bad-version', '3.0.0', '--bad-mode', 'fail', '--bad-fraction', '0.5');
+    const created = await cli(
+      'deployments',
+      'create',
+      '3.0.0',
+      '--group',
+      'bad',
+      '--name',
+      'bad-rollout',
+      '--canary',
+      '4',
+      '--stage',
+      '50%',
+      '--stage',
+      'rest',
+      '--error-threshold',
+      '25%',
+      '--min-finished',
+      '4',
+      '--on-error',
+      'pause',
+    );
+    assert.equal(created.code, 0, created.err);
+    const watched = await cli('deployments', 'watch', 'bad-rollout', '--timeout', '150');
+    assert.equal(watched.code, 4, `${watched.out}\n${watched.err}`);
+    assert.match(watched.err, /paused at stage 1.*\(2 succeeded, 2 failed, 8 not told\)/);
+    assert.deepEqual(await devicesByState('bad-rollout'), {
+      succeeded: ['bad-0000', 'bad-0002'],
+      failed: ['bad-0001', 'bad-0003'],
+      pending: ['bad-0004', 'bad-0005', 'bad-0006', 'bad-0007', 'bad-0008', 'bad-0009', 'bad-0010', 'bad-0011'],
+    });
+    const shown = await cli('deployments', 'show', 'bad-rollout');
+    assert.equal(shown.code, 0, shown.err);
+    assert.match(shown.out, /^state\s+paused$/m);
+    assert.match(shown.out, /^canary\s+4\s+4\s+0\s+2\s+2\s+100%\s+25% of ≥4 finished → pause/m);
+
+    const aborted = await cli('deployments', 'abort', 'bad-rollout', '--reason', 'bad release');
+    assert.equal(aborted.code, 0, aborted.err);
+    const after = await cli('deployments', 'watch', 'bad-rollout', '--timeout', '30');
+    assert.equal(after.code, 5, after.err);
+    assert.match(after.err, /aborted: bad release \(2 succeeded, 2 failed, 0 cancelled, 8 never told\)/);
+    // Aborted is final: resume is refused, and the server's reason is printed.
+    const resumed = await cli('deployments', 'resume', 'bad-rollout');
+    assert.equal(resumed.code, 1);
+    assert.match(resumed.err, /^error: /);
+  });
+
+  test('create: flag errors exit 2 before any request; the server refusing a value names the flag', async () => {
+    for (const [flags, message] of [
+      [['--stage', 'half'], /--stage takes a number of devices \(10\), a percentage \(50%\) or rest/],
+      [['--rate', '1/h'], /--rate 1\/h is 0\.0166.* device\(s\) a minute/],
+      [['--stage', 'rest', '--stage', '10'], /only the last stage can be `rest`/],
+      [['--min-finished', '3'], /--min-finished and --on-error go with --error-threshold/],
+      [['--soak', '5 min'], /--soak takes seconds/],
+    ] as const) {
+      const res = await cli('deployments', 'create', '2.0.0', '--group', 'good', ...flags);
+      assert.equal(res.code, 2, `${flags.join(' ')}: ${res.err}`);
+      assert.match(res.err, message);
+    }
+    const refused = await cli(
+      'deployments',
+      'create',
+      '2.0.0',
+      '--group',
+      'good',
+      '--canary',
+      '2',
+      '--stage',
+      'rest',
+      '--error-threshold',
+      '150%',
+    );
+    assert.equal(refused.code, 1);
+    assert.match(
+      refused.err,
+      /the server refused the deployment:\n {2}--error-threshold \(the canary\): must be <= 100/,
+    );
+    const unknown = await cli('deployments', 'show', 'no-such-rollout');
+    assert.equal(unknown.code, 1);
+    assert.match(unknown.err, /no deployment named "no-such-rollout"/);
+  });
+});
