@@ -233,13 +233,13 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     const link = await cli(['grisp', 'link-token', '--ttl', '600', '--json'], admin);
     assert.equal(link.code, 0, link.err);
     assert.equal(typeof JSON.parse(link.out).token, 'string');
-    const added = await cli(['main-server', 'add', 'raspi-cli-1', '--name', 'lab pi', '--json'], admin);
+    const added = await cli(['main-server', 'add', 'raspi-op-1', '--name', 'lab pi', '--json'], admin);
     assert.equal(added.code, 0, added.err);
     assert.match(JSON.parse(added.out).device_token, /^fhd_/);
     const listed = await cli(['main-server', 'devices', '--json'], admin);
     assert.deepEqual(
       JSON.parse(listed.out).map((d: { device_id: string }) => d.device_id),
-      ['raspi-cli-1'],
+      ['raspi-op-1'],
     );
     const keys = await cli(['keyauth', 'list', '--json'], admin);
     assert.equal(keys.code, 0, keys.err);
