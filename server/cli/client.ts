@@ -338,6 +338,15 @@ export function apiFor(flags: CommonFlags, io: CliIo): FleethubClient {
   return createFleethubClient(resolveClientOptions(flags, io.env));
 }
 
+/** The typed client, the options it was made from, and the org a command's flags name. */
+export async function orgApi(
+  flags: CommonFlags,
+  io: CliIo,
+): Promise<{ options: ClientOptions; api: FleethubClient; org: string }> {
+  const options = resolveClientOptions(flags, io.env);
+  return { options, api: createFleethubClient(options), org: await orgOf(new ApiClient(options), flags, io) };
+}
+
 /**
  * The data of a typed client call; an error answer or an unreachable server becomes a
  * `CliError` with the server's message.

@@ -6,7 +6,7 @@
 import type { Command } from 'commander';
 import type { components } from '../../client/schema.ts';
 import {
-  apiFor,
+  orgApi,
   ApiClient,
   call,
   CliError,
@@ -333,10 +333,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
     .description(
       'phased rollouts: a canary, stages, failure thresholds, pacing, pause/resume/abort (docs/deployments.md)',
     );
-  const context = async (o: Flags) => {
-    const options = resolveClientOptions(o, io.env);
-    return { options, api: apiFor(o, io), org: await orgOf(new ApiClient(options), o, io) };
-  };
+  const context = (o: Flags) => orgApi(o, io);
   /** A deployment by id, or by a name or id prefix (the newest match among the org's deployments). */
   const resolveId = async (o: Flags, ref: string): Promise<string> => {
     if (/^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i.test(ref)) return ref;

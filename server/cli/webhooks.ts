@@ -3,19 +3,7 @@
  * subscriptions and their delivery logs, through the generated API client.
  */
 import type { Command } from 'commander';
-import {
-  ApiClient,
-  apiFor,
-  call,
-  orgOf,
-  printJson,
-  printRecord,
-  printRows,
-  resolveClientOptions,
-  usageError,
-  type CliIo,
-  type CommonFlags,
-} from './client.ts';
+import { orgApi, call, printJson, printRecord, printRows, usageError, type CliIo, type CommonFlags } from './client.ts';
 import { act, type CliContext, withOrg } from './command.ts';
 
 /** `fleethub webhooks ...` as the CLI runs it (kept for callers of the old entry point). */
@@ -32,10 +20,7 @@ export function registerWebhooksCommands(program: Command, ctx: CliContext): voi
     .description(
       'signed deliveries of fleet events to your receivers (events: device.online device.offline update.transition target.changed, or *)',
     );
-  const context = async (o: Flags) => {
-    const options = resolveClientOptions(o, io.env);
-    return { options, api: apiFor(o, io), org: await orgOf(new ApiClient(options), o, io) };
-  };
+  const context = (o: Flags) => orgApi(o, io);
   const withId = (name: string, description: string) =>
     withOrg(webhooks.command(name).description(description).argument('<id>', 'the webhook id'));
 
