@@ -49,8 +49,9 @@ import {
   pubsubBus,
   reconcileOfflineDevices,
   removeNode,
+  revocationOf,
   sweepStaleUpdates,
-  Topics,
+  DEVICE_TOPIC_PREFIX,
   type FleetContext,
   type FleetObserver,
 } from './fleet/index.ts';
@@ -196,7 +197,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   observeDownloads(deviceListener.app as unknown as FastifyInstance, countDownload);
   const deviceSocket = createDeviceSocket(fleet, {
     identityOf: deviceIdentityOf,
-    disconnect: (socketId) => deviceEndpoint.disconnect(socketId),
+    closeLocal: (socketId, reason) => deviceEndpoint.closeSockets(socketId, reason),
   });
   const deviceEndpoint = createEndpoint(deviceSocket, {
     pubsub,
@@ -496,13 +497,16 @@ function relaySignerCaChanges(pubsub: PubSubWithStats, nodeName: string): () => 
 }
 
 /**
- * Every node closes the device connections (sockets before and after join, GRiSP links,
- * downloads) that a revoked certificate or device authenticated on it.
+ * Every node closes the device connections that a revoked certificate or device authenticated on
+ * it, also those no link speaks for yet (sockets before their join, GRiSP boards before they are
+ * attached, downloads): it reads the revocations off every device topic, the one publication
+ * that also closes the joined channels and the edge links.
  */
 function closeRevokedConnections(pubsub: PubSubWithStats, listener: DeviceListener): () => void {
-  return pubsub.subscribe(Topics.revocations, ({ event, payload }) => {
-    if (typeof payload.device_id !== 'string') return;
-    const certificateId = typeof payload.certificate_id === 'string' ? payload.certificate_id : undefined;
-    listener.closeConnections({ deviceId: payload.device_id, ...(certificateId ? { certificateId } : {}) }, event);
+  return pubsub.subscribePrefix(DEVICE_TOPIC_PREFIX, (message) => {
+    const revoked = revocationOf(message);
+    if (!revoked) return;
+    const deviceId = message.topic.slice(DEVICE_TOPIC_PREFIX.length);
+    listener.closeConnections({ deviceId, ...revoked }, message.event);
   });
 }

@@ -147,11 +147,11 @@ export class GrispBoard extends EventEmitter {
         this.#armPingWatchdog();
       });
       ws.on('message', (data) => this.#onFrame(data.toString()));
-      ws.on('close', () => {
+      ws.on('close', (code: number) => {
         clearTimeout(this.#pingTimer);
         for (const p of this.#pending.values()) p.reject(new Error('disconnected'));
         this.#pending.clear();
-        this.emit('disconnected');
+        this.emit('disconnected', code);
         if (!this.#stopped)
           this.#reconnectTimer = setTimeout(
             () => this.#connect().catch(() => this.#scheduleRetry()),

@@ -42,6 +42,8 @@ export interface ChannelHost<A> {
   lifecycle(joinRef: string | null, topic: string, event: string, payload: Payload): void;
   forget(channel: ChannelProcess<A>): void;
   trackTermination(done: Promise<void>): void;
+  /** Closes the connection with `code` and `reason` (the `close_socket` effect). */
+  close(code: number, reason: string): void;
 }
 
 export function assertNever(value: never): never {
@@ -270,6 +272,9 @@ export class ChannelProcess<A, S = unknown> {
           this.socket.lifecycle(this.joinRef, this.topic, 'phx_close', {});
           this.close('stop');
           break;
+        case 'close_socket':
+          this.socket.close(effect.code, effect.reason);
+          return;
         case 'timer': {
           this.#timers ??= new Map();
           const previous = this.#timers.get(effect.key);

@@ -36,21 +36,25 @@ export function createPubSub(options: CreatePubSubOptions): PubSubWithStats {
   const adapter = options.adapter ?? new LocalAdapter();
   const log = options.log;
   const listeners = new Map<string, Set<(message: Message) => void>>();
+  /** Few (one per node-wide reader): a list checked per message beats a trie. */
+  let prefixed: Array<{ prefix: string; listener: (message: Message) => void }> = [];
   const stats: PubSubStats = { published: 0, received: 0, delivered: 0, listenerErrors: 0 };
   let closed = false;
 
+  function call(listener: (message: Message) => void, message: Message): void {
+    stats.delivered++;
+    try {
+      listener(message);
+    } catch (err) {
+      stats.listenerErrors++;
+      log.error({ err, topic: message.topic, event: message.event }, 'pubsub listener threw');
+    }
+  }
+
   function deliver(message: Message): void {
     const set = listeners.get(message.topic);
-    if (!set) return;
-    for (const listener of set) {
-      stats.delivered++;
-      try {
-        listener(message);
-      } catch (err) {
-        stats.listenerErrors++;
-        log.error({ err, topic: message.topic, event: message.event }, 'pubsub listener threw');
-      }
-    }
+    if (set) for (const listener of set) call(listener, message);
+    for (const p of prefixed) if (message.topic.startsWith(p.prefix)) call(p.listener, message);
   }
 
   const ready = adapter.start((message) => {
@@ -87,10 +91,18 @@ export function createPubSub(options: CreatePubSubOptions): PubSubWithStats {
         if (current.size === 0) listeners.delete(topic);
       };
     },
+    subscribePrefix(prefix: string, listener: (message: Message) => void): () => void {
+      const entry = { prefix, listener };
+      prefixed = [...prefixed, entry];
+      return () => {
+        prefixed = prefixed.filter((p) => p !== entry);
+      };
+    },
     async close(): Promise<void> {
       if (closed) return;
       closed = true;
       listeners.clear();
+      prefixed = [];
       await ready.catch(() => undefined);
       await adapter.stop();
     },

@@ -50,6 +50,8 @@ export type Effect =
   | { type: 'unsubscribe'; topic: string }
   /** Stop the channel normally: the client gets `phx_close` and does not rejoin. */
   | { type: 'stop'; reason?: string }
+  /** Close the whole socket this channel runs on (every channel of it terminates), with a close code. */
+  | { type: 'close_socket'; code: number; reason: string }
   /** Deliver `message` to `handleInfo` after `afterMs`; scheduling a key again replaces the old timer. */
   | { type: 'timer'; key: string; afterMs: number; message: Message }
   | { type: 'cancel_timer'; key: string };
@@ -111,6 +113,11 @@ export interface PubSub {
   /** Delivers to subscribers on this node only. */
   localBroadcast(topic: string, event: string, payload: Payload): void;
   subscribe(topic: string, listener: (message: Message) => void): () => void;
+  /**
+   * Every message on every topic that starts with `prefix`, after the topic's own subscribers:
+   * for a node-wide reader of one kind of topic (the device listener reads the device topics).
+   */
+  subscribePrefix(prefix: string, listener: (message: Message) => void): () => void;
   close(): Promise<void>;
 }
 

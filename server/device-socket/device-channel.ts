@@ -1,6 +1,7 @@
 import type { ChannelDefinition, Effect } from '../channels/types.ts';
 import {
   linkEvent,
+  linkNotice,
   openLink,
   Topics,
   UPDATE_REPORT_EVENTS,
@@ -12,7 +13,7 @@ import {
   type UpdateReportEvent,
 } from '../fleet/index.ts';
 import type { DeviceJoinParams } from '../../shared/protocol.ts';
-import type { DeviceAssigns, DeviceSocketOptions, DeviceSocketStats } from './types.ts';
+import type { DeviceAssigns, DeviceSocketStats } from './types.ts';
 import { deviceErrorReply, UNKNOWN_EVENT } from './replies.ts';
 
 /** Plain data kept per device channel. */
@@ -48,7 +49,6 @@ const FORWARDED = new Set([
 export function createDeviceChannel(
   ctx: FleetContext,
   stats: DeviceSocketStats,
-  opts: Pick<DeviceSocketOptions, 'disconnect'>,
 ): ChannelDefinition<DeviceAssigns, DeviceSession> {
   return {
     async join(topic, params, { assigns }) {
@@ -93,11 +93,15 @@ export function createDeviceChannel(
       return { reply: { status: 'ok', response: { state: result.attempt!.state } } };
     },
 
-    async handleInfo(message, _session, { assigns, socketId, log }) {
-      if (DISCONNECTING.has(message.event) && !otherCertificate(message.payload, assigns)) {
-        await opts.disconnect(socketId);
-        return { effects: [{ type: 'stop', reason: message.event }] };
-      }
+    async handleInfo(message, _session, { assigns, log }) {
+      // Revocation, deletion, a newer connection: the link's close effect ends this socket (1008,
+      // as the engine's other credential closes), here, with no further message.
+      const [close] = linkNotice(message, {
+        protocol: 'phoenix',
+        certificateId: assigns.certificateId,
+        node: ctx.nodeName,
+      });
+      if (close) return { effects: [{ type: 'close_socket', code: PHOENIX_CLOSE_CODE, reason: close.reason }] };
       if (FORWARDED.has(message.event))
         return { effects: [{ type: 'push', event: message.event, payload: message.payload }] };
       log.debug({ event: message.event, device_id: assigns.deviceId }, 'device topic event not forwarded');
@@ -111,13 +115,8 @@ export function createDeviceChannel(
   };
 }
 
-/** Operator actions after which the device's live connection must end (its next connect is refused or recreated). */
-const DISCONNECTING = new Set(['device_deleted', 'device_revoked', 'certificate_revoked']);
-
-/** A certificate revocation of the device's other certificate leaves this connection alone. */
-function otherCertificate(payload: Record<string, unknown>, assigns: DeviceAssigns): boolean {
-  return typeof payload.certificate_id === 'string' && payload.certificate_id !== assigns.certificateId;
-}
+/** The close code of a device socket its link closes (policy violation: reconnecting is refused or replaces). */
+export const PHOENIX_CLOSE_CODE = 1008;
 
 /** A refusal as the channel's error reply `{reason, details}`. */
 function refusalResponse(refusal: LinkRefusal): { reason: string; details: Record<string, unknown> } {

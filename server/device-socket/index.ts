@@ -4,7 +4,7 @@
  * fleet domain and turns its result into a reply and effects.
  */
 import { claimCertificateDevice } from '../fleet/edge-devices.ts';
-import type { FleetContext } from '../fleet/index.ts';
+import { replaceConnection, type FleetContext } from '../fleet/index.ts';
 import { createDeviceChannel } from './device-channel.ts';
 import { createGroupChannel } from './group-channel.ts';
 import type { DeviceAssigns, DeviceSocket, DeviceSocketOptions, DeviceSocketStats } from './types.ts';
@@ -38,19 +38,19 @@ export function createDeviceSocket(ctx: FleetContext, opts: DeviceSocketOptions)
         };
       }
       const id = deviceSocketId(identity.deviceId);
-      // A device has one connection: a new one closes the previous (on whichever node it is).
-      // The new socket is not registered yet, so only older ones are closed.
-      await opts
-        .disconnect(id)
-        .catch((err: unknown) =>
-          ctx.log.warn({ err, device_id: identity.deviceId }, 'could not close the previous connection'),
-        );
+      // A device has one connection: a new one closes the previous. On this node directly (the new
+      // socket is not registered yet, so only older ones close); on the node the device is recorded
+      // online on, if another, with one message on the device's topic. No cluster-wide broadcast.
+      opts.closeLocal(id, 'replaced by a newer connection of this device');
+      await replaceConnection(ctx, identity.deviceId, identity.connectedNode).catch((err: unknown) =>
+        ctx.log.warn({ err, device_id: identity.deviceId }, 'could not close the previous connection'),
+      );
       const { deviceId, orgId, productId, identifier, certificateId } = identity;
       const assigns: DeviceAssigns = { deviceId, orgId, productId, identifier, certificateId };
       return { ok: true, assigns, id };
     },
     channels: [
-      { pattern: 'device:*', channel: createDeviceChannel(ctx, stats, opts) },
+      { pattern: 'device:*', channel: createDeviceChannel(ctx, stats) },
       { pattern: 'group:*', channel: createGroupChannel(ctx, stats) },
     ],
   };

@@ -23,9 +23,11 @@ export interface DeviceSocketStats {
 
 export interface DeviceSocketOptions {
   /** The identity the device listener attached to the request (`deviceIdentityOf` from listeners/device.ts). */
-  identityOf(request: IncomingMessage): (DeviceAssigns & { protocol?: DeviceProtocol }) | undefined;
-  /** Closes every socket with this id on every node (`endpoint.disconnect`); wired after the endpoint exists. */
-  disconnect(socketId: string): Promise<void>;
+  identityOf(
+    request: IncomingMessage,
+  ): (DeviceAssigns & { protocol?: DeviceProtocol; connectedNode?: string | null }) | undefined;
+  /** Closes this node's sockets with this id (`endpoint.closeSockets`, no message); wired after the endpoint exists. */
+  closeLocal(socketId: string, reason: string): void;
 }
 
 export type DeviceSocket = SocketDefinition<DeviceAssigns> & { readonly stats: DeviceSocketStats };

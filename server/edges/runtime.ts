@@ -5,7 +5,7 @@
  * - an ordered step queue: frames, PubSub messages and timers are handled one at a time;
  * - timers by key: scheduling a key again replaces its timer, closing clears them all;
  * - the device-topic subscription, with the device's group topics: revocation and deletion close
- *   the link, approval, a new attempt (`firmware_update` on the device's or a group's topic) and
+ *   the link (the device link's `close` effect, `linkNotice`), approval, a new attempt (`firmware_update` on the device's or a group's topic) and
  *   membership changes (`join`/`leave`) reach the edge's handlers on whichever node it is;
  * - close with a code and a reason, and `drain(1012)` at shutdown, as Phoenix sockets get.
  *
@@ -18,8 +18,8 @@ import { TopicRegistry } from '../channels/registry.ts';
 import type { OutFrame, Serializer } from '../channels/serializers.ts';
 import { emptyStats } from '../channels/socket-registry.ts';
 import type { ChannelDefinition, Effect, Message, PubSub } from '../channels/types.ts';
-import type { LinkEffect } from '../fleet/device-link.ts';
-import { deviceGroupTopics, Topics, type FleetContext } from '../fleet/index.ts';
+import { linkNotice, type LinkEffect } from '../fleet/device-link.ts';
+import { deviceLinkState, Topics, type FleetContext } from '../fleet/index.ts';
 
 /** How the runtime closes the connection a link runs on. */
 export interface EdgeTransport {
@@ -75,7 +75,6 @@ export interface EdgeLinkOptions {
 type Step = () => Promise<void>;
 
 const TIMER_TOPIC = 'edge-link:timer';
-const CLOSING_EVENTS = new Set(['device_revoked', 'device_deleted']);
 /** The serializer slot of a host: edge links never join a fastlane, so nothing is ever encoded for them. */
 const NO_SERIALIZER = { name: 'edge-link' } as unknown as Serializer;
 
@@ -193,12 +192,15 @@ export class EdgeLink {
   async attach(device: LinkDevice): Promise<void> {
     if (this.#closed) return;
     this.#device = device;
-    const groups = await deviceGroupTopics(this.#fleet.db, device.deviceId);
     this.#process.session = { device };
-    this.#effects([
-      { type: 'subscribe', topic: Topics.device(device.deviceId) },
-      ...groups.map((topic) => ({ type: 'subscribe' as const, topic })),
-    ]);
+    // The device's topic before the read: a revocation committed after it is delivered there.
+    this.#effects([{ type: 'subscribe', topic: Topics.device(device.deviceId) }]);
+    const { groups, usable } = await deviceLinkState(this.#fleet.db, device.deviceId, device.certificateId);
+    if (!usable) {
+      await this.apply([{ type: 'close', reason: 'device_revoked', cause: 'revoked' }]);
+      return;
+    }
+    this.#effects(groups.map((topic) => ({ type: 'subscribe' as const, topic })));
   }
 
   /** Runs the `timer` handler with `key` after `afterMs`; scheduling a key again replaces its timer. */
@@ -231,7 +233,10 @@ export class EdgeLink {
           this.cancel(effect.key);
           break;
         case 'close':
-          this.close(this.#options.closeCode ?? 1000, effect.reason);
+          this.close(
+            effect.cause === 'revoked' ? (this.#options.revokedCode ?? 4003) : (this.#options.closeCode ?? 1000),
+            effect.reason,
+          );
           break;
         case 'push_update':
           await on.pushUpdate?.(effect);
@@ -281,14 +286,11 @@ export class EdgeLink {
       const key = String(message.payload.key);
       return this.#run(async () => h.timer?.(key));
     }
-    const device = this.#device;
-    if (CLOSING_EVENTS.has(message.event)) return this.close(this.#options.revokedCode ?? 4003, message.event);
-    if (message.event === 'certificate_revoked') {
-      // Only the certificate this link authenticated with ends it; the device's others do not.
-      if (device?.certificateId !== undefined && message.payload.certificate_id === device.certificateId)
-        this.close(this.#options.revokedCode ?? 4003, message.event);
-      return;
-    }
+    // Revocation and deletion: the device link's close effect (only the certificate this link
+    // authenticated with ends it; the device's others do not).
+    const closing = linkNotice(message, { certificateId: this.#device?.certificateId });
+    if (closing.length) return this.apply(closing);
+    if (message.event === 'certificate_revoked') return;
     if ((message.event === 'join' || message.event === 'leave') && typeof message.payload.channel === 'string') {
       const type = message.event === 'join' ? ('subscribe' as const) : ('unsubscribe' as const);
       this.#process.applyEffects([{ type, topic: message.payload.channel }]);
@@ -352,6 +354,7 @@ export class EdgeLink {
       lifecycle: () => undefined,
       forget: () => undefined,
       trackTermination: () => undefined,
+      close: (code, reason) => link.close(code, reason),
     };
   }
 }

@@ -39,16 +39,18 @@ export interface FleetEvent {
 
 /** PubSub topics the domain publishes on. */
 export const Topics = {
-  /** One device, wherever it is connected: join/leave/firmware_update/commands. */
-  device: (deviceId: string) => `device_id:${deviceId}`,
+  /**
+   * One device, wherever it is connected: join/leave/firmware_update/commands, and what ends its
+   * connections (`device_revoked`, `device_deleted`, `certificate_revoked`, `connection_replaced`):
+   * each node's device listener reads every device topic (`DEVICE_TOPIC_PREFIX`) for those.
+   */
+  device: (deviceId: string) => `${DEVICE_TOPIC_PREFIX}${deviceId}`,
   /** Operators' live view of one organization. */
   operator: (orgId: string) => `operator:${orgId}`,
-  /**
-   * Every revocation, for each node's listeners to close the connections it authenticated:
-   * `device_revoked {device_id}`, `device_deleted {device_id}`, `certificate_revoked {device_id, certificate_id}`.
-   */
-  revocations: 'fleet:revocations',
 } as const;
+
+/** What every device topic starts with (`Topics.device`). */
+export const DEVICE_TOPIC_PREFIX = 'device_id:';
 
 /** A bus backed by the engine's PubSub (`broadcast` reaches every node). */
 export function pubsubBus(pubsub: {

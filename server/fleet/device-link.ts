@@ -83,7 +83,17 @@ export interface LinkReport {
 /** The neutral events every protocol feeds the link. */
 export type LinkEvent =
   | { type: 'connected'; running: RunningReport }
-  | { type: 'update_sent'; firmware: Firmware; via: string; poll?: boolean }
+  | {
+      type: 'update_sent';
+      firmware: Firmware;
+      via: string;
+      poll?: boolean;
+      /**
+       * How long the protocol waits for the device to take the update up (its answer, or a first
+       * report): the link answers `schedule_timer` for `UPDATE_TIMER`, and any report cancels it.
+       */
+      awaitMs?: number;
+    }
   | LinkReport
   | { type: 'boot_confirmed'; component?: string; version: string | null }
   | { type: 'timed_out'; component?: string; firmwareId?: string; reason: string }
@@ -96,7 +106,18 @@ export type LinkEffect =
   | { type: 'send_command'; command: string; payload: Record<string, unknown> }
   | { type: 'schedule_timer'; key: string; ms: number }
   | { type: 'cancel_timer'; key: string }
-  | { type: 'close'; reason: string };
+  | LinkClose;
+
+/**
+ * Close the connection, with why: `revoked` (the device or this connection's certificate was
+ * revoked, or the device deleted), `replaced` (a newer connection of the device took over), or
+ * `done` (anything else). Each protocol closes with its own code for each cause.
+ */
+export interface LinkClose {
+  type: 'close';
+  reason: string;
+  cause: 'revoked' | 'replaced' | 'done';
+}
 
 export interface LinkRefusal {
   code: FleetErrorCode;
@@ -247,14 +268,95 @@ export function updateToPush(result: { effects: readonly LinkEffect[] } | undefi
 /** The timer key of the in-flight update (protocols that keep a per-connection timer use it). */
 export const UPDATE_TIMER = 'update';
 
+/** What a connection is, for the notices on its device's topic: its protocol and certificate. */
+export interface NoticedConnection {
+  protocol?: DeviceProtocol;
+  /** The certificate that authenticated it: a revocation of the device's other certificates leaves it. */
+  certificateId?: string;
+  /** The node it runs on: a takeover announced by this node was carried out here already. */
+  node?: string;
+}
+
+/**
+ * A new Phoenix connection of the device: one message, on the device's own topic, when the device
+ * is recorded online on another node (`recordedOn`, read when the connection authenticated), which
+ * closes the connection it replaces there (`linkNotice`). Nothing is published otherwise: the
+ * caller closes this node's older connections itself. Returns whether it published.
+ */
+export async function replaceConnection(
+  ctx: FleetContext,
+  deviceId: string,
+  recordedOn: string | null | undefined,
+): Promise<boolean> {
+  if (!recordedOn || recordedOn === ctx.nodeName) return false;
+  await publishAll(ctx, [
+    {
+      topic: Topics.device(deviceId),
+      event: CONNECTION_REPLACED,
+      payload: { device_id: deviceId, node: ctx.nodeName, protocol: 'phoenix' },
+    },
+  ]);
+  return true;
+}
+
+/** Events on `device_id:<id>` that end the device's connections. */
+const REVOKING = new Set(['device_revoked', 'device_deleted', 'certificate_revoked']);
+
+/** A newer Phoenix connection took over the device on `node` (published only to where the device was online). */
+export const CONNECTION_REPLACED = 'connection_replaced';
+
+/**
+ * The link's answer to a message on the device's topic (`device_id:<id>`), for one connection:
+ * `close` when the message ends it (revocation, deletion, a newer connection), otherwise nothing.
+ * Pure: every subscriber (the Phoenix device channel, the edge runtime, the device listener for
+ * connections not joined yet) asks it, so that one publication closes every connection.
+ */
+export function linkNotice(message: DeviceTopicMessage, c: NoticedConnection): LinkClose[] {
+  const revoked = revocationOf(message);
+  if (revoked) {
+    // A revoked certificate ends only the connections it authenticated.
+    if (revoked.certificateId !== undefined && revoked.certificateId !== c.certificateId) return [];
+    return [{ type: 'close', reason: message.event, cause: 'revoked' }];
+  }
+  const { event, payload } = message;
+  if (event === CONNECTION_REPLACED && c.protocol === payload.protocol && c.node !== payload.node)
+    return [{ type: 'close', reason: 'replaced by a newer connection of this device', cause: 'replaced' }];
+  return [];
+}
+
+export interface DeviceTopicMessage {
+  event: string;
+  payload: Record<string, unknown>;
+}
+
+/**
+ * Whether a message on the device's topic revokes its connections: all of them (`{}`), or those
+ * one certificate authenticated (`{certificateId}`); undefined when it revokes nothing.
+ */
+export function revocationOf(message: DeviceTopicMessage): { certificateId?: string } | undefined {
+  if (!REVOKING.has(message.event)) return undefined;
+  if (message.event !== 'certificate_revoked') return {};
+  const certificateId = message.payload.certificate_id;
+  // A certificate revocation without its id would end nothing it could name: end everything.
+  return typeof certificateId === 'string' ? { certificateId } : {};
+}
+
 async function handle(ctx: FleetContext, session: LinkSession, event: LinkEvent): Promise<LinkResult> {
   switch (event.type) {
     case 'connected':
       return connected(ctx, session, event.running);
-    case 'update_sent':
-      return updateSent(ctx, session, event.firmware, event.via, event.poll === true);
-    case 'report':
-      return report(ctx, session, event);
+    case 'update_sent': {
+      const sent = await updateSent(ctx, session, event.firmware, event.via, event.poll === true);
+      if (!sent.ok || event.awaitMs === undefined) return sent;
+      return { ...sent, effects: [...sent.effects, { type: 'schedule_timer', key: UPDATE_TIMER, ms: event.awaitMs }] };
+    }
+    case 'report': {
+      // The device took the update up (or ended it): nothing is awaited any more.
+      const reported = await report(ctx, session, event);
+      return reported.ok
+        ? { ...reported, effects: [...reported.effects, { type: 'cancel_timer', key: UPDATE_TIMER }] }
+        : reported;
+    }
     case 'boot_confirmed':
       return bootConfirmed(ctx, session, event.component ?? 'firmware', event.version);
     case 'timed_out': {

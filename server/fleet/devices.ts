@@ -315,8 +315,8 @@ export async function deleteDevice(ctx: FleetContext, actor: Actor, orgId: strin
       resourceId: device.id,
       details: { identifier: device.identifier },
     });
-    outbox.push({ topic: Topics.device(device.id), event: 'device_deleted', payload: {} });
-    outbox.push({ topic: Topics.revocations, event: 'device_deleted', payload: { device_id: device.id } });
+    // One publication: every subscriber of the device's topic closes what it holds (device-link.ts `linkNotice`).
+    outbox.push({ topic: Topics.device(device.id), event: 'device_deleted', payload: { device_id: device.id } });
   });
 }
 
@@ -330,10 +330,7 @@ export async function publishCertificateRevoked(
   certificateId: string,
 ): Promise<void> {
   const payload = { device_id: deviceId, certificate_id: certificateId };
-  await publishAll(ctx, [
-    { topic: Topics.device(deviceId), event: 'certificate_revoked', payload },
-    { topic: Topics.revocations, event: 'certificate_revoked', payload },
-  ]);
+  await publishAll(ctx, [{ topic: Topics.device(deviceId), event: 'certificate_revoked', payload }]);
 }
 
 /**
@@ -369,6 +366,25 @@ export async function deviceGroupTopics(db: Db, deviceId: string): Promise<strin
     names: [string, string, string][];
   }>`SELECT ${deviceGroupNamesSql(sql`${deviceId}::uuid`)} AS names`.execute(db);
   return groupTopicsOf(rows[0]?.names ?? []);
+}
+
+/**
+ * What a link attaching to a device needs, in one statement: its group topics, and whether it may
+ * still be connected (it exists, is not revoked, and `certificateId`, when given, is usable). A
+ * link subscribes to the device's topic first and reads this after, so a revocation is either
+ * seen here or delivered to the subscription.
+ */
+export async function deviceLinkState(
+  db: Db,
+  deviceId: string,
+  certificateId?: string,
+): Promise<{ groups: string[]; usable: boolean }> {
+  const certificate = certificateId ? sql`AND ${certificateUsableSql(certificateId, sql.ref('d.id'))}` : sql``;
+  const { rows } = await sql<{ names: [string, string, string][]; usable: boolean }>`
+    SELECT ${deviceGroupNamesSql(sql.ref('d.id'))} AS names, (d.approval <> 'revoked' ${certificate}) AS usable
+    FROM devices d WHERE d.id = ${deviceId}`.execute(db);
+  const row = rows[0];
+  return { groups: groupTopicsOf(row?.names ?? []), usable: row?.usable ?? false };
 }
 
 function validIdentifier(value: unknown): string {

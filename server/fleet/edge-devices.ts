@@ -210,8 +210,8 @@ async function setApproval(
       for (const a of cancelled) outbox.push(transitionEvent(a));
     }
     const event = approval === 'approved' ? 'device_approved' : 'device_revoked';
+    // Revoked: this one publication closes the device's connections, joined or not, on every node.
     outbox.push({ topic: Topics.device(device.id), event, payload: { device_id: device.id } });
-    if (approval === 'revoked') outbox.push({ topic: Topics.revocations, event, payload: { device_id: device.id } });
     outbox.push({
       topic: Topics.operator(orgId),
       event,

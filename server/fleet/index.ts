@@ -5,12 +5,12 @@
  * are published through `ctx.bus` after the commit.
  *
  * Topics published:
- * - `device_id:<deviceId>`: `join {channel}`, `leave {channel}`, `firmware_update {...}`, `device_deleted {}`,
- *   `device_revoked {device_id}`, `device_approved {device_id}`, `certificate_revoked {device_id, certificate_id}`
- *   (Phoenix device channels and the edges' links subscribe to it, and to their group topics)
+ * - `device_id:<deviceId>`: `join {channel}`, `leave {channel}`, `firmware_update {...}`, `device_deleted {device_id}`,
+ *   `device_revoked {device_id}`, `device_approved {device_id}`, `certificate_revoked {device_id, certificate_id}`,
+ *   `connection_replaced {node, protocol}` (Phoenix device channels and the edges' links subscribe to it, and to
+ *   their group topics; each node's device listener reads every device topic for the revocations)
  * - `group:<org>:<product>:<group>`: `firmware_update {url, version, sha256, size, signature?, firmware_uuid}`, `group_deleted {}`
  * - `operator:<orgId>`: `device_status`, `update_transition`, `target_changed`, `group_deleted`, `firmware_created`
- * - `fleet:revocations`: `device_revoked {device_id}`, `device_deleted {device_id}`, `certificate_revoked {device_id, certificate_id}`
  */
 export type { Actor } from '../audit.ts';
 export { SYSTEM } from '../audit.ts';
@@ -20,6 +20,7 @@ export {
   observedBus,
   pubsubBus,
   Topics,
+  DEVICE_TOPIC_PREFIX,
   type FleetBus,
   type FleetContext,
   type FleetEvent,
@@ -48,6 +49,7 @@ export {
   deleteDevice,
   publishCertificateRevoked,
   deviceGroupTopics,
+  deviceLinkState,
   selectDeviceIds,
   MAX_SELECTED_DEVICES,
   type CreateDeviceInput,
@@ -110,8 +112,13 @@ export { deviceJoined, deviceDisconnected, type ConnectedDevice, type JoinOutcom
 export {
   linkEvent,
   linkEventOrThrow,
+  linkNotice,
+  replaceConnection,
+  revocationOf,
   openLink,
+  CONNECTION_REPLACED,
   UPDATE_TIMER,
+  type LinkClose,
   type LinkEffect,
   type LinkEvent,
   type LinkRefusal,

@@ -21,6 +21,11 @@ export interface DeviceIdentity {
   protocol: DeviceProtocol;
   /** End of the certificate's validity: a live connection is closed then. */
   notAfter: Date;
+  /**
+   * The node the device is recorded online on when it authenticated (null: offline): a Phoenix
+   * connect tells that node alone to close the connection it replaces.
+   */
+  connectedNode: string | null;
 }
 
 export type IdentityResult =
@@ -82,6 +87,8 @@ interface KnownCertificate {
   identifier: string;
   approval: string;
   protocol: DeviceProtocol;
+  connection_status: string;
+  connected_node: string | null;
 }
 
 /**
@@ -131,6 +138,8 @@ function knownCertificateQuery(db: Db, fingerprint: string) {
       'devices.identifier',
       'devices.approval',
       'devices.protocol',
+      'devices.connection_status',
+      'devices.connected_node',
     ])
     .where('device_certificates.fingerprint_sha256', '=', fingerprint);
 }
@@ -167,6 +176,7 @@ function identityOf(known: KnownCertificate, fingerprint: string): DeviceIdentit
     fingerprint,
     protocol: known.protocol,
     notAfter: known.not_after,
+    connectedNode: known.connection_status === 'online' ? known.connected_node : null,
   };
 }
 

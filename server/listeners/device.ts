@@ -47,7 +47,11 @@ export interface DeviceListenerOptions {
    * over the live connections, so a connection outlives its certificate by at most this long.
    */
   expirySweepMs?: number;
-  /** Called after connections closed on a revocation or an expiry (to end what outlives a TLS socket). */
+  /**
+   * Called on a revocation or an expiry before the listener cuts its TLS connections: the
+   * protocols close what they hold with their own close code (a Phoenix socket, and a LongPoll
+   * session, which outlives a TLS connection).
+   */
   onConnectionsClosed?: (ended: RevokedIdentity, reason: string) => void;
   /** Told about every refused TLS handshake (`tls`) and refused request or upgrade (`upgrade`), with the reason. */
   onRefused?: (stage: 'tls' | 'upgrade', reason: string) => void;
@@ -60,7 +64,9 @@ export interface DeviceListener {
   /**
    * Closes this node's connections (WebSockets, downloads, idle keep-alives) authenticated as the
    * device — or, with `certificateId`, by that one certificate — and refuses an authentication
-   * of them that was in flight. Returns how many connections it closed.
+   * of them that was in flight. Plain HTTP connections are cut at once; a WebSocket gets
+   * `UPGRADED_CLOSE_GRACE_MS` for its protocol's close frame (sent by `onConnectionsClosed` or by
+   * the link on it) before it is cut. Returns how many connections it closed.
    */
   closeConnections(revoked: RevokedIdentity, reason: string): number;
   close(): Promise<void>;
@@ -162,6 +168,8 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
       };
     }
     if ('identity' in refused) {
+      // @fastify/websocket's onRequest (registered before this hook) marks upgrades.
+      if ((request as FastifyRequest & { ws?: boolean }).ws) live.upgraded(socket);
       request.deviceIdentity = refused.identity;
       identities.set(request.raw, refused.identity);
       if (refused.created)
@@ -210,13 +218,14 @@ export async function createDeviceListener(opts: DeviceListenerOptions): Promise
     app,
     refreshTrust,
     closeConnections(revoked, reason) {
+      // The protocols first, so their close frames go out before any connection is cut.
+      opts.onConnectionsClosed?.(revoked, reason);
       const closed = live.close(revoked);
       if (closed > 0)
         log.info(
           { device_id: revoked.deviceId, certificate_id: revoked.certificateId, connections: closed, reason },
           'device connections closed',
         );
-      opts.onConnectionsClosed?.(revoked, reason);
       return closed;
     },
     async close() {
@@ -338,6 +347,13 @@ class LiveConnections {
   readonly #byDevice = new Map<string, Map<TLSSocket, Authenticated>>();
   /** When recent revocations arrived (performance.now()), by device id and by certificate id. */
   readonly #recent = new Map<string, number>();
+  /** Connections upgraded to a WebSocket: their protocol closes them first, with its own code. */
+  readonly #upgraded = new WeakSet<TLSSocket>();
+
+  /** `socket` carries a WebSocket from now on. */
+  upgraded(socket: TLSSocket): void {
+    this.#upgraded.add(socket);
+  }
 
   /** Remembers `socket` as authenticated by `identity`; false when it was revoked since `startedAt`. */
   track(socket: TLSSocket, identity: DeviceIdentity, startedAt: number): boolean {
@@ -368,7 +384,8 @@ class LiveConnections {
     let closed = 0;
     for (const [socket, { certificateId }] of this.#byDevice.get(revoked.deviceId) ?? []) {
       if (revoked.certificateId !== undefined && certificateId !== revoked.certificateId) continue;
-      socket.destroy();
+      if (this.#upgraded.has(socket)) setTimeout(() => socket.destroy(), UPGRADED_CLOSE_GRACE_MS).unref();
+      else socket.destroy();
       closed++;
     }
     return closed;
@@ -396,6 +413,12 @@ interface Authenticated {
   /** The certificate's not_after, epoch ms. */
   notAfter: number;
 }
+
+/**
+ * How long a revoked WebSocket's protocol has to send its close frame (and the client to answer)
+ * before the TLS connection is cut anyway: ample on any link, short for a client that ignores it.
+ */
+export const UPGRADED_CLOSE_GRACE_MS = 1000;
 
 /** Longer than any authentication takes: after that, a revocation is in the database for every lookup. */
 const RECENT_REVOCATION_MS = 60_000;

@@ -19,6 +19,8 @@ import {
   waitFor,
 } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
+import { recordPublished } from '../helpers/pubsub.ts';
+import { until } from '../helpers/until.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
 
 const SKIP = process.env.DATABASE_URL
@@ -215,6 +217,60 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
     await callA('POST', `/orgs/default/devices/${device.id}/certificates/${certificate.id}/revoke`);
     await waitFor(() => closed, 5000, 'node B to close the revoked device');
     socket.disconnect();
+  });
+
+  /** A raw WebSocket of `cred`'s device on `node`, joined to its device channel. */
+  async function joinedRaw(node: ClusterNode, cred: Awaited<ReturnType<typeof deviceCert>>): Promise<RawClient> {
+    const client = await RawClient.connect(`${node.socketUrl}/websocket?vsn=2.0.0`, await deviceTlsOptions(cred));
+    client.send(['1', '1', `device:${randomUUID()}`, 'phx_join', { version: '1.0.0' }]);
+    const reply = await client.waitArray((f) => f[3] === 'phx_reply' && f[1] === '1');
+    assert.equal((reply[4] as { status: string }).status, 'ok', JSON.stringify(reply));
+    return client;
+  }
+
+  test('a connect to node A replaces the device’s connection on node B with one message on its topic', async () => {
+    const serial = `cluster-takeover-${randomUUID().slice(0, 8)}`;
+    const cred = await deviceCert(serial);
+    const onB = await joinedRaw(nodeB, cred);
+    const device = await nodeA.database.db
+      .selectFrom('devices')
+      .select(['id', 'connected_node'])
+      .where('identifier', '=', serial)
+      .executeTakeFirstOrThrow();
+    assert.equal(device.connected_node, nodeB.config.nodeName);
+    const published = recordPublished(nodeA.pubsub);
+    const onA = await joinedRaw(nodeA, cred);
+    assert.equal(await onB.closed, 1008, 'node B closed the replaced connection');
+    published.stop();
+    assert.deepEqual(
+      published.messages.filter((m) => !m.topic.startsWith('operator:')),
+      [{ topic: `device_id:${device.id}`, event: 'connection_replaced' }],
+      'the takeover is one message, on the device topic',
+    );
+    assert.equal(onA.closeCode, undefined, 'the new connection lives on');
+    // Node B's socket ending leaves the device online on node A.
+    await until(async () => {
+      const row = await nodeA.database.db
+        .selectFrom('devices')
+        .select(['connected_node', 'connection_status'])
+        .where('id', '=', device.id)
+        .executeTakeFirstOrThrow();
+      return row.connection_status === 'online' && row.connected_node === nodeA.config.nodeName ? row : undefined;
+    }, 'the device recorded online on node A');
+    onA.ws.close();
+  });
+
+  test('a certificate revoked through node A closes the device’s joined socket on node B with 1008', async () => {
+    const serial = `cluster-revoked-joined-${randomUUID().slice(0, 8)}`;
+    const onB = await joinedRaw(nodeB, await deviceCert(serial));
+    const row = await nodeA.database.db
+      .selectFrom('devices')
+      .innerJoin('device_certificates', 'device_certificates.device_id', 'devices.id')
+      .select(['devices.id as deviceId', 'device_certificates.id as certificateId'])
+      .where('devices.identifier', '=', serial)
+      .executeTakeFirstOrThrow();
+    await callA('POST', `/orgs/default/devices/${row.deviceId}/certificates/${row.certificateId}/revoke`);
+    assert.equal(await onB.closed, 1008);
   });
 
   test('an API token revoked through node A closes its operator socket on node B', async () => {

@@ -132,15 +132,17 @@ describe(`GRiSP edge (${DATABASE_KIND})`, () => {
       .select('id')
       .where('device_id', '=', device.id)
       .executeTakeFirstOrThrow();
-    const disconnected = new Promise((r) => b.once('disconnected', r));
+    const disconnected = new Promise<number>((r) => b.once('disconnected', r));
     await server.call(
       'POST',
       `/api/v1/orgs/${server.orgId}/devices/${device.id}/certificates/${certificate.id}/revoke`,
     );
-    await Promise.race([
+    const code = await Promise.race([
       disconnected,
-      new Promise((_, reject) => setTimeout(() => reject(new Error('the link stayed open')), 5000).unref()),
+      new Promise<never>((_, reject) => setTimeout(() => reject(new Error('the link stayed open')), 5000).unref()),
     ]);
+    // The link's close effect, with the protocol's code: not cut by the listener before it.
+    assert.equal(code, 4003);
     // The board keeps retrying every 100-200 ms; none of its attempts may get a link.
     await new Promise((r) => setTimeout(r, 500));
     assert.equal(grispEdgeOf(server.deviceListener.app)!.connections.has(device.id), false);

@@ -11,6 +11,7 @@ import { disconnectSocket, joinChannel, nextEvent, openSocket, pushAndWait, wait
 import { deviceCert, deviceCertFromCa, deviceTlsOptions, otherCa, type CertifiedKey } from '../helpers/pki.ts';
 import { firmware, OPERATOR, uniq, type Tenant } from './fixtures.ts';
 import { startFleetServer, type FleetServer } from './harness.ts';
+import { recordPublished } from '../helpers/pubsub.ts';
 
 let handle: DatabaseHandle;
 let server: FleetServer;
@@ -339,10 +340,14 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     await closeDevice(back);
   });
 
-  test('a second connection of the same device closes the first', async () => {
+  test('a second connection of the same device closes the first, and no connect publishes a message', async () => {
     const serial = uniq('twice');
     const cred = await deviceCert(serial);
+    // Every message this node sends to the cluster while the device connects (a node of its own:
+    // what it publishes is what every other node would receive).
+    const published = recordPublished(server.pubsub);
     const first = await connectDevice(serial, v1.id, { cred });
+    const closeCode = new Promise<number>((resolve) => first.socket.onClose((e: { code: number }) => resolve(e.code)));
     const firstClosed = new Promise<void>((resolve) =>
       first.socket.onClose(() => {
         // Stop the client's automatic reconnect, which would in turn replace the second connection.
@@ -352,6 +357,15 @@ describe(`device and group channels over mutual TLS (${DATABASE_KIND})`, () => {
     );
     const second = await connectDevice(serial, v1.id, { cred });
     await firstClosed;
+    published.stop();
+    assert.equal(await closeCode, 1008, 'the replaced socket is closed by its node with the close code');
+    // The device was offline, then online on this node: neither connect costs a message; the
+    // topics published are the joins' own (operators' device_status, the attempt's transition).
+    assert.deepEqual(
+      published.messages.filter((m) => !m.topic.startsWith('operator:')),
+      [],
+      JSON.stringify(published.messages),
+    );
     assert.deepEqual(
       await pushAndWait(second.channel, 'ping', {}),
       { status: 'error', response: { reason: 'unknown event' } },

@@ -37,7 +37,7 @@ export async function startFleetServer(db: Db, nodeName = 'e2e-node'): Promise<F
   let endpoint: Endpoint | undefined;
   const deviceSocket = createDeviceSocket(ctx, {
     identityOf: deviceIdentityOf,
-    disconnect: async (id) => endpoint?.disconnect(id),
+    closeLocal: (id, reason) => endpoint?.closeSockets(id, reason),
   });
   endpoint = createEndpoint(deviceSocket, { pubsub, log });
   const listener = await createDeviceListener({ db, log, tls: pki.server });

@@ -7,7 +7,8 @@ import WebSocket from 'ws';
 import { SYSTEM } from '../../server/audit.ts';
 import { revokeDeviceCertificate } from '../../server/identity/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
-import { disconnectSocket, joinChannel, openSocket, waitFor } from '../helpers/phoenix.ts';
+import { disconnectSocket, joinChannel, openSocket, RawClient, waitFor } from '../helpers/phoenix.ts';
+import { recordPublished } from '../helpers/pubsub.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
@@ -182,6 +183,41 @@ describe(`revoking a connected device's certificate (${DATABASE_KIND})`, () => {
       openSocket(`${server.deviceUrl}/socket`, { tls: device.tls, longpoll: true, reconnectAfterMs: () => 60_000 }),
       /socket error: 403/,
     );
+  });
+
+  test('a revocation is one message, on the device topic; joined and not yet joined sockets close with 1008', async () => {
+    const pki = await getTestPki();
+    const url = `${server.deviceUrl.replace('https:', 'wss:')}/socket/websocket?vsn=2.0.0`;
+    /** A raw WebSocket of a new device (joined to its device channel when `join`), with its ids. */
+    const device = async (join: boolean) => {
+      const identifier = `one-message-${randomUUID().slice(0, 8)}`;
+      const cred = await deviceCert(identifier);
+      const client = await RawClient.connect(url, { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem });
+      if (join) {
+        client.send(['1', '1', `device:${randomUUID()}`, 'phx_join', { version: '1.0.0' }]);
+        const reply = await client.waitArray((f) => f[3] === 'phx_reply' && f[1] === '1');
+        assert.equal((reply[4] as { status: string }).status, 'ok', JSON.stringify(reply));
+      }
+      const row = await server.database.db
+        .selectFrom('devices')
+        .innerJoin('device_certificates', 'device_certificates.device_id', 'devices.id')
+        .select(['devices.id as deviceId', 'device_certificates.id as certificateId'])
+        .where('devices.identifier', '=', identifier)
+        .executeTakeFirstOrThrow();
+      return { client, ...row };
+    };
+    for (const join of [true, false]) {
+      const d = await device(join);
+      const published = recordPublished(server.pubsub);
+      await server.call('POST', revokeUrl(d.deviceId, d.certificateId));
+      published.stop();
+      assert.equal(await d.client.closed, 1008, `${join ? 'joined' : 'not joined'}: closed with the protocol's code`);
+      assert.deepEqual(
+        published.messages.filter((m) => !m.topic.startsWith('operator:')),
+        [{ topic: `device_id:${d.deviceId}`, event: 'certificate_revoked' }],
+        'one message reaches the cluster, on the device topic',
+      );
+    }
   });
 
   test('a connected socket that has not joined yet is closed when its certificate is revoked', async () => {

@@ -5,7 +5,7 @@
  */
 import type { WebSocket } from 'ws';
 import type { Firmware } from '../../db/schema.ts';
-import { currentUpdate, DeviceLink, openLink } from '../../fleet/device-link.ts';
+import { currentUpdate, DeviceLink, openLink, UPDATE_TIMER } from '../../fleet/device-link.ts';
 import type { EdgeDeviceRef } from '../../fleet/edge-devices.ts';
 import { FleetError, type FleetContext } from '../../fleet/index.ts';
 import type { Logger } from '../../log.ts';
@@ -163,6 +163,7 @@ export class GrispConnection {
         retarget: () => this.refresh(),
         approved: () => this.refresh(),
         timer: async (key) => {
+          if (key === UPDATE_TIMER) return this.#startUpdateUnanswered();
           if (key !== 'logs') return;
           await this.fetchLogs();
           this.#edge.schedule('logs', this.#deps.timings.logIntervalMs);
@@ -223,25 +224,22 @@ export class GrispConnection {
         params,
         ms,
         (a) => ('result' in a ? resolve(a.result) : reject(a.error)),
-        () => {
-          reject(new RpcTimeout(method, ms));
-          return 'forget';
-        },
+        () => reject(new RpcTimeout(method, ms)),
       ),
     );
   }
 
   /**
    * Sends a request; `answer` gets the board's answer (or the link closing). After `timeoutMs`
-   * without one, `timeout` decides: `forget` the request (a late answer is then unmatched), or
-   * `wait` for it (the late answer still reaches `answer`).
+   * without one the request is forgotten (a late answer is then unmatched) and `timeout` runs;
+   * without `timeoutMs` it waits for the answer as long as the link lives.
    */
   #call(
     method: string,
     params: Record<string, unknown> | undefined,
-    timeoutMs: number,
+    timeoutMs: number | undefined,
     answer: (a: Answer) => void,
-    timeout: () => 'forget' | 'wait',
+    timeout: () => void = () => undefined,
   ): void {
     if (this.#closed) {
       answer({ error: new Error('the board disconnected') });
@@ -250,10 +248,14 @@ export class GrispConnection {
     const id = `fh-${this.#nextId++}`;
     const pending: Pending = {
       answer,
-      timer: setTimeout(() => {
-        pending.timer = undefined;
-        if (timeout() === 'forget') this.#pending.delete(id);
-      }, timeoutMs),
+      timer:
+        timeoutMs === undefined
+          ? undefined
+          : setTimeout(() => {
+              pending.timer = undefined;
+              this.#pending.delete(id);
+              timeout();
+            }, timeoutMs),
     };
     this.#pending.set(id, pending);
     this.#send(encodeRequest(id, method, params));
@@ -338,25 +340,31 @@ export class GrispConnection {
     }
     // Asked already and not answered yet: asking again would only get -11 (already updating).
     if (this.#startingUpdate === target.id) return;
-    if (!(await this.#link.feed({ type: 'update_sent', firmware: target, via: 'edge:grisp' }))) return;
+    // The link answers with the timer for the board's answer (`UPDATE_TIMER`, on the edge runtime).
+    const sent = await this.#link.feed({
+      type: 'update_sent',
+      firmware: target,
+      via: 'edge:grisp',
+      awaitMs: this.#deps.timings.startUpdateTimeoutMs,
+    });
+    if (!sent) return;
     this.#updating = target;
     this.#startingUpdate = target.id;
-    const timeoutMs = this.#deps.timings.startUpdateTimeoutMs;
-    this.#call(
-      'post',
-      { type: 'start_update', url: this.#deps.packageUrl(target) },
-      timeoutMs,
-      (answer) => {
-        if (this.#startingUpdate === target.id) this.#startingUpdate = undefined;
-        void this.enqueue(() => this.#onStartUpdateAnswer(target, answer, retried));
-      },
-      () => {
-        this.#log.warn(
-          { version: target.version, timeout_ms: timeoutMs },
-          'the board has not answered start_update yet; the attempt stays open for its answer and update events',
-        );
-        return 'wait';
-      },
+    await this.#edge.apply(sent.effects);
+    this.#call('post', { type: 'start_update', url: this.#deps.packageUrl(target) }, undefined, (answer) => {
+      if (this.#startingUpdate === target.id) this.#startingUpdate = undefined;
+      this.#edge.cancel(UPDATE_TIMER);
+      void this.enqueue(() => this.#onStartUpdateAnswer(target, answer, retried));
+    });
+  }
+
+  /** `UPDATE_TIMER` fired: the board has neither answered start_update nor reported on the update. */
+  #startUpdateUnanswered(): void {
+    const starting = this.#startingUpdate;
+    if (!starting) return;
+    this.#log.warn(
+      { firmware_id: starting, timeout_ms: this.#deps.timings.startUpdateTimeoutMs },
+      'the board has not answered start_update yet; the attempt stays open for its answer and update events',
     );
   }
 
@@ -460,7 +468,10 @@ export class GrispConnection {
     switch (event) {
       case 'progress': {
         const percent = Math.max(0, Math.min(100, Math.round(Number(params.percentage ?? 0)) || 0));
-        await this.#link.feed({ type: 'report', kind: 'progress', version, percent, begins: true });
+        // A report cancels the start_update timer (the link's cancel_timer).
+        await this.#edge.apply(
+          (await this.#link.feed({ type: 'report', kind: 'progress', version, percent, begins: true }))?.effects,
+        );
         return;
       }
       case 'warning':
@@ -469,10 +480,15 @@ export class GrispConnection {
         return;
       case 'error':
         this.#updating = undefined;
-        await this.#link.feed({ type: 'report', kind: 'error', version, errors: [boardText(describe(params))] });
+        await this.#edge.apply(
+          (await this.#link.feed({ type: 'report', kind: 'error', version, errors: [boardText(describe(params))] }))
+            ?.effects,
+        );
         return;
       case 'done':
-        await this.#link.feed({ type: 'report', kind: 'finished', version, begins: true });
+        await this.#edge.apply(
+          (await this.#link.feed({ type: 'report', kind: 'finished', version, begins: true }))?.effects,
+        );
         this.#updating = undefined;
         // The new image is written: boot it. The board comes back with action_required=validate.
         await this.#reboot();
