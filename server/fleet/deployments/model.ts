@@ -462,6 +462,14 @@ export async function transitioned(
 /** Where orchestrators hear that a deployment may have something to do (an operator acted, a device finished). */
 export const DEPLOYMENTS_TOPIC = 'fleet:deployments';
 
+/** The per-device counts of `deployment_devices` rows, as SELECT columns (`StageCounts` but `told`). */
+const COUNT_COLUMNS = sql`count(*)::int AS total,
+  count(*) FILTER (WHERE state = 'pending')::int AS pending,
+  count(*) FILTER (WHERE state = 'in_flight')::int AS in_flight,
+  count(*) FILTER (WHERE state = 'succeeded')::int AS succeeded,
+  count(*) FILTER (WHERE state = 'failed')::int AS failed,
+  count(*) FILTER (WHERE state = 'cancelled')::int AS cancelled`;
+
 /** Per-stage per-device counts of a deployment, in one statement. */
 export async function stageCounts(db: Db, deploymentId: string): Promise<Map<number, StageCounts>> {
   const { rows } = await sql<{
@@ -473,12 +481,7 @@ export async function stageCounts(db: Db, deploymentId: string): Promise<Map<num
     failed: number;
     cancelled: number;
   }>`
-    SELECT stage, count(*)::int AS total,
-           count(*) FILTER (WHERE state = 'pending')::int AS pending,
-           count(*) FILTER (WHERE state = 'in_flight')::int AS in_flight,
-           count(*) FILTER (WHERE state = 'succeeded')::int AS succeeded,
-           count(*) FILTER (WHERE state = 'failed')::int AS failed,
-           count(*) FILTER (WHERE state = 'cancelled')::int AS cancelled
+    SELECT stage, ${COUNT_COLUMNS}
     FROM deployment_devices WHERE deployment_id = ${deploymentId} GROUP BY stage`.execute(db);
   return new Map(rows.map((r) => [r.stage, { ...r, told: r.total - r.pending }]));
 }
@@ -578,12 +581,7 @@ export async function listDeployments(
       failed: number;
       cancelled: number;
     }>`
-      SELECT deployment_id, count(*)::int AS total,
-             count(*) FILTER (WHERE state = 'pending')::int AS pending,
-             count(*) FILTER (WHERE state = 'in_flight')::int AS in_flight,
-             count(*) FILTER (WHERE state = 'succeeded')::int AS succeeded,
-             count(*) FILTER (WHERE state = 'failed')::int AS failed,
-             count(*) FILTER (WHERE state = 'cancelled')::int AS cancelled
+      SELECT deployment_id, ${COUNT_COLUMNS}
       FROM deployment_devices WHERE deployment_id = ANY(${ids}::uuid[]) GROUP BY deployment_id`.execute(ctx.db);
     for (const { deployment_id, ...c } of counted) totals.set(deployment_id, { ...c, told: c.total - c.pending });
   }
