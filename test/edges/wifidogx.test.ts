@@ -279,6 +279,41 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     assert.equal(attempt.via, 'edge:wifidogx');
   });
 
+  it('sends firmware_upgrade once while the gateway works on it, whatever it reports meanwhile', async () => {
+    // The gateway fetches the image and then says nothing (a slow sysupgrade); an operator's
+    // get_firmware_info answer in between reports the old version again: before, that answer
+    // started a second firmware_upgrade on the same connection.
+    const g = await approved({ bad: { version: '2.5.0', mode: 'hang' } });
+    const device = (await deviceOf(g))!;
+    const fw = await uploadImage('2.5.0');
+    await server.call('PUT', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`, { firmware_id: fw.id });
+    await until(async () => types(g).includes('firmware_upgrade'), 'firmware_upgrade sent');
+    // Two answers, one after the other: each is handled in the link's order, so once the second
+    // is recorded, whatever the first one started has been sent.
+    for (let i = 0; i < 2; i++) {
+      const info = await server.call<Command>('POST', `${base(g)}/commands`, { type: 'get_firmware_info' });
+      await until(async () => {
+        const { items } = await server.call<{ items: Command[] }>('GET', `${base(g)}/commands`);
+        return items.find((c) => c.id === info.id)?.status === 'succeeded';
+      }, 'get_firmware_info answered');
+    }
+    assert.equal(types(g).filter((t) => t === 'firmware_upgrade').length, 1, JSON.stringify(types(g)));
+    // Leave no open attempt behind for the timeout sweep of later tests.
+    await server.call('DELETE', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`);
+    await until(
+      async () =>
+        (
+          await server.database.db
+            .selectFrom('update_attempts')
+            .select('state')
+            .where('device_id', '=', device.id)
+            .executeTakeFirst()
+        )?.state === 'cancelled',
+      'the hung attempt cancelled',
+    );
+    await g.stop();
+  });
+
   describe('firmware URLs are bound to their gateway and its approval', () => {
     const download = (url: string, init: RequestInit = {}) => fetch(url, init);
     const error = async (res: Response) => ((await res.json()) as { error: { code: string; message: string } }).error;

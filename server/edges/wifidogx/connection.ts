@@ -399,6 +399,9 @@ export class WifidogxConnection {
 
   /** Sends firmware_upgrade for `target`, after checking the URL is shell-safe. */
   async #upgrade(target: Firmware): Promise<void> {
+    // Already sent on this connection and not answered yet: a `connected` from the next
+    // get_firmware_info answer must not start sysupgrade a second time.
+    if (this.#upgrading?.id === target.id) return;
     const ref = this.ref!;
     const url = target.has_blob ? this.#deps.firmwareUrl(target, ref.deviceId) : '';
     if (!isSafeFirmwareUrl(url)) {
