@@ -67,6 +67,21 @@ async function uploadImage(version: string, image = simulatorImage(version)) {
   return (await res.json()) as { id: string };
 }
 
+/** Waits until the device's update attempt is in `state`. */
+async function untilAttemptState(deviceId: string, state: string, what: string): Promise<void> {
+  await until(
+    async () =>
+      (
+        await server.database.db
+          .selectFrom('update_attempts')
+          .select('state')
+          .where('device_id', '=', deviceId)
+          .executeTakeFirst()
+      )?.state === state,
+    what,
+  );
+}
+
 /** A gateway command as the API shows it. */
 interface Command {
   id: string;
@@ -300,17 +315,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     assert.equal(types(g).filter((t) => t === 'firmware_upgrade').length, 1, JSON.stringify(types(g)));
     // Leave no open attempt behind for the timeout sweep of later tests.
     await server.call('DELETE', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`);
-    await until(
-      async () =>
-        (
-          await server.database.db
-            .selectFrom('update_attempts')
-            .select('state')
-            .where('device_id', '=', device.id)
-            .executeTakeFirst()
-        )?.state === 'cancelled',
-      'the hung attempt cancelled',
-    );
+    await untilAttemptState(device.id, 'cancelled', 'the hung attempt cancelled');
     await g.stop();
   });
 
@@ -412,17 +417,7 @@ describe(`WiFiDogX edge (${DATABASE_KIND})`, () => {
     const fw = await uploadImage('2.1.0');
     g.once('upgrading', () => void g.stop());
     await server.call('PUT', `/api/v1/orgs/${server.orgId}/devices/${device.id}/target`, { firmware_id: fw.id });
-    await until(
-      async () =>
-        (
-          await server.database.db
-            .selectFrom('update_attempts')
-            .select('state')
-            .where('device_id', '=', device.id)
-            .executeTakeFirst()
-        )?.state === 'finished',
-      'finished',
-    );
+    await untilAttemptState(device.id, 'finished', 'finished');
     // The one sweep, with the product's own in-flight timeout (60 s) and a clock two minutes ahead.
     const product = await server.call<{ update_timeout_seconds: number }>(
       'PATCH',
