@@ -416,6 +416,8 @@ export const EXIT_TIMEOUT = 3;
 
 /** Attempt states after which a device will not reach the target by itself. */
 const FAILED_STATES = ['failed', 'rolled_back', 'timed_out'] as const;
+/** Sent to the device and not yet settled (queued ones wait for the device or the pacing). */
+const IN_FLIGHT_STATES = ['sent', 'begun', 'downloading', 'finished'] as const;
 
 const UNTIL_STATES = ['succeeded', 'online'] as const;
 type UntilState = (typeof UNTIL_STATES)[number];
@@ -538,7 +540,10 @@ function untilCheck(until: UntilState, group: string | undefined, atLeast: numbe
     if (s.devices >= atLeast && running + notApplicable === s.devices)
       return { code: 0, message: `every device of ${group} runs ${what} (${running})` };
     const failed = FAILED_STATES.reduce((n, state) => n + (s.updates[state] ?? 0), 0);
-    if (failed > 0) {
+    // Fail once the verdict is known for every device still being updated: a failure alone while
+    // others download would name only the first devices to fail.
+    const inFlight = IN_FLIGHT_STATES.reduce((n, state) => n + (s.updates[state] ?? 0), 0);
+    if (failed > 0 && inFlight === 0) {
       const failedTo = [...new Set(s.failures.map((f) => f.version))].join(', ');
       return {
         code: 1,
