@@ -21,6 +21,11 @@ export interface DatabaseOptions {
   schema?: string;
   /** Pool size for PostgreSQL. */
   poolSize?: number;
+  /**
+   * A PGlite data directory as a tarball (`dumpDataDir`) to start an in-memory database from,
+   * instead of creating an empty one: tests start from a migrated template.
+   */
+  pgliteImage?: Blob;
 }
 
 export interface DatabaseHandle {
@@ -84,7 +89,7 @@ export async function openDatabase(options: DatabaseOptions): Promise<DatabaseHa
     };
   }
   if (options.dataDir === 'memory://') {
-    const pool = await PGlitePool.open('memory://');
+    const pool = await PGlitePool.open('memory://', options.pgliteImage);
     const poolObserver: PoolObserver = {};
     const db = new Kysely<Database>({ dialect: new PostgresDialect({ pool: timedPool(pool, poolObserver) }) });
     return { db, kind: 'pglite', pglite: pool.pglite, poolObserver, close: () => db.destroy() };

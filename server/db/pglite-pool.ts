@@ -23,9 +23,13 @@ export class PGlitePool implements PostgresPool {
     this.#statements = new StatementCache(db);
   }
 
-  /** Opens (creating when missing) a PGlite database in `dataDir`, or in memory for `memory://`. */
-  static async open(dataDir: string): Promise<PGlitePool> {
+  /**
+   * Opens (creating when missing) a PGlite database in `dataDir`, or in memory for `memory://`;
+   * `image` (a `dumpDataDir` tarball) gives the new database its contents.
+   */
+  static async open(dataDir: string, image?: Blob): Promise<PGlitePool> {
     const db = await PGlite.create(dataDir, {
+      ...(image ? { loadDataDir: image } : {}),
       // Same JavaScript types as our `pg` set-up: int8 and numeric as numbers.
       parsers: {
         [types.INT8]: (v: string) => Number(v),
