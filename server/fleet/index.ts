@@ -130,7 +130,9 @@ export {
 } from './device-link.ts';
 export {
   FINAL_STATES,
+  isAllowedEventMove,
   isAllowedTransition,
+  stepsOf,
   TRANSITIONS,
   transitionOf,
   UNFINISHED_STATES,
