@@ -109,6 +109,9 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     clients.push(client);
     const errors: string[][] = [];
     client.on('update_error', (e) => errors.push(e.errors));
+    const reported: string[] = [];
+    client.on('reported', (r) => reported.push(r.event));
+    client.on('joined', () => reported.push('joined'));
     const download: { finished?: { bytesFetched: number; attempts: number } } = {};
     client.on('update_finished', (e) => (download.finished = e));
     const joined = once(client, 'joined');
@@ -126,6 +129,7 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
       60_000,
     );
     await first.server.kill();
+    const beforeCrash = reported.length;
     assert.equal(client.updating, '2.0.0', 'the update was still underway when the server died');
     assert.ok(underway.bytes! < SIZE, `cut at ${underway.bytes} of ${SIZE} bytes`);
 
@@ -155,13 +159,29 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     const { finished } = download;
     assert.ok(finished && finished.attempts > 1, `download attempts: ${finished?.attempts}`);
     assert.ok(finished.bytesFetched < 1.5 * SIZE, `fetched ${finished.bytesFetched} bytes for ${SIZE}`);
-    // The audit history of the attempt: begun (again after the resend), finished, succeeded; never failed.
+    // On the rejoin (before it announces `joined`) the device reported its begin again; then its
+    // progress and finish, and it joined on the new firmware.
+    const sinceCrash = reported.slice(beforeCrash);
+    const begin = sinceCrash.indexOf('firmware_update_begin');
+    assert.equal(sinceCrash[begin + 1], 'joined', sinceCrash.join(', '));
+    assert.deepEqual(
+      sinceCrash.filter((e) => e !== 'firmware_update_progress'),
+      ['firmware_update_begin', 'joined', 'firmware_update_finish', 'joined'],
+      sinceCrash.join(', '),
+    );
+    // The audit history of the attempt: begun (again after the resend), finished, succeeded; never
+    // failed. The device said begin itself: no begin had to be implied (the server's resume rule).
     const audit = await second.call<{ items: { action: string; details: Record<string, unknown> }[] }>(
       'GET',
       `/api/v1/orgs/default/audit?resource_type=update_attempt&resource_id=${underway.id}&limit=100`,
     );
     const actions = audit.items.map((r) => r.action).reverse();
     const begun = actions.filter((a) => a === 'update.begun').length;
+    assert.deepEqual(
+      audit.items.filter((r) => String(r.details.reason ?? '').startsWith('resumed')),
+      [],
+      'no begin implied',
+    );
     assert.ok(begun >= 2, `begun before the crash and again after it: ${actions.join(', ')}`);
     assert.deepEqual(
       actions,
