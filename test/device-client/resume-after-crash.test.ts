@@ -1,7 +1,5 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync } from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
@@ -10,13 +8,7 @@ import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
-import {
-  freePort,
-  operatorApi,
-  ownDatabase,
-  startServerProcess,
-  type ServerProcess,
-} from '../helpers/server-process.ts';
+import { restartableServer, type RestartableServer } from '../helpers/server-process.ts';
 import { until } from '../helpers/until.ts';
 
 // `fleethub serve` killed with SIGKILL while a Phoenix device downloads its update, then started
@@ -42,47 +34,21 @@ interface Attempt {
   errors: string[] | null;
 }
 
-let dataDir: string;
-let database: Awaited<ReturnType<typeof ownDatabase>>;
-const servers: ServerProcess[] = [];
+let crashable: RestartableServer;
 const clients: DeviceClient[] = [];
 
 before(async () => {
-  dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-resume-crash-'));
-  database = await ownDatabase('t_resume');
+  crashable = await restartableServer('resume-crash', ADMIN);
 });
 after(async () => {
   await Promise.all(clients.map((c) => c.stop()));
-  for (const server of servers) await server.kill();
-  await database?.drop();
-  rmSync(dataDir, { recursive: true, force: true });
+  await crashable.close();
 });
 
 describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`, () => {
   test('the device resumes after the restart and the update succeeds, with no failure recorded', async () => {
     const pki = await getTestPki();
-    const [apiPort, devicePort] = [await freePort(), await freePort()];
-    const start = async () => {
-      const server = await startServerProcess({
-        dataDir,
-        certsDir: pki.dir,
-        databaseUrl: database?.url,
-        env: { FLEETHUB_ADMIN_EMAIL: ADMIN.email, FLEETHUB_ADMIN_PASSWORD: ADMIN.password },
-        // The same ports both times, so the device reconnects to the restarted server.
-        extraArgs: [
-          '--api-port',
-          String(apiPort),
-          '--device-port',
-          String(devicePort),
-          '--device-public-url',
-          `https://localhost:${devicePort}`,
-        ],
-      });
-      servers.push(server);
-      return { server, ...(await operatorApi(server.apiUrl, ADMIN)) };
-    };
-
-    const first = await start();
+    const first = await crashable.start();
     const upload = async (version: string, size: number, seed: number) =>
       (await uploadFirmwareStream({
         client: { url: first.server.apiUrl, token: first.token },
@@ -97,7 +63,7 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     const client = new DeviceClient({
       url: first.server.socketUrl,
       tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-      stateDir: path.join(dataDir, 'devices', SERIAL),
+      stateDir: path.join(crashable.dataDir, 'devices', SERIAL),
       firmware: { uuid: base.id, version: base.version },
       // The download cut by the crash retries until the server is back (a start can take a while).
       downloadAttempts: 1500,
@@ -133,7 +99,7 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     assert.equal(client.updating, '2.0.0', 'the update was still underway when the server died');
     assert.ok(underway.bytes! < SIZE, `cut at ${underway.bytes} of ${SIZE} bytes`);
 
-    const second = await start();
+    const second = await crashable.start();
     const last = await until(
       async () => {
         const [a] = (await attempts(second)).items;

@@ -1,18 +1,13 @@
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import pg from 'pg';
 import { DeviceClient } from '../../device-client/index.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.ts';
+import { restartableServer, type RestartableServer } from '../helpers/server-process.ts';
 import { until } from '../helpers/until.ts';
 
 // `fleethub serve` killed with SIGKILL in the middle of a deployment (between two rate windows),
@@ -27,96 +22,21 @@ interface Deployment {
   counts: Record<string, number>;
 }
 
-let dataDir: string;
-let databaseUrl: string | undefined;
-let closeDatabase: (() => Promise<void>) | undefined;
-const servers: ServerProcess[] = [];
+let crashable: RestartableServer;
 const clients: DeviceClient[] = [];
 
-async function adminQuery(text: string): Promise<void> {
-  const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
-  await client.connect();
-  try {
-    await client.query(text);
-  } finally {
-    await client.end();
-  }
-}
-
 before(async () => {
-  dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-deploy-crash-'));
-  if (process.env.DATABASE_URL) {
-    const name = `t_dcrash_${randomBytes(6).toString('hex')}`;
-    await adminQuery(`CREATE DATABASE ${name}`);
-    const url = new URL(process.env.DATABASE_URL);
-    url.pathname = `/${name}`;
-    databaseUrl = url.toString();
-    closeDatabase = () => adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-  }
+  crashable = await restartableServer('deploy-crash', ADMIN);
 });
 after(async () => {
   await Promise.all(clients.map((c) => c.stop()));
-  for (const server of servers) await server.kill();
-  await closeDatabase?.();
-  rmSync(dataDir, { recursive: true, force: true });
+  await crashable.close();
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () => {
   test('continues after the restart: every device told once, counts exact', async () => {
     const pki = await getTestPki();
-    const [apiPort, devicePort] = [await freePort(), await freePort()];
-    const start = async () => {
-      const server = await startServerProcess({
-        dataDir,
-        certsDir: pki.dir,
-        databaseUrl,
-        env: { FLEETHUB_ADMIN_EMAIL: ADMIN.email, FLEETHUB_ADMIN_PASSWORD: ADMIN.password },
-        // The same ports both times, so the devices reconnect to the restarted server.
-        extraArgs: [
-          '--api-port',
-          String(apiPort),
-          '--device-port',
-          String(devicePort),
-          '--device-public-url',
-          `https://localhost:${devicePort}`,
-        ],
-      });
-      servers.push(server);
-      const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify(ADMIN),
-      });
-      assert.equal(login.status, 200);
-      const { token } = (await login.json()) as { token: string };
-      const call = async <T>(method: string, url: string, body?: unknown): Promise<T> => {
-        const res = await fetch(`${server.apiUrl}${url}`, {
-          method,
-          headers: {
-            authorization: `Bearer ${token}`,
-            ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-          },
-          body: body === undefined ? undefined : JSON.stringify(body),
-        });
-        const text = await res.text();
-        if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
-        return (text ? JSON.parse(text) : undefined) as T;
-      };
-      return { server, token, call };
-    };
-
-    const first = await start();
+    const first = await crashable.start();
     const upload = async (version: string, seed: number) =>
       (await uploadFirmwareStream({
         client: { url: first.server.apiUrl, token: first.token },
@@ -134,7 +54,7 @@ describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () =>
       const client = new DeviceClient({
         url: first.server.socketUrl,
         tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-        stateDir: path.join(dataDir, 'devices', serial),
+        stateDir: path.join(crashable.dataDir, 'devices', serial),
         firmware: { uuid: base.id, version: base.version },
         // A download cut by the crash retries until the server is back (a start can take a while on a busy machine).
         downloadAttempts: 1500,
@@ -178,7 +98,7 @@ describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () =>
     );
     await first.server.kill();
 
-    const second = await start();
+    const second = await crashable.start();
     let last: Deployment | undefined;
     const done = await until(
       async () => {

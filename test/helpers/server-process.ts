@@ -1,9 +1,12 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import pg from 'pg';
+import { getTestPki } from './pki.ts';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
 /** The compiled build's bin, as `npm start` and the Docker image run it (needs `npm run build`). */
@@ -33,6 +36,11 @@ export interface ServerProcessOptions {
   env?: NodeJS.ProcessEnv;
   /** Run the compiled build (`bin/fleethub.js`, no tsx) instead of the sources. */
   compiled?: boolean;
+  /**
+   * The operator API and device listener ports (default: ephemeral). Fixed ports let a server
+   * started again after a crash be where its devices reconnect (`freePort`).
+   */
+  ports?: { api: number; device: number };
   /** More `fleethub serve` flags. */
   extraArgs?: string[];
 }
@@ -51,13 +59,13 @@ export async function startServerProcess(options: ServerProcessOptions): Promise
     '--host',
     '127.0.0.1',
     '--api-port',
-    '0',
+    String(options.ports?.api ?? 0),
     '--device-port',
-    '0',
+    String(options.ports?.device ?? 0),
     '--keyauth-port',
     '-1',
     '--device-public-url',
-    'https://localhost:0',
+    `https://localhost:${options.ports?.device ?? 0}`,
   ];
   if (options.nodeName) args.push('--node-name', options.nodeName);
   if (options.extraArgs) args.push(...options.extraArgs);
@@ -129,17 +137,24 @@ async function adminQuery(text: string): Promise<void> {
   }
 }
 
-/** The operator API of a server process, logged in as `admin`; `call` throws on a non-2xx answer. */
+/** How the API is reached (`fetch`, or one that trusts the test CA for an HTTPS API). */
+type Fetch = (
+  url: string,
+  init: { method: string; headers: Record<string, string>; body?: string },
+) => Promise<Response>;
+
+/** The operator API of a server, logged in as `admin`; `call` throws on a non-2xx answer. */
 export async function operatorApi(
   apiUrl: string,
   admin: { email: string; password: string },
+  fetch: Fetch = globalThis.fetch,
 ): Promise<{ token: string; call<T>(method: string, url: string, body?: unknown): Promise<T> }> {
   const login = await fetch(`${apiUrl}/api/v1/auth/login`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(admin),
   });
-  if (login.status !== 200) throw new Error(`login as ${admin.email} → ${login.status} ${await login.text()}`);
+  if (!login.ok) throw new Error(`login as ${admin.email} failed: ${login.status} ${await login.text()}`);
   const { token } = (await login.json()) as { token: string };
   const call = async <T>(method: string, url: string, body?: unknown): Promise<T> => {
     const res = await fetch(`${apiUrl}${url}`, {
@@ -155,4 +170,49 @@ export async function operatorApi(
     return (text ? JSON.parse(text) : undefined) as T;
   };
   return { token, call };
+}
+
+/** A server process and its operator API, logged in. */
+export interface ApiServer extends Awaited<ReturnType<typeof operatorApi>> {
+  server: ServerProcess;
+}
+
+/** One server to kill and start again on the same data, database and ports (crash tests). */
+export interface RestartableServer {
+  dataDir: string;
+  /** Starts `fleethub serve` (again), logged in as the admin. */
+  start(): Promise<ApiServer>;
+  /** Kills what still runs, drops the database and removes the data. */
+  close(): Promise<void>;
+}
+
+/** A `RestartableServer` with a fresh data directory and (on PostgreSQL) a database of its own named `name_…`. */
+export async function restartableServer(
+  name: string,
+  admin: { email: string; password: string },
+): Promise<RestartableServer> {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), `fleethub-${name}-`));
+  const database = await ownDatabase(`t_${name.replace(/\W/g, '_')}`);
+  const ports = { api: await freePort(), device: await freePort() };
+  const servers: ServerProcess[] = [];
+  return {
+    dataDir,
+    async start() {
+      const server = await startServerProcess({
+        dataDir,
+        certsDir: (await getTestPki()).dir,
+        databaseUrl: database?.url,
+        env: { FLEETHUB_ADMIN_EMAIL: admin.email, FLEETHUB_ADMIN_PASSWORD: admin.password },
+        // The same ports every time, so the devices reconnect to the restarted server.
+        ports,
+      });
+      servers.push(server);
+      return { server, ...(await operatorApi(server.apiUrl, admin)) };
+    },
+    async close() {
+      for (const server of servers) await server.kill();
+      await database?.drop();
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
 }
