@@ -5,15 +5,10 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Socket } from 'phoenix';
-import { DATABASE_KIND } from '../helpers/db.ts';
+import { createProcessDatabase, DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, joinChannel, openSocket, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions, getTestPki } from '../helpers/pki.ts';
-import {
-  ownDatabase,
-  startServerProcess,
-  type ServerProcess,
-  type ServerProcessOptions,
-} from '../helpers/server-process.ts';
+import { startServerProcess, type ServerProcess, type ServerProcessOptions } from '../helpers/server-process.ts';
 
 // `fleethub serve` killed with SIGKILL mid-work and started again on the same data: what the
 // crash left behind (devices shown online, a half-written upload) is cleared at start-up as far
@@ -29,19 +24,22 @@ interface Session {
 
 let dataDir: string;
 let certsDir: string;
-let database: Awaited<ReturnType<typeof ownDatabase>>;
+let databaseUrl: string | undefined;
+let closeDatabase: (() => Promise<void>) | undefined;
 const sockets: Socket[] = [];
 const servers: ServerProcess[] = [];
 
 before(async () => {
   dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-crash-'));
   certsDir = (await getTestPki()).dir;
-  database = await ownDatabase('t_crash');
+  const database = await createProcessDatabase('crash');
+  databaseUrl = database?.url;
+  closeDatabase = database?.drop;
 });
 after(async () => {
   for (const socket of sockets) socket.disconnect();
   for (const server of servers) await server.kill();
-  await database?.drop();
+  await closeDatabase?.();
   rmSync(dataDir, { recursive: true, force: true });
 });
 
@@ -49,7 +47,7 @@ async function start(options: Partial<ServerProcessOptions> = {}): Promise<Sessi
   const server = await startServerProcess({
     dataDir,
     certsDir,
-    databaseUrl: database?.url,
+    databaseUrl,
     env: { FLEETHUB_ADMIN_EMAIL: ADMIN.email, FLEETHUB_ADMIN_PASSWORD: ADMIN.password },
     ...options,
   });

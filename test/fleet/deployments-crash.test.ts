@@ -1,13 +1,15 @@
 import assert from 'node:assert/strict';
+import { mkdtempSync, rmSync } from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { DeviceClient } from '../../device-client/index.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 import { imageChunks } from '../firmware/harness.ts';
-import { DATABASE_KIND } from '../helpers/db.ts';
+import { createProcessDatabase, DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
-import { restartableServer, type RestartableServer } from '../helpers/server-process.ts';
+import { freePort, loginTo, startServerProcess, type ServerProcess } from '../helpers/server-process.ts';
 import { until } from '../helpers/until.ts';
 
 // `fleethub serve` killed with SIGKILL in the middle of a deployment (between two rate windows),
@@ -22,21 +24,51 @@ interface Deployment {
   counts: Record<string, number>;
 }
 
-let crashable: RestartableServer;
+let dataDir: string;
+let databaseUrl: string | undefined;
+let closeDatabase: (() => Promise<void>) | undefined;
+const servers: ServerProcess[] = [];
 const clients: DeviceClient[] = [];
 
 before(async () => {
-  crashable = await restartableServer('deploy-crash', ADMIN);
+  dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-deploy-crash-'));
+  const database = await createProcessDatabase('dcrash');
+  databaseUrl = database?.url;
+  closeDatabase = database?.drop;
 });
 after(async () => {
   await Promise.all(clients.map((c) => c.stop()));
-  await crashable.close();
+  for (const server of servers) await server.kill();
+  await closeDatabase?.();
+  rmSync(dataDir, { recursive: true, force: true });
 });
 
 describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () => {
   test('continues after the restart: every device told once, counts exact', async () => {
     const pki = await getTestPki();
-    const first = await crashable.start();
+    const [apiPort, devicePort] = [await freePort(), await freePort()];
+    const start = async () => {
+      const server = await startServerProcess({
+        dataDir,
+        certsDir: pki.dir,
+        databaseUrl,
+        env: { FLEETHUB_ADMIN_EMAIL: ADMIN.email, FLEETHUB_ADMIN_PASSWORD: ADMIN.password },
+        // The same ports both times, so the devices reconnect to the restarted server.
+        extraArgs: [
+          '--api-port',
+          String(apiPort),
+          '--device-port',
+          String(devicePort),
+          '--device-public-url',
+          `https://localhost:${devicePort}`,
+        ],
+      });
+      servers.push(server);
+      const { token, call } = await loginTo(server, ADMIN);
+      return { server, token, call };
+    };
+
+    const first = await start();
     const upload = async (version: string, seed: number) =>
       (await uploadFirmwareStream({
         client: { url: first.server.apiUrl, token: first.token },
@@ -54,7 +86,7 @@ describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () =>
       const client = new DeviceClient({
         url: first.server.socketUrl,
         tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-        stateDir: path.join(crashable.dataDir, 'devices', serial),
+        stateDir: path.join(dataDir, 'devices', serial),
         firmware: { uuid: base.id, version: base.version },
         // A download cut by the crash retries until the server is back (a start can take a while on a busy machine).
         downloadAttempts: 1500,
@@ -98,7 +130,7 @@ describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () =>
     );
     await first.server.kill();
 
-    const second = await crashable.start();
+    const second = await start();
     let last: Deployment | undefined;
     const done = await until(
       async () => {

@@ -1,11 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { randomBytes } from 'node:crypto';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import pg from 'pg';
+import { createProcessDatabase } from './db.ts';
 import { getTestPki } from './pki.ts';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
@@ -34,8 +33,8 @@ export interface ServerProcessOptions {
   databaseUrl?: string;
   nodeName?: string;
   env?: NodeJS.ProcessEnv;
-  /** Run the compiled build (`bin/fleethub.js`, no tsx) instead of the sources. */
-  compiled?: boolean;
+  /** Run a compiled build's bin (`COMPILED_BIN`, or a copy of bin/ beside another build) instead of the sources, with no tsx. */
+  compiled?: boolean | string;
   /**
    * The operator API and device listener ports (default: ephemeral). Fixed ports let a server
    * started again after a crash be where its devices reconnect (`freePort`).
@@ -52,7 +51,9 @@ export interface ServerProcessOptions {
 export async function startServerProcess(options: ServerProcessOptions): Promise<ServerProcess> {
   const args = [
     // tsx resolved here: the server's cwd may be outside the repository.
-    ...(options.compiled ? [COMPILED_BIN] : ['--import', import.meta.resolve('tsx'), CLI]),
+    ...(options.compiled
+      ? [typeof options.compiled === 'string' ? options.compiled : COMPILED_BIN]
+      : ['--import', import.meta.resolve('tsx'), CLI]),
     'serve',
     ...(options.dataDir ? ['--data-dir', options.dataDir] : []),
     ...(options.certsDir ? ['--certs-dir', options.certsDir] : []),
@@ -102,7 +103,7 @@ export async function startServerProcess(options: ServerProcessOptions): Promise
   };
 }
 
-/** A port free on 127.0.0.1 right now: a server started again on it after a crash is where its devices reconnect. */
+/** A free TCP port on 127.0.0.1 (to start a server again on the same ports). */
 export function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();
@@ -114,50 +115,23 @@ export function freePort(): Promise<number> {
   });
 }
 
-/**
- * A fresh PostgreSQL database of the test's own when DATABASE_URL is set (the server process knows
- * no schema setting, and its migrations keep their bookkeeping in `public`); undefined on PGlite.
- */
-export async function ownDatabase(prefix: string): Promise<{ url: string; drop(): Promise<void> } | undefined> {
-  if (!process.env.DATABASE_URL) return undefined;
-  const name = `${prefix}_${randomBytes(6).toString('hex')}`;
-  await adminQuery(`CREATE DATABASE ${name}`);
-  const url = new URL(process.env.DATABASE_URL);
-  url.pathname = `/${name}`;
-  return { url: url.toString(), drop: () => adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
+export interface ApiSession {
+  token: string;
+  /** Calls the operator API; throws on a non-2xx answer with the server's error. */
+  call<T = unknown>(method: string, url: string, body?: unknown): Promise<T>;
 }
 
-async function adminQuery(text: string): Promise<void> {
-  const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
-  await client.connect();
-  try {
-    await client.query(text);
-  } finally {
-    await client.end();
-  }
-}
-
-/** How the API is reached (`fetch`, or one that trusts the test CA for an HTTPS API). */
-type Fetch = (
-  url: string,
-  init: { method: string; headers: Record<string, string>; body?: string },
-) => Promise<Response>;
-
-/** The operator API of a server, logged in as `admin`; `call` throws on a non-2xx answer. */
-export async function operatorApi(
-  apiUrl: string,
-  admin: { email: string; password: string },
-  fetch: Fetch = globalThis.fetch,
-): Promise<{ token: string; call<T>(method: string, url: string, body?: unknown): Promise<T> }> {
-  const login = await fetch(`${apiUrl}/api/v1/auth/login`, {
+/** Logs in to a server process's operator API as `admin`. */
+export async function loginTo(server: ServerProcess, admin: { email: string; password: string }): Promise<ApiSession> {
+  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(admin),
   });
-  if (!login.ok) throw new Error(`login as ${admin.email} failed: ${login.status} ${await login.text()}`);
+  if (login.status !== 200) throw new Error(`login to ${server.apiUrl} → ${login.status} ${await login.text()}`);
   const { token } = (await login.json()) as { token: string };
   const call = async <T>(method: string, url: string, body?: unknown): Promise<T> => {
-    const res = await fetch(`${apiUrl}${url}`, {
+    const res = await fetch(`${server.apiUrl}${url}`, {
       method,
       headers: {
         authorization: `Bearer ${token}`,
@@ -172,8 +146,8 @@ export async function operatorApi(
   return { token, call };
 }
 
-/** A server process and its operator API, logged in. */
-export interface ApiServer extends Awaited<ReturnType<typeof operatorApi>> {
+/** A server process, logged in to its operator API. */
+export interface ApiServer extends ApiSession {
   server: ServerProcess;
 }
 
@@ -186,13 +160,13 @@ export interface RestartableServer {
   close(): Promise<void>;
 }
 
-/** A `RestartableServer` with a fresh data directory and (on PostgreSQL) a database of its own named `name_…`. */
+/** A `RestartableServer` with a fresh data directory and (on PostgreSQL) a database of its own. */
 export async function restartableServer(
   name: string,
   admin: { email: string; password: string },
 ): Promise<RestartableServer> {
   const dataDir = mkdtempSync(path.join(os.tmpdir(), `fleethub-${name}-`));
-  const database = await ownDatabase(`t_${name.replace(/\W/g, '_')}`);
+  const database = await createProcessDatabase(name.replace(/\W/g, '_'));
   const ports = { api: await freePort(), device: await freePort() };
   const servers: ServerProcess[] = [];
   return {
@@ -207,7 +181,7 @@ export async function restartableServer(
         ports,
       });
       servers.push(server);
-      return { server, ...(await operatorApi(server.apiUrl, admin)) };
+      return { server, ...(await loginTo(server, admin)) };
     },
     async close() {
       for (const server of servers) await server.kill();

@@ -8,7 +8,6 @@ import { startServer, type RunningServer } from '../../server/main.ts';
 import { createUser } from '../../server/api/index.ts';
 import { createTestDatabase } from './db.ts';
 import { getTestPki } from './pki.ts';
-import { operatorApi } from './server-process.ts';
 
 /** One structured log line as tests read it. */
 export interface LogLine {
@@ -81,7 +80,27 @@ export async function startTestServer(
     url.startsWith('https:')
       ? fetchTrusting(pki.rootCa.certPem, url, init)
       : globalThis.fetch(url, init as RequestInit);
-  const { token, call } = await operatorApi(server.apiUrl, { email, password }, fetch);
+  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ email, password }),
+  });
+  if (!login.ok) throw new Error(`test admin login failed: ${login.status} ${await login.text()}`);
+  const { token } = (await login.json()) as { token: string };
+
+  async function call<T>(method: string, url: string, body?: unknown): Promise<T> {
+    const res = await fetch(`${server.apiUrl}${url}`, {
+      method,
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
+    return (text ? JSON.parse(text) : undefined) as T;
+  }
 
   return {
     ...server,
