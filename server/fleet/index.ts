@@ -132,7 +132,6 @@ export {
   FINAL_STATES,
   isAllowedEventMove,
   isAllowedTransition,
-  stepsOf,
   TRANSITIONS,
   transitionOf,
   UNFINISHED_STATES,
