@@ -188,6 +188,8 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
       succeeded: 8,
       failed: 2,
       cancelled: 0,
+      retrying: 0,
+      penalty_box: 0,
     });
     // The succeeded ones run 2.0.0, the failed ones still 1.0.0.
     const running = await server.database.db
@@ -250,6 +252,8 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
       succeeded: 88,
       failed: 22,
       cancelled: 0,
+      retrying: 0,
+      penalty_box: 0,
     });
     // Every transition is in the audit log.
     const actions = await server.database.db
