@@ -63,65 +63,37 @@ export class Metrics {
         }
       },
     });
-    new client.Gauge({
-      name: 'fleethub_update_attempts',
-      help: 'Update attempts by state (whole cluster, from the database)',
-      labelNames: ['state'],
-      registers,
-      async collect() {
-        try {
-          const rows = await db
-            .selectFrom('update_attempts')
-            .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
-            .groupBy('state')
-            .execute();
-          this.reset();
-          for (const r of rows) this.set({ state: r.state }, Number(r.n));
-        } catch (err) {
-          log.warn({ err }, 'metrics: could not count update attempts');
-        }
-      },
-    });
-    new client.Gauge({
-      name: 'fleethub_deployments',
-      help: 'Deployments by state (whole cluster, from the database)',
-      labelNames: ['state'],
-      registers,
-      async collect() {
-        try {
-          const rows = await db
-            .selectFrom('deployments')
-            .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
-            .groupBy('state')
-            .execute();
-          this.reset();
-          for (const r of rows) this.set({ state: r.state }, Number(r.n));
-        } catch (err) {
-          log.warn({ err }, 'metrics: could not count deployments');
-        }
-      },
-    });
-    new client.Gauge({
-      name: 'fleethub_deployment_devices',
-      help: 'Devices of active deployments (draft, awaiting approval, running, paused) by their state there, penalty_box included (whole cluster)',
-      labelNames: ['state'],
-      registers,
-      async collect() {
-        try {
-          const rows = await db
-            .selectFrom('deployment_devices as dd')
-            .innerJoin('deployments as dp', 'dp.id', 'dd.deployment_id')
-            .select(['dd.state', (eb) => eb.fn.countAll<number>().as('n')])
-            .where('dp.state', 'in', ['draft', 'awaiting_approval', 'running', 'paused'])
-            .groupBy('dd.state')
-            .execute();
-          this.reset();
-          for (const r of rows) this.set({ state: r.state }, Number(r.n));
-        } catch (err) {
-          log.warn({ err }, 'metrics: could not count deployment devices');
-        }
-      },
-    });
+    byState(
+      'fleethub_update_attempts',
+      'Update attempts by state (whole cluster, from the database)',
+      'update attempts',
+      () =>
+        db
+          .selectFrom('update_attempts')
+          .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
+          .groupBy('state')
+          .execute(),
+    );
+    byState('fleethub_deployments', 'Deployments by state (whole cluster, from the database)', 'deployments', () =>
+      db
+        .selectFrom('deployments')
+        .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
+        .groupBy('state')
+        .execute(),
+    );
+    byState(
+      'fleethub_deployment_devices',
+      'Devices of active deployments (draft, awaiting approval, running, paused) by their state there, penalty_box included (whole cluster)',
+      'deployment devices',
+      () =>
+        db
+          .selectFrom('deployment_devices as dd')
+          .innerJoin('deployments as dp', 'dp.id', 'dd.deployment_id')
+          .select(['dd.state', (eb) => eb.fn.countAll<number>().as('n')])
+          .where('dp.state', 'in', ['draft', 'awaiting_approval', 'running', 'paused'])
+          .groupBy('dd.state')
+          .execute(),
+    );
     const stats = () => this.deploymentStats?.() ?? { retried: 0, penalized: 0 };
     followCounter(
       'fleethub_deployment_retries_total',
@@ -197,6 +169,30 @@ export class Metrics {
       help: 'Firmware bytes sent on this node',
       registers,
     });
+
+    /** A gauge by `state` counted in the database at scrape time (the whole cluster). */
+    function byState(
+      name: string,
+      help: string,
+      what: string,
+      count: () => Promise<Array<{ state: string; n: number | string | bigint }>>,
+    ): void {
+      new client.Gauge({
+        name,
+        help,
+        labelNames: ['state'],
+        registers,
+        async collect() {
+          try {
+            const rows = await count();
+            this.reset();
+            for (const r of rows) this.set({ state: r.state }, Number(r.n));
+          } catch (err) {
+            log.warn({ err }, `metrics: could not count ${what}`);
+          }
+        },
+      });
+    }
 
     /** A counter that follows a running total kept elsewhere (PubSub's stats, the orchestrator's). */
     function followCounter(name: string, help: string, total: () => number): client.Counter {

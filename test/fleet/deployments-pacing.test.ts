@@ -9,19 +9,22 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import { DeviceClient, type UpdateFaults } from '../../device-client/index.ts';
-import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import type { DeviceClient, UpdateFaults } from '../../device-client/index.ts';
 import { currentRate } from '../../server/fleet/deployments/index.ts';
 import { sweepStaleUpdates } from '../../server/fleet/index.ts';
-import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
-import { joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
-import { deviceCert, getTestPki } from '../helpers/pki.ts';
+import { nextEvent, pushAndWait } from '../helpers/phoenix.ts';
 import { parseMetrics } from '../helpers/prometheus.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
+import {
+  startDevices as harnessDevices,
+  rawDevice as harnessRawDevice,
+  matchGroup,
+  type Release,
+  uploadRelease,
+} from './deployment-harness.ts';
 
 interface Deployment {
   id: string;
@@ -46,7 +49,7 @@ const METRICS_TOKEN = 'pacing-metrics-token';
 describe(`deployments: retries, penalty box, exponential rate (${DATABASE_KIND})`, () => {
   let server: TestServer;
   let tmp: string;
-  let base: { id: string; version: string };
+  let base: Release;
   const clients: DeviceClient[] = [];
   const sockets: Array<{ disconnect(): void }> = [];
 
@@ -63,72 +66,16 @@ describe(`deployments: retries, penalty box, exponential rate (${DATABASE_KIND})
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  async function upload(version: string, seed: number) {
-    return (await uploadFirmwareStream({
-      client: { url: server.apiUrl, token: server.adminToken },
-      query: { product: server.productId, version },
-      source: Readable.from(imageChunks(16 * 1024, seed)),
-      size: 16 * 1024,
-    })) as { id: string; version: string };
-  }
-
   const url = (p: string) => `/api/v1/orgs/${server.orgId}${p}`;
-
-  /**
-   * Real devices running `base`; `faults(i, n)` says how the n-th update (1-based) of device i
-   * fails (`failDownload`: it begins, then reports an error — a failure worth retrying).
-   */
-  async function startDevices(names: string[], faults: (i: number, n: number) => UpdateFaults | undefined) {
-    const pki = await getTestPki();
-    await Promise.all(
-      names.map(async (name, i) => {
-        const cred = await deviceCert(name);
-        let updates = 0;
-        const client = new DeviceClient({
-          url: `${server.deviceUrl.replace(/^https/, 'wss')}/socket`,
-          tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-          stateDir: path.join(tmp, name),
-          firmware: { uuid: base.id, version: base.version },
-          downloadRetryDelayMs: () => 50,
-          faults: () => faults(i, ++updates),
-        });
-        clients.push(client);
-        await client.start();
-      }),
-    );
-    await until(
-      async () =>
-        (
-          await server.database.db
-            .selectFrom('devices')
-            .select('id')
-            .where('identifier', 'in', names)
-            .where('connection_status', '=', 'online')
-            .execute()
-        ).length === names.length,
-      `${names.join(', ')} online`,
-      60_000,
-    );
-  }
-
-  /** A raw Phoenix device on `base`: the test answers its pushes itself. */
+  const upload = (version: string, seed: number) => uploadRelease(server, version, seed);
+  const startDevices = (names: string[], faults: (i: number, n: number) => UpdateFaults | undefined) =>
+    harnessDevices(server, { names, base, stateDir: tmp, clients, faults });
   async function rawDevice(name: string) {
-    const pki = await getTestPki();
-    const cred = await deviceCert(name);
-    const socket = await openSocket(`${server.deviceUrl.replace(/^https/, 'wss')}/socket`, {
-      tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-    });
+    const { socket, channel } = await harnessRawDevice(server, name, base);
     sockets.push(socket);
-    const channel = socket.channel(`device:${base.id}`, {});
-    await joinChannel(channel);
     return channel;
   }
-
-  async function group(name: string, match: string): Promise<string> {
-    const g = await server.call<{ id: string }>('POST', url('/groups'), { product: 'default', name });
-    await server.call('POST', url(`/groups/${g.id}/devices`), { match });
-    return g.id;
-  }
+  const group = (name: string, match: string) => matchGroup(server, name, match);
 
   const create = (body: Record<string, unknown>) =>
     server.call<Deployment>('POST', url('/deployments'), { product: 'default', version: '2.0.0', ...body });
