@@ -6,11 +6,13 @@
  * Jobs define it (measured from the push timestamps), and the create body's 400s.
  */
 import assert from 'node:assert/strict';
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { DeviceClient, UpdateFaults } from '../../device-client/index.ts';
+import { buildGrispPackage } from '../../device-client/simulators/grisp.ts';
 import { currentRate } from '../../server/fleet/deployments/index.ts';
 import { sweepStaleUpdates } from '../../server/fleet/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
@@ -312,6 +314,33 @@ describe(`deployments: retries, penalty box, exponential rate (${DATABASE_KIND})
     const succeededAt = (b: DeploymentDevice[]) => Math.max(...b.map((r) => Date.parse(r.succeeded_at!)));
     assert.ok(Date.parse(told[1]![0]!.told_at!) >= succeededAt(told[0]!));
     assert.ok(Date.parse(told[2]![0]!.told_at!) >= succeededAt(told[1]!));
+  });
+
+  test('already running is per release: devices on another variant of it are left out, not told', async () => {
+    // The exs-* devices run the raw 2.0.0 (the test above); add the GRiSP variant of the same release.
+    const pkg = await buildGrispPackage({ version: '2.0.0', blocks: [randomBytes(4000)] });
+    const res = await fetch(
+      `${server.apiUrl}/api/v1/grisp/firmware?product=${server.productId}&org=${server.orgId}&version=2.0.0`,
+      {
+        method: 'POST',
+        headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+        body: new Uint8Array(pkg),
+      },
+    );
+    assert.equal(res.status, 201, await res.clone().text());
+    const grisp = (await res.json()) as { id: string; format: string };
+    assert.equal(grisp.format, 'grisp');
+    await group('var', 'exs-*');
+    const d = await server.call<Deployment & { already_running: number }>('POST', url('/deployments'), {
+      product: 'default',
+      firmware_id: grisp.id,
+      groups: ['var'],
+    });
+    assert.equal(d.already_running, 4);
+    assert.equal(d.counts.total, 0);
+    assert.equal(d.state, 'running');
+    await until(async () => (await show(d.id)).state === 'completed', 'the empty deployment to complete', 15_000);
+    assert.equal((await attempts('exs-0')).length, 1, 'nobody was told again');
   });
 
   test('currentRate: AWS IoT Jobs exponentialRate, capped', () => {
