@@ -3691,7 +3691,7 @@ export interface operations {
                         criterion?: "notified" | "succeeded";
                         /** @description devices per step (default base) */
                         every?: number;
-                        /** @description the rate is multiplied by this at each step (above 1, at most 5) */
+                        /** @description the rate is multiplied by this at each step (1.1 to 5, as AWS IoT Jobs allow) */
                         factor?: number;
                         /** @description the rate never goes above this a minute */
                         max?: number;

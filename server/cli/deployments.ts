@@ -117,12 +117,12 @@ export function parseRateFlag(value: string, maxRate?: string): { rate_per_minut
       throw usageError('--max-rate goes with an exponential --rate (exp:BASE:FACTOR:CRITERION)');
     return { rate_per_minute: parseRate(value) };
   }
-  const usage = `--rate exp:BASE:FACTOR:CRITERION[:EVERY] takes a whole BASE a minute, a FACTOR above 1 (at most 5), notified or succeeded, and optionally a whole EVERY; got ${JSON.stringify(value)}`;
+  const usage = `--rate exp:BASE:FACTOR:CRITERION[:EVERY] takes a whole BASE a minute, a FACTOR from 1.1 to 5, notified or succeeded, and optionally a whole EVERY; got ${JSON.stringify(value)}`;
   const parts = m[1]!.split(':').map((p) => p.trim());
   if (parts.length < 3 || parts.length > 4) throw usageError(usage);
   const [base, factor, criterion, every] = parts as [string, string, string, string | undefined];
   if (!/^\d+$/.test(base) || Number(base) < 1) throw usageError(usage);
-  if (!/^\d+(\.\d+)?$/.test(factor) || Number(factor) <= 1 || Number(factor) > 5) throw usageError(usage);
+  if (!/^\d+(\.\d+)?$/.test(factor) || Number(factor) < 1.1 || Number(factor) > 5) throw usageError(usage);
   if (criterion !== 'notified' && criterion !== 'succeeded') throw usageError(usage);
   if (every !== undefined && (!/^\d+$/.test(every) || Number(every) < 1)) throw usageError(usage);
   const max = maxRate === undefined ? undefined : parseRate(maxRate);

@@ -379,8 +379,8 @@ describe(`deployments: retries, penalty box, exponential rate (${DATABASE_KIND})
     const before = await server.database.db.selectFrom('deployments').select('id').execute();
     const exp = { type: 'exponential', base: 2, factor: 1.5, criterion: 'notified' };
     for (const [body, message] of [
-      [{ rate: { ...exp, factor: 0 } }, /rate\/factor must be > 1/],
-      [{ rate: { ...exp, factor: 1 } }, /rate\/factor must be > 1/],
+      [{ rate: { ...exp, factor: 0 } }, /rate\/factor must be >= 1\.1/],
+      [{ rate: { ...exp, factor: 1 } }, /rate\/factor must be >= 1\.1/],
       [{ rate: { ...exp, factor: 6 } }, /rate\/factor must be <= 5/],
       [{ rate: { ...exp, base: 0 } }, /rate\/base must be >= 1/],
       [{ rate: { ...exp, base: -3 } }, /rate\/base must be >= 1/],

@@ -101,9 +101,9 @@ const rateSchema = {
     base: { type: 'integer', minimum: 1, maximum: 1000, description: 'devices a minute to start with' },
     factor: {
       type: 'number',
-      exclusiveMinimum: 1,
+      minimum: 1.1,
       maximum: 5,
-      description: 'the rate is multiplied by this at each step (above 1, at most 5)',
+      description: 'the rate is multiplied by this at each step (1.1 to 5, as AWS IoT Jobs allow)',
     },
     criterion: {
       type: 'string',

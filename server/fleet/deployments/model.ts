@@ -277,14 +277,14 @@ function validateInput(input: CreateDeploymentInput): StageInput[] {
 
 const positiveInt = (n: unknown): n is number => Number.isInteger(n) && (n as number) > 0;
 
-/** Pacing, retries and the penalty box: whole numbers where counts, a factor above 1 (AWS: 1.1 to 5). */
+/** Pacing, retries and the penalty box: whole numbers where counts, a factor from 1.1 to 5 (as AWS). */
 function validatePacing(input: CreateDeploymentInput, bad: (field: string, message: string) => FleetError): void {
   const r = input.rate;
   if (r?.type === 'exponential') {
     if (!positiveInt(r.base) || r.base > 1000)
       throw bad('rate.base', 'rate.base is the starting devices per minute: a whole number from 1 to 1000');
-    if (typeof r.factor !== 'number' || !Number.isFinite(r.factor) || r.factor <= 1 || r.factor > 5)
-      throw bad('rate.factor', 'rate.factor multiplies the rate: a number above 1 and at most 5 (e.g. 1.5)');
+    if (typeof r.factor !== 'number' || !Number.isFinite(r.factor) || r.factor < 1.1 || r.factor > 5)
+      throw bad('rate.factor', 'rate.factor multiplies the rate: a number from 1.1 to 5 (e.g. 1.5)');
     if (r.criterion !== 'notified' && r.criterion !== 'succeeded')
       throw bad('rate.criterion', 'rate.criterion is notified or succeeded');
     if (r.every !== undefined && !positiveInt(r.every))
