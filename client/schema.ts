@@ -1615,11 +1615,31 @@ export interface components {
             /** @enum {string|null} */
             pause_cause?: "operator" | "error" | "success" | null;
             paused_reason?: string | null;
+            /** @description the penalty box: failures within the window… */
+            penalty_failures?: number | null;
+            /** @description …hold the device out this many seconds */
+            penalty_hold_s?: number | null;
+            /** @description …within this many seconds… */
+            penalty_window_s?: number | null;
             platform?: string | null;
             /** Format: uuid */
             product_id?: string;
+            /** @description `{type: constant}`, or `{type: exponential, base, factor, criterion, every?, max?}` (docs/deployments.md) */
+            rate?: {
+                base?: number;
+                /** @enum {string} */
+                criterion?: "notified" | "succeeded";
+                every?: number;
+                factor?: number;
+                max?: number;
+                /** @enum {string} */
+                type: "constant" | "exponential";
+            };
+            /** @description the constant rate (devices told in any 60 s) */
             rate_per_minute?: number | null;
+            /** @description times a failed or timed-out device is told again */
             retries?: number;
+            /** @description seconds before the first retry, doubled for each further one */
             retry_backoff_s?: number;
             stages: components["schemas"]["DeploymentStage"][];
             /** Format: date-time */
@@ -1639,15 +1659,19 @@ export interface components {
         DeploymentCounts: {
             /** @description in flight when the deployment was aborted */
             cancelled: number;
-            /** @description failed, declined, rolled back, timed out or superseded */
+            /** @description failed, declined, rolled back, timed out or superseded, with no retry left */
             failed: number;
             /** @description told, no outcome yet */
             in_flight: number;
+            /** @description failed too often within the penalty window: held out until the hold passed (not finished) */
+            penalty_box: number;
             /** @description not told yet */
             pending: number;
+            /** @description failed or timed out with retries left: waiting for the backoff to be told again (not finished) */
+            retrying: number;
             /** @description run the new firmware (the device confirmed it) */
             succeeded: number;
-            /** @description told (in flight or finished) */
+            /** @description told (in flight, waiting for a retry, or finished) */
             told: number;
             /** @description devices */
             total: number;
@@ -1666,13 +1690,19 @@ export interface components {
             /** @description 1-based order within the deployment */
             position?: number;
             protocol?: string;
+            /**
+             * Format: date-time
+             * @description retrying or penalty_box: when it may be told again
+             */
+            retry_at?: string | null;
             stage: number;
             /** @enum {string} */
-            state: "pending" | "in_flight" | "succeeded" | "failed" | "cancelled";
+            state: "pending" | "in_flight" | "retrying" | "penalty_box" | "succeeded" | "failed" | "cancelled";
             /** Format: date-time */
             succeeded_at?: string | null;
             /** Format: date-time */
             told_at?: string | null;
+            /** @description times the device was told (1 + retries) */
             tries?: number;
         } & {
             [key: string]: unknown;
@@ -1685,7 +1715,7 @@ export interface components {
             error?: components["schemas"]["DeploymentThreshold"] | (never | null);
             /** @description an operator resumed past its error condition */
             error_overridden?: boolean;
-            /** @description failed, declined, rolled back, timed out or superseded */
+            /** @description failed, declined, rolled back, timed out or superseded, with no retry left */
             failed: number;
             /** @description told, no outcome yet */
             in_flight: number;
@@ -1694,9 +1724,13 @@ export interface components {
             min_finished?: number;
             /** @enum {string} */
             on_error?: "pause" | "abort";
+            /** @description failed too often within the penalty window: held out until the hold passed (not finished) */
+            penalty_box: number;
             /** @description not told yet */
             pending: number;
             requires_approval?: boolean;
+            /** @description failed or timed out with retries left: waiting for the backoff to be told again (not finished) */
+            retrying: number;
             /** @description devices in this stage */
             size: number;
             /** @description as given: `{count}`, `{percent}` or `{rest: true}` */
@@ -1711,7 +1745,7 @@ export interface components {
             /** Format: date-time */
             succeeded_at?: string | null;
             success?: components["schemas"]["DeploymentThreshold"];
-            /** @description told (in flight or finished) */
+            /** @description told (in flight, waiting for a retry, or finished) */
             told: number;
             /** @description devices */
             total: number;
@@ -1745,11 +1779,31 @@ export interface components {
             /** @enum {string|null} */
             pause_cause?: "operator" | "error" | "success" | null;
             paused_reason?: string | null;
+            /** @description the penalty box: failures within the window… */
+            penalty_failures?: number | null;
+            /** @description …hold the device out this many seconds */
+            penalty_hold_s?: number | null;
+            /** @description …within this many seconds… */
+            penalty_window_s?: number | null;
             platform?: string | null;
             /** Format: uuid */
             product_id?: string;
+            /** @description `{type: constant}`, or `{type: exponential, base, factor, criterion, every?, max?}` (docs/deployments.md) */
+            rate?: {
+                base?: number;
+                /** @enum {string} */
+                criterion?: "notified" | "succeeded";
+                every?: number;
+                factor?: number;
+                max?: number;
+                /** @enum {string} */
+                type: "constant" | "exponential";
+            };
+            /** @description the constant rate (devices told in any 60 s) */
             rate_per_minute?: number | null;
+            /** @description times a failed or timed-out device is told again */
             retries?: number;
+            /** @description seconds before the first retry, doubled for each further one */
             retry_backoff_s?: number;
             /** Format: date-time */
             started_at?: string | null;
@@ -3617,12 +3671,38 @@ export interface operations {
                     /** @description devices in flight at once */
                     max_concurrent?: number;
                     name?: string;
+                    /** @description the penalty box: a device that failed `failures` times within `window_s` seconds is held out for `hold_s` seconds before its next retry (needs `retries` ≥ `failures`) */
+                    penalty?: {
+                        failures: number;
+                        hold_s: number;
+                        window_s: number;
+                    };
                     platform?: string;
                     /** @description product id or name */
                     product: string;
+                    /** @description `{type: constant}` (the default: `rate_per_minute`), or `{type: exponential, base, factor, criterion, every?, max?}`: start at `base` devices a minute, multiply by `factor` each time another `every` (default `base`) devices were notified or succeeded (`criterion`), never above `max` */
+                    rate?: {
+                        /** @description devices a minute to start with */
+                        base?: number;
+                        /**
+                         * @description what raises the rate: devices told, or devices succeeded
+                         * @enum {string}
+                         */
+                        criterion?: "notified" | "succeeded";
+                        /** @description devices per step (default base) */
+                        every?: number;
+                        /** @description the rate is multiplied by this at each step (1.1 to 5, as AWS IoT Jobs allow) */
+                        factor?: number;
+                        /** @description the rate never goes above this a minute */
+                        max?: number;
+                        /** @enum {string} */
+                        type: "constant" | "exponential";
+                    };
                     /** @description devices told in any 60 s */
                     rate_per_minute?: number;
+                    /** @description a device whose update failed (after it began) or timed out is told again up to this many times */
                     retries?: number;
+                    /** @description seconds before the first retry (default 60); doubled for each further one, at most a day */
                     retry_backoff_s?: number;
                     /** @description in order; the first is the canary, the last takes every device left (default: one stage) */
                     stages?: {
@@ -3939,7 +4019,7 @@ export interface operations {
                 offset?: number;
                 /** @description 0-based stage index */
                 stage?: number;
-                state?: "pending" | "in_flight" | "succeeded" | "failed" | "cancelled";
+                state?: "pending" | "in_flight" | "retrying" | "penalty_box" | "succeeded" | "failed" | "cancelled";
             };
             header?: never;
             path: {
