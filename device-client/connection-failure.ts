@@ -83,7 +83,7 @@ export function notTheProtocol(protocol: string, what: string): ConnectionFailur
 
 /** Up to 60 printable characters of what a port answered, for a `notTheProtocol` message. */
 export function quoteAnswer(data: string | Buffer): string {
-  const text = (typeof data === 'string' ? data : data.toString('latin1')).split(/\r?\n/)[0] ?? '';
+  const text = (typeof data === 'string' ? data : data.toString('latin1')).split(/\r?\n|\r/)[0] ?? '';
   const printable = text.replace(/[^\x20-\x7e]/g, '.').slice(0, 60);
   return printable ? JSON.stringify(printable) : `${data.length} byte(s)`;
 }

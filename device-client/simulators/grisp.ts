@@ -460,7 +460,9 @@ registerSimulatorProtocol({
       report({ type: 'joined' });
     });
     board.on('disconnected', () => report({ type: 'disconnected' }));
-    board.on('connect_error', ({ kind, message }: ConnectionFailure) => report({ type: 'connect_failed', kind, message }));
+    board.on('connect_error', ({ kind, message }: ConnectionFailure) =>
+      report({ type: 'connect_failed', kind, message }),
+    );
     board.on('installed', (version: string) => {
       updating = version;
       report({ type: 'update_begin', version });

@@ -11,12 +11,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { open, seal } from '../../shared/keyauth-envelope.ts';
-import {
-  type ConnectionFailure,
-  describeError,
-  notTheProtocol,
-  quoteAnswer,
-} from '../connection-failure.ts';
+import { type ConnectionFailure, describeError, notTheProtocol, quoteAnswer } from '../connection-failure.ts';
 import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
@@ -232,7 +227,10 @@ export class KeyauthClient extends EventEmitter {
     }
     if (reply.code !== 103 || typeof reply.data?.key !== 'string') {
       const why = reply.error ? `${reply.error.type}: ${reply.error.msg}` : JSON.stringify(reply).slice(0, 200);
-      throw new Refused({ kind: `keyauth ${reply.code}`, message: `the server answered 101 with ${reply.code} ${why}` });
+      throw new Refused({
+        kind: `keyauth ${reply.code}`,
+        message: `the server answered 101 with ${reply.code} ${why}`,
+      });
     }
     this.serverKey = createPublicKey(reply.data.key);
     this.emit('authorised');
@@ -331,7 +329,9 @@ registerSimulatorProtocol({
       report({ type: 'joined' });
     });
     client.on('disconnected', () => report({ type: 'disconnected' }));
-    client.on('connect_error', ({ kind, message }: ConnectionFailure) => report({ type: 'connect_failed', kind, message }));
+    client.on('connect_error', ({ kind, message }: ConnectionFailure) =>
+      report({ type: 'connect_failed', kind, message }),
+    );
     client.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     client.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
     client.on('update_failed', ({ version, error }: { version: string; error: string }) =>

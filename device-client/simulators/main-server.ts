@@ -371,7 +371,9 @@ registerSimulatorProtocol({
     device.on('approved', up);
     device.on('reachable', up);
     device.on('unreachable', () => report({ type: 'disconnected' }));
-    device.on('connect_error', ({ kind, message }: ConnectionFailure) => report({ type: 'connect_failed', kind, message }));
+    device.on('connect_error', ({ kind, message }: ConnectionFailure) =>
+      report({ type: 'connect_failed', kind, message }),
+    );
     device.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     device.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
     device.on('update_failed', ({ version, status, error }: { version: string; status: string; error: string }) =>

@@ -32,9 +32,10 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  /** `fleethub-device simulate` in-process until its stderr matches `stop`; the summary and stderr. */
+  /** `fleethub-device simulate` in-process until its stderr matches `stop` (at most 30 s); the summary and stderr. */
   async function simulateUntil(stop: RegExp, ...argv: string[]) {
     const controller = new AbortController();
+    const timer = setTimeout(() => controller.abort(), 30_000);
     let out = '';
     let err = '';
     const io: CliIo = {
@@ -48,7 +49,7 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
       env: {},
       signal: controller.signal,
     };
-    const code = await deviceMain(['simulate', ...argv], io);
+    const code = await deviceMain(['simulate', ...argv], io).finally(() => clearTimeout(timer));
     return { code, out, err };
   }
 
