@@ -287,7 +287,9 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
       withOrg(
         firmware
           .command('list')
-          .description('firmware records, newest first')
+          .description(
+            'firmware records, newest first: one row per variant (a release can have one per package format)',
+          )
           .option('--product <product>', 'of this product only')
           .option('--component <component>', 'of this component only (default: all)'),
       ),
@@ -308,6 +310,7 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
         [
           { header: 'version', value: (f) => f.version },
           { header: 'component', value: (f) => f.component },
+          { header: 'format', value: (f) => f.format },
           { header: 'platform', value: (f) => f.platform },
           { header: 'arch', value: (f) => f.architecture },
           { header: 'size', value: (f) => f.size },

@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { createUser } from '../../server/api/operators.ts';
+import { buildGrispPackage } from '../../device-client/simulators/grisp.ts';
 import { runOperatorCommand } from '../../server/cli/operator.ts';
 import type { CliIo } from '../../server/cli/client.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
@@ -147,9 +148,22 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     });
     assert.equal(upload.status, 201, await upload.clone().text());
 
+    // A second variant of the release, in GRiSP's package format.
+    const grisp = await fetch(
+      `${server.apiUrl}/api/v1/firmware?org=default&product=default&version=1.2.0&format=grisp`,
+      {
+        method: 'POST',
+        headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+        body: new Uint8Array(await buildGrispPackage({ version: '1.2.0', blocks: [Buffer.alloc(512, 1)] })),
+      },
+    );
+    assert.equal(grisp.status, 201, await grisp.clone().text());
+
     const firmware = await cli(['firmware', 'list']);
     assert.equal(firmware.code, 0, firmware.err);
-    assert.match(firmware.out, /1\.2\.0\s+firmware/);
+    assert.match(firmware.out, /^VERSION\s+COMPONENT\s+FORMAT\s/m);
+    assert.match(firmware.out, /^1\.2\.0\s+firmware\s+raw\s/m);
+    assert.match(firmware.out, /^1\.2\.0\s+firmware\s+grisp\s/m);
 
     const set = await cli(['target', 'set', '1.2.0', '--group', 'lab']);
     assert.equal(set.code, 0, set.err);
