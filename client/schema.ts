@@ -1098,6 +1098,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/orgs/{org}/status/devices": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Each device of the org or of one group, by identifier: its resolved target, running version and newest attempt (the rows behind device_states)
+         * @description Needs the viewer role or higher.
+         */
+        get: operations["listDeviceTargetStates"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/orgs/{org}/targets": {
         parameters: {
             query?: never;
@@ -1817,6 +1837,36 @@ export interface components {
             revoked_at?: string | null;
             serial?: string;
             subject?: string;
+        } & {
+            [key: string]: unknown;
+        };
+        /** @description one device with its resolved target for a component, its running version and its newest attempt */
+        DeviceTargetState: {
+            /** @description its newest attempt for that variant */
+            attempt_id: string | null;
+            attempt_percent: number | null;
+            attempt_state: string | null;
+            /** Format: date-time */
+            attempt_updated_at: string | null;
+            /** @enum {string} */
+            connection_status: "online" | "offline";
+            /** Format: uuid */
+            device_id: string;
+            identifier: string;
+            protocol: string;
+            /** @description the version of the component it runs (null: unknown) */
+            running_version: string | null;
+            /**
+             * @description its newest attempt's state for that variant, or `up_to_date`, `not_applicable`, `no_target`, `not_approved`, `no_attempt`
+             * @enum {string}
+             */
+            state: "queued" | "sent" | "begun" | "downloading" | "finished" | "succeeded" | "failed" | "rolled_back" | "timed_out" | "cancelled" | "up_to_date" | "not_applicable" | "no_target" | "not_approved" | "no_attempt";
+            /** @description the variant of that release its protocol installs (null: none, or not applicable) */
+            target_firmware_id: string | null;
+            /** @description the version of the release its target names (null: no target resolves, or it is not approved) */
+            target_version: string | null;
+            /** @description what set the target: `device`, `group:<id>` or `deployment:<id>` */
+            via: string | null;
         } & {
             [key: string]: unknown;
         };
@@ -7112,6 +7162,89 @@ export interface operations {
                         versions: {
                             [key: string]: number;
                         };
+                    };
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    listDeviceTargetStates: {
+        parameters: {
+            query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
+                /** @description group id or name */
+                group?: string;
+                /** @description items per page */
+                limit?: number;
+                /** @description items to skip */
+                offset?: number;
+                /** @description only devices in this state */
+                state?: "queued" | "sent" | "begun" | "downloading" | "finished" | "succeeded" | "failed" | "rolled_back" | "timed_out" | "cancelled" | "up_to_date" | "not_applicable" | "no_target" | "not_approved" | "no_attempt";
+            };
+            header?: never;
+            path: {
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["DeviceTargetState"][];
+                        /** @description matches in all, not only on this page */
+                        total: number;
                     };
                 };
             };

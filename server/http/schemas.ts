@@ -3,6 +3,7 @@
  * document at /api/docs. Response bodies use the database's snake_case names.
  * Entity schemas allow additional properties so a new column does not break serialisation.
  */
+import { DEVICE_TARGET_STATES } from '../fleet/device-states.ts';
 import { errorSchema } from './errors.ts';
 
 const uuid = { type: 'string', format: 'uuid' } as const;
@@ -213,6 +214,53 @@ export const schemas = [
     created_at: dateTime,
     updated_at: dateTime,
   }),
+  {
+    $id: 'DeviceTargetState',
+    type: 'object',
+    description: 'one device with its resolved target for a component, its running version and its newest attempt',
+    required: [
+      'device_id',
+      'identifier',
+      'protocol',
+      'connection_status',
+      'running_version',
+      'target_version',
+      'target_firmware_id',
+      'via',
+      'state',
+      'attempt_id',
+      'attempt_state',
+      'attempt_percent',
+      'attempt_updated_at',
+    ],
+    additionalProperties: true,
+    properties: {
+      device_id: uuid,
+      identifier: { type: 'string' },
+      protocol: { type: 'string' },
+      connection_status: { type: 'string', enum: ['online', 'offline'] },
+      running_version: { ...nullableString, description: 'the version of the component it runs (null: unknown)' },
+      target_version: {
+        ...nullableString,
+        description: 'the version of the release its target names (null: no target resolves, or it is not approved)',
+      },
+      target_firmware_id: {
+        type: ['string', 'null'],
+        description: 'the variant of that release its protocol installs (null: none, or not applicable)',
+      },
+      via: { ...nullableString, description: 'what set the target: `device`, `group:<id>` or `deployment:<id>`' },
+      state: {
+        type: 'string',
+        enum: [...DEVICE_TARGET_STATES],
+        description:
+          "its newest attempt's state for that variant, or `up_to_date`, `not_applicable`, `no_target`, `not_approved`, `no_attempt`",
+      },
+      attempt_id: { type: ['string', 'null'], description: 'its newest attempt for that variant' },
+      attempt_state: nullableString,
+      attempt_percent: { type: ['integer', 'null'] },
+      attempt_updated_at: nullableDateTime,
+    },
+  },
   entity('DeviceCertificate', {
     id: uuid,
     device_id: uuid,
