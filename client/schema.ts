@@ -1790,30 +1790,30 @@ export interface components {
             percent?: number;
         };
         Device: {
-            approval?: string;
-            architecture?: string | null;
-            connected_node?: string | null;
+            approval: string;
+            architecture: string | null;
+            connected_node: string | null;
             /** @enum {string} */
-            connection_status?: "online" | "offline";
+            connection_status: "online" | "offline";
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
-            firmware_uuid?: string | null;
-            firmware_version?: string | null;
+            created_at: string;
+            description: string | null;
+            firmware_uuid: string | null;
+            firmware_version: string | null;
             /** Format: uuid */
             id: string;
-            identifier?: string;
+            identifier: string;
             /** Format: date-time */
-            last_seen_at?: string | null;
+            last_seen_at: string | null;
             /** Format: uuid */
-            org_id?: string;
-            platform?: string | null;
+            org_id: string;
+            platform: string | null;
             /** Format: uuid */
-            product_id?: string;
-            protocol?: string;
-            tags?: string[];
+            product_id: string;
+            protocol: string;
+            tags: string[];
             /** Format: date-time */
-            updated_at?: string;
+            updated_at: string;
         } & {
             [key: string]: unknown;
         };
@@ -1871,63 +1871,63 @@ export interface components {
             [key: string]: unknown;
         };
         Firmware: {
-            architecture?: string | null;
-            component?: string;
-            format?: string;
-            has_blob?: boolean;
+            architecture: string | null;
+            component: string;
+            format: string;
+            has_blob: boolean;
             /** Format: uuid */
             id: string;
-            metadata?: {
+            metadata: {
                 [key: string]: unknown;
             };
             /** Format: uuid */
-            org_id?: string;
-            platform?: string | null;
+            org_id: string;
+            platform: string | null;
             /** Format: uuid */
-            product_id?: string;
-            sha256?: string | null;
-            signature?: string | null;
-            size?: number | null;
+            product_id: string;
+            sha256: string | null;
+            signature: string | null;
+            size: number | null;
             /** Format: date-time */
-            uploaded_at?: string;
-            version?: string;
+            uploaded_at: string;
+            version: string;
         } & {
             [key: string]: unknown;
         };
         Group: {
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
+            created_at: string;
+            description: string | null;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            org_id?: string;
-            priority?: number;
+            org_id: string;
+            priority: number;
             /** Format: uuid */
-            product_id?: string;
+            product_id: string;
         } & {
             [key: string]: unknown;
         };
         Org: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
         } & {
             [key: string]: unknown;
         };
         Product: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            org_id?: string;
-            requires_signature?: boolean;
-            update_timeout_seconds?: number | null;
+            org_id: string;
+            requires_signature: boolean;
+            update_timeout_seconds: number | null;
         } & {
             [key: string]: unknown;
         };
@@ -1963,43 +1963,43 @@ export interface components {
             [key: string]: unknown;
         };
         Target: {
-            component?: string;
-            device_id?: string | null;
+            component: string;
+            device_id: string | null;
             /** Format: uuid */
-            firmware_id?: string;
-            group_id?: string | null;
+            firmware_id: string;
+            group_id: string | null;
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
+            org_id: string;
             /** Format: date-time */
-            set_at?: string;
-            set_by?: string | null;
+            set_at: string;
+            set_by: string | null;
         } & {
             [key: string]: unknown;
         };
         UpdateAttempt: {
-            bytes?: number | null;
-            component?: string;
+            bytes: number | null;
+            component: string;
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
-            device_id?: string;
-            errors?: string[];
+            device_id: string;
+            errors: string[];
             /** Format: uuid */
-            firmware_id?: string;
-            from_version?: string | null;
+            firmware_id: string;
+            from_version: string | null;
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
-            percent?: number | null;
-            state?: string;
-            to_version?: string;
-            total?: number | null;
+            org_id: string;
+            percent: number | null;
+            state: string;
+            to_version: string;
+            total: number | null;
             /** Format: date-time */
-            updated_at?: string;
-            via?: string | null;
+            updated_at: string;
+            via: string | null;
         } & {
             [key: string]: unknown;
         };

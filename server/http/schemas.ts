@@ -16,6 +16,15 @@ function entity(id: string, properties: Record<string, unknown>, required: strin
   return { $id: id, type: 'object', required, additionalProperties: true, properties } as const;
 }
 
+/**
+ * An entity whose every property is always present (a table's row as the API answers it):
+ * `required` lists them all, so a generated client types none as optional, and the serializer
+ * refuses to send a row without one.
+ */
+function row(id: string, properties: Record<string, unknown>) {
+  return entity(id, properties, Object.keys(properties));
+}
+
 const webhookProperties = {
   id: uuid,
   org_id: uuid,
@@ -186,8 +195,8 @@ export const schemas = [
     fingerprint: { type: 'string' },
     created_at: dateTime,
   }),
-  entity('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
-  entity('Product', {
+  row('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
+  row('Product', {
     id: uuid,
     org_id: uuid,
     name: { type: 'string' },
@@ -195,7 +204,7 @@ export const schemas = [
     update_timeout_seconds: { type: ['integer', 'null'] },
     created_at: dateTime,
   }),
-  entity('Device', {
+  row('Device', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -286,7 +295,7 @@ export const schemas = [
     description: nullableString,
     created_at: dateTime,
   }),
-  entity('Group', {
+  row('Group', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -295,7 +304,7 @@ export const schemas = [
     priority: { type: 'integer' },
     created_at: dateTime,
   }),
-  entity('Firmware', {
+  row('Firmware', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -311,7 +320,7 @@ export const schemas = [
     has_blob: { type: 'boolean' },
     uploaded_at: dateTime,
   }),
-  entity('Target', {
+  row('Target', {
     id: uuid,
     org_id: uuid,
     group_id: { type: ['string', 'null'] },
@@ -321,7 +330,7 @@ export const schemas = [
     set_by: nullableString,
     set_at: dateTime,
   }),
-  entity('UpdateAttempt', {
+  row('UpdateAttempt', {
     id: uuid,
     org_id: uuid,
     device_id: uuid,
