@@ -10,7 +10,6 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { main as deviceMain } from '../../device-client/cli.ts';
 import { GrispBoard } from '../../device-client/simulators/grisp.ts';
 import { KeyauthClient } from '../../device-client/simulators/keyauth.ts';
 import { MainServerDevice } from '../../device-client/simulators/main-server.ts';
@@ -20,6 +19,7 @@ import { main } from '../../server/cli/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { simulateUntil } from '../helpers/simulate.ts';
 
 /** A port nothing listens on (bound, then closed). */
 async function stoppedPort(): Promise<number> {
@@ -82,26 +82,15 @@ describe(`every simulator says why it cannot connect (${DATABASE_KIND})`, () => 
    * `kind` (at most 30 s); its exit code, stdout (the summary table) and stderr.
    */
   async function simulate(protocol: string, url: string, kind: string, pki = pkiDir) {
-    const controller = new AbortController();
-    const timer = setTimeout(() => controller.abort(), 30_000);
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-        if (err.includes(`: ${kind}`)) controller.abort();
-      },
-      env: {},
-      signal: controller.signal,
-    };
     const dir = path.join(tmp, `run-${++run}`);
-    const argv = ['simulate', '--protocol', protocol, '--count', '1', '--url', url, '--serial-prefix', `cf${run}`];
-    const code = await deviceMain([...argv, '--certs', path.join(dir, 'certs'), '--pki', pki], io).finally(() =>
-      clearTimeout(timer),
-    );
+    const argv = ['--protocol', protocol, '--count', '1', '--url', url, '--serial-prefix', `cf${run}`];
+    const { code, out, err } = await simulateUntil(`: ${kind}`, [
+      ...argv,
+      '--certs',
+      path.join(dir, 'certs'),
+      '--pki',
+      pki,
+    ]);
     assert.equal(code, 0, err);
     const line = new RegExp(`^connect failed: ${kind}\\s+[1-9]\\d*$`, 'm');
     assert.match(out, line, `the summary counts "${kind}":\n${out}\n${err}`);
