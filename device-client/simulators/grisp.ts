@@ -142,7 +142,7 @@ export class GrispBoard extends EventEmitter {
       const fail = (f: ConnectionFailure, err: Error) => {
         if (failure) return;
         failure = f;
-        this.emit('connect_error', f);
+        if (!this.#stopped) this.emit('connect_error', f);
         reject(err);
       };
       ws.once('open', () => {

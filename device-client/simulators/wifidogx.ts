@@ -143,7 +143,7 @@ export class WifidogxGateway extends EventEmitter {
       const fail = (f: ConnectionFailure, err: Error) => {
         if (failed || this.#handshaken) return;
         failed = true;
-        this.emit('connect_error', f);
+        if (!this.#stopped) this.emit('connect_error', f);
         reject(err);
       };
       const key = randomBytes(16).toString('base64');
