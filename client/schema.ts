@@ -1098,6 +1098,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/orgs/{org}/status/devices": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Each device of the org or of one group, by identifier: its resolved target, running version and newest attempt (the rows behind device_states)
+         * @description Needs the viewer role or higher.
+         */
+        get: operations["listDeviceTargetStates"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/orgs/{org}/targets": {
         parameters: {
             query?: never;
@@ -1824,30 +1844,30 @@ export interface components {
             percent?: number;
         };
         Device: {
-            approval?: string;
-            architecture?: string | null;
-            connected_node?: string | null;
+            approval: string;
+            architecture: string | null;
+            connected_node: string | null;
             /** @enum {string} */
-            connection_status?: "online" | "offline";
+            connection_status: "online" | "offline";
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
-            firmware_uuid?: string | null;
-            firmware_version?: string | null;
+            created_at: string;
+            description: string | null;
+            firmware_uuid: string | null;
+            firmware_version: string | null;
             /** Format: uuid */
             id: string;
-            identifier?: string;
+            identifier: string;
             /** Format: date-time */
-            last_seen_at?: string | null;
+            last_seen_at: string | null;
             /** Format: uuid */
-            org_id?: string;
-            platform?: string | null;
+            org_id: string;
+            platform: string | null;
             /** Format: uuid */
-            product_id?: string;
-            protocol?: string;
-            tags?: string[];
+            product_id: string;
+            protocol: string;
+            tags: string[];
             /** Format: date-time */
-            updated_at?: string;
+            updated_at: string;
         } & {
             [key: string]: unknown;
         };
@@ -1874,64 +1894,94 @@ export interface components {
         } & {
             [key: string]: unknown;
         };
+        /** @description one device with its resolved target for a component, its running version and its newest attempt */
+        DeviceTargetState: {
+            /** @description its newest attempt for that variant */
+            attempt_id: string | null;
+            attempt_percent: number | null;
+            attempt_state: string | null;
+            /** Format: date-time */
+            attempt_updated_at: string | null;
+            /** @enum {string} */
+            connection_status: "online" | "offline";
+            /** Format: uuid */
+            device_id: string;
+            identifier: string;
+            protocol: string;
+            /** @description the version of the component it runs (null: unknown) */
+            running_version: string | null;
+            /**
+             * @description its newest attempt's state for that variant, or `up_to_date`, `not_applicable`, `no_target`, `not_approved`, `no_attempt`
+             * @enum {string}
+             */
+            state: "queued" | "sent" | "begun" | "downloading" | "finished" | "succeeded" | "failed" | "rolled_back" | "timed_out" | "cancelled" | "up_to_date" | "not_applicable" | "no_target" | "not_approved" | "no_attempt";
+            /** @description the variant of that release its protocol installs (null: none, or not applicable) */
+            target_firmware_id: string | null;
+            /** @description the version of the release its target names (null: no target resolves, or it is not approved) */
+            target_version: string | null;
+            /** @description what set the target: `device`, `group:<id>` or `deployment:<id>` */
+            via: string | null;
+        } & {
+            [key: string]: unknown;
+        };
         Firmware: {
-            architecture?: string | null;
-            component?: string;
-            format?: string;
-            has_blob?: boolean;
+            architecture: string | null;
+            component: string;
+            format: string;
+            has_blob: boolean;
             /** Format: uuid */
             id: string;
-            metadata?: {
+            metadata: {
                 [key: string]: unknown;
             };
             /** Format: uuid */
-            org_id?: string;
-            platform?: string | null;
+            org_id: string;
+            platform: string | null;
             /** Format: uuid */
-            product_id?: string;
-            sha256?: string | null;
-            signature?: string | null;
-            size?: number | null;
+            product_id: string;
+            sha256: string | null;
+            signature: string | null;
+            size: number | null;
             /** Format: date-time */
-            uploaded_at?: string;
-            version?: string;
+            uploaded_at: string;
+            version: string;
         } & {
             [key: string]: unknown;
         };
         Group: {
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
+            created_at: string;
+            description: string | null;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            org_id?: string;
-            priority?: number;
+            org_id: string;
+            priority: number;
             /** Format: uuid */
-            product_id?: string;
+            product_id: string;
         } & {
             [key: string]: unknown;
         };
         Org: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
         } & {
             [key: string]: unknown;
         };
         Product: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            org_id?: string;
-            requires_signature?: boolean;
-            update_timeout_seconds?: number | null;
+            org_id: string;
+            requires_signature: boolean;
+            update_timeout_seconds: number | null;
         } & {
             [key: string]: unknown;
         };
@@ -1967,43 +2017,43 @@ export interface components {
             [key: string]: unknown;
         };
         Target: {
-            component?: string;
-            device_id?: string | null;
+            component: string;
+            device_id: string | null;
             /** Format: uuid */
-            firmware_id?: string;
-            group_id?: string | null;
+            firmware_id: string;
+            group_id: string | null;
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
+            org_id: string;
             /** Format: date-time */
-            set_at?: string;
-            set_by?: string | null;
+            set_at: string;
+            set_by: string | null;
         } & {
             [key: string]: unknown;
         };
         UpdateAttempt: {
-            bytes?: number | null;
-            component?: string;
+            bytes: number | null;
+            component: string;
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
-            device_id?: string;
-            errors?: string[];
+            device_id: string;
+            errors: string[];
             /** Format: uuid */
-            firmware_id?: string;
-            from_version?: string | null;
+            firmware_id: string;
+            from_version: string | null;
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
-            percent?: number | null;
-            state?: string;
-            to_version?: string;
-            total?: number | null;
+            org_id: string;
+            percent: number | null;
+            state: string;
+            to_version: string;
+            total: number | null;
             /** Format: date-time */
-            updated_at?: string;
-            via?: string | null;
+            updated_at: string;
+            via: string | null;
         } & {
             [key: string]: unknown;
         };
@@ -7192,6 +7242,89 @@ export interface operations {
                         versions: {
                             [key: string]: number;
                         };
+                    };
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    listDeviceTargetStates: {
+        parameters: {
+            query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
+                /** @description group id or name */
+                group?: string;
+                /** @description items per page */
+                limit?: number;
+                /** @description items to skip */
+                offset?: number;
+                /** @description only devices in this state */
+                state?: "queued" | "sent" | "begun" | "downloading" | "finished" | "succeeded" | "failed" | "rolled_back" | "timed_out" | "cancelled" | "up_to_date" | "not_applicable" | "no_target" | "not_approved" | "no_attempt";
+            };
+            header?: never;
+            path: {
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["DeviceTargetState"][];
+                        /** @description matches in all, not only on this page */
+                        total: number;
                     };
                 };
             };

@@ -10,12 +10,8 @@ import { Socket, type Channel } from 'phoenix';
 import { deviceTopic, Events, type DeviceJoinParams, type FirmwareUpdatePayload } from '../shared/protocol.ts';
 import { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';
 import { SlotInstaller, type Installer, type RunningFirmware } from './installer.ts';
-import {
-  type ConnectionFailure,
-  describeConnectionError,
-  tlsWebSocket,
-  type TlsWebSocketClass,
-} from './phoenix-transport.ts';
+import type { ConnectionFailure } from './connection-failure.ts';
+import { describeConnectionError, tlsWebSocket, type TlsWebSocketClass } from './phoenix-transport.ts';
 import { firmwareSignatureValid } from './verify.ts';
 
 export { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';

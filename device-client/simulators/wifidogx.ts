@@ -12,6 +12,14 @@ import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
 import tls from 'node:tls';
+import {
+  type ConnectionFailure,
+  describeError,
+  httpRefusal,
+  notTheProtocol,
+  quoteAnswer,
+  refusalReason,
+} from '../connection-failure.ts';
 import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
@@ -41,6 +49,16 @@ export interface GatewayOptions {
    * back reporting the old release.
    */
   bad?: BadRelease;
+}
+
+/** What a non-101 answer to the upgrade says: an HTTP status with the server's reason, or not HTTP at all. */
+function upgradeRefusal(answer: Buffer): ConnectionFailure {
+  const text = answer.toString('utf8');
+  const status = /^HTTP\/1\.[01] (\d{3})/.exec(text)?.[1];
+  if (!status) return notTheProtocol('HTTP', `it answered ${quoteAnswer(answer)}`);
+  const end = text.indexOf('\r\n\r\n');
+  const statusText = text.split('\r\n')[0]!.replace(/^HTTP\/1\.[01] \d{3} ?/, '');
+  return httpRefusal(Number(status), refusalReason(end >= 0 ? text.slice(end + 4) : '', statusText));
 }
 
 export function simulatorImage(version: string, size = 4096): Buffer {
@@ -167,6 +185,14 @@ export class WifidogxGateway extends EventEmitter {
         : net.connect({ host: u.hostname, port });
       this.socket = socket;
       this.#handshaken = false;
+      let failed = false;
+      let answer = Buffer.alloc(0);
+      const fail = (f: ConnectionFailure, err: Error) => {
+        if (failed || this.#handshaken) return;
+        failed = true;
+        if (!this.#stopped) this.emit('connect_error', f);
+        reject(err);
+      };
       const key = randomBytes(16).toString('base64');
       socket.once(secure ? 'secureConnect' : 'connect', () => {
         const target = this.o.credential
@@ -184,8 +210,10 @@ export class WifidogxGateway extends EventEmitter {
           const end = text.indexOf('\r\n\r\n');
           if (chunk.length > READ_BUFFER_BYTES) this.#violation(`the 101 response read is ${chunk.length} bytes`);
           if (!text.startsWith('HTTP/1.1 101')) {
+            answer = Buffer.concat([answer, chunk]);
             socket.destroy();
-            return reject(new Error(`upgrade refused: ${text.split('\r\n')[0]}`));
+            const f = upgradeRefusal(answer);
+            return fail(f, new Error(`upgrade refused: ${f.message}`));
           }
           if (/sec-websocket-extensions/i.test(text.slice(0, end)))
             this.#violation('the server negotiated an extension (compression)');
@@ -202,14 +230,18 @@ export class WifidogxGateway extends EventEmitter {
         }
         this.#onRead(chunk);
       });
-      socket.on('error', (err) => {
-        if (!this.#handshaken) reject(err);
-      });
+      socket.on('error', (err) => fail(describeError(err), err));
       socket.on('close', () => {
         clearInterval(this.#heartbeat);
         const was = this.#handshaken;
         this.#handshaken = false;
         if (was) this.emit('disconnected');
+        else
+          fail(
+            { kind: 'connection closed', message: 'the server closed the connection before answering the upgrade' },
+            new Error('closed before the upgrade answer'),
+          );
+        clearTimeout(this.#reconnect);
         if (!this.#stopped)
           this.#reconnect = setTimeout(() => this.#connect().catch(() => undefined), this.o.reconnectMs);
       });
@@ -455,6 +487,7 @@ registerSimulatorProtocol({
     });
     gw.on('connected', () => report({ type: 'connected' }));
     gw.on('disconnected', () => report({ type: 'disconnected' }));
+    gw.on('connect_error', ({ kind, message }: ConnectionFailure) => report({ type: 'connect_failed', kind, message }));
     gw.on('message', (m: Record<string, unknown>) => {
       if (m.type === 'connect') report({ type: 'joined' });
     });

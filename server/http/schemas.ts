@@ -3,6 +3,7 @@
  * document at /api/docs. Response bodies use the database's snake_case names.
  * Entity schemas allow additional properties so a new column does not break serialisation.
  */
+import { DEVICE_TARGET_STATES } from '../fleet/device-states.ts';
 import { errorSchema } from './errors.ts';
 
 const uuid = { type: 'string', format: 'uuid' } as const;
@@ -13,6 +14,15 @@ export const roleSchema = { type: 'string', enum: ['viewer', 'operator', 'admin'
 
 function entity(id: string, properties: Record<string, unknown>, required: string[] = ['id']) {
   return { $id: id, type: 'object', required, additionalProperties: true, properties } as const;
+}
+
+/**
+ * An entity whose every property is always present (a table's row as the API answers it):
+ * `required` lists them all, so a generated client types none as optional, and the serializer
+ * refuses to send a row without one.
+ */
+function row(id: string, properties: Record<string, unknown>) {
+  return entity(id, properties, Object.keys(properties));
 }
 
 const webhookProperties = {
@@ -218,8 +228,8 @@ export const schemas = [
     fingerprint: { type: 'string' },
     created_at: dateTime,
   }),
-  entity('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
-  entity('Product', {
+  row('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
+  row('Product', {
     id: uuid,
     org_id: uuid,
     name: { type: 'string' },
@@ -227,7 +237,7 @@ export const schemas = [
     update_timeout_seconds: { type: ['integer', 'null'] },
     created_at: dateTime,
   }),
-  entity('Device', {
+  row('Device', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -246,6 +256,53 @@ export const schemas = [
     created_at: dateTime,
     updated_at: dateTime,
   }),
+  {
+    $id: 'DeviceTargetState',
+    type: 'object',
+    description: 'one device with its resolved target for a component, its running version and its newest attempt',
+    required: [
+      'device_id',
+      'identifier',
+      'protocol',
+      'connection_status',
+      'running_version',
+      'target_version',
+      'target_firmware_id',
+      'via',
+      'state',
+      'attempt_id',
+      'attempt_state',
+      'attempt_percent',
+      'attempt_updated_at',
+    ],
+    additionalProperties: true,
+    properties: {
+      device_id: uuid,
+      identifier: { type: 'string' },
+      protocol: { type: 'string' },
+      connection_status: { type: 'string', enum: ['online', 'offline'] },
+      running_version: { ...nullableString, description: 'the version of the component it runs (null: unknown)' },
+      target_version: {
+        ...nullableString,
+        description: 'the version of the release its target names (null: no target resolves, or it is not approved)',
+      },
+      target_firmware_id: {
+        type: ['string', 'null'],
+        description: 'the variant of that release its protocol installs (null: none, or not applicable)',
+      },
+      via: { ...nullableString, description: 'what set the target: `device`, `group:<id>` or `deployment:<id>`' },
+      state: {
+        type: 'string',
+        enum: [...DEVICE_TARGET_STATES],
+        description:
+          "its newest attempt's state for that variant, or `up_to_date`, `not_applicable`, `no_target`, `not_approved`, `no_attempt`",
+      },
+      attempt_id: { type: ['string', 'null'], description: 'its newest attempt for that variant' },
+      attempt_state: nullableString,
+      attempt_percent: { type: ['integer', 'null'] },
+      attempt_updated_at: nullableDateTime,
+    },
+  },
   entity('DeviceCertificate', {
     id: uuid,
     device_id: uuid,
@@ -271,7 +328,7 @@ export const schemas = [
     description: nullableString,
     created_at: dateTime,
   }),
-  entity('Group', {
+  row('Group', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -280,7 +337,7 @@ export const schemas = [
     priority: { type: 'integer' },
     created_at: dateTime,
   }),
-  entity('Firmware', {
+  row('Firmware', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -296,7 +353,7 @@ export const schemas = [
     has_blob: { type: 'boolean' },
     uploaded_at: dateTime,
   }),
-  entity('Target', {
+  row('Target', {
     id: uuid,
     org_id: uuid,
     group_id: { type: ['string', 'null'] },
@@ -306,7 +363,7 @@ export const schemas = [
     set_by: nullableString,
     set_at: dateTime,
   }),
-  entity('UpdateAttempt', {
+  row('UpdateAttempt', {
     id: uuid,
     org_id: uuid,
     device_id: uuid,
