@@ -5,6 +5,9 @@
  *   3. fanout latency           group retarget vs raw ws broadcast vs Mosquitto QoS 0
  *   4. firmware throughput      50 × 64 MiB over mTLS vs a plain Node https server
  *   5. report ingest            progress events at 1/s per device, PGlite and PostgreSQL
+ *   6. deployment               MAX devices rolled out in three stages (1 %, 10 %, the rest) with an
+ *                               approval before stages 2 and 3: approve → stage told and succeeded,
+ *                               server CPU and statements per device, peak RSS; devices install at once
  * Prints a markdown table; writes bench/results/<date>-<sha>.json and bench/results/latest.json.
  * `--fuzz`: instead, the device-protocol fuzz test at length (bench/fuzz.ts).
  */
@@ -31,7 +34,7 @@ import type { Rpc } from './lib/ipc.ts';
 import { nowMs } from './lib/ipc.ts';
 import { forkTs, killAll, startMosquitto, stopChild } from './lib/procs.ts';
 import { runFuzz } from './fuzz.ts';
-import { printTable, summarize, type Results } from './lib/report.ts';
+import { type Bag, printTable, summarize, type Results } from './lib/report.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const argv = process.argv.slice(2);
@@ -88,7 +91,15 @@ if (!existsSync(firmwareFile) || statSync(firmwareFile).size !== IMAGE_MIB * 102
   writeFileSync(firmwareFile, randomBytes(IMAGE_MIB * 1024 * 1024));
 }
 const profilesDir = path.join(work, 'profiles');
-const results: Results = { meta: {}, connections: {}, handshake: {}, fanout: {}, firmware: {}, ingest: {} };
+const results: Results = {
+  meta: {},
+  connections: {},
+  handshake: {},
+  fanout: {},
+  firmware: {},
+  ingest: {},
+  deployment: {},
+};
 
 process.on('exit', killAll);
 for (const signal of ['SIGINT', 'SIGTERM'] as const) {
@@ -841,6 +852,121 @@ async function ingestOnlyPhase(workers: Worker[], db: 'pglite' | 'postgres', dat
   }
 }
 
+// ---- phase: a deployment over MAX devices ------------------------------------------------------
+
+interface StageJson {
+  size: number;
+  told: number;
+  succeeded: number;
+  failed: number;
+  succeeded_at: string | null;
+}
+interface DeploymentJson {
+  id: string;
+  state: string;
+  stages: StageJson[];
+}
+
+/**
+ * Every device of the bench joined, one deployment of a new release in three stages: a 1 % canary,
+ * then 10 % and the rest, each after an approval. The devices install at once (worker autoUpdate:
+ * begin, finish, rejoin on the new firmware). Per stage: approve (or create) → every device of
+ * the stage told, → the stage succeeded; the server's CPU and statements over the stage per
+ * device; peak RSS over the rollout against the RSS of the joined fleet before it.
+ */
+async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise<void> {
+  log(`deployment (${MAIN_DB}): ${MAX} devices`);
+  const server = await startFleethub(`bench-deploy-${MAIN_DB}`, databaseUrl);
+  try {
+    const firmwareUuid = randomUUID();
+    await server.api.call('POST', '/api/v1/orgs/default/groups', { product: 'default', name: 'deploy' });
+    await server.rpc.call('seed', { from: 0, to: MAX });
+    await addToGroup(server, 'deploy', 0, MAX);
+    const version = `3.0.${Date.now() % 100000}`;
+    const tiny = path.join(work, 'deploy.bin');
+    writeFileSync(tiny, randomBytes(1024));
+    await server.api.upload(version, tiny);
+    const ramp = await connectUpTo(workers, 'phoenix', server.devicePort, 0, MAX, { firmwareUuid });
+    await waitFor(
+      `${MAX} devices in their group channel`,
+      async () => (await workersStatus(workers)).groupJoined >= MAX - ramp.failed,
+    );
+    await Promise.all(workers.map((w) => w.rpc.call('autoUpdate', { on: true })));
+    await settle(server);
+    const before = await server.rpc.call<Memory>('memory');
+    await server.rpc.call('sampleRss', { on: true });
+
+    const show = (id: string) => server.api.call<DeploymentJson>('GET', `/api/v1/orgs/default/deployments/${id}`);
+    let deployment: DeploymentJson | undefined;
+    const stageFigures: Bag[] = [];
+    for (let stage = 0; stage < 3; stage++) {
+      const stats0 = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
+      const t0 = nowMs();
+      if (stage === 0) {
+        deployment = await server.api.call<DeploymentJson>('POST', '/api/v1/orgs/default/deployments', {
+          product: 'default',
+          version,
+          groups: ['deploy'],
+          stages: [
+            { size: { percent: 1 } },
+            { size: { percent: 10 }, requires_approval: true },
+            { size: 'rest', requires_approval: true },
+          ],
+        });
+      } else {
+        await server.api.call('POST', `/api/v1/orgs/default/deployments/${deployment!.id}/approve`);
+      }
+      const id = deployment!.id;
+      let toldAt: number | undefined;
+      let last: DeploymentJson | undefined;
+      await waitFor(
+        `stage ${stage + 1} to succeed`,
+        async () => {
+          last = await show(id);
+          const st = last.stages[stage]!;
+          if (toldAt === undefined && st.told >= st.size) toldAt = nowMs();
+          return st.succeeded_at !== null || st.failed > 0;
+        },
+        600_000,
+      );
+      const doneAt = nowMs();
+      const stats1 = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
+      const st = last!.stages[stage]!;
+      const figures: Bag = {
+        devices: st.size,
+        told_ms: round((toldAt ?? doneAt) - t0),
+        succeeded_ms: round(doneAt - t0),
+        failed: st.failed,
+        server_cpu_ms_per_device: round((stats1.cpuMs - stats0.cpuMs) / st.size, 2),
+        statements_per_device: round((stats1.statements - stats0.statements) / st.size, 1),
+      };
+      stageFigures.push(figures);
+      log(`deployment stage ${stage + 1}: ${JSON.stringify(figures)}`);
+    }
+    const { peakRss } = await server.rpc.call<{ peakRss: number }>('sampleRss', { on: false });
+    const final = await show(deployment!.id);
+    const updated = await Promise.all(
+      workers.map((w) => w.rpc.call<{ updated: number; failures: number }>('updated', { version })),
+    );
+    results.deployment = {
+      devices: MAX,
+      state: final.state,
+      devices_updated: updated.reduce((n, u) => n + u.updated, 0),
+      device_failures: updated.reduce((n, u) => n + u.failures, 0),
+      rss_before_mib: round(before.rss / 1048576),
+      peak_rss_mib: round(peakRss / 1048576),
+      rss_growth_mib: round((peakRss - before.rss) / 1048576),
+    };
+    for (const [i, f] of stageFigures.entries())
+      for (const [k, v] of Object.entries(f)) results.deployment[`stage${i + 1}_${k}`] = v;
+    log(`deployment: ${JSON.stringify(results.deployment)}`);
+    await Promise.all(workers.map((w) => w.rpc.call('autoUpdate', { on: false })));
+    await Promise.all(workers.map((w) => w.rpc.call('closeAll')));
+  } finally {
+    await server.stop();
+  }
+}
+
 // ---- main -----------------------------------------------------------------------------------
 
 const started = Date.now();
@@ -862,16 +988,24 @@ results.meta = {
   loadavg_start: os.loadavg().map((l) => round(l)),
 };
 
+// --only=deployment runs that phase alone (no main phase, no baselines).
+const deploymentOnly = only?.every((p) => p === 'deployment') ?? false;
 const workers = await startWorkers();
 try {
-  if (MAIN_DB === 'postgres') await withPostgres((url) => fleethubPhase(workers, url));
-  else await fleethubPhase(workers);
+  if (!deploymentOnly) {
+    if (MAIN_DB === 'postgres') await withPostgres((url) => fleethubPhase(workers, url));
+    else await fleethubPhase(workers);
+  }
   // --fleethub-only: profiling runs without the baselines (their table has no ratios).
-  if (!argv.includes('--fleethub-only')) {
+  if (!argv.includes('--fleethub-only') && !deploymentOnly) {
     await floorPhase(workers);
     await mosquittoPhase(workers);
   }
-  if (runs('ingest')) {
+  if (runs('deployment')) {
+    if (MAIN_DB === 'postgres') await withPostgres((url) => deploymentPhase(workers, url));
+    else await deploymentPhase(workers);
+  }
+  if (runs('ingest') && !deploymentOnly) {
     if (MAIN_DB === 'postgres') await ingestOnlyPhase(workers, 'pglite');
     await withPostgres((url) => ingestOnlyPhase(workers, 'postgres', url));
   }
@@ -888,6 +1022,6 @@ mkdirSync(dir, { recursive: true });
 const json = JSON.stringify({ ...summary, details: results }, null, 2);
 writeFileSync(path.join(dir, `${new Date().toISOString().slice(0, 10)}-${sha}.json`), json);
 // A run without baselines has no ratios: it must not replace the latest full results.
-if (!argv.includes('--fleethub-only')) writeFileSync(path.join(dir, 'latest.json'), json);
+if (!argv.includes('--fleethub-only') && !deploymentOnly) writeFileSync(path.join(dir, 'latest.json'), json);
 log(`done in ${results.meta.duration_s} s; results in bench/results/latest.json`);
 process.exit(0);

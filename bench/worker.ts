@@ -5,6 +5,9 @@
  *             topic the join reply or a `join {channel}` push names; heartbeats every 30 s;
  *   ws      — bare WebSocket connections to the raw ws+TLS floor server;
  *   mqtt    — MQTT 3.1.1 clients subscribed to one topic on Mosquitto.
+ * With `autoUpdate` on, a phoenix device answers a `firmware_update` as a device that installs it
+ * at once (no download): `firmware_update_begin`, `firmware_update_finish`, then it reconnects
+ * and joins `device:<the new firmware_uuid>`, which the server counts as succeeded.
  * Receipt times use the machine-wide monotonic clock so the coordinator can compare processes.
  */
 import tls, { type ConnectionOptions, type TLSSocket } from 'node:tls';
@@ -43,6 +46,10 @@ interface Device {
   received: Map<string, number>;
   bytesReceived: number;
   firmwareUrl?: string;
+  /** The firmware it runs (joins `device:<uuid>`); the run's `firmwareUuid` until it updates. */
+  uuid?: string;
+  /** Time it rejoined running each version it updated to (autoUpdate). */
+  updated: Map<string, number>;
 }
 
 const devices = new Map<number, Device>();
@@ -121,6 +128,8 @@ function onPhoenixFrame(device: Device, data: Buffer): void {
     if (!device.received.has(version)) device.received.set(version, at);
     device.firmwareUrl = String(payload.url);
     lastFrameBytes = data.length;
+    if (autoUpdate && !device.updated.has(version) && typeof payload.firmware_uuid === 'string')
+      void install(device, version, payload.firmware_uuid);
     return;
   }
   if (event === 'join' && typeof payload.channel === 'string' && topic.startsWith('device:'))
@@ -128,6 +137,39 @@ function onPhoenixFrame(device: Device, data: Buffer): void {
 }
 
 let lastFrameBytes = 0;
+let autoUpdate = false;
+let updateFailures = 0;
+
+/** Installs at once: begin, finish, reconnect on the new firmware (its join confirms the update). */
+async function install(device: Device, version: string, uuid: string): Promise<void> {
+  device.updated.set(version, Number.NaN);
+  const topic = `device:${device.uuid ?? firmwareUuid}`;
+  try {
+    for (const event of ['firmware_update_begin', 'firmware_update_finish']) {
+      const reply = await send(device, device.deviceJoinRef, topic, event, { version });
+      if (reply.status !== 'ok') throw new Error(`${event}: ${JSON.stringify(reply.response)}`);
+    }
+    device.uuid = uuid;
+    const ws = device.ws!;
+    await new Promise<void>((resolve) => {
+      ws.once('close', () => resolve());
+      ws.close(1000);
+    });
+    for (let attempt = 1; ; attempt++) {
+      try {
+        await connectPhoenix(device);
+        break;
+      } catch (err) {
+        device.ws?.terminate();
+        if (attempt >= 5) throw err;
+        await new Promise((r) => setTimeout(r, 50 * attempt));
+      }
+    }
+    device.updated.set(version, nowMs());
+  } catch {
+    updateFailures++;
+  }
+}
 
 function connectPhoenix(device: Device): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -153,7 +195,7 @@ function connectPhoenix(device: Device): Promise<void> {
     ws.on('open', () => {
       device.open = true;
       device.deviceJoinRef = String(device.ref + 1);
-      send(device, device.deviceJoinRef, `device:${firmwareUuid}`, 'phx_join', {
+      send(device, device.deviceJoinRef, `device:${device.uuid ?? firmwareUuid}`, 'phx_join', {
         version: '1.0.0',
         platform: 'bench',
         architecture: 'x86_64',
@@ -258,6 +300,7 @@ async function connectRange(request: Request): Promise<unknown> {
           deviceJoinRef: '',
           pending: new Map(),
           received: new Map(),
+          updated: new Map(),
           bytesReceived: 0,
         };
         devices.set(index, device);
@@ -381,6 +424,7 @@ async function mqttPublish(request: Request): Promise<unknown> {
     deviceJoinRef: '',
     pending: new Map(),
     received: new Map(),
+    updated: new Map(),
     bytesReceived: 0,
   };
   target = { host: '127.0.0.1', port: Number(request.port) };
@@ -515,7 +559,20 @@ setInterval(() => {
   }
 }, 1000).unref();
 
+/** How many devices of [from, to) rejoined running `version` (autoUpdate), and how many updates failed. */
+function updated(request: Request): unknown {
+  const version = String(request.version);
+  let done = 0;
+  for (const d of devices.values()) if (Number.isFinite(d.updated.get(version) ?? Number.NaN)) done++;
+  return { updated: done, failures: updateFailures };
+}
+
 serveRpc({
+  autoUpdate(request: Request) {
+    autoUpdate = request.on === true;
+    return null;
+  },
+  updated,
   connect: connectRange,
   status,
   received,

@@ -3,8 +3,8 @@
  * the README quotes (`connections.per_conn_kib`, `fanout.<N>.p99_ms`, ...), and the markdown table.
  */
 
-type Figure = number | string | undefined;
-type Bag = Record<string, Figure | number[]>;
+export type Figure = number | string | undefined;
+export type Bag = Record<string, Figure | number[]>;
 
 export interface Results {
   meta: Record<string, Figure | number[]>;
@@ -16,6 +16,8 @@ export interface Results {
   firmware: Bag;
   /** Per database. */
   ingest: Record<string, Bag>;
+  /** One deployment over every device (stage figures as `stage<N>_<figure>`). */
+  deployment: Bag;
 }
 
 export interface Summary {
@@ -25,6 +27,7 @@ export interface Summary {
   fanout: Record<string, Bag>;
   firmware: Bag;
   ingest: Bag;
+  deployment: Bag;
 }
 
 /** The figures under the documented keys; `connections.*` are at the largest count reached. */
@@ -59,6 +62,7 @@ export function summarize(results: Results, max: number): Summary {
     handshake: results.handshake,
     fanout: Object.fromEntries(Object.entries(results.fanout).map(([n, bag]) => [String(n), bag])),
     firmware: results.firmware,
+    deployment: results.deployment,
     ingest: {
       events_s: pglite.events_s as Figure,
       p99_ack_ms: pglite.p99_ack_ms as Figure,
@@ -142,6 +146,30 @@ export function printTable(s: Summary): string {
     '',
   );
   row('report ingest PostgreSQL, p99 ack ms', i.postgres_p99_ack_ms, '', undefined, '');
+  const d = s.deployment;
+  const fan = s.fanout['1000'] ?? {};
+  for (const n of [1, 2, 3]) {
+    const size = fmt(d[`stage${n}_devices`]);
+    const start = n === 1 ? 'create' : 'approve';
+    // Baseline: the same fleet's plain group retarget of 1,000 devices (API request → p99 received).
+    row(
+      `deployment of ${fmt(d.devices)}: stage ${n} (${size} devices), ${start} → all told, ms`,
+      d[`stage${n}_told_ms`],
+      n === 2 ? 'group retarget of 1000, p99 received' : '',
+      n === 2 ? fan.from_api_request_p99_ms : undefined,
+      '',
+    );
+    row(`deployment stage ${n}: ${start} → succeeded, ms`, d[`stage${n}_succeeded_ms`], '', undefined, '');
+    row(
+      `deployment stage ${n}: server CPU per device, ms`,
+      d[`stage${n}_server_cpu_ms_per_device`],
+      'full connect',
+      s.handshake.full_server_cpu_ms,
+      '',
+    );
+    row(`deployment stage ${n}: statements per device`, d[`stage${n}_statements_per_device`], '', undefined, '');
+  }
+  row('deployment: server RSS growth over the rollout, MiB', d.rss_growth_mib, '', undefined, 'bounded');
   const header = ['figure', 'fleethub', 'baseline', 'baseline value', 'ratio', 'target'];
   return [
     `| ${header.join(' | ')} |`,
