@@ -1,13 +1,11 @@
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { existsSync, mkdtempSync, readdirSync, rmSync, statSync, utimesSync } from 'node:fs';
 import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { Socket } from 'phoenix';
-import pg from 'pg';
-import { DATABASE_KIND } from '../helpers/db.ts';
+import { createProcessDatabase, DATABASE_KIND } from '../helpers/db.ts';
 import { disconnectSocket, joinChannel, openSocket, waitFor } from '../helpers/phoenix.ts';
 import { deviceCert, deviceTlsOptions, getTestPki } from '../helpers/pki.ts';
 import { startServerProcess, type ServerProcess, type ServerProcessOptions } from '../helpers/server-process.ts';
@@ -34,16 +32,9 @@ const servers: ServerProcess[] = [];
 before(async () => {
   dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-crash-'));
   certsDir = (await getTestPki()).dir;
-  if (process.env.DATABASE_URL) {
-    // A fresh database of its own: the server process knows no schema setting, and its migrations
-    // keep their bookkeeping in `public`.
-    const name = `t_crash_${randomBytes(6).toString('hex')}`;
-    await adminQuery(`CREATE DATABASE ${name}`);
-    const url = new URL(process.env.DATABASE_URL);
-    url.pathname = `/${name}`;
-    databaseUrl = url.toString();
-    closeDatabase = () => adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-  }
+  const database = await createProcessDatabase('crash');
+  databaseUrl = database?.url;
+  closeDatabase = database?.drop;
 });
 after(async () => {
   for (const socket of sockets) socket.disconnect();
@@ -51,16 +42,6 @@ after(async () => {
   await closeDatabase?.();
   rmSync(dataDir, { recursive: true, force: true });
 });
-
-async function adminQuery(text: string): Promise<void> {
-  const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
-  await client.connect();
-  try {
-    await client.query(text);
-  } finally {
-    await client.end();
-  }
-}
 
 async function start(options: Partial<ServerProcessOptions> = {}): Promise<Session> {
   const server = await startServerProcess({

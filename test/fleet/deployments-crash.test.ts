@@ -1,18 +1,15 @@
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
 import { mkdtempSync, rmSync } from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import pg from 'pg';
 import { DeviceClient } from '../../device-client/index.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 import { imageChunks } from '../firmware/harness.ts';
-import { DATABASE_KIND } from '../helpers/db.ts';
+import { createProcessDatabase, DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
-import { startServerProcess, type ServerProcess } from '../helpers/server-process.ts';
+import { freePort, loginTo, startServerProcess, type ServerProcess } from '../helpers/server-process.ts';
 import { until } from '../helpers/until.ts';
 
 // `fleethub serve` killed with SIGKILL in the middle of a deployment (between two rate windows),
@@ -33,26 +30,11 @@ let closeDatabase: (() => Promise<void>) | undefined;
 const servers: ServerProcess[] = [];
 const clients: DeviceClient[] = [];
 
-async function adminQuery(text: string): Promise<void> {
-  const client = new pg.Client({ connectionString: process.env.DATABASE_URL });
-  await client.connect();
-  try {
-    await client.query(text);
-  } finally {
-    await client.end();
-  }
-}
-
 before(async () => {
   dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-deploy-crash-'));
-  if (process.env.DATABASE_URL) {
-    const name = `t_dcrash_${randomBytes(6).toString('hex')}`;
-    await adminQuery(`CREATE DATABASE ${name}`);
-    const url = new URL(process.env.DATABASE_URL);
-    url.pathname = `/${name}`;
-    databaseUrl = url.toString();
-    closeDatabase = () => adminQuery(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`);
-  }
+  const database = await createProcessDatabase('dcrash');
+  databaseUrl = database?.url;
+  closeDatabase = database?.drop;
 });
 after(async () => {
   await Promise.all(clients.map((c) => c.stop()));
@@ -60,17 +42,6 @@ after(async () => {
   await closeDatabase?.();
   rmSync(dataDir, { recursive: true, force: true });
 });
-
-function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address() as net.AddressInfo;
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () => {
   test('continues after the restart: every device told once, counts exact', async () => {
@@ -93,26 +64,7 @@ describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () =>
         ],
       });
       servers.push(server);
-      const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
-        method: 'POST',
-        headers: { 'content-type': 'application/json' },
-        body: JSON.stringify(ADMIN),
-      });
-      assert.equal(login.status, 200);
-      const { token } = (await login.json()) as { token: string };
-      const call = async <T>(method: string, url: string, body?: unknown): Promise<T> => {
-        const res = await fetch(`${server.apiUrl}${url}`, {
-          method,
-          headers: {
-            authorization: `Bearer ${token}`,
-            ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-          },
-          body: body === undefined ? undefined : JSON.stringify(body),
-        });
-        const text = await res.text();
-        if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
-        return (text ? JSON.parse(text) : undefined) as T;
-      };
+      const { token, call } = await loginTo(server, ADMIN);
       return { server, token, call };
     };
 

@@ -69,7 +69,7 @@ function acmeOrRival(d: TestDevice): string {
   return d.serial.startsWith('rival') ? rival.org.id : acme.org.id;
 }
 
-async function waitForDb(check: () => Promise<boolean>, what: string, timeoutMs = 5000): Promise<void> {
+async function waitForDb(check: () => Promise<boolean>, what: string, timeoutMs = 20_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   while (!(await check())) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);

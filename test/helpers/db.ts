@@ -2,6 +2,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { mkdirSync, readdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import pg from 'pg';
 import { dropSchema, openDatabase, type DatabaseHandle } from '../../server/db/index.ts';
 import { migrateToLatest } from '../../server/db/migrate.ts';
 
@@ -69,3 +70,29 @@ function pgliteTemplate(): Promise<Blob> {
 
 /** Which database the suite runs on, for test names and skips. */
 export const DATABASE_KIND = process.env.DATABASE_URL ? 'postgres' : 'pglite';
+
+/**
+ * For `fleethub serve` processes on PostgreSQL: a fresh database of their own (a server process
+ * knows no schema setting, and its migrations keep their bookkeeping in `public`), as a URL, and
+ * `drop()`. Undefined on PGlite (the processes use their data directory).
+ */
+export async function createProcessDatabase(
+  prefix: string,
+): Promise<{ url: string; drop: () => Promise<void> } | undefined> {
+  const admin = process.env.DATABASE_URL;
+  if (!admin) return undefined;
+  const query = async (text: string) => {
+    const client = new pg.Client({ connectionString: admin });
+    await client.connect();
+    try {
+      await client.query(text);
+    } finally {
+      await client.end();
+    }
+  };
+  const name = `t_${prefix}_${randomBytes(6).toString('hex')}`;
+  await query(`CREATE DATABASE ${name}`);
+  const url = new URL(admin);
+  url.pathname = `/${name}`;
+  return { url: url.toString(), drop: () => query(`DROP DATABASE IF EXISTS ${name} WITH (FORCE)`) };
+}

@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import net from 'node:net';
 import path from 'node:path';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
@@ -28,8 +29,8 @@ export interface ServerProcessOptions {
   databaseUrl?: string;
   nodeName?: string;
   env?: NodeJS.ProcessEnv;
-  /** Run the compiled build (`bin/fleethub.js`, no tsx) instead of the sources. */
-  compiled?: boolean;
+  /** Run a compiled build's bin (`COMPILED_BIN`, or a copy of bin/ beside another build) instead of the sources, with no tsx. */
+  compiled?: boolean | string;
   /** More `fleethub serve` flags. */
   extraArgs?: string[];
 }
@@ -41,7 +42,9 @@ export interface ServerProcessOptions {
 export async function startServerProcess(options: ServerProcessOptions): Promise<ServerProcess> {
   const args = [
     // tsx resolved here: the server's cwd may be outside the repository.
-    ...(options.compiled ? [COMPILED_BIN] : ['--import', import.meta.resolve('tsx'), CLI]),
+    ...(options.compiled
+      ? [typeof options.compiled === 'string' ? options.compiled : COMPILED_BIN]
+      : ['--import', import.meta.resolve('tsx'), CLI]),
     'serve',
     ...(options.dataDir ? ['--data-dir', options.dataDir] : []),
     ...(options.certsDir ? ['--certs-dir', options.certsDir] : []),
@@ -89,4 +92,47 @@ export async function startServerProcess(options: ServerProcessOptions): Promise
       await exited;
     },
   };
+}
+
+/** A free TCP port on 127.0.0.1 (to start a server again on the same ports). */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+export interface ApiSession {
+  token: string;
+  /** Calls the operator API; throws on a non-2xx answer with the server's error. */
+  call<T = unknown>(method: string, url: string, body?: unknown): Promise<T>;
+}
+
+/** Logs in to a server process's operator API as `admin`. */
+export async function loginTo(server: ServerProcess, admin: { email: string; password: string }): Promise<ApiSession> {
+  const login = await fetch(`${server.apiUrl}/api/v1/auth/login`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify(admin),
+  });
+  if (login.status !== 200) throw new Error(`login to ${server.apiUrl} → ${login.status} ${await login.text()}`);
+  const { token } = (await login.json()) as { token: string };
+  const call = async <T>(method: string, url: string, body?: unknown): Promise<T> => {
+    const res = await fetch(`${server.apiUrl}${url}`, {
+      method,
+      headers: {
+        authorization: `Bearer ${token}`,
+        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
+      },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await res.text();
+    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
+    return (text ? JSON.parse(text) : undefined) as T;
+  };
+  return { token, call };
 }

@@ -2,7 +2,7 @@
 export async function until<T>(
   fn: () => Promise<T | undefined | false> | T | undefined | false,
   what: string,
-  timeoutMs = 10_000,
+  timeoutMs = 30_000,
 ): Promise<T> {
   const end = Date.now() + timeoutMs;
   for (;;) {

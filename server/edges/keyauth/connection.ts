@@ -65,7 +65,8 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
   const log = deps.log.child({ remote });
   let state: State = { phase: 'hello' };
   let failures = 0;
-  let queue: string[] = [];
+  /** Lines read and not handled yet; `limited`: it arrived over the request rate (counted on arrival). */
+  const queue: { line: string; limited: boolean }[] = [];
   let busy = false;
   let closed = false;
   let tokens = limits.maxRequestsPerSecond * 2;
@@ -228,7 +229,9 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     reply(await runAction(deps, s.session, request));
   };
 
-  const handle = async (line: string) => {
+  const handle = async (line: string, limited: boolean) => {
+    if (limited)
+      return fail(400, 'RateLimited', `more than ${limits.maxRequestsPerSecond} requests per second; slow down`);
     let message: unknown;
     try {
       message = JSON.parse(line);
@@ -237,8 +240,6 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     }
     const bad = findBadString(message, '');
     if (bad) return fail(400, 'InvalidString', describeBadString(bad));
-    if (!takeToken())
-      return fail(400, 'RateLimited', `more than ${limits.maxRequestsPerSecond} requests per second; slow down`);
     if (state.phase === 'hello') await hello(message);
     else await authorised(message, state);
   };
@@ -249,10 +250,10 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
     socket.pause();
     try {
       while (queue.length && !closed) {
-        const line = queue.shift()!;
+        const { line, limited } = queue.shift()!;
         await link.step(async () => {
           try {
-            await handle(line);
+            await handle(line, limited);
           } catch (err) {
             log.error({ err }, 'keyauth request failed');
             reply(errorResponse(500, 'ServerError', 'the server failed to handle the message; try again later'));
@@ -283,7 +284,9 @@ export function handleConnection(socket: Socket, deps: ConnectionDeps): Promise<
       }
       if (lines.length === 0) return;
       armTimer(limits.idleTimeoutMs, 'idle');
-      queue = queue.concat(lines);
+      // The rate is counted as lines arrive, not as they are handled: a flood is refused however
+      // slowly the server works through it.
+      for (const line of lines) queue.push({ line, limited: !takeToken() });
       void drain();
     });
     socket.on('error', () => undefined);
