@@ -116,7 +116,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     options.database ?? (await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir }));
   const ownsDatabase = !options.database;
   await migrateToLatest(database.db, database.schema);
-  // PGlite has no autovacuum: analyze what the migrations and, from then on, every bulk change touched.
+  // PGlite has no autovacuum: analyze the tables that changed since they were last analyzed.
   const stopAutoAnalyze = await startAutoAnalyze(database, log.child({ component: 'db' }));
 
   const secret = config.secret ?? loadOrCreateSecret(config.dataDir);
