@@ -1098,6 +1098,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/api/v1/orgs/{org}/status/devices": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Each device of the org or of one group, by identifier: its resolved target, running version and newest attempt (the rows behind device_states)
+         * @description Needs the viewer role or higher.
+         */
+        get: operations["listDeviceTargetStates"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/api/v1/orgs/{org}/targets": {
         parameters: {
             query?: never;
@@ -1615,11 +1635,31 @@ export interface components {
             /** @enum {string|null} */
             pause_cause?: "operator" | "error" | "success" | null;
             paused_reason?: string | null;
+            /** @description the penalty box: failures within the window… */
+            penalty_failures?: number | null;
+            /** @description …hold the device out this many seconds */
+            penalty_hold_s?: number | null;
+            /** @description …within this many seconds… */
+            penalty_window_s?: number | null;
             platform?: string | null;
             /** Format: uuid */
             product_id?: string;
+            /** @description `{type: constant}`, or `{type: exponential, base, factor, criterion, every?, max?}` (docs/deployments.md) */
+            rate?: {
+                base?: number;
+                /** @enum {string} */
+                criterion?: "notified" | "succeeded";
+                every?: number;
+                factor?: number;
+                max?: number;
+                /** @enum {string} */
+                type: "constant" | "exponential";
+            };
+            /** @description the constant rate (devices told in any 60 s) */
             rate_per_minute?: number | null;
+            /** @description times a failed or timed-out device is told again */
             retries?: number;
+            /** @description seconds before the first retry, doubled for each further one */
             retry_backoff_s?: number;
             stages: components["schemas"]["DeploymentStage"][];
             /** Format: date-time */
@@ -1639,15 +1679,19 @@ export interface components {
         DeploymentCounts: {
             /** @description in flight when the deployment was aborted */
             cancelled: number;
-            /** @description failed, declined, rolled back, timed out or superseded */
+            /** @description failed, declined, rolled back, timed out or superseded, with no retry left */
             failed: number;
             /** @description told, no outcome yet */
             in_flight: number;
+            /** @description failed too often within the penalty window: held out until the hold passed (not finished) */
+            penalty_box: number;
             /** @description not told yet */
             pending: number;
+            /** @description failed or timed out with retries left: waiting for the backoff to be told again (not finished) */
+            retrying: number;
             /** @description run the new firmware (the device confirmed it) */
             succeeded: number;
-            /** @description told (in flight or finished) */
+            /** @description told (in flight, waiting for a retry, or finished) */
             told: number;
             /** @description devices */
             total: number;
@@ -1666,13 +1710,19 @@ export interface components {
             /** @description 1-based order within the deployment */
             position?: number;
             protocol?: string;
+            /**
+             * Format: date-time
+             * @description retrying or penalty_box: when it may be told again
+             */
+            retry_at?: string | null;
             stage: number;
             /** @enum {string} */
-            state: "pending" | "in_flight" | "succeeded" | "failed" | "cancelled";
+            state: "pending" | "in_flight" | "retrying" | "penalty_box" | "succeeded" | "failed" | "cancelled";
             /** Format: date-time */
             succeeded_at?: string | null;
             /** Format: date-time */
             told_at?: string | null;
+            /** @description times the device was told (1 + retries) */
             tries?: number;
         } & {
             [key: string]: unknown;
@@ -1685,7 +1735,7 @@ export interface components {
             error?: components["schemas"]["DeploymentThreshold"] | (never | null);
             /** @description an operator resumed past its error condition */
             error_overridden?: boolean;
-            /** @description failed, declined, rolled back, timed out or superseded */
+            /** @description failed, declined, rolled back, timed out or superseded, with no retry left */
             failed: number;
             /** @description told, no outcome yet */
             in_flight: number;
@@ -1694,9 +1744,13 @@ export interface components {
             min_finished?: number;
             /** @enum {string} */
             on_error?: "pause" | "abort";
+            /** @description failed too often within the penalty window: held out until the hold passed (not finished) */
+            penalty_box: number;
             /** @description not told yet */
             pending: number;
             requires_approval?: boolean;
+            /** @description failed or timed out with retries left: waiting for the backoff to be told again (not finished) */
+            retrying: number;
             /** @description devices in this stage */
             size: number;
             /** @description as given: `{count}`, `{percent}` or `{rest: true}` */
@@ -1711,7 +1765,7 @@ export interface components {
             /** Format: date-time */
             succeeded_at?: string | null;
             success?: components["schemas"]["DeploymentThreshold"];
-            /** @description told (in flight or finished) */
+            /** @description told (in flight, waiting for a retry, or finished) */
             told: number;
             /** @description devices */
             total: number;
@@ -1745,11 +1799,31 @@ export interface components {
             /** @enum {string|null} */
             pause_cause?: "operator" | "error" | "success" | null;
             paused_reason?: string | null;
+            /** @description the penalty box: failures within the window… */
+            penalty_failures?: number | null;
+            /** @description …hold the device out this many seconds */
+            penalty_hold_s?: number | null;
+            /** @description …within this many seconds… */
+            penalty_window_s?: number | null;
             platform?: string | null;
             /** Format: uuid */
             product_id?: string;
+            /** @description `{type: constant}`, or `{type: exponential, base, factor, criterion, every?, max?}` (docs/deployments.md) */
+            rate?: {
+                base?: number;
+                /** @enum {string} */
+                criterion?: "notified" | "succeeded";
+                every?: number;
+                factor?: number;
+                max?: number;
+                /** @enum {string} */
+                type: "constant" | "exponential";
+            };
+            /** @description the constant rate (devices told in any 60 s) */
             rate_per_minute?: number | null;
+            /** @description times a failed or timed-out device is told again */
             retries?: number;
+            /** @description seconds before the first retry, doubled for each further one */
             retry_backoff_s?: number;
             /** Format: date-time */
             started_at?: string | null;
@@ -1770,30 +1844,30 @@ export interface components {
             percent?: number;
         };
         Device: {
-            approval?: string;
-            architecture?: string | null;
-            connected_node?: string | null;
+            approval: string;
+            architecture: string | null;
+            connected_node: string | null;
             /** @enum {string} */
-            connection_status?: "online" | "offline";
+            connection_status: "online" | "offline";
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
-            firmware_uuid?: string | null;
-            firmware_version?: string | null;
+            created_at: string;
+            description: string | null;
+            firmware_uuid: string | null;
+            firmware_version: string | null;
             /** Format: uuid */
             id: string;
-            identifier?: string;
+            identifier: string;
             /** Format: date-time */
-            last_seen_at?: string | null;
+            last_seen_at: string | null;
             /** Format: uuid */
-            org_id?: string;
-            platform?: string | null;
+            org_id: string;
+            platform: string | null;
             /** Format: uuid */
-            product_id?: string;
-            protocol?: string;
-            tags?: string[];
+            product_id: string;
+            protocol: string;
+            tags: string[];
             /** Format: date-time */
-            updated_at?: string;
+            updated_at: string;
         } & {
             [key: string]: unknown;
         };
@@ -1820,64 +1894,94 @@ export interface components {
         } & {
             [key: string]: unknown;
         };
+        /** @description one device with its resolved target for a component, its running version and its newest attempt */
+        DeviceTargetState: {
+            /** @description its newest attempt for that variant */
+            attempt_id: string | null;
+            attempt_percent: number | null;
+            attempt_state: string | null;
+            /** Format: date-time */
+            attempt_updated_at: string | null;
+            /** @enum {string} */
+            connection_status: "online" | "offline";
+            /** Format: uuid */
+            device_id: string;
+            identifier: string;
+            protocol: string;
+            /** @description the version of the component it runs (null: unknown) */
+            running_version: string | null;
+            /**
+             * @description its newest attempt's state for that variant, or `up_to_date`, `not_applicable`, `no_target`, `not_approved`, `no_attempt`
+             * @enum {string}
+             */
+            state: "queued" | "sent" | "begun" | "downloading" | "finished" | "succeeded" | "failed" | "rolled_back" | "timed_out" | "cancelled" | "up_to_date" | "not_applicable" | "no_target" | "not_approved" | "no_attempt";
+            /** @description the variant of that release its protocol installs (null: none, or not applicable) */
+            target_firmware_id: string | null;
+            /** @description the version of the release its target names (null: no target resolves, or it is not approved) */
+            target_version: string | null;
+            /** @description what set the target: `device`, `group:<id>` or `deployment:<id>` */
+            via: string | null;
+        } & {
+            [key: string]: unknown;
+        };
         Firmware: {
-            architecture?: string | null;
-            component?: string;
-            format?: string;
-            has_blob?: boolean;
+            architecture: string | null;
+            component: string;
+            format: string;
+            has_blob: boolean;
             /** Format: uuid */
             id: string;
-            metadata?: {
+            metadata: {
                 [key: string]: unknown;
             };
             /** Format: uuid */
-            org_id?: string;
-            platform?: string | null;
+            org_id: string;
+            platform: string | null;
             /** Format: uuid */
-            product_id?: string;
-            sha256?: string | null;
-            signature?: string | null;
-            size?: number | null;
+            product_id: string;
+            sha256: string | null;
+            signature: string | null;
+            size: number | null;
             /** Format: date-time */
-            uploaded_at?: string;
-            version?: string;
+            uploaded_at: string;
+            version: string;
         } & {
             [key: string]: unknown;
         };
         Group: {
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
+            created_at: string;
+            description: string | null;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            org_id?: string;
-            priority?: number;
+            org_id: string;
+            priority: number;
             /** Format: uuid */
-            product_id?: string;
+            product_id: string;
         } & {
             [key: string]: unknown;
         };
         Org: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
         } & {
             [key: string]: unknown;
         };
         Product: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            org_id?: string;
-            requires_signature?: boolean;
-            update_timeout_seconds?: number | null;
+            org_id: string;
+            requires_signature: boolean;
+            update_timeout_seconds: number | null;
         } & {
             [key: string]: unknown;
         };
@@ -1913,43 +2017,43 @@ export interface components {
             [key: string]: unknown;
         };
         Target: {
-            component?: string;
-            device_id?: string | null;
+            component: string;
+            device_id: string | null;
             /** Format: uuid */
-            firmware_id?: string;
-            group_id?: string | null;
+            firmware_id: string;
+            group_id: string | null;
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
+            org_id: string;
             /** Format: date-time */
-            set_at?: string;
-            set_by?: string | null;
+            set_at: string;
+            set_by: string | null;
         } & {
             [key: string]: unknown;
         };
         UpdateAttempt: {
-            bytes?: number | null;
-            component?: string;
+            bytes: number | null;
+            component: string;
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
-            device_id?: string;
-            errors?: string[];
+            device_id: string;
+            errors: string[];
             /** Format: uuid */
-            firmware_id?: string;
-            from_version?: string | null;
+            firmware_id: string;
+            from_version: string | null;
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
-            percent?: number | null;
-            state?: string;
-            to_version?: string;
-            total?: number | null;
+            org_id: string;
+            percent: number | null;
+            state: string;
+            to_version: string;
+            total: number | null;
             /** Format: date-time */
-            updated_at?: string;
-            via?: string | null;
+            updated_at: string;
+            via: string | null;
         } & {
             [key: string]: unknown;
         };
@@ -3617,12 +3721,38 @@ export interface operations {
                     /** @description devices in flight at once */
                     max_concurrent?: number;
                     name?: string;
+                    /** @description the penalty box: a device that failed `failures` times within `window_s` seconds is held out for `hold_s` seconds before its next retry (needs `retries` ≥ `failures`) */
+                    penalty?: {
+                        failures: number;
+                        hold_s: number;
+                        window_s: number;
+                    };
                     platform?: string;
                     /** @description product id or name */
                     product: string;
+                    /** @description `{type: constant}` (the default: `rate_per_minute`), or `{type: exponential, base, factor, criterion, every?, max?}`: start at `base` devices a minute, multiply by `factor` each time another `every` (default `base`) devices were notified or succeeded (`criterion`), never above `max` */
+                    rate?: {
+                        /** @description devices a minute to start with */
+                        base?: number;
+                        /**
+                         * @description what raises the rate: devices told, or devices succeeded
+                         * @enum {string}
+                         */
+                        criterion?: "notified" | "succeeded";
+                        /** @description devices per step (default base) */
+                        every?: number;
+                        /** @description the rate is multiplied by this at each step (1.1 to 5, as AWS IoT Jobs allow) */
+                        factor?: number;
+                        /** @description the rate never goes above this a minute */
+                        max?: number;
+                        /** @enum {string} */
+                        type: "constant" | "exponential";
+                    };
                     /** @description devices told in any 60 s */
                     rate_per_minute?: number;
+                    /** @description a device whose update failed (after it began) or timed out is told again up to this many times */
                     retries?: number;
+                    /** @description seconds before the first retry (default 60); doubled for each further one, at most a day */
                     retry_backoff_s?: number;
                     /** @description in order; the first is the canary, the last takes every device left (default: one stage) */
                     stages?: {
@@ -3939,7 +4069,7 @@ export interface operations {
                 offset?: number;
                 /** @description 0-based stage index */
                 stage?: number;
-                state?: "pending" | "in_flight" | "succeeded" | "failed" | "cancelled";
+                state?: "pending" | "in_flight" | "retrying" | "penalty_box" | "succeeded" | "failed" | "cancelled";
             };
             header?: never;
             path: {
@@ -7112,6 +7242,89 @@ export interface operations {
                         versions: {
                             [key: string]: number;
                         };
+                    };
+                };
+            };
+            /** @description Default Response */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+            /** @description Default Response */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ApiErrorBody"];
+                };
+            };
+        };
+    };
+    listDeviceTargetStates: {
+        parameters: {
+            query?: {
+                /** @description the component whose target and per-device states are counted */
+                component?: string;
+                /** @description group id or name */
+                group?: string;
+                /** @description items per page */
+                limit?: number;
+                /** @description items to skip */
+                offset?: number;
+                /** @description only devices in this state */
+                state?: "queued" | "sent" | "begun" | "downloading" | "finished" | "succeeded" | "failed" | "rolled_back" | "timed_out" | "cancelled" | "up_to_date" | "not_applicable" | "no_target" | "not_approved" | "no_attempt";
+            };
+            header?: never;
+            path: {
+                /** @description organization id or name */
+                org: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Default Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": {
+                        items: components["schemas"]["DeviceTargetState"][];
+                        /** @description matches in all, not only on this page */
+                        total: number;
                     };
                 };
             };

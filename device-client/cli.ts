@@ -17,7 +17,7 @@ import {
   runProgram,
 } from '../shared/cli.ts';
 import { DeviceClient, ExecInstaller } from './index.ts';
-import { formatConnectionFailure } from './phoenix-transport.ts';
+import { formatConnectionFailure } from './connection-failure.ts';
 import {
   BAD_MODES,
   type BadMode,

@@ -10,12 +10,8 @@ import { Socket, type Channel } from 'phoenix';
 import { deviceTopic, Events, type DeviceJoinParams, type FirmwareUpdatePayload } from '../shared/protocol.ts';
 import { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';
 import { SlotInstaller, type Installer, type RunningFirmware } from './installer.ts';
-import {
-  type ConnectionFailure,
-  describeConnectionError,
-  tlsWebSocket,
-  type TlsWebSocketClass,
-} from './phoenix-transport.ts';
+import type { ConnectionFailure } from './connection-failure.ts';
+import { describeConnectionError, tlsWebSocket, type TlsWebSocketClass } from './phoenix-transport.ts';
 import { firmwareSignatureValid } from './verify.ts';
 
 export { downloadFirmware, DownloadError, type DeviceTls, type DownloadFaults } from './download.ts';
@@ -123,6 +119,19 @@ export class DeviceClientError extends Error {
 /** An update failure whose message goes to the operator as-is. */
 class UpdateFailure extends Error {}
 
+/** The server answered a report with an error (`{reason, details}`). */
+class ReportRefused extends UpdateFailure {
+  constructor(
+    message: string,
+    readonly response: unknown,
+  ) {
+    super(message);
+  }
+}
+
+/** The server did not answer a report in time (the connection may be gone with it). */
+class ReportTimeout extends UpdateFailure {}
+
 /**
  * One device. `start()` boots (learns the running firmware from the installer), connects and
  * joins `device:<uuid>`; the phoenix client reconnects and rejoins with backoff on its own.
@@ -139,6 +148,14 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
   #urlRefreshes = 0;
   #abort: AbortController | null = null;
   #stopped = false;
+  /** Joins of the device channel so far; a rejoin after a lost connection is a new one. */
+  #joins = 0;
+  /** The join in which the server was last told `firmware_update_begin` of the update underway. */
+  #begunInJoin = -1;
+  /** The update underway fell silent on purpose (bad release `hang`): it reports nothing more. */
+  #silent = false;
+  /** Waiting for the next join of the device channel (rejected by `stop()`). */
+  #joinWaiters: { resolve(): void; reject(err: Error): void }[] = [];
 
   constructor(options: DeviceClientOptions) {
     super();
@@ -185,6 +202,7 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
   async stop(): Promise<void> {
     this.#stopped = true;
     this.#abort?.abort();
+    for (const w of this.#joinWaiters.splice(0)) w.reject(new UpdateFailure('the device client stopped'));
     await this.#disconnect();
   }
 
@@ -253,6 +271,9 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
           ? reply.groups.filter((g): g is string => typeof g === 'string')
           : [];
         this.#reconcileGroups(groups);
+        this.#joins++;
+        this.#resumeUpdate();
+        for (const w of this.#joinWaiters.splice(0)) w.resolve();
         this.emit('joined', { topic, groups });
       })
       .receive('error', (reply: { reason?: unknown }) =>
@@ -307,16 +328,19 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
   async #performUpdate(update: FirmwareUpdatePayload): Promise<void> {
     const { version } = update;
     this.#updating = version;
+    this.#begunInJoin = -1;
+    this.#silent = false;
     this.#abort = new AbortController();
     const faults = this.options.faults?.(update);
     const bad = this.options.badRelease?.version === version ? this.options.badRelease.mode : undefined;
     let staging: string | undefined;
     try {
-      this.#push(Events.updateBegin, { version });
+      this.#resumeUpdate();
       this.emit('update_begin', { version, size: update.size });
       if (bad === 'hang') {
         // Mid-download and then nothing: `#updating` stays set, so a resent update is ignored too.
         this.#push(Events.updateProgress, { version, percent: 0, bytes: 0, total: update.size });
+        this.#silent = true;
         this.emit('update_hung', { version });
         return;
       }
@@ -353,8 +377,9 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
         size: result.size,
       });
       staging = undefined;
-      // The server must have the finish recorded before the device goes away.
-      await this.#pushAndWait(Events.updateFinish, { version });
+      // The server must have the finish recorded before the device goes away (after a rejoin, if
+      // the connection is down now: a server restart must not fail an installed update).
+      await this.#deliver(Events.updateFinish, { version });
       this.emit('update_finished', { version, bytesFetched: result.bytesFetched, attempts: result.attempts });
       this.#urlRefreshes = 0;
       if (bad === 'rollback') {
@@ -399,7 +424,8 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
           const percent = total > 0 ? Math.floor((bytes / total) * 100) : 100;
           this.emit('progress', { version, bytes, total, percent });
           const now = Date.now();
-          if (now - lastProgress >= (this.options.progressIntervalMs ?? 1000)) {
+          // Not joined: this figure is stale by the rejoin; the next one after it goes out.
+          if (this.#joined() && now - lastProgress >= (this.options.progressIntervalMs ?? 1000)) {
             lastProgress = now;
             this.#push(Events.updateProgress, { version, percent, bytes, total });
           }
@@ -496,6 +522,52 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
     this.emit('reported', { event, payload });
   }
 
+  /** Whether the device channel is joined on an open socket (a push goes out now, not into phoenix's buffer). */
+  #joined(): boolean {
+    return this.#socket?.isConnected() === true && this.#deviceChannel?.state === 'joined';
+  }
+
+  /**
+   * The resume rule (docs/phoenix-device-protocol.md): the server hears `firmware_update_begin`
+   * of the update underway once per join, before any other report on it, at the start of the
+   * update and again on every rejoin (the rejoin made the server send the update anew). Only
+   * while joined: nothing waits in phoenix's buffer to overtake it.
+   */
+  #resumeUpdate(): void {
+    const version = this.#updating;
+    if (!version || this.#silent || !this.#joined() || this.#begunInJoin === this.#joins) return;
+    this.#begunInJoin = this.#joins;
+    this.#push(Events.updateBegin, { version });
+  }
+
+  /** Resolves on the next join of the device channel. */
+  #nextJoin(): Promise<void> {
+    return new Promise((resolve, reject) => this.#joinWaiters.push({ resolve, reject }));
+  }
+
+  /**
+   * Reports `event` and resolves once the server has acknowledged it. While the device channel is
+   * not joined (a server restart, an outage) it waits for the rejoin, which reports the begin
+   * again first; a push lost with its connection goes again on the next join. A refusal rejects,
+   * except a finish the server holds already (its first answer was lost with the connection).
+   */
+  async #deliver(event: string, payload: Record<string, unknown>): Promise<void> {
+    for (;;) {
+      if (!this.#joined()) await this.#nextJoin();
+      const joins = this.#joins;
+      const pushed = this.#pushAndWait(event, payload).then(
+        () => true,
+        (err: unknown) => {
+          if (err instanceof ReportTimeout && (!this.#joined() || this.#joins !== joins)) return false;
+          if (err instanceof ReportRefused && event === Events.updateFinish && refusedState(err) === 'finished')
+            return true;
+          throw err;
+        },
+      );
+      if (await Promise.race([pushed, this.#nextJoin().then(() => false)])) return;
+    }
+  }
+
   #pushAndWait(event: string, payload: Record<string, unknown>, timeoutMs = 10_000): Promise<void> {
     const channel = this.#deviceChannel;
     if (!channel) return Promise.reject(new UpdateFailure(`not connected: cannot report ${event}`));
@@ -505,13 +577,19 @@ export class DeviceClient extends EventEmitter<DeviceClientEvents> {
         .push(event, payload, timeoutMs)
         .receive('ok', () => resolve())
         .receive('error', (r: unknown) =>
-          reject(new UpdateFailure(`the server refused ${event}: ${JSON.stringify(r)}`)),
+          reject(new ReportRefused(`the server refused ${event}: ${JSON.stringify(r)}`, r)),
         )
         .receive('timeout', () =>
-          reject(new UpdateFailure(`the server did not acknowledge ${event} within ${timeoutMs} ms`)),
+          reject(new ReportTimeout(`the server did not acknowledge ${event} within ${timeoutMs} ms`)),
         );
     });
   }
+}
+
+/** The attempt state a refusal names (`{reason, details: {state}}`), if any. */
+function refusedState(err: ReportRefused): unknown {
+  const details = (err.response as { details?: { state?: unknown } } | null)?.details;
+  return details?.state;
 }
 
 function parseUpdate(raw: unknown): FirmwareUpdatePayload | null {

@@ -321,6 +321,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
   webhooks.start();
   // Phased deployments: every node runs an orchestrator; a lease per deployment lets one act.
   const deployments = new DeploymentOrchestrator(fleet);
+  metrics.deploymentStats = () => deployments.stats;
   const stopDeploymentNudges = pubsub.subscribe(DEPLOYMENTS_TOPIC, () => deployments.nudge());
   const timers = [
     setInterval(() => {

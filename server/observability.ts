@@ -34,6 +34,8 @@ export class Metrics {
   readonly dbPoolWait: client.Histogram;
   readonly firmwareDownloads: client.Counter<'completed'>;
   readonly firmwareBytes: client.Counter;
+  /** This node's deployment orchestrator's running totals (server/main.ts sets it once it runs). */
+  deploymentStats: (() => { retried: number; penalized: number }) | undefined;
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -61,25 +63,48 @@ export class Metrics {
         }
       },
     });
-    new client.Gauge({
-      name: 'fleethub_update_attempts',
-      help: 'Update attempts by state (whole cluster, from the database)',
-      labelNames: ['state'],
-      registers,
-      async collect() {
-        try {
-          const rows = await db
-            .selectFrom('update_attempts')
-            .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
-            .groupBy('state')
-            .execute();
-          this.reset();
-          for (const r of rows) this.set({ state: r.state }, Number(r.n));
-        } catch (err) {
-          log.warn({ err }, 'metrics: could not count update attempts');
-        }
-      },
-    });
+    byState(
+      'fleethub_update_attempts',
+      'Update attempts by state (whole cluster, from the database)',
+      'update attempts',
+      () =>
+        db
+          .selectFrom('update_attempts')
+          .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
+          .groupBy('state')
+          .execute(),
+    );
+    byState('fleethub_deployments', 'Deployments by state (whole cluster, from the database)', 'deployments', () =>
+      db
+        .selectFrom('deployments')
+        .select(['state', (eb) => eb.fn.countAll<number>().as('n')])
+        .groupBy('state')
+        .execute(),
+    );
+    byState(
+      'fleethub_deployment_devices',
+      'Devices of active deployments (draft, awaiting approval, running, paused) by their state there, penalty_box included (whole cluster)',
+      'deployment devices',
+      () =>
+        db
+          .selectFrom('deployment_devices as dd')
+          .innerJoin('deployments as dp', 'dp.id', 'dd.deployment_id')
+          .select(['dd.state', (eb) => eb.fn.countAll<number>().as('n')])
+          .where('dp.state', 'in', ['draft', 'awaiting_approval', 'running', 'paused'])
+          .groupBy('dd.state')
+          .execute(),
+    );
+    const stats = () => this.deploymentStats?.() ?? { retried: 0, penalized: 0 };
+    followCounter(
+      'fleethub_deployment_retries_total',
+      "Devices this node's orchestrator told again after a failure or timeout (a deployment retry)",
+      () => stats().retried,
+    );
+    followCounter(
+      'fleethub_deployment_penalty_boxed_total',
+      "Devices this node's orchestrator put in a deployment's penalty box",
+      () => stats().penalized,
+    );
     this.joins = new client.Counter({
       name: 'fleethub_device_joins_total',
       help: 'Device connections accepted on this node, by protocol (rate() gives joins per second)',
@@ -119,8 +144,8 @@ export class Metrics {
       buckets: LATENCY_BUCKETS,
       registers,
     });
-    pubsubCounter('fleethub_pubsub_published_total', 'Messages this node published', () => pubsub.stats.published);
-    pubsubCounter('fleethub_pubsub_received_total', 'Messages received from other nodes', () => pubsub.stats.received);
+    followCounter('fleethub_pubsub_published_total', 'Messages this node published', () => pubsub.stats.published);
+    followCounter('fleethub_pubsub_received_total', 'Messages received from other nodes', () => pubsub.stats.received);
     this.pubsubLag = new client.Histogram({
       name: 'fleethub_pubsub_lag_seconds',
       help: "Time from another node's publish to its arrival here (PostgreSQL LISTEN/NOTIFY; includes clock skew)",
@@ -145,8 +170,32 @@ export class Metrics {
       registers,
     });
 
-    /** A counter that follows a running total kept elsewhere (PubSub's stats). */
-    function pubsubCounter(name: string, help: string, total: () => number): client.Counter {
+    /** A gauge by `state` counted in the database at scrape time (the whole cluster). */
+    function byState(
+      name: string,
+      help: string,
+      what: string,
+      count: () => Promise<Array<{ state: string; n: number | string | bigint }>>,
+    ): void {
+      new client.Gauge({
+        name,
+        help,
+        labelNames: ['state'],
+        registers,
+        async collect() {
+          try {
+            const rows = await count();
+            this.reset();
+            for (const r of rows) this.set({ state: r.state }, Number(r.n));
+          } catch (err) {
+            log.warn({ err }, `metrics: could not count ${what}`);
+          }
+        },
+      });
+    }
+
+    /** A counter that follows a running total kept elsewhere (PubSub's stats, the orchestrator's). */
+    function followCounter(name: string, help: string, total: () => number): client.Counter {
       let seen = 0;
       return new client.Counter({
         name,

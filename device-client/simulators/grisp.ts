@@ -12,6 +12,13 @@ import { EventEmitter } from 'node:events';
 import https from 'node:https';
 import { pack } from 'tar-stream';
 import WebSocket from 'ws';
+import {
+  type ConnectionFailure,
+  describeError,
+  httpRefusal,
+  notTheProtocol,
+  readRefusal,
+} from '../connection-failure.ts';
 import type { DeviceTls } from '../download.ts';
 import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
@@ -116,6 +123,10 @@ export class GrispBoard extends EventEmitter {
     this.ws?.send(text);
   }
 
+  /**
+   * One connection attempt. A failed attempt emits `connect_error` with its reason; the link's
+   * `close` (after a failure or a drop) schedules the one next attempt.
+   */
   #connect(): Promise<void> {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(this.o.url, this.o.noSubprotocol ? [] : ['grisp-io-v1'], {
@@ -126,21 +137,36 @@ export class GrispBoard extends EventEmitter {
         perMessageDeflate: false,
       } as WebSocket.ClientOptions);
       this.ws = ws;
+      let failure: ConnectionFailure | undefined;
+      let opened = false;
+      const fail = (f: ConnectionFailure, err: Error) => {
+        if (failure) return;
+        failure = f;
+        if (!this.#stopped) this.emit('connect_error', f);
+        reject(err);
+      };
       ws.once('open', () => {
         if (ws.protocol !== 'grisp-io-v1') {
-          ws.terminate();
-          return reject(new Error(`the server chose subprotocol ${JSON.stringify(ws.protocol)}, not grisp-io-v1`));
+          const message = `the server chose subprotocol ${JSON.stringify(ws.protocol)}, not grisp-io-v1`;
+          fail(notTheProtocol('grisp-io-v1', message), new Error(message));
+          return void ws.terminate();
         }
+        opened = true;
         this.#armPingWatchdog();
         this.emit('connected');
         resolve();
       });
       ws.once('unexpected-response', (_req, res) => {
-        reject(Object.assign(new Error(`upgrade refused with HTTP ${res.statusCode}`), { statusCode: res.statusCode }));
-        ws.terminate();
+        void readRefusal(res).then(({ status, reason }) => {
+          fail(
+            httpRefusal(status, reason),
+            Object.assign(new Error(`upgrade refused with HTTP ${status}: ${reason}`), { statusCode: status }),
+          );
+          ws.terminate();
+        });
       });
       ws.on('error', (err) => {
-        if (ws.readyState === WebSocket.CONNECTING) reject(err);
+        if (!opened) fail(describeError(err), err);
       });
       ws.on('ping', () => {
         this.pings++;
@@ -151,22 +177,12 @@ export class GrispBoard extends EventEmitter {
         clearTimeout(this.#pingTimer);
         for (const p of this.#pending.values()) p.reject(new Error('disconnected'));
         this.#pending.clear();
-        this.emit('disconnected', code);
+        if (!failure) this.emit('disconnected', code);
+        clearTimeout(this.#reconnectTimer);
         if (!this.#stopped)
-          this.#reconnectTimer = setTimeout(
-            () => this.#connect().catch(() => this.#scheduleRetry()),
-            this.o.reconnectMs,
-          );
+          this.#reconnectTimer = setTimeout(() => this.#connect().catch(() => undefined), this.o.reconnectMs);
       });
     });
-  }
-
-  #scheduleRetry(): void {
-    if (!this.#stopped)
-      this.#reconnectTimer = setTimeout(
-        () => this.#connect().catch(() => this.#scheduleRetry()),
-        this.o.reconnectMs * 2,
-      );
   }
 
   #armPingWatchdog(): void {
@@ -444,6 +460,9 @@ registerSimulatorProtocol({
       report({ type: 'joined' });
     });
     board.on('disconnected', () => report({ type: 'disconnected' }));
+    board.on('connect_error', ({ kind, message }: ConnectionFailure) =>
+      report({ type: 'connect_failed', kind, message }),
+    );
     board.on('installed', (version: string) => {
       updating = version;
       report({ type: 'update_begin', version });

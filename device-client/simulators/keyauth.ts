@@ -11,6 +11,7 @@ import { mkdir, writeFile } from 'node:fs/promises';
 import net from 'node:net';
 import path from 'node:path';
 import { open, seal } from '../../shared/keyauth-envelope.ts';
+import { type ConnectionFailure, describeError, notTheProtocol, quoteAnswer } from '../connection-failure.ts';
 import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
@@ -24,6 +25,10 @@ export interface KeyauthClientOptions {
   /** Resend 101 this often while the key is pending; poll check_update this often once authorised. */
   pollIntervalMs?: number;
   heartbeatIntervalMs?: number;
+  /** Wait this long before reconnecting (default 1 s). */
+  reconnectMs?: number;
+  /** Fail a request the server does not answer within this long (default 10 s). */
+  replyTimeoutMs?: number;
   faults?: () => { corrupt?: boolean } | undefined;
   /**
    * A bad release (by the offered version): `fail` reports an error with the reason; `rollback`
@@ -32,6 +37,30 @@ export interface KeyauthClientOptions {
    * and never again (heartbeats go on).
    */
   bad?: BadRelease;
+}
+
+type Waiter = { resolve(reply: Reply): void; reject(err: Error): void };
+
+/** The port took a request and did not answer it. */
+class NoAnswer extends Error {}
+
+/** The server answered the authorisation, and not with a key. */
+class Refused extends Error {
+  constructor(readonly failure: ConnectionFailure) {
+    super(failure.message);
+  }
+}
+
+/** One keyauth line, or undefined when it is not a JSON object with a numeric `code`. */
+function parseReply(line: string): Reply | undefined {
+  try {
+    const value = JSON.parse(line) as unknown;
+    if (value && typeof value === 'object' && ('enc' in value || typeof (value as Reply).code === 'number'))
+      return value as Reply;
+  } catch {
+    // not JSON
+  }
+  return undefined;
 }
 
 interface Reply {
@@ -48,7 +77,7 @@ export class KeyauthClient extends EventEmitter {
   socket: net.Socket | undefined;
   serverKey: KeyObject | undefined;
   #buffer = '';
-  #waiting: Array<(reply: Reply) => void> = [];
+  #waiting: Waiter[] = [];
   #timers = new Set<NodeJS.Timeout>();
   #stopped = false;
   #busy = false;
@@ -76,12 +105,30 @@ export class KeyauthClient extends EventEmitter {
     return this.o.component ?? 'firmware';
   }
 
-  /** Sends one line and waits for the one response it gets. */
+  /**
+   * Sends one line and waits for the one response it gets (at most `replyTimeoutMs`: a port that
+   * takes the line and never answers fails the attempt, see `#connect`).
+   */
   #request(message: unknown): Promise<Reply> {
     return new Promise((resolve, reject) => {
-      if (!this.socket || this.socket.destroyed) return reject(new Error('not connected'));
-      this.#waiting.push(resolve);
-      this.socket.write(`${JSON.stringify(message)}\n`);
+      const socket = this.socket;
+      if (!socket || socket.destroyed) return reject(new Error('not connected'));
+      const timer = setTimeout(() => {
+        this.#waiting = this.#waiting.filter((w) => w !== waiter);
+        reject(new NoAnswer(`no answer within ${this.o.replyTimeoutMs ?? 10_000} ms`));
+      }, this.o.replyTimeoutMs ?? 10_000);
+      const waiter: Waiter = {
+        resolve: (reply) => {
+          clearTimeout(timer);
+          resolve(reply);
+        },
+        reject: (err) => {
+          clearTimeout(timer);
+          reject(err);
+        },
+      };
+      this.#waiting.push(waiter);
+      socket.write(`${JSON.stringify(message)}\n`);
     });
   }
 
@@ -97,31 +144,66 @@ export class KeyauthClient extends EventEmitter {
     await this.#connect();
   }
 
+  /**
+   * One connection: connect, then authorise. A failure (refused, a port that answers something
+   * other than keyauth lines, or nothing, or refuses the key) emits `connect_error` with its
+   * reason; the socket's `close` schedules the next attempt.
+   */
   async #connect(): Promise<void> {
     if (this.#stopped) return;
     const socket = net.connect({ host: this.o.host, port: this.o.port });
     this.socket = socket;
+    this.#buffer = '';
+    let failure: ConnectionFailure | undefined;
+    const fail = (f: ConnectionFailure) => {
+      if (failure || this.serverKey || this.#stopped) return;
+      failure = f;
+      this.emit('connect_error', f);
+      socket.destroy();
+    };
     socket.setEncoding('utf8');
     socket.on('data', (chunk: string) => {
       this.#buffer += chunk;
       for (let nl = this.#buffer.indexOf('\n'); nl >= 0; nl = this.#buffer.indexOf('\n')) {
         const line = this.#buffer.slice(0, nl);
         this.#buffer = this.#buffer.slice(nl + 1);
-        this.#waiting.shift()?.(JSON.parse(line) as Reply);
+        const reply = parseReply(line);
+        if (!reply) {
+          const f = notTheProtocol('keyauth', `it answered ${quoteAnswer(line)}, not a JSON line`);
+          for (const w of this.#waiting.splice(0)) w.reject(new Error(f.message));
+          return fail(f);
+        }
+        this.#waiting.shift()?.resolve(reply);
       }
+      // No newline after 64 KiB: not a keyauth line either.
+      if (this.#buffer.length > 65_536) fail(notTheProtocol('keyauth', 'it sent 64 KiB without a line break'));
     });
-    socket.on('error', () => undefined);
+    socket.on('error', (err) => fail(describeError(err)));
     socket.on('close', () => {
+      const authorised = this.serverKey !== undefined;
+      if (!authorised && this.#buffer)
+        fail(notTheProtocol('keyauth', `it answered ${quoteAnswer(this.#buffer)} and closed the connection`));
+      if (!authorised)
+        fail({ kind: 'connection closed', message: 'the server closed the connection before authorising the key' });
       this.serverKey = undefined;
-      this.#waiting = [];
-      this.emit('disconnected');
-      if (!this.#stopped) this.#later(1000, () => this.#connect());
+      for (const w of this.#waiting.splice(0)) w.reject(new Error('disconnected'));
+      if (authorised) this.emit('disconnected');
+      if (!this.#stopped) this.#later(this.o.reconnectMs ?? 1000, () => this.#connect());
     });
-    await new Promise<void>((resolve, reject) => {
-      socket.once('connect', resolve);
-      socket.once('error', reject);
-    }).catch(() => undefined);
-    if (!socket.destroyed) await this.#authorise();
+    const connected = await new Promise<boolean>((resolve) => {
+      socket.once('connect', () => resolve(true));
+      socket.once('close', () => resolve(false));
+    });
+    if (!connected) return;
+    await this.#authorise().catch((err: unknown) =>
+      fail(
+        err instanceof Refused
+          ? err.failure
+          : err instanceof NoAnswer
+            ? notTheProtocol('keyauth', `${err.message} to the authorisation request (101)`)
+            : { kind: 'other', message: (err as Error).message },
+      ),
+    );
   }
 
   #later(ms: number, fn: () => Promise<void>): void {
@@ -143,8 +225,13 @@ export class KeyauthClient extends EventEmitter {
       this.#later(this.o.pollIntervalMs ?? 30_000, () => this.#authorise());
       return;
     }
-    if (reply.code !== 103 || typeof reply.data?.key !== 'string')
-      return void this.emit('warning', `unexpected answer to 101: ${JSON.stringify(reply)}`);
+    if (reply.code !== 103 || typeof reply.data?.key !== 'string') {
+      const why = reply.error ? `${reply.error.type}: ${reply.error.msg}` : JSON.stringify(reply).slice(0, 200);
+      throw new Refused({
+        kind: `keyauth ${reply.code}`,
+        message: `the server answered 101 with ${reply.code} ${why}`,
+      });
+    }
     this.serverKey = createPublicKey(reply.data.key);
     this.emit('authorised');
     await this.action('status', { version: this.version, component: this.component });
@@ -242,6 +329,9 @@ registerSimulatorProtocol({
       report({ type: 'joined' });
     });
     client.on('disconnected', () => report({ type: 'disconnected' }));
+    client.on('connect_error', ({ kind, message }: ConnectionFailure) =>
+      report({ type: 'connect_failed', kind, message }),
+    );
     client.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     client.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
     client.on('update_failed', ({ version, error }: { version: string; error: string }) =>

@@ -11,6 +11,15 @@ import { existsSync, readFileSync } from 'node:fs';
 import { cp, mkdir, rm, writeFile, rename } from 'node:fs/promises';
 import path from 'node:path';
 import { extractZip, parseManifest, MANIFEST_NAME } from '../../shared/main-server-package.ts';
+import {
+  type ConnectionFailure,
+  describeError,
+  formatConnectionFailure,
+  httpRefusal,
+  notTheProtocol,
+  quoteAnswer,
+  refusalReason,
+} from '../connection-failure.ts';
 import type { BadRelease } from '../index.ts';
 import { registerSimulatorProtocol } from '../simulator.ts';
 
@@ -27,6 +36,8 @@ export interface MainServerDeviceOptions {
   token?: string;
   pollIntervalMs?: number;
   heartbeatIntervalMs?: number;
+  /** Give up on one API call after this long (default 30 s). */
+  requestTimeoutMs?: number;
   /** Faults for one update. */
   faults?: () => { corrupt?: boolean; rejectInstall?: boolean } | undefined;
   /**
@@ -35,6 +46,13 @@ export interface MainServerDeviceOptions {
    * `in_progress` once and never again (heartbeats go on).
    */
   bad?: BadRelease;
+}
+
+/** A call that did not reach the Main Server API; its `failure` was emitted as `connect_error`. */
+class Unreachable extends Error {
+  constructor(readonly failure: ConnectionFailure) {
+    super(formatConnectionFailure(failure));
+  }
 }
 
 interface SavedState {
@@ -60,6 +78,8 @@ export class MainServerDevice extends EventEmitter {
   #timers = new Set<NodeJS.Timeout>();
   #stopped = false;
   #busy = false;
+  /** The last call did not reach the API. */
+  #down = false;
   /** Versions this device fell silent installing (bad release, mode `hang`): never tried again. */
   readonly #hung = new Set<string>();
 
@@ -84,17 +104,59 @@ export class MainServerDevice extends EventEmitter {
     await rename(tmp, this.#stateFile());
   }
 
+  /**
+   * One API call. A call that does not reach the Main Server API (refused, not HTTP, not JSON)
+   * emits `connect_error` with the reason and throws an `Unreachable`; the first call that reaches
+   * it again emits `reachable`.
+   */
   async #call<T>(method: string, pathname: string, body?: unknown): Promise<{ status: number; body: T }> {
-    const res = await fetch(`${this.o.url.replace(/\/+$/, '')}/api/main-server${pathname}`, {
-      method,
-      headers: {
-        ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
-        ...(this.state.token ? { authorization: `Bearer ${this.state.token}` } : {}),
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await res.text();
-    return { status: res.status, body: (text ? JSON.parse(text) : {}) as T };
+    let res: Response;
+    try {
+      res = await fetch(`${this.o.url.replace(/\/+$/, '')}/api/main-server${pathname}`, {
+        method,
+        headers: {
+          ...(body !== undefined ? { 'content-type': 'application/json' } : {}),
+          ...(this.state.token ? { authorization: `Bearer ${this.state.token}` } : {}),
+        },
+        body: body === undefined ? undefined : JSON.stringify(body),
+        signal: AbortSignal.timeout(this.o.requestTimeoutMs ?? 30_000),
+      });
+    } catch (err) {
+      throw this.#unreachable(
+        (err as Error).name === 'TimeoutError'
+          ? { kind: 'no answer', message: `${method} ${pathname} got no answer in time` }
+          : describeError(err),
+      );
+    }
+    const text = await res.text().catch(() => '');
+    let parsed: unknown = {};
+    try {
+      if (text) parsed = JSON.parse(text);
+    } catch {
+      throw this.#unreachable(
+        notTheProtocol('the Main Server API', `${method} ${pathname} answered HTTP ${res.status} ${quoteAnswer(text)}`),
+      );
+    }
+    if (this.#down) {
+      this.#down = false;
+      if (this.state.token) this.emit('reachable');
+    }
+    return { status: res.status, body: parsed as T };
+  }
+
+  /** Reports why a call failed; the first failure after a reachable spell emits `unreachable`. */
+  #unreachable(failure: ConnectionFailure): Unreachable {
+    if (!this.#stopped) {
+      this.emit('connect_error', failure);
+      if (!this.#down && this.state.token) this.emit('unreachable');
+    }
+    this.#down = true;
+    return new Unreachable(failure);
+  }
+
+  /** An HTTP answer that refused the device (not 2xx): reported as a connection failure too. */
+  #refused(status: number, body: unknown): void {
+    if (!this.#stopped) this.emit('connect_error', httpRefusal(status, refusalReason(JSON.stringify(body ?? {}))));
   }
 
   #extensions(): Array<{ name: string; version: string }> {
@@ -102,24 +164,39 @@ export class MainServerDevice extends EventEmitter {
   }
 
   #every(ms: number, fn: () => Promise<void>): void {
-    const t = setInterval(() => void fn().catch((err: unknown) => this.emit('warning', (err as Error).message)), ms);
+    const t = setInterval(
+      () =>
+        void fn().catch((err: unknown) => {
+          // An unreachable server was reported as connect_error already.
+          if (!(err instanceof Unreachable)) this.emit('warning', (err as Error).message);
+        }),
+      ms,
+    );
     this.#timers.add(t);
   }
 
-  /** Registers (or resumes with a saved token), then heartbeats and polls for updates. */
+  /**
+   * Registers (or resumes with a saved token), then heartbeats and polls for updates. A server
+   * that cannot be reached does not fail the start: the device reports why (`connect_error`)
+   * and keeps trying every poll interval.
+   */
   async start(): Promise<void> {
     await this.#save();
     const poll = this.o.pollIntervalMs ?? 30_000;
+    const quietly = (p: Promise<void>) =>
+      p.catch((err: unknown) => {
+        if (!(err instanceof Unreachable)) throw err;
+      });
     if (!this.state.token) {
-      await this.register();
+      await quietly(this.register());
       if (!this.state.token) this.#every(poll, () => this.register());
     }
     this.#every(this.o.heartbeatIntervalMs ?? 60_000, () => this.heartbeat());
     this.#every(poll, () => this.checkForUpdates());
     if (this.state.token) {
       this.emit('approved');
-      await this.heartbeat();
-      await this.checkForUpdates();
+      await quietly(this.heartbeat());
+      await quietly(this.checkForUpdates());
     }
   }
 
@@ -160,7 +237,7 @@ export class MainServerDevice extends EventEmitter {
       await this.checkForUpdates();
       return;
     }
-    this.emit('warning', `register-device answered ${res.status}: ${res.body.error ?? ''} ${res.body.details ?? ''}`);
+    this.#refused(res.status, res.body);
   }
 
   async heartbeat(): Promise<void> {
@@ -170,7 +247,7 @@ export class MainServerDevice extends EventEmitter {
       status: 'online',
       timestamp: new Date().toISOString(),
     });
-    if (res.status !== 200) this.emit('warning', `heartbeat answered ${res.status}`);
+    if (res.status !== 200) this.#refused(res.status, res.body);
   }
 
   /** Polls `/updates` and installs every compatible update offered, one at a time. */
@@ -179,7 +256,7 @@ export class MainServerDevice extends EventEmitter {
     this.#busy = true;
     try {
       const res = await this.#call<{ updates: UpdateOffer[] }>('GET', '/updates');
-      if (res.status !== 200) return void this.emit('warning', `GET /updates answered ${res.status}`);
+      if (res.status !== 200) return void this.#refused(res.status, res.body);
       for (const offer of res.body.updates) {
         if (!offer.update_available || !offer.download_url || !offer.sha256) continue;
         if (this.#hung.has(`${offer.name}@${offer.available_version}`)) continue;
@@ -287,10 +364,16 @@ registerSimulatorProtocol({
         return f ? { corrupt: f.corrupt, rejectInstall: f.rejectInstall } : undefined;
       },
     });
-    device.on('approved', () => {
+    const up = () => {
       report({ type: 'connected' });
       report({ type: 'joined' });
-    });
+    };
+    device.on('approved', up);
+    device.on('reachable', up);
+    device.on('unreachable', () => report({ type: 'disconnected' }));
+    device.on('connect_error', ({ kind, message }: ConnectionFailure) =>
+      report({ type: 'connect_failed', kind, message }),
+    );
     device.on('update_begin', ({ version }: { version: string }) => report({ type: 'update_begin', version }));
     device.on('update_succeeded', ({ version }: { version: string }) => report({ type: 'update_succeeded', version }));
     device.on('update_failed', ({ version, status, error }: { version: string; status: string; error: string }) =>

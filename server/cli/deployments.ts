@@ -30,7 +30,7 @@ export const EXIT_PAUSED = 4;
 export const EXIT_ABORTED = 5;
 
 const STATES = ['draft', 'awaiting_approval', 'running', 'paused', 'completed', 'aborted'] as const;
-const DEVICE_STATES = ['pending', 'in_flight', 'succeeded', 'failed', 'cancelled'] as const;
+const DEVICE_STATES = ['pending', 'in_flight', 'retrying', 'penalty_box', 'succeeded', 'failed', 'cancelled'] as const;
 
 type Flags = CommonFlags & {
   product?: string;
@@ -52,7 +52,10 @@ type Flags = CommonFlags & {
   maxConcurrent?: string;
   rate?: string;
   inFlightTimeout?: string;
+  maxRate?: string;
   retries?: string;
+  retryBackoff?: string;
+  penalty?: string;
   draft?: boolean;
   watch?: boolean;
   timeout?: string;
@@ -98,6 +101,53 @@ export function parseRate(value: string): number {
   if (!Number.isInteger(perMinute) || perMinute < 1)
     throw usageError(`--rate ${value} is ${perMinute} device(s) a minute: it must come to a whole number ≥ 1 a minute`);
   return perMinute;
+}
+
+type RateBody = NonNullable<components['schemas']['Deployment']['rate']>;
+
+/**
+ * `--rate`: `30/min` (also `30`, `2/s`, `120/h`) is a constant rate; `exp:BASE:FACTOR:CRITERION`
+ * (optionally `:EVERY`) the exponential one, e.g. `exp:5:2:succeeded` — start at 5 a minute, double
+ * each time another 5 devices succeeded. `--max-rate` caps the exponential one.
+ */
+export function parseRateFlag(value: string, maxRate?: string): { rate_per_minute: number } | { rate: RateBody } {
+  const m = /^\s*exp(?:onential)?:(.*)$/i.exec(value);
+  if (!m) {
+    if (maxRate !== undefined)
+      throw usageError('--max-rate goes with an exponential --rate (exp:BASE:FACTOR:CRITERION)');
+    return { rate_per_minute: parseRate(value) };
+  }
+  const usage = `--rate exp:BASE:FACTOR:CRITERION[:EVERY] takes a whole BASE a minute, a FACTOR from 1.1 to 5, notified or succeeded, and optionally a whole EVERY; got ${JSON.stringify(value)}`;
+  const parts = m[1]!.split(':').map((p) => p.trim());
+  if (parts.length < 3 || parts.length > 4) throw usageError(usage);
+  const [base, factor, criterion, every] = parts as [string, string, string, string | undefined];
+  if (!/^\d+$/.test(base) || Number(base) < 1) throw usageError(usage);
+  if (!/^\d+(\.\d+)?$/.test(factor) || Number(factor) < 1.1 || Number(factor) > 5) throw usageError(usage);
+  if (criterion !== 'notified' && criterion !== 'succeeded') throw usageError(usage);
+  if (every !== undefined && (!/^\d+$/.test(every) || Number(every) < 1)) throw usageError(usage);
+  const max = maxRate === undefined ? undefined : parseRate(maxRate);
+  return {
+    rate: {
+      type: 'exponential',
+      base: Number(base),
+      factor: Number(factor),
+      criterion,
+      ...(every !== undefined ? { every: Number(every) } : {}),
+      ...(max !== undefined ? { max } : {}),
+    },
+  };
+}
+
+/** `--penalty N/WINDOW/HOLD`, e.g. `3/1h/30m`: failed 3 times within an hour → held out 30 minutes. */
+export function parsePenalty(value: string): { failures: number; window_s: number; hold_s: number } {
+  const parts = value.split('/');
+  const usage = `--penalty takes FAILURES/WINDOW/HOLD, e.g. 3/1h/30m (3 failures within an hour: held out 30 minutes), got ${JSON.stringify(value)}`;
+  if (parts.length !== 3 || !/^\s*\d+\s*$/.test(parts[0]!)) throw usageError(usage);
+  const failures = Number(parts[0]);
+  const window = parseDuration('--penalty WINDOW', parts[1]!);
+  const hold = parseDuration('--penalty HOLD', parts[2]!);
+  if (failures < 1 || window < 1 || hold < 1) throw usageError(usage);
+  return { failures, window_s: window, hold_s: hold };
 }
 
 /** `90`, `90s`, `15m`, `2h` → seconds. */
@@ -185,8 +235,11 @@ function flagOf(path: string, stages: number): string {
     version: '<version>',
     max_concurrent: '--max-concurrent',
     rate_per_minute: '--rate',
+    rate: '--rate / --max-rate',
     in_flight_timeout_s: '--in-flight-timeout',
     retries: '--retries',
+    retry_backoff_s: '--retry-backoff',
+    penalty: '--penalty',
   };
   return flags[field] ?? (path || 'the request');
 }
@@ -250,7 +303,14 @@ export function progressBar(c: Counts, width = 30): string {
 }
 
 const countsText = (c: Counts) =>
-  `${c.told}/${c.total} told, ${c.succeeded} succeeded, ${c.failed} failed, ${c.in_flight} in flight${c.cancelled ? `, ${c.cancelled} cancelled` : ''}`;
+  `${c.told}/${c.total} told, ${c.succeeded} succeeded, ${c.failed} failed, ${c.in_flight} in flight${c.retrying ? `, ${c.retrying} retrying` : ''}${c.penalty_box ? `, ${c.penalty_box} in the penalty box` : ''}${c.cancelled ? `, ${c.cancelled} cancelled` : ''}`;
+
+function rateText(d: Deployment): string | null {
+  const r = d.rate;
+  if (r?.type === 'exponential')
+    return `exponential: ${r.base}/min, ×${r.factor} every ${r.every ?? r.base} ${r.criterion}${r.max ? `, at most ${r.max}/min` : ''}`;
+  return d.rate_per_minute ? `${d.rate_per_minute}/min` : null;
+}
 
 function headline(d: Deployment): string {
   const reason =
@@ -294,8 +354,12 @@ function showDeployment(io: CliIo, d: Deployment): void {
     stage: d.stages.length ? `${(d.current_stage ?? 0) + 1} of ${d.stages.length}` : null,
     devices: countsText(d.counts),
     max_concurrent: d.max_concurrent,
-    rate: d.rate_per_minute ? `${d.rate_per_minute}/min` : null,
+    rate: rateText(d),
     in_flight_timeout: d.in_flight_timeout_s ? `${d.in_flight_timeout_s} s` : null,
+    retries: d.retries ? `${d.retries}, backoff ${d.retry_backoff_s} s doubling` : null,
+    penalty_box: d.penalty_failures
+      ? `${d.penalty_failures} failures within ${d.penalty_window_s} s: held out ${d.penalty_hold_s} s`
+      : null,
     created: d.created_at,
     started: d.started_at,
     ended: d.ended_at,
@@ -306,6 +370,8 @@ function showDeployment(io: CliIo, d: Deployment): void {
     { header: 'devices', value: (s) => sizeText(s) },
     { header: 'told', value: (s) => s.told },
     { header: 'in flight', value: (s) => s.in_flight },
+    { header: 'retrying', value: (s) => s.retrying },
+    { header: 'penalty box', value: (s) => s.penalty_box },
     { header: 'succeeded', value: (s) => s.succeeded },
     { header: 'failed', value: (s) => s.failed },
     { header: 'success at', value: (s) => thresholdText(s.success) },
@@ -391,9 +457,21 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
         .option('--require-approval', 'each stage after the first waits for `fleethub deployments approve`')
         .option('--soak <duration>', 'wait this long after a stage succeeded before the next (90s, 15m, 2h)')
         .option('--max-concurrent <n>', 'at most this many devices updating at once')
-        .option('--rate <n/min>', 'tell at most this many devices a minute (30/min, 2/s, 120/h)')
+        .option(
+          '--rate <rate>',
+          'tell at most this many devices a minute (30/min, 2/s, 120/h), or exponential: exp:BASE:FACTOR:notified|succeeded[:EVERY]',
+        )
+        .option('--max-rate <n/min>', 'with an exponential --rate: never more than this a minute')
         .option('--in-flight-timeout <duration>', 'an update with no word from its device for this long fails')
-        .option('--retries <n>', 'retry a failed or timed-out device this many times')
+        .option('--retries <n>', 'tell a device whose update failed or timed out again, up to this many times')
+        .option(
+          '--retry-backoff <duration>',
+          'with --retries: wait this long before the first retry, doubling (default 60s)',
+        )
+        .option(
+          '--penalty <n/window/hold>',
+          'with --retries: N failures within WINDOW hold a device out for HOLD (3/1h/30m)',
+        )
         .option('--draft', 'create it without starting (`fleethub deployments resume` starts it)')
         .option('--watch', 'then watch it as `deployments watch` does (and exit as it does)')
         .option('--timeout <seconds>', 'with --watch: give up after this long'),
@@ -401,9 +479,16 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
     ctx,
     async (o, [version]) => {
       const stages = stagesOf(o);
-      const rate = o.rate === undefined ? undefined : parseRate(o.rate);
+      if (o.maxRate !== undefined && o.rate === undefined) throw usageError('--max-rate goes with --rate exp:…');
+      const rate = o.rate === undefined ? undefined : parseRateFlag(o.rate, o.maxRate);
       const maxConcurrent = wholeNumber('--max-concurrent', o.maxConcurrent, 1);
       const retries = wholeNumber('--retries', o.retries);
+      const backoff = o.retryBackoff === undefined ? undefined : parseDuration('--retry-backoff', o.retryBackoff);
+      const penalty = o.penalty === undefined ? undefined : parsePenalty(o.penalty);
+      if ((backoff !== undefined || penalty !== undefined) && !retries)
+        throw usageError(
+          '--retry-backoff and --penalty go with --retries (a held-out device is retried after its hold)',
+        );
       const inFlight =
         o.inFlightTimeout === undefined ? undefined : parseDuration('--in-flight-timeout', o.inFlightTimeout);
       if (o.timeout !== undefined && !o.watch) throw usageError('--timeout goes with --watch');
@@ -433,9 +518,11 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
             ...(o.name ? { name: o.name } : {}),
             ...(stages ? { stages: stages as never } : {}),
             ...(maxConcurrent !== undefined ? { max_concurrent: maxConcurrent } : {}),
-            ...(rate !== undefined ? { rate_per_minute: rate } : {}),
+            ...(rate ?? {}),
             ...(inFlight !== undefined ? { in_flight_timeout_s: inFlight } : {}),
             ...(retries !== undefined ? { retries } : {}),
+            ...(backoff !== undefined ? { retry_backoff_s: backoff } : {}),
+            ...(penalty ? { penalty } : {}),
             ...(o.draft ? { start: false } : {}),
           },
         }),
@@ -541,6 +628,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
         { header: 'state', value: (d) => d.state },
         { header: 'tries', value: (d) => d.tries },
         { header: 'told', value: (d) => d.told_at },
+        { header: 'retry at', value: (d) => d.retry_at },
         { header: 'reason', value: (d) => d.failure_reason },
       ]);
       io.out(`${page.items.length} of ${page.total}\n`);

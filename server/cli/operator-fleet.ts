@@ -287,7 +287,9 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
       withOrg(
         firmware
           .command('list')
-          .description('firmware records, newest first')
+          .description(
+            'firmware records, newest first: one row per variant (a release can have one per package format)',
+          )
           .option('--product <product>', 'of this product only')
           .option('--component <component>', 'of this component only (default: all)'),
       ),
@@ -308,6 +310,7 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
         [
           { header: 'version', value: (f) => f.version },
           { header: 'component', value: (f) => f.component },
+          { header: 'format', value: (f) => f.format },
           { header: 'platform', value: (f) => f.platform },
           { header: 'arch', value: (f) => f.architecture },
           { header: 'size', value: (f) => f.size },
@@ -410,6 +413,7 @@ export function registerTargetCommands(program: Command, ctx: CliContext): void 
 // ---------------------------------------------------------------------------------------------
 
 type Status = operations['getOrgStatus']['responses'][200]['content']['application/json'];
+type DeviceTargetState = Schemas['DeviceTargetState'];
 
 /** `status --until` gave up waiting (docs/cli.md: exit codes). */
 export const EXIT_TIMEOUT = 3;
@@ -428,6 +432,9 @@ type StatusFlags = CommonFlags & {
   until?: string;
   timeout?: string;
   devices?: string;
+  perDevice?: boolean;
+  state?: string;
+  component?: string;
 };
 
 /** `fleethub status`: counts now, `--watch` as they change, `--until` for scripts. */
@@ -447,10 +454,13 @@ export function registerStatusCommand(program: Command, ctx: CliContext): void {
           `wait, then exit 0 (1 when an update failed, ${EXIT_TIMEOUT} on --timeout): succeeded (every member of --group runs its target) | online (every device is online)`,
         )
         .option('--timeout <seconds>', 'with --until: give up after this long (default: wait forever)')
+        .option('--devices <n>', 'with --until: also wait until there are at least N devices (devices still enrolling)')
         .option(
-          '--devices <n>',
-          'with --until: also wait until there are at least N devices (devices still enrolling)',
-        ),
+          '--per-device',
+          'a table of each device instead of the counts: its resolved target, running version and newest attempt',
+        )
+        .option('--state <state>', 'with --per-device: only devices in this state (e.g. failed, no_attempt)')
+        .option('--component <component>', 'the component whose target is shown (default firmware)'),
     ),
     ctx,
     (o) => status(o, io),
@@ -468,10 +478,18 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
     throw usageError('--timeout and --devices go with --until');
   const atLeast = o.devices === undefined ? 1 : Number(o.devices);
   if (!Number.isInteger(atLeast) || atLeast < 1) throw usageError('--devices must be a whole number ≥ 1');
+  if (o.state !== undefined && !o.perDevice) throw usageError('--state goes with --per-device');
+  if (o.perDevice && (o.watch || o.until !== undefined))
+    throw usageError('--per-device prints the table once: it does not go with --watch or --until');
   const session = await orgSession(o, io);
   const { api, call, org } = session;
+  if (o.perDevice) return perDeviceStatus(o, io, session);
   const read = () =>
-    call(api.GET('/api/v1/orgs/{org}/status', { params: { path: { org }, query: { group: o.group } } }));
+    call(
+      api.GET('/api/v1/orgs/{org}/status', {
+        params: { path: { org }, query: { group: o.group, ...(o.component ? { component: o.component } : {}) } },
+      }),
+    );
   const scope = o.group ?? org;
   const follow = o.watch || o.until !== undefined;
   const tty = Boolean(io.isTTY) && o.watch && !o.json;
@@ -512,6 +530,41 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
     if (code === EXIT_TIMEOUT) io.err(`timed out after ${o.timeout} s waiting for ${o.until}: ${until?.summary()}\n`);
     return code;
   });
+}
+
+/** `status --per-device`: every device of the org or group with its target and newest attempt. */
+async function perDeviceStatus(o: StatusFlags, io: CliIo, session: Awaited<ReturnType<typeof orgSession>>) {
+  const { api, list, org } = session;
+  const query = {
+    ...(o.group ? { group: o.group } : {}),
+    ...(o.component ? { component: o.component } : {}),
+    ...(o.state ? { state: o.state as DeviceTargetState['state'] } : {}),
+  };
+  const { items } = await list((p) =>
+    api.GET('/api/v1/orgs/{org}/status/devices', { params: { path: { org }, query: { ...query, ...p } } }),
+  );
+  printRows(
+    io,
+    o.json,
+    items,
+    [
+      { header: 'device', value: (d) => d.identifier },
+      { header: 'protocol', value: (d) => d.protocol },
+      { header: 'status', value: (d) => d.connection_status },
+      { header: 'running', value: (d) => d.running_version ?? '-' },
+      { header: 'target', value: (d) => d.target_version ?? '-' },
+      { header: 'via', value: (d) => d.via ?? '-' },
+      { header: 'state', value: (d) => d.state },
+      {
+        header: 'attempt',
+        value: (d) =>
+          d.attempt_state ? `${d.attempt_state}${d.attempt_percent === null ? '' : ` ${d.attempt_percent}%`}` : '-',
+      },
+      { header: 'updated', value: (d) => d.attempt_updated_at ?? '-' },
+    ],
+    o.state ? `(no device is ${o.state})` : '(no devices)',
+  );
+  return 0;
 }
 
 /**

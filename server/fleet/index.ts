@@ -106,7 +106,13 @@ export {
   type DeviceRef,
   type UpdateReportEvent,
 } from './updates.ts';
-export { countDeviceTargetStates, DEVICE_TARGET_STATES, type DeviceTargetState } from './device-states.ts';
+export {
+  countDeviceTargetStates,
+  DEVICE_TARGET_STATES,
+  type DeviceTargetRow,
+  type DeviceTargetState,
+  listDeviceTargetStates,
+} from './device-states.ts';
 export { installs, PROTOCOL_INSTALLS, type ProtocolInstalls } from './formats.ts';
 export { deviceJoined, deviceDisconnected, type ConnectedDevice, type JoinOutcome } from './connections.ts';
 export {
@@ -130,6 +136,7 @@ export {
 } from './device-link.ts';
 export {
   FINAL_STATES,
+  isAllowedEventMove,
   isAllowedTransition,
   TRANSITIONS,
   transitionOf,

@@ -68,6 +68,22 @@ export const TRANSITIONS: Readonly<Record<AttemptEvent, Transition>> = {
   cancel: { from: OPEN_STATES, to: 'cancelled' },
 };
 
+/** Events that carry a download on: on an update sent again mid-download they resume it (`stepsOf`). */
+export const RESUMING_EVENTS: readonly AttemptEvent[] = ['progress', 'finish'];
+
+/**
+ * The moves of the table one event makes on an attempt, in order: the event's own, except on
+ * resume. A device that reconnects mid-download (a server restart, a network outage) is sent its
+ * update again (`send`: `sent` once more), and carries on with the download it had begun: a
+ * progress or finish on a `sent` attempt whose download had begun (`begun_at` set) is first a
+ * `begin`, then its own move. An attempt whose download never began gets no such help: a progress
+ * or finish on it is refused (the device must report its begin first).
+ */
+export function stepsOf(event: AttemptEvent, attempt: { state: UpdateState; begun_at: unknown }): AttemptEvent[] {
+  const resumes = RESUMING_EVENTS.includes(event) && attempt.state === 'sent' && attempt.begun_at != null;
+  return resumes ? ['begin', event] : [event];
+}
+
 /** The state `event` moves an attempt in `from` to, or undefined when the table has no such move. */
 export function transitionOf(event: AttemptEvent, from: UpdateState): UpdateState | undefined {
   const t = TRANSITIONS[event];
@@ -77,6 +93,15 @@ export function transitionOf(event: AttemptEvent, from: UpdateState): UpdateStat
 /** Whether some event moves an attempt from `from` to `to` (the property test checks every write against this). */
 export function isAllowedTransition(from: UpdateState, to: UpdateState): boolean {
   return Object.values(TRANSITIONS).some((t) => t.to === to && t.from.includes(from));
+}
+
+/**
+ * Whether one event may take an attempt from `from` to `to`: a move of the table, or a `begin`
+ * followed by a move (a resumed download, or a protocol without a begin message).
+ */
+export function isAllowedEventMove(from: UpdateState, to: UpdateState): boolean {
+  const begun = transitionOf('begin', from);
+  return isAllowedTransition(from, to) || (begun !== undefined && isAllowedTransition(begun, to));
 }
 
 /** An SQL list of states, for `state IN (${statesSql(...)})`. */

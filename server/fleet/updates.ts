@@ -20,8 +20,10 @@ import { ProgressBatcher, type ProgressBatchStats, type ProgressReport } from '.
 import {
   fromSql,
   OPEN_STATES,
+  RESUMING_EVENTS,
   stepColumns,
   stepSql,
+  stepsOf,
   transitionOf,
   UPDATE_STATES,
   type AttemptEvent,
@@ -186,8 +188,9 @@ export interface AttemptChange {
 
 /**
  * The single-attempt path of the transition table: one transaction that locks the device's
- * open attempt (`select`), checks that `event` may move it (link-table.ts) and writes the move
- * with its timestamps, an audit record (not for progress) and the operators' event. Throws
+ * open attempt (`select`), checks that `event` may move it (link-table.ts; on a download resumed
+ * after a resend that is `begin` and then the event, `stepsOf`) and writes the move with its
+ * timestamps, an audit record per move (not for progress) and the operators' event. Throws
  * `not_found` (no open attempt) or `conflict` (the table has no such move from its state).
  */
 export async function moveAttempt(
@@ -217,18 +220,20 @@ export async function moveAttempt(
         select.version !== undefined ? { version: select.version } : {},
       );
     }
-    const to = transitionOf(event, attempt.state);
-    if (!to) {
-      throw new FleetError('conflict', `${change.via ?? event} is not allowed while the update is ${attempt.state}`, {
-        state: attempt.state,
-        event: change.via ?? event,
-      });
+    // The moves the event makes (two on a resumed download: begin, then its own), each from the table.
+    const moves: { event: AttemptEvent; from: UpdateState; to: UpdateState }[] = [];
+    for (const step of stepsOf(event, attempt)) {
+      const from = moves.at(-1)?.to ?? attempt.state;
+      const to = transitionOf(step, from);
+      if (!to) throw refused(change.via ?? event, event, attempt.state);
+      moves.push({ event: step, from, to });
     }
+    const to = moves.at(-1)!.to;
     const updated = await trx
       .updateTable('update_attempts')
       .set({
         state: to,
-        ...stepColumns(to),
+        ...Object.assign({}, ...moves.map((m) => stepColumns(m.to))),
         ...(event === 'progress' ? { percent: change.percent, bytes: change.bytes, total: change.total } : {}),
         ...(event !== 'progress' && change.percent !== undefined ? { percent: change.percent } : {}),
         ...(change.errors ? { errors: JSON.stringify(change.errors) } : {}),
@@ -236,24 +241,37 @@ export async function moveAttempt(
       .where('id', '=', attempt.id)
       .returningAll()
       .executeTakeFirstOrThrow();
-    if (event !== 'progress') {
+    for (const m of moves) {
+      if (m.event === 'progress') continue;
+      const implied = m.event !== event;
       await audit(trx, deviceActor(device), {
         orgId: device.orgId,
-        action: `update.${to}`,
+        action: `update.${m.to}`,
         resourceType: 'update_attempt',
         resourceId: attempt.id,
         details: {
           device_id: device.deviceId,
           version: attempt.to_version,
-          from_state: attempt.state,
-          ...(change.reason ? { reason: change.reason } : {}),
-          ...(change.errors ? { errors: change.errors } : {}),
+          from_state: m.from,
+          ...(implied ? { reason: `resumed: ${change.via ?? event} on an update sent again mid-download` } : {}),
+          ...(!implied && change.reason ? { reason: change.reason } : {}),
+          ...(!implied && change.errors ? { errors: change.errors } : {}),
         },
       });
     }
     outbox.push(transitionEvent(updated));
     return updated;
   });
+}
+
+/** The refusal of `event` (named `via` to the device) on an attempt in `state`; says what is missing when it is the begin. */
+function refused(via: string, event: AttemptEvent, state: UpdateState): FleetError {
+  const unbegun = RESUMING_EVENTS.includes(event) && transitionOf('begin', state) !== undefined;
+  return new FleetError(
+    'conflict',
+    `${via} is not allowed while the update is ${state}${unbegun ? '; report the begin of the update first' : ''}`,
+    { state, event: via },
+  );
 }
 
 /** A progress report waiting for its batch, with the device it came from (for the single-report path). */

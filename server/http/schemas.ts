@@ -3,6 +3,7 @@
  * document at /api/docs. Response bodies use the database's snake_case names.
  * Entity schemas allow additional properties so a new column does not break serialisation.
  */
+import { DEVICE_TARGET_STATES } from '../fleet/device-states.ts';
 import { errorSchema } from './errors.ts';
 
 const uuid = { type: 'string', format: 'uuid' } as const;
@@ -13,6 +14,15 @@ export const roleSchema = { type: 'string', enum: ['viewer', 'operator', 'admin'
 
 function entity(id: string, properties: Record<string, unknown>, required: string[] = ['id']) {
   return { $id: id, type: 'object', required, additionalProperties: true, properties } as const;
+}
+
+/**
+ * An entity whose every property is always present (a table's row as the API answers it):
+ * `required` lists them all, so a generated client types none as optional, and the serializer
+ * refuses to send a row without one.
+ */
+function row(id: string, properties: Record<string, unknown>) {
+  return entity(id, properties, Object.keys(properties));
 }
 
 const webhookProperties = {
@@ -31,10 +41,21 @@ const webhookProperties = {
 const countsProperties = {
   total: { type: 'integer', description: 'devices' },
   pending: { type: 'integer', description: 'not told yet' },
-  told: { type: 'integer', description: 'told (in flight or finished)' },
+  told: { type: 'integer', description: 'told (in flight, waiting for a retry, or finished)' },
   in_flight: { type: 'integer', description: 'told, no outcome yet' },
+  retrying: {
+    type: 'integer',
+    description: 'failed or timed out with retries left: waiting for the backoff to be told again (not finished)',
+  },
+  penalty_box: {
+    type: 'integer',
+    description: 'failed too often within the penalty window: held out until the hold passed (not finished)',
+  },
   succeeded: { type: 'integer', description: 'run the new firmware (the device confirmed it)' },
-  failed: { type: 'integer', description: 'failed, declined, rolled back, timed out or superseded' },
+  failed: {
+    type: 'integer',
+    description: 'failed, declined, rolled back, timed out or superseded, with no retry left',
+  },
   cancelled: { type: 'integer', description: 'in flight when the deployment was aborted' },
 } as const;
 const countRequired = Object.keys(countsProperties);
@@ -73,10 +94,28 @@ const deploymentProperties = {
   aborted_reason: nullableString,
   current_stage: { type: 'integer', description: 'the stage being told (0-based)' },
   max_concurrent: { type: ['integer', 'null'] },
-  rate_per_minute: { type: ['integer', 'null'] },
+  rate_per_minute: { type: ['integer', 'null'], description: 'the constant rate (devices told in any 60 s)' },
+  rate: {
+    type: 'object',
+    additionalProperties: false,
+    description:
+      '`{type: constant}`, or `{type: exponential, base, factor, criterion, every?, max?}` (docs/deployments.md)',
+    properties: {
+      type: { type: 'string', enum: ['constant', 'exponential'] },
+      base: { type: 'integer' },
+      factor: { type: 'number' },
+      criterion: { type: 'string', enum: ['notified', 'succeeded'] },
+      every: { type: 'integer' },
+      max: { type: 'integer' },
+    },
+    required: ['type'],
+  },
   in_flight_timeout_s: { type: ['integer', 'null'] },
-  retries: { type: 'integer' },
-  retry_backoff_s: { type: 'integer' },
+  retries: { type: 'integer', description: 'times a failed or timed-out device is told again' },
+  retry_backoff_s: { type: 'integer', description: 'seconds before the first retry, doubled for each further one' },
+  penalty_failures: { type: ['integer', 'null'], description: 'the penalty box: failures within the window…' },
+  penalty_window_s: { type: ['integer', 'null'], description: '…within this many seconds…' },
+  penalty_hold_s: { type: ['integer', 'null'], description: '…hold the device out this many seconds' },
   lease_holder: { type: ['string', 'null'], description: 'the node whose orchestrator acts on it' },
   created_by: nullableString,
   created_at: dateTime,
@@ -146,8 +185,12 @@ export const schemas = [
       protocol: { type: 'string' },
       stage: { type: 'integer' },
       position: { type: 'integer', description: '1-based order within the deployment' },
-      state: { type: 'string', enum: ['pending', 'in_flight', 'succeeded', 'failed', 'cancelled'] },
-      tries: { type: 'integer' },
+      state: {
+        type: 'string',
+        enum: ['pending', 'in_flight', 'retrying', 'penalty_box', 'succeeded', 'failed', 'cancelled'],
+      },
+      tries: { type: 'integer', description: 'times the device was told (1 + retries)' },
+      retry_at: { ...nullableDateTime, description: 'retrying or penalty_box: when it may be told again' },
       told_at: nullableDateTime,
       succeeded_at: nullableDateTime,
       failed_at: nullableDateTime,
@@ -185,8 +228,8 @@ export const schemas = [
     fingerprint: { type: 'string' },
     created_at: dateTime,
   }),
-  entity('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
-  entity('Product', {
+  row('Org', { id: uuid, name: { type: 'string' }, created_at: dateTime }),
+  row('Product', {
     id: uuid,
     org_id: uuid,
     name: { type: 'string' },
@@ -194,7 +237,7 @@ export const schemas = [
     update_timeout_seconds: { type: ['integer', 'null'] },
     created_at: dateTime,
   }),
-  entity('Device', {
+  row('Device', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -213,6 +256,53 @@ export const schemas = [
     created_at: dateTime,
     updated_at: dateTime,
   }),
+  {
+    $id: 'DeviceTargetState',
+    type: 'object',
+    description: 'one device with its resolved target for a component, its running version and its newest attempt',
+    required: [
+      'device_id',
+      'identifier',
+      'protocol',
+      'connection_status',
+      'running_version',
+      'target_version',
+      'target_firmware_id',
+      'via',
+      'state',
+      'attempt_id',
+      'attempt_state',
+      'attempt_percent',
+      'attempt_updated_at',
+    ],
+    additionalProperties: true,
+    properties: {
+      device_id: uuid,
+      identifier: { type: 'string' },
+      protocol: { type: 'string' },
+      connection_status: { type: 'string', enum: ['online', 'offline'] },
+      running_version: { ...nullableString, description: 'the version of the component it runs (null: unknown)' },
+      target_version: {
+        ...nullableString,
+        description: 'the version of the release its target names (null: no target resolves, or it is not approved)',
+      },
+      target_firmware_id: {
+        type: ['string', 'null'],
+        description: 'the variant of that release its protocol installs (null: none, or not applicable)',
+      },
+      via: { ...nullableString, description: 'what set the target: `device`, `group:<id>` or `deployment:<id>`' },
+      state: {
+        type: 'string',
+        enum: [...DEVICE_TARGET_STATES],
+        description:
+          "its newest attempt's state for that variant, or `up_to_date`, `not_applicable`, `no_target`, `not_approved`, `no_attempt`",
+      },
+      attempt_id: { type: ['string', 'null'], description: 'its newest attempt for that variant' },
+      attempt_state: nullableString,
+      attempt_percent: { type: ['integer', 'null'] },
+      attempt_updated_at: nullableDateTime,
+    },
+  },
   entity('DeviceCertificate', {
     id: uuid,
     device_id: uuid,
@@ -238,7 +328,7 @@ export const schemas = [
     description: nullableString,
     created_at: dateTime,
   }),
-  entity('Group', {
+  row('Group', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -247,7 +337,7 @@ export const schemas = [
     priority: { type: 'integer' },
     created_at: dateTime,
   }),
-  entity('Firmware', {
+  row('Firmware', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -263,7 +353,7 @@ export const schemas = [
     has_blob: { type: 'boolean' },
     uploaded_at: dateTime,
   }),
-  entity('Target', {
+  row('Target', {
     id: uuid,
     org_id: uuid,
     group_id: { type: ['string', 'null'] },
@@ -273,7 +363,7 @@ export const schemas = [
     set_by: nullableString,
     set_at: dateTime,
   }),
-  entity('UpdateAttempt', {
+  row('UpdateAttempt', {
     id: uuid,
     org_id: uuid,
     device_id: uuid,

@@ -110,6 +110,7 @@ const ROUTES: Record<string, Guard> = {
   'PUT /api/v1/orgs/:org/devices/:device/target': 'operator',
   'DELETE /api/v1/orgs/:org/devices/:device/target': 'operator',
   'GET /api/v1/orgs/:org/status': 'viewer',
+  'GET /api/v1/orgs/:org/status/devices': 'viewer',
   'GET /api/v1/orgs/:org/groups/:group/status': 'viewer',
   'POST /api/v1/firmware': 'operator',
   'GET /api/v1/products/:id/signing-keys': 'viewer',

@@ -29,6 +29,7 @@ type Operation = {
 /** The parts of a JSON schema these tests read. */
 interface Schema {
   type?: string;
+  required?: string[];
   format?: string;
   $ref?: string;
   properties: Record<string, Schema>;
@@ -163,5 +164,40 @@ describe('OpenAPI document', () => {
     });
     assert.equal(tooMany.status, 400);
     assert.equal(((await tooMany.json()) as { error: { code: string } }).error.code, 'invalid');
+  });
+
+  test('response fields that are always present are required, so a client types them as present', async () => {
+    // Rows the API answers whole: every field is present (null where the column is), always.
+    const whole = ['Org', 'Product', 'Device', 'Group', 'Firmware', 'Target', 'UpdateAttempt', 'DeviceTargetState'];
+    for (const name of whole) {
+      const schema = doc.components.schemas[name]!;
+      assert.deepEqual(
+        [...(schema.required ?? [])].sort(),
+        Object.keys(schema.properties).sort(),
+        `${name}: every property required`,
+      );
+    }
+    // Everywhere: what is required is a property, and every list envelope requires its items.
+    for (const [name, schema] of Object.entries(doc.components.schemas))
+      for (const field of schema.required ?? [])
+        assert.ok(!schema.properties || field in schema.properties, `${name}.${field} is required but not a property`);
+    // And real answers carry them: a group, a firmware record and the org hold every required field.
+    await server.call('POST', '/api/v1/orgs/default/groups', { product: 'default', name: 'required-fields' });
+    const upload = await fetch(`${server.apiUrl}/api/v1/firmware?org=default&product=default&version=9.9.9`, {
+      method: 'POST',
+      headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+      body: Buffer.alloc(64, 1),
+    });
+    assert.equal(upload.status, 201);
+    const answers: Array<[string, Record<string, unknown>]> = [
+      ['Group', (await server.call<Items<Record<string, unknown>>>('GET', '/api/v1/orgs/default/groups')).items[0]!],
+      [
+        'Firmware',
+        (await server.call<Items<Record<string, unknown>>>('GET', '/api/v1/orgs/default/firmware')).items[0]!,
+      ],
+      ['Org', await server.call<Record<string, unknown>>('GET', '/api/v1/orgs/default')],
+    ];
+    for (const [name, body] of answers)
+      for (const field of doc.components.schemas[name]!.required!) assert.ok(field in body, `${name}.${field}`);
   });
 });

@@ -223,7 +223,8 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
     const shown = await cli('deployments', 'show', 'bad-rollout');
     assert.equal(shown.code, 0, shown.err);
     assert.match(shown.out, /^state\s+paused$/m);
-    assert.match(shown.out, /^canary\s+4\s+4\s+0\s+2\s+2\s+100%\s+25% of ≥4 finished → pause/m);
+    // told, in flight, retrying, penalty box, succeeded, failed
+    assert.match(shown.out, /^canary\s+4\s+4\s+0\s+0\s+0\s+2\s+2\s+100%\s+25% of ≥4 finished → pause/m);
 
     const aborted = await cli('deployments', 'abort', 'bad-rollout', '--reason', 'bad release');
     assert.equal(aborted.code, 0, aborted.err);
@@ -236,6 +237,50 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
     assert.match(resumed.err, /^error: /);
   });
 
+  test('retries and the penalty box: a device that keeps failing is held out, and show and devices say so', {
+    timeout: 180_000,
+  }, async () => {
+    // pbx-0001 fails 2.0.0 every time (after beginning it: a failure worth retrying).
+    await simulate('pbx', 2, '--bad-version', '2.0.0', '--bad-mode', 'fail', '--bad-fraction', '0.5');
+    const created = await cli(
+      'deployments',
+      'create',
+      '2.0.0',
+      '--group',
+      'pbx',
+      '--name',
+      'pbx-rollout',
+      '--retries',
+      '1',
+      '--retry-backoff',
+      '0',
+      '--penalty',
+      '1/1h/1h',
+    );
+    assert.equal(created.code, 0, created.err);
+    assert.match(created.out, /^retries\s+1, backoff 0 s doubling$/m);
+    assert.match(created.out, /^penalty_box\s+1 failures within 3600 s: held out 3600 s$/m);
+    await until(
+      async () =>
+        JSON.stringify(await devicesByState('pbx-rollout')) ===
+        JSON.stringify({ succeeded: ['pbx-0000'], penalty_box: ['pbx-0001'] }),
+      'pbx-0001 in the penalty box',
+      90_000,
+    );
+    const shown = await cli('deployments', 'show', 'pbx-rollout');
+    assert.equal(shown.code, 0, shown.err);
+    assert.match(shown.out, /^state\s+running$/m);
+    assert.match(shown.out, /^devices\s+2\/2 told, 1 succeeded, 0 failed, 0 in flight, 1 in the penalty box$/m);
+    // told, in flight, retrying, penalty box, succeeded, failed
+    assert.match(shown.out, /^stage 1\s+2 \(rest\)\s+2\s+0\s+0\s+1\s+1\s+0\s/m);
+    const held = await cli('deployments', 'devices', 'pbx-rollout', '--state', 'penalty_box');
+    assert.equal(held.code, 0, held.err);
+    assert.match(held.out, /pbx-0001\s+phoenix\s+1\s+penalty_box\s+1\s/);
+    // Abort: a held device is not told again; its failure stands.
+    assert.equal((await cli('deployments', 'abort', 'pbx-rollout')).code, 0);
+    assert.deepEqual(await devicesByState('pbx-rollout'), { succeeded: ['pbx-0000'], failed: ['pbx-0001'] });
+  });
+
   test('create: flag errors exit 2 before any request; the server refusing a value names the flag', async () => {
     for (const [flags, message] of [
       [['--stage', 'half'], /--stage takes a number of devices \(10\), a percentage \(50%\) or rest/],
@@ -243,6 +288,13 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
       [['--stage', 'rest', '--stage', '10'], /only the last stage can be `rest`/],
       [['--min-finished', '3'], /--min-finished and --on-error go with --error-threshold/],
       [['--soak', '5 min'], /--soak takes seconds/],
+      [['--rate', 'exp:0:2:notified'], /--rate exp:BASE:FACTOR:CRITERION\[:EVERY\] takes a whole BASE/],
+      [['--rate', 'exp:5:1:succeeded'], /a FACTOR from 1\.1 to 5/],
+      [['--rate', 'exp:5:2:downloaded'], /notified or succeeded/],
+      [['--rate', '30/min', '--max-rate', '60/min'], /--max-rate goes with an exponential --rate/],
+      [['--max-rate', '60/min'], /--max-rate goes with --rate exp/],
+      [['--retry-backoff', '30s'], /--retry-backoff and --penalty go with --retries/],
+      [['--retries', '2', '--penalty', '3/1h'], /--penalty takes FAILURES\/WINDOW\/HOLD, e\.g\. 3\/1h\/30m/],
     ] as const) {
       const res = await cli('deployments', 'create', '2.0.0', '--group', 'good', ...flags);
       assert.equal(res.code, 2, `${flags.join(' ')}: ${res.err}`);
@@ -266,6 +318,20 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
       refused.err,
       /the server refused the deployment:\n {2}--error-threshold \(the canary\): must be <= 100/,
     );
+    // The server checks that the penalty box fits the retries.
+    const penalty = await cli(
+      'deployments',
+      'create',
+      '2.0.0',
+      '--group',
+      'good',
+      '--retries',
+      '1',
+      '--penalty',
+      '2/1h/30m',
+    );
+    assert.equal(penalty.code, 1);
+    assert.match(penalty.err, /penalty\.failures \(2\) must be at most retries \(1\)/);
     const unknown = await cli('deployments', 'show', 'no-such-rollout');
     assert.equal(unknown.code, 1);
     assert.match(unknown.err, /no deployment named "no-such-rollout"/);

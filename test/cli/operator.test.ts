@@ -5,6 +5,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { createUser } from '../../server/api/operators.ts';
+import { buildGrispPackage } from '../../device-client/simulators/grisp.ts';
 import { runOperatorCommand } from '../../server/cli/operator.ts';
 import type { CliIo } from '../../server/cli/client.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
@@ -147,9 +148,22 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     });
     assert.equal(upload.status, 201, await upload.clone().text());
 
+    // A second variant of the release, in GRiSP's package format.
+    const grisp = await fetch(
+      `${server.apiUrl}/api/v1/firmware?org=default&product=default&version=1.2.0&format=grisp`,
+      {
+        method: 'POST',
+        headers: { authorization: `Bearer ${server.adminToken}`, 'content-type': 'application/octet-stream' },
+        body: new Uint8Array(await buildGrispPackage({ version: '1.2.0', blocks: [Buffer.alloc(512, 1)] })),
+      },
+    );
+    assert.equal(grisp.status, 201, await grisp.clone().text());
+
     const firmware = await cli(['firmware', 'list']);
     assert.equal(firmware.code, 0, firmware.err);
-    assert.match(firmware.out, /1\.2\.0\s+firmware/);
+    assert.match(firmware.out, /^VERSION\s+COMPONENT\s+FORMAT\s/m);
+    assert.match(firmware.out, /^1\.2\.0\s+firmware\s+raw\s/m);
+    assert.match(firmware.out, /^1\.2\.0\s+firmware\s+grisp\s/m);
 
     const set = await cli(['target', 'set', '1.2.0', '--group', 'lab']);
     assert.equal(set.code, 0, set.err);
@@ -161,6 +175,56 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
     assert.match(status.out, /queued\s+2/);
     const json = JSON.parse((await cli(['status', '--group', 'lab', '--json'])).out);
     assert.equal(json.updates.queued, 2);
+
+    // Per device: each member with its resolved target, running version and newest attempt.
+    const table = await cli(['status', '--group', 'lab', '--per-device']);
+    assert.equal(table.code, 0, table.err);
+    assert.match(table.out, /^DEVICE\s+PROTOCOL\s+STATUS\s+RUNNING\s+TARGET\s+VIA\s+STATE\s+ATTEMPT\s+UPDATED$/m);
+    assert.match(table.out, /^cli-1\s+phoenix\s+offline\s+\S+\s+1\.2\.0\s+group:[0-9a-f-]{36}\s+queued\s+queued\s/m);
+    assert.match(table.out, /^cli-2\s+phoenix\s+offline\s+\S+\s+1\.2\.0\s+group:[0-9a-f-]{36}\s+queued\s+queued\s/m);
+    const rows = JSON.parse((await cli(['status', '--group', 'lab', '--per-device', '--json'])).out) as Array<{
+      identifier: string;
+      state: string;
+      target_version: string;
+      attempt_id: string;
+    }>;
+    assert.deepEqual(
+      rows.map((r) => [r.identifier, r.state, r.target_version]),
+      [
+        ['cli-1', 'queued', '1.2.0'],
+        ['cli-2', 'queued', '1.2.0'],
+      ],
+    );
+    assert.ok(rows.every((r) => typeof r.attempt_id === 'string'));
+    const none = await cli(['status', '--group', 'lab', '--per-device', '--state', 'succeeded']);
+    assert.equal(none.out, '(no device is succeeded)\n');
+    // Paged, with the total; bad input is a 400 that names the field.
+    const page = await server.call<{ items: Array<{ identifier: string }>; total: number }>(
+      'GET',
+      '/api/v1/orgs/default/status/devices?group=lab&limit=1&offset=1',
+    );
+    assert.deepEqual(
+      page.items.map((d) => d.identifier),
+      ['cli-2'],
+    );
+    assert.equal(page.total, 2);
+    const past = await server.call<{ items: unknown[]; total: number }>(
+      'GET',
+      '/api/v1/orgs/default/status/devices?group=lab&offset=5',
+    );
+    assert.deepEqual(past, { items: [], total: 2 });
+    for (const query of ['state=bogus', 'limit=0', 'offset=-1']) {
+      const res = await fetch(`${server.apiUrl}/api/v1/orgs/default/status/devices?group=lab&${query}`, {
+        headers: { authorization: `Bearer ${server.adminToken}` },
+      });
+      assert.equal(res.status, 400, query);
+    }
+    const unknown = await fetch(`${server.apiUrl}/api/v1/orgs/default/status/devices?group=no-such-group`, {
+      headers: { authorization: `Bearer ${server.adminToken}` },
+    });
+    assert.equal(unknown.status, 404);
+    assert.equal((await cli(['status', '--per-device', '--watch'])).code, 2);
+    assert.equal((await cli(['status', '--state', 'failed'])).code, 2);
 
     assert.equal((await cli(['target', 'clear', '--group', 'lab'])).code, 0);
     const again = await cli(['target', 'clear', '--group', 'lab']);

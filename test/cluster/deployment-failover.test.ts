@@ -195,6 +195,8 @@ describe('a deployment on two nodes sharing one PostgreSQL', { skip: SKIP }, () 
       succeeded: COUNT,
       failed: 0,
       cancelled: 0,
+      retrying: 0,
+      penalty_box: 0,
     });
     assert.equal(await leaseHolder(database!.url, created.id), null, 'a completed deployment holds no lease');
 

@@ -6,12 +6,12 @@ import { createServer } from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
-import { main as deviceMain } from '../../device-client/cli.ts';
 import type { CliIo } from '../../server/cli/client.ts';
 import { main } from '../../server/cli/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
+import { simulateUntil } from '../helpers/simulate.ts';
 import { until } from '../helpers/until.ts';
 
 const DEVICE_BIN = path.resolve(import.meta.dirname, '../../bin/fleethub-device.js');
@@ -31,26 +31,6 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
     await server.close();
     rmSync(tmp, { recursive: true, force: true });
   });
-
-  /** `fleethub-device simulate` in-process until its stderr matches `stop`; the summary and stderr. */
-  async function simulateUntil(stop: RegExp, ...argv: string[]) {
-    const controller = new AbortController();
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-        if (stop.test(err)) controller.abort();
-      },
-      env: {},
-      signal: controller.signal,
-    };
-    const code = await deviceMain(['simulate', ...argv], io);
-    return { code, out, err };
-  }
 
   test('connect as the banner prints it: a fresh data directory, no firmware flags, state under data/', async () => {
     const cwd = path.join(tmp, 'fresh');
@@ -103,8 +83,7 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
   test('simulate with certificates from another PKI reports "unknown CA" and counts it', async () => {
     const other = path.join(tmp, 'other-pki');
     assert.equal(await main(['certs', 'init', '--dir', other], quiet), 0);
-    const res = await simulateUntil(
-      /unknown CA/,
+    const res = await simulateUntil(/unknown CA/, [
       '--count',
       '2',
       '--url',
@@ -115,7 +94,7 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
       path.join(tmp, 'foreign-certs'),
       '--serial-prefix',
       'foreign',
-    );
+    ]);
     assert.equal(res.code, 0, res.err);
     assert.match(
       res.err,
@@ -132,8 +111,7 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
     const port = (probe.address() as { port: number }).port;
     await new Promise((resolve) => probe.close(resolve));
     const pki = await getTestPki();
-    const res = await simulateUntil(
-      /connection refused/,
+    const res = await simulateUntil(/connection refused/, [
       '--count',
       '1',
       '--url',
@@ -142,7 +120,7 @@ describe(`fleethub-device connect and simulate tell why (${DATABASE_KIND})`, () 
       pki.dir,
       '--certs',
       path.join(tmp, 'stopped-certs'),
-    );
+    ]);
     assert.equal(res.code, 0, res.err);
     assert.match(res.err, new RegExp(`connection refused \\(127\\.0\\.0\\.1:${port}\\): is the server running`));
     assert.match(res.out, /^connect failed: connection refused\s+[1-9]\d*$/m);

@@ -140,6 +140,8 @@ after(async () => {
 
 describe(`a mixed group retargeted once to a release with a variant per format (${DATABASE_KIND})`, () => {
   let release: { raw: FirmwareRow; grisp: FirmwareRow; zip: FirmwareRow };
+  /** The group of the second test and its members, for the deployment of the third. */
+  let fleet: { groupId: string; identifiers: string[]; gateways: WifidogxGateway[]; boards: GrispBoard[] } | undefined;
 
   test('a release holds one variant per format: a second format is added, the same format with other bytes is 409', async () => {
     const query = `product=${server.productId}&org=${server.orgId}&version=3.0.0`;
@@ -351,6 +353,88 @@ describe(`a mixed group retargeted once to a release with a variant per format (
     );
     assert.deepEqual([...served].sort(), [release.raw.sha256, release.grisp.sha256, release.zip.sha256].sort());
     for (const g of gateways) assert.deepEqual(g.violations, []);
+    fleet = { groupId: group.id, identifiers, gateways, boards };
+  });
+
+  test('a deployment to the same mixed group: a canary of boards and a keyauth client, then the rest', async () => {
+    assert.ok(fleet, 'the mixed group is on 3.0.0');
+    const query = `product=${server.productId}&org=${server.orgId}&version=4.0.0`;
+    assert.equal((await upload(`/api/v1/firmware?${query}`, simulatorImage('4.0.0', 6000))).status, 201);
+    const pkg = await buildGrispPackage({ version: '4.0.0', blocks: [randomBytes(4000)] });
+    assert.equal((await upload(`/api/v1/grisp/firmware?${query}`, pkg)).status, 201);
+    const zip = await upload('/api/v1/main-server/packages', mainServerZip('firmware', '4.0.0'), 'application/zip');
+    assert.equal(zip.status, 201);
+    const total = fleet.identifiers.length;
+
+    const created = await server.call<{ id: string; state: string; stages: Array<{ size: number }> }>(
+      'POST',
+      `/api/v1/orgs/${server.orgId}/deployments`,
+      {
+        product: server.productId,
+        version: '4.0.0',
+        groups: [fleet.groupId],
+        stages: [{ size: { count: 3 } }, { size: 'rest' }],
+      },
+    );
+    assert.equal(created.state, 'running');
+    assert.deepEqual(
+      created.stages.map((st) => st.size),
+      [3, total - 3],
+    );
+    interface Row {
+      identifier: string;
+      stage: number;
+      state: string;
+      tries: number;
+      told_at: string;
+    }
+    const show = () =>
+      server.call<{ state: string; counts: Record<string, number>; stages: Array<{ succeeded_at: string | null }> }>(
+        'GET',
+        `/api/v1/orgs/${server.orgId}/deployments/${created.id}`,
+      );
+    const done = await until(
+      async () => {
+        const d = await show();
+        return d.state === 'completed' && d;
+      },
+      'the mixed deployment to complete',
+      120_000,
+    ).catch(async (err: Error) => {
+      throw new Error(`${err.message}: ${JSON.stringify(await show())}`);
+    });
+    assert.equal(done.counts.succeeded, total);
+    assert.equal(done.counts.failed, 0);
+    const rows = (
+      await server.call<{ items: Row[] }>(
+        'GET',
+        `/api/v1/orgs/${server.orgId}/deployments/${created.id}/devices?limit=100`,
+      )
+    ).items;
+    assert.equal(rows.length, total);
+    assert.ok(
+      rows.every((r) => r.state === 'succeeded' && r.tries === 1),
+      JSON.stringify(rows),
+    );
+    // The canary: the first three by identifier — the two boards (a new relvsn reported and the
+    // boot confirmed) and a keyauth client; nobody else was told before it succeeded.
+    const canary = rows.filter((r) => r.stage === 0).map((r) => r.identifier);
+    assert.deepEqual(canary, [...fleet.identifiers].sort().slice(0, 3));
+    assert.equal(canary.filter((id) => id.startsWith('GRiSP2 ')).length, 2);
+    const canaryDone = new Date(done.stages[0]!.succeeded_at!).getTime();
+    for (const r of rows.filter((x) => x.stage === 1))
+      assert.ok(new Date(r.told_at).getTime() >= canaryDone, `${r.identifier} was told before the canary succeeded`);
+
+    const after = await devicesNamed(fleet.identifiers);
+    assert.ok(
+      after.every((d) => d.firmware_version === '4.0.0'),
+      JSON.stringify(after),
+    );
+    for (const b of fleet.boards) assert.equal(b.running, '4.0.0');
+    for (const g of fleet.gateways) {
+      assert.equal(g.version, '4.0.0');
+      assert.deepEqual(g.violations, []);
+    }
   });
 });
 

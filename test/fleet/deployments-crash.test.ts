@@ -151,6 +151,8 @@ describe(`a deployment survives kill -9 of its server (${DATABASE_KIND})`, () =>
       succeeded: COUNT,
       failed: 0,
       cancelled: 0,
+      retrying: 0,
+      penalty_box: 0,
     });
     const rows = await second.call<{ items: { identifier: string; tries: number; state: string }[] }>(
       'GET',

@@ -2,17 +2,15 @@ import assert from 'node:assert/strict';
 import { mkdtempSync, rmSync } from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
-import { DeviceClient } from '../../device-client/index.ts';
-import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import type { DeviceClient } from '../../device-client/index.ts';
 import { sweepStaleUpdates } from '../../server/fleet/index.ts';
-import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { joinChannel, nextEvent, openSocket, pushAndWait } from '../helpers/phoenix.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
+import { startDevices as harnessDevices, matchGroup, type Release, uploadRelease } from './deployment-harness.ts';
 
 interface Deployment {
   id: string;
@@ -36,7 +34,7 @@ const serial = (prefix: string, i: number) => `${prefix}${String(i).padStart(3, 
 describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND})`, () => {
   let server: TestServer;
   let tmp: string;
-  let base: { id: string; version: string };
+  let base: Release;
 
   const clients: DeviceClient[] = [];
 
@@ -52,56 +50,20 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  async function upload(version: string, seed: number) {
-    return (await uploadFirmwareStream({
-      client: { url: server.apiUrl, token: server.adminToken },
-      query: { product: server.productId, version },
-      source: Readable.from(imageChunks(16 * 1024, seed)),
-      size: 16 * 1024,
-    })) as { id: string; version: string };
-  }
-
+  const upload = (version: string, seed: number) => uploadRelease(server, version, seed);
   const api = (org = server.orgId) => `/api/v1/orgs/${org}`;
 
   /** Real devices (this package's client) running `base`; those in `bad` refuse to install any update. */
-  async function startDevices(prefix: string, count: number, bad: (i: number) => boolean) {
-    const pki = await getTestPki();
-    await Promise.all(
-      Array.from({ length: count }, async (_, i) => {
-        const name = serial(prefix, i);
-        const cred = await deviceCert(name);
-        const client = new DeviceClient({
-          url: `${server.deviceUrl.replace(/^https/, 'wss')}/socket`,
-          tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-          stateDir: path.join(tmp, name),
-          firmware: { uuid: base.id, version: base.version },
-          downloadRetryDelayMs: () => 50,
-          faults: () => (bad(i) ? { rejectInstall: true } : undefined),
-        });
-        clients.push(client);
-        await client.start();
-      }),
-    );
-    await until(
-      async () => {
-        const { n } = await server.database.db
-          .selectFrom('devices')
-          .select((eb) => eb.fn.countAll<number>().as('n'))
-          .where('identifier', 'like', `${prefix}%`)
-          .where('connection_status', '=', 'online')
-          .executeTakeFirstOrThrow();
-        return Number(n) === count;
-      },
-      `${count} ${prefix} devices online`,
-      60_000,
-    );
-  }
+  const startDevices = (prefix: string, count: number, bad: (i: number) => boolean) =>
+    harnessDevices(server, {
+      names: Array.from({ length: count }, (_, i) => serial(prefix, i)),
+      base,
+      stateDir: tmp,
+      clients,
+      faults: (i) => (bad(i) ? { rejectInstall: true } : undefined),
+    });
 
-  async function group(name: string, match: string): Promise<string> {
-    const g = await server.call<{ id: string }>('POST', `${api()}/groups`, { product: 'default', name });
-    await server.call('POST', `${api()}/groups/${g.id}/devices`, { match });
-    return g.id;
-  }
+  const group = (name: string, match: string) => matchGroup(server, name, match);
 
   const show = (id: string) => server.call<Deployment>('GET', `${api()}/deployments/${id}`);
 
@@ -188,6 +150,8 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
       succeeded: 8,
       failed: 2,
       cancelled: 0,
+      retrying: 0,
+      penalty_box: 0,
     });
     // The succeeded ones run 2.0.0, the failed ones still 1.0.0.
     const running = await server.database.db
@@ -250,6 +214,8 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
       succeeded: 88,
       failed: 22,
       cancelled: 0,
+      retrying: 0,
+      penalty_box: 0,
     });
     // Every transition is in the audit log.
     const actions = await server.database.db
@@ -374,36 +340,14 @@ describe(`deployments: stages, thresholds, pause, resume, abort (${DATABASE_KIND
   });
 
   test('pacing: never more than max_concurrent in flight, measured from the attempts', async () => {
-    const pki = await getTestPki();
     // Slow downloads (64 kbit/s: about 2 s for 16 KiB), so updates overlap unless the limit holds.
-    await Promise.all(
-      Array.from({ length: 6 }, async (_, i) => {
-        const name = serial('mc', i);
-        const cred = await deviceCert(name);
-        const client = new DeviceClient({
-          url: `${server.deviceUrl.replace(/^https/, 'wss')}/socket`,
-          tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-          stateDir: path.join(tmp, name),
-          firmware: { uuid: base.id, version: base.version },
-          faults: () => ({ kbps: 64 }),
-        });
-        clients.push(client);
-        await client.start();
-      }),
-    );
-    await until(
-      async () =>
-        (
-          await server.database.db
-            .selectFrom('devices')
-            .select('id')
-            .where('identifier', 'like', 'mc%')
-            .where('connection_status', '=', 'online')
-            .execute()
-        ).length === 6,
-      'the devices online',
-      30_000,
-    );
+    await harnessDevices(server, {
+      names: Array.from({ length: 6 }, (_, i) => serial('mc', i)),
+      base,
+      stateDir: tmp,
+      clients,
+      kbps: 64,
+    });
     await group('mc', 'mc*');
     const d = await server.call<Deployment>('POST', `${api()}/deployments`, {
       product: 'default',

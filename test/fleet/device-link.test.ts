@@ -1,6 +1,7 @@
 /**
  * The device link against a real database, driven by random event sequences from every protocol
- * (fast-check): every write is a move of the one transition table, an acknowledged report is
+ * (fast-check): every write is a move of the one transition table (or a begin and a move, on a
+ * resumed download or a protocol without a begin message), an acknowledged report is
  * persisted as acknowledged, a refused event changes nothing, final states stay final, and each
  * device has at most one open attempt per component, with the operators' counts matching.
  */
@@ -199,7 +200,7 @@ async function check(w: World, s: Step, before: Snapshot, result: fleet.LinkResu
     assert.ok(now, `${what}: attempt ${id} vanished`);
     if (now.state !== was.state)
       assert.ok(
-        fleet.isAllowedTransition(was.state, now.state),
+        fleet.isAllowedEventMove(was.state, now.state),
         `${what}: ${was.state} → ${now.state} is not in the table`,
       );
   }
@@ -289,6 +290,93 @@ describe(`device link (${DATABASE_KIND})`, () => {
       errors: ['too late'],
     });
     assert.equal(!late.ok && late.refusal.code, 'not_found');
+  });
+
+  test('a download resumed after its update was sent again counts as begun; reports on another attempt are refused', async () => {
+    const w = await world();
+    const phoenix = w.sessions[0]!;
+    const [v1, v2, v3] = w.firmware as [fleet.Firmware, fleet.Firmware, fleet.Firmware];
+    const link = (event: fleet.LinkEvent) => fleet.linkEvent(ctx, phoenix, event);
+    const ok = async (event: fleet.LinkEvent) => {
+      const result = await link(event);
+      assert.ok(result.ok, `${JSON.stringify(event)}: ${!result.ok && result.refusal.message}`);
+      return result;
+    };
+    /** A report that must be refused with `code` and change nothing. */
+    const refusedWith = async (event: fleet.LinkEvent, code: string) => {
+      const before = await snapshot(w);
+      const result = await link(event);
+      assert.equal(!result.ok && result.refusal.code, code, JSON.stringify(event));
+      assert.deepEqual(await snapshot(w), before);
+      return result.ok ? '' : result.refusal.message;
+    };
+    const progress = (version: string, percent: number): fleet.LinkEvent => ({
+      type: 'report',
+      kind: 'progress',
+      version,
+      percent,
+      bytes: percent * 1000,
+      total: 100_000,
+    });
+    const reconnect = () => ok({ type: 'connected', running: { firmwareUuid: v1.id } });
+
+    await fleet.setDeviceTarget(ctx, OPERATOR, w.orgId, phoenix.deviceId, v2.id);
+    assert.equal((await reconnect()).effects[0]?.type, 'push_update');
+    await ok({ type: 'report', kind: 'begun', version: '2.0.0' });
+    assert.equal((await ok(progress('2.0.0', 10))).attempt?.state, 'downloading');
+    // The device reconnects mid-download (the server restarted): the update is sent again.
+    const resent = await reconnect();
+    assert.equal(resent.effects[0]?.type, 'push_update');
+    const [sent] = [...(await snapshot(w)).values()];
+    assert.equal(sent?.state, 'sent');
+    // It resumes without a new begin: the progress begins the attempt again, then moves it.
+    const resumed = await ok(progress('2.0.0', 40));
+    assert.equal(resumed.attempt?.state, 'downloading');
+    assert.equal(resumed.attempt?.percent, 40);
+    // So does a finish after another resend; the outcome is decided on the rejoin as always.
+    await reconnect();
+    assert.equal((await ok({ type: 'report', kind: 'finished', version: '2.0.0' })).attempt?.state, 'finished');
+    const joined = await ok({ type: 'connected', running: { firmwareUuid: v2.id } });
+    assert.deepEqual(joined.effects, []);
+    const attemptId = resumed.attempt!.id;
+    const done = await handle.db
+      .selectFrom('update_attempts')
+      .selectAll()
+      .where('id', '=', attemptId)
+      .executeTakeFirstOrThrow();
+    assert.equal(done.state, 'succeeded');
+    const audited = await handle.db
+      .selectFrom('audit_log')
+      .select(['action', 'details'])
+      .where('resource_id', '=', attemptId)
+      .orderBy('id')
+      .execute();
+    assert.deepEqual(
+      audited.map((r) => r.action),
+      ['update.begun', 'update.begun', 'update.begun', 'update.finished', 'update.succeeded'],
+    );
+    const reasons = audited.map((r) => (r.details as { reason?: string }).reason);
+    assert.match(reasons[1]!, /^resumed: firmware_update_progress/);
+    assert.match(reasons[2]!, /^resumed: firmware_update_finish/);
+
+    // Not the device's current attempt: an update to 3.0.0 that never began is refused a progress,
+    // saying what is missing; a report for 2.0.0 (done) or an unknown version finds no update.
+    await fleet.setDeviceTarget(ctx, OPERATOR, w.orgId, phoenix.deviceId, v3.id);
+    await ok({ type: 'connected', running: { firmwareUuid: v2.id } });
+    assert.match(
+      await refusedWith(progress('3.0.0', 5), 'conflict'),
+      /not allowed while the update is sent; report the begin/,
+    );
+    await refusedWith({ type: 'report', kind: 'finished', version: '3.0.0' }, 'conflict');
+    await refusedWith(progress('2.0.0', 50), 'not_found');
+    await refusedWith({ type: 'report', kind: 'finished', version: '9.9.9' }, 'not_found');
+    // Superseded mid-download: the cancelled attempt's reports find no update either.
+    await ok({ type: 'report', kind: 'begun', version: '3.0.0' });
+    await ok(progress('3.0.0', 20));
+    await fleet.setDeviceTarget(ctx, OPERATOR, w.orgId, phoenix.deviceId, v1.id);
+    await ok({ type: 'connected', running: { firmwareUuid: v2.id } });
+    await refusedWith(progress('3.0.0', 60), 'not_found');
+    await refusedWith({ type: 'report', kind: 'finished', version: '3.0.0' }, 'not_found');
   });
 
   test("one sweep times out a silent update of every protocol, after the product's timeout or the server's", async () => {

@@ -1,7 +1,11 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
+import { createProcessDatabase } from './db.ts';
+import { getTestPki } from './pki.ts';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
 /** The compiled build's bin, as `npm start` and the Docker image run it (needs `npm run build`). */
@@ -31,6 +35,11 @@ export interface ServerProcessOptions {
   env?: NodeJS.ProcessEnv;
   /** Run a compiled build's bin (`COMPILED_BIN`, or a copy of bin/ beside another build) instead of the sources, with no tsx. */
   compiled?: boolean | string;
+  /**
+   * The operator API and device listener ports (default: ephemeral). Fixed ports let a server
+   * started again after a crash be where its devices reconnect (`freePort`).
+   */
+  ports?: { api: number; device: number };
   /** More `fleethub serve` flags. */
   extraArgs?: string[];
 }
@@ -51,13 +60,13 @@ export async function startServerProcess(options: ServerProcessOptions): Promise
     '--host',
     '127.0.0.1',
     '--api-port',
-    '0',
+    String(options.ports?.api ?? 0),
     '--device-port',
-    '0',
+    String(options.ports?.device ?? 0),
     '--keyauth-port',
     '-1',
     '--device-public-url',
-    'https://localhost:0',
+    `https://localhost:${options.ports?.device ?? 0}`,
   ];
   if (options.nodeName) args.push('--node-name', options.nodeName);
   if (options.extraArgs) args.push(...options.extraArgs);
@@ -135,4 +144,49 @@ export async function loginTo(server: ServerProcess, admin: { email: string; pas
     return (text ? JSON.parse(text) : undefined) as T;
   };
   return { token, call };
+}
+
+/** A server process, logged in to its operator API. */
+export interface ApiServer extends ApiSession {
+  server: ServerProcess;
+}
+
+/** One server to kill and start again on the same data, database and ports (crash tests). */
+export interface RestartableServer {
+  dataDir: string;
+  /** Starts `fleethub serve` (again), logged in as the admin. */
+  start(): Promise<ApiServer>;
+  /** Kills what still runs, drops the database and removes the data. */
+  close(): Promise<void>;
+}
+
+/** A `RestartableServer` with a fresh data directory and (on PostgreSQL) a database of its own. */
+export async function restartableServer(
+  name: string,
+  admin: { email: string; password: string },
+): Promise<RestartableServer> {
+  const dataDir = mkdtempSync(path.join(os.tmpdir(), `fleethub-${name}-`));
+  const database = await createProcessDatabase(name.replace(/\W/g, '_'));
+  const ports = { api: await freePort(), device: await freePort() };
+  const servers: ServerProcess[] = [];
+  return {
+    dataDir,
+    async start() {
+      const server = await startServerProcess({
+        dataDir,
+        certsDir: (await getTestPki()).dir,
+        databaseUrl: database?.url,
+        env: { FLEETHUB_ADMIN_EMAIL: admin.email, FLEETHUB_ADMIN_PASSWORD: admin.password },
+        // The same ports every time, so the devices reconnect to the restarted server.
+        ports,
+      });
+      servers.push(server);
+      return { server, ...(await loginTo(server, admin)) };
+    },
+    async close() {
+      for (const server of servers) await server.kill();
+      await database?.drop();
+      rmSync(dataDir, { recursive: true, force: true });
+    },
+  };
 }

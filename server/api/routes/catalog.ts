@@ -19,6 +19,8 @@ import {
   STATUS_FAILURES_SHOWN,
   countDeviceTargetStates,
   DEVICE_TARGET_STATES,
+  type DeviceTargetState,
+  listDeviceTargetStates,
   type FleetContext,
 } from '../../fleet/index.ts';
 import { requireRole } from '../auth.ts';
@@ -367,6 +369,48 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = request.query.group ? await resolveGroup(fleet, org.id, request.query.group) : undefined;
       return fleetStatus(fleet, org.id, group?.id, request.query.component);
+    },
+  );
+
+  api.get<{
+    Params: OrgParams;
+    Querystring: { group?: string; component?: string; state?: DeviceTargetState; limit: number; offset: number };
+  }>(
+    '/orgs/:org/status/devices',
+    {
+      onRequest: requireRole('viewer'),
+      schema: {
+        operationId: 'listDeviceTargetStates',
+        tags: ['status'],
+        summary:
+          'Each device of the org or of one group, by identifier: its resolved target, running version and newest attempt (the rows behind device_states)',
+        params: orgParams,
+        querystring: {
+          type: 'object',
+          properties: {
+            group: { type: 'string', description: 'group id or name' },
+            ...statusQuery,
+            state: { type: 'string', enum: [...DEVICE_TARGET_STATES], description: 'only devices in this state' },
+            ...paginationQuery,
+          },
+        },
+        response: { 200: pageOf('DeviceTargetState'), ...authErrors, ...conflictError },
+      },
+    },
+    async (request) => {
+      const org = await resolveOrg(fleet, request.operator, request.params.org);
+      const group = request.query.group ? await resolveGroup(fleet, org.id, request.query.group) : undefined;
+      const { component, state, limit, offset } = request.query;
+      return listDeviceTargetStates(
+        fleet,
+        { orgId: org.id, ...(group ? { groupId: group.id } : {}) },
+        {
+          component,
+          state,
+          limit,
+          offset,
+        },
+      );
     },
   );
 

@@ -15,6 +15,7 @@ import {
   listDeploymentDevices,
   listDeployments,
   pauseDeployment,
+  type RateSpec,
   resumeDeployment,
   type StageInput,
   type StageSize,
@@ -70,10 +71,62 @@ interface CreateBody {
   max_concurrent?: number;
   rate_per_minute?: number;
   in_flight_timeout_s?: number;
+  rate?: RateBody;
   retries?: number;
   retry_backoff_s?: number;
+  penalty?: { failures: number; window_s: number; hold_s: number };
   start?: boolean;
 }
+interface RateBody {
+  type: 'constant' | 'exponential';
+  base?: number;
+  factor?: number;
+  criterion?: 'notified' | 'succeeded';
+  every?: number;
+  max?: number;
+}
+
+/**
+ * The rate shape: constant (`rate_per_minute`) or exponential as AWS IoT Jobs define it. The
+ * schema checks each field; the model checks that they fit together (docs/deployments.md).
+ */
+const rateSchema = {
+  type: 'object',
+  required: ['type'],
+  additionalProperties: false,
+  description:
+    '`{type: constant}` (the default: `rate_per_minute`), or `{type: exponential, base, factor, criterion, every?, max?}`: start at `base` devices a minute, multiply by `factor` each time another `every` (default `base`) devices were notified or succeeded (`criterion`), never above `max`',
+  properties: {
+    type: { type: 'string', enum: ['constant', 'exponential'] },
+    base: { type: 'integer', minimum: 1, maximum: 1000, description: 'devices a minute to start with' },
+    factor: {
+      type: 'number',
+      minimum: 1.1,
+      maximum: 5,
+      description: 'the rate is multiplied by this at each step (1.1 to 5, as AWS IoT Jobs allow)',
+    },
+    criterion: {
+      type: 'string',
+      enum: ['notified', 'succeeded'],
+      description: 'what raises the rate: devices told, or devices succeeded',
+    },
+    every: { type: 'integer', minimum: 1, maximum: 1000000, description: 'devices per step (default base)' },
+    max: { type: 'integer', minimum: 1, maximum: 1000000, description: 'the rate never goes above this a minute' },
+  },
+} as const;
+
+const penaltySchema = {
+  type: 'object',
+  required: ['failures', 'window_s', 'hold_s'],
+  additionalProperties: false,
+  description:
+    'the penalty box: a device that failed `failures` times within `window_s` seconds is held out for `hold_s` seconds before its next retry (needs `retries` ≥ `failures`)',
+  properties: {
+    failures: { type: 'integer', minimum: 1, maximum: 10 },
+    window_s: { type: 'integer', minimum: 1, maximum: 2592000 },
+    hold_s: { type: 'integer', minimum: 1, maximum: 2592000 },
+  },
+} as const;
 
 const stageSchema = {
   type: 'object',
@@ -147,8 +200,20 @@ const createBody = {
     max_concurrent: { type: 'integer', minimum: 1, maximum: 1000000, description: 'devices in flight at once' },
     rate_per_minute: { type: 'integer', minimum: 1, maximum: 1000000, description: 'devices told in any 60 s' },
     in_flight_timeout_s: { type: 'integer', minimum: 10, maximum: 604800 },
-    retries: { type: 'integer', minimum: 0, maximum: 10 },
-    retry_backoff_s: { type: 'integer', minimum: 0, maximum: 86400 },
+    rate: rateSchema,
+    retries: {
+      type: 'integer',
+      minimum: 0,
+      maximum: 10,
+      description: 'a device whose update failed (after it began) or timed out is told again up to this many times',
+    },
+    retry_backoff_s: {
+      type: 'integer',
+      minimum: 0,
+      maximum: 86400,
+      description: 'seconds before the first retry (default 60); doubled for each further one, at most a day',
+    },
+    penalty: penaltySchema,
     start: { type: 'boolean', default: true, description: 'false: create a draft (resume starts it)' },
   },
   oneOf: [{ required: ['firmware_id'] }, { required: ['version'] }],
@@ -170,6 +235,31 @@ function stageInput(s: StageBody): StageInput {
     ...(s.on_error ? { onError: s.on_error } : {}),
     ...(s.requires_approval !== undefined ? { requiresApproval: s.requires_approval } : {}),
     ...(s.soak_s !== undefined ? { soakS: s.soak_s } : {}),
+  };
+}
+
+function rateInput(r: RateBody): RateSpec {
+  if (r.type === 'constant') {
+    const extra = (['base', 'factor', 'criterion', 'every', 'max'] as const).filter((k) => r[k] !== undefined);
+    if (extra.length > 0)
+      throw new ApiError(
+        400,
+        'invalid',
+        `a constant rate takes no ${extra.join(', ')}: use rate_per_minute, or type exponential`,
+        { field: 'rate' },
+      );
+    return { type: 'constant' };
+  }
+  const missing = (['base', 'factor', 'criterion'] as const).filter((k) => r[k] === undefined);
+  if (missing.length > 0)
+    throw new ApiError(400, 'invalid', `an exponential rate needs ${missing.join(', ')}`, { field: 'rate' });
+  return {
+    type: 'exponential',
+    base: r.base!,
+    factor: r.factor!,
+    criterion: r.criterion!,
+    ...(r.every !== undefined ? { every: r.every } : {}),
+    ...(r.max !== undefined ? { max: r.max } : {}),
   };
 }
 
@@ -220,8 +310,12 @@ export async function registerDeploymentRoutes(api: FastifyInstance, deps: Route
         maxConcurrent: body.max_concurrent ?? null,
         ratePerMinute: body.rate_per_minute ?? null,
         inFlightTimeoutS: body.in_flight_timeout_s ?? null,
+        ...(body.rate ? { rate: rateInput(body.rate) } : {}),
         ...(body.retries !== undefined ? { retries: body.retries } : {}),
         ...(body.retry_backoff_s !== undefined ? { retryBackoffS: body.retry_backoff_s } : {}),
+        ...(body.penalty
+          ? { penalty: { failures: body.penalty.failures, windowS: body.penalty.window_s, holdS: body.penalty.hold_s } }
+          : {}),
         start: body.start !== false,
       });
       return reply.status(201).send({ ...deployment, already_running: alreadyRunning });

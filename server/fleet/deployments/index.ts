@@ -2,6 +2,7 @@
 export * from './model.ts';
 export {
   claimDeployments,
+  currentRate,
   DeploymentOrchestrator,
   LEASE_MS,
   stepDeployment,

@@ -28,14 +28,25 @@ export const DEPLOYMENT_STATES: readonly DeploymentState[] = [
 ];
 /** States in which a deployment holds its devices (the overlap rule). */
 export const ACTIVE_STATES: readonly DeploymentState[] = ['draft', 'awaiting_approval', 'running', 'paused'];
-export type DeploymentDeviceState = 'pending' | 'in_flight' | 'succeeded' | 'failed' | 'cancelled';
+export type DeploymentDeviceState =
+  | 'pending'
+  | 'in_flight'
+  | 'retrying'
+  | 'penalty_box'
+  | 'succeeded'
+  | 'failed'
+  | 'cancelled';
 export const DEPLOYMENT_DEVICE_STATES: readonly DeploymentDeviceState[] = [
   'pending',
   'in_flight',
+  'retrying',
+  'penalty_box',
   'succeeded',
   'failed',
   'cancelled',
 ];
+/** Longest wait before a retry, whatever the backoff doubles to (seconds). */
+export const MAX_RETRY_BACKOFF_S = 86_400;
 export type PauseCause = 'operator' | 'error' | 'success';
 
 declare module '../../db/schema.ts' {
@@ -114,15 +125,30 @@ export interface DeploymentDevicesTable {
   failed_at: Timestamp | null;
   failure_reason: string | null;
   attempt_id: string | null;
+  /** `retrying` / `penalty_box`: when the device may be told again. */
+  retry_at: Timestamp | null;
 }
 
 export type DeploymentRow = Selectable<DeploymentsTable>;
 export type StageRow = Selectable<DeploymentStagesTable>;
 export type DeploymentDeviceRow = Selectable<DeploymentDevicesTable>;
 
+/**
+ * The rate shape. `constant`: `rate_per_minute` (or no limit). `exponential`, as AWS IoT Jobs
+ * define it: `base` devices a minute to start with, multiplied by `factor` each time another
+ * `every` devices (default `base`) of the deployment were notified or succeeded (`criterion`),
+ * never above `max` (optional). See `currentRate`.
+ */
 export type RateSpec =
   | { type: 'constant' }
-  | { type: 'exponential'; base: number; factor: number; criterion: 'notified' | 'succeeded' };
+  | {
+      type: 'exponential';
+      base: number;
+      factor: number;
+      criterion: 'notified' | 'succeeded';
+      every?: number;
+      max?: number;
+    };
 /** How many devices a stage takes: a count, a percentage of the deployment's devices, or the rest. */
 export type StageSize = { count: number } | { percent: number } | { rest: true };
 /** A threshold: a count of devices, or a percentage (of the stage's devices for success, of its finished ones for errors). */
@@ -169,6 +195,10 @@ export interface StageCounts {
   succeeded: number;
   failed: number;
   cancelled: number;
+  /** Failed or timed out, waiting for its backoff before it is told again (not finished). */
+  retrying: number;
+  /** Failed `penalty_failures` times within the window: held out until its hold passed (not finished). */
+  penalty_box: number;
 }
 
 export interface StageView extends StageCounts {
@@ -200,8 +230,18 @@ export const MAX_DEPLOYMENT_DEVICES = 100_000;
 /** Default stages: one stage of every device, all must succeed. */
 const DEFAULT_STAGES: StageInput[] = [{ size: { rest: true } }];
 
-function emptyCounts(): StageCounts {
-  return { total: 0, pending: 0, told: 0, in_flight: 0, succeeded: 0, failed: 0, cancelled: 0 };
+export function emptyCounts(): StageCounts {
+  return {
+    total: 0,
+    pending: 0,
+    told: 0,
+    in_flight: 0,
+    succeeded: 0,
+    failed: 0,
+    cancelled: 0,
+    retrying: 0,
+    penalty_box: 0,
+  };
 }
 
 /** The device count each stage resolves to for `total` devices; the last stage takes every device left. */
@@ -228,10 +268,53 @@ function validateInput(input: CreateDeploymentInput): StageInput[] {
     if (s.error && 'percent' in s.error && (s.error.percent <= 0 || s.error.percent > 100))
       throw bad(`stages[${i}].error`, `stage ${i + 1}: an error percentage is from 1 to 100`);
   });
+  validatePacing(input, bad);
   if (input.versionRange != null && semver.validRange(input.versionRange) === null)
     throw bad('version_range', `version_range ${JSON.stringify(input.versionRange)} is not a semver range`);
   if (input.groupIds.length === 0) throw bad('groups', 'name at least one group');
   return stages;
+}
+
+const positiveInt = (n: unknown): n is number => Number.isInteger(n) && (n as number) > 0;
+
+/** Pacing, retries and the penalty box: whole numbers where counts, a factor from 1.1 to 5 (as AWS). */
+function validatePacing(input: CreateDeploymentInput, bad: (field: string, message: string) => FleetError): void {
+  const r = input.rate;
+  if (r?.type === 'exponential') {
+    if (!positiveInt(r.base) || r.base > 1000)
+      throw bad('rate.base', 'rate.base is the starting devices per minute: a whole number from 1 to 1000');
+    if (typeof r.factor !== 'number' || !Number.isFinite(r.factor) || r.factor < 1.1 || r.factor > 5)
+      throw bad('rate.factor', 'rate.factor multiplies the rate: a number from 1.1 to 5 (e.g. 1.5)');
+    if (r.criterion !== 'notified' && r.criterion !== 'succeeded')
+      throw bad('rate.criterion', 'rate.criterion is notified or succeeded');
+    if (r.every !== undefined && !positiveInt(r.every))
+      throw bad('rate.every', 'rate.every is a whole number of devices ≥ 1');
+    if (r.max !== undefined && (!positiveInt(r.max) || r.max < r.base))
+      throw bad('rate.max', 'rate.max is a whole number of devices a minute, at least rate.base');
+    if (input.ratePerMinute != null)
+      throw bad('rate_per_minute', 'rate_per_minute is the constant rate; with an exponential rate use rate.max');
+  }
+  if (input.ratePerMinute != null && !positiveInt(input.ratePerMinute))
+    throw bad('rate_per_minute', 'rate_per_minute is a whole number ≥ 1');
+  if (input.maxConcurrent != null && !positiveInt(input.maxConcurrent))
+    throw bad('max_concurrent', 'max_concurrent is a whole number ≥ 1');
+  const retries = input.retries ?? 0;
+  if (!Number.isInteger(retries) || retries < 0 || retries > 10)
+    throw bad('retries', 'retries is a whole number from 0 to 10');
+  const backoff = input.retryBackoffS ?? 60;
+  if (!Number.isInteger(backoff) || backoff < 0 || backoff > MAX_RETRY_BACKOFF_S)
+    throw bad('retry_backoff_s', `retry_backoff_s is a whole number of seconds from 0 to ${MAX_RETRY_BACKOFF_S}`);
+  const p = input.penalty;
+  if (p) {
+    if (!positiveInt(p.failures)) throw bad('penalty.failures', 'penalty.failures is a whole number ≥ 1');
+    if (!positiveInt(p.windowS)) throw bad('penalty.window_s', 'penalty.window_s is a whole number of seconds ≥ 1');
+    if (!positiveInt(p.holdS)) throw bad('penalty.hold_s', 'penalty.hold_s is a whole number of seconds ≥ 1');
+    if (p.failures > retries)
+      throw bad(
+        'penalty.failures',
+        `a device is held out only while it has retries left: penalty.failures (${p.failures}) must be at most retries (${retries})`,
+      );
+  }
 }
 
 /**
@@ -468,22 +551,21 @@ const COUNT_COLUMNS = sql`count(*)::int AS total,
   count(*) FILTER (WHERE state = 'in_flight')::int AS in_flight,
   count(*) FILTER (WHERE state = 'succeeded')::int AS succeeded,
   count(*) FILTER (WHERE state = 'failed')::int AS failed,
-  count(*) FILTER (WHERE state = 'cancelled')::int AS cancelled`;
+  count(*) FILTER (WHERE state = 'cancelled')::int AS cancelled,
+  count(*) FILTER (WHERE state = 'retrying')::int AS retrying,
+  count(*) FILTER (WHERE state = 'penalty_box')::int AS penalty_box`;
+
+/** A counting row of `COUNT_COLUMNS`. */
+type CountRow = Omit<StageCounts, 'told'>;
+/** `told`: every device but the pending ones (in flight, waiting for a retry or finished). */
+const withTold = (c: CountRow): StageCounts => ({ ...c, told: c.total - c.pending });
 
 /** Per-stage per-device counts of a deployment, in one statement. */
 export async function stageCounts(db: Db, deploymentId: string): Promise<Map<number, StageCounts>> {
-  const { rows } = await sql<{
-    stage: number;
-    total: number;
-    pending: number;
-    in_flight: number;
-    succeeded: number;
-    failed: number;
-    cancelled: number;
-  }>`
+  const { rows } = await sql<CountRow & { stage: number }>`
     SELECT stage, ${COUNT_COLUMNS}
     FROM deployment_devices WHERE deployment_id = ${deploymentId} GROUP BY stage`.execute(db);
-  return new Map(rows.map((r) => [r.stage, { ...r, told: r.total - r.pending }]));
+  return new Map(rows.map(({ stage, ...c }) => [stage, withTold(c)]));
 }
 
 function stageView(s: StageRow, counts: StageCounts | undefined): StageView {
@@ -514,6 +596,8 @@ function stageView(s: StageRow, counts: StageCounts | undefined): StageView {
     succeeded: c.succeeded,
     failed: c.failed,
     cancelled: c.cancelled,
+    retrying: c.retrying,
+    penalty_box: c.penalty_box,
   };
 }
 
@@ -572,18 +656,10 @@ export async function listDeployments(
   const ids = rows.map((r) => r.id);
   const totals = new Map<string, StageCounts>();
   if (ids.length > 0) {
-    const { rows: counted } = await sql<{
-      deployment_id: string;
-      total: number;
-      pending: number;
-      in_flight: number;
-      succeeded: number;
-      failed: number;
-      cancelled: number;
-    }>`
+    const { rows: counted } = await sql<CountRow & { deployment_id: string }>`
       SELECT deployment_id, ${COUNT_COLUMNS}
       FROM deployment_devices WHERE deployment_id = ANY(${ids}::uuid[]) GROUP BY deployment_id`.execute(ctx.db);
-    for (const { deployment_id, ...c } of counted) totals.set(deployment_id, { ...c, told: c.total - c.pending });
+    for (const { deployment_id, ...c } of counted) totals.set(deployment_id, withTold(c));
   }
   return {
     items: rows.map((r) => ({ ...r, counts: totals.get(r.id) ?? emptyCounts() })),
@@ -787,6 +863,10 @@ export async function abortInTransaction(
     UPDATE deployment_devices SET state = 'cancelled', failure_reason = 'cancelled: the deployment was aborted'
     WHERE deployment_id = ${d.id} AND state = 'in_flight'
     RETURNING device_id, attempt_id`.execute(trx);
+  // Waiting for a retry: not told again; their last failure stands.
+  await sql`
+    UPDATE deployment_devices SET state = 'failed', retry_at = NULL
+    WHERE deployment_id = ${d.id} AND state IN ('retrying', 'penalty_box')`.execute(trx);
   const ids = cancelled.map((c) => c.device_id);
   if (ids.length > 0) {
     // They no longer resolve to the release: reconcile cancels their open attempts (link-table `cancel`).

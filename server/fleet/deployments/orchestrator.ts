@@ -16,6 +16,9 @@ import { pushCreatedAttempts } from '../updates.ts';
 import {
   abortInTransaction,
   type DeploymentRow,
+  emptyCounts,
+  MAX_RETRY_BACKOFF_S,
+  type RateSpec,
   setState,
   type StageCounts,
   stageCounts,
@@ -29,11 +32,39 @@ export const LEASE_MS = 15_000;
 export const MAX_TELL_PER_STEP = 5_000;
 
 export interface StepOutcome {
-  /** Devices told in this step. */
+  /** Devices told in this step (retries included). */
   told: string[];
-  /** Devices whose outcome this step recorded. */
+  /** Of those, devices told again (a retry, after a backoff or a penalty hold). */
+  retried: number;
+  /** Devices whose outcome this step recorded (a failure to be retried included). */
   finished: number;
+  /** Of those, devices that failed and wait to be retried (`retrying`). */
+  retrying: number;
+  /** Of those, devices put in the penalty box. */
+  penalized: number;
   state: DeploymentRow['state'];
+}
+
+/**
+ * The rate limit (devices told in any 60 s) a deployment has now, or null for none. Constant:
+ * `rate_per_minute`. Exponential (AWS IoT Jobs' `exponentialRate`): with `n` the deployment's
+ * devices notified (told at least once) or succeeded, per `criterion`, the rate is
+ * `floor(base × factor^floor(n / every))` — `base` a minute to start with, multiplied by
+ * `factor` each time `n` crosses the next multiple of `every` (default `base`) — capped at `max`.
+ */
+export function currentRate(
+  d: { rate: RateSpec; rate_per_minute: number | null },
+  progress: { notified: number; succeeded: number },
+): number | null {
+  const r = d.rate;
+  if (r?.type !== 'exponential') return d.rate_per_minute;
+  const n = r.criterion === 'notified' ? progress.notified : progress.succeeded;
+  const steps = Math.floor(n / (r.every ?? r.base));
+  const cap = r.max ?? MAX_TELL_PER_STEP;
+  // factor > 1: past the cap after at most log(cap)/log(factor) steps; stop there (no overflow).
+  let rate = r.base;
+  for (let k = 0; k < steps && rate < cap; k++) rate *= r.factor;
+  return Math.min(cap, Math.floor(rate));
 }
 
 /**
@@ -63,9 +94,9 @@ export async function stepDeployment(ctx: FleetContext, deploymentId: string): P
     const { rows: held } = await sql<{ held: boolean }>`
       SELECT (${d.lease_holder} = ${ctx.nodeName} AND ${d.lease_until} > now()) AS held`.execute(trx);
     if (!held[0]?.held) return undefined;
-    const finished = await syncOutcomes(trx, d.id);
+    const { finished, retrying, penalized } = await syncOutcomes(trx, d);
     // Paused: devices in flight still finish and are counted; nothing is decided or told.
-    if (d.state === 'paused') return { told: [], finished, state: d.state };
+    if (d.state === 'paused') return { told: [], retried: 0, finished, retrying, penalized, state: d.state };
     const stages = await trx
       .selectFrom('deployment_stages')
       .selectAll()
@@ -74,28 +105,81 @@ export async function stepDeployment(ctx: FleetContext, deploymentId: string): P
       .execute();
     const counts = await stageCounts(trx, d.id);
     const current = await evaluate(trx, outbox, d, stages, counts);
-    const told = current.state === 'running' ? await tell(ctx, trx, outbox, current) : [];
+    const { told, retried } =
+      current.state === 'running' ? await tell(ctx, trx, outbox, current) : { told: [], retried: 0 };
     if (finished > 0 || told.length > 0)
-      ctx.log.debug({ deployment_id: d.id, finished, told: told.length, state: current.state }, 'deployment step');
-    return { told, finished, state: current.state };
+      ctx.log.debug(
+        { deployment_id: d.id, finished, retrying, penalized, told: told.length, retried, state: current.state },
+        'deployment step',
+      );
+    return { told, retried, finished, retrying, penalized, state: current.state };
   });
 }
 
-/** Devices in flight whose attempt reached a final state: succeeded only on the link's `confirm`. */
-async function syncOutcomes(trx: Db, deploymentId: string): Promise<number> {
+/**
+ * A failure worth retrying: the update `failed` after the device began it, or `timed_out`. One
+ * that failed before it began (the device declined or rejected it), rolled back or was cancelled
+ * is final. `ua` is the update_attempts alias.
+ */
+const RETRYABLE = sql`(ua.state = 'timed_out' OR (ua.state = 'failed' AND ua.begun_at IS NOT NULL))`;
+
+/**
+ * Devices in flight whose attempt reached a final state: succeeded only on the link's `confirm`;
+ * a retryable failure with retries left (`tries ≤ retries`) waits in `retrying` for its backoff
+ * (`retry_backoff_s × 2^(tries−1)`, at most a day, from the failure), or in `penalty_box` for
+ * `penalty_hold_s` once it failed `penalty_failures` times within `penalty_window_s`; anything
+ * else is `failed`. One statement.
+ */
+async function syncOutcomes(
+  trx: Db,
+  d: DeploymentRow,
+): Promise<{ finished: number; retrying: number; penalized: number }> {
   const finals = sql.join(FINAL_STATES.map((s) => sql.lit(s)));
-  const result = await sql`
+  const via = `deployment:${d.id}`;
+  const penalty =
+    d.penalty_failures !== null && d.penalty_window_s !== null && d.penalty_hold_s !== null
+      ? sql`(SELECT count(*) FROM update_attempts ua
+             WHERE ua.device_id = o.device_id AND ua.via = ${via} AND ${RETRYABLE}
+               AND ua.completed_at > o.completed_at - make_interval(secs => ${d.penalty_window_s})
+               AND ua.completed_at <= o.completed_at) >= ${d.penalty_failures}`
+      : sql`false`;
+  const { rows } = await sql<{ state: string }>`
+    WITH outcome AS (
+      SELECT dd.device_id, dd.tries, ua.state AS attempt_state, ua.errors,
+             COALESCE(ua.completed_at, now()) AS completed_at, ${RETRYABLE} AS retryable
+      FROM deployment_devices dd JOIN update_attempts ua ON ua.id = dd.attempt_id
+      WHERE dd.deployment_id = ${d.id} AND dd.state = 'in_flight' AND ua.state IN (${finals})
+    ), judged AS (
+      SELECT o.*,
+             CASE WHEN o.attempt_state = 'succeeded' THEN 'succeeded'
+                  WHEN o.retryable AND o.tries <= ${d.retries} THEN
+                    CASE WHEN ${penalty} THEN 'penalty_box' ELSE 'retrying' END
+                  ELSE 'failed' END AS next
+      FROM outcome o
+    )
     UPDATE deployment_devices dd
-    SET state = CASE WHEN ua.state = 'succeeded' THEN 'succeeded' ELSE 'failed' END,
-        succeeded_at = CASE WHEN ua.state = 'succeeded' THEN ua.completed_at END,
-        failed_at = CASE WHEN ua.state <> 'succeeded' THEN ua.completed_at END,
-        failure_reason = CASE WHEN ua.state <> 'succeeded'
-          THEN ua.state || COALESCE(': ' || (ua.errors ->> 0), '') END
-    FROM update_attempts ua
-    WHERE dd.deployment_id = ${deploymentId} AND dd.state = 'in_flight'
-      AND ua.id = dd.attempt_id AND ua.state IN (${finals})`.execute(trx);
-  return Number(result.numAffectedRows ?? 0);
+    SET state = j.next,
+        succeeded_at = CASE WHEN j.next = 'succeeded' THEN j.completed_at END,
+        failed_at = CASE WHEN j.next <> 'succeeded' THEN j.completed_at END,
+        failure_reason = CASE WHEN j.next <> 'succeeded'
+          THEN j.attempt_state || COALESCE(': ' || (j.errors ->> 0), '') END,
+        retry_at = CASE j.next
+          WHEN 'retrying' THEN j.completed_at + make_interval(secs =>
+            LEAST(${MAX_RETRY_BACKOFF_S}::float8, ${d.retry_backoff_s}::float8 * power(2, j.tries - 1)))
+          WHEN 'penalty_box' THEN j.completed_at + make_interval(secs => ${d.penalty_hold_s ?? 0})
+        END
+    FROM judged j
+    WHERE dd.deployment_id = ${d.id} AND dd.device_id = j.device_id
+    RETURNING dd.state`.execute(trx);
+  return {
+    finished: rows.length,
+    retrying: rows.filter((r) => r.state === 'retrying').length,
+    penalized: rows.filter((r) => r.state === 'penalty_box').length,
+  };
 }
+
+/** Devices with no final outcome yet: not told, in flight, or waiting to be retried. */
+const unfinished = (c: StageCounts) => c.pending + c.in_flight + c.retrying + c.penalty_box;
 
 function required(stage: StageRow): number {
   if (stage.success_count !== null) return Math.min(stage.success_count, stage.size);
@@ -129,7 +213,7 @@ async function evaluate(
   stages: StageRow[],
   counts: Map<number, StageCounts>,
 ): Promise<DeploymentRow> {
-  const none: StageCounts = { total: 0, pending: 0, told: 0, in_flight: 0, succeeded: 0, failed: 0, cancelled: 0 };
+  const none = emptyCounts();
   let current = d;
   for (const stage of stages) {
     if (stage.stage > current.current_stage || stage.started_at === null) break;
@@ -150,7 +234,7 @@ async function evaluate(
       return paused;
     }
     if (stage.succeeded_at !== null) continue;
-    const allFinished = c.pending === 0 && c.in_flight === 0;
+    const allFinished = unfinished(c) === 0;
     const succeeded = stage.error_overridden ? allFinished : c.succeeded >= required(stage);
     if (succeeded) {
       const { rows } = await sql<StageRow>`
@@ -175,7 +259,7 @@ async function evaluate(
     if (stage.succeeded_at === null) break;
     const next = stages[current.current_stage + 1];
     if (!next) {
-      const left = [...counts.values()].reduce((n, c) => n + c.pending + c.in_flight, 0);
+      const left = [...counts.values()].reduce((n, c) => n + unfinished(c), 0);
       if (left === 0) {
         const done = await setState(trx, d.id, {
           state: 'completed',
@@ -237,36 +321,46 @@ async function evaluate(
 }
 
 /**
- * Tells the next devices: pending devices of started stages that are online, as many as the
- * concurrency limit and the rate (devices told in the last 60 s) leave room for, in stage and
- * position order. They are marked in flight and get their attempt through reconcile, in this
- * transaction: a device is told at most once, whatever happens to the process afterwards.
+ * Tells the next devices: pending devices of started stages, and devices whose retry backoff or
+ * penalty hold has passed, that are online, as many as the concurrency limit and the rate
+ * (devices told in the last 60 s, retries included) leave room for, in stage and position order.
+ * They are marked in flight and get their attempt through reconcile, in this transaction: a
+ * device is told at most once per try, whatever happens to the process afterwards.
  */
-async function tell(ctx: FleetContext, trx: Db, outbox: FleetEvent[], d: DeploymentRow): Promise<string[]> {
-  const { rows: load } = await sql<{ in_flight: number; recent: number }>`
+async function tell(
+  ctx: FleetContext,
+  trx: Db,
+  outbox: FleetEvent[],
+  d: DeploymentRow,
+): Promise<{ told: string[]; retried: number }> {
+  const { rows: load } = await sql<{ in_flight: number; recent: number; notified: number; succeeded: number }>`
     SELECT count(*) FILTER (WHERE state = 'in_flight')::int AS in_flight,
-           count(*) FILTER (WHERE told_at > now() - interval '60 seconds')::int AS recent
+           count(*) FILTER (WHERE told_at > now() - interval '60 seconds')::int AS recent,
+           count(*) FILTER (WHERE tries > 0)::int AS notified,
+           count(*) FILTER (WHERE state = 'succeeded')::int AS succeeded
     FROM deployment_devices WHERE deployment_id = ${d.id}`.execute(trx);
-  const { in_flight, recent } = load[0] ?? { in_flight: 0, recent: 0 };
+  const { in_flight, recent, notified, succeeded } = load[0] ?? { in_flight: 0, recent: 0, notified: 0, succeeded: 0 };
   let room = MAX_TELL_PER_STEP;
   if (d.max_concurrent !== null) room = Math.min(room, d.max_concurrent - in_flight);
-  if (d.rate_per_minute !== null) room = Math.min(room, d.rate_per_minute - recent);
-  if (room <= 0) return [];
-  const { rows: picked } = await sql<{ device_id: string }>`
+  const rate = currentRate(d, { notified, succeeded });
+  if (rate !== null) room = Math.min(room, rate - recent);
+  if (room <= 0) return { told: [], retried: 0 };
+  const { rows: picked } = await sql<{ device_id: string; tries: number }>`
     UPDATE deployment_devices dd
-    SET state = 'in_flight', told_at = now(), tries = dd.tries + 1
+    SET state = 'in_flight', told_at = now(), tries = dd.tries + 1, retry_at = NULL, attempt_id = NULL
     FROM (
       SELECT x.device_id FROM deployment_devices x
       JOIN devices dev ON dev.id = x.device_id
-      WHERE x.deployment_id = ${d.id} AND x.state = 'pending' AND x.stage <= ${d.current_stage}
+      WHERE x.deployment_id = ${d.id} AND x.stage <= ${d.current_stage}
+        AND (x.state = 'pending' OR (x.state IN ('retrying', 'penalty_box') AND x.retry_at <= now()))
         AND dev.connection_status = 'online' AND dev.approval = 'approved'
       ORDER BY x.stage, x.position
       LIMIT ${room}
     ) pick
     WHERE dd.deployment_id = ${d.id} AND dd.device_id = pick.device_id
-    RETURNING dd.device_id`.execute(trx);
+    RETURNING dd.device_id, dd.tries`.execute(trx);
   const ids = picked.map((p) => p.device_id);
-  if (ids.length === 0) return [];
+  if (ids.length === 0) return { told: [], retried: 0 };
   // They now resolve to the deployment's firmware (reconcile.ts): the existing path creates and sends.
   const { created } = await reconcileAttempts(trx, { ids }, d.component);
   await pushCreatedAttempts(ctx, trx, outbox, created);
@@ -297,7 +391,7 @@ async function tell(ctx: FleetContext, trx: Db, outbox: FleetEvent[], d: Deploym
     WHERE dd.deployment_id = ${d.id} AND dd.device_id = r.id AND dd.attempt_id IS NULL AND dd.state = 'in_flight'`.execute(
     trx,
   );
-  return ids;
+  return { told: ids, retried: picked.filter((p) => p.tries > 1).length };
 }
 
 export interface OrchestratorOptions {
@@ -326,8 +420,8 @@ export class DeploymentOrchestrator {
   #running: Promise<void> | undefined;
   #again = false;
   #stopped = true;
-  /** Steps run and devices told, for tests and metrics. */
-  readonly stats = { ticks: 0, steps: 0, told: 0 };
+  /** Steps run, devices told, retries scheduled and devices penalty-boxed by this node, for tests and metrics. */
+  readonly stats = { ticks: 0, steps: 0, told: 0, retried: 0, penalized: 0 };
 
   constructor(ctx: FleetContext, options: OrchestratorOptions = {}) {
     this.#ctx = ctx;
@@ -385,7 +479,11 @@ export class DeploymentOrchestrator {
       if (this.#stopped) break;
       const outcome = await stepDeployment(this.#ctx, id);
       this.stats.steps++;
-      if (outcome) this.stats.told += outcome.told.length;
+      if (outcome) {
+        this.stats.told += outcome.told.length;
+        this.stats.retried += outcome.retried;
+        this.stats.penalized += outcome.penalized;
+      }
     }
     return ids.length;
   }
