@@ -14,6 +14,7 @@ import { WIFIDOGX_CLOSE } from '../../server/edges/wifidogx/index.ts';
 import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { until } from '../helpers/until.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
+import { apiCaller, type ApiCall } from '../helpers/api-call.ts';
 
 const SKIP = process.env.DATABASE_URL
   ? false
@@ -26,19 +27,7 @@ describe('edge links on node B, operator on node A', { skip: SKIP }, () => {
   let token: string;
   const stops: Array<() => Promise<void>> = [];
 
-  async function callA<T>(method: string, url: string, body?: unknown): Promise<T> {
-    const res = await fetch(`${nodeA.apiUrl}/api/v1${url}`, {
-      method,
-      headers: {
-        authorization: `Bearer ${token}`,
-        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await res.text();
-    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
-    return (text ? JSON.parse(text) : undefined) as T;
-  }
+  const callA: ApiCall = (method, url, body) => apiCaller(`${nodeA.apiUrl}/api/v1`, token)(method, url, body);
 
   async function uploadA(path: string, version: string, body: Buffer): Promise<{ id: string }> {
     const res = await fetch(`${nodeA.apiUrl}/api/v1/${path}?org=default&product=default&version=${version}`, {

@@ -22,6 +22,7 @@ import { deviceCert, deviceTlsOptions } from '../helpers/pki.ts';
 import { recordPublished } from '../helpers/pubsub.ts';
 import { until } from '../helpers/until.ts';
 import { startCluster, type Cluster, type ClusterNode } from './harness.ts';
+import { apiCaller, type ApiCall } from '../helpers/api-call.ts';
 
 const SKIP = process.env.DATABASE_URL
   ? false
@@ -47,19 +48,7 @@ describe('two nodes sharing one PostgreSQL', { skip: SKIP }, () => {
   const sockets: Socket[] = [];
 
   /** Calls node A's operator API as an admin; throws with the server's error on a non-2xx answer. */
-  async function callA<T>(method: string, url: string, body?: unknown): Promise<T> {
-    const res = await fetch(`${nodeA.apiUrl}/api/v1${url}`, {
-      method,
-      headers: {
-        authorization: `Bearer ${token}`,
-        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await res.text();
-    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
-    return (text ? JSON.parse(text) : undefined) as T;
-  }
+  const callA: ApiCall = (method, url, body) => apiCaller(`${nodeA.apiUrl}/api/v1`, token)(method, url, body);
 
   /** A device with a certificate from the registered signer CA, on node B, joined to its device channel. */
   async function deviceOnNodeB(firmwareUuid: string): Promise<{ serial: string; socket: Socket; channel: Channel }> {

@@ -6,6 +6,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { createProcessDatabase } from './db.ts';
 import { getTestPki } from './pki.ts';
+import { apiCaller, type ApiCall } from './api-call.ts';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
 /** The compiled build's bin, as `npm start` and the Docker image run it (needs `npm run build`). */
@@ -118,7 +119,7 @@ export function freePort(): Promise<number> {
 export interface ApiSession {
   token: string;
   /** Calls the operator API; throws on a non-2xx answer with the server's error. */
-  call<T = unknown>(method: string, url: string, body?: unknown): Promise<T>;
+  call: ApiCall;
 }
 
 /** Logs in to a server process's operator API as `admin`. */
@@ -130,19 +131,7 @@ export async function loginTo(server: ServerProcess, admin: { email: string; pas
   });
   if (login.status !== 200) throw new Error(`login to ${server.apiUrl} → ${login.status} ${await login.text()}`);
   const { token } = (await login.json()) as { token: string };
-  const call = async <T>(method: string, url: string, body?: unknown): Promise<T> => {
-    const res = await fetch(`${server.apiUrl}${url}`, {
-      method,
-      headers: {
-        authorization: `Bearer ${token}`,
-        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await res.text();
-    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
-    return (text ? JSON.parse(text) : undefined) as T;
-  };
+  const call = apiCaller(server.apiUrl, token);
   return { token, call };
 }
 

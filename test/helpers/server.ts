@@ -8,6 +8,7 @@ import { startServer, type RunningServer } from '../../server/main.ts';
 import { createUser } from '../../server/api/index.ts';
 import { createTestDatabase } from './db.ts';
 import { getTestPki } from './pki.ts';
+import { apiCaller } from './api-call.ts';
 
 /** One structured log line as tests read it. */
 export interface LogLine {
@@ -88,19 +89,7 @@ export async function startTestServer(
   if (!login.ok) throw new Error(`test admin login failed: ${login.status} ${await login.text()}`);
   const { token } = (await login.json()) as { token: string };
 
-  async function call<T>(method: string, url: string, body?: unknown): Promise<T> {
-    const res = await fetch(`${server.apiUrl}${url}`, {
-      method,
-      headers: {
-        authorization: `Bearer ${token}`,
-        ...(body === undefined ? {} : { 'content-type': 'application/json' }),
-      },
-      body: body === undefined ? undefined : JSON.stringify(body),
-    });
-    const text = await res.text();
-    if (!res.ok) throw new Error(`${method} ${url} → ${res.status} ${text}`);
-    return (text ? JSON.parse(text) : undefined) as T;
-  }
+  const call = apiCaller(server.apiUrl, token, fetch);
 
   return {
     ...server,
