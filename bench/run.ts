@@ -419,18 +419,27 @@ async function addToGroup(server: FleethubServer, group: string, from: number, t
   }
 }
 
-/** Waits until the server stopped sending statements for a second (disconnects written), at most 5 minutes. */
+/**
+ * Waits until the server is quiet: no socket left and at most 5 statements/s over the last 2 s
+ * (disconnects written; the idle background work — orchestrator, webhook poll, analyze check —
+ * runs far less). At most 5 minutes.
+ */
 async function settle(server: FleethubServer): Promise<void> {
   const started = nowMs();
-  let last = -1;
+  const WINDOW_MS = 2000;
+  const samples: { at: number; statements: number }[] = [];
   for (;;) {
     const { statements, endpoint } = await server.rpc.call<{ statements: number; endpoint: { sockets: number } }>(
       'stats',
     );
-    if (statements === last && endpoint.sockets === 0) break;
-    if (nowMs() - started > 300_000) break;
-    last = statements;
-    await new Promise((r) => setTimeout(r, 1000));
+    const at = nowMs();
+    samples.push({ at, statements });
+    while (samples.length > 1 && at - samples[1]!.at >= WINDOW_MS) samples.shift();
+    const first = samples[0]!;
+    const quiet = at - first.at >= WINDOW_MS && (statements - first.statements) / ((at - first.at) / 1000) <= 5;
+    if (quiet && endpoint.sockets === 0) break;
+    if (at - started > 300_000) break;
+    await new Promise((r) => setTimeout(r, 250));
   }
   log(`server settled after ${round((nowMs() - started) / 1000, 1)} s`);
 }

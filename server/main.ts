@@ -21,6 +21,7 @@ import {
 } from './channels/index.ts';
 import type { Config } from './config.ts';
 import { openDatabase, type DatabaseHandle } from './db/index.ts';
+import { startAutoAnalyze } from './db/analyze.ts';
 import { migrateToLatest } from './db/migrate.ts';
 import { createDeviceSocket, deviceSocketId } from './device-socket/index.ts';
 import { firmwareApiRoutes } from './api/firmware.ts';
@@ -115,6 +116,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
     options.database ?? (await openDatabase({ databaseUrl: config.databaseUrl, dataDir: config.dataDir }));
   const ownsDatabase = !options.database;
   await migrateToLatest(database.db, database.schema);
+  // PGlite has no autovacuum: analyze the tables that changed since they were last analyzed.
+  const stopAutoAnalyze = await startAutoAnalyze(database, log.child({ component: 'db' }));
 
   const secret = config.secret ?? loadOrCreateSecret(config.dataDir);
   const developmentPki = config.production ? undefined : await devPki(config.certsDir, log);
@@ -403,6 +406,7 @@ export async function startServer(config: Config, options: StartOptions = {}): P
       await reconcileOfflineDevices(fleet, { ownConnections: true }).catch(() => 0);
       await removeNode(fleet).catch(() => undefined);
       await pubsub.close();
+      await stopAutoAnalyze();
       if (ownsDatabase) await database.close();
     },
   };

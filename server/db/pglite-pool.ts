@@ -85,8 +85,12 @@ function commandOf(sql: string): PostgresQueryResult<unknown>['command'] {
 
 /** Statements worth preparing: data statements, the same text over and over. */
 const DATA_STATEMENT = /^\s*(select|insert|update|delete|with)\b/i;
-/** Anything that is not data or transaction control may change the schema (migrations, tests). */
-const TRANSACTION_CONTROL = /^\s*(begin|start|commit|end|rollback|savepoint|release|set|show)\b/i;
+/**
+ * Anything that is not data, transaction control or ANALYZE may change the schema (migrations,
+ * tests). ANALYZE only refreshes statistics (server/db/analyze.ts runs it every few seconds while
+ * tables change); PostgreSQL re-plans the prepared statements it concerns by itself.
+ */
+const TRANSACTION_CONTROL = /^\s*(begin|start|commit|end|rollback|savepoint|release|set|show|analyze)\b/i;
 const MAX_STATEMENTS = 256;
 
 interface Prepared {

@@ -66,12 +66,29 @@ export function variantSql(d: string, release: string): RawBuilder<unknown> {
  * the release.
  */
 export function resolvedSql(set: DeviceSet, component: string): RawBuilder<unknown> {
+  // The variant a device installs depends only on the release and the device's protocol: it is
+  // looked up once per distinct (release, protocol) pair, not once per device.
+  return sql`
+    WITH base AS MATERIALIZED (${baseResolvedSql(set, component)}),
+    variants AS MATERIALIZED (
+      SELECT p.release_id, p.protocol, (${variantSql('p', 'tf')}) AS id
+      FROM (SELECT DISTINCT release_id, protocol FROM base WHERE release_id IS NOT NULL) p
+      JOIN firmware tf ON tf.id = p.release_id)
+    SELECT b.device_id, b.org_id, b.connection_status, b.protocol, b.running_id, b.running_version, b.release_id,
+           CASE WHEN b.runs_component THEN v.id END AS target_id,
+           b.runs_target, b.target_set_at, b.via
+    FROM base b
+    LEFT JOIN variants v ON v.release_id = b.release_id AND v.protocol = b.protocol`;
+}
+
+/** `resolvedSql` before the variant: the winning release per device, and whether it runs the component. */
+function baseResolvedSql(set: DeviceSet, component: string): RawBuilder<unknown> {
   return sql`
     SELECT d.id AS device_id, d.org_id, d.connection_status, d.protocol,
            CASE WHEN ${component} = 'firmware' THEN d.firmware_uuid ELSE dc.firmware_id END AS running_id,
            CASE WHEN ${component} = 'firmware' THEN d.firmware_version ELSE dc.version END AS running_version,
            tf.id AS release_id,
-           CASE WHEN ${runsComponentSql('d', component)} THEN (${variantSql('d', 'tf')}) END AS target_id,
+           tf.id IS NOT NULL AND ${runsComponentSql('d', component)} AS runs_component,
            COALESCE(rf.product_id = tf.product_id AND rf.component = tf.component AND rf.version = tf.version, false) AS runs_target,
            COALESCE(dt.set_at, CASE WHEN dep.wins THEN dep.told_at END, gt.set_at) AS target_set_at,
            CASE WHEN dt.firmware_id IS NOT NULL THEN 'device' WHEN dep.wins THEN 'deployment:' || dep.id
@@ -130,63 +147,93 @@ export async function resolveTargets(db: Db, set: DeviceSet, component = 'firmwa
 }
 
 /**
- * Brings the update attempts of `set` in line with their resolved targets, in bulk:
+ * How a group-wide change for one release would reach the online members: `needed` when some
+ * online member does not run the release yet; `variant`, the one variant a group-wide
+ * `firmware_update` may carry — null when one broadcast cannot serve the group (some online
+ * member that does not run the release resolves another target, is not concerned by it, or the
+ * members that need it install different variants: each gets its own push).
+ */
+export interface GroupBroadcast {
+  needed: boolean;
+  variant: string | null;
+}
+
+/**
+ * Brings the update attempts of `set` in line with their resolved targets, in bulk and in one
+ * statement (the set is resolved once):
  * open attempts for anything but the resolved target are cancelled (superseded); devices not
  * running their target get a new attempt — `sent` when online, `queued` when offline — unless
  * one is already open, or one failed or rolled back since the target was set (setting the
  * target again is how an operator retries).
+ * With `broadcastRelease`, the same pass also answers how the release reaches the online members
+ * (`GroupBroadcast`).
  */
-export async function reconcileAttempts(trx: Db, set: DeviceSet, component = 'firmware'): Promise<ReconcileResult> {
-  const resolved = resolvedSql(set, component);
-  const cancelled = await sql`
-    UPDATE update_attempts ua
-    SET state = 'cancelled', ${stepSql('cancelled')}
-    FROM (${resolved}) r
-    WHERE ua.device_id = r.device_id AND ua.component = ${component} AND ua.state IN (${fromSql('cancel')})
-      AND ua.firmware_id IS DISTINCT FROM r.target_id
-      -- An attempt to what the device already runs stays open to settle, unless a new target
-      -- supersedes it: one open attempt per device and component.
-      AND (ua.firmware_id IS DISTINCT FROM r.running_id OR r.release_id IS NOT NULL)`.execute(trx);
-  const { rows: created } = await sql<CreatedAttempt>`
-    INSERT INTO update_attempts (org_id, device_id, firmware_id, component, from_version, to_version, state, via, sent_at)
-    SELECT r.org_id, r.device_id, r.target_id, ${component}, r.running_version, f.version,
-           CASE WHEN r.connection_status = 'online' THEN 'sent' ELSE 'queued' END,
-           r.via,
-           CASE WHEN r.connection_status = 'online' THEN now() END
-    FROM (${resolved}) r
-    JOIN firmware f ON f.id = r.target_id
-    WHERE NOT r.runs_target
-      AND NOT EXISTS (
-        SELECT 1 FROM update_attempts x
-        WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
-          AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at)))
-    RETURNING id, device_id, firmware_id, state`.execute(trx);
-  return { created, cancelled: Number(cancelled.numAffectedRows ?? 0) };
+export async function reconcileAttempts(
+  trx: Db,
+  set: DeviceSet,
+  component = 'firmware',
+  options: { broadcastRelease?: string } = {},
+): Promise<ReconcileResult & { broadcast?: GroupBroadcast }> {
+  // The INSERT's NOT EXISTS sees the attempts as they were before the UPDATE (one snapshot):
+  // no difference, since it looks for attempts to the target and the UPDATE cancels only others.
+  const release = options.broadcastRelease;
+  const { rows } = await sql<{
+    cancelled: number;
+    created: CreatedAttempt[];
+    needed: boolean | null;
+    variants: number | null;
+    elsewhere: number | null;
+    variant: string | null;
+  }>`
+    WITH r AS MATERIALIZED (${resolvedSql(set, component)}),
+    cancelled AS (
+      UPDATE update_attempts ua
+      SET state = 'cancelled', ${stepSql('cancelled')}
+      FROM r
+      WHERE ua.device_id = r.device_id AND ua.component = ${component} AND ua.state IN (${fromSql('cancel')})
+        AND ua.firmware_id IS DISTINCT FROM r.target_id
+        -- An attempt to what the device already runs stays open to settle, unless a new target
+        -- supersedes it: one open attempt per device and component.
+        AND (ua.firmware_id IS DISTINCT FROM r.running_id OR r.release_id IS NOT NULL)
+      RETURNING 1),
+    created AS (
+      INSERT INTO update_attempts (org_id, device_id, firmware_id, component, from_version, to_version, state, via, sent_at)
+      SELECT r.org_id, r.device_id, r.target_id, ${component}, r.running_version, f.version,
+             CASE WHEN r.connection_status = 'online' THEN 'sent' ELSE 'queued' END,
+             r.via,
+             CASE WHEN r.connection_status = 'online' THEN now() END
+      FROM r
+      JOIN firmware f ON f.id = r.target_id
+      WHERE NOT r.runs_target
+        AND NOT EXISTS (
+          SELECT 1 FROM update_attempts x
+          WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
+            AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at)))
+      RETURNING id, device_id, firmware_id, state)
+    SELECT (SELECT count(*) FROM cancelled)::int AS cancelled,
+           COALESCE((SELECT json_agg(json_build_object('id', c.id, 'device_id', c.device_id,
+                       'firmware_id', c.firmware_id, 'state', c.state)) FROM created c), '[]'::json) AS created,
+           b.needed, b.variants, b.elsewhere, b.variant
+    FROM (${release ? broadcastSql(release) : sql`SELECT NULL::boolean AS needed, NULL::int AS variants, NULL::int AS elsewhere, NULL::text AS variant`}) b`.execute(
+    trx,
+  );
+  const row = rows[0]!;
+  const result = { created: row.created, cancelled: row.cancelled };
+  if (!release) return result;
+  const variant = row.elsewhere === 0 && row.variants === 1 ? row.variant : null;
+  return { ...result, broadcast: { needed: row.needed === true, variant } };
 }
 
-/**
- * The one variant a group-wide `firmware_update` for the release `releaseId` may carry, or null
- * when one broadcast cannot serve the group: some online member that does not run the release
- * resolves another target, is not concerned by it (not applicable), or the members that need it
- * install different variants (a mixed group: each gets its own push). Null also when no online
- * member needs it.
- */
-export async function groupBroadcastVariant(
-  trx: Db,
-  groupId: string,
-  releaseId: string,
-  component = 'firmware',
-): Promise<string | null> {
-  const { rows } = await sql<{ elsewhere: number; variants: number; variant: string | null }>`
-    WITH rel AS (
-      SELECT v.id FROM firmware v JOIN firmware t ON t.id = ${releaseId}
-      WHERE v.product_id = t.product_id AND v.component = t.component AND v.version = t.version)
-    SELECT count(*) FILTER (WHERE r.release_id IS DISTINCT FROM ${releaseId} OR r.target_id IS NULL)::int AS elsewhere,
+/** Over the resolved members `r`: online members not running the release `releaseId`, as `GroupBroadcast` needs. */
+function broadcastSql(releaseId: string): RawBuilder<unknown> {
+  return sql`
+    SELECT count(*) > 0 AS needed,
            count(DISTINCT r.target_id)::int AS variants,
+           count(*) FILTER (WHERE r.release_id IS DISTINCT FROM ${releaseId} OR r.target_id IS NULL)::int AS elsewhere,
            min(r.target_id::text) AS variant
-    FROM (${resolvedSql({ groupId }, component)}) r
+    FROM r
     WHERE r.connection_status = 'online'
-      AND (r.running_id IS NULL OR r.running_id NOT IN (SELECT id FROM rel))`.execute(trx);
-  const row = rows[0];
-  return row && row.elsewhere === 0 && row.variants === 1 ? row.variant : null;
+      AND (r.running_id IS NULL OR r.running_id NOT IN (
+        SELECT v.id FROM firmware v JOIN firmware t ON t.id = ${releaseId}
+        WHERE v.product_id = t.product_id AND v.component = t.component AND v.version = t.version))`;
 }

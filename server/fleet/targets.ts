@@ -7,14 +7,7 @@ import { getDevice } from './devices.ts';
 import { FleetError, isUuid } from './errors.ts';
 import { getFirmware } from './firmware.ts';
 import { getGroup } from './groups.ts';
-import {
-  groupBroadcastVariant,
-  reconcileAttempts,
-  resolveTargets,
-  runsComponentSql,
-  variantSql,
-  type CreatedAttempt,
-} from './reconcile.ts';
+import { reconcileAttempts, resolveTargets, runsComponentSql, variantSql, type CreatedAttempt } from './reconcile.ts';
 import { firmwareUpdatePayload, pushCreatedAttempts } from './updates.ts';
 
 export type Target = Selectable<TargetsTable>;
@@ -146,11 +139,14 @@ export async function setGroupTarget(
       resourceId: group.id,
       details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component },
     });
-    const { created } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component);
+    // One pass resolves the members, moves their attempts and says how online ones are told.
+    const { created, broadcast } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component, {
+      broadcastRelease: firmware.id,
+    });
     const toPush = created.filter((a) => a.state === 'sent');
     let delivery: TargetChange['delivery'] = 'none';
-    if (toPush.length > 0 || (await anyOnlineMemberNotRunning(trx, group.id, firmware))) {
-      const variant = await groupBroadcastVariant(trx, group.id, firmware.id, firmware.component);
+    if (toPush.length > 0 || broadcast?.needed) {
+      const variant = broadcast?.variant;
       if (variant) {
         const image =
           variant === firmware.id
@@ -347,22 +343,6 @@ async function upsertTarget(
     })
     .returningAll()
     .executeTakeFirstOrThrow();
-}
-
-/** Online members that may still need `firmware` (e.g. an earlier `sent` they never acted on). */
-async function anyOnlineMemberNotRunning(trx: Db, groupId: string, firmware: Firmware): Promise<boolean> {
-  let query = trx
-    .selectFrom('group_devices')
-    .innerJoin('devices', 'devices.id', 'group_devices.device_id')
-    .select('devices.id')
-    .where('group_devices.group_id', '=', groupId)
-    .where('devices.connection_status', '=', 'online');
-  if (firmware.component === 'firmware')
-    query = query.where((eb) =>
-      eb.or([eb('devices.firmware_uuid', 'is', null), eb('devices.firmware_uuid', '!=', firmware.id)]),
-    );
-  const row = await query.limit(1).executeTakeFirst();
-  return row !== undefined;
 }
 
 function countAttempts(created: CreatedAttempt[]): { sent: number; queued: number } {

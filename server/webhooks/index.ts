@@ -10,6 +10,7 @@ import type { FleetEvent } from '../fleet/context.ts';
 import type { Logger } from '../log.ts';
 import {
   claimDueDeliveries,
+  nextDueAt,
   type ClaimedDelivery,
   decryptSecret,
   enqueueDeliveries,
@@ -55,8 +56,13 @@ export interface WebhookServiceOptions {
   retryDelaysMs?: number[];
   /** Per attempt (default 10 s). */
   timeoutMs?: number;
-  /** Idle poll for due deliveries (default 1 s, or the shortest retry delay). */
+  /** Shortest wait before looking for due deliveries again (default 1 s, or the shortest retry delay). */
   pollMs?: number;
+  /**
+   * Longest wait with nothing due (default 30 s): deliveries queued on this node wake the worker
+   * at once, retries wake it when they fall due; this poll only picks up what another node left.
+   */
+  idlePollMs?: number;
 }
 
 export interface WebhookService {
@@ -79,10 +85,12 @@ export function createWebhookService(options: WebhookServiceOptions): WebhookSer
   const delays = options.retryDelaysMs ?? parseDelays(DEFAULT_RETRY_DELAYS);
   const timeoutMs = options.timeoutMs ?? 10_000;
   const pollMs = options.pollMs ?? Math.max(20, Math.min(1000, ...delays));
+  const idlePollMs = Math.max(pollMs, options.idlePollMs ?? 30_000);
   const leaseMs = timeoutMs + 30_000;
   let orgs: { set: Set<string>; at: number } | undefined;
   let timer: NodeJS.Timeout | undefined;
   let running: Promise<void> | undefined;
+  let again = false;
   let stopped = true;
   const inFlight = new Set<AbortController>();
 
@@ -138,13 +146,17 @@ export function createWebhookService(options: WebhookServiceOptions): WebhookSer
     } else log.info(fields, 'webhook delivery failed; will retry');
   }
 
-  /** Claims and sends batches until nothing is due. */
-  async function drain(): Promise<void> {
+  /** Claims and sends batches until nothing is due; returns how long to wait before the next look. */
+  async function drain(): Promise<number> {
     while (!stopped) {
       const due = await claimDueDeliveries(db, BATCH, leaseMs);
-      if (due.length === 0) return;
+      if (due.length === 0) break;
       await Promise.all(due.map((d) => attempt(d)));
     }
+    if (stopped) return idlePollMs;
+    const next = await nextDueAt(db);
+    if (!next) return idlePollMs;
+    return Math.min(idlePollMs, Math.max(pollMs, next.getTime() - Date.now()));
   }
 
   function schedule(delay: number): void {
@@ -153,13 +165,24 @@ export function createWebhookService(options: WebhookServiceOptions): WebhookSer
     timer = setTimeout(run, delay);
   }
 
+  /** Something may be due now: look at once, or right after the look in progress. */
+  function wake(): void {
+    if (running) again = true;
+    else schedule(0);
+  }
+
   function run(): void {
     if (stopped || running) return;
+    again = false;
+    let wait = pollMs;
     running = drain()
+      .then((ms) => {
+        wait = ms;
+      })
       .catch((err: unknown) => log.error({ err }, 'webhook delivery worker failed'))
       .finally(() => {
         running = undefined;
-        schedule(pollMs);
+        schedule(again ? 0 : wait);
       });
   }
 
@@ -172,10 +195,12 @@ export function createWebhookService(options: WebhookServiceOptions): WebhookSer
         if (!hook || !(await orgsNow()).has(hook.orgId)) continue;
         queued += await enqueueDeliveries(db, hook.orgId, hook.type, hook.data);
       }
-      if (queued) schedule(0);
+      if (queued) wake();
     },
     invalidate() {
       orgs = undefined;
+      // A webhook enabled again makes its waiting deliveries due.
+      wake();
     },
     start() {
       if (!stopped) return;

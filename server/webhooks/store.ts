@@ -290,6 +290,18 @@ export async function claimDueDeliveries(db: Db, limit: number, leaseMs: number)
   return rows.rows;
 }
 
+/**
+ * When the next pending delivery of an enabled webhook falls due (its retry time, or the end of
+ * another worker's lease on it); null when none is pending.
+ */
+export async function nextDueAt(db: Db): Promise<Date | null> {
+  const { rows } = await sql<{ at: Date | null }>`
+    SELECT min(greatest(x.next_attempt_at, coalesce(x.lease_until, x.next_attempt_at))) AS at
+    FROM webhook_deliveries x JOIN webhooks y ON y.id = x.webhook_id
+    WHERE x.state = 'pending' AND y.enabled`.execute(db);
+  return rows[0]?.at ?? null;
+}
+
 /** Records a 2xx answer: the delivery is done. */
 export async function markDelivered(db: Db, id: string, status: number): Promise<void> {
   await db

@@ -395,19 +395,27 @@ async function tell(
 }
 
 export interface OrchestratorOptions {
-  /** Milliseconds between two ticks (pacing, soak, devices that came online). Default 1000. */
+  /** Milliseconds between two ticks while this node steps a deployment (pacing, soak, devices that came online). Default 1000. */
   tickMs?: number;
   leaseMs?: number;
+  /**
+   * Milliseconds between two ticks while there is none to step (default: the lease, so a lease
+   * another node left behind is taken over within two leases). Operators' actions and finished
+   * attempts nudge it at once.
+   */
+  idleMs?: number;
 }
 
 /**
  * A node's orchestrator: ticks on a timer and on `nudge()` (an attempt of a deployment finished,
- * an operator acted), claims the leases it may hold and steps each of those deployments.
+ * an operator acted), claims the leases it may hold and steps each of those deployments. With
+ * none to step it ticks only every `idleMs`: an idle server sends no statement a second.
  */
 export class DeploymentOrchestrator {
   readonly #ctx: FleetContext;
   readonly #tickMs: number;
   readonly #leaseMs: number;
+  readonly #idleMs: number;
   #timer: NodeJS.Timeout | undefined;
   #running: Promise<void> | undefined;
   #again = false;
@@ -419,6 +427,7 @@ export class DeploymentOrchestrator {
     this.#ctx = ctx;
     this.#tickMs = options.tickMs ?? 1000;
     this.#leaseMs = options.leaseMs ?? LEASE_MS;
+    this.#idleMs = options.idleMs ?? this.#leaseMs;
   }
 
   start(): void {
@@ -447,22 +456,27 @@ export class DeploymentOrchestrator {
 
   #tick(): void {
     if (this.#stopped || this.#running) return;
+    let busy = true;
     this.#running = this.#run()
+      .then((claimed) => {
+        busy = claimed > 0;
+      })
       .catch((err: unknown) => this.#ctx.log.error({ err }, 'deployment orchestrator tick failed'))
       .finally(() => {
         this.#running = undefined;
         if (this.#stopped) return;
         const again = this.#again;
         this.#again = false;
-        this.#schedule(again ? 0 : this.#tickMs);
+        this.#schedule(again ? 0 : busy ? this.#tickMs : this.#idleMs);
       });
   }
 
-  async #run(): Promise<void> {
+  /** One tick; returns how many deployments this node holds (0: nothing to step). */
+  async #run(): Promise<number> {
     this.stats.ticks++;
     const ids = await claimDeployments(this.#ctx, this.#leaseMs);
     for (const id of ids) {
-      if (this.#stopped) return;
+      if (this.#stopped) break;
       const outcome = await stepDeployment(this.#ctx, id);
       this.stats.steps++;
       if (outcome) {
@@ -471,5 +485,6 @@ export class DeploymentOrchestrator {
         this.stats.penalized += outcome.penalized;
       }
     }
+    return ids.length;
   }
 }
