@@ -422,9 +422,9 @@ async function addToGroup(server: FleethubServer, group: string, from: number, t
 /**
  * Waits until the server is quiet: no socket left and at most 5 statements/s over the last 2 s
  * (disconnects written; the idle background work — orchestrator, webhook poll, analyze check —
- * runs far less). At most 5 minutes.
+ * runs far less). At most 5 minutes. `withDevices`: devices stay joined; only the statements count.
  */
-async function settle(server: FleethubServer): Promise<void> {
+async function settle(server: FleethubServer, options: { withDevices?: boolean } = {}): Promise<void> {
   const started = nowMs();
   const WINDOW_MS = 2000;
   const samples: { at: number; statements: number }[] = [];
@@ -437,7 +437,7 @@ async function settle(server: FleethubServer): Promise<void> {
     while (samples.length > 1 && at - samples[1]!.at >= WINDOW_MS) samples.shift();
     const first = samples[0]!;
     const quiet = at - first.at >= WINDOW_MS && (statements - first.statements) / ((at - first.at) / 1000) <= 5;
-    if (quiet && endpoint.sockets === 0) break;
+    if (quiet && (options.withDevices || endpoint.sockets === 0)) break;
     if (at - started > 300_000) break;
     await new Promise((r) => setTimeout(r, 250));
   }
@@ -901,7 +901,7 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
       async () => (await workersStatus(workers)).groupJoined >= MAX - ramp.failed,
     );
     await Promise.all(workers.map((w) => w.rpc.call('autoUpdate', { on: true })));
-    await settle(server);
+    await settle(server, { withDevices: true });
     const before = await server.rpc.call<Memory>('memory');
     await server.rpc.call('sampleRss', { on: true });
 
