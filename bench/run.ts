@@ -866,6 +866,7 @@ async function ingestOnlyPhase(workers: Worker[], db: 'pglite' | 'postgres', dat
 interface StageJson {
   size: number;
   told: number;
+  in_flight: number;
   succeeded: number;
   failed: number;
   succeeded_at: string | null;
@@ -928,7 +929,9 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
       const id = deployment!.id;
       let toldAt: number | undefined;
       let last: DeploymentJson | undefined;
-      await waitFor(
+      // A stage that does not finish within 10 minutes is reported with its counts, not thrown:
+      // the other phases' figures still get printed.
+      const finished = await waitFor(
         `stage ${stage + 1} to succeed`,
         async () => {
           last = await show(id);
@@ -937,6 +940,12 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
           return st.succeeded_at !== null || st.failed > 0;
         },
         600_000,
+      ).then(
+        () => true,
+        (err: Error) => {
+          log(`${err.message}; stage ${stage + 1} at ${JSON.stringify(last?.stages[stage])}`);
+          return false;
+        },
       );
       const doneAt = nowMs();
       const stats1 = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
@@ -949,8 +958,14 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
         server_cpu_ms_per_device: round((stats1.cpuMs - stats0.cpuMs) / st.size, 2),
         statements_per_device: round((stats1.statements - stats0.statements) / st.size, 1),
       };
+      if (!finished) {
+        figures.timed_out = 1;
+        figures.succeeded = st.succeeded;
+        figures.in_flight = st.in_flight;
+      }
       stageFigures.push(figures);
       log(`deployment stage ${stage + 1}: ${JSON.stringify(figures)}`);
+      if (!finished) break;
     }
     const { peakRss } = await server.rpc.call<{ peakRss: number }>('sampleRss', { on: false });
     const final = await show(deployment!.id);
