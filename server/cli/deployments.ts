@@ -292,14 +292,35 @@ function stageState(d: Pick<Deployment, 'state' | 'current_stage'>, s: Stage): s
   return 'waiting';
 }
 
-/** `[####xx~~......]`: succeeded, failed (and cancelled), in flight, not told yet. */
+/** The cells of a progress bar, in order: what each glyph counts (the rest, `.`, is not told yet). */
+const BAR_CELLS: readonly { glyph: string; label: string; count: (c: Counts) => number }[] = [
+  { glyph: '#', label: 'succeeded', count: (c) => c.succeeded },
+  { glyph: 'x', label: 'failed or cancelled', count: (c) => c.failed + c.cancelled },
+  { glyph: '~', label: 'in flight', count: (c) => c.in_flight },
+  { glyph: 'r', label: 'retrying', count: (c) => c.retrying },
+  { glyph: 'p', label: 'penalty box', count: (c) => c.penalty_box },
+];
+
+/** What the glyphs of `progressBar` mean, one line. */
+export const BAR_LEGEND = `${BAR_CELLS.map((b) => `${b.glyph} ${b.label}`).join('  ')}  . not told`;
+
+/**
+ * `[####xx~~rp....]`: succeeded, failed (and cancelled), in flight, retrying, penalty box, not told
+ * yet. A state holding any device shows at least one cell, so one held device of thousands is seen.
+ */
 export function progressBar(c: Counts, width = 30): string {
   const total = Math.max(c.total, 1);
-  const cells = (n: number) => Math.round((n / total) * width);
-  const ok = cells(c.succeeded);
-  const bad = Math.min(width - ok, cells(c.failed + c.cancelled));
-  const flying = Math.min(width - ok - bad, cells(c.in_flight));
-  return `[${'#'.repeat(ok)}${'x'.repeat(bad)}${'~'.repeat(flying)}${'.'.repeat(width - ok - bad - flying)}]`;
+  const cells = BAR_CELLS.map((b) => {
+    const n = b.count(c);
+    return n > 0 ? Math.max(1, Math.round((n / total) * width)) : 0;
+  });
+  // Rounding up the small ones may overfill: take the excess from the widest.
+  for (let over = cells.reduce((a, b) => a + b, 0) - width; over > 0; over--) {
+    const widest = cells.indexOf(Math.max(...cells));
+    cells[widest]!--;
+  }
+  const drawn = BAR_CELLS.map((b, i) => b.glyph.repeat(cells[i]!)).join('');
+  return `[${drawn}${'.'.repeat(width - drawn.length)}]`;
 }
 
 const countsText = (c: Counts) =>
@@ -331,14 +352,16 @@ export function drawDeployment(d: Deployment): string {
   for (const [i, s] of d.stages.entries())
     lines.push(`  ${names[i]!.padEnd(width)}  ${progressBar(s)}  ${countsText(s)}  ${stageState(d, s)}`);
   lines.push(`  ${'total'.padEnd(width)}  ${progressBar(d.counts)}  ${countsText(d.counts)}`);
+  lines.push(`  ${BAR_LEGEND}`);
   return `${lines.join('\n')}\n`;
 }
 
-/** One line per change, for logs and CI. */
+/** One line per change, for logs and CI: per stage succeeded of its size, failed, in flight, retrying, penalty box. */
 export function deploymentLine(d: Deployment): string {
   const stages = d.stages
     .map(
-      (s) => `${stageName(s, d.stages.length)} ${s.succeeded}/${s.size} ok ${s.failed} failed ${s.in_flight} in flight`,
+      (s) =>
+        `${stageName(s, d.stages.length)} ${s.succeeded}/${s.size} ok ${s.failed} failed ${s.in_flight} in flight ${s.retrying} retrying ${s.penalty_box} penalty box`,
     )
     .join('; ');
   return `${headline(d)}; ${stages}`;

@@ -13,6 +13,8 @@ import { after, before, describe, test } from 'node:test';
 import { main as deviceMain } from '../../device-client/cli.ts';
 import type { CliIo } from '../../server/cli/client.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import { progressBar } from '../../server/cli/deployments.ts';
+import { emptyCounts } from '../../server/fleet/deployments/index.ts';
 import { main } from '../../server/cli/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { getTestPki } from '../helpers/pki.ts';
@@ -183,6 +185,10 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
     assert.match(drawn.out, /^ {2}canary {3}\[#{30}\] {2}2\/2 told, 2 succeeded/m);
     assert.match(drawn.out, /^ {2}stage 2 {2}\[#{30}\] {2}4\/4 told, 4 succeeded/m);
     assert.match(drawn.out, /^ {2}total {4}\[#{30}\] {2}6\/6 told/m);
+    assert.match(
+      drawn.out,
+      /^ {2}# succeeded {2}x failed or cancelled {2}~ in flight {2}r retrying {2}p penalty box {2}\. not told$/m,
+    );
   });
 
   test('a bad release pauses at the canary: watch exits 4, nobody past the canary was told; abort: watch exits 5', {
@@ -273,12 +279,42 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
     assert.match(shown.out, /^devices\s+2\/2 told, 1 succeeded, 0 failed, 0 in flight, 1 in the penalty box$/m);
     // told, in flight, retrying, penalty box, succeeded, failed
     assert.match(shown.out, /^stage 1\s+2 \(rest\)\s+2\s+0\s+0\s+1\s+1\s+0\s/m);
+    // watch: the held device has its own glyph on a terminal (half the bar: 1 of 2), and is counted in plain lines.
+    const drawn = await run(main, ['deployments', 'watch', 'pbx-rollout', '--timeout', '1'], { isTTY: true });
+    assert.equal(drawn.code, 3, drawn.err);
+    assert.match(
+      drawn.out,
+      /^ {2}stage 1 {2}\[#{15}p{15}\] {2}2\/2 told, 1 succeeded, 0 failed, 0 in flight, 1 in the penalty box/m,
+    );
+    assert.match(drawn.out, /r retrying {2}p penalty box/);
+    const lines = await cli('deployments', 'watch', 'pbx-rollout', '--timeout', '1');
+    assert.equal(lines.code, 3, lines.err);
+    assert.match(
+      lines.out,
+      /pbx-rollout \(2\.0\.0\) running; stage 1 1\/2 ok 0 failed 0 in flight 0 retrying 1 penalty box$/m,
+    );
     const held = await cli('deployments', 'devices', 'pbx-rollout', '--state', 'penalty_box');
     assert.equal(held.code, 0, held.err);
     assert.match(held.out, /pbx-0001\s+phoenix\s+1\s+penalty_box\s+1\s/);
     // Abort: a held device is not told again; its failure stands.
     assert.equal((await cli('deployments', 'abort', 'pbx-rollout')).code, 0);
     assert.deepEqual(await devicesByState('pbx-rollout'), { succeeded: ['pbx-0000'], failed: ['pbx-0001'] });
+  });
+
+  test('the progress bar: a glyph per state, and any state holding a device shows at least one cell', () => {
+    const counts = (c: Partial<ReturnType<typeof emptyCounts>>) => ({ ...emptyCounts(), ...c });
+    assert.equal(
+      progressBar(
+        counts({ total: 10, succeeded: 2, failed: 1, cancelled: 1, in_flight: 2, retrying: 1, penalty_box: 1 }),
+        10,
+      ),
+      '[##xx~~rp..]',
+    );
+    // One device retrying and one held of 10,000, the rest succeeded: both still drawn, the bar still 30 wide.
+    assert.equal(
+      progressBar(counts({ total: 10_000, succeeded: 9_998, retrying: 1, penalty_box: 1 })),
+      `[${'#'.repeat(28)}rp]`,
+    );
   });
 
   test('create: flag errors exit 2 before any request; the server refusing a value names the flag', async () => {
