@@ -56,22 +56,21 @@ export async function recordRunningComponent(
   details: Record<string, unknown> = {},
 ): Promise<void> {
   const { component, version, firmwareId } = running;
-  const before = await trx
-    .selectFrom('device_components')
-    .select(['version', 'audited_firmware_id'])
-    .where('device_id', '=', device.deviceId)
-    .where('component', '=', component)
-    .executeTakeFirst();
-  const audited = firmwareId ?? before?.audited_firmware_id ?? null;
-  await trx
-    .insertInto('device_components')
-    .values({ device_id: device.deviceId, component, version, firmware_id: firmwareId, audited_firmware_id: audited })
-    .onConflict((oc) =>
-      oc
-        .columns(['device_id', 'component'])
-        .doUpdateSet({ version, firmware_id: firmwareId, audited_firmware_id: audited, updated_at: sql`now()` }),
+  // The row as it was and the upsert, in one statement (both parts see the row before the upsert).
+  const { rows } = await sql<{ version: string | null; audited_firmware_id: string | null }>`
+    WITH before AS (
+      SELECT version, audited_firmware_id FROM device_components
+      WHERE device_id = ${device.deviceId} AND component = ${component}
+    ), upserted AS (
+      INSERT INTO device_components (device_id, component, version, firmware_id, audited_firmware_id)
+      VALUES (${device.deviceId}, ${component}, ${version}, ${firmwareId}::uuid,
+              COALESCE(${firmwareId}::uuid, (SELECT audited_firmware_id FROM before)))
+      ON CONFLICT (device_id, component) DO UPDATE
+      SET version = EXCLUDED.version, firmware_id = EXCLUDED.firmware_id,
+          audited_firmware_id = EXCLUDED.audited_firmware_id, updated_at = now()
     )
-    .execute();
+    SELECT version, audited_firmware_id FROM before`.execute(trx);
+  const before = rows[0];
   if (firmwareId === null || before?.audited_firmware_id === firmwareId) return;
   await audit(trx, deviceActor(device), {
     orgId: device.orgId,

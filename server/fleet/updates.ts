@@ -332,24 +332,26 @@ export async function settleAttemptsOnJoin(
   // component and version); roll_back: a finished one for other firmware.
   const running = sql`(SELECT v.id FROM firmware v JOIN firmware r ON r.id = ${runningId}::uuid
     WHERE v.product_id = r.product_id AND v.component = r.component AND v.version = r.version)`;
+  // Each changed attempt's audit record (`update.succeeded` / `update.rolled_back`) in the same statement.
+  const actor = deviceActor(device);
   const { rows: changed } = await sql<UpdateAttempt>`
-    UPDATE update_attempts
-    SET state = CASE WHEN firmware_id IN ${running} THEN 'succeeded' ELSE 'rolled_back' END,
-        ${stepSql('succeeded')}
-    WHERE device_id = ${device.deviceId} AND component = ${component}
-      AND ((firmware_id IN ${running} AND state IN (${fromSql('confirm')}))
-        OR (firmware_id NOT IN ${running} AND state = 'finished' AND state IN (${fromSql('roll_back')})))
-    RETURNING *`.execute(trx);
-  for (const a of changed) {
-    await audit(trx, deviceActor(device), {
-      orgId: device.orgId,
-      action: `update.${a.state}`,
-      resourceType: 'update_attempt',
-      resourceId: a.id,
-      details: { device_id: device.deviceId, version: a.to_version, running_firmware: runningId },
-    });
-    outbox.push(transitionEvent(a));
-  }
+    WITH changed AS (
+      UPDATE update_attempts
+      SET state = CASE WHEN firmware_id IN ${running} THEN 'succeeded' ELSE 'rolled_back' END,
+          ${stepSql('succeeded')}
+      WHERE device_id = ${device.deviceId} AND component = ${component}
+        AND ((firmware_id IN ${running} AND state IN (${fromSql('confirm')}))
+          OR (firmware_id NOT IN ${running} AND state = 'finished' AND state IN (${fromSql('roll_back')})))
+      RETURNING *
+    ), audited AS (
+      INSERT INTO audit_log (org_id, actor_type, actor_id, action, resource_type, resource_id, details)
+      SELECT ${device.orgId}::uuid, ${actor.type}, ${actor.id}, 'update.' || c.state, 'update_attempt', c.id::text,
+             jsonb_build_object('device_id', ${device.deviceId}::text, 'version', c.to_version,
+               'running_firmware', ${runningId}::text)
+      FROM changed c
+    )
+    SELECT * FROM changed`.execute(trx);
+  for (const a of changed) outbox.push(transitionEvent(a));
   return changed;
 }
 

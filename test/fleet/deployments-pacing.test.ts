@@ -263,6 +263,71 @@ describe(`deployments: retries, penalty box, exponential rate (${DATABASE_KIND})
     assert.equal(done!.state, 'succeeded');
     assert.equal(done!.tries, 3);
     assert.equal(done!.retry_at, null);
+
+    // Both moves are audited on the deployment: boxed with its failure count and hold, then released.
+    const device = await server.database.db
+      .selectFrom('devices')
+      .select('id')
+      .where('identifier', '=', 'pen-1')
+      .executeTakeFirstOrThrow();
+    const entries = await server.database.db
+      .selectFrom('audit_log')
+      .select(['action', 'actor_type', 'details'])
+      .where('resource_type', '=', 'deployment')
+      .where('resource_id', '=', d.id)
+      .where('action', 'in', ['deployment.device_boxed', 'deployment.device_released'])
+      .orderBy('id')
+      .execute();
+    assert.deepEqual(
+      entries.map((e) => e.action),
+      ['deployment.device_boxed', 'deployment.device_released'],
+    );
+    const [boxed, released] = entries.map((e) => e.details as Record<string, unknown>);
+    assert.equal(entries[0]!.actor_type, 'system');
+    assert.deepEqual(
+      { ...boxed, retry_at: undefined },
+      {
+        device_id: device.id,
+        stage: 0,
+        tries: 2,
+        failures: 2,
+        window_s: 600,
+        hold_s: 4,
+        retry_at: undefined,
+        failure_reason: boxed!.failure_reason,
+      },
+    );
+    assert.match(String(boxed!.failure_reason), /^failed/);
+    const heldUntil = Date.parse(String(boxed!.retry_at));
+    // The hold runs from the second failure (timestamps to the millisecond: ±1 ms of rounding).
+    const hold = heldUntil - a[1]!.completed_at!.getTime();
+    assert.ok(Math.abs(hold - 4000) <= 1, `held ${hold} ms from the second failure`);
+    assert.deepEqual(
+      { ...released, held_until: Date.parse(String(released!.held_until)) },
+      { device_id: device.id, stage: 0, tries: 3, held_until: heldUntil },
+    );
+  });
+
+  test('a device that is retried without reaching the penalty box is never audited as boxed', async () => {
+    // Fails once, then succeeds: one retry, below the penalty's two failures.
+    await startDevices(['pnb-1'], (_, n) => (n === 1 ? fail : undefined));
+    await group('pnb', 'pnb-*');
+    const d = await create({
+      groups: ['pnb'],
+      retries: 3,
+      retry_backoff_s: 0,
+      penalty: { failures: 2, window_s: 600, hold_s: 4 },
+    });
+    await until(async () => (await show(d.id)).state === 'completed', 'the deployment to complete', 30_000);
+    const [row] = await devices(d.id);
+    assert.equal(row!.tries, 2);
+    const entries = await server.database.db
+      .selectFrom('audit_log')
+      .select('action')
+      .where('resource_id', '=', d.id)
+      .where('action', 'in', ['deployment.device_boxed', 'deployment.device_released'])
+      .execute();
+    assert.deepEqual(entries, []);
   });
 
   /** Devices grouped by the step that told them (one step: one transaction, one `told_at`). */

@@ -568,6 +568,38 @@ export async function stageCounts(db: Db, deploymentId: string): Promise<Map<num
   return new Map(rows.map(({ stage, ...c }) => [stage, withTold(c)]));
 }
 
+/** What the orchestrator paces by, over the whole deployment (docs/deployments.md, "tell"). */
+export interface PacingCounts {
+  in_flight: number;
+  /** Told (a retry included) in the last 60 s. */
+  recent: number;
+  /** Told at least once. */
+  notified: number;
+  succeeded: number;
+}
+
+/** `stageCounts` and the deployment's `PacingCounts`, in one statement (one orchestrator step reads both). */
+export async function stepCounts(
+  db: Db,
+  deploymentId: string,
+): Promise<{ stages: Map<number, StageCounts>; pacing: PacingCounts }> {
+  const { rows } = await sql<CountRow & { stage: number; recent: number; notified: number }>`
+    SELECT stage, ${COUNT_COLUMNS},
+      count(*) FILTER (WHERE told_at > now() - interval '60 seconds')::int AS recent,
+      count(*) FILTER (WHERE tries > 0)::int AS notified
+    FROM deployment_devices WHERE deployment_id = ${deploymentId} GROUP BY stage`.execute(db);
+  const pacing: PacingCounts = { in_flight: 0, recent: 0, notified: 0, succeeded: 0 };
+  const stages = new Map<number, StageCounts>();
+  for (const { stage, recent, notified, ...c } of rows) {
+    stages.set(stage, withTold(c));
+    pacing.in_flight += c.in_flight;
+    pacing.recent += recent;
+    pacing.notified += notified;
+    pacing.succeeded += c.succeeded;
+  }
+  return { stages, pacing };
+}
+
 function stageView(s: StageRow, counts: StageCounts | undefined): StageView {
   const c = counts ?? emptyCounts();
   return {

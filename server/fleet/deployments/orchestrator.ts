@@ -20,9 +20,10 @@ import {
   MAX_RETRY_BACKOFF_S,
   type RateSpec,
   setState,
+  type PacingCounts,
   type StageCounts,
-  stageCounts,
   type StageRow,
+  stepCounts,
   transitioned,
 } from './model.ts';
 
@@ -84,16 +85,12 @@ export async function claimDeployments(ctx: FleetContext, leaseMs = LEASE_MS): P
 /** One orchestrator step of a deployment this node holds the lease of; undefined when it does not. */
 export async function stepDeployment(ctx: FleetContext, deploymentId: string): Promise<StepOutcome | undefined> {
   return inTransaction(ctx, async (trx, outbox) => {
-    const d = await trx
-      .selectFrom('deployments')
-      .selectAll()
-      .where('id', '=', deploymentId)
-      .forUpdate()
-      .executeTakeFirst();
-    if (d?.state !== 'running' && d?.state !== 'paused') return undefined;
-    const { rows: held } = await sql<{ held: boolean }>`
-      SELECT (${d.lease_holder} = ${ctx.nodeName} AND ${d.lease_until} > now()) AS held`.execute(trx);
-    if (!held[0]?.held) return undefined;
+    // Locked, with whether this node still holds its lease (database time), in one statement.
+    const { rows: locked } = await sql<DeploymentRow & { held: boolean }>`
+      SELECT *, (lease_holder = ${ctx.nodeName} AND lease_until > now()) AS held
+      FROM deployments WHERE id = ${deploymentId} FOR UPDATE`.execute(trx);
+    const d: DeploymentRow | undefined = locked[0];
+    if (!locked[0]?.held || (d?.state !== 'running' && d?.state !== 'paused')) return undefined;
     const { finished, retrying, penalized } = await syncOutcomes(trx, d);
     // Paused: devices in flight still finish and are counted; nothing is decided or told.
     if (d.state === 'paused') return { told: [], retried: 0, finished, retrying, penalized, state: d.state };
@@ -103,10 +100,10 @@ export async function stepDeployment(ctx: FleetContext, deploymentId: string): P
       .where('deployment_id', '=', d.id)
       .orderBy('stage')
       .execute();
-    const counts = await stageCounts(trx, d.id);
+    const { stages: counts, pacing } = await stepCounts(trx, d.id);
     const current = await evaluate(trx, outbox, d, stages, counts);
     const { told, retried } =
-      current.state === 'running' ? await tell(ctx, trx, outbox, current) : { told: [], retried: 0 };
+      current.state === 'running' ? await tell(ctx, trx, outbox, current, pacing) : { told: [], retried: 0 };
     if (finished > 0 || told.length > 0)
       ctx.log.debug(
         { deployment_id: d.id, finished, retrying, penalized, told: told.length, retried, state: current.state },
@@ -127,8 +124,9 @@ const RETRYABLE = sql`(ua.state = 'timed_out' OR (ua.state = 'failed' AND ua.beg
  * Devices in flight whose attempt reached a final state: succeeded only on the link's `confirm`;
  * a retryable failure with retries left (`tries ≤ retries`) waits in `retrying` for its backoff
  * (`retry_backoff_s × 2^(tries−1)`, at most a day, from the failure), or in `penalty_box` for
- * `penalty_hold_s` once it failed `penalty_failures` times within `penalty_window_s`; anything
- * else is `failed`. One statement.
+ * `penalty_hold_s` once it failed `penalty_failures` times within `penalty_window_s` (audited
+ * `deployment.device_boxed`, with that count and the hold); anything else is `failed`. One
+ * statement, its audit records included.
  */
 async function syncOutcomes(
   trx: Db,
@@ -136,13 +134,14 @@ async function syncOutcomes(
 ): Promise<{ finished: number; retrying: number; penalized: number }> {
   const finals = sql.join(FINAL_STATES.map((s) => sql.lit(s)));
   const via = `deployment:${d.id}`;
-  const penalty =
-    d.penalty_failures !== null && d.penalty_window_s !== null && d.penalty_hold_s !== null
-      ? sql`(SELECT count(*) FROM update_attempts ua
-             WHERE ua.device_id = o.device_id AND ua.via = ${via} AND ${RETRYABLE}
-               AND ua.completed_at > o.completed_at - make_interval(secs => ${d.penalty_window_s})
-               AND ua.completed_at <= o.completed_at) >= ${d.penalty_failures}`
-      : sql`false`;
+  const boxes = d.penalty_failures !== null && d.penalty_window_s !== null && d.penalty_hold_s !== null;
+  // Retryable failures of the device in this deployment within the window before this one.
+  const windowFailures = boxes
+    ? sql`(SELECT count(*)::int FROM update_attempts ua
+           WHERE ua.device_id = o.device_id AND ua.via = ${via} AND ${RETRYABLE}
+             AND ua.completed_at > o.completed_at - make_interval(secs => ${d.penalty_window_s})
+             AND ua.completed_at <= o.completed_at)`
+    : sql`NULL::int`;
   const { rows } = await sql<{ state: string }>`
     WITH outcome AS (
       SELECT dd.device_id, dd.tries, ua.state AS attempt_state, ua.errors,
@@ -150,27 +149,37 @@ async function syncOutcomes(
       FROM deployment_devices dd JOIN update_attempts ua ON ua.id = dd.attempt_id
       WHERE dd.deployment_id = ${d.id} AND dd.state = 'in_flight' AND ua.state IN (${finals})
     ), judged AS (
-      SELECT o.*,
+      SELECT o.*, w.failures,
              CASE WHEN o.attempt_state = 'succeeded' THEN 'succeeded'
                   WHEN o.retryable AND o.tries <= ${d.retries} THEN
-                    CASE WHEN ${penalty} THEN 'penalty_box' ELSE 'retrying' END
+                    CASE WHEN ${boxes ? sql`w.failures >= ${d.penalty_failures}` : sql`false`}
+                      THEN 'penalty_box' ELSE 'retrying' END
                   ELSE 'failed' END AS next
-      FROM outcome o
+      FROM outcome o CROSS JOIN LATERAL (SELECT ${windowFailures} AS failures) w
+    ), moved AS (
+      UPDATE deployment_devices dd
+      SET state = j.next,
+          succeeded_at = CASE WHEN j.next = 'succeeded' THEN j.completed_at END,
+          failed_at = CASE WHEN j.next <> 'succeeded' THEN j.completed_at END,
+          failure_reason = CASE WHEN j.next <> 'succeeded'
+            THEN j.attempt_state || COALESCE(': ' || (j.errors ->> 0), '') END,
+          retry_at = CASE j.next
+            WHEN 'retrying' THEN j.completed_at + make_interval(secs =>
+              LEAST(${MAX_RETRY_BACKOFF_S}::float8, ${d.retry_backoff_s}::float8 * power(2, j.tries - 1)))
+            WHEN 'penalty_box' THEN j.completed_at + make_interval(secs => ${d.penalty_hold_s ?? 0})
+          END
+      FROM judged j
+      WHERE dd.deployment_id = ${d.id} AND dd.device_id = j.device_id
+      RETURNING dd.device_id, dd.stage, dd.tries, dd.state, dd.retry_at, dd.failure_reason, j.failures
+    ), boxed AS (
+      INSERT INTO audit_log (org_id, actor_type, actor_id, action, resource_type, resource_id, details)
+      SELECT ${d.org_id}::uuid, 'system', NULL, 'deployment.device_boxed', 'deployment', ${d.id},
+             jsonb_build_object('device_id', m.device_id, 'stage', m.stage, 'tries', m.tries,
+               'failures', m.failures, 'window_s', ${d.penalty_window_s}::int, 'hold_s', ${d.penalty_hold_s}::int,
+               'retry_at', m.retry_at, 'failure_reason', m.failure_reason)
+      FROM moved m WHERE m.state = 'penalty_box'
     )
-    UPDATE deployment_devices dd
-    SET state = j.next,
-        succeeded_at = CASE WHEN j.next = 'succeeded' THEN j.completed_at END,
-        failed_at = CASE WHEN j.next <> 'succeeded' THEN j.completed_at END,
-        failure_reason = CASE WHEN j.next <> 'succeeded'
-          THEN j.attempt_state || COALESCE(': ' || (j.errors ->> 0), '') END,
-        retry_at = CASE j.next
-          WHEN 'retrying' THEN j.completed_at + make_interval(secs =>
-            LEAST(${MAX_RETRY_BACKOFF_S}::float8, ${d.retry_backoff_s}::float8 * power(2, j.tries - 1)))
-          WHEN 'penalty_box' THEN j.completed_at + make_interval(secs => ${d.penalty_hold_s ?? 0})
-        END
-    FROM judged j
-    WHERE dd.deployment_id = ${d.id} AND dd.device_id = j.device_id
-    RETURNING dd.state`.execute(trx);
+    SELECT state FROM moved`.execute(trx);
   return {
     finished: rows.length,
     retrying: rows.filter((r) => r.state === 'retrying').length,
@@ -332,33 +341,36 @@ async function tell(
   trx: Db,
   outbox: FleetEvent[],
   d: DeploymentRow,
+  { in_flight, recent, notified, succeeded }: PacingCounts,
 ): Promise<{ told: string[]; retried: number }> {
-  const { rows: load } = await sql<{ in_flight: number; recent: number; notified: number; succeeded: number }>`
-    SELECT count(*) FILTER (WHERE state = 'in_flight')::int AS in_flight,
-           count(*) FILTER (WHERE told_at > now() - interval '60 seconds')::int AS recent,
-           count(*) FILTER (WHERE tries > 0)::int AS notified,
-           count(*) FILTER (WHERE state = 'succeeded')::int AS succeeded
-    FROM deployment_devices WHERE deployment_id = ${d.id}`.execute(trx);
-  const { in_flight, recent, notified, succeeded } = load[0] ?? { in_flight: 0, recent: 0, notified: 0, succeeded: 0 };
   let room = MAX_TELL_PER_STEP;
   if (d.max_concurrent !== null) room = Math.min(room, d.max_concurrent - in_flight);
   const rate = currentRate(d, { notified, succeeded });
   if (rate !== null) room = Math.min(room, rate - recent);
   if (room <= 0) return { told: [], retried: 0 };
+  // A device leaving the penalty box is audited (`deployment.device_released`) in the same statement.
   const { rows: picked } = await sql<{ device_id: string; tries: number }>`
-    UPDATE deployment_devices dd
-    SET state = 'in_flight', told_at = now(), tries = dd.tries + 1, retry_at = NULL, attempt_id = NULL
-    FROM (
-      SELECT x.device_id FROM deployment_devices x
-      JOIN devices dev ON dev.id = x.device_id
-      WHERE x.deployment_id = ${d.id} AND x.stage <= ${d.current_stage}
-        AND (x.state = 'pending' OR (x.state IN ('retrying', 'penalty_box') AND x.retry_at <= now()))
-        AND dev.connection_status = 'online' AND dev.approval = 'approved'
-      ORDER BY x.stage, x.position
-      LIMIT ${room}
-    ) pick
-    WHERE dd.deployment_id = ${d.id} AND dd.device_id = pick.device_id
-    RETURNING dd.device_id, dd.tries`.execute(trx);
+    WITH picked AS (
+      UPDATE deployment_devices dd
+      SET state = 'in_flight', told_at = now(), tries = dd.tries + 1, retry_at = NULL, attempt_id = NULL
+      FROM (
+        SELECT x.device_id, x.state AS was, x.retry_at AS held_until FROM deployment_devices x
+        JOIN devices dev ON dev.id = x.device_id
+        WHERE x.deployment_id = ${d.id} AND x.stage <= ${d.current_stage}
+          AND (x.state = 'pending' OR (x.state IN ('retrying', 'penalty_box') AND x.retry_at <= now()))
+          AND dev.connection_status = 'online' AND dev.approval = 'approved'
+        ORDER BY x.stage, x.position
+        LIMIT ${room}
+      ) pick
+      WHERE dd.deployment_id = ${d.id} AND dd.device_id = pick.device_id
+      RETURNING dd.device_id, dd.stage, dd.tries, pick.was, pick.held_until
+    ), released AS (
+      INSERT INTO audit_log (org_id, actor_type, actor_id, action, resource_type, resource_id, details)
+      SELECT ${d.org_id}::uuid, 'system', NULL, 'deployment.device_released', 'deployment', ${d.id},
+             jsonb_build_object('device_id', p.device_id, 'stage', p.stage, 'tries', p.tries, 'held_until', p.held_until)
+      FROM picked p WHERE p.was = 'penalty_box'
+    )
+    SELECT device_id, tries FROM picked`.execute(trx);
   const ids = picked.map((p) => p.device_id);
   if (ids.length === 0) return { told: [], retried: 0 };
   // They now resolve to the deployment's firmware (reconcile.ts): the existing path creates and sends.
@@ -404,6 +416,12 @@ export interface OrchestratorOptions {
    * attempts nudge it at once.
    */
   idleMs?: number;
+  /**
+   * Milliseconds a nudge waits before its tick (default 100): the nudges of that window — a
+   * storm of devices finishing at once — share one step instead of a step each, since a step's
+   * sync reads every device in flight.
+   */
+  nudgeMs?: number;
 }
 
 /**
@@ -416,7 +434,10 @@ export class DeploymentOrchestrator {
   readonly #tickMs: number;
   readonly #leaseMs: number;
   readonly #idleMs: number;
+  readonly #nudgeMs: number;
   #timer: NodeJS.Timeout | undefined;
+  /** When the scheduled tick runs (Date.now() time). */
+  #dueAt = 0;
   #running: Promise<void> | undefined;
   #again = false;
   #stopped = true;
@@ -428,6 +449,7 @@ export class DeploymentOrchestrator {
     this.#tickMs = options.tickMs ?? 1000;
     this.#leaseMs = options.leaseMs ?? LEASE_MS;
     this.#idleMs = options.idleMs ?? this.#leaseMs;
+    this.#nudgeMs = options.nudgeMs ?? 100;
   }
 
   start(): void {
@@ -435,11 +457,14 @@ export class DeploymentOrchestrator {
     this.#schedule(0);
   }
 
-  /** Something may have changed: tick soon (coalesced with a tick already running). */
+  /**
+   * Something may have changed: tick within `nudgeMs` (coalesced with the nudges of that window,
+   * and with a tick already running). Never postpones a tick due sooner.
+   */
   nudge(): void {
     if (this.#stopped) return;
     if (this.#running) this.#again = true;
-    else this.#schedule(0);
+    else if (this.#timer === undefined || this.#dueAt > Date.now() + this.#nudgeMs) this.#schedule(this.#nudgeMs);
   }
 
   async stop(): Promise<void> {
@@ -450,11 +475,13 @@ export class DeploymentOrchestrator {
 
   #schedule(ms: number): void {
     clearTimeout(this.#timer);
+    this.#dueAt = Date.now() + ms;
     this.#timer = setTimeout(() => this.#tick(), ms);
     this.#timer.unref();
   }
 
   #tick(): void {
+    this.#timer = undefined;
     if (this.#stopped || this.#running) return;
     let busy = true;
     this.#running = this.#run()
@@ -467,7 +494,7 @@ export class DeploymentOrchestrator {
         if (this.#stopped) return;
         const again = this.#again;
         this.#again = false;
-        this.#schedule(again ? 0 : busy ? this.#tickMs : this.#idleMs);
+        this.#schedule(again ? this.#nudgeMs : busy ? this.#tickMs : this.#idleMs);
       });
   }
 
