@@ -56,6 +56,14 @@ const WORKERS = Math.max(2, Math.ceil(MAX / 4_800));
 /** Devices in each handshake storm (fleethub full, resumed, Mosquitto): all of them with --scale. */
 const HS_COUNT = Math.min(MAX, Number(argv.find((a) => a.startsWith('--storm='))?.slice(8) ?? (scale ? MAX : 1_000)));
 const CONCURRENCY = 24;
+/** Seconds a deployment stage may take before it is reported as not finished (`--stage-cap=`). */
+const STAGE_CAP_S = Number(argv.find((a) => a.startsWith('--stage-cap='))?.slice(12) ?? 600);
+/**
+ * Devices of one worker that reconnect at once after an install (`--reconnect-limit=`; 0: no
+ * bound). One process opening thousands of TLS handshakes at the same instant is not a fleet:
+ * each device of a real one reconnects on its own clock.
+ */
+const RECONNECT_LIMIT = Number(argv.find((a) => a.startsWith('--reconnect-limit='))?.slice(18) ?? CONCURRENCY);
 const DOWNLOADS = 50;
 const IMAGE_MIB = 64;
 const INGEST_DEVICES = Number(argv.find((a) => a.startsWith('--ingest-devices='))?.split('=')[1] ?? 1000);
@@ -866,10 +874,35 @@ async function ingestOnlyPhase(workers: Worker[], db: 'pglite' | 'postgres', dat
 interface StageJson {
   size: number;
   told: number;
+  pending: number;
   in_flight: number;
+  retrying: number;
+  penalty_box: number;
   succeeded: number;
   failed: number;
   succeeded_at: string | null;
+}
+interface WorkerUpdates {
+  updated: number;
+  installing: number;
+  failures: number;
+  failuresBy: Record<string, number>;
+  firstError?: string;
+}
+
+/** The workers' install counts for `version`, summed (autoUpdate). */
+async function workerUpdates(workers: Worker[], version: string) {
+  const all = await Promise.all(workers.map((w) => w.rpc.call<WorkerUpdates>('updated', { version })));
+  return {
+    updated: all.reduce((n, u) => n + u.updated, 0),
+    installing: all.reduce((n, u) => n + u.installing, 0),
+    failures: all.reduce((n, u) => n + u.failures, 0),
+    failuresBy: all.reduce<Record<string, number>>((t, u) => {
+      for (const [k, v] of Object.entries(u.failuresBy)) t[k] = (t[k] ?? 0) + v;
+      return t;
+    }, {}),
+    firstError: all.find((u) => u.firstError)?.firstError,
+  };
 }
 interface DeploymentJson {
   id: string;
@@ -901,7 +934,7 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
       `${MAX} devices in their group channel`,
       async () => (await workersStatus(workers)).groupJoined >= MAX - ramp.failed,
     );
-    await Promise.all(workers.map((w) => w.rpc.call('autoUpdate', { on: true })));
+    await Promise.all(workers.map((w) => w.rpc.call('autoUpdate', { on: true, reconnectLimit: RECONNECT_LIMIT })));
     await settle(server, { withDevices: true });
     const before = await server.rpc.call<Memory>('memory');
     await server.rpc.call('sampleRss', { on: true });
@@ -910,7 +943,8 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
     let deployment: DeploymentJson | undefined;
     const stageFigures: Bag[] = [];
     for (let stage = 0; stage < 3; stage++) {
-      const stats0 = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
+      const stats0 = await server.rpc.call<{ statements: number; cpuMs: number; deploymentSteps: number }>('stats');
+      const installs0 = await workerUpdates(workers, version);
       const t0 = nowMs();
       if (stage === 0) {
         deployment = await server.api.call<DeploymentJson>('POST', '/api/v1/orgs/default/deployments', {
@@ -929,17 +963,26 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
       const id = deployment!.id;
       let toldAt: number | undefined;
       let last: DeploymentJson | undefined;
-      // A stage that does not finish within 10 minutes is reported with its counts, not thrown:
-      // the other phases' figures still get printed.
+      // A poll the API does not answer in time (a busy server answers 408) is counted, not fatal.
+      let pollErrors = 0;
+      let pollError: string | undefined;
+      // A stage that does not finish within the cap (10 minutes) is reported with its counts, not
+      // thrown: the other phases' figures still get printed.
       const finished = await waitFor(
         `stage ${stage + 1} to succeed`,
         async () => {
-          last = await show(id);
+          try {
+            last = await show(id);
+          } catch (err) {
+            pollErrors++;
+            pollError ??= (err as Error).message;
+            return false;
+          }
           const st = last.stages[stage]!;
           if (toldAt === undefined && st.told >= st.size) toldAt = nowMs();
           return st.succeeded_at !== null || st.failed > 0;
         },
-        600_000,
+        STAGE_CAP_S * 1000,
       ).then(
         () => true,
         (err: Error) => {
@@ -948,8 +991,10 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
         },
       );
       const doneAt = nowMs();
-      const stats1 = await server.rpc.call<{ statements: number; cpuMs: number }>('stats');
-      const st = last!.stages[stage]!;
+      const stats1 = await server.rpc.call<{ statements: number; cpuMs: number; deploymentSteps: number }>('stats');
+      const installs1 = await workerUpdates(workers, version);
+      last = await show(id).catch(() => last);
+      const st = last?.stages[stage] ?? ({ size: 0 } as StageJson);
       const figures: Bag = {
         devices: st.size,
         told_ms: round((toldAt ?? doneAt) - t0),
@@ -957,26 +1002,35 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
         failed: st.failed,
         server_cpu_ms_per_device: round((stats1.cpuMs - stats0.cpuMs) / st.size, 2),
         statements_per_device: round((stats1.statements - stats0.statements) / st.size, 1),
+        orchestrator_steps: stats1.deploymentSteps - stats0.deploymentSteps,
+        // Installs the simulated devices gave up on during the stage (begin, finish or reconnect).
+        install_failures: installs1.failures - installs0.failures,
+        poll_errors: pollErrors,
       };
       if (!finished) {
+        // Where the stage stood at the cap: the server's per-device counts and the devices' side.
         figures.timed_out = 1;
-        figures.succeeded = st.succeeded;
-        figures.in_flight = st.in_flight;
+        for (const k of ['succeeded', 'told', 'pending', 'in_flight', 'retrying', 'penalty_box'] as const)
+          figures[k] = st[k];
+        figures.installing = installs1.installing;
+        for (const [k, v] of Object.entries(installs1.failuresBy))
+          figures[`install_failures_${k}`] = v - (installs0.failuresBy[k] ?? 0);
       }
       stageFigures.push(figures);
-      log(`deployment stage ${stage + 1}: ${JSON.stringify(figures)}`);
+      log(
+        `deployment stage ${stage + 1}: ${JSON.stringify(figures)}${installs1.firstError ? `; first install error: ${installs1.firstError}` : ''}${pollError ? `; first poll error: ${pollError}` : ''}`,
+      );
       if (!finished) break;
     }
     const { peakRss } = await server.rpc.call<{ peakRss: number }>('sampleRss', { on: false });
     const final = await show(deployment!.id);
-    const updated = await Promise.all(
-      workers.map((w) => w.rpc.call<{ updated: number; failures: number }>('updated', { version })),
-    );
+    const installs = await workerUpdates(workers, version);
     results.deployment = {
       devices: MAX,
       state: final.state,
-      devices_updated: updated.reduce((n, u) => n + u.updated, 0),
-      device_failures: updated.reduce((n, u) => n + u.failures, 0),
+      devices_updated: installs.updated,
+      device_failures: installs.failures,
+      reconnect_limit: RECONNECT_LIMIT,
       rss_before_mib: round(before.rss / 1048576),
       peak_rss_mib: round(peakRss / 1048576),
       rss_growth_mib: round((peakRss - before.rss) / 1048576),

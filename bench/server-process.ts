@@ -79,6 +79,8 @@ serveRpc({
       endpoint: server.deviceEndpoint.stats,
       pubsub: server.pubsub.stats,
       statements,
+      // Orchestrator steps (the runtime object is the orchestrator's full stats).
+      deploymentSteps: (server.metrics.deploymentStats?.() as { steps?: number } | undefined)?.steps ?? 0,
       cpuMs: (cpu.user + cpu.system) / 1000,
     };
   },

@@ -50,6 +50,8 @@ interface Device {
   uuid?: string;
   /** Time it rejoined running each version it updated to (autoUpdate). */
   updated: Map<string, number>;
+  /** Versions it is installing now (autoUpdate): told, not yet rejoined or given up. */
+  installing: Set<string>;
 }
 
 const devices = new Map<number, Device>();
@@ -128,7 +130,12 @@ function onPhoenixFrame(device: Device, data: Buffer): void {
     if (!device.received.has(version)) device.received.set(version, at);
     device.firmwareUrl = String(payload.url);
     lastFrameBytes = data.length;
-    if (autoUpdate && !device.updated.has(version) && typeof payload.firmware_uuid === 'string')
+    if (
+      autoUpdate &&
+      !device.updated.has(version) &&
+      !device.installing.has(version) &&
+      typeof payload.firmware_uuid === 'string'
+    )
       void install(device, version, payload.firmware_uuid);
     return;
   }
@@ -138,38 +145,79 @@ function onPhoenixFrame(device: Device, data: Buffer): void {
 
 let lastFrameBytes = 0;
 let autoUpdate = false;
-let updateFailures = 0;
+/** Installs that gave up, by the step that failed (begin, finish, reconnect), and the first error. */
+const updateFailures = { begin: 0, finish: 0, reconnect: 0 };
+let updateFirstError: string | undefined;
 
 /** Installs at once: begin, finish, reconnect on the new firmware (its join confirms the update). */
 async function install(device: Device, version: string, uuid: string): Promise<void> {
-  device.updated.set(version, Number.NaN);
+  device.installing.add(version);
   const topic = `device:${device.uuid ?? firmwareUuid}`;
+  let step: keyof typeof updateFailures = 'begin';
   try {
-    for (const event of ['firmware_update_begin', 'firmware_update_finish']) {
+    for (const event of ['firmware_update_begin', 'firmware_update_finish'] as const) {
+      step = event === 'firmware_update_begin' ? 'begin' : 'finish';
       const reply = await send(device, device.deviceJoinRef, topic, event, { version });
       if (reply.status !== 'ok') throw new Error(`${event}: ${JSON.stringify(reply.response)}`);
     }
+    step = 'reconnect';
     device.uuid = uuid;
     const ws = device.ws!;
     await new Promise<void>((resolve) => {
       ws.once('close', () => resolve());
       ws.close(1000);
     });
+    await reconnectPhoenix(device);
+    device.updated.set(version, nowMs());
+  } catch (err) {
+    updateFailures[step]++;
+    updateFirstError ??= `${step}: ${(err as Error).message}`;
+  } finally {
+    device.installing.delete(version);
+  }
+}
+
+/**
+ * Reconnects after an install, retrying a refused or reset handshake a few times (as connect
+ * does). At most `reconnectLimit` of this process's devices reconnect at once (0: no bound).
+ */
+async function reconnectPhoenix(device: Device): Promise<void> {
+  await reconnectSlots.acquire();
+  try {
     for (let attempt = 1; ; attempt++) {
       try {
         await connectPhoenix(device);
-        break;
+        return;
       } catch (err) {
         device.ws?.terminate();
         if (attempt >= 5) throw err;
         await new Promise((r) => setTimeout(r, 50 * attempt));
       }
     }
-    device.updated.set(version, nowMs());
-  } catch {
-    updateFailures++;
+  } finally {
+    reconnectSlots.release();
   }
 }
+
+/** A counting semaphore; a limit of 0 admits everyone. */
+class Slots {
+  limit = 0;
+  #used = 0;
+  readonly #waiting: (() => void)[] = [];
+  async acquire(): Promise<void> {
+    if (this.limit === 0 || this.#used < this.limit) {
+      this.#used++;
+      return;
+    }
+    await new Promise<void>((resolve) => this.#waiting.push(resolve));
+  }
+  release(): void {
+    const next = this.#waiting.shift();
+    if (next) next();
+    else this.#used--;
+  }
+}
+const reconnectSlots = new Slots();
 
 function connectPhoenix(device: Device): Promise<void> {
   return new Promise((resolve, reject) => {
@@ -301,6 +349,7 @@ async function connectRange(request: Request): Promise<unknown> {
           pending: new Map(),
           received: new Map(),
           updated: new Map(),
+          installing: new Set(),
           bytesReceived: 0,
         };
         devices.set(index, device);
@@ -425,6 +474,7 @@ async function mqttPublish(request: Request): Promise<unknown> {
     pending: new Map(),
     received: new Map(),
     updated: new Map(),
+    installing: new Set(),
     bytesReceived: 0,
   };
   target = { host: '127.0.0.1', port: Number(request.port) };
@@ -559,17 +609,26 @@ setInterval(() => {
   }
 }, 1000).unref();
 
-/** How many devices of [from, to) rejoined running `version` (autoUpdate), and how many updates failed. */
+/**
+ * For `version` (autoUpdate): devices that rejoined running it, devices installing it now, and
+ * installs that gave up, by the step that failed, with the first error.
+ */
 function updated(request: Request): unknown {
   const version = String(request.version);
   let done = 0;
-  for (const d of devices.values()) if (Number.isFinite(d.updated.get(version) ?? Number.NaN)) done++;
-  return { updated: done, failures: updateFailures };
+  let installing = 0;
+  for (const d of devices.values()) {
+    if (d.updated.has(version)) done++;
+    if (d.installing.has(version)) installing++;
+  }
+  const failures = updateFailures.begin + updateFailures.finish + updateFailures.reconnect;
+  return { updated: done, installing, failures, failuresBy: updateFailures, firstError: updateFirstError };
 }
 
 serveRpc({
   autoUpdate(request: Request) {
     autoUpdate = request.on === true;
+    reconnectSlots.limit = Number(request.reconnectLimit ?? 0);
     return null;
   },
   updated,
