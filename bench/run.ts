@@ -968,21 +968,23 @@ async function deploymentPhase(workers: Worker[], databaseUrl?: string): Promise
       let pollError: string | undefined;
       // A stage that does not finish within the cap (10 minutes) is reported with its counts, not
       // thrown: the other phases' figures still get printed.
-      const finished = await waitFor(
-        `stage ${stage + 1} to succeed`,
-        async () => {
-          try {
-            last = await show(id);
-          } catch (err) {
-            pollErrors++;
-            pollError ??= (err as Error).message;
-            return false;
-          }
-          const st = last.stages[stage]!;
-          if (toldAt === undefined && st.told >= st.size) toldAt = nowMs();
-          return st.succeeded_at !== null || st.failed > 0;
-        },
-        STAGE_CAP_S * 1000,
+      const finished = await profiled(server, `deployment-stage-${stage + 1}`, () =>
+        waitFor(
+          `stage ${stage + 1} to succeed`,
+          async () => {
+            try {
+              last = await show(id);
+            } catch (err) {
+              pollErrors++;
+              pollError ??= (err as Error).message;
+              return false;
+            }
+            const st = last.stages[stage]!;
+            if (toldAt === undefined && st.told >= st.size) toldAt = nowMs();
+            return st.succeeded_at !== null || st.failed > 0;
+          },
+          STAGE_CAP_S * 1000,
+        ),
       ).then(
         () => true,
         (err: Error) => {
