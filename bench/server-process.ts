@@ -9,6 +9,7 @@ import { Session } from 'node:inspector/promises';
 import { loadConfig } from '../server/config.ts';
 import { startServer } from '../server/main.ts';
 import { createUser } from '../server/api/index.ts';
+import { progressIngestStats } from '../server/fleet/index.ts';
 import { parseCertificatePem } from '../server/identity/index.ts';
 import { deviceCredentials } from './lib/certs.ts';
 import { nowMs, serveRpc } from './lib/ipc.ts';
@@ -80,6 +81,7 @@ serveRpc({
       pubsub: server.pubsub.stats,
       statements,
       cpuMs: (cpu.user + cpu.system) / 1000,
+      progress: progressIngestStats(server.fleet),
     };
   },
   async drain() {
