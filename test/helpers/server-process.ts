@@ -4,6 +4,9 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { Readable } from 'node:stream';
+import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import { imageChunks } from '../firmware/harness.ts';
 import { createProcessDatabase } from './db.ts';
 import { getTestPki } from './pki.ts';
 import { apiCaller, type ApiCall } from './api-call.ts';
@@ -178,4 +181,47 @@ export async function restartableServer(
       rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** Uploads `size` seeded bytes (`imageChunks`) as `version` of the default product of the default org. */
+export async function uploadImage(
+  s: ApiServer,
+  version: string,
+  size: number,
+  seed: number,
+): Promise<{ id: string; version: string }> {
+  return (await uploadFirmwareStream({
+    client: { url: s.server.apiUrl, token: s.token },
+    query: { org: 'default', product: 'default', version },
+    source: Readable.from(imageChunks(size, seed)),
+    size,
+  })) as { id: string; version: string };
+}
+
+/** An update attempt as the operator API lists it. */
+export interface AttemptRow {
+  id: string;
+  state: string;
+  to_version: string;
+  percent: number | null;
+  bytes: number | null;
+  errors: string[] | null;
+}
+
+/** The update attempts of device `serial` of the default org, newest first. */
+export async function attemptsOf(s: ApiSession, serial: string): Promise<AttemptRow[]> {
+  return (await s.call<{ items: AttemptRow[] }>('GET', `/api/v1/orgs/default/devices/${serial}/updates?limit=100`))
+    .items;
+}
+
+/** The audit records of update attempt `id` of the default org, oldest first. */
+export async function attemptAudit(
+  s: ApiSession,
+  id: string,
+): Promise<{ action: string; details: Record<string, unknown> }[]> {
+  const audit = await s.call<{ items: { action: string; details: Record<string, unknown> }[] }>(
+    'GET',
+    `/api/v1/orgs/default/audit?resource_type=update_attempt&resource_id=${id}&limit=100`,
+  );
+  return audit.items.reverse();
 }
