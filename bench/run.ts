@@ -658,6 +658,8 @@ async function ingestPhase(
 ): Promise<void> {
   const count = Math.min(INGEST_DEVICES, MAX);
   log(`ingest on ${db}: ${count} devices × 1 progress event/s for ${INGEST_SECONDS} s`);
+  type IngestStats = { statements: number; cpuMs: number; progress: Record<string, number> };
+  const stats0 = await server.rpc.call<IngestStats>('stats');
   const answers = await profiled(server, `ingest-${db}`, () =>
     Promise.all(
       workers
@@ -678,6 +680,8 @@ async function ingestPhase(
         ),
     ),
   );
+  const stats1 = await server.rpc.call<IngestStats>('stats');
+  const reports = Math.max(1, (stats1.progress.reports ?? 0) - (stats0.progress.reports ?? 0));
   const acked = answers.reduce((s, a) => s + a.acked, 0);
   const sent = answers.reduce((s, a) => s + a.sent, 0);
   const devices = answers.reduce((s, a) => s + a.devices, 0);
@@ -694,6 +698,13 @@ async function ingestPhase(
     p50_ack_ms: round(Math.max(...answers.map((a) => a.latencies.p50))),
     p99_ack_ms: round(Math.max(...answers.map((a) => a.latencies.p99))),
     errors,
+    // Per progress report the server took in (the begins' cost included; statements on PGlite only).
+    ...(db === 'pglite' && { statements_per_event: round((stats1.statements - stats0.statements) / reports, 2) }),
+    server_cpu_ms_per_event: round((stats1.cpuMs - stats0.cpuMs) / reports, 3),
+    // The progress batcher over the phase: reports, batch statements, single-report fallbacks.
+    ...Object.fromEntries(
+      Object.entries(stats1.progress).map(([k, v]) => [`progress_${k}`, v - (stats0.progress[k] ?? 0)]),
+    ),
   };
   if (firstError) log(`ingest error: ${firstError}`);
   log(`ingest ${db}: ${JSON.stringify(results.ingest[db])}`);

@@ -9,6 +9,7 @@ import { Session } from 'node:inspector/promises';
 import { loadConfig } from '../server/config.ts';
 import { startServer } from '../server/main.ts';
 import { createUser } from '../server/api/index.ts';
+import { progressIngestStats } from '../server/fleet/index.ts';
 import { parseCertificatePem } from '../server/identity/index.ts';
 import { deviceCredentials } from './lib/certs.ts';
 import { nowMs, serveRpc } from './lib/ipc.ts';
@@ -82,6 +83,7 @@ serveRpc({
       // Orchestrator steps (the runtime object is the orchestrator's full stats).
       deploymentSteps: (server.metrics.deploymentStats?.() as { steps?: number } | undefined)?.steps ?? 0,
       cpuMs: (cpu.user + cpu.system) / 1000,
+      progress: progressIngestStats(server.fleet),
     };
   },
   async drain() {

@@ -3,8 +3,12 @@
  * while the previous batch was being written. On embedded PGlite (one connection) a transaction
  * per report capped ingest far below what a fleet sends; a batch costs about one statement.
  *
- * When no batch is in flight, a report starts one at once (within the same tick, so reports
- * submitted together share it): a lone report is not delayed. Each caller's promise settles only
+ * When no batch is in flight, a report starts one as soon as the event loop has handled the I/O
+ * at hand (`setImmediate`: no timer, so a lone report is not delayed): every report read in the
+ * same turn of the loop — one socket's frame per callback — shares it, and reports arriving while
+ * it is written gather for the next. On PGlite this is what batches at all: the statement runs in
+ * WebAssembly on this thread and has committed before the next socket is read, so a batch started
+ * within the tick (a microtask) held one report, one statement per report. Each caller's promise settles only
  * after the statement that persisted its report has committed and the operators' events were
  * published, with the attempt as persisted. Reports the batch statement did not apply (no open
  * attempt for that version, or an attempt not in begun/downloading) go through `applyOne`, the
@@ -79,7 +83,7 @@ export class ProgressBatcher<R extends ProgressReport> {
       this.#queue.push({ report, resolve, reject });
       if (!this.#running) {
         this.#running = true;
-        queueMicrotask(() => void this.#drain());
+        setImmediate(() => void this.#drain());
       }
     });
   }

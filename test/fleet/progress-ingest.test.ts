@@ -82,11 +82,34 @@ describe(`progress report ingest (${DATABASE_KIND})`, () => {
     assert.equal(stats.fallbacks, 0);
   });
 
-  test('a lone report starts a batch at once, and reports arriving while it is written share the next one', async () => {
+  test('reports from separate callbacks of one event-loop turn share one statement', async () => {
+    // As frames from many sockets are read: one I/O callback each. On PGlite the statement runs
+    // on this thread, so a batch started within the first callback's tick would hold one report.
+    const { devices: ds } = await fleetUpdating(20);
+    const ctx = recordingContext(handle.db);
+    const answers = await Promise.all(
+      ds.map(
+        (d, i) =>
+          new Promise<fleet.UpdateAttempt>((resolve, reject) =>
+            setImmediate(() =>
+              fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(i)).then(resolve, reject),
+            ),
+          ),
+      ),
+    );
+    assert.deepEqual(
+      answers.map((a) => a.percent),
+      ds.map((_, i) => i),
+    );
+    for (const [i, d] of ds.entries()) assert.equal((await attemptOf(d.id)).percent, i);
+    assert.deepEqual(fleet.progressIngestStats(ctx), { reports: 20, batches: 1, applied: 20, fallbacks: 0, failed: 0 });
+  });
+
+  test('a lone report starts a batch in the same turn of the event loop, and reports arriving while it is written share the next one', async () => {
     const { devices: ds } = await fleetUpdating(20);
     const ctx = recordingContext(handle.db);
     const first = fleet.applyUpdateReport(ctx, dev(ds[0]!), 'firmware_update_progress', progress(5));
-    await Promise.resolve(); // the first batch has started
+    await new Promise((resolve) => setImmediate(resolve)); // the first batch has started
     const rest = ds.slice(1).map((d) => fleet.applyUpdateReport(ctx, dev(d), 'firmware_update_progress', progress(7)));
     assert.equal((await first).percent, 5);
     assert.deepEqual(new Set((await Promise.all(rest)).map((a) => a.percent)), new Set([7]));
