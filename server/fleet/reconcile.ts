@@ -55,8 +55,8 @@ export function variantSql(d: string, release: string): RawBuilder<unknown> {
 /**
  * Target resolution, per device and component (the README quotes this):
  * 1. a device-level target overrides every group target;
- * 2. otherwise the newest deployment that told the device (docs/deployments.md), unless a group
- *    target was set after it told the device;
+ * 2. otherwise the newest phased deployment that told the device (docs/deployments.md), unless a
+ *    group target was set after it told the device (a plain target's deployment is no source);
  * 3. otherwise, among the device's groups that have a target, the group with the lowest
  *    `priority` wins; on a tie, the most recently set target wins.
  * Only approved devices resolve a target. A target names a release (`release_id`, one of its
@@ -108,12 +108,13 @@ function baseResolvedSql(set: DeviceSet, component: string): RawBuilder<unknown>
     ) gt ON true
     -- The newest deployment that told the device (docs/deployments.md): it wins over a group
     -- target set before the device was told, while the device is in flight in a running or paused
-    -- deployment, and for good once it succeeded there (a device that failed falls back).
+    -- deployment, and for good once it succeeded there (a device that failed falls back). A plain
+    -- target's deployment (kind 'target') is no source: its group target (the targets table) is.
     LEFT JOIN LATERAL (
       SELECT dp.id, dp.firmware_id, dd.told_at, (gt.set_at IS NULL OR dd.told_at >= gt.set_at) AS wins
       FROM deployment_devices dd
       JOIN deployments dp ON dp.id = dd.deployment_id
-      WHERE dd.device_id = d.id AND dd.told_at IS NOT NULL AND dp.component = ${component}
+      WHERE dd.device_id = d.id AND dd.told_at IS NOT NULL AND dp.component = ${component} AND dp.kind = 'phased'
         AND (dd.state = 'succeeded' OR (dd.state = 'in_flight' AND dp.state IN ('running', 'paused', 'completed')))
       ORDER BY dd.told_at DESC
       LIMIT 1

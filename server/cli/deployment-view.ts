@@ -1,0 +1,81 @@
+/**
+ * How the CLI draws a deployment (`deployments show|watch`, `status --deployment`): a headline,
+ * a progress bar and per-device counts per stage and in total, or one line per change.
+ */
+import type { components } from '../../client/schema.ts';
+
+type Deployment = components['schemas']['Deployment'];
+type Stage = components['schemas']['DeploymentStage'];
+type Threshold = components['schemas']['DeploymentThreshold'];
+type Counts = components['schemas']['DeploymentCounts'];
+
+export const stageName = (s: { index: number }, count: number) =>
+  s.index === 0 && count > 1 ? 'canary' : `stage ${s.index + 1}`;
+
+export function sizeText(s: Stage): string {
+  const spec = s.size_spec as { count?: number; percent?: number; rest?: boolean } | undefined;
+  const given = spec?.rest ? 'rest' : spec?.percent !== undefined ? `${spec.percent}%` : undefined;
+  return given ? `${s.size} (${given})` : String(s.size);
+}
+
+export const thresholdText = (t: Threshold | null | undefined) =>
+  !t ? '-' : 'percent' in t && t.percent !== undefined ? `${t.percent}%` : `${(t as { count: number }).count}`;
+
+export function stageState(d: Pick<Deployment, 'state' | 'current_stage'>, s: Stage): string {
+  if (s.succeeded_at) return 'succeeded';
+  if (s.index === (d.current_stage ?? 0) && d.state === 'awaiting_approval') return 'awaiting approval';
+  if (s.started_at) return d.state === 'paused' && s.index === (d.current_stage ?? 0) ? 'paused' : 'started';
+  return 'waiting';
+}
+
+/** `[####xx~~......]`: succeeded, failed (and cancelled), in flight, not told yet. */
+export function progressBar(c: Counts, width = 30): string {
+  const total = Math.max(c.total, 1);
+  const cells = (n: number) => Math.round((n / total) * width);
+  const ok = cells(c.succeeded);
+  const bad = Math.min(width - ok, cells(c.failed + c.cancelled));
+  const flying = Math.min(width - ok - bad, cells(c.in_flight));
+  return `[${'#'.repeat(ok)}${'x'.repeat(bad)}${'~'.repeat(flying)}${'.'.repeat(width - ok - bad - flying)}]`;
+}
+
+export const countsText = (c: Counts) =>
+  `${c.told}/${c.total} told, ${c.succeeded} succeeded, ${c.failed} failed, ${c.in_flight} in flight${c.retrying ? `, ${c.retrying} retrying` : ''}${c.penalty_box ? `, ${c.penalty_box} in the penalty box` : ''}${c.cancelled ? `, ${c.cancelled} cancelled` : ''}`;
+
+export function rateText(d: Deployment): string | null {
+  const r = d.rate;
+  if (r?.type === 'exponential')
+    return `exponential: ${r.base}/min, ×${r.factor} every ${r.every ?? r.base} ${r.criterion}${r.max ? `, at most ${r.max}/min` : ''}`;
+  return d.rate_per_minute ? `${d.rate_per_minute}/min` : null;
+}
+
+export function headline(d: Deployment): string {
+  const reason =
+    d.state === 'paused' && d.paused_reason
+      ? `: ${d.paused_reason}`
+      : d.state === 'aborted' && d.aborted_reason
+        ? `: ${d.aborted_reason}`
+        : '';
+  const stage = d.stages.length > 1 ? `, stage ${(d.current_stage ?? 0) + 1} of ${d.stages.length}` : '';
+  return `deployment ${d.name ?? d.id} (${d.version}) ${d.state.replace('_', ' ')}${stage}${reason}`;
+}
+
+/** The in-place drawing: a headline, then one progress bar per stage. */
+export function drawDeployment(d: Deployment): string {
+  const names = d.stages.map((s) => stageName(s, d.stages.length));
+  const width = Math.max(...names.map((n) => n.length));
+  const lines = [headline(d)];
+  for (const [i, s] of d.stages.entries())
+    lines.push(`  ${names[i]!.padEnd(width)}  ${progressBar(s)}  ${countsText(s)}  ${stageState(d, s)}`);
+  lines.push(`  ${'total'.padEnd(width)}  ${progressBar(d.counts)}  ${countsText(d.counts)}`);
+  return `${lines.join('\n')}\n`;
+}
+
+/** One line per change, for logs and CI. */
+export function deploymentLine(d: Deployment): string {
+  const stages = d.stages
+    .map(
+      (s) => `${stageName(s, d.stages.length)} ${s.succeeded}/${s.size} ok ${s.failed} failed ${s.in_flight} in flight`,
+    )
+    .join('; ');
+  return `${headline(d)}; ${stages}`;
+}
