@@ -339,7 +339,9 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
     withOrg(
       firmware
         .command('delete')
-        .description('delete a firmware record and its image (refused while a group or device targets it)')
+        .description(
+          'delete a firmware record and its image (refused while a group or device targets it, or a deployment rolled it out)',
+        )
         .argument('<id>', 'firmware id'),
     ),
     ctx,

@@ -173,8 +173,8 @@ export async function reconcileAttempts(
   trx: Db,
   set: DeviceSet,
   component = 'firmware',
-  options: { broadcastRelease?: string } = {},
-): Promise<ReconcileResult & { broadcast?: GroupBroadcast }> {
+  options: { broadcastRelease?: string; track?: TrackOptions } = {},
+): Promise<ReconcileResult & { broadcast?: GroupBroadcast; tracked?: { devices: number; already_running: number } }> {
   // The INSERT's NOT EXISTS sees the attempts as they were before the UPDATE (one snapshot):
   // no difference, since it looks for attempts to the target and the UPDATE cancels only others.
   const release = options.broadcastRelease;
@@ -185,6 +185,8 @@ export async function reconcileAttempts(
     variants: number | null;
     elsewhere: number | null;
     variant: string | null;
+    tracked: number | null;
+    already_running: number | null;
   }>`
     WITH r AS MATERIALIZED (${resolvedSql(set, component)}),
     cancelled AS (
@@ -210,19 +212,66 @@ export async function reconcileAttempts(
           SELECT 1 FROM update_attempts x
           WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
             AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at)))
-      RETURNING id, device_id, firmware_id, state)
+      RETURNING id, device_id, firmware_id, state, via)
+    ${options.track ? trackSql(options.track, component) : sql``}
     SELECT (SELECT count(*) FROM cancelled)::int AS cancelled,
            COALESCE((SELECT json_agg(json_build_object('id', c.id, 'device_id', c.device_id,
                        'firmware_id', c.firmware_id, 'state', c.state)) FROM created c), '[]'::json) AS created,
-           b.needed, b.variants, b.elsewhere, b.variant
+           b.needed, b.variants, b.elsewhere, b.variant,
+           ${options.track ? sql`(SELECT count(*) FROM tracked)::int` : sql`NULL::int`} AS tracked,
+           ${options.track ? sql`(SELECT count(*) FROM r WHERE r.via = ${options.track.via} AND r.runs_target)::int` : sql`NULL::int`} AS already_running
     FROM (${release ? broadcastSql(release) : sql`SELECT NULL::boolean AS needed, NULL::int AS variants, NULL::int AS elsewhere, NULL::text AS variant`}) b`.execute(
     trx,
   );
   const row = rows[0]!;
-  const result = { created: row.created, cancelled: row.cancelled };
+  const result = {
+    created: row.created,
+    cancelled: row.cancelled,
+    ...(options.track ? { tracked: { devices: row.tracked ?? 0, already_running: row.already_running ?? 0 } } : {}),
+  };
   if (!release) return result;
   const variant = row.elsewhere === 0 && row.variants === 1 ? row.variant : null;
   return { ...result, broadcast: { needed: row.needed === true, variant } };
+}
+
+/**
+ * A group target's deployment (docs/deployments.md): in the same pass, the members that resolve
+ * through `via` and do not run their target become its rows, in flight on their open attempt.
+ */
+export interface TrackOptions {
+  deploymentId: string;
+  /** `group:<id>`: the source the members must resolve through. */
+  via: string;
+  /** Rows in flight there on the same attempt keep their `told_at` and `tries` (they move). */
+  previousId: string | null;
+}
+
+/**
+ * The `tracked` CTE: one row per member told, by the attempt created now (its `via`) or the open
+ * one to its target that this pass keeps (the statement's snapshot still shows it open). The
+ * kept attempt is a lateral lookup by the open-attempts index: joined to the CTE, the planner's
+ * one-row estimate of `r` made a nested loop over `r` for every attempt.
+ */
+function trackSql(t: TrackOptions, component: string): RawBuilder<unknown> {
+  return sql`, tracked AS (
+      INSERT INTO deployment_devices (deployment_id, device_id, stage, position, state, tries, told_at, attempt_id)
+      SELECT ${t.deploymentId}, m.device_id, 0, row_number() OVER (ORDER BY d.identifier, d.id), 'in_flight',
+             COALESCE(p.tries, 1), COALESCE(p.told_at, now()), m.attempt_id
+      FROM (
+        SELECT c.device_id, c.id AS attempt_id FROM created c WHERE c.via = ${t.via}
+        UNION ALL
+        SELECT r.device_id, k.id FROM r
+        CROSS JOIN LATERAL (
+          SELECT x.id FROM update_attempts x
+          WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
+            AND x.state IN (${OPEN})
+          LIMIT 1) k
+        WHERE r.via = ${t.via} AND NOT r.runs_target
+      ) m
+      JOIN devices d ON d.id = m.device_id
+      LEFT JOIN deployment_devices p ON p.deployment_id = ${t.previousId}::uuid
+        AND p.device_id = m.device_id AND p.state = 'in_flight' AND p.attempt_id = m.attempt_id
+      RETURNING 1)`;
 }
 
 /** Over the resolved members `r`: online members not running the release `releaseId`, as `GroupBroadcast` needs. */

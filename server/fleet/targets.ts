@@ -3,7 +3,12 @@ import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Firmware, TargetsTable } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
-import { activeTargetDeployment, startTargetDeployment, supersedeTargetDeployment } from './deployments/target.ts';
+import {
+  activeTargetDeployment,
+  closeTargetDeployment,
+  openTargetDeployment,
+  supersedeTargetDeployment,
+} from './deployments/target.ts';
 import { getDevice } from './devices.ts';
 import { FleetError, isUuid } from './errors.ts';
 import { getFirmware } from './firmware.ts';
@@ -152,9 +157,12 @@ export async function setGroupTarget(
       resourceId: group.id,
       details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component },
     });
-    // One pass resolves the members, moves their attempts and says how online ones are told.
-    const { created, broadcast } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component, {
+    const opened = await openTargetDeployment(trx, actor, { group, firmware, previous });
+    // One pass resolves the members, moves their attempts, says how online ones are told and
+    // records those told as the rows of the target deployment.
+    const { created, broadcast, tracked } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component, {
       broadcastRelease: firmware.id,
+      track: opened.track,
     });
     const toPush = created.filter((a) => a.state === 'sent');
     let delivery: TargetChange['delivery'] = 'none';
@@ -177,10 +185,13 @@ export async function setGroupTarget(
       }
     }
     const attempts = { sent: toPush.length, queued: created.length - toPush.length };
-    const { deployment, alreadyRunning } = await startTargetDeployment(trx, outbox, actor, {
-      group,
+    const alreadyRunning = tracked?.already_running ?? 0;
+    const deployment = await closeTargetDeployment(trx, outbox, actor, {
+      deployment: opened.deployment,
+      ended: opened.ended,
       firmware,
-      previous,
+      devices: tracked?.devices ?? 0,
+      alreadyRunning,
     });
     targetChanged(
       outbox,

@@ -9,4 +9,9 @@ export {
   type OrchestratorOptions,
   type StepOutcome,
 } from './orchestrator.ts';
-export { activeTargetDeployment, startTargetDeployment, supersedeTargetDeployment } from './target.ts';
+export {
+  activeTargetDeployment,
+  closeTargetDeployment,
+  openTargetDeployment,
+  supersedeTargetDeployment,
+} from './target.ts';

@@ -10,8 +10,7 @@ import type { Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
 import type { Firmware } from '../../db/schema.ts';
 import type { FleetEvent } from '../context.ts';
-import { OPEN } from '../link-table.ts';
-import { resolvedSql } from '../reconcile.ts';
+import type { TrackOptions } from '../reconcile.ts';
 import { type DeploymentRow, setState, transitioned } from './model.ts';
 import { syncOutcomes } from './orchestrator.ts';
 
@@ -36,27 +35,23 @@ export async function activeTargetDeployment(
 }
 
 /**
- * Creates the target deployment of a group target just set (after reconcile): one stage of the
- * rest, with no success requirement, no error condition, no pacing and no retry, running. Its
- * devices are the members that resolve to this group's target (`via group:<id>`) and do not run
- * the release: each has its open attempt (created now, or kept by reconcile), so they are in
- * flight at once. Devices that were in flight in `previous` on that same attempt keep their
- * `told_at` and `tries` (they move; `supersede` removes them there). No device left: completed.
+ * Opens the target deployment of a group target being set, before reconcile (which fills its rows
+ * in the same statement: `track`, reconcile.ts): one stage of the rest, with no success
+ * requirement, no error condition, no pacing and no retry, running. The group's previous one
+ * ends first (one running target deployment per group and component).
  */
-export async function startTargetDeployment(
+export async function openTargetDeployment(
   trx: Db,
-  outbox: FleetEvent[],
   actor: Actor,
   o: {
     group: { id: string; org_id: string; product_id: string; name: string };
     firmware: Firmware;
     previous: DeploymentRow | undefined;
   },
-): Promise<{ deployment: DeploymentRow; devices: number; alreadyRunning: number }> {
+): Promise<{ deployment: DeploymentRow; ended: DeploymentRow | undefined; track: TrackOptions }> {
   const { group, firmware } = o;
-  // The previous one ends first: a group and component has one running target deployment at a time.
   const ended = o.previous ? await endSuperseded(trx, o.previous) : undefined;
-  const inserted = await trx
+  const deployment = await trx
     .insertInto('deployments')
     .values({
       org_id: group.org_id,
@@ -73,32 +68,35 @@ export async function startTargetDeployment(
     } as never)
     .returningAll()
     .executeTakeFirstOrThrow();
-  const via = `group:${group.id}`;
-  const { rows } = await sql<{ devices: number; already_running: number }>`
-    WITH r AS MATERIALIZED (${resolvedSql({ groupId: group.id }, firmware.component)}),
-    told AS (
-      SELECT r.device_id, d.identifier, ua.id AS attempt_id
-      FROM r
-      JOIN devices d ON d.id = r.device_id
-      JOIN update_attempts ua ON ua.device_id = r.device_id AND ua.component = ${firmware.component}
-        AND ua.firmware_id = r.target_id AND ua.state IN (${OPEN})
-      WHERE r.via = ${via} AND NOT r.runs_target),
-    inserted AS (
-      INSERT INTO deployment_devices (deployment_id, device_id, stage, position, state, tries, told_at, attempt_id)
-      SELECT ${inserted.id}, t.device_id, 0, row_number() OVER (ORDER BY t.identifier, t.device_id),
-             'in_flight', COALESCE(p.tries, 1), COALESCE(p.told_at, now()), t.attempt_id
-      FROM told t
-      LEFT JOIN deployment_devices p ON p.deployment_id = ${o.previous?.id ?? null}::uuid
-        AND p.device_id = t.device_id AND p.state = 'in_flight' AND p.attempt_id = t.attempt_id
-      RETURNING 1)
-    SELECT (SELECT count(*) FROM inserted)::int AS devices,
-           (SELECT count(*) FROM r WHERE r.via = ${via} AND r.runs_target)::int AS already_running`.execute(trx);
-  const { devices, already_running: alreadyRunning } = rows[0]!;
-  // One stage of every device, which needs no success: it has succeeded from the start.
+  return {
+    deployment,
+    ended,
+    track: { deploymentId: deployment.id, via: `group:${group.id}`, previousId: o.previous?.id ?? null },
+  };
+}
+
+/**
+ * After reconcile filled its rows (`devices` of them; `alreadyRunning` members run the release):
+ * its stage (which needs no success: it has succeeded from the start), the audit record, the
+ * superseded one's devices settled, and, with no device to wait for, `completed` at once.
+ */
+export async function closeTargetDeployment(
+  trx: Db,
+  outbox: FleetEvent[],
+  actor: Actor,
+  o: {
+    deployment: DeploymentRow;
+    ended: DeploymentRow | undefined;
+    firmware: Firmware;
+    devices: number;
+    alreadyRunning: number;
+  },
+): Promise<DeploymentRow> {
+  const { deployment, firmware, devices } = o;
   await trx
     .insertInto('deployment_stages')
     .values({
-      deployment_id: inserted.id,
+      deployment_id: deployment.id,
       stage: 0,
       spec: JSON.stringify({ rest: true }),
       size: devices,
@@ -108,21 +106,19 @@ export async function startTargetDeployment(
       succeeded_at: sql<Date>`now()`,
     } as never)
     .execute();
-  await transitioned(trx, outbox, actor, inserted, 'deployment.created', {
+  await transitioned(trx, outbox, actor, deployment, 'deployment.created', {
     kind: 'target',
     firmware_id: firmware.id,
     version: firmware.version,
     devices,
-    already_running: alreadyRunning,
+    already_running: o.alreadyRunning,
     stages: [devices],
   });
-  if (ended) await settleSuperseded(trx, outbox, actor, ended, inserted.id);
-  let deployment = inserted;
-  if (devices === 0) {
-    deployment = await setState(trx, inserted.id, { state: 'completed', ended_at: sql<Date>`now()` });
-    await transitioned(trx, outbox, actor, deployment, 'deployment.completed', { succeeded: 0, failed: 0 });
-  }
-  return { deployment, devices, alreadyRunning };
+  if (o.ended) await settleSuperseded(trx, outbox, actor, o.ended, deployment.id);
+  if (devices > 0) return deployment;
+  const done = await setState(trx, deployment.id, { state: 'completed', ended_at: sql<Date>`now()` });
+  await transitioned(trx, outbox, actor, done, 'deployment.completed', { succeeded: 0, failed: 0 });
+  return done;
 }
 
 /**
