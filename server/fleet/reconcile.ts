@@ -213,7 +213,7 @@ export async function reconcileAttempts(
           WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
             AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at)))
       RETURNING id, device_id, firmware_id, state, via)
-    ${options.track ? trackSql(options.track, component) : sql``}
+    ${options.track ? trackSql(options.track) : sql``}
     SELECT (SELECT count(*) FROM cancelled)::int AS cancelled,
            COALESCE((SELECT json_agg(json_build_object('id', c.id, 'device_id', c.device_id,
                        'firmware_id', c.firmware_id, 'state', c.state)) FROM created c), '[]'::json) AS created,
@@ -235,42 +235,27 @@ export async function reconcileAttempts(
 }
 
 /**
- * A group target's deployment (docs/deployments.md): in the same pass, the members that resolve
- * through `via` and do not run their target become its rows, in flight on their open attempt.
+ * A group target's deployment (docs/deployments.md): in the same pass, the members that get an
+ * attempt through `via` become its rows, in flight on that attempt.
  */
 export interface TrackOptions {
   deploymentId: string;
-  /** `group:<id>`: the source the members must resolve through. */
+  /** `group:<id>`: the source the members resolve through (the attempt's `via`). */
   via: string;
-  /** Rows in flight there on the same attempt keep their `told_at` and `tries` (they move). */
-  previousId: string | null;
 }
 
 /**
- * The `tracked` CTE: one row per member told, by the attempt created now (its `via`) or the open
- * one to its target that this pass keeps (the statement's snapshot still shows it open). The
- * kept attempt is a lateral lookup by the open-attempts index: joined to the CTE, the planner's
- * one-row estimate of `r` made a nested loop over `r` for every attempt.
+ * The `tracked` CTE: one row per attempt created through `via`, positioned by identifier. The
+ * devices are looked up laterally by primary key from the CTE's rows (joined plainly, the
+ * planner's one-row estimate of a CTE can make a nested loop over a whole table).
  */
-function trackSql(t: TrackOptions, component: string): RawBuilder<unknown> {
+function trackSql(t: TrackOptions): RawBuilder<unknown> {
   return sql`, tracked AS (
       INSERT INTO deployment_devices (deployment_id, device_id, stage, position, state, tries, told_at, attempt_id)
-      SELECT ${t.deploymentId}, m.device_id, 0, row_number() OVER (ORDER BY d.identifier, d.id), 'in_flight',
-             COALESCE(p.tries, 1), COALESCE(p.told_at, now()), m.attempt_id
-      FROM (
-        SELECT c.device_id, c.id AS attempt_id FROM created c WHERE c.via = ${t.via}
-        UNION ALL
-        SELECT r.device_id, k.id FROM r
-        CROSS JOIN LATERAL (
-          SELECT x.id FROM update_attempts x
-          WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
-            AND x.state IN (${OPEN})
-          LIMIT 1) k
-        WHERE r.via = ${t.via} AND NOT r.runs_target
-      ) m
-      JOIN devices d ON d.id = m.device_id
-      LEFT JOIN deployment_devices p ON p.deployment_id = ${t.previousId}::uuid
-        AND p.device_id = m.device_id AND p.state = 'in_flight' AND p.attempt_id = m.attempt_id
+      SELECT ${t.deploymentId}, c.device_id, 0, row_number() OVER (ORDER BY d.identifier, d.id), 'in_flight', 1, now(), c.id
+      FROM created c
+      CROSS JOIN LATERAL (SELECT dv.id, dv.identifier FROM devices dv WHERE dv.id = c.device_id) d
+      WHERE c.via = ${t.via}
       RETURNING 1)`;
 }
 

@@ -189,8 +189,9 @@ export async function setGroupTarget(
     const deployment = await closeTargetDeployment(trx, outbox, actor, {
       deployment: opened.deployment,
       ended: opened.ended,
+      group,
       firmware,
-      devices: tracked?.devices ?? 0,
+      created: tracked?.devices ?? 0,
       alreadyRunning,
     });
     targetChanged(

@@ -10,6 +10,7 @@ import type { Actor } from '../../audit.ts';
 import type { Db } from '../../db/index.ts';
 import type { Firmware } from '../../db/schema.ts';
 import type { FleetEvent } from '../context.ts';
+import { OPEN } from '../link-table.ts';
 import type { TrackOptions } from '../reconcile.ts';
 import { type DeploymentRow, setState, transitioned } from './model.ts';
 import { syncOutcomes } from './orchestrator.ts';
@@ -71,14 +72,17 @@ export async function openTargetDeployment(
   return {
     deployment,
     ended,
-    track: { deploymentId: deployment.id, via: `group:${group.id}`, previousId: o.previous?.id ?? null },
+    track: { deploymentId: deployment.id, via: `group:${group.id}` },
   };
 }
 
 /**
- * After reconcile filled its rows (`devices` of them; `alreadyRunning` members run the release):
- * its stage (which needs no success: it has succeeded from the start), the audit record, the
- * superseded one's devices settled, and, with no device to wait for, `completed` at once.
+ * After reconcile filled its rows with the attempts it created (`created` of them;
+ * `alreadyRunning` members run the release): the superseded one's devices still in flight on an
+ * open attempt to the same release that reconcile kept move over (same attempt, `told_at` and
+ * `tries`; positions are then renumbered by identifier), its other ones are cancelled; then its
+ * stage (which needs no success: it has succeeded from the start), the audit record, and, with
+ * no device to wait for, `completed` at once.
  */
 export async function closeTargetDeployment(
   trx: Db,
@@ -87,12 +91,15 @@ export async function closeTargetDeployment(
   o: {
     deployment: DeploymentRow;
     ended: DeploymentRow | undefined;
+    group: { id: string };
     firmware: Firmware;
-    devices: number;
+    created: number;
     alreadyRunning: number;
   },
 ): Promise<DeploymentRow> {
-  const { deployment, firmware, devices } = o;
+  const { deployment, firmware } = o;
+  const moved = o.ended ? await carryOver(trx, deployment, o.ended, o.group.id, firmware) : 0;
+  const devices = o.created + moved;
   await trx
     .insertInto('deployment_stages')
     .values({
@@ -119,6 +126,43 @@ export async function closeTargetDeployment(
   const done = await setState(trx, deployment.id, { state: 'completed', ended_at: sql<Date>`now()` });
   await transitioned(trx, outbox, actor, done, 'deployment.completed', { succeeded: 0, failed: 0 });
   return done;
+}
+
+/**
+ * Rows of `previous` in flight on an attempt still open to the same release, of members of the
+ * group, are copied into `next` (the attempt reconcile kept; by primary key), then `next`'s
+ * positions are renumbered by identifier. Returns how many moved.
+ */
+async function carryOver(
+  trx: Db,
+  next: DeploymentRow,
+  previous: DeploymentRow,
+  groupId: string,
+  firmware: Firmware,
+): Promise<number> {
+  const { rows } = await sql<{ n: number }>`
+    WITH moved AS (
+      INSERT INTO deployment_devices (deployment_id, device_id, stage, position, state, tries, told_at, attempt_id)
+      SELECT ${next.id}, p.device_id, 0, 0, 'in_flight', p.tries, p.told_at, p.attempt_id
+      FROM deployment_devices p
+      JOIN update_attempts x ON x.id = p.attempt_id
+      JOIN firmware xf ON xf.id = x.firmware_id
+      WHERE p.deployment_id = ${previous.id} AND p.state = 'in_flight' AND x.state IN (${OPEN})
+        AND xf.product_id = ${firmware.product_id} AND xf.component = ${firmware.component}
+        AND xf.version = ${firmware.version}
+        AND EXISTS (SELECT 1 FROM group_devices gd WHERE gd.group_id = ${groupId} AND gd.device_id = p.device_id)
+      ON CONFLICT DO NOTHING
+      RETURNING 1)
+    SELECT count(*)::int AS n FROM moved`.execute(trx);
+  const n = rows[0]?.n ?? 0;
+  if (n > 0)
+    await sql`
+      UPDATE deployment_devices dd SET position = o.position
+      FROM (SELECT x.device_id, row_number() OVER (ORDER BY d.identifier, d.id) AS position
+            FROM deployment_devices x JOIN devices d ON d.id = x.device_id
+            WHERE x.deployment_id = ${next.id}) o
+      WHERE dd.deployment_id = ${next.id} AND dd.device_id = o.device_id`.execute(trx);
+  return n;
 }
 
 /**
