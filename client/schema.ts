@@ -1573,36 +1573,36 @@ export interface components {
         };
         ApiToken: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: date-time */
-            expires_at?: string | null;
+            expires_at: string | null;
             /** Format: uuid */
             id: string;
             /** Format: date-time */
-            last_used_at?: string | null;
-            name?: string;
-            org_id?: string | null;
-            revoked?: boolean;
+            last_used_at: string | null;
+            name: string;
+            org_id: string | null;
+            revoked: boolean;
             /** @enum {string} */
-            role?: "viewer" | "operator" | "admin";
+            role: "viewer" | "operator" | "admin";
             /** Format: uuid */
-            user_id?: string;
+            user_id: string;
         } & {
             [key: string]: unknown;
         };
         AuditEntry: {
             action: string;
-            actor_id?: string | null;
-            actor_type?: string;
+            actor_id: string | null;
+            actor_type: string;
             /** Format: date-time */
-            at?: string;
-            details?: {
+            at: string;
+            details: {
                 [key: string]: unknown;
             };
             id: number;
-            org_id?: string | null;
-            resource_id?: string | null;
-            resource_type?: string | null;
+            org_id: string | null;
+            resource_id: string | null;
+            resource_type: string | null;
         } & {
             [key: string]: unknown;
         };
@@ -1889,24 +1889,24 @@ export interface components {
         };
         DeviceCertificate: {
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: uuid */
-            device_id?: string;
-            fingerprint?: string;
+            device_id: string;
+            fingerprint: string;
             /** Format: uuid */
             id: string;
-            issuer?: string;
+            issuer: string;
             /** Format: date-time */
-            last_used_at?: string | null;
+            last_used_at: string | null;
             /** Format: date-time */
-            not_after?: string;
+            not_after: string;
             /** Format: date-time */
-            not_before?: string;
-            pem?: string | null;
+            not_before: string;
+            pem: string | null;
             /** Format: date-time */
-            revoked_at?: string | null;
-            serial?: string;
-            subject?: string;
+            revoked_at: string | null;
+            serial: string;
+            subject: string;
         } & {
             [key: string]: unknown;
         };
@@ -2003,32 +2003,32 @@ export interface components {
         };
         SignerCa: {
             /** Format: date-time */
-            created_at?: string;
-            description?: string | null;
-            fingerprint?: string;
+            created_at: string;
+            description: string | null;
+            fingerprint: string;
             /** Format: uuid */
             id: string;
             /** Format: date-time */
-            not_after?: string;
+            not_after: string;
             /** Format: uuid */
-            org_id?: string;
-            pem?: string;
+            org_id: string;
+            pem: string;
             /** Format: uuid */
-            product_id?: string;
-            subject?: string;
+            product_id: string;
+            subject: string;
         } & {
             [key: string]: unknown;
         };
         SigningKey: {
             /** Format: date-time */
-            created_at?: string;
-            fingerprint?: string;
+            created_at: string;
+            fingerprint: string;
             /** Format: uuid */
             id: string;
-            name?: string;
+            name: string;
             /** Format: uuid */
-            product_id?: string;
-            public_key_pem?: string;
+            product_id: string;
+            public_key_pem: string;
         } & {
             [key: string]: unknown;
         };
@@ -2075,81 +2075,81 @@ export interface components {
         };
         User: {
             /** Format: date-time */
-            created_at?: string;
-            disabled?: boolean;
-            email?: string;
+            created_at: string;
+            disabled: boolean;
+            email: string;
             /** Format: uuid */
             id: string;
-            name?: string | null;
-            org_id?: string | null;
+            name: string | null;
+            org_id: string | null;
             /** @enum {string} */
-            role?: "viewer" | "operator" | "admin";
+            role: "viewer" | "operator" | "admin";
         } & {
             [key: string]: unknown;
         };
         Webhook: {
             /** Format: date-time */
-            created_at?: string;
-            created_by?: string | null;
-            description?: string | null;
+            created_at: string;
+            created_by: string | null;
+            description: string | null;
             /** Format: date-time */
-            disabled_at?: string | null;
-            disabled_reason?: string | null;
-            enabled?: boolean;
-            events?: string[];
+            disabled_at: string | null;
+            disabled_reason: string | null;
+            enabled: boolean;
+            events: string[];
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
+            org_id: string;
             /** Format: uri */
-            url?: string;
+            url: string;
         } & {
             [key: string]: unknown;
         };
         WebhookDelivery: {
             attempts: number;
             /** Format: date-time */
-            created_at?: string;
+            created_at: string;
             /** Format: date-time */
-            delivered_at?: string | null;
+            delivered_at: string | null;
             event: string;
             /** Format: uuid */
-            event_id?: string;
+            event_id: string;
             /** Format: uuid */
             id: string;
-            last_error?: string | null;
-            last_status?: number | null;
+            last_error: string | null;
+            last_status: number | null;
             /** Format: date-time */
-            next_attempt_at?: string;
+            next_attempt_at: string;
             /** @description the JSON body sent */
-            payload?: {
+            payload: {
                 [key: string]: unknown;
             };
             /** @enum {string} */
             state: "pending" | "delivered" | "failed";
             /** Format: uuid */
-            webhook_id?: string;
+            webhook_id: string;
         } & {
             [key: string]: unknown;
         };
         WebhookWithSecret: {
             /** Format: date-time */
-            created_at?: string;
-            created_by?: string | null;
-            description?: string | null;
+            created_at: string;
+            created_by: string | null;
+            description: string | null;
             /** Format: date-time */
-            disabled_at?: string | null;
-            disabled_reason?: string | null;
-            enabled?: boolean;
-            events?: string[];
+            disabled_at: string | null;
+            disabled_reason: string | null;
+            enabled: boolean;
+            events: string[];
             /** Format: uuid */
             id: string;
             /** Format: uuid */
-            org_id?: string;
+            org_id: string;
             /** @description the HMAC-SHA256 signing secret: shown only in this answer, keep it with the receiver */
             secret: string;
             /** Format: uri */
-            url?: string;
+            url: string;
         } & {
             [key: string]: unknown;
         };

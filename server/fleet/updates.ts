@@ -190,7 +190,7 @@ export interface AttemptChange {
  * The single-attempt path of the transition table: one transaction that locks the device's
  * open attempt (`select`), checks that `event` may move it (link-table.ts; on a download resumed
  * after a resend that is `begin` and then the event, `stepsOf`) and writes the move with its
- * timestamps, an audit record per move (not for progress) and the operators' event. Throws
+ * timestamps, an audit record per move (not for progress) and the operators' event per move. Throws
  * `not_found` (no open attempt) or `conflict` (the table has no such move from its state).
  */
 export async function moveAttempt(
@@ -259,6 +259,9 @@ export async function moveAttempt(
         },
       });
     }
+    // Every move is its own transition for operators and webhooks, in order: an implied begin
+    // (state `begun`, as a begin reported by the device publishes) before the event's own move.
+    for (const m of moves.slice(0, -1)) outbox.push(transitionEvent({ ...attempt, state: m.to }));
     outbox.push(transitionEvent(updated));
     return updated;
   });

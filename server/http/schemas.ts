@@ -209,7 +209,7 @@ export const schemas = [
     },
     ['device_id', 'stage', 'state'],
   ),
-  entity('User', {
+  row('User', {
     id: uuid,
     email: { type: 'string' },
     name: nullableString,
@@ -218,7 +218,7 @@ export const schemas = [
     disabled: { type: 'boolean' },
     created_at: dateTime,
   }),
-  entity('ApiToken', {
+  row('ApiToken', {
     id: uuid,
     user_id: uuid,
     name: { type: 'string' },
@@ -229,7 +229,7 @@ export const schemas = [
     revoked: { type: 'boolean' },
     created_at: dateTime,
   }),
-  entity('SigningKey', {
+  row('SigningKey', {
     id: uuid,
     product_id: uuid,
     name: { type: 'string' },
@@ -312,7 +312,7 @@ export const schemas = [
       attempt_updated_at: nullableDateTime,
     },
   },
-  entity('DeviceCertificate', {
+  row('DeviceCertificate', {
     id: uuid,
     device_id: uuid,
     fingerprint: { type: 'string' },
@@ -326,7 +326,7 @@ export const schemas = [
     last_used_at: nullableDateTime,
     created_at: dateTime,
   }),
-  entity('SignerCa', {
+  row('SignerCa', {
     id: uuid,
     org_id: uuid,
     product_id: uuid,
@@ -389,50 +389,39 @@ export const schemas = [
     created_at: dateTime,
     updated_at: dateTime,
   }),
-  entity('Webhook', webhookProperties),
-  {
-    ...entity('WebhookWithSecret', {
-      ...webhookProperties,
-      secret: {
-        type: 'string',
-        description: 'the HMAC-SHA256 signing secret: shown only in this answer, keep it with the receiver',
-      },
-    }),
-    required: ['id', 'secret'],
-  },
-  entity(
-    'WebhookDelivery',
-    {
-      id: uuid,
-      webhook_id: uuid,
-      event_id: uuid,
-      event: { type: 'string' },
-      state: { type: 'string', enum: ['pending', 'delivered', 'failed'] },
-      attempts: { type: 'integer' },
-      next_attempt_at: dateTime,
-      last_status: { type: ['integer', 'null'] },
-      last_error: nullableString,
-      delivered_at: nullableDateTime,
-      created_at: dateTime,
-      payload: { type: 'object', additionalProperties: true, description: 'the JSON body sent' },
+  row('Webhook', webhookProperties),
+  row('WebhookWithSecret', {
+    ...webhookProperties,
+    secret: {
+      type: 'string',
+      description: 'the HMAC-SHA256 signing secret: shown only in this answer, keep it with the receiver',
     },
-    ['id', 'event', 'state', 'attempts'],
-  ),
-  entity(
-    'AuditEntry',
-    {
-      id: { type: 'integer' },
-      at: dateTime,
-      org_id: { type: ['string', 'null'] },
-      actor_type: { type: 'string' },
-      actor_id: nullableString,
-      action: { type: 'string' },
-      resource_type: nullableString,
-      resource_id: nullableString,
-      details: { type: 'object', additionalProperties: true },
-    },
-    ['id', 'action'],
-  ),
+  }),
+  row('WebhookDelivery', {
+    id: uuid,
+    webhook_id: uuid,
+    event_id: uuid,
+    event: { type: 'string' },
+    state: { type: 'string', enum: ['pending', 'delivered', 'failed'] },
+    attempts: { type: 'integer' },
+    next_attempt_at: dateTime,
+    last_status: { type: ['integer', 'null'] },
+    last_error: nullableString,
+    delivered_at: nullableDateTime,
+    created_at: dateTime,
+    payload: { type: 'object', additionalProperties: true, description: 'the JSON body sent' },
+  }),
+  row('AuditEntry', {
+    id: { type: 'integer' },
+    at: dateTime,
+    org_id: { type: ['string', 'null'] },
+    actor_type: { type: 'string' },
+    actor_id: nullableString,
+    action: { type: 'string' },
+    resource_type: nullableString,
+    resource_id: nullableString,
+    details: { type: 'object', additionalProperties: true },
+  }),
 ];
 
 /** `{ $ref: 'Name#' }` for a shared schema. */

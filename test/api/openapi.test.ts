@@ -19,6 +19,20 @@ const ACCEPTED_WARNINGS: Record<string, string> = {
   'operation-4xx-response #/paths/~1livez/get/responses': 'the liveness probe answers 200 while the process serves',
 };
 
+/**
+ * Response schemas that may leave some of their properties out of `required`: `schema` → why.
+ * Every other schema a success response uses requires each of its properties.
+ */
+const PARTIAL_RESPONSE_SCHEMAS: Record<string, string> = {
+  // The deployment schemas are being reworked in a change of their own, which settles which of
+  // their fields are always present; until then they keep the required lists they have.
+  Deployment: 'reworked with phased deployments',
+  DeploymentSummary: 'reworked with phased deployments',
+  DeploymentStage: 'reworked with phased deployments',
+  DeploymentDevice: 'reworked with phased deployments',
+  DeploymentThreshold: 'exactly one of count and percent, never both',
+};
+
 type Operation = {
   operationId?: string;
   parameters?: Array<{ name: string; in: string }>;
@@ -167,14 +181,27 @@ describe('OpenAPI document', () => {
   });
 
   test('response fields that are always present are required, so a client types them as present', async () => {
+    // Every component schema a success response uses, directly or through another schema.
+    const refsIn = (value: unknown) =>
+      [...JSON.stringify(value).matchAll(/"\$ref":"#\/components\/schemas\/([^"]+)"/g)].map((m) => m[1]!);
+    const used = new Set(
+      operations.flatMap(({ op }) =>
+        Object.entries(op.responses)
+          .filter(([status]) => status.startsWith('2'))
+          .flatMap(([, response]) => refsIn(response)),
+      ),
+    );
+    for (const name of used) for (const inner of refsIn(doc.components.schemas[name])) used.add(inner);
+    for (const name of ['User', 'ApiToken', 'SignerCa', 'DeviceCertificate', 'Webhook', 'AuditEntry', 'Deployment'])
+      assert.ok(used.has(name), `${name} is a response schema`);
     // Rows the API answers whole: every field is present (null where the column is), always.
-    const whole = ['Org', 'Product', 'Device', 'Group', 'Firmware', 'Target', 'UpdateAttempt', 'DeviceTargetState'];
-    for (const name of whole) {
+    for (const name of used) {
       const schema = doc.components.schemas[name]!;
+      if (name in PARTIAL_RESPONSE_SCHEMAS || !schema.properties) continue;
       assert.deepEqual(
         [...(schema.required ?? [])].sort(),
         Object.keys(schema.properties).sort(),
-        `${name}: every property required`,
+        `${name}: every property required (or a reason in PARTIAL_RESPONSE_SCHEMAS)`,
       );
     }
     // Everywhere: what is required is a property, and every list envelope requires its items.
@@ -196,6 +223,18 @@ describe('OpenAPI document', () => {
         (await server.call<Items<Record<string, unknown>>>('GET', '/api/v1/orgs/default/firmware')).items[0]!,
       ],
       ['Org', await server.call<Record<string, unknown>>('GET', '/api/v1/orgs/default')],
+      ['User', (await server.call<Items<Record<string, unknown>>>('GET', '/api/v1/users')).items[0]!],
+      [
+        'AuditEntry',
+        (await server.call<Items<Record<string, unknown>>>('GET', '/api/v1/orgs/default/audit')).items[0]!,
+      ],
+      [
+        'Webhook',
+        await server.call<Record<string, unknown>>('POST', '/api/v1/orgs/default/webhooks', {
+          url: 'http://127.0.0.1:9/hooks',
+          events: ['target.changed'],
+        }),
+      ],
     ];
     for (const [name, body] of answers)
       for (const field of doc.components.schemas[name]!.required!) assert.ok(field in body, `${name}.${field}`);

@@ -7,31 +7,17 @@ import { buildDeviceProgram, main as deviceMain } from '../../device-client/cli.
 import type { CliIo } from '../../server/cli/client.ts';
 import { walk } from '../../server/cli/command.ts';
 import { buildProgram, main } from '../../server/cli/index.ts';
+import { captureIo, runCaptured } from '../helpers/cli-io.ts';
 
 const VERSION = (
   JSON.parse(readFileSync(path.resolve(import.meta.dirname, '../../package.json'), 'utf8')) as { version: string }
 ).version;
 
-async function run(entry: (argv: string[], io: CliIo) => Promise<number>, argv: string[]) {
-  let out = '';
-  let err = '';
-  const io: CliIo = {
-    out: (t) => {
-      out += t;
-    },
-    err: (t) => {
-      err += t;
-    },
-    env: {},
-  };
-  const code = await entry(argv, io);
-  return { code, out, err };
-}
+const run = (entry: (argv: string[], io: CliIo) => Promise<number>, argv: string[]) => runCaptured(entry, argv);
 
 /** Every command of the tree (the root too), from commander's own model of it. */
 function commandsOf(build: (ctx: { io: CliIo; exitCode: number }) => Command) {
-  const io: CliIo = { out: () => undefined, err: () => undefined, env: {} };
-  return walk(build({ io, exitCode: 0 }));
+  return walk(build({ io: captureIo().io, exitCode: 0 }));
 }
 
 for (const [program, entry, build] of [

@@ -7,7 +7,7 @@ import { after, before, describe, test } from 'node:test';
 import { createUser } from '../../server/api/operators.ts';
 import { buildGrispPackage } from '../../device-client/simulators/grisp.ts';
 import { runOperatorCommand } from '../../server/cli/operator.ts';
-import type { CliIo } from '../../server/cli/client.ts';
+import { captureIo, runCaptured } from '../helpers/cli-io.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { waitFor } from '../helpers/phoenix.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
@@ -24,21 +24,8 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
   const env = (): NodeJS.ProcessEnv => ({ XDG_CONFIG_HOME: configHome, HOME: configHome });
 
   /** Runs `fleethub <argv>` in-process with captured output. */
-  async function cli(argv: string[], extraEnv: NodeJS.ProcessEnv = {}, signal?: AbortSignal): Promise<Run> {
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-      },
-      env: { ...env(), ...extraEnv },
-      signal,
-    };
-    const code = await runOperatorCommand(argv, io);
-    return { code, out, err };
+  function cli(argv: string[], extraEnv: NodeJS.ProcessEnv = {}, signal?: AbortSignal): Promise<Run> {
+    return runCaptured(runOperatorCommand, argv, { env: { ...env(), ...extraEnv }, signal });
   }
 
   before(async () => {
@@ -233,26 +220,17 @@ describe(`operator CLI against a running server (${DATABASE_KIND})`, () => {
   });
 
   test('status --watch prints a line when a live event changes the counts', async () => {
-    const controller = new AbortController();
-    let out = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: () => undefined,
-      env: env(),
-      signal: controller.signal,
-    };
-    const running = runOperatorCommand(['status', '--watch', '--json'], io);
-    await waitFor(() => out.split('\n').filter(Boolean).length >= 1, 10_000, 'first render');
+    const captured = captureIo({ env: env() });
+    const running = runOperatorCommand(['status', '--watch', '--json'], captured.io);
+    await waitFor(() => captured.out.split('\n').filter(Boolean).length >= 1, 10_000, 'first render');
     // Give the socket time to join, then change the counts (a new device).
     await new Promise((r) => setTimeout(r, 500));
-    const before = JSON.parse(out.split('\n')[0]!).devices as number;
+    const before = JSON.parse(captured.out.split('\n')[0]!).devices as number;
     await server.call('POST', '/api/v1/orgs/default/devices', { product: 'default', identifier: 'watch-1' });
-    await waitFor(() => out.split('\n').filter(Boolean).length >= 2, 10_000, 'a line after the change');
-    controller.abort();
+    await waitFor(() => captured.out.split('\n').filter(Boolean).length >= 2, 10_000, 'a line after the change');
+    captured.abort();
     assert.equal(await running, 0);
-    const lines = out.split('\n').filter(Boolean);
+    const lines = captured.out.split('\n').filter(Boolean);
     // One line per change: the same counts are not printed twice.
     assert.equal(lines.length, 2);
     assert.equal(JSON.parse(lines[1]!).devices, before + 1);

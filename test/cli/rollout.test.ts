@@ -5,9 +5,9 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { main as deviceMain } from '../../device-client/cli.ts';
-import type { CliIo } from '../../server/cli/client.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 import { main } from '../../server/cli/index.ts';
+import { runCaptured } from '../helpers/cli-io.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
@@ -35,20 +35,7 @@ describe(`scripted rollouts: groups by pattern, status --until, simulate --until
   });
 
   async function run(entry: typeof main, argv: string[], signal?: AbortSignal): Promise<Run> {
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-      },
-      env: env(),
-      signal,
-    };
-    const code = await entry(argv, io);
-    return { code, out, err };
+    return runCaptured(entry, argv, { env: env(), signal });
   }
   const cli = (...argv: string[]) => run(main, argv);
 

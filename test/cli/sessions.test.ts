@@ -4,8 +4,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { createUser } from '../../server/api/operators.ts';
-import type { CliIo } from '../../server/cli/client.ts';
 import { main } from '../../server/cli/index.ts';
+import { runCaptured } from '../helpers/cli-io.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 
@@ -16,18 +16,7 @@ describe(`fleethub login, logout and profiles (${DATABASE_KIND})`, () => {
   let home: string;
 
   async function cli(argv: string[], extraEnv: NodeJS.ProcessEnv = {}) {
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-      },
-      env: { HOME: home, XDG_CONFIG_HOME: home, ...extraEnv },
-    };
-    return { code: await main(argv, io), out, err };
+    return runCaptured(main, argv, { env: { HOME: home, XDG_CONFIG_HOME: home, ...extraEnv } });
   }
   const login = (...extra: string[]) =>
     cli(['login', '--url', server.apiUrl, '--email', 'ops@example.com', '--password', 'operator-password', ...extra]);

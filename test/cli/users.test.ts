@@ -4,28 +4,16 @@ import os from 'node:os';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import { runUsersCommand } from '../../server/cli/users.ts';
-import type { CliIo } from '../../server/cli/client.ts';
 import { openDatabase } from '../../server/db/index.ts';
 import { verifyPassword } from '../../server/api/operators.ts';
+import { runCaptured } from '../helpers/cli-io.ts';
 
 // `fleethub users` opens the server's own database from its configuration: here an embedded
 // PGlite in a temporary data directory (the same code path serves DATABASE_URL).
 describe('fleethub users (embedded database in a data directory)', () => {
   let dataDir: string;
-  const run = async (argv: string[], env: NodeJS.ProcessEnv = {}) => {
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-      },
-      env: { FLEETHUB_DATA_DIR: dataDir, ...env },
-    };
-    return { code: await runUsersCommand(argv, io), out, err };
-  };
+  const run = (argv: string[], env: NodeJS.ProcessEnv = {}) =>
+    runCaptured(runUsersCommand, argv, { env: { FLEETHUB_DATA_DIR: dataDir, ...env } });
 
   before(() => {
     dataDir = mkdtempSync(path.join(os.tmpdir(), 'fleethub-users-'));

@@ -3,15 +3,23 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import pg from 'pg';
-import { DeviceClient } from '../../device-client/index.ts';
-import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
-import { imageChunks } from '../firmware/harness.ts';
+import type { DeviceClient } from '../../device-client/index.ts';
 import { createProcessDatabase } from '../helpers/db.ts';
-import { deviceCert, getTestPki } from '../helpers/pki.ts';
-import { freePort, loginTo, startServerProcess, type ServerProcess } from '../helpers/server-process.ts';
+import { getTestPki } from '../helpers/pki.ts';
+import {
+  assertToldOnceAtRate,
+  type DeploymentSummary,
+  freePort,
+  loginTo,
+  type ServerProcess,
+  startDeviceClients,
+  startServerProcess,
+  untilDeploymentCompleted,
+  untilOnline,
+  uploadImage,
+} from '../helpers/server-process.ts';
 import { until } from '../helpers/until.ts';
 
 // Two `fleethub serve` processes on one PostgreSQL database, as docker-compose.yml runs them
@@ -23,12 +31,6 @@ import { until } from '../helpers/until.ts';
 const SKIP = process.env.DATABASE_URL ? false : 'needs DATABASE_URL=postgres://… (a PGlite server is single-node)';
 const ADMIN = { email: 'failover@example.com', password: 'failover-password-123' };
 const COUNT = 12;
-
-interface Deployment {
-  id: string;
-  state: string;
-  counts: Record<string, number>;
-}
 
 /** A TCP pass-through on 127.0.0.1 whose target port can change; new connections go to the new one. */
 class Balancer {
@@ -113,41 +115,22 @@ describe('a deployment on two nodes sharing one PostgreSQL', { skip: SKIP }, () 
     const b = await start(`node-b-${process.pid}`);
     balancer.target = a.port;
 
-    const upload = async (version: string, seed: number) =>
-      (await uploadFirmwareStream({
-        client: { url: a.server.apiUrl, token: a.token },
-        query: { org: 'default', product: 'default', version },
-        source: Readable.from(imageChunks(32 * 1024, seed)),
-        size: 32 * 1024,
-      })) as { id: string; version: string };
-    const base = await upload('1.0.0', 1);
-    await upload('2.0.0', 2);
-
-    for (let i = 0; i < COUNT; i++) {
-      const serial = `failover-${String(i).padStart(2, '0')}`;
-      const cred = await deviceCert(serial);
-      const client = new DeviceClient({
+    const base = await uploadImage(a, '1.0.0', 32 * 1024, 1);
+    await uploadImage(a, '2.0.0', 32 * 1024, 2);
+    clients.push(
+      ...(await startDeviceClients({
+        prefix: 'failover',
+        count: COUNT,
         url: `wss://localhost:${publicPort}/socket`,
-        tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
-        stateDir: path.join(dataDir, 'devices', serial),
-        firmware: { uuid: base.id, version: base.version },
-        reconnectAfterMs: () => 200,
-      });
-      clients.push(client);
-      await client.start();
-    }
-    const online = async (session: typeof a) =>
-      (
-        await session.call<{ items: { connection_status: string }[] }>(
-          'GET',
-          '/api/v1/orgs/default/devices?q=failover-&limit=100',
-        )
-      ).items.filter((d) => d.connection_status === 'online').length === COUNT;
-    await until(() => online(a), 'every device online', 60_000);
+        dataDir,
+        firmware: base,
+      })),
+    );
+    await untilOnline(a, 'failover-', COUNT);
     await b.call('POST', '/api/v1/orgs/default/groups', { product: 'default', name: 'failover' });
     await b.call('POST', '/api/v1/orgs/default/groups/failover/devices', { match: 'failover-*' });
     // Created through node B; whichever node claims it first acts. 6 now, 6 a minute later.
-    const created = await b.call<Deployment>('POST', '/api/v1/orgs/default/deployments', {
+    const created = await b.call<DeploymentSummary>('POST', '/api/v1/orgs/default/deployments', {
       product: 'default',
       version: '2.0.0',
       groups: ['failover'],
@@ -155,7 +138,7 @@ describe('a deployment on two nodes sharing one PostgreSQL', { skip: SKIP }, () 
     });
     await until(
       async () => {
-        const d = await a.call<Deployment>('GET', `/api/v1/orgs/default/deployments/${created.id}`);
+        const d = await a.call<DeploymentSummary>('GET', `/api/v1/orgs/default/deployments/${created.id}`);
         return d.counts.succeeded === 6 && d.counts.pending === 6;
       },
       'the first 6 to succeed',
@@ -168,7 +151,7 @@ describe('a deployment on two nodes sharing one PostgreSQL', { skip: SKIP }, () 
     // The balancer sends new connections to the survivor; the holder dies without a word.
     balancer.target = survivor.port;
     await holder.server.kill();
-    await until(() => online(survivor), 'every device online on the surviving node', 90_000);
+    await untilOnline(survivor, 'failover-', COUNT, 'every device online on the surviving node');
     // It waits for the dead node's lease to run out (15 s), then takes the deployment over.
     await until(
       async () => (await leaseHolder(database!.url, created.id)) === survivor.name,
@@ -176,49 +159,9 @@ describe('a deployment on two nodes sharing one PostgreSQL', { skip: SKIP }, () 
       60_000,
     );
 
-    let last: Deployment | undefined;
-    const done = await until(
-      async () => {
-        last = await survivor.call<Deployment>('GET', `/api/v1/orgs/default/deployments/${created.id}`);
-        return last.state === 'completed' && last;
-      },
-      'the surviving node to complete the deployment',
-      180_000,
-    ).catch((err: Error) => {
-      throw new Error(`${err.message}; last seen ${JSON.stringify(last)}`);
-    });
-    assert.deepEqual(done.counts, {
-      total: COUNT,
-      pending: 0,
-      told: COUNT,
-      in_flight: 0,
-      succeeded: COUNT,
-      failed: 0,
-      cancelled: 0,
-      retrying: 0,
-      penalty_box: 0,
-    });
-    assert.equal(await leaseHolder(database!.url, created.id), null, 'a completed deployment holds no lease');
-
-    const rows = await survivor.call<{
-      items: { identifier: string; tries: number; state: string; told_at: string }[];
-    }>('GET', `/api/v1/orgs/default/deployments/${created.id}/devices?limit=100`);
-    assert.equal(rows.items.length, COUNT);
-    assert.ok(
-      rows.items.every((r) => r.tries === 1 && r.state === 'succeeded'),
-      JSON.stringify(rows.items),
-    );
+    const done = await untilDeploymentCompleted(survivor, created.id, 'the surviving node to complete the deployment');
     // The rate held across the takeover: the second six were told a minute after the first.
-    const told = rows.items.map((r) => new Date(r.told_at).getTime()).sort((x, y) => x - y);
-    assert.ok(told[6]! - told[0]! >= 60_000, `the seventh was told ${told[6]! - told[0]!} ms after the first`);
-    // One attempt per device: neither node told anyone twice.
-    const attempts = await survivor.call<{ items: { device_id: string; to_version: string; state: string }[] }>(
-      'GET',
-      '/api/v1/orgs/default/groups/failover/updates?limit=1000',
-    );
-    const to2 = attempts.items.filter((u) => u.to_version === '2.0.0');
-    assert.equal(to2.length, COUNT);
-    assert.equal(new Set(to2.map((u) => u.device_id)).size, COUNT);
-    assert.ok(to2.every((u) => u.state === 'succeeded'));
+    await assertToldOnceAtRate(survivor, done, { count: COUNT, batch: 6, group: 'failover', version: '2.0.0' });
+    assert.equal(await leaseHolder(database!.url, created.id), null, 'a completed deployment holds no lease');
   });
 });

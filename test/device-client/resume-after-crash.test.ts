@@ -1,14 +1,17 @@
 import assert from 'node:assert/strict';
 import { once } from 'node:events';
 import path from 'node:path';
-import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { DeviceClient } from '../../device-client/index.ts';
-import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
-import { imageChunks } from '../firmware/harness.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { deviceCert, getTestPki } from '../helpers/pki.ts';
-import { restartableServer, type RestartableServer } from '../helpers/server-process.ts';
+import {
+  attemptAudit,
+  attemptsOf,
+  restartableServer,
+  uploadImage,
+  type RestartableServer,
+} from '../helpers/server-process.ts';
 import { until } from '../helpers/until.ts';
 
 // `fleethub serve` killed with SIGKILL while a Phoenix device downloads its update, then started
@@ -25,15 +28,6 @@ const SERIAL = 'resume-crash-1';
 const SIZE = 16 * 1024 * 1024;
 const KBPS = 32_000;
 
-interface Attempt {
-  id: string;
-  state: string;
-  to_version: string;
-  percent: number | null;
-  bytes: number | null;
-  errors: string[] | null;
-}
-
 let crashable: RestartableServer;
 const clients: DeviceClient[] = [];
 
@@ -49,15 +43,8 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
   test('the device resumes after the restart and the update succeeds, with no failure recorded', async () => {
     const pki = await getTestPki();
     const first = await crashable.start();
-    const upload = async (version: string, size: number, seed: number) =>
-      (await uploadFirmwareStream({
-        client: { url: first.server.apiUrl, token: first.token },
-        query: { org: 'default', product: 'default', version },
-        source: Readable.from(imageChunks(size, seed)),
-        size,
-      })) as { id: string; version: string };
-    const base = await upload('1.0.0', 32 * 1024, 1);
-    const next = await upload('2.0.0', SIZE, 2);
+    const base = await uploadImage(first, '1.0.0', 32 * 1024, 1);
+    const next = await uploadImage(first, '2.0.0', SIZE, 2);
 
     const cred = await deviceCert(SERIAL);
     const client = new DeviceClient({
@@ -84,13 +71,12 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     await client.start();
     await joined;
 
-    const attempts = (s: typeof first) =>
-      s.call<{ items: Attempt[] }>('GET', `/api/v1/orgs/default/devices/${SERIAL}/updates?limit=100`);
+    const attempts = (s: typeof first) => attemptsOf(s, SERIAL);
     await first.call('PUT', `/api/v1/orgs/default/devices/${SERIAL}/target`, { firmware_id: next.id });
 
     // The server has recorded progress of the download: kill it there, mid-download.
     const underway = await until(
-      async () => (await attempts(first)).items.find((a) => a.state === 'downloading' && (a.bytes ?? 0) > 0),
+      async () => (await attempts(first)).find((a) => a.state === 'downloading' && (a.bytes ?? 0) > 0),
       'progress of the download recorded by the server',
       60_000,
     );
@@ -102,13 +88,13 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     const second = await crashable.start();
     const last = await until(
       async () => {
-        const [a] = (await attempts(second)).items;
+        const [a] = await attempts(second);
         return a && ['succeeded', 'failed', 'rolled_back', 'timed_out', 'cancelled'].includes(a.state) && a;
       },
       'the attempt to end after the restart',
       180_000,
     );
-    const history = (await attempts(second)).items;
+    const history = await attempts(second);
     assert.deepEqual(
       history.map((a) => [a.id, a.to_version, a.state]),
       [[underway.id, '2.0.0', 'succeeded']],
@@ -137,14 +123,11 @@ describe(`a Phoenix download survives kill -9 of its server (${DATABASE_KIND})`,
     );
     // The audit history of the attempt: begun (again after the resend), finished, succeeded; never
     // failed. The device said begin itself: no begin had to be implied (the server's resume rule).
-    const audit = await second.call<{ items: { action: string; details: Record<string, unknown> }[] }>(
-      'GET',
-      `/api/v1/orgs/default/audit?resource_type=update_attempt&resource_id=${underway.id}&limit=100`,
-    );
-    const actions = audit.items.map((r) => r.action).reverse();
+    const audit = await attemptAudit(second, underway.id);
+    const actions = audit.map((r) => r.action);
     const begun = actions.filter((a) => a === 'update.begun').length;
     assert.deepEqual(
-      audit.items.filter((r) => String(r.details.reason ?? '').startsWith('resumed')),
+      audit.filter((r) => String(r.details.reason ?? '').startsWith('resumed')),
       [],
       'no begin implied',
     );

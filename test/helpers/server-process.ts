@@ -1,11 +1,17 @@
+import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
+import { Readable } from 'node:stream';
+import { DeviceClient, type DeviceClientOptions } from '../../device-client/index.ts';
+import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
+import { imageChunks } from '../firmware/harness.ts';
 import { createProcessDatabase } from './db.ts';
-import { getTestPki } from './pki.ts';
+import { deviceCert, getTestPki } from './pki.ts';
+import { until } from './until.ts';
 import { apiCaller, type ApiCall } from './api-call.ts';
 
 const CLI = path.resolve(import.meta.dirname, '../../server/cli/index.ts');
@@ -178,4 +184,156 @@ export async function restartableServer(
       rmSync(dataDir, { recursive: true, force: true });
     },
   };
+}
+
+/** Uploads `size` seeded bytes (`imageChunks`) as `version` of the default product of the default org. */
+export async function uploadImage(
+  s: ApiServer,
+  version: string,
+  size: number,
+  seed: number,
+): Promise<{ id: string; version: string }> {
+  return (await uploadFirmwareStream({
+    client: { url: s.server.apiUrl, token: s.token },
+    query: { org: 'default', product: 'default', version },
+    source: Readable.from(imageChunks(size, seed)),
+    size,
+  })) as { id: string; version: string };
+}
+
+/** An update attempt as the operator API lists it. */
+export interface AttemptRow {
+  id: string;
+  state: string;
+  to_version: string;
+  percent: number | null;
+  bytes: number | null;
+  errors: string[] | null;
+}
+
+/** The update attempts of device `serial` of the default org, newest first. */
+export async function attemptsOf(s: ApiSession, serial: string): Promise<AttemptRow[]> {
+  return (await s.call<{ items: AttemptRow[] }>('GET', `/api/v1/orgs/default/devices/${serial}/updates?limit=100`))
+    .items;
+}
+
+/** The audit records of update attempt `id` of the default org, oldest first. */
+export async function attemptAudit(
+  s: ApiSession,
+  id: string,
+): Promise<{ action: string; details: Record<string, unknown> }[]> {
+  const audit = await s.call<{ items: { action: string; details: Record<string, unknown> }[] }>(
+    'GET',
+    `/api/v1/orgs/default/audit?resource_type=update_attempt&resource_id=${id}&limit=100`,
+  );
+  return audit.items.reverse();
+}
+
+/** Starts `count` device clients `<prefix>-NN` (NN from 00) on `firmware`, connecting to `url`. */
+export async function startDeviceClients(o: {
+  prefix: string;
+  count: number;
+  url: string;
+  dataDir: string;
+  firmware: { id: string; version: string };
+  options?: Partial<DeviceClientOptions>;
+}): Promise<DeviceClient[]> {
+  const pki = await getTestPki();
+  const clients: DeviceClient[] = [];
+  for (let i = 0; i < o.count; i++) {
+    const serial = `${o.prefix}-${String(i).padStart(2, '0')}`;
+    const cred = await deviceCert(serial);
+    const client = new DeviceClient({
+      url: o.url,
+      tls: { cert: cred.certPem, key: cred.keyPem, ca: pki.rootCa.certPem },
+      stateDir: path.join(o.dataDir, 'devices', serial),
+      firmware: { uuid: o.firmware.id, version: o.firmware.version },
+      reconnectAfterMs: () => 200,
+      ...o.options,
+    });
+    clients.push(client);
+    await client.start();
+  }
+  return clients;
+}
+
+/** Waits until `count` devices whose identifier contains `q` are online, as `s` sees them. */
+export async function untilOnline(s: ApiSession, q: string, count: number, what = 'every device online') {
+  await until(
+    async () =>
+      (
+        await s.call<{ items: { connection_status: string }[] }>(
+          'GET',
+          `/api/v1/orgs/default/devices?q=${encodeURIComponent(q)}&limit=100`,
+        )
+      ).items.filter((d) => d.connection_status === 'online').length === count,
+    what,
+    90_000,
+  );
+}
+
+/** A deployment as the operator API shows it (the fields crash and failover tests read). */
+export interface DeploymentSummary {
+  id: string;
+  state: string;
+  counts: Record<string, number>;
+}
+
+/** Waits for deployment `id` to complete, as `s` sees it; the error names the last counts and failed rows. */
+export async function untilDeploymentCompleted(s: ApiSession, id: string, what: string): Promise<DeploymentSummary> {
+  let last: DeploymentSummary | undefined;
+  return until(
+    async () => {
+      last = await s.call<DeploymentSummary>('GET', `/api/v1/orgs/default/deployments/${id}`);
+      return last.state === 'completed' && last;
+    },
+    what,
+    180_000,
+  ).catch(async (err: Error) => {
+    const failed = await s.call('GET', `/api/v1/orgs/default/deployments/${id}/devices?state=failed`);
+    throw new Error(`${err.message}; last seen ${JSON.stringify(last?.counts)}, failed: ${JSON.stringify(failed)}`);
+  });
+}
+
+/**
+ * What a rate-paced deployment of `count` devices of group `group` that survived a crash or a
+ * failover must show: every device succeeded on its first try, the device at index `batch` was
+ * told a minute after the first (the rate held), and one attempt per device (nobody told twice).
+ */
+export async function assertToldOnceAtRate(
+  s: ApiSession,
+  done: DeploymentSummary,
+  o: { count: number; batch: number; group: string; version: string },
+): Promise<void> {
+  assert.deepEqual(done.counts, {
+    total: o.count,
+    pending: 0,
+    told: o.count,
+    in_flight: 0,
+    succeeded: o.count,
+    failed: 0,
+    cancelled: 0,
+    retrying: 0,
+    penalty_box: 0,
+  });
+  const rows = await s.call<{ items: { tries: number; state: string; told_at: string }[] }>(
+    'GET',
+    `/api/v1/orgs/default/deployments/${done.id}/devices?limit=100`,
+  );
+  assert.equal(rows.items.length, o.count);
+  assert.ok(
+    rows.items.every((r) => r.tries === 1 && r.state === 'succeeded'),
+    JSON.stringify(rows.items),
+  );
+  const told = rows.items.map((r) => new Date(r.told_at).getTime()).sort((x, y) => x - y);
+  const gap = told[o.batch]! - told[0]!;
+  assert.ok(gap >= 60_000, `device ${o.batch + 1} was told ${gap} ms after the first`);
+  const attempts = await s.call<{ items: { device_id: string; to_version: string; state: string }[] }>(
+    'GET',
+    `/api/v1/orgs/default/groups/${o.group}/updates?limit=1000`,
+  );
+  const toRelease = attempts.items.filter((u) => u.to_version === o.version);
+  assert.equal(toRelease.length, o.count);
+  assert.equal(new Set(toRelease.map((u) => u.device_id)).size, o.count);
+  assert.ok(toRelease.every((u) => u.state === 'succeeded'));
 }
