@@ -384,7 +384,7 @@ export interface paths {
             cookie?: never;
         };
         /**
-         * Deployments of an organization, newest first, with their per-device counts
+         * Deployments of an organization (phased and target), newest first, with their per-device counts
          * @description Needs the viewer role or higher.
          */
         get: operations["listDeployments"];
@@ -1626,6 +1626,11 @@ export interface components {
             /** Format: uuid */
             id: string;
             in_flight_timeout_s?: number | null;
+            /**
+             * @description `phased`: created as a deployment; `target`: the one-stage deployment a group `target set` made
+             * @enum {string}
+             */
+            kind?: "phased" | "target";
             /** @description the node whose orchestrator acts on it */
             lease_holder?: string | null;
             max_concurrent?: number | null;
@@ -1664,8 +1669,11 @@ export interface components {
             stages: components["schemas"]["DeploymentStage"][];
             /** Format: date-time */
             started_at?: string | null;
-            /** @enum {string} */
-            state: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted";
+            /**
+             * @description `superseded`: a target deployment replaced by a newer target set of its group, or cleared
+             * @enum {string}
+             */
+            state: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted" | "superseded";
             tags?: string[];
             /** Format: date-time */
             updated_at?: string;
@@ -1790,6 +1798,11 @@ export interface components {
             /** Format: uuid */
             id: string;
             in_flight_timeout_s?: number | null;
+            /**
+             * @description `phased`: created as a deployment; `target`: the one-stage deployment a group `target set` made
+             * @enum {string}
+             */
+            kind?: "phased" | "target";
             /** @description the node whose orchestrator acts on it */
             lease_holder?: string | null;
             max_concurrent?: number | null;
@@ -1827,8 +1840,11 @@ export interface components {
             retry_backoff_s?: number;
             /** Format: date-time */
             started_at?: string | null;
-            /** @enum {string} */
-            state: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted";
+            /**
+             * @description `superseded`: a target deployment replaced by a newer target set of its group, or cleared
+             * @enum {string}
+             */
+            state: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted" | "superseded";
             tags?: string[];
             /** Format: date-time */
             updated_at?: string;
@@ -3631,11 +3647,13 @@ export interface operations {
     listDeployments: {
         parameters: {
             query?: {
+                /** @description `phased` (created as deployments) or `target` (made by a group `target set`) */
+                kind?: "phased" | "target";
                 /** @description items per page */
                 limit?: number;
                 /** @description items to skip */
                 offset?: number;
-                state?: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted";
+                state?: "draft" | "awaiting_approval" | "running" | "paused" | "completed" | "aborted" | "superseded";
             };
             header?: never;
             path: {
@@ -5242,12 +5260,16 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
+                        /** @description a group target: members that already run the release (not in the deployment) */
+                        already_running?: number;
                         attempts?: {
                             queued?: number;
                             sent?: number;
                         };
                         /** @enum {string} */
                         delivery?: "group" | "devices" | "none";
+                        /** @description a group target: the one-stage deployment (kind target) that counts its devices; `fleethub deployments watch <id>` follows it. null for a device target */
+                        deployment_id?: string | null;
                         target?: components["schemas"]["Target"];
                     };
                 };
@@ -6379,6 +6401,14 @@ export interface operations {
                         online: number;
                         /** @description the group's own target (null for an org) */
                         target: components["schemas"]["Target"] | (never | null);
+                        /** @description a group: the deployment its current target set made (running or completed) with its per-device counts; null for an org, or when the group's target was cleared */
+                        target_deployment?: {
+                            counts: components["schemas"]["DeploymentCounts"];
+                            /** Format: uuid */
+                            id: string;
+                            state: string;
+                            version: string;
+                        } | null;
                         /** @description per firmware that devices resolve to (a device target, else the lowest-priority group target): how many devices resolve to it and how many run it */
                         targets: {
                             devices: number;
@@ -6477,12 +6507,16 @@ export interface operations {
                 };
                 content: {
                     "application/json": {
+                        /** @description a group target: members that already run the release (not in the deployment) */
+                        already_running?: number;
                         attempts?: {
                             queued?: number;
                             sent?: number;
                         };
                         /** @enum {string} */
                         delivery?: "group" | "devices" | "none";
+                        /** @description a group target: the one-stage deployment (kind target) that counts its devices; `fleethub deployments watch <id>` follows it. null for a device target */
+                        deployment_id?: string | null;
                         target?: components["schemas"]["Target"];
                     };
                 };
@@ -7226,6 +7260,14 @@ export interface operations {
                         online: number;
                         /** @description the group's own target (null for an org) */
                         target: components["schemas"]["Target"] | (never | null);
+                        /** @description a group: the deployment its current target set made (running or completed) with its per-device counts; null for an org, or when the group's target was cleared */
+                        target_deployment?: {
+                            counts: components["schemas"]["DeploymentCounts"];
+                            /** Format: uuid */
+                            id: string;
+                            state: string;
+                            version: string;
+                        } | null;
                         /** @description per firmware that devices resolve to (a device target, else the lowest-priority group target): how many devices resolve to it and how many run it */
                         targets: {
                             devices: number;

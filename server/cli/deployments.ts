@@ -16,20 +16,32 @@ import {
   usageError,
 } from './client.ts';
 import { act, type CliContext, withOrg } from './command.ts';
+import {
+  countsText,
+  deploymentLine,
+  drawDeployment,
+  headline,
+  rateText,
+  sizeText,
+  stageName,
+  stageState,
+  thresholdText,
+} from './deployment-view.ts';
 import { EXIT_TIMEOUT, watch as watchOrg } from './operator-fleet.ts';
 
 type Deployment = components['schemas']['Deployment'];
 type Summary = components['schemas']['DeploymentSummary'];
-type Stage = components['schemas']['DeploymentStage'];
 type Threshold = components['schemas']['DeploymentThreshold'];
-type Counts = components['schemas']['DeploymentCounts'];
 
 /** `deployments watch`: the deployment paused (its error condition, or an operator). */
 export const EXIT_PAUSED = 4;
 /** `deployments watch`: the deployment was aborted. */
 export const EXIT_ABORTED = 5;
+/** `deployments watch`: a target deployment was superseded (a newer target set of its group, or a clear). */
+export const EXIT_SUPERSEDED = 6;
 
-const STATES = ['draft', 'awaiting_approval', 'running', 'paused', 'completed', 'aborted'] as const;
+const STATES = ['draft', 'awaiting_approval', 'running', 'paused', 'completed', 'aborted', 'superseded'] as const;
+const KINDS = ['phased', 'target'] as const;
 const DEVICE_STATES = ['pending', 'in_flight', 'retrying', 'penalty_box', 'succeeded', 'failed', 'cancelled'] as const;
 
 type Flags = CommonFlags & {
@@ -60,6 +72,7 @@ type Flags = CommonFlags & {
   watch?: boolean;
   timeout?: string;
   state?: string;
+  kind?: string;
   reason?: string;
   limit?: string;
   offset?: string;
@@ -270,108 +283,12 @@ function explainRefusal(err: CliError, stages: number): CliError {
   return err;
 }
 
-// ---------------------------------------------------------------------------------------------
-// Output
-
-const stageName = (s: { index: number }, count: number) =>
-  s.index === 0 && count > 1 ? 'canary' : `stage ${s.index + 1}`;
-
-function sizeText(s: Stage): string {
-  const spec = s.size_spec as { count?: number; percent?: number; rest?: boolean } | undefined;
-  const given = spec?.rest ? 'rest' : spec?.percent !== undefined ? `${spec.percent}%` : undefined;
-  return given ? `${s.size} (${given})` : String(s.size);
-}
-
-const thresholdText = (t: Threshold | null | undefined) =>
-  !t ? '-' : 'percent' in t && t.percent !== undefined ? `${t.percent}%` : `${(t as { count: number }).count}`;
-
-function stageState(d: Pick<Deployment, 'state' | 'current_stage'>, s: Stage): string {
-  if (s.succeeded_at) return 'succeeded';
-  if (s.index === (d.current_stage ?? 0) && d.state === 'awaiting_approval') return 'awaiting approval';
-  if (s.started_at) return d.state === 'paused' && s.index === (d.current_stage ?? 0) ? 'paused' : 'started';
-  return 'waiting';
-}
-
-/** The cells of a progress bar, in order: what each glyph counts (the rest, `.`, is not told yet). */
-const BAR_CELLS: readonly { glyph: string; label: string; count: (c: Counts) => number }[] = [
-  { glyph: '#', label: 'succeeded', count: (c) => c.succeeded },
-  { glyph: 'x', label: 'failed or cancelled', count: (c) => c.failed + c.cancelled },
-  { glyph: '~', label: 'in flight', count: (c) => c.in_flight },
-  { glyph: 'r', label: 'retrying', count: (c) => c.retrying },
-  { glyph: 'p', label: 'penalty box', count: (c) => c.penalty_box },
-];
-
-/** What the glyphs of `progressBar` mean, one line. */
-export const BAR_LEGEND = `${BAR_CELLS.map((b) => `${b.glyph} ${b.label}`).join('  ')}  . not told`;
-
-/**
- * `[####xx~~rp....]`: succeeded, failed (and cancelled), in flight, retrying, penalty box, not told
- * yet. A state holding any device shows at least one cell, so one held device of thousands is seen.
- */
-export function progressBar(c: Counts, width = 30): string {
-  const total = Math.max(c.total, 1);
-  const cells = BAR_CELLS.map((b) => {
-    const n = b.count(c);
-    return n > 0 ? Math.max(1, Math.round((n / total) * width)) : 0;
-  });
-  // Rounding up the small ones may overfill: take the excess from the widest.
-  for (let over = cells.reduce((a, b) => a + b, 0) - width; over > 0; over--) {
-    const widest = cells.indexOf(Math.max(...cells));
-    cells[widest]!--;
-  }
-  const drawn = BAR_CELLS.map((b, i) => b.glyph.repeat(cells[i]!)).join('');
-  return `[${drawn}${'.'.repeat(width - drawn.length)}]`;
-}
-
-const countsText = (c: Counts) =>
-  `${c.told}/${c.total} told, ${c.succeeded} succeeded, ${c.failed} failed, ${c.in_flight} in flight${c.retrying ? `, ${c.retrying} retrying` : ''}${c.penalty_box ? `, ${c.penalty_box} in the penalty box` : ''}${c.cancelled ? `, ${c.cancelled} cancelled` : ''}`;
-
-function rateText(d: Deployment): string | null {
-  const r = d.rate;
-  if (r?.type === 'exponential')
-    return `exponential: ${r.base}/min, ×${r.factor} every ${r.every ?? r.base} ${r.criterion}${r.max ? `, at most ${r.max}/min` : ''}`;
-  return d.rate_per_minute ? `${d.rate_per_minute}/min` : null;
-}
-
-function headline(d: Deployment): string {
-  const reason =
-    d.state === 'paused' && d.paused_reason
-      ? `: ${d.paused_reason}`
-      : d.state === 'aborted' && d.aborted_reason
-        ? `: ${d.aborted_reason}`
-        : '';
-  const stage = d.stages.length > 1 ? `, stage ${(d.current_stage ?? 0) + 1} of ${d.stages.length}` : '';
-  return `deployment ${d.name ?? d.id} (${d.version}) ${d.state.replace('_', ' ')}${stage}${reason}`;
-}
-
-/** The in-place drawing: a headline, then one progress bar per stage. */
-export function drawDeployment(d: Deployment): string {
-  const names = d.stages.map((s) => stageName(s, d.stages.length));
-  const width = Math.max(...names.map((n) => n.length));
-  const lines = [headline(d)];
-  for (const [i, s] of d.stages.entries())
-    lines.push(`  ${names[i]!.padEnd(width)}  ${progressBar(s)}  ${countsText(s)}  ${stageState(d, s)}`);
-  lines.push(`  ${'total'.padEnd(width)}  ${progressBar(d.counts)}  ${countsText(d.counts)}`);
-  lines.push(`  ${BAR_LEGEND}`);
-  return `${lines.join('\n')}\n`;
-}
-
-/** One line per change, for logs and CI: per stage succeeded of its size, failed, in flight, retrying, penalty box. */
-export function deploymentLine(d: Deployment): string {
-  const stages = d.stages
-    .map(
-      (s) =>
-        `${stageName(s, d.stages.length)} ${s.succeeded}/${s.size} ok ${s.failed} failed ${s.in_flight} in flight ${s.retrying} retrying ${s.penalty_box} penalty box`,
-    )
-    .join('; ');
-  return `${headline(d)}; ${stages}`;
-}
-
 function showDeployment(io: CliIo, d: Deployment): void {
   printRecord(io, false, {
     id: d.id,
     name: d.name,
     version: d.version,
+    kind: d.kind,
     state: d.state,
     reason: d.state === 'paused' ? d.paused_reason : d.state === 'aborted' ? d.aborted_reason : null,
     stage: d.stages.length ? `${(d.current_stage ?? 0) + 1} of ${d.stages.length}` : null,
@@ -432,7 +349,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
       throw new CliError(
         `no deployment named ${JSON.stringify(ref)} (or with an id starting so); list them with \`fleethub deployments list\``,
       );
-    const active = matches.filter((d) => !['completed', 'aborted'].includes(d.state));
+    const active = matches.filter((d) => !['completed', 'aborted', 'superseded'].includes(d.state));
     if (active.length === 1) return active[0]!.id;
     if (matches.length === 1) return matches[0]!.id;
     throw new CliError(
@@ -568,6 +485,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
         .command('list', { isDefault: true })
         .description("the org's deployments, newest first, with their per-device counts")
         .option('--state <state>', STATES.join(' | '))
+        .option('--kind <kind>', 'phased (created as deployments) | target (made by `fleethub target set --group`)')
         .option('--limit <n>', 'how many (default 100)')
         .option('--offset <n>', 'skip this many'),
     ),
@@ -576,6 +494,8 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
       const state = o.state as (typeof STATES)[number] | undefined;
       if (state && !STATES.includes(state))
         throw usageError(`--state must be one of ${STATES.join(', ')}, not ${state}`);
+      const kind = o.kind as (typeof KINDS)[number] | undefined;
+      if (kind && !KINDS.includes(kind)) throw usageError(`--kind must be one of ${KINDS.join(', ')}, not ${kind}`);
       const { call, api, org } = await context(o);
       const page = await call(
         api.GET('/api/v1/orgs/{org}/deployments', {
@@ -583,6 +503,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
             path: { org },
             query: {
               state,
+              kind,
               limit: wholeNumber('--limit', o.limit, 1) ?? 100,
               offset: wholeNumber('--offset', o.offset) ?? 0,
             },
@@ -592,6 +513,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
       if (o.json) return printJson(io, page);
       printRows(io, false, page.items, [
         { header: 'id', value: (d: Summary) => d.id },
+        { header: 'kind', value: (d) => d.kind },
         { header: 'name', value: (d) => d.name },
         { header: 'version', value: (d) => d.version },
         { header: 'state', value: (d) => d.state },
@@ -689,7 +611,7 @@ export function registerDeploymentsCommands(program: Command, ctx: CliContext): 
   act<Flags>(
     withId(
       'watch',
-      `follow a deployment until it ends: a progress bar per stage on a terminal, a line per change otherwise; exits 0 completed, ${EXIT_PAUSED} paused, ${EXIT_ABORTED} aborted, ${EXIT_TIMEOUT} on --timeout`,
+      `follow a deployment until it ends: a progress bar per stage on a terminal, a line per change otherwise; exits 0 completed, ${EXIT_PAUSED} paused, ${EXIT_ABORTED} aborted, ${EXIT_SUPERSEDED} superseded (a target deployment), ${EXIT_TIMEOUT} on --timeout`,
     ).option('--timeout <seconds>', 'give up after this long (default: wait forever)'),
     ctx,
     async (o, [ref]) => {
@@ -712,6 +634,7 @@ export function watchVerdict(state: Deployment['state']): number | undefined {
   if (state === 'completed') return 0;
   if (state === 'paused') return EXIT_PAUSED;
   if (state === 'aborted') return EXIT_ABORTED;
+  if (state === 'superseded') return EXIT_SUPERSEDED;
   return undefined;
 }
 
@@ -764,7 +687,9 @@ async function watchDeployment(
         ? `completed: ${c.succeeded} of ${c.total} device(s) succeeded, ${c.failed} failed\n`
         : d.state === 'paused'
           ? `paused at stage ${(d.current_stage ?? 0) + 1}${d.paused_reason ? `: ${d.paused_reason}` : ''} (${c.succeeded} succeeded, ${c.failed} failed, ${c.pending} not told); \`fleethub deployments resume ${d.id}\` continues\n`
-          : `aborted${d.aborted_reason ? `: ${d.aborted_reason}` : ''} (${c.succeeded} succeeded, ${c.failed} failed, ${c.cancelled} cancelled, ${c.pending} never told)\n`,
+          : d.state === 'superseded'
+            ? `superseded: its group got another target, or the target was cleared (${c.succeeded} succeeded, ${c.failed} failed, ${c.cancelled} cancelled); \`fleethub status --group\` shows the current one\n`
+            : `aborted${d.aborted_reason ? `: ${d.aborted_reason}` : ''} (${c.succeeded} succeeded, ${c.failed} failed, ${c.cancelled} cancelled, ${c.pending} never told)\n`,
     );
     return verdict;
   });

@@ -20,6 +20,7 @@ import {
   type Session,
 } from './client.ts';
 import { act, type CliContext, type PageFlags, paged, withOrg } from './command.ts';
+import { drawDeployment } from './deployment-view.ts';
 
 type Device = Schemas['Device'];
 const DEVICE_COLUMNS: Column<Device>[] = [
@@ -338,7 +339,9 @@ export function registerFirmwareRecordCommands(program: Command, ctx: CliContext
     withOrg(
       firmware
         .command('delete')
-        .description('delete a firmware record and its image (refused while a group or device targets it)')
+        .description(
+          'delete a firmware record and its image (refused while a group or device targets it, or a deployment rolled it out)',
+        )
         .argument('<id>', 'firmware id'),
     ),
     ctx,
@@ -392,8 +395,10 @@ export function registerTargetCommands(program: Command, ctx: CliContext): void 
         : await call(api.PUT('/api/v1/orgs/{org}/devices/{device}/target', { params: { path: device! }, body }));
       if (o.json) return printJson(io, change);
       io.out(
-        `${what} now targets ${ref}: ${change.attempts?.sent ?? 0} device(s) told now, ${change.attempts?.queued ?? 0} queued until they connect\n`,
+        `${what} now targets ${ref}: ${change.attempts?.sent ?? 0} device(s) told now, ${change.attempts?.queued ?? 0} queued until they connect${change.already_running ? `, ${change.already_running} already run it` : ''}\n`,
       );
+      if (change.deployment_id)
+        io.out(`deployment ${change.deployment_id}; watch it: fleethub deployments watch ${change.deployment_id}\n`);
     },
   );
   act<TargetFlags>(
@@ -428,6 +433,7 @@ type UntilState = (typeof UNTIL_STATES)[number];
 
 type StatusFlags = CommonFlags & {
   group?: string;
+  deployment?: string;
   watch?: boolean;
   until?: string;
   timeout?: string;
@@ -448,6 +454,10 @@ export function registerStatusCommand(program: Command, ctx: CliContext): void {
           'device counts by connection and running version, and update attempts by state, for the org or one group',
         )
         .option('--group <group>', 'one group (name or id)')
+        .option(
+          '--deployment <id>',
+          'one deployment (phased, or the one a group `target set` made): its per-stage and total per-device counts',
+        )
         .option('--watch', 'follow changes: redraws in place on a terminal, else one line per change')
         .option(
           '--until <state>',
@@ -481,9 +491,21 @@ async function status(o: StatusFlags, io: CliIo): Promise<number> {
   if (o.state !== undefined && !o.perDevice) throw usageError('--state goes with --per-device');
   if (o.perDevice && (o.watch || o.until !== undefined))
     throw usageError('--per-device prints the table once: it does not go with --watch or --until');
+  if (o.deployment !== undefined && (o.group || o.perDevice || o.watch || o.until !== undefined))
+    throw usageError(
+      '--deployment prints that deployment once: it does not go with --group, --per-device, --watch or --until (follow it with `fleethub deployments watch`)',
+    );
   const session = await orgSession(o, io);
   const { api, call, org } = session;
   if (o.perDevice) return perDeviceStatus(o, io, session);
+  if (o.deployment !== undefined) {
+    const d = await call(
+      api.GET('/api/v1/orgs/{org}/deployments/{id}', { params: { path: { org, id: o.deployment } } }),
+    );
+    if (o.json) printJson(io, d);
+    else io.out(drawDeployment(d));
+    return 0;
+  }
   const read = () =>
     call(
       api.GET('/api/v1/orgs/{org}/status', {
@@ -627,7 +649,14 @@ export function statusLine(s: Status, scope: string): string {
     .map(([state, n]) => `${state}=${n}`)
     .join(' ');
   const targets = s.targets.length ? `; on target ${targetCounts(s)}` : '';
-  return `${scope}: ${s.devices} device(s), ${s.online} online; versions ${versions || '-'}; updates ${updates || '-'}${targets}`;
+  const t = s.target_deployment;
+  const deployment = t ? `; deployment ${t.id} ${t.state} ${deploymentCounts(t.counts)}` : '';
+  return `${scope}: ${s.devices} device(s), ${s.online} online; versions ${versions || '-'}; updates ${updates || '-'}${targets}${deployment}`;
+}
+
+/** A target deployment's per-device counts, in one phrase. */
+function deploymentCounts(c: Schemas['DeploymentCounts']): string {
+  return `${c.succeeded}/${c.total} succeeded, ${c.failed} failed, ${c.in_flight} in flight${c.cancelled ? `, ${c.cancelled} cancelled` : ''}`;
 }
 
 function formatStatus(s: Status, scope: string): string {
@@ -641,6 +670,9 @@ function formatStatus(s: Status, scope: string): string {
     lines.push('', 'TARGET       DEVICES  RUNNING IT');
     for (const t of s.targets) lines.push(`${t.version.padEnd(12)} ${String(t.devices).padEnd(8)} ${t.running}`);
   }
+  const t = s.target_deployment;
+  if (t)
+    lines.push('', `DEPLOYMENT   ${t.id} (${t.version}, ${t.state.replace('_', ' ')}): ${deploymentCounts(t.counts)}`);
   lines.push('', 'UPDATE STATE DEVICES');
   const states = Object.entries(s.updates).filter(([, n]) => n > 0);
   if (states.length === 0) lines.push('(no update attempts)');

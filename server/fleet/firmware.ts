@@ -169,6 +169,21 @@ export async function deleteFirmware(
         `firmware ${firmware.version} (format ${firmware.format}) is being installed by ${open.n} device(s); retarget them or wait for the updates to end`,
         { firmware_id: firmware.id, open_attempts: Number(open.n) },
       );
+    // A phased deployment's release stays (its history); a target set's deployments are ended once
+    // the target is gone (superseded or completed): they go with it.
+    const phased = await trx
+      .selectFrom('deployments')
+      .select('id')
+      .where('firmware_id', '=', firmware.id)
+      .where('kind', '=', 'phased')
+      .execute();
+    if (phased.length)
+      throw new FleetError(
+        'conflict',
+        `firmware ${firmware.version} is the release of ${phased.length} deployment(s); it is kept as their record`,
+        { firmware_id: firmware.id, deployments: phased.map((d) => d.id) },
+      );
+    await trx.deleteFrom('deployments').where('firmware_id', '=', firmware.id).where('kind', '=', 'target').execute();
     await trx.deleteFrom('update_attempts').where('firmware_id', '=', firmware.id).execute();
     await trx.deleteFrom('firmware').where('id', '=', firmware.id).execute();
     await audit(trx, actor, {

@@ -55,8 +55,8 @@ export function variantSql(d: string, release: string): RawBuilder<unknown> {
 /**
  * Target resolution, per device and component (the README quotes this):
  * 1. a device-level target overrides every group target;
- * 2. otherwise the newest deployment that told the device (docs/deployments.md), unless a group
- *    target was set after it told the device;
+ * 2. otherwise the newest phased deployment that told the device (docs/deployments.md), unless a
+ *    group target was set after it told the device (a plain target's deployment is no source);
  * 3. otherwise, among the device's groups that have a target, the group with the lowest
  *    `priority` wins; on a tie, the most recently set target wins.
  * Only approved devices resolve a target. A target names a release (`release_id`, one of its
@@ -108,12 +108,13 @@ function baseResolvedSql(set: DeviceSet, component: string): RawBuilder<unknown>
     ) gt ON true
     -- The newest deployment that told the device (docs/deployments.md): it wins over a group
     -- target set before the device was told, while the device is in flight in a running or paused
-    -- deployment, and for good once it succeeded there (a device that failed falls back).
+    -- deployment, and for good once it succeeded there (a device that failed falls back). A plain
+    -- target's deployment (kind 'target') is no source: its group target (the targets table) is.
     LEFT JOIN LATERAL (
       SELECT dp.id, dp.firmware_id, dd.told_at, (gt.set_at IS NULL OR dd.told_at >= gt.set_at) AS wins
       FROM deployment_devices dd
       JOIN deployments dp ON dp.id = dd.deployment_id
-      WHERE dd.device_id = d.id AND dd.told_at IS NOT NULL AND dp.component = ${component}
+      WHERE dd.device_id = d.id AND dd.told_at IS NOT NULL AND dp.component = ${component} AND dp.kind = 'phased'
         AND (dd.state = 'succeeded' OR (dd.state = 'in_flight' AND dp.state IN ('running', 'paused', 'completed')))
       ORDER BY dd.told_at DESC
       LIMIT 1
@@ -172,8 +173,8 @@ export async function reconcileAttempts(
   trx: Db,
   set: DeviceSet,
   component = 'firmware',
-  options: { broadcastRelease?: string } = {},
-): Promise<ReconcileResult & { broadcast?: GroupBroadcast }> {
+  options: { broadcastRelease?: string; track?: TrackOptions } = {},
+): Promise<ReconcileResult & { broadcast?: GroupBroadcast; tracked?: { devices: number; already_running: number } }> {
   // The INSERT's NOT EXISTS sees the attempts as they were before the UPDATE (one snapshot):
   // no difference, since it looks for attempts to the target and the UPDATE cancels only others.
   const release = options.broadcastRelease;
@@ -184,6 +185,8 @@ export async function reconcileAttempts(
     variants: number | null;
     elsewhere: number | null;
     variant: string | null;
+    tracked: number | null;
+    already_running: number | null;
   }>`
     WITH r AS MATERIALIZED (${resolvedSql(set, component)}),
     cancelled AS (
@@ -209,19 +212,51 @@ export async function reconcileAttempts(
           SELECT 1 FROM update_attempts x
           WHERE x.device_id = r.device_id AND x.component = ${component} AND x.firmware_id = r.target_id
             AND (x.state IN (${OPEN}) OR (x.state IN ('failed', 'rolled_back') AND x.completed_at >= r.target_set_at)))
-      RETURNING id, device_id, firmware_id, state)
+      RETURNING id, device_id, firmware_id, state, via)
+    ${options.track ? trackSql(options.track) : sql``}
     SELECT (SELECT count(*) FROM cancelled)::int AS cancelled,
            COALESCE((SELECT json_agg(json_build_object('id', c.id, 'device_id', c.device_id,
                        'firmware_id', c.firmware_id, 'state', c.state)) FROM created c), '[]'::json) AS created,
-           b.needed, b.variants, b.elsewhere, b.variant
+           b.needed, b.variants, b.elsewhere, b.variant,
+           ${options.track ? sql`(SELECT count(*) FROM tracked)::int` : sql`NULL::int`} AS tracked,
+           ${options.track ? sql`(SELECT count(*) FROM r WHERE r.via = ${options.track.via} AND r.runs_target)::int` : sql`NULL::int`} AS already_running
     FROM (${release ? broadcastSql(release) : sql`SELECT NULL::boolean AS needed, NULL::int AS variants, NULL::int AS elsewhere, NULL::text AS variant`}) b`.execute(
     trx,
   );
   const row = rows[0]!;
-  const result = { created: row.created, cancelled: row.cancelled };
+  const result = {
+    created: row.created,
+    cancelled: row.cancelled,
+    ...(options.track ? { tracked: { devices: row.tracked ?? 0, already_running: row.already_running ?? 0 } } : {}),
+  };
   if (!release) return result;
   const variant = row.elsewhere === 0 && row.variants === 1 ? row.variant : null;
   return { ...result, broadcast: { needed: row.needed === true, variant } };
+}
+
+/**
+ * A group target's deployment (docs/deployments.md): in the same pass, the members that get an
+ * attempt through `via` become its rows, in flight on that attempt.
+ */
+export interface TrackOptions {
+  deploymentId: string;
+  /** `group:<id>`: the source the members resolve through (the attempt's `via`). */
+  via: string;
+}
+
+/**
+ * The `tracked` CTE: one row per attempt created through `via`, positioned by identifier. The
+ * devices are looked up laterally by primary key from the CTE's rows (joined plainly, the
+ * planner's one-row estimate of a CTE can make a nested loop over a whole table).
+ */
+function trackSql(t: TrackOptions): RawBuilder<unknown> {
+  return sql`, tracked AS (
+      INSERT INTO deployment_devices (deployment_id, device_id, stage, position, state, tries, told_at, attempt_id)
+      SELECT ${t.deploymentId}, c.device_id, 0, row_number() OVER (ORDER BY d.identifier, d.id), 'in_flight', 1, now(), c.id
+      FROM created c
+      CROSS JOIN LATERAL (SELECT dv.id, dv.identifier FROM devices dv WHERE dv.id = c.device_id) d
+      WHERE c.via = ${t.via}
+      RETURNING 1)`;
 }
 
 /** Over the resolved members `r`: online members not running the release `releaseId`, as `GroupBroadcast` needs. */

@@ -3,6 +3,12 @@ import { audit, type Actor } from '../audit.ts';
 import type { Db } from '../db/index.ts';
 import type { Firmware, TargetsTable } from '../db/schema.ts';
 import { inTransaction, Topics, type FleetContext, type FleetEvent } from './context.ts';
+import {
+  activeTargetDeployment,
+  closeTargetDeployment,
+  openTargetDeployment,
+  supersedeTargetDeployment,
+} from './deployments/target.ts';
 import { getDevice } from './devices.ts';
 import { FleetError, isUuid } from './errors.ts';
 import { getFirmware } from './firmware.ts';
@@ -51,6 +57,13 @@ export interface TargetChange {
   attempts: { sent: number; queued: number };
   /** How online devices were told: one group broadcast, or one push per device. */
   delivery: 'group' | 'devices' | 'none';
+  /**
+   * A group target: the deployment (kind `target`) that tracks the members told, per device
+   * (docs/deployments.md). A device target has none (null).
+   */
+  deployment_id: string | null;
+  /** A group target: members that already run the release (not in the deployment). */
+  already_running?: number;
 }
 
 /** The firmware a group or device may target: of the same product, with its image uploaded. */
@@ -120,6 +133,9 @@ async function assertInstallable(
  * told with ONE `firmware_update` on the group topic — unless some online member resolves another
  * target (a device target or a group with lower priority), in which case each device whose
  * target this is gets its own push instead. Setting the same target again retries failed devices.
+ * The members told are the rows of a new one-stage deployment (kind `target`) that the
+ * orchestrator tracks; it supersedes the group's previous one for the component (devices still
+ * on an open attempt to the same release move over, the others in flight are cancelled there).
  */
 export async function setGroupTarget(
   ctx: FleetContext,
@@ -132,6 +148,8 @@ export async function setGroupTarget(
   const firmware = await targetableFirmware(ctx, orgId, firmwareId, 'group', group);
   return inTransaction(ctx, async (trx, outbox) => {
     const target = await upsertTarget(trx, { org_id: orgId, group_id: group.id, firmware, actor });
+    // Before reconcile moves the attempts: what its finished devices reached is recorded first.
+    const previous = await activeTargetDeployment(trx, group.id, firmware.component);
     await audit(trx, actor, {
       orgId,
       action: 'target.set',
@@ -139,9 +157,12 @@ export async function setGroupTarget(
       resourceId: group.id,
       details: { firmware_id: firmware.id, version: firmware.version, component: firmware.component },
     });
-    // One pass resolves the members, moves their attempts and says how online ones are told.
-    const { created, broadcast } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component, {
+    const opened = await openTargetDeployment(trx, actor, { group, firmware, previous });
+    // One pass resolves the members, moves their attempts, says how online ones are told and
+    // records those told as the rows of the target deployment.
+    const { created, broadcast, tracked } = await reconcileAttempts(trx, { groupId: group.id }, firmware.component, {
       broadcastRelease: firmware.id,
+      track: opened.track,
     });
     const toPush = created.filter((a) => a.state === 'sent');
     let delivery: TargetChange['delivery'] = 'none';
@@ -164,6 +185,15 @@ export async function setGroupTarget(
       }
     }
     const attempts = { sent: toPush.length, queued: created.length - toPush.length };
+    const alreadyRunning = tracked?.already_running ?? 0;
+    const deployment = await closeTargetDeployment(trx, outbox, actor, {
+      deployment: opened.deployment,
+      ended: opened.ended,
+      group,
+      firmware,
+      created: tracked?.devices ?? 0,
+      alreadyRunning,
+    });
     targetChanged(
       outbox,
       {
@@ -175,11 +205,14 @@ export async function setGroupTarget(
       },
       attempts,
     );
-    return { target, attempts, delivery };
+    return { target, attempts, delivery, deployment_id: deployment.id, already_running: alreadyRunning };
   });
 }
 
-/** Removes a group's target for `component`; members re-resolve (attempts for it are cancelled). */
+/**
+ * Removes a group's target for `component`; members re-resolve (attempts for it are cancelled),
+ * and the group's target deployment for it is superseded.
+ */
 export async function clearGroupTarget(
   ctx: FleetContext,
   actor: Actor,
@@ -200,6 +233,7 @@ export async function clearGroupTarget(
         group_id: group.id,
         component,
       });
+    const previous = await activeTargetDeployment(trx, group.id, component);
     await audit(trx, actor, {
       orgId,
       action: 'target.clear',
@@ -209,6 +243,7 @@ export async function clearGroupTarget(
     });
     const { created } = await reconcileAttempts(trx, { groupId: group.id }, component);
     await pushCreatedAttempts(ctx, trx, outbox, created);
+    if (previous) await supersedeTargetDeployment(trx, outbox, actor, previous);
     targetChanged(
       outbox,
       { org_id: orgId, product_id: group.product_id, group_id: group.id, component, firmware_id: null },
@@ -251,7 +286,7 @@ export async function setDeviceTarget(
       },
       attempts,
     );
-    return { target, attempts, delivery: attempts.sent ? 'devices' : 'none' };
+    return { target, attempts, delivery: attempts.sent ? 'devices' : 'none', deployment_id: null };
   });
 }
 

@@ -13,7 +13,7 @@ import { after, before, describe, test } from 'node:test';
 import { main as deviceMain } from '../../device-client/cli.ts';
 import type { CliIo } from '../../server/cli/client.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
-import { progressBar } from '../../server/cli/deployments.ts';
+import { progressBar } from '../../server/cli/deployment-view.ts';
 import { emptyCounts } from '../../server/fleet/deployments/index.ts';
 import { main } from '../../server/cli/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
@@ -315,6 +315,48 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
       progressBar(counts({ total: 10_000, succeeded: 9_998, retrying: 1, penalty_box: 1 })),
       `[${'#'.repeat(28)}rp]`,
     );
+  });
+
+  test('a plain group target set is a target deployment: printed, watched (0, then 6 once superseded), listed, not paced', {
+    timeout: 180_000,
+  }, async () => {
+    await simulate('plain', 3);
+    const set = await cli('target', 'set', '2.0.0', '--group', 'plain');
+    assert.equal(set.code, 0, set.err);
+    const m = /^deployment ([0-9a-f-]{36}); watch it: fleethub deployments watch \1$/m.exec(set.out);
+    assert.ok(m, set.out);
+    const id = m[1]!;
+    const watched = await cli('deployments', 'watch', id, '--timeout', '150');
+    assert.equal(watched.code, 0, watched.err);
+    assert.match(watched.err, /completed: 3 of 3 device\(s\) succeeded, 0 failed/);
+
+    const listed = await cli('deployments', 'list', '--kind', 'target');
+    assert.equal(listed.code, 0, listed.err);
+    assert.match(listed.out, /^ID\s+KIND\s+NAME/m);
+    assert.match(listed.out, new RegExp(`^${id}\\s+target\\s+target plain\\s+2\\.0\\.0\\s+completed`, 'm'));
+    assert.equal((await cli('deployments', 'list', '--kind', 'bogus')).code, 2);
+
+    const one = await cli('status', '--deployment', id);
+    assert.equal(one.code, 0, one.err);
+    assert.match(one.out, /^ {2}total {4}\[#{30}\] {2}3\/3 told, 3 succeeded, 0 failed/m);
+    const group = await cli('status', '--group', 'plain');
+    assert.equal(group.code, 0, group.err);
+    assert.match(
+      group.out,
+      new RegExp(`^DEPLOYMENT {3}${id} \\(2\\.0\\.0, completed\\): 3/3 succeeded, 0 failed`, 'm'),
+    );
+
+    // A newer target: the old deployment ended long ago (completed); the new one is superseded by a clear.
+    const next = await cli('target', 'set', '3.0.0', '--group', 'plain', '--json');
+    assert.equal(next.code, 0, next.err);
+    const nextId = (JSON.parse(next.out) as { deployment_id: string }).deployment_id;
+    const paused = await cli('deployments', 'pause', nextId);
+    assert.equal(paused.code, 1);
+    assert.match(paused.err, /a plain target is not paced: set another target or clear it/);
+    assert.equal((await cli('target', 'clear', '--group', 'plain')).code, 0);
+    const superseded = await cli('deployments', 'watch', nextId, '--timeout', '30');
+    assert.equal(superseded.code, 6, superseded.err);
+    assert.match(superseded.err, /^superseded/m);
   });
 
   test('create: flag errors exit 2 before any request; the server refusing a value names the flag', async () => {

@@ -23,6 +23,7 @@ import {
   listDeviceTargetStates,
   type FleetContext,
 } from '../../fleet/index.ts';
+import { groupTargetDeployment } from '../../fleet/deployments/index.ts';
 import { requireRole } from '../auth.ts';
 import { ApiError } from '../../http/errors.ts';
 import { isUuid } from '../operators.ts';
@@ -74,6 +75,15 @@ const targetChangeSchema = {
     target: ref('Target'),
     attempts: { type: 'object', properties: { sent: { type: 'integer' }, queued: { type: 'integer' } } },
     delivery: { type: 'string', enum: ['group', 'devices', 'none'] },
+    deployment_id: {
+      type: ['string', 'null'],
+      description:
+        'a group target: the one-stage deployment (kind target) that counts its devices; `fleethub deployments watch <id>` follows it. null for a device target',
+    },
+    already_running: {
+      type: 'integer',
+      description: 'a group target: members that already run the release (not in the deployment)',
+    },
   },
 } as const;
 
@@ -336,6 +346,23 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
           "devices per state with their resolved target for the component, one state per device: the newest attempt's state for the variant it installs, `up_to_date` (runs it, no attempt brought it), `not_applicable` (does not run the component, or the release has no variant its protocol installs: no attempt), `no_target`, `not_approved`, `no_attempt`",
       },
       target: { anyOf: [ref('Target'), { type: 'null' }], description: "the group's own target (null for an org)" },
+      target_deployment: {
+        anyOf: [
+          {
+            type: 'object',
+            required: ['id', 'state', 'version', 'counts'],
+            properties: {
+              id: { type: 'string', format: 'uuid' },
+              state: { type: 'string' },
+              version: { type: 'string' },
+              counts: ref('DeploymentCounts'),
+            },
+          },
+          { type: 'null' },
+        ],
+        description:
+          "a group: the deployment its current target set made (running or completed) with its per-device counts; null for an org, or when the group's target was cleared",
+      },
     },
   } as const;
   const statusQuery = {
@@ -368,7 +395,11 @@ export async function registerCatalogRoutes(api: FastifyInstance, deps: RouteDep
     async (request) => {
       const org = await resolveOrg(fleet, request.operator, request.params.org);
       const group = request.query.group ? await resolveGroup(fleet, org.id, request.query.group) : undefined;
-      return fleetStatus(fleet, org.id, group?.id, request.query.component);
+      const [status, targetDeployment] = await Promise.all([
+        fleetStatus(fleet, org.id, group?.id, request.query.component),
+        group ? groupTargetDeployment(fleet, group.id, request.query.component) : null,
+      ]);
+      return { ...status, target_deployment: targetDeployment };
     },
   );
 

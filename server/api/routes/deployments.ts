@@ -8,7 +8,9 @@ import {
   approveDeployment,
   createDeployment,
   DEPLOYMENT_DEVICE_STATES,
+  DEPLOYMENT_KINDS,
   DEPLOYMENT_STATES,
+  type DeploymentKind,
   type DeploymentDeviceState,
   type DeploymentState,
   getDeployment,
@@ -322,18 +324,29 @@ export async function registerDeploymentRoutes(api: FastifyInstance, deps: Route
     },
   );
 
-  api.get<{ Params: OrgParams; Querystring: { state?: DeploymentState; limit: number; offset: number } }>(
+  api.get<{
+    Params: OrgParams;
+    Querystring: { state?: DeploymentState; kind?: DeploymentKind; limit: number; offset: number };
+  }>(
     '/orgs/:org/deployments',
     {
       onRequest: requireRole('viewer'),
       schema: {
         operationId: 'listDeployments',
         tags: ['deployments'],
-        summary: 'Deployments of an organization, newest first, with their per-device counts',
+        summary: 'Deployments of an organization (phased and target), newest first, with their per-device counts',
         params: orgParams,
         querystring: {
           type: 'object',
-          properties: { state: { type: 'string', enum: [...DEPLOYMENT_STATES] }, ...paginationQuery },
+          properties: {
+            state: { type: 'string', enum: [...DEPLOYMENT_STATES] },
+            kind: {
+              type: 'string',
+              enum: [...DEPLOYMENT_KINDS],
+              description: '`phased` (created as deployments) or `target` (made by a group `target set`)',
+            },
+            ...paginationQuery,
+          },
         },
         response: { 200: pageOf('DeploymentSummary'), ...authErrors },
       },

@@ -1,4 +1,4 @@
-/** Phased deployments (docs/deployments.md): the model and the orchestrator. */
+/** Deployments (docs/deployments.md): the model, the orchestrator, and a plain target's deployment. */
 export * from './model.ts';
 export {
   claimDeployments,
@@ -9,3 +9,9 @@ export {
   type OrchestratorOptions,
   type StepOutcome,
 } from './orchestrator.ts';
+export {
+  activeTargetDeployment,
+  closeTargetDeployment,
+  openTargetDeployment,
+  supersedeTargetDeployment,
+} from './target.ts';

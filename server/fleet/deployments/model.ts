@@ -17,7 +17,15 @@ import { type Page, pageBounds } from '../paging.ts';
 import { reconcileAttempts, runsComponentSql, variantSql } from '../reconcile.ts';
 import { transitionEvent } from '../updates.ts';
 
-export type DeploymentState = 'draft' | 'awaiting_approval' | 'running' | 'paused' | 'completed' | 'aborted';
+export type DeploymentState =
+  | 'draft'
+  | 'awaiting_approval'
+  | 'running'
+  | 'paused'
+  | 'completed'
+  | 'aborted'
+  | 'superseded';
+/** `superseded`: a plain target deployment replaced by a newer target set of its group, or cleared. */
 export const DEPLOYMENT_STATES: readonly DeploymentState[] = [
   'draft',
   'awaiting_approval',
@@ -25,7 +33,11 @@ export const DEPLOYMENT_STATES: readonly DeploymentState[] = [
   'paused',
   'completed',
   'aborted',
+  'superseded',
 ];
+/** `phased`: created as a deployment; `target`: the one-stage deployment a group `target set` makes. */
+export type DeploymentKind = 'phased' | 'target';
+export const DEPLOYMENT_KINDS: readonly DeploymentKind[] = ['phased', 'target'];
 /** States in which a deployment holds its devices (the overlap rule). */
 export const ACTIVE_STATES: readonly DeploymentState[] = ['draft', 'awaiting_approval', 'running', 'paused'];
 export type DeploymentDeviceState =
@@ -65,6 +77,7 @@ export interface DeploymentsTable {
   product_id: string;
   firmware_id: string;
   component: Generated<string>;
+  kind: Generated<DeploymentKind>;
   name: string | null;
   group_ids: string[];
   tags: ColumnType<string[], string | undefined, string>;
@@ -366,7 +379,7 @@ export async function createDeployment(
       const { rows } = await sql<{ n: number; deployments: string[] }>`
         SELECT count(DISTINCT dd.device_id)::int AS n, array_agg(DISTINCT dd.deployment_id::text) AS deployments
         FROM deployment_devices dd JOIN deployments dp ON dp.id = dd.deployment_id
-        WHERE dp.state IN (${sql.join(ACTIVE_STATES.map((s) => sql.lit(s)))})
+        WHERE dp.state IN (${sql.join(ACTIVE_STATES.map((s) => sql.lit(s)))}) AND dp.kind = 'phased'
           AND dd.device_id = ANY(${ids}::uuid[])`.execute(trx);
       const overlap = rows[0];
       if (overlap && overlap.n > 0)
@@ -660,6 +673,7 @@ export async function getDeployment(ctx: FleetContext, orgId: string, id: string
 export interface DeploymentFilter {
   orgId: string;
   state?: DeploymentState;
+  kind?: DeploymentKind;
   limit?: number;
   offset?: number;
 }
@@ -673,6 +687,7 @@ export async function listDeployments(
   if (!isUuid(filter.orgId)) return { items: [], total: 0 };
   let query = ctx.db.selectFrom('deployments').where('deployments.org_id', '=', filter.orgId);
   if (filter.state) query = query.where('deployments.state', '=', filter.state);
+  if (filter.kind) query = query.where('deployments.kind', '=', filter.kind);
   const [rows, count] = await Promise.all([
     query
       .innerJoin('firmware', 'firmware.id', 'deployments.firmware_id')
@@ -697,6 +712,31 @@ export async function listDeployments(
     items: rows.map((r) => ({ ...r, counts: totals.get(r.id) ?? emptyCounts() })),
     total: Number(count.n),
   };
+}
+
+/**
+ * The current target deployment of a group for `component`: the newest one still running, or
+ * completed (null when there is none, or its target was replaced or cleared: superseded).
+ */
+export async function groupTargetDeployment(
+  ctx: FleetContext,
+  groupId: string,
+  component = 'firmware',
+): Promise<{ id: string; state: DeploymentState; version: string; counts: StageCounts } | null> {
+  if (!isUuid(groupId)) return null;
+  const { rows } = await sql<{ id: string; state: DeploymentState; version: string } & CountRow>`
+    SELECT dp.id, dp.state, f.version, c.*
+    FROM deployments dp
+    JOIN firmware f ON f.id = dp.firmware_id
+    CROSS JOIN LATERAL (SELECT ${COUNT_COLUMNS} FROM deployment_devices WHERE deployment_id = dp.id) c
+    WHERE dp.kind = 'target' AND dp.group_ids[1] = ${groupId}::uuid AND dp.component = ${component}
+      AND dp.state <> 'superseded'
+    ORDER BY dp.created_at DESC, dp.id DESC
+    LIMIT 1`.execute(ctx.db);
+  const row = rows[0];
+  if (!row) return null;
+  const { id, state, version, ...counts } = row;
+  return { id, state, version, counts: withTold(counts) };
 }
 
 export interface DeploymentDeviceFilter {
@@ -748,7 +788,15 @@ async function getDeploymentRow(db: Db, orgId: string, id: string, lock = false)
   return row;
 }
 
+/** A plain target deployment has no pacing to act on: pause, resume, approve and abort are refused. */
+export const NOT_PACED = 'a plain target is not paced: set another target or clear it';
+
 function notIn(deployment: DeploymentRow, action: string, allowed: readonly DeploymentState[]): never {
+  if (deployment.kind === 'target')
+    throw new FleetError('conflict', `cannot ${action} deployment ${deployment.id}: ${NOT_PACED}`, {
+      kind: deployment.kind,
+      state: deployment.state,
+    });
   throw new FleetError(
     'conflict',
     `cannot ${action} a deployment that is ${deployment.state} (only when ${allowed.join(' or ')})`,
@@ -767,7 +815,7 @@ export async function pauseDeployment(
   await inTransaction(ctx, async (trx, outbox) => {
     const d = await getDeploymentRow(trx, orgId, id, true);
     const allowed: DeploymentState[] = ['running', 'awaiting_approval'];
-    if (!allowed.includes(d.state)) notIn(d, 'pause', allowed);
+    if (d.kind === 'target' || !allowed.includes(d.state)) notIn(d, 'pause', allowed);
     const updated = await setState(trx, d.id, {
       state: 'paused',
       paused_reason: reason ?? 'paused by an operator',
@@ -792,7 +840,7 @@ export async function resumeDeployment(
   await inTransaction(ctx, async (trx, outbox) => {
     const d = await getDeploymentRow(trx, orgId, id, true);
     const allowed: DeploymentState[] = ['paused', 'draft'];
-    if (!allowed.includes(d.state)) notIn(d, 'resume', allowed);
+    if (d.kind === 'target' || !allowed.includes(d.state)) notIn(d, 'resume', allowed);
     if (d.state === 'paused' && d.pause_cause !== 'operator' && d.pause_cause !== null) {
       await trx
         .updateTable('deployment_stages')
@@ -829,7 +877,7 @@ export async function approveDeployment(
 ): Promise<DeploymentView> {
   await inTransaction(ctx, async (trx, outbox) => {
     const d = await getDeploymentRow(trx, orgId, id, true);
-    if (d.state !== 'awaiting_approval') notIn(d, 'approve', ['awaiting_approval']);
+    if (d.kind === 'target' || d.state !== 'awaiting_approval') notIn(d, 'approve', ['awaiting_approval']);
     const waiting = await trx
       .selectFrom('deployment_stages')
       .select('stage')
@@ -870,7 +918,7 @@ export async function abortDeployment(
 ): Promise<DeploymentView> {
   await inTransaction(ctx, async (trx, outbox) => {
     const d = await getDeploymentRow(trx, orgId, id, true);
-    if (!ACTIVE_STATES.includes(d.state)) notIn(d, 'abort', ACTIVE_STATES);
+    if (d.kind === 'target' || !ACTIVE_STATES.includes(d.state)) notIn(d, 'abort', ACTIVE_STATES);
     await abortInTransaction(trx, outbox, actor, d, reason ?? 'aborted by an operator');
   });
   return getDeployment(ctx, orgId, id);

@@ -102,8 +102,11 @@ export async function stepDeployment(ctx: FleetContext, deploymentId: string): P
       .execute();
     const { stages: counts, pacing } = await stepCounts(trx, d.id);
     const current = await evaluate(trx, outbox, d, stages, counts);
+    // A plain target's deployment was told when its target was set (targets.ts): nothing to tell.
     const { told, retried } =
-      current.state === 'running' ? await tell(ctx, trx, outbox, current, pacing) : { told: [], retried: 0 };
+      current.state === 'running' && current.kind === 'phased'
+        ? await tell(ctx, trx, outbox, current, pacing)
+        : { told: [], retried: 0 };
     if (finished > 0 || told.length > 0)
       ctx.log.debug(
         { deployment_id: d.id, finished, retrying, penalized, told: told.length, retried, state: current.state },
@@ -128,7 +131,7 @@ const RETRYABLE = sql`(ua.state = 'timed_out' OR (ua.state = 'failed' AND ua.beg
  * `deployment.device_boxed`, with that count and the hold); anything else is `failed`. One
  * statement, its audit records included.
  */
-async function syncOutcomes(
+export async function syncOutcomes(
   trx: Db,
   d: DeploymentRow,
 ): Promise<{ finished: number; retrying: number; penalized: number }> {
@@ -255,7 +258,7 @@ async function evaluate(
         succeeded: c.succeeded,
         failed: c.failed,
       });
-    } else if (allFinished) {
+    } else if (allFinished && d.kind === 'phased') {
       const reason = `stage ${stage.stage + 1} finished short of its success condition: ${c.succeeded} of ${stage.size} succeeded, ${required(stage)} required`;
       const paused = await setState(trx, d.id, { state: 'paused', paused_reason: reason, pause_cause: 'success' });
       await transitioned(trx, outbox, SYSTEM, paused, 'deployment.paused', { reason, stage: stage.stage });
