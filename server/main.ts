@@ -414,7 +414,8 @@ export async function startServer(config: Config, options: StartOptions = {}): P
 
 /**
  * The fleet observer, plus: an update attempt of a deployment reached a final state, so every
- * node's orchestrator hears `deployment_nudge` (the one holding the deployment's lease steps it).
+ * node's orchestrator hears `deployment_nudge` (the one holding the deployment's lease steps it);
+ * one of a plain group target nudges this node's orchestrator only.
  */
 function withDeploymentNudges(observer: FleetObserver, pubsub: PubSubWithStats): FleetObserver {
   const finals: readonly string[] = FINAL_STATES;
@@ -423,13 +424,12 @@ function withDeploymentNudges(observer: FleetObserver, pubsub: PubSubWithStats):
     committed(event) {
       observer.committed?.(event);
       const p = event.payload;
-      if (
-        event.event === 'update_transition' &&
-        typeof p.via === 'string' &&
-        p.via.startsWith('deployment:') &&
-        finals.includes(String(p.state))
-      )
+      if (event.event !== 'update_transition' || typeof p.via !== 'string' || !finals.includes(String(p.state))) return;
+      if (p.via.startsWith('deployment:'))
         void pubsub.broadcast(DEPLOYMENTS_TOPIC, 'deployment_nudge', { deployment_id: p.via.slice(11) });
+      // A plain group target's attempt: its target deployment counts it at this node's next step
+      // (a node that does not hold the lease catches up at its idle tick), with no cluster message.
+      else if (p.via.startsWith('group:')) pubsub.localBroadcast(DEPLOYMENTS_TOPIC, 'deployment_nudge', {});
     },
   };
 }

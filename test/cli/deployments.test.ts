@@ -11,11 +11,11 @@ import path from 'node:path';
 import { Readable } from 'node:stream';
 import { after, before, describe, test } from 'node:test';
 import { main as deviceMain } from '../../device-client/cli.ts';
-import type { CliIo } from '../../server/cli/client.ts';
 import { uploadFirmwareStream } from '../../server/cli/firmware.ts';
 import { progressBar } from '../../server/cli/deployment-view.ts';
 import { emptyCounts } from '../../server/fleet/deployments/index.ts';
 import { main } from '../../server/cli/index.ts';
+import { runCaptured } from '../helpers/cli-io.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
 import { getTestPki } from '../helpers/pki.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
@@ -41,26 +41,8 @@ describe(`fleethub deployments against simulated devices (${DATABASE_KIND})`, ()
     FLEETHUB_TOKEN: server.adminToken,
   });
 
-  async function run(
-    entry: typeof main,
-    argv: string[],
-    o: { signal?: AbortSignal; isTTY?: boolean } = {},
-  ): Promise<Run> {
-    let out = '';
-    let err = '';
-    const io: CliIo = {
-      out: (t) => {
-        out += t;
-      },
-      err: (t) => {
-        err += t;
-      },
-      env: env(),
-      ...o,
-    };
-    const code = await entry(argv, io);
-    return { code, out, err };
-  }
+  const run = (entry: typeof main, argv: string[], o: { signal?: AbortSignal; isTTY?: boolean } = {}): Promise<Run> =>
+    runCaptured(entry, argv, { ...o, env: env() });
   const cli = (...argv: string[]) => run(main, argv);
 
   async function upload(version: string, seed: number) {

@@ -19,6 +19,8 @@ export interface CaptureOptions {
   env?: NodeJS.ProcessEnv;
   /** Stop the command when this aborts, too. */
   signal?: AbortSignal;
+  /** Whether stdout is a terminal (commands that draw in place, such as `deployments watch`). */
+  isTTY?: boolean;
 }
 
 /** A fresh `CliIo` that collects out and err; `stopOn`, `abort()` or `signal` stop the command. */
@@ -42,6 +44,7 @@ export function captureIo(options: CaptureOptions = {}): CapturedIo {
     },
     env: options.env ?? {},
     signal: controller.signal,
+    ...(options.isTTY !== undefined ? { isTTY: options.isTTY } : {}),
   };
   return {
     io,

@@ -72,14 +72,17 @@ export function currentRate(
  * Claims (or renews) the leases of running or paused deployments (a paused one still records
  * its devices' outcomes) that are free, expired or this node's, in one statement. Returns their ids.
  */
-export async function claimDeployments(ctx: FleetContext, leaseMs = LEASE_MS): Promise<string[]> {
-  const { rows } = await sql<{ id: string }>`
+export async function claimDeployments(
+  ctx: FleetContext,
+  leaseMs = LEASE_MS,
+): Promise<{ id: string; kind: 'phased' | 'target' }[]> {
+  const { rows } = await sql<{ id: string; kind: 'phased' | 'target' }>`
     UPDATE deployments
     SET lease_holder = ${ctx.nodeName}, lease_until = now() + make_interval(secs => ${leaseMs / 1000})
     WHERE state IN ('running', 'paused')
       AND (lease_holder IS NULL OR lease_holder = ${ctx.nodeName} OR lease_until < now())
-    RETURNING id`.execute(ctx.db);
-  return rows.map((r) => r.id);
+    RETURNING id, kind`.execute(ctx.db);
+  return rows;
 }
 
 /** One orchestrator step of a deployment this node holds the lease of; undefined when it does not. */
@@ -501,11 +504,15 @@ export class DeploymentOrchestrator {
       });
   }
 
-  /** One tick; returns how many deployments this node holds (0: nothing to step). */
+  /**
+   * One tick; returns how many phased deployments this node holds (0: nothing needs the 1 s tick).
+   * A plain target's deployment has no pacing, soak or tell step: only its attempts finishing
+   * change it, and they nudge; the idle tick (every lease) renews its lease and catches up.
+   */
   async #run(): Promise<number> {
     this.stats.ticks++;
-    const ids = await claimDeployments(this.#ctx, this.#leaseMs);
-    for (const id of ids) {
+    const claimed = await claimDeployments(this.#ctx, this.#leaseMs);
+    for (const { id } of claimed) {
       if (this.#stopped) break;
       const outcome = await stepDeployment(this.#ctx, id);
       this.stats.steps++;
@@ -515,6 +522,6 @@ export class DeploymentOrchestrator {
         this.stats.penalized += outcome.penalized;
       }
     }
-    return ids.length;
+    return claimed.filter((d) => d.kind === 'phased').length;
   }
 }
