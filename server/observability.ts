@@ -35,7 +35,7 @@ export class Metrics {
   readonly firmwareDownloads: client.Counter<'completed'>;
   readonly firmwareBytes: client.Counter;
   /** This node's deployment orchestrator's running totals (server/main.ts sets it once it runs). */
-  deploymentStats: (() => { retried: number; penalized: number }) | undefined;
+  deploymentStats: (() => { steps: number; retried: number; penalized: number }) | undefined;
 
   constructor(deps: MetricsDeps) {
     const registers = [this.registry];
@@ -94,7 +94,12 @@ export class Metrics {
           .groupBy('dd.state')
           .execute(),
     );
-    const stats = () => this.deploymentStats?.() ?? { retried: 0, penalized: 0 };
+    const stats = () => this.deploymentStats?.() ?? { steps: 0, retried: 0, penalized: 0 };
+    followCounter(
+      'fleethub_deployment_steps_total',
+      "Deployment steps this node's orchestrator ran (rate() is its activity: a second per held phased deployment at most while one runs, none while only plain targets wait)",
+      () => stats().steps,
+    );
     followCounter(
       'fleethub_deployment_retries_total',
       "Devices this node's orchestrator told again after a failure or timeout (a deployment retry)",

@@ -5,6 +5,7 @@ import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import type { DeviceClient } from '../../device-client/index.ts';
 import { DATABASE_KIND } from '../helpers/db.ts';
+import { parseMetrics } from '../helpers/prometheus.ts';
 import { startTestServer, type TestServer } from '../helpers/server.ts';
 import { until } from '../helpers/until.ts';
 import { startDevices, matchGroup, type Release, uploadRelease } from './deployment-harness.ts';
@@ -37,6 +38,8 @@ interface TargetChange {
   delivery: string;
 }
 
+const METRICS_TOKEN = 'target-deployment-metrics-token';
+
 describe(`a plain group target set is a one-stage deployment (${DATABASE_KIND})`, () => {
   let server: TestServer;
   let tmp: string;
@@ -44,7 +47,7 @@ describe(`a plain group target set is a one-stage deployment (${DATABASE_KIND})`
   const clients: DeviceClient[] = [];
 
   before(async () => {
-    server = await startTestServer();
+    server = await startTestServer({ metricsToken: METRICS_TOKEN });
     tmp = mkdtempSync(path.join(os.tmpdir(), 'fleethub-target-deploy-'));
     base = await uploadRelease(server, '1.0.0', 1);
     await uploadRelease(server, '2.0.0', 2);
@@ -107,6 +110,32 @@ describe(`a plain group target set is a one-stage deployment (${DATABASE_KIND})`
     );
     return { all, offline: stopped };
   }
+
+  async function steps(): Promise<number> {
+    const res = await fetch(`${server.apiUrl}/metrics`, { headers: { authorization: `Bearer ${METRICS_TOKEN}` } });
+    return parseMetrics(await res.text()).find((s) => s.name === 'fleethub_deployment_steps_total')?.value ?? 0;
+  }
+
+  // Run first: no phased deployment is running, so nothing else keeps the orchestrator busy.
+  test('a target deployment waiting for an offline device is not stepped every second', async () => {
+    await fleet('tdidle', 1, 1);
+    const group = await matchGroup(server, 'tdidle', 'tdidle*');
+    const change = await setTarget(group, '2.0.0');
+    await until(
+      async () => {
+        const d = await show(change.deployment_id!);
+        return d.counts.succeeded === 1 && d.counts.in_flight === 1;
+      },
+      'the online device to succeed (nudged, not ticked)',
+      30_000,
+    );
+    const before = await steps();
+    await new Promise((r) => setTimeout(r, 4_000));
+    const stepped = (await steps()) - before;
+    // A 1 s tick would have stepped it about 4 times; the idle tick (every lease, 15 s) at most once.
+    assert.ok(stepped <= 1, `stepped ${stepped} times in 4 s while it waited for an offline device`);
+    assert.equal((await show(change.deployment_id!)).state, 'running');
+  });
 
   test('N online + M offline: one running deployment of N+M, counts move as devices succeed, then completed', async () => {
     const { offline } = await fleet('tdon', 3, 2);
